@@ -1,0 +1,221 @@
+"""EngineBuilder: collect choices fluently, validate them all at `build()`, assemble an Engine.
+
+Every check that can fail does so here, with a message naming the setting, so a wrong config
+never fails halfway through a run.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from dlengine.cache.block_manager import BlockManager
+from dlengine.cache.kv_cache import KVCache, kv_bytes_per_block
+from dlengine.config import (
+    ROLES,
+    CacheConfig,
+    ConfigError,
+    EngineConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    parse_dtype,
+)
+from dlengine.engine.engine import Engine
+from dlengine.engine.runner import ModelRunner
+from dlengine.engine.sampler import Sampler
+from dlengine.engine.scheduler import Scheduler
+from dlengine.kernels.backends import resolve_attention_backend
+from dlengine.models.loader import init_dummy_weights, load_weights
+from dlengine.models.registry import get_model_class
+from dlengine.tokenizer import load_tokenizer
+
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+
+
+def resolve_model_path(model: str | os.PathLike) -> str:
+    """A checkpoint folder, or a built-in preset name such as "tiny-qwen3"."""
+    model = os.fspath(model)
+    from dlengine.testing import PRESETS, tiny_checkpoint
+
+    if model in PRESETS:
+        return tiny_checkpoint(PRESETS[model])
+    return model
+
+
+class EngineBuilder:
+    """Assemble an Engine from a checkpoint and your choices.
+
+    >>> from dlengine import EngineBuilder, SamplingParams
+    >>> engine = (EngineBuilder("tiny-qwen3")
+    ...           .dtype("float32")
+    ...           .cache(block_size=16, prefix_caching=True)
+    ...           .scheduler(max_num_batched_tokens=256, max_num_seqs=8)
+    ...           .build())
+    >>> outs = engine.generate(["a prompt", [12, 7, 99]], SamplingParams(max_tokens=8, temperature=0.0))
+    >>> [len(o.token_ids) for o in outs]
+    [8, 8]
+    """
+
+    def __init__(self, model: str | os.PathLike) -> None:
+        self._model = model
+        self._dtype: str | torch.dtype | None = None
+        self._device: str | None = None
+        self._cache: dict[str, Any] = {}
+        self._scheduler: dict[str, Any] = {}
+        self._parallel: dict[str, Any] = {}
+        self._role = "hybrid"
+        self._attention = "auto"
+        self._load_format = "auto"
+        self._seed = 0
+        self._max_model_len: int | None = None
+
+    # each method records a choice and returns self so calls chain
+    def dtype(self, dtype: str | torch.dtype) -> "EngineBuilder":
+        self._dtype = dtype
+        return self
+
+    def device(self, device: str) -> "EngineBuilder":
+        self._device = device
+        return self
+
+    def cache(self, **options: Any) -> "EngineBuilder":
+        """block_size, num_blocks, prefix_caching, dtype, memory_utilization, cpu_kv_cache_bytes."""
+        self._cache.update(options)
+        return self
+
+    def scheduler(self, **options: Any) -> "EngineBuilder":
+        """max_num_batched_tokens, max_num_seqs, max_model_len, chunked_prefill."""
+        self._scheduler.update(options)
+        return self
+
+    def parallel(self, **options: Any) -> "EngineBuilder":
+        """tp, attention_dp, ffn_ep."""
+        self._parallel.update(options)
+        return self
+
+    def role(self, role: str) -> "EngineBuilder":
+        self._role = role
+        return self
+
+    def attention(self, backend: str) -> "EngineBuilder":
+        """Attention backend: "auto" or one of dlengine.kernels.backends.available_attention_backends()."""
+        self._attention = backend
+        return self
+
+    def load_format(self, fmt: str) -> "EngineBuilder":
+        """"auto"/"safetensors" read the checkpoint; "dummy" makes random weights of the real size."""
+        self._load_format = fmt
+        return self
+
+    def seed(self, seed: int) -> "EngineBuilder":
+        self._seed = seed
+        return self
+
+    def max_model_len(self, n: int) -> "EngineBuilder":
+        self._max_model_len = n
+        return self
+
+    # ------------------------------------------------------------------ build
+    def _make_config(self) -> EngineConfig:
+        path = resolve_model_path(self._model)
+        model = ModelConfig.from_pretrained(path)
+        get_model_class(model)  # fail early on an unknown architecture
+
+        def make(cls, options, what):
+            try:
+                cfg = cls(**options)
+            except TypeError as e:
+                raise ConfigError(f"bad {what} option: {e}") from None
+            cfg.validate()
+            return cfg
+
+        cache = make(CacheConfig, self._cache, "cache")
+        sched = make(SchedulerConfig, self._scheduler, "scheduler")
+        parallel = make(ParallelConfig, self._parallel, "parallel")
+        if self._role not in ROLES:
+            raise ConfigError(f"unknown role {self._role!r}; choose one of {ROLES}")
+        if self._role != "hybrid":
+            raise ConfigError(
+                f"role {self._role!r} needs a KV transfer engine, which this version of dlengine does not have "
+                "yet; use role('hybrid')"
+            )
+        if self._load_format not in LOAD_FORMATS:
+            raise ConfigError(f"unknown load_format {self._load_format!r}; choose one of {LOAD_FORMATS}")
+
+        device = torch.device(self._device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device 'cuda' was asked for but torch sees no CUDA device")
+        if self._dtype is not None:
+            dtype = parse_dtype(self._dtype)
+        elif device.type == "cpu":
+            dtype = torch.float32
+        else:
+            dtype = parse_dtype(model.torch_dtype) if model.torch_dtype in ("bfloat16", "float16", "float32") else torch.bfloat16
+
+        max_model_len = self._max_model_len or sched.max_model_len or model.max_position_embeddings
+        if max_model_len > model.max_position_embeddings:
+            raise ConfigError(
+                f"max_model_len={max_model_len} exceeds the model's max_position_embeddings="
+                f"{model.max_position_embeddings}"
+            )
+        if not sched.chunked_prefill and sched.max_num_batched_tokens < max_model_len:
+            raise ConfigError(
+                f"without chunked prefill a whole prompt must fit in one step: max_num_batched_tokens="
+                f"{sched.max_num_batched_tokens} < max_model_len={max_model_len}"
+            )
+        return EngineConfig(
+            model=model, cache=cache, scheduler=sched, parallel=parallel, dtype=dtype, device=device,
+            role=self._role, attention_backend=self._attention, load_format=self._load_format,
+            seed=self._seed, max_model_len=max_model_len,
+        )
+
+    def _num_blocks(self, cfg: EngineConfig, kv_dtype: torch.dtype) -> int:
+        cache, model, sched = cfg.cache, cfg.model, cfg.scheduler
+        per_block = kv_bytes_per_block(model, cache.block_size, kv_dtype)
+        min_blocks = -(-cfg.max_model_len // cache.block_size)
+        if cache.num_blocks is not None:
+            num_blocks = cache.num_blocks
+        elif cfg.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(cfg.device)
+            # activations of the largest step plus its logits; a rough reserve until profiling lands
+            reserve = (1 << 30) + sched.max_num_batched_tokens * model.hidden_size * 4 * 16
+            budget = int(total * cache.memory_utilization) - (total - free) - reserve
+            num_blocks = max(0, budget // per_block)
+        else:
+            full = -(-sched.max_num_seqs * cfg.max_model_len // cache.block_size)
+            num_blocks = max(min_blocks, min(full, cache.cpu_kv_cache_bytes // per_block))
+        if num_blocks < min_blocks:
+            raise ConfigError(
+                f"KV cache too small for one max-length request: {num_blocks} blocks x {cache.block_size} tokens "
+                f"< max_model_len={cfg.max_model_len}; give the cache more blocks/memory or lower max_model_len"
+            )
+        return num_blocks
+
+    def build(self) -> Engine:
+        cfg = self._make_config()
+        backend = resolve_attention_backend(cfg.attention_backend, cfg.device)
+        model_cls = get_model_class(cfg.model)
+        prev_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(cfg.dtype)
+        try:
+            with torch.device(cfg.device):
+                model = model_cls(cfg.model, max_position=cfg.max_model_len)
+        finally:
+            torch.set_default_dtype(prev_dtype)
+        if cfg.load_format == "dummy":
+            init_dummy_weights(model, seed=cfg.seed)
+        else:
+            load_weights(model, cfg.model.path)
+        model.eval()
+        tokenizer = load_tokenizer(cfg.model.path)
+
+        kv_dtype = cfg.dtype if cfg.cache.dtype == "auto" else parse_dtype(cfg.cache.dtype)
+        num_blocks = self._num_blocks(cfg, kv_dtype)
+        kv_cache = KVCache(cfg.model, num_blocks, cfg.cache.block_size, kv_dtype, cfg.device)
+        block_manager = BlockManager(num_blocks, cfg.cache.block_size, cfg.cache.prefix_caching)
+        scheduler = Scheduler(cfg.scheduler, block_manager)
+        runner = ModelRunner(model, kv_cache, backend, Sampler(cfg.seed), cfg.model.vocab_size, cfg.device)
+        return Engine(cfg, model, tokenizer, kv_cache, block_manager, scheduler, runner)

@@ -1,0 +1,188 @@
+"""Paged KV block manager with reference counts and prefix caching.
+
+A request's KV lives in fixed-size blocks (`block_size` tokens each) named by integer ids into the
+per-layer cache tensors (see kv_cache.py). Full blocks are identified by a chained hash
+(hash of the parent block's hash + this block's token ids), so two requests that share a prefix
+share the same physical blocks and the prefix is computed once.
+
+Invariants (checked by the hypothesis tests in tests/test_block_manager.py):
+- a block is either free (ref count 0, in the free queue) or referenced (ref count > 0), never both;
+- ref counts are never negative;
+- freeing every request returns the free queue to `num_blocks` entries;
+- a cache hit returns blocks whose KV was computed from exactly the same token prefix.
+
+Eviction is LRU over unreferenced blocks: the free queue is ordered, blocks are taken from its
+front, and a freed block that holds cached KV goes to the back (most recently used). A freed
+block with no cached content goes to the front, since keeping it around saves nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from typing import Protocol, Sequence
+
+import numpy as np
+
+
+class BlockRequest(Protocol):
+    """What the block manager needs from a request (dlengine.engine.request.Request has it)."""
+
+    all_token_ids: list[int]
+    num_computed_tokens: int
+    block_ids: list[int]
+    block_hashes: list[bytes]
+
+
+def hash_block(parent: bytes | None, token_ids: Sequence[int], extra: bytes = b"") -> bytes:
+    """Chained hash of one full block. 16-byte BLAKE2b: collisions are not a practical concern,
+    unlike Python's 64-bit `hash`, and it is stable across processes (needed for KV transfer)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(parent or b"root")
+    h.update(np.asarray(token_ids, dtype=np.int64).tobytes())
+    h.update(extra)
+    return h.digest()
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        if num_blocks <= 0:
+            raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self.block_hash: list[bytes | None] = [None] * num_blocks
+        self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.cached_blocks: dict[bytes, int] = {}
+        # counters for metrics
+        self.num_hit_tokens = 0
+        self.num_queried_tokens = 0
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_queue)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def update_block_hashes(self, request: BlockRequest) -> None:
+        """Extend `request.block_hashes` to cover every full block of its tokens."""
+        bs = self.block_size
+        hashes = request.block_hashes
+        tokens = request.all_token_ids
+        while (len(hashes) + 1) * bs <= len(tokens):
+            i = len(hashes)
+            hashes.append(hash_block(hashes[-1] if hashes else None, tokens[i * bs : (i + 1) * bs]))
+
+    def find_cached_prefix(self, request: BlockRequest) -> tuple[list[int], int]:
+        """Blocks already holding this request's longest cached prefix, and how many tokens they
+        cover. At least one token is always left to compute, because the step that computes it is
+        the one that produces logits to sample from."""
+        if not self.enable_prefix_caching:
+            return [], 0
+        self.update_block_hashes(request)
+        max_blocks = (len(request.all_token_ids) - 1) // self.block_size
+        hits: list[int] = []
+        for h in request.block_hashes[:max_blocks]:
+            block = self.cached_blocks.get(h)
+            if block is None:
+                break
+            hits.append(block)
+        self.num_queried_tokens += len(request.all_token_ids)
+        self.num_hit_tokens += len(hits) * self.block_size
+        return hits, len(hits) * self.block_size
+
+    # ------------------------------------------------------------------ allocation
+    def can_allocate(self, request: BlockRequest, num_new_tokens: int, cached_blocks: Sequence[int] = ()) -> bool:
+        return self._num_new_blocks(request, num_new_tokens, cached_blocks) <= self._available(cached_blocks)
+
+    def _num_new_blocks(self, request: BlockRequest, num_new_tokens: int, cached_blocks: Sequence[int]) -> int:
+        total_tokens = request.num_computed_tokens + len(cached_blocks) * self.block_size + num_new_tokens
+        return max(0, self.blocks_needed(total_tokens) - len(request.block_ids) - len(cached_blocks))
+
+    def _available(self, cached_blocks: Sequence[int]) -> int:
+        # cached blocks that nobody references sit in the free queue; taking them shrinks it
+        return self.num_free_blocks - sum(1 for b in cached_blocks if self.ref_counts[b] == 0)
+
+    def allocate_slots(self, request: BlockRequest, num_new_tokens: int, cached_blocks: Sequence[int] = ()) -> bool:
+        """Make room for `num_new_tokens` more tokens after the request's computed ones (and after
+        `cached_blocks`, the prefix hits found at admission). All-or-nothing: returns False and
+        changes nothing when the pool cannot hold them."""
+        n_new = self._num_new_blocks(request, num_new_tokens, cached_blocks)
+        if n_new > self._available(cached_blocks):
+            return False
+        for b in cached_blocks:
+            self._touch(b)
+        request.block_ids.extend(cached_blocks)
+        for _ in range(n_new):
+            request.block_ids.append(self._take_free_block())
+        return True
+
+    def _touch(self, block: int) -> None:
+        if self.ref_counts[block] == 0:
+            del self.free_queue[block]
+        self.ref_counts[block] += 1
+
+    def _take_free_block(self) -> int:
+        block, _ = self.free_queue.popitem(last=False)
+        h = self.block_hash[block]
+        if h is not None:  # evict: its content is about to be overwritten
+            if self.cached_blocks.get(h) == block:
+                del self.cached_blocks[h]
+            self.block_hash[block] = None
+        self.ref_counts[block] = 1
+        return block
+
+    def cache_full_blocks(self, request: BlockRequest) -> None:
+        """Publish the request's computed full blocks in the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        self.update_block_hashes(request)
+        num_full = min(request.num_computed_tokens // self.block_size, len(request.block_ids))
+        for i in range(num_full):
+            block = request.block_ids[i]
+            if self.block_hash[block] is not None:
+                continue
+            h = request.block_hashes[i]
+            if h in self.cached_blocks:
+                continue  # the same content already lives in another block; keep that one
+            self.block_hash[block] = h
+            self.cached_blocks[h] = block
+
+    def free(self, request: BlockRequest) -> None:
+        """Drop the request's references. Tail blocks are freed first so that, among a request's
+        blocks, the prefix (most likely to be shared) is evicted last."""
+        for block in reversed(request.block_ids):
+            rc = self.ref_counts[block] - 1
+            if rc < 0:
+                raise RuntimeError(f"block {block} freed more times than it was referenced")
+            self.ref_counts[block] = rc
+            if rc == 0:
+                self.free_queue[block] = None
+                if self.block_hash[block] is None:
+                    self.free_queue.move_to_end(block, last=False)
+        request.block_ids = []
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block that no request references. Returns False (and does nothing)
+        while any block is still referenced, since the hashes of live blocks must stay valid."""
+        if self.num_free_blocks != self.num_blocks:
+            return False
+        self.cached_blocks.clear()
+        self.block_hash = [None] * self.num_blocks
+        return True
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if the bookkeeping is inconsistent (used by tests and debug runs)."""
+        for b in range(self.num_blocks):
+            rc = self.ref_counts[b]
+            assert rc >= 0, f"block {b} has negative ref count {rc}"
+            assert (rc == 0) == (b in self.free_queue), f"block {b}: ref count {rc} but free={b in self.free_queue}"
+        for h, b in self.cached_blocks.items():
+            assert self.block_hash[b] == h, f"cached block {b} lost its hash"

@@ -1,0 +1,240 @@
+"""Frozen configuration dataclasses.
+
+`ModelConfig` is parsed from a Hugging Face checkpoint folder (config.json and, when present,
+generation_config.json). The other configs hold the user's choices collected by EngineBuilder.
+Everything here is plain data: validation errors name the offending setting so a wrong config
+fails at `build()` and never halfway through a run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+class ConfigError(ValueError):
+    """A checkpoint or engine setting that cannot work; the message names the problem."""
+
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return _DTYPES[str(name).lower().replace("torch.", "")]
+    except KeyError:
+        raise ConfigError(f"unknown dtype {name!r}; choose one of {sorted(set(_DTYPES))}") from None
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """RoPE parameters normalised from either `rope_parameters` (transformers 5) or
+    `rope_theta` + `rope_scaling` (older checkpoints)."""
+
+    rope_type: str = "default"
+    theta: float = 10000.0
+    factor: float = 1.0
+    original_max_position_embeddings: int | None = None
+    attention_factor: float | None = None
+    beta_fast: float | None = None
+    beta_slow: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    partial_rotary_factor: float = 1.0
+
+    @staticmethod
+    def from_hf(cfg: dict[str, Any]) -> "RopeConfig":
+        params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+        theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        orig = params.get("original_max_position_embeddings", cfg.get("original_max_position_embeddings"))
+        if rope_type in ("yarn", "llama3") and orig is None:
+            orig = cfg.get("max_position_embeddings")
+        factor = params.get("factor")
+        if factor is None:
+            if rope_type == "yarn" and orig:
+                factor = cfg["max_position_embeddings"] / orig
+            else:
+                factor = 1.0
+        return RopeConfig(
+            rope_type=rope_type,
+            theta=float(theta),
+            factor=float(factor),
+            original_max_position_embeddings=orig,
+            attention_factor=params.get("attention_factor"),
+            beta_fast=params.get("beta_fast"),
+            beta_slow=params.get("beta_slow"),
+            mscale=params.get("mscale"),
+            mscale_all_dim=params.get("mscale_all_dim"),
+            truncate=params.get("truncate", True),
+            low_freq_factor=params.get("low_freq_factor"),
+            high_freq_factor=params.get("high_freq_factor"),
+            partial_rotary_factor=float(params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))),
+        )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str
+    architecture: str
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    rope: RopeConfig
+    torch_dtype: str
+    eos_token_ids: tuple[int, ...]
+    bos_token_id: int | None
+    pad_token_id: int | None
+    hf_config: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
+
+    @property
+    def kv_bytes_per_token_per_layer_elem(self) -> int:
+        """K and V elements per token per layer (dtype-independent)."""
+        return 2 * self.num_key_value_heads * self.head_dim
+
+    @staticmethod
+    def from_pretrained(path: str | os.PathLike) -> "ModelConfig":
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            raise ConfigError(
+                f"model path {path!r} is not a directory; pass a Hugging Face checkpoint folder "
+                "(config.json + *.safetensors + tokenizer.json) or a preset such as 'tiny-qwen3'"
+            )
+        cfg_file = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_file):
+            raise ConfigError(f"{path!r} has no config.json; it does not look like a Hugging Face checkpoint")
+        with open(cfg_file) as f:
+            cfg = json.load(f)
+        archs = cfg.get("architectures") or []
+        if not archs:
+            raise ConfigError(f"{cfg_file}: 'architectures' is missing; cannot tell which model class to build")
+        gen: dict[str, Any] = {}
+        gen_file = os.path.join(path, "generation_config.json")
+        if os.path.isfile(gen_file):
+            with open(gen_file) as f:
+                gen = json.load(f)
+        eos = gen.get("eos_token_id", cfg.get("eos_token_id"))
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        num_heads = cfg["num_attention_heads"]
+        try:
+            return ModelConfig(
+                path=path,
+                architecture=archs[0],
+                model_type=cfg.get("model_type", ""),
+                vocab_size=cfg["vocab_size"],
+                hidden_size=cfg["hidden_size"],
+                intermediate_size=cfg["intermediate_size"],
+                num_hidden_layers=cfg["num_hidden_layers"],
+                num_attention_heads=num_heads,
+                num_key_value_heads=cfg.get("num_key_value_heads") or num_heads,
+                head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_heads,
+                rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+                max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                attention_bias=bool(cfg.get("attention_bias", False)),
+                rope=RopeConfig.from_hf(cfg),
+                torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
+                eos_token_ids=eos_ids,
+                bos_token_id=gen.get("bos_token_id", cfg.get("bos_token_id")),
+                pad_token_id=gen.get("pad_token_id", cfg.get("pad_token_id")),
+                hf_config=cfg,
+            )
+        except KeyError as e:
+            raise ConfigError(f"{cfg_file}: required field {e.args[0]!r} is missing") from None
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    num_blocks: int | None = None  # None: sized from memory (GPU) or a CPU budget
+    prefix_caching: bool = True
+    dtype: str = "auto"  # "auto" = the model's activation dtype
+    memory_utilization: float = 0.9  # fraction of GPU memory the engine may take
+    cpu_kv_cache_bytes: int = 512 << 20  # CPU budget when num_blocks is None
+
+    def validate(self) -> None:
+        bs = self.block_size
+        if not isinstance(bs, int) or bs <= 0 or bs & (bs - 1):
+            raise ConfigError(f"cache block_size must be a positive power of two, got {bs!r}")
+        if self.num_blocks is not None and self.num_blocks <= 0:
+            raise ConfigError(f"cache num_blocks must be positive, got {self.num_blocks}")
+        if not 0.0 < self.memory_utilization <= 1.0:
+            raise ConfigError(f"cache memory_utilization must be in (0, 1], got {self.memory_utilization}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 8192
+    max_num_seqs: int = 256
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    chunked_prefill: bool = True
+
+    def validate(self) -> None:
+        if self.max_num_batched_tokens <= 0:
+            raise ConfigError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
+        if self.max_num_seqs <= 0:
+            raise ConfigError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
+        if self.max_model_len is not None and self.max_model_len <= 0:
+            raise ConfigError(f"max_model_len must be positive, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tp: int = 1
+    attention_dp: int = 1
+    ffn_ep: int = 1
+
+    def validate(self) -> None:
+        for name in ("tp", "attention_dp", "ffn_ep"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"parallel {name} must be >= 1, got {getattr(self, name)}")
+        if (self.tp, self.attention_dp, self.ffn_ep) != (1, 1, 1):
+            raise ConfigError(
+                "tensor/data/expert parallelism is not available in this version of dlengine yet; "
+                "use parallel(tp=1, attention_dp=1, ffn_ep=1)"
+            )
+
+
+ROLES = ("hybrid", "prefill", "decode")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    parallel: ParallelConfig
+    dtype: torch.dtype
+    device: torch.device
+    role: str
+    attention_backend: str
+    load_format: str
+    seed: int
+    max_model_len: int

@@ -1,0 +1,131 @@
+"""A request's life inside the engine, and what the engine hands back to the caller."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from dlengine.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED = "finished"
+
+
+@dataclass
+class RequestMetrics:
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at (last) admission
+    num_computed_prompt_tokens: int = 0  # prompt tokens this engine ran through the model
+    num_preemptions: int = 0
+
+    @property
+    def ttft(self) -> float | None:
+        if self.first_token_time is None:
+            return None
+        return self.first_token_time - self.arrival_time
+
+    @property
+    def e2e_latency(self) -> float | None:
+        if self.finished_time is None:
+            return None
+        return self.finished_time - self.arrival_time
+
+
+@dataclass
+class RequestOutput:
+    """What `Engine.generate` returns and `Engine.step` streams.
+
+    `token_ids` and `text` are cumulative; `new_token_ids` holds the tokens of this step only.
+    `finish_reason` is None while the request runs, then "length", "stop", "abort" or "error".
+    """
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    stop_reason: int | str | None
+    metrics: RequestMetrics
+    logprobs: list[dict[int, float]] | None = None
+    error: str | None = None
+
+
+class Request:
+    """Mutable per-request state: tokens, progress through the model, and its KV blocks.
+
+    The scheduler advances `num_computed_tokens`; the runner fills tokens in; the block manager
+    owns `block_ids`. `all_token_ids` is prompt + generated, which is also what a recompute after
+    preemption re-feeds to the model.
+    """
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        prompt: str | None = None,
+        eos_token_ids: tuple[int, ...] = (),
+        arrival_time: float | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.params = params
+        self.output_token_ids: list[int] = []
+        self.all_token_ids: list[int] = list(prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.block_ids: list[int] = []
+        self.block_hashes: list[bytes] = []  # hashes of full blocks of all_token_ids, chained
+        self.status = RequestStatus.WAITING
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.error: str | None = None
+        self.eos_token_ids = () if params.ignore_eos else tuple(eos_token_ids)
+        self.metrics = RequestMetrics(
+            arrival_time=time.perf_counter() if arrival_time is None else arrival_time,
+            num_prompt_tokens=len(prompt_token_ids),
+        )
+        self.output_text = ""
+        self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        self.generator: torch.Generator | None = None  # per-request RNG when params.seed is set
+        self.num_emitted_tokens = 0  # for streaming deltas
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == RequestStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+
+    def __repr__(self) -> str:
+        return (
+            f"Request({self.request_id!r}, status={self.status.value}, prompt={self.num_prompt_tokens}, "
+            f"out={self.num_output_tokens}, computed={self.num_computed_tokens}, blocks={len(self.block_ids)})"
+        )

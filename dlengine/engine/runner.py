@@ -1,0 +1,113 @@
+"""ModelRunner: scheduler output -> flattened tensors -> forward -> logits -> sampled tokens.
+
+The batch is "varlen": every scheduled request contributes `num_new_tokens` consecutive tokens to
+one flat token dimension, with no padding. Host-side arrays are built with numpy, then copied
+once to the device (pinned + non_blocking on CUDA).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from dlengine.cache.kv_cache import KVCache
+from dlengine.engine.request import Request
+from dlengine.engine.sampler import Sampler, SamplerOutput, SamplingTensors
+from dlengine.engine.scheduler import SchedulerOutput
+from dlengine.kernels.attention_metadata import AttentionMetadata
+from dlengine.kernels.backends import AttentionBackend
+from dlengine.models.layers.attention import ForwardContext
+
+
+@dataclass
+class ModelInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # rows of the hidden states to turn into logits
+    sampled_requests: list[Request]
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, kv_cache: KVCache, backend: AttentionBackend, sampler: Sampler,
+                 vocab_size: int, device: torch.device) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.backend = backend
+        self.sampler = sampler
+        self.vocab_size = vocab_size
+        self.device = device
+        self.block_size = kv_cache.block_size
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(array)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
+    def prepare_inputs(self, out: SchedulerOutput) -> ModelInputs:
+        bs = self.block_size
+        sched = out.scheduled
+        query_lens = [s.num_new_tokens for s in sched]
+        starts = [s.request.num_computed_tokens for s in sched]
+        seq_lens = [st + ql for st, ql in zip(starts, query_lens)]
+        num_tokens = sum(query_lens)
+
+        input_ids = np.empty(num_tokens, dtype=np.int64)
+        positions = np.empty(num_tokens, dtype=np.int64)
+        slot_mapping = np.empty(num_tokens, dtype=np.int64)
+        max_blocks = max(-(-sl // bs) for sl in seq_lens)
+        block_tables = np.zeros((len(sched), max_blocks), dtype=np.int32)
+        query_start_loc = np.zeros(len(sched) + 1, dtype=np.int32)
+        logits_indices, sampled = [], []
+        t = 0
+        for i, s in enumerate(sched):
+            req, n, start = s.request, s.num_new_tokens, starts[i]
+            input_ids[t : t + n] = req.all_token_ids[start : start + n]
+            pos = np.arange(start, start + n)
+            positions[t : t + n] = pos
+            blocks = np.asarray(req.block_ids, dtype=np.int64)
+            slot_mapping[t : t + n] = blocks[pos // bs] * bs + pos % bs
+            block_tables[i, : len(req.block_ids)] = req.block_ids[:max_blocks]
+            t += n
+            query_start_loc[i + 1] = t
+            if s.sample:
+                logits_indices.append(t - 1)
+                sampled.append(req)
+        meta = AttentionMetadata(
+            query_start_loc=self._to_device(query_start_loc),
+            seq_lens=self._to_device(np.asarray(seq_lens, dtype=np.int32)),
+            block_tables=self._to_device(block_tables),
+            slot_mapping=self._to_device(slot_mapping),
+            max_query_len=max(query_lens),
+            max_seq_len=max(seq_lens),
+            query_lens_cpu=query_lens,
+            seq_lens_cpu=seq_lens,
+        )
+        return ModelInputs(
+            input_ids=self._to_device(input_ids),
+            positions=self._to_device(positions),
+            meta=meta,
+            logits_indices=self._to_device(np.asarray(logits_indices, dtype=np.int64)),
+            sampled_requests=sampled,
+        )
+
+    @torch.inference_mode()
+    def compute_logits(self, inputs: ModelInputs) -> torch.Tensor:
+        ctx = ForwardContext(inputs.meta, self.backend, self.kv_cache.layers)
+        hidden = self.model(inputs.input_ids, inputs.positions, ctx)
+        return self.model.compute_logits(hidden[inputs.logits_indices]).float()
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> tuple[list[Request], SamplerOutput | None]:
+        """Run one step. Returns the requests that sampled a token and the sampler's output (rows in
+        the same order); requests in the middle of a chunked prompt sample nothing."""
+        inputs = self.prepare_inputs(out)
+        logits = self.compute_logits(inputs)
+        if not inputs.sampled_requests:
+            return [], None
+        tensors = SamplingTensors.from_requests(inputs.sampled_requests, self.vocab_size, self.device)
+        return inputs.sampled_requests, self.sampler(logits, tensors)

@@ -1,0 +1,35 @@
+"""Paged attention layer: writes this step's K/V into its cache slice and attends over it through
+the engine's backend (kernels/backends.py). The model never sees block tables directly."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dlengine.kernels.attention_metadata import AttentionMetadata
+from dlengine.kernels.backends import AttentionBackend
+
+
+class ForwardContext:
+    """What one forward pass needs besides activations: batch layout, backend and KV tensors.
+    Set by the runner for the duration of a forward; layers read it by their layer index."""
+
+    def __init__(self, meta: AttentionMetadata, backend: AttentionBackend, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.meta = meta
+        self.backend = backend
+        self.kv_caches = kv_caches
+
+
+class PagedAttention(nn.Module):
+    def __init__(self, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """q [T, H, D], k/v [T, Hkv, D] -> [T, H * D]."""
+        k_cache, v_cache = ctx.kv_caches[self.layer_idx]
+        ctx.backend.write_kv(k, v, k_cache, v_cache, ctx.meta)
+        out = ctx.backend.attend(q, k_cache, v_cache, ctx.meta, self.scale)
+        return out.reshape(q.shape[0], self.num_heads * self.head_dim)

@@ -1,0 +1,112 @@
+"""Qwen3 dense (Qwen3ForCausalLM): GQA attention with per-head RMSNorm on q and k (QK-norm)
+before RoPE, SwiGLU MLP, pre-norm residual blocks. Weight names follow the HF checkpoint; q/k/v
+and gate/up are stacked into one GEMM each (see `stacked_params`)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dlengine.config import ConfigError, ModelConfig
+from dlengine.models.layers.activation import SiluAndMul
+from dlengine.models.layers.attention import ForwardContext, PagedAttention
+from dlengine.models.layers.embedding import Embedding, LMHead
+from dlengine.models.layers.linear import Linear, MergedLinear
+from dlengine.models.layers.norm import RMSNorm
+from dlengine.models.layers.rotary import RotaryEmbedding
+
+
+class Qwen3Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        h, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        if h % hkv:
+            raise ConfigError(f"num_attention_heads={h} is not a multiple of num_key_value_heads={hkv}")
+        self.num_heads, self.num_kv_heads, self.head_dim = h, hkv, d
+        self.qkv_proj = MergedLinear(cfg.hidden_size, [h * d, hkv * d, hkv * d], ["q", "k", "v"], bias=cfg.attention_bias)
+        self.o_proj = Linear(h * d, cfg.hidden_size, bias=cfg.attention_bias)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.rotary = rotary
+        self.attn = PagedAttention(layer_idx, h, hkv, d, scale=d**-0.5)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        t = hidden.shape[0]
+        q, k, v = self.qkv_proj(hidden).split(
+            [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim], dim=-1
+        )
+        q = self.q_norm(q.reshape(t, self.num_heads, self.head_dim))
+        k = self.k_norm(k.reshape(t, self.num_kv_heads, self.head_dim))
+        q, k = self.rotary(positions, q, k)
+        out = self.attn(q, k, v.reshape(t, self.num_kv_heads, self.head_dim), ctx)
+        return self.o_proj(out)
+
+
+class Qwen3MLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size] * 2, ["gate", "up"])
+        self.down_proj = Linear(intermediate_size, hidden_size)
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class Qwen3DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Qwen3Attention(cfg, layer_idx, rotary)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = Qwen3MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, positions, hidden, residual, ctx):
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, ctx)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class Qwen3Model(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_position: int) -> None:
+        super().__init__()
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
+        rotary = RotaryEmbedding(cfg.head_dim, max_position, cfg.rope)
+        self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg, i, rotary) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, input_ids, positions, ctx):
+        hidden, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual, ctx)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class Qwen3ForCausalLM(nn.Module):
+    # (our parameter, HF name, shard id): HF's separate projections load into one stacked GEMM
+    stacked_params = [
+        ("qkv_proj", "q_proj", "q"),
+        ("qkv_proj", "k_proj", "k"),
+        ("qkv_proj", "v_proj", "v"),
+        ("gate_up_proj", "gate_proj", "gate"),
+        ("gate_up_proj", "up_proj", "up"),
+    ]
+
+    def __init__(self, cfg: ModelConfig, max_position: int) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Qwen3Model(cfg, max_position)
+        self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size, self.model.embed_tokens if cfg.tie_word_embeddings else None)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """Hidden states [T, hidden] for the flattened batch."""
+        return self.model(input_ids, positions, ctx)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)

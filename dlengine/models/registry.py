@@ -1,0 +1,22 @@
+"""HF `architectures` name -> model class. New families register here."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from dlengine.config import ConfigError, ModelConfig
+from dlengine.models.qwen3 import Qwen3ForCausalLM
+
+MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+}
+
+
+def get_model_class(cfg: ModelConfig) -> type[nn.Module]:
+    try:
+        return MODEL_REGISTRY[cfg.architecture]
+    except KeyError:
+        raise ConfigError(
+            f"architecture {cfg.architecture!r} (from {cfg.path}/config.json) is not supported; "
+            f"supported: {sorted(MODEL_REGISTRY)}"
+        ) from None

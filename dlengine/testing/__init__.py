@@ -1,0 +1,131 @@
+"""Deterministic tiny checkpoints built with transformers' own model classes.
+
+No weights can be downloaded in CI, so tests, docs and the CLI's default model use checkpoints
+made here: transformers' `Qwen3ForCausalLM` with random weights from a fixed seed, written with
+`save_pretrained` next to a small byte-level BPE tokenizer. They are cached on disk (under
+$DLENGINE_CACHE or ~/.cache/dlengine) keyed by a recipe version, so they are built once.
+
+Weights are drawn at about 1/sqrt(hidden) rather than HF's 0.02, and norm weights are
+re-randomised: with near-uniform attention a RoPE, mask or cache bug would hide inside the
+comparison tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+RECIPE_VERSION = "1"
+PRESETS = {"tiny-qwen3": "qwen3", "tiny-qwen3-yarn": "qwen3-yarn", "tiny-qwen3-untied": "qwen3-untied"}
+
+_CORPUS = (
+    "The quick brown fox jumps over the lazy dog. Paged attention keeps the key value cache in "
+    "fixed size blocks, so requests of different lengths share one pool of memory. Continuous "
+    "batching admits new requests every step, and chunked prefill splits long prompts so that "
+    "decodes keep flowing. Prefix caching reuses blocks of identical prompt prefixes. "
+    "Once upon a time there was a tiny language model that wanted to be exact. "
+    "0123456789 + - * / = ( ) [ ] { } < > ! ? , . ; : ' \" hello world Hello World "
+)
+
+
+def cache_root() -> str:
+    root = os.environ.get("DLENGINE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dlengine")
+    os.makedirs(root, exist_ok=True)
+    return root
+
+
+def _model_config(kind: str) -> dict:
+    cfg = dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+        bos_token_id=None,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
+    if kind == "qwen3-yarn":
+        cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}
+    elif kind == "qwen3-untied":
+        cfg["tie_word_embeddings"] = False
+        cfg["num_hidden_layers"] = 3
+        cfg["attention_bias"] = True
+    elif kind != "qwen3":
+        raise ValueError(f"unknown tiny model kind {kind!r}; known: {sorted(set(PRESETS.values()))}")
+    return cfg
+
+
+def build_tokenizer(vocab_size: int):
+    """A byte-level BPE trained on a fixed corpus: deterministic, any text encodes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|pad|>", "<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|endoftext|>")
+
+
+def _sharpen(model, seed: int) -> None:
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
+            elif "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+            else:  # biases
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+
+
+def build_tiny_checkpoint(kind: str, path: str, seed: int = 0) -> str:
+    import torch
+    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(**_model_config(kind))
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(cfg).to(torch.float32)
+    _sharpen(model, seed)
+    model.save_pretrained(path, safe_serialization=True)
+    GenerationConfig(eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id).save_pretrained(path)
+    build_tokenizer(cfg.vocab_size).save_pretrained(path)
+    with open(os.path.join(path, "dlengine_recipe.json"), "w") as f:
+        json.dump({"kind": kind, "seed": seed, "version": RECIPE_VERSION}, f)
+    return path
+
+
+def tiny_checkpoint(kind: str = "qwen3", seed: int = 0) -> str:
+    """Path of the cached tiny checkpoint `kind`, building it on first use (safe under
+    concurrent test processes: built in a temp folder, then renamed into place)."""
+    path = os.path.join(cache_root(), f"tiny-{kind}-s{seed}-v{RECIPE_VERSION}")
+    if os.path.isfile(os.path.join(path, "dlengine_recipe.json")):
+        return path
+    tmp = tempfile.mkdtemp(prefix=f".tiny-{kind}-", dir=cache_root())
+    try:
+        build_tiny_checkpoint(kind, tmp, seed)
+        try:
+            os.rename(tmp, path)
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
