@@ -269,6 +269,44 @@ class Engine:
             error=req.error,
         )
 
+    # ------------------------------------------------------------------ scoring
+    def prompt_logits(self, token_ids: Sequence[int], chunk_size: int | None = None):
+        """float32 logits [len(token_ids), vocab] for every position of a token sequence, computed
+        through the paged cache in chunks of `chunk_size` tokens (default: the step budget) and
+        reusing the prefix cache. For teacher-forced comparisons and scoring; needs an idle engine
+        or enough free blocks."""
+        import torch
+
+        from dlengine.engine.scheduler import ScheduledRequest, SchedulerOutput
+
+        req = self.make_request(list(token_ids), SamplingParams(max_tokens=1))
+        cached, num_cached = self.block_manager.find_cached_prefix(req)
+        chunk = chunk_size or self.config.scheduler.max_num_batched_tokens
+        if not self.block_manager.allocate_slots(req, req.num_tokens - num_cached, cached):
+            raise RuntimeError("not enough free KV blocks to score this sequence now")
+        req.num_computed_tokens = num_cached
+        pieces = []
+        try:
+            if num_cached:  # logits of cached positions are not stored; recompute them without writing
+                pieces.append(self._uncached_logits(req.all_token_ids[:num_cached]))
+            while req.num_computed_tokens < req.num_tokens:
+                n = min(chunk, req.num_tokens - req.num_computed_tokens)
+                out = SchedulerOutput([ScheduledRequest(req, n, sample=False)])
+                pieces.append(self.runner.compute_logits(self.runner.prepare_inputs(out, all_logits=True)))
+                req.num_computed_tokens += n
+                self.block_manager.cache_full_blocks(req)
+        finally:
+            self.block_manager.free(req)
+        return torch.cat(pieces)
+
+    def _uncached_logits(self, token_ids: list[int]):
+        saved = self.block_manager.enable_prefix_caching
+        self.block_manager.enable_prefix_caching = False
+        try:
+            return self.prompt_logits(token_ids)
+        finally:
+            self.block_manager.enable_prefix_caching = saved
+
     # ------------------------------------------------------------------ batch helpers
     def _prepare_batch(self, prompts, params) -> tuple[list[Request | None], list[str | None]]:
         if isinstance(prompts, str) or _is_token_list(prompts):

@@ -48,7 +48,9 @@ class ModelRunner:
             return t.pin_memory().to(self.device, non_blocking=True)
         return t
 
-    def prepare_inputs(self, out: SchedulerOutput) -> ModelInputs:
+    def prepare_inputs(self, out: SchedulerOutput, all_logits: bool = False) -> ModelInputs:
+        """Flatten the scheduled requests into one batch. `all_logits` asks for logits at every
+        token (scoring / teacher forcing) instead of only where a request samples."""
         bs = self.block_size
         sched = out.scheduled
         query_lens = [s.num_new_tokens for s in sched]
@@ -74,7 +76,9 @@ class ModelRunner:
             block_tables[i, : len(req.block_ids)] = req.block_ids[:max_blocks]
             t += n
             query_start_loc[i + 1] = t
-            if s.sample:
+            if all_logits:
+                logits_indices.extend(range(t - n, t))
+            elif s.sample:
                 logits_indices.append(t - 1)
                 sampled.append(req)
         meta = AttentionMetadata(

@@ -1,0 +1,31 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+from dlengine.testing import tiny_checkpoint
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run through the device tool)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3() -> str:
+    return tiny_checkpoint("qwen3")
+
+
+def make_prompts(n: int = 10, lengths=(1, 2, 5, 16, 17, 31, 64, 100, 200, 300), vocab: int = 512, seed: int = 0):
+    """Token-id prompts of the given lengths (ids >= 2 so no prompt holds pad/eos)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, vocab, (L,), generator=g).tolist() for L in lengths[:n]]
