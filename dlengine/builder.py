@@ -6,13 +6,14 @@ never fails halfway through a run.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 import torch
 
 from dlengine.cache.block_manager import BlockManager
-from dlengine.cache.kv_cache import KVCache, kv_bytes_per_block
+from dlengine.cache.kv_cache import KVCache
 from dlengine.config import (
     ROLES,
     CacheConfig,
@@ -24,6 +25,7 @@ from dlengine.config import (
     parse_dtype,
 )
 from dlengine.engine.engine import Engine
+from dlengine.engine.memory import plan_kv_cache
 from dlengine.engine.runner import ModelRunner
 from dlengine.engine.sampler import Sampler
 from dlengine.engine.scheduler import Scheduler
@@ -33,6 +35,7 @@ from dlengine.models.registry import get_model_class
 from dlengine.tokenizer import load_tokenizer
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
+logger = logging.getLogger("dlengine")
 
 
 def resolve_model_path(model: str | os.PathLike) -> str:
@@ -172,28 +175,6 @@ class EngineBuilder:
             seed=self._seed, max_model_len=max_model_len,
         )
 
-    def _num_blocks(self, cfg: EngineConfig, kv_dtype: torch.dtype) -> int:
-        cache, model, sched = cfg.cache, cfg.model, cfg.scheduler
-        per_block = kv_bytes_per_block(model, cache.block_size, kv_dtype)
-        min_blocks = -(-cfg.max_model_len // cache.block_size)
-        if cache.num_blocks is not None:
-            num_blocks = cache.num_blocks
-        elif cfg.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(cfg.device)
-            # activations of the largest step plus its logits; a rough reserve until profiling lands
-            reserve = (1 << 30) + sched.max_num_batched_tokens * model.hidden_size * 4 * 16
-            budget = int(total * cache.memory_utilization) - (total - free) - reserve
-            num_blocks = max(0, budget // per_block)
-        else:
-            full = -(-sched.max_num_seqs * cfg.max_model_len // cache.block_size)
-            num_blocks = max(min_blocks, min(full, cache.cpu_kv_cache_bytes // per_block))
-        if num_blocks < min_blocks:
-            raise ConfigError(
-                f"KV cache too small for one max-length request: {num_blocks} blocks x {cache.block_size} tokens "
-                f"< max_model_len={cfg.max_model_len}; give the cache more blocks/memory or lower max_model_len"
-            )
-        return num_blocks
-
     def build(self) -> Engine:
         cfg = self._make_config()
         backend = resolve_attention_backend(cfg.attention_backend, cfg.device)
@@ -213,9 +194,12 @@ class EngineBuilder:
         tokenizer = load_tokenizer(cfg.model.path)
 
         kv_dtype = cfg.dtype if cfg.cache.dtype == "auto" else parse_dtype(cfg.cache.dtype)
-        num_blocks = self._num_blocks(cfg, kv_dtype)
-        kv_cache = KVCache(cfg.model, num_blocks, cfg.cache.block_size, kv_dtype, cfg.device)
-        block_manager = BlockManager(num_blocks, cfg.cache.block_size, cfg.cache.prefix_caching)
+        plan = plan_kv_cache(cfg, model, backend, kv_dtype)
+        logger.info("%s", plan.describe(cfg.cache.block_size))
+        kv_cache = KVCache(cfg.model, plan.num_blocks, cfg.cache.block_size, kv_dtype, cfg.device)
+        block_manager = BlockManager(plan.num_blocks, cfg.cache.block_size, cfg.cache.prefix_caching)
         scheduler = Scheduler(cfg.scheduler, block_manager)
         runner = ModelRunner(model, kv_cache, backend, Sampler(cfg.seed), cfg.model.vocab_size, cfg.device)
-        return Engine(cfg, model, tokenizer, kv_cache, block_manager, scheduler, runner)
+        engine = Engine(cfg, model, tokenizer, kv_cache, block_manager, scheduler, runner)
+        engine.memory_plan = plan
+        return engine

@@ -6,6 +6,7 @@ import os
 import shutil
 
 import pytest
+import torch
 
 from dlengine import ConfigError, EngineBuilder, InvalidRequestError, SamplingParams
 from dlengine.testing import tiny_checkpoint
@@ -247,3 +248,14 @@ def test_outputs_in_input_order_and_metrics(engine):
         assert m.ttft is not None and m.ttft >= 0 and m.e2e_latency >= m.ttft
         assert m.num_prompt_tokens == len(o.prompt_token_ids)
     assert "torch" in repr(engine)
+
+
+def test_memory_profile_step_runs_on_cpu():
+    """The profiling forward (largest step + max_num_seqs sampling rows) runs; on CPU it measures 0."""
+    from dlengine.engine.memory import profile_step_peak
+    from dlengine.kernels.backends import resolve_attention_backend
+
+    engine = EngineBuilder("tiny-qwen3").scheduler(max_num_batched_tokens=300, max_num_seqs=4, max_model_len=128).build()
+    cfg = engine.config
+    assert profile_step_peak(cfg, engine.model, resolve_attention_backend("torch", cfg.device), torch.float32) == 0
+    assert "KV cache" in engine.memory_plan.describe(cfg.cache.block_size)

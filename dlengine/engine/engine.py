@@ -79,6 +79,7 @@ class Engine:
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._pending_outputs: list[RequestOutput] = []  # aborted requests, reported by the next step()
         self._ids = itertools.count()
+        self.memory_plan = None  # set by EngineBuilder: how the KV cache was sized
 
     def __repr__(self) -> str:
         c = self.config

@@ -1,0 +1,109 @@
+"""Memory planning: how many KV blocks fit.
+
+On a GPU the cache gets what is left of `memory_utilization` x total memory after the weights,
+the activations of the largest possible step (measured by running one), and what CUDA graphs
+will hold. On CPU a fixed byte budget (`cpu_kv_cache_bytes`) bounds it, capped at what
+`max_num_seqs` full-length requests could ever use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dlengine.cache.block_manager import BlockManager
+from dlengine.cache.kv_cache import KVCache, kv_bytes_per_block
+from dlengine.config import ConfigError, EngineConfig
+from dlengine.engine.request import Request
+from dlengine.engine.sampler import Sampler, SamplingTensors
+from dlengine.engine.scheduler import ScheduledRequest, SchedulerOutput
+from dlengine.sampling_params import SamplingParams
+
+
+@dataclass
+class MemoryPlan:
+    num_blocks: int
+    bytes_per_block: int
+    weights_bytes: int = 0
+    peak_activation_bytes: int = 0
+    reserved_bytes: int = 0  # CUDA graphs and allocator slack
+    total_bytes: int = 0
+
+    def describe(self, block_size: int) -> str:
+        gib = 1 << 30
+        s = (f"KV cache: {self.num_blocks} blocks x {block_size} tokens = {self.num_blocks * block_size} tokens "
+             f"({self.num_blocks * self.bytes_per_block / gib:.2f} GiB)")
+        if self.total_bytes:
+            s += (f"; weights {self.weights_bytes / gib:.2f} GiB, peak activations "
+                  f"{self.peak_activation_bytes / gib:.2f} GiB, reserved {self.reserved_bytes / gib:.2f} GiB "
+                  f"of {self.total_bytes / gib:.1f} GiB")
+        return s
+
+
+def profile_step_peak(cfg: EngineConfig, model, backend, kv_dtype: torch.dtype) -> int:
+    """Run the largest step the scheduler can produce (max_num_batched_tokens prompt tokens, logits
+    and sampling for max_num_seqs rows) and return the extra device memory it needed at peak."""
+    from dlengine.engine.runner import ModelRunner
+
+    sched, bs = cfg.scheduler, cfg.cache.block_size
+    n_tokens = sched.max_num_batched_tokens
+    seq_len = min(n_tokens, cfg.max_model_len - 1)
+    lengths = [seq_len] * (n_tokens // seq_len) + ([n_tokens % seq_len] if n_tokens % seq_len else [])
+    num_blocks = sum(-(-L // bs) for L in lengths) + 1
+    cache = KVCache(cfg.model, num_blocks, bs, kv_dtype, cfg.device)
+    blocks = BlockManager(num_blocks, bs, enable_prefix_caching=False)
+    runner = ModelRunner(model, cache, backend, Sampler(0), cfg.model.vocab_size, cfg.device)
+    gen = torch.Generator().manual_seed(0)
+    reqs = []
+    for i, L in enumerate(lengths):
+        r = Request(f"profile-{i}", torch.randint(0, cfg.model.vocab_size, (L,), generator=gen).tolist(),
+                    SamplingParams(temperature=1.0, top_p=0.9, top_k=50))
+        blocks.allocate_slots(r, L)
+        reqs.append(r)
+    out = SchedulerOutput([ScheduledRequest(r, r.num_tokens, sample=True) for r in reqs])
+    is_cuda = cfg.device.type == "cuda"
+    if is_cuda:
+        torch.cuda.synchronize(cfg.device)
+        torch.cuda.reset_peak_memory_stats(cfg.device)
+        base = torch.cuda.memory_allocated(cfg.device)
+    runner.execute(out)
+    # sampling runs for up to max_num_seqs rows at once: [rows, vocab] float32 buffers
+    rows = sched.max_num_seqs
+    logits = torch.zeros(rows, cfg.model.vocab_size, dtype=torch.float32, device=cfg.device)
+    fake = [reqs[0]] * rows
+    Sampler(0)(logits, SamplingTensors.from_requests(fake, cfg.model.vocab_size, cfg.device))
+    peak = 0
+    if is_cuda:
+        torch.cuda.synchronize(cfg.device)
+        peak = torch.cuda.max_memory_allocated(cfg.device) - base
+    del cache, logits
+    if is_cuda:
+        torch.cuda.empty_cache()
+    return peak
+
+
+def plan_kv_cache(cfg: EngineConfig, model, backend, kv_dtype: torch.dtype, reserve_bytes: int = 0) -> MemoryPlan:
+    cache, sched = cfg.cache, cfg.scheduler
+    per_block = kv_bytes_per_block(cfg.model, cache.block_size, kv_dtype)
+    min_blocks = -(-cfg.max_model_len // cache.block_size)
+    plan = MemoryPlan(num_blocks=0, bytes_per_block=per_block)
+    if cache.num_blocks is not None:
+        plan.num_blocks = cache.num_blocks
+    elif cfg.device.type == "cuda":
+        plan.peak_activation_bytes = profile_step_peak(cfg, model, backend, kv_dtype)
+        free, total = torch.cuda.mem_get_info(cfg.device)
+        plan.total_bytes = total
+        plan.weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        plan.reserved_bytes = reserve_bytes
+        budget = int(total * cache.memory_utilization) - (total - free) - plan.peak_activation_bytes - reserve_bytes
+        plan.num_blocks = max(0, budget // per_block)
+    else:
+        full = -(-sched.max_num_seqs * cfg.max_model_len // cache.block_size)
+        plan.num_blocks = max(min_blocks, min(full, cache.cpu_kv_cache_bytes // per_block))
+    if plan.num_blocks < min_blocks:
+        raise ConfigError(
+            f"KV cache too small for one max-length request: {plan.num_blocks} blocks x {cache.block_size} tokens "
+            f"< max_model_len={cfg.max_model_len}; give the cache more blocks/memory or lower max_model_len"
+        )
+    return plan
