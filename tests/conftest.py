@@ -6,7 +6,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
-from dlengine.testing import tiny_checkpoint
+if not torch.cuda.is_available():
+    # Triton kernels run on CPU through the interpreter (tiny sizes); must be set before they load
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from dlengine.testing import tiny_checkpoint  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -37,8 +37,7 @@ class Qwen3Attention(nn.Module):
         )
         q = self.q_norm(q.reshape(t, self.num_heads, self.head_dim))
         k = self.k_norm(k.reshape(t, self.num_kv_heads, self.head_dim))
-        q, k = self.rotary(positions, q, k)
-        out = self.attn(q, k, v.reshape(t, self.num_kv_heads, self.head_dim), ctx)
+        out = self.attn(q, k, v.reshape(t, self.num_kv_heads, self.head_dim), ctx, self.rotary, positions)
         return self.o_proj(out)
 
 

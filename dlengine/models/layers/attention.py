@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 from dlengine.kernels.attention_metadata import AttentionMetadata
+from dlengine.kernels import ops
 from dlengine.kernels.backends import AttentionBackend
+from dlengine.models.layers.rotary import RotaryEmbedding
 
 
 class ForwardContext:
@@ -27,9 +29,17 @@ class PagedAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """q [T, H, D], k/v [T, Hkv, D] -> [T, H * D]."""
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext,
+                rotary: RotaryEmbedding | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """q [T, H, D], k/v [T, Hkv, D] -> [T, H * D]. With `rotary`, q and k are rotated first; on
+        GPUs rotation and the KV-cache write are one fused kernel."""
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
-        ctx.backend.write_kv(k, v, k_cache, v_cache, ctx.meta)
+        if rotary is not None and ops.use_triton(q):
+            ops.triton_ops.rope_write_kv(q, k, v, positions, rotary.cos_cached, rotary.sin_cached,
+                                         ctx.meta.slot_mapping, k_cache, v_cache)
+        else:
+            if rotary is not None:
+                q, k = rotary(positions, q, k)
+            ctx.backend.write_kv(k, v, k_cache, v_cache, ctx.meta)
         out = ctx.backend.attend(q, k_cache, v_cache, ctx.meta, self.scale)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)

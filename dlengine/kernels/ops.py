@@ -1,0 +1,44 @@
+"""The fused ops a decoder layer calls, routed to Triton on CUDA tensors when Triton imports and
+to the torch references otherwise (CPU, or a GPU box without Triton). The route depends only on
+the device and what is installed, both fixed for an engine's life, so it is effectively chosen
+once; `DLENGINE_DISABLE_TRITON_OPS=1` forces the references (for A/B checks)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from dlengine.kernels import ops_torch
+
+try:  # triton is optional: CPU-only installs run the torch references
+    from dlengine.kernels import triton_ops
+
+    HAS_TRITON = True
+except Exception:  # noqa: BLE001 - any import failure means "no triton here"
+    triton_ops = None
+    HAS_TRITON = False
+
+_DISABLED = os.environ.get("DLENGINE_DISABLE_TRITON_OPS") == "1"
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    return HAS_TRITON and not _DISABLED and x.is_cuda
+
+
+def rms_norm(x, weight, eps, residual=None):
+    impl = triton_ops if use_triton(x) else ops_torch
+    return impl.rms_norm(x, weight, eps, residual)
+
+
+def silu_and_mul(x):
+    impl = triton_ops if use_triton(x) else ops_torch
+    return impl.silu_and_mul(x)
+
+
+def rope(q, k, positions, cos, sin):
+    """Returns rotated (q, k); on the Triton path q and k are rotated in place."""
+    if use_triton(q):
+        triton_ops.rope_write_kv(q, k, None, positions, cos, sin)
+        return q, k
+    return ops_torch.rope(q, k, positions, cos, sin)

@@ -1,0 +1,141 @@
+"""Triton kernels for the small fused ops of a decoder layer. Torch references: ops_torch.py.
+
+- rms_norm: RMSNorm with an optional fused residual add (x + residual is also returned), float32
+  statistics, Hugging Face rounding (normalise in fp32, cast, then scale by the weight);
+- silu_and_mul: silu(gate) * up for the stacked gate/up projection;
+- rope_write_kv: rotate q in place, rotate k and store k and v into the paged cache at their
+  slots, in one pass over the step's tokens (slots < 0 are skipped: CUDA-graph padding).
+
+All of them run on CPU under TRITON_INTERPRET=1 (tests) and on GPUs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, x_stride, res_stride, out_stride,
+                     eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + row * res_stride + cols, mask=mask, other=0.0)
+        # add in fp32 and round once, exactly what torch does for a half-precision `x + residual`
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        tl.store(res_out_ptr + row * n_cols + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    var = tl.sum(xf * xf, axis=0) / n_cols
+    normed = (xf * tl.rsqrt(var + eps)).to(x.dtype)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + row * out_stride + cols, (w.to(tl.float32) * normed.to(tl.float32)).to(x.dtype), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """RMSNorm over the last dim of x (any leading shape). With `residual`, returns
+    (norm(x + residual), x + residual)."""
+    shape = x.shape
+    n = shape[-1]
+    x2 = x.reshape(-1, n)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    rows = x2.shape[0]
+    out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    block = triton.next_power_of_2(n)
+    if residual is None:
+        if rows:
+            _rms_norm_kernel[(rows,)](x2, x2, weight, out, out, n, x2.stride(0), 0, n, eps,
+                                      HAS_RESIDUAL=False, BLOCK=block)
+        return out.view(shape)
+    r2 = residual.reshape(-1, n)
+    if r2.stride(-1) != 1:
+        r2 = r2.contiguous()
+    res_out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    if rows:
+        _rms_norm_kernel[(rows,)](x2, r2, weight, out, res_out, n, x2.stride(0), r2.stride(0), n, eps,
+                                  HAS_RESIDUAL=True, BLOCK=block)
+    return out.view(shape), res_out.view(shape)
+
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, out_ptr, d, x_stride, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < d
+    gate = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * x_stride + d + cols, mask=mask, other=0.0).to(tl.float32)
+    y = gate / (1.0 + tl.exp(-gate)) * up
+    tl.store(out_ptr + row * d + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    d = x.shape[-1] // 2
+    x2 = x.reshape(-1, 2 * d)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty((x2.shape[0], d), dtype=x.dtype, device=x.device)
+    block = min(1024, triton.next_power_of_2(d))
+    if x2.shape[0]:
+        _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](x2, out, d, x2.stride(0), BLOCK=block)
+    return out.view(*x.shape[:-1], d)
+
+
+@triton.jit
+def _rope_write_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, k_cache_ptr, v_cache_ptr,
+                          q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h, cs_stride,
+                          NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
+                          WRITE_KV: tl.constexpr):
+    t = tl.program_id(0)
+    pos = tl.load(pos_ptr + t)
+    d = tl.arange(0, HALF)
+    cos = tl.load(cos_ptr + pos * cs_stride + d)
+    sin = tl.load(sin_ptr + pos * cs_stride + d)
+    for h in range(NUM_Q_HEADS):
+        base = q_ptr + t * q_stride_t + h * q_stride_h
+        x1 = tl.load(base + d).to(tl.float32)
+        x2 = tl.load(base + HALF + d).to(tl.float32)
+        tl.store(base + d, (x1 * cos - x2 * sin).to(q_ptr.dtype.element_ty))
+        tl.store(base + HALF + d, (x2 * cos + x1 * sin).to(q_ptr.dtype.element_ty))
+    slot = tl.load(slot_ptr + t)
+    for h in range(NUM_KV_HEADS):
+        base = k_ptr + t * k_stride_t + h * k_stride_h
+        x1 = tl.load(base + d).to(tl.float32)
+        x2 = tl.load(base + HALF + d).to(tl.float32)
+        r1 = x1 * cos - x2 * sin
+        r2 = x2 * cos + x1 * sin
+        tl.store(base + d, r1.to(k_ptr.dtype.element_ty))
+        tl.store(base + HALF + d, r2.to(k_ptr.dtype.element_ty))
+        if WRITE_KV:
+            if slot >= 0:
+                dst = (slot * NUM_KV_HEADS + h) * (2 * HALF)
+                tl.store(k_cache_ptr + dst + d, r1.to(k_cache_ptr.dtype.element_ty))
+                tl.store(k_cache_ptr + dst + HALF + d, r2.to(k_cache_ptr.dtype.element_ty))
+                vbase = v_ptr + t * v_stride_t + h * v_stride_h
+                tl.store(v_cache_ptr + dst + d, tl.load(vbase + d).to(v_cache_ptr.dtype.element_ty))
+                tl.store(v_cache_ptr + dst + HALF + d, tl.load(vbase + HALF + d).to(v_cache_ptr.dtype.element_ty))
+
+
+def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, positions: torch.Tensor,
+                  cos: torch.Tensor, sin: torch.Tensor, slot_mapping: torch.Tensor | None = None,
+                  k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None) -> None:
+    """Rotate q [T, H, D] and k [T, Hkv, D] in place (neox layout; cos/sin [max_pos, D] float32,
+    as RotaryEmbedding builds them) and, given the caches, store k and v at `slot_mapping`."""
+    t, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and head_dim % 2 == 0
+    write = k_cache is not None
+    if not t:
+        return
+    if write:
+        assert v.stride(-1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    vv = v if write else k
+    _rope_write_kv_kernel[(t,)](
+        q, k, vv, positions, cos, sin, slot_mapping if write else positions,
+        k_cache if write else k, v_cache if write else k,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), vv.stride(0), vv.stride(1), cos.stride(0),
+        NUM_Q_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF=head_dim // 2, WRITE_KV=write,
+    )
