@@ -38,13 +38,24 @@ LOAD_FORMATS = ("auto", "safetensors", "dummy")
 logger = logging.getLogger("dlengine")
 
 
+CONFIG_PRESETS_DIR = os.path.join(os.path.dirname(__file__), "presets")
+
+
+def config_presets() -> list[str]:
+    """Names of the shipped config-only presets (real model shapes, for load_format="dummy")."""
+    return sorted(d for d in os.listdir(CONFIG_PRESETS_DIR) if os.path.isdir(os.path.join(CONFIG_PRESETS_DIR, d)))
+
+
 def resolve_model_path(model: str | os.PathLike) -> str:
-    """A checkpoint folder, or a built-in preset name such as "tiny-qwen3"."""
+    """A checkpoint folder, a built-in tiny model ("tiny-qwen3", built on first use), or a
+    config-only preset of a released model ("qwen3-0.6b", "qwen3-8b": dummy weights only)."""
     model = os.fspath(model)
     from dlengine.testing import PRESETS, tiny_checkpoint
 
     if model in PRESETS:
         return tiny_checkpoint(PRESETS[model])
+    if not os.path.exists(model) and model in config_presets():
+        return os.path.join(CONFIG_PRESETS_DIR, model)
     return model
 
 
@@ -74,6 +85,8 @@ class EngineBuilder:
         self._load_format = "auto"
         self._seed = 0
         self._max_model_len: int | None = None
+        self._cuda_graphs: bool | None = None  # None: on where the device and backend allow
+        self._cuda_graph_max_batch: int | None = None
 
     # each method records a choice and returns self so calls chain
     def dtype(self, dtype: str | torch.dtype) -> "EngineBuilder":
@@ -115,6 +128,13 @@ class EngineBuilder:
 
     def seed(self, seed: int) -> "EngineBuilder":
         self._seed = seed
+        return self
+
+    def cuda_graphs(self, enabled: bool = True, max_batch: int | None = None) -> "EngineBuilder":
+        """Capture decode steps as CUDA graphs for batch sizes up to `max_batch` (default
+        min(max_num_seqs, 512)). On by default on CUDA with a capturable attention backend."""
+        self._cuda_graphs = enabled
+        self._cuda_graph_max_batch = max_batch
         return self
 
     def max_model_len(self, n: int) -> "EngineBuilder":
@@ -194,12 +214,34 @@ class EngineBuilder:
         tokenizer = load_tokenizer(cfg.model.path)
 
         kv_dtype = cfg.dtype if cfg.cache.dtype == "auto" else parse_dtype(cfg.cache.dtype)
-        plan = plan_kv_cache(cfg, model, backend, kv_dtype)
+        use_graphs = self._use_cuda_graphs(cfg, backend)
+        graph_batch = min(self._cuda_graph_max_batch or 512, cfg.scheduler.max_num_seqs)
+        # graphs keep a private pool of decode activations (about a decode step's worth)
+        graph_reserve = (256 << 20) + graph_batch * cfg.model.vocab_size * 4 * 2 if use_graphs else 0
+        plan = plan_kv_cache(cfg, model, backend, kv_dtype, reserve_bytes=graph_reserve)
         logger.info("%s", plan.describe(cfg.cache.block_size))
         kv_cache = KVCache(cfg.model, plan.num_blocks, cfg.cache.block_size, kv_dtype, cfg.device)
         block_manager = BlockManager(plan.num_blocks, cfg.cache.block_size, cfg.cache.prefix_caching)
         scheduler = Scheduler(cfg.scheduler, block_manager)
         runner = ModelRunner(model, kv_cache, backend, Sampler(cfg.seed), cfg.model.vocab_size, cfg.device)
+        if use_graphs:
+            from dlengine.engine.cuda_graph import CUDAGraphRunner
+
+            runner.graph_runner = CUDAGraphRunner(model, kv_cache, backend, graph_batch, cfg.max_model_len, cfg.device)
+            runner.graph_runner.capture()
+            logger.info("captured %d CUDA graphs (batch sizes up to %d), %.2f GiB",
+                        len(runner.graph_runner.graphs), graph_batch, runner.graph_runner.memory_bytes / 2**30)
         engine = Engine(cfg, model, tokenizer, kv_cache, block_manager, scheduler, runner)
         engine.memory_plan = plan
         return engine
+
+    def _use_cuda_graphs(self, cfg: EngineConfig, backend) -> bool:
+        capturable = getattr(backend, "supports_cuda_graphs", False)
+        if self._cuda_graphs is None:
+            return cfg.device.type == "cuda" and capturable
+        if self._cuda_graphs and cfg.device.type != "cuda":
+            raise ConfigError("cuda_graphs(True) needs a CUDA device")
+        if self._cuda_graphs and not capturable:
+            raise ConfigError(f"attention backend {backend.name!r} cannot be captured in CUDA graphs; "
+                              "use attention('triton') or cuda_graphs(False)")
+        return self._cuda_graphs

@@ -259,3 +259,16 @@ def test_memory_profile_step_runs_on_cpu():
     cfg = engine.config
     assert profile_step_peak(cfg, engine.model, resolve_attention_backend("torch", cfg.device), torch.float32) == 0
     assert "KV cache" in engine.memory_plan.describe(cfg.cache.block_size)
+
+
+def test_config_presets_build_with_dummy_weights():
+    from dlengine.builder import config_presets
+
+    assert {"qwen3-0.6b", "qwen3-8b"} <= set(config_presets())
+    with pytest.raises(ConfigError, match="dummy"):
+        EngineBuilder("qwen3-0.6b").build()
+    engine = (EngineBuilder("qwen3-0.6b").load_format("dummy").dtype("float32").max_model_len(64)
+              .scheduler(max_num_seqs=2, max_num_batched_tokens=64).cache(num_blocks=8).build())
+    out = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))[0]
+    assert len(out.token_ids) == 2 and out.text == ""  # no tokenizer: ids only
+    assert engine.tokenizer is None

@@ -85,7 +85,8 @@ class Engine:
         c = self.config
         return (
             f"Engine(model={c.model.architecture} @ {c.model.path}, role={c.role}, device={c.device}, "
-            f"dtype={c.dtype}, attention={self.runner.backend.name}, {self.kv_cache}, "
+            f"dtype={c.dtype}, attention={self.runner.backend.name}, "
+            f"cuda_graphs={self.runner.graph_runner is not None}, {self.kv_cache}, "
             f"max_model_len={c.max_model_len}, max_num_seqs={c.scheduler.max_num_seqs}, "
             f"max_num_batched_tokens={c.scheduler.max_num_batched_tokens}, "
             f"prefix_caching={c.cache.prefix_caching}, chunked_prefill={c.scheduler.chunked_prefill})"

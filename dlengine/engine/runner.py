@@ -41,6 +41,8 @@ class ModelRunner:
         self.vocab_size = vocab_size
         self.device = device
         self.block_size = kv_cache.block_size
+        self.graph_runner = None  # a CUDAGraphRunner when CUDA graphs are on (set by the builder)
+        self.num_graph_steps = 0
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(array)
@@ -105,13 +107,35 @@ class ModelRunner:
         hidden = self.model(inputs.input_ids, inputs.positions, ctx)
         return self.model.compute_logits(hidden[inputs.logits_indices]).float()
 
+    def _graph_logits(self, out: SchedulerOutput) -> tuple[list[Request], torch.Tensor] | None:
+        """Replay a captured decode graph when every scheduled request decodes one token."""
+        g = self.graph_runner
+        sched = out.scheduled
+        if g is None or len(sched) > g.max_batch or any(s.num_new_tokens != 1 or not s.sample for s in sched):
+            return None
+        bs = self.block_size
+        n = len(sched)
+        positions = np.fromiter((s.request.num_computed_tokens for s in sched), dtype=np.int64, count=n)
+        reqs = [s.request for s in sched]
+        input_ids = np.fromiter((r.all_token_ids[-1] for r in reqs), dtype=np.int64, count=n)
+        last_blocks = np.fromiter((r.block_ids[p // bs] for r, p in zip(reqs, positions.tolist())),
+                                  dtype=np.int64, count=n)
+        slots = last_blocks * bs + positions % bs
+        self.num_graph_steps += 1
+        return reqs, g.run(input_ids, positions, slots, positions + 1, [r.block_ids for r in reqs]).float()
+
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> tuple[list[Request], SamplerOutput | None]:
         """Run one step. Returns the requests that sampled a token and the sampler's output (rows in
         the same order); requests in the middle of a chunked prompt sample nothing."""
-        inputs = self.prepare_inputs(out)
-        logits = self.compute_logits(inputs)
-        if not inputs.sampled_requests:
+        graphed = self._graph_logits(out)
+        if graphed is not None:
+            sampled, logits = graphed
+        else:
+            inputs = self.prepare_inputs(out)
+            logits = self.compute_logits(inputs)
+            sampled = inputs.sampled_requests
+        if not sampled:
             return [], None
-        tensors = SamplingTensors.from_requests(inputs.sampled_requests, self.vocab_size, self.device)
-        return inputs.sampled_requests, self.sampler(logits, tensors)
+        tensors = SamplingTensors.from_requests(sampled, self.vocab_size, self.device)
+        return sampled, self.sampler(logits, tensors)

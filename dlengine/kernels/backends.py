@@ -30,6 +30,7 @@ class TorchAttentionBackend:
     """Reference implementation; exact in float32, used on CPU and as the oracle everywhere."""
 
     name = "torch"
+    supports_cuda_graphs = False  # indexes with host-side lengths: not capturable
 
     def write_kv(self, k, v, k_cache, v_cache, meta):
         ref.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
@@ -38,19 +39,45 @@ class TorchAttentionBackend:
         return ref.paged_attention_ref(q, k_cache, v_cache, meta, scale)
 
 
-_BACKENDS = {"torch": TorchAttentionBackend}
+def _triton_backend():
+    from dlengine.kernels.triton_attention import TritonAttentionBackend
+
+    return TritonAttentionBackend
+
+
+# name -> zero-argument loader of the backend class (imports stay lazy: optional packages)
+_BACKENDS = {"torch": lambda: TorchAttentionBackend, "triton": _triton_backend}
+_INSTALL_HINT = {"triton": "pip install triton"}
+
+
+def _importable(name: str) -> bool:
+    try:
+        _BACKENDS[name]()
+        return True
+    except ImportError:
+        return False
 
 
 def available_attention_backends() -> list[str]:
-    return sorted(_BACKENDS)
+    return sorted(n for n in _BACKENDS if _importable(n))
 
 
 def resolve_attention_backend(name: str, device: torch.device) -> AttentionBackend:
-    """Return the backend object for `name`; "auto" takes the fastest that works on `device`."""
+    """Return the backend object for `name`; "auto" takes the fastest that works on `device`:
+    Triton on CUDA when it imports, else the torch reference."""
     if name == "auto":
-        name = "torch"
+        name = "triton" if device.type == "cuda" and _importable("triton") else "torch"
     if name not in _BACKENDS:
+        raise ConfigError(f"unknown attention backend {name!r}; known: {sorted(_BACKENDS)}")
+    try:
+        cls = _BACKENDS[name]()
+    except ImportError as e:
         raise ConfigError(
-            f"unknown attention backend {name!r}; available here: {available_attention_backends()}"
-        )
-    return _BACKENDS[name]()
+            f"attention backend {name!r} is not importable here ({e}); {_INSTALL_HINT.get(name, '')}"
+        ) from e
+    if name == "triton" and device.type != "cuda":
+        from dlengine.kernels.triton_attention import interpret_mode
+
+        if not interpret_mode():
+            raise ConfigError("the triton attention backend needs a CUDA device (or TRITON_INTERPRET=1 for tests)")
+    return cls()

@@ -1,0 +1,122 @@
+"""CUDA graphs for decode steps.
+
+A decode step of a small model is hundreds of tiny kernel launches; replaying a captured graph
+costs one. Graphs are captured for a ladder of batch sizes (1, 2, 4, 8, then every 8 up to the
+largest); a step with n decodes replays the smallest captured size >= n with the extra rows
+padded (slot -1: their K/V are not written; context length 0: their attention reads nothing;
+their logits are dropped). Steps with prompt tokens, or more decodes than the largest graph, run
+eagerly.
+
+Everything a graph reads lives in static buffers filled before each replay; the attention
+backend must be capturable (no host syncs, launch sizes from static metadata): the Triton
+backend is, the torch reference is not.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dlengine.kernels.attention_metadata import AttentionMetadata
+from dlengine.models.layers.attention import ForwardContext
+
+
+def default_batch_ladder(max_batch: int) -> list[int]:
+    sizes = [b for b in (1, 2, 4, 8) if b <= max_batch]
+    sizes += list(range(16, max_batch + 1, 8))
+    if sizes[-1] != max_batch:
+        sizes.append(max_batch)
+    return sizes
+
+
+class CUDAGraphRunner:
+    def __init__(self, model, kv_cache, backend, max_batch: int, max_model_len: int, device: torch.device,
+                 batch_sizes: list[int] | None = None) -> None:
+        self.model, self.kv_cache, self.backend, self.device = model, kv_cache, backend, device
+        self.block_size = kv_cache.block_size
+        self.max_model_len = max_model_len
+        self.batch_sizes = sorted(batch_sizes or default_batch_ladder(max_batch))
+        self.max_batch = self.batch_sizes[-1]
+        self.max_blocks = -(-max_model_len // self.block_size)
+        n = self.max_batch
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
+        self.seq_lens = torch.zeros(n, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=device)
+        # host staging (pinned) so one copy per buffer moves a step's inputs
+        self._host = torch.zeros(4, n, dtype=torch.int64, pin_memory=True)
+        self._host_tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, pin_memory=True)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.pool = None
+        self.memory_bytes = 0
+
+    def _meta(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            query_start_loc=self.query_start_loc[: bs + 1],
+            seq_lens=self.seq_lens[:bs],
+            block_tables=self.block_tables[:bs],
+            slot_mapping=self.slot_mapping[:bs],
+            max_query_len=1,
+            max_seq_len=self.max_model_len,  # the split heuristic must hold for any context
+            query_lens_cpu=[1] * bs,
+            seq_lens_cpu=[self.max_model_len] * bs,
+        )
+
+    def _forward(self, bs: int) -> torch.Tensor:
+        ctx = ForwardContext(self._meta(bs), self.backend, self.kv_cache.layers)
+        hidden = self.model(self.input_ids[:bs], self.positions[:bs], ctx)
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every batch size, largest first so smaller graphs reuse its memory pool."""
+        torch.cuda.synchronize(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        self.slot_mapping.fill_(-1)
+        self.seq_lens.fill_(1)
+        for bs in reversed(self.batch_sizes):
+            for _ in range(2):  # warm up: Triton compiles and autotunes outside the capture
+                self._forward(bs)
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.outputs[bs] = self._forward(bs)
+            if self.pool is None:
+                self.pool = graph.pool()
+            self.graphs[bs] = graph
+        torch.cuda.synchronize(self.device)
+        self.seq_lens.zero_()
+        self.memory_bytes = torch.cuda.memory_allocated(self.device) - before
+
+    def padded_size(self, n: int) -> int | None:
+        for bs in self.batch_sizes:
+            if bs >= n:
+                return bs
+        return None
+
+    @torch.inference_mode()
+    def run(self, input_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray, seq_lens: np.ndarray,
+            block_tables: list[list[int]]) -> torch.Tensor:
+        """Logits [n, vocab] of n decode tokens by replaying the graph of the padded size."""
+        n = len(input_ids)
+        bs = self.padded_size(n)
+        host = self._host.numpy()
+        host[0, :n] = input_ids
+        host[1, :n] = positions
+        host[2, :n] = slots
+        host[2, n:bs] = -1
+        host[3, :n] = seq_lens
+        width = max(len(t) for t in block_tables)
+        tables = self._host_tables.numpy()
+        for i, t in enumerate(block_tables):
+            tables[i, : len(t)] = t
+        self.input_ids[:bs].copy_(self._host[0, :bs], non_blocking=True)
+        self.positions[:bs].copy_(self._host[1, :bs], non_blocking=True)
+        self.slot_mapping[:bs].copy_(self._host[2, :bs], non_blocking=True)
+        self.seq_lens[:bs].copy_(self._host[3, :bs], non_blocking=True)
+        self.block_tables[:n, :width].copy_(self._host_tables[:n, :width], non_blocking=True)
+        self.graphs[bs].replay()
+        return self.outputs[bs][:n]
