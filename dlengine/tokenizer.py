@@ -25,9 +25,11 @@ def load_tokenizer(path: str):
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text without re-decoding everything each step.
 
-    Decodes a small window (from `prefix_offset`) and emits only what is new relative to the
-    window's previous decode, holding text back while it ends in an incomplete UTF-8 sequence
-    (U+FFFD) since the next token may complete it.
+    With a fast (Rust) tokenizer it uses `tokenizers.decoders.DecodeStream`, which keeps the
+    state on the Rust side (a few microseconds a token). Otherwise it decodes a small window
+    (from `prefix_offset`) and emits what is new relative to the window's previous decode. Both
+    hold text back while it ends in an incomplete UTF-8 sequence, since the next token may
+    complete it. `update` must be called once for every appended token.
     """
 
     def __init__(self, tokenizer, skip_special_tokens: bool = True) -> None:
@@ -36,12 +38,27 @@ class IncrementalDetokenizer:
         self.prefix_offset = 0
         self.read_offset = 0
         self.text = ""
+        self._rust = getattr(tokenizer, "_tokenizer", None)
+        self._stream = None
+        if self._rust is not None:
+            try:
+                from tokenizers.decoders import DecodeStream
+
+                self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+            except ImportError:  # tokenizers < 0.21
+                self._stream = None
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip)
 
     def update(self, ids: list[int]) -> str:
-        """Feed the full output id list; returns the newly decoded text (maybe empty)."""
+        """Feed the full output id list (its last id is new); returns the newly decoded text."""
+        if self._stream is not None:
+            chunk = self._stream.step(self._rust, ids[-1])
+            if chunk:
+                self.text += chunk
+                return chunk
+            return ""
         prefix = self._decode(ids[self.prefix_offset : self.read_offset])
         full = self._decode(ids[self.prefix_offset :])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
@@ -53,10 +70,8 @@ class IncrementalDetokenizer:
         return ""
 
     def flush(self, ids: list[int]) -> str:
-        """Final text: whatever the window still holds back is decoded as is."""
-        full = self._decode(ids[self.prefix_offset :])
-        prefix = self._decode(ids[self.prefix_offset : self.read_offset])
-        new = full[len(prefix) :]
-        self.prefix_offset = self.read_offset = len(ids)
-        self.text += new
+        """Final text: one full decode, so held-back bytes appear exactly as a batch decode shows them."""
+        final = self._decode(ids)
+        new = final[len(self.text) :] if final.startswith(self.text) else final
+        self.text = final
         return new

@@ -52,40 +52,46 @@ class ModelRunner:
 
     def prepare_inputs(self, out: SchedulerOutput, all_logits: bool = False) -> ModelInputs:
         """Flatten the scheduled requests into one batch. `all_logits` asks for logits at every
-        token (scoring / teacher forcing) instead of only where a request samples."""
+        token (scoring / teacher forcing) instead of only where a request samples.
+
+        Per-request work is a few list operations; per-token arrays are built with vectorised
+        numpy, since this runs on the host every step for hundreds of requests."""
         bs = self.block_size
         sched = out.scheduled
+        reqs = [s.request for s in sched]
+        num_seqs = len(reqs)
         query_lens = [s.num_new_tokens for s in sched]
-        starts = [s.request.num_computed_tokens for s in sched]
+        starts = [r.num_computed_tokens for r in reqs]
         seq_lens = [st + ql for st, ql in zip(starts, query_lens)]
-        num_tokens = sum(query_lens)
 
-        input_ids = np.empty(num_tokens, dtype=np.int64)
-        positions = np.empty(num_tokens, dtype=np.int64)
-        slot_mapping = np.empty(num_tokens, dtype=np.int64)
-        max_blocks = max(-(-sl // bs) for sl in seq_lens)
-        block_tables = np.zeros((len(sched), max_blocks), dtype=np.int32)
-        query_start_loc = np.zeros(len(sched) + 1, dtype=np.int32)
-        logits_indices, sampled = [], []
-        t = 0
-        for i, s in enumerate(sched):
-            req, n, start = s.request, s.num_new_tokens, starts[i]
-            input_ids[t : t + n] = req.all_token_ids[start : start + n]
-            pos = np.arange(start, start + n)
-            positions[t : t + n] = pos
-            blocks = np.asarray(req.block_ids, dtype=np.int64)
-            slot_mapping[t : t + n] = blocks[pos // bs] * bs + pos % bs
-            block_tables[i, : len(req.block_ids)] = req.block_ids[:max_blocks]
-            t += n
-            query_start_loc[i + 1] = t
-            if all_logits:
-                logits_indices.extend(range(t - n, t))
-            elif s.sample:
-                logits_indices.append(t - 1)
-                sampled.append(req)
+        ids: list[int] = []
+        for r, st, n in zip(reqs, starts, query_lens):
+            if n == 1:
+                ids.append(r.all_token_ids[st])
+            else:
+                ids.extend(r.all_token_ids[st : st + n])
+        input_ids = np.array(ids, dtype=np.int64)
+        ql = np.array(query_lens, dtype=np.int64)
+        query_start_loc = np.zeros(num_seqs + 1, dtype=np.int64)
+        np.cumsum(ql, out=query_start_loc[1:])
+        token_row = np.repeat(np.arange(num_seqs), ql)
+        positions = np.arange(len(ids), dtype=np.int64) + np.repeat(np.array(starts, dtype=np.int64) - query_start_loc[:-1], ql)
+        max_blocks = max(len(r.block_ids) for r in reqs)
+        block_tables = np.zeros((num_seqs, max_blocks), dtype=np.int32)
+        for i, r in enumerate(reqs):
+            block_tables[i, : len(r.block_ids)] = r.block_ids
+        slot_mapping = block_tables[token_row, positions // bs].astype(np.int64) * bs + positions % bs
+
+        if all_logits:
+            logits_indices = np.arange(len(ids), dtype=np.int64)
+            sampled: list[Request] = []
+        else:
+            rows = [i for i, s in enumerate(sched) if s.sample]
+            logits_indices = query_start_loc[1:][rows] - 1
+            sampled = [reqs[i] for i in rows]
         meta = AttentionMetadata(
-            query_start_loc=self._to_device(query_start_loc),
-            seq_lens=self._to_device(np.asarray(seq_lens, dtype=np.int32)),
+            query_start_loc=self._to_device(query_start_loc.astype(np.int32)),
+            seq_lens=self._to_device(np.array(seq_lens, dtype=np.int32)),
             block_tables=self._to_device(block_tables),
             slot_mapping=self._to_device(slot_mapping),
             max_query_len=max(query_lens),
@@ -97,7 +103,7 @@ class ModelRunner:
             input_ids=self._to_device(input_ids),
             positions=self._to_device(positions),
             meta=meta,
-            logits_indices=self._to_device(np.asarray(logits_indices, dtype=np.int64)),
+            logits_indices=self._to_device(np.ascontiguousarray(logits_indices, dtype=np.int64)),
             sampled_requests=sampled,
         )
 

@@ -41,6 +41,11 @@ class SamplingTensors:
     def from_requests(requests: list[Request], vocab_size: int, device: torch.device) -> "SamplingTensors":
         ps = [r.params for r in requests]
         b = len(requests)
+        if all(p.greedy and p.logprobs is None and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
+               and p.frequency_penalty == 0.0 and r.num_output_tokens >= p.min_tokens for p, r in zip(ps, requests)):
+            # the common benchmark case: argmax only, no per-row tensors to build or copy
+            return SamplingTensors(None, None, None, None, None, None, None, None, None, None,
+                                   all_greedy=True, any_filter=False, seeded_rows=[], max_logprobs=-1)
         temperature = torch.tensor([p.temperature for p in ps], dtype=torch.float32)
         top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in ps], dtype=torch.int64)
         top_p = torch.tensor([p.top_p for p in ps], dtype=torch.float32)
