@@ -32,6 +32,7 @@ class BlockRequest(Protocol):
     num_computed_tokens: int
     block_ids: list[int]
     block_hashes: list[bytes]
+    num_cached_blocks: int  # leading blocks already published (or found) in the prefix cache
 
 
 def hash_block(parent: bytes | None, token_ids: Sequence[int], extra: bytes = b"") -> bytes:
@@ -143,9 +144,11 @@ class BlockManager:
         """Publish the request's computed full blocks in the prefix cache."""
         if not self.enable_prefix_caching:
             return
-        self.update_block_hashes(request)
         num_full = min(request.num_computed_tokens // self.block_size, len(request.block_ids))
-        for i in range(num_full):
+        if num_full <= request.num_cached_blocks:
+            return  # the common decode step: no block became full
+        self.update_block_hashes(request)
+        for i in range(request.num_cached_blocks, num_full):
             block = request.block_ids[i]
             if self.block_hash[block] is not None:
                 continue
@@ -154,6 +157,7 @@ class BlockManager:
                 continue  # the same content already lives in another block; keep that one
             self.block_hash[block] = h
             self.cached_blocks[h] = block
+        request.num_cached_blocks = num_full
 
     def free(self, request: BlockRequest) -> None:
         """Drop the request's references. Tail blocks are freed first so that, among a request's
@@ -168,6 +172,7 @@ class BlockManager:
                 if self.block_hash[block] is None:
                     self.free_queue.move_to_end(block, last=False)
         request.block_ids = []
+        request.num_cached_blocks = 0
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached block that no request references. Returns False (and does nothing)

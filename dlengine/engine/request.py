@@ -90,6 +90,7 @@ class Request:
         self.num_computed_tokens = 0
         self.block_ids: list[int] = []
         self.block_hashes: list[bytes] = []  # hashes of full blocks of all_token_ids, chained
+        self.num_cached_blocks = 0  # leading blocks already published in the prefix cache
         self.status = RequestStatus.WAITING
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
