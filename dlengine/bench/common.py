@@ -1,0 +1,131 @@
+"""What every benchmark shares: engine options, config coercion, engine building, errors.
+
+`EngineArgs` holds the engine choices a benchmark exposes on the command line; a benchmark's
+own config (e.g. `ThroughputConfig`) subclasses it and adds its workload fields. Options left at
+None keep the engine's own defaults, so the bench measures what `EngineBuilder(model).build()`
+gives unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping, TypeVar
+
+from dlengine.builder import EngineBuilder
+from dlengine.engine.engine import Engine
+
+
+class BenchError(ValueError):
+    """A benchmark setting or workload that cannot run; the message names the problem."""
+
+
+@dataclass
+class EngineArgs:
+    model: str = "tiny-qwen3"  # a preset name or a Hugging Face checkpoint folder
+    dtype: str | None = None  # None: the engine default (float32 on CPU, the checkpoint's on GPU)
+    device: str | None = None  # None: cuda when available, else cpu
+    block_size: int | None = None
+    num_blocks: int | None = None
+    memory_utilization: float | None = None
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    max_model_len: int | None = None
+    prefix_caching: bool = True
+    load_format: str = "auto"
+    attention_backend: str = "auto"
+    seed: int = 0
+
+
+C = TypeVar("C", bound=EngineArgs)
+
+
+def coerce_config(cls: type[C], config: Any = None, **overrides: Any) -> C:
+    """Make a `cls` from an instance of it, an argparse.Namespace (attributes that are not fields
+    are ignored: the CLI's own bookkeeping), a mapping (unknown keys are an error) or None
+    (defaults); `overrides` are applied last."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    if config is None:
+        values: dict[str, Any] = {}
+    elif isinstance(config, cls):
+        values = dataclasses.asdict(config)
+    elif isinstance(config, argparse.Namespace):
+        values = {k: v for k, v in vars(config).items() if k in names}
+    elif isinstance(config, Mapping):
+        values = dict(config)
+    else:
+        raise TypeError(f"expected a {cls.__name__}, an argparse.Namespace or a dict, not {type(config).__name__}")
+    values.update(overrides)
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise BenchError(f"unknown {cls.__name__} option(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    return cls(**values)
+
+
+def build_engine(args: EngineArgs) -> Engine:
+    """Build the engine the options describe. Bad options raise dlengine.ConfigError."""
+    b = EngineBuilder(args.model).load_format(args.load_format).attention(args.attention_backend).seed(args.seed)
+    if args.dtype is not None:
+        b.dtype(args.dtype)
+    if args.device is not None:
+        b.device(args.device)
+    cache: dict[str, Any] = {"prefix_caching": args.prefix_caching}
+    for name in ("block_size", "num_blocks", "memory_utilization"):
+        if getattr(args, name) is not None:
+            cache[name] = getattr(args, name)
+    b.cache(**cache)
+    sched = {n: getattr(args, n) for n in ("max_num_seqs", "max_num_batched_tokens") if getattr(args, n) is not None}
+    if sched:
+        b.scheduler(**sched)
+    if args.max_model_len is not None:
+        b.max_model_len(args.max_model_len)
+    return b.build()
+
+
+def free_device_memory(device) -> None:
+    """After the last reference to an engine is dropped: collect it and hand its device memory
+    back, so the next engine built in this process can size its KV cache from free memory (the
+    caching allocator would otherwise keep the old cache reserved)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def describe_engine(engine: Engine) -> dict[str, Any]:
+    """The engine facts a benchmark result should carry."""
+    cfg = engine.config
+    info: dict[str, Any] = {
+        "engine": repr(engine),
+        "model_path": cfg.model.path,
+        "architecture": cfg.model.architecture,
+        "device": str(cfg.device),
+        "dtype": str(cfg.dtype).replace("torch.", ""),
+        "attention_backend": engine.runner.backend.name,
+        "block_size": engine.kv_cache.block_size,
+        "num_kv_blocks": engine.block_manager.num_blocks,
+        "max_model_len": cfg.max_model_len,
+        "max_num_seqs": cfg.scheduler.max_num_seqs,
+        "max_num_batched_tokens": cfg.scheduler.max_num_batched_tokens,
+        "prefix_caching": cfg.cache.prefix_caching,
+        "chunked_prefill": cfg.scheduler.chunked_prefill,
+    }
+    plan = getattr(engine, "memory_plan", None)
+    if plan is not None:
+        info["memory_plan"] = plan.describe(engine.kv_cache.block_size)
+    return info
+
+
+def write_json(result: Mapping[str, Any], path: str | os.PathLike) -> None:
+    path = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2, allow_nan=False)
+        f.write("\n")

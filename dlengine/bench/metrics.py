@@ -1,0 +1,124 @@
+"""Per-request latency metrics, percentiles and the printed report.
+
+All times come from `RequestMetrics` (time.perf_counter() stamps set by the engine):
+- TTFT  = first_token_time - arrival_time (queueing + prefill + the first sampling step)
+- TPOT  = (finished_time - first_token_time) / (output tokens - 1), for requests with >= 2
+          output tokens: the mean gap between output tokens after the first
+- E2E   = finished_time - arrival_time
+Percentiles interpolate linearly between samples (numpy's default, as vLLM's benchmarks do).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from dlengine.engine.request import RequestOutput
+
+PERCENTILES = (50, 90, 99)
+
+
+def percentile(values: Sequence[float], p: float) -> float | None:
+    """The p-th percentile (0..100) with linear interpolation; None for no values."""
+    if len(values) == 0:
+        return None
+    return float(np.percentile(np.asarray(values, dtype=np.float64), p))
+
+
+def summarize(values: Sequence[float], percentiles: Iterable[float] = PERCENTILES) -> dict[str, float | None]:
+    """{"mean", "p50", "p90", "p99"} of `values` (None everywhere when empty)."""
+    out: dict[str, float | None] = {"mean": float(np.mean(values)) if len(values) else None}
+    for p in percentiles:
+        out[f"p{p:g}"] = percentile(values, p)
+    return out
+
+
+@dataclass
+class RequestTiming:
+    request_id: str
+    prompt_len: int
+    output_len: int
+    ttft_s: float | None
+    tpot_s: float | None
+    e2e_s: float | None
+    num_cached_tokens: int
+    num_preemptions: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def request_timing(out: RequestOutput) -> RequestTiming:
+    m = out.metrics
+    n = len(out.token_ids)
+    tpot = None
+    if n >= 2 and m.first_token_time is not None and m.finished_time is not None:
+        tpot = (m.finished_time - m.first_token_time) / (n - 1)
+    return RequestTiming(
+        request_id=out.request_id,
+        prompt_len=len(out.prompt_token_ids),
+        output_len=n,
+        ttft_s=m.ttft,
+        tpot_s=tpot,
+        e2e_s=m.e2e_latency,
+        num_cached_tokens=m.num_cached_tokens,
+        num_preemptions=m.num_preemptions,
+    )
+
+
+def latency_summary(timings: Sequence[RequestTiming]) -> dict[str, float | None]:
+    """Flat keys in milliseconds: mean_ttft_ms, p50_ttft_ms, ..., p99_e2el_ms."""
+    out: dict[str, float | None] = {}
+    for name, attr in (("ttft", "ttft_s"), ("tpot", "tpot_s"), ("e2el", "e2e_s")):
+        vals = [getattr(t, attr) * 1e3 for t in timings if getattr(t, attr) is not None]
+        for stat, v in summarize(vals).items():
+            out[f"{stat}_{name}_ms"] = v
+    return out
+
+
+# ------------------------------------------------------------------ report
+def _fmt(v: Any, digits: int = 2) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def format_report(result: Mapping[str, Any], title: str = "dlengine bench throughput") -> str:
+    """A readable table of a `run_throughput` result."""
+    width = 64
+    lines = [f" {title} ".center(width, "=")]
+
+    def row(label: str, value: Any, digits: int = 2) -> None:
+        lines.append(f"{label:<34}{_fmt(value, digits):>30}")
+
+    lines.append(f"{'Engine:':<10}{result['engine']}")
+    row("Device / dtype / attention", f"{result['device']} / {result['dtype']} / {result['attention_backend']}")
+    row("Dataset", result.get("dataset", "-"))
+    row("Requests", result["num_requests"])
+    row("Input tokens", result["total_input_tokens"])
+    row("Output tokens", result["total_output_tokens"])
+    row("Elapsed (s)", result["elapsed_s"], 3)
+    lines.append("-" * width)
+    row("Requests/s", result["requests_per_s"])
+    row("Input tokens/s", result["input_tokens_per_s"], 1)
+    row("Output tokens/s", result["output_tokens_per_s"], 1)
+    row("Total tokens/s", result["total_tokens_per_s"], 1)
+    lines.append("-" * width)
+    stats = ("mean", "p50", "p90", "p99")
+    lines.append(f"{'(ms)':<24}" + "".join(f"{s:>10}" for s in stats))
+    for label, key in (("TTFT", "ttft"), ("TPOT", "tpot"), ("E2E latency", "e2el")):
+        lines.append(f"{label:<24}" + "".join(f"{_fmt(result.get(f'{s}_{key}_ms')):>10}" for s in stats))
+    lines.append("-" * width)
+    row("Engine steps", result["num_steps"])
+    row("Mean sequences / step", result["mean_seqs_per_step"])
+    row("Mean tokens / step", result["mean_tokens_per_step"], 1)
+    row("Preemptions", result["num_preemptions"])
+    row("Prefix-cache hit tokens", result["prefix_cache_hit_tokens"])
+    lines.append("=" * width)
+    return "\n".join(lines)

@@ -1,0 +1,253 @@
+"""Offline throughput: queue a whole workload at once, step the engine until it drains.
+
+    from dlengine.bench import run_throughput
+    result = run_throughput(num_prompts=16, input_len=64, output_len=32)
+    print(result["output_tokens_per_s"], result["p99_ttft_ms"])
+
+Every request arrives at the start (like vLLM's `benchmark_throughput`), so TTFT includes the
+time a request waits for a batch slot. The clock starts before the first `add_request` (text
+prompts are tokenised on the clock, as in `Engine.generate`) and stops when the last request
+finishes. An optional warm-up runs a few short requests first, off the clock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from dlengine.bench.common import (
+    BenchError, EngineArgs, build_engine, coerce_config, describe_engine, free_device_memory, write_json,
+)
+from dlengine.bench.datasets import BenchRequest, load_jsonl_requests, random_requests
+from dlengine.bench.metrics import latency_summary, request_timing
+from dlengine.engine.engine import Engine
+from dlengine.sampling_params import InvalidRequestError, SamplingParams
+
+DATASETS = ("random", "jsonl")
+
+
+@dataclass
+class ThroughputConfig(EngineArgs):
+    num_prompts: int = 64
+    input_len: int = 128  # random dataset: prompt tokens (before range_ratio)
+    output_len: int = 64  # tokens to generate (jsonl: when a line gives no output_len)
+    range_ratio: float = 0.0  # lengths uniform in [len*(1-r), len*(1+r)]
+    prefix_len: int = 0  # random dataset: tokens of a prefix shared by every prompt
+    dataset: str = "random"
+    dataset_path: str | None = None
+    temperature: float = 0.0
+    ignore_eos: bool = True  # generate exactly output_len tokens
+    num_warmup: int = 1  # short requests run before the clock starts
+    progress: bool = True
+    json_path: str | None = None  # also write the result here
+
+    def validate(self) -> None:
+        if self.dataset not in DATASETS:
+            raise BenchError(f"unknown dataset {self.dataset!r}; choose one of {DATASETS}")
+        if self.dataset == "jsonl" and not self.dataset_path:
+            raise BenchError("dataset 'jsonl' needs a dataset_path (--dataset-path FILE.jsonl)")
+        if self.dataset == "random" and self.dataset_path:
+            raise BenchError("dataset_path is only read with dataset 'jsonl' (--dataset jsonl)")
+        for name in ("num_prompts", "input_len", "output_len"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise BenchError(f"{name} must be a positive integer, got {v!r}")
+        if not 0.0 <= self.range_ratio < 1.0:
+            raise BenchError(f"range_ratio must be in [0, 1), got {self.range_ratio}")
+        if self.prefix_len < 0:
+            raise BenchError(f"prefix_len must be >= 0, got {self.prefix_len}")
+        if self.num_warmup < 0:
+            raise BenchError(f"num_warmup must be >= 0, got {self.num_warmup}")
+        if self.temperature < 0:
+            raise BenchError(f"temperature must be >= 0, got {self.temperature}")
+
+
+def _special_ids(engine: Engine) -> set[int]:
+    m = engine.config.model
+    ids = set(m.eos_token_ids) | {t for t in (m.pad_token_id, m.bos_token_id) if t is not None}
+    tok = engine.tokenizer
+    if tok is not None:
+        ids |= set(getattr(tok, "all_special_ids", []) or [])
+    return ids
+
+
+def _sample_vocab(engine: Engine) -> int:
+    """Sample prompt ids below both the model's and the tokenizer's vocabulary size (checkpoints
+    often pad the embedding past the last real token)."""
+    vocab = engine.config.model.vocab_size
+    if engine.tokenizer is not None:
+        vocab = min(vocab, len(engine.tokenizer))
+    return vocab
+
+
+def make_workload(cfg: ThroughputConfig, engine: Engine) -> list[BenchRequest]:
+    if cfg.dataset == "jsonl":
+        reqs = load_jsonl_requests(cfg.dataset_path, cfg.num_prompts, cfg.output_len)
+        if len(reqs) < cfg.num_prompts and cfg.progress:
+            import sys
+
+            print(f"note: {cfg.dataset_path} holds {len(reqs)} requests (< num_prompts={cfg.num_prompts}); "
+                  "running all of them", file=sys.stderr)
+        return reqs
+    return random_requests(
+        cfg.num_prompts, cfg.input_len, cfg.output_len, _sample_vocab(engine),
+        range_ratio=cfg.range_ratio, prefix_len=cfg.prefix_len, exclude_ids=_special_ids(engine), seed=cfg.seed,
+    )
+
+
+def _params(cfg: ThroughputConfig, output_len: int) -> SamplingParams:
+    return SamplingParams(max_tokens=output_len, temperature=cfg.temperature, ignore_eos=cfg.ignore_eos)
+
+
+def _check_fits(engine: Engine, cfg: ThroughputConfig, workload: list[BenchRequest]) -> list[int]:
+    """Validate every request before anything runs; returns the prompt lengths in tokens."""
+    max_len = engine.config.max_model_len
+    lens = []
+    for i, r in enumerate(workload):
+        try:
+            req = engine.make_request(r.prompt, _params(cfg, r.output_len))
+        except InvalidRequestError as e:
+            raise BenchError(f"request {i}: {e}") from None
+        n = req.num_prompt_tokens
+        if n + r.output_len > max_len:
+            raise BenchError(
+                f"request {i}: {n} prompt + {r.output_len} output tokens exceed max_model_len={max_len}; "
+                "shorten --input-len/--output-len (and --range-ratio, --prefix-len) or raise --max-model-len"
+            )
+        lens.append(n)
+    return lens
+
+
+def _warmup(engine: Engine, cfg: ThroughputConfig) -> None:
+    if cfg.num_warmup <= 0:
+        return
+    n_in = max(1, min(cfg.input_len, engine.config.max_model_len - 2))
+    prompts = random_requests(cfg.num_warmup, n_in, 2, _sample_vocab(engine),
+                              exclude_ids=_special_ids(engine), seed=cfg.seed + 7919)
+    engine.generate([r.prompt for r in prompts], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+
+
+def _counters(engine: Engine) -> dict[str, int]:
+    s = engine.stats
+    return {
+        "steps": len(s.steps),
+        "preemptions": s.num_preemptions,
+        "cached": s.num_cached_tokens,
+        "prompt_computed": s.num_prompt_tokens_computed,
+        "computed": s.num_computed_tokens,
+    }
+
+
+def run_throughput(config: Any = None, *, engine: Engine | None = None, **overrides: Any) -> dict[str, Any]:
+    """Run the offline throughput benchmark and return its result as a JSON-ready dict.
+
+    `config` is a ThroughputConfig, an argparse.Namespace from `dlengine bench throughput`, a dict
+    of ThroughputConfig fields, or None (defaults); keyword `overrides` win over it. Pass a built
+    `engine` to benchmark it as is (its engine options in `config` are then ignored; it must be
+    idle). Writes the result to `config.json_path` when set.
+    """
+    cfg = coerce_config(ThroughputConfig, config, **overrides)
+    cfg.validate()
+    if engine is not None:
+        if engine.has_unfinished_requests():
+            raise BenchError("the engine has unfinished requests; benchmark an idle engine")
+        return _run(cfg, engine)
+    engine = build_engine(cfg)
+    device = engine.config.device
+    try:
+        return _run(cfg, engine)
+    finally:
+        del engine  # the engine is ours: free its device memory for whatever runs next
+        free_device_memory(device)
+
+
+def _run(cfg: ThroughputConfig, engine: Engine) -> dict[str, Any]:
+    workload = make_workload(cfg, engine)
+    _check_fits(engine, cfg, workload)
+    _warmup(engine, cfg)
+
+    from tqdm import tqdm
+
+    before = _counters(engine)
+    ids = [f"bench-{i}" for i in range(len(workload))]
+    finals: dict[str, Any] = {}
+    pending: set[str] = set()
+    out_tokens = 0
+    bar = tqdm(total=len(workload), desc="throughput", unit="req", disable=not cfg.progress, dynamic_ncols=True)
+    try:
+        t0 = time.perf_counter()
+        for rid, r in zip(ids, workload):
+            engine.add_request(r.prompt, _params(cfg, r.output_len), request_id=rid)
+            pending.add(rid)
+        while pending:
+            if not engine.has_unfinished_requests():
+                raise BenchError(f"the engine went idle with {len(pending)} benchmark requests unfinished")
+            done = 0
+            for out in engine.step():
+                if out.request_id not in pending:
+                    continue
+                out_tokens += len(out.new_token_ids)
+                if out.finished:
+                    finals[out.request_id] = out
+                    pending.discard(out.request_id)
+                    done += 1
+            if not bar.disable:
+                bar.set_postfix(out_tok=out_tokens, refresh=False)
+                bar.update(done)
+        elapsed = time.perf_counter() - t0
+    finally:
+        bar.close()
+        for rid in pending:  # an error or Ctrl-C mid-run: leave the engine clean
+            engine.abort(rid)
+        if pending:
+            try:
+                engine.step()  # hand the aborted outputs out here, not to the caller's next step()
+            except Exception:
+                pass
+
+    after = _counters(engine)
+    outputs = [finals[rid] for rid in ids]
+    timings = [request_timing(o) for o in outputs]
+    steps = engine.stats.steps[before["steps"]:after["steps"]]
+    n_in = sum(t.prompt_len for t in timings)
+    n_out = sum(t.output_len for t in timings)
+
+    import torch
+
+    import dlengine
+
+    result: dict[str, Any] = {
+        "benchmark": "throughput",
+        "dataset": cfg.dataset if cfg.dataset == "random" else f"jsonl:{cfg.dataset_path}",
+        **describe_engine(engine),
+        "num_requests": len(outputs),
+        "total_input_tokens": n_in,
+        "total_output_tokens": n_out,
+        "elapsed_s": elapsed,
+        "requests_per_s": len(outputs) / elapsed,
+        "input_tokens_per_s": n_in / elapsed,
+        "output_tokens_per_s": n_out / elapsed,
+        "total_tokens_per_s": (n_in + n_out) / elapsed,
+        **latency_summary(timings),
+        "num_steps": len(steps),
+        "mean_seqs_per_step": float(np.mean([s.num_seqs for s in steps])) if steps else 0.0,
+        "max_seqs_per_step": max((s.num_seqs for s in steps), default=0),
+        "mean_tokens_per_step": float(np.mean([s.num_tokens for s in steps])) if steps else 0.0,
+        "num_preemptions": after["preemptions"] - before["preemptions"],
+        "prefix_cache_hit_tokens": after["cached"] - before["cached"],
+        "num_prompt_tokens_computed": after["prompt_computed"] - before["prompt_computed"],
+        "num_tokens_computed": after["computed"] - before["computed"],
+        "finish_reasons": dict(Counter(o.finish_reason for o in outputs)),
+        "versions": {"dlengine": dlengine.__version__, "torch": torch.__version__, "python": platform.python_version()},
+        "config": dataclasses.asdict(cfg),
+        "requests": [t.as_dict() for t in timings],
+    }
+    if cfg.json_path:
+        write_json(result, cfg.json_path)
+    return result

@@ -1,0 +1,165 @@
+"""The `dlengine` command line: argument parsing only; the work lives in dlengine.bench.
+
+    dlengine bench                          # = dlengine bench throughput, on the tiny preset
+    dlengine bench throughput --model /models/Qwen3-8B --num-prompts 256 --json out.json
+
+`dlengine bench` without a benchmark name runs `throughput`. Each benchmark is a subcommand of
+`bench` that shares the engine options (`_engine_options`), so new ones (latency, ...) slot in
+next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from dlengine import __version__
+from dlengine.bench.common import BenchError, EngineArgs
+from dlengine.bench.throughput import DATASETS, ThroughputConfig
+from dlengine.builder import LOAD_FORMATS
+from dlengine.config import ConfigError
+from dlengine.kernels.backends import available_attention_backends
+from dlengine.sampling_params import InvalidRequestError
+
+DEFAULT_BENCH = "throughput"
+_E, _D = EngineArgs, ThroughputConfig  # defaults come from the config dataclasses, never repeated here
+
+
+def _engine_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", metavar="NAME_OR_PATH", default=_E.model,
+                   help="a preset (tiny-qwen3, tiny-qwen3-yarn, tiny-qwen3-untied) or a Hugging Face checkpoint "
+                        "folder (default: %(default)s)")
+    g.add_argument("--load-format", choices=LOAD_FORMATS, default=_E.load_format,
+                   help="'dummy': random weights of the real size, no safetensors needed (default: %(default)s)")
+    g.add_argument("--dtype", default=_E.dtype, help="float32 | bfloat16 | float16 (default: float32 on CPU, "
+                                                   "the checkpoint's dtype on GPU)")
+    g.add_argument("--device", default=_E.device, help="cpu | cuda | cuda:N (default: cuda when available)")
+    g.add_argument("--attention-backend", metavar="NAME", default=_E.attention_backend,
+                   help=f"auto or one of {available_attention_backends()} (default: %(default)s)")
+    g.add_argument("--seed", type=int, metavar="N", default=_E.seed,
+                   help="seeds the workload and the sampler (default: %(default)s)")
+    g.add_argument("--block-size", type=int, metavar="N", default=_E.block_size,
+                   help="KV cache tokens per block (default: 16)")
+    g.add_argument("--num-blocks", type=int, metavar="N", default=_E.num_blocks,
+                   help="KV cache blocks (default: sized from memory)")
+    g.add_argument("--memory-utilization", type=float, metavar="F", default=_E.memory_utilization,
+                   help="fraction of GPU memory the engine may take (default: 0.9)")
+    g.add_argument("--max-num-seqs", type=int, metavar="N", default=_E.max_num_seqs,
+                   help="most sequences in one step (default: the engine's, 256)")
+    g.add_argument("--max-num-batched-tokens", type=int, metavar="N", default=_E.max_num_batched_tokens,
+                   help="token budget of one step (default: the engine's, 8192)")
+    g.add_argument("--max-model-len", type=int, metavar="N", default=_E.max_model_len,
+                   help="context limit, prompt + output (default: the model's max_position_embeddings)")
+    g.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false", default=_E.prefix_caching,
+                   help="turn the prefix cache off")
+    return p
+
+
+def _output_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("output")
+    g.add_argument("--json", dest="json_path", metavar="PATH", default=_D.json_path,
+                   help="also write every result (summary, config, per-request timings) to this JSON file")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=_D.progress,
+                   help="no progress bar")
+    return p
+
+
+def _throughput_workload() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("workload")
+    g.add_argument("--dataset", choices=DATASETS, default=_D.dataset,
+                   help="random token ids, or a JSONL file (default: %(default)s)")
+    g.add_argument("--dataset-path", metavar="FILE", default=_D.dataset_path,
+                   help='JSONL with one {"prompt": "text" | [ids], "output_len": N} per line (output_len optional)')
+    g.add_argument("--num-prompts", type=int, metavar="N", default=_D.num_prompts, help="(default: %(default)s)")
+    g.add_argument("--input-len", type=int, metavar="N", default=_D.input_len,
+                   help="random dataset: prompt tokens (default: %(default)s)")
+    g.add_argument("--output-len", type=int, metavar="N", default=_D.output_len,
+                   help="tokens to generate per request; jsonl: when a line has no output_len (default: %(default)s)")
+    g.add_argument("--range-ratio", type=float, metavar="R", default=_D.range_ratio,
+                   help="draw lengths uniformly from [len*(1-R), len*(1+R)] (default: %(default)s)")
+    g.add_argument("--prefix-len", type=int, metavar="N", default=_D.prefix_len,
+                   help="random dataset: a random prefix of N tokens shared by all prompts (default: %(default)s)")
+    g.add_argument("--temperature", type=float, default=_D.temperature, help="(default: %(default)s, greedy)")
+    g.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=_D.ignore_eos,
+                   help="generate exactly the output length, ignoring end-of-sequence tokens (default: on)")
+    g.add_argument("--num-warmup", type=int, metavar="N", default=_D.num_warmup,
+                   help="short requests run before the clock starts (default: %(default)s)")
+    return p
+
+
+def _add_throughput(sub, common) -> None:
+    p = sub.add_parser(
+        "throughput", parents=[_throughput_workload(), *common],
+        help="offline throughput: queue every request at once (the default)",
+        description="Offline throughput: queue the whole workload at once, step the engine until it drains, and "
+                    "report requests/s, tokens/s, TTFT, TPOT, preemptions and prefix-cache hits. See docs/bench.md.",
+    )
+    p.set_defaults(handler=_run_throughput)
+
+
+def _run_throughput(args: argparse.Namespace) -> int:
+    from dlengine.bench.metrics import format_report
+    from dlengine.bench.throughput import run_throughput
+
+    result = run_throughput(args)
+    print(format_report(result))
+    if args.json_path:
+        print(f"results written to {args.json_path}")
+    return 0
+
+
+BENCHMARKS = {"throughput": _add_throughput}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dlengine", description="dlengine: a library-first LLM inference SDK")
+    parser.add_argument("--version", action="version", version=f"dlengine {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    bench = sub.add_parser(
+        "bench", help="benchmark an engine",
+        description=f"Benchmark an engine. Without a benchmark name, runs '{DEFAULT_BENCH}'.",
+    )
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK")
+    common = [_engine_options(), _output_options()]  # every benchmark takes these
+    for add in BENCHMARKS.values():
+        add(bench_sub, common)
+    return parser
+
+
+def _with_default_bench(argv: list[str]) -> list[str]:
+    """`dlengine bench [options]` means `dlengine bench throughput [options]`."""
+    if argv and argv[0] == "bench":
+        rest = argv[1:]
+        if not rest or (rest[0] not in BENCHMARKS and rest[0] not in ("-h", "--help")):
+            return ["bench", DEFAULT_BENCH, *rest]
+    return argv
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(_with_default_bench(argv))
+    handler = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 2
+    prog = f"dlengine {args.command}"
+    try:
+        return handler(args)
+    except (ConfigError, InvalidRequestError, BenchError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+    except OSError as e:  # a dataset or --json path that cannot be read or written
+        print(f"{prog}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
