@@ -197,6 +197,11 @@ class EngineBuilder:
 
     def build(self) -> Engine:
         cfg = self._make_config()
+        if cfg.device.type == "cuda":
+            import gc
+
+            gc.collect()  # an engine dropped just before still holds device memory until collected
+            torch.cuda.empty_cache()
         backend = resolve_attention_backend(cfg.attention_backend, cfg.device)
         model_cls = get_model_class(cfg.model)
         prev_dtype = torch.get_default_dtype()

@@ -272,3 +272,21 @@ def test_config_presets_build_with_dummy_weights():
     out = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))[0]
     assert len(out.token_ids) == 2 and out.text == ""  # no tokenizer: ids only
     assert engine.tokenizer is None
+
+
+def test_describe_close_and_arrival_time():
+    engine = EngineBuilder("tiny-qwen3").build()
+    info = engine.describe()
+    assert info["attention_backend"] == "torch" and info["num_kv_blocks"] == engine.block_manager.num_blocks
+    import time
+
+    t0 = time.perf_counter() - 5.0
+    rid = engine.add_request([3, 4, 5], GREEDY, arrival_time=t0)
+    outs = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            outs[o.request_id] = o
+    assert outs[rid].metrics.ttft >= 5.0
+    engine.add_request([3, 4, 5], GREEDY)
+    engine.close()
+    assert engine.kv_cache.storage is None and not engine.scheduler.running and not engine.scheduler.waiting

@@ -100,26 +100,7 @@ def free_device_memory(device) -> None:
 
 def describe_engine(engine: Engine) -> dict[str, Any]:
     """The engine facts a benchmark result should carry."""
-    cfg = engine.config
-    info: dict[str, Any] = {
-        "engine": repr(engine),
-        "model_path": cfg.model.path,
-        "architecture": cfg.model.architecture,
-        "device": str(cfg.device),
-        "dtype": str(cfg.dtype).replace("torch.", ""),
-        "attention_backend": engine.runner.backend.name,
-        "block_size": engine.kv_cache.block_size,
-        "num_kv_blocks": engine.block_manager.num_blocks,
-        "max_model_len": cfg.max_model_len,
-        "max_num_seqs": cfg.scheduler.max_num_seqs,
-        "max_num_batched_tokens": cfg.scheduler.max_num_batched_tokens,
-        "prefix_caching": cfg.cache.prefix_caching,
-        "chunked_prefill": cfg.scheduler.chunked_prefill,
-    }
-    plan = getattr(engine, "memory_plan", None)
-    if plan is not None:
-        info["memory_plan"] = plan.describe(engine.kv_cache.block_size)
-    return info
+    return {"engine": repr(engine), **engine.describe()}
 
 
 def write_json(result: Mapping[str, Any], path: str | os.PathLike) -> None:

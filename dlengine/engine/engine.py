@@ -92,8 +92,53 @@ class Engine:
             f"prefix_caching={c.cache.prefix_caching}, chunked_prefill={c.scheduler.chunked_prefill})"
         )
 
+    def describe(self) -> dict:
+        """The facts a benchmark or a log line should carry: model, device, backends, cache, limits."""
+        c = self.config
+        info = {
+            "model_path": c.model.path,
+            "architecture": c.model.architecture,
+            "role": c.role,
+            "device": str(c.device),
+            "dtype": str(c.dtype).replace("torch.", ""),
+            "attention_backend": self.runner.backend.name,
+            "cuda_graphs": self.runner.graph_runner is not None,
+            "block_size": self.kv_cache.block_size,
+            "num_kv_blocks": self.block_manager.num_blocks,
+            "kv_cache_tokens": self.block_manager.num_blocks * self.kv_cache.block_size,
+            "kv_cache_gib": self.kv_cache.nbytes / 2**30,
+            "max_model_len": c.max_model_len,
+            "max_num_seqs": c.scheduler.max_num_seqs,
+            "max_num_batched_tokens": c.scheduler.max_num_batched_tokens,
+            "prefix_caching": c.cache.prefix_caching,
+            "chunked_prefill": c.scheduler.chunked_prefill,
+        }
+        if self.memory_plan is not None:
+            info["memory_plan"] = self.memory_plan.describe(self.kv_cache.block_size)
+        return info
+
+    def close(self) -> None:
+        """Abort what is running and release the KV cache, graphs and weights' device memory now
+        (rather than when the garbage collector gets to it), so another engine can be built."""
+        for rid in list(self._requests):
+            self.abort(rid)
+        self._pending_outputs.clear()
+        device = self.config.device
+        self.runner.graph_runner = None
+        self.kv_cache.storage = None
+        self.kv_cache.layers = []
+        self.model = self.runner.model = None
+        import gc
+
+        gc.collect()
+        if device.type == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+
     # ------------------------------------------------------------------ requests
-    def make_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None) -> Request:
+    def make_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                     arrival_time: float | None = None) -> Request:
         """Validate and tokenise one prompt into a Request without admitting it.
         Raises InvalidRequestError naming the problem."""
         params = params or SamplingParams()
@@ -124,12 +169,15 @@ class Engine:
             request_id = f"req-{next(self._ids)}"
         elif request_id in self._requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        return Request(request_id, token_ids, params, prompt=text, eos_token_ids=self.config.model.eos_token_ids)
+        return Request(request_id, token_ids, params, prompt=text, eos_token_ids=self.config.model.eos_token_ids,
+                       arrival_time=arrival_time)
 
-    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                    arrival_time: float | None = None) -> str:
         """Queue a prompt; returns its request id. Bad input raises InvalidRequestError and leaves
-        every other request untouched."""
-        return self.add_prepared_request(self.make_request(prompt, params, request_id))
+        every other request untouched. `arrival_time` (time.perf_counter() clock) defaults to now;
+        TTFT and latency metrics count from it."""
+        return self.add_prepared_request(self.make_request(prompt, params, request_id, arrival_time))
 
     def add_prepared_request(self, request: Request) -> str:
         self._requests[request.request_id] = request

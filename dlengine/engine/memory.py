@@ -93,6 +93,8 @@ def plan_kv_cache(cfg: EngineConfig, model, backend, kv_dtype: torch.dtype, rese
     elif cfg.device.type == "cuda":
         plan.peak_activation_bytes = profile_step_peak(cfg, model, backend, kv_dtype)
         free, total = torch.cuda.mem_get_info(cfg.device)
+        # memory torch's caching allocator holds but does not use is free for our purposes
+        free += torch.cuda.memory_reserved(cfg.device) - torch.cuda.memory_allocated(cfg.device)
         plan.total_bytes = total
         plan.weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         plan.reserved_bytes = reserve_bytes
