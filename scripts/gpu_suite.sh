@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Everything we check and time on a GPU, in one call of the device tool (see docs/performance.md).
+#   bash scripts/gpu_suite.sh [tests|attention|w1|w2|all]...
+# Results land in $OUT (or ./gpu_out): logs and JSON files. FlashInfer is used when carried as
+# wheels in .whl/ (flashinfer-python + apache-tvm-ffi, installed with --no-deps).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export DLENGINE_CACHE=${DLENGINE_CACHE:-/tmp/dlengine-cache}
+if ls .whl/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site/flashinfer ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+[ -d /tmp/site ] && export PYTHONPATH=$PYTHONPATH:/tmp/site
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
+
+run_tests() {
+  python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_engine.py tests/test_triton_ops.py \
+    tests/test_triton_attention.py 2>&1 | tee "$OUT/tests.log" | tail -15
+}
+run_attention() {
+  python3 scripts/gpu_check_attention.py ${ATTN_ARGS:-} --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log" | tail -60
+}
+run_w1() {  # nano-vllm shape: Qwen3-0.6B, 256 requests, input/output uniform in [100, 1024]
+  python3 -m dlengine.cli bench throughput --model qwen3-0.6b --load-format dummy --dtype bfloat16 \
+    --num-prompts 256 --input-len 562 --output-len 562 --range-ratio 0.822 --max-model-len 2048 \
+    --no-progress ${W1_ARGS:-} --json "$OUT/w1.json" 2>&1 | tee "$OUT/w1.log" | tail -40
+}
+run_w2() {  # Qwen3-8B, batch 1 and 64, 512-token prompt, 256 output tokens
+  for bsz in 1 64; do
+    python3 -m dlengine.cli bench latency --model qwen3-8b --load-format dummy --dtype bfloat16 \
+      --batch-size $bsz --input-len 512 --output-len 256 --max-model-len 1024 --no-progress ${W2_ARGS:-} \
+      --json "$OUT/w2_b$bsz.json" 2>&1 | tee "$OUT/w2_b$bsz.log" | tail -30
+  done
+}
+steps=${*:-all}
+for s in $steps; do
+  case $s in
+    tests) run_tests ;; attention) run_attention ;; w1) run_w1 ;; w2) run_w2 ;;
+    all) run_tests; run_attention; run_w1; run_w2 ;;
+    *) echo "unknown step $s" ;;
+  esac
+done
