@@ -85,6 +85,24 @@ def build_engine(args: EngineArgs) -> Engine:
     return b.build()
 
 
+def probe_device(args: EngineArgs):
+    """The torch.device the engine for `args` will run on, or None when that cannot be told
+    without building it (an unusable --device: building the engine then reports the error)."""
+    import torch
+
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError, ValueError):
+        return None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda" and torch.cuda.is_available():
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            return None
+        return device
+    return None
+
+
 def free_device_memory(device) -> None:
     """After the last reference to an engine is dropped: collect it and hand its device memory
     back, so the next engine built in this process can size its KV cache from free memory (the

@@ -13,6 +13,7 @@ finishes. An optional warm-up runs a few short requests first, off the clock.
 from __future__ import annotations
 
 import dataclasses
+import math
 import platform
 import time
 from collections import Counter
@@ -22,10 +23,12 @@ from typing import Any
 import numpy as np
 
 from dlengine.bench.common import (
-    BenchError, EngineArgs, build_engine, coerce_config, describe_engine, free_device_memory, write_json,
+    BenchError, EngineArgs, build_engine, coerce_config, describe_engine, free_device_memory, probe_device, write_json,
 )
 from dlengine.bench.datasets import BenchRequest, load_jsonl_requests, random_requests
 from dlengine.bench.metrics import latency_summary, request_timing
+from dlengine.bench.peaks import resolve_peaks
+from dlengine.bench.roofline import ModelCost
 from dlengine.engine.engine import Engine
 from dlengine.sampling_params import InvalidRequestError, SamplingParams
 
@@ -46,6 +49,11 @@ class ThroughputConfig(EngineArgs):
     num_warmup: int = 1  # short requests run before the clock starts
     progress: bool = True
     json_path: str | None = None  # also write the result here
+    peak_bandwidth_gbps: float | None = None  # MBU denominator; None: measure (dlengine.bench.peaks)
+    peak_tflops: float | None = None  # MFU denominator; None: measure
+    compare: str | None = None  # "transformers": run the workload through it too, report the ratio
+    compare_num_prompts: int | None = None  # requests the comparison runs (None: min(num_prompts, 64))
+    compare_attn_implementation: str | None = None  # None: "paged|sdpa" then "sdpa" on CUDA, "eager" on CPU
 
     def validate(self) -> None:
         if self.dataset not in DATASETS:
@@ -66,6 +74,17 @@ class ThroughputConfig(EngineArgs):
             raise BenchError(f"num_warmup must be >= 0, got {self.num_warmup}")
         if self.temperature < 0:
             raise BenchError(f"temperature must be >= 0, got {self.temperature}")
+        for name in ("peak_bandwidth_gbps", "peak_tflops"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise BenchError(f"{name} must be a positive number, got {v!r}")
+        from dlengine.bench.compare import COMPARE_FRAMEWORKS
+
+        if self.compare is not None and self.compare not in COMPARE_FRAMEWORKS:
+            raise BenchError(f"unknown compare framework {self.compare!r}; choose one of {COMPARE_FRAMEWORKS}")
+        if self.compare_num_prompts is not None and (not isinstance(self.compare_num_prompts, int)
+                                                     or self.compare_num_prompts < 1):
+            raise BenchError(f"compare_num_prompts must be a positive integer, got {self.compare_num_prompts!r}")
 
 
 def _special_ids(engine: Engine) -> set[int]:
@@ -150,24 +169,64 @@ def run_throughput(config: Any = None, *, engine: Engine | None = None, **overri
     `config` is a ThroughputConfig, an argparse.Namespace from `dlengine bench throughput`, a dict
     of ThroughputConfig fields, or None (defaults); keyword `overrides` win over it. Pass a built
     `engine` to benchmark it as is (its engine options in `config` are then ignored; it must be
-    idle). Writes the result to `config.json_path` when set.
+    idle). With `compare="transformers"` the same prompts then run through transformers'
+    continuous batching (after our engine is freed, when we built it) and `result["compare"]`
+    holds its numbers. Writes the result to `config.json_path` when set.
     """
     cfg = coerce_config(ThroughputConfig, config, **overrides)
     cfg.validate()
     if engine is not None:
         if engine.has_unfinished_requests():
             raise BenchError("the engine has unfinished requests; benchmark an idle engine")
-        return _run(cfg, engine)
-    engine = build_engine(cfg)
-    device = engine.config.device
-    try:
-        return _run(cfg, engine)
-    finally:
-        del engine  # the engine is ours: free its device memory for whatever runs next
-        free_device_memory(device)
+        peaks = resolve_peaks(engine.config.device, cfg.peak_bandwidth_gbps, cfg.peak_tflops)
+        result, compare_inputs = _run(cfg, engine, peaks)
+        model_path = engine.config.model.path
+        pad = engine.config.model.pad_token_id
+    else:
+        device = probe_device(cfg)  # measure the peaks before the engine takes the memory
+        peaks = resolve_peaks(device, cfg.peak_bandwidth_gbps, cfg.peak_tflops) if device is not None else None
+        engine = build_engine(cfg)
+        device = engine.config.device
+        model_path = engine.config.model.path
+        pad = engine.config.model.pad_token_id
+        try:
+            if peaks is None:
+                peaks = resolve_peaks(device, cfg.peak_bandwidth_gbps, cfg.peak_tflops)
+            result, compare_inputs = _run(cfg, engine, peaks)
+        finally:
+            del engine  # the engine is ours: free its device memory for whatever runs next
+            free_device_memory(device)
+    if cfg.compare:
+        result["compare"] = _compare(cfg, result, compare_inputs, model_path, pad)
+    if cfg.json_path:
+        write_json(result, cfg.json_path)
+    return result
 
 
-def _run(cfg: ThroughputConfig, engine: Engine) -> dict[str, Any]:
+def _compare(cfg: ThroughputConfig, result: dict[str, Any], inputs: list[tuple[list[int], int]], model_path: str,
+             pad_token_id: int | None) -> dict[str, Any]:
+    """The first compare_num_prompts requests through transformers, for as many tokens as their
+    mean output length; the ratio is our output tokens/s (whole workload) over theirs."""
+    from dlengine.bench.compare import compare_transformers
+
+    n = cfg.compare_num_prompts or min(len(inputs), 64)
+    subset = inputs[:n]
+    max_new = max(1, round(sum(o for _, o in subset) / len(subset)))
+    res = compare_transformers(
+        model_path, [p for p, _ in subset], max_new, dtype=result["dtype"], device=result["device"],
+        load_format=cfg.load_format, attn_implementation=cfg.compare_attn_implementation,
+        temperature=cfg.temperature, pad_token_id=pad_token_id if pad_token_id is not None else 0,
+    )
+    ours = result["output_tokens_per_s"]
+    res["ours_output_tokens_per_s"] = ours
+    theirs, theirs_wall = res.get("output_tokens_per_s"), res.get("output_tokens_per_s_wall")
+    res["ratio"] = ours / theirs if theirs else None
+    res["ratio_wall"] = ours / theirs_wall if theirs_wall else None
+    return res
+
+
+def _run(cfg: ThroughputConfig, engine: Engine, peaks: dict[str, Any]) -> tuple[dict[str, Any], list]:
+    """The measured run; returns the result and [(prompt token ids, output_len)] per request."""
     workload = make_workload(cfg, engine)
     _check_fits(engine, cfg, workload)
     _warmup(engine, cfg)
@@ -217,6 +276,7 @@ def _run(cfg: ThroughputConfig, engine: Engine) -> dict[str, Any]:
     steps = engine.stats.steps[before["steps"]:after["steps"]]
     n_in = sum(t.prompt_len for t in timings)
     n_out = sum(t.output_len for t in timings)
+    est = _estimates(ModelCost.from_engine(engine), timings, steps, elapsed, peaks)
 
     import torch
 
@@ -244,10 +304,32 @@ def _run(cfg: ThroughputConfig, engine: Engine) -> dict[str, Any]:
         "num_prompt_tokens_computed": after["prompt_computed"] - before["prompt_computed"],
         "num_tokens_computed": after["computed"] - before["computed"],
         "finish_reasons": dict(Counter(o.finish_reason for o in outputs)),
+        **est,
         "versions": {"dlengine": dlengine.__version__, "torch": torch.__version__, "python": platform.python_version()},
         "config": dataclasses.asdict(cfg),
         "requests": [t.as_dict() for t in timings],
     }
-    if cfg.json_path:
-        write_json(result, cfg.json_path)
-    return result
+    return result, [(list(o.prompt_token_ids), r.output_len) for o, r in zip(outputs, workload)]
+
+
+def _estimates(cost: ModelCost, timings, steps, elapsed: float, peaks: dict[str, Any]) -> dict[str, Any]:
+    """Whole-run MBU and MFU estimates (docs/bench.md): bytes every decode step must read and
+    FLOPs every token must cost, over the elapsed time, against the measured (or given) peaks.
+    Recomputation after preemption is not counted."""
+    decode_steps = sum(1 for s in steps if s.num_decodes > 0)
+    kv_bytes = sum(cost.request_decode_kv_bytes(t.prompt_len, t.output_len) for t in timings)
+    read_bytes = cost.decode_weight_bytes * decode_steps + kv_bytes
+    flops = sum(cost.request_flops(t.prompt_len, t.output_len, t.num_cached_tokens) for t in timings)
+    gbps = read_bytes / elapsed / 1e9
+    tflops = flops / elapsed / 1e12
+    return {
+        "num_decode_steps": decode_steps,
+        "est_decode_bytes": read_bytes,
+        "est_achieved_gbps": gbps,
+        "mbu_est": gbps / peaks["copy_gbps"],
+        "est_flops": flops,
+        "est_achieved_tflops": tflops,
+        "mfu_est": tflops / peaks["bf16_tflops"],
+        "peaks": peaks,
+        "model_cost": cost.as_dict(),
+    }

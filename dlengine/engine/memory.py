@@ -50,7 +50,7 @@ def profile_step_peak(cfg: EngineConfig, model, backend, kv_dtype: torch.dtype) 
     n_tokens = sched.max_num_batched_tokens
     seq_len = min(n_tokens, cfg.max_model_len - 1)
     lengths = [seq_len] * (n_tokens // seq_len) + ([n_tokens % seq_len] if n_tokens % seq_len else [])
-    num_blocks = sum(-(-L // bs) for L in lengths) + 1
+    num_blocks = sum(-(-L // bs) for L in lengths) + 8
     cache = KVCache(cfg.model, num_blocks, bs, kv_dtype, cfg.device)
     blocks = BlockManager(num_blocks, bs, enable_prefix_caching=False)
     runner = ModelRunner(model, cache, backend, Sampler(0), cfg.model.vocab_size, cfg.device)
@@ -68,6 +68,14 @@ def profile_step_peak(cfg: EngineConfig, model, backend, kv_dtype: torch.dtype) 
         torch.cuda.reset_peak_memory_stats(cfg.device)
         base = torch.cuda.memory_allocated(cfg.device)
     runner.execute(out)
+    # a mixed step too (a decode beside a prompt chunk), so its kernels are compiled before serving
+    reqs[0].append_token(1)
+    reqs[0].num_computed_tokens = reqs[0].num_tokens - 1
+    blocks.allocate_slots(reqs[0], 1)
+    chunk = Request("profile-mixed", list(range(2, 2 + min(33, cfg.max_model_len - 1))), SamplingParams())
+    blocks.allocate_slots(chunk, chunk.num_tokens)
+    runner.execute(SchedulerOutput([ScheduledRequest(reqs[0], 1, sample=True),
+                                    ScheduledRequest(chunk, chunk.num_tokens, sample=True)]))
     # sampling runs for up to max_num_seqs rows at once: [rows, vocab] float32 buffers
     rows = sched.max_num_seqs
     logits = torch.zeros(rows, cfg.model.vocab_size, dtype=torch.float32, device=cfg.device)

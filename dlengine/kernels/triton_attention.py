@@ -195,7 +195,9 @@ def _attn_tile(
 # --------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+# ints that change from step to step must not be specialised on (==1, %16), or every new batch
+# shape triggers a JIT compile of ~1 s in the middle of serving
+@triton.jit(do_not_specialize=["num_splits", "lse_off", "stride_bt"])
 def _decode_split_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr, ws_ptr, cnt_ptr,
     qk_scale, num_splits, lse_off,
@@ -305,7 +307,7 @@ def _decode_split_kernel(
 # --------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_q_tiles", "stride_bt"])
 def _extend_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
     qk_scale, num_q_tiles,

@@ -1,0 +1,199 @@
+"""Run a workload through another framework in this process, for `--compare`.
+
+Only `transformers` so far: its own continuous batching (`model.generate_batch`) on the same
+checkpoint, device and dtype, with the same prompt token ids. transformers takes one
+`max_new_tokens` for a whole batch, so the caller passes the mean output length; end-of-sequence
+is disabled so every request runs to it. Nothing here raises: a failure (transformers missing,
+a model it cannot load, an API that changed) comes back as `{"error": "..."}` so the numbers of
+our own run survive.
+
+Timing: `elapsed_s` runs from the first request leaving transformers' queue to the last one
+finishing (the `lifespan` stamps of its GenerationOutput), so it leaves out the per-call setup
+of `generate_batch` (KV cache allocation, CUDA-graph warm-up, thread start and stop) the way our
+clock leaves out building the engine; `wall_s` is the whole `generate_batch` call. On CUDA one
+small `generate_batch` runs first, off the clock, as our own warm-up does.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import inspect
+import time
+import traceback
+from typing import Any, Sequence
+
+import torch
+
+COMPARE_FRAMEWORKS = ("transformers",)
+
+
+def default_attn_implementations(device: torch.device) -> list[str]:
+    """What to try, in order: "paged|sdpa" (what the issue's baseline ran with on transformers
+    5.17) then "sdpa" on CUDA; "eager" on CPU."""
+    return ["paged|sdpa", "sdpa"] if device.type == "cuda" else ["eager"]
+
+
+def _err(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}".strip()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _load_model(path: str, dtype: torch.dtype, device: torch.device, dummy: bool, impl: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if dummy:  # random weights at the real size: build straight on the device
+        config = AutoConfig.from_pretrained(path)
+        try:
+            with torch.device(device):
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=impl)
+        except (TypeError, ValueError, RuntimeError):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=impl)
+    else:
+        kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": impl}
+        if device.type == "cuda" and importlib.util.find_spec("accelerate") is not None:
+            kwargs["device_map"] = str(device)  # load straight to the GPU when accelerate allows it
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    return model.to(device).eval()
+
+
+def _call_generate_batch(model, inputs: list[list[int]], gen_config, device: torch.device):
+    fn = model.generate_batch
+    want: dict[str, Any] = {"generation_config": gen_config, "progress_bar": False}
+    if device.type != "cuda":
+        want["warmup"] = False  # its warm-up pre-captures CUDA graphs: nothing to do on CPU but slow
+    try:
+        params = inspect.signature(fn).parameters
+        takes_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        kwargs = {k: v for k, v in want.items() if k in params}
+        if "generation_config" not in params and takes_var_kw:
+            kwargs["generation_config"] = gen_config
+    except (TypeError, ValueError):
+        kwargs = {"generation_config": gen_config}
+    with torch.inference_mode():
+        return fn(inputs=inputs, **kwargs)
+
+
+def _generated(out) -> list[int] | None:
+    for name in ("generated_tokens", "output_ids", "static_outputs"):
+        v = getattr(out, name, None)
+        if v is not None:
+            return list(v)
+    return None
+
+
+def compare_transformers(
+    model_path: str,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    dtype: str | torch.dtype,
+    device: str | torch.device,
+    load_format: str = "auto",
+    attn_implementation: str | None = None,
+    temperature: float = 0.0,
+    pad_token_id: int | None = 0,
+    warmup: bool | None = None,
+) -> dict[str, Any]:
+    """Run `prompts` (token ids) through transformers' `generate_batch`, each for `max_new_tokens`
+    tokens, and time it. Returns a dict with `output_tokens_per_s` (and the details), or with
+    `error` set when anything fails. `warmup` (default: on CUDA only) runs a small call first."""
+    device = torch.device(device)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    impls = [attn_implementation] if attn_implementation else default_attn_implementations(device)
+    res: dict[str, Any] = {
+        "framework": "transformers",
+        "num_requests": len(prompts),
+        "max_new_tokens": int(max_new_tokens),
+        "total_input_tokens": sum(len(p) for p in prompts),
+        "expected_output_tokens": len(prompts) * int(max_new_tokens),
+        "dtype": str(dtype).replace("torch.", ""),
+        "device": str(device),
+        "load_format": load_format,
+        "error": None,
+    }
+    model = None
+    try:
+        import transformers
+        from transformers import GenerationConfig
+
+        res["transformers_version"] = transformers.__version__
+        load_errors = []
+        t0 = time.perf_counter()
+        for impl in impls:
+            try:
+                model = _load_model(model_path, dtype, device, load_format == "dummy", impl)
+                res["attn_implementation"] = impl
+                break
+            except Exception as e:  # noqa: BLE001 - try the next implementation, report all
+                load_errors.append(f"{impl}: {_err(e)}")
+                model = None
+                gc.collect()
+        if load_errors:
+            res["load_errors"] = load_errors
+        if model is None:
+            raise RuntimeError("could not load the model with any attention implementation: " + "; ".join(load_errors))
+        res["load_s"] = time.perf_counter() - t0
+
+        sample = temperature > 0
+        gen_kwargs: dict[str, Any] = {"max_new_tokens": int(max_new_tokens), "do_sample": sample,
+                                      "eos_token_id": None, "pad_token_id": pad_token_id}
+        if sample:
+            gen_kwargs["temperature"] = temperature
+        inputs = [list(map(int, p)) for p in prompts]
+        if warmup if warmup is not None else device.type == "cuda":
+            warm = GenerationConfig(**{**gen_kwargs, "max_new_tokens": 4})
+            _call_generate_batch(model, [p[:64] for p in inputs[:2]], warm, device)
+            _sync(device)
+
+        gen_config = GenerationConfig(**gen_kwargs)
+        _sync(device)
+        t0 = time.perf_counter()
+        outs = _call_generate_batch(model, inputs, gen_config, device)
+        _sync(device)
+        wall = time.perf_counter() - t0
+        res["attn_implementation_used"] = getattr(model.config, "_attn_implementation", None)
+
+        values = list(outs.values()) if isinstance(outs, dict) else list(outs or [])
+        tokens = [_generated(o) for o in values]
+        errors = [str(o.error) for o in values if getattr(o, "error", None)]
+        if any(t is None for t in tokens):
+            raise RuntimeError(f"cannot find the generated tokens in {type(values[0]).__name__} "
+                               f"(fields: {sorted(vars(values[0]))})")
+        n_out = sum(len(t) for t in tokens)
+        res["total_output_tokens"] = n_out
+        res["wall_s"] = wall
+        res["output_tokens_per_s_wall"] = n_out / wall if wall > 0 else None
+        starts = [o.lifespan[0] for o in values if getattr(o, "lifespan", None) and o.lifespan[0] > 0]
+        ends = [o.lifespan[1] for o in values if getattr(o, "lifespan", None) and o.lifespan[1] > 0]
+        if len(starts) == len(values) == len(ends) and max(ends) > min(starts):
+            res["elapsed_s"] = max(ends) - min(starts)
+            res["timing"] = "lifespan"
+        else:  # no per-request stamps in this version: the whole call
+            res["elapsed_s"] = wall
+            res["timing"] = "wall"
+        res["output_tokens_per_s"] = n_out / res["elapsed_s"]
+        short = sum(1 for t in tokens if len(t) < max_new_tokens)
+        if short:
+            res["note"] = f"{short} requests stopped before max_new_tokens"
+        if len(values) < len(inputs) or errors:
+            raise RuntimeError(f"generate_batch returned {len(values)} of {len(inputs)} requests"
+                               + (f"; errors: {errors[:3]}" if errors else "")
+                               + " (see the ContinuousBatchingLogger messages above)")
+        if n_out == 0:
+            raise RuntimeError("generate_batch generated no tokens")
+    except Exception as e:  # noqa: BLE001 - reported, never raised: our own numbers must survive
+        res["error"] = _err(e)
+        res["traceback"] = traceback.format_exc(limit=8)
+        res["output_tokens_per_s"] = None
+    finally:
+        model = None
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return res

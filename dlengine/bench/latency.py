@@ -1,0 +1,287 @@
+"""Latency of one fixed batch: prefill time, per-token decode time, end to end, MBU and MFU.
+
+    from dlengine.bench import run_latency
+    result = run_latency(batch_size=1, input_len=512, output_len=256)
+    print(result["prefill_ms"], result["decode_ms_per_token"], result["decode_mbu"])
+
+Each iteration adds `batch_size` random prompts of exactly `input_len` tokens at once (greedy,
+ignore_eos, `output_len` tokens each) and steps the engine until all have finished. The clock of
+an iteration starts just before the first `add_request`:
+
+- prefill phase: steps until every request has its first token (with chunked prefill a long
+  batch takes several steps, and requests already past their prefill may decode meanwhile);
+- decode phase: every step after that, each timed on the host around `engine.step()` (which
+  waits for the device: it reads the sampled tokens back).
+
+Every iteration draws fresh prompts, so the prefix cache never serves one iteration from another.
+`num_warmup_iters` identical iterations run first, off the record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import platform
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from dlengine.bench.common import (
+    BenchError, EngineArgs, build_engine, coerce_config, describe_engine, free_device_memory, probe_device, write_json,
+)
+from dlengine.bench.datasets import random_requests
+from dlengine.bench.metrics import summarize
+from dlengine.bench.peaks import resolve_peaks
+from dlengine.bench.roofline import ModelCost
+from dlengine.bench.throughput import _sample_vocab, _special_ids
+from dlengine.engine.engine import Engine
+from dlengine.sampling_params import SamplingParams
+
+
+@dataclass
+class LatencyConfig(EngineArgs):
+    batch_size: int = 1
+    input_len: int = 512  # prompt tokens of every request
+    output_len: int = 256  # tokens generated per request (ignore_eos, greedy)
+    num_iters: int = 3
+    num_warmup_iters: int = 1
+    peak_bandwidth_gbps: float | None = None  # None: measure (dlengine.bench.peaks)
+    peak_tflops: float | None = None  # None: measure
+    progress: bool = True
+    json_path: str | None = None  # also write the result here
+
+    def validate(self) -> None:
+        for name in ("batch_size", "input_len", "output_len", "num_iters"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise BenchError(f"{name} must be a positive integer, got {v!r}")
+        if not isinstance(self.num_warmup_iters, int) or self.num_warmup_iters < 0:
+            raise BenchError(f"num_warmup_iters must be >= 0, got {self.num_warmup_iters!r}")
+        for name in ("peak_bandwidth_gbps", "peak_tflops"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise BenchError(f"{name} must be a positive number, got {v!r}")
+
+
+def run_latency(config: Any = None, *, engine: Engine | None = None, **overrides: Any) -> dict[str, Any]:
+    """Run the latency benchmark and return its result as a JSON-ready dict.
+
+    `config` is a LatencyConfig, an argparse.Namespace from `dlengine bench latency`, a dict of
+    LatencyConfig fields, or None (defaults); keyword `overrides` win over it. Pass a built
+    `engine` to benchmark it as is (its engine options in `config` are then ignored; it must be
+    idle). Writes the result to `config.json_path` when set.
+    """
+    cfg = coerce_config(LatencyConfig, config, **overrides)
+    cfg.validate()
+    if engine is not None:
+        if engine.has_unfinished_requests():
+            raise BenchError("the engine has unfinished requests; benchmark an idle engine")
+        peaks = resolve_peaks(engine.config.device, cfg.peak_bandwidth_gbps, cfg.peak_tflops)
+        result = _run(cfg, engine, peaks)
+    else:
+        device = probe_device(cfg)  # measure the peaks before the engine takes the memory
+        peaks = resolve_peaks(device, cfg.peak_bandwidth_gbps, cfg.peak_tflops) if device is not None else None
+        engine = build_engine(cfg)
+        device = engine.config.device
+        try:
+            if peaks is None:
+                peaks = resolve_peaks(device, cfg.peak_bandwidth_gbps, cfg.peak_tflops)
+            result = _run(cfg, engine, peaks)
+        finally:
+            del engine
+            free_device_memory(device)
+    if cfg.json_path:
+        write_json(result, cfg.json_path)
+    return result
+
+
+def _check_fits(cfg: LatencyConfig, engine: Engine) -> None:
+    c = engine.config
+    if cfg.input_len + cfg.output_len > c.max_model_len:
+        raise BenchError(f"{cfg.input_len} prompt + {cfg.output_len} output tokens exceed max_model_len="
+                         f"{c.max_model_len}; shorten --input-len/--output-len or raise --max-model-len")
+    if cfg.batch_size > c.scheduler.max_num_seqs:
+        raise BenchError(f"batch_size={cfg.batch_size} exceeds the engine's max_num_seqs={c.scheduler.max_num_seqs}; "
+                         "raise --max-num-seqs")
+    bs = engine.kv_cache.block_size
+    need = cfg.batch_size * math.ceil((cfg.input_len + cfg.output_len) / bs)
+    if need > engine.block_manager.num_blocks:
+        raise BenchError(f"the batch needs {need} KV blocks of {bs} tokens but the cache has "
+                         f"{engine.block_manager.num_blocks}; lower --batch-size or the lengths, or give the cache "
+                         "more (--num-blocks, --memory-utilization)")
+
+
+def _sync(engine: Engine) -> None:
+    dev = engine.config.device
+    if dev.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(dev)
+
+
+def _one_iteration(cfg: LatencyConfig, engine: Engine, it: int, vocab: int, exclude: set[int]) -> dict[str, Any]:
+    prompts = random_requests(cfg.batch_size, cfg.input_len, cfg.output_len, vocab, exclude_ids=exclude,
+                              seed=cfg.seed + 1009 * (it + 1))
+    params = SamplingParams(max_tokens=cfg.output_len, temperature=0.0, ignore_eos=True)
+    s = engine.stats
+    before = (len(s.steps), s.num_cached_tokens, s.num_preemptions)
+    ids = [f"latency-{it}-{i}" for i in range(cfg.batch_size)]
+    waiting_first, pending = set(ids), set(ids)
+    n_prefill_phase_tokens = n_decode_tokens = 0
+    step_times: list[float] = []
+    _sync(engine)
+    try:
+        t0 = time.perf_counter()
+        for rid, r in zip(ids, prompts):
+            engine.add_request(r.prompt, params, request_id=rid)
+        n_prefill_steps = 0
+        while waiting_first:
+            if not engine.has_unfinished_requests():
+                raise BenchError("the engine went idle before every request had its first token")
+            for out in engine.step():
+                if out.request_id not in pending:
+                    continue
+                n_prefill_phase_tokens += len(out.new_token_ids)
+                if out.new_token_ids:
+                    waiting_first.discard(out.request_id)
+                if out.finished:
+                    pending.discard(out.request_id)
+            n_prefill_steps += 1
+        t_first = time.perf_counter()
+        while pending:
+            if not engine.has_unfinished_requests():
+                raise BenchError(f"the engine went idle with {len(pending)} requests unfinished")
+            ts = time.perf_counter()
+            outs = engine.step()
+            step_times.append(time.perf_counter() - ts)
+            for out in outs:
+                if out.request_id not in pending:
+                    continue
+                n_decode_tokens += len(out.new_token_ids)
+                if out.finished:
+                    pending.discard(out.request_id)
+        t_end = time.perf_counter()
+    finally:
+        for rid in pending:  # an error or Ctrl-C mid-run: leave the engine clean
+            engine.abort(rid)
+        if pending:
+            try:
+                engine.step()
+            except Exception:
+                pass
+    return {
+        "prefill_s": t_first - t0,
+        "decode_s": t_end - t_first,
+        "e2e_s": t_end - t0,
+        "decode_step_s": step_times,
+        "num_prefill_steps": n_prefill_steps,
+        "num_decode_steps": len(step_times),
+        "prefill_phase_tokens": n_prefill_phase_tokens,
+        "decode_tokens": n_decode_tokens,
+        "engine_steps": len(s.steps) - before[0],
+        "prefix_cache_hit_tokens": s.num_cached_tokens - before[1],
+        "preemptions": s.num_preemptions - before[2],
+    }
+
+
+def _ms(v: float | None) -> float | None:
+    return None if v is None else v * 1e3
+
+
+def _run(cfg: LatencyConfig, engine: Engine, peaks: dict[str, Any]) -> dict[str, Any]:
+    _check_fits(cfg, engine)
+    cost = ModelCost.from_engine(engine)
+    vocab, exclude = _sample_vocab(engine), _special_ids(engine)
+
+    from tqdm import tqdm
+
+    total = cfg.num_warmup_iters + cfg.num_iters
+    iters = []
+    with tqdm(total=total, desc="latency", unit="iter", disable=not cfg.progress, dynamic_ncols=True) as bar:
+        for it in range(total):
+            r = _one_iteration(cfg, engine, it, vocab, exclude)
+            if it >= cfg.num_warmup_iters:
+                iters.append(r)
+            bar.update(1)
+
+    B, P, O = cfg.batch_size, cfg.input_len, cfg.output_len
+    prefill_s = float(np.mean([r["prefill_s"] for r in iters]))
+    e2e_s = float(np.mean([r["e2e_s"] for r in iters]))
+    steps = [t for r in iters for t in r["decode_step_s"]]
+    decode_time = sum(r["decode_s"] for r in iters)
+    decode_tokens = sum(r["decode_tokens"] for r in iters)
+    step_stats = summarize(steps)
+    mean_step_s = step_stats["mean"]
+
+    # MBU of decode: bytes one decode step reads / its mean time / measured copy bandwidth.
+    # A decode step for output token k (k = 2..O) attends to P + k - 1 tokens: mean P + O/2.
+    mean_ctx = P + O / 2.0
+    step_bytes = cost.decode_step_bytes([mean_ctx] * B)
+    decode_gbps = step_bytes / mean_step_s / 1e9 if mean_step_s else None
+    # MFU of prefill: FLOPs of the B prompts / mean prefill time / measured GEMM peak.
+    prefill_flops = B * cost.prefill_flops(P)
+    prefill_tflops = prefill_flops / prefill_s / 1e12
+
+    import torch
+
+    import dlengine
+
+    notes = []
+    if any(r["prefix_cache_hit_tokens"] for r in iters):
+        notes.append("some prompt tokens came from the prefix cache: prefill is faster than a cold one")
+    if any(r["preemptions"] for r in iters):
+        notes.append("requests were preempted (KV cache too small): numbers include recomputation")
+    if any(r["num_prefill_steps"] > 1 for r in iters):
+        notes.append("the prefill took several steps (chunked prefill: batch_size * input_len > "
+                     "max_num_batched_tokens); some decode tokens fall into the prefill phase")
+
+    result: dict[str, Any] = {
+        "benchmark": "latency",
+        **describe_engine(engine),
+        "batch_size": B,
+        "input_len": P,
+        "output_len": O,
+        "num_iters": cfg.num_iters,
+        "num_warmup_iters": cfg.num_warmup_iters,
+        "prefill_ms": prefill_s * 1e3,
+        "prefill_tokens_per_s": B * P / prefill_s,
+        "decode_ms_per_token": _ms(mean_step_s),
+        "p50_decode_ms_per_token": _ms(step_stats["p50"]),
+        "p90_decode_ms_per_token": _ms(step_stats["p90"]),
+        "p99_decode_ms_per_token": _ms(step_stats["p99"]),
+        "decode_tokens_per_s": decode_tokens / decode_time if decode_time > 0 and decode_tokens else None,
+        "e2e_ms": e2e_s * 1e3,
+        "p50_e2e_ms": _ms(float(np.percentile([r["e2e_s"] for r in iters], 50))),
+        "output_tokens_per_s": B * O / e2e_s,
+        "num_decode_steps": int(np.mean([r["num_decode_steps"] for r in iters])),
+        "num_prefill_steps": int(np.mean([r["num_prefill_steps"] for r in iters])),
+        # roofline estimates (docs/bench.md)
+        "decode_bytes_per_step": step_bytes,
+        "decode_mean_context": mean_ctx,
+        "decode_achieved_gbps": decode_gbps,
+        "decode_mbu": decode_gbps / peaks["copy_gbps"] if decode_gbps is not None else None,
+        "prefill_flops": prefill_flops,
+        "prefill_achieved_tflops": prefill_tflops,
+        "prefill_mfu": prefill_tflops / peaks["bf16_tflops"],
+        "peaks": peaks,
+        "model_cost": cost.as_dict(),
+        "notes": notes,
+        "iterations": [
+            {
+                "prefill_ms": r["prefill_s"] * 1e3,
+                "decode_ms": r["decode_s"] * 1e3,
+                "e2e_ms": r["e2e_s"] * 1e3,
+                "decode_ms_per_token": _ms(float(np.mean(r["decode_step_s"]))) if r["decode_step_s"] else None,
+                "num_prefill_steps": r["num_prefill_steps"],
+                "num_decode_steps": r["num_decode_steps"],
+                "prefix_cache_hit_tokens": r["prefix_cache_hit_tokens"],
+                "preemptions": r["preemptions"],
+            }
+            for r in iters
+        ],
+        "versions": {"dlengine": dlengine.__version__, "torch": torch.__version__, "python": platform.python_version()},
+        "config": dataclasses.asdict(cfg),
+    }
+    return result

@@ -1,0 +1,110 @@
+"""Bytes and FLOPs a decoder-only transformer must move and compute: the numerators of MBU and MFU.
+
+These are estimates from the model shape (documented in docs/bench.md), not counters:
+
+- weights read per decode step: every parameter byte once (tied embedding / LM head counted
+  once), minus an untied input-embedding table (a decode step reads only one row per sequence);
+- KV bytes read: context tokens x `kv_bytes_per_token` (= layers * 2 * kv_heads * head_dim *
+  cache element size) per sequence per step;
+- FLOPs: 2 per multiply-add of every linear layer (`2 * body_params` per token, body = all
+  parameters but the embedding and the LM head), `2 * lm_head_params` per sampled token (only
+  the last prompt position is sampled in a prefill), and attention `4 * layers * heads *
+  head_dim` per (query, key) pair (QK^T and PV, 2 FLOPs per multiply-add each); causal prefill
+  over L tokens counts L^2/2 pairs, a decode token with context c counts c pairs.
+
+Norms, activations, rotary and softmax are left out (a few % at most).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    param_bytes: int  # every parameter once (tied weights once)
+    decode_weight_bytes: int  # what a decode step reads: param_bytes minus an untied input embedding
+    num_params: int
+    body_params: int  # parameters outside the embedding and the LM head
+    lm_head_params: int  # vocab * hidden
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    kv_bytes_per_token: int  # layers * 2 * kv_heads * head_dim * cache element size
+
+    @staticmethod
+    def from_engine(engine) -> "ModelCost":
+        return ModelCost.from_model(engine.model, engine.config.model, engine.kv_cache.dtype)
+
+    @staticmethod
+    def from_model(model: nn.Module, cfg, kv_dtype: torch.dtype) -> "ModelCost":
+        params = list(model.parameters())  # nn.Module.parameters() yields a shared tensor once
+        param_bytes = sum(p.numel() * p.element_size() for p in params)
+        num_params = sum(p.numel() for p in params)
+        lm_head = getattr(model, "lm_head", None)
+        lm_weight = getattr(lm_head, "weight", None)
+        # input embeddings: nn.Embedding or dlengine's Embedding (any "*Embedding" with a weight parameter)
+        embeds = [m.weight for m in model.modules()
+                  if "Embedding" in type(m).__name__ and isinstance(getattr(m, "weight", None), nn.Parameter)]
+        lm_id = id(lm_weight) if lm_weight is not None else None
+        excluded = {id(w): w for w in embeds}
+        if lm_weight is not None:
+            excluded[lm_id] = lm_weight
+        body = num_params - sum(w.numel() for w in excluded.values())
+        untied_embed_bytes = sum(w.numel() * w.element_size() for w in embeds if id(w) != lm_id)
+        lm_params = lm_weight.numel() if lm_weight is not None else cfg.vocab_size * cfg.hidden_size
+        elem = torch.empty((), dtype=kv_dtype).element_size()
+        return ModelCost(
+            param_bytes=param_bytes,
+            decode_weight_bytes=param_bytes - untied_embed_bytes,
+            num_params=num_params,
+            body_params=body,
+            lm_head_params=lm_params,
+            num_layers=cfg.num_hidden_layers,
+            num_heads=cfg.num_attention_heads,
+            head_dim=cfg.head_dim,
+            kv_bytes_per_token=cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * elem,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    # ------------------------------------------------------------------ FLOPs
+    @property
+    def attn_flops_per_pair(self) -> int:
+        return 4 * self.num_layers * self.num_heads * self.head_dim
+
+    def prefill_flops(self, prompt_len: int, num_cached: int = 0) -> float:
+        """One prompt's prefill: linear layers over the computed tokens, causal attention over them
+        (pairs (L^2 - cached^2) / 2), and the LM head on the last position."""
+        computed = prompt_len - num_cached
+        linear = 2.0 * self.body_params * computed + 2.0 * self.lm_head_params
+        attn = self.attn_flops_per_pair * (prompt_len**2 - num_cached**2) / 2.0
+        return linear + attn
+
+    def decode_flops(self, context_len: float) -> float:
+        """One decode token attending to `context_len` tokens (itself included)."""
+        return 2.0 * (self.body_params + self.lm_head_params) + self.attn_flops_per_pair * context_len
+
+    def request_flops(self, prompt_len: int, output_len: int, num_cached: int = 0) -> float:
+        """A whole request: its prefill (which samples output token 1) and output_len - 1 decode
+        tokens, the k-th of which (k = 2..output_len) attends to prompt_len + k - 1 tokens."""
+        n_dec = max(0, output_len - 1)
+        ctx_sum = n_dec * prompt_len + n_dec * (n_dec + 1) / 2.0
+        return (self.prefill_flops(prompt_len, num_cached) + 2.0 * (self.body_params + self.lm_head_params) * n_dec
+                + self.attn_flops_per_pair * ctx_sum)
+
+    # ------------------------------------------------------------------ bytes
+    def decode_step_bytes(self, context_lens: Iterable[float]) -> float:
+        """Bytes one decode step reads: the weights once plus every sequence's KV context."""
+        return self.decode_weight_bytes + self.kv_bytes_per_token * float(sum(context_lens))
+
+    def request_decode_kv_bytes(self, prompt_len: int, output_len: int) -> float:
+        """KV bytes read by a request's output_len - 1 decode steps (contexts prompt_len+1 ..
+        prompt_len+output_len-1)."""
+        n_dec = max(0, output_len - 1)
+        return self.kv_bytes_per_token * (n_dec * prompt_len + n_dec * (n_dec + 1) / 2.0)
