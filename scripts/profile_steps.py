@@ -96,6 +96,9 @@ def main() -> None:
             if bs not in gr.graphs:
                 continue
             gr.seq_lens[:bs].fill_(600)
+            nb = gr.block_tables.shape[1]
+            ids = torch.arange(bs * nb, device=gr.block_tables.device).view(bs, nb) % engine.block_manager.num_blocks
+            gr.block_tables[:bs].copy_(ids.to(torch.int32))  # distinct blocks: no L2 reuse across rows
             for _ in range(3):
                 gr.graphs[bs].replay()
             torch.cuda.synchronize()

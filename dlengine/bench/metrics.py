@@ -120,5 +120,75 @@ def format_report(result: Mapping[str, Any], title: str = "dlengine bench throug
     row("Mean tokens / step", result["mean_tokens_per_step"], 1)
     row("Preemptions", result["num_preemptions"])
     row("Prefix-cache hit tokens", result["prefix_cache_hit_tokens"])
+    if "mbu_est" in result:
+        lines.append("-" * width)
+        row("Decode MBU (estimate)", _pct(result["mbu_est"]))
+        row("MFU (estimate)", _pct(result["mfu_est"]))
+        row("Achieved GB/s, TFLOP/s (est.)", f"{_fmt(result['est_achieved_gbps'], 1)}, "
+                                             f"{_fmt(result['est_achieved_tflops'], 2)}")
+        row("Peaks used", _peaks_line(result["peaks"]))
+    if result.get("compare"):
+        _compare_rows(lines, row, width, result["compare"])
+    lines.append("=" * width)
+    return "\n".join(lines)
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.2f}%"
+
+
+def _peaks_line(p: Mapping[str, Any]) -> str:
+    def src(key: str) -> str:
+        return "" if p.get(key) == "measured" else " (given)"
+
+    kind = " [cpu]" if p.get("kind") == "cpu" else ""
+    return (f"{_fmt(p['copy_gbps'], 0)} GB/s{src('bandwidth_source')}, "
+            f"{_fmt(p['bf16_tflops'], 1)} TFLOP/s{src('tflops_source')}{kind}")
+
+
+def _compare_rows(lines: list[str], row, width: int, c: Mapping[str, Any]) -> None:
+    lines.append("-" * width)
+    lines.append(f"compare: {c.get('framework', '?')} {c.get('transformers_version', '')} "
+                 f"({c.get('attn_implementation', '-')}, {c.get('num_requests')} requests x "
+                 f"{c.get('max_new_tokens')} tokens)")
+    if c.get("error"):
+        err = str(c["error"])
+        lines.append(f"  error: {err[:width * 3]}")
+        return
+    row("  their output tokens/s", c.get("output_tokens_per_s"), 1)
+    row("  their output tokens/s (wall)", c.get("output_tokens_per_s_wall"), 1)
+    row("  ours / theirs", None if c.get("ratio") is None else f"{c['ratio']:.2f}x")
+    row("  ours / theirs (wall)", None if c.get("ratio_wall") is None else f"{c['ratio_wall']:.2f}x")
+
+
+def format_latency_report(result: Mapping[str, Any], title: str = "dlengine bench latency") -> str:
+    """A readable table of a `run_latency` result."""
+    width = 64
+    lines = [f" {title} ".center(width, "=")]
+
+    def row(label: str, value: Any, digits: int = 2) -> None:
+        lines.append(f"{label:<34}{_fmt(value, digits):>30}")
+
+    lines.append(f"{'Engine:':<10}{result['engine']}")
+    row("Device / dtype / attention", f"{result['device']} / {result['dtype']} / {result['attention_backend']}")
+    row("Batch x input x output", f"{result['batch_size']} x {result['input_len']} x {result['output_len']}")
+    row("Iterations (+ warm-up)", f"{result['num_iters']} (+{result['num_warmup_iters']})")
+    lines.append("-" * width)
+    row("Prefill (ms)", result["prefill_ms"])
+    row("Prefill tokens/s", result["prefill_tokens_per_s"], 1)
+    row("Decode ms / token (mean)", result["decode_ms_per_token"], 3)
+    row("Decode ms / token (p50, p90)",
+        f"{_fmt(result['p50_decode_ms_per_token'], 3)}, {_fmt(result['p90_decode_ms_per_token'], 3)}")
+    row("Decode tokens/s", result["decode_tokens_per_s"], 1)
+    row("End-to-end (ms)", result["e2e_ms"])
+    row("Output tokens/s (end-to-end)", result["output_tokens_per_s"], 1)
+    lines.append("-" * width)
+    row("Decode MBU (estimate)", _pct(result["decode_mbu"]))
+    row("Decode GB/s read (estimate)", result["decode_achieved_gbps"], 1)
+    row("Prefill MFU (estimate)", _pct(result["prefill_mfu"]))
+    row("Prefill TFLOP/s (estimate)", result["prefill_achieved_tflops"], 2)
+    row("Peaks used", _peaks_line(result["peaks"]))
+    for note in result.get("notes", []):
+        lines.append(f"note: {note}")
     lines.append("=" * width)
     return "\n".join(lines)
