@@ -3,9 +3,11 @@
     dlengine bench                          # = dlengine bench throughput, on the tiny preset
     dlengine bench throughput --model /models/Qwen3-8B --num-prompts 256 --json out.json
 
+    dlengine bench latency --model /models/Qwen3-8B --batch-size 1 --input-len 512 --output-len 256
+
 `dlengine bench` without a benchmark name runs `throughput`. Each benchmark is a subcommand of
-`bench` that shares the engine options (`_engine_options`), so new ones (latency, ...) slot in
-next to it.
+`bench` that shares the engine options (`_engine_options`), the output options and the peak
+options (the MBU/MFU denominators).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Sequence
 
 from dlengine import __version__
 from dlengine.bench.common import BenchError, EngineArgs
+from dlengine.bench.compare import COMPARE_FRAMEWORKS
+from dlengine.bench.latency import LatencyConfig
 from dlengine.bench.throughput import DATASETS, ThroughputConfig
 from dlengine.builder import LOAD_FORMATS
 from dlengine.config import ConfigError
@@ -23,7 +27,8 @@ from dlengine.kernels.backends import available_attention_backends
 from dlengine.sampling_params import InvalidRequestError
 
 DEFAULT_BENCH = "throughput"
-_E, _D = EngineArgs, ThroughputConfig  # defaults come from the config dataclasses, never repeated here
+# defaults come from the config dataclasses, never repeated here
+_E, _D, _L = EngineArgs, ThroughputConfig, LatencyConfig
 
 
 def _engine_options() -> argparse.ArgumentParser:
@@ -68,6 +73,17 @@ def _output_options() -> argparse.ArgumentParser:
     return p
 
 
+def _peak_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("MBU / MFU peaks (measured on the device unless given)")
+    g.add_argument("--peak-bandwidth-gbps", type=float, metavar="GB/S", default=_D.peak_bandwidth_gbps,
+                   help="memory bandwidth MBU divides by; skips measuring it (default: a timed 1 GiB "
+                        "device-to-device copy, read + write bytes)")
+    g.add_argument("--peak-tflops", type=float, metavar="TFLOP/S", default=_D.peak_tflops,
+                   help="compute peak MFU divides by; skips measuring it (default: a timed 8192^3 bf16 matmul)")
+    return p
+
+
 def _throughput_workload() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("workload")
@@ -89,6 +105,31 @@ def _throughput_workload() -> argparse.ArgumentParser:
                    help="generate exactly the output length, ignoring end-of-sequence tokens (default: on)")
     g.add_argument("--num-warmup", type=int, metavar="N", default=_D.num_warmup,
                    help="short requests run before the clock starts (default: %(default)s)")
+    c = p.add_argument_group("comparison")
+    c.add_argument("--compare", choices=COMPARE_FRAMEWORKS, default=_D.compare,
+                   help="afterwards, run the same prompts through transformers' continuous batching "
+                        "(model.generate_batch) in this process and report ours/theirs output tokens/s")
+    c.add_argument("--compare-num-prompts", type=int, metavar="N", default=_D.compare_num_prompts,
+                   help="requests the comparison runs: the first N (default: min(num_prompts, 64))")
+    c.add_argument("--compare-attn-implementation", metavar="NAME", default=_D.compare_attn_implementation,
+                   help="transformers attn_implementation (default: 'paged|sdpa', then 'sdpa', on CUDA; "
+                        "'eager' on CPU)")
+    return p
+
+
+def _latency_workload() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("workload")
+    g.add_argument("--batch-size", type=int, metavar="N", default=_L.batch_size,
+                   help="requests run together (default: %(default)s)")
+    g.add_argument("--input-len", type=int, metavar="N", default=_L.input_len,
+                   help="prompt tokens per request, random ids (default: %(default)s)")
+    g.add_argument("--output-len", type=int, metavar="N", default=_L.output_len,
+                   help="tokens generated per request, greedy, ignoring eos (default: %(default)s)")
+    g.add_argument("--num-iters", type=int, metavar="N", default=_L.num_iters,
+                   help="measured iterations (default: %(default)s)")
+    g.add_argument("--num-warmup-iters", type=int, metavar="N", default=_L.num_warmup_iters,
+                   help="iterations run first, off the record (default: %(default)s)")
     return p
 
 
@@ -102,6 +143,28 @@ def _add_throughput(sub, common) -> None:
     p.set_defaults(handler=_run_throughput)
 
 
+def _add_latency(sub, common) -> None:
+    p = sub.add_parser(
+        "latency", parents=[_latency_workload(), *common],
+        help="latency of one fixed batch: prefill, per-token decode, end to end, MBU and MFU",
+        description="Latency: run a fixed batch of random prompts to completion a few times and report the "
+                    "prefill time, the per-token decode time (mean, p50, p90), end-to-end time, and decode MBU / "
+                    "prefill MFU estimates against measured peaks. See docs/bench.md.",
+    )
+    p.set_defaults(handler=_run_latency)
+
+
+def _run_latency(args: argparse.Namespace) -> int:
+    from dlengine.bench.latency import run_latency
+    from dlengine.bench.metrics import format_latency_report
+
+    result = run_latency(args)
+    print(format_latency_report(result))
+    if args.json_path:
+        print(f"results written to {args.json_path}")
+    return 0
+
+
 def _run_throughput(args: argparse.Namespace) -> int:
     from dlengine.bench.metrics import format_report
     from dlengine.bench.throughput import run_throughput
@@ -113,7 +176,7 @@ def _run_throughput(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHMARKS = {"throughput": _add_throughput}
+BENCHMARKS = {"throughput": _add_throughput, "latency": _add_latency}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=f"Benchmark an engine. Without a benchmark name, runs '{DEFAULT_BENCH}'.",
     )
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK")
-    common = [_engine_options(), _output_options()]  # every benchmark takes these
+    common = [_engine_options(), _output_options(), _peak_options()]  # every benchmark takes these
     for add in BENCHMARKS.values():
         add(bench_sub, common)
     return parser

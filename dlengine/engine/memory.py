@@ -76,6 +76,14 @@ def profile_step_peak(cfg: EngineConfig, model, backend, kv_dtype: torch.dtype) 
     blocks.allocate_slots(chunk, chunk.num_tokens)
     runner.execute(SchedulerOutput([ScheduledRequest(reqs[0], 1, sample=True),
                                     ScheduledRequest(chunk, chunk.num_tokens, sample=True)]))
+    # and one whose decode row has a short context (a single KV split: another kernel variant)
+    chunk.append_token(1)
+    chunk.num_computed_tokens = chunk.num_tokens - 1
+    blocks.allocate_slots(chunk, 1)
+    fresh = Request("profile-mixed-2", list(range(2, 2 + min(40, cfg.max_model_len - 1))), SamplingParams())
+    blocks.allocate_slots(fresh, fresh.num_tokens)
+    runner.execute(SchedulerOutput([ScheduledRequest(chunk, 1, sample=True),
+                                    ScheduledRequest(fresh, fresh.num_tokens, sample=True)]))
     # sampling runs for up to max_num_seqs rows at once: [rows, vocab] float32 buffers
     rows = sched.max_num_seqs
     logits = torch.zeros(rows, cfg.model.vocab_size, dtype=torch.float32, device=cfg.device)
