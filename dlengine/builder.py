@@ -87,6 +87,7 @@ class EngineBuilder:
         self._max_model_len: int | None = None
         self._cuda_graphs: bool | None = None  # None: on where the device and backend allow
         self._cuda_graph_max_batch: int | None = None
+        self._async_scheduling: bool | None = None  # None: on for CUDA
 
     # each method records a choice and returns self so calls chain
     def dtype(self, dtype: str | torch.dtype) -> "EngineBuilder":
@@ -135,6 +136,12 @@ class EngineBuilder:
         min(max_num_seqs, 512)). On by default on CUDA with a capturable attention backend."""
         self._cuda_graphs = enabled
         self._cuda_graph_max_batch = max_batch
+        return self
+
+    def async_scheduling(self, enabled: bool = True) -> "EngineBuilder":
+        """Schedule and prepare step N+1 on the CPU while step N runs on the device (default on
+        CUDA). Outputs are identical; `step()` then returns each step's outputs one call later."""
+        self._async_scheduling = enabled
         return self
 
     def max_model_len(self, n: int) -> "EngineBuilder":
@@ -193,6 +200,7 @@ class EngineBuilder:
             model=model, cache=cache, scheduler=sched, parallel=parallel, dtype=dtype, device=device,
             role=self._role, attention_backend=self._attention, load_format=self._load_format,
             seed=self._seed, max_model_len=max_model_len,
+            async_scheduling=device.type == "cuda" if self._async_scheduling is None else self._async_scheduling,
         )
 
     def build(self) -> Engine:

@@ -238,3 +238,4 @@ class EngineConfig:
     load_format: str
     seed: int
     max_model_len: int
+    async_scheduling: bool = False

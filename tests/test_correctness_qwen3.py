@@ -45,6 +45,12 @@ SETUPS = {
     "preemption": dict(cache=dict(block_size=16, num_blocks=40), scheduler=dict(max_model_len=512)),
     "block-1-no-chunking": dict(cache=dict(block_size=1), scheduler=dict(chunked_prefill=False, max_model_len=512,
                                                                           max_num_batched_tokens=512)),
+    # async scheduling: step N+1 is scheduled before N's tokens are known (placeholders)
+    "async": dict(cache=dict(block_size=16), async_scheduling=True),
+    "async-chunked-32": dict(cache=dict(block_size=16), scheduler=dict(max_num_batched_tokens=32),
+                             async_scheduling=True),
+    "async-preemption": dict(cache=dict(block_size=16, num_blocks=40), scheduler=dict(max_model_len=512),
+                             async_scheduling=True),
 }
 
 
@@ -54,6 +60,8 @@ def build(path, setup):
         b.cache(**setup["cache"])
     if "scheduler" in setup:
         b.scheduler(**setup["scheduler"])
+    if "async_scheduling" in setup:
+        b.async_scheduling(setup["async_scheduling"])
     return b.build()
 
 
@@ -65,9 +73,9 @@ def test_greedy_tokens_match_transformers(setup):
     ref = reference_outputs("qwen3")
     for i, (out, expected) in enumerate(zip(outs, ref)):
         assert out.token_ids == list(expected), f"prompt {i} (len {len(PROMPTS[i])}) diverged"
-    if setup == "preemption":
+    if setup.endswith("preemption"):
         assert engine.stats.num_preemptions > 0
-    if setup == "chunked-32":
+    if setup.endswith("chunked-32"):
         assert max(s.num_tokens for s in engine.stats.steps) <= 32
         # a long prompt's chunks share steps with other requests' decodes
         assert any(s.num_decodes > 0 and s.num_prefill_tokens > 0 for s in engine.stats.steps)

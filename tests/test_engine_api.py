@@ -16,9 +16,10 @@ from conftest import make_prompts
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
 
 
-@pytest.fixture(scope="module")
-def engine():
-    return EngineBuilder("tiny-qwen3").dtype("float32").cache(block_size=16).scheduler(max_model_len=512).build()
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
+def engine(request):
+    return (EngineBuilder("tiny-qwen3").dtype("float32").cache(block_size=16).scheduler(max_model_len=512)
+            .async_scheduling(request.param).build())
 
 
 def assert_pool_full(engine):
@@ -187,9 +188,10 @@ def test_eos_stops_unless_ignored(tmp_path):
 
 
 # ------------------------------------------------------------------ abort, streaming, order
-def test_abort_at_any_point_frees_everything():
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_abort_at_any_point_frees_everything(async_scheduling):
     engine = (EngineBuilder("tiny-qwen3").dtype("float32").cache(block_size=16)
-              .scheduler(max_num_batched_tokens=32, max_num_seqs=2).build())
+              .scheduler(max_num_batched_tokens=32, max_num_seqs=2).async_scheduling(async_scheduling).build())
     prompts = make_prompts(4, lengths=(100, 5, 70, 9), seed=3)
     ids = [engine.add_request(p, SamplingParams(max_tokens=20, temperature=0.0)) for p in prompts]
     outs = {}

@@ -114,9 +114,9 @@ def test_penalties():
     assert out[3].item() == pytest.approx(0.5)  # unseen
 
 
-@pytest.fixture(scope="module")
-def engine():
-    return EngineBuilder("tiny-qwen3").dtype("float32").cache(block_size=16).build()
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
+def engine(request):
+    return EngineBuilder("tiny-qwen3").dtype("float32").cache(block_size=16).async_scheduling(request.param).build()
 
 
 PROMPTS = [[5, 9, 33, 12], [100, 101, 102], list(range(2, 60))]

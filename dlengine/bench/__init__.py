@@ -1,23 +1,35 @@
 """Benchmarks, usable from Python and from `dlengine bench`.
 
-    from dlengine.bench import run_throughput
+    from dlengine.bench import run_throughput, run_latency
     result = run_throughput(num_prompts=16, input_len=64, output_len=32, progress=False)
     print(result["output_tokens_per_s"])
+    print(run_latency(batch_size=1, input_len=128, output_len=32)["decode_ms_per_token"])
 """
 
 from dlengine.bench.common import BenchError, EngineArgs, build_engine
 from dlengine.bench.datasets import BenchRequest, load_jsonl_requests, random_requests
-from dlengine.bench.metrics import format_report
+from dlengine.bench.compare import compare_transformers
+from dlengine.bench.latency import LatencyConfig, run_latency
+from dlengine.bench.metrics import format_latency_report, format_report
+from dlengine.bench.peaks import measure_peaks, resolve_peaks
+from dlengine.bench.roofline import ModelCost
 from dlengine.bench.throughput import ThroughputConfig, run_throughput
 
 __all__ = [
     "BenchError",
     "BenchRequest",
     "EngineArgs",
+    "LatencyConfig",
+    "ModelCost",
     "ThroughputConfig",
     "build_engine",
+    "compare_transformers",
+    "format_latency_report",
     "format_report",
     "load_jsonl_requests",
+    "measure_peaks",
     "random_requests",
+    "resolve_peaks",
+    "run_latency",
     "run_throughput",
 ]

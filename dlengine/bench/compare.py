@@ -94,8 +94,7 @@ def _call_generate_batch(model, inputs: list[list[int]], gen_config, device: tor
             kwargs["generation_config"] = gen_config
     except (TypeError, ValueError):
         kwargs = {"generation_config": gen_config}
-    with torch.inference_mode():
-        return fn(inputs=inputs, **kwargs)
+    return fn(inputs=inputs, **kwargs)  # it generates on a thread of its own (no_grad there is its business)
 
 
 def _generated(out) -> list[int] | None:

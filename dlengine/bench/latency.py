@@ -89,7 +89,8 @@ def run_latency(config: Any = None, *, engine: Engine | None = None, **overrides
             if peaks is None:
                 peaks = resolve_peaks(device, cfg.peak_bandwidth_gbps, cfg.peak_tflops)
             result = _run(cfg, engine, peaks)
-        finally:
+        finally:  # the engine is ours: free its device memory (KV cache, graphs, weights) for what runs next
+            engine.close()
             del engine
             free_device_memory(device)
     if cfg.json_path:

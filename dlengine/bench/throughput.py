@@ -193,8 +193,9 @@ def run_throughput(config: Any = None, *, engine: Engine | None = None, **overri
             if peaks is None:
                 peaks = resolve_peaks(device, cfg.peak_bandwidth_gbps, cfg.peak_tflops)
             result, compare_inputs = _run(cfg, engine, peaks)
-        finally:
-            del engine  # the engine is ours: free its device memory for whatever runs next
+        finally:  # the engine is ours: free its device memory (KV cache, graphs, weights) for what runs next
+            engine.close()
+            del engine
             free_device_memory(device)
     if cfg.compare:
         result["compare"] = _compare(cfg, result, compare_inputs, model_path, pad)

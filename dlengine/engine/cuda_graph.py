@@ -46,8 +46,9 @@ class CUDAGraphRunner:
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=device)
         # host staging (pinned) so one copy per buffer moves a step's inputs
-        self._host = torch.zeros(4, n, dtype=torch.int64, pin_memory=True)
-        self._host_tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, pin_memory=True)
+        self._host = torch.zeros(2, 4, n, dtype=torch.int64, pin_memory=True)
+        self._host_tables = torch.zeros(2, n, self.max_blocks, dtype=torch.int32, pin_memory=True)
+        self._flip = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.pool = None
@@ -99,24 +100,34 @@ class CUDAGraphRunner:
 
     @torch.inference_mode()
     def run(self, input_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray, seq_lens: np.ndarray,
-            block_tables: list[list[int]]) -> torch.Tensor:
-        """Logits [n, vocab] of n decode tokens by replaying the graph of the padded size."""
+            block_tables: list[list[int]], placeholders=None, last_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [n, vocab] of n decode tokens by replaying the graph of the padded size.
+        `placeholders` = (rows, source rows): inputs still being sampled, taken from `last_tokens`
+        on the device."""
         n = len(input_ids)
         bs = self.padded_size(n)
-        host = self._host.numpy()
+        # two staging sets, alternating: the previous step's copies may still be queued when this
+        # step fills its buffers (async scheduling), the one before that has surely completed
+        self._flip ^= 1
+        host_all, tables_all = self._host[self._flip], self._host_tables[self._flip]
+        host = host_all.numpy()
         host[0, :n] = input_ids
         host[1, :n] = positions
         host[2, :n] = slots
-        host[2, n:bs] = -1
         host[3, :n] = seq_lens
+        host[:, n:bs] = 0  # padding rows: token 0 at position 0, context 0 (attends to nothing) ...
+        host[2, n:bs] = -1  # ... and no KV write
         width = max(len(t) for t in block_tables)
-        tables = self._host_tables.numpy()
+        tables = tables_all.numpy()
         for i, t in enumerate(block_tables):
             tables[i, : len(t)] = t
-        self.input_ids[:bs].copy_(self._host[0, :bs], non_blocking=True)
-        self.positions[:bs].copy_(self._host[1, :bs], non_blocking=True)
-        self.slot_mapping[:bs].copy_(self._host[2, :bs], non_blocking=True)
-        self.seq_lens[:bs].copy_(self._host[3, :bs], non_blocking=True)
-        self.block_tables[:n, :width].copy_(self._host_tables[:n, :width], non_blocking=True)
+        self.input_ids[:bs].copy_(host_all[0, :bs], non_blocking=True)
+        self.positions[:bs].copy_(host_all[1, :bs], non_blocking=True)
+        self.slot_mapping[:bs].copy_(host_all[2, :bs], non_blocking=True)
+        self.seq_lens[:bs].copy_(host_all[3, :bs], non_blocking=True)
+        self.block_tables[:n, :width].copy_(tables_all[:n, :width], non_blocking=True)
+        if placeholders is not None:
+            rows, src = placeholders
+            self.input_ids[rows] = last_tokens[src]
         self.graphs[bs].replay()
         return self.outputs[bs][:n]

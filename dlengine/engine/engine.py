@@ -80,13 +80,16 @@ class Engine:
         self._pending_outputs: list[RequestOutput] = []  # aborted requests, reported by the next step()
         self._ids = itertools.count()
         self.memory_plan = None  # set by EngineBuilder: how the KV cache was sized
+        self.async_scheduling = config.async_scheduling
+        self._inflight = None  # the launched step whose tokens are not applied yet (async scheduling)
 
     def __repr__(self) -> str:
         c = self.config
         return (
             f"Engine(model={c.model.architecture} @ {c.model.path}, role={c.role}, device={c.device}, "
             f"dtype={c.dtype}, attention={self.runner.backend.name}, "
-            f"cuda_graphs={self.runner.graph_runner is not None}, {self.kv_cache}, "
+            f"cuda_graphs={self.runner.graph_runner is not None}, async_scheduling={self.async_scheduling}, "
+            f"{self.kv_cache}, "
             f"max_model_len={c.max_model_len}, max_num_seqs={c.scheduler.max_num_seqs}, "
             f"max_num_batched_tokens={c.scheduler.max_num_batched_tokens}, "
             f"prefix_caching={c.cache.prefix_caching}, chunked_prefill={c.scheduler.chunked_prefill})"
@@ -103,6 +106,7 @@ class Engine:
             "dtype": str(c.dtype).replace("torch.", ""),
             "attention_backend": self.runner.backend.name,
             "cuda_graphs": self.runner.graph_runner is not None,
+            "async_scheduling": self.async_scheduling,
             "block_size": self.kv_cache.block_size,
             "num_kv_blocks": self.block_manager.num_blocks,
             "kv_cache_tokens": self.block_manager.num_blocks * self.kv_cache.block_size,
@@ -199,7 +203,7 @@ class Engine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._pending_outputs)
+        return self.scheduler.has_unfinished() or bool(self._pending_outputs) or self._inflight is not None
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -208,35 +212,45 @@ class Engine:
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, and return an output for every request that produced a
-        token (or finished) in this step."""
+        token (or finished).
+
+        With async scheduling (default on CUDA) the step launches its forward pass, then finishes
+        the previous step's bookkeeping (tokens, stop checks, outputs) while the GPU works, so the
+        outputs returned are those of the previous step; tokens are identical either way. A request
+        that stops is then computed one step too far, and that extra token is dropped.
+        """
         outputs, self._pending_outputs = self._pending_outputs, []
         t0 = time.perf_counter()
         sched = self.scheduler.schedule()
         self.stats.num_preemptions += len(sched.preempted)
+        if not sched.is_empty and self._inflight is not None and not self._can_overlap(sched):
+            # this step's sampling needs every token known (penalties, logprobs, min_tokens)
+            outputs += self._resolve(self._inflight)
+            self._inflight = None
+            sched.scheduled = [s for s in sched.scheduled if not s.request.is_finished]
         if sched.is_empty:
+            if self._inflight is not None:
+                outputs += self._resolve(self._inflight)
+                self._inflight = None
             return outputs
         now = time.perf_counter()
         for s in sched.scheduled:
             if s.request.metrics.first_scheduled_time is None:
                 s.request.metrics.first_scheduled_time = now
-        sampled_reqs, sampler_out = self.runner.execute(sched)
+        handle = self.runner.execute(sched)
+        if self._inflight is not None:  # overlaps with the GPU running this step
+            outputs += self._resolve(self._inflight)
+            self._inflight = None
         prompt_tokens_before = sum(s.request.metrics.num_computed_prompt_tokens for s in sched.scheduled)
         self.scheduler.update_after_step(sched)
         prompt_tokens = sum(s.request.metrics.num_computed_prompt_tokens for s in sched.scheduled) - prompt_tokens_before
-
-        if sampler_out is not None:
-            token_ids = sampler_out.token_ids.tolist()
-            logprob_rows = self._logprob_rows(sampler_out, sampled_reqs)
-            now = time.perf_counter()
-            for i, (req, tok) in enumerate(zip(sampled_reqs, token_ids)):
-                req.append_token(tok)
-                if req.metrics.first_token_time is None:
-                    req.metrics.first_token_time = now
-                if req.logprobs is not None:
-                    req.logprobs.append(logprob_rows[i])
-                self._check_stop(req, tok)
-                outputs.append(self._output(req, [tok]))
-            self.stats.num_generated_tokens += len(token_ids)
+        if self.async_scheduling and handle.sampled:
+            for row, req in enumerate(handle.sampled):
+                if not req.is_finished:
+                    req.add_placeholder(row)
+            self._inflight = handle
+        else:
+            outputs += self._resolve(handle)
 
         num_tokens = sched.num_batched_tokens
         self.stats.num_steps += 1
@@ -250,6 +264,41 @@ class Engine:
             num_decodes=sum(1 for s in sched.scheduled if s.num_new_tokens == 1 and s.sample),
             duration_s=time.perf_counter() - t0,
         ))
+        return outputs
+
+    def _can_overlap(self, sched) -> bool:
+        """Whether the step can be sampled before the in-flight step's tokens are known: only
+        when no sampling row looks at generated tokens (penalties, min_tokens) or wants logprobs."""
+        for s in sched.scheduled:
+            p = s.request.params
+            if (p.logprobs is not None or p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
+                    or p.frequency_penalty != 0.0 or s.request.num_output_tokens < p.min_tokens):
+                return False
+        return True
+
+    def _resolve(self, handle) -> list[RequestOutput]:
+        """Apply a finished step's sampled tokens: append (or fill in the placeholder), stream the
+        text, check stops, and make the outputs. Requests that ended meanwhile are skipped."""
+        if not handle.sampled:
+            return []
+        token_ids = handle.token_ids()
+        logprob_rows = self._logprob_rows(handle.sampler_out, handle.sampled)
+        now = time.perf_counter()
+        outputs = []
+        for i, (req, tok) in enumerate(zip(handle.sampled, token_ids)):
+            if req.is_finished:
+                continue
+            if req.pending_row is not None:
+                req.resolve_placeholder(tok)
+            else:
+                req.append_token(tok)
+            if req.metrics.first_token_time is None:
+                req.metrics.first_token_time = now
+            if req.logprobs is not None:
+                req.logprobs.append(logprob_rows[i])
+            self._check_stop(req, tok)
+            outputs.append(self._output(req, [tok]))
+            self.stats.num_generated_tokens += 1
         return outputs
 
     def _logprob_rows(self, out, reqs: list[Request]) -> list[dict[int, float] | None]:

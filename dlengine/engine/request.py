@@ -11,6 +11,9 @@ import torch
 from dlengine.sampling_params import SamplingParams
 
 
+PLACEHOLDER_TOKEN = -1  # stands for a token still being sampled on the device (async scheduling)
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -104,6 +107,7 @@ class Request:
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         self.generator: torch.Generator | None = None  # per-request RNG when params.seed is set
         self.num_emitted_tokens = 0  # for streaming deltas
+        self.pending_row: int | None = None  # row of the in-flight step's sampled tokens (async scheduling)
 
     @property
     def num_tokens(self) -> int:
@@ -124,6 +128,17 @@ class Request:
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+
+    def add_placeholder(self, row: int) -> None:
+        """Count a token the device is still sampling (row `row` of that step's output), so the
+        next step can be scheduled before it is known; its KV input is taken on the device."""
+        self.all_token_ids.append(PLACEHOLDER_TOKEN)
+        self.pending_row = row
+
+    def resolve_placeholder(self, token_id: int) -> None:
+        self.all_token_ids[self.num_prompt_tokens + len(self.output_token_ids)] = token_id
+        self.output_token_ids.append(token_id)
+        self.pending_row = None
 
     def __repr__(self) -> str:
         return (

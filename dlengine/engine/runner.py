@@ -23,6 +23,23 @@ from dlengine.models.layers.attention import ForwardContext
 
 
 @dataclass
+class StepHandle:
+    """A launched step. With async scheduling the engine schedules and prepares the next step
+    before calling `token_ids()`, which waits only for this step's sampled tokens (copied to
+    pinned host memory behind an event), not for work queued after it."""
+
+    sampled: list[Request]
+    sampler_out: SamplerOutput | None = None
+    host_tokens: torch.Tensor | None = None
+    event: "torch.cuda.Event | None" = None
+
+    def token_ids(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host_tokens.tolist() if self.host_tokens is not None else []
+
+
+@dataclass
 class ModelInputs:
     input_ids: torch.Tensor
     positions: torch.Tensor
@@ -43,6 +60,18 @@ class ModelRunner:
         self.block_size = kv_cache.block_size
         self.graph_runner = None  # a CUDAGraphRunner when CUDA graphs are on (set by the builder)
         self.num_graph_steps = 0
+        self._last_token_ids: torch.Tensor | None = None  # device: tokens sampled by the last step
+
+    def _placeholder_sources(self, reqs: list[Request], token_index: np.ndarray):
+        """(flat token indices, rows of the last step's tokens) for inputs that are placeholders."""
+        pending = [(i, r.pending_row) for i, r in enumerate(reqs) if r.pending_row is not None]
+        if not pending:
+            return None
+        if self._last_token_ids is None:
+            raise RuntimeError("a placeholder token has no in-flight step to come from")
+        rows = np.array([p[0] for p in pending], dtype=np.int64)
+        src = np.array([p[1] for p in pending], dtype=np.int64)
+        return self._to_device(token_index[rows]), self._to_device(src)
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(array)
@@ -74,6 +103,8 @@ class ModelRunner:
         ql = np.array(query_lens, dtype=np.int64)
         query_start_loc = np.zeros(num_seqs + 1, dtype=np.int64)
         np.cumsum(ql, out=query_start_loc[1:])
+        # a request's pending token is always its last one: its flat index ends its row
+        placeholders = self._placeholder_sources(reqs, query_start_loc[1:] - 1)
         token_row = np.repeat(np.arange(num_seqs), ql)
         positions = np.arange(len(ids), dtype=np.int64) + np.repeat(np.array(starts, dtype=np.int64) - query_start_loc[:-1], ql)
         max_blocks = max(len(r.block_ids) for r in reqs)
@@ -99,8 +130,12 @@ class ModelRunner:
             query_lens_cpu=query_lens,
             seq_lens_cpu=seq_lens,
         )
+        input_ids_dev = self._to_device(input_ids)
+        if placeholders is not None:
+            dst, src = placeholders
+            input_ids_dev[dst] = self._last_token_ids[src]
         return ModelInputs(
-            input_ids=self._to_device(input_ids),
+            input_ids=input_ids_dev,
             positions=self._to_device(positions),
             meta=meta,
             logits_indices=self._to_device(np.ascontiguousarray(logits_indices, dtype=np.int64)),
@@ -128,12 +163,15 @@ class ModelRunner:
                                   dtype=np.int64, count=n)
         slots = last_blocks * bs + positions % bs
         self.num_graph_steps += 1
-        return reqs, g.run(input_ids, positions, slots, positions + 1, [r.block_ids for r in reqs]).float()
+        placeholders = self._placeholder_sources(reqs, np.arange(n, dtype=np.int64))
+        return reqs, g.run(input_ids, positions, slots, positions + 1, [r.block_ids for r in reqs],
+                           placeholders=placeholders, last_tokens=self._last_token_ids).float()
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> tuple[list[Request], SamplerOutput | None]:
-        """Run one step. Returns the requests that sampled a token and the sampler's output (rows in
-        the same order); requests in the middle of a chunked prompt sample nothing."""
+    def execute(self, out: SchedulerOutput) -> StepHandle:
+        """Launch one step without waiting for it. The handle lists the requests that sample a
+        token (requests in the middle of a chunked prompt sample nothing) and yields their tokens;
+        rows of `handle.sampler_out` are in the same order."""
         graphed = self._graph_logits(out)
         if graphed is not None:
             sampled, logits = graphed
@@ -142,6 +180,16 @@ class ModelRunner:
             logits = self.compute_logits(inputs)
             sampled = inputs.sampled_requests
         if not sampled:
-            return [], None
+            return StepHandle([])
         tensors = SamplingTensors.from_requests(sampled, self.vocab_size, self.device)
-        return sampled, self.sampler(logits, tensors)
+        sampler_out = self.sampler(logits, tensors)
+        self._last_token_ids = sampler_out.token_ids
+        handle = StepHandle(sampled, sampler_out)
+        if self.device.type == "cuda":
+            handle.host_tokens = torch.empty(len(sampled), dtype=torch.int64, pin_memory=True)
+            handle.host_tokens.copy_(sampler_out.token_ids, non_blocking=True)
+            handle.event = torch.cuda.Event()
+            handle.event.record()
+        else:
+            handle.host_tokens = sampler_out.token_ids
+        return handle

@@ -132,6 +132,8 @@ class Scheduler:
         """Advance progress for what ran and publish newly full blocks in the prefix cache."""
         for s in out.scheduled:
             req = s.request
+            if req.is_finished or req.status == RequestStatus.PREEMPTED:
+                continue  # finished (or preempted) while this step ran: its work is discarded
             if req.num_computed_tokens < req.num_prompt_tokens:
                 req.metrics.num_computed_prompt_tokens += min(
                     s.num_new_tokens, req.num_prompt_tokens - req.num_computed_tokens
