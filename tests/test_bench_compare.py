@@ -52,14 +52,19 @@ def test_compare_via_cli_and_failures_are_reported_not_raised(tmp_path, capsys):
     assert "compare: transformers" in out and "error:" in out
 
 
-def test_compare_transformers_directly_with_dummy_weights():
+def test_compare_transformers_directly_with_dummy_weights_falls_back_to_the_next_attention(monkeypatch):
+    from dlengine.bench import compare as compare_mod
     from dlengine.builder import resolve_model_path
 
+    # as on CUDA ("paged|sdpa", then "sdpa"): a first implementation that fails, then one that works
+    monkeypatch.setattr(compare_mod, "default_attn_implementations", lambda device: ["no-such-attention", "eager"])
     path = resolve_model_path("tiny-qwen3")
     res = compare_transformers(path, [[5, 6, 7, 8], [9, 10, 11]], 3, dtype="float32", device="cpu",
                                load_format="dummy")
     assert res["error"] is None, res.get("traceback")
-    assert res["total_output_tokens"] == 6 and res["output_tokens_per_s"] > 0
+    assert res["attn_implementation"] == "eager" and res["load_format"] == "dummy"
+    assert len(res["failed_attempts"]) == 1 and res["failed_attempts"][0].startswith("no-such-attention:")
+    assert res["total_output_tokens"] == 6 and res["output_tokens_per_s"] > 0 and res["timing"] == "lifespan"
 
 
 def test_unknown_compare_framework_is_a_config_error(engine):

@@ -73,6 +73,10 @@ def test_run_latency_in_process_on_a_built_engine(engine):
     assert res["prefill_flops"] == pytest.approx(flops)
     assert res["prefill_mfu"] == pytest.approx(flops / (res["prefill_ms"] / 1e3) / 1e12 / 0.5)
     assert res["decode_tokens_per_s"] == pytest.approx(2 / (res["decode_ms_per_token"] / 1e3), rel=0.3)
+    # a second call on the same engine draws new prompts: no prefill served from the prefix cache
+    again = run_latency(batch_size=2, input_len=16, output_len=4, num_iters=1, num_warmup_iters=0, progress=False,
+                        engine=engine, **GIVEN)
+    assert again["iterations"][0]["prefix_cache_hit_tokens"] == 0 and not again["notes"]
 
 
 @pytest.mark.parametrize("overrides, match", [
@@ -166,3 +170,20 @@ def test_throughput_reports_mbu_and_mfu(engine, capsys):
 
     text = format_report(res)
     assert "Decode MBU (estimate)" in text and "MFU (estimate)" in text and "(given)" in text
+
+
+def test_benches_on_an_async_scheduling_engine():
+    # async scheduling (the CUDA default) hands a step's tokens out one step() later and computes one
+    # step past the last token: phases must still be split right, and the engine left idle
+    eng = (EngineBuilder("tiny-qwen3").async_scheduling(True).cache(num_blocks=64)
+           .scheduler(max_num_seqs=8, max_model_len=128).build())
+    from dlengine import SamplingParams
+
+    eng.generate([[5, 6, 7]], SamplingParams(max_tokens=3))  # may leave its last step in flight
+    res = run_latency(batch_size=2, input_len=16, output_len=4, num_iters=2, num_warmup_iters=0, progress=False,
+                      engine=eng, **GIVEN)
+    assert [(it["num_prefill_steps"], it["num_decode_steps"]) for it in res["iterations"]] == [(1, 3), (1, 3)]
+    assert not res["notes"] and not eng.has_unfinished_requests()
+    res = run_throughput(num_prompts=3, input_len=12, output_len=4, progress=False, engine=eng, **GIVEN)
+    assert res["total_output_tokens"] == 12 and res["finish_reasons"] == {"length": 3}
+    assert not eng.has_unfinished_requests()

@@ -7,8 +7,8 @@
 """
 
 from dlengine.bench.common import BenchError, EngineArgs, build_engine
-from dlengine.bench.datasets import BenchRequest, load_jsonl_requests, random_requests
 from dlengine.bench.compare import compare_transformers
+from dlengine.bench.datasets import BenchRequest, load_jsonl_requests, random_requests
 from dlengine.bench.latency import LatencyConfig, run_latency
 from dlengine.bench.metrics import format_latency_report, format_report
 from dlengine.bench.peaks import measure_peaks, resolve_peaks

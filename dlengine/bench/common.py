@@ -103,6 +103,24 @@ def probe_device(args: EngineArgs):
     return None
 
 
+def settle(engine: Engine) -> None:
+    """Make an engine idle for a benchmark: raise BenchError when it holds requests of its own;
+    otherwise apply a step still in flight (async scheduling computes one step past the last
+    token; `step()` hands it back) and hand out pending abort outputs, off the clock."""
+    if engine.num_unfinished_requests:
+        raise BenchError("the engine has unfinished requests; benchmark an idle engine")
+    drain(engine)
+
+
+def drain(engine: Engine, max_steps: int = 8) -> None:
+    """Step an engine whose requests have all finished (or been aborted) until it is idle: with
+    async scheduling the last step is still in flight when the last request finishes."""
+    for _ in range(max_steps):
+        if not engine.has_unfinished_requests():
+            return
+        engine.step()
+
+
 def free_device_memory(device) -> None:
     """After the last reference to an engine is dropped: collect it and hand its device memory
     back, so the next engine built in this process can size its KV cache from free memory (the

@@ -120,7 +120,9 @@ def compare_transformers(
 ) -> dict[str, Any]:
     """Run `prompts` (token ids) through transformers' `generate_batch`, each for `max_new_tokens`
     tokens, and time it. Returns a dict with `output_tokens_per_s` (and the details), or with
-    `error` set when anything fails. `warmup` (default: on CUDA only) runs a small call first."""
+    `error` set when anything fails. Without `attn_implementation` the defaults of
+    `default_attn_implementations` are tried in order until one loads and runs; `failed_attempts`
+    lists the ones that did not. `warmup` (default: on CUDA only) runs a small call first."""
     device = torch.device(device)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
@@ -136,35 +138,50 @@ def compare_transformers(
         "load_format": load_format,
         "error": None,
     }
-    model = None
+    failures: list[str] = []
+    tb = None
     try:
         import transformers
-        from transformers import GenerationConfig
 
         res["transformers_version"] = transformers.__version__
-        load_errors = []
-        t0 = time.perf_counter()
-        for impl in impls:
-            try:
-                model = _load_model(model_path, dtype, device, load_format == "dummy", impl)
-                res["attn_implementation"] = impl
-                break
-            except Exception as e:  # noqa: BLE001 - try the next implementation, report all
-                load_errors.append(f"{impl}: {_err(e)}")
-                model = None
-                gc.collect()
-        if load_errors:
-            res["load_errors"] = load_errors
-        if model is None:
-            raise RuntimeError("could not load the model with any attention implementation: " + "; ".join(load_errors))
-        res["load_s"] = time.perf_counter() - t0
+    except Exception as e:  # noqa: BLE001
+        failures.append(_err(e))
+        tb = traceback.format_exc(limit=8)
+        impls = []
+    for impl in impls:
+        attempt = dict(res, attn_implementation=impl)
+        try:
+            _attempt(attempt, model_path, [list(map(int, p)) for p in prompts], int(max_new_tokens), dtype, device,
+                     load_format == "dummy", impl, temperature, pad_token_id, warmup)
+            if failures:
+                attempt["failed_attempts"] = failures
+            return attempt
+        except Exception as e:  # noqa: BLE001 - reported, never raised: our own numbers must survive
+            failures.append(f"{impl}: {_err(e)}" if len(impls) > 1 else _err(e))
+            tb = traceback.format_exc(limit=8)
+        finally:
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    res.update(error="; ".join(failures), failed_attempts=failures, traceback=tb, output_tokens_per_s=None)
+    return res
 
+
+def _attempt(res: dict[str, Any], model_path: str, inputs: list[list[int]], max_new_tokens: int, dtype: torch.dtype,
+             device: torch.device, dummy: bool, impl: str, temperature: float, pad_token_id: int | None,
+             warmup: bool | None) -> None:
+    """Load the model with `impl`, run the workload, fill `res`; raises on any failure."""
+    from transformers import GenerationConfig
+
+    t0 = time.perf_counter()
+    model = _load_model(model_path, dtype, device, dummy, impl)
+    res["load_s"] = time.perf_counter() - t0
+    try:
         sample = temperature > 0
-        gen_kwargs: dict[str, Any] = {"max_new_tokens": int(max_new_tokens), "do_sample": sample,
+        gen_kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": sample,
                                       "eos_token_id": None, "pad_token_id": pad_token_id}
         if sample:
             gen_kwargs["temperature"] = temperature
-        inputs = [list(map(int, p)) for p in prompts]
         if warmup if warmup is not None else device.type == "cuda":
             warm = GenerationConfig(**{**gen_kwargs, "max_new_tokens": 4})
             _call_generate_batch(model, [p[:64] for p in inputs[:2]], warm, device, 4)
@@ -173,46 +190,40 @@ def compare_transformers(
         gen_config = GenerationConfig(**gen_kwargs)
         _sync(device)
         t0 = time.perf_counter()
-        outs = _call_generate_batch(model, inputs, gen_config, device, int(max_new_tokens))
+        outs = _call_generate_batch(model, inputs, gen_config, device, max_new_tokens)
         _sync(device)
         wall = time.perf_counter() - t0
         res["attn_implementation_used"] = getattr(model.config, "_attn_implementation", None)
-
-        values = list(outs.values()) if isinstance(outs, dict) else list(outs or [])
-        tokens = [_generated(o) for o in values]
-        errors = [str(o.error) for o in values if getattr(o, "error", None)]
-        if any(t is None for t in tokens):
-            raise RuntimeError(f"cannot find the generated tokens in {type(values[0]).__name__} "
-                               f"(fields: {sorted(vars(values[0]))})")
-        n_out = sum(len(t) for t in tokens)
-        res["total_output_tokens"] = n_out
-        res["wall_s"] = wall
-        res["output_tokens_per_s_wall"] = n_out / wall if wall > 0 else None
-        starts = [o.lifespan[0] for o in values if getattr(o, "lifespan", None) and o.lifespan[0] > 0]
-        ends = [o.lifespan[1] for o in values if getattr(o, "lifespan", None) and o.lifespan[1] > 0]
-        if len(starts) == len(values) == len(ends) and max(ends) > min(starts):
-            res["elapsed_s"] = max(ends) - min(starts)
-            res["timing"] = "lifespan"
-        else:  # no per-request stamps in this version: the whole call
-            res["elapsed_s"] = wall
-            res["timing"] = "wall"
-        res["output_tokens_per_s"] = n_out / res["elapsed_s"]
-        short = sum(1 for t in tokens if len(t) < max_new_tokens)
-        if short:
-            res["note"] = f"{short} requests stopped before max_new_tokens"
-        if len(values) < len(inputs) or errors:
-            raise RuntimeError(f"generate_batch returned {len(values)} of {len(inputs)} requests"
-                               + (f"; errors: {errors[:3]}" if errors else "")
-                               + " (see the ContinuousBatchingLogger messages above)")
-        if n_out == 0:
-            raise RuntimeError("generate_batch generated no tokens")
-    except Exception as e:  # noqa: BLE001 - reported, never raised: our own numbers must survive
-        res["error"] = _err(e)
-        res["traceback"] = traceback.format_exc(limit=8)
-        res["output_tokens_per_s"] = None
     finally:
-        model = None
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return res
+        del model
+
+    values = list(outs.values()) if isinstance(outs, dict) else list(outs or [])
+    if not values:
+        raise RuntimeError("generate_batch returned no results (see the ContinuousBatchingLogger messages above)")
+    tokens = [_generated(o) for o in values]
+    errors = [str(o.error) for o in values if getattr(o, "error", None)]
+    if any(t is None for t in tokens):
+        raise RuntimeError(f"cannot find the generated tokens in {type(values[0]).__name__} "
+                           f"(fields: {sorted(vars(values[0]))})")
+    if len(values) < len(inputs) or errors:
+        raise RuntimeError(f"generate_batch returned {len(values)} of {len(inputs)} requests"
+                           + (f"; errors: {errors[:3]}" if errors else "")
+                           + " (see the ContinuousBatchingLogger messages above)")
+    n_out = sum(len(t) for t in tokens)
+    if n_out == 0:
+        raise RuntimeError("generate_batch generated no tokens")
+    res["total_output_tokens"] = n_out
+    res["wall_s"] = wall
+    res["output_tokens_per_s_wall"] = n_out / wall
+    starts = [o.lifespan[0] for o in values if getattr(o, "lifespan", None) and o.lifespan[0] > 0]
+    ends = [o.lifespan[1] for o in values if getattr(o, "lifespan", None) and o.lifespan[1] > 0]
+    if len(starts) == len(values) == len(ends) and max(ends) > min(starts):
+        res["elapsed_s"] = max(ends) - min(starts)
+        res["timing"] = "lifespan"
+    else:  # no per-request stamps in this version: the whole call
+        res["elapsed_s"] = wall
+        res["timing"] = "wall"
+    res["output_tokens_per_s"] = n_out / res["elapsed_s"]
+    short = sum(1 for t in tokens if len(t) < max_new_tokens)
+    if short:
+        res["note"] = f"{short} of {len(tokens)} requests stopped before max_new_tokens"

@@ -11,7 +11,8 @@ an iteration starts just before the first `add_request`:
 - prefill phase: steps until every request has its first token (with chunked prefill a long
   batch takes several steps, and requests already past their prefill may decode meanwhile);
 - decode phase: every step after that, each timed on the host around `engine.step()` (which
-  waits for the device: it reads the sampled tokens back).
+  waits for the tokens it returns). With async scheduling `step()` returns the previous step's
+  tokens, so each call still spans one step's time between tokens in the steady state.
 
 Every iteration draws fresh prompts, so the prefix cache never serves one iteration from another.
 `num_warmup_iters` identical iterations run first, off the record.
@@ -29,7 +30,16 @@ from typing import Any
 import numpy as np
 
 from dlengine.bench.common import (
-    BenchError, EngineArgs, build_engine, coerce_config, describe_engine, free_device_memory, probe_device, write_json,
+    BenchError,
+    EngineArgs,
+    build_engine,
+    coerce_config,
+    describe_engine,
+    drain,
+    free_device_memory,
+    probe_device,
+    settle,
+    write_json,
 )
 from dlengine.bench.datasets import random_requests
 from dlengine.bench.metrics import summarize
@@ -76,8 +86,7 @@ def run_latency(config: Any = None, *, engine: Engine | None = None, **overrides
     cfg = coerce_config(LatencyConfig, config, **overrides)
     cfg.validate()
     if engine is not None:
-        if engine.has_unfinished_requests():
-            raise BenchError("the engine has unfinished requests; benchmark an idle engine")
+        settle(engine)
         peaks = resolve_peaks(engine.config.device, cfg.peak_bandwidth_gbps, cfg.peak_tflops)
         result = _run(cfg, engine, peaks)
     else:
@@ -123,8 +132,10 @@ def _sync(engine: Engine) -> None:
 
 
 def _one_iteration(cfg: LatencyConfig, engine: Engine, it: int, vocab: int, exclude: set[int]) -> dict[str, Any]:
-    prompts = random_requests(cfg.batch_size, cfg.input_len, cfg.output_len, vocab, exclude_ids=exclude,
-                              seed=cfg.seed + 1009 * (it + 1))
+    # fresh prompts every iteration, and on every call on the same engine (its step count differs),
+    # so the prefix cache never turns a prefill into a cache hit
+    seed = cfg.seed + 1009 * (it + 1) + 7919 * engine.stats.num_steps
+    prompts = random_requests(cfg.batch_size, cfg.input_len, cfg.output_len, vocab, exclude_ids=exclude, seed=seed)
     params = SamplingParams(max_tokens=cfg.output_len, temperature=0.0, ignore_eos=True)
     s = engine.stats
     before = (len(s.steps), s.num_cached_tokens, s.num_preemptions)
@@ -137,7 +148,6 @@ def _one_iteration(cfg: LatencyConfig, engine: Engine, it: int, vocab: int, excl
         t0 = time.perf_counter()
         for rid, r in zip(ids, prompts):
             engine.add_request(r.prompt, params, request_id=rid)
-        n_prefill_steps = 0
         while waiting_first:
             if not engine.has_unfinished_requests():
                 raise BenchError("the engine went idle before every request had its first token")
@@ -149,7 +159,6 @@ def _one_iteration(cfg: LatencyConfig, engine: Engine, it: int, vocab: int, excl
                     waiting_first.discard(out.request_id)
                 if out.finished:
                     pending.discard(out.request_id)
-            n_prefill_steps += 1
         t_first = time.perf_counter()
         while pending:
             if not engine.has_unfinished_requests():
@@ -167,21 +176,22 @@ def _one_iteration(cfg: LatencyConfig, engine: Engine, it: int, vocab: int, excl
     finally:
         for rid in pending:  # an error or Ctrl-C mid-run: leave the engine clean
             engine.abort(rid)
-        if pending:
-            try:
-                engine.step()
-            except Exception:
-                pass
+        try:  # off the clock: apply a step still in flight (async scheduling), hand out aborted outputs
+            drain(engine)
+        except Exception:
+            if not pending:
+                raise
+    steps = s.steps[before[0]:]
     return {
         "prefill_s": t_first - t0,
         "decode_s": t_end - t_first,
         "e2e_s": t_end - t0,
         "decode_step_s": step_times,
-        "num_prefill_steps": n_prefill_steps,
-        "num_decode_steps": len(step_times),
+        "num_prefill_steps": sum(1 for st in steps if st.num_prefill_tokens > 0),  # forward passes with prompt
+        "num_decode_steps": len(step_times),  # step() calls after every request had its first token
         "prefill_phase_tokens": n_prefill_phase_tokens,
         "decode_tokens": n_decode_tokens,
-        "engine_steps": len(s.steps) - before[0],
+        "engine_steps": len(steps),
         "prefix_cache_hit_tokens": s.num_cached_tokens - before[1],
         "preemptions": s.num_preemptions - before[2],
     }

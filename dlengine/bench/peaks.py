@@ -63,27 +63,34 @@ def _oom_errors() -> tuple[type[BaseException], ...]:
     return tuple(errs)
 
 
+def _shrink_on_oom(alloc: Callable[[int], Any], size: int, smallest: int, device: torch.device) -> tuple[Any, int]:
+    """alloc(size), halving size on out-of-memory down to `smallest` (then the error propagates)."""
+    while True:
+        try:
+            return alloc(size), size
+        except _oom_errors():
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if size // 2 < smallest:
+                raise
+            size //= 2
+
+
 def measure_copy_gbps(device: torch.device | str, nbytes: int | None = None, repeats: int = 10) -> tuple[float, int]:
     """(GB/s, bytes copied) of a device-to-device copy of `nbytes` (read + write counted, 1 GB =
     1e9 bytes). On out-of-memory the size is halved (down to 16 MiB) rather than failing."""
     device = torch.device(device)
     nbytes = nbytes or (CUDA_COPY_BYTES if device.type == "cuda" else CPU_COPY_BYTES)
-    while True:
-        try:
-            src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
-            dst = torch.empty_like(src)
-            break
-        except _oom_errors():
-            src = dst = None
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            if nbytes <= (16 << 20):
-                raise
-            nbytes //= 2
+
+    def alloc(n: int):
+        src = torch.empty(n, dtype=torch.uint8, device=device).fill_(1)
+        return src, torch.empty_like(src)
+
+    (src, dst), nbytes = _shrink_on_oom(alloc, nbytes, min(nbytes, 16 << 20), device)
     try:
         t = _median_time(lambda: dst.copy_(src), device, repeats if device.type == "cuda" else max(3, repeats // 2), 2)
     finally:
-        del src, dst
+        src = dst = None  # type: ignore[assignment]
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return 2 * nbytes / t / 1e9, nbytes
@@ -92,30 +99,24 @@ def measure_copy_gbps(device: torch.device | str, nbytes: int | None = None, rep
 def measure_gemm_tflops(device: torch.device | str, n: int | None = None, dtype: torch.dtype | None = None,
                         repeats: int = 10) -> tuple[float, int, torch.dtype]:
     """(TFLOP/s, n, dtype) of an n x n x n matmul on random data (2*n^3 FLOPs per run). Defaults:
-    bfloat16 n=8192 on CUDA, float32 n=1024 on CPU. Halves n on out-of-memory."""
+    bfloat16 n=8192 on CUDA, float32 n=1024 on CPU. Halves n on out-of-memory (down to 1024)."""
     device = torch.device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     n = n or (CUDA_GEMM_N if device.type == "cuda" else CPU_GEMM_N)
     gen = torch.Generator(device=device).manual_seed(0)
-    while True:
-        try:
-            a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
-            b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
-            c = torch.empty(n, n, device=device, dtype=dtype)
-            break
-        except _oom_errors():
-            a = b = c = None
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            if n <= 1024:
-                raise
-            n //= 2
+
+    def alloc(m: int):
+        a = torch.randn(m, m, device=device, dtype=dtype, generator=gen)
+        b = torch.randn(m, m, device=device, dtype=dtype, generator=gen)
+        return a, b, torch.empty(m, m, device=device, dtype=dtype)
+
+    (a, b, c), n = _shrink_on_oom(alloc, n, min(n, 1024), device)
     try:
         t = _median_time(lambda: torch.matmul(a, b, out=c), device,
                          repeats if device.type == "cuda" else max(3, repeats // 2), 3)
     finally:
-        del a, b, c
+        a = b = c = None  # type: ignore[assignment]
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return 2 * n**3 / t / 1e12, n, dtype

@@ -23,7 +23,16 @@ from typing import Any
 import numpy as np
 
 from dlengine.bench.common import (
-    BenchError, EngineArgs, build_engine, coerce_config, describe_engine, free_device_memory, probe_device, write_json,
+    BenchError,
+    EngineArgs,
+    build_engine,
+    coerce_config,
+    describe_engine,
+    drain,
+    free_device_memory,
+    probe_device,
+    settle,
+    write_json,
 )
 from dlengine.bench.datasets import BenchRequest, load_jsonl_requests, random_requests
 from dlengine.bench.metrics import latency_summary, request_timing
@@ -176,8 +185,7 @@ def run_throughput(config: Any = None, *, engine: Engine | None = None, **overri
     cfg = coerce_config(ThroughputConfig, config, **overrides)
     cfg.validate()
     if engine is not None:
-        if engine.has_unfinished_requests():
-            raise BenchError("the engine has unfinished requests; benchmark an idle engine")
+        settle(engine)
         peaks = resolve_peaks(engine.config.device, cfg.peak_bandwidth_gbps, cfg.peak_tflops)
         result, compare_inputs = _run(cfg, engine, peaks)
         model_path = engine.config.model.path
@@ -231,6 +239,7 @@ def _run(cfg: ThroughputConfig, engine: Engine, peaks: dict[str, Any]) -> tuple[
     workload = make_workload(cfg, engine)
     _check_fits(engine, cfg, workload)
     _warmup(engine, cfg)
+    drain(engine)
 
     from tqdm import tqdm
 
@@ -265,11 +274,11 @@ def _run(cfg: ThroughputConfig, engine: Engine, peaks: dict[str, Any]) -> tuple[
         bar.close()
         for rid in pending:  # an error or Ctrl-C mid-run: leave the engine clean
             engine.abort(rid)
-        if pending:
-            try:
-                engine.step()  # hand the aborted outputs out here, not to the caller's next step()
-            except Exception:
-                pass
+        try:  # apply a step still in flight (async scheduling) and hand out aborted outputs here,
+            drain(engine)  # not to the caller's next step()
+        except Exception:
+            if not pending:
+                raise
 
     after = _counters(engine)
     outputs = [finals[rid] for rid in ids]

@@ -203,7 +203,9 @@ class Engine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._pending_outputs) or self._inflight is not None
+        # an in-flight step whose requests have all finished holds only discarded work
+        inflight = self._inflight is not None and any(not r.is_finished for r in self._inflight.sampled)
+        return self.scheduler.has_unfinished() or bool(self._pending_outputs) or inflight
 
     @property
     def num_unfinished_requests(self) -> int:
