@@ -1,0 +1,53 @@
+#!/usr/bin/env python3
+"""GPU time per kernel over decode steps (torch.profiler; CUDA-graph replays are traced too).
+
+    python scripts/profile_kernels.py --model qwen3-8b --batch-size 1 --input-len 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from dlengine import EngineBuilder, SamplingParams  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="qwen3-8b")
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--input-len", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=20)
+    args = ap.parse_args()
+    engine = EngineBuilder(args.model).load_format("dummy").dtype("bfloat16").max_model_len(1024).build()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(args.batch_size):
+        engine.add_request(torch.randint(10, 100000, (args.input_len,), generator=g).tolist(),
+                           SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True))
+    for _ in range(10):
+        engine.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            engine.step()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t > 0:
+            rows.append((t / args.steps, e.count / args.steps, e.key))
+    rows.sort(reverse=True)
+    total = sum(r[0] for r in rows)
+    print(f"GPU time per step: {total / 1e3:.3f} ms (sum of kernel times)")
+    for t, n, name in rows[:25]:
+        print(f"{t / 1e3:8.3f} ms  {n:6.1f}/step  {100 * t / total:5.1f}%  {name[:100]}")
+
+
+if __name__ == "__main__":
+    main()
