@@ -68,3 +68,29 @@ def test_rope_write_kv(dtype, heads, kv_heads, head_dim):
     written = torch.zeros(num_blocks * block_size, dtype=torch.bool, device=DEVICE)
     written[slots[keep]] = True
     assert torch.isnan(flat_k[~written]).all()  # nothing else touched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qk_norm_rope_write_kv_on_qkv_views(dtype):
+    """Fused QK-norm + RoPE + KV write, in place on views of a fused qkv projection (as Qwen3 calls it)."""
+    g = torch.Generator().manual_seed(3)
+    t, heads, kv_heads, head_dim, block_size, num_blocks = 9, 4, 2, 16, 4, 8
+    rope = RotaryEmbedding(head_dim, 128, RopeConfig()).to(DEVICE)
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * head_dim, generator=g).to(DEVICE, dtype)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k, v = q.view(t, heads, head_dim), k.view(t, kv_heads, head_dim), v.view(t, kv_heads, head_dim)
+    qw = (1 + 0.3 * torch.randn(head_dim, generator=g)).to(DEVICE, dtype)
+    kw = (1 + 0.3 * torch.randn(head_dim, generator=g)).to(DEVICE, dtype)
+    positions = torch.randint(0, 128, (t,), generator=g).to(DEVICE)
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:t].to(DEVICE)
+    k_cache = torch.full((num_blocks, block_size, kv_heads, head_dim), float("nan"), dtype=dtype, device=DEVICE)
+    v_cache = k_cache.clone()
+    ref_q, ref_k = ops_torch.rope(ops_torch.rms_norm(q, qw, 1e-6), ops_torch.rms_norm(k, kw, 1e-6),
+                                  positions, rope.cos_cached, rope.sin_cached)
+    ref_v = v.clone()
+    triton_ops.rope_write_kv(q, k, v, positions, rope.cos_cached, rope.sin_cached, slots, k_cache, v_cache,
+                             qw, kw, 1e-6)
+    close(q, ref_q, dtype)
+    close(k, ref_k, dtype)
+    close(k_cache.view(-1, kv_heads, head_dim)[slots], ref_k, dtype)
+    close(v_cache.view(-1, kv_heads, head_dim)[slots], ref_v, dtype)

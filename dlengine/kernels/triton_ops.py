@@ -85,10 +85,24 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def _rms_half_pair(x1, x2, w_ptr, d, eps, HALF: tl.constexpr):
+    """RMSNorm of one head held as two halves (fp32 in, fp32 out), with HF rounding: normalise,
+    round to the activation dtype, scale by the weight, round again."""
+    var = (tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / (2 * HALF)
+    r = tl.rsqrt(var + eps)
+    w1 = tl.load(w_ptr + d).to(tl.float32)
+    w2 = tl.load(w_ptr + HALF + d).to(tl.float32)
+    y1 = (w1 * (x1 * r).to(w_ptr.dtype.element_ty).to(tl.float32)).to(w_ptr.dtype.element_ty).to(tl.float32)
+    y2 = (w2 * (x2 * r).to(w_ptr.dtype.element_ty).to(tl.float32)).to(w_ptr.dtype.element_ty).to(tl.float32)
+    return y1, y2
+
+
+@triton.jit
 def _rope_write_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, k_cache_ptr, v_cache_ptr,
+                          qn_ptr, kn_ptr, eps,
                           q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h, cs_stride,
                           NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
-                          WRITE_KV: tl.constexpr):
+                          WRITE_KV: tl.constexpr, HAS_NORM: tl.constexpr):
     t = tl.program_id(0)
     pos = tl.load(pos_ptr + t)
     d = tl.arange(0, HALF)
@@ -98,6 +112,8 @@ def _rope_write_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot_p
         base = q_ptr + t * q_stride_t + h * q_stride_h
         x1 = tl.load(base + d).to(tl.float32)
         x2 = tl.load(base + HALF + d).to(tl.float32)
+        if HAS_NORM:
+            x1, x2 = _rms_half_pair(x1, x2, qn_ptr, d, eps, HALF)
         tl.store(base + d, (x1 * cos - x2 * sin).to(q_ptr.dtype.element_ty))
         tl.store(base + HALF + d, (x2 * cos + x1 * sin).to(q_ptr.dtype.element_ty))
     slot = tl.load(slot_ptr + t)
@@ -105,6 +121,8 @@ def _rope_write_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot_p
         base = k_ptr + t * k_stride_t + h * k_stride_h
         x1 = tl.load(base + d).to(tl.float32)
         x2 = tl.load(base + HALF + d).to(tl.float32)
+        if HAS_NORM:
+            x1, x2 = _rms_half_pair(x1, x2, kn_ptr, d, eps, HALF)
         r1 = x1 * cos - x2 * sin
         r2 = x2 * cos + x1 * sin
         tl.store(base + d, r1.to(k_ptr.dtype.element_ty))
@@ -121,13 +139,19 @@ def _rope_write_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot_p
 
 def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, positions: torch.Tensor,
                   cos: torch.Tensor, sin: torch.Tensor, slot_mapping: torch.Tensor | None = None,
-                  k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None) -> None:
+                  k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
+                  q_norm_weight: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None,
+                  eps: float = 1e-6) -> None:
     """Rotate q [T, H, D] and k [T, Hkv, D] in place (neox layout; cos/sin [max_pos, D] float32,
-    as RotaryEmbedding builds them) and, given the caches, store k and v at `slot_mapping`."""
+    as RotaryEmbedding builds them) and, given the caches, store k and v at `slot_mapping`.
+    With norm weights, each head is RMS-normalised first (Qwen3's QK-norm): norm, rotation and
+    the cache write are then one pass over the step's q/k/v (which may be views of the fused
+    qkv projection)."""
     t, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and head_dim % 2 == 0
     write = k_cache is not None
+    has_norm = q_norm_weight is not None
     if not t:
         return
     if write:
@@ -136,6 +160,7 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, posi
     _rope_write_kv_kernel[(t,)](
         q, k, vv, positions, cos, sin, slot_mapping if write else positions,
         k_cache if write else k, v_cache if write else k,
+        q_norm_weight if has_norm else q, k_norm_weight if has_norm else k, eps,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), vv.stride(0), vv.stride(1), cos.stride(0),
-        NUM_Q_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF=head_dim // 2, WRITE_KV=write,
+        NUM_Q_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF=head_dim // 2, WRITE_KV=write, HAS_NORM=has_norm,
     )

@@ -35,9 +35,11 @@ class Qwen3Attention(nn.Module):
         q, k, v = self.qkv_proj(hidden).split(
             [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim], dim=-1
         )
-        q = self.q_norm(q.reshape(t, self.num_heads, self.head_dim))
-        k = self.k_norm(k.reshape(t, self.num_kv_heads, self.head_dim))
-        out = self.attn(q, k, v.reshape(t, self.num_kv_heads, self.head_dim), ctx, self.rotary, positions)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        # QK-norm, RoPE and the KV-cache write happen inside (one fused kernel on GPUs)
+        out = self.attn(q, k, v, ctx, self.rotary, positions, q_norm=self.q_norm, k_norm=self.k_norm)
         return self.o_proj(out)
 
 

@@ -9,6 +9,7 @@ from torch import nn
 from dlengine.kernels.attention_metadata import AttentionMetadata
 from dlengine.kernels import ops
 from dlengine.kernels.backends import AttentionBackend
+from dlengine.models.layers.norm import RMSNorm
 from dlengine.models.layers.rotary import RotaryEmbedding
 
 
@@ -30,14 +31,21 @@ class PagedAttention(nn.Module):
         self.scale = scale
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext,
-                rotary: RotaryEmbedding | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """q [T, H, D], k/v [T, Hkv, D] -> [T, H * D]. With `rotary`, q and k are rotated first; on
-        GPUs rotation and the KV-cache write are one fused kernel."""
+                rotary: RotaryEmbedding | None = None, positions: torch.Tensor | None = None,
+                q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None) -> torch.Tensor:
+        """q [T, H, D], k/v [T, Hkv, D] -> [T, H * D]. With `q_norm`/`k_norm` (per-head RMSNorm,
+        Qwen3's QK-norm) and `rotary`, q and k are normalised and rotated first; on GPUs the norms,
+        the rotation and the KV-cache write are one fused kernel, in place on q and k."""
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
         if rotary is not None and ops.use_triton(q):
-            ops.triton_ops.rope_write_kv(q, k, v, positions, rotary.cos_cached, rotary.sin_cached,
-                                         ctx.meta.slot_mapping, k_cache, v_cache)
+            ops.triton_ops.rope_write_kv(
+                q, k, v, positions, rotary.cos_cached, rotary.sin_cached, ctx.meta.slot_mapping, k_cache, v_cache,
+                q_norm.weight if q_norm is not None else None, k_norm.weight if k_norm is not None else None,
+                q_norm.eps if q_norm is not None else 1e-6,
+            )
         else:
+            if q_norm is not None:
+                q, k = q_norm(q), k_norm(k)
             if rotary is not None:
                 q, k = rotary(positions, q, k)
             ctx.backend.write_kv(k, v, k_cache, v_cache, ctx.meta)
