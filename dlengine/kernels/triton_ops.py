@@ -103,12 +103,15 @@ def _rope_write_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot_p
                           q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h, cs_stride,
                           NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
                           WRITE_KV: tl.constexpr, HAS_NORM: tl.constexpr):
+    # one program per (token, head): q heads first, then kv heads. A decode step has few tokens,
+    # so spreading heads over programs is what keeps this kernel from being latency-bound.
     t = tl.program_id(0)
+    h = tl.program_id(1)
     pos = tl.load(pos_ptr + t)
     d = tl.arange(0, HALF)
     cos = tl.load(cos_ptr + pos * cs_stride + d)
     sin = tl.load(sin_ptr + pos * cs_stride + d)
-    for h in range(NUM_Q_HEADS):
+    if h < NUM_Q_HEADS:
         base = q_ptr + t * q_stride_t + h * q_stride_h
         x1 = tl.load(base + d).to(tl.float32)
         x2 = tl.load(base + HALF + d).to(tl.float32)
@@ -116,9 +119,9 @@ def _rope_write_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot_p
             x1, x2 = _rms_half_pair(x1, x2, qn_ptr, d, eps, HALF)
         tl.store(base + d, (x1 * cos - x2 * sin).to(q_ptr.dtype.element_ty))
         tl.store(base + HALF + d, (x2 * cos + x1 * sin).to(q_ptr.dtype.element_ty))
-    slot = tl.load(slot_ptr + t)
-    for h in range(NUM_KV_HEADS):
-        base = k_ptr + t * k_stride_t + h * k_stride_h
+    else:
+        kh = h - NUM_Q_HEADS
+        base = k_ptr + t * k_stride_t + kh * k_stride_h
         x1 = tl.load(base + d).to(tl.float32)
         x2 = tl.load(base + HALF + d).to(tl.float32)
         if HAS_NORM:
@@ -128,11 +131,12 @@ def _rope_write_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot_p
         tl.store(base + d, r1.to(k_ptr.dtype.element_ty))
         tl.store(base + HALF + d, r2.to(k_ptr.dtype.element_ty))
         if WRITE_KV:
+            slot = tl.load(slot_ptr + t)
             if slot >= 0:
-                dst = (slot * NUM_KV_HEADS + h) * (2 * HALF)
+                dst = (slot * NUM_KV_HEADS + kh) * (2 * HALF)
                 tl.store(k_cache_ptr + dst + d, r1.to(k_cache_ptr.dtype.element_ty))
                 tl.store(k_cache_ptr + dst + HALF + d, r2.to(k_cache_ptr.dtype.element_ty))
-                vbase = v_ptr + t * v_stride_t + h * v_stride_h
+                vbase = v_ptr + t * v_stride_t + kh * v_stride_h
                 tl.store(v_cache_ptr + dst + d, tl.load(vbase + d).to(v_cache_ptr.dtype.element_ty))
                 tl.store(v_cache_ptr + dst + HALF + d, tl.load(vbase + HALF + d).to(v_cache_ptr.dtype.element_ty))
 
@@ -157,7 +161,7 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, posi
     if write:
         assert v.stride(-1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
     vv = v if write else k
-    _rope_write_kv_kernel[(t,)](
+    _rope_write_kv_kernel[(t, num_heads + num_kv_heads)](
         q, k, vv, positions, cos, sin, slot_mapping if write else positions,
         k_cache if write else k, v_cache if write else k,
         q_norm_weight if has_norm else q, k_norm_weight if has_norm else k, eps,
