@@ -23,7 +23,7 @@ from dlengine.bench.latency import LatencyConfig
 from dlengine.bench.throughput import DATASETS, ThroughputConfig
 from dlengine.builder import LOAD_FORMATS
 from dlengine.config import ConfigError
-from dlengine.kernels.backends import available_attention_backends
+from dlengine.kernels.backends import known_attention_backends
 from dlengine.sampling_params import InvalidRequestError
 
 DEFAULT_BENCH = "throughput"
@@ -43,7 +43,7 @@ def _engine_options() -> argparse.ArgumentParser:
                                                    "the checkpoint's dtype on GPU)")
     g.add_argument("--device", default=_E.device, help="cpu | cuda | cuda:N (default: cuda when available)")
     g.add_argument("--attention-backend", metavar="NAME", default=_E.attention_backend,
-                   help=f"auto or one of {available_attention_backends()} (default: %(default)s)")
+                   help=f"auto or one of {known_attention_backends()} (default: %(default)s)")
     g.add_argument("--seed", type=int, metavar="N", default=_E.seed,
                    help="seeds the workload and the sampler (default: %(default)s)")
     g.add_argument("--block-size", type=int, metavar="N", default=_E.block_size,

@@ -1,8 +1,8 @@
 """Attention backends: one interface, chosen once at build time.
 
 A backend stores this step's K/V into the paged cache and attends the step's queries over it.
-`torch` is the reference (any device). Faster backends (Triton, FlashInfer) plug in here with the
-same two methods; `resolve_attention_backend("auto", device)` picks the best importable one.
+`torch` is the reference (any device). Faster backends (Triton, optional FlashInfer) plug in here
+with the same two methods; `resolve_attention_backend("auto", device)` picks Triton or torch.
 """
 
 from __future__ import annotations
@@ -45,9 +45,15 @@ def _triton_backend():
     return TritonAttentionBackend
 
 
+def _flashinfer_backend():
+    from dlengine.kernels.flashinfer_attention import FlashInferAttentionBackend
+
+    return FlashInferAttentionBackend
+
+
 # name -> zero-argument loader of the backend class (imports stay lazy: optional packages)
-_BACKENDS = {"torch": lambda: TorchAttentionBackend, "triton": _triton_backend}
-_INSTALL_HINT = {"triton": "pip install triton"}
+_BACKENDS = {"torch": lambda: TorchAttentionBackend, "triton": _triton_backend, "flashinfer": _flashinfer_backend}
+_INSTALL_HINT = {"triton": "pip install triton", "flashinfer": "pip install flashinfer-python"}
 
 
 def _importable(name: str) -> bool:
@@ -58,13 +64,19 @@ def _importable(name: str) -> bool:
         return False
 
 
+def known_attention_backends() -> list[str]:
+    """Every backend name, importable here or not (no imports: cheap for --help texts)."""
+    return sorted(_BACKENDS)
+
+
 def available_attention_backends() -> list[str]:
     return sorted(n for n in _BACKENDS if _importable(n))
 
 
 def resolve_attention_backend(name: str, device: torch.device) -> AttentionBackend:
-    """Return the backend object for `name`; "auto" takes the fastest that works on `device`:
-    Triton on CUDA when it imports, else the torch reference."""
+    """Return the backend object for `name`; "auto" takes the best that works on `device`:
+    Triton on CUDA when it imports (our kernels, capturable in CUDA graphs), else the torch
+    reference. FlashInfer is never picked by "auto"; ask for it by name."""
     if name == "auto":
         name = "triton" if device.type == "cuda" and _importable("triton") else "torch"
     if name not in _BACKENDS:
@@ -80,4 +92,6 @@ def resolve_attention_backend(name: str, device: torch.device) -> AttentionBacke
 
         if not interpret_mode():
             raise ConfigError("the triton attention backend needs a CUDA device (or TRITON_INTERPRET=1 for tests)")
+    if name == "flashinfer" and device.type != "cuda":
+        raise ConfigError(f"the flashinfer attention backend needs a CUDA device, not {device}")
     return cls()
