@@ -2,8 +2,15 @@
 
 Loading is a rename table, not code: a checkpoint name either matches a parameter, or matches
 one of the model's `stacked_params` (HF q/k/v or gate/up projections stored in one GEMM), and
-the parameter's `weight_loader` copies it in. Missing or unexpected tensors are errors that name
-the tensor, so a wrong checkpoint never runs with uninitialised weights.
+the parameter's `weight_loader` copies it in. Models with experts add `expert_params` rows
+(checked first, they are the more specific names): per-expert tensors load into slices of one
+stacked parameter, fused 3-D ones into the whole of it. Missing or unexpected tensors are errors
+that name the tensor, so a wrong checkpoint never runs with uninitialised weights.
+
+A row is (our name, HF name, shard id[, completeness keys]). The HF name matches a checkpoint
+name as whole dot-separated parts, inside it or at its end, and is replaced by ours. A parameter
+a row targets is complete when every completeness key its rows list was loaded (default: the
+shard id), so a parameter filled by one fused tensor or by many shards is checked the same way.
 """
 
 from __future__ import annotations
@@ -31,20 +38,38 @@ def iter_safetensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
+def _rename_table(model: nn.Module) -> list[tuple[str, str, object, tuple]]:
+    rows = []
+    for row in list(getattr(model, "expert_params", [])) + list(getattr(model, "stacked_params", [])):
+        param_name, hf_name, shard_id, *keys = row
+        rows.append((param_name, hf_name, shard_id, tuple(keys[0]) if keys else (shard_id,)))
+    return rows
+
+
+def _matches(name: str, fragment: str) -> bool:
+    return f".{fragment}." in name or name.endswith(f".{fragment}")
+
+
+def _rename(name: str, hf_name: str, param_name: str) -> str:
+    if f".{hf_name}." in name:
+        return name.replace(f".{hf_name}.", f".{param_name}.")
+    return name[: -len(hf_name)] + param_name
+
+
 def load_weights(model: nn.Module, path: str) -> None:
     params = dict(model.named_parameters(remove_duplicate=False))
     tied = getattr(model.config, "tie_word_embeddings", False)
-    stacked = getattr(model, "stacked_params", [])
+    table = _rename_table(model)
     loaded: set[str] = set()
     for name, tensor in iter_safetensors(path):
         if name.endswith(_IGNORED_SUFFIXES):
             continue
         if tied and name == "lm_head.weight":
             continue  # the embedding matrix is used
-        target, shard = name, None
-        for param_name, hf_name, shard_id in stacked:
-            if f".{hf_name}." in name:
-                target, shard = name.replace(f".{hf_name}.", f".{param_name}."), shard_id
+        target, shard, keys = name, None, None
+        for param_name, hf_name, shard_id, row_keys in table:
+            if _matches(name, hf_name):
+                target, shard, keys = _rename(name, hf_name, param_name), shard_id, row_keys
                 break
         param = params.get(target)
         if param is None:
@@ -56,24 +81,27 @@ def load_weights(model: nn.Module, path: str) -> None:
                 loader(param, tensor)
             else:
                 loader(param, tensor, shard)
-        loaded.add(target if shard is None else f"{target}#{shard}")
-    _check_complete(model, params, loaded, stacked, tied)
+        if keys is None:
+            loaded.add(target)
+        else:
+            loaded.update(f"{target}#{k}" for k in keys)
+    _check_complete(model, params, loaded, table, tied)
 
 
-def _check_complete(model, params, loaded, stacked, tied) -> None:
+def _check_complete(model, params, loaded, table, tied) -> None:
     missing = []
-    shards_of: dict[str, list[str]] = {}
-    for param_name, _, shard_id in stacked:
-        shards_of.setdefault(param_name, []).append(shard_id)
+    keys_of: dict[str, dict] = {}  # ordered sets
+    for param_name, _, _, keys in table:
+        keys_of.setdefault(param_name, {}).update(dict.fromkeys(keys))
     for name in params:
         if tied and name == "lm_head.weight":
             continue
-        stack = next((p for p in shards_of if f".{p}." in name), None)
+        stack = next((p for p in keys_of if _matches(name, p)), None)
         if stack is None:
             if name not in loaded:
                 missing.append(name)
         else:
-            missing += [f"{name}#{s}" for s in shards_of[stack] if f"{name}#{s}" not in loaded]
+            missing += [f"{name}#{k}" for k in keys_of[stack] if f"{name}#{k}" not in loaded]
     if missing:
         shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
         raise ConfigError(f"checkpoint is missing {len(missing)} tensors for {type(model).__name__}: {shown}")

@@ -6,9 +6,11 @@ from torch import nn
 
 from dlengine.config import ConfigError, ModelConfig
 from dlengine.models.qwen3 import Qwen3ForCausalLM
+from dlengine.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
 }
 
 

@@ -1,9 +1,10 @@
 """Deterministic tiny checkpoints built with transformers' own model classes.
 
 No weights can be downloaded in CI, so tests, docs and the CLI's default model use checkpoints
-made here: transformers' `Qwen3ForCausalLM` with random weights from a fixed seed, written with
-`save_pretrained` next to a small byte-level BPE tokenizer. They are cached on disk (under
-$DLENGINE_CACHE or ~/.cache/dlengine) keyed by a recipe version, so they are built once.
+made here: transformers' `Qwen3ForCausalLM` (or `Qwen3MoeForCausalLM`) with random weights from a
+fixed seed, written with `save_pretrained` next to a small byte-level BPE tokenizer. They are
+cached on disk (under $DLENGINE_CACHE or ~/.cache/dlengine) keyed by a recipe version, so they are
+built once.
 
 Weights are drawn at about 1/sqrt(hidden) rather than HF's 0.02, and norm weights are
 re-randomised: with near-uniform attention a RoPE, mask or cache bug would hide inside the
@@ -18,7 +19,9 @@ import shutil
 import tempfile
 
 RECIPE_VERSION = "1"
-PRESETS = {"tiny-qwen3": "qwen3", "tiny-qwen3-yarn": "qwen3-yarn", "tiny-qwen3-untied": "qwen3-untied"}
+PRESETS = {"tiny-qwen3": "qwen3", "tiny-qwen3-yarn": "qwen3-yarn", "tiny-qwen3-untied": "qwen3-untied",
+           "tiny-qwen3-moe": "qwen3-moe"}
+ROUTER_GAIN = 2.0  # qwen3-moe: router weights are drawn this much larger, for decisive routing
 
 _CORPUS = (
     "The quick brown fox jumps over the lazy dog. Paged attention keeps the key value cache in "
@@ -59,6 +62,11 @@ def _model_config(kind: str) -> dict:
         cfg["tie_word_embeddings"] = False
         cfg["num_hidden_layers"] = 3
         cfg["attention_bias"] = True
+    elif kind == "qwen3-moe":
+        # 3 layers, the middle one dense (mlp_only_layers); moe_intermediate_size 24 keeps the
+        # stacked expert tensors non-square ([8, 48, 64] and [8, 64, 24]), so a transposed load fails
+        cfg.update(num_hidden_layers=3, tie_word_embeddings=False, num_experts=8, num_experts_per_tok=2,
+                   moe_intermediate_size=24, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1])
     elif kind != "qwen3":
         raise ValueError(f"unknown tiny model kind {kind!r}; known: {sorted(set(PRESETS.values()))}")
     return cfg
@@ -98,12 +106,22 @@ def _sharpen(model, seed: int) -> None:
 
 def build_tiny_checkpoint(kind: str, path: str, seed: int = 0) -> str:
     import torch
-    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+    from transformers import GenerationConfig
 
-    cfg = Qwen3Config(**_model_config(kind))
+    if kind.endswith("-moe"):
+        from transformers import Qwen3MoeConfig as config_cls, Qwen3MoeForCausalLM as model_cls
+    else:
+        from transformers import Qwen3Config as config_cls, Qwen3ForCausalLM as model_cls
+
+    cfg = config_cls(**_model_config(kind))
     torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(cfg).to(torch.float32)
+    model = model_cls(cfg).to(torch.float32)
     _sharpen(model, seed)
+    if kind.endswith("-moe"):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("mlp.gate.weight"):
+                    p.mul_(ROUTER_GAIN)
     model.save_pretrained(path, safe_serialization=True)
     GenerationConfig(eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id).save_pretrained(path)
     build_tokenizer(cfg.vocab_size).save_pretrained(path)

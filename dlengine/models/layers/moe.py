@@ -1,0 +1,142 @@
+"""Mixture-of-experts FFN: a router picks `top_k` experts per token, each expert is a SwiGLU MLP,
+and the token's output is the routing-weighted sum of its experts' outputs.
+
+`FusedMoE` stores every expert of a layer in two stacked tensors, as fused MoE kernels want them:
+
+    w13_weight [E, 2 * I, H]   gate_proj then up_proj of each expert (one GEMM, like MergedLinear)
+    w2_weight  [E, H, I]       down_proj of each expert
+
+Checkpoints come in two layouts and both load (see `FusedMoE.checkpoint_mapping`): one tensor per
+expert and projection (`mlp.experts.{e}.gate_proj.weight`, what released Qwen3-MoE checkpoints
+hold) and fused 3-D tensors (`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj`
+[E, H, I], transformers 5's in-memory layout).
+
+Routing is a separate module so other families plug in their own: a router maps the gate's logits
+[T, E] to (weights [T, K] in float32, expert ids [T, K]). `SoftmaxTopKRouter` is Qwen/Mixtral's;
+DeepSeek-V3's grouped sigmoid router (with its score-correction bias parameter and scaling factor)
+will be another module with the same call signature.
+
+`fused_experts_torch` is the reference the fused kernel will be tested against (same signature).
+Its numerics follow transformers' default experts path: softmax in float32, routing weights cast
+to the activation dtype, each (token, expert) output weighted in the activation dtype, and the
+per-token sum taken over the k slots in routing order (a deterministic reduction, unlike
+`index_add_`, whose order of duplicate-index adds is not fixed on CUDA).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dlengine.kernels import ops
+
+
+class SoftmaxTopKRouter(nn.Module):
+    """softmax over all experts (float32) -> top-k -> optionally renormalise the k weights to sum
+    to 1 (`norm_topk_prob`)."""
+
+    def __init__(self, top_k: int, renormalize: bool) -> None:
+        super().__init__()
+        self.top_k, self.renormalize = top_k, renormalize
+
+    def forward(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, ids
+
+
+def fused_experts_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                        topk_ids: torch.Tensor) -> torch.Tensor:
+    """x [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_weights/topk_ids [T, K] -> [T, H].
+
+    The T * K (token, expert) pairs are sorted by expert so each expert runs one GEMM pair over its
+    tokens; experts that received no token are skipped. Counting tokens per expert reads them on
+    the host, which a CUDA graph cannot capture: while capturing, every expert runs on every token
+    instead and the pairs pick their rows (the same numbers, E times the work)."""
+    t, k = topk_ids.shape
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return _fused_experts_dense(x, w13, w2, topk_weights, topk_ids)
+    flat_ids = topk_ids.reshape(-1)
+    sorted_ids, order = torch.sort(flat_ids, stable=True)  # pair order[j] is the j-th by expert
+    counts = torch.bincount(sorted_ids, minlength=w13.shape[0]).tolist()
+    tokens = order // k
+    out = x.new_empty(t * k, x.shape[1])
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        rows, pairs = tokens[start : start + n], order[start : start + n]
+        out[pairs] = F.linear(ops.silu_and_mul(F.linear(x[rows], w13[e])), w2[e])
+        start += n
+    return _combine(out, topk_weights, t, k)
+
+
+def _fused_experts_dense(x, w13, w2, topk_weights, topk_ids):
+    t, k = topk_ids.shape
+    out = x.new_zeros(t, k, x.shape[1])
+    for e in range(w13.shape[0]):
+        y = F.linear(ops.silu_and_mul(F.linear(x, w13[e])), w2[e])
+        out = torch.where((topk_ids == e).unsqueeze(-1), y.unsqueeze(1), out)
+    return _combine(out.view(t * k, -1), topk_weights, t, k)
+
+
+def _combine(pair_out: torch.Tensor, topk_weights: torch.Tensor, t: int, k: int) -> torch.Tensor:
+    weighted = pair_out * topk_weights.reshape(-1, 1).to(pair_out.dtype)
+    return weighted.view(t, k, -1).sum(dim=1)
+
+
+class FusedMoE(nn.Module):
+    """All experts of one layer; `forward(x, router_logits)` routes and runs them."""
+
+    def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
+                 router: nn.Module) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = num_experts, top_k
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        self.router = router
+        e, h, i = num_experts, hidden_size, intermediate_size
+        self.w13_weight = nn.Parameter(torch.empty(e, 2 * i, h), requires_grad=False)
+        self.w2_weight = nn.Parameter(torch.empty(e, h, i), requires_grad=False)
+        self.w13_weight.weight_loader = self.weight_loader
+        self.w2_weight.weight_loader = self.weight_loader
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, top_k={self.top_k}, hidden_size={self.hidden_size}, "
+                f"intermediate_size={self.intermediate_size}")
+
+    def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        topk_weights, topk_ids = self.router(router_logits)
+        return fused_experts_torch(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
+
+    # ------------------------------------------------------------------ loading
+    @staticmethod
+    def checkpoint_mapping(num_experts: int) -> list[tuple[str, str, object, tuple[str, ...]]]:
+        """Rows for the loader's rename table: (our name, HF name, shard id, completeness keys).
+        A parameter is complete when all its keys were loaded, by either layout."""
+        rows: list[tuple[str, str, object, tuple[str, ...]]] = []
+        for e in range(num_experts):
+            for hf, ours, shard in (("gate_proj", "w13_weight", "gate"), ("up_proj", "w13_weight", "up"),
+                                    ("down_proj", "w2_weight", "down")):
+                rows.append((f"experts.{ours}", f"experts.{e}.{hf}.weight", (shard, e), (f"{shard}.{e}",)))
+        every = range(num_experts)
+        rows.append(("experts.w13_weight", "experts.gate_up_proj", None,
+                     tuple(f"gate.{e}" for e in every) + tuple(f"up.{e}" for e in every)))
+        rows.append(("experts.w2_weight", "experts.down_proj", None, tuple(f"down.{e}" for e in every)))
+        return rows
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: tuple[str, int] | None = None) -> None:
+        """shard_id None: a fused 3-D tensor holding the whole parameter; ("gate" | "up" | "down",
+        e): one expert's projection, copied into its slice."""
+        if shard_id is None:
+            target = param.data
+        else:
+            shard, e = shard_id
+            i = self.intermediate_size
+            target = {"gate": param.data[e, :i], "up": param.data[e, i:], "down": param.data[e]}[shard]
+        if loaded.shape != target.shape:
+            raise ValueError(f"checkpoint tensor {shard_id or 'fused experts'} has shape {tuple(loaded.shape)}, "
+                             f"expected {tuple(target.shape)}")
+        target.copy_(loaded)
