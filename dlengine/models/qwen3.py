@@ -55,12 +55,15 @@ class Qwen3MLP(nn.Module):
 
 
 class Qwen3DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding) -> None:
+    """Pre-norm block: attention, then the feed-forward `mlp` (a dense SwiGLU unless the model
+    passes another, e.g. Qwen3-MoE's sparse block)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, mlp: nn.Module | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Qwen3Attention(cfg, layer_idx, rotary)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = Qwen3MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = mlp if mlp is not None else Qwen3MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, positions, hidden, residual, ctx):
         if residual is None:
@@ -74,11 +77,14 @@ class Qwen3DecoderLayer(nn.Module):
 
 
 class Qwen3Model(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_position: int) -> None:
+    def __init__(self, cfg: ModelConfig, max_position: int, make_mlp=None) -> None:
+        """`make_mlp(layer_idx)` builds a layer's feed-forward block (default: dense SwiGLU)."""
         super().__init__()
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         rotary = RotaryEmbedding(cfg.head_dim, max_position, cfg.rope)
-        self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg, i, rotary) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            Qwen3DecoderLayer(cfg, i, rotary, make_mlp(i) if make_mlp else None) for i in range(cfg.num_hidden_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids, positions, ctx):

@@ -15,12 +15,10 @@ from torch import nn
 
 from dlengine.config import ConfigError, ModelConfig
 from dlengine.models.layers.attention import ForwardContext
-from dlengine.models.layers.embedding import Embedding, LMHead
+from dlengine.models.layers.embedding import LMHead
 from dlengine.models.layers.linear import Linear
 from dlengine.models.layers.moe import FusedMoE, SoftmaxTopKRouter
-from dlengine.models.layers.norm import RMSNorm
-from dlengine.models.layers.rotary import RotaryEmbedding
-from dlengine.models.qwen3 import Qwen3Attention, Qwen3ForCausalLM, Qwen3MLP
+from dlengine.models.qwen3 import Qwen3ForCausalLM, Qwen3MLP, Qwen3Model
 
 
 class MoeSettings:
@@ -65,44 +63,6 @@ class Qwen3MoeSparseBlock(nn.Module):
         return self.experts(x, self.gate(x))
 
 
-class Qwen3MoeDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, moe: MoeSettings, layer_idx: int, rotary: RotaryEmbedding) -> None:
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Qwen3Attention(cfg, layer_idx, rotary)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        if moe.is_sparse(layer_idx):
-            self.mlp: nn.Module = Qwen3MoeSparseBlock(cfg.hidden_size, moe)
-        else:
-            self.mlp = Qwen3MLP(cfg.hidden_size, cfg.intermediate_size)
-
-    def forward(self, positions, hidden, residual, ctx):
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, ctx)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
-
-
-class Qwen3MoeModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, moe: MoeSettings, max_position: int) -> None:
-        super().__init__()
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
-        rotary = RotaryEmbedding(cfg.head_dim, max_position, cfg.rope)
-        self.layers = nn.ModuleList(Qwen3MoeDecoderLayer(cfg, moe, i, rotary) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-    def forward(self, input_ids, positions, ctx):
-        hidden, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual, ctx)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
-
-
 class Qwen3MoeForCausalLM(nn.Module):
     stacked_params = Qwen3ForCausalLM.stacked_params  # q/k/v and the dense layers' gate/up
 
@@ -112,7 +72,10 @@ class Qwen3MoeForCausalLM(nn.Module):
         self.moe = MoeSettings(cfg)
         # per-expert or fused expert tensors -> the stacked w13/w2 parameters (checked before stacked_params)
         self.expert_params = FusedMoE.checkpoint_mapping(self.moe.num_experts)
-        self.model = Qwen3MoeModel(cfg, self.moe, max_position)
+        moe = self.moe
+        self.model = Qwen3Model(cfg, max_position, make_mlp=lambda i: (
+            Qwen3MoeSparseBlock(cfg.hidden_size, moe) if moe.is_sparse(i)
+            else Qwen3MLP(cfg.hidden_size, cfg.intermediate_size)))
         tied_to = self.model.embed_tokens if cfg.tie_word_embeddings else None
         self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size, tied_to)
 
