@@ -14,7 +14,7 @@ from typing import Iterable, Iterator, Sequence, Union
 from dlengine.cache.block_manager import BlockManager
 from dlengine.cache.kv_cache import KVCache
 from dlengine.config import EngineConfig
-from dlengine.engine.request import Request, RequestOutput, RequestStatus
+from dlengine.engine.request import Request, RequestOutput
 from dlengine.engine.runner import ModelRunner
 from dlengine.engine.scheduler import Scheduler
 from dlengine.sampling_params import InvalidRequestError, SamplingParams
