@@ -175,6 +175,16 @@ class EngineBuilder:
         if self._load_format not in LOAD_FORMATS:
             raise ConfigError(f"unknown load_format {self._load_format!r}; choose one of {LOAD_FORMATS}")
 
+        attention = self._attention
+        if model.uses_mla:  # MLA attends over a latent cache: only the torch reference does that yet
+            if attention not in ("auto", "torch"):
+                raise ConfigError(
+                    f"attention backend {attention!r} does not support multi-head latent attention (MLA, "
+                    f"{model.architecture}); MLA models run with the torch attention backend only for now: "
+                    "use attention('torch') or attention('auto')"
+                )
+            attention = "torch"
+
         device = torch.device(self._device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device 'cuda' was asked for but torch sees no CUDA device")
@@ -198,7 +208,7 @@ class EngineBuilder:
             )
         return EngineConfig(
             model=model, cache=cache, scheduler=sched, parallel=parallel, dtype=dtype, device=device,
-            role=self._role, attention_backend=self._attention, load_format=self._load_format,
+            role=self._role, attention_backend=attention, load_format=self._load_format,
             seed=self._seed, max_model_len=max_model_len,
             async_scheduling=device.type == "cuda" if self._async_scheduling is None else self._async_scheduling,
         )

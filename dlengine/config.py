@@ -115,9 +115,24 @@ class ModelConfig:
     hf_config: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     @property
+    def uses_mla(self) -> bool:
+        """Multi-head latent attention (DeepSeek-V2/V3, Kimi-K2): the KV cache holds a latent."""
+        return bool(self.hf_config.get("kv_lora_rank"))
+
+    @property
+    def kv_cache_geometry(self) -> tuple[int, int, int]:
+        """(heads, K head_dim, V head_dim) of one token's paged KV entry in one layer. GQA/MHA:
+        (num_key_value_heads, head_dim, head_dim). MLA: one "head" holding the latent
+        (kv_lora_rank normalised c_kv + qk_rope_head_dim rotated k_pe) in K, and no V."""
+        if self.uses_mla:
+            return 1, int(self.hf_config["kv_lora_rank"]) + int(self.hf_config.get("qk_rope_head_dim", 0) or 0), 0
+        return self.num_key_value_heads, self.head_dim, self.head_dim
+
+    @property
     def kv_bytes_per_token_per_layer_elem(self) -> int:
         """K and V elements per token per layer (dtype-independent)."""
-        return 2 * self.num_key_value_heads * self.head_dim
+        heads, k_dim, v_dim = self.kv_cache_geometry
+        return heads * (k_dim + v_dim)
 
     @staticmethod
     def from_pretrained(path: str | os.PathLike) -> "ModelConfig":

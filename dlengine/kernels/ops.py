@@ -19,6 +19,14 @@ except Exception:  # noqa: BLE001 - any import failure means "no triton here"
     triton_ops = None
     HAS_TRITON = False
 
+try:
+    from dlengine.kernels import fused_moe_triton
+
+    HAS_FUSED_MOE = True
+except Exception:  # noqa: BLE001
+    fused_moe_triton = None
+    HAS_FUSED_MOE = False
+
 _DISABLED = os.environ.get("DLENGINE_DISABLE_TRITON_OPS") == "1"
 
 
@@ -42,3 +50,14 @@ def rope(q, k, positions, cos, sin):
         triton_ops.rope_write_kv(q, k, None, positions, cos, sin)
         return q, k
     return ops_torch.rope(q, k, positions, cos, sin)
+
+
+def fused_experts(x, w13, w2, topk_weights, topk_ids):
+    """MoE experts: x [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_weights/ids [T, K] -> [T, H].
+    The Triton path has no host syncs, so it also runs inside CUDA-graph captures; the torch
+    reference falls back to a dense all-experts computation while capturing."""
+    if HAS_FUSED_MOE and use_triton(x):
+        return fused_moe_triton.fused_experts_triton(x, w13, w2, topk_weights, topk_ids)
+    from dlengine.models.layers.moe import fused_experts_torch  # moe imports this module
+
+    return fused_experts_torch(x, w13, w2, topk_weights, topk_ids)

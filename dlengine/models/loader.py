@@ -5,7 +5,9 @@ one of the model's `stacked_params` (HF q/k/v or gate/up projections stored in o
 the parameter's `weight_loader` copies it in. Models with experts add `expert_params` rows
 (checked first, they are the more specific names): per-expert tensors load into slices of one
 stacked parameter, fused 3-D ones into the whole of it. Missing or unexpected tensors are errors
-that name the tensor, so a wrong checkpoint never runs with uninitialised weights.
+that name the tensor, so a wrong checkpoint never runs with uninitialised weights. A model may
+declare tensors it does not use with `skip_checkpoint_tensor(name) -> bool` (DeepSeek-V3's
+multi-token-prediction layers).
 
 A row is (our name, HF name, shard id[, completeness keys]). The HF name matches a checkpoint
 name as whole dot-separated parts, inside it or at its end, and is replaced by ours. A parameter
@@ -61,8 +63,12 @@ def load_weights(model: nn.Module, path: str) -> None:
     tied = getattr(model.config, "tie_word_embeddings", False)
     table = _rename_table(model)
     loaded: set[str] = set()
+    # a model may declare checkpoint tensors it does not use (e.g. DeepSeek-V3's MTP layers)
+    skip = getattr(model, "skip_checkpoint_tensor", None)
     for name, tensor in iter_safetensors(path):
         if name.endswith(_IGNORED_SUFFIXES):
+            continue
+        if skip is not None and skip(name):
             continue
         if tied and name == "lm_head.weight":
             continue  # the embedding matrix is used

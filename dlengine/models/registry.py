@@ -5,10 +5,12 @@ from __future__ import annotations
 from torch import nn
 
 from dlengine.config import ConfigError, ModelConfig
+from dlengine.models.deepseek_v3 import DeepseekV3ForCausalLM
 from dlengine.models.qwen3 import Qwen3ForCausalLM
 from dlengine.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+    "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,  # also Kimi-K2
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
 }

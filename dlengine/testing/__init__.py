@@ -1,7 +1,7 @@
 """Deterministic tiny checkpoints built with transformers' own model classes.
 
 No weights can be downloaded in CI, so tests, docs and the CLI's default model use checkpoints
-made here: transformers' `Qwen3ForCausalLM` (or `Qwen3MoeForCausalLM`) with random weights from a
+made here: transformers' `Qwen3ForCausalLM` (or `Qwen3MoeForCausalLM`, `DeepseekV3ForCausalLM`) with random weights from a
 fixed seed, written with `save_pretrained` next to a small byte-level BPE tokenizer. They are
 cached on disk (under $DLENGINE_CACHE or ~/.cache/dlengine) keyed by a recipe version, so they are
 built once.
@@ -20,7 +20,7 @@ import tempfile
 
 RECIPE_VERSION = "1"
 PRESETS = {"tiny-qwen3": "qwen3", "tiny-qwen3-yarn": "qwen3-yarn", "tiny-qwen3-untied": "qwen3-untied",
-           "tiny-qwen3-moe": "qwen3-moe"}
+           "tiny-qwen3-moe": "qwen3-moe", "tiny-deepseek-v3": "deepseek-v3", "tiny-kimi-k2": "kimi-k2"}
 ROUTER_GAIN = 2.0  # qwen3-moe: router weights are drawn this much larger, for decisive routing
 
 _CORPUS = (
@@ -39,7 +39,36 @@ def cache_root() -> str:
     return root
 
 
+_DEEPSEEK_KINDS = ("deepseek-v3", "kimi-k2")
+
+
+def _deepseek_config(kind: str) -> dict:
+    """DeepseekV3Config fields: MLA attention (q and kv LoRA ranks, decoupled interleaved RoPE on
+    8 dims, YaRN with mscale), one dense layer then sparse ones with a shared expert. moe sizes are
+    non-square so a transposed load fails. "kimi-k2" is Kimi-K2's shape of the same architecture:
+    one expert group (plain top-k over sigmoid scores), more experts, its scaling factor."""
+    cfg = dict(
+        vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=24,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, first_k_dense_replace=1,
+        n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, n_shared_experts=1,
+        routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=32, kv_lora_rank=32,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, max_position_embeddings=1024,
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                      "original_max_position_embeddings": 256, "beta_fast": 32, "beta_slow": 1,
+                      "rope_theta": 10000.0},
+        rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, rope_interleave=True,
+        bos_token_id=None, eos_token_id=1, pad_token_id=0,
+    )
+    if kind == "kimi-k2":
+        cfg.update(n_routed_experts=16, num_experts_per_tok=4, n_group=1, topk_group=1,
+                   routed_scaling_factor=2.827, num_attention_heads=2, num_key_value_heads=2,
+                   q_lora_rank=48, kv_lora_rank=24, qk_nope_head_dim=24, v_head_dim=20)
+    return cfg
+
+
 def _model_config(kind: str) -> dict:
+    if kind in _DEEPSEEK_KINDS:
+        return _deepseek_config(kind)
     cfg = dict(
         vocab_size=512,
         hidden_size=64,
@@ -110,6 +139,8 @@ def build_tiny_checkpoint(kind: str, path: str, seed: int = 0) -> str:
 
     if kind.endswith("-moe"):
         from transformers import Qwen3MoeConfig as config_cls, Qwen3MoeForCausalLM as model_cls
+    elif kind in _DEEPSEEK_KINDS:
+        from transformers import DeepseekV3Config as config_cls, DeepseekV3ForCausalLM as model_cls
     else:
         from transformers import Qwen3Config as config_cls, Qwen3ForCausalLM as model_cls
 
@@ -117,11 +148,19 @@ def build_tiny_checkpoint(kind: str, path: str, seed: int = 0) -> str:
     torch.manual_seed(seed)
     model = model_cls(cfg).to(torch.float32)
     _sharpen(model, seed)
-    if kind.endswith("-moe"):
+    if kind.endswith("-moe") or kind in _DEEPSEEK_KINDS:
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name.endswith("mlp.gate.weight"):
                     p.mul_(ROUTER_GAIN)
+    if kind in _DEEPSEEK_KINDS:
+        # transformers initialises the score-correction bias (a buffer, which _sharpen skips) to
+        # zeros: randomise it so that selecting with it and weighting without it are both tested
+        gen = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                if name.endswith("e_score_correction_bias"):
+                    b.copy_(0.3 * torch.randn(b.shape, generator=gen))
     model.save_pretrained(path, safe_serialization=True)
     GenerationConfig(eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id).save_pretrained(path)
     build_tokenizer(cfg.vocab_size).save_pretrained(path)

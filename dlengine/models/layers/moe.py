@@ -13,8 +13,8 @@ hold) and fused 3-D tensors (`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts
 
 Routing is a separate module so other families plug in their own: a router maps the gate's logits
 [T, E] to (weights [T, K] in float32, expert ids [T, K]). `SoftmaxTopKRouter` is Qwen/Mixtral's;
-DeepSeek-V3's grouped sigmoid router (with its score-correction bias parameter and scaling factor)
-will be another module with the same call signature.
+`GroupedTopKRouter` is DeepSeek-V3's (and Kimi-K2's) grouped sigmoid router, with its
+score-correction bias parameter and scaling factor.
 
 `fused_experts_torch` is the reference the fused kernel will be tested against (same signature).
 Its numerics follow transformers' default experts path: softmax in float32, routing weights cast
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlengine.kernels import ops
+from dlengine.models.layers.linear import default_weight_loader
 
 
 class SoftmaxTopKRouter(nn.Module):
@@ -46,6 +47,54 @@ class SoftmaxTopKRouter(nn.Module):
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights, ids
+
+
+class GroupedTopKRouter(nn.Module):
+    """DeepSeek-V3 / Kimi-K2 routing ("noaux_tc"), as transformers' DeepseekV3TopkRouter computes it:
+
+    scores = sigmoid(logits) in float32; the choice uses scores + `e_score_correction_bias` (a
+    per-expert parameter the checkpoint holds, float32): experts are split into `num_groups`
+    groups, a group scores the sum of its two best biased scores, only the `topk_groups` best
+    groups stay eligible, and the top-k eligible experts are chosen. Their weights are the
+    *unbiased* scores, renormalised to sum to 1 if `renormalize` (norm_topk_prob), then
+    multiplied by `routed_scaling_factor`. One group (Kimi-K2) is plain top-k."""
+
+    def __init__(self, num_experts: int, top_k: int, num_groups: int, topk_groups: int, renormalize: bool,
+                 routed_scaling_factor: float) -> None:
+        super().__init__()
+        if num_groups < 1 or num_experts % num_groups:
+            raise ValueError(f"n_group={num_groups} must divide the {num_experts} routed experts")
+        if not 1 <= topk_groups <= num_groups:
+            raise ValueError(f"topk_group={topk_groups} must be in [1, n_group={num_groups}]")
+        if top_k > topk_groups * (num_experts // num_groups):
+            raise ValueError(f"top-{top_k} routing cannot pick from {topk_groups} groups of "
+                             f"{num_experts // num_groups} experts")
+        self.num_experts, self.top_k = num_experts, top_k
+        self.num_groups, self.topk_groups = num_groups, topk_groups
+        self.renormalize, self.routed_scaling_factor = renormalize, float(routed_scaling_factor)
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(num_experts, dtype=torch.float32),
+                                                    requires_grad=False)
+        self.e_score_correction_bias.weight_loader = default_weight_loader
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, top_k={self.top_k}, groups={self.topk_groups}/{self.num_groups}, "
+                f"renormalize={self.renormalize}, routed_scaling_factor={self.routed_scaling_factor}")
+
+    def forward(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = router_logits.float().sigmoid()
+        choice = scores + self.e_score_correction_bias
+        per_group = self.num_experts // self.num_groups
+        if self.topk_groups < self.num_groups:  # otherwise every group stays eligible
+            group_scores = choice.view(-1, self.num_groups, per_group).topk(min(2, per_group), dim=-1)[0].sum(dim=-1)
+            group_idx = torch.topk(group_scores, k=self.topk_groups, dim=-1, sorted=False)[1]
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
+            expert_mask = group_mask.unsqueeze(-1).expand(-1, self.num_groups, per_group).reshape(-1, self.num_experts)
+            choice = choice.masked_fill(~expert_mask, float("-inf"))
+        ids = torch.topk(choice, k=self.top_k, dim=-1, sorted=False)[1]
+        weights = scores.gather(1, ids)
+        if self.renormalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.routed_scaling_factor, ids
 
 
 def fused_experts_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
@@ -109,7 +158,7 @@ class FusedMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         topk_weights, topk_ids = self.router(router_logits)
-        return fused_experts_torch(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
+        return ops.fused_experts(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
 
     # ------------------------------------------------------------------ loading
     @staticmethod

@@ -1,0 +1,50 @@
+"""Plain torch reference for multi-head latent attention (MLA, DeepSeek-V2/V3, Kimi-K2) over a
+paged *latent* cache.
+
+What the cache holds per token and layer is one "head" of `kv_lora_rank + qk_rope_head_dim`
+numbers: the normalised compressed KV `c_kv` followed by the rotated, head-shared `k_pe`. That is
+the K tensor of the layer ([num_blocks, block_size, 1, kv_lora_rank + rope_dim]); the V tensor is
+empty (see ModelConfig.kv_cache_geometry).
+
+Attention expands each request's latent context through `kv_b_proj` into per-head `k_nope` and
+`v` ("non-absorbed" MLA: simple and exact, not fast), appends the shared `k_pe` to every head's
+key and runs causal softmax attention in float32. Uses the same AttentionMetadata as the paged
+GQA reference, so prefill, chunked prefill over a cached prefix and decode are one code path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dlengine.kernels.attention_metadata import AttentionMetadata
+from dlengine.kernels.paged_attention_torch import _attend, gather_kv
+
+
+def write_latent_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store this step's latents ([T, kv_lora_rank + rope_dim]) at their slots of the paged
+    latent cache ([N, B, 1, kv_lora_rank + rope_dim])."""
+    cache.view(-1, cache.shape[-1]).index_copy_(0, slot_mapping, latent.to(cache.dtype))
+
+
+def mla_attention_ref(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, kv_b_weight: torch.Tensor,
+                      kv_lora_rank: int, qk_nope_head_dim: int, v_head_dim: int, scale: float) -> torch.Tensor:
+    """Causal MLA of the flattened queries q [T, H, qk_nope_head_dim + rope_dim] (rope part
+    already rotated) over each request's paged latent context -> [T, H, v_head_dim].
+
+    `kv_b_weight` [H * (qk_nope_head_dim + v_head_dim), kv_lora_rank] is kv_b_proj's weight: per
+    head, the k_nope rows then the v rows (the HF checkpoint layout). Request i's queries are the
+    last `query_len` positions of its `seq_len`-token context."""
+    num_tokens, num_heads, _ = q.shape
+    out = q.new_empty(num_tokens, num_heads, v_head_dim)
+    start = 0
+    for i, ql in enumerate(meta.query_lens_cpu):
+        seq_len = meta.seq_lens_cpu[i]
+        latent = gather_kv(cache, meta.block_tables[i], seq_len)[:, 0]  # [S, kv_lora_rank + rope_dim]
+        c_kv, k_pe = latent[:, :kv_lora_rank], latent[:, kv_lora_rank:]
+        kv = F.linear(c_kv.to(kv_b_weight.dtype), kv_b_weight).view(seq_len, num_heads, qk_nope_head_dim + v_head_dim)
+        k_nope, v = kv.split([qk_nope_head_dim, v_head_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, None, :].to(k_nope.dtype).expand(-1, num_heads, -1)], dim=-1)
+        out[start : start + ql] = _attend(q[start : start + ql], k, v, scale, causal_offset=seq_len - ql)
+        start += ql
+    return out

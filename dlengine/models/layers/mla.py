@@ -1,0 +1,110 @@
+"""Multi-head latent attention (MLA), DeepSeek-V2/V3 and Kimi-K2, over a paged latent cache.
+
+Per token:
+    q          = q_b_proj(q_a_layernorm(q_a_proj(x)))       (or q_proj(x) when q_lora_rank is None)
+                 -> per head [qk_nope_head_dim | qk_rope_head_dim]
+    c_kv, k_pe = kv_a_proj_with_mqa(x) -> [kv_lora_rank | qk_rope_head_dim]   (k_pe shared by all heads)
+    c_kv       = kv_a_layernorm(c_kv)
+    q_pe, k_pe rotated with decoupled RoPE on the rope dims only
+
+The cache stores the latent `[c_kv | rotated k_pe]` (kv_lora_rank + qk_rope_head_dim numbers per
+token and layer, ModelConfig.kv_cache_geometry); attention expands it through kv_b_proj into
+per-head k_nope and v (kernels/mla_attention_torch.py).
+
+RoPE layout: with `rope_interleave` (the default, and what DeepSeek's weights use) the rope dims
+are interleaved pairs (x0, x1), (x2, x3), ...; transformers' `apply_rotary_pos_emb_interleave`
+rotates pair j by frequency j and writes the result de-interleaved: [even' | odd']. Taking the
+even then odd dims and applying the rotate-half rotation gives exactly that (the same products and
+sums), which is what `_rope` does; the cached k_pe is in that output layout, as in transformers'
+cache. The softmax scale is qk_head_dim**-0.5, times mscale(factor, mscale_all_dim)**2 under
+YaRN, as transformers' `yarn_apply_mscale` computes it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from dlengine.config import ConfigError, ModelConfig
+from dlengine.kernels import ops_torch
+from dlengine.kernels.mla_attention_torch import mla_attention_ref, write_latent_cache
+from dlengine.models.layers.attention import ForwardContext
+from dlengine.models.layers.linear import Linear
+from dlengine.models.layers.norm import RMSNorm
+from dlengine.models.layers.rotary import RotaryEmbedding
+
+
+def _yarn_mscale(scale: float, mscale: float) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def mla_softmax_scale(cfg: ModelConfig, qk_head_dim: int) -> float:
+    scale = qk_head_dim**-0.5
+    rope = cfg.rope
+    if rope.rope_type != "default" and rope.mscale_all_dim:
+        m = _yarn_mscale(rope.factor, rope.mscale_all_dim)
+        scale = scale * m * m
+    return scale
+
+
+class MLAAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        hf = cfg.hf_config
+        self.layer_idx = layer_idx
+        self.num_heads = cfg.num_attention_heads
+        self.q_lora_rank = hf.get("q_lora_rank")
+        self.kv_lora_rank = int(hf["kv_lora_rank"])
+        self.qk_nope_head_dim = int(hf["qk_nope_head_dim"])
+        self.qk_rope_head_dim = int(hf["qk_rope_head_dim"])
+        self.v_head_dim = int(hf["v_head_dim"])
+        self.qk_head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
+        if self.qk_rope_head_dim % 2:
+            raise ConfigError(f"{cfg.path}: qk_rope_head_dim={self.qk_rope_head_dim} must be even")
+        self.rope_interleave = bool(hf.get("rope_interleave", True))
+        h, bias = self.num_heads, cfg.attention_bias
+        if self.q_lora_rank is None:
+            self.q_proj = Linear(cfg.hidden_size, h * self.qk_head_dim)
+        else:
+            self.q_a_proj = Linear(cfg.hidden_size, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = Linear(self.q_lora_rank, h * self.qk_head_dim)
+        self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = Linear(self.kv_lora_rank, h * (self.qk_nope_head_dim + self.v_head_dim))
+        self.o_proj = Linear(h * self.v_head_dim, cfg.hidden_size, bias=bias)
+        self.rotary = rotary
+        self.scale = mla_softmax_scale(cfg, self.qk_head_dim)
+
+    def extra_repr(self) -> str:
+        return (f"heads={self.num_heads}, q_lora_rank={self.q_lora_rank}, kv_lora_rank={self.kv_lora_rank}, "
+                f"qk_nope={self.qk_nope_head_dim}, qk_rope={self.qk_rope_head_dim}, v={self.v_head_dim}, "
+                f"scale={self.scale:.6g}, rope_interleave={self.rope_interleave}")
+
+    def _rope(self, positions: torch.Tensor, q_pe: torch.Tensor, k_pe: torch.Tensor):
+        """q_pe [T, H, R], k_pe [T, 1, R] -> rotated, in transformers' output layout."""
+        if self.rope_interleave:
+            q_pe = torch.cat([q_pe[..., 0::2], q_pe[..., 1::2]], dim=-1)
+            k_pe = torch.cat([k_pe[..., 0::2], k_pe[..., 1::2]], dim=-1)
+        # the reference rotation (not the in-place Triton one): this path is the torch reference
+        return ops_torch.rope(q_pe, k_pe, positions, self.rotary.cos_cached, self.rotary.sin_cached)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        t = hidden.shape[0]
+        if self.q_lora_rank is None:
+            q = self.q_proj(hidden)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden)))
+        q = q.view(t, self.num_heads, self.qk_head_dim)
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(hidden).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv.contiguous())
+        q_pe, k_pe = self._rope(positions, q_pe, k_pe.unsqueeze(1))
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        cache, _ = ctx.kv_caches[self.layer_idx]
+        write_latent_cache(torch.cat([c_kv, k_pe[:, 0]], dim=-1), cache, ctx.meta.slot_mapping)
+        out = mla_attention_ref(q, cache, ctx.meta, self.kv_b_proj.weight, self.kv_lora_rank,
+                                self.qk_nope_head_dim, self.v_head_dim, self.scale)
+        return self.o_proj(out.reshape(t, self.num_heads * self.v_head_dim))
