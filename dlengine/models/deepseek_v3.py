@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlengine.config import ConfigError, ModelConfig
+from dlengine.models.layers.decoder import PreNormDecoderLayer
 from dlengine.models.layers.attention import ForwardContext
 from dlengine.models.layers.embedding import Embedding, LMHead
 from dlengine.models.layers.linear import default_weight_loader
@@ -98,23 +99,13 @@ class DeepseekV3MoE(nn.Module):
         return out
 
 
-class DeepseekV3DecoderLayer(nn.Module):
+class DeepseekV3DecoderLayer(PreNormDecoderLayer):
     def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, mlp: nn.Module) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = MLAAttention(cfg, layer_idx, rotary)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = mlp
-
-    def forward(self, positions, hidden, residual, ctx):
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, ctx)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
 
 
 class DeepseekV3Model(nn.Module):

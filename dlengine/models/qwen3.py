@@ -9,6 +9,7 @@ from torch import nn
 
 from dlengine.config import ConfigError, ModelConfig
 from dlengine.models.layers.activation import SiluAndMul
+from dlengine.models.layers.decoder import PreNormDecoderLayer
 from dlengine.models.layers.attention import ForwardContext, PagedAttention
 from dlengine.models.layers.embedding import Embedding, LMHead
 from dlengine.models.layers.linear import Linear, MergedLinear
@@ -54,7 +55,7 @@ class Qwen3MLP(nn.Module):
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
-class Qwen3DecoderLayer(nn.Module):
+class Qwen3DecoderLayer(PreNormDecoderLayer):
     """Pre-norm block: attention, then the feed-forward `mlp` (a dense SwiGLU unless the model
     passes another, e.g. Qwen3-MoE's sparse block)."""
 
@@ -64,16 +65,6 @@ class Qwen3DecoderLayer(nn.Module):
         self.self_attn = Qwen3Attention(cfg, layer_idx, rotary)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = mlp if mlp is not None else Qwen3MLP(cfg.hidden_size, cfg.intermediate_size)
-
-    def forward(self, positions, hidden, residual, ctx):
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, ctx)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
 
 
 class Qwen3Model(nn.Module):
