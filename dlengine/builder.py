@@ -88,6 +88,7 @@ class EngineBuilder:
         self._cuda_graphs: bool | None = None  # None: on where the device and backend allow
         self._cuda_graph_max_batch: int | None = None
         self._async_scheduling: bool | None = None  # None: on for CUDA
+        self._hf_overrides: dict[str, Any] = {}
 
     # each method records a choice and returns self so calls chain
     def dtype(self, dtype: str | torch.dtype) -> "EngineBuilder":
@@ -144,6 +145,14 @@ class EngineBuilder:
         self._async_scheduling = enabled
         return self
 
+    def hf_overrides(self, **fields: Any) -> "EngineBuilder":
+        """Replace top-level config.json fields before the model is built, e.g.
+        `hf_overrides(num_hidden_layers=4)` to run a real-size model with its first 4 layers (with
+        dummy weights, or with a checkpoint whose later layers are then skipped unread). A field
+        config.json does not have, or a value of another type, is a ConfigError."""
+        self._hf_overrides.update(fields)
+        return self
+
     def max_model_len(self, n: int) -> "EngineBuilder":
         self._max_model_len = n
         return self
@@ -151,7 +160,7 @@ class EngineBuilder:
     # ------------------------------------------------------------------ build
     def _make_config(self) -> EngineConfig:
         path = resolve_model_path(self._model)
-        model = ModelConfig.from_pretrained(path)
+        model = ModelConfig.from_pretrained(path, self._hf_overrides)
         get_model_class(model)  # fail early on an unknown architecture
 
         def make(cls, options, what):
@@ -232,7 +241,7 @@ class EngineBuilder:
         if cfg.load_format == "dummy":
             init_dummy_weights(model, seed=cfg.seed)
         else:
-            load_weights(model, cfg.model.path)
+            load_weights(model, cfg.model.path, num_layers=self._hf_overrides.get("num_hidden_layers"))
         model.eval()
         tokenizer = load_tokenizer(cfg.model.path)
 

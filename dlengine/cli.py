@@ -35,10 +35,14 @@ def _engine_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("engine")
     g.add_argument("--model", metavar="NAME_OR_PATH", default=_E.model,
-                   help="a preset (tiny-qwen3, tiny-qwen3-yarn, tiny-qwen3-untied) or a Hugging Face checkpoint "
-                        "folder (default: %(default)s)")
+                   help="a tiny preset (tiny-qwen3, tiny-qwen3-moe, tiny-deepseek-v3, ...), a config-only preset "
+                        "for --load-format dummy (qwen3-8b, qwen3-30b-a3b, deepseek-v3, kimi-k2, ...) or a "
+                        "Hugging Face checkpoint folder (default: %(default)s)")
     g.add_argument("--load-format", choices=LOAD_FORMATS, default=_E.load_format,
                    help="'dummy': random weights of the real size, no safetensors needed (default: %(default)s)")
+    g.add_argument("--num-layers", type=int, metavar="N", default=_E.num_layers,
+                   help="build only the first N decoder layers (real-size layers with few of them, e.g. "
+                        "--model deepseek-v3 --load-format dummy --num-layers 4; default: all)")
     g.add_argument("--dtype", default=_E.dtype, help="float32 | bfloat16 | float16 (default: float32 on CPU, "
                                                    "the checkpoint's dtype on GPU)")
     g.add_argument("--device", default=_E.device, help="cpu | cuda | cuda:N (default: cuda when available)")

@@ -135,7 +135,10 @@ class ModelConfig:
         return heads * (k_dim + v_dim)
 
     @staticmethod
-    def from_pretrained(path: str | os.PathLike) -> "ModelConfig":
+    def from_pretrained(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> "ModelConfig":
+        """Parse `path`/config.json (+ generation_config.json). `overrides` replace top-level
+        config.json fields first (e.g. {"num_hidden_layers": 4} to benchmark a real-size model
+        with a few of its layers)."""
         path = os.fspath(path)
         if not os.path.isdir(path):
             raise ConfigError(
@@ -147,6 +150,13 @@ class ModelConfig:
             raise ConfigError(f"{path!r} has no config.json; it does not look like a Hugging Face checkpoint")
         with open(cfg_file) as f:
             cfg = json.load(f)
+        for key, value in (overrides or {}).items():
+            if key not in cfg:
+                raise ConfigError(f"hf_overrides: {cfg_file} has no field {key!r} to override")
+            if type(value) is not type(cfg[key]) and not (isinstance(cfg[key], (int, float)) and isinstance(value, (int, float))):
+                raise ConfigError(f"hf_overrides: {key}={value!r} has type {type(value).__name__}, "
+                                  f"config.json holds {type(cfg[key]).__name__}")
+            cfg[key] = value
         archs = cfg.get("architectures") or []
         if not archs:
             raise ConfigError(f"{cfg_file}: 'architectures' is missing; cannot tell which model class to build")

@@ -38,6 +38,7 @@ class EngineArgs:
     load_format: str = "auto"
     attention_backend: str = "auto"
     seed: int = 0
+    num_layers: int | None = None  # None: the model's; else hf_overrides(num_hidden_layers=...)
 
 
 C = TypeVar("C", bound=EngineArgs)
@@ -68,6 +69,8 @@ def coerce_config(cls: type[C], config: Any = None, **overrides: Any) -> C:
 def build_engine(args: EngineArgs) -> Engine:
     """Build the engine the options describe. Bad options raise dlengine.ConfigError."""
     b = EngineBuilder(args.model).load_format(args.load_format).attention(args.attention_backend).seed(args.seed)
+    if args.num_layers is not None:
+        b.hf_overrides(num_hidden_layers=args.num_layers)
     if args.dtype is not None:
         b.dtype(args.dtype)
     if args.device is not None:

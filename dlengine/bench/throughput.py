@@ -328,7 +328,8 @@ def _estimates(cost: ModelCost, timings, steps, elapsed: float, peaks: dict[str,
     Recomputation after preemption is not counted."""
     decode_steps = sum(1 for s in steps if s.num_decodes > 0)
     kv_bytes = sum(cost.request_decode_kv_bytes(t.prompt_len, t.output_len) for t in timings)
-    read_bytes = cost.decode_weight_bytes * decode_steps + kv_bytes
+    # MoE models read only the experts a step's tokens route to (ModelCost.weight_bytes_for_tokens)
+    read_bytes = sum(cost.weight_bytes_for_tokens(s.num_tokens) for s in steps if s.num_decodes > 0) + kv_bytes
     flops = sum(cost.request_flops(t.prompt_len, t.output_len, t.num_cached_tokens) for t in timings)
     gbps = read_bytes / elapsed / 1e9
     tflops = flops / elapsed / 1e12

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Iterator
+import re
+from typing import Callable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -30,14 +31,16 @@ from dlengine.config import ConfigError
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def iter_safetensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors(path: str, keep: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every tensor in `path`/*.safetensors; tensors `keep` rejects are never read."""
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
         raise ConfigError(f"no *.safetensors files in {path!r}; use load_format='dummy' to run without weights")
     for file in files:
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                if keep is None or keep(name):
+                    yield name, f.get_tensor(name)
 
 
 def _rename_table(model: nn.Module) -> list[tuple[str, str, object, tuple]]:
@@ -58,14 +61,26 @@ def _rename(name: str, hf_name: str, param_name: str) -> str:
     return name[: -len(hf_name)] + param_name
 
 
-def load_weights(model: nn.Module, path: str) -> None:
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def load_weights(model: nn.Module, path: str, num_layers: int | None = None) -> None:
+    """Copy `path`'s tensors into `model`. `num_layers`: the model was built with only the first
+    `num_layers` decoder layers of the checkpoint (hf_overrides(num_hidden_layers=...)), so the
+    tensors of later layers are skipped unread."""
+    if num_layers is not None:
+        def keep(name: str) -> bool:
+            m = _LAYER_INDEX.search(name)
+            return m is None or int(m.group(1)) < num_layers
+    else:
+        keep = None
     params = dict(model.named_parameters(remove_duplicate=False))
     tied = getattr(model.config, "tie_word_embeddings", False)
     table = _rename_table(model)
     loaded: set[str] = set()
     # a model may declare checkpoint tensors it does not use (e.g. DeepSeek-V3's MTP layers)
     skip = getattr(model, "skip_checkpoint_tensor", None)
-    for name, tensor in iter_safetensors(path):
+    for name, tensor in iter_safetensors(path, keep):
         if name.endswith(_IGNORED_SUFFIXES):
             continue
         if skip is not None and skip(name):
