@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything we check and time on a GPU, in one call of the device tool (see docs/performance.md).
-#   bash scripts/gpu_suite.sh [tests|attention|w1|w2|all]...
+#   bash scripts/gpu_suite.sh [tests|attention|w1|w2|w1moe|tune_moe|all]...
 # Results land in $OUT (or ./gpu_out): logs and JSON files. FlashInfer is used when carried as
 # wheels in .whl/ (flashinfer-python + apache-tvm-ffi, installed with --no-deps).
 set -uo pipefail
@@ -36,10 +36,22 @@ run_w2() {  # Qwen3-8B, batch 1 and 64, 512-token prompt, 256 output tokens
       --json "$OUT/w2_b$bsz.json" 2>&1 | tee "$OUT/w2_b$bsz.log" | tail -30
   done
 }
+run_w1moe() {  # W1's workload on Qwen3-30B-A3B (128 experts, top-8) with dummy weights
+  python3 -m dlengine.cli bench throughput --model qwen3-30b-a3b --load-format dummy --dtype bfloat16 \
+    --num-prompts 256 --input-len 562 --output-len 562 --range-ratio 0.822 --max-model-len 2048 \
+    --no-progress ${W1MOE_ARGS:-} --json "$OUT/w1moe.json" 2>&1 | tee "$OUT/w1moe.log" | tail -40
+}
+run_tune_moe() {  # tile search for the fused MoE at DeepSeek-V3 and Qwen3-30B-A3B dims
+  python3 scripts/tune_moe.py --tokens ${TUNE_TOKENS:-1,16,128,512,2048,4096} --json "$OUT/tune_moe_dsv3.json" 2>&1 \
+    | tee "$OUT/tune_moe_dsv3.log" | tail -12
+  python3 scripts/tune_moe.py --experts 128 --top-k 8 --hidden 2048 --inter 768 \
+    --tokens ${TUNE_TOKENS:-1,16,128,512,2048,4096} --json "$OUT/tune_moe_q3moe.json" 2>&1 | tee "$OUT/tune_moe_q3moe.log" | tail -12
+}
 steps=${*:-all}
 for s in $steps; do
   case $s in
     tests) run_tests ;; attention) run_attention ;; w1) run_w1 ;; w2) run_w2 ;;
+    w1moe) run_w1moe ;; tune_moe) run_tune_moe ;;
     all) run_tests; run_attention; run_w1; run_w2 ;;
     *) echo "unknown step $s" ;;
   esac

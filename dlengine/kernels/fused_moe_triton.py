@@ -180,6 +180,43 @@ def get_config(num_pairs: int, num_experts: int, dtype: torch.dtype, config: dic
     return cfg
 
 
+def launch_gate_up(x: torch.Tensor, w13: torch.Tensor, topk_w: torch.Tensor, aligned, top_k: int,
+                   cfg: dict) -> torch.Tensor:
+    """GEMM 1: silu(x @ gate^T) * (x @ up^T) for every sorted (token, expert) pair -> [T * K, I]
+    (row = pair id). `aligned` = moe_align_block_size(topk_ids, E, cfg["block_m"])."""
+    sorted_ids, expert_ids, num_post = aligned
+    num_pairs, (_, two_i, h) = topk_w.numel(), w13.shape
+    i = two_i // 2
+    inter = torch.empty(num_pairs, i, dtype=x.dtype, device=x.device)
+    _moe_gemm_kernel[(expert_ids.numel(), triton.cdiv(i, cfg["n1"]))](
+        x, w13, inter, topk_w, sorted_ids, expert_ids, num_post,
+        num_pairs, i, h,
+        x.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), inter.stride(0), i * w13.stride(1),
+        A_DIV=top_k, FUSE_SILU=True, MUL_ROUTED=False,
+        BLOCK_M=cfg["block_m"], BLOCK_N=cfg["n1"], BLOCK_K=cfg["k1"], EVEN_K=h % cfg["k1"] == 0,
+        UPCAST=_INTERPRET, IEEE=_INTERPRET or x.dtype == torch.float32,
+        num_warps=cfg["warps1"], num_stages=cfg["stages1"],
+    )
+    return inter
+
+
+def launch_down(inter: torch.Tensor, w2: torch.Tensor, topk_w: torch.Tensor, aligned, cfg: dict) -> torch.Tensor:
+    """GEMM 2: inter @ w2[e]^T times the pair's routing weight -> [T * K, H] (row = pair id)."""
+    sorted_ids, expert_ids, num_post = aligned
+    num_pairs, (_, h, i) = topk_w.numel(), w2.shape
+    out = torch.empty(num_pairs, h, dtype=inter.dtype, device=inter.device)
+    _moe_gemm_kernel[(expert_ids.numel(), triton.cdiv(h, cfg["n2"]))](
+        inter, w2, out, topk_w, sorted_ids, expert_ids, num_post,
+        num_pairs, h, i,
+        inter.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), out.stride(0), 0,
+        A_DIV=1, FUSE_SILU=False, MUL_ROUTED=True,
+        BLOCK_M=cfg["block_m"], BLOCK_N=cfg["n2"], BLOCK_K=cfg["k2"], EVEN_K=i % cfg["k2"] == 0,
+        UPCAST=_INTERPRET, IEEE=_INTERPRET or inter.dtype == torch.float32,
+        num_warps=cfg["warps2"], num_stages=cfg["stages2"],
+    )
+    return out
+
+
 def fused_experts_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                          topk_ids: torch.Tensor, config: dict | None = None) -> torch.Tensor:
     """x [T, H], w13 [E, 2I, H] (gate rows then up rows), w2 [E, H, I], topk_weights/topk_ids
@@ -196,33 +233,14 @@ def fused_experts_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, t
     num_pairs = t * k
     cfg = get_config(num_pairs, e, x.dtype, config)
     bm = cfg["block_m"]
-    sorted_ids, expert_ids, num_post = moe_align_block_size(topk_ids, e, bm)
-    grid_m = expert_ids.numel()
     topk_w = topk_weights.reshape(-1)
     topk_w = topk_w if topk_w.is_contiguous() else topk_w.contiguous()
-    upcast = _INTERPRET
-    ieee = _INTERPRET or x.dtype == torch.float32
-
-    inter = torch.empty(num_pairs, i, dtype=x.dtype, device=x.device)
-    _moe_gemm_kernel[(grid_m, triton.cdiv(i, cfg["n1"]))](
-        x, w13, inter, topk_w, sorted_ids, expert_ids, num_post,
-        num_pairs, i, h,
-        x.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), inter.stride(0), i * w13.stride(1),
-        A_DIV=k, FUSE_SILU=True, MUL_ROUTED=False,
-        BLOCK_M=bm, BLOCK_N=cfg["n1"], BLOCK_K=cfg["k1"], EVEN_K=h % cfg["k1"] == 0, UPCAST=upcast, IEEE=ieee,
-        num_warps=cfg["warps1"], num_stages=cfg["stages1"],
-    )
-    out = torch.empty(num_pairs, h, dtype=x.dtype, device=x.device)
-    _moe_gemm_kernel[(grid_m, triton.cdiv(h, cfg["n2"]))](
-        inter, w2, out, topk_w, sorted_ids, expert_ids, num_post,
-        num_pairs, h, i,
-        inter.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), out.stride(0), 0,
-        A_DIV=1, FUSE_SILU=False, MUL_ROUTED=True,
-        BLOCK_M=bm, BLOCK_N=cfg["n2"], BLOCK_K=cfg["k2"], EVEN_K=i % cfg["k2"] == 0, UPCAST=upcast, IEEE=ieee,
-        num_warps=cfg["warps2"], num_stages=cfg["stages2"],
-    )
+    aligned = moe_align_block_size(topk_ids, e, bm)
+    inter = launch_gate_up(x, w13, topk_w, aligned, k, cfg)
+    out = launch_down(inter, w2, topk_w, aligned, cfg)
     # the reference's reduction: over the K slots of each token, in routing order
     return out.view(t, k, h).sum(dim=1)
 
 
-__all__ = ["fused_experts_triton", "moe_align_block_size", "get_config", "interpret_mode"]
+__all__ = ["fused_experts_triton", "moe_align_block_size", "get_config", "interpret_mode", "launch_gate_up",
+           "launch_down"]
