@@ -161,19 +161,20 @@ def _default_config(avg_pairs_per_expert_bucket: int, itemsize: int, interpret: 
     if itemsize >= 4:  # float32: IEEE FMA dots, small tiles
         return dict(block_m=16 if avg_pairs_per_expert_bucket <= 16 else 32, n1=32, k1=32, warps1=4, stages1=2,
                     n2=64, k2=32, warps2=4, stages2=2)
+    # bf16/fp16: the best tiles of scripts/tune_moe.py on an H100 at DeepSeek-V3 dims (H 7168,
+    # I 2048, 256 experts, top-8; docs/performance.md). Few pairs per expert: weight-streaming,
+    # wide N/K tiles; many: BLOCK_M 128 with K 64 to stay in shared memory.
     b = avg_pairs_per_expert_bucket
-    if b <= 16:  # decode: memory-bound on the expert weights, wide K tiles
-        return dict(block_m=16, n1=64, k1=128, warps1=4, stages1=3, n2=64, k2=128, warps2=4, stages2=3)
-    if b <= 64:
-        return dict(block_m=32, n1=64, k1=64, warps1=4, stages1=4, n2=128, k2=64, warps2=4, stages2=4)
-    if b <= 256:
-        return dict(block_m=64, n1=64, k1=64, warps1=4, stages1=4, n2=128, k2=64, warps2=4, stages2=4)
-    return dict(block_m=128, n1=64, k1=64, warps1=8, stages1=3, n2=128, k2=64, warps2=8, stages2=3)
+    if b <= 4:
+        return dict(block_m=16, n1=128, k1=128, warps1=8, stages1=3, n2=256, k2=128, warps2=4, stages2=3)
+    if b <= 32:
+        return dict(block_m=32, n1=128, k1=128, warps1=8, stages1=3, n2=256, k2=128, warps2=8, stages2=3)
+    return dict(block_m=128, n1=128, k1=64, warps1=8, stages1=3, n2=256, k2=64, warps2=8, stages2=3)
 
 
 def get_config(num_pairs: int, num_experts: int, dtype: torch.dtype, config: dict | None = None) -> dict:
     avg = num_pairs / max(1, num_experts)
-    bucket = next((b for b in (16, 64, 256) if avg <= b), 1 << 30)
+    bucket = next((b for b in (4, 32) if avg <= b), 1 << 30)
     cfg = dict(_default_config(bucket, torch.empty((), dtype=dtype).element_size(), _INTERPRET))
     if config:
         cfg.update(config)
