@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything we check and time on a GPU, in one call of the device tool (see docs/performance.md).
-#   bash scripts/gpu_suite.sh [tests|attention|w1|w2|w1moe|tune_moe|all]...
+#   bash scripts/gpu_suite.sh [tests|attention|w1|w2|w1moe|tune_moe|mla|fp8|dsv3|all]...
 # Results land in $OUT (or ./gpu_out): logs and JSON files. FlashInfer is used when carried as
 # wheels in .whl/ (flashinfer-python + apache-tvm-ffi, installed with --no-deps).
 set -uo pipefail
@@ -47,11 +47,24 @@ run_tune_moe() {  # tile search for the fused MoE at DeepSeek-V3 and Qwen3-30B-A
   python3 scripts/tune_moe.py --experts 128 --top-k 8 --hidden 2048 --inter 768 \
     --tokens ${TUNE_TOKENS:-1,16,128,512,2048,4096} --json "$OUT/tune_moe_q3moe.json" 2>&1 | tee "$OUT/tune_moe_q3moe.log" | tail -12
 }
+run_mla() {  # MLA decode/extend kernels at DeepSeek-V3 dims vs the torch reference, decode sweep vs copy BW
+  python3 scripts/gpu_check_mla.py ${MLA_ARGS:-} 2>&1 | tee "$OUT/mla.log" | tail -60
+}
+run_fp8() {  # block-scaled FP8 GEMMs at DeepSeek-V3 shapes; tiny FP8 engine on CUDA
+  python3 scripts/gpu_check_fp8.py ${FP8_ARGS:-} 2>&1 | tee "$OUT/fp8.log" | tail -40
+}
+run_dsv3() {  # DeepSeek-V3 dims, first 4 layers (3 dense + 1 MoE of 256 experts), dummy bf16 weights
+  for bsz in 1 64; do
+    python3 -m dlengine.cli bench latency --model deepseek-v3 --load-format dummy --num-layers 4 --dtype bfloat16 \
+      --batch-size $bsz --input-len 1024 --output-len 64 --max-model-len 2048 --no-progress ${DSV3_ARGS:-} \
+      --json "$OUT/dsv3_b$bsz.json" 2>&1 | tee "$OUT/dsv3_b$bsz.log" | tail -25
+  done
+}
 steps=${*:-all}
 for s in $steps; do
   case $s in
     tests) run_tests ;; attention) run_attention ;; w1) run_w1 ;; w2) run_w2 ;;
-    w1moe) run_w1moe ;; tune_moe) run_tune_moe ;;
+    w1moe) run_w1moe ;; tune_moe) run_tune_moe ;; mla) run_mla ;; fp8) run_fp8 ;; dsv3) run_dsv3 ;;
     all) run_tests; run_attention; run_w1; run_w2 ;;
     *) echo "unknown step $s" ;;
   esac
