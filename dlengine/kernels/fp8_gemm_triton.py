@@ -51,10 +51,11 @@ def _per_token_group_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, 
     ok = offs < K
     x = tl.load(x_ptr + row * stride_xm + offs, mask=ok, other=0.0).to(tl.float32)
     amax = tl.maximum(tl.max(tl.abs(x), axis=0), eps)
-    scale = tl.math.div_rn(amax, FP8_MAX_C)
-    # IEEE division (plain `/` is an approximate div.full.f32 on NVIDIA GPUs), so a value on an
-    # e4m3 rounding boundary lands where torch's reference puts it
-    y = tl.clamp(tl.math.div_rn(x, scale), -FP8_MAX_C, FP8_MAX_C)
+    # IEEE divisions (plain `/` is an approximate div.full.f32 on NVIDIA GPUs), so scales and
+    # values on an e4m3 rounding boundary come out as torch's reference computes them; div_rn
+    # neither broadcasts nor takes Python floats, hence the explicit full-shape operands
+    scale = tl.math.div_rn(amax, tl.full(amax.shape, FP8_MAX_C, tl.float32))
+    y = tl.clamp(tl.math.div_rn(x, tl.zeros_like(x) + scale), -FP8_MAX_C, FP8_MAX_C)
     if STORE_FP8:
         y = y.to(tl.float8e4nv)
     tl.store(q_ptr + row * stride_qm + offs, y, mask=ok)
