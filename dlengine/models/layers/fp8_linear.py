@@ -39,7 +39,7 @@ from torch import nn
 from dlengine.config import ConfigError, QuantizationConfig
 from dlengine.kernels import ops
 from dlengine.kernels.fp8_torch import FP8_DTYPE, cdiv, dequantize_weight
-from dlengine.models.layers.linear import Linear, MergedLinear
+from dlengine.models.layers.linear import Linear
 from dlengine.models.layers.moe import FusedMoE
 
 FP8_MODES = ("auto", "fp8", "dequant")
