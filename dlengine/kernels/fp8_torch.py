@@ -19,6 +19,7 @@ number of weight rows one scale row covers.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
@@ -109,3 +110,24 @@ def fp8_linear_torch(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, 
     a_q, a_s = per_token_group_quant_fp8_torch(x.reshape(-1, x.shape[-1]), block[1])
     out = fp8_block_gemm_torch(a_q, a_s, w_q, w_scale, block, row_div, x.dtype, bias)
     return out.view(*lead, w_q.shape[0])
+
+
+def fused_experts_fp8_torch(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
+                            w2_scale: torch.Tensor, block: tuple[int, int], w13_row_div: int,
+                            topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """The reference: per expert, the W8A8 linears of `fp8_torch` (activations quantised per token
+    group, so a row's numbers do not depend on which other rows share its expert), SiLU-and-mul in
+    float32 on the rounded gate/up, rounded; weighted and summed like `fused_experts_torch`."""
+    t, k = topk_ids.shape
+    i = w13.shape[1] // 2
+    flat = topk_ids.reshape(-1)
+    out = x.new_zeros(t * k, x.shape[1])
+    for e in torch.unique(flat).tolist():
+        pairs = (flat == e).nonzero(as_tuple=True)[0]
+        h1 = fp8_linear_torch(x[pairs // k], w13[e], w13_scale[e], block, w13_row_div)
+        g, u = h1[:, :i].float(), h1[:, i:].float()
+        inter = (F.silu(g) * u).to(x.dtype)
+        y = fp8_linear_torch(inter, w2[e], w2_scale[e], block, block[0])
+        out[pairs] = y
+    weighted = out * topk_weights.reshape(-1, 1).to(out.dtype)
+    return weighted.view(t, k, -1).sum(dim=1)

@@ -10,9 +10,9 @@ its e_score_correction_bias); nor any module matched by the config's `modules_to
 Modes (EngineBuilder.quantization):
   "fp8"      weights stay FP8 with their scales; `Fp8Linear` quantises activations per token and
              128-channel group and runs the block-scaled GEMM (Triton / DeepGEMM on CUDA, the torch
-             reference elsewhere). Two exceptions are dequantised at load: MLA's kv_b_proj (its
-             weight is read as a matrix by the attention, not through forward()) and the routed
-             experts (the fused MoE kernel has no FP8 variant yet).
+             reference elsewhere); the routed experts stay FP8 too and run the block-scaled fused
+             MoE (kernels/fused_moe_fp8_triton.py). One exception is dequantised at load: MLA's
+             kv_b_proj (its weight is read as a matrix by the attention, not through forward()).
   "dequant"  every FP8 weight is dequantised to the model dtype right after loading, one tensor at
              a time (a float32 temporary of one matrix), so the model is a plain bf16/fp32 one.
 
@@ -130,9 +130,25 @@ class Fp8Linear(nn.Module):
         return ops.fp8_linear(x, self.weight, self.weight_scale_inv, self.block, self.row_div, self.bias)
 
 
+class Fp8FusedMoE(FusedMoE):
+    """FusedMoE whose stacked expert weights are FP8 with `w13_weight_scale_inv` /
+    `w2_weight_scale_inv`, run by the block-scaled fused MoE (kernels/fused_moe_fp8_triton.py).
+    `prepare_fp8_model` turns a built FusedMoE into one in place (`__class__` swap: the module
+    keeps its router and settings, and model files need not know about quantisation)."""
+
+    def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        if not hasattr(self, "w13_weight_scale_inv"):  # dequantised at load
+            return super().forward(x, router_logits)
+        topk_weights, topk_ids = self.router(router_logits)
+        return ops.fused_experts_fp8(x, self.w13_weight, self.w13_weight_scale_inv, self.w2_weight,
+                                     self.w2_weight_scale_inv, self.fp8_block, self.w13_row_div,
+                                     topk_weights, topk_ids)
+
+
 def _make_experts_fp8(moe: FusedMoE, block: tuple[int, int]) -> None:
     """FP8 stacked expert weights plus `w13_weight_scale_inv` / `w2_weight_scale_inv`, loaded per
-    expert (or from fused 3-D tensors); dequantised after loading (see the module docstring)."""
+    expert (or from fused 3-D tensors)."""
+    moe.__class__ = Fp8FusedMoE
     bn, bk = block
     e, h, i = moe.num_experts, moe.hidden_size, moe.intermediate_size
     dev = moe.w13_weight.device
@@ -214,7 +230,7 @@ def finish_fp8_load(model: nn.Module, mode: str, dtype: torch.dtype) -> None:
         if isinstance(module, Fp8Linear) and not module.dequantized:
             if mode == "dequant" or name.rsplit(".", 1)[-1] in _DEQUANT_ALWAYS:
                 module.dequantize_(dtype)
-        elif isinstance(module, FusedMoE) and hasattr(module, "w13_weight_scale_inv"):
+        elif isinstance(module, FusedMoE) and hasattr(module, "w13_weight_scale_inv") and mode == "dequant":
             for w in ("w13", "w2"):
                 row_div = module.w13_row_div if w == "w13" else module.fp8_block[0]
                 deq = dequantize_weight(getattr(module, f"{w}_weight").data, getattr(module, f"{w}_weight_scale_inv").data,
