@@ -133,12 +133,22 @@ def check_moe(ts: list[int]) -> None:
 
     h, i, e, k = 7168, 2048, 256, 8
     g = torch.Generator(device=DEV).manual_seed(0)
-    w13 = torch.randn(e, 2 * i, h, generator=g, device=DEV, dtype=torch.bfloat16).mul_(h ** -0.5)
-    w13_q, w13_s = ref.quantize_weight_blockwise(w13, BLOCK)  # gate and up are whole blocks (I % 128 == 0)
-    w13 = ref.dequantize_weight(w13_q, w13_s, 128, 128, torch.bfloat16)
-    w2 = torch.randn(e, h, i, generator=g, device=DEV, dtype=torch.bfloat16).mul_(i ** -0.5)
-    w2_q, w2_s = ref.quantize_weight_blockwise(w2, BLOCK)
-    w2 = ref.dequantize_weight(w2_q, w2_s, 128, 128, torch.bfloat16)
+
+    def experts(n: int, kk: int):
+        """bf16 weights, quantised one expert at a time (a whole-stack float32 temporary is 30 GB),
+        and the bf16 dequantised weights the bf16 kernel runs on. Gate and up are whole blocks
+        (I % 128 == 0), so quantising w13 per 128 rows is what per-projection checkpoints hold."""
+        q = torch.empty(e, n, kk, dtype=ref.FP8_DTYPE, device=DEV)
+        sc = torch.empty(e, n // 128, kk // 128, dtype=torch.float32, device=DEV)
+        deq = torch.empty(e, n, kk, dtype=torch.bfloat16, device=DEV)
+        for j in range(e):
+            w = torch.randn(n, kk, generator=g, device=DEV, dtype=torch.bfloat16).mul_(kk ** -0.5)
+            q[j], sc[j] = ref.quantize_weight_blockwise(w, BLOCK)
+            deq[j] = ref.dequantize_weight(q[j], sc[j], 128, 128, torch.bfloat16)
+        return q, sc, deq
+
+    w13_q, w13_s, w13 = experts(2 * i, h)
+    w2_q, w2_s, w2 = experts(h, i)
     print(f"{'T':>5} | {'rel err':>8} | {'fp8 ms':>8} {'bf16 ms':>8} {'x bf16':>6}")
     for t in ts:
         x = torch.randn(t, h, generator=g, device=DEV, dtype=torch.bfloat16)
