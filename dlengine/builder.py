@@ -228,8 +228,9 @@ class EngineBuilder:
     def _resolve_quantization(self, model: ModelConfig, device: torch.device) -> str:
         from dlengine.models.layers.fp8_linear import resolve_fp8_mode
 
-        mode = resolve_fp8_mode(self._quantization, device)  # validates the name too
-        if model.quantization is None:  # parses (and rejects unknown methods) when present
+        quant = model.quantization  # parses (and rejects unknown methods) when present
+        mode = resolve_fp8_mode(self._quantization, device, quant)  # validates the name too
+        if quant is None:
             if self._quantization == "fp8":
                 raise ConfigError(f"quantization('fp8') needs an FP8 checkpoint; {model.path} has no "
                                   "quantization_config (online quantisation is not supported)")

@@ -117,7 +117,8 @@ class QuantizationConfig:
         if scheme != "dynamic":
             raise ConfigError(f"{where}: FP8 activation_scheme={scheme!r} is not supported (only 'dynamic')")
         block = q.get("weight_block_size")
-        if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(int(b) > 0 for b in block)):
+        if not (isinstance(block, (list, tuple)) and len(block) == 2
+                and all(isinstance(b, int) and b > 0 for b in block)):
             raise ConfigError(f"{where}: FP8 weight_block_size={block!r} is not supported; per-block scales "
                               "[block_n, block_k] are needed (per-tensor FP8 is not read)")
         # scale_fmt "ue8m0" (DeepSeek-V3.1) only says the scales are powers of two; they load as float32 either way

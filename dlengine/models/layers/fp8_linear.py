@@ -241,16 +241,21 @@ def finish_fp8_load(model: nn.Module, mode: str, dtype: torch.dtype) -> None:
                 delattr(module, f"{w}_weight_scale_inv")
 
 
-def resolve_fp8_mode(requested: str, device: torch.device) -> str:
+def resolve_fp8_mode(requested: str, device: torch.device, quant: QuantizationConfig | None = None) -> str:
     """"auto": "fp8" on CUDA devices with FP8 tensor cores (compute capability >= 8.9) and Triton,
-    "dequant" elsewhere. "fp8" on a CPU runs the torch W8A8 reference (slow; for checking)."""
+    "dequant" elsewhere. "fp8" on a CPU runs the torch W8A8 reference (slow; for checking).
+    The Triton kernels take one scale group per K step, so on CUDA the block's K size must be a
+    power of two >= 32 (fp8 tensor-core dots need K >= 32; released checkpoints use 128)."""
     if requested not in FP8_MODES:
         raise ConfigError(f"unknown quantization mode {requested!r}; choose one of {FP8_MODES}")
-    gpu_ok = (device.type == "cuda" and ops.HAS_FP8_GEMM
+    bk = quant.weight_block_size[1] if quant is not None else 128
+    block_ok = bk >= 32 and bk & (bk - 1) == 0
+    gpu_ok = (device.type == "cuda" and ops.HAS_FP8_GEMM and block_ok
               and torch.cuda.get_device_capability(device) >= (8, 9))
     if requested == "auto":
         return "fp8" if gpu_ok else "dequant"
     if requested == "fp8" and device.type == "cuda" and not gpu_ok:
-        raise ConfigError("quantization('fp8') needs Triton and a GPU with FP8 tensor cores (compute capability "
-                          ">= 8.9, e.g. H100); use quantization('dequant')")
+        raise ConfigError(f"quantization('fp8') needs Triton, a GPU with FP8 tensor cores (compute capability "
+                          f">= 8.9, e.g. H100) and a weight block K size that is a power of two >= 32 (this "
+                          f"checkpoint: {bk}); use quantization('dequant')")
     return requested
