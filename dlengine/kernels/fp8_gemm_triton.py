@@ -189,16 +189,15 @@ def deep_gemm_supports(n: int, k: int, block: tuple[int, int], row_div: int, out
 
 def fp8_block_gemm_deep_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor,
                              w_scale: torch.Tensor) -> torch.Tensor:
-    """bf16 [M, N] through DeepGEMM. Its activation scales must be MN-major (column-major) and
-    TMA-aligned; the helper that makes them has had two names across DeepGEMM releases, and so
-    has the GEMM (`fp8_gemm_nt` in 2.x, `gemm_fp8_fp8_bf16_nt` in 1.x)."""
+    """bf16 [M, N] through DeepGEMM. 2.x (`fp8_gemm_nt`) takes the [M, K/128] float32 activation
+    scales as they are and lays them out itself; 1.x (`gemm_fp8_fp8_bf16_nt`) needs them MN-major
+    (column-major) and TMA-aligned, which its `get_col_major_tma_aligned_tensor` makes."""
     m, n = a_q.shape[0], w_q.shape[0]
     out = torch.empty(m, n, dtype=torch.bfloat16, device=a_q.device)
-    align = getattr(deep_gemm, "get_mn_major_tma_aligned_tensor", None) or getattr(
-        deep_gemm, "get_col_major_tma_aligned_tensor")
-    a_scale = align(a_scale)
-    gemm = getattr(deep_gemm, "fp8_gemm_nt", None) or getattr(deep_gemm, "gemm_fp8_fp8_bf16_nt")
-    gemm((a_q, a_scale), (w_q, w_scale), out)
+    if hasattr(deep_gemm, "fp8_gemm_nt"):
+        deep_gemm.fp8_gemm_nt((a_q, a_scale), (w_q, w_scale), out)
+    else:
+        deep_gemm.gemm_fp8_fp8_bf16_nt((a_q, deep_gemm.get_col_major_tma_aligned_tensor(a_scale)), (w_q, w_scale), out)
     return out
 
 
