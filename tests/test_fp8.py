@@ -393,3 +393,34 @@ def test_fused_moe_fp8_matches_reference(t, e, k, h, i, block, dtype):
     deq2 = ref.dequantize_weight(w2, s2, block[1], block[0], torch.float32)
     exact = fused_experts_torch(x.float(), deq13, deq2, tw, ti)
     assert rel_err(out.float().cpu(), exact) < 0.1
+
+
+def test_fused_3d_expert_tensors_load(tmp_path):
+    """Experts stored as fused 3-D tensors (transformers 5's layout: experts.gate_up_proj [E, 2I, H]
+    and experts.down_proj [E, H, I], each with `<name>_scale_inv` over its own 128-row blocks) load
+    in both modes; dequantised they are exactly the blockwise products."""
+    tensors = load_file(os.path.join(fp8_path(), "model.safetensors"))
+    src = load_file(os.path.join(tiny_checkpoint("deepseek-v3"), "model.safetensors"))
+    fused, expect = {}, {}
+    for name, t in tensors.items():
+        if ".mlp.experts." not in name:
+            fused[name] = t
+    for layer in (1, 2):
+        p = f"model.layers.{layer}.mlp.experts"
+        gate_up = torch.stack([torch.cat([src[f"{p}.{e}.gate_proj.weight"], src[f"{p}.{e}.up_proj.weight"]])
+                               for e in range(8)])
+        down = torch.stack([src[f"{p}.{e}.down_proj.weight"] for e in range(8)])
+        for hf, w, ours in (("gate_up_proj", gate_up, "w13_weight"), ("down_proj", down, "w2_weight")):
+            q, s = ref.quantize_weight_blockwise(w, (128, 128))
+            fused[f"{p}.{hf}"], fused[f"{p}.{hf}_scale_inv"] = q, s
+            expect[f"{p}.{ours}"] = ref.dequantize_weight(q, s, 128, 128, torch.float32)
+    out = copy_checkpoint(fp8_path(), str(tmp_path / "fused"), fused)
+    deq = EngineBuilder(out).dtype("float32").quantization("dequant").build()
+    params = dict(deq.model.named_parameters())
+    for name, w in expect.items():
+        torch.testing.assert_close(params[name], w, rtol=0, atol=0)
+    fp8 = EngineBuilder(out).dtype("float32").quantization("fp8").build()
+    moe = fp8.model.model.layers[2].mlp.experts
+    torch.testing.assert_close(ref.dequantize_weight(moe.w13_weight, moe.w13_weight_scale_inv, 128, moe.w13_row_div,
+                                                     torch.float32), expect["model.layers.2.mlp.experts.w13_weight"])
+    assert torch.isfinite(fp8.prompt_logits(PROMPTS[3])).all()
