@@ -10,7 +10,7 @@
    block-scaled GEMM (and DeepGEMM when `deep_gemm` imports) on the same fp8 operands vs the
    float32 reference (dequantise both, matmul with TF32 off). Pass: max |err| <= 1e-2 * max |ref|
    (bf16 output rounding is 2^-9 relative).
-3. Timings (triton.testing.do_bench medians): the GEMM alone, activation quant + GEMM (what a
+3. Timings (triton.testing.do_bench, ms): the GEMM alone, activation quant + GEMM (what a
    layer costs), bf16 torch.matmul of the same shape; TFLOP/s (2 M N K) and the speed ratio
    vs bf16 (> 1: FP8 faster).
 4. Fused MoE at DeepSeek-V3 expert dims (256 experts, top-8, H 7168, I 2048): the FP8 kernel vs
