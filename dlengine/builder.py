@@ -89,6 +89,7 @@ class EngineBuilder:
         self._cuda_graph_max_batch: int | None = None
         self._async_scheduling: bool | None = None  # None: on for CUDA
         self._hf_overrides: dict[str, Any] = {}
+        self._quantization = "auto"
 
     # each method records a choice and returns self so calls chain
     def dtype(self, dtype: str | torch.dtype) -> "EngineBuilder":
@@ -153,6 +154,14 @@ class EngineBuilder:
         self._hf_overrides.update(fields)
         return self
 
+    def quantization(self, mode: str) -> "EngineBuilder":
+        """How to run a quantised (block-scaled FP8) checkpoint: "fp8" keeps FP8 weights and runs
+        FP8 GEMMs (Triton/DeepGEMM on CUDA; the torch reference on CPU, slow), "dequant" converts the
+        weights to the model dtype at load, "auto" (default) is "fp8" on GPUs with FP8 tensor cores
+        and "dequant" elsewhere. Ignored for unquantised checkpoints, except that "fp8" is an error."""
+        self._quantization = mode
+        return self
+
     def max_model_len(self, n: int) -> "EngineBuilder":
         self._max_model_len = n
         return self
@@ -204,6 +213,8 @@ class EngineBuilder:
         else:
             dtype = parse_dtype(model.torch_dtype) if model.torch_dtype in ("bfloat16", "float16", "float32") else torch.bfloat16
 
+        quantization = self._resolve_quantization(model, device)
+
         max_model_len = self._max_model_len or sched.max_model_len or model.max_position_embeddings
         if max_model_len > model.max_position_embeddings:
             raise ConfigError(
@@ -220,7 +231,25 @@ class EngineBuilder:
             role=self._role, attention_backend=attention, load_format=self._load_format,
             seed=self._seed, max_model_len=max_model_len,
             async_scheduling=device.type == "cuda" if self._async_scheduling is None else self._async_scheduling,
+            quantization=quantization,
         )
+
+    def _resolve_quantization(self, model: ModelConfig, device: torch.device) -> str:
+        from dlengine.models.layers.fp8_linear import resolve_fp8_mode
+
+        quant = model.quantization  # parses (and rejects unknown methods) when present
+        mode = resolve_fp8_mode(self._quantization, device, quant)  # validates the name too
+        if quant is None:
+            if self._quantization == "fp8":
+                raise ConfigError(f"quantization('fp8') needs an FP8 checkpoint; {model.path} has no "
+                                  "quantization_config (online quantisation is not supported)")
+            return "none"
+        if self._load_format == "dummy":
+            if self._quantization == "fp8":
+                raise ConfigError("load_format('dummy') makes random weights in the model dtype; it cannot be "
+                                  "combined with quantization('fp8')")
+            return "none"  # random weights: nothing to dequantise
+        return mode
 
     def build(self) -> Engine:
         cfg = self._make_config()
@@ -238,10 +267,18 @@ class EngineBuilder:
                 model = model_cls(cfg.model, max_position=cfg.max_model_len)
         finally:
             torch.set_default_dtype(prev_dtype)
+        if cfg.quantization != "none":
+            from dlengine.models.layers.fp8_linear import prepare_fp8_model
+
+            prepare_fp8_model(model, cfg.model.quantization)
         if cfg.load_format == "dummy":
             init_dummy_weights(model, seed=cfg.seed)
         else:
             load_weights(model, cfg.model.path, num_layers=self._hf_overrides.get("num_hidden_layers"))
+        if cfg.quantization != "none":
+            from dlengine.models.layers.fp8_linear import finish_fp8_load
+
+            finish_fp8_load(model, cfg.quantization, cfg.dtype)
         model.eval()
         tokenizer = load_tokenizer(cfg.model.path)
 

@@ -92,6 +92,41 @@ class RopeConfig:
 
 
 @dataclass(frozen=True)
+class QuantizationConfig:
+    """A checkpoint's `quantization_config`. Only DeepSeek-style block-scaled FP8 is understood:
+    {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128],
+    "activation_scheme": "dynamic"}; weights float8_e4m3fn with `<prefix>.weight_scale_inv`."""
+
+    method: str
+    weight_block_size: tuple[int, int]
+    modules_to_not_convert: tuple[str, ...] = ()
+
+    @staticmethod
+    def from_hf(cfg: dict[str, Any], where: str) -> "QuantizationConfig | None":
+        q = cfg.get("quantization_config")
+        if not q:
+            return None
+        method = q.get("quant_method")
+        if method != "fp8":
+            raise ConfigError(f"{where}: quantization_config.quant_method={method!r} is not supported; dlengine "
+                              "reads block-scaled FP8 checkpoints (quant_method 'fp8', DeepSeek-V3 / Kimi-K2 style)")
+        fmt = q.get("fmt", "e4m3")
+        if fmt != "e4m3":
+            raise ConfigError(f"{where}: FP8 fmt={fmt!r} is not supported (only 'e4m3')")
+        scheme = q.get("activation_scheme", "dynamic")
+        if scheme != "dynamic":
+            raise ConfigError(f"{where}: FP8 activation_scheme={scheme!r} is not supported (only 'dynamic')")
+        block = q.get("weight_block_size")
+        if not (isinstance(block, (list, tuple)) and len(block) == 2
+                and all(isinstance(b, int) and b > 0 for b in block)):
+            raise ConfigError(f"{where}: FP8 weight_block_size={block!r} is not supported; per-block scales "
+                              "[block_n, block_k] are needed (per-tensor FP8 is not read)")
+        # scale_fmt "ue8m0" (DeepSeek-V3.1) only says the scales are powers of two; they load as float32 either way
+        skip = tuple(q.get("modules_to_not_convert") or q.get("ignored_layers") or ())  # MiniMax: ignored_layers
+        return QuantizationConfig("fp8", (int(block[0]), int(block[1])), skip)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     path: str
     architecture: str
@@ -113,6 +148,11 @@ class ModelConfig:
     bos_token_id: int | None
     pad_token_id: int | None
     hf_config: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
+
+    @property
+    def quantization(self) -> QuantizationConfig | None:
+        """The checkpoint's weight quantisation (None for plain bf16/fp16/fp32 weights)."""
+        return QuantizationConfig.from_hf(self.hf_config, os.path.join(self.path, "config.json"))
 
     @property
     def uses_mla(self) -> bool:
@@ -264,3 +304,4 @@ class EngineConfig:
     seed: int
     max_model_len: int
     async_scheduling: bool = False
+    quantization: str = "none"  # resolved weight mode: "none", "fp8" or "dequant" (EngineBuilder.quantization)

@@ -87,7 +87,8 @@ class Engine:
         c = self.config
         return (
             f"Engine(model={c.model.architecture} @ {c.model.path}, role={c.role}, device={c.device}, "
-            f"dtype={c.dtype}, attention={self.runner.backend.name}, "
+            f"dtype={c.dtype}, {'' if c.quantization == 'none' else f'quantization={c.quantization}, '}"
+            f"attention={self.runner.backend.name}, "
             f"cuda_graphs={self.runner.graph_runner is not None}, async_scheduling={self.async_scheduling}, "
             f"{self.kv_cache}, "
             f"max_model_len={c.max_model_len}, max_num_seqs={c.scheduler.max_num_seqs}, "

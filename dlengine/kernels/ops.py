@@ -27,6 +27,14 @@ except Exception:  # noqa: BLE001
     fused_moe_triton = None
     HAS_FUSED_MOE = False
 
+try:
+    from dlengine.kernels import fp8_gemm_triton, fused_moe_fp8_triton
+
+    HAS_FP8_GEMM = True
+except Exception:  # noqa: BLE001
+    fp8_gemm_triton = fused_moe_fp8_triton = None
+    HAS_FP8_GEMM = False
+
 _DISABLED = os.environ.get("DLENGINE_DISABLE_TRITON_OPS") == "1"
 
 
@@ -61,3 +69,24 @@ def fused_experts(x, w13, w2, topk_weights, topk_ids):
     from dlengine.models.layers.moe import fused_experts_torch  # moe imports this module
 
     return fused_experts_torch(x, w13, w2, topk_weights, topk_ids)
+
+
+def fp8_linear(x, w_q, w_scale, block, row_div, bias=None):
+    """y = x @ W^T for a block-scaled FP8 weight (kernels/fp8_torch.py describes the format):
+    Triton (or DeepGEMM) on CUDA, the torch W8A8 reference elsewhere."""
+    if HAS_FP8_GEMM and use_triton(x):
+        return fp8_gemm_triton.fp8_linear(x, w_q, w_scale, block, row_div, bias)
+    from dlengine.kernels.fp8_torch import fp8_linear_torch
+
+    return fp8_linear_torch(x, w_q, w_scale, block, row_div, bias)
+
+
+def fused_experts_fp8(x, w13, w13_scale, w2, w2_scale, block, w13_row_div, topk_weights, topk_ids):
+    """MoE experts with block-scaled FP8 weights (W8A8): Triton on CUDA (no host syncs), the torch
+    reference elsewhere."""
+    if HAS_FP8_GEMM and use_triton(x):
+        return fused_moe_fp8_triton.fused_experts_fp8_triton(x, w13, w13_scale, w2, w2_scale, block, w13_row_div,
+                                                             topk_weights, topk_ids)
+    from dlengine.kernels.fp8_torch import fused_experts_fp8_torch
+
+    return fused_experts_fp8_torch(x, w13, w13_scale, w2, w2_scale, block, w13_row_div, topk_weights, topk_ids)

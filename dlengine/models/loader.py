@@ -96,6 +96,11 @@ def load_weights(model: nn.Module, path: str, num_layers: int | None = None) -> 
         if param is None:
             raise ConfigError(f"checkpoint tensor {name!r} has no matching parameter in {type(model).__name__}")
         loader = getattr(param, "weight_loader")
+        if param.dtype == torch.float8_e4m3fn and tensor.dtype != param.dtype:
+            # casting would drop the block scales' meaning: a bf16 tensor here means the
+            # checkpoint does not match its quantization_config
+            raise ConfigError(f"checkpoint tensor {name!r} is {tensor.dtype}, but its layer holds FP8 weights "
+                              "(quantization_config says the checkpoint is FP8)")
         with torch.no_grad():
             tensor = tensor.to(param.dtype)
             if shard is None:

@@ -20,7 +20,11 @@ import tempfile
 
 RECIPE_VERSION = "1"
 PRESETS = {"tiny-qwen3": "qwen3", "tiny-qwen3-yarn": "qwen3-yarn", "tiny-qwen3-untied": "qwen3-untied",
-           "tiny-qwen3-moe": "qwen3-moe", "tiny-deepseek-v3": "deepseek-v3", "tiny-kimi-k2": "kimi-k2"}
+           "tiny-qwen3-moe": "qwen3-moe", "tiny-deepseek-v3": "deepseek-v3", "tiny-kimi-k2": "kimi-k2",
+           "tiny-deepseek-v3-fp8": "deepseek-v3-fp8"}
+# kinds derived from another kind's checkpoint by a post-processing step: kind -> source kind
+_DERIVED = {"deepseek-v3-fp8": "deepseek-v3"}
+FP8_BLOCK = (128, 128)
 ROUTER_GAIN = 2.0  # qwen3-moe: router weights are drawn this much larger, for decisive routing
 
 _CORPUS = (
@@ -133,10 +137,60 @@ def _sharpen(model, seed: int) -> None:
                 p.copy_(0.1 * torch.randn(p.shape, generator=gen))
 
 
+def _is_fp8_quantised(name: str, tensor) -> bool:
+    """What DeepSeek's FP8 checkpoints (and transformers' FP8 quantiser) store in FP8: the weight
+    of every linear projection and expert. Embeddings, lm_head, norms and the router gate (with
+    its score-correction bias) keep their precision."""
+    if tensor.dim() != 2 or not name.endswith(".weight"):
+        return False
+    return not (name in ("model.embed_tokens.weight", "lm_head.weight") or name.endswith("mlp.gate.weight"))
+
+
+def build_fp8_checkpoint(src: str, path: str, block: tuple[int, int] = FP8_BLOCK) -> str:
+    """Quantise a DeepSeek-V3 checkpoint at `src` the way DeepSeek ships V3 / Kimi-K2: each linear
+    weight float8_e4m3fn with a float32 `weight_scale_inv` per 128 x 128 block (amax / 448; tiny
+    matrices are one partial block; tests pass smaller `block`s for multi-block grids), other tensors bfloat16 except the float32
+    e_score_correction_bias; config.json gets DeepSeek's quantization_config."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from dlengine.kernels.fp8_torch import quantize_weight_blockwise
+
+    os.makedirs(path, exist_ok=True)
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    out = {}
+    for name, t in tensors.items():
+        if _is_fp8_quantised(name, t):
+            q, scale_inv = quantize_weight_blockwise(t, block)
+            out[name] = q
+            out[name[: -len("weight")] + "weight_scale_inv"] = scale_inv
+        elif name.endswith("e_score_correction_bias"):
+            out[name] = t.float()
+        else:
+            out[name] = t.to(torch.bfloat16)
+    save_file(out, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    for f in os.listdir(src):
+        if f not in ("model.safetensors", "config.json", "dlengine_recipe.json"):
+            shutil.copy(os.path.join(src, f), os.path.join(path, f))
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["dtype"] = "bfloat16"
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(block),
+                                  "activation_scheme": "dynamic"}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    return path
+
+
 def build_tiny_checkpoint(kind: str, path: str, seed: int = 0) -> str:
     import torch
     from transformers import GenerationConfig
 
+    if kind in _DERIVED:
+        build_fp8_checkpoint(tiny_checkpoint(_DERIVED[kind], seed), path)
+        with open(os.path.join(path, "dlengine_recipe.json"), "w") as f:
+            json.dump({"kind": kind, "seed": seed, "version": RECIPE_VERSION, "source": _DERIVED[kind]}, f)
+        return path
     if kind.endswith("-moe"):
         from transformers import Qwen3MoeConfig as config_cls, Qwen3MoeForCausalLM as model_cls
     elif kind in _DEEPSEEK_KINDS:
