@@ -30,7 +30,7 @@ from dlengine.engine.runner import ModelRunner
 from dlengine.engine.sampler import Sampler
 from dlengine.engine.scheduler import Scheduler
 from dlengine.kernels.backends import resolve_attention_backend
-from dlengine.models.loader import init_dummy_weights, load_weights
+from dlengine.models.loader import init_dummy_weights, load_weights, run_post_load_hooks
 from dlengine.models.registry import get_model_class
 from dlengine.tokenizer import load_tokenizer
 
@@ -176,14 +176,13 @@ class EngineBuilder:
             raise ConfigError(f"unknown load_format {self._load_format!r}; choose one of {LOAD_FORMATS}")
 
         attention = self._attention
-        if model.uses_mla:  # MLA attends over a latent cache: only the torch reference does that yet
-            if attention not in ("auto", "torch"):
-                raise ConfigError(
-                    f"attention backend {attention!r} does not support multi-head latent attention (MLA, "
-                    f"{model.architecture}); MLA models run with the torch attention backend only for now: "
-                    "use attention('torch') or attention('auto')"
-                )
-            attention = "torch"
+        # MLA attends over a latent cache: the torch reference and the Triton kernels
+        # (kernels/triton_mla.py) do; FlashInfer's paged GQA kernels do not
+        if model.uses_mla and attention not in ("auto", "torch", "triton"):
+            raise ConfigError(
+                f"attention backend {attention!r} does not support multi-head latent attention (MLA, "
+                f"{model.architecture}); use attention('triton'), attention('torch') or attention('auto')"
+            )
 
         device = torch.device(self._device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda" and not torch.cuda.is_available():
@@ -233,6 +232,7 @@ class EngineBuilder:
             init_dummy_weights(model, seed=cfg.seed)
         else:
             load_weights(model, cfg.model.path)
+        run_post_load_hooks(model)
         model.eval()
         tokenizer = load_tokenizer(cfg.model.path)
 
