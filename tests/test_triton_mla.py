@@ -117,7 +117,7 @@ def test_decode_padding_rows_give_zeros_and_write_nothing():
 
 
 def test_store_latent_matches_reference():
-    q_nope, q_pe, cache, meta, w = make_batch([(5, 20), (1, 9)], 4)
+    _, _, cache, meta, _ = make_batch([(5, 20), (1, 9)], 4)
     latent = torch.randn(6, C + R, device=DEVICE)
     ref = cache.clone()
     write_latent_cache(latent, ref, meta.slot_mapping)
