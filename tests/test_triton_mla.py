@@ -77,11 +77,11 @@ def reference(q_nope, q_pe, cache, meta, w, scale=SCALE):
 
 
 def check(reqs, block_size, *, num_splits=None, absorb_max_query_len=tm.ABSORB_MAX_QUERY_LEN, dtype=torch.float32,
-          **dims):
+          expand_max_context=tm.EXPAND_MAX_CONTEXT, **dims):
     q_nope, q_pe, cache, meta, w = make_batch(reqs, block_size, dtype, **dims)
     scale = (w.qk_nope_head_dim + q_pe.shape[-1]) ** -0.5
     got = tm.mla_attention(q_nope, q_pe, cache, meta, w, scale, num_splits=num_splits,
-                           absorb_max_query_len=absorb_max_query_len)
+                           absorb_max_query_len=absorb_max_query_len, expand_max_context=expand_max_context)
     ref = reference(q_nope, q_pe, cache, meta, w, scale)
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
     torch.testing.assert_close(got.float(), ref, **tol)
@@ -136,6 +136,21 @@ def test_extend_both_paths_in_one_batch():
     check([(40, 40), (3, 30), (1, 19)], 8, absorb_max_query_len=8)
 
 
+def test_expanded_requests_run_in_bounded_groups(monkeypatch):
+    # context budget 50: (12, 30) + (20, 20) form one group, (15, 45) its own, (10, 60) is over
+    # the budget alone and runs absorbed
+    groups = []
+    real = tm._expanded
+
+    def spy(*args):
+        groups.append(list(args[6]))
+        return real(*args)
+
+    monkeypatch.setattr(tm, "_expanded", spy)
+    check([(12, 30), (20, 20), (15, 45), (10, 60), (1, 7)], 16, absorb_max_query_len=4, expand_max_context=50)
+    assert groups == [[0, 1], [2]]
+
+
 # ------------------------------------------------------------------------------------ engine level
 
 MAX_NEW = 6
@@ -150,18 +165,28 @@ def _generate(path, attention, prompts, **scheduler):
     return engine, [o.token_ids for o in engine.generate(prompts, SamplingParams(max_tokens=MAX_NEW, temperature=0.0))]
 
 
-def test_engine_triton_matches_torch_and_transformers():
-    path = tiny_checkpoint("deepseek-v3")
+@pytest.mark.parametrize("kind", ["deepseek-v3", "kimi-k2"])
+def test_engine_triton_matches_torch_and_transformers(kind, monkeypatch):
+    path = tiny_checkpoint(kind)
+    # whole prompts in one step: the 40-token prefill takes the expanded path, the others absorbed
+    expanded = []
+    real = tm._expanded
+    monkeypatch.setattr(tm, "_expanded", lambda *a: expanded.append(a[6]) or real(*a))
+    _, whole = _generate(path, "triton", PROMPTS)
+    assert expanded  # one call per layer for the 40-token prefill
+    _, ref = _generate(path, "torch", PROMPTS)
+    assert whole == ref
+    assert whole[0] == hf_greedy(path, PROMPTS[0], MAX_NEW)
+    if kind != "deepseek-v3":
+        return
     # chunked prefill (16-token steps: later chunks extend over a cached prefix, mixed with decodes)
-    engine, got = _generate(path, "triton", PROMPTS, max_num_batched_tokens=16)
+    engine, chunked = _generate(path, "triton", PROMPTS, max_num_batched_tokens=16)
     assert engine.runner.backend.name == "triton"
     assert any(s.num_decodes > 0 and s.num_prefill_tokens > 0 for s in engine.stats.steps)
-    _, ref = _generate(path, "torch", PROMPTS, max_num_batched_tokens=16)
-    assert got == ref
-    assert got[0] == hf_greedy(path, PROMPTS[0], MAX_NEW)
+    assert chunked == ref
     # prefix-cache hit: the same 40-token prompt again reuses its two full blocks
     engine.stats.reset()
     again = engine.generate([PROMPTS[1]], SamplingParams(max_tokens=MAX_NEW, temperature=0.0))
-    assert again[0].token_ids == got[1]
+    assert again[0].token_ids == ref[1]
     assert engine.stats.num_cached_tokens > 0
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks

@@ -55,6 +55,13 @@ LOG2E = 1.4426950408889634
 # tokens of one request, so the crossover is set lower, where the re-reads stay cheap.
 ABSORB_MAX_QUERY_LEN = 32
 
+# The expanded path materialises k [S, H, nope+rope] and v for the S context rows of its
+# requests (~1.3 KB a row and head at DeepSeek-V3 dims, ~170 KB a row for 128 heads), which the
+# memory plan does not budget for long contexts. Expanded requests run in groups of at most this
+# many context rows (~2.7 GB transient at 16k); a single request with a longer context runs
+# absorbed instead (more FLOPs, no expansion).
+EXPAND_MAX_CONTEXT = 16384
+
 # Tiles of the decode kernel on GPUs (bf16/fp16). The acc [BLOCK_H, kv_lora_rank] fp32 lives in
 # registers: BLOCK_H=32 x 512 over 8 warps is 64 registers a thread. Override per call with
 # `config=` (scripts/gpu_check_mla.py --configs sweeps a few).
@@ -365,13 +372,15 @@ def _expanded(q_nope, q_pe, cache, meta: AttentionMetadata, w: MLAWeights, scale
 
 def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
                   weights: MLAWeights, scale: float, *, config: dict | None = None,
-                  num_splits: int | None = None, absorb_max_query_len: int = ABSORB_MAX_QUERY_LEN) -> torch.Tensor:
+                  num_splits: int | None = None, absorb_max_query_len: int = ABSORB_MAX_QUERY_LEN,
+                  expand_max_context: int = EXPAND_MAX_CONTEXT) -> torch.Tensor:
     """MLA of q_nope [T, H, nope], q_pe [T, H, rope] (rotated) over the paged latent cache ->
     [T, H, v_head_dim]. The cache already holds this step's latents.
 
     Decode-only batches (CUDA graphs included): one absorbed launch, rows = requests, no host
-    work. Otherwise requests with query_len <= absorb_max_query_len run absorbed (one row per
-    token, context = prefix + its position + 1), longer ones non-absorbed (`_expanded`)."""
+    work. Otherwise requests with query_len <= absorb_max_query_len (or a context longer than
+    expand_max_context) run absorbed (one row per token, context = prefix + its position + 1),
+    the others non-absorbed (`_expanded`), in groups of at most expand_max_context context rows."""
     num_tokens = q_nope.shape[0]
     if num_tokens == 0 or not meta.seq_lens_cpu:
         return q_nope.new_zeros(num_tokens, weights.num_heads, weights.v_head_dim)
@@ -380,8 +389,10 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
                          block_tables=meta.block_tables, row_tok=meta.query_start_loc, row_len=meta.seq_lens,
                          max_seq_len=meta.max_seq_len)
     qsl = np.concatenate([[0], np.cumsum(meta.query_lens_cpu)])
-    short = [i for i, ql in enumerate(meta.query_lens_cpu) if ql <= absorb_max_query_len]
-    long_ = [i for i, ql in enumerate(meta.query_lens_cpu) if ql > absorb_max_query_len]
+    expand = [ql > absorb_max_query_len and sl <= expand_max_context
+              for ql, sl in zip(meta.query_lens_cpu, meta.seq_lens_cpu)]
+    short = [i for i, e in enumerate(expand) if not e]
+    long_ = [i for i, e in enumerate(expand) if e]
     if short:
         toks = np.concatenate([np.arange(qsl[i], qsl[i + 1]) for i in short]).astype(np.int32)
         lens = np.concatenate([np.arange(meta.seq_lens_cpu[i] - meta.query_lens_cpu[i] + 1,
@@ -395,9 +406,16 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
     else:
         out = q_nope.new_empty(num_tokens, weights.num_heads, weights.v_head_dim)
     if long_:
-        tok, part = _expanded(q_nope, q_pe, cache, meta, weights, scale, long_, qsl)
         out = out.contiguous()
-        out[tok] = part.to(out.dtype)
+        group: list[int] = []
+        for j, i in enumerate(long_):
+            group.append(i)
+            nxt = long_[j + 1] if j + 1 < len(long_) else None
+            rows = sum(meta.seq_lens_cpu[k] for k in group)
+            if nxt is None or rows + meta.seq_lens_cpu[nxt] > expand_max_context:
+                tok, part = _expanded(q_nope, q_pe, cache, meta, weights, scale, group, qsl)
+                out[tok] = part.to(out.dtype)
+                group = []
     return out
 
 
