@@ -359,6 +359,7 @@ def main() -> int:
     cache = make_cache(128 * 32768 if not args.quick else 64 * 8192, gen)  # 4.8 GB: every combo fits
     decode_sweep(w, gen, copy_bw, batches, ctxs, cache)
     configs = json.loads(args.configs) if args.configs else [
+        dict(block_h=16, block_n=32, num_warps=4, num_stages=2),
         dict(block_h=16, block_n=64, num_warps=4, num_stages=2),
         dict(block_h=32, block_n=32, num_warps=8, num_stages=2),
         dict(block_h=32, block_n=64, num_warps=8, num_stages=2),
