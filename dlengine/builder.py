@@ -176,13 +176,17 @@ class EngineBuilder:
             raise ConfigError(f"unknown load_format {self._load_format!r}; choose one of {LOAD_FORMATS}")
 
         attention = self._attention
-        # MLA attends over a latent cache: the torch reference and the Triton kernels
-        # (kernels/triton_mla.py) do; FlashInfer's paged GQA kernels do not
-        if model.uses_mla and attention not in ("auto", "torch", "triton"):
-            raise ConfigError(
-                f"attention backend {attention!r} does not support multi-head latent attention (MLA, "
-                f"{model.architecture}); use attention('triton'), attention('torch') or attention('auto')"
-            )
+        # MLA attends over a latent cache: the torch reference, the Triton kernels
+        # (kernels/triton_mla.py) and FlashInfer's MLA kernel, which is built for DeepSeek-V3's
+        # latent dims only
+        if model.uses_mla and attention == "flashinfer":
+            dims = (model.hf_config.get("kv_lora_rank"), model.hf_config.get("qk_rope_head_dim"))
+            if dims != (512, 64):
+                raise ConfigError(
+                    f"attention backend 'flashinfer' runs multi-head latent attention (MLA) only with "
+                    f"kv_lora_rank 512 and qk_rope_head_dim 64, not {dims[0]} and {dims[1]}; use attention('triton'), "
+                    "attention('torch') or attention('auto')"
+                )
 
         device = torch.device(self._device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda" and not torch.cuda.is_available():

@@ -41,7 +41,7 @@ import triton.language as tl
 
 from dlengine.kernels import triton_attention as ta
 from dlengine.kernels.attention_metadata import AttentionMetadata
-from dlengine.kernels.mla_attention_torch import MLAWeights
+from dlengine.kernels.mla_attention_torch import MLAWeights, absorb_query, latent_to_v
 
 LOG2E = 1.4426950408889634
 
@@ -323,11 +323,10 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, blo
 def _absorbed(q_nope, q_pe, cache, w: MLAWeights, scale, config, num_splits, **rows) -> torch.Tensor:
     """q_lat = q_nope W_UK ([H, T, C] from one batched GEMM), the decode kernel over `rows`, then
     out_lat W_UV^T -> [T, H, v] (rows not covered by `rows` hold garbage)."""
-    q_lat = torch.bmm(q_nope.transpose(0, 1), w.w_uk.to(q_nope.dtype)).to(q_pe.dtype)  # [H, T, C]
-    out_lat = torch.empty_like(q_lat)
-    mla_decode(q_lat.transpose(0, 1), q_pe, cache, out_lat=out_lat.transpose(0, 1), scale=scale,
-               num_splits=num_splits, config=config, **rows)
-    return torch.bmm(out_lat.to(w.w_uv.dtype), w.w_uv.transpose(1, 2)).transpose(0, 1)  # [T, H, v]
+    q_lat = absorb_query(q_nope, w)  # [T, H, C] view of [H, T, C]
+    out_lat = torch.empty_like(q_lat.transpose(0, 1)).transpose(0, 1)  # same layout: the W_UV GEMM reads it as is
+    mla_decode(q_lat, q_pe, cache, out_lat=out_lat, scale=scale, num_splits=num_splits, config=config, **rows)
+    return latent_to_v(out_lat, w)  # [T, H, v]
 
 
 def _expanded(q_nope, q_pe, cache, meta: AttentionMetadata, w: MLAWeights, scale, reqs: list[int],
