@@ -104,6 +104,13 @@ def test_decode_bf16_and_odd_dims():
     check([(1, 29), (1, 3)], 16, num_splits=2, c=24, h=2, nope=24, v=20)
 
 
+def test_several_head_tiles():
+    # 40 heads = tiles of 16, 16 and a partial 8 (interpreter BLOCK_H 16): per-tile split counters
+    # and head masks, for decodes and absorbed extend rows
+    check([(1, 37), (1, 70), (1, 2)], 16, num_splits=3, h=40)
+    check([(5, 40), (1, 9)], 16, num_splits=2, h=40, absorb_max_query_len=8)
+
+
 def test_decode_padding_rows_give_zeros_and_write_nothing():
     q_nope, q_pe, cache, meta, w = make_batch([(1, 20), (1, 9)], 16)
     meta.seq_lens[1] = 0  # a CUDA-graph padding row: context 0
