@@ -353,6 +353,15 @@ def extend_timings(w, gen, cache) -> None:
         RESULTS["extend"].append(dict(query_len=ql, seq_len=sl, path=path, ms=t * 1e3, tflops=flops / t / 1e12))
 
 
+def guarded(fn, *args) -> None:
+    """Run one section; a crash is printed and recorded, the other sections still run."""
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        RESULTS.setdefault("errors", []).append(f"{fn.__name__}: {type(e).__name__}: {str(e)[:300]}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -378,19 +387,22 @@ def main() -> int:
     batches = [1, 8, 32, 64] if args.quick else [1, 8, 32, 64, 128]
     ctxs = [1024, 8192] if args.quick else [1024, 2048, 8192, 16384, 32768]
     cache = make_cache(128 * 32768 if not args.quick else 64 * 8192, gen)  # 4.8 GB: every combo fits
-    decode_sweep(w, gen, copy_bw, batches, ctxs, cache)
+    guarded(decode_sweep, w, gen, copy_bw, batches, ctxs, cache)
+    # register budget: acc [block_h, 512] fp32 + q_lat [block_h, 512]; smem: stages x block_n x 576 x 2 B.
+    # block_h 64 is what Hopper's wgmma needs (M=64 per warpgroup); 16/32 run mma.sync
     configs = json.loads(args.configs) if args.configs else [
         dict(block_h=16, block_n=32, num_warps=4, num_stages=2),
         dict(block_h=16, block_n=64, num_warps=4, num_stages=2),
         dict(block_h=32, block_n=32, num_warps=8, num_stages=2),
         dict(block_h=32, block_n=64, num_warps=8, num_stages=2),
+        dict(block_h=32, block_n=32, num_warps=4, num_stages=3),
         dict(block_h=64, block_n=32, num_warps=8, num_stages=2),
+        dict(block_h=64, block_n=64, num_warps=8, num_stages=2),
         dict(block_h=64, block_n=16, num_warps=8, num_stages=3),
-        dict(block_h=128, block_n=16, num_warps=8, num_stages=2),
     ]
-    config_sweep(w, gen, copy_bw, cache, configs)
-    flashinfer_sweep(w, gen, copy_bw, batches, ctxs, cache)
-    extend_timings(w, gen, cache)
+    guarded(config_sweep, w, gen, copy_bw, cache, configs)
+    guarded(flashinfer_sweep, w, gen, copy_bw, batches, ctxs, cache)
+    guarded(extend_timings, w, gen, cache)
     print(f"\ncorrectness (triton): {'PASS' if ok else 'FAIL'}")
     if "flashinfer_backend_ok" in RESULTS["env"]:
         print(f"correctness (flashinfer MLA backend): {'PASS' if RESULTS['env']['flashinfer_backend_ok'] else 'FAIL'}")
