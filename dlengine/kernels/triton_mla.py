@@ -15,7 +15,7 @@ so the kernel reads the latent rows once for all heads and never expands them.
 Kernels:
   _store_latent_kernel  scatter this step's latent rows into the cache (slot < 0: skip, CUDA-graph
                         padding)
-  _mla_decode_kernel    split-KV flash-decoding of the absorbed form. Grid (row, head tile,
+  _mla_decode_kernel    split-KV flash-decoding of the absorbed form. Grid (row x head tile,
                         split): a "row" is one query token with its own context length (its
                         request's seq_len for a decode, prefix + i + 1 for token i of an extend),
                         BLOCK_H query heads share the M tile of the dots (all heads read the same
@@ -159,18 +159,20 @@ def _mla_decode_kernel(
     qk_scale, num_splits, lse_off,
     stride_ql_t, stride_ql_h, stride_qp_t, stride_qp_h,
     stride_cb, stride_cs, stride_bt, stride_ot, stride_oh,
-    NUM_HEADS: tl.constexpr, BLOCK_H: tl.constexpr,
+    NUM_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_TILES: tl.constexpr,
     KV_LORA: tl.constexpr, BLOCK_C: tl.constexpr, ROPE: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, ROW_REQ: tl.constexpr, DIRECT: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """Grid (row, head tile, split). Row r is query token row_tok[r] attending the first
+    """Grid (row x head tile, split), head tiles of a row adjacent so that they run together and
+    share the row's latent tiles through L2 (the latent context is read from HBM once). Row r is query token row_tok[r] attending the first
     row_len[r] context rows of request row_req[r] (r itself without ROW_REQ: decode batches pass
     query_start_loc and seq_lens). out [.., token, head, KV_LORA] by strides. With splits, ws holds
     [rows, H, splits, KV_LORA] partials then [rows, H, splits] lse at lse_off."""
-    r = tl.program_id(0)
-    ht = tl.program_id(1)
-    sp = tl.program_id(2)
+    pid = tl.program_id(0)
+    r = pid // HEAD_TILES
+    ht = pid % HEAD_TILES
+    sp = tl.program_id(1)
     tok = tl.load(row_tok_ptr + r).to(tl.int64)
     seq_len = tl.load(row_len_ptr + r)
     if ROW_REQ:
@@ -230,7 +232,7 @@ def _mla_decode_kernel(
         # publish every thread's stores, then one acq_rel atomic per program
         tl.debug_barrier()
         n_active = tl.cdiv(n_tiles, tiles_per_split)
-        cnt = cnt_ptr + r * tl.num_programs(1) + ht
+        cnt = cnt_ptr + pid  # one counter per (row, head tile)
         ticket = tl.atomic_add(cnt, 1, sem="acq_rel")
         if ticket == n_active - 1:
             tl.atomic_xchg(cnt, 0, sem="relaxed")  # ready for the next launch
@@ -302,11 +304,11 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, blo
         lse_off = n * kv_lora
         cnt = ta._split_counters(dev, num_rows * head_tiles)
     qls, qps, os_ = q_lat.stride(), q_pe.stride(), out_lat.stride()
-    _mla_decode_kernel[(num_rows, head_tiles, num_splits)](
+    _mla_decode_kernel[(num_rows * head_tiles, num_splits)](
         q_lat, q_pe, cache, block_tables, row_tok, row_len, row_req if row_req is not None else row_len,
         out_lat, ws, cnt, scale * LOG2E, num_splits, lse_off,
         qls[0], qls[1], qps[0], qps[1], cache.stride(0), cache.stride(1), block_tables.stride(0), os_[0], os_[1],
-        NUM_HEADS=num_heads, BLOCK_H=block_h, KV_LORA=kv_lora, BLOCK_C=triton.next_power_of_2(kv_lora),
+        NUM_HEADS=num_heads, BLOCK_H=block_h, HEAD_TILES=head_tiles, KV_LORA=kv_lora, BLOCK_C=triton.next_power_of_2(kv_lora),
         ROPE=rope, BLOCK_R=max(16, triton.next_power_of_2(rope)), BLOCK_N=cfg["block_n"], PAGE=cache.shape[1],
         ROW_REQ=row_req is not None, DIRECT=num_splits == 1,
         UPCAST=_INTERPRET, IEEE=_INTERPRET or cache.dtype == torch.float32,
