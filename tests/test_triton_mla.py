@@ -21,14 +21,16 @@ pytest.importorskip("triton")
 from dlengine import EngineBuilder, SamplingParams  # noqa: E402
 from dlengine.kernels import triton_attention as ta  # noqa: E402
 from dlengine.kernels import triton_mla as tm  # noqa: E402
+from dlengine.kernels import triton_mla_extend as tme  # noqa: E402
 from dlengine.kernels.attention_metadata import AttentionMetadata  # noqa: E402
 from dlengine.kernels.mla_attention_torch import MLAWeights, mla_attention_ref, write_latent_cache  # noqa: E402
 from dlengine.testing import tiny_checkpoint  # noqa: E402
 
 if DEVICE == "cpu" and not tm.interpret_mode():
     ta = importlib.reload(ta)  # imported earlier without the interpreter: rebuild the kernels
+    tme = importlib.reload(tme)
     tm = importlib.reload(tm)
-if DEVICE == "cpu" and not tm.interpret_mode():
+if DEVICE == "cpu" and not (tm.interpret_mode() and tme.interpret_mode()):
     pytest.skip("cannot switch triton to interpreter mode", allow_module_level=True)
 
 from hf_reference import hf_greedy  # noqa: E402

@@ -25,8 +25,8 @@ Kernels:
                         tile), reset by the merger) -- one launch, as the GQA decode kernel in
                         triton_attention.py does.
 
-Prefill / long extends use the non-absorbed form (expand the context through kv_b_proj, then the
-paged extend kernel of triton_attention.py): see `mla_attention` for the cost model.
+Prefill / long extends use the non-absorbed form (expand the context through kv_b_proj, then
+the expanded extend kernel of triton_mla_extend.py): see ABSORB_MAX_QUERY_LEN for the cost model.
 
 Under TRITON_INTERPRET=1 loaded values are upcast to float32 (the interpreter of triton 3.x gets
 bf16 arithmetic and bf16 dots wrong), as in triton_attention.py.
@@ -42,6 +42,7 @@ import triton.language as tl
 from dlengine.kernels import triton_attention as ta
 from dlengine.kernels.attention_metadata import AttentionMetadata
 from dlengine.kernels.mla_attention_torch import MLAWeights, absorb_query, latent_to_v
+from dlengine.kernels.triton_mla_extend import mla_extend
 
 LOG2E = 1.4426950408889634
 
@@ -55,11 +56,10 @@ LOG2E = 1.4426950408889634
 # tokens of one request, so the crossover is set lower, where the re-reads stay cheap.
 ABSORB_MAX_QUERY_LEN = 32
 
-# The expanded path materialises k [S, H, nope+rope] and v for the S context rows of its
-# requests (~1.3 KB a row and head at DeepSeek-V3 dims, ~170 KB a row for 128 heads), which the
-# memory plan does not budget for long contexts. Expanded requests run in groups of at most this
-# many context rows (~2.7 GB transient at 16k); a single request with a longer context runs
-# absorbed instead (more FLOPs, no expansion).
+# The expanded path materialises [S, H, nope + v] for the S context rows of its requests (64 KB
+# a row at DeepSeek-V3 dims), which the memory plan does not budget for long contexts. Expanded
+# requests run in groups of at most this many context rows (~1 GB transient at 16k); a single
+# request with a longer context runs absorbed instead (more FLOPs, no expansion).
 EXPAND_MAX_CONTEXT = 16384
 
 # Tiles of the decode kernel on GPUs (bf16/fp16). The acc [BLOCK_H, kv_lora_rank] fp32 lives in
@@ -333,10 +333,10 @@ def _absorbed(q_nope, q_pe, cache, w: MLAWeights, scale, config, num_splits, **r
 
 def _expanded(q_nope, q_pe, cache, meta: AttentionMetadata, w: MLAWeights, scale, reqs: list[int],
               qsl: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Non-absorbed MLA for requests `reqs`: gather their latent contexts, expand them through
-    kv_b_proj into per-head k = [k_nope | k_pe] and v, and run the paged extend kernel over the
-    expanded rows (page size 1). v is zero-padded to the q/k head dim because that kernel uses one
-    head dim for K and V. Returns (token indices, out [len, H, v])."""
+    """Non-absorbed MLA for requests `reqs`: gather their latent contexts (cached prefix included)
+    into rows, expand c_kv through kv_b_proj into [S, H, nope + v] (k_nope and v are views of it)
+    and run the expanded extend kernel with the shared k_pe rows. Returns (token indices,
+    out [len, H, v])."""
     dev = q_nope.device
     page = cache.shape[1]
     c = cache.shape[-1] - q_pe.shape[-1]
@@ -345,30 +345,17 @@ def _expanded(q_nope, q_pe, cache, meta: AttentionMetadata, w: MLAWeights, scale
     req_of_row = np.repeat(np.asarray(reqs, dtype=np.int64), seq)
     pos = np.concatenate([np.arange(s, dtype=np.int64) for s in seq])
     tok = np.concatenate([np.arange(qsl[i], qsl[i + 1], dtype=np.int64) for i in reqs])
-    ctx_off = np.concatenate([[0], np.cumsum(seq)])
-    tables = np.zeros((len(reqs), max(seq)), dtype=np.int32)
-    for j, s in enumerate(seq):
-        tables[j, :s] = np.arange(ctx_off[j], ctx_off[j] + s)
     req_t, pos_t, tok_t = (torch.from_numpy(a).to(dev, non_blocking=True) for a in (req_of_row, pos, tok))
     slots = meta.block_tables[req_t, pos_t // page].long() * page + pos_t % page
     latent = cache.view(-1, cache.shape[-1])[slots]  # [S, C + R]
     h, nope, vd = w.num_heads, w.qk_nope_head_dim, w.v_head_dim
     kv = torch.nn.functional.linear(latent[:, :c].to(w.kv_b.dtype), w.kv_b).view(-1, h, nope + vd)
-    k_nope, v = kv.split([nope, vd], dim=-1)
-    k_pe = latent[:, None, c:].to(k_nope.dtype).expand(-1, h, -1)
-    dk = nope + q_pe.shape[-1]
-    k = torch.cat([k_nope, k_pe], dim=-1).to(cache.dtype)
-    v = torch.nn.functional.pad(v, (0, dk - vd)).to(cache.dtype)
-    q = torch.cat([q_nope[tok_t], q_pe[tok_t]], dim=-1)
-    sub = AttentionMetadata(
-        query_start_loc=torch.from_numpy(np.concatenate([[0], np.cumsum(qlen)]).astype(np.int32)).to(dev),
-        seq_lens=torch.tensor(seq, dtype=torch.int32).to(dev),
-        block_tables=torch.from_numpy(tables).to(dev),
-        slot_mapping=torch.empty(0, dtype=torch.int64, device=dev),  # nothing is written
-        max_query_len=max(qlen), max_seq_len=max(seq), query_lens_cpu=qlen, seq_lens_cpu=seq,
-    )
-    out = ta.paged_attention(q, k.view(-1, 1, h, dk), v.view(-1, 1, h, dk), sub, scale)
-    return tok_t, out[..., :vd]
+    small = lambda a: torch.from_numpy(np.asarray(a, dtype=np.int32)).to(dev)  # noqa: E731
+    out = q_nope.new_empty(len(tok), h, vd)
+    mla_extend(q_nope[tok_t], q_pe[tok_t], kv[..., :nope], latent[:, c:], kv[..., nope:],
+               small(np.concatenate([[0], np.cumsum(qlen)])), small(seq), small(np.concatenate([[0], np.cumsum(seq)[:-1]])),
+               max(qlen), scale, out)
+    return tok_t, out
 
 
 def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
