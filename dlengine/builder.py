@@ -30,7 +30,7 @@ from dlengine.engine.runner import ModelRunner
 from dlengine.engine.sampler import Sampler
 from dlengine.engine.scheduler import Scheduler
 from dlengine.kernels.backends import resolve_attention_backend
-from dlengine.models.loader import init_dummy_weights, load_weights
+from dlengine.models.loader import init_dummy_weights, load_weights, run_post_load_hooks
 from dlengine.models.registry import get_model_class
 from dlengine.tokenizer import load_tokenizer
 
@@ -194,14 +194,17 @@ class EngineBuilder:
             raise ConfigError(f"unknown load_format {self._load_format!r}; choose one of {LOAD_FORMATS}")
 
         attention = self._attention
-        if model.uses_mla:  # MLA attends over a latent cache: only the torch reference does that yet
-            if attention not in ("auto", "torch"):
+        # MLA attends over a latent cache: the torch reference, the Triton kernels
+        # (kernels/triton_mla.py) and FlashInfer's MLA kernel, which is built for DeepSeek-V3's
+        # latent dims only
+        if model.uses_mla and attention == "flashinfer":
+            dims = (model.hf_config.get("kv_lora_rank"), model.hf_config.get("qk_rope_head_dim"))
+            if dims != (512, 64):
                 raise ConfigError(
-                    f"attention backend {attention!r} does not support multi-head latent attention (MLA, "
-                    f"{model.architecture}); MLA models run with the torch attention backend only for now: "
-                    "use attention('torch') or attention('auto')"
+                    f"attention backend 'flashinfer' runs multi-head latent attention (MLA) only with "
+                    f"kv_lora_rank 512 and qk_rope_head_dim 64, not {dims[0]} and {dims[1]}; use attention('triton'), "
+                    "attention('torch') or attention('auto')"
                 )
-            attention = "torch"
 
         device = torch.device(self._device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda" and not torch.cuda.is_available():
@@ -279,6 +282,7 @@ class EngineBuilder:
             from dlengine.models.layers.fp8_linear import finish_fp8_load
 
             finish_fp8_load(model, cfg.quantization, cfg.dtype)
+        run_post_load_hooks(model)  # after FP8 finishing: MLA's absorbed views need the final kv_b_proj
         model.eval()
         tokenizer = load_tokenizer(cfg.model.path)
 

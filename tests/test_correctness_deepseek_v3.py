@@ -88,10 +88,12 @@ def test_greedy_tokens_match_transformers(kind, setup):
     engine.block_manager.check_invariants()
 
 
-def test_mla_needs_the_torch_attention_backend():
+def test_mla_attention_backends():
     path = tiny_checkpoint("deepseek-v3")
-    with pytest.raises(ConfigError, match="MLA.*torch attention backend only"):
-        EngineBuilder(path).dtype("float32").attention("triton").build()
+    # FlashInfer's MLA kernel only takes DeepSeek-V3's latent dims (512 + 64); triton
+    # (tests/test_triton_mla.py) and torch take any
+    with pytest.raises(ConfigError, match="flashinfer.*kv_lora_rank 512"):
+        EngineBuilder(path).dtype("float32").attention("flashinfer").build()
     engine = EngineBuilder(path).dtype("float32").attention("auto").build()
     assert engine.runner.backend.name == "torch"
 

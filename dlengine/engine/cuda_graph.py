@@ -9,7 +9,8 @@ eagerly.
 
 Everything a graph reads lives in static buffers filled before each replay; the attention
 backend must be capturable (no host syncs, launch sizes from static metadata): the Triton
-backend is, the torch reference is not.
+backend is, the torch reference is not. MLA layers on the Triton backend capture the latent write
+(skips slot -1) and one absorbed decode launch (context 0 gives zeros): kernels/triton_mla.py.
 """
 
 from __future__ import annotations

@@ -19,6 +19,10 @@ causal mask to the end of each context (queries are the last query_len positions
 reference), so prefills, chunks over a cached prefix and the decode rows of a mixed batch are all
 just rows of one prefill plan.
 
+MLA models (DeepSeek-V3, Kimi-K2; latent cache [N, page, 1, 512 + 64]) go through
+`attend_mla`: BatchMLAPagedAttentionWrapper, absorbed form, causal=True for every step (decodes,
+prefills and extends alike), reading the c_kv and k_pe halves of the cache as strided views.
+
 plan() runs on the host every step, so this backend is not capturable in CUDA graphs.
 FlashInfer's plan() fills a pinned host buffer and copies it to the device asynchronously; the
 next plan() must not overwrite that buffer before the copy ran (the engine's host runs a step
@@ -71,7 +75,7 @@ class FlashInferAttentionBackend:
         self.workspace_bytes = workspace_bytes
         self.decode_tensor_cores = decode_tensor_cores
         self._device: torch.device | None = None
-        self._decode = self._prefill = self._wrapper = None
+        self._decode = self._prefill = self._mla = self._wrapper = None
         self._planned_meta: AttentionMetadata | None = None  # compared with `is`; kept alive so ids don't recycle
         self._planned_key: tuple | None = None
         self._plan_event: torch.cuda.Event | None = None
@@ -106,7 +110,43 @@ class FlashInferAttentionBackend:
         self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD",
                                                                      use_tensor_cores=self.decode_tensor_cores)
         self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD")
-        self._device, self._plan_event = device, None
+        self._mla = None  # made on the first MLA plan (GQA models never import flashinfer.mla)
+        self._ws, self._device, self._plan_event = ws, device, None
+
+    def attend_mla(self, q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
+                   scale: float) -> torch.Tensor:
+        """Absorbed MLA: q_lat [T, H, C], q_pe [T, H, R] over the latent cache [N, page, 1, C + R]
+        -> out_lat [T, H, C] (softmax . c_kv); the caller applies W_UK / W_UV."""
+        dtype = cache.dtype
+        if dtype not in SUPPORTED_DTYPES:
+            raise ConfigError(f"the flashinfer attention backend needs a float16/bfloat16 KV cache, not {dtype}")
+        c = q_lat.shape[2]
+        key = ("mla", q_lat.shape[1], c, q_pe.shape[2], cache.shape[1], dtype, float(scale), q_lat.device)
+        if meta is not self._planned_meta or key != self._planned_key:
+            self._plan_mla(meta, key)
+        return self._mla.run(q_lat.to(dtype).contiguous(), q_pe.to(dtype).contiguous(),
+                             cache[:, :, 0, :c], cache[:, :, 0, c:])
+
+    def _plan_mla(self, meta: AttentionMetadata, key: tuple) -> None:
+        _, num_heads, head_dim_ckv, head_dim_kpe, page, dtype, scale, device = key
+        self._ensure_wrappers(device)
+        if self._mla is None:
+            from flashinfer.mla import BatchMLAPagedAttentionWrapper
+
+            self._mla = BatchMLAPagedAttentionWrapper(self._ws)
+        if self._plan_event is not None:
+            self._plan_event.synchronize()
+        kv_indptr = _host_indptr([-(-s // page) for s in meta.seq_lens_cpu])
+        indices = page_indices(meta, page, int(kv_indptr[-1]))
+        self._mla.plan(_host_indptr(meta.query_lens_cpu), kv_indptr, indices,
+                       torch.tensor(meta.seq_lens_cpu, dtype=torch.int32), num_heads, head_dim_ckv, head_dim_kpe,
+                       page, True, scale, dtype, dtype)
+        self._wrapper = self._mla
+        if device.type == "cuda":
+            self._plan_event = torch.cuda.Event()
+            self._plan_event.record(torch.cuda.current_stream(device))
+        self._planned_meta, self._planned_key = meta, key
+        self.num_plans += 1
 
     def _plan(self, meta: AttentionMetadata, key: tuple) -> None:
         num_heads, num_kv_heads, head_dim, page, dtype, scale, device = key

@@ -14,6 +14,8 @@ GQA reference, so prefill, chunked prefill over a cached prefix and decode are o
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -48,3 +50,32 @@ def mla_attention_ref(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetad
         out[start : start + ql] = _attend(q[start : start + ql], k, v, scale, causal_offset=seq_len - ql)
         start += ql
     return out
+
+
+@dataclass
+class MLAWeights:
+    """kv_b_proj's weight and its per-head absorbed views (no copies: the views share storage).
+    w_uk [H, nope, C] maps q_nope into latent space; w_uv [H, v, C] maps latent outputs to v."""
+
+    kv_b: torch.Tensor  # [H * (nope + v), C]
+    w_uk: torch.Tensor
+    w_uv: torch.Tensor
+    num_heads: int
+    qk_nope_head_dim: int
+    v_head_dim: int
+
+    @classmethod
+    def from_kv_b(cls, kv_b: torch.Tensor, num_heads: int, qk_nope_head_dim: int, v_head_dim: int) -> "MLAWeights":
+        w = kv_b.view(num_heads, qk_nope_head_dim + v_head_dim, kv_b.shape[-1])
+        return cls(kv_b, w[:, :qk_nope_head_dim], w[:, qk_nope_head_dim:], num_heads, qk_nope_head_dim, v_head_dim)
+
+
+def absorb_query(q_nope: torch.Tensor, w: MLAWeights) -> torch.Tensor:
+    """q_lat = q_nope W_UK per head: [T, H, nope] -> [T, H, kv_lora_rank], as a transposed view
+    of one batched GEMM's [H, T, C] output (kernels take strides)."""
+    return torch.bmm(q_nope.transpose(0, 1), w.w_uk.to(q_nope.dtype)).transpose(0, 1)
+
+
+def latent_to_v(out_lat: torch.Tensor, w: MLAWeights) -> torch.Tensor:
+    """out = out_lat W_UV^T per head: [T, H, kv_lora_rank] -> [T, H, v_head_dim] (a view)."""
+    return torch.bmm(out_lat.transpose(0, 1).to(w.w_uv.dtype), w.w_uv.transpose(1, 2)).transpose(0, 1)

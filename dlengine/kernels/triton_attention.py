@@ -574,9 +574,11 @@ class TritonAttentionBackend:
     name = "triton"
     supports_cuda_graphs = True  # launch sizes come from static metadata; no host syncs
 
-    def __init__(self, config: dict | None = None, num_splits: int | None = None) -> None:
+    def __init__(self, config: dict | None = None, num_splits: int | None = None,
+                 mla_config: dict | None = None) -> None:
         self.config = config
         self.num_splits = num_splits
+        self.mla_config = mla_config  # tiles of the MLA decode kernel (triton_mla.DECODE_DEFAULTS keys)
 
     def write_kv(self, k, v, k_cache, v_cache, meta):
         store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)

@@ -150,3 +150,12 @@ def init_dummy_weights(model: nn.Module, seed: int = 0, scale: float = 1e-3) -> 
                 if gen is None:
                     gen = generators[p.device] = torch.Generator(device=p.device).manual_seed(seed)
                 p.uniform_(-scale, scale, generator=gen)
+
+
+def run_post_load_hooks(model: nn.Module) -> None:
+    """Call `post_load_weights()` on every module that has one, once the weights are final (loaded
+    or dummy): derived tensors (e.g. MLA's absorbed projections) are made here, not per step."""
+    for module in model.modules():
+        hook = getattr(module, "post_load_weights", None)
+        if callable(hook):
+            hook()

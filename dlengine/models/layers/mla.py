@@ -8,8 +8,11 @@ Per token:
     q_pe, k_pe rotated with decoupled RoPE on the rope dims only
 
 The cache stores the latent `[c_kv | rotated k_pe]` (kv_lora_rank + qk_rope_head_dim numbers per
-token and layer, ModelConfig.kv_cache_geometry); attention expands it through kv_b_proj into
-per-head k_nope and v (kernels/mla_attention_torch.py).
+token and layer, ModelConfig.kv_cache_geometry). Attention runs by the engine's backend: "torch"
+expands the latent through kv_b_proj into per-head k_nope and v (kernels/mla_attention_torch.py,
+the reference); "triton" runs absorbed decode / non-absorbed prefill (kernels/triton_mla.py,
+docs/mla.md); "flashinfer" runs FlashInfer's absorbed MLA kernel for every step. `post_load_weights` (called by the builder once weights are in place) prepares the
+absorbed per-head views of kv_b_proj.
 
 RoPE layout: with `rope_interleave` (the default, and what DeepSeek's weights use) the rope dims
 are interleaved pairs (x0, x1), (x2, x3), ...; transformers' `apply_rotary_pos_emb_interleave`
@@ -29,7 +32,8 @@ from torch import nn
 
 from dlengine.config import ConfigError, ModelConfig
 from dlengine.kernels import ops_torch
-from dlengine.kernels.mla_attention_torch import mla_attention_ref, write_latent_cache
+from dlengine.kernels.mla_attention_torch import (MLAWeights, absorb_query, latent_to_v, mla_attention_ref,
+                                                   write_latent_cache)
 from dlengine.models.layers.attention import ForwardContext
 from dlengine.models.layers.linear import Linear
 from dlengine.models.layers.norm import RMSNorm
@@ -77,6 +81,15 @@ class MLAAttention(nn.Module):
         self.o_proj = Linear(h * self.v_head_dim, cfg.hidden_size, bias=bias)
         self.rotary = rotary
         self.scale = mla_softmax_scale(cfg, self.qk_head_dim)
+        self.absorbed: MLAWeights | None = None  # set by post_load_weights
+
+    @torch.no_grad()
+    def post_load_weights(self) -> None:
+        """Per-head W_UK / W_UV of kv_b_proj for the absorbed kernels, once after loading. They are
+        views of the loaded weight (no extra memory; an in-place reload stays visible); a
+        quantized kv_b_proj would be dequantized here."""
+        self.absorbed = MLAWeights.from_kv_b(self.kv_b_proj.weight, self.num_heads, self.qk_nope_head_dim,
+                                             self.v_head_dim)
 
     def extra_repr(self) -> str:
         return (f"heads={self.num_heads}, q_lora_rank={self.q_lora_rank}, kv_lora_rank={self.kv_lora_rank}, "
@@ -102,9 +115,25 @@ class MLAAttention(nn.Module):
         c_kv, k_pe = self.kv_a_proj_with_mqa(hidden).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv.contiguous())
         q_pe, k_pe = self._rope(positions, q_pe, k_pe.unsqueeze(1))
-        q = torch.cat([q_nope, q_pe], dim=-1)
         cache, _ = ctx.kv_caches[self.layer_idx]
-        write_latent_cache(torch.cat([c_kv, k_pe[:, 0]], dim=-1), cache, ctx.meta.slot_mapping)
-        out = mla_attention_ref(q, cache, ctx.meta, self.kv_b_proj.weight, self.kv_lora_rank,
-                                self.qk_nope_head_dim, self.v_head_dim, self.scale)
+        latent = torch.cat([c_kv, k_pe[:, 0]], dim=-1)
+        backend = ctx.backend.name
+        if backend == "torch":
+            write_latent_cache(latent, cache, ctx.meta.slot_mapping)
+            out = mla_attention_ref(torch.cat([q_nope, q_pe], dim=-1), cache, ctx.meta, self.kv_b_proj.weight,
+                                    self.kv_lora_rank, self.qk_nope_head_dim, self.v_head_dim, self.scale)
+        else:  # the fast backends (CUDA; triton also under its CPU interpreter)
+            from dlengine.kernels import triton_mla
+
+            if self.absorbed is None:
+                raise RuntimeError("MLAAttention.post_load_weights() was not called after loading the weights")
+            triton_mla.store_latent(latent, cache, ctx.meta.slot_mapping)
+            if backend == "flashinfer":  # absorbed for every step (FlashInfer's MLA kernel is causal)
+                out_lat = ctx.backend.attend_mla(absorb_query(q_nope, self.absorbed), q_pe, cache, ctx.meta,
+                                                 self.scale)
+                out = latent_to_v(out_lat, self.absorbed)
+            else:
+                out = triton_mla.mla_attention(q_nope, q_pe, cache, ctx.meta, self.absorbed, self.scale,
+                                               config=getattr(ctx.backend, "mla_config", None),
+                                               num_splits=getattr(ctx.backend, "num_splits", None))
         return self.o_proj(out.reshape(t, self.num_heads * self.v_head_dim))

@@ -1,0 +1,201 @@
+"""Triton MLA kernels (absorbed split-KV decode, per-token absorbed extend rows, non-absorbed
+expanded extend, latent cache write) vs the torch reference at tiny sizes, and the tiny
+DeepSeek-V3 engine on the triton backend vs the torch backend / transformers.
+
+Without CUDA everything runs under the Triton interpreter (TRITON_INTERPRET=1)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the @triton.jit decorations
+
+pytest.importorskip("triton")
+
+from dlengine import EngineBuilder, SamplingParams  # noqa: E402
+from dlengine.kernels import triton_attention as ta  # noqa: E402
+from dlengine.kernels import triton_mla as tm  # noqa: E402
+from dlengine.kernels import triton_mla_extend as tme  # noqa: E402
+from dlengine.kernels.attention_metadata import AttentionMetadata  # noqa: E402
+from dlengine.kernels.mla_attention_torch import MLAWeights, mla_attention_ref, write_latent_cache  # noqa: E402
+from dlengine.testing import tiny_checkpoint  # noqa: E402
+
+if DEVICE == "cpu" and not tm.interpret_mode():
+    ta = importlib.reload(ta)  # imported earlier without the interpreter: rebuild the kernels
+    tme = importlib.reload(tme)
+    tm = importlib.reload(tm)
+if DEVICE == "cpu" and not (tm.interpret_mode() and tme.interpret_mode()):
+    pytest.skip("cannot switch triton to interpreter mode", allow_module_level=True)
+
+from hf_reference import hf_greedy  # noqa: E402
+
+# tiny MLA dims: 4 heads, latent 32 + rope 8 (rope padded to 16 in the kernel), nope 16, v 16
+H, C, R, NOPE, V = 4, 32, 8, 16, 16
+SCALE = (NOPE + R) ** -0.5
+
+
+def make_batch(reqs, block_size, dtype=torch.float32, seed=0, c=C, r=R, h=H, nope=NOPE, v=V):
+    """reqs: [(query_len, seq_len)] -> q_nope, q_pe, cache (context incl. this step's rows), meta,
+    weights; block ids shuffled, one padding column in the block table."""
+    g = torch.Generator().manual_seed(seed)
+    nblk = [-(-sl // block_size) for _, sl in reqs]
+    num_blocks = sum(nblk) + 2
+    perm = torch.randperm(num_blocks, generator=g)
+    cache = torch.randn(num_blocks, block_size, 1, c + r, generator=g).to(dtype)
+    tables = torch.zeros(len(reqs), max(nblk) + 1, dtype=torch.int32)
+    slots, qsl, used = [], [0], 0
+    for i, (ql, sl) in enumerate(reqs):
+        blocks = perm[used:used + nblk[i]]
+        used += nblk[i]
+        tables[i, :nblk[i]] = blocks.to(torch.int32)
+        pos = torch.arange(sl - ql, sl)
+        slots.append(blocks[pos // block_size] * block_size + pos % block_size)
+        qsl.append(qsl[-1] + ql)
+    t = qsl[-1]
+    q_nope = torch.randn(t, h, nope, generator=g).to(dtype)
+    q_pe = torch.randn(t, h, r, generator=g).to(dtype)
+    kv_b = (torch.randn(h * (nope + v), c, generator=g) * c**-0.5).to(dtype)
+    d = lambda x: x.to(DEVICE)  # noqa: E731
+    meta = AttentionMetadata(
+        query_start_loc=d(torch.tensor(qsl, dtype=torch.int32)),
+        seq_lens=d(torch.tensor([sl for _, sl in reqs], dtype=torch.int32)),
+        block_tables=d(tables), slot_mapping=d(torch.cat(slots).long()),
+        max_query_len=max(ql for ql, _ in reqs), max_seq_len=max(sl for _, sl in reqs),
+        query_lens_cpu=[ql for ql, _ in reqs], seq_lens_cpu=[sl for _, sl in reqs],
+    )
+    weights = MLAWeights.from_kv_b(d(kv_b), h, nope, v)
+    return d(q_nope), d(q_pe), d(cache), meta, weights
+
+
+def reference(q_nope, q_pe, cache, meta, w, scale=SCALE):
+    return mla_attention_ref(torch.cat([q_nope, q_pe], -1).float(), cache.float(), meta, w.kv_b.float(),
+                             cache.shape[-1] - q_pe.shape[-1], w.qk_nope_head_dim, w.v_head_dim, scale)
+
+
+def check(reqs, block_size, *, num_splits=None, absorb_max_query_len=tm.ABSORB_MAX_QUERY_LEN, dtype=torch.float32,
+          expand_max_context=tm.EXPAND_MAX_CONTEXT, **dims):
+    q_nope, q_pe, cache, meta, w = make_batch(reqs, block_size, dtype, **dims)
+    scale = (w.qk_nope_head_dim + q_pe.shape[-1]) ** -0.5
+    got = tm.mla_attention(q_nope, q_pe, cache, meta, w, scale, num_splits=num_splits,
+                           absorb_max_query_len=absorb_max_query_len, expand_max_context=expand_max_context)
+    ref = reference(q_nope, q_pe, cache, meta, w, scale)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(got.float(), ref, **tol)
+
+
+@pytest.mark.parametrize("reqs, block_size, num_splits", [
+    ([(1, 1)], 16, None),                         # a single context row
+    ([(1, 37), (1, 5), (1, 16)], 16, 1),          # ctx not a multiple of the block, direct write
+    ([(1, 37), (1, 5), (1, 64)], 16, 4),          # splits > 1 incl. empty splits (ctx 5)
+    ([(1, 70), (1, 33)], 1, 2),                   # page size 1
+    ([(1, 50), (1, 9), (1, 21), (1, 3)], 32, 8),  # more splits than key tiles for most rows
+])
+def test_decode_matches_reference(reqs, block_size, num_splits):
+    check(reqs, block_size, num_splits=num_splits)
+
+
+def test_decode_bf16_and_odd_dims():
+    check([(1, 40), (1, 7)], 16, num_splits=2, dtype=torch.bfloat16)
+    # Kimi-K2-like tiny dims: latent 24 (padded to 32), 2 heads, nope 24, v 20
+    check([(1, 29), (1, 3)], 16, num_splits=2, c=24, h=2, nope=24, v=20)
+
+
+def test_several_head_tiles():
+    # 40 heads = tiles of 16, 16 and a partial 8 (interpreter BLOCK_H 16): per-tile split counters
+    # and head masks, for decodes and absorbed extend rows
+    check([(1, 37), (1, 70), (1, 2)], 16, num_splits=3, h=40)
+    check([(5, 40), (1, 9)], 16, num_splits=2, h=40, absorb_max_query_len=8)
+
+
+def test_decode_padding_rows_give_zeros_and_write_nothing():
+    q_nope, q_pe, cache, meta, w = make_batch([(1, 20), (1, 9)], 16)
+    meta.seq_lens[1] = 0  # a CUDA-graph padding row: context 0
+    before = cache.clone()
+    latent = torch.randn(2, C + R, device=DEVICE)
+    tm.store_latent(latent, cache, torch.tensor([3, -1], device=DEVICE))
+    assert torch.equal(cache.view(-1, C + R)[3], latent[0]) and torch.equal(cache.view(-1, C + R)[:3], before.view(-1, C + R)[:3])
+    assert torch.equal(cache.view(-1, C + R)[4:], before.view(-1, C + R)[4:])
+    out = tm.mla_attention(q_nope, q_pe, cache, meta, w, SCALE, num_splits=2)
+    assert torch.all(out[1] == 0) and torch.isfinite(out).all()
+
+
+def test_store_latent_matches_reference():
+    _, _, cache, meta, _ = make_batch([(5, 20), (1, 9)], 4)
+    latent = torch.randn(6, C + R, device=DEVICE)
+    ref = cache.clone()
+    write_latent_cache(latent, ref, meta.slot_mapping)
+    tm.store_latent(latent, cache, meta.slot_mapping)
+    assert torch.equal(cache, ref)
+
+
+@pytest.mark.parametrize("absorb_max", [0, 64])  # 0: every extend expanded; 64: every extend absorbed
+def test_extend_with_cached_prefix_and_mixed_batch(absorb_max):
+    # prefill from scratch, extend over a cached prefix (chunked prefill / prefix hit), decodes
+    reqs = [(12, 12), (7, 40), (1, 23), (9, 17), (1, 1)]
+    check(reqs, 16, num_splits=2, absorb_max_query_len=absorb_max)
+
+
+def test_extend_both_paths_in_one_batch():
+    check([(40, 40), (3, 30), (1, 19)], 8, absorb_max_query_len=8)
+
+
+def test_expanded_requests_run_in_bounded_groups(monkeypatch):
+    # context budget 50: (12, 30) + (20, 20) form one group, (15, 45) its own, (10, 60) is over
+    # the budget alone and runs absorbed
+    groups = []
+    real = tm._expanded
+
+    def spy(*args):
+        groups.append(list(args[6]))
+        return real(*args)
+
+    monkeypatch.setattr(tm, "_expanded", spy)
+    check([(12, 30), (20, 20), (15, 45), (10, 60), (1, 7)], 16, absorb_max_query_len=4, expand_max_context=50)
+    assert groups == [[0, 1], [2]]
+
+
+# ------------------------------------------------------------------------------------ engine level
+
+MAX_NEW = 6
+PROMPTS = [[5, 17, 99, 3], list(range(2, 42)), [7] * 19]
+
+
+def _generate(path, attention, prompts, **scheduler):
+    b = EngineBuilder(path).device(DEVICE).dtype("float32").attention(attention).cache(block_size=16)
+    if scheduler:
+        b.scheduler(**scheduler)
+    engine = b.build()
+    return engine, [o.token_ids for o in engine.generate(prompts, SamplingParams(max_tokens=MAX_NEW, temperature=0.0))]
+
+
+@pytest.mark.parametrize("kind", ["deepseek-v3", "kimi-k2"])
+def test_engine_triton_matches_torch_and_transformers(kind, monkeypatch):
+    path = tiny_checkpoint(kind)
+    # whole prompts in one step: the 40-token prefill takes the expanded path, the others absorbed
+    expanded = []
+    real = tm._expanded
+    monkeypatch.setattr(tm, "_expanded", lambda *a: expanded.append(a[6]) or real(*a))
+    _, whole = _generate(path, "triton", PROMPTS)
+    assert expanded  # one call per layer for the 40-token prefill
+    _, ref = _generate(path, "torch", PROMPTS)
+    assert whole == ref
+    assert whole[0] == hf_greedy(path, PROMPTS[0], MAX_NEW)
+    if kind != "deepseek-v3":
+        return
+    # chunked prefill (16-token steps: later chunks extend over a cached prefix, mixed with decodes)
+    engine, chunked = _generate(path, "triton", PROMPTS, max_num_batched_tokens=16)
+    assert engine.runner.backend.name == "triton"
+    assert any(s.num_decodes > 0 and s.num_prefill_tokens > 0 for s in engine.stats.steps)
+    assert chunked == ref
+    # prefix-cache hit: the same 40-token prompt again reuses its two full blocks
+    engine.stats.reset()
+    again = engine.generate([PROMPTS[1]], SamplingParams(max_tokens=MAX_NEW, temperature=0.0))
+    assert again[0].token_ids == ref[1]
+    assert engine.stats.num_cached_tokens > 0
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
