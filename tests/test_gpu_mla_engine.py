@@ -1,8 +1,12 @@
 """GPU check of MLA in the whole engine (run through the device tool; skipped on CPU).
 
-bf16 greedy tokens of the tiny DeepSeek-V3 on the triton backend, with and without CUDA graphs
-(decode steps replay the absorbed MLA decode kernel), equal the CPU float32 torch reference, or
-first differ where the float32 logits have a near tie (as tests/test_gpu_engine.py judges Qwen3).
+Greedy tokens of the tiny DeepSeek-V3 on the triton backend in float32 (IEEE dots), with and
+without CUDA graphs (decode steps replay the absorbed MLA decode kernel), equal the CPU float32
+torch reference, or first differ where the float32 logits have a near tie. bf16 is only run, not
+compared token by token: the tiny MoE model is chaotic under bf16 rounding (a router near-tie
+flips an expert and the continuation changes; see tests/test_fp8.py), so a bf16-vs-fp32 token
+comparison would test the model, not the kernels; the kernels' bf16 accuracy is checked at real
+dims by scripts/gpu_check_mla.py.
 """
 
 import pytest
@@ -40,14 +44,14 @@ def check_against_reference(ref_engine, prompts, outs, ref_tokens) -> int:
 
 
 @pytest.mark.parametrize("graphs", [True, False])
-def test_mla_triton_bf16_greedy_matches_cpu_fp32(cpu_reference, graphs):
+def test_mla_triton_fp32_greedy_matches_cpu_fp32(cpu_reference, graphs):
     ref_engine, ref_tokens = cpu_reference
-    engine = (EngineBuilder("tiny-deepseek-v3").device("cuda").dtype("bfloat16").attention("triton")
+    engine = (EngineBuilder("tiny-deepseek-v3").device("cuda").dtype("float32").attention("triton")
               .cuda_graphs(graphs).scheduler(max_num_batched_tokens=128).build())
     assert engine.runner.backend.name == "triton"
     params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
     outs = engine.generate(PROMPTS, params)
-    assert check_against_reference(ref_engine, PROMPTS, outs, ref_tokens) >= len(PROMPTS) // 2
+    assert check_against_reference(ref_engine, PROMPTS, outs, ref_tokens) >= len(PROMPTS) - 1
     if graphs:
         assert engine.runner.num_graph_steps > 0
     # a second round hits the prefix cache (extends over cached blocks on the GPU path)
@@ -55,4 +59,13 @@ def test_mla_triton_bf16_greedy_matches_cpu_fp32(cpu_reference, graphs):
     again = engine.generate(PROMPTS[-3:], params)
     assert engine.stats.num_cached_tokens > 0
     check_against_reference(ref_engine, PROMPTS[-3:], again, ref_tokens[-3:])
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_mla_triton_bf16_runs_with_graphs_and_frees_everything():
+    engine = (EngineBuilder("tiny-deepseek-v3").device("cuda").dtype("bfloat16").attention("triton")
+              .scheduler(max_num_batched_tokens=128).build())
+    outs = engine.generate(PROMPTS, SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True))
+    assert all(len(o.token_ids) == MAX_NEW for o in outs)
+    assert engine.runner.num_graph_steps > 0
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
