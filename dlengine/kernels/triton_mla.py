@@ -65,7 +65,9 @@ EXPAND_MAX_CONTEXT = 16384
 # Tiles of the decode kernel on GPUs (bf16/fp16). The acc [BLOCK_H, kv_lora_rank] fp32 lives in
 # registers: BLOCK_H=32 x 512 over 8 warps is 64 registers a thread. Override per call with
 # `config=` (scripts/gpu_check_mla.py --configs sweeps a few).
-DECODE_DEFAULTS = dict(block_h=32, block_n=32, num_warps=8, num_stages=2)
+# best of the H100 tile sweep at batch 64 x 8k (scripts/gpu_check_mla.py; docs/performance.md): BLOCK_H 64
+# lets Triton use Hopper's wgmma; BLOCK_N 128 exceeds shared memory
+DECODE_DEFAULTS = dict(block_h=64, block_n=64, num_warps=8, num_stages=2)
 DECODE_DEFAULTS_FP32 = dict(block_h=16, block_n=16, num_warps=4, num_stages=1)
 DECODE_DEFAULTS_INTERPRET = dict(block_h=16, block_n=16, num_warps=4, num_stages=1)
 
