@@ -79,7 +79,11 @@ def per_token_group_quant_fp8_torch(x: torch.Tensor, group: int) -> tuple[torch.
     xf = torch.zeros(m, kb * group, dtype=torch.float32, device=x.device)
     xf[:, :k] = x.float()
     xg = xf.view(m, kb, group)
-    scale = xg.abs().amax(dim=-1).clamp(min=ACT_EPS) / FP8_MAX
+    # divide by a tensor, not the Python float: on CUDA torch turns `tensor / scalar` into a
+    # multiplication by the rounded reciprocal (1 ulp off the IEEE quotient), while the Triton
+    # kernel divides correctly rounded (div_rn); tensor / tensor is IEEE on every device
+    amax = xg.abs().amax(dim=-1).clamp(min=ACT_EPS)
+    scale = amax / torch.full_like(amax, FP8_MAX)
     q = (xg / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q.view(m, kb * group)[:, :k].contiguous(), scale
 
