@@ -79,10 +79,10 @@ def reference(q_nope, q_pe, cache, meta, w, scale=SCALE):
 
 
 def check(reqs, block_size, *, num_splits=None, absorb_max_query_len=tm.ABSORB_MAX_QUERY_LEN, dtype=torch.float32,
-          expand_max_context=tm.EXPAND_MAX_CONTEXT, **dims):
+          expand_max_context=tm.EXPAND_MAX_CONTEXT, config=None, **dims):
     q_nope, q_pe, cache, meta, w = make_batch(reqs, block_size, dtype, **dims)
     scale = (w.qk_nope_head_dim + q_pe.shape[-1]) ** -0.5
-    got = tm.mla_attention(q_nope, q_pe, cache, meta, w, scale, num_splits=num_splits,
+    got = tm.mla_attention(q_nope, q_pe, cache, meta, w, scale, num_splits=num_splits, config=config,
                            absorb_max_query_len=absorb_max_query_len, expand_max_context=expand_max_context)
     ref = reference(q_nope, q_pe, cache, meta, w, scale)
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
@@ -104,6 +104,15 @@ def test_decode_bf16_and_odd_dims():
     check([(1, 40), (1, 7)], 16, num_splits=2, dtype=torch.bfloat16)
     # Kimi-K2-like tiny dims: latent 24 (padded to 32), 2 heads, nope 24, v 20
     check([(1, 29), (1, 3)], 16, num_splits=2, c=24, h=2, nope=24, v=20)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_with_output_dims_split_over_two_programs(num_splits):
+    # split_c=2: each (row, head tile) is a pair of programs owning half of the latent output dims
+    # each (the tile layout used on Hopper); their merges, counters and padding rows are separate
+    check([(1, 37), (1, 5), (1, 64), (1, 1)], 16, num_splits=num_splits, config={"split_c": 2})
+    check([(1, 37), (1, 70), (1, 2)], 16, num_splits=num_splits, h=40, config={"split_c": 2})
+    check([(4, 40), (1, 9)], 16, num_splits=num_splits, absorb_max_query_len=8, config={"split_c": 2})
 
 
 def test_several_head_tiles():
