@@ -222,19 +222,35 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
+    """How the model is spread over processes (docs/parallel.md). world size = tp x attention_dp.
+
+    Supported layouts: tp=N (attention_dp=1, ffn_ep=1: MoE experts are tensor-parallel too);
+    attention_dp=N with ffn_ep=N ("wide EP": experts partitioned, tokens sent by all-to-all) or
+    ffn_ep=1 (replicas). tp > 1 together with attention_dp > 1, and EP inside a TP group, are not
+    supported yet."""
+
     tp: int = 1
     attention_dp: int = 1
     ffn_ep: int = 1
+    expert_placement: str = "contiguous"  # logical expert -> (rank, slot) map: see parallel/ep.py
+    dispatch_backend: str = "auto"  # MoE token dispatch/combine: "auto", "all_to_all" (see parallel/ep.py)
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.attention_dp
 
     def validate(self) -> None:
         for name in ("tp", "attention_dp", "ffn_ep"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"parallel {name} must be >= 1, got {getattr(self, name)}")
-        if (self.tp, self.attention_dp, self.ffn_ep) != (1, 1, 1):
-            raise ConfigError(
-                "tensor/data/expert parallelism is not available in this version of dlengine yet; "
-                "use parallel(tp=1, attention_dp=1, ffn_ep=1)"
-            )
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"parallel {name} must be an integer >= 1, got {value!r}")
+        tp, dp, ep = self.tp, self.attention_dp, self.ffn_ep
+        if tp > 1 and dp > 1:
+            raise ConfigError(f"parallel tp={tp} with attention_dp={dp} is not supported yet; supported: "
+                              "tp=N (attention_dp=1, ffn_ep=1) or attention_dp=N with ffn_ep=N or 1 (tp=1)")
+        if ep not in (1, dp) or (ep > 1 and tp > 1):
+            raise ConfigError(f"parallel ffn_ep={ep} is not supported with tp={tp}, attention_dp={dp}; expert "
+                              "parallelism spans the attention-DP ranks: use ffn_ep=attention_dp (tp=1) or ffn_ep=1")
 
 
 ROLES = ("hybrid", "prefill", "decode")
