@@ -251,6 +251,16 @@ class ParallelConfig:
         if ep not in (1, dp) or (ep > 1 and tp > 1):
             raise ConfigError(f"parallel ffn_ep={ep} is not supported with tp={tp}, attention_dp={dp}; expert "
                               "parallelism spans the attention-DP ranks: use ffn_ep=attention_dp (tp=1) or ffn_ep=1")
+        from dlengine.parallel.ep import DISPATCH_BACKENDS, PLACEMENTS  # here: ep imports this module
+
+        if self.expert_placement not in PLACEMENTS:
+            raise ConfigError(f"unknown expert_placement {self.expert_placement!r}; choose one of {sorted(PLACEMENTS)}")
+        if self.dispatch_backend == "deep_ep":
+            raise ConfigError("the DeepEP dispatch backend is not implemented in this version of dlengine; "
+                              "use dispatch_backend='all_to_all' (or 'auto')")
+        if self.dispatch_backend != "auto" and self.dispatch_backend not in DISPATCH_BACKENDS:
+            raise ConfigError(f"unknown dispatch_backend {self.dispatch_backend!r}; choose 'auto' or one of "
+                              f"{sorted(DISPATCH_BACKENDS)}")
 
 
 ROLES = ("hybrid", "prefill", "decode")

@@ -68,7 +68,7 @@ class RankRuntime:
         self.lockstep_steps = 0
 
     def _anyone_busy(self, busy: bool) -> bool:
-        if self.state.world_size == 1:
+        if self.state.world_group is None:
             return busy
         flag = torch.tensor([int(busy)], dtype=torch.int32, device=self.engine.config.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.state.world_group)
@@ -82,7 +82,7 @@ class RankRuntime:
             engine.add_prepared_request(r)
         pending = {r.request_id for r in requests}
         finals: dict[str, RequestOutput] = {}
-        expert_parallel = self.state.ep_size > 1 and bool(self.moe)
+        expert_parallel = self.state.ep_group is not None and bool(self.moe)
         while self._anyone_busy(engine.has_unfinished_requests()):
             self.lockstep_steps += 1
             calls = self.moe[0].num_forwards if expert_parallel else 0
@@ -104,6 +104,7 @@ class RankRuntime:
         return {"rank": self.state.rank, "tp_rank": self.state.tp_rank, "dp_rank": self.state.dp_rank,
                 "num_steps": s.num_steps, "lockstep_steps": self.lockstep_steps, "idle_steps": self.idle_steps,
                 "num_generated_tokens": s.num_generated_tokens, "num_finished": s.num_finished,
+                "num_computed_tokens": s.num_computed_tokens,
                 "expert_token_counts": expert_token_counts(self.engine.model)}
 
 
@@ -120,8 +121,14 @@ def _prepare(front: Engine, prompts, params, raise_on_error: bool):
     return reqs, errors
 
 
-def _assemble(reqs, errors, finals: dict[str, RequestOutput]) -> list[RequestOutput]:
-    return [finals[r.request_id] if r is not None else _error_output(err) for r, err in zip(reqs, errors)]
+def _assemble(ids: Sequence[str | None], errors, finals: dict[str, RequestOutput]) -> list[RequestOutput]:
+    """Outputs in input order: the finished output of each request id, an "error" output for
+    each prompt that was refused (id None)."""
+    return [finals[i] if i is not None else _error_output(err) for i, err in zip(ids, errors)]
+
+
+def _ids(reqs) -> list[str | None]:
+    return [r.request_id if r is not None else None for r in reqs]
 
 
 def _build_rank(builder, cfg: EngineConfig) -> RankRuntime:
@@ -233,7 +240,7 @@ class ParallelEngine:
         finals: dict[str, RequestOutput] = {}
         for outs in self._command("generate", shares):
             finals.update((o.request_id, o) for o in outs)
-        return _assemble(reqs, errors, finals)
+        return _assemble(_ids(reqs), errors, finals)
 
     def stats(self) -> list[dict[str, Any]]:
         """Per rank: steps, idle lockstep steps, tokens and per-expert routed token counts."""
@@ -301,10 +308,11 @@ class DistributedEngine:
         if op == "close":
             self._teardown()
             return None
-        outs = self.runtime.run(message[1][self.state.dp_rank])
+        _, shares, ids, errors = message
+        outs = self.runtime.run(shares[self.state.dp_rank])
         gathered: list = [None] * self.state.world_size
         dist.all_gather_object(gathered, outs if self.state.is_output_rank else [])
-        return [o for part in gathered for o in part]
+        return _assemble(ids, errors, {o.request_id: o for part in gathered for o in part})
 
     def generate(self, prompts: Prompt | Iterable[Prompt] | None = None,
                  params: SamplingParams | Sequence[SamplingParams] | None = None, *, use_tqdm: bool = False,
@@ -316,8 +324,7 @@ class DistributedEngine:
         if self.rank == 0:
             reqs, errors = _prepare(self.engine, prompts, params, raise_on_error)
             shares = assign_least_loaded([r for r in reqs if r is not None], self.config.parallel.attention_dp)
-            outs = self._execute(self._broadcast(("generate", shares)))
-            return _assemble(reqs, errors, {o.request_id: o for o in outs})
+            return self._execute(self._broadcast(("generate", shares, _ids(reqs), errors)))
         outs = self._execute(self._broadcast(None))
         return outs or []
 

@@ -3,8 +3,9 @@
 Each layer reads the rank's TP group from `dlengine.parallel.state.get_parallel_state()` when it
 is constructed and allocates only its shard; its parameters' `weight_loader` cuts that shard out
 of the full checkpoint tensor, so a rank never holds more than one full tensor at a time. With
-tp=1 every layer is exactly the single-process one (same parameter shapes, same kernels, no
-collective), so single-process numerics do not change.
+tp=1 and no TP group every layer is exactly the single-process one (same parameter shapes, same
+kernels, no collective), so single-process numerics do not change. Collectives run whenever the
+state has a TP group, even of one rank (scripts/gpu_check_parallel.py checks a 1-GPU NCCL world).
 
 * `ColumnParallelLinear`: output rows split; the output stays sharded (feeds a row-parallel layer
   or per-head attention). Several projections side by side (q/k/v, gate/up) are "shards", each
@@ -154,7 +155,7 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tp_size == 1:
+        if self.tp_group is None:
             return F.linear(x, self.weight, self.bias)
         y = F.linear(x, self.weight)
         if self.reduce:
@@ -185,7 +186,7 @@ class VocabParallelEmbedding(nn.Module):
         _load_vocab_rows(param, loaded, self.num_embeddings, self.start, self.end)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if self.tp_size == 1:
+        if self.tp_group is None:
             return F.embedding(input_ids, self.weight)
         inside = (input_ids >= self.start) & (input_ids < self.end)
         out = F.embedding(torch.where(inside, input_ids - self.start, 0), self.weight)
@@ -212,7 +213,7 @@ class ParallelLMHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = F.linear(hidden, self.weight)
-        if self.tp_size == 1:
+        if self.tp_group is None:
             return logits
         parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
         dist.all_gather(parts, logits.contiguous(), group=self.tp_group)

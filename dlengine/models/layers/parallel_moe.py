@@ -36,7 +36,8 @@ class ParallelFusedMoE(FusedMoE):
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.router = router
         state = get_parallel_state()
-        self.mode = "ep" if state.ep_size > 1 else "tp" if state.tp_size > 1 else "local"
+        # by group, not size: a one-rank group still runs the collectives (1-GPU NCCL checks)
+        self.mode = "ep" if state.ep_group is not None else "tp" if state.tp_group is not None else "local"
         self.register_buffer("expert_token_counts", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
         self.num_forwards = 0  # the lockstep loop checks that every step reached the MoE layers
         h, i = hidden_size, intermediate_size
