@@ -279,6 +279,14 @@ class EngineBuilder:
                 cfg.model.num_key_value_heads, state.tp_size))
         plan = plan_kv_cache(dataclasses.replace(cfg, model=kv_model), model, backend, kv_dtype,
                              reserve_bytes=graph_reserve)
+        if state.world_group is not None:
+            # TP ranks must make identical scheduling decisions (same preemptions), so every
+            # rank takes the smallest cache any rank can hold (free memory differs per GPU)
+            import torch.distributed as dist
+
+            n = torch.tensor([plan.num_blocks], dtype=torch.int64, device=cfg.device)
+            dist.all_reduce(n, op=dist.ReduceOp.MIN, group=state.world_group)
+            plan.num_blocks = int(n.item())
         logger.info("%s", plan.describe(cfg.cache.block_size))
         kv_cache = KVCache(kv_model, plan.num_blocks, cfg.cache.block_size, kv_dtype, cfg.device)
         block_manager = BlockManager(plan.num_blocks, cfg.cache.block_size, cfg.cache.prefix_caching)

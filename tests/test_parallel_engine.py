@@ -140,3 +140,31 @@ def test_torchrun_style_distributed_engine():
 def test_unsupported_layouts_are_config_errors(parallel, message):
     with pytest.raises((ConfigError, WorkerError), match=message):
         EngineBuilder("tiny-qwen3-moe").dtype("float32").parallel(**parallel).build()
+
+
+def test_under_torchrun(tmp_path):
+    """The real torchrun path (RANK/WORLD_SIZE/MASTER_ADDR from the environment) through the
+    check script: tp=2 on tiny Qwen3, every rank calling generate(), rank 0 reporting."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "summary.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           os.path.join(root, "scripts", "gpu_check_parallel.py"), "--device", "cpu", "--only", "tiny-qwen3",
+           "--json", str(out)]
+    # own session: on a timeout the whole tree (torchrun and its workers) is killed
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=root,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        raise AssertionError("torchrun job timed out:\n" + output[-3000:])
+    assert proc.returncode == 0, output[-5000:]
+    summary = json.loads(out.read_text())
+    assert summary["passed"] and [c["status"] for c in summary["checks"]] == ["PASS"]

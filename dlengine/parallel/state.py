@@ -139,4 +139,7 @@ def destroy_distributed() -> None:
     """Tear the default process group down (and with it every subgroup)."""
     set_parallel_state(ParallelState())
     if dist.is_available() and dist.is_initialized():
+        # wait for every rank first: a rank tearing down while a peer still talks to the store
+        # aborts that peer (gloo: "terminate called without an active exception")
+        dist.barrier()
         dist.destroy_process_group()
