@@ -232,7 +232,7 @@ class ParallelConfig:
     tp: int = 1
     attention_dp: int = 1
     ffn_ep: int = 1
-    expert_placement: str = "contiguous"  # logical expert -> (rank, slot) map: see parallel/ep.py
+    expert_placement: Any = "contiguous"  # a name or an ExpertPlacement (logical expert -> rank, slot): parallel/ep.py
     dispatch_backend: str = "auto"  # MoE token dispatch/combine: "auto", "all_to_all" (see parallel/ep.py)
 
     @property
@@ -253,7 +253,7 @@ class ParallelConfig:
                               "parallelism spans the attention-DP ranks: use ffn_ep=attention_dp (tp=1) or ffn_ep=1")
         from dlengine.parallel.ep import DISPATCH_BACKENDS, PLACEMENTS  # here: ep imports this module
 
-        if self.expert_placement not in PLACEMENTS:
+        if isinstance(self.expert_placement, str) and self.expert_placement not in PLACEMENTS:
             raise ConfigError(f"unknown expert_placement {self.expert_placement!r}; choose one of {sorted(PLACEMENTS)}")
         if self.dispatch_backend == "deep_ep":
             raise ConfigError("the DeepEP dispatch backend is not implemented in this version of dlengine; "

@@ -129,3 +129,67 @@ def test_parallel_config_names_what_is_supported():
         ParallelConfig(tp=0).validate()
     with pytest.raises(ConfigError, match="unknown expert_placement"):
         ParallelConfig(attention_dp=2, ffn_ep=2, expert_placement="random").validate()
+
+
+def _fused_copy(path: str, out: str) -> str:
+    """The checkpoint with its per-expert tensors stacked into transformers 5's fused layout."""
+    import glob
+    import os
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    os.makedirs(out)
+    for f in os.listdir(path):
+        if not f.endswith(".safetensors"):
+            shutil.copy(os.path.join(path, f), out)
+    tensors = {}
+    for f in glob.glob(os.path.join(path, "*.safetensors")):
+        tensors.update(load_file(f))
+    fused, experts = {}, {}
+    for name, t in tensors.items():
+        if ".mlp.experts." not in name:
+            fused[name] = t
+            continue
+        prefix, rest = name.split(".mlp.experts.")
+        e, proj, _ = rest.split(".")
+        experts.setdefault(prefix, {}).setdefault(proj, {})[int(e)] = t
+    for prefix, projs in experts.items():
+        stack = {p: torch.stack([projs[p][e] for e in sorted(projs[p])]) for p in projs}
+        fused[f"{prefix}.mlp.experts.gate_up_proj"] = torch.cat([stack["gate_proj"], stack["up_proj"]], 1).contiguous()
+        fused[f"{prefix}.mlp.experts.down_proj"] = stack["down_proj"].contiguous()
+    save_file(fused, os.path.join(out, "model.safetensors"))
+    return out
+
+
+@pytest.mark.parametrize("layout", ["per-expert", "fused"])
+def test_ranks_load_their_shard_of_the_experts_from_the_full_checkpoint(layout, tmp_path):
+    from dlengine.config import ModelConfig
+    from dlengine.models.loader import load_weights
+    from dlengine.models.qwen3_moe import Qwen3MoeForCausalLM
+    from dlengine.testing import tiny_checkpoint
+
+    path = tiny_checkpoint("qwen3-moe")
+    if layout == "fused":
+        path = _fused_copy(path, str(tmp_path / "fused"))
+    cfg = ModelConfig.from_pretrained(path)
+
+    def load(state):
+        with parallel_state(state):
+            model = Qwen3MoeForCausalLM(cfg, 64)
+        load_weights(model, path)
+        return model.model.layers[0].mlp.experts
+
+    full = load(ParallelState())
+    group = object()  # layers only keep the group for their forward, which does not run here
+    for r in range(2):
+        ep = load(ParallelState(world_size=2, rank=r, ep_size=2, ep_rank=r, ep_group=group,
+                                expert_placement="round_robin"))
+        assert ep.local_experts == [r, r + 2, r + 4, r + 6]
+        assert torch.equal(ep.w13_weight, full.w13_weight[ep.local_experts])
+        assert torch.equal(ep.w2_weight, full.w2_weight[ep.local_experts])
+        tp = load(ParallelState(world_size=2, rank=r, tp_size=2, tp_rank=r, tp_group=group))
+        i, li = full.intermediate_size, tp.local_intermediate
+        assert torch.equal(tp.w13_weight[:, :li], full.w13_weight[:, r * li:(r + 1) * li])  # gate
+        assert torch.equal(tp.w13_weight[:, li:], full.w13_weight[:, i + r * li:i + (r + 1) * li])  # up
+        assert torch.equal(tp.w2_weight, full.w2_weight[:, :, r * li:(r + 1) * li])

@@ -17,9 +17,10 @@ shard id), so a parameter filled by one fused tensor or by many shards is checke
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -31,13 +32,19 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def iter_safetensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, read in iter_safetensors_lazy(path):
+        yield name, read()
+
+
+def iter_safetensors_lazy(path: str) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+    """(name, read) pairs: a tensor is only read from disk when `read()` is called."""
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
         raise ConfigError(f"no *.safetensors files in {path!r}; use load_format='dummy' to run without weights")
     for file in files:
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                yield name, functools.partial(f.get_tensor, name)
 
 
 def _rename_table(model: nn.Module) -> list[tuple[str, str, object, tuple]]:
@@ -65,7 +72,7 @@ def load_weights(model: nn.Module, path: str) -> None:
     loaded: set[str] = set()
     # a model may declare checkpoint tensors it does not use (e.g. DeepSeek-V3's MTP layers)
     skip = getattr(model, "skip_checkpoint_tensor", None)
-    for name, tensor in iter_safetensors(path):
+    for name, read in iter_safetensors_lazy(path):
         if name.endswith(_IGNORED_SUFFIXES):
             continue
         if skip is not None and skip(name):
@@ -81,12 +88,16 @@ def load_weights(model: nn.Module, path: str) -> None:
         if param is None:
             raise ConfigError(f"checkpoint tensor {name!r} has no matching parameter in {type(model).__name__}")
         loader = getattr(param, "weight_loader")
-        with torch.no_grad():
-            tensor = tensor.to(param.dtype)
-            if shard is None:
-                loader(param, tensor)
-            else:
-                loader(param, tensor, shard)
+        # a sharded parameter may not need this tensor at all (an expert another EP rank holds):
+        # it counts as loaded (the checkpoint has it) but is never read from disk
+        wants = getattr(param, "wants_shard", None)
+        if wants is None or wants(shard):
+            with torch.no_grad():
+                tensor = read().to(param.dtype)
+                if shard is None:
+                    loader(param, tensor)
+                else:
+                    loader(param, tensor, shard)
         if keys is None:
             loaded.add(target)
         else:

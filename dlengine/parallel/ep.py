@@ -5,7 +5,8 @@ the row of that rank's stacked expert tensors. It is a plain table so that redun
 (one logical expert in several slots) or an EPLB-style rebalancer can produce another one; the
 MoE layer only asks it `route(topk_ids) -> (dest_rank, dest_slot)` and `slots_of(rank)`.
 Placements by name: "contiguous" (rank r holds experts [r*E/n, (r+1)*E/n)) and "round_robin"
-(expert e on rank e % n).
+(expert e on rank e % n); or pass an ExpertPlacement object as `parallel(expert_placement=...)`
+(it is pickled to the workers). One table serves every MoE layer of the model for now.
 
 A dispatcher moves (token, expert) pairs to the ranks owning their experts and the experts'
 outputs back: `dispatch(x, dest_rank, dest_slot) -> (recv_x, recv_slot, handle)`, then
@@ -75,7 +76,13 @@ def _per_rank(num_experts: int, num_ranks: int) -> int:
 PLACEMENTS = {"contiguous": contiguous_placement, "round_robin": round_robin_placement}
 
 
-def make_placement(name: str, num_experts: int, num_ranks: int) -> ExpertPlacement:
+def make_placement(name: "str | ExpertPlacement", num_experts: int, num_ranks: int) -> ExpertPlacement:
+    """A placement by name, or a given ExpertPlacement checked against the layer's shape."""
+    if isinstance(name, ExpertPlacement):
+        if (name.num_experts, name.num_ranks) != (num_experts, num_ranks):
+            raise ConfigError(f"expert placement is for {name.num_experts} experts on {name.num_ranks} ranks, "
+                              f"the model has {num_experts} experts on ffn_ep={num_ranks} ranks")
+        return name
     try:
         return PLACEMENTS[name](num_experts, num_ranks)
     except KeyError:

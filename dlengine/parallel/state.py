@@ -43,7 +43,7 @@ class ParallelState:
     ep_rank: int = 0
     ep_group: Any = None
     world_group: Any = None
-    expert_placement: str = "contiguous"  # a name in dlengine.parallel.ep.PLACEMENTS
+    expert_placement: Any = "contiguous"  # a name in dlengine.parallel.ep.PLACEMENTS, or an ExpertPlacement
     dispatch_backend: str = "all_to_all"
     extra: dict = field(default_factory=dict)
 

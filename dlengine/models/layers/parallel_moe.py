@@ -58,6 +58,11 @@ class ParallelFusedMoE(FusedMoE):
         self.w2_weight = nn.Parameter(torch.empty(shape2), requires_grad=False)
         self.w13_weight.weight_loader = self.weight_loader
         self.w2_weight.weight_loader = self.weight_loader
+        if self.mode == "ep":  # the loader then never reads other ranks' per-expert tensors
+            self.w13_weight.wants_shard = self.w2_weight.wants_shard = self._wants_shard
+
+    def _wants_shard(self, shard_id: tuple[str, int] | None) -> bool:
+        return shard_id is None or shard_id[1] in self.slot_of_expert
 
     def extra_repr(self) -> str:
         extra = {"tp": lambda: f", tp_shard={self.local_intermediate}",
