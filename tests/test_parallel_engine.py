@@ -13,7 +13,7 @@ import pytest
 
 from dlengine import EngineBuilder, InvalidRequestError, SamplingParams
 from dlengine.config import ConfigError
-from dlengine.parallel import ParallelEngine, WorkerError, launch
+from dlengine.parallel import ExpertPlacement, ParallelEngine, WorkerError, launch
 
 import parallel_helpers as helpers
 from conftest import make_prompts
@@ -74,7 +74,11 @@ def test_tensor_parallel_matches_single_process(kind):
     assert_workers_exited(procs)
 
 
-@pytest.mark.parametrize("kind,placement", [("tiny-qwen3-moe", "contiguous"), ("tiny-deepseek-v3", "round_robin")])
+# a hand-made placement (pickled to the workers): rank 0 holds experts 1, 2, 5, 7, rank 1 the rest
+SCRAMBLED = ExpertPlacement(8, 2, rank_of=(1, 0, 0, 1, 1, 0, 1, 0), slot_of=(0, 0, 1, 1, 2, 2, 3, 3))
+
+
+@pytest.mark.parametrize("kind,placement", [("tiny-qwen3-moe", "contiguous"), ("tiny-deepseek-v3", SCRAMBLED)])
 def test_attention_dp_expert_parallel_matches_single_process(kind, placement):
     engine = build(kind, attention_dp=2, ffn_ep=2, expert_placement=placement)
     procs = engine.processes
