@@ -61,3 +61,42 @@ def distributed_engine_job(kind: str, parallel: dict, prompts: list, max_tokens:
     first = engine.generate(None)  # collective: rank 0's prompts run
     engine.serve()  # the second generate() and close()
     return [[o.token_ids for o in first]]
+
+
+def front_then_wait(kind: str) -> None:
+    """Run as a script: build a parallel engine, print its workers' pids, then wait to be killed."""
+    import sys
+
+    from dlengine import EngineBuilder
+
+    engine = EngineBuilder(kind).dtype("float32").parallel(tp=2).build()
+    print("PIDS", " ".join(str(p.pid) for p in engine.processes), flush=True)
+    sys.stdin.read()  # until the test kills this process
+
+
+def stuck() -> None:
+    """Rank 0 blocks in a barrier rank 1 never joins; rank 1 sleeps: neither reads its pipe."""
+    if dist.get_rank() == 0:
+        dist.barrier()
+    time.sleep(3600)
+
+
+def group_then_wait() -> None:
+    """Run as a script: start two stuck ranks, print their pids, then wait to be killed."""
+    import sys
+
+    from dlengine.parallel import WorkerGroup
+
+    group = WorkerGroup(stuck, 2)
+    time.sleep(3)  # let them get into the barrier / sleep
+    print("PIDS", " ".join(str(p.pid) for p in group.procs), flush=True)
+    sys.stdin.read()
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1] == "stuck":
+        group_then_wait()
+    else:
+        front_then_wait(sys.argv[1])

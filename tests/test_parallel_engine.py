@@ -65,6 +65,9 @@ def test_tensor_parallel_matches_single_process(kind):
         text = engine.generate("hello world", GREEDY)[0]
         single = EngineBuilder(kind).dtype("float32").build().generate("hello world", GREEDY)[0]
         assert text.token_ids == single.token_ids and text.text == single.text
+        # random sampling: the first TP rank's tokens are broadcast, so the ranks stay in step
+        sampled = engine.generate(PROMPTS[:3], SamplingParams(max_tokens=6, temperature=1.0, top_p=0.9))
+        assert all(o.finish_reason in ("length", "stop") and o.token_ids for o in sampled)
         stats = engine.stats()
         # both TP ranks ran every step, on the same batches
         assert stats[0]["num_steps"] == stats[1]["num_steps"] > 0
@@ -172,3 +175,51 @@ def test_under_torchrun(tmp_path):
     assert proc.returncode == 0, output[-5000:]
     summary = json.loads(out.read_text())
     assert summary["passed"] and [c["status"] for c in summary["checks"]] == ["PASS"]
+
+
+@pytest.mark.parametrize("what", ["tiny-qwen3", "stuck"])
+def test_workers_exit_when_the_front_is_killed(what):
+    """SIGKILL of the caller's process (no cleanup runs) leaves no worker behind: idle engine
+    workers see their pipe close; ranks stuck in a collective notice they were orphaned."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.Popen([sys.executable, os.path.join(here, "parallel_helpers.py"), what],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        line = ""
+        deadline = time.monotonic() + 120
+        while not line.startswith("PIDS") and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "the front exited early"
+        pids = [int(p) for p in line.split()[1:]]
+        assert len(pids) == 2
+        proc.kill()
+        proc.wait(10)
+        deadline = time.monotonic() + 15
+        alive = pids
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.5)
+            alive = [p for p in pids if _alive(p)]
+        assert not alive, f"workers {alive} outlived their front"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (exited, not yet reaped by init) is gone for our purposes
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False

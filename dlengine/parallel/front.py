@@ -108,6 +108,27 @@ class RankRuntime:
                 "expert_token_counts": expert_token_counts(self.engine.model)}
 
 
+class TPLeaderSampler:
+    """Sample on the first TP rank of the group and broadcast its tokens to the others.
+
+    TP ranks hold identical logits (all-gathered) and identically seeded samplers, so they would
+    draw the same tokens anyway; the broadcast makes that a guarantee rather than an assumption
+    (a single differing token would make the ranks' schedulers, and so their collectives, part
+    ways)."""
+
+    def __init__(self, sampler, state: ParallelState) -> None:
+        self.sampler, self.group = sampler, state.tp_group
+        self.src = state.dp_rank * state.tp_size  # global rank of this group's first TP rank
+
+    def __call__(self, logits: torch.Tensor, tensors) -> Any:
+        out = self.sampler(logits, tensors)
+        dist.broadcast(out.token_ids, src=self.src, group=self.group)
+        return out
+
+    def __getattr__(self, name: str) -> Any:  # the rest of the Sampler's interface
+        return getattr(self.sampler, name)
+
+
 def _error_output(err: str) -> RequestOutput:
     return RequestOutput(request_id="", prompt=None, prompt_token_ids=[], token_ids=[], text="", new_token_ids=[],
                          finished=True, finish_reason="error", stop_reason=None,
@@ -141,6 +162,8 @@ def _build_rank(builder, cfg: EngineConfig) -> RankRuntime:
         cfg = dataclasses.replace(cfg, device=torch.device("cuda", state.local_rank))
         torch.cuda.set_device(cfg.device)
     engine = builder._build_local(cfg, state)
+    if state.tp_group is not None:
+        engine.runner.sampler = TPLeaderSampler(engine.runner.sampler, state)
     return RankRuntime(engine, state)
 
 

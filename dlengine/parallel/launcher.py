@@ -20,6 +20,7 @@ import multiprocessing as mp
 import os
 import socket
 import sys
+import threading
 import time
 import traceback
 from multiprocessing.connection import wait
@@ -42,8 +43,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _exit_when_orphaned(parent_pid: int) -> None:
+    """A rank blocked in a collective never notices that its parent died (killed with SIGKILL,
+    so no cleanup ran): check once a second and leave, instead of lingering until the
+    process-group timeout."""
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+
 def _worker_entry(fn: Callable, rank: int, world_size: int, port: int, backend: str, conn, args: tuple,
-                  pass_conn: bool, dist_timeout_s: float, num_threads: int | None) -> None:
+                  pass_conn: bool, dist_timeout_s: float, num_threads: int | None, parent_pid: int) -> None:
+    threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True, name="orphan-watch").start()
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
@@ -126,7 +138,7 @@ class WorkerGroup:
                     parent, child = ctx.Pipe()
                     p = ctx.Process(target=_worker_entry, name=f"dlengine-rank{rank}", daemon=True,
                                     args=(fn, rank, world_size, port, backend, child, args, pass_conn,
-                                          dist_timeout_s, num_threads))
+                                          dist_timeout_s, num_threads, os.getpid()))
                     p.start()
                     child.close()
                     self.conns.append(parent)
