@@ -77,6 +77,23 @@ def test_tensor_parallel_matches_single_process(kind):
     assert_workers_exited(procs)
 
 
+def test_tensor_parallel_with_kv_heads_replicated():
+    """tp=4 on 2 kv heads: each kv head lives on two ranks (4 processes, 1 kv head each)."""
+    engine = build("tiny-qwen3", tp=4)
+    procs = engine.processes
+    try:
+        ref = reference("tiny-qwen3")
+        assert [tuple(o.token_ids) for o in engine.generate(PROMPTS[:5], GREEDY)] == list(ref[:5])
+        # the rank's cache holds 1 of the 2 kv heads: half the bytes per block of the full model
+        single = EngineBuilder("tiny-qwen3").dtype("float32").build()
+        per_block = single.kv_cache.nbytes / single.kv_cache.num_blocks
+        info = engine.rank_info[0]
+        assert info["kv_cache_gib"] * 2**30 / info["num_kv_blocks"] == per_block / 2
+    finally:
+        engine.close()
+    assert_workers_exited(procs)
+
+
 # a hand-made placement (pickled to the workers): rank 0 holds experts 1, 2, 5, 7, rank 1 the rest
 SCRAMBLED = ExpertPlacement(8, 2, rank_of=(1, 0, 0, 1, 1, 0, 1, 0), slot_of=(0, 0, 1, 1, 2, 2, 3, 3))
 

@@ -24,7 +24,6 @@ Two fronts, same `generate()`:
 from __future__ import annotations
 
 import os
-import time
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -254,7 +253,7 @@ class ParallelEngine:
             raise
 
     def generate(self, prompts: Prompt | Iterable[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 *, use_tqdm: bool = False, raise_on_error: bool = True) -> list[RequestOutput]:
+                 *, raise_on_error: bool = True) -> list[RequestOutput]:
         """As `Engine.generate`: outputs in input order, bad prompts raise (or come back as
         "error" outputs with raise_on_error=False). Requests go to DP ranks least-loaded first."""
         self._check_open()
@@ -338,7 +337,7 @@ class DistributedEngine:
         return _assemble(ids, errors, {o.request_id: o for part in gathered for o in part})
 
     def generate(self, prompts: Prompt | Iterable[Prompt] | None = None,
-                 params: SamplingParams | Sequence[SamplingParams] | None = None, *, use_tqdm: bool = False,
+                 params: SamplingParams | Sequence[SamplingParams] | None = None, *,
                  raise_on_error: bool = True) -> list[RequestOutput]:
         """Collective: every rank calls it; rank 0's arguments are used. Returns every output
         (in rank 0's input order) on every rank; [] on a rank whose front closed meanwhile."""

@@ -108,7 +108,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> tu
 
 def check_layout(config: ParallelConfig, world_size: int) -> None:
     """The layouts this version runs; anything else is a ConfigError saying what is supported."""
-    tp, dp, ep = config.tp, config.attention_dp, config.ffn_ep
+    tp, dp = config.tp, config.attention_dp
     if tp * dp != world_size:
         raise ConfigError(f"parallel tp={tp} x attention_dp={dp} needs {tp * dp} processes, "
                           f"but the world has {world_size}")
