@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -44,8 +44,7 @@ class ParallelState:
     ep_group: Any = None
     world_group: Any = None
     expert_placement: Any = "contiguous"  # a name in dlengine.parallel.ep.PLACEMENTS, or an ExpertPlacement
-    dispatch_backend: str = "all_to_all"
-    extra: dict = field(default_factory=dict)
+    dispatch_backend: str = "auto"
 
     @property
     def is_distributed(self) -> bool:
@@ -107,7 +106,8 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> tu
 
 
 def check_layout(config: ParallelConfig, world_size: int) -> None:
-    """The layouts this version runs; anything else is a ConfigError saying what is supported."""
+    """The world must have exactly tp x attention_dp ranks (ParallelConfig.validate checked the
+    layout itself)."""
     tp, dp = config.tp, config.attention_dp
     if tp * dp != world_size:
         raise ConfigError(f"parallel tp={tp} x attention_dp={dp} needs {tp * dp} processes, "

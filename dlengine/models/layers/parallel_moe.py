@@ -50,6 +50,11 @@ class ParallelFusedMoE(FusedMoE):
             self.local_experts = self.placement.slots_of(state.ep_rank)  # slot -> logical expert
             self.slot_of_expert = {e: s for s, e in enumerate(self.local_experts)}
             self.dispatcher = make_dispatcher(state.dispatch_backend, state.ep_group, state.ep_size)
+            # the placement as device tables, so routing a step is two gathers (no host copy)
+            self.register_buffer("rank_of_expert", torch.tensor(self.placement.rank_of, dtype=torch.int64),
+                                 persistent=False)
+            self.register_buffer("slot_of_expert_table", torch.tensor(self.placement.slot_of, dtype=torch.int64),
+                                 persistent=False)
             n = len(self.local_experts)
             shape13, shape2 = (n, 2 * i, h), (n, h, i)
         else:
@@ -122,7 +127,7 @@ class ParallelFusedMoE(FusedMoE):
         return _combine(pair_out, topk_weights, x.shape[0], self.top_k)
 
     def _expert_parallel(self, x: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        dest_rank, dest_slot = self.placement.route(topk_ids)
+        dest_rank, dest_slot = self.rank_of_expert[topk_ids], self.slot_of_expert_table[topk_ids]
         recv_x, recv_slot, handle = self.dispatcher.dispatch(x, dest_rank, dest_slot)
         if recv_x.shape[0]:
             # one (token, expert) pair per row, weight 1 (exact): the caller weights after combine
