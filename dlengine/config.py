@@ -234,6 +234,10 @@ class ParallelConfig:
     ffn_ep: int = 1
     expert_placement: Any = "contiguous"  # a name or an ExpertPlacement (logical expert -> rank, slot): parallel/ep.py
     dispatch_backend: str = "auto"  # MoE token dispatch/combine: "auto", "all_to_all" (see parallel/ep.py)
+    # seconds a build or a generate() of the spawned-worker front may take (and the collectives'
+    # timeout) before every worker is stopped and TimeoutError raised; None: builds 900 s, no limit
+    # on generate(), collectives 600 s
+    timeout_s: float | None = None
 
     @property
     def world_size(self) -> int:
@@ -245,6 +249,8 @@ class ParallelConfig:
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"parallel {name} must be an integer >= 1, got {value!r}")
         tp, dp, ep = self.tp, self.attention_dp, self.ffn_ep
+        if self.timeout_s is not None and not self.timeout_s > 0:
+            raise ConfigError(f"parallel timeout_s must be positive seconds or None, got {self.timeout_s!r}")
         if tp > 1 and dp > 1:
             raise ConfigError(f"parallel tp={tp} with attention_dp={dp} is not supported yet; supported: "
                               "tp=N (attention_dp=1, ffn_ep=1) or attention_dp=N with ffn_ep=N or 1 (tp=1)")

@@ -32,7 +32,8 @@ def reference(kind: str) -> tuple:
 
 
 def build(kind: str, **parallel) -> ParallelEngine:
-    engine = EngineBuilder(kind).dtype("float32").parallel(**parallel).build()
+    # a hang anywhere (build, a generate) stops the workers and fails the test within 3 minutes
+    engine = EngineBuilder(kind).dtype("float32").parallel(timeout_s=180, **parallel).build()
     assert isinstance(engine, ParallelEngine)
     return engine
 
@@ -143,7 +144,7 @@ def test_worker_error_stops_every_worker_and_reaches_the_caller():
 def test_build_error_in_a_worker_is_raised_by_build():
     # the KV cache is sized inside each worker: one block cannot hold a max-length request
     with pytest.raises(WorkerError, match="KV cache too small"):
-        EngineBuilder("tiny-qwen3").dtype("float32").cache(num_blocks=1).parallel(tp=2).build()
+        EngineBuilder("tiny-qwen3").dtype("float32").cache(num_blocks=1).parallel(tp=2, timeout_s=180).build()
 
 
 def test_torchrun_style_distributed_engine():

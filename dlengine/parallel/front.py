@@ -23,7 +23,6 @@ Two fronts, same `generate()`:
 
 from __future__ import annotations
 
-import os
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -39,7 +38,7 @@ from dlengine.parallel.state import (ParallelState, build_parallel_state, defaul
 from dlengine.sampling_params import InvalidRequestError, SamplingParams
 from dlengine.tokenizer import load_tokenizer
 
-BUILD_TIMEOUT_S = float(os.environ.get("DLENGINE_PARALLEL_BUILD_TIMEOUT", "900"))
+BUILD_TIMEOUT_S = 900.0  # building the rank engines, unless ParallelConfig.timeout_s says otherwise
 
 
 def assign_least_loaded(requests: Sequence[Request], dp_size: int,
@@ -178,7 +177,7 @@ def _engine_worker(conn, builder) -> None:
         except EOFError:  # the front is gone: nothing left to serve
             return
         if op == "generate":
-            outs = runtime.run(payload[0][state.dp_rank])
+            outs = runtime.run(payload[0])
             conn.send(("reply", rank, outs if state.is_output_rank else []))
         elif op == "stats":
             conn.send(("reply", rank, runtime.stats()))
@@ -212,10 +211,10 @@ class ParallelEngine:
         self._front = Engine(config, None, self.tokenizer, None, None, None, None)
         p = config.parallel
         self._workers = WorkerGroup(_engine_worker, p.world_size, (builder,), backend=default_backend(config.device.type),
-                                    pass_conn=True)
+                                    pass_conn=True, dist_timeout_s=p.timeout_s or 600.0)
         self._closed = False
         try:
-            self.rank_info: list[dict] = self._workers.recv_all(timeout=BUILD_TIMEOUT_S)
+            self.rank_info: list[dict] = self._workers.recv_all(timeout=p.timeout_s or BUILD_TIMEOUT_S)
         except BaseException:
             self._closed = True
             raise
@@ -242,11 +241,17 @@ class ParallelEngine:
         if self._closed:
             raise RuntimeError("this parallel engine is closed (or one of its workers failed)")
 
-    def _command(self, *message) -> list[Any]:
+    def _command(self, *message, per_rank: Sequence[tuple] | None = None) -> list[Any]:
+        """Send `message` to every worker (or `per_rank[r]` to worker r) and collect one reply
+        from each, within ParallelConfig.timeout_s if set."""
         self._check_open()
         try:
-            self._workers.send_all(message)
-            return self._workers.recv_all()
+            if per_rank is None:
+                self._workers.send_all(message)
+            else:
+                for rank, msg in enumerate(per_rank):
+                    self._workers.send(rank, msg)
+            return self._workers.recv_all(timeout=self.config.parallel.timeout_s)
         except BaseException:
             self._closed = True  # the workers were stopped: a failure mid-collective is not recoverable
             self._workers.terminate()
@@ -258,9 +263,12 @@ class ParallelEngine:
         "error" outputs with raise_on_error=False). Requests go to DP ranks least-loaded first."""
         self._check_open()
         reqs, errors = _prepare(self._front, prompts, params, raise_on_error)
-        shares = assign_least_loaded([r for r in reqs if r is not None], self.config.parallel.attention_dp)
+        p = self.config.parallel
+        shares = assign_least_loaded([r for r in reqs if r is not None], p.attention_dp)
+        # rank = dp_rank * tp + tp_rank: each worker gets its DP group's share only
+        messages = [("generate", shares[rank // p.tp]) for rank in range(p.world_size)]
         finals: dict[str, RequestOutput] = {}
-        for outs in self._command("generate", shares):
+        for outs in self._command(per_rank=messages):
             finals.update((o.request_id, o) for o in outs)
         return _assemble(_ids(reqs), errors, finals)
 
@@ -387,6 +395,6 @@ def build_parallel_engine(builder, config: EngineConfig):
     worker, else a front over freshly spawned workers."""
     if in_distributed_worker():
         owns_world = not dist.is_initialized()
-        init_distributed(default_backend(config.device.type))
+        init_distributed(default_backend(config.device.type), timeout_s=config.parallel.timeout_s or 600.0)
         return DistributedEngine(_build_rank(builder, config), owns_world)
     return ParallelEngine(builder, config)
