@@ -243,3 +243,23 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_chunked_prefill_and_preemption_under_dp_ep():
+    """Small step budget (prompts in 32-token chunks) and a cache of 16 blocks per rank (requests
+    get preempted and recomputed): still the single-process tokens, while ranks idle unevenly."""
+    def configured():
+        return (EngineBuilder("tiny-qwen3-moe").dtype("float32").cache(block_size=16, num_blocks=16)
+                .scheduler(max_num_batched_tokens=32, max_model_len=256))
+
+    params = SamplingParams(max_tokens=24, temperature=0.0)
+    ref = configured().build().generate(PROMPTS, params)
+    engine = configured().parallel(attention_dp=2, ffn_ep=2, timeout_s=180).build()
+    procs = engine.processes
+    try:
+        outs = engine.generate(PROMPTS, params)
+        assert [o.token_ids for o in outs] == [r.token_ids for r in ref]
+        assert sum(o.metrics.num_preemptions for o in outs) > 0
+    finally:
+        engine.close()
+    assert_workers_exited(procs)
