@@ -10,7 +10,7 @@
 
 Without parallelism (the default state) the layer is plain FusedMoE. Every forward adds the
 number of routed (token, expert) pairs per logical expert to `expert_token_counts` (the load
-metric an EPLB rebalancer would read).
+metric an EPLB rebalancer would read; steps replayed from CUDA graphs are not counted).
 """
 
 from __future__ import annotations
@@ -116,7 +116,12 @@ class ParallelFusedMoE(FusedMoE):
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         self.num_forwards += 1
         topk_weights, topk_ids = self.router(router_logits)
-        self.expert_token_counts += torch.bincount(topk_ids.reshape(-1), minlength=self.num_experts)
+        if not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            # index_add_, not bincount: bincount sizes its output from the data (a host sync).
+            # Not while capturing a CUDA graph (single-process decode graphs): replays would
+            # count their padding rows, so graph-replayed steps go uncounted
+            flat = topk_ids.reshape(-1)
+            self.expert_token_counts.index_add_(0, flat, torch.ones_like(flat))
         if self.mode == "local":
             return ops.fused_experts(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
         if self.mode == "tp":
