@@ -118,8 +118,10 @@ class EngineBuilder:
         it builds this rank's engine instead (`dlengine.parallel.DistributedEngine`).
 
         >>> from dlengine import EngineBuilder, SamplingParams
-        >>> with EngineBuilder("tiny-qwen3").parallel(tp=2).build() as engine:   # doctest: +SKIP
+        >>> with EngineBuilder("tiny-qwen3").parallel(tp=2).build() as engine:   # 2 worker processes
         ...     outs = engine.generate(["a prompt", [12, 7, 99]], SamplingParams(max_tokens=8, temperature=0.0))
+        >>> [len(o.token_ids) for o in outs]
+        [8, 8]
         """
         self._parallel.update(options)
         return self

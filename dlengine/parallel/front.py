@@ -198,9 +198,10 @@ class ParallelEngine:
     `generate()`; `close()` (or a `with` block) stops the workers.
 
     >>> from dlengine import EngineBuilder, SamplingParams
-    >>> engine = (EngineBuilder("tiny-qwen3-moe").dtype("float32")        # doctest: +SKIP
-    ...           .parallel(attention_dp=2, ffn_ep=2).build())
+    >>> engine = EngineBuilder("tiny-qwen3-moe").dtype("float32").parallel(attention_dp=2, ffn_ep=2).build()
     >>> outs = engine.generate(["a prompt", [12, 7, 99]], SamplingParams(max_tokens=8, temperature=0.0))
+    >>> [len(o.token_ids) for o in outs], [s["dp_rank"] for s in engine.stats()]
+    ([8, 8], [0, 1])
     >>> engine.close()
     """
 
@@ -309,10 +310,12 @@ class ParallelEngine:
 class DistributedEngine:
     """This rank's engine under torchrun (or `launch`); rank 0 is the front (module docstring).
 
-    >>> # torchrun --nproc-per-node 2 script.py, every rank running:
-    >>> engine = EngineBuilder("tiny-qwen3").parallel(tp=2).build()   # doctest: +SKIP
-    >>> outs = engine.generate(["a prompt"], SamplingParams(max_tokens=8, temperature=0.0))  # rank 0's prompts
-    >>> engine.close()
+    Under `torchrun --nproc-per-node 2 script.py`, every rank running (not a doctest: it needs
+    the torchrun environment)::
+
+        engine = EngineBuilder("tiny-qwen3").parallel(tp=2).build()
+        outs = engine.generate(["a prompt"], SamplingParams(max_tokens=8, temperature=0.0))  # rank 0's prompts
+        engine.close()
     """
 
     def __init__(self, runtime: RankRuntime, owns_world: bool = False) -> None:

@@ -246,11 +246,11 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any, backend: str | N
 
     >>> import torch, torch.distributed as dist
     >>> from dlengine.parallel import launch
-    >>> def rank_sum():                      # in a module of yours
+    >>> def rank_sum():
     ...     t = torch.tensor([dist.get_rank() + 1.0])
     ...     dist.all_reduce(t)
     ...     return t.item()
-    >>> launch(rank_sum, 2)                  # doctest: +SKIP
+    >>> launch(rank_sum, 2, start_method="fork")   # "fork": rank_sum is defined right here
     [3.0, 3.0]
     """
     group = WorkerGroup(fn, world_size, args, backend=backend or "gloo", start_method=start_method)
