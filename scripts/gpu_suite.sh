@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything we check and time on a GPU, in one call of the device tool (see docs/performance.md).
-#   bash scripts/gpu_suite.sh [tests|attention|w1|w2|all]...
+#   bash scripts/gpu_suite.sh [tests|attention|w1|w2|parallel|all]...
 # Results land in $OUT (or ./gpu_out): logs and JSON files. FlashInfer is used when carried as
 # wheels in .whl/ (flashinfer-python + apache-tvm-ffi, installed with --no-deps).
 set -uo pipefail
@@ -36,10 +36,13 @@ run_w2() {  # Qwen3-8B, batch 1 and 64, 512-token prompt, 256 output tokens
       --json "$OUT/w2_b$bsz.json" 2>&1 | tee "$OUT/w2_b$bsz.log" | tail -30
   done
 }
+run_parallel() {  # parallel engine vs single-process on every visible GPU (NCCL); 1 GPU: a 1-rank NCCL world
+  python3 scripts/gpu_check_parallel.py ${PARALLEL_ARGS:-} --json "$OUT/parallel.json" 2>&1 | tee "$OUT/parallel.log" | tail -40
+}
 steps=${*:-all}
 for s in $steps; do
   case $s in
-    tests) run_tests ;; attention) run_attention ;; w1) run_w1 ;; w2) run_w2 ;;
+    tests) run_tests ;; attention) run_attention ;; w1) run_w1 ;; w2) run_w2 ;; parallel) run_parallel ;;
     all) run_tests; run_attention; run_w1; run_w2 ;;
     *) echo "unknown step $s" ;;
   esac
