@@ -6,6 +6,7 @@ never fails halfway through a run.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any
@@ -111,7 +112,19 @@ class EngineBuilder:
         return self
 
     def parallel(self, **options: Any) -> "EngineBuilder":
-        """tp, attention_dp, ffn_ep."""
+        """tp, attention_dp, ffn_ep, expert_placement, dispatch_backend (docs/parallel.md).
+
+        With more than one rank, `build()` run in a plain process spawns one worker process per
+        rank and returns a front (`dlengine.parallel.ParallelEngine`) whose `generate()` works
+        like the single-process engine's; under `torchrun` (or inside `dlengine.parallel.launch`)
+        it builds this rank's engine instead (`dlengine.parallel.DistributedEngine`).
+
+        >>> from dlengine import EngineBuilder, SamplingParams
+        >>> with EngineBuilder("tiny-qwen3").parallel(tp=2).build() as engine:   # 2 worker processes
+        ...     outs = engine.generate(["a prompt", [12, 7, 99]], SamplingParams(max_tokens=8, temperature=0.0))
+        >>> [len(o.token_ids) for o in outs]
+        [8, 8]
+        """
         self._parallel.update(options)
         return self
 
@@ -207,6 +220,13 @@ class EngineBuilder:
                 )
 
         device = torch.device(self._device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if parallel.world_size > 1:
+            # collectives inside a step: no CUDA graphs (all-to-all splits are read on the host)
+            # and no async scheduling (every rank must agree on each step before it runs)
+            if self._cuda_graphs:
+                raise ConfigError("cuda_graphs(True) is not supported with parallel(...) yet; use cuda_graphs(False)")
+            if self._async_scheduling:
+                raise ConfigError("async_scheduling(True) is not supported with parallel(...) yet")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device 'cuda' was asked for but torch sees no CUDA device")
         if self._dtype is not None:
@@ -217,6 +237,11 @@ class EngineBuilder:
             dtype = parse_dtype(model.torch_dtype) if model.torch_dtype in ("bfloat16", "float16", "float32") else torch.bfloat16
 
         quantization = self._resolve_quantization(model, device)
+        if quantization != "none" and parallel.world_size > 1:
+            # the tensor/expert-parallel layers shard bf16 weights; FP8 shards (with their block
+            # scales) are not written yet
+            raise ConfigError(f"FP8 checkpoints ({model.path}) cannot run with parallel(...) yet "
+                              f"(world size {parallel.world_size}); run them on one device")
 
         max_model_len = self._max_model_len or sched.max_model_len or model.max_position_embeddings
         if max_model_len > model.max_position_embeddings:
@@ -233,7 +258,8 @@ class EngineBuilder:
             model=model, cache=cache, scheduler=sched, parallel=parallel, dtype=dtype, device=device,
             role=self._role, attention_backend=attention, load_format=self._load_format,
             seed=self._seed, max_model_len=max_model_len,
-            async_scheduling=device.type == "cuda" if self._async_scheduling is None else self._async_scheduling,
+            async_scheduling=(device.type == "cuda" and parallel.world_size == 1 if self._async_scheduling is None
+                              else self._async_scheduling),
             quantization=quantization,
         )
 
@@ -256,6 +282,18 @@ class EngineBuilder:
 
     def build(self) -> Engine:
         cfg = self._make_config()
+        if cfg.parallel.world_size > 1:
+            from dlengine.parallel.front import build_parallel_engine
+
+            return build_parallel_engine(self, cfg)
+        return self._build_local(cfg)
+
+    def _build_local(self, cfg: EngineConfig, state=None) -> Engine:
+        """This process's engine; `state` (a ParallelState) makes it one rank of a parallel layout."""
+        from dlengine.models.layers.parallel_linear import kv_heads_per_rank
+        from dlengine.parallel.state import ParallelState, parallel_state
+
+        state = state or ParallelState()
         if cfg.device.type == "cuda":
             import gc
 
@@ -266,7 +304,7 @@ class EngineBuilder:
         prev_dtype = torch.get_default_dtype()
         torch.set_default_dtype(cfg.dtype)
         try:
-            with torch.device(cfg.device):
+            with torch.device(cfg.device), parallel_state(state):  # layers size their shards from state
                 model = model_cls(cfg.model, max_position=cfg.max_model_len)
         finally:
             torch.set_default_dtype(prev_dtype)
@@ -291,9 +329,23 @@ class EngineBuilder:
         graph_batch = min(self._cuda_graph_max_batch or 512, cfg.scheduler.max_num_seqs)
         # graphs keep a private pool of decode activations (about a decode step's worth)
         graph_reserve = (256 << 20) + graph_batch * cfg.model.vocab_size * 4 * 2 if use_graphs else 0
-        plan = plan_kv_cache(cfg, model, backend, kv_dtype, reserve_bytes=graph_reserve)
+        # under tensor parallelism the cache holds this rank's kv heads only (MLA's latent is whole)
+        kv_model = cfg.model
+        if state.tp_size > 1 and not cfg.model.uses_mla:
+            kv_model = dataclasses.replace(cfg.model, num_key_value_heads=kv_heads_per_rank(
+                cfg.model.num_key_value_heads, state.tp_size))
+        plan = plan_kv_cache(dataclasses.replace(cfg, model=kv_model), model, backend, kv_dtype,
+                             reserve_bytes=graph_reserve)
+        if state.world_group is not None:
+            # TP ranks must make identical scheduling decisions (same preemptions), so every
+            # rank takes the smallest cache any rank can hold (free memory differs per GPU)
+            import torch.distributed as dist
+
+            n = torch.tensor([plan.num_blocks], dtype=torch.int64, device=cfg.device)
+            dist.all_reduce(n, op=dist.ReduceOp.MIN, group=state.world_group)
+            plan.num_blocks = int(n.item())
         logger.info("%s", plan.describe(cfg.cache.block_size))
-        kv_cache = KVCache(cfg.model, plan.num_blocks, cfg.cache.block_size, kv_dtype, cfg.device)
+        kv_cache = KVCache(kv_model, plan.num_blocks, cfg.cache.block_size, kv_dtype, cfg.device)
         block_manager = BlockManager(plan.num_blocks, cfg.cache.block_size, cfg.cache.prefix_caching)
         scheduler = Scheduler(cfg.scheduler, block_manager)
         runner = ModelRunner(model, kv_cache, backend, Sampler(cfg.seed), cfg.model.vocab_size, cfg.device)
@@ -311,7 +363,7 @@ class EngineBuilder:
     def _use_cuda_graphs(self, cfg: EngineConfig, backend) -> bool:
         capturable = getattr(backend, "supports_cuda_graphs", False)
         if self._cuda_graphs is None:
-            return cfg.device.type == "cuda" and capturable
+            return cfg.device.type == "cuda" and capturable and cfg.parallel.world_size == 1
         if self._cuda_graphs and cfg.device.type != "cuda":
             raise ConfigError("cuda_graphs(True) needs a CUDA device")
         if self._cuda_graphs and not capturable:

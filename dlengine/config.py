@@ -272,19 +272,51 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
+    """How the model is spread over processes (docs/parallel.md). world size = tp x attention_dp.
+
+    Supported layouts: tp=N (attention_dp=1, ffn_ep=1: MoE experts are tensor-parallel too);
+    attention_dp=N with ffn_ep=N ("wide EP": experts partitioned, tokens sent by all-to-all) or
+    ffn_ep=1 (replicas). tp > 1 together with attention_dp > 1, and EP inside a TP group, are not
+    supported yet."""
+
     tp: int = 1
     attention_dp: int = 1
     ffn_ep: int = 1
+    expert_placement: Any = "contiguous"  # a name or an ExpertPlacement (logical expert -> rank, slot): parallel/ep.py
+    dispatch_backend: str = "auto"  # MoE token dispatch/combine: "auto", "all_to_all" (see parallel/ep.py)
+    # seconds a build or a generate() of the spawned-worker front may take (and the collectives'
+    # timeout) before every worker is stopped and TimeoutError raised; None: builds 900 s, no limit
+    # on generate(), collectives 600 s
+    timeout_s: float | None = None
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.attention_dp
 
     def validate(self) -> None:
         for name in ("tp", "attention_dp", "ffn_ep"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"parallel {name} must be >= 1, got {getattr(self, name)}")
-        if (self.tp, self.attention_dp, self.ffn_ep) != (1, 1, 1):
-            raise ConfigError(
-                "tensor/data/expert parallelism is not available in this version of dlengine yet; "
-                "use parallel(tp=1, attention_dp=1, ffn_ep=1)"
-            )
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"parallel {name} must be an integer >= 1, got {value!r}")
+        tp, dp, ep = self.tp, self.attention_dp, self.ffn_ep
+        if self.timeout_s is not None and not self.timeout_s > 0:
+            raise ConfigError(f"parallel timeout_s must be positive seconds or None, got {self.timeout_s!r}")
+        if tp > 1 and dp > 1:
+            raise ConfigError(f"parallel tp={tp} with attention_dp={dp} is not supported yet; supported: "
+                              "tp=N (attention_dp=1, ffn_ep=1) or attention_dp=N with ffn_ep=N or 1 (tp=1)")
+        if ep not in (1, dp) or (ep > 1 and tp > 1):
+            raise ConfigError(f"parallel ffn_ep={ep} is not supported with tp={tp}, attention_dp={dp}; expert "
+                              "parallelism spans the attention-DP ranks: use ffn_ep=attention_dp (tp=1) or ffn_ep=1")
+        from dlengine.parallel.ep import DISPATCH_BACKENDS, PLACEMENTS  # here: ep imports this module
+
+        if isinstance(self.expert_placement, str) and self.expert_placement not in PLACEMENTS:
+            raise ConfigError(f"unknown expert_placement {self.expert_placement!r}; choose one of {sorted(PLACEMENTS)}")
+        if self.dispatch_backend == "deep_ep":
+            raise ConfigError("the DeepEP dispatch backend is not implemented in this version of dlengine; "
+                              "use dispatch_backend='all_to_all' (or 'auto')")
+        if self.dispatch_backend != "auto" and self.dispatch_backend not in DISPATCH_BACKENDS:
+            raise ConfigError(f"unknown dispatch_backend {self.dispatch_backend!r}; choose 'auto' or one of "
+                              f"{sorted(DISPATCH_BACKENDS)}")
 
 
 ROLES = ("hybrid", "prefill", "decode")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything we check and time on a GPU, in one call of the device tool (see docs/performance.md).
-#   bash scripts/gpu_suite.sh [tests|attention|w1|w2|w1moe|tune_moe|mla|fp8|dsv3|all]...
+#   bash scripts/gpu_suite.sh [tests|attention|w1|w2|w1moe|tune_moe|mla|fp8|dsv3|parallel|all]...
 # Results land in $OUT (or ./gpu_out): logs and JSON files. FlashInfer is used when carried as
 # wheels in .whl/ (flashinfer-python + apache-tvm-ffi, installed with --no-deps).
 set -uo pipefail
@@ -60,11 +60,14 @@ run_dsv3() {  # DeepSeek-V3 dims, first 4 layers (3 dense + 1 MoE of 256 experts
       --json "$OUT/dsv3_b$bsz.json" 2>&1 | tee "$OUT/dsv3_b$bsz.log" | tail -25
   done
 }
+run_parallel() {  # parallel engine vs single-process on every visible GPU (NCCL); 1 GPU: a 1-rank NCCL world
+  python3 scripts/gpu_check_parallel.py ${PARALLEL_ARGS:-} --json "$OUT/parallel.json" 2>&1 | tee "$OUT/parallel.log" | tail -40
+}
 steps=${*:-all}
 for s in $steps; do
   case $s in
     tests) run_tests ;; attention) run_attention ;; w1) run_w1 ;; w2) run_w2 ;;
-    w1moe) run_w1moe ;; tune_moe) run_tune_moe ;; mla) run_mla ;; fp8) run_fp8 ;; dsv3) run_dsv3 ;;
+    w1moe) run_w1moe ;; tune_moe) run_tune_moe ;; mla) run_mla ;; fp8) run_fp8 ;; dsv3) run_dsv3 ;; parallel) run_parallel ;;
     all) run_tests; run_attention; run_w1; run_w2 ;;
     *) echo "unknown step $s" ;;
   esac

@@ -24,7 +24,8 @@ from torch import nn
 from dlengine.config import ConfigError, ModelConfig
 from dlengine.models.layers.decoder import PreNormDecoderLayer
 from dlengine.models.layers.attention import ForwardContext
-from dlengine.models.layers.embedding import Embedding, LMHead
+from dlengine.models.layers.parallel_linear import ParallelLMHead, VocabParallelEmbedding
+from dlengine.models.layers.parallel_moe import ParallelFusedMoE
 from dlengine.models.layers.linear import default_weight_loader
 from dlengine.models.layers.mla import MLAAttention
 from dlengine.models.layers.moe import FusedMoE, GroupedTopKRouter
@@ -88,7 +89,7 @@ class DeepseekV3MoE(nn.Module):
         self.gate = RouterGate(hidden_size, moe.num_experts)
         router = GroupedTopKRouter(moe.num_experts, moe.top_k, moe.n_group, moe.topk_group, moe.norm_topk_prob,
                                    moe.routed_scaling_factor)
-        self.experts = FusedMoE(moe.num_experts, moe.top_k, hidden_size, moe.intermediate_size, router=router)
+        self.experts = ParallelFusedMoE(moe.num_experts, moe.top_k, hidden_size, moe.intermediate_size, router=router)
         self.shared_experts = (Qwen3MLP(hidden_size, moe.intermediate_size * moe.num_shared_experts)
                                if moe.num_shared_experts > 0 else None)
 
@@ -111,7 +112,7 @@ class DeepseekV3DecoderLayer(PreNormDecoderLayer):
 class DeepseekV3Model(nn.Module):
     def __init__(self, cfg: ModelConfig, max_position: int, moe: DeepseekMoeSettings) -> None:
         super().__init__()
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         # RoPE acts on the qk_rope_head_dim dims only (transformers sets config.head_dim to it)
         rotary = RotaryEmbedding(int(cfg.hf_config["qk_rope_head_dim"]), max_position, cfg.rope)
         self.layers = nn.ModuleList(
@@ -153,7 +154,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         ]
         self.model = DeepseekV3Model(cfg, max_position, self.moe)
         tied_to = self.model.embed_tokens if cfg.tie_word_embeddings else None
-        self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size, tied_to)
+        self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size, tied_to)
 
     def skip_checkpoint_tensor(self, name: str) -> bool:
         """DeepSeek-V3 checkpoints append their multi-token-prediction (MTP) module as extra decoder

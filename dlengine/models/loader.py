@@ -17,6 +17,7 @@ shard id), so a parameter filled by one fused tensor or by many shards is checke
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import re
@@ -33,6 +34,14 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 def iter_safetensors(path: str, keep: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of every tensor in `path`/*.safetensors; tensors `keep` rejects are never read."""
+    for name, read in iter_safetensors_lazy(path, keep):
+        yield name, read()
+
+
+def iter_safetensors_lazy(path: str, keep: Callable[[str], bool] | None = None
+                          ) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+    """(name, read) pairs: a tensor is only read from disk when `read()` is called; names `keep`
+    rejects are not listed."""
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
         raise ConfigError(f"no *.safetensors files in {path!r}; use load_format='dummy' to run without weights")
@@ -40,7 +49,7 @@ def iter_safetensors(path: str, keep: Callable[[str], bool] | None = None) -> It
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
                 if keep is None or keep(name):
-                    yield name, f.get_tensor(name)
+                    yield name, functools.partial(f.get_tensor, name)
 
 
 def _rename_table(model: nn.Module) -> list[tuple[str, str, object, tuple]]:
@@ -80,7 +89,7 @@ def load_weights(model: nn.Module, path: str, num_layers: int | None = None) -> 
     loaded: set[str] = set()
     # a model may declare checkpoint tensors it does not use (e.g. DeepSeek-V3's MTP layers)
     skip = getattr(model, "skip_checkpoint_tensor", None)
-    for name, tensor in iter_safetensors(path, keep):
+    for name, read in iter_safetensors_lazy(path, keep):
         if name.endswith(_IGNORED_SUFFIXES):
             continue
         if skip is not None and skip(name):
@@ -96,17 +105,22 @@ def load_weights(model: nn.Module, path: str, num_layers: int | None = None) -> 
         if param is None:
             raise ConfigError(f"checkpoint tensor {name!r} has no matching parameter in {type(model).__name__}")
         loader = getattr(param, "weight_loader")
-        if param.dtype == torch.float8_e4m3fn and tensor.dtype != param.dtype:
-            # casting would drop the block scales' meaning: a bf16 tensor here means the
-            # checkpoint does not match its quantization_config
-            raise ConfigError(f"checkpoint tensor {name!r} is {tensor.dtype}, but its layer holds FP8 weights "
-                              "(quantization_config says the checkpoint is FP8)")
-        with torch.no_grad():
-            tensor = tensor.to(param.dtype)
-            if shard is None:
-                loader(param, tensor)
-            else:
-                loader(param, tensor, shard)
+        # a sharded parameter may not need this tensor at all (an expert another EP rank holds):
+        # it counts as loaded (the checkpoint has it) but is never read from disk
+        wants = getattr(param, "wants_shard", None)
+        if wants is None or wants(shard):
+            tensor = read()
+            if param.dtype == torch.float8_e4m3fn and tensor.dtype != param.dtype:
+                # casting would drop the block scales' meaning: a bf16 tensor here means the
+                # checkpoint does not match its quantization_config
+                raise ConfigError(f"checkpoint tensor {name!r} is {tensor.dtype}, but its layer holds FP8 weights "
+                                  "(quantization_config says the checkpoint is FP8)")
+            with torch.no_grad():
+                tensor = tensor.to(param.dtype)
+                if shard is None:
+                    loader(param, tensor)
+                else:
+                    loader(param, tensor, shard)
         if keys is None:
             loaded.add(target)
         else:

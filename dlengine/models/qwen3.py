@@ -11,8 +11,8 @@ from dlengine.config import ConfigError, ModelConfig
 from dlengine.models.layers.activation import SiluAndMul
 from dlengine.models.layers.decoder import PreNormDecoderLayer
 from dlengine.models.layers.attention import ForwardContext, PagedAttention
-from dlengine.models.layers.embedding import Embedding, LMHead
-from dlengine.models.layers.linear import Linear, MergedLinear
+from dlengine.models.layers.parallel_linear import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear,
+                                                    RowParallelLinear, VocabParallelEmbedding)
 from dlengine.models.layers.norm import RMSNorm
 from dlengine.models.layers.rotary import RotaryEmbedding
 
@@ -23,13 +23,14 @@ class Qwen3Attention(nn.Module):
         h, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         if h % hkv:
             raise ConfigError(f"num_attention_heads={h} is not a multiple of num_key_value_heads={hkv}")
-        self.num_heads, self.num_kv_heads, self.head_dim = h, hkv, d
-        self.qkv_proj = MergedLinear(cfg.hidden_size, [h * d, hkv * d, hkv * d], ["q", "k", "v"], bias=cfg.attention_bias)
-        self.o_proj = Linear(h * d, cfg.hidden_size, bias=cfg.attention_bias)
+        # under tensor parallelism this rank's heads only (kv heads replicated when fewer than tp)
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, d, h, hkv, bias=cfg.attention_bias)
+        self.num_heads, self.num_kv_heads, self.head_dim = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, d
+        self.o_proj = RowParallelLinear(h * d, cfg.hidden_size, bias=cfg.attention_bias)
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.rotary = rotary
-        self.attn = PagedAttention(layer_idx, h, hkv, d, scale=d**-0.5)
+        self.attn = PagedAttention(layer_idx, self.num_heads, self.num_kv_heads, d, scale=d**-0.5)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         t = hidden.shape[0]
@@ -47,8 +48,8 @@ class Qwen3Attention(nn.Module):
 class Qwen3MLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
-        self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size] * 2, ["gate", "up"])
-        self.down_proj = Linear(intermediate_size, hidden_size)
+        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, ["gate", "up"])
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,7 +72,7 @@ class Qwen3Model(nn.Module):
     def __init__(self, cfg: ModelConfig, max_position: int, make_mlp=None) -> None:
         """`make_mlp(layer_idx)` builds a layer's feed-forward block (default: dense SwiGLU)."""
         super().__init__()
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         rotary = RotaryEmbedding(cfg.head_dim, max_position, cfg.rope)
         self.layers = nn.ModuleList(
             Qwen3DecoderLayer(cfg, i, rotary, make_mlp(i) if make_mlp else None) for i in range(cfg.num_hidden_layers)
@@ -100,7 +101,8 @@ class Qwen3ForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Qwen3Model(cfg, max_position)
-        self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size, self.model.embed_tokens if cfg.tie_word_embeddings else None)
+        self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size,
+                                      self.model.embed_tokens if cfg.tie_word_embeddings else None)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """Hidden states [T, hidden] for the flattened batch."""

@@ -15,7 +15,8 @@ from torch import nn
 
 from dlengine.config import ConfigError, ModelConfig
 from dlengine.models.layers.attention import ForwardContext
-from dlengine.models.layers.embedding import LMHead
+from dlengine.models.layers.parallel_linear import ParallelLMHead
+from dlengine.models.layers.parallel_moe import ParallelFusedMoE
 from dlengine.models.layers.linear import Linear
 from dlengine.models.layers.moe import FusedMoE, SoftmaxTopKRouter
 from dlengine.models.qwen3 import Qwen3ForCausalLM, Qwen3MLP, Qwen3Model
@@ -56,7 +57,7 @@ class Qwen3MoeSparseBlock(nn.Module):
     def __init__(self, hidden_size: int, moe: MoeSettings) -> None:
         super().__init__()
         self.gate = Linear(hidden_size, moe.num_experts)  # router logits
-        self.experts = FusedMoE(moe.num_experts, moe.top_k, hidden_size, moe.intermediate_size,
+        self.experts = ParallelFusedMoE(moe.num_experts, moe.top_k, hidden_size, moe.intermediate_size,
                                 router=SoftmaxTopKRouter(moe.top_k, moe.norm_topk_prob))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,7 +78,7 @@ class Qwen3MoeForCausalLM(nn.Module):
             Qwen3MoeSparseBlock(cfg.hidden_size, moe) if moe.is_sparse(i)
             else Qwen3MLP(cfg.hidden_size, cfg.intermediate_size)))
         tied_to = self.model.embed_tokens if cfg.tie_word_embeddings else None
-        self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size, tied_to)
+        self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size, tied_to)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """Hidden states [T, hidden] for the flattened batch."""

@@ -36,6 +36,8 @@ from dlengine.kernels.mla_attention_torch import (MLAWeights, absorb_query, late
                                                    write_latent_cache)
 from dlengine.models.layers.attention import ForwardContext
 from dlengine.models.layers.linear import Linear
+from dlengine.models.layers.parallel_linear import ColumnParallelLinear, RowParallelLinear, divide
+from dlengine.parallel.state import get_parallel_state
 from dlengine.models.layers.norm import RMSNorm
 from dlengine.models.layers.rotary import RotaryEmbedding
 
@@ -58,7 +60,8 @@ class MLAAttention(nn.Module):
         super().__init__()
         hf = cfg.hf_config
         self.layer_idx = layer_idx
-        self.num_heads = cfg.num_attention_heads
+        # under tensor parallelism this rank's heads; the latent (kv_a_proj, the cache) is replicated
+        self.num_heads = divide(cfg.num_attention_heads, get_parallel_state().tp_size, "num_attention_heads")
         self.q_lora_rank = hf.get("q_lora_rank")
         self.kv_lora_rank = int(hf["kv_lora_rank"])
         self.qk_nope_head_dim = int(hf["qk_nope_head_dim"])
@@ -68,17 +71,17 @@ class MLAAttention(nn.Module):
         if self.qk_rope_head_dim % 2:
             raise ConfigError(f"{cfg.path}: qk_rope_head_dim={self.qk_rope_head_dim} must be even")
         self.rope_interleave = bool(hf.get("rope_interleave", True))
-        h, bias = self.num_heads, cfg.attention_bias
+        h, bias = cfg.num_attention_heads, cfg.attention_bias
         if self.q_lora_rank is None:
-            self.q_proj = Linear(cfg.hidden_size, h * self.qk_head_dim)
+            self.q_proj = ColumnParallelLinear(cfg.hidden_size, h * self.qk_head_dim)
         else:
             self.q_a_proj = Linear(cfg.hidden_size, self.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, cfg.rms_norm_eps)
-            self.q_b_proj = Linear(self.q_lora_rank, h * self.qk_head_dim)
+            self.q_b_proj = ColumnParallelLinear(self.q_lora_rank, h * self.qk_head_dim)
         self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, cfg.rms_norm_eps)
-        self.kv_b_proj = Linear(self.kv_lora_rank, h * (self.qk_nope_head_dim + self.v_head_dim))
-        self.o_proj = Linear(h * self.v_head_dim, cfg.hidden_size, bias=bias)
+        self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank, h * (self.qk_nope_head_dim + self.v_head_dim))
+        self.o_proj = RowParallelLinear(h * self.v_head_dim, cfg.hidden_size, bias=bias)
         self.rotary = rotary
         self.scale = mla_softmax_scale(cfg, self.qk_head_dim)
         self.absorbed: MLAWeights | None = None  # set by post_load_weights
