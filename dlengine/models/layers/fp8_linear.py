@@ -41,6 +41,7 @@ from dlengine.kernels import ops
 from dlengine.kernels.fp8_torch import FP8_DTYPE, cdiv, dequantize_weight
 from dlengine.models.layers.linear import Linear
 from dlengine.models.layers.moe import FusedMoE
+from dlengine.models.layers.parallel_linear import ColumnParallelLinear, RowParallelLinear
 
 FP8_MODES = ("auto", "fp8", "dequant")
 # read as matrices outside forward() (MLA's attention expands the latent through kv_b_proj's
@@ -77,12 +78,12 @@ class Fp8Linear(nn.Module):
     """A `Linear` / `MergedLinear` whose weight is float8_e4m3fn [N, K] with `weight_scale_inv`
     [ceil(N / row_div), ceil(K / bk)]. After `dequantize_()` it is a plain linear layer."""
 
-    def __init__(self, src: Linear, block: tuple[int, int]) -> None:
+    def __init__(self, src: nn.Module, block: tuple[int, int], shard_offsets: dict | None = None) -> None:
         super().__init__()
         n, k = src.out_features, src.in_features
         bn, bk = block
         self.in_features, self.out_features, self.block = k, n, (bn, bk)
-        self.shard_offsets: dict = dict(getattr(src, "shard_offsets", {}))
+        self.shard_offsets: dict = dict(getattr(src, "shard_offsets", {}) if shard_offsets is None else shard_offsets)
         self.row_div = _scale_rows(n, (off for off, _ in self.shard_offsets.values()), bn)
         dev = src.weight.device
         self.weight = nn.Parameter(torch.empty(n, k, dtype=FP8_DTYPE, device=dev), requires_grad=False)
@@ -145,10 +146,24 @@ class Fp8FusedMoE(FusedMoE):
                                      topk_weights, topk_ids)
 
 
+_FP8_CLASSES: dict[type, type] = {}
+
+
+def _fp8_class(cls: type) -> type:
+    if cls is FusedMoE:
+        return Fp8FusedMoE
+    if cls not in _FP8_CLASSES:
+        _FP8_CLASSES[cls] = type(f"Fp8{cls.__name__}", (Fp8FusedMoE, cls), {})
+    return _FP8_CLASSES[cls]
+
+
 def _make_experts_fp8(moe: FusedMoE, block: tuple[int, int]) -> None:
     """FP8 stacked expert weights plus `w13_weight_scale_inv` / `w2_weight_scale_inv`, loaded per
     expert (or from fused 3-D tensors)."""
-    moe.__class__ = Fp8FusedMoE
+    # mix Fp8FusedMoE in front of the module's own class (e.g. ParallelFusedMoE, whose layer
+    # bookkeeping stays), so its forward runs the FP8 experts
+    if not isinstance(moe, Fp8FusedMoE):
+        moe.__class__ = _fp8_class(type(moe))
     bn, bk = block
     e, h, i = moe.num_experts, moe.hidden_size, moe.intermediate_size
     dev = moe.w13_weight.device
@@ -197,6 +212,19 @@ def _expert_scale_rows(num_experts: int) -> list[tuple]:
     return rows
 
 
+def _linear_shards(module: nn.Module) -> dict | None:
+    """{shard name: (offset, size)} of a linear layer FP8 can replace, None for other modules.
+    `Linear` / `MergedLinear`, and the tensor-parallel layers when they are not sharded (one
+    process: the builder refuses FP8 with parallel(...)). LMHead, Embedding and RouterGate are
+    none of these, so they stay unquantised as in transformers."""
+    if isinstance(module, Linear):
+        return dict(getattr(module, "shard_offsets", {}))
+    if isinstance(module, (ColumnParallelLinear, RowParallelLinear)) and module.tp_group is None:
+        shards = getattr(module, "shards", {})
+        return {k: (v.offset, v.size) for k, v in shards.items() if k is not None}
+    return None
+
+
 def prepare_fp8_model(model: nn.Module, quant: QuantizationConfig) -> int:
     """Before loading: swap every convertible linear layer for an `Fp8Linear` and give FusedMoE
     FP8 expert parameters with scales. Returns how many modules were converted."""
@@ -206,9 +234,10 @@ def prepare_fp8_model(model: nn.Module, quant: QuantizationConfig) -> int:
     for name, module in list(model.named_modules()):
         if not should_convert(name, skip):
             continue
-        if isinstance(module, Linear):  # MergedLinear included; LMHead, Embedding, RouterGate are not Linear
+        shards = _linear_shards(module)
+        if shards is not None:
             parent_name, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), attr, Fp8Linear(module, quant.weight_block_size))
+            setattr(model.get_submodule(parent_name), attr, Fp8Linear(module, quant.weight_block_size, shards))
             converted += 1
         elif isinstance(module, FusedMoE):
             _make_experts_fp8(module, quant.weight_block_size)
