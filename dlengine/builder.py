@@ -326,6 +326,10 @@ class EngineBuilder:
 
         kv_dtype = cfg.dtype if cfg.cache.dtype == "auto" else parse_dtype(cfg.cache.dtype)
         use_graphs = self._use_cuda_graphs(cfg, backend)
+        if use_graphs and state.ep_group is not None:
+            # expert-parallel dispatch sizes its all-to-all from routing counts read on the host:
+            # not capturable (a 1-rank EP world gets here with world_size 1)
+            use_graphs = False
         graph_batch = min(self._cuda_graph_max_batch or 512, cfg.scheduler.max_num_seqs)
         # graphs keep a private pool of decode activations (about a decode step's worth)
         graph_reserve = (256 << 20) + graph_batch * cfg.model.vocab_size * 4 * 2 if use_graphs else 0

@@ -332,8 +332,10 @@ def test_fp8_block_gemm_matches_reference(m, n, k, row_div, bias, out_dtype):
     out = tk.fp8_block_gemm(a_q, a_s, w_q, w_s, (128, 128), row_div, out_dtype, b)
     expect = ref.fp8_block_gemm_torch(a_q, a_s, w_q, w_s, (128, 128), row_div, torch.float32, b)
     assert out.dtype == out_dtype and out.shape == (m, n)
-    # float32: only the summation order differs. bf16: one rounding (the interpreter truncates)
-    tol = 1e-5 if out_dtype == torch.float32 else 1e-2
+    # float32: only the summation order differs (interpreter); Hopper's FP8 MMA accumulates in
+    # reduced precision within each 128-wide K block (~1e-3). bf16: one rounding (the
+    # interpreter truncates)
+    tol = (2e-3 if DEVICE == "cuda" else 1e-5) if out_dtype == torch.float32 else 1e-2
     torch.testing.assert_close(out.float(), expect, rtol=tol, atol=tol * expect.abs().max().item())
     # and the whole linear (Triton quant + GEMM) is W8A8: a few % of the float32 product
     y = tk.fp8_linear(x, w_q, w_s, (128, 128), row_div, b)
