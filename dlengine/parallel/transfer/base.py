@@ -1,0 +1,173 @@
+"""What a KV transfer engine is, and how blocks become byte ranges.
+
+A `TransferEngine` moves bytes between registered memory regions of two engines: it registers
+local regions, connects to a peer (whose address and region table it gets as a plain dict), and
+issues batched one-sided reads or writes of (remote offset, local offset, length) segments that
+complete through a `TransferFuture`. The KV specifics live in `KVLayout`: where a token of a layer
+sits inside a region, so a list of (remote block, local block) pairs becomes a short list of
+coalesced byte segments, also when the two sides use different block sizes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Protocol, Sequence
+
+import torch
+
+
+class TransferError(RuntimeError):
+    """A KV transfer (or the connection/handshake it needs) failed; the message says why."""
+
+
+class HandshakeError(TransferError):
+    """The two engines cannot exchange KV: different model, cache layout or dtype."""
+
+
+Segment = tuple[int, int, int]  # (remote byte offset, local byte offset, length)
+
+
+class TransferFuture(Protocol):
+    def done(self) -> bool:
+        """True once finished (successfully or not); never blocks."""
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block up to `timeout` seconds. True when finished OK, False on timeout; raises
+        TransferError when the transfer failed."""
+
+
+class TransferEngine(Protocol):
+    """The protocol the prefill/decode roles use; DLSlimeTransferEngine implements it."""
+
+    backend: str
+    transport: str
+
+    def register_region(self, name: str, tensor: torch.Tensor) -> None: ...
+
+    def local_info(self) -> dict: ...
+
+    def connect(self, peer_id: str, info: dict) -> None: ...
+
+    def is_connected(self, peer_id: str) -> bool: ...
+
+    def read(self, peer_id: str, local_region: str, remote_region: str, segments: Sequence[Segment]) -> TransferFuture: ...
+
+    def write(self, peer_id: str, local_region: str, remote_region: str, segments: Sequence[Segment]) -> TransferFuture: ...
+
+    def disconnect(self, peer_id: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Where KV bytes live in a transfer region: planes[num_layers][parts] of
+    [num_blocks, block_size, token_bytes]. parts is 2 (K, V) for GQA/MHA caches and 1 for MLA's
+    latent cache. `kind`, `token_bytes` and `dtype` must match between peers; `block_size` and
+    `num_blocks` may differ (copies are cut at both sides' block boundaries)."""
+
+    kind: str  # "gqa" or "mla"
+    num_layers: int
+    parts: int
+    heads: int
+    head_dim: int
+    dtype: str
+    token_bytes: int  # bytes of one token of one layer of one part
+    block_size: int
+    num_blocks: int  # blocks in the region (the cache itself, or a staging buffer)
+
+    @property
+    def plane_bytes(self) -> int:
+        return self.num_blocks * self.block_size * self.token_bytes
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_layers * self.parts * self.plane_bytes
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> "KVLayout":
+        try:
+            return KVLayout(**{k: d[k] for k in KVLayout.__dataclass_fields__})
+        except (KeyError, TypeError) as e:
+            raise HandshakeError(f"malformed KV layout {d!r}: {e}") from None
+
+    def check_compatible(self, remote: "KVLayout") -> None:
+        """Raise HandshakeError naming the first difference that makes the bytes meaningless."""
+        for name in ("kind", "num_layers", "parts", "heads", "head_dim", "dtype", "token_bytes"):
+            a, b = getattr(self, name), getattr(remote, name)
+            if a != b:
+                raise HandshakeError(
+                    f"KV cache layouts differ in {name}: this engine has {a!r}, the peer has {b!r}; "
+                    "both sides need the same model, cache dtype and tensor-parallel split"
+                )
+
+    def segments_from(self, remote: "KVLayout", remote_blocks: Sequence[int], local_blocks: Sequence[int],
+                      num_tokens: int) -> list[Segment]:
+        """Byte segments copying the first `num_tokens` tokens of a sequence stored in
+        `remote_blocks` (remote layout) into `local_blocks` (this layout), every layer and part.
+        Runs are cut wherever either side crosses a block boundary and merged when both sides
+        stay contiguous, so equal block sizes with consecutive block ids give one segment per
+        plane."""
+        if num_tokens > len(remote_blocks) * remote.block_size:
+            raise TransferError(f"{num_tokens} tokens do not fit in {len(remote_blocks)} remote blocks")
+        if num_tokens > len(local_blocks) * self.block_size:
+            raise TransferError(f"{num_tokens} tokens do not fit in {len(local_blocks)} local blocks")
+        tb = self.token_bytes
+        runs: list[list[int]] = []  # [remote off, local off, len] inside one plane
+        t = 0
+        while t < num_tokens:
+            rb, ro = divmod(t, remote.block_size)
+            lb, lo = divmod(t, self.block_size)
+            n = min(remote.block_size - ro, self.block_size - lo, num_tokens - t)
+            r_off = (remote_blocks[rb] * remote.block_size + ro) * tb
+            l_off = (local_blocks[lb] * self.block_size + lo) * tb
+            if runs and runs[-1][0] + runs[-1][2] == r_off and runs[-1][1] + runs[-1][2] == l_off:
+                runs[-1][2] += n * tb
+            else:
+                runs.append([r_off, l_off, n * tb])
+            t += n
+        segments = []
+        for plane in range(self.num_layers * self.parts):
+            r_base, l_base = plane * remote.plane_bytes, plane * self.plane_bytes
+            segments.extend((r_base + r, l_base + l, n) for r, l, n in runs)
+        return segments
+
+
+def kv_layout(kv_cache, model_config, num_blocks: int | None = None) -> KVLayout:
+    """The layout of a dlengine KVCache (or of a staging buffer shaped like it)."""
+    heads, k_dim, v_dim = model_config.kv_cache_geometry
+    elem = torch.empty((), dtype=kv_cache.dtype).element_size()
+    return KVLayout(
+        kind="mla" if v_dim == 0 else "gqa",
+        num_layers=model_config.num_hidden_layers,
+        parts=1 if v_dim == 0 else 2,
+        heads=heads,
+        head_dim=k_dim,
+        dtype=str(kv_cache.dtype).replace("torch.", ""),
+        token_bytes=heads * k_dim * elem,
+        block_size=kv_cache.block_size,
+        num_blocks=kv_cache.num_blocks if num_blocks is None else num_blocks,
+    )
+
+
+def model_fingerprint(model_config, dtype: torch.dtype, load_format: str = "auto", seed: int = 0) -> str:
+    """A short hash naming "the same model computed the same way": config.json, the weight files'
+    names and sizes (hashing the weights themselves would take minutes on real checkpoints), and
+    the compute dtype. Dummy weights depend on the seed too."""
+    h = hashlib.sha256()
+    h.update(json.dumps(model_config.hf_config, sort_keys=True).encode())
+    path = model_config.path
+    if load_format != "dummy" and os.path.isdir(path):
+        for name in sorted(os.listdir(path)):
+            if name.endswith(".safetensors") or name.endswith(".bin"):
+                h.update(f"{name}:{os.path.getsize(os.path.join(path, name))}".encode())
+    else:
+        h.update(f"dummy:{seed}".encode())
+    h.update(str(dtype).encode())
+    return h.hexdigest()[:16]
