@@ -87,6 +87,7 @@ class DecodeRole:
         self.active: dict[str, _Pull] = {}  # request id -> pull in flight (pulling/verifying/draining)
         self.migrations: list[MigrationRecord] = []
         self.counts = {"pulled": 0, "failed": 0}
+        self.registration = None  # a discovery.Registration when registered with a control plane
 
     # ------------------------------------------------------------------ admission
     def prepare(self, request) -> None:
@@ -346,6 +347,9 @@ class DecodeRole:
                 "queued": len(self.queue), "pulling": len(self.active), **self.counts}
 
     def close(self) -> None:
+        if self.registration is not None:
+            self.registration.close()
+            self.registration = None
         self.transfer.close()
 
 

@@ -76,6 +76,7 @@ class PrefillRole:
         self._rng = random.Random()
         self.counts = {"handed_off": 0, "released_pulled": 0, "released_timeout": 0, "released_abort": 0}
         self.events: deque[tuple[str, str]] = deque(maxlen=1000)  # (request id, why it was released)
+        self.registration = None  # a discovery.Registration when registered with a control plane
 
     # ------------------------------------------------------------------ engine hooks
     def prepare(self, request) -> None:
@@ -167,6 +168,9 @@ class PrefillRole:
                 "pinned_requests": len(self.pinned), **self.counts}
 
     def close(self) -> None:
+        if self.registration is not None:
+            self.registration.close()
+            self.registration = None
         for slot in list(self.pinned):
             self._release(slot, "abort")
         self.transfer.close()
