@@ -83,6 +83,7 @@ class DecodeRole:
         self._free_scratch = deque(range(NUM_SCRATCH))
         self._notify: list[tuple[object, int]] = []  # (future, scratch index) of done-writes in flight
         self._peers: dict[str, tuple[str, int]] = {}  # engine id -> (host, port) handshaken
+        self._incompatible: dict[str, str] = {}  # engine id -> why its handshake failed
         self.queue: deque[_Pull] = deque()
         self.active: dict[str, _Pull] = {}  # request id -> pull in flight (pulling/verifying/draining)
         self.migrations: list[MigrationRecord] = []
@@ -281,7 +282,10 @@ class DecodeRole:
         transport and compare model fingerprint and KV layout with ours."""
         addr = (p.endpoint.get("host"), p.endpoint.get("port"))
         if self._peers.get(p.engine_id) == addr and self.transfer.is_connected(p.engine_id):
+            if p.engine_id in self._incompatible:
+                raise HandshakeError(self._incompatible[p.engine_id])
             return
+        self._incompatible.pop(p.engine_id, None)
         self.transfer.connect(p.engine_id, p.endpoint)
         try:
             try:
@@ -309,6 +313,12 @@ class DecodeRole:
             if record.get("engine_id") != p.engine_id:
                 raise HandshakeError(f"kv_transfer_params name engine {p.engine_id!r} but {addr[0]}:{addr[1]} is "
                                      f"{record.get('engine_id')!r}")
+        except HandshakeError as e:
+            # stay connected: the prefill side is alive and can be told to free its blocks now
+            # (its control slots are the same for any dlengine); later requests fail fast
+            self._peers[p.engine_id] = addr
+            self._incompatible[p.engine_id] = str(e)
+            raise
         except (TransferError, ValueError) as e:
             self.transfer.disconnect(p.engine_id)
             raise e if isinstance(e, TransferError) else TransferError(f"bad handshake record: {e}") from None

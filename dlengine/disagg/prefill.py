@@ -12,7 +12,8 @@ its own, no thread):
   that raced a release is detected, never decoded. Row 1 ("done") is where a decode engine
   writes the nonce when it no longer needs the blocks; `before_step` polls it.
 
-Blocks are released when the decode side says so, after `pin_timeout_s` (decode engine dead or
+Blocks are released when the decode side says it is done with them (event "done": pulled, or
+failed/aborted there), after `pin_timeout_s` (decode engine dead or
 never called), or by `Engine.abort(request_id)` here.
 """
 
@@ -74,7 +75,7 @@ class PrefillRole:
         self.pinned: dict[int, _Pinned] = {}
         self._slot_of: dict[str, int] = {}
         self._rng = random.Random()
-        self.counts = {"handed_off": 0, "released_pulled": 0, "released_timeout": 0, "released_abort": 0}
+        self.counts = {"handed_off": 0, "released_done": 0, "released_timeout": 0, "released_abort": 0}
         self.events: deque[tuple[str, str]] = deque(maxlen=1000)  # (request id, why it was released)
         self.registration = None  # a discovery.Registration when registered with a control plane
 
@@ -131,7 +132,7 @@ class PrefillRole:
         for slot, p in list(self.pinned.items()):
             d = done[slot] if done is not None else int(self.ctrl[DONE, slot])
             if d == p.nonce:
-                self._release(slot, "pulled")
+                self._release(slot, "done")
             elif now > p.deadline:
                 logger.warning("prefill %s: request %s was not pulled within %.1fs; freeing its KV blocks",
                                self.engine_id, p.request_id, self.pin_timeout_s)
