@@ -248,6 +248,8 @@ def test_stalled_transfer_times_out(control_plane):
             os.kill(worker.pid, signal.SIGCONT)
         assert out.finish_reason == "error" and "timed out after 1.0s" in out.error
         assert_pool_full(decode)
+        # the abandoned read may still land: its staging blocks are never reused
+        assert decode.describe()["kv_transfer"]["quarantined_staging_blocks"] == 13
         stats = wait_worker_pool_full(worker, timeout=10)
         assert (b.kv_transfer_params["request_id"], "timeout") in [tuple(e) for e in stats["events"]]
         # a new connection works after the timeout dropped the old one
@@ -289,12 +291,18 @@ def pair():
     decode.close()
 
 
-def test_static_peers_and_bf16():
-    prefill = local("tiny-qwen3", "prefill", dtype="bfloat16")
+def test_static_peers_bf16_and_direct_cache_registration():
+    """bf16 caches; the prefill side registers its cache directly (staging_blocks=0: plane-major,
+    blocks pinned in place), the decode side stages block-major with another block size."""
+    prefill = local("tiny-qwen3", "prefill", dtype="bfloat16", staging_blocks=0)
     decode = local("tiny-qwen3", "decode", dtype="bfloat16", block_size=32)
     try:
         peers = StaticPeers([prefill, decode])
         assert [n.engine_id for n in peers.engines("prefill")] == [prefill.role.engine_id]
+        rid = prefill.add_request(PROMPTS[7], GREEDY)
+        step_until([prefill], lambda: not prefill.has_unfinished_requests())
+        assert prefill.block_manager.num_free_blocks < prefill.block_manager.num_blocks  # pinned in place
+        assert prefill.abort(rid) and prefill.block_manager.num_free_blocks == prefill.block_manager.num_blocks
         outs = PDRouter(prefill, decode).generate(PROMPTS, GREEDY)
         assert [o.token_ids for o in outs] == hybrid_tokens("tiny-qwen3", PROMPTS, dtype="bfloat16")
         assert_pool_full(decode)
@@ -358,7 +366,7 @@ def test_decode_out_of_blocks_queues_then_fails(pair):
     while decode.has_unfinished_requests():
         outs += decode.step()
         prefill.step()
-        time.sleep(0.05)  # let the queue timeout pass while the local request still holds blocks
+        time.sleep(0.1)  # 10 decode steps of the hog outlast the 0.5 s queue timeout
     [fail] = [o for o in outs if o.request_id == rid]
     assert fail.finish_reason == "error" and "out of KV blocks" in fail.error, fail.error
     assert time.monotonic() - t0 >= 0.5

@@ -73,7 +73,13 @@ class DecodeRole:
         self.fingerprint = fingerprint
         self.pull_timeout_s = pull_timeout_s
         self.queue_timeout_s = queue_timeout_s
-        self.region = KVRegion(engine.kv_cache, engine.config.model, staging_blocks)
+        if staging_blocks == 0:
+            from dlengine.config import ConfigError
+
+            raise ConfigError("a decode engine always pulls into staging (staging_blocks=0 is for prefill engines): "
+                              "a pull abandoned on timeout may still land late, and must not land in the cache")
+        self.region = KVRegion(engine.kv_cache, engine.config.model, staging_blocks,
+                               min_blocks=-(-engine.config.max_model_len // engine.kv_cache.block_size))
         # scratch row 0: nonces to write into a prefill engine's done slots; row 1: pin re-reads
         self.scratch = torch.zeros((2, NUM_SCRATCH), dtype=torch.int64)
         self.meta_in = torch.zeros(META_BYTES, dtype=torch.uint8)
@@ -237,6 +243,10 @@ class DecodeRole:
         self.transfer.disconnect(engine_id)
         self._peers.pop(engine_id, None)
         for pull in [x for x in self.active.values() if x.params.engine_id == engine_id]:
+            # the abandoned reads may still land: their staging and scratch slots are never reused
+            self.region.quarantine(pull.region_blocks)
+            pull.region_blocks = []
+            pull.scratch = -1
             if pull.state == "draining":
                 self._end_pull(pull, None, outputs)
             else:
@@ -354,7 +364,8 @@ class DecodeRole:
     def describe(self) -> dict:
         return {"engine_id": self.engine_id, "transfer_backend": self.transfer.backend,
                 "transfer_transport": self.transfer.transport, "kv_staging": self.region.staged,
-                "queued": len(self.queue), "pulling": len(self.active), **self.counts}
+                "queued": len(self.queue), "pulling": len(self.active),
+                "quarantined_staging_blocks": self.region.num_quarantined, **self.counts}
 
     def close(self) -> None:
         if self.registration is not None:

@@ -1,5 +1,9 @@
 """The prefill role: run prompts, keep the finished ones' KV pinned, hand out kv_transfer_params.
 
+The prompt's KV is copied into block-major staging at hand-off (one contiguous range per
+request; the cache blocks return to the pool at once), or, with `staging_blocks=0` on CPU, the
+cache blocks themselves stay pinned and are read in place.
+
 Control traffic rides on the same DLSlime transport as the KV, as one-sided reads and writes of
 small registered regions of this engine, so the prefill side stays passive (no socket server of
 its own, no thread):
@@ -60,7 +64,8 @@ class PrefillRole:
         self.engine_id = engine_id
         self.fingerprint = fingerprint
         self.pin_timeout_s = pin_timeout_s
-        self.region = KVRegion(engine.kv_cache, engine.config.model, staging_blocks)
+        self.region = KVRegion(engine.kv_cache, engine.config.model, staging_blocks,
+                               min_blocks=-(-engine.config.max_model_len // engine.kv_cache.block_size))
         self.ctrl = torch.zeros((2, num_slots), dtype=torch.int64)
         self.meta = torch.zeros(META_BYTES, dtype=torch.uint8)
         record = json.dumps({"engine_id": engine_id, "role": "prefill", "fingerprint": fingerprint,
@@ -106,10 +111,15 @@ class PrefillRole:
         self.region.stage_out(cache_blocks, region_blocks)
         slot = self._free_slots.popleft()
         nonce = self._rng.getrandbits(62) + 1
-        pinned = _Pinned(request.request_id, list(request.block_ids), region_blocks, slot, nonce,
-                         time.monotonic() + self.pin_timeout_s)
-        request.block_ids = []  # the scheduler frees nothing; the pin owns the references
-        request.num_cached_blocks = 0
+        if self.region.staged:
+            # the KV now lives in staging: the cache blocks go back to the pool (and stay in the
+            # prefix cache); only the staging blocks are pinned until the decode side is done
+            held = []
+        else:  # the cache itself is the region: pin its blocks (the scheduler frees nothing)
+            held = list(request.block_ids)
+            request.block_ids = []
+            request.num_cached_blocks = 0
+        pinned = _Pinned(request.request_id, held, region_blocks, slot, nonce, time.monotonic() + self.pin_timeout_s)
         self.ctrl[DONE, slot] = 0
         self.ctrl[PIN, slot] = nonce
         self.pinned[slot] = pinned
@@ -161,7 +171,7 @@ class PrefillRole:
 
     @property
     def num_pinned_blocks(self) -> int:
-        return sum(len(p.block_ids) for p in self.pinned.values())
+        return sum(len(p.region_blocks) for p in self.pinned.values())
 
     def describe(self) -> dict:
         return {"engine_id": self.engine_id, "transfer_backend": self.transfer.backend,

@@ -64,10 +64,13 @@ class TransferEngine(Protocol):
 
 @dataclass(frozen=True)
 class KVLayout:
-    """Where KV bytes live in a transfer region: planes[num_layers][parts] of
-    [num_blocks, block_size, token_bytes]. parts is 2 (K, V) for GQA/MHA caches and 1 for MLA's
-    latent cache. `kind`, `token_bytes` and `dtype` must match between peers; `block_size` and
-    `num_blocks` may differ (copies are cut at both sides' block boundaries)."""
+    """Where KV bytes live in a transfer region. Plane-major (the KV cache itself):
+    [num_layers * parts planes][num_blocks][block_size][token_bytes]. Block-major (staging
+    buffers): [num_blocks][num_layers * parts planes][block_size][token_bytes], so a request's
+    blocks staged side by side are ONE contiguous range. parts is 2 (K, V) for GQA/MHA caches and
+    1 for MLA's latent cache. `kind`, `token_bytes` and `dtype` must match between peers;
+    `block_size`, `num_blocks` and the ordering may differ (copies are cut at both sides' block
+    boundaries)."""
 
     kind: str  # "gqa" or "mla"
     num_layers: int
@@ -78,10 +81,18 @@ class KVLayout:
     token_bytes: int  # bytes of one token of one layer of one part
     block_size: int
     num_blocks: int  # blocks in the region (the cache itself, or a staging buffer)
+    block_major: bool = False
 
     @property
     def plane_bytes(self) -> int:
         return self.num_blocks * self.block_size * self.token_bytes
+
+    def offset(self, plane: int, block: int, token: int) -> int:
+        """Byte offset of `token` (inside `block`) of plane `plane` (layer * parts + part)."""
+        run = self.block_size * self.token_bytes
+        if self.block_major:
+            return (block * self.num_layers * self.parts + plane) * run + token * self.token_bytes
+        return plane * self.plane_bytes + block * run + token * self.token_bytes
 
     @property
     def nbytes(self) -> int:
@@ -93,7 +104,7 @@ class KVLayout:
     @staticmethod
     def from_dict(d: dict) -> "KVLayout":
         try:
-            return KVLayout(**{k: d[k] for k in KVLayout.__dataclass_fields__})
+            return KVLayout(**{k: d[k] for k in KVLayout.__dataclass_fields__ if k in d})
         except (KeyError, TypeError) as e:
             raise HandshakeError(f"malformed KV layout {d!r}: {e}") from None
 
@@ -112,35 +123,34 @@ class KVLayout:
         """Byte segments copying the first `num_tokens` tokens of a sequence stored in
         `remote_blocks` (remote layout) into `local_blocks` (this layout), every layer and part.
         Runs are cut wherever either side crosses a block boundary and merged when both sides
-        stay contiguous, so equal block sizes with consecutive block ids give one segment per
-        plane."""
+        stay contiguous: consecutive blocks of two block-major staging buffers with the same block
+        size give ONE segment for the whole request; two caches give one per plane at best."""
         if num_tokens > len(remote_blocks) * remote.block_size:
             raise TransferError(f"{num_tokens} tokens do not fit in {len(remote_blocks)} remote blocks")
         if num_tokens > len(local_blocks) * self.block_size:
             raise TransferError(f"{num_tokens} tokens do not fit in {len(local_blocks)} local blocks")
         tb = self.token_bytes
-        runs: list[list[int]] = []  # [remote off, local off, len] inside one plane
+        runs = []  # (remote block, offset in it, local block, offset in it, tokens)
         t = 0
         while t < num_tokens:
             rb, ro = divmod(t, remote.block_size)
             lb, lo = divmod(t, self.block_size)
             n = min(remote.block_size - ro, self.block_size - lo, num_tokens - t)
-            r_off = (remote_blocks[rb] * remote.block_size + ro) * tb
-            l_off = (local_blocks[lb] * self.block_size + lo) * tb
-            if runs and runs[-1][0] + runs[-1][2] == r_off and runs[-1][1] + runs[-1][2] == l_off:
-                runs[-1][2] += n * tb
-            else:
-                runs.append([r_off, l_off, n * tb])
+            runs.append((remote_blocks[rb], ro, local_blocks[lb], lo, n))
             t += n
-        segments = []
-        for plane in range(self.num_layers * self.parts):
-            r_base, l_base = plane * remote.plane_bytes, plane * self.plane_bytes
-            segments.extend((r_base + r, l_base + l, n) for r, l, n in runs)
-        return segments
+        pieces = sorted((remote.offset(plane, rb, ro), self.offset(plane, lb, lo), n * tb)
+                        for rb, ro, lb, lo, n in runs for plane in range(self.num_layers * self.parts))
+        segments: list[list[int]] = []
+        for r, l, n in pieces:
+            if segments and segments[-1][0] + segments[-1][2] == r and segments[-1][1] + segments[-1][2] == l:
+                segments[-1][2] += n
+            else:
+                segments.append([r, l, n])
+        return [tuple(x) for x in segments]
 
 
-def kv_layout(kv_cache, model_config, num_blocks: int | None = None) -> KVLayout:
-    """The layout of a dlengine KVCache (or of a staging buffer shaped like it)."""
+def kv_layout(kv_cache, model_config, num_blocks: int | None = None, block_major: bool = False) -> KVLayout:
+    """The layout of a dlengine KVCache, or (num_blocks, block_major) of a staging buffer for it."""
     heads, k_dim, v_dim = model_config.kv_cache_geometry
     elem = torch.empty((), dtype=kv_cache.dtype).element_size()
     return KVLayout(
@@ -153,6 +163,7 @@ def kv_layout(kv_cache, model_config, num_blocks: int | None = None) -> KVLayout
         token_bytes=heads * k_dim * elem,
         block_size=kv_cache.block_size,
         num_blocks=kv_cache.num_blocks if num_blocks is None else num_blocks,
+        block_major=block_major,
     )
 
 
