@@ -130,6 +130,11 @@ class KVLayout:
         if num_tokens > len(local_blocks) * self.block_size:
             raise TransferError(f"{num_tokens} tokens do not fit in {len(local_blocks)} local blocks")
         tb = self.token_bytes
+        if remote.block_size == self.block_size:
+            # move whole blocks: the tail of a partial last block is junk that the receiver never
+            # reads (it writes those positions before attending to them), and whole blocks keep a
+            # block-major request one contiguous range instead of one piece per layer and part
+            num_tokens = -(-num_tokens // self.block_size) * self.block_size
         runs = []  # (remote block, offset in it, local block, offset in it, tokens)
         t = 0
         while t < num_tokens:
