@@ -102,6 +102,8 @@ def main() -> None:
         wire, scatter, gather, segs_n = [], [], [], []
         for i in range(0, args.requests, args.inflight):
             batch = []
+            perm_remote = torch.randperm(args.num_blocks, generator=g).tolist()  # disjoint per request
+            perm_local = torch.randperm(args.num_blocks, generator=g).tolist()
             for j in range(min(args.inflight, args.requests - i)):
                 # what the roles do: the prompt sits in random cache blocks on both sides; staged,
                 # it travels between consecutive staging blocks (first fit); direct, between the
@@ -109,8 +111,8 @@ def main() -> None:
                 if args.contiguous:
                     cb_remote = cb_local = list(range(j * n_blocks, (j + 1) * n_blocks))
                 else:
-                    cb_remote = torch.randperm(args.num_blocks, generator=g)[:n_blocks].tolist()
-                    cb_local = torch.randperm(args.num_blocks, generator=g)[:n_blocks].tolist()
+                    cb_remote = perm_remote[j * n_blocks:(j + 1) * n_blocks]
+                    cb_local = perm_local[j * n_blocks:(j + 1) * n_blocks]
                 run = list(range(j * n_blocks, (j + 1) * n_blocks))
                 rb, lb = (run, run) if region.staged else (cb_remote, cb_local)
                 if region.staged:
