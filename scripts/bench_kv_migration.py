@@ -128,7 +128,7 @@ def main() -> None:
             wire += [dt / len(batch)] * len(batch)
             t1 = time.perf_counter()
             for cb_remote, cb_local, rb, lb, _ in batch:
-                region.stage_in(lb, cb_local)
+                region.stage_in(lb, cb_local, args.tokens)
             if args.device == "cuda":
                 torch.cuda.synchronize()
             scatter += [(time.perf_counter() - t1) / len(batch)] * len(batch)

@@ -286,6 +286,10 @@ def test_decode_engine_dead_prefill_frees_on_timeout():
 def pair():
     prefill = local("tiny-qwen3", "prefill", pin_timeout_s=30.0)
     decode = local("tiny-qwen3", "decode", cache={"num_blocks": 40}, queue_timeout_s=0.5, pull_timeout_s=5.0)
+    # NaN bit patterns everywhere in both staging buffers: block tails travel unwritten, and
+    # must never reach the decode cache (a masked NaN key still poisons attention)
+    prefill.role.region.tensor.fill_(255)
+    decode.role.region.tensor.fill_(255)
     yield prefill, decode
     prefill.close()
     decode.close()
@@ -303,6 +307,7 @@ def test_static_peers_bf16_and_direct_cache_registration():
         step_until([prefill], lambda: not prefill.has_unfinished_requests())
         assert prefill.block_manager.num_free_blocks < prefill.block_manager.num_blocks  # pinned in place
         assert prefill.abort(rid) and prefill.block_manager.num_free_blocks == prefill.block_manager.num_blocks
+        decode.role.region.tensor.fill_(255)  # NaN bit patterns in every staging byte not pulled
         outs = PDRouter(prefill, decode).generate(PROMPTS, GREEDY)
         assert [o.token_ids for o in outs] == hybrid_tokens("tiny-qwen3", PROMPTS, dtype="bfloat16")
         assert_pool_full(decode)

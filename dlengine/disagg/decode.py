@@ -49,6 +49,8 @@ class _Pull:
     scratch: int = -1
     started: float = 0.0
     nbytes: int = 0
+    segments: int = 0
+    holder: object = None  # an aborted pull's blocks, kept out of the pool until its read ends
 
 
 @dataclass
@@ -222,7 +224,7 @@ class DecodeRole:
             return
         if error is not None:
             return self._fail(pull, error, outputs)
-        self.region.stage_in(pull.region_blocks, req.block_ids)
+        self.region.stage_in(pull.region_blocks, req.block_ids, p.num_computed_tokens)
         self.region.release(pull.region_blocks)
         self._notify_done(p)
         req.num_computed_tokens = p.num_computed_tokens
@@ -231,7 +233,7 @@ class DecodeRole:
         self.engine.block_manager.cache_full_blocks(req)
         self.engine.scheduler.add_running(req)
         self.migrations.append(MigrationRecord(req.request_id, p.engine_id, p.num_computed_tokens, len(req.block_ids),
-                                               getattr(pull, "segments", 0), pull.nbytes,
+                                               pull.segments, pull.nbytes,
                                                time.monotonic() - pull.started))
         self.counts["pulled"] += 1
 

@@ -19,17 +19,11 @@ csrc/engine/tcp/*.cpp and by running it on 127.0.0.1):
 - Measured on loopback: ~0.1 ms per assignment, and more than ~64 assignments in flight on one
   endpoint collapse to ~10 ms each (its connection pool thrashes). So at most 2 batches are in
   flight per peer (the rest queue), and ranges are cut at 1 MiB to spread over connections.
-- `shutdown()` stops the endpoint, and the future of an operation stalled on a hung peer never
-  completes. It is no proof that DLSlime is done with the memory involved: in this project's
-  test suite, engines built after others had seen a stalled, a killed or a timed-out peer
-  computed garbage now and then, ONLY when memory that had been registered with (now shut down)
-  DLSlime endpoints was freed and reused by torch; keeping every endpoint and every registered
-  tensor alive for the life of the process made it disappear (failing 2/2 before, passing in
-  every full run of tests/test_pd_disagg.py since; the root cause inside
-  DLSlime 0.1.23 is not identified). So this module never frees either (`_KEEPALIVE`), nor the
-  raw future of an abandoned operation (`_ABANDONED`), and the decode role never reuses the
-  staging blocks of an abandoned pull. The price: closing an engine does not return its staging
-  buffers (and, with staging_blocks=0, its cache) to the OS.
+- `shutdown()` stops the endpoint (its io thread is joined); the future of an operation stalled
+  on a hung peer then never completes, and in a probe (SIGSTOP the peer, shutdown, SIGCONT) the
+  target buffer stayed untouched. DLSlime documents no such guarantee, though, so an abandoned
+  operation's raw future and endpoint are kept referenced (`_ABANDONED`: its completion state
+  lives in them) and the decode role never reuses the staging blocks it targeted.
 - The PyPI wheel is built without CUDA (no libcudart linked): its TCP transport takes host
   pointers only. CUDA caches therefore go through pinned host staging buffers (see kv_region.py).
 - `RDMAEndpoint` has the same read/write/futures, but RC queue pairs need BOTH sides to exchange
@@ -50,8 +44,7 @@ from dlengine.config import ConfigError
 from dlengine.parallel.transfer.base import Segment, TransferError
 
 MAX_ASSIGNMENTS_PER_OP = 32  # DLSlime's TCP completion mask is 32 bits wide
-_KEEPALIVE: list = []  # every DLSlime endpoint and registered region of this process (see above)
-_ABANDONED: list = []  # raw futures of operations abandoned on a timeout
+_ABANDONED: list = []  # (endpoint, raw futures) of operations abandoned on a timeout
 TRANSPORTS = ("tcp", "rdma")
 
 
@@ -190,7 +183,6 @@ class DLSlimeTransferEngine:
         self._dlslime = dlslime
         self._host = host
         self._server = dlslime.TcpEndpoint(host, port)  # serves peers' one-sided reads and writes
-        _KEEPALIVE.append(self._server)
         self._regions: dict[str, tuple[int, int, torch.Tensor]] = {}
         self._peers: dict[str, _Peer] = {}
         self._dead_endpoints: list = []  # shut down with operations in flight: kept alive, never reused
@@ -213,7 +205,6 @@ class DLSlimeTransferEngine:
         nbytes = tensor.numel() * tensor.element_size()
         self._server.register_memory_region(name, tensor.data_ptr(), 0, nbytes)
         self._regions[name] = (tensor.data_ptr(), nbytes, tensor)
-        _KEEPALIVE.append(tensor)  # never freed: see the module docstring
 
     def local_info(self) -> dict:
         """Everything a peer needs to connect: address and region table (JSON-serialisable)."""
@@ -232,7 +223,6 @@ class DLSlimeTransferEngine:
         if transport != self.transport:
             raise TransferError(f"peer {peer_id!r} speaks DLSlime {transport!r}, this engine {self.transport!r}")
         ep = self._dlslime.TcpEndpoint(self._host, 0)
-        _KEEPALIVE.append(ep)
         local = {name: ep.register_memory_region(name, ptr, 0, n) for name, (ptr, n, _) in self._regions.items()}
         try:
             ep.connect({"host": host, "port": port, "mr_info": {}})
@@ -260,7 +250,7 @@ class DLSlimeTransferEngine:
     def _retire(self, peer: _Peer) -> None:
         if peer.queue or peer.inflight:
             # keep the raw futures too: a late completion signals through state the future owns
-            _ABANDONED.append([raw for _, _, raw in peer.inflight])
+            _ABANDONED.append((peer.ep, [raw for _, _, raw in peer.inflight]))
         peer.shutdown()
         self._dead_endpoints.append(peer.ep)
 

@@ -46,7 +46,8 @@ class KVRegion:
             return
         n = staging_blocks if staging_blocks is not None else max(1024, 2 * min_blocks)
         n = max(1, min(n, kv_cache.num_blocks))
-        self.tensor = torch.empty((n, planes, self._cache3.shape[2]), dtype=torch.uint8,
+        # zeros, not empty: block tails travel unwritten (stage_in zeroes them on arrival anyway)
+        self.tensor = torch.zeros((n, planes, self._cache3.shape[2]), dtype=torch.uint8,
                                   pin_memory=torch.cuda.is_available())
         self.layout = kv_layout(kv_cache, model_config, num_blocks=n, block_major=True)
         self._free = np.ones(n, dtype=bool)
@@ -73,9 +74,9 @@ class KVRegion:
         return blocks
 
     def quarantine(self, region_blocks: Sequence[int]) -> None:
-        """Never hand these staging blocks out again: a read into them was abandoned (timeout)
-        and DLSlime may still complete it late (observed: memory written after the endpoint's
-        shutdown()). Staging, not the cache, is what a pull writes into for exactly this reason."""
+        """Never hand these staging blocks out again: a read into them was abandoned (timeout),
+        and nothing in DLSlime's contract says it cannot land later. Staging, not the cache, is
+        what a pull writes into for exactly this reason."""
         self.num_quarantined += len(region_blocks)
 
     def release(self, region_blocks: Sequence[int]) -> None:
@@ -95,8 +96,11 @@ class KVRegion:
         else:
             self.tensor.index_copy_(0, dst, data.cpu())
 
-    def stage_in(self, region_blocks: Sequence[int], cache_blocks: Sequence[int]) -> None:
-        """Staging -> cache (decode side, after the pull landed)."""
+    def stage_in(self, region_blocks: Sequence[int], cache_blocks: Sequence[int], num_tokens: int) -> None:
+        """Staging -> cache (decode side, after the pull landed). Positions past `num_tokens` in
+        the last block are zeroed: whole blocks travel, their tails are whatever the peer's (or
+        our) staging held, and a NaN bit pattern in a masked position still poisons the torch
+        attention reference (NaN + -inf is NaN)."""
         if not self.staged or not len(cache_blocks):
             return
         src = self._rows(region_blocks)
@@ -104,6 +108,9 @@ class KVRegion:
         data = data.to(self._cache3.device).permute(1, 0, 2)  # [planes, n, block bytes]
         idx = torch.as_tensor(list(cache_blocks), device=self._cache3.device)
         self._cache3.index_copy_(1, idx, data)
+        used = num_tokens - (len(cache_blocks) - 1) * self.kv_cache.block_size
+        if 0 < used < self.kv_cache.block_size:
+            self._cache3[:, cache_blocks[-1], used * self.layout.token_bytes:] = 0
 
     @staticmethod
     def _rows(blocks: Sequence[int]):
