@@ -193,6 +193,7 @@ def test_two_processes_match_hybrid(control_plane, model, decode_block_size):
             for i, (out, exp) in enumerate(zip(outs, expected)):
                 assert out.error is None, out.error
                 assert out.token_ids == exp, f"round {round_} prompt {i}"
+                assert out.kv_transfer_params is None  # only a prefill engine's output carries them
             assert_pool_full(decode)
             stats = wait_worker_pool_full(worker)
         assert stats["num_cached_tokens"] > 0  # round 2 hit the prefill side's prefix cache

@@ -115,7 +115,6 @@ class DecodeRole:
             raise InvalidRequestError(f"kv_transfer_params first_token {p.first_token} is outside the vocabulary")
         KVLayout.from_dict(p.layout)  # malformed layout: HandshakeError now, not mid-pull
         request.append_token(p.first_token)
-        request.kv_transfer_params = p.to_dict()
         self.queue.append(_Pull(request, p, time.monotonic()))
 
     def has_pending(self) -> bool:

@@ -1,7 +1,8 @@
 """Drive a prefill engine and a decode engine as one: prompt -> prefill -> migrate -> decode.
 
-`PDRouter(prefill, decode)` takes built engines (same process) or `WorkerEngine`s (other
-processes, dlengine.disagg.worker); its `generate` returns outputs in input order, like
+`PDRouter(prefill, decode)` takes a built prefill engine or a `WorkerEngine` running one (other
+process, dlengine.disagg.worker), and a decode engine in this process (the router steps it);
+its `generate` returns outputs in input order, like
 `Engine.generate`: token ids are the prefill's first token followed by the decode engine's.
 """
 
