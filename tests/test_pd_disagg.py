@@ -411,6 +411,8 @@ def test_abort_on_decode_side_mid_transfer(pair, when):
     assert [o.finish_reason for o in outs if o.request_id == rid] == ["abort"]
     assert (p.request_id, "done") in prefill.role.events  # told to free, not left to time out
     assert_pool_full(decode)
+    step_until([decode], lambda: not decode.role.active)  # the aborted read ended: staging is back
+    assert decode.role.region.num_free == decode.role.region.layout.num_blocks
     assert_pool_full(prefill)
 
 

@@ -50,7 +50,6 @@ class _Pull:
     started: float = 0.0
     nbytes: int = 0
     segments: int = 0
-    holder: object = None  # an aborted pull's blocks, kept out of the pool until its read ends
 
 
 @dataclass
@@ -217,8 +216,7 @@ class DecodeRole:
         if pull.scratch >= 0:
             self._free_scratch.append(pull.scratch)
             pull.scratch = -1
-        if pull.state == "draining":  # aborted here while the read ran: only now are the blocks free to reuse
-            self.engine.block_manager.free(pull.holder)
+        if pull.state == "draining":  # aborted here while the read ran: only now is its staging reusable
             self.region.release(pull.region_blocks)
             return
         if error is not None:
@@ -271,10 +269,8 @@ class DecodeRole:
         rid = request.request_id
         pull = self.active.get(rid)
         if pull is not None and pull.state != "draining":
-            # the read may still write into these blocks: keep them out of the pool until it ends
-            pull.holder = _Holder(list(request.block_ids))
-            request.block_ids = []
-            request.num_cached_blocks = 0
+            # the read lands in staging, never in the cache: the cache blocks are freed now (by
+            # the scheduler), the staging blocks when the read has ended
             pull.state = "draining"
             self._notify_done(pull.params)
             return reason
@@ -373,12 +369,6 @@ class DecodeRole:
             self.registration.close()
             self.registration = None
         self.transfer.close()
-
-
-@dataclass
-class _Holder:
-    block_ids: list[int]
-    num_cached_blocks: int = 0
 
 
 def _safe_wait(fut) -> bool:
