@@ -91,6 +91,8 @@ class EngineBuilder:
         self._async_scheduling: bool | None = None  # None: on for CUDA
         self._hf_overrides: dict[str, Any] = {}
         self._quantization = "auto"
+        self._transfer: dict[str, Any] | None = None
+        self._control_plane: dict[str, Any] | None = None
 
     # each method records a choice and returns self so calls chain
     def dtype(self, dtype: str | torch.dtype) -> "EngineBuilder":
@@ -129,7 +131,46 @@ class EngineBuilder:
         return self
 
     def role(self, role: str) -> "EngineBuilder":
+        """"hybrid" (default: prefill and decode here), "prefill" or "decode" (PD disaggregation:
+        needs `transfer(...)`; see docs/disaggregation.md)."""
         self._role = role
+        return self
+
+    def transfer(self, backend: str = "dlslime", *, transport: str = "tcp", host: str = "127.0.0.1", port: int = 0,
+                 engine_id: str | None = None, pin_timeout_s: float = 60.0, pull_timeout_s: float = 30.0,
+                 queue_timeout_s: float = 60.0, staging_blocks: int | None = None) -> "EngineBuilder":
+        """The KV transfer engine of a prefill or decode engine.
+
+        backend "dlslime" (pip install 'dlengine[dlslime]'); transport "tcp" (any machine) or
+        "rdma". The engine listens on host:port (0: a free port). A prefill engine frees a
+        handed-off request's blocks when the decode side has pulled them, or after
+        `pin_timeout_s`; a decode engine fails a pull after `pull_timeout_s` and a request that
+        waited `queue_timeout_s` for free blocks. CUDA caches go through `staging_blocks` pinned
+        host blocks (default min(num_blocks, 1024)).
+
+        >>> from dlengine import EngineBuilder, SamplingParams
+        >>> prefill = EngineBuilder("tiny-qwen3").role("prefill").transfer("dlslime", transport="tcp").build()
+        >>> decode = EngineBuilder("tiny-qwen3").role("decode").transfer("dlslime", transport="tcp").build()
+        >>> greedy = SamplingParams(max_tokens=6, temperature=0.0)
+        >>> [p] = prefill.generate([[5, 6, 7, 8]], greedy)
+        >>> p.finish_reason, len(p.token_ids), sorted(p.kv_transfer_params)[:3]
+        ('kv_transfer', 1, ['block_ids', 'endpoint', 'engine_id'])
+        >>> rid = decode.add_request([5, 6, 7, 8], greedy, kv_transfer_params=p.kv_transfer_params)
+        >>> while decode.has_unfinished_requests():
+        ...     outs = decode.step(); _ = prefill.step()
+        >>> len(outs[-1].token_ids), outs[-1].token_ids[0] == p.token_ids[0]
+        (6, True)
+        >>> prefill.close(); decode.close()
+        """
+        self._transfer = dict(backend=backend, transport=transport, host=host, port=port, engine_id=engine_id,
+                              pin_timeout_s=pin_timeout_s, pull_timeout_s=pull_timeout_s,
+                              queue_timeout_s=queue_timeout_s, staging_blocks=staging_blocks)
+        return self
+
+    def control_plane(self, url: str, *, scope: str | None = None, heartbeat_s: float = 2.0) -> "EngineBuilder":
+        """Register the engine (role, engine id, transfer address) with a dlslime-ctrl server at
+        `url` and heartbeat every `heartbeat_s`; see dlengine.disagg.discovery."""
+        self._control_plane = dict(url=url, scope=scope, heartbeat_s=heartbeat_s)
         return self
 
     def attention(self, backend: str) -> "EngineBuilder":
@@ -198,11 +239,22 @@ class EngineBuilder:
         parallel = make(ParallelConfig, self._parallel, "parallel")
         if self._role not in ROLES:
             raise ConfigError(f"unknown role {self._role!r}; choose one of {ROLES}")
-        if self._role != "hybrid":
+        if self._role != "hybrid" and self._transfer is None:
             raise ConfigError(
-                f"role {self._role!r} needs a KV transfer engine, which this version of dlengine does not have "
-                "yet; use role('hybrid')"
+                f"role {self._role!r} needs a KV transfer engine: add .transfer('dlslime', transport='tcp') "
+                "(transport='rdma' is not wired yet, see docs/disaggregation.md)"
             )
+        if self._role != "hybrid" and parallel.world_size > 1:
+            raise ConfigError(f"role {self._role!r} with parallel(...) (world size {parallel.world_size}) is not "
+                              "supported yet: prefill and decode engines run on one device each")
+        if self._transfer is not None:
+            from dlengine.parallel.transfer import BACKENDS
+
+            if self._transfer["backend"] not in BACKENDS:
+                raise ConfigError(f"unknown KV transfer backend {self._transfer['backend']!r}; choose one of {BACKENDS}")
+            for name in ("pin_timeout_s", "pull_timeout_s", "queue_timeout_s"):
+                if not self._transfer[name] > 0:
+                    raise ConfigError(f"transfer {name} must be positive, got {self._transfer[name]}")
         if self._load_format not in LOAD_FORMATS:
             raise ConfigError(f"unknown load_format {self._load_format!r}; choose one of {LOAD_FORMATS}")
 
@@ -362,6 +414,10 @@ class EngineBuilder:
                         len(runner.graph_runner.graphs), graph_batch, runner.graph_runner.memory_bytes / 2**30)
         engine = Engine(cfg, model, tokenizer, kv_cache, block_manager, scheduler, runner)
         engine.memory_plan = plan
+        if cfg.role != "hybrid":
+            from dlengine.disagg.roles import attach_role
+
+            attach_role(engine, self._transfer, self._control_plane)
         return engine
 
     def _use_cuda_graphs(self, cfg: EngineConfig, backend) -> bool:

@@ -82,6 +82,8 @@ class Engine:
         self.memory_plan = None  # set by EngineBuilder: how the KV cache was sized
         self.async_scheduling = config.async_scheduling
         self._inflight = None  # the launched step whose tokens are not applied yet (async scheduling)
+        # prefill/decode behaviour (dlengine.disagg.PrefillRole / DecodeRole); None for hybrid
+        self.role = None
 
     def __repr__(self) -> str:
         c = self.config
@@ -90,7 +92,8 @@ class Engine:
             f"dtype={c.dtype}, {'' if c.quantization == 'none' else f'quantization={c.quantization}, '}"
             f"attention={self.runner.backend.name}, "
             f"cuda_graphs={self.runner.graph_runner is not None}, async_scheduling={self.async_scheduling}, "
-            f"{self.kv_cache}, "
+            + (f"transfer={self.role.transfer.backend}/{self.role.transfer.transport}, " if self.role else "")
+            + f"{self.kv_cache}, "
             f"max_model_len={c.max_model_len}, max_num_seqs={c.scheduler.max_num_seqs}, "
             f"max_num_batched_tokens={c.scheduler.max_num_batched_tokens}, "
             f"prefix_caching={c.cache.prefix_caching}, chunked_prefill={c.scheduler.chunked_prefill})"
@@ -118,6 +121,8 @@ class Engine:
             "prefix_caching": c.cache.prefix_caching,
             "chunked_prefill": c.scheduler.chunked_prefill,
         }
+        if self.role is not None:
+            info["kv_transfer"] = self.role.describe()
         if self.memory_plan is not None:
             info["memory_plan"] = self.memory_plan.describe(self.kv_cache.block_size)
         return info
@@ -128,6 +133,8 @@ class Engine:
         for rid in list(self._requests):
             self.abort(rid)
         self._pending_outputs.clear()
+        if self.role is not None:
+            self.role.close()
         device = self.config.device
         self.runner.graph_runner = None
         self.kv_cache.storage = None
@@ -178,18 +185,35 @@ class Engine:
                        arrival_time=arrival_time)
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
-                    arrival_time: float | None = None) -> str:
+                    arrival_time: float | None = None, kv_transfer_params: dict | None = None) -> str:
         """Queue a prompt; returns its request id. Bad input raises InvalidRequestError and leaves
         every other request untouched. `arrival_time` (time.perf_counter() clock) defaults to now;
-        TTFT and latency metrics count from it."""
-        return self.add_prepared_request(self.make_request(prompt, params, request_id, arrival_time))
+        TTFT and latency metrics count from it.
 
-    def add_prepared_request(self, request: Request) -> str:
+        On a decode engine, `kv_transfer_params` (a prefill engine's output field) makes the
+        request pull the prompt's KV instead of computing it; `prompt` must be the same prompt."""
+        request = self.make_request(prompt, params, request_id, arrival_time)
+        if kv_transfer_params is not None:
+            if self.role is None or self.role.name != "decode":
+                raise InvalidRequestError(
+                    f"kv_transfer_params need a decode engine (EngineBuilder(...).role('decode')); this engine's role "
+                    f"is {self.config.role!r}")
+            self.role.admit(request, kv_transfer_params)
+            self._register(request)
+            return request.request_id
+        return self.add_prepared_request(request)
+
+    def _register(self, request: Request) -> None:
         self._requests[request.request_id] = request
         if self.tokenizer is not None:
             self._detokenizers[request.request_id] = IncrementalDetokenizer(
                 self.tokenizer, request.params.skip_special_tokens
             )
+
+    def add_prepared_request(self, request: Request) -> str:
+        if self.role is not None:
+            self.role.prepare(request)
+        self._register(request)
         self.scheduler.add_request(request)
         return request.request_id
 
@@ -198,7 +222,8 @@ class Engine:
         "abort") is returned by the next `step()`. Returns False for unknown/finished ids."""
         req = self._requests.get(request_id)
         if req is None or req.is_finished:
-            return False
+            # a prefill engine's handed-off request: release its pinned blocks
+            return self.role.abort(request_id) if self.role is not None else False
         self._finish(req, "abort")
         self._pending_outputs.append(self._output(req, []))
         return True
@@ -206,7 +231,8 @@ class Engine:
     def has_unfinished_requests(self) -> bool:
         # an in-flight step whose requests have all finished holds only discarded work
         inflight = self._inflight is not None and any(not r.is_finished for r in self._inflight.sampled)
-        return self.scheduler.has_unfinished() or bool(self._pending_outputs) or inflight
+        pulling = self.role is not None and self.role.has_pending()
+        return self.scheduler.has_unfinished() or bool(self._pending_outputs) or inflight or pulling
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -223,6 +249,8 @@ class Engine:
         that stops is then computed one step too far, and that extra token is dropped.
         """
         outputs, self._pending_outputs = self._pending_outputs, []
+        if self.role is not None:  # KV migrations: start/finish pulls, release pinned blocks
+            outputs += self.role.before_step()
         t0 = time.perf_counter()
         sched = self.scheduler.schedule()
         self.stats.num_preemptions += len(sched.preempted)
@@ -349,6 +377,8 @@ class Engine:
         if detok is not None and not isinstance(stop_reason, str):  # a stop string already cut the text
             detok.flush(req.output_token_ids)
             req.output_text = detok.text
+        if self.role is not None:  # prefill: pin the blocks and hand off; decode: abort mid-pull
+            reason = self.role.on_finish(req, reason)
         req.finish_reason, req.stop_reason = reason, stop_reason
         req.metrics.finished_time = time.perf_counter()
         self.scheduler.finish_request(req)
@@ -369,6 +399,7 @@ class Engine:
             metrics=req.metrics,
             logprobs=list(req.logprobs) if req.logprobs is not None else None,
             error=req.error,
+            kv_transfer_params=req.kv_transfer_params if req.is_finished else None,
         )
 
     # ------------------------------------------------------------------ scoring

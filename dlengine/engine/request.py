@@ -65,6 +65,7 @@ class RequestOutput:
     metrics: RequestMetrics
     logprobs: list[dict[int, float]] | None = None
     error: str | None = None
+    kv_transfer_params: dict | None = None  # prefill role: what a decode engine needs to continue
 
 
 class Request:
@@ -108,6 +109,8 @@ class Request:
         self.generator: torch.Generator | None = None  # per-request RNG when params.seed is set
         self.num_emitted_tokens = 0  # for streaming deltas
         self.pending_row: int | None = None  # row of the in-flight step's sampled tokens (async scheduling)
+        self.kv_transfer_params: dict | None = None  # PD disaggregation (dlengine.disagg)
+        self.remote_max_tokens: int | None = None  # prefill role: the caller's max_tokens, for the decode side
 
     @property
     def num_tokens(self) -> int:

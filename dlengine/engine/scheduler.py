@@ -61,6 +61,12 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
 
+    def add_running(self, request: Request) -> None:
+        """Admit a request whose computed tokens' KV is already in its blocks (a KV migration
+        landed): it joins the running set and decodes from its next step on."""
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 

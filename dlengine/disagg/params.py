@@ -1,0 +1,75 @@
+"""`kv_transfer_params`: what a prefill engine hands back and a decode engine admits.
+
+A plain JSON-serialisable dict so that any router (in-process, HTTP, a queue) can carry it.
+`KVTransferParams.from_dict` validates every field: malformed params are rejected with
+InvalidRequestError before anything is allocated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from dlengine.sampling_params import InvalidRequestError
+
+PARAMS_VERSION = 1
+
+
+def prompt_hash(token_ids: Sequence[int]) -> str:
+    """Names the prompt the KV was computed from, so a decode engine given another prompt (or
+    another tokenisation of it) refuses the KV instead of decoding garbage."""
+    return hashlib.blake2b(np.asarray(token_ids, dtype=np.int64).tobytes(), digest_size=16).hexdigest()
+
+
+@dataclass(frozen=True)
+class KVTransferParams:
+    engine_id: str  # the prefill engine
+    endpoint: dict  # its transfer address: TransferEngine.local_info()
+    request_id: str  # the request id on the prefill engine
+    block_ids: list[int]  # region blocks holding the prompt's KV, in order
+    num_computed_tokens: int  # tokens whose KV is in those blocks (the prompt)
+    first_token: int  # sampled by the prefill engine from the prompt's last logits
+    prompt_hash: str
+    fingerprint: str  # model fingerprint of the prefill engine
+    layout: dict  # KVLayout.to_dict() of its region
+    slot: int  # its pin/done slot for this request
+    nonce: int  # written into the done slot to release the blocks
+    pin_timeout_s: float  # the prefill engine frees the blocks this long after handing them off
+    version: int = PARAMS_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: Any) -> "KVTransferParams":
+        if isinstance(d, KVTransferParams):
+            return d
+        if not isinstance(d, dict):
+            raise InvalidRequestError(f"kv_transfer_params must be a dict, not {type(d).__name__}")
+        missing = [f for f in KVTransferParams.__dataclass_fields__ if f not in d and f != "version"]
+        if missing:
+            raise InvalidRequestError(f"kv_transfer_params is missing {missing}")
+        if d.get("version", PARAMS_VERSION) != PARAMS_VERSION:
+            raise InvalidRequestError(f"kv_transfer_params version {d.get('version')!r}; this engine reads "
+                                      f"version {PARAMS_VERSION}")
+        checks = {
+            "engine_id": lambda v: isinstance(v, str) and v,
+            "endpoint": lambda v: isinstance(v, dict),
+            "request_id": lambda v: isinstance(v, str),
+            "block_ids": lambda v: isinstance(v, list) and v and all(isinstance(b, int) and b >= 0 for b in v),
+            "num_computed_tokens": lambda v: isinstance(v, int) and v > 0,
+            "first_token": lambda v: isinstance(v, int) and v >= 0,
+            "prompt_hash": lambda v: isinstance(v, str),
+            "fingerprint": lambda v: isinstance(v, str),
+            "layout": lambda v: isinstance(v, dict),
+            "slot": lambda v: isinstance(v, int) and v >= 0,
+            "nonce": lambda v: isinstance(v, int) and v != 0,
+            "pin_timeout_s": lambda v: isinstance(v, (int, float)) and v > 0,
+        }
+        for name, ok in checks.items():
+            if not ok(d[name]):
+                raise InvalidRequestError(f"kv_transfer_params[{name!r}] is invalid: {d[name]!r}")
+        return KVTransferParams(**{k: d[k] for k in KVTransferParams.__dataclass_fields__ if k in d})

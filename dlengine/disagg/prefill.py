@@ -1,0 +1,187 @@
+"""The prefill role: run prompts, keep the finished ones' KV pinned, hand out kv_transfer_params.
+
+The prompt's KV is copied into block-major staging at hand-off (one contiguous range per
+request; the cache blocks return to the pool at once), or, with `staging_blocks=0` on CPU, the
+cache blocks themselves stay pinned and are read in place.
+
+Control traffic rides on the same DLSlime transport as the KV, as one-sided reads and writes of
+small registered regions of this engine, so the prefill side stays passive (no socket server of
+its own, no thread):
+
+- "kv": the KV region (the cache on CPU, pinned staging on CUDA);
+- "meta": this engine's handshake record (JSON: engine id, model fingerprint, KV layout), read
+  by a decode engine when it first connects;
+- "ctrl": int64 [2, slots]. Row 0 ("pin") holds a request's nonce while its blocks are pinned and
+  is cleared BEFORE the blocks are freed; a decode engine re-reads it after its pull, so a pull
+  that raced a release is detected, never decoded. Row 1 ("done") is where a decode engine
+  writes the nonce when it no longer needs the blocks; `before_step` polls it.
+
+Blocks are released when the decode side says it is done with them (event "done": pulled, or
+failed/aborted there), after `pin_timeout_s` (decode engine dead or
+never called), or by `Engine.abort(request_id)` here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from dlengine.disagg.params import KVTransferParams, prompt_hash
+from dlengine.parallel.transfer.kv_region import KVRegion
+
+logger = logging.getLogger("dlengine.disagg")
+META_BYTES = 16384
+PIN, DONE = 0, 1
+
+
+@dataclass
+class _Pinned:
+    """Holds a handed-off request's block references (a BlockRequest for BlockManager.free)."""
+
+    request_id: str
+    block_ids: list[int]
+    region_blocks: list[int]
+    slot: int
+    nonce: int
+    deadline: float
+    num_cached_blocks: int = 0
+    all_token_ids: list[int] = field(default_factory=list)
+
+
+class PrefillRole:
+    name = "prefill"
+
+    def __init__(self, engine, transfer, engine_id: str, fingerprint: str, pin_timeout_s: float = 60.0,
+                 num_slots: int = 4096, staging_blocks: int | None = None) -> None:
+        self.engine = engine
+        self.transfer = transfer
+        self.engine_id = engine_id
+        self.fingerprint = fingerprint
+        self.pin_timeout_s = pin_timeout_s
+        self.region = KVRegion(engine.kv_cache, engine.config.model, staging_blocks,
+                               min_blocks=-(-engine.config.max_model_len // engine.kv_cache.block_size))
+        self.ctrl = torch.zeros((2, num_slots), dtype=torch.int64)
+        self.meta = torch.zeros(META_BYTES, dtype=torch.uint8)
+        record = json.dumps({"engine_id": engine_id, "role": "prefill", "fingerprint": fingerprint,
+                             "layout": self.region.layout.to_dict(),
+                             "architecture": engine.config.model.architecture}).encode()
+        self.meta[:4] = torch.tensor(list(len(record).to_bytes(4, "little")), dtype=torch.uint8)
+        self.meta[4:4 + len(record)] = torch.tensor(list(record), dtype=torch.uint8)
+        transfer.register_region("kv", self.region.tensor)
+        transfer.register_region("ctrl", self.ctrl)
+        transfer.register_region("meta", self.meta)
+        self._free_slots = deque(range(num_slots))
+        self.pinned: dict[int, _Pinned] = {}
+        self._slot_of: dict[str, int] = {}
+        self._rng = random.Random()
+        self.counts = {"handed_off": 0, "released_done": 0, "released_timeout": 0, "released_abort": 0}
+        self.events: deque[tuple[str, str]] = deque(maxlen=1000)  # (request id, why it was released)
+        self.registration = None  # a discovery.Registration when registered with a control plane
+
+    # ------------------------------------------------------------------ engine hooks
+    def prepare(self, request) -> None:
+        """A prefill engine samples one token; the decode engine does the rest."""
+        if request.params.max_tokens > 1:
+            request.remote_max_tokens = request.params.max_tokens
+            request.params = replace(request.params, max_tokens=1)
+
+    def admit(self, request, kv_transfer_params) -> None:
+        from dlengine.sampling_params import InvalidRequestError
+
+        raise InvalidRequestError("kv_transfer_params go to a decode engine; this engine's role is prefill")
+
+    def on_finish(self, request, reason: str) -> str:
+        """Pin the blocks of a prompt that stopped only because prefill ends at one token."""
+        if (reason != "length" or not request.remote_max_tokens or request.num_tokens >= self.engine.config.max_model_len
+                or not request.block_ids):
+            return reason
+        n = request.num_prompt_tokens
+        bs = self.engine.kv_cache.block_size
+        cache_blocks = request.block_ids[: -(-n // bs)]
+        region_blocks = self.region.allocate(cache_blocks)
+        if region_blocks is None or not self._free_slots:
+            request.error = "prefill engine has no free transfer staging/slot to hand the KV off; retry later"
+            return "error"
+        self.region.stage_out(cache_blocks, region_blocks)
+        slot = self._free_slots.popleft()
+        nonce = self._rng.getrandbits(62) + 1
+        if self.region.staged:
+            # the KV now lives in staging: the cache blocks go back to the pool (and stay in the
+            # prefix cache); only the staging blocks are pinned until the decode side is done
+            held = []
+        else:  # the cache itself is the region: pin its blocks (the scheduler frees nothing)
+            held = list(request.block_ids)
+            request.block_ids = []
+            request.num_cached_blocks = 0
+        pinned = _Pinned(request.request_id, held, region_blocks, slot, nonce, time.monotonic() + self.pin_timeout_s)
+        self.ctrl[DONE, slot] = 0
+        self.ctrl[PIN, slot] = nonce
+        self.pinned[slot] = pinned
+        self._slot_of[request.request_id] = slot
+        request.kv_transfer_params = KVTransferParams(
+            engine_id=self.engine_id, endpoint=self.transfer.local_info(), request_id=request.request_id,
+            block_ids=region_blocks, num_computed_tokens=n, first_token=request.output_token_ids[0],
+            prompt_hash=prompt_hash(request.prompt_token_ids), fingerprint=self.fingerprint,
+            layout=self.region.layout.to_dict(), slot=slot, nonce=nonce, pin_timeout_s=self.pin_timeout_s,
+        ).to_dict()
+        self.counts["handed_off"] += 1
+        return "kv_transfer"
+
+    def before_step(self) -> list:
+        """Release blocks that decode engines are done with, or whose pin expired."""
+        if not self.pinned:
+            return []
+        now = time.monotonic()
+        done = self.ctrl[DONE].tolist() if len(self.pinned) > 8 else None
+        for slot, p in list(self.pinned.items()):
+            d = done[slot] if done is not None else int(self.ctrl[DONE, slot])
+            if d == p.nonce:
+                self._release(slot, "done")
+            elif now > p.deadline:
+                logger.warning("prefill %s: request %s was not pulled within %.1fs; freeing its KV blocks",
+                               self.engine_id, p.request_id, self.pin_timeout_s)
+                self._release(slot, "timeout")
+        return []
+
+    def abort(self, request_id: str) -> bool:
+        slot = self._slot_of.get(request_id)
+        if slot is None:
+            return False
+        self._release(slot, "abort")
+        return True
+
+    def has_pending(self) -> bool:
+        return False  # pinned blocks are not work: generate() must not wait for a decode engine
+
+    def _release(self, slot: int, why: str) -> None:
+        p = self.pinned.pop(slot)
+        self.ctrl[PIN, slot] = 0  # first: a pull still in flight will see it and discard its copy
+        self.engine.block_manager.free(p)
+        self.region.release(p.region_blocks)
+        self._slot_of.pop(p.request_id, None)
+        self._free_slots.append(slot)
+        self.counts[f"released_{why}"] += 1
+        self.events.append((p.request_id, why))
+
+    @property
+    def num_pinned_blocks(self) -> int:
+        return sum(len(p.region_blocks) for p in self.pinned.values())
+
+    def describe(self) -> dict:
+        return {"engine_id": self.engine_id, "transfer_backend": self.transfer.backend,
+                "transfer_transport": self.transfer.transport, "kv_staging": self.region.staged,
+                "pinned_requests": len(self.pinned), **self.counts}
+
+    def close(self) -> None:
+        if self.registration is not None:
+            self.registration.close()
+            self.registration = None
+        for slot in list(self.pinned):
+            self._release(slot, "abort")
+        self.transfer.close()

@@ -1,0 +1,42 @@
+"""KV transfer between engines (prefill -> decode migration).
+
+`make_transfer_engine("dlslime", transport="tcp")` gives a `TransferEngine` backed by DLSlime's
+endpoints; `KVLayout` turns block lists into byte segments; `KVRegion` is what gets registered
+(the cache itself on CPU, pinned host staging for CUDA caches). `import dlengine` never imports
+DLSlime: only building a transfer engine does.
+"""
+
+from __future__ import annotations
+
+from dlengine.config import ConfigError
+from dlengine.parallel.transfer.base import (
+    HandshakeError,
+    KVLayout,
+    TransferEngine,
+    TransferError,
+    TransferFuture,
+    kv_layout,
+    model_fingerprint,
+)
+
+BACKENDS = ("dlslime",)
+
+
+def make_transfer_engine(backend: str = "dlslime", transport: str = "tcp", host: str = "127.0.0.1",
+                         port: int = 0) -> TransferEngine:
+    """A transfer engine listening on host:port (0: any free port).
+
+    >>> te = make_transfer_engine("dlslime", transport="tcp")
+    >>> te.backend, te.transport
+    ('dlslime', 'tcp')
+    >>> te.close()
+    """
+    if backend != "dlslime":
+        raise ConfigError(f"unknown KV transfer backend {backend!r}; choose one of {BACKENDS}")
+    from dlengine.parallel.transfer.dlslime_backend import DLSlimeTransferEngine
+
+    return DLSlimeTransferEngine(transport=transport, host=host, port=port)
+
+
+__all__ = ["BACKENDS", "HandshakeError", "KVLayout", "TransferEngine", "TransferError", "TransferFuture",
+           "kv_layout", "make_transfer_engine", "model_fingerprint"]
