@@ -6,6 +6,7 @@ hybrid engine and prints a migration report.
     python examples/pd_disagg.py                     # tiny Qwen3
     python examples/pd_disagg.py --model tiny-deepseek-v3
     python examples/pd_disagg.py --control-plane http://127.0.0.1:4479   # register both with dlslime-ctrl
+    python examples/pd_disagg.py --device cuda --dtype bfloat16   # both engines on one GPU (pinned staging)
 """
 
 import argparse
@@ -28,14 +29,19 @@ def main() -> None:
     ap.add_argument("--model", default="tiny-qwen3")
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--control-plane", default=None, help="dlslime-ctrl URL (optional)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (both engines share the device)")
+    ap.add_argument("--dtype", default="float32")
     args = ap.parse_args()
+    # two engines (three with the hybrid reference) on one device: a fixed small cache each
+    cache = {"num_blocks": 512, "block_size": 16}
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
     cp = {"url": args.control_plane} if args.control_plane else None
 
-    prefill = WorkerEngine({"model": args.model, "role": "prefill", "dtype": "float32",
-                            "transfer": {"transport": "tcp"}, "control_plane": cp})
+    prefill = WorkerEngine({"model": args.model, "role": "prefill", "dtype": args.dtype, "device": args.device,
+                            "cache": cache, "transfer": {"transport": "tcp"}, "control_plane": cp})
     try:
-        b = EngineBuilder(args.model).dtype("float32").role("decode").transfer("dlslime", transport="tcp")
+        b = (EngineBuilder(args.model).dtype(args.dtype).device(args.device).cache(**cache)
+             .role("decode").transfer("dlslime", transport="tcp"))
         if cp:
             b.control_plane(args.control_plane)
         decode = b.build()
@@ -46,7 +52,8 @@ def main() -> None:
         t0 = time.perf_counter()
         outs = router.generate(PROMPTS, params)
         elapsed = time.perf_counter() - t0
-        hybrid = EngineBuilder(args.model).dtype("float32").build().generate(PROMPTS, params)
+        hybrid = (EngineBuilder(args.model).dtype(args.dtype).device(args.device).cache(**cache).build()
+                  .generate(PROMPTS, params))
         for prompt, o, h in zip(PROMPTS, outs, hybrid):
             same = "same as hybrid" if o.token_ids == h.token_ids else "DIFFERS from hybrid"
             print(f"{prompt!r}\n  -> {o.text!r}  [{same}]")

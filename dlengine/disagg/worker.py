@@ -30,6 +30,8 @@ def build_engine(spec: dict):
     from dlengine import EngineBuilder
 
     b = EngineBuilder(spec["model"])
+    if spec.get("device"):
+        b.device(spec["device"])
     if spec.get("dtype"):
         b.dtype(spec["dtype"])
     if spec.get("cache"):
