@@ -14,11 +14,11 @@ import pytest
 from dlengine import EngineBuilder, SamplingParams
 
 from conftest import make_prompts
+from test_gpu_engine import check_against_reference
 
 pytestmark = pytest.mark.gpu
 PROMPTS = make_prompts()
 MAX_NEW = 32
-TIE_GAP = 0.1  # logits of the tiny model are O(5); bf16 rounding moves them by ~1e-2
 
 
 @pytest.fixture(scope="module")
@@ -26,21 +26,6 @@ def cpu_reference():
     engine = EngineBuilder("tiny-deepseek-v3").device("cpu").dtype("float32").attention("torch").build()
     outs = engine.generate(PROMPTS, SamplingParams(max_tokens=MAX_NEW, temperature=0.0))
     return engine, [o.token_ids for o in outs]
-
-
-def check_against_reference(ref_engine, prompts, outs, ref_tokens) -> int:
-    """Number of exact matches; asserts that every mismatch starts at a float32 near tie."""
-    exact = 0
-    for prompt, out, ref in zip(prompts, outs, ref_tokens):
-        got = out.token_ids
-        if got == ref:
-            exact += 1
-            continue
-        j = next(i for i, (a, b) in enumerate(zip(got, ref)) if a != b)
-        logits = ref_engine.prompt_logits(prompt + ref[:j])[-1]
-        gap = (logits[ref[j]] - logits[got[j]]).item()
-        assert gap < TIE_GAP, f"diverged at token {j} with a float32 logit gap of {gap:.4f} (not a tie)"
-    return exact
 
 
 @pytest.mark.parametrize("graphs", [True, False])

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from dlengine.kernels.fp8_gemm_triton import per_token_group_quant_fp8
 from dlengine.kernels.fp8_torch import cdiv
-from dlengine.kernels.fused_moe_triton import moe_align_block_size
+from dlengine.kernels.fused_moe_triton import moe_align_block_size, moe_gemm_epilogue
 
 
 @triton.jit(do_not_specialize=["num_valid"])
@@ -79,19 +79,7 @@ def _moe_fp8_gemm_kernel(
             acc_u += tl.dot(a, bu) * a_s[:, None] * bu_s[None, :]
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    dt = c_ptr.dtype.element_ty
-    if FUSE_SILU:
-        # round like the reference's linear outputs, then silu_and_mul in fp32
-        g = acc.to(dt).to(tl.float32)
-        u = acc_u.to(dt).to(tl.float32)
-        y = g / (1.0 + tl.exp(-g)) * u
-    else:
-        y = acc
-    if MUL_ROUTED:
-        rw = tl.load(topk_w_ptr + sid, mask=row_ok, other=0.0)
-        y = y.to(dt).to(tl.float32) * rw.to(dt).to(tl.float32)[:, None]
-    c_ptrs = c_ptr + sid.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-    tl.store(c_ptrs, y.to(dt), mask=row_ok[:, None] & n_ok[None, :])
+    moe_gemm_epilogue(acc, acc_u, c_ptr, topk_w_ptr, sid, row_ok, offs_n, n_ok, stride_cm, FUSE_SILU, MUL_ROUTED)
 
 
 _INTERPRET = type(_moe_fp8_gemm_kernel).__name__ == "InterpretedFunction"

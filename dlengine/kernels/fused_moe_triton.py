@@ -37,6 +37,28 @@ import triton
 import triton.language as tl
 
 
+@triton.jit
+def moe_gemm_epilogue(acc, acc_u, c_ptr, topk_w_ptr, sid, row_ok, offs_n, n_ok, stride_cm,
+                      FUSE_SILU: tl.constexpr, MUL_ROUTED: tl.constexpr):
+    """Store a tile of sorted pairs `sid`: silu(gate) * up (FUSE_SILU) or the plain product, times
+    the routing weight (MUL_ROUTED), with the reference's rounding points. Shared with the FP8
+    kernel (fused_moe_fp8_triton.py)."""
+    dt = c_ptr.dtype.element_ty
+    if FUSE_SILU:
+        # round like F.linear's output, then silu_and_mul in fp32 (as triton_ops.silu_and_mul)
+        g = acc.to(dt).to(tl.float32)
+        u = acc_u.to(dt).to(tl.float32)
+        y = g / (1.0 + tl.exp(-g)) * u
+    else:
+        y = acc
+    if MUL_ROUTED:
+        # the reference weights the rounded expert output by the weight cast to the activation dtype
+        rw = tl.load(topk_w_ptr + sid, mask=row_ok, other=0.0)
+        y = y.to(dt).to(tl.float32) * rw.to(dt).to(tl.float32)[:, None]
+    c_ptrs = c_ptr + sid.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, y.to(dt), mask=row_ok[:, None] & n_ok[None, :])
+
+
 @triton.jit(do_not_specialize=["num_valid"])
 def _moe_gemm_kernel(
     a_ptr, w_ptr, c_ptr, topk_w_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_ptr,
@@ -94,20 +116,7 @@ def _moe_gemm_kernel(
                 acc_u = tl.dot(a, bu, acc_u)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * stride_wk
-    dt = c_ptr.dtype.element_ty
-    if FUSE_SILU:
-        # round like F.linear's output, then silu_and_mul in fp32 (as triton_ops.silu_and_mul)
-        g = acc.to(dt).to(tl.float32)
-        u = acc_u.to(dt).to(tl.float32)
-        y = g / (1.0 + tl.exp(-g)) * u
-    else:
-        y = acc
-    if MUL_ROUTED:
-        # the reference weights the rounded expert output by the weight cast to the activation dtype
-        rw = tl.load(topk_w_ptr + sid, mask=row_ok, other=0.0)
-        y = y.to(dt).to(tl.float32) * rw.to(dt).to(tl.float32)[:, None]
-    c_ptrs = c_ptr + sid.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-    tl.store(c_ptrs, y.to(dt), mask=row_ok[:, None] & n_ok[None, :])
+    moe_gemm_epilogue(acc, acc_u, c_ptr, topk_w_ptr, sid, row_ok, offs_n, n_ok, stride_cm, FUSE_SILU, MUL_ROUTED)
 
 
 _INTERPRET = type(_moe_gemm_kernel).__name__ == "InterpretedFunction"

@@ -108,6 +108,21 @@ def store_latent(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.
 
 
 @triton.jit
+def _softmax_step(s, n_ok, acc, l_i, m_i, qk_scale, BOUND: tl.constexpr):
+    """Online softmax over one key tile: scores s [H, N] (masked to n_ok when BOUND) -> the tile's
+    probabilities p, the rescaled accumulator, l and the new running max (log2 domain)."""
+    s = s * qk_scale  # log2 domain
+    if BOUND:
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_shift)
+    p = tl.math.exp2(s - m_shift[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    return p, acc * alpha[:, None], l_i, m_new
+
+
+@triton.jit
 def _mla_tile_split_c(acc, l_i, m_i, q_lo, q_hi, q_pe, cc, cache_ptr, bt_row, start_n, kv_end, qk_scale,
                       stride_cb, stride_cs, offs_c, offs_r,
                       KV_LORA: tl.constexpr, BLOCK_C: tl.constexpr, ROPE: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -136,15 +151,7 @@ def _mla_tile_split_c(acc, l_i, m_i, q_lo, q_hi, q_pe, cc, cache_ptr, bt_row, st
     s = tl.dot(q_lo, tl.trans(c_lo))
     s = tl.dot(q_hi, tl.trans(c_hi), s)
     s = tl.dot(q_pe, kpe_t, s)
-    s = s * qk_scale  # log2 domain
-    if BOUND:
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.math.exp2(m_i - m_shift)
-    p = tl.math.exp2(s - m_shift[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
+    p, acc, l_i, m_new = _softmax_step(s, n_ok, acc, l_i, m_i, qk_scale, BOUND)
     if cc == 0:
         acc = tl.dot(p.to(c_lo.dtype), c_lo, acc)
     else:
@@ -182,15 +189,7 @@ def _mla_tile(acc, l_i, m_i, q_lat, q_pe, cache_ptr, bt_row, start_n, kv_end, qk
     else:
         s = tl.dot(q_lat, tl.trans(ckv))
         s = tl.dot(q_pe, kpe_t, s)
-    s = s * qk_scale  # log2 domain
-    if BOUND:
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.math.exp2(m_i - m_shift)
-    p = tl.math.exp2(s - m_shift[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
+    p, acc, l_i, m_new = _softmax_step(s, n_ok, acc, l_i, m_i, qk_scale, BOUND)
     if IEEE:
         acc = tl.dot(p, ckv, acc, input_precision="ieee")
     else:
