@@ -138,7 +138,8 @@ class EngineBuilder:
 
     def transfer(self, backend: str = "dlslime", *, transport: str = "tcp", host: str = "127.0.0.1", port: int = 0,
                  engine_id: str | None = None, pin_timeout_s: float = 60.0, pull_timeout_s: float = 30.0,
-                 queue_timeout_s: float = 60.0, staging_blocks: int | None = None) -> "EngineBuilder":
+                 queue_timeout_s: float = 60.0, staging_blocks: int | None = None,
+                 on_pull_failure: str = "fail") -> "EngineBuilder":
         """The KV transfer engine of a prefill or decode engine.
 
         backend "dlslime" (pip install 'dlengine[dlslime]'); transport "tcp" (any machine) or
@@ -146,7 +147,9 @@ class EngineBuilder:
         handed-off request's blocks when the decode side has pulled them, or after
         `pin_timeout_s`; a decode engine fails a pull after `pull_timeout_s` and a request that
         waited `queue_timeout_s` for free blocks. CUDA caches go through `staging_blocks` pinned
-        host blocks (default min(num_blocks, 1024)).
+        host blocks (default min(num_blocks, 1024)). `on_pull_failure` (decode engines): "fail"
+        ends a request whose KV cannot be pulled with the reason; "recompute" computes its prompt
+        here instead, like a request preempted by recompute (same tokens, slower first step).
 
         >>> from dlengine import EngineBuilder, SamplingParams
         >>> prefill = EngineBuilder("tiny-qwen3").role("prefill").transfer("dlslime", transport="tcp").build()
@@ -164,7 +167,8 @@ class EngineBuilder:
         """
         self._transfer = dict(backend=backend, transport=transport, host=host, port=port, engine_id=engine_id,
                               pin_timeout_s=pin_timeout_s, pull_timeout_s=pull_timeout_s,
-                              queue_timeout_s=queue_timeout_s, staging_blocks=staging_blocks)
+                              queue_timeout_s=queue_timeout_s, staging_blocks=staging_blocks,
+                              on_pull_failure=on_pull_failure)
         return self
 
     def control_plane(self, url: str, *, scope: str | None = None, heartbeat_s: float = 2.0) -> "EngineBuilder":
@@ -255,6 +259,9 @@ class EngineBuilder:
             for name in ("pin_timeout_s", "pull_timeout_s", "queue_timeout_s"):
                 if not self._transfer[name] > 0:
                     raise ConfigError(f"transfer {name} must be positive, got {self._transfer[name]}")
+            if self._transfer["on_pull_failure"] not in ("fail", "recompute"):
+                raise ConfigError(f"transfer on_pull_failure must be 'fail' or 'recompute', "
+                                  f"got {self._transfer['on_pull_failure']!r}")
         if self._load_format not in LOAD_FORMATS:
             raise ConfigError(f"unknown load_format {self._load_format!r}; choose one of {LOAD_FORMATS}")
 

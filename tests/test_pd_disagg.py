@@ -231,6 +231,30 @@ def test_prefill_engine_dead_and_discovery_drops_it(control_plane):
         decode.close()
 
 
+def test_failed_pull_recomputes_locally_when_asked():
+    """on_pull_failure="recompute": the prefill process dies after handing KV off; the decode
+    engine computes the prompt itself and returns exactly the hybrid engine's tokens, with the
+    pool full afterwards and the fallback counted."""
+    worker = WorkerEngine(spec("tiny-qwen3", "prefill"))
+    decode = local("tiny-qwen3", "decode", pull_timeout_s=5.0, on_pull_failure="recompute")
+    try:
+        firsts = worker.generate([PROMPTS[6], PROMPTS[2]], GREEDY)
+        worker.kill()
+        rids = [decode.add_request(p, GREEDY, kv_transfer_params=f.kv_transfer_params)
+                for p, f in zip([PROMPTS[6], PROMPTS[2]], firsts)]
+        outs = step_until([decode], lambda: not decode.has_unfinished_requests(), timeout=20)
+        finals = {o.request_id: o for o in outs if o.finished}
+        got = [finals[r] for r in rids]
+        assert [o.finish_reason for o in got] != ["error", "error"] and all(o.error is None for o in got)
+        assert [o.token_ids for o in got] == hybrid_tokens("tiny-qwen3", [PROMPTS[6], PROMPTS[2]])
+        assert decode.describe()["kv_transfer"]["recomputed"] == 2
+        assert decode.describe()["kv_transfer"]["failed"] == 0
+        assert_pool_full(decode)
+    finally:
+        worker.kill()
+        decode.close()
+
+
 def test_stalled_transfer_times_out(control_plane):
     """SIGSTOP the prefill process between two migrations: the second pull times out, the request
     fails saying so, the decode pool is full; resumed, the prefill side frees on its pin timeout."""

@@ -67,8 +67,10 @@ class DecodeRole:
     name = "decode"
 
     def __init__(self, engine, transfer, engine_id: str, fingerprint: str, pull_timeout_s: float = 30.0,
-                 queue_timeout_s: float = 60.0, staging_blocks: int | None = None) -> None:
+                 queue_timeout_s: float = 60.0, staging_blocks: int | None = None,
+                 on_pull_failure: str = "fail") -> None:
         self.engine = engine
+        self.on_pull_failure = on_pull_failure
         self.transfer = transfer
         self.engine_id = engine_id
         self.fingerprint = fingerprint
@@ -94,7 +96,7 @@ class DecodeRole:
         self.queue: deque[_Pull] = deque()
         self.active: dict[str, _Pull] = {}  # request id -> pull in flight (pulling/verifying/draining)
         self.migrations: list[MigrationRecord] = []
-        self.counts = {"pulled": 0, "failed": 0}
+        self.counts = {"pulled": 0, "failed": 0, "recomputed": 0}  # per request, by outcome
         self.registration = None  # a discovery.Registration when registered with a control plane
 
     # ------------------------------------------------------------------ admission
@@ -254,14 +256,28 @@ class DecodeRole:
 
     def _fail(self, pull: _Pull, error: str, outputs: list) -> None:
         req = pull.request
-        self.counts["failed"] += 1
         self.region.release(pull.region_blocks)
         pull.region_blocks = []
         self._notify_done(pull.params)  # best effort: the prefill side frees on its timeout otherwise
+        if self.on_pull_failure == "recompute":
+            return self._recompute(req, error)
+        self.counts["failed"] += 1
         req.error = error
         logger.warning("decode %s: request %s failed: %s", self.engine_id, req.request_id, error)
         self.engine._finish(req, "error")  # frees the request's blocks here
         outputs.append(self.engine._output(req, []))
+
+    def _recompute(self, req, error: str) -> None:
+        """on_pull_failure="recompute": the prompt is computed here instead. The request keeps the
+        first token the prefill engine sampled (as a request preempted by recompute keeps its
+        output) and joins the scheduler's waiting queue with nothing computed, so its next step
+        prefills prompt + that token locally and decoding goes on."""
+        self.counts["recomputed"] += 1
+        logger.warning("decode %s: request %s recomputes its prompt locally: %s", self.engine_id, req.request_id, error)
+        self.engine.block_manager.free(req)  # blocks allocated for the pull, if it got that far
+        req.num_computed_tokens = 0
+        req.metrics.num_cached_tokens = 0
+        self.engine.scheduler.add_request(req)
 
     # ------------------------------------------------------------------ aborts
     def on_finish(self, request, reason: str) -> str:

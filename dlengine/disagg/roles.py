@@ -24,7 +24,8 @@ def attach_role(engine, transfer: dict, control_plane: dict | None = None) -> No
 
             engine.role = DecodeRole(engine, te, engine_id, fingerprint, pull_timeout_s=transfer["pull_timeout_s"],
                                      queue_timeout_s=transfer["queue_timeout_s"],
-                                     staging_blocks=transfer["staging_blocks"])
+                                     staging_blocks=transfer["staging_blocks"],
+                                     on_pull_failure=transfer.get("on_pull_failure", "fail"))
     except BaseException:
         te.close()
         raise
