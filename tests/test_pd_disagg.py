@@ -320,6 +320,21 @@ def pair():
     decode.close()
 
 
+def test_seeded_sampling_continues_as_on_one_engine(pair):
+    """temperature > 0 with per-request seeds: the prefill engine samples the first token, the
+    decode engine the rest, and the tokens equal a hybrid engine's for the same seeds."""
+    prefill, decode = pair
+    params = [SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, seed=s, ignore_eos=True) for s in (7, 8, 9)]
+    prompts = [PROMPTS[1], PROMPTS[4], PROMPTS[6]]
+    firsts = prefill.generate(prompts, params)
+    got = [run_decode(decode, p, f.kv_transfer_params, params=sp, others=(prefill,)).token_ids
+           for p, f, sp in zip(prompts, firsts, params)]
+    want = [o.token_ids for o in local("tiny-qwen3", "hybrid").generate(prompts, params)]
+    assert got == want
+    assert len({tuple(t) for t in got}) == 3  # really sampled, not one greedy path
+    assert_pool_full(decode)
+
+
 def test_static_peers_bf16_and_direct_cache_registration():
     """bf16 caches; the prefill side registers its cache directly (staging_blocks=0: plane-major,
     blocks pinned in place), the decode side stages block-major with another block size."""

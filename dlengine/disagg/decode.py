@@ -28,6 +28,7 @@ import torch
 
 from dlengine.disagg.params import KVTransferParams, prompt_hash
 from dlengine.disagg.prefill import DONE, META_BYTES, PIN
+from dlengine.engine.sampler import skip_sampling_steps
 from dlengine.engine.request import RequestStatus
 from dlengine.parallel.transfer.base import HandshakeError, KVLayout, TransferError
 from dlengine.parallel.transfer.kv_region import KVRegion
@@ -116,6 +117,9 @@ class DecodeRole:
             raise InvalidRequestError(f"kv_transfer_params first_token {p.first_token} is outside the vocabulary")
         KVLayout.from_dict(p.layout)  # malformed layout: HandshakeError now, not mid-pull
         request.append_token(p.first_token)
+        # the prefill engine drew the first token's noise from this seed: draw past it here, so
+        # seeded sampling continues exactly as on one engine
+        skip_sampling_steps(request, self.engine.config.model.vocab_size, self.engine.config.device)
         self.queue.append(_Pull(request, p, time.monotonic()))
 
     def has_pending(self) -> bool:

@@ -145,6 +145,21 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
 
 
+def skip_sampling_steps(request, vocab_size: int, device: torch.device, steps: int = 1) -> None:
+    """Advance a seeded request's generator past `steps` sampling steps taken elsewhere (a
+    prefill engine sampled its first token), so that its next draws are the ones a single
+    engine would make. A step draws one exponential vector of vocab_size float32 numbers
+    (`Sampler.__call__`); greedy and unseeded requests draw nothing of their own."""
+    p = request.params
+    if p.seed is None or p.greedy or steps <= 0:
+        return
+    if request.generator is None:
+        request.generator = torch.Generator(device=device).manual_seed(p.seed)
+    buf = torch.empty(vocab_size, dtype=torch.float32, device=device)
+    for _ in range(steps):
+        buf.exponential_(generator=request.generator)
+
+
 class Sampler:
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
