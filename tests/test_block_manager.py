@@ -539,23 +539,34 @@ def test_duplicate_content_is_published_once():
     bm.check_invariants()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "since ce742ec cache_full_blocks advances request.num_cached_blocks past a block whose content "
-    "was already cached in another block, so it is never published later, even after the other "
-    "copy is evicted (a lost cache opportunity, not wrong KV); before that commit the next call did"
-))
-def test_duplicate_block_is_published_after_the_original_is_evicted():
+def test_duplicate_block_is_published_when_the_original_is_evicted():
+    """Two requests computed one prefix side by side: a's copy is published; when it is evicted
+    while b still holds its copy, b's copy takes over, so the prefix stays cached."""
     bm = BlockManager(num_blocks=4, block_size=2)
     a, b, h = _two_copies_of_one_prefix(bm)
+    assert bm.duplicate_of == {b.block_ids[0]: h}
     bm.free(a)  # a's blocks go to the free queue; take them all to evict a's cached block
     assert bm.allocate_slots(FakeRequest([9] * 4), 4)
-    assert h not in bm.cached_blocks
+    assert bm.cached_blocks.get(h) == b.block_ids[0] and bm.block_hash[b.block_ids[0]] == h
+    assert bm.duplicate_of == {}
+    bm.check_invariants()
     b.all_token_ids.append(7)  # b decodes on, filling its second block
     assert bm.allocate_slots(b, 1)
     b.num_computed_tokens = 4
     bm.cache_full_blocks(b)
     assert bm.block_hash[b.block_ids[1]] is not None
-    assert bm.cached_blocks.get(h) == b.block_ids[0]
+    # a new request with the prefix hits b's copy
+    c = FakeRequest([1, 2, 4, 7, 5])
+    assert bm.find_cached_prefix(c) == (b.block_ids[:2], 4)
+    bm.check_invariants()
+
+
+def test_a_freed_duplicate_is_forgotten():
+    bm = BlockManager(num_blocks=4, block_size=2)
+    a, b, h = _two_copies_of_one_prefix(bm)
+    bm.free(b)
+    assert bm.duplicate_of == {} and bm.cached_blocks[h] == a.block_ids[0]
+    bm.check_invariants()
 
 
 def test_prefix_caching_disabled():

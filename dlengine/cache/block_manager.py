@@ -56,6 +56,9 @@ class BlockManager:
         self.block_hash: list[bytes | None] = [None] * num_blocks
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached_blocks: dict[bytes, int] = {}
+        # in-use blocks whose content equals a published block's (two requests computed the same
+        # prefix in one step): published in its place when that block is evicted
+        self.duplicate_of: dict[int, bytes] = {}
         # counters for metrics
         self.num_hit_tokens = 0
         self.num_queried_tokens = 0
@@ -136,9 +139,19 @@ class BlockManager:
         if h is not None:  # evict: its content is about to be overwritten
             if self.cached_blocks.get(h) == block:
                 del self.cached_blocks[h]
+                self._promote_duplicate(h)
             self.block_hash[block] = None
         self.ref_counts[block] = 1
         return block
+
+    def _promote_duplicate(self, h: bytes) -> None:
+        """The published block of `h` is gone: publish an in-use copy of the same content, if any."""
+        for block, dh in self.duplicate_of.items():
+            if dh == h:
+                del self.duplicate_of[block]
+                self.block_hash[block] = h
+                self.cached_blocks[h] = block
+                return
 
     def cache_full_blocks(self, request: BlockRequest) -> None:
         """Publish the request's computed full blocks in the prefix cache."""
@@ -154,7 +167,10 @@ class BlockManager:
                 continue
             h = request.block_hashes[i]
             if h in self.cached_blocks:
-                continue  # the same content already lives in another block; keep that one
+                # the same content already lives in another block: keep that one published and
+                # remember this copy, which takes over if that block is evicted first
+                self.duplicate_of[block] = h
+                continue
             self.block_hash[block] = h
             self.cached_blocks[h] = block
         request.num_cached_blocks = num_full
@@ -169,6 +185,7 @@ class BlockManager:
             self.ref_counts[block] = rc
             if rc == 0:
                 self.free_queue[block] = None
+                self.duplicate_of.pop(block, None)  # a free copy is just a free block
                 if self.block_hash[block] is None:
                     self.free_queue.move_to_end(block, last=False)
         request.block_ids = []
@@ -180,6 +197,7 @@ class BlockManager:
         if self.num_free_blocks != self.num_blocks:
             return False
         self.cached_blocks.clear()
+        self.duplicate_of.clear()
         self.block_hash = [None] * self.num_blocks
         return True
 
@@ -191,3 +209,7 @@ class BlockManager:
             assert (rc == 0) == (b in self.free_queue), f"block {b}: ref count {rc} but free={b in self.free_queue}"
         for h, b in self.cached_blocks.items():
             assert self.block_hash[b] == h, f"cached block {b} lost its hash"
+        for b, h in self.duplicate_of.items():
+            assert self.ref_counts[b] > 0, f"duplicate block {b} is free"
+            assert self.block_hash[b] is None, f"duplicate block {b} is also published"
+            assert self.cached_blocks.get(h) not in (None, b), f"duplicate block {b} of an unpublished hash"
