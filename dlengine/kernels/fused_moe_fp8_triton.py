@@ -24,7 +24,7 @@ import triton.language as tl
 
 from dlengine.kernels.fp8_gemm_triton import per_token_group_quant_fp8
 from dlengine.kernels.fp8_torch import cdiv
-from dlengine.kernels.fused_moe_triton import moe_align_block_size, moe_gemm_epilogue
+from dlengine.kernels.fused_moe_triton import moe_align_block_size, moe_block_rows, moe_gemm_epilogue
 
 
 @triton.jit(do_not_specialize=["num_valid"])
@@ -43,11 +43,7 @@ def _moe_fp8_gemm_kernel(
     num_post = tl.load(num_post_ptr)
     if pid_m * BLOCK_M >= num_post:
         return
-    e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    sid = tl.load(sorted_ids_ptr + offs_m)
-    row_ok = sid < num_valid
-    a_row = tl.where(row_ok, sid // A_DIV, 0).to(tl.int64)
+    e, sid, row_ok, a_row = moe_block_rows(pid_m, expert_ids_ptr, sorted_ids_ptr, num_valid, A_DIV, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)

@@ -38,6 +38,16 @@ import triton.language as tl
 
 
 @triton.jit
+def moe_block_rows(pid_m, expert_ids_ptr, sorted_ids_ptr, num_valid, A_DIV: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The expert of sorted block pid_m, its pair ids, which of them are real (not padding) and
+    the activation row each reads (token = pair // A_DIV). Shared with the FP8 kernel."""
+    e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    sid = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    row_ok = sid < num_valid
+    return e, sid, row_ok, tl.where(row_ok, sid // A_DIV, 0).to(tl.int64)
+
+
+@triton.jit
 def moe_gemm_epilogue(acc, acc_u, c_ptr, topk_w_ptr, sid, row_ok, offs_n, n_ok, stride_cm,
                       FUSE_SILU: tl.constexpr, MUL_ROUTED: tl.constexpr):
     """Store a tile of sorted pairs `sid`: silu(gate) * up (FUSE_SILU) or the plain product, times
@@ -76,11 +86,7 @@ def _moe_gemm_kernel(
     num_post = tl.load(num_post_ptr)
     if pid_m * BLOCK_M >= num_post:
         return
-    e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    sid = tl.load(sorted_ids_ptr + offs_m)
-    row_ok = sid < num_valid
-    a_row = tl.where(row_ok, sid // A_DIV, 0).to(tl.int64)
+    e, sid, row_ok, a_row = moe_block_rows(pid_m, expert_ids_ptr, sorted_ids_ptr, num_valid, A_DIV, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)

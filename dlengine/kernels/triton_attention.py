@@ -197,6 +197,36 @@ def _attn_tile(
 
 # ints that change from step to step must not be specialised on (==1, %16), or every new batch
 # shape triggers a JIT compile of ~1 s in the middle of serving
+@triton.jit
+def store_split_and_merge(acc, l_i, m_i, ws_ptr, lse_off, row, offs_d, num_splits, sp, n_active, cnt, o_ptrs,
+                          row_ok, st_mask, ROW_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Split-KV decode epilogue shared by the GQA and MLA kernels: store this split's normalised
+    partial output (ws rows `row`, columns `offs_d` of ROW_DIM) and its log-sum-exp, then the
+    program that arrives last at the `cnt` counter merges all n_active splits into o_ptrs (one
+    launch, no second kernel) and resets the counter for the next launch."""
+    tl.store(ws_ptr + (row[:, None] * num_splits + sp) * ROW_DIM + offs_d[None, :], acc / l_i[:, None], mask=st_mask)
+    tl.store(ws_ptr + lse_off + row * num_splits + sp, m_i + tl.math.log2(l_i), mask=row_ok)
+    # publish: every thread's stores, then one acq_rel atomic per program
+    tl.debug_barrier()
+    ticket = tl.atomic_add(cnt, 1, sem="acq_rel")
+    if ticket == n_active - 1:
+        tl.atomic_xchg(cnt, 0, sem="relaxed")  # ready for the next launch
+        m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+        l = tl.zeros([BLOCK_H], dtype=tl.float32)
+        o = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+        for s in range(0, n_active):
+            lse_s = tl.load(ws_ptr + lse_off + row * num_splits + s, mask=row_ok, other=0.0, cache_modifier=".cg")
+            o_s = tl.load(ws_ptr + (row[:, None] * num_splits + s) * ROW_DIM + offs_d[None, :],
+                          mask=st_mask, other=0.0, cache_modifier=".cg")
+            m_new = tl.maximum(m, lse_s)
+            alpha = tl.math.exp2(m - m_new)
+            w = tl.math.exp2(lse_s - m_new)
+            o = o * alpha[:, None] + o_s * w[:, None]
+            l = l * alpha + w
+            m = m_new
+        tl.store(o_ptrs, (o / l[:, None]).to(o_ptrs.dtype.element_ty), mask=st_mask)
+
+
 @triton.jit(do_not_specialize=["num_splits", "lse_off", "stride_bt"])
 def _decode_split_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr, ws_ptr, cnt_ptr,
@@ -275,31 +305,10 @@ def _decode_split_kernel(
     else:
         num_heads = tl.num_programs(1) * GROUP
         row = b.to(tl.int64) * num_heads + heads  # [BLOCK_H] (request, head) rows of the workspace
-        mo_ptrs = ws_ptr + (row[:, None] * num_splits + sp) * HEAD_DIM + offs_d[None, :]
-        tl.store(mo_ptrs, acc / l_i[:, None], mask=st_mask)
-        tl.store(ws_ptr + lse_off + row * num_splits + sp, m_i + tl.math.log2(l_i), mask=g_ok)
-        # publish: every thread's stores, then one acq_rel atomic per program
-        tl.debug_barrier()
         n_active = tl.cdiv(n_tiles, tiles_per_split)
-        cnt = cnt_ptr + b * tl.num_programs(1) + kvh
-        ticket = tl.atomic_add(cnt, 1, sem="acq_rel")
-        if ticket == n_active - 1:
-            tl.atomic_xchg(cnt, 0, sem="relaxed")  # ready for the next launch
-            m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-            l = tl.zeros([BLOCK_H], dtype=tl.float32)
-            o = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
-            for s in range(0, n_active):
-                lse_s = tl.load(ws_ptr + lse_off + row * num_splits + s, mask=g_ok, other=0.0,
-                                cache_modifier=".cg")
-                o_s = tl.load(ws_ptr + (row[:, None] * num_splits + s) * HEAD_DIM + offs_d[None, :],
-                              mask=st_mask, other=0.0, cache_modifier=".cg")
-                m_new = tl.maximum(m, lse_s)
-                alpha = tl.math.exp2(m - m_new)
-                w = tl.math.exp2(lse_s - m_new)
-                o = o * alpha[:, None] + o_s * w[:, None]
-                l = l * alpha + w
-                m = m_new
-            tl.store(o_ptrs, (o / l[:, None]).to(out_ptr.dtype.element_ty), mask=st_mask)
+        store_split_and_merge(acc, l_i, m_i, ws_ptr, lse_off, row, offs_d, num_splits, sp, n_active,
+                              cnt_ptr + b * tl.num_programs(1) + kvh, o_ptrs, g_ok, st_mask, HEAD_DIM,
+                              BLOCK_H, BLOCK_D)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ import triton.language as tl
 from dlengine.kernels import triton_attention as ta
 from dlengine.kernels.attention_metadata import AttentionMetadata
 from dlengine.kernels.mla_attention_torch import MLAWeights, absorb_query, latent_to_v
+from dlengine.kernels.triton_attention import store_split_and_merge
 from dlengine.kernels.triton_mla_extend import mla_extend
 
 LOG2E = 1.4426950408889634
@@ -287,31 +288,10 @@ def _mla_decode_kernel(
         tl.store(o_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=st_mask)
     else:
         ws_row = r.to(tl.int64) * NUM_HEADS + heads  # [BLOCK_H] (row, head) rows of the workspace
-        part_ptrs = ws_ptr + (ws_row[:, None] * num_splits + sp) * KV_LORA + c_own[None, :]
-        tl.store(part_ptrs, acc / l_i[:, None], mask=st_mask)
-        tl.store(ws_ptr + lse_off + ws_row * num_splits + sp, m_i + tl.math.log2(l_i), mask=h_ok)
-        # publish every thread's stores, then one acq_rel atomic per program
-        tl.debug_barrier()
-        n_active = tl.cdiv(n_tiles, tiles_per_split)
-        cnt = cnt_ptr + pid  # one counter per (row, head tile[, output half])
-        ticket = tl.atomic_add(cnt, 1, sem="acq_rel")
-        if ticket == n_active - 1:
-            tl.atomic_xchg(cnt, 0, sem="relaxed")  # ready for the next launch
-            m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-            l = tl.zeros([BLOCK_H], dtype=tl.float32)
-            o = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
-            for s in range(0, n_active):
-                lse_s = tl.load(ws_ptr + lse_off + ws_row * num_splits + s, mask=h_ok, other=0.0,
-                                cache_modifier=".cg")
-                o_s = tl.load(ws_ptr + (ws_row[:, None] * num_splits + s) * KV_LORA + c_own[None, :],
-                              mask=st_mask, other=0.0, cache_modifier=".cg")
-                m_new = tl.maximum(m, lse_s)
-                alpha = tl.math.exp2(m - m_new)
-                w = tl.math.exp2(lse_s - m_new)
-                o = o * alpha[:, None] + o_s * w[:, None]
-                l = l * alpha + w
-                m = m_new
-            tl.store(o_ptrs, (o / l[:, None]).to(out_ptr.dtype.element_ty), mask=st_mask)
+        # one counter per (row, head tile[, output half])
+        store_split_and_merge(acc, l_i, m_i, ws_ptr, lse_off, ws_row, c_own, num_splits, sp,
+                              tl.cdiv(n_tiles, tiles_per_split), cnt_ptr + pid, o_ptrs, h_ok, st_mask,
+                              KV_LORA, BLOCK_H, BLOCK_C)
 
 
 _INTERPRET = type(_mla_decode_kernel).__name__ == "InterpretedFunction"
