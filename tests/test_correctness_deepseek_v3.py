@@ -3,15 +3,10 @@ attention over a latent KV cache, interleaved decoupled RoPE with YaRN mscale, g
 routing with a score-correction bias, shared experts, a dense first layer): float32 logits close
 at every prompt position, greedy tokens equal under chunked prefill and prefix-cache hits."""
 
-import functools
-import os
-import shutil
-
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
-from dlengine import EngineBuilder, SamplingParams
+from dlengine import EngineBuilder
 from dlengine.config import ConfigError
 from dlengine.models.deepseek_v3 import DeepseekV3MoE
 from dlengine.models.layers.moe import GroupedTopKRouter
@@ -19,21 +14,18 @@ from dlengine.models.qwen3 import Qwen3MLP
 from dlengine.testing import tiny_checkpoint
 
 from conftest import make_prompts
-from hf_reference import hf_greedy, hf_logits
+from hf_reference import (
+    SCHEDULING_SETUPS,
+    check_greedy_setup,
+    checkpoint_tensors,
+    copy_checkpoint,
+    hf_logits,
+    relative_error,
+)
 
 KINDS = ["deepseek-v3", "kimi-k2"]
 MAX_NEW = 24
 PROMPTS = make_prompts()
-
-
-@functools.lru_cache(maxsize=None)
-def reference_outputs(kind: str) -> tuple:
-    path = tiny_checkpoint(kind)
-    return tuple(tuple(hf_greedy(path, p, MAX_NEW)) for p in PROMPTS)
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -54,38 +46,13 @@ def test_prompt_logits_match_transformers(kind):
         assert relative_error(ours, ref) < 1e-4  # every position, i.e. the whole prefill
 
 
-SETUPS = {
-    "default": dict(cache=dict(block_size=16)),
-    "chunked-32": dict(cache=dict(block_size=16), scheduler=dict(max_num_batched_tokens=32)),
-    "prefix-cache-twice": dict(cache=dict(block_size=16)),
-}
+SETUPS = ["default", "chunked-32", "prefix-cache-twice"]
 
 
-def build(path, setup):
-    b = EngineBuilder(path).dtype("float32").cache(**setup["cache"])
-    if "scheduler" in setup:
-        b.scheduler(**setup["scheduler"])
-    return b.build()
-
-
-@pytest.mark.parametrize("setup", list(SETUPS))
+@pytest.mark.parametrize("setup", SETUPS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_greedy_tokens_match_transformers(kind, setup):
-    path = tiny_checkpoint(kind)
-    engine = build(path, SETUPS[setup])
-    rounds = 2 if setup == "prefix-cache-twice" else 1
-    for r in range(rounds):
-        engine.stats.reset()
-        outs = engine.generate(PROMPTS, SamplingParams(max_tokens=MAX_NEW, temperature=0.0))
-        for i, (out, expected) in enumerate(zip(outs, reference_outputs(kind))):
-            assert out.token_ids == list(expected), f"round {r}: prompt {i} (len {len(PROMPTS[i])}) diverged"
-    if setup == "prefix-cache-twice":
-        assert engine.stats.num_cached_tokens > 0  # the second round read its prompts from the cache
-    if setup == "chunked-32":
-        assert max(s.num_tokens for s in engine.stats.steps) <= 32
-        assert any(s.num_decodes > 0 and s.num_prefill_tokens > 0 for s in engine.stats.steps)
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
-    engine.block_manager.check_invariants()
+    check_greedy_setup(kind, setup, SCHEDULING_SETUPS[setup], PROMPTS, MAX_NEW)
 
 
 def test_mla_attention_backends():
@@ -98,48 +65,31 @@ def test_mla_attention_backends():
     assert engine.runner.backend.name == "torch"
 
 
-def _checkpoint_tensors(path: str) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for f in sorted(os.listdir(path)):
-        if f.endswith(".safetensors"):
-            tensors.update(load_file(os.path.join(path, f)))
-    return tensors
-
-
-def _copy_with(path: str, out: str, tensors: dict[str, torch.Tensor]) -> str:
-    os.makedirs(out, exist_ok=True)
-    for f in os.listdir(path):
-        if not f.endswith(".safetensors") and not f.endswith(".index.json"):
-            shutil.copy(os.path.join(path, f), os.path.join(out, f))
-    save_file(tensors, os.path.join(out, "model.safetensors"))
-    return out
-
-
 def test_mtp_layers_in_a_checkpoint_are_skipped(tmp_path):
     """Released DeepSeek-V3 checkpoints carry the MTP module as layer num_hidden_layers; it is not
     loaded (and its presence is no error). Other unknown tensors still are errors."""
     path = tiny_checkpoint("deepseek-v3")
-    tensors = _checkpoint_tensors(path)
+    tensors = checkpoint_tensors(path)
     mtp = dict(tensors)
     for name, t in tensors.items():
         if name.startswith("model.layers.2."):
             mtp[name.replace("model.layers.2.", "model.layers.3.")] = t.clone()
     mtp["model.layers.3.eh_proj.weight"] = torch.zeros(64, 128)
-    out = _copy_with(path, str(tmp_path / "mtp"), mtp)
+    out = copy_checkpoint(path, str(tmp_path / "mtp"), mtp)
     prompt = PROMPTS[5]
     ref = EngineBuilder(path).dtype("float32").build().prompt_logits(prompt)
     assert torch.equal(EngineBuilder(out).dtype("float32").build().prompt_logits(prompt), ref)
 
     bad = dict(tensors, **{"model.layers.1.self_attn.bogus.weight": torch.zeros(2)})
     with pytest.raises(ConfigError, match="bogus"):
-        EngineBuilder(_copy_with(path, str(tmp_path / "bad"), bad)).dtype("float32").build()
+        EngineBuilder(copy_checkpoint(path, str(tmp_path / "bad"), bad)).dtype("float32").build()
 
 
 def test_missing_score_correction_bias_is_an_error(tmp_path):
     path = tiny_checkpoint("deepseek-v3")
-    tensors = _checkpoint_tensors(path)
+    tensors = checkpoint_tensors(path)
     del tensors["model.layers.2.mlp.gate.e_score_correction_bias"]
-    out = _copy_with(path, str(tmp_path / "partial"), tensors)
+    out = copy_checkpoint(path, str(tmp_path / "partial"), tensors)
     with pytest.raises(ConfigError, match=r"model\.layers\.2\.mlp\.experts\.router\.e_score_correction_bias"):
         EngineBuilder(out).dtype("float32").build()
 

@@ -1,29 +1,20 @@
 """dlengine vs transformers on tiny Qwen3 checkpoints: logits close in float32, greedy tokens equal,
 under every scheduling regime (prefix caching on/off, small chunks, forced preemption)."""
 
-import functools
-
 import pytest
-import torch
 
 from dlengine import EngineBuilder, SamplingParams
 from dlengine.testing import tiny_checkpoint
 
 from conftest import make_prompts
-from hf_reference import hf_greedy, hf_logits
+from hf_reference import SCHEDULING_SETUPS, check_greedy_setup, hf_logits, reference_greedy, relative_error
 
 MAX_NEW = 24
 PROMPTS = make_prompts()
 
 
-@functools.lru_cache(maxsize=None)
 def reference_outputs(kind: str) -> tuple:
-    path = tiny_checkpoint(kind)
-    return tuple(tuple(hf_greedy(path, p, MAX_NEW)) for p in PROMPTS)
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
+    return reference_greedy(kind, tuple(map(tuple, PROMPTS)), MAX_NEW)
 
 
 @pytest.mark.parametrize("kind", ["qwen3", "qwen3-yarn", "qwen3-untied"])
@@ -39,10 +30,10 @@ def test_first_step_logits_match_transformers(kind):
 
 
 SETUPS = {
-    "default": dict(cache=dict(block_size=16)),
+    "default": SCHEDULING_SETUPS["default"],
     "no-prefix-cache": dict(cache=dict(block_size=16, prefix_caching=False)),
-    "chunked-32": dict(cache=dict(block_size=16), scheduler=dict(max_num_batched_tokens=32)),
-    "preemption": dict(cache=dict(block_size=16, num_blocks=40), scheduler=dict(max_model_len=512)),
+    "chunked-32": SCHEDULING_SETUPS["chunked-32"],
+    "preemption": SCHEDULING_SETUPS["preemption"],
     "block-1-no-chunking": dict(cache=dict(block_size=1), scheduler=dict(chunked_prefill=False, max_model_len=512,
                                                                           max_num_batched_tokens=512)),
     # async scheduling: step N+1 is scheduled before N's tokens are known (placeholders)
@@ -54,33 +45,9 @@ SETUPS = {
 }
 
 
-def build(path, setup):
-    b = EngineBuilder(path).dtype("float32")
-    if "cache" in setup:
-        b.cache(**setup["cache"])
-    if "scheduler" in setup:
-        b.scheduler(**setup["scheduler"])
-    if "async_scheduling" in setup:
-        b.async_scheduling(setup["async_scheduling"])
-    return b.build()
-
-
 @pytest.mark.parametrize("setup", list(SETUPS))
 def test_greedy_tokens_match_transformers(setup):
-    path = tiny_checkpoint("qwen3")
-    engine = build(path, SETUPS[setup])
-    outs = engine.generate(PROMPTS, SamplingParams(max_tokens=MAX_NEW, temperature=0.0))
-    ref = reference_outputs("qwen3")
-    for i, (out, expected) in enumerate(zip(outs, ref)):
-        assert out.token_ids == list(expected), f"prompt {i} (len {len(PROMPTS[i])}) diverged"
-    if setup.endswith("preemption"):
-        assert engine.stats.num_preemptions > 0
-    if setup.endswith("chunked-32"):
-        assert max(s.num_tokens for s in engine.stats.steps) <= 32
-        # a long prompt's chunks share steps with other requests' decodes
-        assert any(s.num_decodes > 0 and s.num_prefill_tokens > 0 for s in engine.stats.steps)
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
-    engine.block_manager.check_invariants()
+    check_greedy_setup("qwen3", setup, SETUPS[setup], PROMPTS, MAX_NEW)
 
 
 @pytest.mark.parametrize("kind", ["qwen3-yarn", "qwen3-untied"])

@@ -2,16 +2,13 @@
 float32 logits close at every prompt position, greedy tokens equal under chunked prefill, prefix
 cache hits and preemption; expert weights load from per-expert and fused checkpoint layouts."""
 
-import functools
 import json
 import os
-import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
-from dlengine import EngineBuilder, SamplingParams
+from dlengine import EngineBuilder
 from dlengine.config import ConfigError
 from dlengine.models.layers.moe import SoftmaxTopKRouter, _fused_experts_dense, fused_experts_torch
 from dlengine.models.qwen3 import Qwen3MLP
@@ -19,21 +16,23 @@ from dlengine.models.qwen3_moe import Qwen3MoeSparseBlock
 from dlengine.testing import tiny_checkpoint
 
 from conftest import make_prompts
-from hf_reference import hf_greedy, hf_logits
+from hf_reference import (
+    SCHEDULING_SETUPS,
+    check_greedy_setup,
+    checkpoint_tensors,
+    copy_checkpoint,
+    hf_logits,
+    reference_greedy,
+    relative_error,
+)
 
 KIND = "qwen3-moe"
 MAX_NEW = 24
 PROMPTS = make_prompts()
 
 
-@functools.lru_cache(maxsize=None)
 def reference_outputs() -> tuple:
-    path = tiny_checkpoint(KIND)
-    return tuple(tuple(hf_greedy(path, p, MAX_NEW)) for p in PROMPTS)
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
+    return reference_greedy(KIND, tuple(map(tuple, PROMPTS)), MAX_NEW)
 
 
 def test_prompt_logits_match_transformers():
@@ -48,55 +47,9 @@ def test_prompt_logits_match_transformers():
         assert relative_error(ours, ref) < 1e-4  # every position, i.e. the whole prefill
 
 
-SETUPS = {
-    "default": dict(cache=dict(block_size=16)),
-    "chunked-32": dict(cache=dict(block_size=16), scheduler=dict(max_num_batched_tokens=32)),
-    "prefix-cache-twice": dict(cache=dict(block_size=16)),
-    "preemption": dict(cache=dict(block_size=16, num_blocks=40), scheduler=dict(max_model_len=512)),
-}
-
-
-def build(path, setup):
-    b = EngineBuilder(path).dtype("float32").cache(**setup["cache"])
-    if "scheduler" in setup:
-        b.scheduler(**setup["scheduler"])
-    return b.build()
-
-
-@pytest.mark.parametrize("setup", list(SETUPS))
+@pytest.mark.parametrize("setup", list(SCHEDULING_SETUPS))
 def test_greedy_tokens_match_transformers(setup):
-    path = tiny_checkpoint(KIND)
-    engine = build(path, SETUPS[setup])
-    rounds = 2 if setup == "prefix-cache-twice" else 1
-    for r in range(rounds):
-        engine.stats.reset()
-        outs = engine.generate(PROMPTS, SamplingParams(max_tokens=MAX_NEW, temperature=0.0))
-        for i, (out, expected) in enumerate(zip(outs, reference_outputs())):
-            assert out.token_ids == list(expected), f"round {r}: prompt {i} (len {len(PROMPTS[i])}) diverged"
-    if setup == "prefix-cache-twice":
-        assert engine.stats.num_cached_tokens > 0  # the second round read its prompts from the cache
-    if setup == "preemption":
-        assert engine.stats.num_preemptions > 0
-    if setup == "chunked-32":
-        assert max(s.num_tokens for s in engine.stats.steps) <= 32
-        assert any(s.num_decodes > 0 and s.num_prefill_tokens > 0 for s in engine.stats.steps)
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
-    engine.block_manager.check_invariants()
-
-
-def _copy_without_weights(src: str, dst: str) -> None:
-    os.makedirs(dst, exist_ok=True)
-    for f in os.listdir(src):
-        if not f.endswith(".safetensors") and not f.endswith(".index.json"):
-            shutil.copy(os.path.join(src, f), os.path.join(dst, f))
-
-
-def _checkpoint_tensors(path: str) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for f in sorted(os.listdir(path)):
-        if f.endswith(".safetensors"):
-            tensors.update(load_file(os.path.join(path, f)))
-    return tensors
+    check_greedy_setup(KIND, setup, SCHEDULING_SETUPS[setup], PROMPTS, MAX_NEW)
 
 
 def test_fused_expert_layout_loads_the_same_weights(tmp_path):
@@ -107,7 +60,7 @@ def test_fused_expert_layout_loads_the_same_weights(tmp_path):
         num_experts = json.load(f)["num_local_experts"]
     fused: dict[str, torch.Tensor] = {}
     experts: dict[str, dict[str, list]] = {}
-    for name, t in _checkpoint_tensors(path).items():
+    for name, t in checkpoint_tensors(path).items():
         if ".mlp.experts." not in name:
             fused[name] = t
             continue
@@ -119,9 +72,7 @@ def test_fused_expert_layout_loads_the_same_weights(tmp_path):
         gate, up = torch.stack(projs["gate_proj"]), torch.stack(projs["up_proj"])
         fused[f"{prefix}.mlp.experts.gate_up_proj"] = torch.cat([gate, up], dim=1).contiguous()
         fused[f"{prefix}.mlp.experts.down_proj"] = torch.stack(projs["down_proj"]).contiguous()
-    out = str(tmp_path / "fused")
-    _copy_without_weights(path, out)
-    save_file(fused, os.path.join(out, "model.safetensors"))
+    out = copy_checkpoint(path, str(tmp_path / "fused"), fused)
 
     prompt = PROMPTS[7]
     ref = EngineBuilder(path).dtype("float32").build().prompt_logits(prompt)
@@ -131,11 +82,9 @@ def test_fused_expert_layout_loads_the_same_weights(tmp_path):
 
 def test_missing_expert_tensor_is_an_error(tmp_path):
     path = tiny_checkpoint(KIND)
-    tensors = _checkpoint_tensors(path)
+    tensors = checkpoint_tensors(path)
     del tensors["model.layers.2.mlp.experts.5.up_proj.weight"]
-    out = str(tmp_path / "partial")
-    _copy_without_weights(path, out)
-    save_file(tensors, os.path.join(out, "model.safetensors"))
+    out = copy_checkpoint(path, str(tmp_path / "partial"), tensors)
     with pytest.raises(ConfigError, match=r"model\.layers\.2\.mlp\.experts\.w13_weight#up\.5"):
         EngineBuilder(out).dtype("float32").build()
 

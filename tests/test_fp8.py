@@ -10,11 +10,10 @@ checkpoint only the size of the quantisation error is asserted: the tiny random 
 
 import json
 import os
-import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from dlengine import EngineBuilder, SamplingParams
 from dlengine.config import ConfigError, QuantizationConfig
@@ -24,7 +23,7 @@ from dlengine.models.layers.linear import MergedLinear
 from dlengine.testing import build_fp8_checkpoint, tiny_checkpoint
 
 from conftest import make_prompts
-from hf_reference import hf_greedy, hf_logits
+from hf_reference import copy_checkpoint, hf_greedy, hf_logits, relative_error
 
 PROMPTS = make_prompts()
 MAX_NEW = 16
@@ -32,25 +31,6 @@ MAX_NEW = 16
 
 def fp8_path() -> str:
     return tiny_checkpoint("deepseek-v3-fp8")
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def copy_checkpoint(path: str, out: str, tensors: dict | None = None, config: dict | None = None) -> str:
-    os.makedirs(out, exist_ok=True)
-    for f in os.listdir(path):
-        if not f.endswith(".safetensors"):
-            shutil.copy(os.path.join(path, f), os.path.join(out, f))
-    if tensors is None:
-        shutil.copy(os.path.join(path, "model.safetensors"), os.path.join(out, "model.safetensors"))
-    else:
-        save_file(tensors, os.path.join(out, "model.safetensors"))
-    if config is not None:
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump(config, f)
-    return out
 
 
 def read_config(path: str) -> dict:
@@ -183,7 +163,7 @@ def test_dequant_mode_matches_transformers(tmp_path, block):
     assert isinstance(merged, Fp8Linear) and merged.dequantized
     assert merged.row_div == (1 if block == (128, 128) else 8)
     for prompt in PROMPTS[:6]:
-        assert rel_err(engine.prompt_logits(prompt), hf_logits(oracle, prompt)) < 1e-4
+        assert relative_error(engine.prompt_logits(prompt), hf_logits(oracle, prompt)) < 1e-4
     outs = engine.generate(PROMPTS, SamplingParams(max_tokens=MAX_NEW, temperature=0.0))
     for out, prompt in zip(outs, PROMPTS):
         assert out.token_ids == hf_greedy(oracle, prompt, MAX_NEW)
@@ -340,7 +320,7 @@ def test_fp8_block_gemm_matches_reference(m, n, k, row_div, bias, out_dtype):
     # and the whole linear (Triton quant + GEMM) is W8A8: a few % of the float32 product
     y = tk.fp8_linear(x, w_q, w_s, (128, 128), row_div, b)
     exact = x @ w.t() + (b if bias else 0)
-    assert rel_err(y.float(), exact) < 0.1
+    assert relative_error(y.float(), exact) < 0.1
 
 
 def test_fp8_block_gemm_empty_batch():
@@ -387,14 +367,14 @@ def test_fused_moe_fp8_matches_reference(t, e, k, h, i, block, dtype):
     # float32: summation order only. bf16: the interpreter truncates the rounded gate/up, and an
     # ulp there can move an intermediate across an e4m3 rounding boundary (one e4m3 step, 6%)
     tol = 1e-4 if dtype == torch.float32 else 6e-2
-    assert rel_err(out.float(), expect.float()) < tol
+    assert relative_error(out.float(), expect.float()) < tol
     # W8A8 stays close to the float32 experts on the dequantised weights
     from dlengine.models.layers.moe import fused_experts_torch
 
     deq13 = ref.dequantize_weight(w13, s13, block[1], row_div, torch.float32)
     deq2 = ref.dequantize_weight(w2, s2, block[1], block[0], torch.float32)
     exact = fused_experts_torch(x.float(), deq13, deq2, tw, ti)
-    assert rel_err(out.float().cpu(), exact) < 0.1
+    assert relative_error(out.float().cpu(), exact) < 0.1
 
 
 def test_fused_3d_expert_tensors_load(tmp_path):

@@ -6,7 +6,6 @@ within bf16 noise), with every attention backend and with/without CUDA graphs.
 """
 
 import pytest
-import torch
 
 from dlengine import EngineBuilder, SamplingParams
 
