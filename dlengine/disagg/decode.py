@@ -102,7 +102,8 @@ class DecodeRole:
 
     # ------------------------------------------------------------------ admission
     def prepare(self, request) -> None:
-        pass
+        """Engine hook for a request added without kv_transfer_params: a decode engine computes
+        it as a hybrid engine would, so there is nothing to set up."""
 
     def admit(self, request, kv_transfer_params) -> None:
         """Validate and queue a migrated request (called by Engine.add_request)."""
