@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
+from dlengine.kernels import gluon_mla  # noqa: E402
 from dlengine.kernels import triton_attention as ta  # noqa: E402
 from dlengine.kernels import triton_mla as tm  # noqa: E402
 from dlengine.kernels.attention_metadata import AttentionMetadata  # noqa: E402
@@ -55,6 +56,8 @@ H, C, R, NOPE, V, PAGE = 128, 512, 64, 128, 128, 16
 WIDTH = C + R
 SCALE = (NOPE + R) ** -0.5
 DT = torch.bfloat16
+_GLUON_WHY = gluon_mla.supported(torch.device(DEV), DT, C, R) if torch.cuda.is_available() else "no CUDA"
+KERNELS = ["triton"] + (["gluon"] if _GLUON_WHY is None else [])
 RESULTS: dict = {"env": {}, "correctness": [], "decode": [], "decode_configs": [], "flashinfer": [], "extend": []}
 
 
@@ -74,7 +77,8 @@ class Batch:
 
     def __init__(self, reqs, cache: torch.Tensor, gen: torch.Generator):
         self.reqs = reqs
-        nblk = [-(-sl // PAGE) for _, sl in reqs]
+        page = cache.shape[1]
+        nblk = [-(-sl // page) for _, sl in reqs]
         if sum(nblk) > cache.shape[0]:
             raise ValueError("cache too small")
         perm = torch.randperm(cache.shape[0], generator=gen)[: sum(nblk)]
@@ -85,7 +89,7 @@ class Batch:
             used += nblk[i]
             tables[i, :nblk[i]] = blocks.to(torch.int32)
             pos = torch.arange(sl - ql, sl)
-            slots.append(blocks[pos // PAGE] * PAGE + pos % PAGE)
+            slots.append(blocks[pos // page] * page + pos % page)
             qsl.append(qsl[-1] + ql)
         self.pages = [tables[i, :n].tolist() for i, n in enumerate(nblk)]
         self.meta = AttentionMetadata(
@@ -150,15 +154,17 @@ def correctness(w: MLAWeights, gen: torch.Generator) -> bool:
                                  C, NOPE, V, SCALE)
 
     # the decode kernel alone: latent outputs, NaN-poisoned
-    for reqs, splits in [([(1, s) for s in (1, 15, 16, 17, 300, 1024, 2049, 4096)], None),
-                         ([(1, 16000)], None), ([(1, 777), (1, 33)], 1)]:
-        b = Batch(reqs, cache, gen)
-        q_lat = torch.randn(len(reqs), H, C, generator=gen).to(DEV, DT)
-        out = torch.full((len(reqs), H, C), float("nan"), dtype=DT, device=DEV)
-        tm.mla_decode(q_lat, b.q_pe, cache, b.meta.block_tables, b.meta.query_start_loc, b.meta.seq_lens, out,
-                      SCALE, max_seq_len=b.meta.max_seq_len, num_splits=splits)
-        ok &= report(f"decode kernel ctx {[s for _, s in reqs][:4]}.. splits={splits or 'auto'}", out,
-                     latent_reference(q_lat, b.q_pe, b))
+    for kernel in KERNELS:
+        for reqs, splits in [([(1, s) for s in (1, 15, 16, 17, 300, 1024, 2049, 4096)], None),
+                             ([(1, 16000)], None), ([(1, 777), (1, 33)], 1), ([(1, 5000), (1, 1), (1, 64)], 4), ([(1, 100)], 64),
+                             ([(1, 8192)] * 32, None)]:
+            b = Batch(reqs, cache, gen)
+            q_lat = torch.randn(len(reqs), H, C, generator=gen).to(DEV, DT)
+            out = torch.full((len(reqs), H, C), float("nan"), dtype=DT, device=DEV)
+            tm.mla_decode(q_lat, b.q_pe, cache, b.meta.block_tables, b.meta.query_start_loc, b.meta.seq_lens, out,
+                          SCALE, max_seq_len=b.meta.max_seq_len, num_splits=splits, kernel=kernel)
+            ok &= report(f"{kernel} decode kernel ctx {[s for _, s in reqs][:4]}.. splits={splits or 'auto'}", out,
+                         latent_reference(q_lat, b.q_pe, b))
     # whole attention: decodes, prefill, chunked prefill over a prefix, short extend, mixed
     cases = [
         ("decode batch 64, ctx 1..3000", [(1, int(s)) for s in torch.randint(1, 3000, (64,), generator=gen)]),
@@ -265,16 +271,25 @@ def decode_sweep(w, gen, copy_bw, batches, ctxs, cache) -> None:
             q_lat, out = decode_inputs(b, w)
             m = b.meta
             t_k = bench(lambda: tm.mla_decode(q_lat, b.q_pe, cache, m.block_tables, m.query_start_loc, m.seq_lens,
-                                              out, SCALE, max_seq_len=ctx))
+                                              out, SCALE, max_seq_len=ctx, kernel="triton"))
+            t_g = {k: bench(lambda k=k: tm.mla_decode(q_lat, b.q_pe, cache, m.block_tables, m.query_start_loc,
+                                                      m.seq_lens, out, SCALE, max_seq_len=ctx, kernel=k))
+                   for k in KERNELS if k != "triton"}
             t_a = bench(lambda: tm.mla_attention(b.q_nope, b.q_pe, cache, m, w, SCALE))
             cfg = tm.decode_config(DT)
             head_tiles = -(-H // cfg["block_h"])
             splits = ta.choose_num_splits(bs, head_tiles, ctx, cfg["block_n"], ta._num_sms(torch.cuda.current_device()))
             gbs, gbs_a = b.kv_bytes / t_k / 1e9, b.kv_bytes / t_a / 1e9
+            row = dict(batch=bs, ctx=ctx, splits=splits, kernel_us=t_k * 1e6, kernel_GBps=gbs,
+                       pct_copy=100 * gbs / copy_bw, attention_us=t_a * 1e6, attention_GBps=gbs_a)
+            extra = ""
+            for k, t in t_g.items():
+                gbs_g = b.kv_bytes / t / 1e9
+                row.update({f"{k}_us": t * 1e6, f"{k}_GBps": gbs_g, f"{k}_pct_copy": 100 * gbs_g / copy_bw})
+                extra += f"  {k} {t * 1e6:8.1f} us {100 * gbs_g / copy_bw:4.0f}%"
             print(f"  {bs:>5} {ctx:>6} {splits:>6} {t_k * 1e6:>10.1f} {gbs:>7.0f} {100 * gbs / copy_bw:>5.0f}% "
-                  f"{t_a * 1e6:>9.1f} {gbs_a:>7.0f}", flush=True)
-            RESULTS["decode"].append(dict(batch=bs, ctx=ctx, splits=splits, kernel_us=t_k * 1e6, kernel_GBps=gbs,
-                                          pct_copy=100 * gbs / copy_bw, attention_us=t_a * 1e6, attention_GBps=gbs_a))
+                  f"{t_a * 1e6:>9.1f} {gbs_a:>7.0f}{extra}", flush=True)
+            RESULTS["decode"].append(row)
 
 
 def config_sweep(w, gen, copy_bw, cache, configs) -> None:
@@ -287,7 +302,7 @@ def config_sweep(w, gen, copy_bw, cache, configs) -> None:
     for cfg in configs:
         try:
             fn = lambda: tm.mla_decode(q_lat, b.q_pe, cache, m.block_tables, m.query_start_loc,  # noqa: E731
-                                       m.seq_lens, out, SCALE, max_seq_len=ctx, config=cfg)
+                                       m.seq_lens, out, SCALE, max_seq_len=ctx, config=cfg, kernel="triton")
             fn()
             torch.cuda.synchronize()
             if ref is None:
@@ -303,11 +318,12 @@ def config_sweep(w, gen, copy_bw, cache, configs) -> None:
             print(f"  {json.dumps(cfg):<70} failed: {type(e).__name__}: {str(e)[:100]}", flush=True)
 
 
-def flashinfer_sweep(w, gen, copy_bw, batches, ctxs, cache) -> None:
-    print(f"\n== FlashInfer BatchMLAPagedAttentionWrapper ({FI}) ==", flush=True)
+def flashinfer_sweep(w, gen, copy_bw, batches, ctxs, cache, page=PAGE) -> None:
+    print(f"\n== FlashInfer BatchMLAPagedAttentionWrapper ({FI}), page {page} ==", flush=True)
     if BatchMLAPagedAttentionWrapper is None:
         print("  skipped")
         return
+    cache = cache.view(-1, page, 1, WIDTH)
     ws = torch.empty(256 << 20, dtype=torch.int8, device=DEV)
     # the c_kv and k_pe halves of our cache as strided views, as the flashinfer backend passes them
     ckv, kpe = cache[:, :, 0, :C], cache[:, :, 0, C:]
@@ -323,17 +339,26 @@ def flashinfer_sweep(w, gen, copy_bw, batches, ctxs, cache) -> None:
                 indices = torch.tensor([p for pages in b.pages for p in pages], dtype=torch.int32, device=DEV)
                 indptr = torch.tensor([0] + [len(p) for p in b.pages], dtype=torch.int32).cumsum(0).int().to(DEV)
                 qo = torch.arange(bs + 1, dtype=torch.int32, device=DEV)
-                wrapper.plan(qo, indptr, indices, b.meta.seq_lens, H, C, R, PAGE, False, SCALE, DT, DT)
+                wrapper.plan(qo, indptr, indices, b.meta.seq_lens, H, C, R, page, False, SCALE, DT, DT)
                 fi_out = wrapper.run(q_lat, b.q_pe, ckv, kpe)
                 tm.mla_decode(q_lat, b.q_pe, cache, b.meta.block_tables, b.meta.query_start_loc, b.meta.seq_lens,
                               out, SCALE, max_seq_len=ctx)
                 same = bool(torch.allclose(fi_out.float(), out.float(), atol=2e-2, rtol=2e-2))
                 t = bench(lambda: wrapper.run(q_lat, b.q_pe, ckv, kpe))
                 gbs = b.kv_bytes / t / 1e9
+                row = dict(batch=bs, ctx=ctx, page=page, us=t * 1e6, GBps=gbs, pct_copy=100 * gbs / copy_bw,
+                           matches_triton=same)
+                extra = ""
+                for k in KERNELS[1:]:  # ours on the same page size, same run
+                    t_g = bench(lambda k=k, b=b, out=out, ctx=ctx: tm.mla_decode(
+                        q_lat, b.q_pe, cache, b.meta.block_tables, b.meta.query_start_loc, b.meta.seq_lens, out,
+                        SCALE, max_seq_len=ctx, kernel=k))
+                    gbs_g = b.kv_bytes / t_g / 1e9
+                    row.update({f"{k}_us": t_g * 1e6, f"{k}_pct_copy": 100 * gbs_g / copy_bw})
+                    extra += f" | {k} {t_g * 1e6:7.1f} us {100 * gbs_g / copy_bw:3.0f}% ({t_g / t:.2f}x FI)"
                 print(f"  batch {bs:>4} ctx {ctx:>6}: {t * 1e6:8.1f} us {gbs:6.0f} GB/s {100 * gbs / copy_bw:4.0f}%"
-                      f"{'' if same else '  (differs from triton!)'}", flush=True)
-                RESULTS["flashinfer"].append(dict(batch=bs, ctx=ctx, us=t * 1e6, GBps=gbs,
-                                                  pct_copy=100 * gbs / copy_bw, matches_triton=same))
+                      f"{'' if same else '  (differs from triton!)'}{extra}", flush=True)
+                RESULTS["flashinfer"].append(row)
             except Exception as e:  # noqa: BLE001
                 print(f"  batch {bs} ctx {ctx}: failed: {type(e).__name__}: {str(e)[:160]}", flush=True)
                 return
@@ -366,6 +391,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--configs", type=str, default=None, help="JSON list of decode tile configs to sweep")
+    ap.add_argument("--pages", type=str, default=None, help="JSON list of extra page sizes for the FlashInfer "
+                    "comparison at batch 32..128 x 8k, e.g. [64]")
+    ap.add_argument("--skip-configs", action="store_true", help="skip the Triton tile sweep")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA device")
@@ -374,7 +402,8 @@ def main() -> int:
     gen = torch.Generator().manual_seed(0)
     RESULTS["env"] = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, flashinfer=FI,
                           decode_defaults=tm.DECODE_DEFAULTS)
-    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, flashinfer {FI}")
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, flashinfer {FI}, "
+          f"gluon kernel: {'yes' if _GLUON_WHY is None else _GLUON_WHY}")
     w = make_weights(gen)
     ok = True
     try:
@@ -400,8 +429,12 @@ def main() -> int:
         dict(block_h=64, block_n=64, num_warps=8, num_stages=2),
         dict(block_h=64, block_n=16, num_warps=8, num_stages=3),
     ]
-    guarded(config_sweep, w, gen, copy_bw, cache, configs)
+    if not args.skip_configs:
+        guarded(config_sweep, w, gen, copy_bw, cache, configs)
     guarded(flashinfer_sweep, w, gen, copy_bw, batches, ctxs, cache)
+    if args.pages:
+        for page in json.loads(args.pages):
+            guarded(flashinfer_sweep, w, gen, copy_bw, [32, 64, 128], [8192], cache, page)
     guarded(extend_timings, w, gen, cache)
     print(f"\ncorrectness (triton): {'PASS' if ok else 'FAIL'}")
     if "flashinfer_backend_ok" in RESULTS["env"]:

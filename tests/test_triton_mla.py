@@ -208,3 +208,41 @@ def test_engine_triton_matches_torch_and_transformers(kind, monkeypatch):
     assert again[0].token_ids == ref[1]
     assert engine.stats.num_cached_tokens > 0
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+# -------------------------------------------------------------------- the Hopper Gluon decode kernel
+# (kernels/gluon_mla.py runs on sm_90 only; tests/test_gpu_mla_engine.py and scripts/gpu_check_mla.py
+# check it on the H100. Here: the dispatch around it and its host-side choices.)
+
+
+def test_decode_kernel_choice_is_validated_and_falls_back_to_triton():
+    from dlengine.kernels import gluon_mla
+
+    from dlengine.kernels.mla_attention_torch import absorb_query
+
+    q_nope, q_pe, cache, meta, w = make_batch([(1, 20), (1, 7)], 4)
+    q_lat = absorb_query(q_nope, w)
+    out = torch.zeros(2, H, C, device=DEVICE)
+    args = (q_lat, q_pe, cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, out, SCALE)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        tm.mla_decode(*args, max_seq_len=20, kernel="gluon")
+    with pytest.raises(ValueError, match="unknown MLA decode kernel 'flashmla'"):
+        tm.mla_decode(*args, max_seq_len=20, kernel="flashmla")
+    tm.mla_decode(*args, max_seq_len=20, kernel="auto")  # not applicable here: the Triton kernel runs
+    auto_out = out.clone()
+    out.zero_()
+    tm.mla_decode(*args, max_seq_len=20, kernel="triton")
+    assert torch.equal(out, auto_out) and out.abs().sum() > 0
+    # where it cannot run, it says why
+    assert "CUDA" in gluon_mla.supported(torch.device("cpu"), torch.bfloat16, 512, 64)
+
+
+@pytest.mark.parametrize("rows, head_tiles, ctx", [(1, 2, 8192), (32, 2, 8192), (64, 2, 8192), (128, 2, 32768),
+                                                   (3, 1, 100), (1, 2, 1)])
+def test_gluon_split_count_fills_one_wave_of_programs(rows, head_tiles, ctx):
+    from dlengine.kernels.gluon_mla import choose_num_splits
+
+    n = choose_num_splits(rows, head_tiles, ctx, num_sms=132)
+    assert n >= 1 and n & (n - 1) == 0  # a power of two: few recompiles of the merge
+    assert rows * head_tiles * n <= max(132, rows * head_tiles)  # one program per SM: at most one wave
+    assert n == 1 or ctx // n >= 512  # enough keys a split to pay for its partial

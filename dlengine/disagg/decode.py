@@ -29,7 +29,6 @@ import torch
 from dlengine.disagg.params import KVTransferParams, prompt_hash
 from dlengine.disagg.prefill import DONE, META_BYTES, PIN
 from dlengine.engine.sampler import skip_sampling_steps
-from dlengine.engine.request import RequestStatus
 from dlengine.parallel.transfer.base import HandshakeError, KVLayout, TransferError
 from dlengine.parallel.transfer.kv_region import KVRegion
 from dlengine.sampling_params import InvalidRequestError

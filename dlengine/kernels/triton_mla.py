@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dlengine.kernels import gluon_mla
 from dlengine.kernels import triton_attention as ta
 from dlengine.kernels.attention_metadata import AttentionMetadata
 from dlengine.kernels.mla_attention_torch import MLAWeights, absorb_query, latent_to_v
@@ -68,6 +69,8 @@ EXPAND_MAX_CONTEXT = 16384
 # `config=` (scripts/gpu_check_mla.py --configs sweeps a few).
 # best of the H100 tile sweep at batch 64 x 8k (scripts/gpu_check_mla.py; docs/performance.md): BLOCK_H 64
 # lets Triton use Hopper's wgmma; BLOCK_N 128 exceeds shared memory
+# Which decode kernel mla_decode runs by default ("auto": the Gluon kernel where it applies)
+DECODE_KERNEL = "auto"
 DECODE_DEFAULTS = dict(block_h=64, block_n=64, num_warps=8, num_stages=2)
 DECODE_DEFAULTS_FP32 = dict(block_h=16, block_n=16, num_warps=4, num_stages=1)
 DECODE_DEFAULTS_INTERPRET = dict(block_h=16, block_n=16, num_warps=4, num_stages=1)
@@ -315,20 +318,40 @@ def decode_config(cache_dtype: torch.dtype, config: dict | None = None) -> dict:
 def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
                row_tok: torch.Tensor, row_len: torch.Tensor, out_lat: torch.Tensor, scale: float, *,
                max_seq_len: int, row_req: torch.Tensor | None = None, num_splits: int | None = None,
-               config: dict | None = None) -> torch.Tensor:
+               config: dict | None = None, kernel: str | None = None) -> torch.Tensor:
     """Absorbed MLA for len(row_len) query rows into out_lat, one launch.
 
     q_lat / out_lat [T, H, kv_lora_rank] and q_pe [T, H, rope] are indexed by strides (any
     layout with unit stride on the last dim, e.g. transposed [H, T, C] bmm outputs). Row r is
     token row_tok[r] attending the first row_len[r] cached rows of block-table row row_req[r]
-    (or r). `max_seq_len` (host) only sizes the split count; correctness never depends on it."""
+    (or r). `max_seq_len` (host) only sizes the split count; correctness never depends on it.
+
+    kernel: "triton" (this file), "gluon" (kernels/gluon_mla.py: Hopper, DeepSeek dims, one row
+    per request, no tile config; ValueError elsewhere) or "auto"/None = DECODE_KERNEL: gluon
+    where it applies, else triton."""
     num_rows = row_len.shape[0]
     _, num_heads, kv_lora = q_lat.shape
     rope = q_pe.shape[-1]
     if num_rows == 0:
         return out_lat
     assert cache.shape[-1] == kv_lora + rope and cache.shape[2] == 1, (cache.shape, kv_lora, rope)
-    assert q_lat.stride(-1) == 1 and q_pe.stride(-1) == 1 and out_lat.stride(-1) == 1
+    kernel = kernel or DECODE_KERNEL
+    if kernel not in ("auto", "triton", "gluon"):
+        raise ValueError(f"unknown MLA decode kernel {kernel!r}: 'auto', 'triton' or 'gluon'")
+    if kernel != "triton":
+        if _INTERPRET:
+            why = "does not run under TRITON_INTERPRET (Gluon has no CPU interpreter)"
+        else:
+            why = gluon_mla.supported(q_lat.device, cache.dtype, kv_lora, rope)
+        if why is None and row_req is not None:
+            why = "runs decode rows only (one query token per request)"
+        if why is None and config is not None:
+            why = "takes no Triton tile config"
+        if why is None:
+            return gluon_mla.mla_decode_gluon(q_lat, q_pe, cache, block_tables, row_tok, row_len, out_lat, scale,
+                                              max_seq_len=max_seq_len, num_splits=num_splits)
+        if kernel == "gluon":
+            raise ValueError(f"the gluon MLA decode kernel {why}")
     cfg = decode_config(cache.dtype, config)
     block_h = min(cfg["block_h"], max(16, triton.next_power_of_2(num_heads)))
     head_tiles = -(-num_heads // block_h)

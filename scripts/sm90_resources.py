@@ -1,0 +1,87 @@
+#!/usr/bin/env python3
+"""Compile the MLA decode kernels for sm_90 without a GPU and print what ptxas made of them:
+registers, spill stack, shared memory, and the MMA / async-copy ops in the TTGIR.
+
+    python scripts/sm90_resources.py            # both kernels at DeepSeek-V3 dims, page 16
+
+Runs on any machine with triton (it ships ptxas and cuobjdump); useful before spending GPU time:
+a kernel that spills or overflows shared memory shows it here. Numbers for the shipped kernels
+are in docs/mla.md.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from dlengine.kernels import gluon_mla, triton_mla  # noqa: E402
+
+POINTERS = {"qlat_ptr": "*bf16", "qpe_ptr": "*bf16", "cache_ptr": "*bf16", "bt_ptr": "*i32", "row_tok_ptr": "*i32",
+            "row_len_ptr": "*i32", "row_req_ptr": "*i32", "out_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
+            "lse_ptr": "*fp32"}
+ALIGNED_INTS = ("stride_cb", "stride_cs")  # what the launcher sees as multiples of 16
+
+
+def resources(fn, constants: dict, source_cls, num_warps: int, num_stages: int = 2, structured: bool = False):
+    """Build `fn` for sm_90 with these constexprs; a one-line summary (or a dict if structured)."""
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constants:
+            sig[name] = "constexpr"
+        elif name in POINTERS:
+            sig[name] = POINTERS[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "fp32" if name == "qk_scale" else "i32"
+            if name in ALIGNED_INTS:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    kernel = triton.compile(source_cls(fn, sig, {k: v for k, v in constants.items() if k in fn.arg_names}, attrs),
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    ttgir = kernel.asm["ttgir"]
+    ops = {op: ttgir.count(op) for op in ("ttng.warp_group_dot ", "async_copy_global_to_local", "ttg.local_alloc")}
+    if structured:
+        return {"registers": int(m.group(1)), "spill_stack": int(m.group(2)), "shared": kernel.metadata.shared,
+                "ops": ops}
+    return (f"registers {m.group(1)}, spill stack {m.group(2)} B, shared {kernel.metadata.shared:,} B, "
+            f"ttgir ops {ops}" if m else usage)
+
+
+def main() -> int:
+    common = dict(NUM_HEADS=128, HEAD_TILES=2, PAGE=16, KV_LORA=512, ROPE=64)
+    cfg = triton_mla.DECODE_DEFAULTS
+    print("triton _mla_decode_kernel", cfg, "(split):")
+    print("  ", resources(triton_mla._mla_decode_kernel,
+                          dict(common, BLOCK_H=cfg["block_h"], HEAD_TILES=128 // cfg["block_h"], BLOCK_C=512,
+                               BLOCK_R=64, BLOCK_N=cfg["block_n"], ROW_REQ=False, DIRECT=False, UPCAST=False,
+                               IEEE=False, C_SPLIT=1), ASTSource, cfg["num_warps"], cfg["num_stages"]))
+    if gluon_mla.GLUON_IMPORT_ERROR is not None:
+        print("gluon kernel: not importable:", gluon_mla.GLUON_IMPORT_ERROR)
+        return 0
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    for direct in (False, True):
+        print(f"gluon _mla_decode_gluon_kernel ({'one split' if direct else 'split'}):")
+        print("  ", resources(gluon_mla._mla_decode_gluon_kernel,
+                              dict(common, DIRECT=direct, BLOCK_H=gluon_mla.BLOCK_H, BLOCK_N=gluon_mla.BLOCK_N,
+                                   STAGES=gluon_mla.STAGES), GluonASTSource, gluon_mla.NUM_WARPS))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
