@@ -73,6 +73,14 @@ def supported(device: torch.device, cache_dtype: torch.dtype, kv_lora: int, rope
     return None
 
 
+def cache_layout_problem(cache: torch.Tensor) -> str | None:
+    """None when the latent cache's rows can be gathered with 16-byte cp.async (what the kernel is
+    compiled for: row and block strides multiples of 16 elements, unit stride inside a row)."""
+    if cache.stride(-1) != 1 or cache.stride(0) % 16 or cache.stride(1) % 16 or cache.data_ptr() % 16:
+        return f"needs 16-element-aligned cache rows (strides {tuple(cache.stride())})"
+    return None
+
+
 if GLUON_IMPORT_ERROR is None:
 
     @gluon.jit
@@ -209,6 +217,9 @@ if GLUON_IMPORT_ERROR is None:
             s = _scores(q_smem, qpe_smem, kv, pe_smem.index(stage), BLOCK_H, BLOCK_N, S_L)
             s, acc = warpgroup_mma_wait(0, deps=[s, acc])  # also the previous tile's PV product
             _cta_barrier()  # both warp groups are done with the stage refilled next
+            # (issuing this load earlier, under the scores -- wait down to 2 outstanding MMA groups
+            # retires PV(t-1) -- was measured 5-10% slower: the copies compete with the score MMAs,
+            # which read both operands from shared memory)
             ahead = (t + STAGES - 1) * BLOCK_N
             free = (t + STAGES - 1 - t0) % STAGES
             _issue_tile(kv_smem.index(free), pe_smem.index(free), cache_ptr, blk_kv, blk_pe, ahead, end_n,
@@ -304,4 +315,4 @@ def mla_decode_gluon(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tenso
     return out_lat
 
 
-__all__ = ["supported", "mla_decode_gluon", "choose_num_splits", "GLUON_IMPORT_ERROR"]
+__all__ = ["GLUON_IMPORT_ERROR", "cache_layout_problem", "choose_num_splits", "mla_decode_gluon", "supported"]

@@ -342,7 +342,7 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, blo
         if _INTERPRET:
             why = "does not run under TRITON_INTERPRET (Gluon has no CPU interpreter)"
         else:
-            why = gluon_mla.supported(q_lat.device, cache.dtype, kv_lora, rope)
+            why = gluon_mla.supported(q_lat.device, cache.dtype, kv_lora, rope) or gluon_mla.cache_layout_problem(cache)
         if why is None and row_req is not None:
             why = "runs decode rows only (one query token per request)"
         if why is None and config is not None:
