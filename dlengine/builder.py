@@ -83,6 +83,7 @@ class EngineBuilder:
         self._parallel: dict[str, Any] = {}
         self._role = "hybrid"
         self._attention = "auto"
+        self._mla_decode = "auto"
         self._load_format = "auto"
         self._seed = 0
         self._max_model_len: int | None = None
@@ -180,6 +181,15 @@ class EngineBuilder:
     def attention(self, backend: str) -> "EngineBuilder":
         """Attention backend: "auto" or one of dlengine.kernels.backends.available_attention_backends()."""
         self._attention = backend
+        return self
+
+    def mla_decode(self, kernel: str) -> "EngineBuilder":
+        """Decode kernel of multi-head latent attention (DeepSeek-V3, Kimi-K2) on the triton
+        backend: "auto" (default: FlashInfer's MLA kernel when flashinfer imports and the model has
+        DeepSeek's latent dims on a 16-bit cache, else our Hopper Gluon kernel where it applies,
+        else our Triton kernel), "flashinfer", "gluon" or "triton". All of them run in CUDA graphs;
+        prefills and extends always run our kernels. See docs/mla.md."""
+        self._mla_decode = kernel
         return self
 
     def load_format(self, fmt: str) -> "EngineBuilder":
@@ -295,6 +305,9 @@ class EngineBuilder:
         else:
             dtype = parse_dtype(model.torch_dtype) if model.torch_dtype in ("bfloat16", "float16", "float32") else torch.bfloat16
 
+        from dlengine.kernels.mla_decode_choice import resolve_mla_decode
+
+        mla_decode = resolve_mla_decode(self._mla_decode, model, attention, device, dtype)
         quantization = self._resolve_quantization(model, device)
         if quantization != "none" and parallel.world_size > 1:
             # the tensor/expert-parallel layers shard bf16 weights; FP8 shards (with their block
@@ -319,7 +332,7 @@ class EngineBuilder:
             seed=self._seed, max_model_len=max_model_len,
             async_scheduling=(device.type == "cuda" and parallel.world_size == 1 if self._async_scheduling is None
                               else self._async_scheduling),
-            quantization=quantization,
+            quantization=quantization, mla_decode=mla_decode,
         )
 
     def _resolve_quantization(self, model: ModelConfig, device: torch.device) -> str:
@@ -359,6 +372,8 @@ class EngineBuilder:
             gc.collect()  # an engine dropped just before still holds device memory until collected
             torch.cuda.empty_cache()
         backend = resolve_attention_backend(cfg.attention_backend, cfg.device)
+        if backend.name == "triton":
+            backend.mla_decode = cfg.mla_decode
         model_cls = get_model_class(cfg.model)
         prev_dtype = torch.get_default_dtype()
         torch.set_default_dtype(cfg.dtype)

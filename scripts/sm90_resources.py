@@ -62,7 +62,25 @@ def resources(fn, constants: dict, source_cls, num_warps: int, num_stages: int =
             f"ttgir ops {ops}" if m else usage)
 
 
+def gluon_report(direct: bool) -> dict:
+    """The Gluon MLA decode kernel's sm_90 build at DeepSeek-V3 dims, page 16 (a dict)."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    return resources(gluon_mla._mla_decode_gluon_kernel,
+                     dict(NUM_HEADS=128, HEAD_TILES=2, PAGE=16, KV_LORA=512, ROPE=64, DIRECT=direct,
+                          BLOCK_H=gluon_mla.BLOCK_H, BLOCK_N=gluon_mla.BLOCK_N, STAGES=gluon_mla.STAGES),
+                     GluonASTSource, gluon_mla.NUM_WARPS, structured=True)
+
+
 def main() -> int:
+    if "--gluon-json" in sys.argv:  # for tests/test_sm90_build.py (a clean process: no interpreter mode)
+        import json
+
+        if gluon_mla.GLUON_IMPORT_ERROR is not None:
+            print(json.dumps({"skip": gluon_mla.GLUON_IMPORT_ERROR}))
+        else:
+            print(json.dumps({str(direct): gluon_report(direct) for direct in (False, True)}))
+        return 0
     common = dict(NUM_HEADS=128, HEAD_TILES=2, PAGE=16, KV_LORA=512, ROPE=64)
     cfg = triton_mla.DECODE_DEFAULTS
     print("triton _mla_decode_kernel", cfg, "(split):")
@@ -73,13 +91,11 @@ def main() -> int:
     if gluon_mla.GLUON_IMPORT_ERROR is not None:
         print("gluon kernel: not importable:", gluon_mla.GLUON_IMPORT_ERROR)
         return 0
-    from triton.experimental.gluon._runtime import GluonASTSource
-
     for direct in (False, True):
+        r = gluon_report(direct)
         print(f"gluon _mla_decode_gluon_kernel ({'one split' if direct else 'split'}):")
-        print("  ", resources(gluon_mla._mla_decode_gluon_kernel,
-                              dict(common, DIRECT=direct, BLOCK_H=gluon_mla.BLOCK_H, BLOCK_N=gluon_mla.BLOCK_N,
-                                   STAGES=gluon_mla.STAGES), GluonASTSource, gluon_mla.NUM_WARPS))
+        print(f"   registers {r['registers']}, spill stack {r['spill_stack']} B, shared {r['shared']:,} B, "
+              f"ttgir ops {r['ops']}")
     return 0
 
 

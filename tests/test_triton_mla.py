@@ -246,3 +246,16 @@ def test_gluon_split_count_fills_one_wave_of_programs(rows, head_tiles, ctx):
     assert n >= 1 and n & (n - 1) == 0  # a power of two: few recompiles of the merge
     assert rows * head_tiles * n <= max(132, rows * head_tiles)  # one program per SM: at most one wave
     assert n == 1 or ctx // n >= 512  # enough keys a split to pay for its partial
+
+
+def test_mla_decode_kernel_choice_at_build_time():
+    from dlengine import ConfigError
+
+    # on CPU only our Triton kernel can run: "auto" resolves to it, explicit GPU kernels say why
+    engine = EngineBuilder("tiny-deepseek-v3").device("cpu").attention("triton").mla_decode("triton").build()
+    assert engine.config.mla_decode == "auto" and engine.runner.backend.mla_decode == "auto"
+    for kernel, words in [("gluon", "CUDA device"), ("flashinfer", "CUDA device"), ("flashmla", "unknown mla_decode")]:
+        with pytest.raises(ConfigError, match=words):
+            EngineBuilder("tiny-deepseek-v3").device("cpu").attention("triton").mla_decode(kernel).build()
+    with pytest.raises(ConfigError, match="latent attention"):  # not an MLA model
+        EngineBuilder("tiny-qwen3").device("cpu").attention("triton").mla_decode("gluon").build()

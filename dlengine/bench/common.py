@@ -37,6 +37,7 @@ class EngineArgs:
     prefix_caching: bool = True
     load_format: str = "auto"
     attention_backend: str = "auto"
+    mla_decode: str = "auto"  # MLA decode kernel (EngineBuilder.mla_decode)
     seed: int = 0
     num_layers: int | None = None  # None: the model's; else hf_overrides(num_hidden_layers=...)
 
@@ -68,7 +69,8 @@ def coerce_config(cls: type[C], config: Any = None, **overrides: Any) -> C:
 
 def build_engine(args: EngineArgs) -> Engine:
     """Build the engine the options describe. Bad options raise dlengine.ConfigError."""
-    b = EngineBuilder(args.model).load_format(args.load_format).attention(args.attention_backend).seed(args.seed)
+    b = (EngineBuilder(args.model).load_format(args.load_format).attention(args.attention_backend)
+         .mla_decode(args.mla_decode).seed(args.seed))
     if args.num_layers is not None:
         b.hf_overrides(num_hidden_layers=args.num_layers)
     if args.dtype is not None:

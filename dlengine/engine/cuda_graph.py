@@ -11,6 +11,8 @@ Everything a graph reads lives in static buffers filled before each replay; the 
 backend must be capturable (no host syncs, launch sizes from static metadata): the Triton
 backend is, the torch reference is not. MLA layers on the Triton backend capture the latent write
 (skips slot -1) and one absorbed decode launch (context 0 gives zeros): kernels/triton_mla.py.
+A backend may ask for host work around capture and before each replay (`graph_capture_begin/
+end`, `graph_before_replay`): FlashInfer's MLA decode re-plans its per-batch-size wrapper there.
 """
 
 from __future__ import annotations
@@ -79,13 +81,20 @@ class CUDAGraphRunner:
         before = torch.cuda.memory_allocated(self.device)
         self.slot_mapping.fill_(-1)
         self.seq_lens.fill_(1)
+        hooks = self.backend if hasattr(self.backend, "graph_capture_begin") else None
         for bs in reversed(self.batch_sizes):
-            for _ in range(2):  # warm up: Triton compiles and autotunes outside the capture
-                self._forward(bs)
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                self.outputs[bs] = self._forward(bs)
+            if hooks:  # e.g. FlashInfer's MLA decode sets up this batch size's own planned wrapper
+                hooks.graph_capture_begin(bs)
+            try:
+                for _ in range(2):  # warm up: Triton compiles and autotunes outside the capture
+                    self._forward(bs)
+                torch.cuda.synchronize(self.device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    self.outputs[bs] = self._forward(bs)
+            finally:
+                if hooks:
+                    hooks.graph_capture_end()
             if self.pool is None:
                 self.pool = graph.pool()
             self.graphs[bs] = graph
@@ -130,5 +139,7 @@ class CUDAGraphRunner:
         if placeholders is not None:
             rows, src = placeholders
             self.input_ids[rows] = last_tokens[src]
+        if hasattr(self.backend, "graph_before_replay"):  # host work a replay needs (FlashInfer's plan)
+            self.backend.graph_before_replay(bs, host[3, :bs], self.block_tables[:bs])
         self.graphs[bs].replay()
         return self.outputs[bs][:n]

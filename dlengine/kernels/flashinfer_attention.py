@@ -23,7 +23,10 @@ MLA models (DeepSeek-V3, Kimi-K2; latent cache [N, page, 1, 512 + 64]) go throug
 `attend_mla`: BatchMLAPagedAttentionWrapper, absorbed form, causal=True for every step (decodes,
 prefills and extends alike), reading the c_kv and k_pe halves of the cache as strided views.
 
-plan() runs on the host every step, so this backend is not capturable in CUDA graphs.
+plan() runs on the host every step, so this backend is not capturable in CUDA graphs. (For MLA
+decode steps in CUDA graphs, use the triton backend with `mla_decode("flashinfer")`, the default
+where flashinfer imports: kernels/flashinfer_mla.py re-plans a per-batch-size wrapper before each
+replay.)
 FlashInfer's plan() fills a pinned host buffer and copies it to the device asynchronously; the
 next plan() must not overwrite that buffer before the copy ran (the engine's host runs a step
 ahead with async scheduling), so each plan waits for an event recorded after the previous one.

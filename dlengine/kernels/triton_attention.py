@@ -588,6 +588,28 @@ class TritonAttentionBackend:
         self.config = config
         self.num_splits = num_splits
         self.mla_config = mla_config  # tiles of the MLA decode kernel (triton_mla.DECODE_DEFAULTS keys)
+        self.mla_decode = "auto"  # MLA decode kernel, set by the builder (kernels/mla_decode_choice.py)
+        self.graph_batch: int | None = None  # set by the CUDA-graph runner while it warms up / captures
+        self._flashinfer_mla = None
+
+    def flashinfer_mla(self, device: torch.device):
+        """The FlashInfer MLA decode helper (kernels/flashinfer_mla.py), made on first use."""
+        if self._flashinfer_mla is None:
+            from dlengine.kernels.flashinfer_mla import FlashInferMLADecode
+
+            self._flashinfer_mla = FlashInferMLADecode(device)
+        return self._flashinfer_mla
+
+    # CUDA-graph hooks (engine/cuda_graph.py): the only host work a replay needs is FlashInfer's plan
+    def graph_capture_begin(self, batch_size: int) -> None:
+        self.graph_batch = batch_size
+
+    def graph_capture_end(self) -> None:
+        self.graph_batch = None
+
+    def graph_before_replay(self, batch_size: int, seq_lens, block_tables: torch.Tensor) -> None:
+        if self._flashinfer_mla is not None:
+            self._flashinfer_mla.plan_graph_replay(batch_size, seq_lens, block_tables)
 
     def write_kv(self, k, v, k_cache, v_cache, meta):
         store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)

@@ -394,12 +394,13 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, blo
 # --------------------------------------------------------------------------------------------------
 
 
-def _absorbed(q_nope, q_pe, cache, w: MLAWeights, scale, config, num_splits, **rows) -> torch.Tensor:
+def _absorbed(q_nope, q_pe, cache, w: MLAWeights, scale, config, num_splits, kernel=None, **rows) -> torch.Tensor:
     """q_lat = q_nope W_UK ([H, T, C] from one batched GEMM), the decode kernel over `rows`, then
     out_lat W_UV^T -> [T, H, v] (rows not covered by `rows` hold garbage)."""
     q_lat = absorb_query(q_nope, w)  # [T, H, C] view of [H, T, C]
     out_lat = torch.empty_like(q_lat.transpose(0, 1)).transpose(0, 1)  # same layout: the W_UV GEMM reads it as is
-    mla_decode(q_lat, q_pe, cache, out_lat=out_lat, scale=scale, num_splits=num_splits, config=config, **rows)
+    mla_decode(q_lat, q_pe, cache, out_lat=out_lat, scale=scale, num_splits=num_splits, config=config, kernel=kernel,
+               **rows)
     return latent_to_v(out_lat, w)  # [T, H, v]
 
 
@@ -433,19 +434,21 @@ def _expanded(q_nope, q_pe, cache, meta: AttentionMetadata, w: MLAWeights, scale
 def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
                   weights: MLAWeights, scale: float, *, config: dict | None = None,
                   num_splits: int | None = None, absorb_max_query_len: int = ABSORB_MAX_QUERY_LEN,
-                  expand_max_context: int = EXPAND_MAX_CONTEXT) -> torch.Tensor:
+                  expand_max_context: int = EXPAND_MAX_CONTEXT, decode_kernel: str | None = None) -> torch.Tensor:
     """MLA of q_nope [T, H, nope], q_pe [T, H, rope] (rotated) over the paged latent cache ->
     [T, H, v_head_dim]. The cache already holds this step's latents.
 
     Decode-only batches (CUDA graphs included): one absorbed launch, rows = requests, no host
     work. Otherwise requests with query_len <= absorb_max_query_len (or a context longer than
     expand_max_context) run absorbed (one row per token, context = prefix + its position + 1),
-    the others non-absorbed (`_expanded`), in groups of at most expand_max_context context rows."""
+    the others non-absorbed (`_expanded`), in groups of at most expand_max_context context rows.
+    `decode_kernel` ("auto" / "triton" / "gluon", see mla_decode) runs the decode-only launch; the
+    absorbed rows of extends take "auto" unless it is "triton"."""
     num_tokens = q_nope.shape[0]
     if num_tokens == 0 or not meta.seq_lens_cpu:
         return q_nope.new_zeros(num_tokens, weights.num_heads, weights.v_head_dim)
     if meta.max_query_len == 1:
-        return _absorbed(q_nope, q_pe, cache, weights, scale, config, num_splits,
+        return _absorbed(q_nope, q_pe, cache, weights, scale, config, num_splits, decode_kernel,
                          block_tables=meta.block_tables, row_tok=meta.query_start_loc, row_len=meta.seq_lens,
                          max_seq_len=meta.max_seq_len)
     qsl = np.concatenate([[0], np.cumsum(meta.query_lens_cpu)])
@@ -460,7 +463,7 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
         reqs = np.repeat(np.asarray(short, dtype=np.int32), [meta.query_lens_cpu[i] for i in short])
         dev = q_nope.device
         out = _absorbed(q_nope, q_pe, cache, weights, scale, config, num_splits,
-                        block_tables=meta.block_tables, row_tok=torch.from_numpy(toks).to(dev),
+                        "triton" if decode_kernel == "triton" else "auto", block_tables=meta.block_tables, row_tok=torch.from_numpy(toks).to(dev),
                         row_len=torch.from_numpy(lens).to(dev), row_req=torch.from_numpy(reqs).to(dev),
                         max_seq_len=max(meta.seq_lens_cpu[i] for i in short))
     else:

@@ -135,8 +135,15 @@ class MLAAttention(nn.Module):
                 out_lat = ctx.backend.attend_mla(absorb_query(q_nope, self.absorbed), q_pe, cache, ctx.meta,
                                                  self.scale)
                 out = latent_to_v(out_lat, self.absorbed)
+            elif ctx.meta.max_query_len == 1 and getattr(ctx.backend, "mla_decode", "auto") == "flashinfer":
+                fi = ctx.backend.flashinfer_mla(q_nope.device)  # decode steps only (builder: mla_decode)
+                out_lat = fi.run(absorb_query(q_nope, self.absorbed), q_pe, cache, ctx.meta, self.scale,
+                                 graph_batch=ctx.backend.graph_batch)
+                out = latent_to_v(out_lat, self.absorbed)
             else:
+                kernel = getattr(ctx.backend, "mla_decode", "auto")
                 out = triton_mla.mla_attention(q_nope, q_pe, cache, ctx.meta, self.absorbed, self.scale,
                                                config=getattr(ctx.backend, "mla_config", None),
-                                               num_splits=getattr(ctx.backend, "num_splits", None))
+                                               num_splits=getattr(ctx.backend, "num_splits", None),
+                                               decode_kernel="auto" if kernel == "flashinfer" else kernel)
         return self.o_proj(out.reshape(t, self.num_heads * self.v_head_dim))

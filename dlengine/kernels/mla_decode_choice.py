@@ -1,0 +1,65 @@
+"""Which kernel runs MLA decode steps on the triton attention backend (`EngineBuilder.mla_decode`).
+
+  "flashinfer"  FlashInfer's BatchMLAPagedAttentionWrapper (kernels/flashinfer_mla.py): the fastest
+                at DeepSeek's dims today (65-79% of copy bandwidth at batch >= 32, 8k; H100)
+  "gluon"       our Hopper kernel (kernels/gluon_mla.py): 45-52% there, no host work per step
+  "triton"      our portable Triton kernel (kernels/triton_mla.py): any GPU, any dims, fp32 too
+  "auto"        flashinfer when it imports and applies, else per call: gluon where it applies,
+                else triton
+
+Explicit choices that cannot run with this model / device / dtype are a ConfigError at build
+time, naming why. Prefills and extends always run our kernels (kernels/triton_mla.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dlengine.config import ConfigError
+
+MLA_DECODE_KERNELS = ("auto", "triton", "gluon", "flashinfer")
+
+
+def _latent_dims(model) -> tuple[int, int]:
+    return int(model.hf_config.get("kv_lora_rank") or 0), int(model.hf_config.get("qk_rope_head_dim") or 0)
+
+
+def _flashinfer_problem(device: torch.device, dtype: torch.dtype, dims: tuple[int, int]) -> str | None:
+    try:
+        from dlengine.kernels import flashinfer_mla
+    except ImportError as e:
+        return f"flashinfer is not importable here ({e}); pip install flashinfer-python"
+    return flashinfer_mla.supported(device, dtype, *dims)
+
+
+def resolve_mla_decode(requested: str, model, attention: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The decode kernel an engine will use ("auto" stays "auto" where only the per-call choice
+    between our two kernels is left)."""
+    if requested not in MLA_DECODE_KERNELS:
+        raise ConfigError(f"unknown mla_decode kernel {requested!r}; choose one of {list(MLA_DECODE_KERNELS)}")
+    on_triton = attention == "triton" or (attention == "auto" and device.type == "cuda")
+    if not model.uses_mla or not on_triton or device.type != "cuda":
+        if requested not in ("auto", "triton"):
+            raise ConfigError(f"mla_decode({requested!r}) needs a multi-head latent attention model on the "
+                              f"triton attention backend on a CUDA device (model uses MLA: {model.uses_mla}, "
+                              f"attention {attention!r}, device {device})")
+        return "auto"
+    dims = _latent_dims(model)
+    if requested == "flashinfer":
+        why = _flashinfer_problem(device, dtype, dims)
+        if why:
+            raise ConfigError(f"mla_decode('flashinfer'): FlashInfer's MLA decode {why}")
+        return "flashinfer"
+    if requested == "gluon":
+        from dlengine.kernels import gluon_mla
+
+        why = gluon_mla.supported(device, dtype, *dims)
+        if why:
+            raise ConfigError(f"mla_decode('gluon'): the Gluon MLA decode kernel {why}; use 'triton' or 'auto'")
+        return "gluon"
+    if requested == "auto" and _flashinfer_problem(device, dtype, dims) is None:
+        return "flashinfer"
+    return requested
+
+
+__all__ = ["MLA_DECODE_KERNELS", "resolve_mla_decode"]
