@@ -79,6 +79,20 @@ def test_run_latency_in_process_on_a_built_engine(engine):
     assert again["iterations"][0]["prefix_cache_hit_tokens"] == 0 and not again["notes"]
 
 
+def test_latency_mbu_counts_only_full_batch_decode_steps():
+    """With a chunked prefill the first requests decode during the prefill phase and finish
+    early; the tail steps then run fewer requests and must not be set against a full batch's
+    bytes (they made the MBU read over 100% on DeepSeek-V3 dims)."""
+    chunked = (EngineBuilder("tiny-qwen3").scheduler(max_num_batched_tokens=48, max_model_len=128)
+               .cache(block_size=16).build())
+    res = run_latency(batch_size=3, input_len=40, output_len=6, num_iters=1, num_warmup_iters=0, progress=False,
+                      engine=chunked, **GIVEN)
+    assert res["num_prefill_steps"] > 1 and any("full-batch" in n for n in res["notes"])
+    assert 0 < res["num_full_batch_decode_steps"] < res["num_decode_steps"]
+    assert res["decode_mbu"] == pytest.approx(
+        res["decode_bytes_per_step"] / (res["full_batch_decode_ms_per_token"] / 1e3) / 1e9 / 50.0)
+
+
 @pytest.mark.parametrize("overrides, match", [
     ({"batch_size": 9}, "max_num_seqs"),
     ({"input_len": 120, "output_len": 20}, "max_model_len=128"),

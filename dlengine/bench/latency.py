@@ -143,6 +143,7 @@ def _one_iteration(cfg: LatencyConfig, engine: Engine, it: int, vocab: int, excl
     waiting_first, pending = set(ids), set(ids)
     n_prefill_phase_tokens = n_decode_tokens = 0
     step_times: list[float] = []
+    step_batch: list[int] = []  # requests still generating when each decode step was called
     _sync(engine)
     try:
         t0 = time.perf_counter()
@@ -163,6 +164,7 @@ def _one_iteration(cfg: LatencyConfig, engine: Engine, it: int, vocab: int, excl
         while pending:
             if not engine.has_unfinished_requests():
                 raise BenchError(f"the engine went idle with {len(pending)} requests unfinished")
+            step_batch.append(len(pending))
             ts = time.perf_counter()
             outs = engine.step()
             step_times.append(time.perf_counter() - ts)
@@ -187,6 +189,7 @@ def _one_iteration(cfg: LatencyConfig, engine: Engine, it: int, vocab: int, excl
         "decode_s": t_end - t_first,
         "e2e_s": t_end - t0,
         "decode_step_s": step_times,
+        "decode_step_batch": step_batch,
         "num_prefill_steps": sum(1 for st in steps if st.num_prefill_tokens > 0),  # forward passes with prompt
         "num_decode_steps": len(step_times),  # step() calls after every request had its first token
         "prefill_phase_tokens": n_prefill_phase_tokens,
@@ -226,11 +229,16 @@ def _run(cfg: LatencyConfig, engine: Engine, peaks: dict[str, Any]) -> dict[str,
     step_stats = summarize(steps)
     mean_step_s = step_stats["mean"]
 
-    # MBU of decode: bytes one decode step reads / its mean time / measured copy bandwidth.
+    # MBU of decode: bytes one decode step of the whole batch reads / the mean time of the steps
+    # that ran the whole batch / measured copy bandwidth. (With a chunked prefill the requests that
+    # finished their prompt first decode during the prefill phase and finish early, so the last
+    # decode steps run fewer requests: cheaper steps that must not be set against B requests' bytes.)
     # A decode step for output token k (k = 2..O) attends to P + k - 1 tokens: mean P + O/2.
     mean_ctx = P + O / 2.0
     step_bytes = cost.decode_step_bytes([mean_ctx] * B)
-    decode_gbps = step_bytes / mean_step_s / 1e9 if mean_step_s else None
+    full = [t for r in iters for t, b in zip(r["decode_step_s"], r["decode_step_batch"]) if b == B]
+    full_step_s = float(np.mean(full)) if full else mean_step_s
+    decode_gbps = step_bytes / full_step_s / 1e9 if full_step_s else None
     # MFU of prefill: FLOPs of the B prompts / mean prefill time / measured GEMM peak.
     prefill_flops = B * cost.prefill_flops(P)
     prefill_tflops = prefill_flops / prefill_s / 1e12
@@ -246,7 +254,8 @@ def _run(cfg: LatencyConfig, engine: Engine, peaks: dict[str, Any]) -> dict[str,
         notes.append("requests were preempted (KV cache too small): numbers include recomputation")
     if any(r["num_prefill_steps"] > 1 for r in iters):
         notes.append("the prefill took several steps (chunked prefill: batch_size * input_len > "
-                     "max_num_batched_tokens); some decode tokens fall into the prefill phase")
+                     "max_num_batched_tokens); some decode tokens fall into the prefill phase, and the "
+                     "last decode steps run fewer requests (the MBU uses the full-batch steps only)")
 
     result: dict[str, Any] = {
         "benchmark": "latency",
@@ -259,6 +268,8 @@ def _run(cfg: LatencyConfig, engine: Engine, peaks: dict[str, Any]) -> dict[str,
         "prefill_ms": prefill_s * 1e3,
         "prefill_tokens_per_s": B * P / prefill_s,
         "decode_ms_per_token": _ms(mean_step_s),
+        "full_batch_decode_ms_per_token": _ms(full_step_s),  # steps that ran all B requests (MBU's basis)
+        "num_full_batch_decode_steps": len(full) // max(1, len(iters)),
         "p50_decode_ms_per_token": _ms(step_stats["p50"]),
         "p90_decode_ms_per_token": _ms(step_stats["p90"]),
         "p99_decode_ms_per_token": _ms(step_stats["p99"]),

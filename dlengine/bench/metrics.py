@@ -177,6 +177,8 @@ def format_latency_report(result: Mapping[str, Any], title: str = "dlengine benc
     row("Prefill (ms)", result["prefill_ms"])
     row("Prefill tokens/s", result["prefill_tokens_per_s"], 1)
     row("Decode ms / token (mean)", result["decode_ms_per_token"], 3)
+    if result.get("num_full_batch_decode_steps") != result.get("num_decode_steps"):
+        row("Decode ms / token (full batch)", result.get("full_batch_decode_ms_per_token"), 3)
     row("Decode ms / token (p50, p90)",
         f"{_fmt(result['p50_decode_ms_per_token'], 3)}, {_fmt(result['p90_decode_ms_per_token'], 3)}")
     row("Decode tokens/s", result["decode_tokens_per_s"], 1)
