@@ -18,7 +18,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
 
 run_tests() {
-  python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_engine.py tests/test_triton_ops.py \
+  python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_engine.py tests/test_gpu_mla_engine.py tests/test_triton_ops.py \
     tests/test_triton_attention.py 2>&1 | tee "$OUT/tests.log" | tail -15
 }
 run_attention() {
