@@ -87,7 +87,7 @@ def main() -> int:
     print("  ", resources(triton_mla._mla_decode_kernel,
                           dict(common, BLOCK_H=cfg["block_h"], HEAD_TILES=128 // cfg["block_h"], BLOCK_C=512,
                                BLOCK_R=64, BLOCK_N=cfg["block_n"], ROW_REQ=False, DIRECT=False, UPCAST=False,
-                               IEEE=False, C_SPLIT=1), ASTSource, cfg["num_warps"], cfg["num_stages"]))
+                               IEEE=False), ASTSource, cfg["num_warps"], cfg["num_stages"]))
     if gluon_mla.GLUON_IMPORT_ERROR is not None:
         print("gluon kernel: not importable:", gluon_mla.GLUON_IMPORT_ERROR)
         return 0

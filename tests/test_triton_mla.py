@@ -106,15 +106,6 @@ def test_decode_bf16_and_odd_dims():
     check([(1, 29), (1, 3)], 16, num_splits=2, c=24, h=2, nope=24, v=20)
 
 
-@pytest.mark.parametrize("num_splits", [1, 3])
-def test_decode_with_output_dims_split_over_two_programs(num_splits):
-    # split_c=2: each (row, head tile) is a pair of programs owning half of the latent output dims
-    # each (the tile layout used on Hopper); their merges, counters and padding rows are separate
-    check([(1, 37), (1, 5), (1, 64), (1, 1)], 16, num_splits=num_splits, config={"split_c": 2})
-    check([(1, 37), (1, 70), (1, 2)], 16, num_splits=num_splits, h=40, config={"split_c": 2})
-    check([(4, 40), (1, 9)], 16, num_splits=num_splits, absorb_max_query_len=8, config={"split_c": 2})
-
-
 def test_several_head_tiles():
     # 40 heads = tiles of 16, 16 and a partial 8 (interpreter BLOCK_H 16): per-tile split counters
     # and head masks, for decodes and absorbed extend rows

@@ -127,43 +127,6 @@ def _softmax_step(s, n_ok, acc, l_i, m_i, qk_scale, BOUND: tl.constexpr):
 
 
 @triton.jit
-def _mla_tile_split_c(acc, l_i, m_i, q_lo, q_hi, q_pe, cc, cache_ptr, bt_row, start_n, kv_end, qk_scale,
-                      stride_cb, stride_cs, offs_c, offs_r,
-                      KV_LORA: tl.constexpr, BLOCK_C: tl.constexpr, ROPE: tl.constexpr, BLOCK_R: tl.constexpr,
-                      BLOCK_N: tl.constexpr, PAGE: tl.constexpr, BOUND: tl.constexpr):
-    """`_mla_tile` for a program that owns half (`cc`) of the latent output dims: the scores use
-    both halves (q_lo.c_lo + q_hi.c_hi + q_pe.k_pe, in that order in both programs of a pair, so
-    their m/l agree bit for bit), the PV product only its own half. Halves the fp32 accumulator
-    (what lets 64-head tiles fit one warp group's registers) for 1.5x the dot FLOPs; the pair runs
-    side by side in the grid, so the second read of each latent tile comes from L2."""
-    pos = start_n + tl.arange(0, BLOCK_N)
-    n_ok = pos < kv_end
-    if BOUND:
-        blk = tl.load(bt_row + pos // PAGE, mask=n_ok, other=0).to(tl.int64)
-    else:
-        blk = tl.load(bt_row + pos // PAGE).to(tl.int64)
-    row = cache_ptr + blk * stride_cb + (pos % PAGE) * stride_cs  # [BLOCK_N] row starts
-    r_mask = offs_r[:, None] < ROPE
-    if BOUND:
-        c_lo = tl.load(row[:, None] + offs_c[None, :], mask=n_ok[:, None], other=0.0)
-        c_hi = tl.load(row[:, None] + BLOCK_C + offs_c[None, :], mask=n_ok[:, None], other=0.0)
-        r_mask = r_mask & n_ok[None, :]
-    else:
-        c_lo = tl.load(row[:, None] + offs_c[None, :])
-        c_hi = tl.load(row[:, None] + BLOCK_C + offs_c[None, :])
-    kpe_t = tl.load(row[None, :] + KV_LORA + offs_r[:, None], mask=r_mask, other=0.0)  # [BLOCK_R, BLOCK_N]
-    s = tl.dot(q_lo, tl.trans(c_lo))
-    s = tl.dot(q_hi, tl.trans(c_hi), s)
-    s = tl.dot(q_pe, kpe_t, s)
-    p, acc, l_i, m_new = _softmax_step(s, n_ok, acc, l_i, m_i, qk_scale, BOUND)
-    if cc == 0:
-        acc = tl.dot(p.to(c_lo.dtype), c_lo, acc)
-    else:
-        acc = tl.dot(p.to(c_hi.dtype), c_hi, acc)
-    return acc, l_i, m_new
-
-
-@triton.jit
 def _mla_tile(acc, l_i, m_i, q_lat, q_pe, cache_ptr, bt_row, start_n, kv_end, qk_scale,
               stride_cb, stride_cs, offs_c, offs_r,
               KV_LORA: tl.constexpr, BLOCK_C: tl.constexpr, ROPE: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -212,19 +175,16 @@ def _mla_decode_kernel(
     NUM_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_TILES: tl.constexpr,
     KV_LORA: tl.constexpr, BLOCK_C: tl.constexpr, ROPE: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, ROW_REQ: tl.constexpr, DIRECT: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr, C_SPLIT: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Grid (row x head tile, split), head tiles of a row adjacent so that they run together and
     share the row's latent tiles through L2 (the latent context is read from HBM once). Row r is query token row_tok[r] attending the first
     row_len[r] context rows of request row_req[r] (r itself without ROW_REQ: decode batches pass
     query_start_loc and seq_lens). out [.., token, head, KV_LORA] by strides. With splits, ws holds
-    [rows, H, splits, KV_LORA] partials then [rows, H, splits] lse at lse_off. C_SPLIT 2: each
-    (row, head tile) is a pair of adjacent programs, each owning half of the KV_LORA output dims
-    (BLOCK_C = KV_LORA / 2; see `_mla_tile_split_c`)."""
+    [rows, H, splits, KV_LORA] partials then [rows, H, splits] lse at lse_off."""
     pid = tl.program_id(0)
-    cc = pid % C_SPLIT
-    r = pid // C_SPLIT // HEAD_TILES
-    ht = pid // C_SPLIT % HEAD_TILES
+    r = pid // HEAD_TILES
+    ht = pid % HEAD_TILES
     sp = tl.program_id(1)
     tok = tl.load(row_tok_ptr + r).to(tl.int64)
     seq_len = tl.load(row_len_ptr + r)
@@ -238,8 +198,7 @@ def _mla_decode_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     c_ok = offs_c < KV_LORA
     st_mask = h_ok[:, None] & c_ok[None, :]
-    c_own = cc * BLOCK_C + offs_c  # the output dims this program writes (all of them without C_SPLIT)
-    o_ptrs = out_ptr + tok * stride_ot + heads[:, None] * stride_oh + c_own[None, :]
+    o_ptrs = out_ptr + tok * stride_ot + heads[:, None] * stride_oh + offs_c[None, :]
 
     n_tiles = tl.cdiv(seq_len, BLOCK_N)
     tiles_per_split = tl.cdiv(n_tiles, num_splits)
@@ -253,7 +212,7 @@ def _mla_decode_kernel(
     full_end = start + ((end - start) // BLOCK_N) * BLOCK_N
 
     q_row = qlat_ptr + tok * stride_ql_t + heads[:, None] * stride_ql_h
-    q_lat = tl.load(q_row + offs_c[None, :], mask=st_mask, other=0.0)  # C_SPLIT 2: the low half
+    q_lat = tl.load(q_row + offs_c[None, :], mask=st_mask, other=0.0)
     q_pe = tl.load(qpe_ptr + tok * stride_qp_t + heads[:, None] * stride_qp_h + offs_r[None, :],
                    mask=h_ok[:, None] & (offs_r[None, :] < ROPE), other=0.0)
     if UPCAST:
@@ -267,32 +226,21 @@ def _mla_decode_kernel(
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
-    if C_SPLIT == 1:
-        for start_n in range(start, full_end, BLOCK_N):
-            acc, l_i, m_i = _mla_tile(acc, l_i, m_i, q_lat, q_pe, cache_ptr, bt_row, start_n, end, qk_scale,
-                                      stride_cb, stride_cs, offs_c, offs_r, KV_LORA, BLOCK_C, ROPE, BLOCK_R,
-                                      BLOCK_N, PAGE, False, UPCAST, IEEE)
-        if full_end < end:
-            acc, l_i, m_i = _mla_tile(acc, l_i, m_i, q_lat, q_pe, cache_ptr, bt_row, full_end, end, qk_scale,
-                                      stride_cb, stride_cs, offs_c, offs_r, KV_LORA, BLOCK_C, ROPE, BLOCK_R,
-                                      BLOCK_N, PAGE, True, UPCAST, IEEE)
-    else:
-        q_hi = tl.load(q_row + BLOCK_C + offs_c[None, :], mask=st_mask, other=0.0).to(q_lat.dtype)
-        for start_n in range(start, full_end, BLOCK_N):
-            acc, l_i, m_i = _mla_tile_split_c(acc, l_i, m_i, q_lat, q_hi, q_pe, cc, cache_ptr, bt_row, start_n, end,
-                                              qk_scale, stride_cb, stride_cs, offs_c, offs_r, KV_LORA, BLOCK_C,
-                                              ROPE, BLOCK_R, BLOCK_N, PAGE, False)
-        if full_end < end:
-            acc, l_i, m_i = _mla_tile_split_c(acc, l_i, m_i, q_lat, q_hi, q_pe, cc, cache_ptr, bt_row, full_end, end,
-                                              qk_scale, stride_cb, stride_cs, offs_c, offs_r, KV_LORA, BLOCK_C,
-                                              ROPE, BLOCK_R, BLOCK_N, PAGE, True)
+    for start_n in range(start, full_end, BLOCK_N):
+        acc, l_i, m_i = _mla_tile(acc, l_i, m_i, q_lat, q_pe, cache_ptr, bt_row, start_n, end, qk_scale,
+                                  stride_cb, stride_cs, offs_c, offs_r, KV_LORA, BLOCK_C, ROPE, BLOCK_R,
+                                  BLOCK_N, PAGE, False, UPCAST, IEEE)
+    if full_end < end:
+        acc, l_i, m_i = _mla_tile(acc, l_i, m_i, q_lat, q_pe, cache_ptr, bt_row, full_end, end, qk_scale,
+                                  stride_cb, stride_cs, offs_c, offs_r, KV_LORA, BLOCK_C, ROPE, BLOCK_R,
+                                  BLOCK_N, PAGE, True, UPCAST, IEEE)
 
     if DIRECT:
         tl.store(o_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=st_mask)
     else:
         ws_row = r.to(tl.int64) * NUM_HEADS + heads  # [BLOCK_H] (row, head) rows of the workspace
-        # one counter per (row, head tile[, output half])
-        store_split_and_merge(acc, l_i, m_i, ws_ptr, lse_off, ws_row, c_own, num_splits, sp,
+        # one counter per (row, head tile)
+        store_split_and_merge(acc, l_i, m_i, ws_ptr, lse_off, ws_row, offs_c, num_splits, sp,
                               tl.cdiv(n_tiles, tiles_per_split), cnt_ptr + pid, o_ptrs, h_ok, st_mask,
                               KV_LORA, BLOCK_H, BLOCK_C)
 
@@ -355,13 +303,6 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, blo
     cfg = decode_config(cache.dtype, config)
     block_h = min(cfg["block_h"], max(16, triton.next_power_of_2(num_heads)))
     head_tiles = -(-num_heads // block_h)
-    # split the output dims only where the halves are power-of-two tiles (real MLA: 512 -> 2 x 256)
-    c_split = cfg.get("split_c", 1)
-    # and where its plain dots are right: 16-bit caches on GPUs (float32 would get TF32), float32
-    # under the interpreter (whose bf16 dots are wrong, and exact float32 ones are what CPU tests need)
-    dots_ok = cache.dtype == torch.float32 if _INTERPRET else cache.dtype in (torch.bfloat16, torch.float16)
-    if c_split != 1 and (c_split != 2 or kv_lora % 32 or kv_lora & (kv_lora - 1) or not dots_ok):
-        c_split = 1
     dev = q_lat.device
     if num_splits is None:
         num_splits = ta.choose_num_splits(num_rows, head_tiles, max_seq_len, cfg["block_n"],
@@ -373,14 +314,14 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, blo
         n = num_rows * num_heads * num_splits
         ws = torch.empty(n * (kv_lora + 1), dtype=torch.float32, device=dev)
         lse_off = n * kv_lora
-        cnt = ta._split_counters(dev, num_rows * head_tiles * c_split)
+        cnt = ta._split_counters(dev, num_rows * head_tiles)
     qls, qps, os_ = q_lat.stride(), q_pe.stride(), out_lat.stride()
-    _mla_decode_kernel[(num_rows * head_tiles * c_split, num_splits)](
+    _mla_decode_kernel[(num_rows * head_tiles, num_splits)](
         q_lat, q_pe, cache, block_tables, row_tok, row_len, row_req if row_req is not None else row_len,
         out_lat, ws, cnt, scale * LOG2E, num_splits, lse_off,
         qls[0], qls[1], qps[0], qps[1], cache.stride(0), cache.stride(1), block_tables.stride(0), os_[0], os_[1],
         NUM_HEADS=num_heads, BLOCK_H=block_h, HEAD_TILES=head_tiles, KV_LORA=kv_lora,
-        BLOCK_C=triton.next_power_of_2(kv_lora) // c_split, C_SPLIT=c_split,
+        BLOCK_C=triton.next_power_of_2(kv_lora),
         ROPE=rope, BLOCK_R=max(16, triton.next_power_of_2(rope)), BLOCK_N=cfg["block_n"], PAGE=cache.shape[1],
         ROW_REQ=row_req is not None, DIRECT=num_splits == 1,
         UPCAST=_INTERPRET, IEEE=_INTERPRET or cache.dtype == torch.float32,
