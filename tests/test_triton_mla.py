@@ -7,6 +7,7 @@ Without CUDA everything runs under the Triton interpreter (TRITON_INTERPRET=1)."
 from __future__ import annotations
 
 import importlib
+import math
 import os
 
 import pytest
@@ -250,3 +251,31 @@ def test_mla_decode_kernel_choice_at_build_time():
             EngineBuilder("tiny-deepseek-v3").device("cpu").attention("triton").mla_decode(kernel).build()
     with pytest.raises(ConfigError, match="latent attention"):  # not an MLA model
         EngineBuilder("tiny-qwen3").device("cpu").attention("triton").mla_decode("gluon").build()
+
+
+def test_gluon_split_merge_reads_only_splits_with_keys():
+    """The Gluon decode kernel's merge launch (plain Triton: runs here) combines the first n_active
+    partials by log-sum-exp through the Triton decode kernels' merge; the splits past a short row's
+    tiles are never written (NaN here) and never read; a row without keys gets zeros."""
+    from dlengine.kernels.gluon_mla import _merge_kernel
+
+    rows, heads, splits, width, block_n = 3, 20, 4, 32, 64
+    row_len = torch.tensor([0, 100, 1000], dtype=torch.int32, device=DEVICE)  # 0, 2, 16 tiles
+    n_active = [0, 2, 4]
+    n = rows * heads * splits
+    gen = torch.Generator().manual_seed(0)
+    part = torch.full((rows, heads, splits, width), float("nan"))
+    lse = torch.full((rows, heads, splits), float("nan"))
+    for r, k in enumerate(n_active):
+        part[r, :, :k] = torch.randn(heads, k, width, generator=gen)
+        lse[r, :, :k] = torch.randn(heads, k, generator=gen) * 3
+    ws = torch.cat([part.reshape(-1), lse.reshape(-1)]).to(DEVICE)
+    out = torch.full((rows, heads, width), float("nan"), device=DEVICE)
+    tok = torch.arange(rows, dtype=torch.int32, device=DEVICE)
+    _merge_kernel[(rows * 2,)](ws, n * width, tok, row_len, out, splits, out.stride(0), out.stride(1),
+                               NUM_HEADS=heads, BLOCK_H=16, KV_LORA=width, BLOCK_N=block_n)
+    assert torch.equal(out[0].cpu(), torch.zeros(heads, width))
+    for r, k in enumerate(n_active[1:], start=1):
+        w = torch.softmax(lse[r, :, :k] * math.log(2), dim=-1)  # 2^lse weights
+        ref = (w[..., None] * part[r, :, :k]).sum(1)
+        torch.testing.assert_close(out[r].cpu(), ref, rtol=1e-5, atol=1e-5)

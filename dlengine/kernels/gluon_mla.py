@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dlengine.kernels.triton_attention import merge_split_partials
+
 try:  # Gluon ships with triton >= 3.4; anything missing means "not available"
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -174,11 +176,7 @@ if GLUON_IMPORT_ERROR is None:
             if DIRECT:  # empty context (CUDA-graph padding row): defined output, zeros
                 o_ptrs = out_ptr + tok * stride_ot + gl.expand_dims(heads_o, 1) * stride_oh + gl.expand_dims(cols_o, 0)
                 gl.store(o_ptrs, gl.zeros([BLOCK_H, KV_LORA], dtype, O_L), mask=ho_ok)
-            else:  # an empty split: weight 0 in the merge
-                lse_rows = (r * NUM_HEADS + heads_o).to(gl.int64) * num_splits + sp
-                gl.store(lse_ptr + lse_rows, gl.full([BLOCK_H], float("-inf"), gl.float32,
-                                                     gl.SliceLayout(1, O_L)), mask=heads_o < NUM_HEADS)
-            return
+            return  # an empty split (the last ones of a short row): the merge reads only splits with keys
 
         # ---- Q -> shared memory, once ----
         heads_q = ht * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, KV_L))
@@ -244,29 +242,28 @@ if GLUON_IMPORT_ERROR is None:
             gl.store(lse_ptr + rows, lse, mask=heads_o < NUM_HEADS)
 
 
-@triton.jit(do_not_specialize=["num_splits", "stride_ot", "stride_oh"])
-def _merge_kernel(ws_ptr, lse_ptr, row_tok_ptr, out_ptr, num_splits, stride_ot, stride_oh,
-                  NUM_HEADS: tl.constexpr, KV_LORA: tl.constexpr):
-    """One program per (row, head): out = sum_s w_s partial_s, w_s = 2^(lse_s - max) / sum."""
+@triton.jit(do_not_specialize=["num_splits", "lse_off", "stride_ot", "stride_oh"])
+def _merge_kernel(ws_ptr, lse_off, row_tok_ptr, row_len_ptr, out_ptr, num_splits, stride_ot, stride_oh,
+                  NUM_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, KV_LORA: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid (row x head block): merge the splits that had keys (the first n_active: the kernel
+    gives each split a contiguous run of tiles) with the Triton decode kernels' merge; a row
+    without keys (CUDA-graph padding) gets zeros."""
     pid = tl.program_id(0)
-    r = pid // NUM_HEADS
-    h = pid % NUM_HEADS
-    tok = tl.load(row_tok_ptr + r).to(tl.int64)
+    blocks: tl.constexpr = (NUM_HEADS + BLOCK_H - 1) // BLOCK_H
+    r = pid // blocks
+    heads = (pid % blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = heads < NUM_HEADS
     cols = tl.arange(0, KV_LORA)
-    base = pid.to(tl.int64) * num_splits
-    m = tl.full([1], float("-inf"), tl.float32)
-    for s in range(0, num_splits):
-        m = tl.maximum(m, tl.load(lse_ptr + base + s + tl.zeros([1], tl.int32)))
-    o = tl.zeros([KV_LORA], tl.float32)
-    den = tl.zeros([1], tl.float32)
-    for s in range(0, num_splits):
-        lse = tl.load(lse_ptr + base + s + tl.zeros([1], tl.int32))
-        w = tl.where(lse == float("-inf"), 0.0, tl.exp2(lse - m))
-        part = tl.load(ws_ptr + (base + s) * KV_LORA + cols)
-        o += tl.where(w > 0, part * w, 0.0)  # an empty split's partial was never written
-        den += w
-    den = tl.where(den > 0, den, 1.0)  # no key at all (padding row): zeros
-    tl.store(out_ptr + tok * stride_ot + h * stride_oh + cols, (o / den).to(out_ptr.dtype.element_ty))
+    st_mask = h_ok[:, None]
+    o_ptrs = out_ptr + tl.load(row_tok_ptr + r).to(tl.int64) * stride_ot + heads[:, None] * stride_oh + cols[None, :]
+    n_tiles = tl.cdiv(tl.load(row_len_ptr + r), BLOCK_N)
+    if n_tiles == 0:
+        tl.store(o_ptrs, tl.zeros([BLOCK_H, KV_LORA], dtype=out_ptr.dtype.element_ty), mask=st_mask)
+    else:
+        n_active = tl.cdiv(n_tiles, tl.cdiv(n_tiles, num_splits))
+        o = merge_split_partials(ws_ptr, lse_off, r.to(tl.int64) * NUM_HEADS + heads, cols, num_splits, n_active,
+                                 h_ok, st_mask, KV_LORA, BLOCK_H, KV_LORA)
+        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=st_mask)
 
 
 def choose_num_splits(num_rows: int, head_tiles: int, max_seq_len: int, num_sms: int,
@@ -298,10 +295,10 @@ def mla_decode_gluon(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tenso
         num_splits = choose_num_splits(num_rows, head_tiles, max_seq_len, _num_sms(q_lat.device.index))
     if num_splits == 1:
         ws = lse = out_lat  # unused
-    else:
+    else:  # the Triton decode kernels' workspace layout: partials, then lse at n * KV_LORA
         n = num_rows * num_heads * num_splits
-        ws = torch.empty(n * KV_LORA, dtype=torch.float32, device=q_lat.device)
-        lse = torch.empty(n, dtype=torch.float32, device=q_lat.device)
+        ws = torch.empty(n * (KV_LORA + 1), dtype=torch.float32, device=q_lat.device)
+        lse = ws[n * KV_LORA:]
     qls, qps, os_ = q_lat.stride(), q_pe.stride(), out_lat.stride()
     _mla_decode_gluon_kernel[(num_rows * head_tiles, num_splits)](
         q_lat, q_pe, cache, block_tables, row_tok, row_len, out_lat, ws, lse, scale * LOG2E, num_splits,
@@ -310,8 +307,10 @@ def mla_decode_gluon(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tenso
         KV_LORA=KV_LORA, ROPE=ROPE, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, STAGES=STAGES,
         num_warps=NUM_WARPS)
     if num_splits > 1:
-        _merge_kernel[(num_rows * num_heads,)](ws, lse, row_tok, out_lat, num_splits, os_[0], os_[1],
-                                               NUM_HEADS=num_heads, KV_LORA=KV_LORA, num_warps=4)
+        merge_heads = 16
+        _merge_kernel[(num_rows * -(-num_heads // merge_heads),)](
+            ws, n * KV_LORA, row_tok, row_len, out_lat, num_splits, os_[0], os_[1],
+            NUM_HEADS=num_heads, BLOCK_H=merge_heads, KV_LORA=KV_LORA, BLOCK_N=BLOCK_N, num_warps=4)
     return out_lat
 
 

@@ -211,20 +211,31 @@ def store_split_and_merge(acc, l_i, m_i, ws_ptr, lse_off, row, offs_d, num_split
     ticket = tl.atomic_add(cnt, 1, sem="acq_rel")
     if ticket == n_active - 1:
         tl.atomic_xchg(cnt, 0, sem="relaxed")  # ready for the next launch
-        m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-        l = tl.zeros([BLOCK_H], dtype=tl.float32)
-        o = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
-        for s in range(0, n_active):
-            lse_s = tl.load(ws_ptr + lse_off + row * num_splits + s, mask=row_ok, other=0.0, cache_modifier=".cg")
-            o_s = tl.load(ws_ptr + (row[:, None] * num_splits + s) * ROW_DIM + offs_d[None, :],
-                          mask=st_mask, other=0.0, cache_modifier=".cg")
-            m_new = tl.maximum(m, lse_s)
-            alpha = tl.math.exp2(m - m_new)
-            w = tl.math.exp2(lse_s - m_new)
-            o = o * alpha[:, None] + o_s * w[:, None]
-            l = l * alpha + w
-            m = m_new
-        tl.store(o_ptrs, (o / l[:, None]).to(o_ptrs.dtype.element_ty), mask=st_mask)
+        o = merge_split_partials(ws_ptr, lse_off, row, offs_d, num_splits, n_active, row_ok, st_mask,
+                                 ROW_DIM, BLOCK_H, BLOCK_D)
+        tl.store(o_ptrs, o.to(o_ptrs.dtype.element_ty), mask=st_mask)
+
+
+@triton.jit
+def merge_split_partials(ws_ptr, lse_off, row, offs_d, num_splits, n_active, row_ok, st_mask,
+                         ROW_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The first n_active split partials of workspace rows `row` ([rows, splits, ROW_DIM] normalised
+    outputs, their log2-sum-exp at lse_off), merged: [BLOCK_H, BLOCK_D] float32. Also the merge of
+    the Gluon MLA decode kernel (kernels/gluon_mla.py), which writes the same workspace layout."""
+    m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([BLOCK_H], dtype=tl.float32)
+    o = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    for s in range(0, n_active):
+        lse_s = tl.load(ws_ptr + lse_off + row * num_splits + s, mask=row_ok, other=0.0, cache_modifier=".cg")
+        o_s = tl.load(ws_ptr + (row[:, None] * num_splits + s) * ROW_DIM + offs_d[None, :],
+                      mask=st_mask, other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, lse_s)
+        alpha = tl.math.exp2(m - m_new)
+        w = tl.math.exp2(lse_s - m_new)
+        o = o * alpha[:, None] + o_s * w[:, None]
+        l = l * alpha + w
+        m = m_new
+    return o / l[:, None]
 
 
 @triton.jit(do_not_specialize=["num_splits", "lse_off", "stride_bt"])
