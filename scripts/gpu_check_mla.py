@@ -185,16 +185,15 @@ def correctness(w: MLAWeights, gen: torch.Generator) -> bool:
 
 
 def flashinfer_backend_check(w, cache, gen, ref_of, cases) -> bool:
-    """The engine's flashinfer MLA path (FlashInferAttentionBackend.attend_mla + W_UK/W_UV)."""
+    """The engine's flashinfer MLA path (FlashInferAttentionBackend.mla_attention, W_UK/W_UV included)."""
     from dlengine.kernels.flashinfer_attention import FlashInferAttentionBackend
-    from dlengine.kernels.mla_attention_torch import absorb_query, latent_to_v
 
     backend, ok = FlashInferAttentionBackend(), True
     for name, reqs in cases:
         b = Batch(reqs, cache, gen)
         try:
             poison()
-            got = latent_to_v(backend.attend_mla(absorb_query(b.q_nope, w), b.q_pe, cache, b.meta, SCALE), w)
+            got = backend.mla_attention(b.q_nope, b.q_pe, cache, b.meta, w, SCALE)
             ok &= report(f"flashinfer backend: {name}", got, ref_of(b))
         except Exception as e:  # noqa: BLE001
             print(f"  FAIL flashinfer backend: {name}: {type(e).__name__}: {str(e)[:160]}", flush=True)

@@ -20,8 +20,8 @@ reference), so prefills, chunks over a cached prefix and the decode rows of a mi
 just rows of one prefill plan.
 
 MLA models (DeepSeek-V3, Kimi-K2; latent cache [N, page, 1, 512 + 64]) go through
-`attend_mla`: BatchMLAPagedAttentionWrapper, absorbed form, causal=True for every step (decodes,
-prefills and extends alike), reading the c_kv and k_pe halves of the cache as strided views.
+`mla_attention`: kernels/flashinfer_mla.py (BatchMLAPagedAttentionWrapper), absorbed form, causal
+for prefills and extends, reading the c_kv and k_pe halves of the cache as strided views.
 
 plan() runs on the host every step, so this backend is not capturable in CUDA graphs. (For MLA
 decode steps in CUDA graphs, use the triton backend with `mla_decode("flashinfer")`, the default
@@ -41,6 +41,7 @@ import torch
 from dlengine.config import ConfigError
 from dlengine.kernels import paged_attention_torch as ref
 from dlengine.kernels.attention_metadata import AttentionMetadata
+from dlengine.kernels.mla_attention_torch import absorb_query, latent_to_v
 
 try:
     import flashinfer
@@ -57,15 +58,15 @@ def _host_indptr(lengths: list[int]) -> torch.Tensor:
     return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
 
 
-def page_indices(meta: AttentionMetadata, page: int, total_pages: int) -> torch.Tensor:
-    """The first ceil(seq_len_i / page) entries of each block-table row, concatenated ([total] int32,
-    on the block tables' device). Built with device ops only: no host sync."""
-    dev = meta.block_tables.device
-    pages = (meta.seq_lens.long() + page - 1) // page  # [B]
+def page_indices(seq_lens: torch.Tensor, block_tables: torch.Tensor, page: int, total_pages: int) -> torch.Tensor:
+    """The first ceil(seq_lens[i] / page) entries of each block-table row, concatenated ([total]
+    int32, on the block tables' device; seq_lens on that device too). Device ops only: no host sync."""
+    dev = block_tables.device
+    pages = (seq_lens.long() + page - 1) // page  # [B]
     rows = torch.repeat_interleave(torch.arange(pages.numel(), device=dev), pages, output_size=total_pages)
     starts = torch.cumsum(pages, 0) - pages
     cols = torch.arange(total_pages, device=dev) - starts[rows]
-    return meta.block_tables[rows, cols].to(torch.int32).contiguous()
+    return block_tables[rows, cols].to(torch.int32).contiguous()
 
 
 class FlashInferAttentionBackend:
@@ -78,7 +79,8 @@ class FlashInferAttentionBackend:
         self.workspace_bytes = workspace_bytes
         self.decode_tensor_cores = decode_tensor_cores
         self._device: torch.device | None = None
-        self._decode = self._prefill = self._mla = self._wrapper = None
+        self._decode = self._prefill = self._wrapper = None
+        self._mla = None  # kernels/flashinfer_mla.FlashInferMLA, made on the first MLA step
         self._planned_meta: AttentionMetadata | None = None  # compared with `is`; kept alive so ids don't recycle
         self._planned_key: tuple | None = None
         self._plan_event: torch.cuda.Event | None = None
@@ -113,43 +115,21 @@ class FlashInferAttentionBackend:
         self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD",
                                                                      use_tensor_cores=self.decode_tensor_cores)
         self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD")
-        self._mla = None  # made on the first MLA plan (GQA models never import flashinfer.mla)
         self._ws, self._device, self._plan_event = ws, device, None
 
-    def attend_mla(self, q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
-                   scale: float) -> torch.Tensor:
-        """Absorbed MLA: q_lat [T, H, C], q_pe [T, H, R] over the latent cache [N, page, 1, C + R]
-        -> out_lat [T, H, C] (softmax . c_kv); the caller applies W_UK / W_UV."""
+    def mla_attention(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
+                      weights, scale: float) -> torch.Tensor:
+        """MLA over the latent cache [N, page, 1, C + R], absorbed for every step (FlashInfer's MLA
+        kernel, causal for prefills and extends; kernels/flashinfer_mla.py) -> [T, H, v]."""
         dtype = cache.dtype
         if dtype not in SUPPORTED_DTYPES:
             raise ConfigError(f"the flashinfer attention backend needs a float16/bfloat16 KV cache, not {dtype}")
-        c = q_lat.shape[2]
-        key = ("mla", q_lat.shape[1], c, q_pe.shape[2], cache.shape[1], dtype, float(scale), q_lat.device)
-        if meta is not self._planned_meta or key != self._planned_key:
-            self._plan_mla(meta, key)
-        return self._mla.run(q_lat.to(dtype).contiguous(), q_pe.to(dtype).contiguous(),
-                             cache[:, :, 0, :c], cache[:, :, 0, c:])
-
-    def _plan_mla(self, meta: AttentionMetadata, key: tuple) -> None:
-        _, num_heads, head_dim_ckv, head_dim_kpe, page, dtype, scale, device = key
-        self._ensure_wrappers(device)
         if self._mla is None:
-            from flashinfer.mla import BatchMLAPagedAttentionWrapper
+            from dlengine.kernels.flashinfer_mla import FlashInferMLA
 
-            self._mla = BatchMLAPagedAttentionWrapper(self._ws)
-        if self._plan_event is not None:
-            self._plan_event.synchronize()
-        kv_indptr = _host_indptr([-(-s // page) for s in meta.seq_lens_cpu])
-        indices = page_indices(meta, page, int(kv_indptr[-1]))
-        self._mla.plan(_host_indptr(meta.query_lens_cpu), kv_indptr, indices,
-                       torch.tensor(meta.seq_lens_cpu, dtype=torch.int32), num_heads, head_dim_ckv, head_dim_kpe,
-                       page, True, scale, dtype, dtype)
-        self._wrapper = self._mla
-        if device.type == "cuda":
-            self._plan_event = torch.cuda.Event()
-            self._plan_event.record(torch.cuda.current_stream(device))
-        self._planned_meta, self._planned_key = meta, key
-        self.num_plans += 1
+            self._mla = FlashInferMLA(q_nope.device)
+        out_lat = self._mla.run(absorb_query(q_nope, weights), q_pe, cache, meta, scale)
+        return latent_to_v(out_lat, weights)
 
     def _plan(self, meta: AttentionMetadata, key: tuple) -> None:
         num_heads, num_kv_heads, head_dim, page, dtype, scale, device = key
@@ -160,7 +140,7 @@ class FlashInferAttentionBackend:
         pages = [-(-s // page) for s in seq_lens]
         kv_indptr = _host_indptr(pages)
         last_page_len = torch.tensor([(s - 1) % page + 1 for s in seq_lens], dtype=torch.int32)
-        indices = page_indices(meta, page, int(kv_indptr[-1]))
+        indices = page_indices(meta.seq_lens, meta.block_tables, page, int(kv_indptr[-1]))
         common = {"pos_encoding_mode": "NONE", "q_data_type": dtype, "kv_data_type": dtype, "sm_scale": scale}
         if meta.max_query_len == 1:
             self._decode.plan(kv_indptr, indices, last_page_len, num_heads, num_kv_heads, head_dim, page, **common)

@@ -1,7 +1,8 @@
-"""MLA decode steps through FlashInfer's `BatchMLAPagedAttentionWrapper` (its sm90 kernel), eager
-or captured in CUDA graphs, for the triton backend (`EngineBuilder.mla_decode("flashinfer")`, or
-"auto" where FlashInfer imports; see docs/mla.md). Prefills and extends stay on our kernels (the
-non-absorbed path is 3.5x fewer FLOPs for long prompts than FlashInfer's absorbed one).
+"""Absorbed MLA through FlashInfer's `BatchMLAPagedAttentionWrapper` (its sm90 kernel), eager or
+captured in CUDA graphs. Two users: the triton backend's decode steps (`EngineBuilder.mla_decode(
+"flashinfer")`, or "auto" where FlashInfer imports; its prefills and extends stay on our kernels,
+the non-absorbed path being far cheaper for long prompts), and `attention("flashinfer")`, which
+runs every MLA step here (prefill and extend rows causal). See docs/mla.md.
 
 FlashInfer plans a batch on the host (`plan()`: pages and lengths -> a work schedule in its
 integer workspace). Eager steps plan once per step (the first MLA layer) and reuse the plan in
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from dlengine.kernels.attention_metadata import AttentionMetadata
+from dlengine.kernels.flashinfer_attention import page_indices
 
 try:
     from flashinfer.mla import BatchMLAPagedAttentionWrapper
@@ -54,8 +56,14 @@ def _pages(seq_lens: np.ndarray, page: int) -> np.ndarray:
     return (seq_lens + page - 1) // page
 
 
-class FlashInferMLADecode:
-    """Absorbed MLA decode (one query token per request) with FlashInfer; see the module doc."""
+def _host_indptr(lengths: np.ndarray) -> torch.Tensor:
+    indptr = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=indptr[1:])
+    return torch.from_numpy(indptr)
+
+
+class FlashInferMLA:
+    """Absorbed MLA with FlashInfer over our latent cache; see the module doc."""
 
     def __init__(self, device: torch.device, workspace_bytes: int = WORKSPACE_BYTES) -> None:
         self.device = device
@@ -68,31 +76,28 @@ class FlashInferMLADecode:
         self.num_plans = 0
 
     # ------------------------------------------------------------------ planning
-    def _plan(self, wrapper, seq_lens: np.ndarray, kv_indices: torch.Tensor) -> None:
+    def _plan(self, wrapper, seq_lens: np.ndarray, block_tables: torch.Tensor, query_lens: np.ndarray | None = None,
+              seq_lens_dev: torch.Tensor | None = None) -> None:
+        """Plan `wrapper` for rows of context seq_lens (host) over block_tables (device); query_lens
+        None = one decode token a row. seq_lens_dev: the same lengths on the device, if at hand."""
         num_heads, page, scale, dtype = self._plan_args
         if self._plan_event is not None:
             self._plan_event.synchronize()  # the previous plan's pinned copy has run
         bs = len(seq_lens)
-        kv_indptr = np.zeros(bs + 1, dtype=np.int32)
-        np.cumsum(_pages(seq_lens, page), out=kv_indptr[1:])
+        pages = _pages(seq_lens, page)
+        if seq_lens_dev is None:
+            seq_lens_dev = torch.from_numpy(seq_lens).to(block_tables.device, non_blocking=True)
+        kv_indices = page_indices(seq_lens_dev, block_tables, page, int(pages.sum()))
+        qo_indptr = torch.arange(bs + 1, dtype=torch.int32) if query_lens is None else _host_indptr(query_lens)
         with warnings.catch_warnings():  # the flat-metadata form is deprecated in 0.7 but stable
             warnings.simplefilter("ignore", DeprecationWarning)
-            wrapper.plan(qo_indptr=torch.arange(bs + 1, dtype=torch.int32), kv_indptr=torch.from_numpy(kv_indptr),
-                         kv_indices=kv_indices, kv_len_arr=torch.from_numpy(seq_lens.astype(np.int32)),
-                         num_heads=num_heads, head_dim_ckv=KV_LORA, head_dim_kpe=ROPE, page_size=page, causal=False,
+            wrapper.plan(qo_indptr=qo_indptr, kv_indptr=_host_indptr(pages), kv_indices=kv_indices,
+                         kv_len_arr=torch.from_numpy(seq_lens.astype(np.int32)), num_heads=num_heads,
+                         head_dim_ckv=KV_LORA, head_dim_kpe=ROPE, page_size=page, causal=query_lens is not None,
                          sm_scale=scale, q_data_type=dtype, kv_data_type=dtype)
         self._plan_event = torch.cuda.Event()
         self._plan_event.record(torch.cuda.current_stream(self.device))
         self.num_plans += 1
-
-    def _indices(self, seq_lens: np.ndarray, block_tables: torch.Tensor, page: int) -> torch.Tensor:
-        """The first ceil(len / page) block-table entries of each row, concatenated (device gather,
-        host-built coordinates: no sync)."""
-        pages = _pages(seq_lens, page)
-        rows = np.repeat(np.arange(len(seq_lens)), pages)
-        cols = np.arange(int(pages.sum())) - np.repeat(np.cumsum(pages) - pages, pages)
-        coords = torch.from_numpy(np.stack([rows, cols])).to(block_tables.device, non_blocking=True)
-        return block_tables[coords[0], coords[1]].to(torch.int32)
 
     def plan_graph_replay(self, bs: int, seq_lens: np.ndarray, block_tables: torch.Tensor) -> None:
         """Re-plan the batch-size-`bs` graph's wrapper for the lengths of the step about to replay
@@ -101,30 +106,30 @@ class FlashInferMLADecode:
         wrapper = self._graph.get(bs)
         if wrapper is None:  # this engine's graphs run no MLA decode through FlashInfer
             return
-        lens = np.maximum(np.asarray(seq_lens[:bs], dtype=np.int64), 1)
-        self._plan(wrapper, lens, self._indices(lens, block_tables, self._plan_args[1]))
+        self._plan(wrapper, np.maximum(np.asarray(seq_lens[:bs], dtype=np.int64), 1), block_tables)
 
     # ------------------------------------------------------------------ running
     def run(self, q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
             scale: float, graph_batch: int | None = None) -> torch.Tensor:
-        """q_lat [B, H, 512], q_pe [B, H, 64] (one decode token per request) over the latent cache
-        [N, page, 1, 576] -> out_lat [B, H, 512]. `graph_batch`: this forward is a CUDA-graph
-        warm-up/capture of that batch size (the wrapper planned on first sight; replays are
-        re-planned by plan_graph_replay)."""
+        """q_lat [T, H, 512], q_pe [T, H, 64] (the batch's tokens, query_start_loc order) over the
+        latent cache [N, page, 1, 576] -> out_lat [T, H, 512]. `graph_batch`: this forward is a
+        CUDA-graph warm-up/capture of that many decode rows (its wrapper is planned on first sight;
+        replays are re-planned by plan_graph_replay)."""
         dtype, page = cache.dtype, cache.shape[1]
         args = (q_lat.shape[1], page, float(scale), dtype)
         if self._plan_args is None:
             self._plan_args = args
         elif self._plan_args != args:
-            raise ValueError(f"FlashInferMLADecode planned for (heads, page, scale, dtype) {self._plan_args}, "
+            raise ValueError(f"FlashInferMLA planned for (heads, page, scale, dtype) {self._plan_args}, "
                              f"called with {args}")
         if graph_batch is None:
             if self._eager is None:
                 self._eager = BatchMLAPagedAttentionWrapper(self.workspace)
             wrapper = self._eager
             if meta is not self._planned_meta:
-                lens = np.asarray(meta.seq_lens_cpu, dtype=np.int64)
-                self._plan(wrapper, lens, self._indices(lens, meta.block_tables, page))
+                query_lens = None if meta.max_query_len == 1 else np.asarray(meta.query_lens_cpu, dtype=np.int64)
+                self._plan(wrapper, np.asarray(meta.seq_lens_cpu, dtype=np.int64), meta.block_tables, query_lens,
+                           meta.seq_lens)
                 self._planned_meta = meta
         else:
             wrapper = self._graph.get(graph_batch)
@@ -135,8 +140,7 @@ class FlashInferMLADecode:
                     self.workspace, use_cuda_graph=True, qo_indptr=torch.zeros(bs + 1, **i32),
                     kv_indptr=torch.zeros(bs + 1, **i32), kv_indices=torch.zeros(bs * width, **i32),
                     kv_len_arr=torch.zeros(bs, **i32))
-                ones = np.ones(bs, dtype=np.int64)  # what the capture's metadata holds
-                self._plan(wrapper, ones, self._indices(ones, meta.block_tables, page))
+                self._plan(wrapper, np.ones(bs, dtype=np.int64), meta.block_tables)  # what the capture holds
                 self._graph[graph_batch] = wrapper
         c = cache.shape[-1] - ROPE
         with warnings.catch_warnings():
@@ -145,4 +149,4 @@ class FlashInferMLADecode:
                                ckv_cache=cache[:, :, 0, :c], kpe_cache=cache[:, :, 0, c:])
 
 
-__all__ = ["FlashInferMLADecode", "supported"]
+__all__ = ["FlashInferMLA", "supported"]

@@ -25,6 +25,8 @@ torch reference on the H100 (scripts/gpu_check_mla.py times it); CPU CI runs the
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -60,6 +62,7 @@ STAGES = 2
 LOG2E = 1.4426950408889634
 
 
+@functools.lru_cache(maxsize=None)  # asked on every eager decode launch: answer once per shape
 def supported(device: torch.device, cache_dtype: torch.dtype, kv_lora: int, rope: int) -> str | None:
     """None when this kernel can run these shapes here, else why not (a short reason)."""
     if GLUON_IMPORT_ERROR is not None:

@@ -603,13 +603,24 @@ class TritonAttentionBackend:
         self.graph_batch: int | None = None  # set by the CUDA-graph runner while it warms up / captures
         self._flashinfer_mla = None
 
-    def flashinfer_mla(self, device: torch.device):
-        """The FlashInfer MLA decode helper (kernels/flashinfer_mla.py), made on first use."""
-        if self._flashinfer_mla is None:
-            from dlengine.kernels.flashinfer_mla import FlashInferMLADecode
+    def mla_attention(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
+                      weights, scale: float) -> torch.Tensor:
+        """MLA over the latent cache (this step's rows already stored) -> [T, H, v]: decode steps
+        through the `mla_decode` kernel, the rest through kernels/triton_mla.py (docs/mla.md)."""
+        from dlengine.kernels import triton_mla
+        from dlengine.kernels.mla_attention_torch import absorb_query, latent_to_v
 
-            self._flashinfer_mla = FlashInferMLADecode(device)
-        return self._flashinfer_mla
+        if self.mla_decode == "flashinfer" and meta.max_query_len == 1:
+            if self._flashinfer_mla is None:
+                from dlengine.kernels.flashinfer_mla import FlashInferMLA
+
+                self._flashinfer_mla = FlashInferMLA(q_nope.device)
+            out_lat = self._flashinfer_mla.run(absorb_query(q_nope, weights), q_pe, cache, meta, scale,
+                                               graph_batch=self.graph_batch)
+            return latent_to_v(out_lat, weights)
+        return triton_mla.mla_attention(q_nope, q_pe, cache, meta, weights, scale, config=self.mla_config,
+                                        num_splits=self.num_splits,
+                                        decode_kernel="auto" if self.mla_decode == "flashinfer" else self.mla_decode)
 
     # CUDA-graph hooks (engine/cuda_graph.py): the only host work a replay needs is FlashInfer's plan
     def graph_capture_begin(self, batch_size: int) -> None:

@@ -32,7 +32,7 @@ from torch import nn
 
 from dlengine.config import ConfigError, ModelConfig
 from dlengine.kernels import ops_torch
-from dlengine.kernels.mla_attention_torch import (MLAWeights, absorb_query, latent_to_v, mla_attention_ref,
+from dlengine.kernels.mla_attention_torch import (MLAWeights, mla_attention_ref,
                                                    write_latent_cache)
 from dlengine.models.layers.attention import ForwardContext
 from dlengine.models.layers.linear import Linear
@@ -131,19 +131,5 @@ class MLAAttention(nn.Module):
             if self.absorbed is None:
                 raise RuntimeError("MLAAttention.post_load_weights() was not called after loading the weights")
             triton_mla.store_latent(latent, cache, ctx.meta.slot_mapping)
-            if backend == "flashinfer":  # absorbed for every step (FlashInfer's MLA kernel is causal)
-                out_lat = ctx.backend.attend_mla(absorb_query(q_nope, self.absorbed), q_pe, cache, ctx.meta,
-                                                 self.scale)
-                out = latent_to_v(out_lat, self.absorbed)
-            elif ctx.meta.max_query_len == 1 and getattr(ctx.backend, "mla_decode", "auto") == "flashinfer":
-                fi = ctx.backend.flashinfer_mla(q_nope.device)  # decode steps only (builder: mla_decode)
-                out_lat = fi.run(absorb_query(q_nope, self.absorbed), q_pe, cache, ctx.meta, self.scale,
-                                 graph_batch=ctx.backend.graph_batch)
-                out = latent_to_v(out_lat, self.absorbed)
-            else:
-                kernel = getattr(ctx.backend, "mla_decode", "auto")
-                out = triton_mla.mla_attention(q_nope, q_pe, cache, ctx.meta, self.absorbed, self.scale,
-                                               config=getattr(ctx.backend, "mla_config", None),
-                                               num_splits=getattr(ctx.backend, "num_splits", None),
-                                               decode_kernel="auto" if kernel == "flashinfer" else kernel)
+            out = ctx.backend.mla_attention(q_nope, q_pe, cache, ctx.meta, self.absorbed, self.scale)
         return self.o_proj(out.reshape(t, self.num_heads * self.v_head_dim))
