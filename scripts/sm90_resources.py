@@ -32,12 +32,16 @@ POINTERS = {"qlat_ptr": "*bf16", "qpe_ptr": "*bf16", "cache_ptr": "*bf16", "bt_p
 ALIGNED_INTS = ("stride_cb", "stride_cs")  # what the launcher sees as multiples of 16
 
 
-def resources(fn, constants: dict, source_cls, num_warps: int, num_stages: int = 2, structured: bool = False):
-    """Build `fn` for sm_90 with these constexprs; a one-line summary (or a dict if structured)."""
+def resources(fn, constants: dict, source_cls, num_warps: int, num_stages: int = 2, structured: bool = False,
+              descriptors: dict | None = None, maxnreg: int | None = None):
+    """Build `fn` for sm_90 with these constexprs (and TMA descriptor types: name -> signature
+    string); a one-line summary (or a dict if structured)."""
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constants:
             sig[name] = "constexpr"
+        elif descriptors and name in descriptors:
+            sig[name] = descriptors[name]
         elif name in POINTERS:
             sig[name] = POINTERS[name]
             attrs[(i,)] = [["tt.divisibility", 16]]
@@ -46,7 +50,9 @@ def resources(fn, constants: dict, source_cls, num_warps: int, num_stages: int =
             if name in ALIGNED_INTS:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     kernel = triton.compile(source_cls(fn, sig, {k: v for k, v in constants.items() if k in fn.arg_names}, attrs),
-                            target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+                            target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": num_warps, "num_stages": num_stages,
+                                     **({"maxnreg": maxnreg} if maxnreg else {})})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
@@ -54,7 +60,8 @@ def resources(fn, constants: dict, source_cls, num_warps: int, num_stages: int =
         usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
     m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
     ttgir = kernel.asm["ttgir"]
-    ops = {op: ttgir.count(op) for op in ("ttng.warp_group_dot ", "async_copy_global_to_local", "ttg.local_alloc")}
+    ops = {op: ttgir.count(op) for op in ("ttng.warp_group_dot ", "ttg.async_copy_global_to_local",
+                                         "ttng.async_tma_copy_global_to_local", "ttg.local_alloc")}
     if structured:
         return {"registers": int(m.group(1)), "spill_stack": int(m.group(2)), "shared": kernel.metadata.shared,
                 "ops": ops}
@@ -62,14 +69,18 @@ def resources(fn, constants: dict, source_cls, num_warps: int, num_stages: int =
             f"ttgir ops {ops}" if m else usage)
 
 
-def gluon_report(direct: bool) -> dict:
-    """The Gluon MLA decode kernel's sm_90 build at DeepSeek-V3 dims, page 16 (a dict)."""
+def gluon_report(direct: bool, page: int = 16) -> dict:
+    """The Gluon MLA decode kernel's sm_90 build at DeepSeek-V3 dims (a dict)."""
+    from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
+    box = min(page, gluon_mla.BLOCK_N)
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     return resources(gluon_mla._mla_decode_gluon_kernel,
-                     dict(NUM_HEADS=128, HEAD_TILES=2, PAGE=16, KV_LORA=512, ROPE=64, DIRECT=direct,
-                          BLOCK_H=gluon_mla.BLOCK_H, BLOCK_N=gluon_mla.BLOCK_N, STAGES=gluon_mla.STAGES),
-                     GluonASTSource, gluon_mla.NUM_WARPS, structured=True)
+                     dict(NUM_HEADS=128, HEAD_TILES=2, PAGE=page, DIRECT=direct,
+                          CONSUMER_REGS=gluon_mla.CONSUMER_REGS, LOADER_REGS=gluon_mla.LOADER_REGS),
+                     GluonASTSource, gluon_mla.NUM_WARPS, structured=True,
+                     descriptors={"desc": f"tensordesc<bf16[{box}, 64],{layout!r}>"}, maxnreg=gluon_mla.MAX_REGS)
 
 
 def main() -> int:

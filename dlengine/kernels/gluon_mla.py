@@ -1,26 +1,30 @@
 """Hopper (sm_90) MLA decode kernel in Gluon, Triton's lower-level dialect (explicit layouts,
-shared memory and asynchronous warpgroup MMAs), used for absorbed MLA decode at DeepSeek's
-dims (kv_lora_rank 512, rope 64, bf16/fp16 latent cache) when it imports; see docs/mla.md.
+shared memory, TMA, mbarriers, warpgroup MMAs and warp specialisation), used for absorbed MLA
+decode at DeepSeek's dims (kv_lora_rank 512, rope 64, bf16/fp16 latent cache); see docs/mla.md.
 
-Why not the plain Triton kernel (triton_mla.py): its compiler gives a 64-head x 512 tile's two
-chained dots the same warp layout, so both warp groups compute the whole [64 heads x 64 keys]
-score tile (the QK product, 53% of the FLOPs, runs twice) and the program spills registers
-(255 + a stack frame). Here the layouts are chosen by hand, as FlashMLA does:
+One program = one (query row, 64 heads, KV split); three partitions share its shared memory:
 
-  scores  S [64 heads, 64 keys]  = Q [64, 512 | 64] . K^T   warps [4, 2]: each warp group owns
-                                                              32 keys (no duplicated work)
-  output  O [64 heads, 512]     += P [64, 64] . V [64, 512]  warps [4, 2]: each warp group owns
-                                                              256 output columns (128 fp32
-                                                              registers a thread)
+  loader  (1 warp)    TMA-gathers each 64-key tile of the paged latent cache (any power-of-two
+                      page size >= 8) into one of two slots, in three parts (latent columns
+                      0-255, 256-511, rope) with an mbarrier each, once both groups freed the slot
+  scores  (4 warps)   S = Q K^T for the whole [64 heads x 64 keys] tile (N = 64: each score MMA
+                      step reads Q once per 64 keys), the online softmax, P into the tile's rope
+                      rows (spent once S is done) plus the rescale factor for the other group,
+                      then P V for output columns 256-511
+  values  (4 warps)   this program's own warps: per tile, rescale and add P V for output columns
+                      0-255 (P read from shared memory)
 
-Q (64 x 576 bf16) sits in shared memory for the whole program; latent rows arrive in two
-shared-memory stages by cp.async (page-table gathers: pages can be any size), the next tile
-loading while this one is multiplied. The PV product of tile i runs asynchronously while the
-program waits for tile i+1 and issues its QK product. One program = one (query row, 64 heads,
-KV split); splits write normalised partials + log2-sum-exp, merged by `_merge_kernel`.
+Both groups release a slot as soon as their P V on it is done, so the load of tile k + 2 has a
+whole tile's compute to arrive in. Measured on the H100 (docs/performance.md): the earlier
+design of this kernel (both warp groups computing 32 keys of S each, cp.async gathers issued by
+the compute warps) reached 45-52% of copy bandwidth; FlashMLA's "seesaw" split (each group the
+scores of every other tile, P exchanged) reached the same, because both slots were then busy
+computing and the next loads waited; overlapping P V(k) with S(k + 1) also left the loads no time
+(45-50%). This schedule -- FlashInfer's sm90 MLA split with a TMA producer -- reaches 67-81%.
 
-Only compiled on CUDA (Gluon has no CPU interpreter): tests/test_gpu_mla.py checks it against the
-torch reference on the H100 (scripts/gpu_check_mla.py times it); CPU CI runs the Triton kernel.
+Splits write normalised partials + log2-sum-exp, merged by `_merge_kernel`. Only compiled on CUDA
+(Gluon has no CPU interpreter): scripts/gpu_check_mla.py checks it against the torch reference on
+the H100; CPU CI builds it for sm_90 (tests/test_sm90_build.py) and runs the Triton kernel.
 """
 
 from __future__ import annotations
@@ -36,13 +40,13 @@ from dlengine.kernels.triton_attention import merge_split_partials
 try:  # Gluon ships with triton >= 3.4; anything missing means "not available"
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma,
-                                                                   warpgroup_mma_init, warpgroup_mma_wait)
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                   warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    # cp.async global -> shared: `async_load` from triton 3.7 on, `async_copy_global_to_shared` before
-    _async_load = getattr(cp, "async_load", None) or cp.async_copy_global_to_shared
-    # a CTA-wide barrier: `barrier` from triton 3.7 on, `thread_barrier` before
+    # TMA global -> shared: `async_load` from triton 3.7 on, `async_copy_global_to_shared` before
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    # a barrier among the warps of the calling partition: `barrier` from 3.7 on, `thread_barrier` before
     _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
     GLUON_IMPORT_ERROR: str | None = None
 except Exception as e:  # noqa: BLE001
@@ -50,15 +54,10 @@ except Exception as e:  # noqa: BLE001
 
 KV_LORA = 512
 ROPE = 64
-BLOCK_H = 64
-NUM_WARPS = 8
-# Tiles: 64 keys, 2 shared-memory stages. Shared memory = Q 72 KB + STAGES x BLOCK_N x 1,152 B
-# = 216 KB of the H100's 227. Measured and dropped (docs/performance.md): 32-key tiles in 4 stages
-# with FlashAttention-3's in-warpgroup overlap (softmax of tile t under PV(t-1)): 20-25% slower
-# (16-wide score MMAs per warp group); waiting for PV(t-1) first so that two tiles are in flight:
-# no faster.
-BLOCK_N = 64
-STAGES = 2
+BLOCK_H = 64  # heads per program (the warpgroup MMA's M)
+BLOCK_N = 64  # keys per tile; two tile slots + Q = 216 KB of the H100's 227 KB shared memory
+NUM_WARPS = 4  # the value group; + 4 (scores) + 1 (loader) worker warps
+CONSUMER_REGS, LOADER_REGS, MAX_REGS = 232, 40, 168  # per thread: 232 x 2 groups + 40 <= 512
 LOG2E = 1.4426950408889634
 
 
@@ -70,7 +69,7 @@ def supported(device: torch.device, cache_dtype: torch.dtype, kv_lora: int, rope
     if device.type != "cuda":
         return "needs a CUDA device"
     if torch.cuda.get_device_capability(device)[0] != 9:
-        return "needs a Hopper GPU (sm_90: warpgroup MMA)"
+        return "needs a Hopper GPU (sm_90: TMA, warpgroup MMA)"
     if cache_dtype not in (torch.bfloat16, torch.float16):
         return f"needs a bf16/fp16 latent cache, not {cache_dtype}"
     if (kv_lora, rope) != (KV_LORA, ROPE):
@@ -79,85 +78,234 @@ def supported(device: torch.device, cache_dtype: torch.dtype, kv_lora: int, rope
 
 
 def cache_layout_problem(cache: torch.Tensor) -> str | None:
-    """None when the latent cache's rows can be gathered with 16-byte cp.async (what the kernel is
-    compiled for: row and block strides multiples of 16 elements, unit stride inside a row)."""
-    if cache.stride(-1) != 1 or cache.stride(0) % 16 or cache.stride(1) % 16 or cache.data_ptr() % 16:
-        return f"needs 16-element-aligned cache rows (strides {tuple(cache.stride())})"
+    """None when the latent cache [blocks, page, (1,) 576] can be read by TMA as one 2-D tensor of
+    rows: unit stride inside a row, 16-byte-aligned rows, blocks back to back, and a power-of-two
+    page size >= 8 (a TMA box is min(page, 64) rows)."""
+    page = cache.shape[1]
+    if cache.dim() == 4 and cache.shape[2] != 1:
+        return f"needs one latent head, not {cache.shape[2]}"
+    if page < 8 or page & (page - 1):
+        return f"needs a power-of-two page size >= 8, not {page}"
+    row = cache.stride(1)
+    if cache.stride(-1) != 1 or row * cache.element_size() % 16 or cache.data_ptr() % 16:
+        return f"needs 16-byte-aligned cache rows (strides {tuple(cache.stride())})"
+    if cache.stride(0) != page * row:
+        return f"needs the cache blocks back to back (strides {tuple(cache.stride())})"
     return None
+
+
+def _cache_descriptor(cache: torch.Tensor) -> "TensorDescriptor":
+    """The cache as TMA sees it: [blocks * page rows, 576], boxes of min(page, 64) rows x 64 columns
+    (128 B, the swizzle width the MMAs read)."""
+    rows = cache.as_strided((cache.shape[0] * cache.shape[1], cache.shape[-1]), (cache.stride(1), 1))
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8 * cache.element_size(), rank=2)
+    return TensorDescriptor.from_tensor(rows, [min(cache.shape[1], BLOCK_N), 64], layout)
 
 
 if GLUON_IMPORT_ERROR is None:
 
     @gluon.jit
-    def _tile_blocks(bt_row, start_n, kv_end, BLOCK_N: gl.constexpr, PAGE: gl.constexpr, L: gl.constexpr):
-        """Cache block of each row of tile [start_n, start_n + BLOCK_N) ([BLOCK_N] in rows-of-L),
-        0 past kv_end. Loaded a tile ahead of its use so the page-table read stays off the
-        critical path."""
-        pos = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, L))
-        return gl.load(bt_row + pos // PAGE, mask=pos < kv_end, other=0).to(gl.int64)
+    def _loader(desc, bt_ptr, kv_smem, pe_smem, bars, r, t0, t1, seq_len, stride_bt, PAGE):
+        """One warp: TMA-gathers 64-key tile k into slot k % 2 once both warp groups released it, in
+        three parts (latent cols 0-255, 256-511, rope) with a ready barrier each, so the score MMAs
+        start on the first part while the rest arrives. The tile's page ids are read before waiting."""
+        BOX: gl.constexpr = desc.block_type.shape[0]  # rows a TMA box moves: min(page size, 64)
+        NB: gl.constexpr = 64 // BOX
+        IL: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+        bt_row = bt_ptr + r.to(gl.int64) * stride_bt
+        last = seq_len - 1
+        box = gl.arange(0, NB, layout=IL)
+        for k in range(t1 - t0):
+            slot = k % 2
+            start = (t0 + k) * 64
+            # rows past the sequence end read the last page's (finite) rows; the consumers zero them
+            pages = gl.load(bt_row + gl.minimum(start + box * BOX, last) // PAGE)
+            rows = pages * PAGE + (start + box * BOX) % PAGE
+            mbarrier.wait(bars.index(6 + slot), ((k // 2) & 1) ^ 1)
+            fence_async_shared()  # the consumers' generic-proxy accesses of this slot come first
+            mbarrier.expect(bars.index(0 + slot), 64 * 256 * 2)
+            mbarrier.expect(bars.index(2 + slot), 64 * 256 * 2)
+            mbarrier.expect(bars.index(4 + slot), 64 * 64 * 2)
+            for i in gl.static_range(NB):  # box by box: one page-id extraction per box
+                row = gl.sum(gl.where(box == i, rows, 0), 0)
+                for c in gl.static_range(9):  # latent 0-255 (ready 0), 256-511 (ready 2), rope (ready 4)
+                    if c < 8:
+                        dst = kv_smem.index(slot).slice(c * 64, 64, dim=1).slice(i * BOX, BOX, dim=0)
+                    else:
+                        dst = pe_smem.index(slot).slice(i * BOX, BOX, dim=0)
+                    _tma_load(desc, [row, c * 64], bars.index(2 * (c // 4) + slot), dst)
+
 
     @gluon.jit
-    def _issue_tile(kv_smem, pe_smem, cache_ptr, blk_kv, blk_pe, start_n, kv_end, stride_cb, stride_cs,
-                    KV_LORA: gl.constexpr, ROPE: gl.constexpr, BLOCK_N: gl.constexpr, PAGE: gl.constexpr,
-                    KV_L: gl.constexpr, PE_L: gl.constexpr):
-        """cp.async latent rows [start_n, start_n + BLOCK_N) (cache blocks blk_*) into a stage, as
-        one commit group; rows past kv_end are zero-filled (and read nothing)."""
-        pos = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, KV_L))
-        row = cache_ptr + blk_kv * stride_cb + (pos % PAGE) * stride_cs
-        cols = gl.arange(0, KV_LORA, layout=gl.SliceLayout(0, KV_L))
-        _async_load(kv_smem, gl.expand_dims(row, 1) + gl.expand_dims(cols, 0),
-                                       mask=gl.expand_dims(pos < kv_end, 1))
-        pos_r = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, PE_L))
-        row_r = cache_ptr + blk_pe * stride_cb + (pos_r % PAGE) * stride_cs + KV_LORA
-        cols_r = gl.arange(0, ROPE, layout=gl.SliceLayout(0, PE_L))
-        _async_load(pe_smem, gl.expand_dims(row_r, 1) + gl.expand_dims(cols_r, 0),
-                                       mask=gl.expand_dims(pos_r < kv_end, 1))
-        cp.commit_group()
+    def _zero_tail(buf, valid, num_warps: gl.constexpr):
+        """Zero rows >= valid of a [64, 256] latent half (the last tile's rows past the sequence end may
+        hold anything; P is 0 there but 0 * NaN is not)."""
+        ZL: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])
+        for c in gl.static_range(2):
+            part = buf.slice(c * 128, 128, dim=1)
+            v = part.load(ZL)
+            rows = gl.arange(0, 64, layout=gl.SliceLayout(1, ZL))
+            part.store(gl.where(gl.expand_dims(rows < valid, 1), v, gl.zeros_like(v)))
+        fence_async_shared()
+        _cta_barrier()
+
 
     @gluon.jit
-    def _scores(q_smem, qpe_smem, kv, pe, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, S_L: gl.constexpr):
-        """Issue S = q_lat . c_kv^T + q_pe . k_pe^T for one stage (asynchronous)."""
-        s = warpgroup_mma(q_smem, kv.permute((1, 0)), gl.zeros([BLOCK_H, BLOCK_N], gl.float32, S_L),
-                          use_acc=False, is_async=True)
-        return warpgroup_mma(qpe_smem, pe.permute((1, 0)), s, is_async=True)
+    def _store_out(acc, l_tot, m_i, ME: gl.constexpr, out_ptr, ws_ptr, lse_ptr, r, ht, sp, tok, num_splits,
+                   stride_ot, stride_oh, NUM_HEADS, DIRECT):
+        O_L: gl.constexpr = acc.type.layout
+        ROW_O: gl.constexpr = gl.SliceLayout(1, O_L)
+        out = acc / gl.expand_dims(gl.convert_layout(l_tot, ROW_O), 1)
+        heads = ht * 64 + gl.arange(0, 64, layout=ROW_O)
+        cols = ME * 256 + gl.arange(0, 256, layout=gl.SliceLayout(0, O_L))
+        ok = gl.expand_dims(heads < NUM_HEADS, 1)
+        if DIRECT:
+            ptrs = out_ptr + tok * stride_ot + gl.expand_dims(heads, 1) * stride_oh + gl.expand_dims(cols, 0)
+            gl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=ok)
+        else:
+            rows = (r * NUM_HEADS + heads).to(gl.int64) * num_splits + sp
+            gl.store(ws_ptr + gl.expand_dims(rows, 1) * 512 + gl.expand_dims(cols, 0), out, mask=ok)
+            if ME == 1:
+                lse = gl.convert_layout(m_i + gl.log2(l_tot), ROW_O)
+                gl.store(lse_ptr + rows, lse, mask=heads < NUM_HEADS)
+
 
     @gluon.jit
-    def _softmax(s, m_i, l_i, t, seq_len, qk_scale, BLOCK_N: gl.constexpr, S_L: gl.constexpr):
-        """Online softmax of one score tile (log2 domain): (p, alpha, m, l). Every tile a split
-        visits holds >= 1 valid key, so the new max is finite."""
-        keys = t * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, S_L))
-        s = gl.where(gl.expand_dims(keys < seq_len, 0), s * qk_scale, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, 1))
-        alpha = gl.exp2(m_i - m_new)
-        p = gl.exp2(s - gl.expand_dims(m_new, 1))
-        return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
+    def _score_group(q_smem, qpe_smem, kv_smem, pe_smem, xs_smem, bars, out_ptr, ws_ptr, lse_ptr,
+                     r, ht, sp, tok, seq_len, t0, t1, qk_scale, num_splits, stride_ot, stride_oh, NUM_HEADS, DIRECT):
+        """Warp group 1: scores and online softmax of every tile (S = Q K^T with N = 64 keys: no
+        duplicated MMA), P and the rescale factor handed to group 0 through shared memory, and the
+        output columns 256-511; the row max / sum for both groups at the end."""
+        S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
+        O_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 256, 16])
+        P_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_L, k_width=2)
+        ROW_S: gl.constexpr = gl.SliceLayout(1, S_L)
+        dtype: gl.constexpr = q_smem.dtype
+        n = t1 - t0
+        tail = seq_len - (t1 - 1) * 64  # valid rows of the split's last tile (64 unless the sequence ends there)
+        acc = gl.zeros([64, 256], gl.float32, O_L)
+        l_i = gl.zeros([64], gl.float32, ROW_S)
+        m_i = gl.full([64], float("-inf"), gl.float32, ROW_S)
+        keys0 = gl.arange(0, 64, layout=gl.SliceLayout(0, S_L))
+        for k in range(n):
+            slot = k % 2
+            ph = (k // 2) & 1
+            kv = kv_smem.index(slot)
+            mbarrier.wait(bars.index(0 + slot), ph)
+            s = warpgroup_mma(q_smem.slice(0, 256, dim=1), kv.slice(0, 256, dim=1).permute((1, 0)),
+                              gl.zeros([64, 64], gl.float32, S_L), use_acc=False, is_async=True)
+            mbarrier.wait(bars.index(2 + slot), ph)
+            s = warpgroup_mma(q_smem.slice(256, 256, dim=1), kv.slice(256, 256, dim=1).permute((1, 0)), s,
+                              is_async=True)
+            mbarrier.wait(bars.index(4 + slot), ph)
+            s = warpgroup_mma(qpe_smem, pe_smem.index(slot).permute((1, 0)), s, is_async=True)
+            s = warpgroup_mma_wait(0, deps=[s])
+            s = gl.where(gl.expand_dims((t0 + k) * 64 + keys0 < seq_len, 0), s * qk_scale, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(s, 1))
+            alpha = gl.exp2(m_i - m_new)
+            p = gl.exp2(s - gl.expand_dims(m_new, 1))
+            l_i = l_i * alpha + gl.sum(p, 1)
+            m_i = m_new
+            pb = p.to(dtype)
+            pe_smem.index(slot).store(pb)  # the rope rows are spent: P goes there for group 0
+            if slot == 0:  # (shared-memory slices take constant offsets)
+                xs_smem.slice(0, 64).store(alpha)
+            else:
+                xs_smem.slice(64, 64).store(alpha)
+            fence_async_shared()
+            _cta_barrier()
+            mbarrier.arrive(bars.index(8 + slot))
+            v = kv.slice(256, 256, dim=1)
+            if k == n - 1:
+                if tail < 64:
+                    _zero_tail(v, tail, 4)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, O_L)), 1)
+            acc = warpgroup_mma(gl.convert_layout(pb, P_L), v, acc, is_async=True)
+            # release the slot now rather than under S(k + 1): the load of tile k + 2 then has a whole
+            # tile's compute to arrive in (overlapping PV(k) with S(k + 1) left it only the softmax)
+            acc = warpgroup_mma_wait(0, deps=[acc])
+            _cta_barrier()
+            mbarrier.arrive(bars.index(6 + slot))
+        xs_smem.slice(2 * 64, 64).store(m_i)
+        xs_smem.slice(3 * 64, 64).store(l_i)
+        _cta_barrier()
+        mbarrier.arrive(bars.index(10))
+        _store_out(acc, l_i, m_i, 1, out_ptr, ws_ptr, lse_ptr, r, ht, sp, tok, num_splits, stride_ot, stride_oh,
+                   NUM_HEADS, DIRECT)
+
+
+    @gluon.jit
+    def _value_group(q_smem, qpe_smem, kv_smem, pe_smem, xs_smem, bars, out_ptr, ws_ptr, lse_ptr,
+                     r, ht, sp, tok, seq_len, t0, t1, qk_scale, num_splits, stride_ot, stride_oh,
+                     NUM_HEADS: gl.constexpr, DIRECT: gl.constexpr):
+        """Warp group 0: output columns 0-255: per tile, rescale by group 1's factor and add P . V_lo
+        (P read from shared memory), then release the slot."""
+        O_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 256, 16])
+        ROW_O: gl.constexpr = gl.SliceLayout(1, O_L)
+        n = t1 - t0
+        tail = seq_len - (t1 - 1) * 64
+        acc = gl.zeros([64, 256], gl.float32, O_L)
+        for k in range(n):
+            slot = k % 2
+            ph = (k // 2) & 1
+            kv = kv_smem.index(slot)
+            mbarrier.wait(bars.index(8 + slot), ph)
+            mbarrier.wait(bars.index(0 + slot), ph)
+            if slot == 0:
+                alpha = xs_smem.slice(0, 64).load(ROW_O)
+            else:
+                alpha = xs_smem.slice(64, 64).load(ROW_O)
+            v = kv.slice(0, 256, dim=1)
+            if k == n - 1:
+                if tail < 64:
+                    _zero_tail(v, tail, 4)
+            acc = acc * gl.expand_dims(alpha, 1)
+            acc = warpgroup_mma(pe_smem.index(slot), v, acc, is_async=True)
+            acc = warpgroup_mma_wait(0, deps=[acc])
+            _cta_barrier()
+            mbarrier.arrive(bars.index(6 + slot))
+        mbarrier.wait(bars.index(10), 0)
+        m_i = xs_smem.slice(2 * 64, 64).load(ROW_O)
+        l_i = xs_smem.slice(3 * 64, 64).load(ROW_O)
+        _store_out(acc, l_i, m_i, 0, out_ptr, ws_ptr, lse_ptr, r, ht, sp, tok, num_splits, stride_ot, stride_oh,
+                   NUM_HEADS, DIRECT)
+
+
+    # Worker partitions get one argument list (Triton 3.6 wants the workers' signatures alike)
+    @gluon.jit
+    def _score_worker(desc, bt_ptr, q_smem, qpe_smem, kv_smem, pe_smem, xs_smem, bars, out_ptr, ws_ptr, lse_ptr,
+                      r, ht, sp, tok, seq_len, t0, t1, qk_scale, num_splits, stride_bt, stride_ot, stride_oh,
+                      NUM_HEADS, DIRECT, PAGE):
+        _score_group(q_smem, qpe_smem, kv_smem, pe_smem, xs_smem, bars, out_ptr, ws_ptr, lse_ptr, r, ht, sp, tok,
+                     seq_len, t0, t1, qk_scale, num_splits, stride_ot, stride_oh, NUM_HEADS, DIRECT)
+
+
+    @gluon.jit
+    def _load_worker(desc, bt_ptr, q_smem, qpe_smem, kv_smem, pe_smem, xs_smem, bars, out_ptr, ws_ptr, lse_ptr,
+                     r, ht, sp, tok, seq_len, t0, t1, qk_scale, num_splits, stride_bt, stride_ot, stride_oh,
+                     NUM_HEADS, DIRECT, PAGE):
+        _loader(desc, bt_ptr, kv_smem, pe_smem, bars, r, t0, t1, seq_len, stride_bt, PAGE)
+
 
     @gluon.jit(do_not_specialize=["num_splits", "stride_bt", "stride_ql_t", "stride_ql_h", "stride_qp_t",
                                   "stride_qp_h", "stride_ot", "stride_oh"])
     def _mla_decode_gluon_kernel(
-        qlat_ptr, qpe_ptr, cache_ptr, bt_ptr, row_tok_ptr, row_len_ptr, out_ptr, ws_ptr, lse_ptr,
+        desc, qlat_ptr, qpe_ptr, bt_ptr, row_tok_ptr, row_len_ptr, out_ptr, ws_ptr, lse_ptr,
         qk_scale, num_splits,
-        stride_ql_t, stride_ql_h, stride_qp_t, stride_qp_h,
-        stride_cb, stride_cs, stride_bt, stride_ot, stride_oh,
+        stride_ql_t, stride_ql_h, stride_qp_t, stride_qp_h, stride_bt, stride_ot, stride_oh,
         NUM_HEADS: gl.constexpr, HEAD_TILES: gl.constexpr, PAGE: gl.constexpr, DIRECT: gl.constexpr,
-        KV_LORA: gl.constexpr, ROPE: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
-        STAGES: gl.constexpr,
+        CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
     ):
         """Grid (row x head tile, split): row r = request r, query token row_tok[r], context
-        row_len[r]. DIRECT: write out here; else ws [rows * H, splits, KV_LORA] fp32 partials and
-        lse [rows * H, splits] (log2 domain) for `_merge_kernel`. Tiles arrive STAGES - 1 ahead
-        (with 2 stages: tile t+1 loads while tile t is multiplied) and PV(t) runs on the tensor
-        cores while the program waits for tile t+1 and issues its scores."""
-        # ---- layouts (8 warps = two warp groups side by side along N) ----
-        S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
-                                                      instr_shape=[16, BLOCK_N // 2, 16])
-        O_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
-                                                      instr_shape=[16, KV_LORA // 2, 16])
-        P_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_L, k_width=2)
-        KV_L: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [8, 1], [1, 0])  # 16 B a thread, rows of 512
-        PE_L: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [8, 1], [1, 0])  # rows of 64
+        row_len[r]; desc = the cache's TMA descriptor (`_cache_descriptor`). DIRECT: write out here;
+        else ws [rows * H, splits, 512] fp32 partials and lse [rows * H, splits] (log2 domain) for
+        `_merge_kernel`. Shared memory: Q (64 x 576), two tile slots (64 x 576 each, P overwrites a
+        slot's rope rows), the exchange vectors xs (alpha of slot 0 / 1, final m, final l) and the
+        mbarriers: 0-5 tile parts ready (latent low / high / rope x slot; TMA byte counts), 6-7 slot
+        empty (count 2: both groups), 8-9 P of slot ready, 10 final m / l ready."""
         SMEM_L: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-        dtype: gl.constexpr = cache_ptr.dtype.element_ty
+        QL: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])  # [64, 128] chunks, 4 warps
+        dtype: gl.constexpr = desc.dtype
 
         pid = gl.program_id(0)
         r = pid // HEAD_TILES
@@ -165,84 +313,61 @@ if GLUON_IMPORT_ERROR is None:
         sp = gl.program_id(1)
         tok = gl.load(row_tok_ptr + r).to(gl.int64)
         seq_len = gl.load(row_len_ptr + r)
-
-        n_tiles = gl.cdiv(seq_len, BLOCK_N)
-        tiles_per_split = gl.cdiv(n_tiles, num_splits)
-        t0 = sp * tiles_per_split
-        t1 = gl.minimum(t0 + tiles_per_split, n_tiles)
-        end_n = gl.minimum(seq_len, t1 * BLOCK_N)  # this split's last row (loads past it read nothing)
-
-        heads_o = ht * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, O_L))
-        cols_o = gl.arange(0, KV_LORA, layout=gl.SliceLayout(0, O_L))
-        ho_ok = gl.expand_dims(heads_o < NUM_HEADS, 1)
+        n_tiles = gl.cdiv(seq_len, 64)
+        per_split = gl.cdiv(n_tiles, num_splits)
+        t0 = sp * per_split
+        t1 = gl.minimum(t0 + per_split, n_tiles)
         if t0 >= t1:
-            if DIRECT:  # empty context (CUDA-graph padding row): defined output, zeros
-                o_ptrs = out_ptr + tok * stride_ot + gl.expand_dims(heads_o, 1) * stride_oh + gl.expand_dims(cols_o, 0)
-                gl.store(o_ptrs, gl.zeros([BLOCK_H, KV_LORA], dtype, O_L), mask=ho_ok)
-            return  # an empty split (the last ones of a short row): the merge reads only splits with keys
+            if DIRECT:  # empty context (CUDA-graph padding row): zeros
+                heads_z = ht * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, QL))
+                for c in gl.static_range(4):
+                    cz = c * 128 + gl.arange(0, 128, layout=gl.SliceLayout(0, QL))
+                    gl.store(out_ptr + tok * stride_ot + gl.expand_dims(heads_z, 1) * stride_oh + gl.expand_dims(cz, 0),
+                             gl.zeros([64, 128], dtype, QL), mask=gl.expand_dims(heads_z < NUM_HEADS, 1))
+            return
 
-        # ---- Q -> shared memory, once ----
-        heads_q = ht * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, KV_L))
-        cq = gl.arange(0, KV_LORA, layout=gl.SliceLayout(0, KV_L))
-        q_lat = gl.load(qlat_ptr + tok * stride_ql_t + gl.expand_dims(heads_q, 1) * stride_ql_h + gl.expand_dims(cq, 0),
-                        mask=gl.expand_dims(heads_q < NUM_HEADS, 1), other=0.0).to(dtype)
-        heads_p = ht * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, PE_L))
-        cr = gl.arange(0, ROPE, layout=gl.SliceLayout(0, PE_L))
-        q_pe = gl.load(qpe_ptr + tok * stride_qp_t + gl.expand_dims(heads_p, 1) * stride_qp_h + gl.expand_dims(cr, 0),
-                       mask=gl.expand_dims(heads_p < NUM_HEADS, 1), other=0.0).to(dtype)
-        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_H, KV_LORA], SMEM_L, q_lat)
-        qpe_smem = gl.allocate_shared_memory(dtype, [BLOCK_H, ROPE], SMEM_L, q_pe)
-        kv_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, KV_LORA], SMEM_L)
-        pe_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, ROPE], SMEM_L)
-        bt_row = bt_ptr + r.to(gl.int64) * stride_bt
+        q_smem = gl.allocate_shared_memory(dtype, [64, 512], SMEM_L)
+        qpe_smem = gl.allocate_shared_memory(dtype, [64, 64], SMEM_L)
+        kv_smem = gl.allocate_shared_memory(dtype, [2, 64, 512], SMEM_L)
+        pe_smem = gl.allocate_shared_memory(dtype, [2, 64, 64], SMEM_L)
+        xs_smem = gl.allocate_shared_memory(gl.float32, [4 * 64], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        bars = gl.allocate_shared_memory(gl.int64, [11, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(6):
+            mbarrier.init(bars.index(i), count=1)
+        for i in gl.static_range(2):
+            mbarrier.init(bars.index(6 + i), count=2)
+        for i in gl.static_range(3):
+            mbarrier.init(bars.index(8 + i), count=1)
 
-        # ---- prologue: tiles t0 .. t0 + STAGES - 2 in flight, the next one's blocks in registers ----
-        for i in gl.static_range(STAGES - 1):
-            _issue_tile(kv_smem.index(i), pe_smem.index(i), cache_ptr,
-                        _tile_blocks(bt_row, (t0 + i) * BLOCK_N, end_n, BLOCK_N, PAGE, KV_L),
-                        _tile_blocks(bt_row, (t0 + i) * BLOCK_N, end_n, BLOCK_N, PAGE, PE_L),
-                        (t0 + i) * BLOCK_N, end_n, stride_cb, stride_cs, KV_LORA, ROPE, BLOCK_N, PAGE, KV_L, PE_L)
-        nxt = (t0 + STAGES - 1) * BLOCK_N
-        blk_kv = _tile_blocks(bt_row, nxt, end_n, BLOCK_N, PAGE, KV_L)
-        blk_pe = _tile_blocks(bt_row, nxt, end_n, BLOCK_N, PAGE, PE_L)
+        heads = ht * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, QL))
+        h_ok = gl.expand_dims(heads < NUM_HEADS, 1)
+        for c in gl.static_range(4):
+            cq = c * 128 + gl.arange(0, 128, layout=gl.SliceLayout(0, QL))
+            q = gl.load(qlat_ptr + tok * stride_ql_t + gl.expand_dims(heads, 1) * stride_ql_h + gl.expand_dims(cq, 0),
+                        mask=h_ok, other=0.0)
+            q_smem.slice(c * 128, 128, dim=1).store(q.to(dtype))
+        cr = gl.arange(0, 64, layout=gl.SliceLayout(0, QL))
+        heads_r = ht * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, QL))
+        qpe = gl.load(qpe_ptr + tok * stride_qp_t + gl.expand_dims(heads_r, 1) * stride_qp_h + gl.expand_dims(cr, 0),
+                      mask=gl.expand_dims(heads_r < NUM_HEADS, 1), other=0.0)
+        qpe_smem.store(qpe.to(dtype))
+        fence_async_shared()
+        _cta_barrier()
 
-        m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, gl.SliceLayout(1, S_L))
-        l_i = gl.zeros([BLOCK_H], gl.float32, gl.SliceLayout(1, S_L))
-        acc = warpgroup_mma_init(gl.zeros([BLOCK_H, KV_LORA], gl.float32, O_L))
-        for t in range(t0, t1):
-            stage = (t - t0) % STAGES
-            kv = kv_smem.index(stage)
-            cp.wait_group(STAGES - 2)  # this tile's rows
-            _cta_barrier()  # ... from every thread
-            fence_async_shared()  # visible to the tensor cores (async proxy)
-            s = _scores(q_smem, qpe_smem, kv, pe_smem.index(stage), BLOCK_H, BLOCK_N, S_L)
-            s, acc = warpgroup_mma_wait(0, deps=[s, acc])  # also the previous tile's PV product
-            _cta_barrier()  # both warp groups are done with the stage refilled next
-            # (issuing this load earlier, under the scores -- wait down to 2 outstanding MMA groups
-            # retires PV(t-1) -- was measured 5-10% slower: the copies compete with the score MMAs,
-            # which read both operands from shared memory)
-            ahead = (t + STAGES - 1) * BLOCK_N
-            free = (t + STAGES - 1 - t0) % STAGES
-            _issue_tile(kv_smem.index(free), pe_smem.index(free), cache_ptr, blk_kv, blk_pe, ahead, end_n,
-                        stride_cb, stride_cs, KV_LORA, ROPE, BLOCK_N, PAGE, KV_L, PE_L)
-            blk_kv = _tile_blocks(bt_row, ahead + BLOCK_N, end_n, BLOCK_N, PAGE, KV_L)
-            blk_pe = _tile_blocks(bt_row, ahead + BLOCK_N, end_n, BLOCK_N, PAGE, PE_L)
-            p, alpha, m_i, l_i = _softmax(s, m_i, l_i, t, seq_len, qk_scale, BLOCK_N, S_L)
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, O_L)), 1)
-            acc = warpgroup_mma(gl.convert_layout(p.to(dtype), P_L), kv, acc, is_async=True)
-        acc = warpgroup_mma_wait(0, deps=[acc])
-        cp.wait_group(0)
-
-        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, O_L))
-        out = acc / gl.expand_dims(l_o, 1)
-        if DIRECT:
-            o_ptrs = out_ptr + tok * stride_ot + gl.expand_dims(heads_o, 1) * stride_oh + gl.expand_dims(cols_o, 0)
-            gl.store(o_ptrs, out.to(dtype), mask=ho_ok)
-        else:
-            rows = (r * NUM_HEADS + heads_o).to(gl.int64) * num_splits + sp
-            gl.store(ws_ptr + gl.expand_dims(rows, 1) * KV_LORA + gl.expand_dims(cols_o, 0), out, mask=ho_ok)
-            lse = gl.convert_layout(m_i + gl.log2(l_i), gl.SliceLayout(1, O_L))
-            gl.store(lse_ptr + rows, lse, mask=heads_o < NUM_HEADS)
+        # (both argument tuples are written out: through a tuple variable triton 3.6's lowering
+        # crashes; constexprs reach worker partitions as plain values, hence desc's block shape)
+        worker_args = (desc, bt_ptr, q_smem, qpe_smem, kv_smem, pe_smem, xs_smem, bars, out_ptr, ws_ptr, lse_ptr,
+                       r, ht, sp, tok, seq_len, t0, t1, qk_scale, num_splits, stride_bt, stride_ot, stride_oh,
+                       NUM_HEADS, DIRECT, PAGE)
+        # this program's 4 warps are warp group 0 (value group); the score group and a one-warp TMA
+        # loader are workers
+        gl.warp_specialize([
+            (_value_group, (q_smem, qpe_smem, kv_smem, pe_smem, xs_smem, bars, out_ptr, ws_ptr, lse_ptr,
+                            r, ht, sp, tok, seq_len, t0, t1, qk_scale, num_splits, stride_ot, stride_oh,
+                            NUM_HEADS, DIRECT)),
+            (_score_worker, worker_args),
+            (_load_worker, worker_args),
+        ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
 @triton.jit(do_not_specialize=["num_splits", "lse_off", "stride_ot", "stride_oh"])
@@ -285,7 +410,7 @@ def mla_decode_gluon(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tenso
                      max_seq_len: int, num_splits: int | None = None) -> torch.Tensor:
     """Absorbed MLA decode (one query token per row r: token row_tok[r] over the first row_len[r]
     cached rows of block-table row r) into out_lat [T, H, 512]; the contract of
-    triton_mla.mla_decode without row_req (see `supported` for when it applies)."""
+    triton_mla.mla_decode without row_req (`supported` and `cache_layout_problem` say when it applies)."""
     num_rows = row_len.shape[0]
     num_heads = q_lat.shape[1]
     if num_rows == 0:
@@ -304,11 +429,10 @@ def mla_decode_gluon(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tenso
         lse = ws[n * KV_LORA:]
     qls, qps, os_ = q_lat.stride(), q_pe.stride(), out_lat.stride()
     _mla_decode_gluon_kernel[(num_rows * head_tiles, num_splits)](
-        q_lat, q_pe, cache, block_tables, row_tok, row_len, out_lat, ws, lse, scale * LOG2E, num_splits,
-        qls[0], qls[1], qps[0], qps[1], cache.stride(0), cache.stride(1), block_tables.stride(0), os_[0], os_[1],
+        _cache_descriptor(cache), q_lat, q_pe, block_tables, row_tok, row_len, out_lat, ws, lse, scale * LOG2E,
+        num_splits, qls[0], qls[1], qps[0], qps[1], block_tables.stride(0), os_[0], os_[1],
         NUM_HEADS=num_heads, HEAD_TILES=head_tiles, PAGE=cache.shape[1], DIRECT=num_splits == 1,
-        KV_LORA=KV_LORA, ROPE=ROPE, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, STAGES=STAGES,
-        num_warps=NUM_WARPS)
+        CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS, num_warps=NUM_WARPS, maxnreg=MAX_REGS)
     if num_splits > 1:
         merge_heads = 16
         _merge_kernel[(num_rows * -(-num_heads // merge_heads),)](
