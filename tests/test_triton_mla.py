@@ -7,6 +7,7 @@ Without CUDA everything runs under the Triton interpreter (TRITON_INTERPRET=1)."
 from __future__ import annotations
 
 import importlib
+import math
 import os
 
 import pytest
@@ -234,7 +235,7 @@ def test_gluon_split_count_fills_one_wave_of_programs(rows, head_tiles, ctx):
     from dlengine.kernels.gluon_mla import choose_num_splits
 
     n = choose_num_splits(rows, head_tiles, ctx, num_sms=132)
-    assert n >= 1 and n & (n - 1) == 0  # a power of two
+    assert n >= 1 and n & (n - 1) == 0  # a power of two: few recompiles of the merge
     assert rows * head_tiles * n <= max(132, rows * head_tiles)  # one program per SM: at most one wave
     assert n == 1 or ctx // n >= 512  # enough keys a split to pay for its partial
 
@@ -252,16 +253,29 @@ def test_mla_decode_kernel_choice_at_build_time():
         EngineBuilder("tiny-qwen3").device("cpu").attention("triton").mla_decode("gluon").build()
 
 
-def test_gluon_cache_layout_check_names_what_tma_cannot_read():
-    """The Gluon kernel reads the latent cache with TMA as one [blocks * page, 576] tensor; caches it
-    cannot read that way fall back to the Triton kernel, and the check says why."""
-    from dlengine.kernels.gluon_mla import cache_layout_problem
+def test_gluon_split_merge_reads_only_splits_with_keys():
+    """The Gluon decode kernel's merge launch (plain Triton: runs here) combines the first n_active
+    partials by log-sum-exp through the Triton decode kernels' merge; the splits past a short row's
+    tiles are never written (NaN here) and never read; a row without keys gets zeros."""
+    from dlengine.kernels.gluon_mla import _merge_kernel
 
-    bf16 = torch.bfloat16
-    assert cache_layout_problem(torch.zeros(8, 16, 1, 576, dtype=bf16)) is None  # the engine's layout
-    assert cache_layout_problem(torch.zeros(8, 64, 576, dtype=bf16)) is None
-    assert "page size" in cache_layout_problem(torch.zeros(8, 4, 1, 576, dtype=bf16))
-    assert "page size" in cache_layout_problem(torch.zeros(8, 48, 1, 576, dtype=bf16))
-    assert "back to back" in cache_layout_problem(torch.zeros(8, 32, 1, 576, dtype=bf16)[:, :16])
-    assert "aligned" in cache_layout_problem(torch.zeros(8, 16, 1, 577, dtype=bf16)[..., :576])
-    assert "one latent head" in cache_layout_problem(torch.zeros(8, 16, 2, 576, dtype=bf16))
+    rows, heads, splits, width, block_n = 3, 20, 4, 32, 64
+    row_len = torch.tensor([0, 100, 1000], dtype=torch.int32, device=DEVICE)  # 0, 2, 16 tiles
+    n_active = [0, 2, 4]
+    n = rows * heads * splits
+    gen = torch.Generator().manual_seed(0)
+    part = torch.full((rows, heads, splits, width), float("nan"))
+    lse = torch.full((rows, heads, splits), float("nan"))
+    for r, k in enumerate(n_active):
+        part[r, :, :k] = torch.randn(heads, k, width, generator=gen)
+        lse[r, :, :k] = torch.randn(heads, k, generator=gen) * 3
+    ws = torch.cat([part.reshape(-1), lse.reshape(-1)]).to(DEVICE)
+    out = torch.full((rows, heads, width), float("nan"), device=DEVICE)
+    tok = torch.arange(rows, dtype=torch.int32, device=DEVICE)
+    _merge_kernel[(rows * 2,)](ws, n * width, tok, row_len, out, splits, out.stride(0), out.stride(1),
+                               NUM_HEADS=heads, BLOCK_H=16, KV_LORA=width, BLOCK_N=block_n)
+    assert torch.equal(out[0].cpu(), torch.zeros(heads, width))
+    for r, k in enumerate(n_active[1:], start=1):
+        w = torch.softmax(lse[r, :, :k] * math.log(2), dim=-1)  # 2^lse weights
+        ref = (w[..., None] * part[r, :, :k]).sum(1)
+        torch.testing.assert_close(out[r].cpu(), ref, rtol=1e-5, atol=1e-5)

@@ -22,8 +22,7 @@ scores of every other tile, P exchanged) reached the same, because both slots we
 computing and the next loads waited; overlapping P V(k) with S(k + 1) also left the loads no time
 (45-50%). This schedule -- FlashInfer's sm90 MLA split with a TMA producer -- reaches 67-81%.
 
-Splits write normalised partials + log2-sum-exp; the last split of a row merges them (no second
-launch). Only compiled on CUDA
+Splits write normalised partials + log2-sum-exp, merged by `_merge_kernel`. Only compiled on CUDA
 (Gluon has no CPU interpreter): scripts/gpu_check_mla.py checks it against the torch reference on
 the H100; CPU CI builds it for sm_90 (tests/test_sm90_build.py) and runs the Triton kernel.
 """
@@ -33,7 +32,10 @@ from __future__ import annotations
 import functools
 
 import torch
-from dlengine.kernels.triton_attention import _split_counters
+import triton
+import triton.language as tl
+
+from dlengine.kernels.triton_attention import merge_split_partials
 
 try:  # Gluon ships with triton >= 3.4; anything missing means "not available"
     from triton.experimental import gluon
@@ -149,53 +151,28 @@ if GLUON_IMPORT_ERROR is None:
 
 
     @gluon.jit
-    def _store_out(acc, l_tot, m_i, ME: gl.constexpr, out_ptr, ws_ptr, lse_ptr, cnt_ptr, r, ht, sp, tok, num_splits,
-                   n_active, stride_ot, stride_oh, NUM_HEADS, HEAD_TILES, DIRECT):
-        """Output columns [256 ME, 256 ME + 256) of this program's 64 heads. DIRECT: normalise and
-        store. Split: store the normalised partial and its log2-sum-exp, then the group that comes
-        last to this (row, head tile, half)'s counter merges the n_active splits' partials into out
-        and resets the counter -- no second launch (a separate merge kernel cost ~15 us at batch
-        32, 8k: 10% of the decode)."""
+    def _store_out(acc, l_tot, m_i, ME: gl.constexpr, out_ptr, ws_ptr, lse_ptr, r, ht, sp, tok, num_splits,
+                   stride_ot, stride_oh, NUM_HEADS, DIRECT):
         O_L: gl.constexpr = acc.type.layout
         ROW_O: gl.constexpr = gl.SliceLayout(1, O_L)
         out = acc / gl.expand_dims(gl.convert_layout(l_tot, ROW_O), 1)
         heads = ht * 64 + gl.arange(0, 64, layout=ROW_O)
         cols = ME * 256 + gl.arange(0, 256, layout=gl.SliceLayout(0, O_L))
-        h_ok = heads < NUM_HEADS
-        ok = gl.expand_dims(h_ok, 1)
-        o_ptrs = out_ptr + tok * stride_ot + gl.expand_dims(heads, 1) * stride_oh + gl.expand_dims(cols, 0)
+        ok = gl.expand_dims(heads < NUM_HEADS, 1)
         if DIRECT:
-            gl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=ok)
+            ptrs = out_ptr + tok * stride_ot + gl.expand_dims(heads, 1) * stride_oh + gl.expand_dims(cols, 0)
+            gl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=ok)
         else:
-            rows0 = (r * NUM_HEADS + heads).to(gl.int64) * num_splits  # + split: ws row
-            gl.store(ws_ptr + gl.expand_dims(rows0 + sp, 1) * 512 + gl.expand_dims(cols, 0), out, mask=ok)
-            # both groups store the (identical) lse: each half's merge then reads only its own group's writes
-            gl.store(lse_ptr + rows0 + sp, gl.convert_layout(m_i + gl.log2(l_tot), ROW_O), mask=h_ok)
-            _cta_barrier()  # every thread's stores, then one acq_rel atomic for the group
-            cnt = cnt_ptr + ((r * HEAD_TILES + ht) * 2 + ME)
-            ticket = gl.atomic_add(cnt, 1, sem="acq_rel")
-            if ticket == n_active - 1:
-                gl.atomic_xchg(cnt, 0, sem="relaxed")  # ready for the next launch
-                m = gl.full([64], float("-inf"), gl.float32, ROW_O)
-                lsum = gl.zeros([64], gl.float32, ROW_O)
-                o = gl.zeros([64, 256], gl.float32, O_L)
-                for s_ in range(n_active):
-                    lse_s = gl.load(lse_ptr + rows0 + s_, mask=h_ok, other=0.0, cache_modifier=".cg")
-                    o_s = gl.load(ws_ptr + gl.expand_dims(rows0 + s_, 1) * 512 + gl.expand_dims(cols, 0), mask=ok,
-                                  other=0.0, cache_modifier=".cg")
-                    m_new = gl.maximum(m, lse_s)
-                    alpha = gl.exp2(m - m_new)
-                    w = gl.exp2(lse_s - m_new)
-                    o = o * gl.expand_dims(alpha, 1) + o_s * gl.expand_dims(w, 1)
-                    lsum = lsum * alpha + w
-                    m = m_new
-                gl.store(o_ptrs, (o / gl.expand_dims(lsum, 1)).to(out_ptr.dtype.element_ty), mask=ok)
+            rows = (r * NUM_HEADS + heads).to(gl.int64) * num_splits + sp
+            gl.store(ws_ptr + gl.expand_dims(rows, 1) * 512 + gl.expand_dims(cols, 0), out, mask=ok)
+            if ME == 1:
+                lse = gl.convert_layout(m_i + gl.log2(l_tot), ROW_O)
+                gl.store(lse_ptr + rows, lse, mask=heads < NUM_HEADS)
 
 
     @gluon.jit
-    def _score_group(q_smem, qpe_smem, kv_smem, pe_smem, xs_smem, bars, out_ptr, ws_ptr, lse_ptr, cnt_ptr,
-                     r, ht, sp, tok, seq_len, t0, t1, qk_scale, num_splits, n_active, stride_ot, stride_oh,
-                     NUM_HEADS, HEAD_TILES, DIRECT):
+    def _score_group(q_smem, qpe_smem, kv_smem, pe_smem, xs_smem, bars, out_ptr, ws_ptr, lse_ptr,
+                     r, ht, sp, tok, seq_len, t0, t1, qk_scale, num_splits, stride_ot, stride_oh, NUM_HEADS, DIRECT):
         """Warp group 1: scores and online softmax of every tile (S = Q K^T with N = 64 keys: no
         duplicated MMA), P and the rescale factor handed to group 0 through shared memory, and the
         output columns 256-511; the row max / sum for both groups at the end."""
@@ -253,14 +230,14 @@ if GLUON_IMPORT_ERROR is None:
         xs_smem.slice(3 * 64, 64).store(l_i)
         _cta_barrier()
         mbarrier.arrive(bars.index(10))
-        _store_out(acc, l_i, m_i, 1, out_ptr, ws_ptr, lse_ptr, cnt_ptr, r, ht, sp, tok, num_splits, n_active,
-                   stride_ot, stride_oh, NUM_HEADS, HEAD_TILES, DIRECT)
+        _store_out(acc, l_i, m_i, 1, out_ptr, ws_ptr, lse_ptr, r, ht, sp, tok, num_splits, stride_ot, stride_oh,
+                   NUM_HEADS, DIRECT)
 
 
     @gluon.jit
-    def _value_group(q_smem, qpe_smem, kv_smem, pe_smem, xs_smem, bars, out_ptr, ws_ptr, lse_ptr, cnt_ptr,
-                     r, ht, sp, tok, seq_len, t0, t1, qk_scale, num_splits, n_active, stride_ot, stride_oh,
-                     NUM_HEADS: gl.constexpr, HEAD_TILES: gl.constexpr, DIRECT: gl.constexpr):
+    def _value_group(q_smem, qpe_smem, kv_smem, pe_smem, xs_smem, bars, out_ptr, ws_ptr, lse_ptr,
+                     r, ht, sp, tok, seq_len, t0, t1, qk_scale, num_splits, stride_ot, stride_oh,
+                     NUM_HEADS: gl.constexpr, DIRECT: gl.constexpr):
         """Warp group 0: output columns 0-255: per tile, rescale by group 1's factor and add P . V_lo
         (P read from shared memory), then release the slot."""
         O_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 256, 16])
@@ -290,31 +267,30 @@ if GLUON_IMPORT_ERROR is None:
         mbarrier.wait(bars.index(10), 0)
         m_i = xs_smem.slice(2 * 64, 64).load(ROW_O)
         l_i = xs_smem.slice(3 * 64, 64).load(ROW_O)
-        _store_out(acc, l_i, m_i, 0, out_ptr, ws_ptr, lse_ptr, cnt_ptr, r, ht, sp, tok, num_splits, n_active,
-                   stride_ot, stride_oh, NUM_HEADS, HEAD_TILES, DIRECT)
+        _store_out(acc, l_i, m_i, 0, out_ptr, ws_ptr, lse_ptr, r, ht, sp, tok, num_splits, stride_ot, stride_oh,
+                   NUM_HEADS, DIRECT)
 
 
     # Worker partitions get one argument list (Triton 3.6 wants the workers' signatures alike)
     @gluon.jit
-    def _score_worker(desc, bt_ptr, q_smem, qpe_smem, kv_smem, pe_smem, xs_smem, bars, out_ptr, ws_ptr, lse_ptr, cnt_ptr,
-                      r, ht, sp, tok, seq_len, t0, t1, qk_scale, num_splits, n_active, stride_bt, stride_ot, stride_oh,
-                      NUM_HEADS, HEAD_TILES, DIRECT, PAGE):
-        _score_group(q_smem, qpe_smem, kv_smem, pe_smem, xs_smem, bars, out_ptr, ws_ptr, lse_ptr, cnt_ptr, r, ht, sp,
-                     tok, seq_len, t0, t1, qk_scale, num_splits, n_active, stride_ot, stride_oh, NUM_HEADS,
-                     HEAD_TILES, DIRECT)
+    def _score_worker(desc, bt_ptr, q_smem, qpe_smem, kv_smem, pe_smem, xs_smem, bars, out_ptr, ws_ptr, lse_ptr,
+                      r, ht, sp, tok, seq_len, t0, t1, qk_scale, num_splits, stride_bt, stride_ot, stride_oh,
+                      NUM_HEADS, DIRECT, PAGE):
+        _score_group(q_smem, qpe_smem, kv_smem, pe_smem, xs_smem, bars, out_ptr, ws_ptr, lse_ptr, r, ht, sp, tok,
+                     seq_len, t0, t1, qk_scale, num_splits, stride_ot, stride_oh, NUM_HEADS, DIRECT)
 
 
     @gluon.jit
-    def _load_worker(desc, bt_ptr, q_smem, qpe_smem, kv_smem, pe_smem, xs_smem, bars, out_ptr, ws_ptr, lse_ptr, cnt_ptr,
-                     r, ht, sp, tok, seq_len, t0, t1, qk_scale, num_splits, n_active, stride_bt, stride_ot, stride_oh,
-                     NUM_HEADS, HEAD_TILES, DIRECT, PAGE):
+    def _load_worker(desc, bt_ptr, q_smem, qpe_smem, kv_smem, pe_smem, xs_smem, bars, out_ptr, ws_ptr, lse_ptr,
+                     r, ht, sp, tok, seq_len, t0, t1, qk_scale, num_splits, stride_bt, stride_ot, stride_oh,
+                     NUM_HEADS, DIRECT, PAGE):
         _loader(desc, bt_ptr, kv_smem, pe_smem, bars, r, t0, t1, seq_len, stride_bt, PAGE)
 
 
     @gluon.jit(do_not_specialize=["num_splits", "stride_bt", "stride_ql_t", "stride_ql_h", "stride_qp_t",
                                   "stride_qp_h", "stride_ot", "stride_oh"])
     def _mla_decode_gluon_kernel(
-        desc, qlat_ptr, qpe_ptr, bt_ptr, row_tok_ptr, row_len_ptr, out_ptr, ws_ptr, lse_ptr, cnt_ptr,
+        desc, qlat_ptr, qpe_ptr, bt_ptr, row_tok_ptr, row_len_ptr, out_ptr, ws_ptr, lse_ptr,
         qk_scale, num_splits,
         stride_ql_t, stride_ql_h, stride_qp_t, stride_qp_h, stride_bt, stride_ot, stride_oh,
         NUM_HEADS: gl.constexpr, HEAD_TILES: gl.constexpr, PAGE: gl.constexpr, DIRECT: gl.constexpr,
@@ -322,8 +298,8 @@ if GLUON_IMPORT_ERROR is None:
     ):
         """Grid (row x head tile, split): row r = request r, query token row_tok[r], context
         row_len[r]; desc = the cache's TMA descriptor (`_cache_descriptor`). DIRECT: write out here;
-        else ws [rows * H, splits, 512] fp32 partials and lse [rows * H, splits] (log2 domain), merged
-        by the last split to arrive (`_store_out`, counters cnt [rows * head tiles * 2]). Shared memory: Q (64 x 576), two tile slots (64 x 576 each, P overwrites a
+        else ws [rows * H, splits, 512] fp32 partials and lse [rows * H, splits] (log2 domain) for
+        `_merge_kernel`. Shared memory: Q (64 x 576), two tile slots (64 x 576 each, P overwrites a
         slot's rope rows), the exchange vectors xs (alpha of slot 0 / 1, final m, final l) and the
         mbarriers: 0-5 tile parts ready (latent low / high / rope x slot; TMA byte counts), 6-7 slot
         empty (count 2: both groups), 8-9 P of slot ready, 10 final m / l ready."""
@@ -341,9 +317,8 @@ if GLUON_IMPORT_ERROR is None:
         per_split = gl.cdiv(n_tiles, num_splits)
         t0 = sp * per_split
         t1 = gl.minimum(t0 + per_split, n_tiles)
-        n_active = gl.cdiv(n_tiles, per_split)  # splits with keys (a short row leaves the last ones empty)
         if t0 >= t1:
-            if sp == 0:  # empty context (CUDA-graph padding row): zeros
+            if DIRECT:  # empty context (CUDA-graph padding row): zeros
                 heads_z = ht * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, QL))
                 for c in gl.static_range(4):
                     cz = c * 128 + gl.arange(0, 128, layout=gl.SliceLayout(0, QL))
@@ -382,17 +357,41 @@ if GLUON_IMPORT_ERROR is None:
         # (both argument tuples are written out: through a tuple variable triton 3.6's lowering
         # crashes; constexprs reach worker partitions as plain values, hence desc's block shape)
         worker_args = (desc, bt_ptr, q_smem, qpe_smem, kv_smem, pe_smem, xs_smem, bars, out_ptr, ws_ptr, lse_ptr,
-                       cnt_ptr, r, ht, sp, tok, seq_len, t0, t1, qk_scale, num_splits, n_active, stride_bt, stride_ot,
-                       stride_oh, NUM_HEADS, HEAD_TILES, DIRECT, PAGE)
+                       r, ht, sp, tok, seq_len, t0, t1, qk_scale, num_splits, stride_bt, stride_ot, stride_oh,
+                       NUM_HEADS, DIRECT, PAGE)
         # this program's 4 warps are warp group 0 (value group); the score group and a one-warp TMA
         # loader are workers
         gl.warp_specialize([
-            (_value_group, (q_smem, qpe_smem, kv_smem, pe_smem, xs_smem, bars, out_ptr, ws_ptr, lse_ptr, cnt_ptr,
-                            r, ht, sp, tok, seq_len, t0, t1, qk_scale, num_splits, n_active, stride_ot, stride_oh,
-                            NUM_HEADS, HEAD_TILES, DIRECT)),
+            (_value_group, (q_smem, qpe_smem, kv_smem, pe_smem, xs_smem, bars, out_ptr, ws_ptr, lse_ptr,
+                            r, ht, sp, tok, seq_len, t0, t1, qk_scale, num_splits, stride_ot, stride_oh,
+                            NUM_HEADS, DIRECT)),
             (_score_worker, worker_args),
             (_load_worker, worker_args),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
+
+
+@triton.jit(do_not_specialize=["num_splits", "lse_off", "stride_ot", "stride_oh"])
+def _merge_kernel(ws_ptr, lse_off, row_tok_ptr, row_len_ptr, out_ptr, num_splits, stride_ot, stride_oh,
+                  NUM_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, KV_LORA: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid (row x head block): merge the splits that had keys (the first n_active: the kernel
+    gives each split a contiguous run of tiles) with the Triton decode kernels' merge; a row
+    without keys (CUDA-graph padding) gets zeros."""
+    pid = tl.program_id(0)
+    blocks: tl.constexpr = (NUM_HEADS + BLOCK_H - 1) // BLOCK_H
+    r = pid // blocks
+    heads = (pid % blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = heads < NUM_HEADS
+    cols = tl.arange(0, KV_LORA)
+    st_mask = h_ok[:, None]
+    o_ptrs = out_ptr + tl.load(row_tok_ptr + r).to(tl.int64) * stride_ot + heads[:, None] * stride_oh + cols[None, :]
+    n_tiles = tl.cdiv(tl.load(row_len_ptr + r), BLOCK_N)
+    if n_tiles == 0:
+        tl.store(o_ptrs, tl.zeros([BLOCK_H, KV_LORA], dtype=out_ptr.dtype.element_ty), mask=st_mask)
+    else:
+        n_active = tl.cdiv(n_tiles, tl.cdiv(n_tiles, num_splits))
+        o = merge_split_partials(ws_ptr, lse_off, r.to(tl.int64) * NUM_HEADS + heads, cols, num_splits, n_active,
+                                 h_ok, st_mask, KV_LORA, BLOCK_H, KV_LORA)
+        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=st_mask)
 
 
 def choose_num_splits(num_rows: int, head_tiles: int, max_seq_len: int, num_sms: int,
@@ -422,19 +421,23 @@ def mla_decode_gluon(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tenso
         from dlengine.kernels.triton_attention import _num_sms
 
         num_splits = choose_num_splits(num_rows, head_tiles, max_seq_len, _num_sms(q_lat.device.index))
-    # (the split epilogue is compiled for one split too -- DIRECT is not a constant inside the worker
-    # partitions -- so the workspace and counters keep their types: fp32 and int32)
-    cnt = _split_counters(q_lat.device, num_rows * head_tiles * 2)
-    n = num_rows * num_heads * num_splits
-    # the Triton decode kernels' workspace layout: partials, then lse at n * KV_LORA
-    ws = torch.empty(n * (KV_LORA + 1) if num_splits > 1 else 1, dtype=torch.float32, device=q_lat.device)
-    lse = ws[n * KV_LORA:] if num_splits > 1 else ws
+    if num_splits == 1:
+        ws = lse = out_lat  # unused
+    else:  # the Triton decode kernels' workspace layout: partials, then lse at n * KV_LORA
+        n = num_rows * num_heads * num_splits
+        ws = torch.empty(n * (KV_LORA + 1), dtype=torch.float32, device=q_lat.device)
+        lse = ws[n * KV_LORA:]
     qls, qps, os_ = q_lat.stride(), q_pe.stride(), out_lat.stride()
     _mla_decode_gluon_kernel[(num_rows * head_tiles, num_splits)](
-        _cache_descriptor(cache), q_lat, q_pe, block_tables, row_tok, row_len, out_lat, ws, lse, cnt, scale * LOG2E,
+        _cache_descriptor(cache), q_lat, q_pe, block_tables, row_tok, row_len, out_lat, ws, lse, scale * LOG2E,
         num_splits, qls[0], qls[1], qps[0], qps[1], block_tables.stride(0), os_[0], os_[1],
         NUM_HEADS=num_heads, HEAD_TILES=head_tiles, PAGE=cache.shape[1], DIRECT=num_splits == 1,
         CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS, num_warps=NUM_WARPS, maxnreg=MAX_REGS)
+    if num_splits > 1:
+        merge_heads = 16
+        _merge_kernel[(num_rows * -(-num_heads // merge_heads),)](
+            ws, n * KV_LORA, row_tok, row_len, out_lat, num_splits, os_[0], os_[1],
+            NUM_HEADS=num_heads, BLOCK_H=merge_heads, KV_LORA=KV_LORA, BLOCK_N=BLOCK_N, num_warps=4)
     return out_lat
 
 
