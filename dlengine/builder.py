@@ -185,9 +185,9 @@ class EngineBuilder:
 
     def mla_decode(self, kernel: str) -> "EngineBuilder":
         """Decode kernel of multi-head latent attention (DeepSeek-V3, Kimi-K2) on the triton
-        backend: "auto" (default: FlashInfer's MLA kernel when flashinfer imports and the model has
-        DeepSeek's latent dims on a 16-bit cache, else our Hopper Gluon kernel where it applies,
-        else our Triton kernel), "flashinfer", "gluon" or "triton". All of them run in CUDA graphs;
+        backend: "auto" (default: on Hopper with DeepSeek's latent dims on a 16-bit cache our Gluon
+        kernel, elsewhere FlashInfer's MLA kernel when flashinfer imports and applies, else our
+        Triton kernel), "flashinfer", "gluon" or "triton". All of them run in CUDA graphs;
         prefills and extends always run our kernels. See docs/mla.md."""
         self._mla_decode = kernel
         return self

@@ -50,7 +50,7 @@ def _engine_options() -> argparse.ArgumentParser:
                    help=f"auto or one of {known_attention_backends()} (default: %(default)s)")
     g.add_argument("--mla-decode", choices=["auto", "triton", "gluon", "flashinfer"], default=_E.mla_decode,
                    help="MLA decode kernel on the triton backend (DeepSeek-V3, Kimi-K2; default: %(default)s = "
-                        "flashinfer when it imports, else gluon on Hopper, else triton)")
+                        "gluon on Hopper, else flashinfer when it imports, else triton)")
     g.add_argument("--seed", type=int, metavar="N", default=_E.seed,
                    help="seeds the workload and the sampler (default: %(default)s)")
     g.add_argument("--block-size", type=int, metavar="N", default=_E.block_size,

@@ -279,3 +279,18 @@ def test_gluon_split_merge_reads_only_splits_with_keys():
         w = torch.softmax(lse[r, :, :k] * math.log(2), dim=-1)  # 2^lse weights
         ref = (w[..., None] * part[r, :, :k]).sum(1)
         torch.testing.assert_close(out[r].cpu(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gluon_cache_layout_check_names_what_tma_cannot_read():
+    """The Gluon kernel reads the latent cache with TMA as one [blocks * page, 576] tensor; caches it
+    cannot read that way fall back to the Triton kernel, and the check says why."""
+    from dlengine.kernels.gluon_mla import cache_layout_problem
+
+    bf16 = torch.bfloat16
+    assert cache_layout_problem(torch.zeros(8, 16, 1, 576, dtype=bf16)) is None  # the engine's layout
+    assert cache_layout_problem(torch.zeros(8, 64, 576, dtype=bf16)) is None
+    assert "page size" in cache_layout_problem(torch.zeros(8, 4, 1, 576, dtype=bf16))
+    assert "page size" in cache_layout_problem(torch.zeros(8, 48, 1, 576, dtype=bf16))
+    assert "back to back" in cache_layout_problem(torch.zeros(8, 32, 1, 576, dtype=bf16)[:, :16])
+    assert "aligned" in cache_layout_problem(torch.zeros(8, 16, 1, 577, dtype=bf16)[..., :576])
+    assert "one latent head" in cache_layout_problem(torch.zeros(8, 16, 2, 576, dtype=bf16))

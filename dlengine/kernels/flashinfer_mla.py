@@ -1,6 +1,6 @@
 """Absorbed MLA through FlashInfer's `BatchMLAPagedAttentionWrapper` (its sm90 kernel), eager or
 captured in CUDA graphs. Two users: the triton backend's decode steps (`EngineBuilder.mla_decode(
-"flashinfer")`, or "auto" where FlashInfer imports; its prefills and extends stay on our kernels,
+"flashinfer")`, or "auto" off Hopper where FlashInfer imports; its prefills and extends stay on our kernels,
 the non-absorbed path being far cheaper for long prompts), and `attention("flashinfer")`, which
 runs every MLA step here (prefill and extend rows causal). See docs/mla.md.
 

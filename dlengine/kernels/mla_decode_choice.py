@@ -1,11 +1,13 @@
 """Which kernel runs MLA decode steps on the triton attention backend (`EngineBuilder.mla_decode`).
 
-  "flashinfer"  FlashInfer's BatchMLAPagedAttentionWrapper (kernels/flashinfer_mla.py): the fastest
-                at DeepSeek's dims today (65-79% of copy bandwidth at batch >= 32, 8k; H100)
-  "gluon"       our Hopper kernel (kernels/gluon_mla.py): 45-52% there, no host work per step
+  "gluon"       our Hopper kernel (kernels/gluon_mla.py): 67-82% of copy bandwidth at batch >= 32,
+                ctx >= 8k (H100, page 64), no host work per step; in the engine the fastest
+                (docs/performance.md)
+  "flashinfer"  FlashInfer's BatchMLAPagedAttentionWrapper (kernels/flashinfer_mla.py): the same
+                kernel-level speed at page 64 (faster at page 16), plus a host re-plan every step
   "triton"      our portable Triton kernel (kernels/triton_mla.py): any GPU, any dims, fp32 too
-  "auto"        flashinfer when it imports and applies, else per call: gluon where it applies,
-                else triton
+  "auto"        on Hopper at DeepSeek's dims, per call: gluon where it applies (cache layout),
+                else triton; on other GPUs flashinfer when it imports and applies, else triton
 
 Explicit choices that cannot run with this model / device / dtype are a ConfigError at build
 time, naming why. Prefills and extends always run our kernels (kernels/triton_mla.py).
@@ -57,8 +59,13 @@ def resolve_mla_decode(requested: str, model, attention: str, device: torch.devi
         if why:
             raise ConfigError(f"mla_decode('gluon'): the Gluon MLA decode kernel {why}; use 'triton' or 'auto'")
         return "gluon"
-    if requested == "auto" and _flashinfer_problem(device, dtype, dims) is None:
-        return "flashinfer"
+    if requested == "auto":
+        from dlengine.kernels import gluon_mla
+
+        if gluon_mla.supported(device, dtype, *dims) is None:
+            return "auto"  # per call: gluon where the cache layout allows, else triton
+        if _flashinfer_problem(device, dtype, dims) is None:
+            return "flashinfer"
     return requested
 
 

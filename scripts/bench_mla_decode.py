@@ -1,0 +1,175 @@
+#!/usr/bin/env python3
+"""The Hopper Gluon MLA decode kernel (kernels/gluon_mla.py) on a GPU: correctness against a float32
+reference, then speed against the device's copy bandwidth and FlashInfer's MLA kernel in the same
+process. DeepSeek-V3 dims: 128 heads, latent 512 + rope 64, bf16. About 2-3 minutes on an H100.
+
+    python scripts/bench_mla_decode.py              # checks + the full sweep
+    python scripts/bench_mla_decode.py --check-only
+
+1. Correctness: contexts 1..32k (tile and page boundaries, odd tile counts), pages 16..128, 16
+   heads (a partial head tile), forced split counts (more splits than a row has tiles), a padding
+   row (context 0), a ragged batch. Cache rows past each sequence end are NaN: the kernel must
+   neither read them into the result nor leave its output unwritten (it starts NaN too).
+2. Copy bandwidth: a 1 GiB device-to-device copy (bytes read + written) -- what the % refer to.
+3. Sweep batch x context x page: `gluon` = eager launches (do_bench median; includes the split
+   merge launch), `gluon(graph)` = the same call captured in a CUDA graph and replayed (the
+   engine's decode; small batches are host-bound eagerly: ~100 us of launch work a call),
+   `flashinfer` = BatchMLAPagedAttentionWrapper.run on the same cache (planned once, eager).
+   % = latent KV bytes (batch * ctx * 576 * 2) / time / copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+from dlengine.kernels import gluon_mla  # noqa: E402
+
+H, C, R = 128, 512, 64
+DT = torch.bfloat16
+SCALE = 192 ** -0.5
+DEV = "cuda"
+SWEEP = [(32, 8192), (64, 8192), (128, 8192), (32, 16384), (64, 16384), (32, 32768), (128, 32768),
+         (1, 1024), (1, 8192), (1, 32768), (8, 8192), (16, 8192), (32, 1024), (32, 4096), (128, 1024)]
+try:
+    from flashinfer.mla import BatchMLAPagedAttentionWrapper  # type: ignore
+except Exception as e:  # noqa: BLE001 - any import failure means "not available"
+    print(f"flashinfer not available ({type(e).__name__}): no comparison")
+    BatchMLAPagedAttentionWrapper = None
+
+
+def make(lens: list[int], page: int, heads: int = H, poison: bool = True, seed: int = 0):
+    """A paged latent cache holding random rows for each sequence (shuffled pages; NaN elsewhere if
+    poison), block tables, queries, row tokens and lengths."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    pages = [-(-n // page) for n in lens]
+    nblk = sum(pages) + 3
+    cache = torch.full((nblk, page, 1, C + R), float("nan") if poison else 0.0, dtype=DT, device=DEV)
+    perm = torch.randperm(nblk, generator=g)
+    bt = torch.full((len(lens), max(max(pages), 1) + 2), nblk - 1, dtype=torch.int32)
+    k = 0
+    for i, n in enumerate(lens):
+        for j in range(pages[i]):
+            bt[i, j] = perm[k]
+            k += 1
+        if poison:
+            for pos in range(0, n, page):  # only the valid rows
+                m = min(page, n - pos)
+                cache[int(bt[i, pos // page]), :m] = torch.randn(m, 1, C + R, generator=g).to(DT).to(DEV)
+    if not poison:
+        cache.normal_(generator=torch.Generator(device=DEV).manual_seed(seed))
+    q_lat = torch.randn(len(lens), heads, C, generator=g).to(DT).to(DEV)
+    q_pe = torch.randn(len(lens), heads, R, generator=g).to(DT).to(DEV)
+    tok = torch.arange(len(lens), dtype=torch.int32, device=DEV)
+    return cache, bt.to(DEV), q_lat, q_pe, tok, torch.tensor(lens, dtype=torch.int32, device=DEV)
+
+
+def reference(cache, bt, q_lat, q_pe, lens: list[int], page: int) -> torch.Tensor:
+    out = torch.zeros(q_lat.shape, dtype=torch.float32, device=DEV)
+    for i, n in enumerate(lens):
+        if n:
+            pos = torch.arange(n, device=DEV)
+            rows = cache[bt[i, pos // page].long(), pos % page, 0].float()
+            s = (q_lat[i].float() @ rows[:, :C].T + q_pe[i].float() @ rows[:, C:].T) * SCALE
+            out[i] = torch.softmax(s, -1) @ rows[:, :C]
+    return out
+
+
+def check(name: str, lens: list[int], page: int, heads: int = H, splits: int | None = None) -> bool:
+    cache, bt, q_lat, q_pe, tok, ln = make(lens, page, heads)
+    out = torch.full_like(q_lat, float("nan"))
+    gluon_mla.mla_decode_gluon(q_lat, q_pe, cache, bt, tok, ln, out, SCALE, max_seq_len=max(lens), num_splits=splits)
+    ref = reference(cache, bt, q_lat, q_pe, lens, page)
+    err = (out.float() - ref).abs().max().item()
+    ok = bool(torch.allclose(out.float(), ref, atol=2e-2, rtol=2e-2)) and not bool(out.isnan().any())
+    print(f"  {'PASS' if ok else 'FAIL'} {name:<40} max|err| {err:.2e}", flush=True)
+    return ok
+
+
+def correctness() -> bool:
+    ragged = [int(x) for x in torch.randint(1, 9000, (32,), generator=torch.Generator().manual_seed(1))]
+    cases = [("1 x 1", [1], 64), ("1 x 64", [64], 64), ("1 x 65", [65], 64), ("1 x 130 (odd tiles)", [130], 64),
+             ("3 rows mixed", [1, 200, 1000], 64), ("page 16", [17, 300, 4097], 16), ("page 32", [100, 2048], 32),
+             ("page 128", [129, 1000], 128), ("16 heads", [300, 777], 64, 16), ("1 split", [5000], 64, H, 1),
+             ("3 splits", [5000, 333], 64, H, 3), ("8 splits > a row's tiles", [100, 9000], 64, H, 8),
+             ("padding row", [0, 500], 64), ("padding row, 4 splits", [0, 500, 3000], 16, H, 4),
+             ("32 x 8k", [8192] * 32, 64), ("2 x 32k", [32768, 30001], 64), ("32 ragged", ragged, 64)]
+    return all([check(*c) for c in cases])
+
+
+def copy_bandwidth() -> float:
+    n = 1 << 30
+    x = torch.empty(n, dtype=torch.uint8, device=DEV)
+    y = torch.empty_like(x)
+    t = do_bench(lambda: y.copy_(x), warmup=10, rep=50, return_mode="median") * 1e-3
+    return 2 * n / t / 1e9
+
+
+def sweep(copy_bw: float) -> None:
+    fi_ws = torch.empty(256 << 20, dtype=torch.int8, device=DEV)
+    for bs, ctx in SWEEP:
+        for page in ([64, 16] if ctx == 8192 and bs >= 32 else [64]):
+            cache, bt, q_lat, q_pe, tok, ln = make([ctx] * bs, page, poison=False)
+            out = torch.empty_like(q_lat)
+            kv_bytes = bs * ctx * (C + R) * 2
+
+            def call(cache=cache, bt=bt, q_lat=q_lat, q_pe=q_pe, tok=tok, ln=ln, out=out, ctx=ctx):
+                return gluon_mla.mla_decode_gluon(q_lat, q_pe, cache, bt, tok, ln, out, SCALE, max_seq_len=ctx)
+
+            res = {"gluon": do_bench(call, warmup=10, rep=40, return_mode="median") * 1e-3}
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                call()
+            res["gluon(graph)"] = do_bench(graph.replay, warmup=10, rep=40, return_mode="median") * 1e-3
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(20):
+                call()
+            host_us = (time.perf_counter() - t0) / 20 * 1e6
+            torch.cuda.synchronize()
+            extra = f" host {host_us:.0f} us/call"
+            if BatchMLAPagedAttentionWrapper is not None:
+                wrapper = BatchMLAPagedAttentionWrapper(fi_ws, backend="auto")
+                npg = ctx // page
+                indptr = torch.arange(0, bs + 1, dtype=torch.int32, device=DEV) * npg
+                qo = torch.arange(bs + 1, dtype=torch.int32, device=DEV)
+                wrapper.plan(qo, indptr, bt[:, :npg].reshape(-1).contiguous(), ln, H, C, R, page, False, SCALE,
+                             DT, DT)
+                ckv, kpe = cache[:, :, 0, :C], cache[:, :, 0, C:]
+                fi_out = wrapper.run(q_lat, q_pe, ckv, kpe)
+                call()
+                extra += f", |gluon - flashinfer| <= {(fi_out.float() - out.float()).abs().max().item():.1e}"
+                res["flashinfer"] = do_bench(lambda: wrapper.run(q_lat, q_pe, ckv, kpe), warmup=10, rep=40,
+                                             return_mode="median") * 1e-3
+            line = " | ".join(f"{k} {t * 1e6:7.1f} us {100 * kv_bytes / t / 1e9 / copy_bw:4.1f}%" for k, t in res.items())
+            print(f"  batch {bs:>3} x ctx {ctx:>5} page {page:>2}: {line}{extra}", flush=True)
+            del cache, graph
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check-only", action="store_true")
+    args = ap.parse_args()
+    why = gluon_mla.supported(torch.device(DEV), DT, C, R) if torch.cuda.is_available() else "no CUDA device"
+    if why:
+        print(f"the Gluon MLA decode kernel cannot run here: {why}")
+        return 1
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
+    print("== correctness vs the float32 reference ==", flush=True)
+    ok = correctness()
+    if not args.check_only:
+        copy_bw = copy_bandwidth()
+        print(f"== speed (copy bandwidth {copy_bw:.0f} GB/s; % of it) ==", flush=True)
+        sweep(copy_bw)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
