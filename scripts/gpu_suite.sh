@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything we check and time on a GPU, in one call of the device tool (see docs/performance.md).
-#   bash scripts/gpu_suite.sh [tests|attention|w1|w2|w1moe|tune_moe|mla|fp8|dsv3|parallel|all]...
+#   bash scripts/gpu_suite.sh [tests|attention|w1|w2|w1moe|tune_moe|mla|mladecode|fp8|dsv3|parallel|all]...
 # Results land in $OUT (or ./gpu_out): logs and JSON files. FlashInfer is used when carried as
 # wheels in .whl/ (flashinfer-python + apache-tvm-ffi, installed with --no-deps).
 set -uo pipefail
@@ -18,7 +18,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
 
 run_tests() {
-  python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_engine.py tests/test_gpu_mla_engine.py tests/test_triton_ops.py \
+  python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_engine.py tests/test_gpu_mla_engine.py tests/test_gpu_mla_decode_kernel.py tests/test_triton_ops.py \
     tests/test_triton_attention.py 2>&1 | tee "$OUT/tests.log" | tail -15
 }
 run_attention() {
@@ -50,6 +50,9 @@ run_tune_moe() {  # tile search for the fused MoE at DeepSeek-V3 and Qwen3-30B-A
 run_mla() {  # MLA decode/extend kernels at DeepSeek-V3 dims vs the torch reference, decode sweep vs copy BW
   python3 scripts/gpu_check_mla.py ${MLA_ARGS:-} 2>&1 | tee "$OUT/mla.log" | tail -60
 }
+run_mladecode() {  # the Hopper Gluon MLA decode kernel: correctness + speed vs copy BW and FlashInfer
+  python3 scripts/bench_mla_decode.py 2>&1 | tee "$OUT/mla_decode.log" | tail -40
+}
 run_fp8() {  # block-scaled FP8 GEMMs at DeepSeek-V3 shapes; tiny FP8 engine on CUDA
   python3 scripts/gpu_check_fp8.py ${FP8_ARGS:-} 2>&1 | tee "$OUT/fp8.log" | tail -40
 }
@@ -67,7 +70,7 @@ steps=${*:-all}
 for s in $steps; do
   case $s in
     tests) run_tests ;; attention) run_attention ;; w1) run_w1 ;; w2) run_w2 ;;
-    w1moe) run_w1moe ;; tune_moe) run_tune_moe ;; mla) run_mla ;; fp8) run_fp8 ;; dsv3) run_dsv3 ;; parallel) run_parallel ;;
+    w1moe) run_w1moe ;; tune_moe) run_tune_moe ;; mla) run_mla ;; mladecode) run_mladecode ;; fp8) run_fp8 ;; dsv3) run_dsv3 ;; parallel) run_parallel ;;
     all) run_tests; run_attention; run_w1; run_w2 ;;
     *) echo "unknown step $s" ;;
   esac

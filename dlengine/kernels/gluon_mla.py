@@ -18,12 +18,14 @@ Both groups release a slot as soon as their P V on it is done, so the load of ti
 whole tile's compute to arrive in. Measured on the H100 (docs/performance.md): the earlier
 design of this kernel (both warp groups computing 32 keys of S each, cp.async gathers issued by
 the compute warps) reached 45-52% of copy bandwidth; FlashMLA's "seesaw" split (each group the
-scores of every other tile, P exchanged) reached the same, because both slots were then busy
-computing and the next loads waited; overlapping P V(k) with S(k + 1) also left the loads no time
-(45-50%). This schedule -- FlashInfer's sm90 MLA split with a TMA producer -- reaches 67-81%.
+scores of every other tile, P exchanged) 41-48%, because both slots were then busy computing and
+the next loads waited; overlapping P V(k) with S(k + 1) also left the loads no time (45-50%).
+This schedule -- FlashInfer's sm90 MLA split, with a TMA producer warp -- reaches 67-83% at batch
+>= 32, ctx >= 8k (page 64).
 
-Splits write normalised partials + log2-sum-exp, merged by `_merge_kernel`. Only compiled on CUDA
-(Gluon has no CPU interpreter): scripts/gpu_check_mla.py checks it against the torch reference on
+Splits write normalised partials + log2-sum-exp, merged by `_merge_kernel` (a second launch: an
+in-kernel merge by the last split measured slower). Only compiled on CUDA
+(Gluon has no CPU interpreter): scripts/bench_mla_decode.py checks it against a float32 reference on
 the H100; CPU CI builds it for sm_90 (tests/test_sm90_build.py) and runs the Triton kernel.
 """
 
