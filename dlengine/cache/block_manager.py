@@ -59,6 +59,7 @@ class BlockManager:
         # in-use blocks whose content equals a published block's (two requests computed the same
         # prefix in one step): published in its place when that block is evicted
         self.duplicate_of: dict[int, bytes] = {}
+        self._duplicates_by_hash: dict[bytes, dict[int, None]] = {}  # the same, indexed by hash (eviction path)
         # counters for metrics
         self.num_hit_tokens = 0
         self.num_queried_tokens = 0
@@ -145,13 +146,23 @@ class BlockManager:
         return block
 
     def _promote_duplicate(self, h: bytes) -> None:
-        """The published block of `h` is gone: publish an in-use copy of the same content, if any."""
-        for block, dh in self.duplicate_of.items():
-            if dh == h:
-                del self.duplicate_of[block]
-                self.block_hash[block] = h
-                self.cached_blocks[h] = block
-                return
+        """The published block of `h` is gone: publish an in-use copy of the same content, if any
+        (an index lookup: this runs on the allocation path, and a batch of same-prefix prompts
+        computed together can leave thousands of copies)."""
+        copies = self._duplicates_by_hash.get(h)
+        if copies:
+            block = next(iter(copies))
+            self._drop_duplicate(block)
+            self.block_hash[block] = h
+            self.cached_blocks[h] = block
+
+    def _drop_duplicate(self, block: int) -> None:
+        h = self.duplicate_of.pop(block, None)
+        if h is not None:
+            copies = self._duplicates_by_hash[h]
+            del copies[block]
+            if not copies:
+                del self._duplicates_by_hash[h]
 
     def cache_full_blocks(self, request: BlockRequest) -> None:
         """Publish the request's computed full blocks in the prefix cache."""
@@ -170,6 +181,7 @@ class BlockManager:
                 # the same content already lives in another block: keep that one published and
                 # remember this copy, which takes over if that block is evicted first
                 self.duplicate_of[block] = h
+                self._duplicates_by_hash.setdefault(h, {})[block] = None
                 continue
             self.block_hash[block] = h
             self.cached_blocks[h] = block
@@ -185,7 +197,7 @@ class BlockManager:
             self.ref_counts[block] = rc
             if rc == 0:
                 self.free_queue[block] = None
-                self.duplicate_of.pop(block, None)  # a free copy is just a free block
+                self._drop_duplicate(block)  # a free copy is just a free block
                 if self.block_hash[block] is None:
                     self.free_queue.move_to_end(block, last=False)
         request.block_ids = []
@@ -198,6 +210,7 @@ class BlockManager:
             return False
         self.cached_blocks.clear()
         self.duplicate_of.clear()
+        self._duplicates_by_hash.clear()
         self.block_hash = [None] * self.num_blocks
         return True
 
@@ -213,3 +226,5 @@ class BlockManager:
             assert self.ref_counts[b] > 0, f"duplicate block {b} is free"
             assert self.block_hash[b] is None, f"duplicate block {b} is also published"
             assert self.cached_blocks.get(h) not in (None, b), f"duplicate block {b} of an unpublished hash"
+            assert b in self._duplicates_by_hash.get(h, {}), f"duplicate block {b} missing from the hash index"
+        assert sum(map(len, self._duplicates_by_hash.values())) == len(self.duplicate_of), "stale hash index"
