@@ -27,6 +27,7 @@ import torch
 
 from dlengine.kernels.attention_metadata import AttentionMetadata
 from dlengine.kernels.flashinfer_attention import page_indices
+from dlengine.kernels.mla_decode_choice import latent_cache_problem
 
 try:
     from flashinfer.mla import BatchMLAPagedAttentionWrapper
@@ -45,11 +46,7 @@ def supported(device: torch.device, cache_dtype: torch.dtype, kv_lora: int, rope
         return "needs a CUDA device"
     if torch.cuda.get_device_capability(device)[0] < 8:
         return "needs an sm_80+ GPU"
-    if cache_dtype not in (torch.bfloat16, torch.float16):
-        return f"needs a bf16/fp16 latent cache, not {cache_dtype}"
-    if (kv_lora, rope) != (KV_LORA, ROPE):
-        return f"supports kv_lora_rank {KV_LORA} + rope {ROPE} only, not {kv_lora} + {rope}"
-    return None
+    return latent_cache_problem(cache_dtype, kv_lora, rope)
 
 
 def _pages(seq_lens: np.ndarray, page: int) -> np.ndarray:

@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from dlengine.kernels.triton_attention import merge_split_partials
+from dlengine.kernels.mla_decode_choice import latent_cache_problem
 
 try:  # Gluon ships with triton >= 3.4; anything missing means "not available"
     from triton.experimental import gluon
@@ -72,11 +73,7 @@ def supported(device: torch.device, cache_dtype: torch.dtype, kv_lora: int, rope
         return "needs a CUDA device"
     if torch.cuda.get_device_capability(device)[0] != 9:
         return "needs a Hopper GPU (sm_90: TMA, warpgroup MMA)"
-    if cache_dtype not in (torch.bfloat16, torch.float16):
-        return f"needs a bf16/fp16 latent cache, not {cache_dtype}"
-    if (kv_lora, rope) != (KV_LORA, ROPE):
-        return f"is built for kv_lora_rank {KV_LORA} + rope {ROPE}, not {kv_lora} + {rope}"
-    return None
+    return latent_cache_problem(cache_dtype, kv_lora, rope)
 
 
 def cache_layout_problem(cache: torch.Tensor) -> str | None:

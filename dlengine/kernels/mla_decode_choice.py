@@ -22,6 +22,18 @@ from dlengine.config import ConfigError
 MLA_DECODE_KERNELS = ("auto", "triton", "gluon", "flashinfer")
 
 
+DEEPSEEK_LATENT = (512, 64)  # kv_lora_rank, rope dims: what the Gluon and FlashInfer MLA kernels are built for
+
+
+def latent_cache_problem(cache_dtype: torch.dtype, kv_lora: int, rope: int) -> str | None:
+    """Why a DeepSeek-dims MLA decode kernel (Gluon, FlashInfer) cannot take this latent cache, or None."""
+    if cache_dtype not in (torch.bfloat16, torch.float16):
+        return f"needs a bf16/fp16 latent cache, not {cache_dtype}"
+    if (kv_lora, rope) != DEEPSEEK_LATENT:
+        return f"is built for kv_lora_rank {DEEPSEEK_LATENT[0]} + rope {DEEPSEEK_LATENT[1]}, not {kv_lora} + {rope}"
+    return None
+
+
 def _latent_dims(model) -> tuple[int, int]:
     return int(model.hf_config.get("kv_lora_rank") or 0), int(model.hf_config.get("qk_rope_head_dim") or 0)
 
@@ -69,4 +81,4 @@ def resolve_mla_decode(requested: str, model, attention: str, device: torch.devi
     return requested
 
 
-__all__ = ["MLA_DECODE_KERNELS", "resolve_mla_decode"]
+__all__ = ["DEEPSEEK_LATENT", "MLA_DECODE_KERNELS", "latent_cache_problem", "resolve_mla_decode"]
