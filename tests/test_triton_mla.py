@@ -253,15 +253,18 @@ def test_mla_decode_kernel_choice_at_build_time():
         EngineBuilder("tiny-qwen3").device("cpu").attention("triton").mla_decode("gluon").build()
 
 
-def test_gluon_split_merge_reads_only_splits_with_keys():
+@pytest.mark.parametrize("splits", [4, 2])
+def test_gluon_split_merge_reads_only_splits_with_keys(splits):
     """The Gluon decode kernel's merge launch (plain Triton: runs here) combines the first n_active
-    partials by log-sum-exp through the Triton decode kernels' merge; the splits past a short row's
-    tiles are never written (NaN here) and never read; a row without keys gets zeros."""
+    partials by log-sum-exp (the Triton decode kernels' merge loop; with two splits, PAIR, both
+    loaded at once); the splits past a short row's tiles are never written (NaN here) and never
+    read; a row without keys gets zeros."""
     from dlengine.kernels.gluon_mla import _merge_kernel
 
-    rows, heads, splits, width, block_n = 3, 20, 4, 32, 64
-    row_len = torch.tensor([0, 100, 1000], dtype=torch.int32, device=DEVICE)  # 0, 2, 16 tiles
-    n_active = [0, 2, 4]
+    rows, heads, width, block_n = 3, 20, 32, 64
+    lens = [0, 100, 1000] if splits == 4 else [0, 50, 1000]  # 0, 2 (1), 16 tiles
+    row_len = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    n_active = [0, 2, 4] if splits == 4 else [0, 1, 2]
     n = rows * heads * splits
     gen = torch.Generator().manual_seed(0)
     part = torch.full((rows, heads, splits, width), float("nan"))
@@ -273,7 +276,7 @@ def test_gluon_split_merge_reads_only_splits_with_keys():
     out = torch.full((rows, heads, width), float("nan"), device=DEVICE)
     tok = torch.arange(rows, dtype=torch.int32, device=DEVICE)
     _merge_kernel[(rows * 2,)](ws, n * width, tok, row_len, out, splits, out.stride(0), out.stride(1),
-                               NUM_HEADS=heads, BLOCK_H=16, KV_LORA=width, BLOCK_N=block_n)
+                               NUM_HEADS=heads, BLOCK_H=16, KV_LORA=width, BLOCK_N=block_n, PAIR=splits == 2)
     assert torch.equal(out[0].cpu(), torch.zeros(heads, width))
     for r, k in enumerate(n_active[1:], start=1):
         w = torch.softmax(lse[r, :, :k] * math.log(2), dim=-1)  # 2^lse weights
