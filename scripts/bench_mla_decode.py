@@ -82,14 +82,33 @@ def reference(cache, bt, q_lat, q_pe, lens: list[int], page: int) -> torch.Tenso
     return out
 
 
-def check(name: str, lens: list[int], page: int, heads: int = H, splits: int | None = None) -> bool:
+def strided(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """x's values in another memory layout: "heads-major" = the engine's ([T, H, C] view of an [H, T,
+    C] tensor), "padded" = rows 8 elements apart from the next (strides not multiples of 16)."""
+    if layout == "heads-major":
+        return x.transpose(0, 1).contiguous().transpose(0, 1)
+    if layout == "padded":
+        return torch.cat([x, torch.zeros_like(x[..., :8])], -1)[..., :x.shape[-1]]
+    return x
+
+
+def check(name: str, lens: list[int], page: int, heads: int = H, splits: int | None = None,
+          layout: str = "contiguous") -> bool:
+    """Close to the reference, nothing left NaN, and the same bits on a second run."""
     cache, bt, q_lat, q_pe, tok, ln = make(lens, page, heads)
-    out = torch.full_like(q_lat, float("nan"))
-    gluon_mla.mla_decode_gluon(q_lat, q_pe, cache, bt, tok, ln, out, SCALE, max_seq_len=max(lens), num_splits=splits)
     ref = reference(cache, bt, q_lat, q_pe, lens, page)
-    err = (out.float() - ref).abs().max().item()
-    ok = bool(torch.allclose(out.float(), ref, atol=2e-2, rtol=2e-2)) and not bool(out.isnan().any())
-    print(f"  {'PASS' if ok else 'FAIL'} {name:<40} max|err| {err:.2e}", flush=True)
+    q_lat, q_pe = strided(q_lat, layout), strided(q_pe, layout)
+    outs = []
+    for _ in range(2):
+        out = strided(torch.full_like(ref, float("nan"), dtype=q_lat.dtype), layout)
+        gluon_mla.mla_decode_gluon(q_lat, q_pe, cache, bt, tok, ln, out, SCALE, max_seq_len=max(lens),
+                                   num_splits=splits)
+        outs.append(out)
+    err = (outs[0].float() - ref).abs().max().item()
+    same = torch.equal(outs[0], outs[1])
+    ok = bool(torch.allclose(outs[0].float(), ref, atol=2e-2, rtol=2e-2)) and not bool(outs[0].isnan().any()) and same
+    print(f"  {'PASS' if ok else 'FAIL'} {name:<40} max|err| {err:.2e}{'' if same else ' (second run differs)'}",
+          flush=True)
     return ok
 
 
@@ -100,7 +119,9 @@ def correctness() -> bool:
              ("page 128", [129, 1000], 128), ("16 heads", [300, 777], 64, 16), ("1 split", [5000], 64, H, 1),
              ("3 splits", [5000, 333], 64, H, 3), ("8 splits > a row's tiles", [100, 9000], 64, H, 8),
              ("padding row", [0, 500], 64), ("padding row, 4 splits", [0, 500, 3000], 16, H, 4),
-             ("32 x 8k", [8192] * 32, 64), ("2 x 32k", [32768, 30001], 64), ("32 ragged", ragged, 64)]
+             ("32 x 8k", [8192] * 32, 64), ("2 x 32k", [32768, 30001], 64), ("32 ragged", ragged, 64),
+             ("engine layout (q, out heads-major)", [3000, 70], 16, H, None, "heads-major"),
+             ("padded rows (strides % 16 != 0)", [3000, 70], 16, H, 2, "padded")]
     return all([check(*c) for c in cases])
 
 
@@ -153,9 +174,41 @@ def sweep(copy_bw: float) -> None:
             del cache, graph
 
 
+def parts(copy_bw: float) -> None:
+    """Where the time of a split decode goes: the whole call (CUDA-graph replays, three rounds: their
+    spread is the noise) and the split merge launch alone on a workspace of the same size (20
+    launches in one graph: an eager launch alone would time the host), both merge paths."""
+    for bs, ctx in [(32, 8192), (16, 8192), (32, 16384), (64, 8192), (32, 4096)]:
+        cache, bt, q_lat, q_pe, tok, ln = make([ctx] * bs, 64, poison=False)
+        out = torch.empty_like(q_lat)
+        kv_bytes = bs * ctx * (C + R) * 2
+        gluon_mla.mla_decode_gluon(q_lat, q_pe, cache, bt, tok, ln, out, SCALE, max_seq_len=ctx)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            gluon_mla.mla_decode_gluon(q_lat, q_pe, cache, bt, tok, ln, out, SCALE, max_seq_len=ctx)
+        times = sorted(do_bench(graph.replay, warmup=10, rep=60, return_mode="median") * 1e-3 for _ in range(3))
+        splits = gluon_mla.choose_num_splits(bs, 2, ctx, torch.cuda.get_device_properties(0).multi_processor_count)
+        cells = [f"{splits} splits", f"call {times[1] * 1e6:6.1f} us {100 * kv_bytes / times[1] / 1e9 / copy_bw:4.1f}% "
+                 f"(rounds {', '.join(f'{t * 1e6:.1f}' for t in times)})"]
+        if splits > 1:
+            ws = torch.randn(bs * H * splits * (C + 1), dtype=torch.float32, device=DEV)
+            for pair in ((True, False) if splits == 2 else (False,)):
+                gluon_mla._launch_merge(ws, tok, ln, out, splits, pair=pair)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    for _ in range(20):
+                        gluon_mla._launch_merge(ws, tok, ln, out, splits, pair=pair)
+                t = do_bench(g.replay, warmup=5, rep=40, return_mode="median") * 1e-3 / 20
+                cells.append(f"merge alone{' (pair)' if pair else ''} {t * 1e6:5.1f} us")
+                del g
+        print(f"  batch {bs:>3} x ctx {ctx:>5}: " + " | ".join(cells), flush=True)
+        del graph
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check-only", action="store_true")
+    ap.add_argument("--parts", action="store_true", help="only the time breakdown of split decodes (after the checks)")
     args = ap.parse_args()
     why = gluon_mla.supported(torch.device(DEV), DT, C, R) if torch.cuda.is_available() else "no CUDA device"
     if why:
@@ -167,7 +220,10 @@ def main() -> int:
     if not args.check_only:
         copy_bw = copy_bandwidth()
         print(f"== speed (copy bandwidth {copy_bw:.0f} GB/s; % of it) ==", flush=True)
-        sweep(copy_bw)
+        if args.parts:
+            parts(copy_bw)
+        else:
+            sweep(copy_bw)
     return 0 if ok else 1
 
 
