@@ -5,11 +5,14 @@ process. DeepSeek-V3 dims: 128 heads, latent 512 + rope 64, bf16. About 2-3 minu
 
     python scripts/bench_mla_decode.py              # checks + the full sweep
     python scripts/bench_mla_decode.py --check-only
+    python scripts/bench_mla_decode.py --parts      # checks + where a split decode's time goes
 
 1. Correctness: contexts 1..32k (tile and page boundaries, odd tile counts), pages 16..128, 16
    heads (a partial head tile), forced split counts (more splits than a row has tiles), a padding
-   row (context 0), a ragged batch. Cache rows past each sequence end are NaN: the kernel must
-   neither read them into the result nor leave its output unwritten (it starts NaN too).
+   row (context 0), a ragged batch, the engine's heads-major q / out layout, strides that are not
+   multiples of 16. Cache rows past each sequence end are NaN: the kernel must neither read them
+   into the result nor leave its output unwritten (it starts NaN too); a second run must give
+   the same bits.
 2. Copy bandwidth: a 1 GiB device-to-device copy (bytes read + written) -- what the % refer to.
 3. Sweep batch x context x page: `gluon` = eager launches (do_bench median; includes the split
    merge launch), `gluon(graph)` = the same call captured in a CUDA graph and replayed (the
