@@ -7,8 +7,10 @@ One program = one (query row, 64 heads, KV split); three partitions share its sh
   loader  (1 warp)    TMA-gathers each 64-key tile of the paged latent cache (any power-of-two
                       page size >= 8) into one of two slots, in three parts (latent columns
                       0-255, 256-511, rope) with an mbarrier each, once both groups freed the slot
-  scores  (4 warps)   S = Q K^T for the whole [64 heads x 64 keys] tile (N = 64: each score MMA
-                      step reads Q once per 64 keys), the online softmax, P into the tile's rope
+  scores  (4 warps)   Q into shared memory first (the loader's first tiles are on their way
+                      meanwhile), then S = Q K^T for the whole [64 heads x 64 keys] tile (N =
+                      64: each score MMA step reads Q once per 64 keys), the online softmax, P
+                      into the tile's rope
                       rows (spent once S is done) plus the rescale factor for the other group,
                       then P V for output columns 256-511
   values  (4 warps)   this program's own warps: per tile, rescale and add P V for output columns
@@ -23,8 +25,8 @@ the next loads waited; overlapping P V(k) with S(k + 1) also left the loads no t
 This schedule -- FlashInfer's sm90 MLA split, with a TMA producer warp -- reaches 67-83% at batch
 >= 32, ctx >= 8k (page 64).
 
-Splits write normalised partials + log2-sum-exp, merged by `_merge_kernel` (a second launch: an
-in-kernel merge by the last split measured slower). Only compiled on CUDA
+Splits write normalised partials + log2-sum-exp, merged by `_merge_kernel` (a second launch, 5 us
+at batch 32 x 8k: three in-kernel merges measured slower, docs/performance.md). Only compiled on CUDA
 (Gluon has no CPU interpreter): scripts/bench_mla_decode.py checks it against a float32 reference on
 the H100; CPU CI builds it for sm_90 (tests/test_sm90_build.py) and runs the Triton kernel.
 """
@@ -62,6 +64,10 @@ BLOCK_N = 64  # keys per tile; two tile slots + Q = 216 KB of the H100's 227 KB 
 NUM_WARPS = 4  # the value group; + 4 (scores) + 1 (loader) worker warps
 CONSUMER_REGS, LOADER_REGS, MAX_REGS = 232, 40, 168  # per thread: 232 x 2 groups + 40 <= 512
 LOG2E = 1.4426950408889634
+# The score group loads Q while the loader's first tiles are on their way (False: the prologue
+# loads it before the partitions start). Measured on the H100, same bits: 32 x 8k 148.1 vs 150.3 us,
+# 32 x 16k 277 vs 284 us, 1 x 8k 41.4 vs 43.2 us (one process, three interleaved CUDA-graph rounds)
+Q_IN_SCORES = True
 
 
 @functools.lru_cache(maxsize=None)  # asked on every eager decode launch: answer once per shape
@@ -150,6 +156,27 @@ if GLUON_IMPORT_ERROR is None:
 
 
     @gluon.jit
+    def _load_q(qlat_ptr, qpe_ptr, q_smem, qpe_smem, ht, tok, stride_ql_t, stride_ql_h, stride_qp_t, stride_qp_h,
+                NUM_HEADS):
+        """The program's 64 query heads (latent 512 + rope 64) into shared memory, by 4 warps."""
+        QL: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])  # [64, 128] chunks, 16 B a thread
+        dtype: gl.constexpr = q_smem.dtype
+        heads = ht * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, QL))
+        h_ok = gl.expand_dims(heads < NUM_HEADS, 1)
+        for c in gl.static_range(4):
+            cq = c * 128 + gl.arange(0, 128, layout=gl.SliceLayout(0, QL))
+            q = gl.load(qlat_ptr + tok * stride_ql_t + gl.expand_dims(heads, 1) * stride_ql_h + gl.expand_dims(cq, 0),
+                        mask=h_ok, other=0.0)
+            q_smem.slice(c * 128, 128, dim=1).store(q.to(dtype))
+        cr = gl.arange(0, 64, layout=gl.SliceLayout(0, QL))
+        qpe = gl.load(qpe_ptr + tok * stride_qp_t + gl.expand_dims(heads, 1) * stride_qp_h + gl.expand_dims(cr, 0),
+                      mask=h_ok, other=0.0)
+        qpe_smem.store(qpe.to(dtype))
+        fence_async_shared()
+        _cta_barrier()
+
+
+    @gluon.jit
     def _store_out(acc, l_tot, m_i, ME: gl.constexpr, out_ptr, ws_ptr, lse_ptr, r, ht, sp, tok, num_splits,
                    stride_ot, stride_oh, NUM_HEADS, DIRECT):
         O_L: gl.constexpr = acc.type.layout
@@ -171,7 +198,8 @@ if GLUON_IMPORT_ERROR is None:
 
     @gluon.jit
     def _score_group(q_smem, qpe_smem, kv_smem, pe_smem, xs_smem, bars, out_ptr, ws_ptr, lse_ptr,
-                     r, ht, sp, tok, seq_len, t0, t1, qk_scale, num_splits, stride_ot, stride_oh, NUM_HEADS, DIRECT):
+                     r, ht, sp, tok, seq_len, t0, t1, qk_scale, num_splits, stride_ot, stride_oh, NUM_HEADS, DIRECT,
+                     qlat_ptr, qpe_ptr, stride_ql_t, stride_ql_h, stride_qp_t, stride_qp_h, Q_HERE):
         """Warp group 1: scores and online softmax of every tile (S = Q K^T with N = 64 keys: no
         duplicated MMA), P and the rescale factor handed to group 0 through shared memory, and the
         output columns 256-511; the row max / sum for both groups at the end."""
@@ -186,6 +214,9 @@ if GLUON_IMPORT_ERROR is None:
         l_i = gl.zeros([64], gl.float32, ROW_S)
         m_i = gl.full([64], float("-inf"), gl.float32, ROW_S)
         keys0 = gl.arange(0, 64, layout=gl.SliceLayout(0, S_L))
+        if Q_HERE:  # Q while the loader's first tiles are on their way
+            _load_q(qlat_ptr, qpe_ptr, q_smem, qpe_smem, ht, tok, stride_ql_t, stride_ql_h, stride_qp_t, stride_qp_h,
+                    NUM_HEADS)
         for k in range(n):
             slot = k % 2
             ph = (k // 2) & 1
@@ -274,15 +305,18 @@ if GLUON_IMPORT_ERROR is None:
     @gluon.jit
     def _score_worker(desc, bt_ptr, q_smem, qpe_smem, kv_smem, pe_smem, xs_smem, bars, out_ptr, ws_ptr, lse_ptr,
                       r, ht, sp, tok, seq_len, t0, t1, qk_scale, num_splits, stride_bt, stride_ot, stride_oh,
-                      NUM_HEADS, DIRECT, PAGE):
+                      NUM_HEADS, DIRECT, PAGE, qlat_ptr, qpe_ptr, stride_ql_t, stride_ql_h, stride_qp_t,
+                      stride_qp_h, Q_HERE):
         _score_group(q_smem, qpe_smem, kv_smem, pe_smem, xs_smem, bars, out_ptr, ws_ptr, lse_ptr, r, ht, sp, tok,
-                     seq_len, t0, t1, qk_scale, num_splits, stride_ot, stride_oh, NUM_HEADS, DIRECT)
+                     seq_len, t0, t1, qk_scale, num_splits, stride_ot, stride_oh, NUM_HEADS, DIRECT, qlat_ptr,
+                     qpe_ptr, stride_ql_t, stride_ql_h, stride_qp_t, stride_qp_h, Q_HERE)
 
 
     @gluon.jit
     def _load_worker(desc, bt_ptr, q_smem, qpe_smem, kv_smem, pe_smem, xs_smem, bars, out_ptr, ws_ptr, lse_ptr,
                      r, ht, sp, tok, seq_len, t0, t1, qk_scale, num_splits, stride_bt, stride_ot, stride_oh,
-                     NUM_HEADS, DIRECT, PAGE):
+                     NUM_HEADS, DIRECT, PAGE, qlat_ptr, qpe_ptr, stride_ql_t, stride_ql_h, stride_qp_t,
+                     stride_qp_h, Q_HERE):
         _loader(desc, bt_ptr, kv_smem, pe_smem, bars, r, t0, t1, seq_len, stride_bt, PAGE)
 
 
@@ -295,7 +329,7 @@ if GLUON_IMPORT_ERROR is None:
         qk_scale, num_splits,
         stride_ql_t, stride_ql_h, stride_qp_t, stride_qp_h, stride_bt, stride_ot, stride_oh,
         NUM_HEADS: gl.constexpr, HEAD_TILES: gl.constexpr, PAGE: gl.constexpr, DIRECT: gl.constexpr,
-        CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
+        Q_HERE: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
     ):
         """Grid (row x head tile, split): row r = request r, query token row_tok[r], context
         row_len[r]; desc = the cache's TMA descriptor (`_cache_descriptor`). DIRECT: write out here;
@@ -340,26 +374,16 @@ if GLUON_IMPORT_ERROR is None:
         for i in gl.static_range(3):
             mbarrier.init(bars.index(8 + i), count=1)
 
-        heads = ht * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, QL))
-        h_ok = gl.expand_dims(heads < NUM_HEADS, 1)
-        for c in gl.static_range(4):
-            cq = c * 128 + gl.arange(0, 128, layout=gl.SliceLayout(0, QL))
-            q = gl.load(qlat_ptr + tok * stride_ql_t + gl.expand_dims(heads, 1) * stride_ql_h + gl.expand_dims(cq, 0),
-                        mask=h_ok, other=0.0)
-            q_smem.slice(c * 128, 128, dim=1).store(q.to(dtype))
-        cr = gl.arange(0, 64, layout=gl.SliceLayout(0, QL))
-        heads_r = ht * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, QL))
-        qpe = gl.load(qpe_ptr + tok * stride_qp_t + gl.expand_dims(heads_r, 1) * stride_qp_h + gl.expand_dims(cr, 0),
-                      mask=gl.expand_dims(heads_r < NUM_HEADS, 1), other=0.0)
-        qpe_smem.store(qpe.to(dtype))
-        fence_async_shared()
-        _cta_barrier()
+        if not Q_HERE:
+            _load_q(qlat_ptr, qpe_ptr, q_smem, qpe_smem, ht, tok, stride_ql_t, stride_ql_h, stride_qp_t, stride_qp_h,
+                    NUM_HEADS)
 
         # (both argument tuples are written out: through a tuple variable triton 3.6's lowering
         # crashes; constexprs reach worker partitions as plain values, hence desc's block shape)
         worker_args = (desc, bt_ptr, q_smem, qpe_smem, kv_smem, pe_smem, xs_smem, bars, out_ptr, ws_ptr, lse_ptr,
                        r, ht, sp, tok, seq_len, t0, t1, qk_scale, num_splits, stride_bt, stride_ot, stride_oh,
-                       NUM_HEADS, DIRECT, PAGE)
+                       NUM_HEADS, DIRECT, PAGE, qlat_ptr, qpe_ptr, stride_ql_t, stride_ql_h, stride_qp_t,
+                       stride_qp_h, Q_HERE)
         # this program's 4 warps are warp group 0 (value group); the score group and a one-warp TMA
         # loader are workers
         gl.warp_specialize([
@@ -446,7 +470,7 @@ def mla_decode_gluon(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tenso
     _mla_decode_gluon_kernel[(num_rows * head_tiles, num_splits)](
         _cache_descriptor(cache), q_lat, q_pe, block_tables, row_tok, row_len, out_lat, ws, lse, scale * LOG2E,
         num_splits, qls[0], qls[1], qps[0], qps[1], block_tables.stride(0), os_[0], os_[1],
-        NUM_HEADS=num_heads, HEAD_TILES=head_tiles, PAGE=cache.shape[1], DIRECT=num_splits == 1,
+        NUM_HEADS=num_heads, HEAD_TILES=head_tiles, PAGE=cache.shape[1], DIRECT=num_splits == 1, Q_HERE=Q_IN_SCORES,
         CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS, num_warps=NUM_WARPS, maxnreg=MAX_REGS)
     if num_splits > 1:
         _launch_merge(ws, row_tok, row_len, out_lat, num_splits)
