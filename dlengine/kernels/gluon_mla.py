@@ -483,6 +483,8 @@ def _launch_merge(ws: torch.Tensor, row_tok: torch.Tensor, row_len: torch.Tensor
     path; default when num_splits == 2)."""
     num_rows, num_heads = row_len.shape[0], out_lat.shape[1]
     pair = num_splits == 2 if pair is None else pair
+    if pair and num_splits != 2:
+        raise ValueError(f"the pair merge takes exactly 2 splits, not {num_splits}")
     merge_heads = 8 if pair else 16
     _merge_kernel[(num_rows * -(-num_heads // merge_heads),)](
         ws, num_rows * num_heads * num_splits * KV_LORA, row_tok, row_len, out_lat, num_splits, out_lat.stride(0),
