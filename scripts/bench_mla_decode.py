@@ -196,6 +196,7 @@ def parts(copy_bw: float) -> None:
         if splits > 1:
             ws = torch.randn(bs * H * splits * (C + 1), dtype=torch.float32, device=DEV)
             for pair in ((True, False) if splits == 2 else (False,)):
+                # 20 launches in one graph: an eager launch alone would time the host, not the kernel
                 gluon_mla._launch_merge(ws, tok, ln, out, splits, pair=pair)
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g):
