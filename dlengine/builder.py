@@ -105,7 +105,9 @@ class EngineBuilder:
         return self
 
     def cache(self, **options: Any) -> "EngineBuilder":
-        """block_size, num_blocks, prefix_caching, dtype, memory_utilization, cpu_kv_cache_bytes."""
+        """block_size, num_blocks, prefix_caching, dtype, memory_utilization, cpu_kv_cache_bytes.
+        block_size defaults to 16, or to 64 for MLA models whose decode runs on the Hopper Gluon
+        kernel (its fastest page)."""
         self._cache.update(options)
         return self
 
@@ -305,9 +307,15 @@ class EngineBuilder:
         else:
             dtype = parse_dtype(model.torch_dtype) if model.torch_dtype in ("bfloat16", "float16", "float32") else torch.bfloat16
 
-        from dlengine.kernels.mla_decode_choice import resolve_mla_decode
+        from dlengine.kernels.mla_decode_choice import preferred_block_size, resolve_mla_decode
 
         mla_decode = resolve_mla_decode(self._mla_decode, model, attention, device, dtype)
+        if "block_size" not in self._cache and cache.dtype == "auto":
+            block_size = preferred_block_size(mla_decode, model, attention, device, dtype)
+            if block_size is not None:  # MLA decode on the Gluon kernel: its fastest page size
+                logger.info("KV block size %d: the Gluon MLA decode kernel's fastest page (cache(block_size=...) "
+                            "overrides)", block_size)
+                cache = dataclasses.replace(cache, block_size=block_size)
         quantization = self._resolve_quantization(model, device)
         if quantization != "none" and parallel.world_size > 1:
             # the tensor/expert-parallel layers shard bf16 weights; FP8 shards (with their block

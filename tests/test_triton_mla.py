@@ -297,3 +297,39 @@ def test_gluon_cache_layout_check_names_what_tma_cannot_read():
     assert "back to back" in cache_layout_problem(torch.zeros(8, 32, 1, 576, dtype=bf16)[:, :16])
     assert "aligned" in cache_layout_problem(torch.zeros(8, 16, 1, 577, dtype=bf16)[..., :576])
     assert "one latent head" in cache_layout_problem(torch.zeros(8, 16, 2, 576, dtype=bf16))
+
+
+def test_engines_take_64_token_pages_where_mla_decode_runs_on_the_gluon_kernel(monkeypatch):
+    """The Gluon kernel's fastest page is 64 tokens (9 TMA copies a tile instead of 36 at 16): an
+    engine whose MLA decode steps run on it takes that block size unless the user chose one;
+    anything else keeps the default. (Whether the kernel applies is `gluon_mla.supported`, made to
+    say yes here: this machine has no Hopper GPU.)"""
+    from types import SimpleNamespace
+
+    from dlengine.kernels import gluon_mla
+    from dlengine.kernels.mla_decode_choice import GLUON_BLOCK_SIZE, preferred_block_size
+
+    mla = SimpleNamespace(uses_mla=True, hf_config={"kv_lora_rank": 512, "qk_rope_head_dim": 64})
+    gqa = SimpleNamespace(uses_mla=False, hf_config={})
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
+    monkeypatch.setattr(gluon_mla, "supported", lambda *a: None)
+    assert GLUON_BLOCK_SIZE == 64
+    for decode in ("auto", "gluon"):
+        for attention in ("auto", "triton"):
+            assert preferred_block_size(decode, mla, attention, cuda, bf16) == 64
+    assert preferred_block_size("triton", mla, "auto", cuda, bf16) is None
+    assert preferred_block_size("flashinfer", mla, "auto", cuda, bf16) is None
+    assert preferred_block_size("auto", mla, "torch", cuda, bf16) is None
+    assert preferred_block_size("auto", mla, "flashinfer", cuda, bf16) is None
+    assert preferred_block_size("auto", gqa, "auto", cuda, bf16) is None
+    assert preferred_block_size("auto", mla, "triton", torch.device("cpu"), bf16) is None
+    monkeypatch.setattr(gluon_mla, "supported", lambda *a: "needs a Hopper GPU")
+    assert preferred_block_size("auto", mla, "auto", cuda, bf16) is None
+
+
+def test_cpu_mla_engine_keeps_the_default_block_size():
+    from dlengine import EngineBuilder
+    from dlengine.testing import tiny_checkpoint
+
+    engine = EngineBuilder(tiny_checkpoint("deepseek-v3")).dtype("float32").build()
+    assert engine.kv_cache.block_size == 16

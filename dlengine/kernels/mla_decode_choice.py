@@ -81,4 +81,24 @@ def resolve_mla_decode(requested: str, model, attention: str, device: torch.devi
     return requested
 
 
-__all__ = ["DEEPSEEK_LATENT", "MLA_DECODE_KERNELS", "latent_cache_problem", "resolve_mla_decode"]
+GLUON_BLOCK_SIZE = 64  # KV block size (page) at which the Gluon kernel is fastest
+
+
+def preferred_block_size(mla_decode: str, model, attention: str, device: torch.device,
+                         kv_dtype: torch.dtype) -> int | None:
+    """The KV block size an engine takes when the user chose none: 64 where MLA decode steps run on
+    the Gluon kernel (a TMA box is at most one page, so a 64-key tile takes 9 copies instead of 36
+    at 16 tokens: 68 vs 62% of copy bandwidth at batch 32 x 8k on the H100, docs/performance.md;
+    vLLM and SGLang run FlashMLA on 64-token pages too), else None (CacheConfig's default)."""
+    on_triton = attention == "triton" or (attention == "auto" and device.type == "cuda")
+    if mla_decode not in ("auto", "gluon") or not model.uses_mla or not on_triton or device.type != "cuda":
+        return None
+    from dlengine.kernels import gluon_mla
+
+    if gluon_mla.supported(device, kv_dtype, *_latent_dims(model)) is not None:
+        return None
+    return GLUON_BLOCK_SIZE
+
+
+__all__ = ["DEEPSEEK_LATENT", "GLUON_BLOCK_SIZE", "MLA_DECODE_KERNELS", "latent_cache_problem",
+           "preferred_block_size", "resolve_mla_decode"]
