@@ -56,6 +56,10 @@ class CUDAGraphRunner:
         self.outputs: dict[int, torch.Tensor] = {}
         self.pool = None
         self.memory_bytes = 0
+        # host work a backend asks for around capture / before each replay (looked up once here,
+        # not on every replay): FlashInfer's MLA decode plans its per-batch-size wrapper there
+        self._capture_hooks = backend if hasattr(backend, "graph_capture_begin") else None
+        self._before_replay = getattr(backend, "graph_before_replay", None)
 
     def _meta(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -81,7 +85,7 @@ class CUDAGraphRunner:
         before = torch.cuda.memory_allocated(self.device)
         self.slot_mapping.fill_(-1)
         self.seq_lens.fill_(1)
-        hooks = self.backend if hasattr(self.backend, "graph_capture_begin") else None
+        hooks = self._capture_hooks
         for bs in reversed(self.batch_sizes):
             if hooks:  # e.g. FlashInfer's MLA decode sets up this batch size's own planned wrapper
                 hooks.graph_capture_begin(bs)
@@ -139,7 +143,7 @@ class CUDAGraphRunner:
         if placeholders is not None:
             rows, src = placeholders
             self.input_ids[rows] = last_tokens[src]
-        if hasattr(self.backend, "graph_before_replay"):  # host work a replay needs (FlashInfer's plan)
-            self.backend.graph_before_replay(bs, host[3, :bs], self.block_tables[:bs])
+        if self._before_replay is not None:  # host work a replay needs (FlashInfer's plan)
+            self._before_replay(bs, host[3, :bs], self.block_tables[:bs])
         self.graphs[bs].replay()
         return self.outputs[bs][:n]
