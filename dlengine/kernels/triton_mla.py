@@ -385,7 +385,7 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
     expand_max_context) run absorbed (one row per token, context = prefix + its position + 1),
     the others non-absorbed (`_expanded`), in groups of at most expand_max_context context rows.
     `decode_kernel` ("auto" / "triton" / "gluon", see mla_decode) runs the decode-only launch; the
-    absorbed rows of extends take "auto" unless it is "triton"."""
+    absorbed rows of extends (several rows a request: `row_req`) always run the Triton kernel."""
     num_tokens = q_nope.shape[0]
     if num_tokens == 0 or not meta.seq_lens_cpu:
         return q_nope.new_zeros(num_tokens, weights.num_heads, weights.v_head_dim)
@@ -405,7 +405,7 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
         reqs = np.repeat(np.asarray(short, dtype=np.int32), [meta.query_lens_cpu[i] for i in short])
         dev = q_nope.device
         out = _absorbed(q_nope, q_pe, cache, weights, scale, config, num_splits,
-                        "triton" if decode_kernel == "triton" else "auto", block_tables=meta.block_tables, row_tok=torch.from_numpy(toks).to(dev),
+                        "triton", block_tables=meta.block_tables, row_tok=torch.from_numpy(toks).to(dev),
                         row_len=torch.from_numpy(lens).to(dev), row_req=torch.from_numpy(reqs).to(dev),
                         max_seq_len=max(meta.seq_lens_cpu[i] for i in short))
     else:
