@@ -34,8 +34,7 @@ ahead with async scheduling), so each plan waits for an event recorded after the
 
 from __future__ import annotations
 
-import itertools
-
+import numpy as np
 import torch
 
 from dlengine.config import ConfigError
@@ -54,8 +53,11 @@ WORKSPACE_BYTES = 128 << 20
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def _host_indptr(lengths: list[int]) -> torch.Tensor:
-    return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+def host_indptr(lengths) -> torch.Tensor:
+    """[0, l0, l0 + l1, ...] as an int32 host tensor (lengths: a list or numpy array)."""
+    indptr = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=indptr[1:])
+    return torch.from_numpy(indptr)
 
 
 def page_indices(seq_lens: torch.Tensor, block_tables: torch.Tensor, page: int, total_pages: int) -> torch.Tensor:
@@ -138,7 +140,7 @@ class FlashInferAttentionBackend:
             self._plan_event.synchronize()  # the previous plan's pinned-buffer copy has run
         seq_lens = meta.seq_lens_cpu
         pages = [-(-s // page) for s in seq_lens]
-        kv_indptr = _host_indptr(pages)
+        kv_indptr = host_indptr(pages)
         last_page_len = torch.tensor([(s - 1) % page + 1 for s in seq_lens], dtype=torch.int32)
         indices = page_indices(meta.seq_lens, meta.block_tables, page, int(kv_indptr[-1]))
         common = {"pos_encoding_mode": "NONE", "q_data_type": dtype, "kv_data_type": dtype, "sm_scale": scale}
@@ -146,7 +148,7 @@ class FlashInferAttentionBackend:
             self._decode.plan(kv_indptr, indices, last_page_len, num_heads, num_kv_heads, head_dim, page, **common)
             self._wrapper = self._decode
         else:
-            qo_indptr = _host_indptr(meta.query_lens_cpu)
+            qo_indptr = host_indptr(meta.query_lens_cpu)
             self._prefill.plan(qo_indptr, kv_indptr, indices, last_page_len, num_heads, num_kv_heads, head_dim,
                                page, causal=True, **common)
             self._wrapper = self._prefill

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from dlengine.kernels.attention_metadata import AttentionMetadata
-from dlengine.kernels.flashinfer_attention import page_indices
-from dlengine.kernels.mla_decode_choice import latent_cache_problem
+from dlengine.kernels.flashinfer_attention import host_indptr, page_indices
+from dlengine.kernels.mla_decode_choice import DEEPSEEK_LATENT, latent_cache_problem
 
 try:
     from flashinfer.mla import BatchMLAPagedAttentionWrapper
@@ -37,7 +37,7 @@ except Exception as e:  # a broken install (missing CUDA libraries, ...) counts 
     raise ImportError(f"flashinfer failed to import: {type(e).__name__}: {e}") from e
 
 WORKSPACE_BYTES = 128 << 20
-KV_LORA, ROPE = 512, 64  # the latent dims FlashInfer's MLA kernels are built for
+KV_LORA, ROPE = DEEPSEEK_LATENT  # the latent dims FlashInfer's MLA kernels are built for
 
 
 def supported(device: torch.device, cache_dtype: torch.dtype, kv_lora: int, rope: int) -> str | None:
@@ -51,12 +51,6 @@ def supported(device: torch.device, cache_dtype: torch.dtype, kv_lora: int, rope
 
 def _pages(seq_lens: np.ndarray, page: int) -> np.ndarray:
     return (seq_lens + page - 1) // page
-
-
-def _host_indptr(lengths: np.ndarray) -> torch.Tensor:
-    indptr = np.zeros(len(lengths) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=indptr[1:])
-    return torch.from_numpy(indptr)
 
 
 class FlashInferMLA:
@@ -85,10 +79,10 @@ class FlashInferMLA:
         if seq_lens_dev is None:
             seq_lens_dev = torch.from_numpy(seq_lens).to(block_tables.device, non_blocking=True)
         kv_indices = page_indices(seq_lens_dev, block_tables, page, int(pages.sum()))
-        qo_indptr = torch.arange(bs + 1, dtype=torch.int32) if query_lens is None else _host_indptr(query_lens)
+        qo_indptr = torch.arange(bs + 1, dtype=torch.int32) if query_lens is None else host_indptr(query_lens)
         with warnings.catch_warnings():  # the flat-metadata form is deprecated in 0.7 but stable
             warnings.simplefilter("ignore", DeprecationWarning)
-            wrapper.plan(qo_indptr=qo_indptr, kv_indptr=_host_indptr(pages), kv_indices=kv_indices,
+            wrapper.plan(qo_indptr=qo_indptr, kv_indptr=host_indptr(pages), kv_indices=kv_indices,
                          kv_len_arr=torch.from_numpy(seq_lens.astype(np.int32)), num_heads=num_heads,
                          head_dim_ckv=KV_LORA, head_dim_kpe=ROPE, page_size=page, causal=query_lens is not None,
                          sm_scale=scale, q_data_type=dtype, kv_data_type=dtype)

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from dlengine.kernels.triton_attention import merge_split_partials
-from dlengine.kernels.mla_decode_choice import latent_cache_problem
+from dlengine.kernels.mla_decode_choice import DEEPSEEK_LATENT, latent_cache_problem
 
 try:  # Gluon ships with triton >= 3.4; anything missing means "not available"
     from triton.experimental import gluon
@@ -57,8 +57,7 @@ try:  # Gluon ships with triton >= 3.4; anything missing means "not available"
 except Exception as e:  # noqa: BLE001
     GLUON_IMPORT_ERROR = f"{type(e).__name__}: {e}"
 
-KV_LORA = 512
-ROPE = 64
+KV_LORA, ROPE = DEEPSEEK_LATENT  # the latent dims this kernel is built for
 BLOCK_H = 64  # heads per program (the warpgroup MMA's M)
 BLOCK_N = 64  # keys per tile; two tile slots + Q = 216 KB of the H100's 227 KB shared memory
 NUM_WARPS = 4  # the value group; + 4 (scores) + 1 (loader) worker warps
