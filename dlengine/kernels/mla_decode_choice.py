@@ -46,13 +46,18 @@ def _flashinfer_problem(device: torch.device, dtype: torch.dtype, dims: tuple[in
     return flashinfer_mla.supported(device, dtype, *dims)
 
 
+def _mla_decode_applies(model, attention: str, device: torch.device) -> bool:
+    """Whether the MLA decode kernel choice matters: an MLA model on the triton backend on CUDA."""
+    on_triton = attention == "triton" or (attention == "auto" and device.type == "cuda")
+    return model.uses_mla and on_triton and device.type == "cuda"
+
+
 def resolve_mla_decode(requested: str, model, attention: str, device: torch.device, dtype: torch.dtype) -> str:
     """The decode kernel an engine will use ("auto" stays "auto" where only the per-call choice
     between our two kernels is left)."""
     if requested not in MLA_DECODE_KERNELS:
         raise ConfigError(f"unknown mla_decode kernel {requested!r}; choose one of {list(MLA_DECODE_KERNELS)}")
-    on_triton = attention == "triton" or (attention == "auto" and device.type == "cuda")
-    if not model.uses_mla or not on_triton or device.type != "cuda":
+    if not _mla_decode_applies(model, attention, device):
         if requested not in ("auto", "triton"):
             raise ConfigError(f"mla_decode({requested!r}) needs a multi-head latent attention model on the "
                               f"triton attention backend on a CUDA device (model uses MLA: {model.uses_mla}, "
@@ -90,8 +95,7 @@ def preferred_block_size(mla_decode: str, model, attention: str, device: torch.d
     the Gluon kernel (a TMA box is at most one page, so a 64-key tile takes 9 copies instead of 36
     at 16 tokens: 68 vs 62% of copy bandwidth at batch 32 x 8k on the H100, docs/performance.md;
     vLLM and SGLang run FlashMLA on 64-token pages too), else None (CacheConfig's default)."""
-    on_triton = attention == "triton" or (attention == "auto" and device.type == "cuda")
-    if mla_decode not in ("auto", "gluon") or not model.uses_mla or not on_triton or device.type != "cuda":
+    if mla_decode not in ("auto", "gluon") or not _mla_decode_applies(model, attention, device):
         return None
     from dlengine.kernels import gluon_mla
 
