@@ -28,8 +28,9 @@ from dlengine.kernels import gluon_mla, triton_mla  # noqa: E402
 
 POINTERS = {"qlat_ptr": "*bf16", "qpe_ptr": "*bf16", "cache_ptr": "*bf16", "bt_ptr": "*i32", "row_tok_ptr": "*i32",
             "row_len_ptr": "*i32", "row_req_ptr": "*i32", "out_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
-            "lse_ptr": "*fp32"}
-ALIGNED_INTS = ("stride_cb", "stride_cs")  # what the launcher sees as multiples of 16
+            "lse_ptr": "*fp32", "times_ptr": "*i64"}
+ALIGNED_INTS = ("stride_cb", "stride_cs", "stride_ql_t", "stride_ql_h", "stride_qp_t", "stride_qp_h", "stride_ot",
+                "stride_oh")  # what the launcher sees as multiples of 16 (contiguous q / out at DeepSeek dims)
 
 
 def resources(fn, constants: dict, source_cls, num_warps: int, num_stages: int = 2, structured: bool = False,
@@ -60,7 +61,7 @@ def resources(fn, constants: dict, source_cls, num_warps: int, num_stages: int =
         usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
     m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
     ttgir = kernel.asm["ttgir"]
-    ops = {op: ttgir.count(op) for op in ("ttng.warp_group_dot ", "ttg.async_copy_global_to_local",
+    ops = {op: ttgir.count(op) for op in ("ttng.warp_group_dot ", "ttg.async_copy_global_to_local", "tt.load ",
                                          "ttng.async_tma_copy_global_to_local", "ttg.local_alloc")}
     if structured:
         return {"registers": int(m.group(1)), "spill_stack": int(m.group(2)), "shared": kernel.metadata.shared,
@@ -69,8 +70,9 @@ def resources(fn, constants: dict, source_cls, num_warps: int, num_stages: int =
             f"ttgir ops {ops}" if m else usage)
 
 
-def gluon_report(direct: bool, page: int = 16) -> dict:
-    """The Gluon MLA decode kernel's sm_90 build at DeepSeek-V3 dims (a dict)."""
+def gluon_report(direct: bool, page: int = 16, times: bool = False, q_async: bool = True) -> dict:
+    """The Gluon MLA decode kernel's sm_90 build at DeepSeek-V3 dims (a dict); q_async: the query
+    by cp.async (else through registers), times: the diagnostics build."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -78,7 +80,8 @@ def gluon_report(direct: bool, page: int = 16) -> dict:
     layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     return resources(gluon_mla._mla_decode_gluon_kernel,
                      dict(NUM_HEADS=128, HEAD_TILES=2, PAGE=page, DIRECT=direct, Q_HERE=gluon_mla.Q_IN_SCORES,
-                          CONSUMER_REGS=gluon_mla.CONSUMER_REGS, LOADER_REGS=gluon_mla.LOADER_REGS),
+                          Q_ASYNC=q_async, CONSUMER_REGS=gluon_mla.CONSUMER_REGS,
+                          LOADER_REGS=gluon_mla.LOADER_REGS, TIMES=times),
                      GluonASTSource, gluon_mla.NUM_WARPS, structured=True,
                      descriptors={"desc": f"tensordesc<bf16[{box}, 64],{layout!r}>"}, maxnreg=gluon_mla.MAX_REGS)
 
@@ -90,7 +93,10 @@ def main() -> int:
         if gluon_mla.GLUON_IMPORT_ERROR is not None:
             print(json.dumps({"skip": gluon_mla.GLUON_IMPORT_ERROR}))
         else:
-            print(json.dumps({str(direct): gluon_report(direct) for direct in (False, True)}))
+            reports = {str(direct): gluon_report(direct) for direct in (False, True)}
+            reports["registers path"] = gluon_report(False, q_async=False)  # q by loads into registers
+            reports["timed"] = gluon_report(False, times=True)  # the diagnostics build (probe_mla_decode.py)
+            print(json.dumps(reports))
         return 0
     common = dict(NUM_HEADS=128, HEAD_TILES=2, PAGE=16, KV_LORA=512, ROPE=64)
     cfg = triton_mla.DECODE_DEFAULTS

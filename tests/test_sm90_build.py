@@ -27,8 +27,10 @@ def reports() -> dict:
     return out
 
 
-@pytest.mark.parametrize("direct", ["False", "True"])
+@pytest.mark.parametrize("direct", ["False", "True", "registers path", "timed"])
 def test_gluon_mla_decode_kernel_builds_for_sm90_without_spills(reports, direct):
+    """Both outputs (split partials / direct), the query through registers instead of cp.async, and
+    the diagnostics build with timer stamps."""
     report = reports[direct]
     assert report["shared"] <= H100_SHARED_BYTES
     assert report["spill_stack"] <= 128, report  # (triton 3.6: 0-8 B, 3.9: 64-72 B)
@@ -36,3 +38,5 @@ def test_gluon_mla_decode_kernel_builds_for_sm90_without_spills(reports, direct)
     assert report["ops"]["ttng.warp_group_dot "] == 5
     # page 16: 4 TMA boxes of 16 rows x 9 column blocks of 64 per tile
     assert report["ops"]["ttng.async_tma_copy_global_to_local"] == 36
+    # the query: five cp.async chunks (4 latent + rope), or none on the registers path
+    assert report["ops"]["ttg.async_copy_global_to_local"] == (0 if direct == "registers path" else 5)

@@ -229,6 +229,25 @@ def test_decode_kernel_choice_is_validated_and_falls_back_to_triton():
     assert "CUDA" in gluon_mla.supported(torch.device("cpu"), torch.bfloat16, 512, 64)
 
 
+def test_gluon_query_by_cp_async_only_where_the_copy_can_be_built():
+    """The Gluon kernel loads the query by cp.async (bytes as they are, >= 4 at a time) only for a
+    query in the cache's dtype whose token / head strides Triton can see are multiples of 16
+    elements; anything else takes the register path (which converts dtypes and takes any stride)."""
+    from dlengine.kernels.gluon_mla import _q_async_ok
+
+    cache = torch.empty(4, 64, 1, 576, dtype=torch.bfloat16)
+    q_lat, q_pe = torch.empty(3, 128, 512, dtype=torch.bfloat16), torch.empty(3, 128, 64, dtype=torch.bfloat16)
+    assert _q_async_ok(q_lat, q_pe, cache)
+    heads_major = torch.empty(128, 3, 512, dtype=torch.bfloat16).transpose(0, 1)  # the engine's layout
+    assert _q_async_ok(heads_major, q_pe, cache)
+    q_full = torch.empty(3, 128, 192, dtype=torch.bfloat16)  # q_pe as the rope slice of the whole query
+    assert _q_async_ok(q_lat, q_full[..., 128:], cache)
+    assert not _q_async_ok(q_lat.float(), q_pe, cache)  # a dtype to convert
+    padded = torch.empty(3, 128, 520, dtype=torch.bfloat16)[..., :512]  # 16-byte rows, stride 520 elements
+    assert not _q_async_ok(padded, q_pe, cache)
+    assert not _q_async_ok(q_lat, torch.empty(3 * 128 * 64 + 1, dtype=torch.bfloat16)[1:].view(3, 128, 64), cache)
+
+
 @pytest.mark.parametrize("rows, head_tiles, ctx", [(1, 2, 8192), (32, 2, 8192), (64, 2, 8192), (128, 2, 32768),
                                                    (3, 1, 100), (1, 2, 1)])
 def test_gluon_split_count_fills_one_wave_of_programs(rows, head_tiles, ctx):

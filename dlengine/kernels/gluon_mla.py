@@ -7,12 +7,12 @@ One program = one (query row, 64 heads, KV split); three partitions share its sh
   loader  (1 warp)    TMA-gathers each 64-key tile of the paged latent cache (any power-of-two
                       page size >= 8) into one of two slots, in three parts (latent columns
                       0-255, 256-511, rope) with an mbarrier each, once both groups freed the slot
-  scores  (4 warps)   Q into shared memory first (the loader's first tiles are on their way
-                      meanwhile), then S = Q K^T for the whole [64 heads x 64 keys] tile (N =
-                      64: each score MMA step reads Q once per 64 keys), the online softmax, P
-                      into the tile's rope
-                      rows (spent once S is done) plus the rescale factor for the other group,
-                      then P V for output columns 256-511
+  scores  (4 warps)   Q into shared memory first (by cp.async where the query allows it; the
+                      loader's first tiles are on their way meanwhile), then S = Q K^T for the
+                      whole [64 heads x 64 keys] tile (N = 64: each score MMA step reads Q once
+                      per 64 keys), the online softmax, P into the tile's rope rows (spent once
+                      S is done) plus the rescale factor for the other group, then P V for
+                      output columns 256-511
   values  (4 warps)   this program's own warps: per tile, rescale and add P V for output columns
                       0-255 (P read from shared memory)
 
@@ -22,8 +22,12 @@ design of this kernel (both warp groups computing 32 keys of S each, cp.async ga
 the compute warps) reached 45-52% of copy bandwidth; FlashMLA's "seesaw" split (each group the
 scores of every other tile, P exchanged) 41-48%, because both slots were then busy computing and
 the next loads waited; overlapping P V(k) with S(k + 1) also left the loads no time (45-50%).
-This schedule -- FlashInfer's sm90 MLA split, with a TMA producer warp -- reaches 67-83% at batch
->= 32, ctx >= 8k (page 64).
+This schedule -- FlashInfer's sm90 MLA split, with a TMA producer warp -- reaches 69-84% at batch
+>= 32, ctx >= 8k (page 64). Not HBM bounds it (scripts/probe_mla_decode.py):
+with every tile served from L2 a tile still takes 1.8 us, against 1.9-2.0 from HBM -- the tile's
+trip from L2 into shared memory and its MMAs do, and every KV tile makes that trip twice (into
+the SMs of both head tiles). One trip per pair needs TMA multicast across a 2-CTA cluster, which
+Gluon does not offer in Triton 3.6 ("NYI: Support multicast" in its TMA lowering).
 
 Splits write normalised partials + log2-sum-exp, merged by `_merge_kernel` (a second launch, 5 us
 at batch 32 x 8k: three in-kernel merges measured slower, docs/performance.md). Only compiled on CUDA
@@ -45,12 +49,14 @@ from dlengine.kernels.mla_decode_choice import DEEPSEEK_LATENT, latent_cache_pro
 try:  # Gluon ships with triton >= 3.4; anything missing means "not available"
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                                   warpgroup_mma_wait)
+    from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared, mbarrier, tma,
+                                                                   warpgroup_mma, warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     # TMA global -> shared: `async_load` from triton 3.7 on, `async_copy_global_to_shared` before
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    # cp.async global -> shared: the same rename
+    _cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
     # a barrier among the warps of the calling partition: `barrier` from 3.7 on, `thread_barrier` before
     _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
     GLUON_IMPORT_ERROR: str | None = None
@@ -67,6 +73,20 @@ LOG2E = 1.4426950408889634
 # loads it before the partitions start). Measured on the H100, same bits: 32 x 8k 148.1 vs 150.3 us,
 # 32 x 16k 277 vs 284 us, 1 x 8k 41.4 vs 43.2 us (one process, three interleaved CUDA-graph rounds)
 Q_IN_SCORES = True
+# ... by cp.async, all five chunks in flight at once, where the query allows it (`_q_async_ok`; else
+# through registers, one round trip a chunk). On the H100, CUDA graphs of both alternated 40 times
+# (scripts/probe_mla_decode.py --ab Q_CP_ASYNC --wide): 32 x 1k 35.3 vs 37.7 us, 8 x 8k 53.9 vs 56.0,
+# 32 x 4k 83.2 vs 85.5, 32 x 8k 148.7 vs 150.1, 128 x 8k 562.8 vs 567.0, 32 x 16k / 32k level
+Q_CP_ASYNC = True
+
+
+def _q_async_ok(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor) -> bool:
+    """cp.async moves bytes as they are (no dtype conversion) at least 4 at a time: the query must be
+    in the cache's dtype, and its token / head strides multiples of 16 elements -- what Triton's
+    argument specialisation can see (a stride of 520 is 16-byte aligned, but the compiler only knows
+    "not a multiple of 16": 2-byte accesses, which cp.async cannot do)."""
+    return all(t.dtype == cache.dtype and t.data_ptr() % 16 == 0 and all(s % 16 == 0 for s in t.stride()[:2])
+               for t in (q_lat, q_pe))
 
 
 @functools.lru_cache(maxsize=None)  # asked on every eager decode launch: answer once per shape
@@ -141,6 +161,16 @@ if GLUON_IMPORT_ERROR is None:
 
 
     @gluon.jit
+    def _stamp(times_ptr, slot: gl.constexpr, TIMES: gl.constexpr):
+        """Diagnostics (TIMES): the global timer (ns) into times[program, slot] (8 slots a program)."""
+        if TIMES:
+            prog = gl.program_id(0) * gl.num_programs(1) + gl.program_id(1)
+            now = gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=gl.int64, is_pure=False,
+                                            pack=1)
+            gl.store(times_ptr + prog * 8 + slot, now)
+
+
+    @gluon.jit
     def _zero_tail(buf, valid, num_warps: gl.constexpr):
         """Zero rows >= valid of a [64, 256] latent half (the last tile's rows past the sequence end may
         hold anything; P is 0 there but 0 * NaN is not)."""
@@ -155,22 +185,48 @@ if GLUON_IMPORT_ERROR is None:
 
 
     @gluon.jit
-    def _load_q(qlat_ptr, qpe_ptr, q_smem, qpe_smem, ht, tok, stride_ql_t, stride_ql_h, stride_qp_t, stride_qp_h,
-                NUM_HEADS):
-        """The program's 64 query heads (latent 512 + rope 64) into shared memory, by 4 warps."""
-        QL: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])  # [64, 128] chunks, 16 B a thread
-        dtype: gl.constexpr = q_smem.dtype
+    def _q_pointers(qlat_ptr, qpe_ptr, ht, tok, stride_ql_t, stride_ql_h, stride_qp_t, stride_qp_h, NUM_HEADS):
+        """Where the program's 64 query heads are: 4 latent chunks [64, 128] and the rope [64, 64], 16
+        B a thread, and which rows are real heads."""
+        QL: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
         heads = ht * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, QL))
         h_ok = gl.expand_dims(heads < NUM_HEADS, 1)
-        for c in gl.static_range(4):
-            cq = c * 128 + gl.arange(0, 128, layout=gl.SliceLayout(0, QL))
-            q = gl.load(qlat_ptr + tok * stride_ql_t + gl.expand_dims(heads, 1) * stride_ql_h + gl.expand_dims(cq, 0),
-                        mask=h_ok, other=0.0)
-            q_smem.slice(c * 128, 128, dim=1).store(q.to(dtype))
+        cq = gl.arange(0, 128, layout=gl.SliceLayout(0, QL))
+        lat = qlat_ptr + tok * stride_ql_t + gl.expand_dims(heads, 1) * stride_ql_h + gl.expand_dims(cq, 0)
         cr = gl.arange(0, 64, layout=gl.SliceLayout(0, QL))
-        qpe = gl.load(qpe_ptr + tok * stride_qp_t + gl.expand_dims(heads, 1) * stride_qp_h + gl.expand_dims(cr, 0),
-                      mask=h_ok, other=0.0)
-        qpe_smem.store(qpe.to(dtype))
+        pe = qpe_ptr + tok * stride_qp_t + gl.expand_dims(heads, 1) * stride_qp_h + gl.expand_dims(cr, 0)
+        return lat, pe, h_ok
+
+
+    @gluon.jit
+    def _load_q(qlat_ptr, qpe_ptr, q_smem, qpe_smem, ht, tok, stride_ql_t, stride_ql_h, stride_qp_t, stride_qp_h,
+                NUM_HEADS):
+        """The program's 64 query heads (latent 512 + rope 64) into shared memory, by 4 warps, through
+        registers (any dtype, any strides; one memory round trip a chunk)."""
+        dtype: gl.constexpr = q_smem.dtype
+        lat, pe, h_ok = _q_pointers(qlat_ptr, qpe_ptr, ht, tok, stride_ql_t, stride_ql_h, stride_qp_t, stride_qp_h,
+                                    NUM_HEADS)
+        for c in gl.static_range(4):
+            q_smem.slice(c * 128, 128, dim=1).store(gl.load(lat + c * 128, mask=h_ok, other=0.0).to(dtype))
+        qpe_smem.store(gl.load(pe, mask=h_ok, other=0.0).to(dtype))
+        fence_async_shared()
+        _cta_barrier()
+
+
+    @gluon.jit
+    def _load_q_async(qlat_ptr, qpe_ptr, q_smem, qpe_smem, ht, tok, stride_ql_t, stride_ql_h, stride_qp_t,
+                      stride_qp_h, NUM_HEADS):
+        """The same by cp.async, all five chunks in flight at once (one memory round trip, no registers):
+        for q in the cache's dtype, 16-byte aligned, strides of 16 elements (`_q_async_ok`). Measured
+        at batch 32 x 8k: Q in shared memory 3.5 us after the start instead of 6.6 with `_load_q`,
+        whose chunks each wait behind the first tiles' loads."""
+        lat, pe, h_ok = _q_pointers(qlat_ptr, qpe_ptr, ht, tok, stride_ql_t, stride_ql_h, stride_qp_t, stride_qp_h,
+                                    NUM_HEADS)
+        for c in gl.static_range(4):
+            _cp_async(q_smem.slice(c * 128, 128, dim=1), lat + c * 128, mask=h_ok)
+        _cp_async(qpe_smem, pe, mask=h_ok)
+        async_copy.commit_group()
+        async_copy.wait_group(0)
         fence_async_shared()
         _cta_barrier()
 
@@ -198,7 +254,7 @@ if GLUON_IMPORT_ERROR is None:
     @gluon.jit
     def _score_group(q_smem, qpe_smem, kv_smem, pe_smem, xs_smem, bars, out_ptr, ws_ptr, lse_ptr,
                      r, ht, sp, tok, seq_len, t0, t1, qk_scale, num_splits, stride_ot, stride_oh, NUM_HEADS, DIRECT,
-                     qlat_ptr, qpe_ptr, stride_ql_t, stride_ql_h, stride_qp_t, stride_qp_h, Q_HERE):
+                     qlat_ptr, qpe_ptr, stride_ql_t, stride_ql_h, stride_qp_t, stride_qp_h, Q_HERE, times_ptr, TIMES):
         """Warp group 1: scores and online softmax of every tile (S = Q K^T with N = 64 keys: no
         duplicated MMA), P and the rescale factor handed to group 0 through shared memory, and the
         output columns 256-511; the row max / sum for both groups at the end."""
@@ -216,11 +272,15 @@ if GLUON_IMPORT_ERROR is None:
         if Q_HERE:  # Q while the loader's first tiles are on their way
             _load_q(qlat_ptr, qpe_ptr, q_smem, qpe_smem, ht, tok, stride_ql_t, stride_ql_h, stride_qp_t, stride_qp_h,
                     NUM_HEADS)
+        _stamp(times_ptr, 1, TIMES)
         for k in range(n):
             slot = k % 2
             ph = (k // 2) & 1
             kv = kv_smem.index(slot)
             mbarrier.wait(bars.index(0 + slot), ph)
+            if TIMES:
+                if k == 0:
+                    _stamp(times_ptr, 2, TIMES)
             s = warpgroup_mma(q_smem.slice(0, 256, dim=1), kv.slice(0, 256, dim=1).permute((1, 0)),
                               gl.zeros([64, 64], gl.float32, S_L), use_acc=False, is_async=True)
             mbarrier.wait(bars.index(2 + slot), ph)
@@ -255,18 +315,20 @@ if GLUON_IMPORT_ERROR is None:
             acc = warpgroup_mma_wait(0, deps=[acc])
             _cta_barrier()
             mbarrier.arrive(bars.index(6 + slot))
+        _stamp(times_ptr, 3, TIMES)
         xs_smem.slice(2 * 64, 64).store(m_i)
         xs_smem.slice(3 * 64, 64).store(l_i)
         _cta_barrier()
         mbarrier.arrive(bars.index(10))
         _store_out(acc, l_i, m_i, 1, out_ptr, ws_ptr, lse_ptr, r, ht, sp, tok, num_splits, stride_ot, stride_oh,
                    NUM_HEADS, DIRECT)
+        _stamp(times_ptr, 4, TIMES)
 
 
     @gluon.jit
     def _value_group(q_smem, qpe_smem, kv_smem, pe_smem, xs_smem, bars, out_ptr, ws_ptr, lse_ptr,
                      r, ht, sp, tok, seq_len, t0, t1, qk_scale, num_splits, stride_ot, stride_oh,
-                     NUM_HEADS: gl.constexpr, DIRECT: gl.constexpr):
+                     NUM_HEADS: gl.constexpr, DIRECT: gl.constexpr, times_ptr, TIMES: gl.constexpr):
         """Warp group 0: output columns 0-255: per tile, rescale by group 1's factor and add P . V_lo
         (P read from shared memory), then release the slot."""
         O_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 256, 16])
@@ -293,11 +355,13 @@ if GLUON_IMPORT_ERROR is None:
             acc = warpgroup_mma_wait(0, deps=[acc])
             _cta_barrier()
             mbarrier.arrive(bars.index(6 + slot))
+        _stamp(times_ptr, 7, TIMES)
         mbarrier.wait(bars.index(10), 0)
         m_i = xs_smem.slice(2 * 64, 64).load(ROW_O)
         l_i = xs_smem.slice(3 * 64, 64).load(ROW_O)
         _store_out(acc, l_i, m_i, 0, out_ptr, ws_ptr, lse_ptr, r, ht, sp, tok, num_splits, stride_ot, stride_oh,
                    NUM_HEADS, DIRECT)
+        _stamp(times_ptr, 5, TIMES)
 
 
     # Worker partitions get one argument list (Triton 3.6 wants the workers' signatures alike)
@@ -305,18 +369,34 @@ if GLUON_IMPORT_ERROR is None:
     def _score_worker(desc, bt_ptr, q_smem, qpe_smem, kv_smem, pe_smem, xs_smem, bars, out_ptr, ws_ptr, lse_ptr,
                       r, ht, sp, tok, seq_len, t0, t1, qk_scale, num_splits, stride_bt, stride_ot, stride_oh,
                       NUM_HEADS, DIRECT, PAGE, qlat_ptr, qpe_ptr, stride_ql_t, stride_ql_h, stride_qp_t,
-                      stride_qp_h, Q_HERE):
+                      stride_qp_h, Q_HERE, times_ptr, TIMES):
         _score_group(q_smem, qpe_smem, kv_smem, pe_smem, xs_smem, bars, out_ptr, ws_ptr, lse_ptr, r, ht, sp, tok,
                      seq_len, t0, t1, qk_scale, num_splits, stride_ot, stride_oh, NUM_HEADS, DIRECT, qlat_ptr,
-                     qpe_ptr, stride_ql_t, stride_ql_h, stride_qp_t, stride_qp_h, Q_HERE)
+                     qpe_ptr, stride_ql_t, stride_ql_h, stride_qp_t, stride_qp_h, Q_HERE, times_ptr, TIMES)
+
+
+    @gluon.jit
+    def _score_worker_cp(desc, bt_ptr, q_smem, qpe_smem, kv_smem, pe_smem, xs_smem, bars, out_ptr, ws_ptr, lse_ptr,
+                         r, ht, sp, tok, seq_len, t0, t1, qk_scale, num_splits, stride_bt, stride_ot, stride_oh,
+                         NUM_HEADS, DIRECT, PAGE, qlat_ptr, qpe_ptr, stride_ql_t, stride_ql_h, stride_qp_t,
+                         stride_qp_h, Q_HERE, times_ptr, TIMES):
+        """The score group with Q by cp.async (Q_ASYNC; a function of its own, chosen at compile time:
+        Triton 3.6 hands worker partitions their constexprs as runtime values, so a branch inside
+        would build the cp.async path for queries it cannot take, which fails to compile)."""
+        _load_q_async(qlat_ptr, qpe_ptr, q_smem, qpe_smem, ht, tok, stride_ql_t, stride_ql_h, stride_qp_t,
+                      stride_qp_h, NUM_HEADS)
+        _score_group(q_smem, qpe_smem, kv_smem, pe_smem, xs_smem, bars, out_ptr, ws_ptr, lse_ptr, r, ht, sp, tok,
+                     seq_len, t0, t1, qk_scale, num_splits, stride_ot, stride_oh, NUM_HEADS, DIRECT, qlat_ptr,
+                     qpe_ptr, stride_ql_t, stride_ql_h, stride_qp_t, stride_qp_h, False, times_ptr, TIMES)
 
 
     @gluon.jit
     def _load_worker(desc, bt_ptr, q_smem, qpe_smem, kv_smem, pe_smem, xs_smem, bars, out_ptr, ws_ptr, lse_ptr,
                      r, ht, sp, tok, seq_len, t0, t1, qk_scale, num_splits, stride_bt, stride_ot, stride_oh,
                      NUM_HEADS, DIRECT, PAGE, qlat_ptr, qpe_ptr, stride_ql_t, stride_ql_h, stride_qp_t,
-                     stride_qp_h, Q_HERE):
+                     stride_qp_h, Q_HERE, times_ptr, TIMES):
         _loader(desc, bt_ptr, kv_smem, pe_smem, bars, r, t0, t1, seq_len, stride_bt, PAGE)
+        _stamp(times_ptr, 6, TIMES)
 
 
     # the q / out strides stay specialised: knowing them multiples of 16 lets the query loads and the
@@ -328,7 +408,8 @@ if GLUON_IMPORT_ERROR is None:
         qk_scale, num_splits,
         stride_ql_t, stride_ql_h, stride_qp_t, stride_qp_h, stride_bt, stride_ot, stride_oh,
         NUM_HEADS: gl.constexpr, HEAD_TILES: gl.constexpr, PAGE: gl.constexpr, DIRECT: gl.constexpr,
-        Q_HERE: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
+        Q_HERE: gl.constexpr, Q_ASYNC: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
+        times_ptr, TIMES: gl.constexpr,
     ):
         """Grid (row x head tile, split): row r = request r, query token row_tok[r], context
         row_len[r]; desc = the cache's TMA descriptor (`_cache_descriptor`). DIRECT: write out here;
@@ -341,6 +422,7 @@ if GLUON_IMPORT_ERROR is None:
         QL: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])  # [64, 128] chunks, 4 warps
         dtype: gl.constexpr = desc.dtype
 
+        _stamp(times_ptr, 0, TIMES)
         pid = gl.program_id(0)
         r = pid // HEAD_TILES
         ht = pid % HEAD_TILES
@@ -373,7 +455,7 @@ if GLUON_IMPORT_ERROR is None:
         for i in gl.static_range(3):
             mbarrier.init(bars.index(8 + i), count=1)
 
-        if not Q_HERE:
+        if not Q_HERE and not Q_ASYNC:
             _load_q(qlat_ptr, qpe_ptr, q_smem, qpe_smem, ht, tok, stride_ql_t, stride_ql_h, stride_qp_t, stride_qp_h,
                     NUM_HEADS)
 
@@ -382,14 +464,14 @@ if GLUON_IMPORT_ERROR is None:
         worker_args = (desc, bt_ptr, q_smem, qpe_smem, kv_smem, pe_smem, xs_smem, bars, out_ptr, ws_ptr, lse_ptr,
                        r, ht, sp, tok, seq_len, t0, t1, qk_scale, num_splits, stride_bt, stride_ot, stride_oh,
                        NUM_HEADS, DIRECT, PAGE, qlat_ptr, qpe_ptr, stride_ql_t, stride_ql_h, stride_qp_t,
-                       stride_qp_h, Q_HERE)
+                       stride_qp_h, Q_HERE, times_ptr, TIMES)
         # this program's 4 warps are warp group 0 (value group); the score group and a one-warp TMA
         # loader are workers
         gl.warp_specialize([
             (_value_group, (q_smem, qpe_smem, kv_smem, pe_smem, xs_smem, bars, out_ptr, ws_ptr, lse_ptr,
                             r, ht, sp, tok, seq_len, t0, t1, qk_scale, num_splits, stride_ot, stride_oh,
-                            NUM_HEADS, DIRECT)),
-            (_score_worker, worker_args),
+                            NUM_HEADS, DIRECT, times_ptr, TIMES)),
+            (_score_worker_cp if Q_ASYNC else _score_worker, worker_args),
             (_load_worker, worker_args),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
@@ -445,10 +527,13 @@ def choose_num_splits(num_rows: int, head_tiles: int, max_seq_len: int, num_sms:
 
 def mla_decode_gluon(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
                      row_tok: torch.Tensor, row_len: torch.Tensor, out_lat: torch.Tensor, scale: float, *,
-                     max_seq_len: int, num_splits: int | None = None) -> torch.Tensor:
+                     max_seq_len: int, num_splits: int | None = None,
+                     times: torch.Tensor | None = None) -> torch.Tensor:
     """Absorbed MLA decode (one query token per row r: token row_tok[r] over the first row_len[r]
     cached rows of block-table row r) into out_lat [T, H, 512]; the contract of
-    triton_mla.mla_decode without row_req (`supported` and `cache_layout_problem` say when it applies)."""
+    triton_mla.mla_decode without row_req (`supported` and `cache_layout_problem` say when it applies).
+    times (diagnostics, scripts/probe_mla_decode.py): int64 [programs, 8] to receive the global
+    timer at points of each program's run (a separate build of the kernel)."""
     num_rows = row_len.shape[0]
     num_heads = q_lat.shape[1]
     if num_rows == 0:
@@ -470,7 +555,9 @@ def mla_decode_gluon(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tenso
         _cache_descriptor(cache), q_lat, q_pe, block_tables, row_tok, row_len, out_lat, ws, lse, scale * LOG2E,
         num_splits, qls[0], qls[1], qps[0], qps[1], block_tables.stride(0), os_[0], os_[1],
         NUM_HEADS=num_heads, HEAD_TILES=head_tiles, PAGE=cache.shape[1], DIRECT=num_splits == 1, Q_HERE=Q_IN_SCORES,
-        CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS, num_warps=NUM_WARPS, maxnreg=MAX_REGS)
+        Q_ASYNC=Q_CP_ASYNC and _q_async_ok(q_lat, q_pe, cache),
+        CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS, times_ptr=out_lat if times is None else times,
+        TIMES=times is not None, num_warps=NUM_WARPS, maxnreg=MAX_REGS)
     if num_splits > 1:
         _launch_merge(ws, row_tok, row_len, out_lat, num_splits)
     return out_lat
