@@ -10,14 +10,16 @@ bf16; H100, about a minute; numbers and what they showed in docs/mla.md):
    over contexts 128..32k, timed from CUDA graphs of 10 launches; per-tile time and fixed cost by
    least squares; then the same with every block-table entry pointing at one page (the tiles come
    from L2: what the loop costs without HBM).
-3. --ab FLAG: a gluon_mla module flag (e.g. Q_CP_ASYNC, Q_IN_SCORES) on vs off, the whole call in
-   CUDA graphs alternated 40 times (the H100's clocks drift by several percent under sustained
-   load, so variants timed one after the other differ by more than they do), then the timelines
-   of both (--wide: more shapes, no timelines).
+3. --ab FLAG: a gluon_mla module flag (e.g. Q_CP_ASYNC, MERGE_ALL_SPLITS) on vs off, the whole
+   call in CUDA graphs alternated 40 times (the H100's clocks drift by several percent under
+   sustained load, so variants timed one after the other differ by more than they do), then the
+   timelines of both (--wide: more shapes, no timelines); --ab NAME=V1,V2,... compares the values
+   listed of any module setting (e.g. MIN_KEYS_PER_SPLIT=512,128; --small: small batches).
 
     python scripts/probe_mla_decode.py                  # 1 + 2
     python scripts/probe_mla_decode.py --timeline       # 1 only
     python scripts/probe_mla_decode.py --ab Q_CP_ASYNC [--wide]
+    python scripts/probe_mla_decode.py --ab MIN_KEYS_PER_SPLIT=512,256,128 --small
 """
 
 from __future__ import annotations
@@ -96,42 +98,44 @@ def timeline(bs: int, ctx: int, splits: int) -> None:
           flush=True)
 
 
-def ab(flag: str, configs: list[tuple[int, int]]) -> None:
-    """The whole call (split kernel + merge) with module flag `flag` of gluon_mla on and off: a CUDA
-    graph of 10 calls each, replayed alternately 40 times (who goes first alternates too) after a
+def ab(flag: str, values: list, configs: list[tuple[int, int]]) -> None:
+    """The whole call (split kernel + merge) with module setting `flag` of gluon_mla at each of
+    `values`: a CUDA graph of 10 calls each, replayed in turn 40 times (the order rotating) after a
     warm-up, each replay timed by CUDA events; medians. The H100's clocks drift by several percent
     under sustained load, so variants timed one after the other differ by more than they do."""
+    default = getattr(gluon_mla, flag)
     for bs, ctx in configs:
         cache, bt, q_lat, q_pe, tok, ln = make([ctx] * bs, 64, poison=False)
         out = torch.empty_like(q_lat)
-        graphs = {}
-        for on in (True, False):
-            setattr(gluon_mla, flag, on)
+        graphs = []
+        for value in values:
+            setattr(gluon_mla, flag, value)
             gluon_mla.mla_decode_gluon(q_lat, q_pe, cache, bt, tok, ln, out, SCALE, max_seq_len=ctx)
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g):
                 for _ in range(10):
                     gluon_mla.mla_decode_gluon(q_lat, q_pe, cache, bt, tok, ln, out, SCALE, max_seq_len=ctx)
-            graphs[on] = g
-        setattr(gluon_mla, flag, True)
+            graphs.append(g)
+        setattr(gluon_mla, flag, default)
         for _ in range(20):
-            for g in graphs.values():
+            for g in graphs:
                 g.replay()
-        marks = {on: [] for on in graphs}
+        marks = [[] for _ in graphs]
         for i in range(40):
-            for on in ((True, False) if i % 2 == 0 else (False, True)):
+            for j in range(len(graphs)):
+                k = (i + j) % len(graphs)
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 a.record()
-                graphs[on].replay()
+                graphs[k].replay()
                 b.record()
-                marks[on].append((a, b))
+                marks[k].append((a, b))
         torch.cuda.synchronize()
         kv = bs * ctx * (C + R) * 2
         cells = []
-        for on, pairs in marks.items():
+        for value, pairs in zip(values, marks):
             ts = sorted(a.elapsed_time(b) * 1e3 / 10 for a, b in pairs)
             med = ts[len(ts) // 2]
-            cells.append(f"{flag}={on}: {med:7.1f} us ({kv / med / 1e3 / BW[0] * 100:4.1f}%) "
+            cells.append(f"{flag}={value}: {med:7.1f} us ({kv / med / 1e3 / BW[0] * 100:4.1f}%) "
                          f"[p10 {ts[4]:.1f}, p90 {ts[-5]:.1f}]")
         print(f"  bs {bs:>3} x {ctx:>5}: " + " | ".join(cells), flush=True)
 
@@ -146,24 +150,36 @@ def fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--timeline", action="store_true", help="only the per-program timelines")
-    ap.add_argument("--ab", metavar="FLAG", help="a gluon_mla module flag on vs off")
+    ap.add_argument("--ab", metavar="FLAG[=V1,V2,...]",
+                    help="a gluon_mla module setting: a flag on vs off, or the values listed")
     ap.add_argument("--wide", action="store_true", help="with --ab: more shapes, no timelines")
+    ap.add_argument("--small", action="store_true", help="with --ab: small batches and contexts only")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), flush=True)
     BW[0] = bw = copy_bandwidth()
     print(f"copy bandwidth {bw:.0f} GB/s", flush=True)
     if args.ab:
-        if not isinstance(getattr(gluon_mla, args.ab, None), bool):
-            raise SystemExit(f"gluon_mla has no flag {args.ab!r}")
-        wide = [(128, 8192), (1, 8192), (8, 8192), (16, 8192), (32, 1024), (32, 4096), (32, 32768)]
-        ab(args.ab, [(32, 8192), (64, 8192), (32, 16384)] + (wide if args.wide else []))
-        if not args.wide:
+        flag, _, listed = args.ab.partition("=")
+        if not hasattr(gluon_mla, flag):
+            raise SystemExit(f"gluon_mla has no setting {flag!r}")
+        kind = type(getattr(gluon_mla, flag))
+        values = ([v.lower() in ("1", "true") if kind is bool else kind(v) for v in listed.split(",")]
+                  if listed else [True, False])
+        configs = [(32, 8192), (64, 8192), (32, 16384)]
+        if args.small:
+            configs = [(1, 1024), (1, 2048), (1, 4096), (1, 8192), (2, 8192), (4, 4096), (8, 2048), (16, 1024),
+                       (1, 32768), (32, 1024)]
+        elif args.wide:
+            configs += [(128, 8192), (1, 1024), (1, 8192), (1, 32768), (4, 8192), (8, 8192), (16, 8192), (32, 1024),
+                        (32, 4096), (32, 32768)]
+        ab(flag, values, configs)
+        if not args.wide and not args.small and not listed:
             for on in (False, True):
-                setattr(gluon_mla, args.ab, on)
-                print(f"  {args.ab}={on}:", flush=True)
+                setattr(gluon_mla, flag, on)
+                print(f"  {flag}={on}:", flush=True)
                 for bs, ctx, splits in [(32, 8192, 2), (64, 8192, 1)]:
                     timeline(bs, ctx, splits)
-            setattr(gluon_mla, args.ab, True)
+            setattr(gluon_mla, flag, True)
         return
     for bs, ctx, splits in [(32, 8192, 2), (32, 128, 2), (64, 8192, 1), (32, 32768, 2)]:
         timeline(bs, ctx, splits)

@@ -78,6 +78,16 @@ Q_IN_SCORES = True
 # (scripts/probe_mla_decode.py --ab Q_CP_ASYNC --wide): 32 x 1k 35.3 vs 37.7 us, 8 x 8k 53.9 vs 56.0,
 # 32 x 4k 83.2 vs 85.5, 32 x 8k 148.7 vs 150.1, 128 x 8k 562.8 vs 567.0, 32 x 16k / 32k level
 Q_CP_ASYNC = True
+# The split merge loads every split's partial at once (`_merge_kernel`, SPLITS > 0) rather than one
+# split after the other (False) -- what small batches need, split 4-64 ways to fill the SMs: 1 x
+# 32k 33.9 vs 83.9 us, 1 x 8k 23.3 vs 35.1, 8 x 8k 48.9 vs 53.9 (CUDA graphs alternated,
+# `probe_mla_decode.py --ab MERGE_ALL_SPLITS --wide`); 1-2 splits level.
+MERGE_ALL_SPLITS = True
+# `choose_num_splits`: the fewest keys a split gets (a split pays its start-up and partial). With
+# the merge loading all splits at once, 128 beat 512 / 256 / 64 at batch 1-16 (CUDA graphs
+# alternated, `probe_mla_decode.py --ab MIN_KEYS_PER_SPLIT=512,256,128,64 --small`): 1 x 1k 12.8
+# vs 21.8 us at 512, 1 x 4k 15.1 vs 23.1, 1 x 8k 19.8 vs 23.4 (256: 18.4), 4 x 4k 22.6 vs 25.2
+MIN_KEYS_PER_SPLIT = 128
 
 
 def _q_async_ok(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor) -> bool:
@@ -479,22 +489,26 @@ if GLUON_IMPORT_ERROR is None:
 @triton.jit(do_not_specialize=["num_splits", "lse_off"])
 def _merge_kernel(ws_ptr, lse_off, row_tok_ptr, row_len_ptr, out_ptr, num_splits, stride_ot, stride_oh,
                   NUM_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, KV_LORA: tl.constexpr, BLOCK_N: tl.constexpr,
-                  PAIR: tl.constexpr):
-    """Grid (row x head block): merge the splits that had keys (the first n_active: the kernel
-    gives each split a contiguous run of tiles) with the Triton decode kernels' merge; a row
-    without keys (CUDA-graph padding) gets zeros. PAIR: num_splits == 2, both splits' loads issued
-    at once (the general loop waits on memory once per split: 5.0 vs 6.6-7.7 us at batch 32 x 8k)."""
+                  PAIR: tl.constexpr, SPLITS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Grid (row x head block x column block): merge the splits that had keys (the first n_active:
+    the kernel gives each split a contiguous run of tiles) by log-sum-exp; a row without keys
+    (CUDA-graph padding) gets zeros. Every path issues all its loads at once: PAIR (num_splits ==
+    2) two partials; SPLITS > 0 (a power of two >= num_splits) all of them as one [heads, splits,
+    columns] block; SPLITS == 0 the Triton decode kernels' merge loop, which waits on memory once a
+    split (5.0 vs 6.6-7.7 us at batch 32 x 8k with 2 splits; at batch 1 x 32k, 64 splits, see
+    `MERGE_ALL_SPLITS`)."""
     pid = tl.program_id(0)
     blocks: tl.constexpr = (NUM_HEADS + BLOCK_H - 1) // BLOCK_H
-    r = pid // blocks
-    heads = (pid % blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
+    col_blocks: tl.constexpr = KV_LORA // BLOCK_C
+    r = pid // (blocks * col_blocks)
+    heads = (pid // col_blocks) % blocks * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = heads < NUM_HEADS
-    cols = tl.arange(0, KV_LORA)
+    cols = pid % col_blocks * BLOCK_C + tl.arange(0, BLOCK_C)
     st_mask = h_ok[:, None]
     o_ptrs = out_ptr + tl.load(row_tok_ptr + r).to(tl.int64) * stride_ot + heads[:, None] * stride_oh + cols[None, :]
     n_tiles = tl.cdiv(tl.load(row_len_ptr + r), BLOCK_N)
     if n_tiles == 0:
-        tl.store(o_ptrs, tl.zeros([BLOCK_H, KV_LORA], dtype=out_ptr.dtype.element_ty), mask=st_mask)
+        tl.store(o_ptrs, tl.zeros([BLOCK_H, BLOCK_C], dtype=out_ptr.dtype.element_ty), mask=st_mask)
     else:
         n_active = tl.cdiv(n_tiles, tl.cdiv(n_tiles, num_splits))
         rows = r.to(tl.int64) * NUM_HEADS + heads
@@ -508,14 +522,23 @@ def _merge_kernel(ws_ptr, lse_off, row_tok_ptr, row_len_ptr, out_ptr, num_splits
             w0 = tl.math.exp2(lse0 - m)
             w1 = tl.math.exp2(lse1 - m)
             o = (o0 * w0[:, None] + o1 * w1[:, None]) / (w0 + w1)[:, None]
+        elif SPLITS > 0:
+            sp = tl.arange(0, SPLITS)
+            ok = h_ok[:, None] & (sp < n_active)[None, :]  # splits past n_active were never written
+            lse = tl.load(ws_ptr + lse_off + rows[:, None] * num_splits + sp[None, :], mask=ok, other=float("-inf"))
+            m = tl.where(h_ok, tl.max(lse, 1), 0.0)  # (a row past the heads has no finite lse)
+            w = tl.math.exp2(lse - m[:, None])
+            parts = tl.load(ws_ptr + ((rows[:, None, None] * num_splits + sp[None, :, None]) * KV_LORA
+                                      + cols[None, None, :]), mask=ok[:, :, None], other=0.0)
+            o = tl.sum(parts * w[:, :, None], 1) / tl.where(h_ok, tl.sum(w, 1), 1.0)[:, None]
         else:
             o = merge_split_partials(ws_ptr, lse_off, rows, cols, num_splits, n_active, h_ok, st_mask, KV_LORA,
-                                     BLOCK_H, KV_LORA)
+                                     BLOCK_H, BLOCK_C)
         tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=st_mask)
 
 
 def choose_num_splits(num_rows: int, head_tiles: int, max_seq_len: int, num_sms: int,
-                      min_keys_per_split: int = 512, max_splits: int = 64) -> int:
+                      min_keys_per_split: int = MIN_KEYS_PER_SPLIT, max_splits: int = 64) -> int:
     """One program per SM (this kernel's shared memory allows one), so aim at one full wave:
     rows x head tiles x splits <= num_sms, at least `min_keys_per_split` keys a split."""
     base = max(1, num_rows * head_tiles)
@@ -543,7 +566,8 @@ def mla_decode_gluon(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tenso
     if num_splits is None:
         from dlengine.kernels.triton_attention import _num_sms
 
-        num_splits = choose_num_splits(num_rows, head_tiles, max_seq_len, _num_sms(q_lat.device.index))
+        num_splits = choose_num_splits(num_rows, head_tiles, max_seq_len, _num_sms(q_lat.device.index),
+                                       min_keys_per_split=MIN_KEYS_PER_SPLIT)
     if num_splits == 1:
         ws = lse = out_lat  # unused
     else:  # the Triton decode kernels' workspace layout: partials, then lse at n * KV_LORA
@@ -565,17 +589,25 @@ def mla_decode_gluon(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tenso
 
 def _launch_merge(ws: torch.Tensor, row_tok: torch.Tensor, row_len: torch.Tensor, out_lat: torch.Tensor,
                   num_splits: int, pair: bool | None = None) -> None:
-    """`_merge_kernel` over the workspace ws (partials, then lse) into out_lat (pair: the two-split
-    path; default when num_splits == 2)."""
-    num_rows, num_heads = row_len.shape[0], out_lat.shape[1]
+    """`_merge_kernel` over the workspace ws (partials [rows * heads, splits, width], then lse) into
+    out_lat [T, heads, width] (pair: the two-split path; default when num_splits == 2; more splits
+    are loaded all at once if `MERGE_ALL_SPLITS`, else one after the other)."""
+    num_rows, num_heads, width = row_len.shape[0], out_lat.shape[1], out_lat.shape[2]
     pair = num_splits == 2 if pair is None else pair
     if pair and num_splits != 2:
         raise ValueError(f"the pair merge takes exactly 2 splits, not {num_splits}")
-    merge_heads = 8 if pair else 16
-    _merge_kernel[(num_rows * -(-num_heads // merge_heads),)](
-        ws, num_rows * num_heads * num_splits * KV_LORA, row_tok, row_len, out_lat, num_splits, out_lat.stride(0),
-        out_lat.stride(1), NUM_HEADS=num_heads, BLOCK_H=merge_heads, KV_LORA=KV_LORA, BLOCK_N=BLOCK_N, PAIR=pair,
-        num_warps=4)
+    splits_p2, block_c, merge_heads = 0, width, 16
+    if pair:
+        merge_heads = 8
+    elif MERGE_ALL_SPLITS:  # [heads, splits, 128 columns] blocks of <= 8k elements: 64 a thread
+        splits_p2 = triton.next_power_of_2(num_splits)
+        block_c = min(128, width)
+        merge_heads = max(1, min(16, 8192 // (splits_p2 * block_c)))
+    grid = num_rows * -(-num_heads // merge_heads) * (width // block_c)
+    _merge_kernel[(grid,)](
+        ws, num_rows * num_heads * num_splits * width, row_tok, row_len, out_lat, num_splits, out_lat.stride(0),
+        out_lat.stride(1), NUM_HEADS=num_heads, BLOCK_H=merge_heads, KV_LORA=width, BLOCK_N=BLOCK_N, PAIR=pair,
+        SPLITS=splits_p2, BLOCK_C=block_c, num_warps=4)
 
 
 __all__ = ["GLUON_IMPORT_ERROR", "cache_layout_problem", "choose_num_splits", "mla_decode_gluon", "supported"]
