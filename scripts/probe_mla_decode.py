@@ -10,7 +10,7 @@ bf16; H100, about a minute; numbers and what they showed in docs/mla.md):
    over contexts 128..32k, timed from CUDA graphs of 10 launches; per-tile time and fixed cost by
    least squares; then the same with every block-table entry pointing at one page (the tiles come
    from L2: what the loop costs without HBM).
-3. --ab FLAG: a gluon_mla module flag (e.g. Q_CP_ASYNC, MERGE_ALL_SPLITS) on vs off, the whole
+3. --ab FLAG: a gluon_mla module flag (e.g. Q_CP_ASYNC) on vs off, the whole
    call in CUDA graphs alternated 40 times (the H100's clocks drift by several percent under
    sustained load, so variants timed one after the other differ by more than they do), then the
    timelines of both (--wide: more shapes, no timelines); --ab NAME=V1,V2,... compares the values

@@ -79,8 +79,7 @@ def gluon_report(direct: bool, page: int = 16, times: bool = False, q_async: boo
     box = min(page, gluon_mla.BLOCK_N)
     layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     return resources(gluon_mla._mla_decode_gluon_kernel,
-                     dict(NUM_HEADS=128, HEAD_TILES=2, PAGE=page, DIRECT=direct, Q_HERE=gluon_mla.Q_IN_SCORES,
-                          Q_ASYNC=q_async, CONSUMER_REGS=gluon_mla.CONSUMER_REGS,
+                     dict(NUM_HEADS=128, HEAD_TILES=2, PAGE=page, DIRECT=direct, Q_ASYNC=q_async, CONSUMER_REGS=gluon_mla.CONSUMER_REGS,
                           LOADER_REGS=gluon_mla.LOADER_REGS, TIMES=times),
                      GluonASTSource, gluon_mla.NUM_WARPS, structured=True,
                      descriptors={"desc": f"tensordesc<bf16[{box}, 64],{layout!r}>"}, maxnreg=gluon_mla.MAX_REGS)

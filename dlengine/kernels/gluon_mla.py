@@ -43,7 +43,6 @@ import torch
 import triton
 import triton.language as tl
 
-from dlengine.kernels.triton_attention import merge_split_partials
 from dlengine.kernels.mla_decode_choice import DEEPSEEK_LATENT, latent_cache_problem
 
 try:  # Gluon ships with triton >= 3.4; anything missing means "not available"
@@ -69,20 +68,13 @@ BLOCK_N = 64  # keys per tile; two tile slots + Q = 216 KB of the H100's 227 KB 
 NUM_WARPS = 4  # the value group; + 4 (scores) + 1 (loader) worker warps
 CONSUMER_REGS, LOADER_REGS, MAX_REGS = 232, 40, 168  # per thread: 232 x 2 groups + 40 <= 512
 LOG2E = 1.4426950408889634
-# The score group loads Q while the loader's first tiles are on their way (False: the prologue
-# loads it before the partitions start). Measured on the H100, same bits: 32 x 8k 148.1 vs 150.3 us,
-# 32 x 16k 277 vs 284 us, 1 x 8k 41.4 vs 43.2 us (one process, three interleaved CUDA-graph rounds)
-Q_IN_SCORES = True
-# ... by cp.async, all five chunks in flight at once, where the query allows it (`_q_async_ok`; else
-# through registers, one round trip a chunk). On the H100, CUDA graphs of both alternated 40 times
+# The score group loads Q while the loader's first tiles are on their way (measured against the
+# prologue loading it before the partitions start, same bits: 32 x 8k 148.1 vs 150.3 us, 32 x 16k
+# 277 vs 284 us, 1 x 8k 41.4 vs 43.2 us), by cp.async, all five chunks in flight at once, where the
+# query allows it (`_q_async_ok`; else through registers, one round trip a chunk). On the H100, CUDA graphs of both alternated 40 times
 # (scripts/probe_mla_decode.py --ab Q_CP_ASYNC --wide): 32 x 1k 35.3 vs 37.7 us, 8 x 8k 53.9 vs 56.0,
 # 32 x 4k 83.2 vs 85.5, 32 x 8k 148.7 vs 150.1, 128 x 8k 562.8 vs 567.0, 32 x 16k / 32k level
 Q_CP_ASYNC = True
-# The split merge loads every split's partial at once (`_merge_kernel`, SPLITS > 0) rather than one
-# split after the other (False) -- what small batches need, split 4-64 ways to fill the SMs: 1 x
-# 32k 33.9 vs 83.9 us, 1 x 8k 23.3 vs 35.1, 8 x 8k 48.9 vs 53.9 (CUDA graphs alternated,
-# `probe_mla_decode.py --ab MERGE_ALL_SPLITS --wide`); 1-2 splits level.
-MERGE_ALL_SPLITS = True
 # `choose_num_splits`: the fewest keys a split gets (a split pays its start-up and partial). With
 # the merge loading all splits at once, 128 beat 512 / 256 / 64 at batch 1-16 (CUDA graphs
 # alternated, `probe_mla_decode.py --ab MIN_KEYS_PER_SPLIT=512,256,128,64 --small`): 1 x 1k 12.8
@@ -264,8 +256,8 @@ if GLUON_IMPORT_ERROR is None:
     @gluon.jit
     def _score_group(q_smem, qpe_smem, kv_smem, pe_smem, xs_smem, bars, out_ptr, ws_ptr, lse_ptr,
                      r, ht, sp, tok, seq_len, t0, t1, qk_scale, num_splits, stride_ot, stride_oh, NUM_HEADS, DIRECT,
-                     qlat_ptr, qpe_ptr, stride_ql_t, stride_ql_h, stride_qp_t, stride_qp_h, Q_HERE, times_ptr, TIMES):
-        """Warp group 1: scores and online softmax of every tile (S = Q K^T with N = 64 keys: no
+                     times_ptr, TIMES):
+        """Warp group 1 (Q already in shared memory, see the score workers): scores and online softmax of every tile (S = Q K^T with N = 64 keys: no
         duplicated MMA), P and the rescale factor handed to group 0 through shared memory, and the
         output columns 256-511; the row max / sum for both groups at the end."""
         S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
@@ -279,9 +271,6 @@ if GLUON_IMPORT_ERROR is None:
         l_i = gl.zeros([64], gl.float32, ROW_S)
         m_i = gl.full([64], float("-inf"), gl.float32, ROW_S)
         keys0 = gl.arange(0, 64, layout=gl.SliceLayout(0, S_L))
-        if Q_HERE:  # Q while the loader's first tiles are on their way
-            _load_q(qlat_ptr, qpe_ptr, q_smem, qpe_smem, ht, tok, stride_ql_t, stride_ql_h, stride_qp_t, stride_qp_h,
-                    NUM_HEADS)
         _stamp(times_ptr, 1, TIMES)
         for k in range(n):
             slot = k % 2
@@ -374,37 +363,37 @@ if GLUON_IMPORT_ERROR is None:
         _stamp(times_ptr, 5, TIMES)
 
 
-    # Worker partitions get one argument list (Triton 3.6 wants the workers' signatures alike)
+    # Worker partitions get one argument list (Triton 3.6 wants the workers' signatures alike). The
+    # score group comes as two workers, Q through registers or by cp.async, chosen at compile time:
+    # Triton 3.6 hands worker partitions their constexprs as runtime values, so a branch inside one
+    # would build the cp.async path for queries it cannot take, which fails to compile
     @gluon.jit
     def _score_worker(desc, bt_ptr, q_smem, qpe_smem, kv_smem, pe_smem, xs_smem, bars, out_ptr, ws_ptr, lse_ptr,
                       r, ht, sp, tok, seq_len, t0, t1, qk_scale, num_splits, stride_bt, stride_ot, stride_oh,
                       NUM_HEADS, DIRECT, PAGE, qlat_ptr, qpe_ptr, stride_ql_t, stride_ql_h, stride_qp_t,
-                      stride_qp_h, Q_HERE, times_ptr, TIMES):
+                      stride_qp_h, times_ptr, TIMES):
+        _load_q(qlat_ptr, qpe_ptr, q_smem, qpe_smem, ht, tok, stride_ql_t, stride_ql_h, stride_qp_t, stride_qp_h,
+                NUM_HEADS)
         _score_group(q_smem, qpe_smem, kv_smem, pe_smem, xs_smem, bars, out_ptr, ws_ptr, lse_ptr, r, ht, sp, tok,
-                     seq_len, t0, t1, qk_scale, num_splits, stride_ot, stride_oh, NUM_HEADS, DIRECT, qlat_ptr,
-                     qpe_ptr, stride_ql_t, stride_ql_h, stride_qp_t, stride_qp_h, Q_HERE, times_ptr, TIMES)
+                     seq_len, t0, t1, qk_scale, num_splits, stride_ot, stride_oh, NUM_HEADS, DIRECT, times_ptr, TIMES)
 
 
     @gluon.jit
     def _score_worker_cp(desc, bt_ptr, q_smem, qpe_smem, kv_smem, pe_smem, xs_smem, bars, out_ptr, ws_ptr, lse_ptr,
                          r, ht, sp, tok, seq_len, t0, t1, qk_scale, num_splits, stride_bt, stride_ot, stride_oh,
                          NUM_HEADS, DIRECT, PAGE, qlat_ptr, qpe_ptr, stride_ql_t, stride_ql_h, stride_qp_t,
-                         stride_qp_h, Q_HERE, times_ptr, TIMES):
-        """The score group with Q by cp.async (Q_ASYNC; a function of its own, chosen at compile time:
-        Triton 3.6 hands worker partitions their constexprs as runtime values, so a branch inside
-        would build the cp.async path for queries it cannot take, which fails to compile)."""
+                         stride_qp_h, times_ptr, TIMES):
         _load_q_async(qlat_ptr, qpe_ptr, q_smem, qpe_smem, ht, tok, stride_ql_t, stride_ql_h, stride_qp_t,
                       stride_qp_h, NUM_HEADS)
         _score_group(q_smem, qpe_smem, kv_smem, pe_smem, xs_smem, bars, out_ptr, ws_ptr, lse_ptr, r, ht, sp, tok,
-                     seq_len, t0, t1, qk_scale, num_splits, stride_ot, stride_oh, NUM_HEADS, DIRECT, qlat_ptr,
-                     qpe_ptr, stride_ql_t, stride_ql_h, stride_qp_t, stride_qp_h, False, times_ptr, TIMES)
+                     seq_len, t0, t1, qk_scale, num_splits, stride_ot, stride_oh, NUM_HEADS, DIRECT, times_ptr, TIMES)
 
 
     @gluon.jit
     def _load_worker(desc, bt_ptr, q_smem, qpe_smem, kv_smem, pe_smem, xs_smem, bars, out_ptr, ws_ptr, lse_ptr,
                      r, ht, sp, tok, seq_len, t0, t1, qk_scale, num_splits, stride_bt, stride_ot, stride_oh,
                      NUM_HEADS, DIRECT, PAGE, qlat_ptr, qpe_ptr, stride_ql_t, stride_ql_h, stride_qp_t,
-                     stride_qp_h, Q_HERE, times_ptr, TIMES):
+                     stride_qp_h, times_ptr, TIMES):
         _loader(desc, bt_ptr, kv_smem, pe_smem, bars, r, t0, t1, seq_len, stride_bt, PAGE)
         _stamp(times_ptr, 6, TIMES)
 
@@ -418,7 +407,7 @@ if GLUON_IMPORT_ERROR is None:
         qk_scale, num_splits,
         stride_ql_t, stride_ql_h, stride_qp_t, stride_qp_h, stride_bt, stride_ot, stride_oh,
         NUM_HEADS: gl.constexpr, HEAD_TILES: gl.constexpr, PAGE: gl.constexpr, DIRECT: gl.constexpr,
-        Q_HERE: gl.constexpr, Q_ASYNC: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
+        Q_ASYNC: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
         times_ptr, TIMES: gl.constexpr,
     ):
         """Grid (row x head tile, split): row r = request r, query token row_tok[r], context
@@ -465,16 +454,12 @@ if GLUON_IMPORT_ERROR is None:
         for i in gl.static_range(3):
             mbarrier.init(bars.index(8 + i), count=1)
 
-        if not Q_HERE and not Q_ASYNC:
-            _load_q(qlat_ptr, qpe_ptr, q_smem, qpe_smem, ht, tok, stride_ql_t, stride_ql_h, stride_qp_t, stride_qp_h,
-                    NUM_HEADS)
-
         # (both argument tuples are written out: through a tuple variable triton 3.6's lowering
         # crashes; constexprs reach worker partitions as plain values, hence desc's block shape)
         worker_args = (desc, bt_ptr, q_smem, qpe_smem, kv_smem, pe_smem, xs_smem, bars, out_ptr, ws_ptr, lse_ptr,
                        r, ht, sp, tok, seq_len, t0, t1, qk_scale, num_splits, stride_bt, stride_ot, stride_oh,
                        NUM_HEADS, DIRECT, PAGE, qlat_ptr, qpe_ptr, stride_ql_t, stride_ql_h, stride_qp_t,
-                       stride_qp_h, Q_HERE, times_ptr, TIMES)
+                       stride_qp_h, times_ptr, TIMES)
         # this program's 4 warps are warp group 0 (value group); the score group and a one-warp TMA
         # loader are workers
         gl.warp_specialize([
@@ -492,11 +477,12 @@ def _merge_kernel(ws_ptr, lse_off, row_tok_ptr, row_len_ptr, out_ptr, num_splits
                   PAIR: tl.constexpr, SPLITS: tl.constexpr, BLOCK_C: tl.constexpr):
     """Grid (row x head block x column block): merge the splits that had keys (the first n_active:
     the kernel gives each split a contiguous run of tiles) by log-sum-exp; a row without keys
-    (CUDA-graph padding) gets zeros. Every path issues all its loads at once: PAIR (num_splits ==
-    2) two partials; SPLITS > 0 (a power of two >= num_splits) all of them as one [heads, splits,
-    columns] block; SPLITS == 0 the Triton decode kernels' merge loop, which waits on memory once a
-    split (5.0 vs 6.6-7.7 us at batch 32 x 8k with 2 splits; at batch 1 x 32k, 64 splits, see
-    `MERGE_ALL_SPLITS`)."""
+    (CUDA-graph padding) gets zeros. All loads go out at once: PAIR (num_splits == 2) two partials,
+    else (SPLITS, a power of two >= num_splits) all of them as one [heads, splits, columns] block.
+    The Triton decode kernels' merge loop (`triton_attention.merge_split_partials`), which waits on
+    memory once a split, measured slower: 6.6-7.7 vs 5.0 us at batch 32 x 8k (2 splits), 83.9 vs
+    33.9 us for a whole batch 1 x 32k call (64 splits), 35.1 vs 23.3 at 1 x 8k, 53.9 vs 48.9 at 8 x
+    8k (CUDA graphs of both alternated)."""
     pid = tl.program_id(0)
     blocks: tl.constexpr = (NUM_HEADS + BLOCK_H - 1) // BLOCK_H
     col_blocks: tl.constexpr = KV_LORA // BLOCK_C
@@ -522,7 +508,7 @@ def _merge_kernel(ws_ptr, lse_off, row_tok_ptr, row_len_ptr, out_ptr, num_splits
             w0 = tl.math.exp2(lse0 - m)
             w1 = tl.math.exp2(lse1 - m)
             o = (o0 * w0[:, None] + o1 * w1[:, None]) / (w0 + w1)[:, None]
-        elif SPLITS > 0:
+        else:
             sp = tl.arange(0, SPLITS)
             ok = h_ok[:, None] & (sp < n_active)[None, :]  # splits past n_active were never written
             lse = tl.load(ws_ptr + lse_off + rows[:, None] * num_splits + sp[None, :], mask=ok, other=float("-inf"))
@@ -531,9 +517,6 @@ def _merge_kernel(ws_ptr, lse_off, row_tok_ptr, row_len_ptr, out_ptr, num_splits
             parts = tl.load(ws_ptr + ((rows[:, None, None] * num_splits + sp[None, :, None]) * KV_LORA
                                       + cols[None, None, :]), mask=ok[:, :, None], other=0.0)
             o = tl.sum(parts * w[:, :, None], 1) / tl.where(h_ok, tl.sum(w, 1), 1.0)[:, None]
-        else:
-            o = merge_split_partials(ws_ptr, lse_off, rows, cols, num_splits, n_active, h_ok, st_mask, KV_LORA,
-                                     BLOCK_H, BLOCK_C)
         tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=st_mask)
 
 
@@ -578,7 +561,7 @@ def mla_decode_gluon(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tenso
     _mla_decode_gluon_kernel[(num_rows * head_tiles, num_splits)](
         _cache_descriptor(cache), q_lat, q_pe, block_tables, row_tok, row_len, out_lat, ws, lse, scale * LOG2E,
         num_splits, qls[0], qls[1], qps[0], qps[1], block_tables.stride(0), os_[0], os_[1],
-        NUM_HEADS=num_heads, HEAD_TILES=head_tiles, PAGE=cache.shape[1], DIRECT=num_splits == 1, Q_HERE=Q_IN_SCORES,
+        NUM_HEADS=num_heads, HEAD_TILES=head_tiles, PAGE=cache.shape[1], DIRECT=num_splits == 1,
         Q_ASYNC=Q_CP_ASYNC and _q_async_ok(q_lat, q_pe, cache),
         CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS, times_ptr=out_lat if times is None else times,
         TIMES=times is not None, num_warps=NUM_WARPS, maxnreg=MAX_REGS)
@@ -590,16 +573,14 @@ def mla_decode_gluon(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tenso
 def _launch_merge(ws: torch.Tensor, row_tok: torch.Tensor, row_len: torch.Tensor, out_lat: torch.Tensor,
                   num_splits: int, pair: bool | None = None) -> None:
     """`_merge_kernel` over the workspace ws (partials [rows * heads, splits, width], then lse) into
-    out_lat [T, heads, width] (pair: the two-split path; default when num_splits == 2; more splits
-    are loaded all at once if `MERGE_ALL_SPLITS`, else one after the other)."""
+    out_lat [T, heads, width] (pair: the two-split path; default when num_splits == 2)."""
     num_rows, num_heads, width = row_len.shape[0], out_lat.shape[1], out_lat.shape[2]
     pair = num_splits == 2 if pair is None else pair
     if pair and num_splits != 2:
         raise ValueError(f"the pair merge takes exactly 2 splits, not {num_splits}")
-    splits_p2, block_c, merge_heads = 0, width, 16
     if pair:
-        merge_heads = 8
-    elif MERGE_ALL_SPLITS:  # [heads, splits, 128 columns] blocks of <= 8k elements: 64 a thread
+        splits_p2, block_c, merge_heads = 2, width, 8
+    else:  # [heads, splits, 128 columns] blocks of <= 8k elements: 64 a thread
         splits_p2 = triton.next_power_of_2(num_splits)
         block_c = min(128, width)
         merge_heads = max(1, min(16, 8192 // (splits_p2 * block_c)))

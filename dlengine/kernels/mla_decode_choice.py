@@ -1,10 +1,10 @@
 """Which kernel runs MLA decode steps on the triton attention backend (`EngineBuilder.mla_decode`).
 
-  "gluon"       our Hopper kernel (kernels/gluon_mla.py): 67-82% of copy bandwidth at batch >= 32,
-                ctx >= 8k (H100, page 64), no host work per step; in the engine the fastest
-                (docs/performance.md)
-  "flashinfer"  FlashInfer's BatchMLAPagedAttentionWrapper (kernels/flashinfer_mla.py): the same
-                kernel-level speed at page 64 (faster at page 16), plus a host re-plan every step
+  "gluon"       our Hopper kernel (kernels/gluon_mla.py): 70-82% of copy bandwidth at batch >= 32,
+                ctx >= 8k (H100, page 64), 0.83-1.05x FlashInfer's time across batch 1-128, no
+                host work per step; in the engine the fastest (docs/performance.md)
+  "flashinfer"  FlashInfer's BatchMLAPagedAttentionWrapper (kernels/flashinfer_mla.py): slightly
+                slower at page 64 (faster at page 16), plus a host re-plan every step
   "triton"      our portable Triton kernel (kernels/triton_mla.py): any GPU, any dims, fp32 too
   "auto"        on Hopper at DeepSeek's dims, per call: gluon where it applies (cache layout),
                 else triton; on other GPUs flashinfer when it imports and applies, else triton

@@ -220,8 +220,9 @@ def store_split_and_merge(acc, l_i, m_i, ws_ptr, lse_off, row, offs_d, num_split
 def merge_split_partials(ws_ptr, lse_off, row, offs_d, num_splits, n_active, row_ok, st_mask,
                          ROW_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
     """The first n_active split partials of workspace rows `row` ([rows, splits, ROW_DIM] normalised
-    outputs, their log2-sum-exp at lse_off), merged: [BLOCK_H, BLOCK_D] float32. Also the merge of
-    the Gluon MLA decode kernel (kernels/gluon_mla.py), which writes the same workspace layout."""
+    outputs, their log2-sum-exp at lse_off), merged: [BLOCK_H, BLOCK_D] float32. (The Gluon MLA
+    decode kernel writes the same workspace layout and merges it with all splits loaded at once,
+    kernels/gluon_mla.py `_merge_kernel`.)"""
     m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BLOCK_H], dtype=tl.float32)
     o = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
