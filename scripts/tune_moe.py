@@ -11,7 +11,7 @@ the same aligned pair list), keeps the best pair, and reports it next to the shi
 (`get_config`), with achieved TFLOP/s and GB/s of expert weights read (distinct experts hit x
 3 * I * H * 2 bytes) against the device's measured copy bandwidth and bf16 GEMM peak. Routing is
 uniform random top-k (a balanced load, what the shipped table is tuned for). The printed table is
-what `_TUNED` in fused_moe_triton.py is built from.
+what `_TUNED` in kernels/moe/fused_moe_triton.py is built from.
 """
 
 from __future__ import annotations
