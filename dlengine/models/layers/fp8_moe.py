@@ -38,6 +38,11 @@ class Fp8FusedMoE(ParallelFusedMoE):
                                      self.w2_weight_scale_inv, self.fp8_block, self.w13_row_div,
                                      topk_weights, topk_ids)
 
+    def extra_repr(self) -> str:
+        if not hasattr(self, "w13_weight_scale_inv"):
+            return super().extra_repr() + ", fp8=dequantized"
+        return super().extra_repr() + f", fp8_block={self.fp8_block}, intermediate_held={self.fp8_inter.size}"
+
     # ------------------------------------------------------------------ layout
     def _slot(self, expert: int) -> int | None:
         """Where logical expert `expert` sits in the stacked parameters (None: another EP rank's)."""

@@ -11,6 +11,8 @@
 Without parallelism (the default state) the layer is plain FusedMoE. Every forward adds the
 number of routed (token, expert) pairs per logical expert to `expert_token_counts` (the load
 metric an EPLB rebalancer would read; steps replayed from CUDA graphs are not counted).
+The expert GEMMs themselves are `run_experts`, which FP8 layers (fp8_moe.py) override; routing,
+dispatch and the collectives stay here.
 """
 
 from __future__ import annotations
