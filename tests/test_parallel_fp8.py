@@ -8,6 +8,8 @@ layer, on multi-block weights.
 
 Each parallel engine is built once per module and shared by its assertions."""
 
+import os
+
 import pytest
 import torch
 
@@ -119,3 +121,71 @@ def test_row_shards_hold_whole_blocks(k, tp):
         lin.dequantize_(torch.float32)
         torch.testing.assert_close(lin.weight, deq[:, r * local : (r + 1) * local], rtol=0, atol=0)
     torch.testing.assert_close(sum(parts), full)
+
+
+def _fused_fp8_copy(out: str) -> str:
+    """tiny-deepseek-v3-fp8 with its experts as fused 3-D FP8 tensors (gate_up [E, 2I, H] and down
+    [E, H, I], each quantised as one matrix per expert, 128-blocks spanning gate and up)."""
+    from hf_reference import copy_checkpoint
+    from safetensors.torch import load_file
+
+    from dlengine.testing import tiny_checkpoint
+
+    fp8 = load_file(os.path.join(tiny_checkpoint("deepseek-v3-fp8"), "model.safetensors"))
+    src = load_file(os.path.join(tiny_checkpoint("deepseek-v3"), "model.safetensors"))
+    fused = {n: t for n, t in fp8.items() if ".mlp.experts." not in n}
+    for layer in (1, 2):
+        p = f"model.layers.{layer}.mlp.experts"
+        gate_up = torch.stack([torch.cat([src[f"{p}.{e}.gate_proj.weight"], src[f"{p}.{e}.up_proj.weight"]])
+                               for e in range(8)])
+        down = torch.stack([src[f"{p}.{e}.down_proj.weight"] for e in range(8)])
+        for hf, w in (("gate_up_proj", gate_up), ("down_proj", down)):
+            fused[f"{p}.{hf}"], fused[f"{p}.{hf}_scale_inv"] = ref.quantize_weight_blockwise(w, (128, 128))
+    return copy_checkpoint(tiny_checkpoint("deepseek-v3-fp8"), out, fused)
+
+
+@pytest.mark.parametrize("layout", ["per-expert", "fused"])
+def test_ranks_load_their_fp8_experts(layout, tmp_path):
+    """FP8 experts of one rank, from both checkpoint layouts: under EP its experts with their
+    scales; under TP (intermediate 12 of 24, inside one 128-block) the whole block, the other
+    rank's down columns zero, so the two ranks' FP8 outputs sum to the single-process layer's,
+    and dequantised each keeps exactly its own columns."""
+    from dlengine.config import ModelConfig
+    from dlengine.models.deepseek_v3 import DeepseekV3ForCausalLM
+    from dlengine.models.layers.fp8_linear import finish_fp8_load, prepare_fp8_model
+    from dlengine.models.loader import load_weights
+    from dlengine.parallel.state import ParallelState, parallel_state
+    from dlengine.testing import tiny_checkpoint
+
+    path = tiny_checkpoint("deepseek-v3-fp8") if layout == "per-expert" else _fused_fp8_copy(str(tmp_path / "f"))
+    cfg = ModelConfig.from_pretrained(path)
+
+    def load(state, mode="fp8"):
+        with parallel_state(state):
+            model = DeepseekV3ForCausalLM(cfg, 64)
+        prepare_fp8_model(model, cfg.quantization)
+        load_weights(model, path)
+        finish_fp8_load(model, mode, torch.float32)
+        return model.model.layers[1].mlp.experts
+
+    full, full_deq = load(ParallelState()), load(ParallelState(), "dequant")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, full.hidden_size, generator=g)
+    ids = torch.randint(0, 8, (6, 2), generator=g)
+    weights = torch.rand(6, 2, generator=g)
+    group = object()  # layers only keep the group for their collectives, which do not run here
+    partial = []
+    for r in range(2):
+        ep = load(ParallelState(world_size=2, rank=r, ep_size=2, ep_rank=r, ep_group=group,
+                                expert_placement="round_robin"))
+        for name in ("w13_weight", "w13_weight_scale_inv", "w2_weight", "w2_weight_scale_inv"):
+            assert torch.equal(getattr(ep, name).float(), getattr(full, name)[ep.local_experts].float()), name
+        state = ParallelState(world_size=2, rank=r, tp_size=2, tp_rank=r, tp_group=group)
+        tp = load(state)
+        assert tp.w13_weight.shape == full.w13_weight.shape and tp.fp8_inter.padded  # the whole block
+        partial.append(tp.run_experts(x, weights, ids))
+        deq, i, li = load(state, "dequant"), full.intermediate_size, 12
+        assert torch.equal(deq.w13_weight[:, :li], full_deq.w13_weight[:, r * li:(r + 1) * li])  # gate
+        assert torch.equal(deq.w13_weight[:, li:], full_deq.w13_weight[:, i + r * li:i + (r + 1) * li])  # up
+        assert torch.equal(deq.w2_weight, full_deq.w2_weight[:, :, r * li:(r + 1) * li])
+    torch.testing.assert_close(partial[0] + partial[1], full.run_experts(x, weights, ids))
