@@ -384,11 +384,6 @@ class EngineBuilder:
                             "overrides)", block_size)
                 cache = dataclasses.replace(cache, block_size=block_size)
         quantization = self._resolve_quantization(model, device)
-        if quantization != "none" and parallel.world_size > 1:
-            # the tensor/expert-parallel layers shard bf16 weights; FP8 shards (with their block
-            # scales) are not written yet
-            raise ConfigError(f"FP8 checkpoints ({model.path}) cannot run with parallel(...) yet "
-                              f"(world size {parallel.world_size}); run them on one device")
         if self._cuda_graphs and device.type != "cuda":
             raise ConfigError("cuda_graphs(True) needs a CUDA device")
 
