@@ -1,0 +1,104 @@
+"""One API for every engine: the same checks drive a local engine, a tensor-parallel engine
+(tp=2) and an attention-DP x expert-parallel engine (attention_dp=2, ffn_ep=2) through
+add_request / step / stream / abort / generate (CPU, gloo, spawned workers), against the
+single-process engine's greedy tokens."""
+
+import pytest
+
+from dlengine import EngineBuilder, InvalidRequestError, SamplingParams
+
+from conftest import make_prompts
+
+MODEL = "tiny-qwen3-moe"  # MoE: tp shards the experts, dp x ep exchanges tokens
+PROMPTS = make_prompts(6, lengths=(1, 5, 17, 40, 64, 100))
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0)
+LAYOUTS = {"local": {}, "tp2": dict(tp=2), "dp2-ep2": dict(attention_dp=2, ffn_ep=2)}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    engine = EngineBuilder(MODEL).dtype("float32").build()
+    outs = [o.token_ids for o in engine.generate(PROMPTS, GREEDY)]
+    engine.close()
+    return outs
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def engine(request):
+    b = EngineBuilder(MODEL).dtype("float32")
+    if LAYOUTS[request.param]:
+        b.parallel(timeout_s=180, **LAYOUTS[request.param])
+    engine = b.build()
+    yield engine
+    engine.close()
+
+
+def drive(engine, rids: set, limit: int = 500) -> dict:
+    finals = {}
+    for _ in range(limit):
+        if not engine.has_unfinished_requests():
+            break
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out
+    assert rids <= set(finals), f"unfinished: {rids - set(finals)}"
+    assert not engine.has_unfinished_requests()
+    return finals
+
+
+def test_add_request_and_step(engine, reference):
+    rids = [engine.add_request(p, GREEDY) for p in PROMPTS]
+    finals = drive(engine, set(rids))
+    assert [finals[r].token_ids for r in rids] == reference
+    assert all(finals[r].finish_reason == "length" for r in rids)
+
+
+def test_stream_yields_tokens_as_they_come(engine, reference):
+    seen: dict[str, list[int]] = {}
+    order = []
+    for out in engine.stream(PROMPTS[:3], GREEDY):
+        seen.setdefault(out.request_id, []).extend(out.new_token_ids)
+        assert out.token_ids == seen[out.request_id]  # cumulative = the deltas so far
+        if out.finished:
+            order.append(out.request_id)
+    assert len(order) == 3
+    assert [seen[r] for r in sorted(seen, key=lambda r: int(r.split("-")[1]))] == reference[:3]
+
+
+def test_abort_mid_run_frees_and_keeps_the_rest(engine, reference):
+    keep = engine.add_request(PROMPTS[3], GREEDY)
+    drop = engine.add_request(PROMPTS[4], SamplingParams(max_tokens=50, temperature=0.0))
+    for _ in range(3):
+        engine.step()
+    assert engine.abort(drop)
+    assert not engine.abort("no-such-request")
+    finals = drive(engine, {keep, drop})
+    assert finals[drop].finish_reason == "abort" and len(finals[drop].token_ids) < 50
+    assert finals[keep].token_ids == reference[3]
+    if hasattr(engine, "processes"):  # workers: nothing left running on any rank
+        assert all(s["num_finished"] >= 0 for s in engine.stats())
+    else:
+        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_generate_and_bad_input(engine, reference):
+    assert [o.token_ids for o in engine.generate(PROMPTS, GREEDY)] == reference
+    with pytest.raises(InvalidRequestError, match="prompt 1"):
+        engine.generate([PROMPTS[0], [10**6]], GREEDY)
+    with pytest.raises(InvalidRequestError, match="float"):
+        engine.generate(3.5, GREEDY)
+    ok, bad = engine.generate([PROMPTS[2], []], GREEDY, raise_on_error=False)
+    assert ok.token_ids == reference[2] and bad.finish_reason == "error"
+
+
+def test_stop_string_ends_the_request_on_every_layout(engine):
+    [full] = engine.generate(["hello world"], SamplingParams(max_tokens=12, temperature=0.0))
+    if len(full.text) < 4:
+        pytest.skip("the tiny model's text is too short to cut")
+    stop = full.text[2:4]
+    [cut] = engine.generate(["hello world"], SamplingParams(max_tokens=12, temperature=0.0, stop=[stop]))
+    assert cut.finish_reason == "stop" and cut.stop_reason == stop
+    assert cut.text == full.text[: full.text.index(stop)]
+    # the core learns of the stop string at its next step (a parallel core: the abort is sent then)
+    late = [o for _ in range(3) if engine.has_unfinished_requests() for o in engine.step()]
+    assert late == [] and not engine.has_unfinished_requests()
