@@ -91,20 +91,19 @@ def compare(ref, got) -> tuple[bool, str]:
 # ---------------------------------------------------------------------- world size 1
 def one_rank_check(kind: str, mode: str, device: str) -> list[list[list[int]]]:
     """Inside a 1-rank world: TP or EP layers given the world as their (one-rank) group."""
-    from dlengine.parallel.front import RankRuntime
+    from dlengine.assemble import build_core
+    from dlengine.engine.engine import Engine
     from dlengine.parallel.state import ParallelState, set_parallel_state
 
     world = dist.group.WORLD
     state = ParallelState(world_group=world, tp_group=world if mode == "tp" else None,
                           ep_group=world if mode == "dp-ep" else None)
     set_parallel_state(state)
-    b = builder(kind, device)
-    engine = b._build_local(b._make_config(), state)
-    runtime = RankRuntime(engine, state)
+    cfg = builder(kind, device).config()
+    engine = Engine(cfg, build_core(cfg, state), None)
     outs = []
     for ps, sp in batches():
-        reqs = [engine.make_request(p, s) for p, s in zip(ps, sp)]
-        outs.append([o.token_ids for o in runtime.run(reqs)])
+        outs.append([o.token_ids for o in engine.generate(ps, sp)])
     # every MoE layer must really have gone through the collective path
     from dlengine.models.layers.parallel_moe import moe_layers
 

@@ -1,5 +1,5 @@
 """One API for every engine: the same checks drive a local engine, a tensor-parallel engine
-(tp=2) and an attention-DP x expert-parallel engine (attention_dp=2, ffn_ep=2) through
+(tp=2, also with async scheduling) and an attention-DP x expert-parallel engine (attention_dp=2, ffn_ep=2) through
 add_request / step / stream / abort / generate (CPU, gloo, spawned workers), against the
 single-process engine's greedy tokens."""
 
@@ -12,7 +12,9 @@ from conftest import make_prompts
 MODEL = "tiny-qwen3-moe"  # MoE: tp shards the experts, dp x ep exchanges tokens
 PROMPTS = make_prompts(6, lengths=(1, 5, 17, 40, 64, 100))
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0)
-LAYOUTS = {"local": {}, "tp2": dict(tp=2), "dp2-ep2": dict(attention_dp=2, ffn_ep=2)}
+LAYOUTS = {"local": {}, "tp2": dict(tp=2), "dp2-ep2": dict(attention_dp=2, ffn_ep=2),
+           # async scheduling (each step applies the previous step's tokens) on every rank
+           "tp2-async": dict(tp=2, async_=True)}
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +28,11 @@ def reference():
 @pytest.fixture(scope="module", params=list(LAYOUTS))
 def engine(request):
     b = EngineBuilder(MODEL).dtype("float32")
-    if LAYOUTS[request.param]:
-        b.parallel(timeout_s=180, **LAYOUTS[request.param])
+    layout = dict(LAYOUTS[request.param])
+    if layout.pop("async_", False):
+        b.async_scheduling(True)
+    if layout:
+        b.parallel(timeout_s=180, **layout)
     engine = b.build()
     yield engine
     engine.close()
