@@ -15,6 +15,7 @@ import torch
 
 from dlengine.cache.block_manager import BlockManager
 from dlengine.cache.kv_cache import KVCache
+from dlengine.cache.specs import cache_specs_for
 from dlengine.config import (
     ROLES,
     CacheConfig,
@@ -370,7 +371,6 @@ class EngineBuilder:
 
     def _build_local(self, cfg: EngineConfig, state=None) -> Engine:
         """This process's engine; `state` (a ParallelState) makes it one rank of a parallel layout."""
-        from dlengine.models.layers.parallel_linear import kv_heads_per_rank
         from dlengine.parallel.state import ParallelState, parallel_state
 
         state = state or ParallelState()
@@ -416,12 +416,8 @@ class EngineBuilder:
         # graphs keep a private pool of decode activations (about a decode step's worth)
         graph_reserve = (256 << 20) + graph_batch * cfg.model.vocab_size * 4 * 2 if use_graphs else 0
         # under tensor parallelism the cache holds this rank's kv heads only (MLA's latent is whole)
-        kv_model = cfg.model
-        if state.tp_size > 1 and not cfg.model.uses_mla:
-            kv_model = dataclasses.replace(cfg.model, num_key_value_heads=kv_heads_per_rank(
-                cfg.model.num_key_value_heads, state.tp_size))
-        plan = plan_kv_cache(dataclasses.replace(cfg, model=kv_model), model, backend, kv_dtype,
-                             reserve_bytes=graph_reserve)
+        cache_specs = cache_specs_for(cfg.model, kv_dtype, state.tp_size, state.tp_rank, model_cls)
+        plan = plan_kv_cache(cfg, model, backend, kv_dtype, reserve_bytes=graph_reserve, specs=cache_specs)
         if state.world_group is not None:
             # TP ranks must make identical scheduling decisions (same preemptions), so every
             # rank takes the smallest cache any rank can hold (free memory differs per GPU)
@@ -431,8 +427,10 @@ class EngineBuilder:
             dist.all_reduce(n, op=dist.ReduceOp.MIN, group=state.world_group)
             plan.num_blocks = int(n.item())
         logger.info("%s", plan.describe(cfg.cache.block_size))
-        kv_cache = KVCache(kv_model, plan.num_blocks, cfg.cache.block_size, kv_dtype, cfg.device)
-        block_manager = BlockManager(plan.num_blocks, cfg.cache.block_size, cfg.cache.prefix_caching)
+        kv_cache = KVCache(cache_specs, plan.num_blocks, cfg.cache.block_size, kv_dtype, cfg.device,
+                           num_state_slots=plan.num_state_slots)
+        block_manager = BlockManager(plan.num_blocks, cfg.cache.block_size, cfg.cache.prefix_caching,
+                                     specs=cache_specs, num_state_slots=plan.num_state_slots)
         scheduler = Scheduler(cfg.scheduler, block_manager)
         runner = ModelRunner(model, kv_cache, backend, Sampler(cfg.seed), cfg.model.vocab_size, cfg.device)
         if use_graphs:
