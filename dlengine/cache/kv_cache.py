@@ -44,7 +44,8 @@ def kv_bytes_per_block(model: ModelConfig, block_size: int, dtype: torch.dtype) 
     return bytes_per_block(cache_specs_for(model, dtype), block_size)
 
 
-def group_offsets(specs: Sequence[CacheSpec], num_blocks: int, block_size: int, num_slots: int) -> tuple[list[int], int]:
+def group_offsets(specs: Sequence[CacheSpec], num_blocks: int, block_size: int,
+                  num_slots: int) -> tuple[list[int], int]:
     """Byte offset of each spec's storage in the cache buffer (paged groups first, in order,
     then state groups), and the buffer's size. KVLayout relies on the same rule."""
     offsets, end = [0] * len(specs), 0

@@ -165,7 +165,8 @@ class FullAttentionSpec(CacheSpec):
         return [(s[0], s[1]) for s in storage]
 
     def describe(self) -> str:
-        return f"{self.name}[{self.num_layers} layers x {self.num_kv_heads} heads x {self.head_dim}, {dtype_name(self.dtype)}]"
+        return (f"{self.name}[{self.num_layers} layers x {self.num_kv_heads} heads x {self.head_dim}, "
+                f"{dtype_name(self.dtype)}]")
 
 
 @dataclass(frozen=True)

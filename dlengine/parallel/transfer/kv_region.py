@@ -35,7 +35,8 @@ class KVRegion:
         buf = kv_cache.buffer
         # each paged group as bytes [planes, blocks, block bytes]: copies are plain memory moves
         # (any dtype, FP8 included), and 3-D gathers are several times faster than 6-D ones on CPU
-        self._groups3 = [buf[g.offset:g.offset + g.nbytes].view(g.spec.num_layers * g.spec.parts, kv_cache.num_blocks, -1)
+        self._groups3 = [buf[g.offset:g.offset + g.nbytes].view(g.spec.num_layers * g.spec.parts,
+                                                                  kv_cache.num_blocks, -1)
                          for g in kv_cache.paged_groups]
         self._states2 = [buf[g.offset:g.offset + g.nbytes].view(kv_cache.num_state_slots, -1)
                          for g in kv_cache.state_groups]

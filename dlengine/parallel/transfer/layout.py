@@ -23,6 +23,7 @@ remote range inside the local one (a tp=1 engine pulling each tp=2 rank's half o
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from typing import Sequence
 
 from dlengine.parallel.transfer.errors import HandshakeError, TransferError
@@ -108,7 +109,7 @@ class KVLayout:
     def num_planes(self) -> int:
         return sum(g.num_planes for g in self.groups)
 
-    @property
+    @cached_property
     def block_bytes(self) -> int:
         """Bytes of one block across every paged group (a block-major row)."""
         return sum(g.num_planes * self.block_size * g.token_bytes for g in self.groups)
@@ -122,9 +123,11 @@ class KVLayout:
             end += g.num_planes * self.num_blocks * self.block_size * g.token_bytes
         return starts
 
+    @cached_property
     def _planes(self) -> list[tuple[GroupLayout, int, int]]:
         """(group, plane index within the group, base) per plane: base is the plane's byte start
-        (plane-major) or its run's start inside a block row (block-major)."""
+        (plane-major) or its run's start inside a block row (block-major). Computed once: every
+        offset() of a segment plan looks it up."""
         out, in_row = [], 0
         for g, start in zip(self.groups, self._group_starts()):
             run = self.block_size * g.token_bytes
@@ -136,7 +139,7 @@ class KVLayout:
     def offset(self, plane: int, block: int, token: int) -> int:
         """Byte offset of `token` (inside `block`) of plane `plane` (planes numbered across
         groups: group 0's layer * parts + part first)."""
-        g, _, base = self._planes()[plane]
+        g, _, base = self._planes[plane]
         if self.block_major:
             return block * self.block_bytes + base + token * g.token_bytes
         return base + block * self.block_size * g.token_bytes + token * g.token_bytes
@@ -211,7 +214,8 @@ class KVLayout:
             if skip:
                 (lo, hi), (rlo, rhi) = a.kv_head_range, b.kv_head_range
                 if not lo <= rlo < rhi <= hi or a.token_bytes // a.heads != b.token_bytes // b.heads:
-                    raise HandshakeError(f"the peer's kv heads [{rlo}, {rhi}) are not inside this engine's [{lo}, {hi})")
+                    raise HandshakeError(f"the peer's kv heads [{rlo}, {rhi}) are not inside this engine's "
+                                         f"[{lo}, {hi})")
 
     # ------------------------------------------------------------------ copy plans
     def segments_from(self, remote: "KVLayout", remote_blocks: Sequence[int], local_blocks: Sequence[int],
