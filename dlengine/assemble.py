@@ -8,13 +8,13 @@ Objects are built complete: nothing is patched onto them afterwards.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import torch
 
 from dlengine.cache.block_manager import BlockManager
 from dlengine.cache.kv_cache import KVCache
+from dlengine.cache.specs import cache_specs_for
 from dlengine.config import ConfigError, EngineConfig, parse_dtype
 from dlengine.engine.core import EngineCore
 from dlengine.engine.engine import Engine
@@ -89,7 +89,6 @@ def _make_sampler(cfg: EngineConfig, state):
 
 def build_core(cfg: EngineConfig, state=None) -> EngineCore:
     """This process's EngineCore; `state` (a ParallelState) makes it one rank of a parallel layout."""
-    from dlengine.models.layers.parallel_linear import kv_heads_per_rank
     from dlengine.parallel.state import ParallelState
 
     state = state or ParallelState()
@@ -108,13 +107,10 @@ def build_core(cfg: EngineConfig, state=None) -> EngineCore:
     graph_batch = min(cfg.cuda_graph_max_batch or 512, cfg.scheduler.max_num_seqs)
     # graphs keep a private pool of decode activations (about a decode step's worth)
     graph_reserve = (256 << 20) + graph_batch * cfg.model.vocab_size * 4 * 2 if use_graphs else 0
-    # under tensor parallelism the cache holds this rank's kv heads only (MLA's latent is whole)
-    kv_model = cfg.model
-    if state.tp_size > 1 and not cfg.model.uses_mla:
-        kv_model = dataclasses.replace(cfg.model, num_key_value_heads=kv_heads_per_rank(
-            cfg.model.num_key_value_heads, state.tp_size))
-    plan = plan_kv_cache(dataclasses.replace(cfg, model=kv_model), model, backend, kv_dtype,
-                         reserve_bytes=graph_reserve)
+    # what the cache keeps per layer group; under tensor parallelism this rank's kv heads only
+    # (MLA's latent is whole on every rank)
+    cache_specs = cache_specs_for(cfg.model, kv_dtype, state.tp_size, state.tp_rank, get_model_class(cfg.model))
+    plan = plan_kv_cache(cfg, model, backend, kv_dtype, reserve_bytes=graph_reserve, specs=cache_specs)
     if state.world_group is not None:
         # TP ranks must make identical scheduling decisions (same preemptions), so every
         # rank takes the smallest cache any rank can hold (free memory differs per GPU)
@@ -124,9 +120,13 @@ def build_core(cfg: EngineConfig, state=None) -> EngineCore:
         dist.all_reduce(n, op=dist.ReduceOp.MIN, group=state.world_group)
         plan.num_blocks = int(n.item())
     logger.info("%s", plan.describe(cfg.cache.block_size))
-    kv_cache = KVCache(kv_model, plan.num_blocks, cfg.cache.block_size, kv_dtype, cfg.device)
-    make_block_manager = cfg.components.block_manager or BlockManager
-    block_manager = make_block_manager(plan.num_blocks, cfg.cache.block_size, cfg.cache.prefix_caching)
+    kv_cache = KVCache(cache_specs, plan.num_blocks, cfg.cache.block_size, kv_dtype, cfg.device,
+                       num_state_slots=plan.num_state_slots)
+    if cfg.components.block_manager is not None:
+        block_manager = cfg.components.block_manager(plan.num_blocks, cfg.cache.block_size, cfg.cache.prefix_caching)
+    else:
+        block_manager = BlockManager(plan.num_blocks, cfg.cache.block_size, cfg.cache.prefix_caching,
+                                     specs=cache_specs, num_state_slots=plan.num_state_slots)
 
     connector = None
     if cfg.components.kv_connector is not None:

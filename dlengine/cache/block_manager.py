@@ -14,15 +14,28 @@ Invariants (checked by the hypothesis tests in tests/test_block_manager.py):
 Eviction is LRU over unreferenced blocks: the free queue is ordered, blocks are taken from its
 front, and a freed block that holds cached KV goes to the back (most recently used). A freed
 block with no cached content goes to the front, since keeping it around saves nothing.
+
+Cache specs (specs.py): every paged group of the cache shares one block table per request (block
+id b indexes every paged group), so the pool's blocks are counted once and each costs the sum of
+the paged specs' page bytes. State specs get a per-sequence slot (`request.state_slot`, from a
+StateSlotPool) taken together with the blocks at admission and given back by `free`. Without
+specs (the tests) the manager behaves as a plain full-attention pool.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 import numpy as np
+
+from dlengine.cache.state_slots import StateSlotPool
+
+if TYPE_CHECKING:  # specs import torch; the block manager (and the scheduler above it) does not
+    from dlengine.cache.specs import CacheSpec
+
+DROPPED_BLOCK = -1  # a block table entry freed because it left every sliding window
 
 
 class BlockRequest(Protocol):
@@ -46,12 +59,26 @@ def hash_block(parent: bytes | None, token_ids: Sequence[int], extra: bytes = b"
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 specs: Sequence["CacheSpec"] = (), num_state_slots: int = 0) -> None:
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.specs = list(specs)
+        # the first spec whose content a prefix hit cannot restore turns hits off (find_cached_prefix)
+        self.prefix_cache_blocker: str | None = next(
+            (s.describe() for s in self.specs if not s.prefix_cacheable), None)
+        has_state = any(not s.paged for s in self.specs)
+        if has_state and num_state_slots <= 0:
+            raise ValueError("state cache specs need num_state_slots > 0 (one per running sequence)")
+        self.state_slots: StateSlotPool | None = StateSlotPool(num_state_slots) if has_state else None
+        paged = [s for s in self.specs if s.paged]
+        # blocks may leave a request's table once outside its window only if EVERY paged group
+        # is windowed: the table is shared, and a full-attention group still reads them
+        windows = [getattr(s, "window", 0) for s in paged]
+        self.window: int | None = max(windows) if paged and all(windows) else None
         self.ref_counts = [0] * num_blocks
         self.block_hash: list[bytes | None] = [None] * num_blocks
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
@@ -73,6 +100,15 @@ class BlockManager:
     def usage(self) -> float:
         return 1.0 - self.num_free_blocks / self.num_blocks
 
+    @property
+    def bytes_per_block(self) -> int:
+        """Cache bytes behind one block id (every paged spec holds it); 0 without specs."""
+        return sum(s.page_bytes(self.block_size) for s in self.specs if s.paged)
+
+    @property
+    def prefix_caching_active(self) -> bool:
+        return self.enable_prefix_caching and self.prefix_cache_blocker is None
+
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
@@ -88,8 +124,12 @@ class BlockManager:
     def find_cached_prefix(self, request: BlockRequest) -> tuple[list[int], int]:
         """Blocks already holding this request's longest cached prefix, and how many tokens they
         cover. At least one token is always left to compute, because the step that computes it is
-        the one that produces logits to sample from."""
-        if not self.enable_prefix_caching:
+        the one that produces logits to sample from.
+
+        No hits at all when a spec cannot be prefix-cached (`prefix_cache_blocker`, e.g. a
+        recurrent layer's state without checkpoints): the paged blocks of a prefix would be
+        there, but the state after that prefix is not, and resuming needs both."""
+        if not self.prefix_caching_active:
             return [], 0
         self.update_block_hashes(request)
         max_blocks = (len(request.all_token_ids) - 1) // self.block_size
@@ -105,7 +145,13 @@ class BlockManager:
 
     # ------------------------------------------------------------------ allocation
     def can_allocate(self, request: BlockRequest, num_new_tokens: int, cached_blocks: Sequence[int] = ()) -> bool:
+        if not self._state_slot_available(request):
+            return False
         return self._num_new_blocks(request, num_new_tokens, cached_blocks) <= self._available(cached_blocks)
+
+    def _state_slot_available(self, request: BlockRequest) -> bool:
+        pool = self.state_slots
+        return pool is None or not pool.needs_slot(request) or pool.num_free > 0
 
     def _num_new_blocks(self, request: BlockRequest, num_new_tokens: int, cached_blocks: Sequence[int]) -> int:
         total_tokens = request.num_computed_tokens + len(cached_blocks) * self.block_size + num_new_tokens
@@ -118,10 +164,13 @@ class BlockManager:
     def allocate_slots(self, request: BlockRequest, num_new_tokens: int, cached_blocks: Sequence[int] = ()) -> bool:
         """Make room for `num_new_tokens` more tokens after the request's computed ones (and after
         `cached_blocks`, the prefix hits found at admission). All-or-nothing: returns False and
-        changes nothing when the pool cannot hold them."""
+        changes nothing when the pool cannot hold them. A request of a model with state specs
+        also takes its state slot here (the first time), all-or-nothing with the blocks."""
         n_new = self._num_new_blocks(request, num_new_tokens, cached_blocks)
-        if n_new > self._available(cached_blocks):
+        if n_new > self._available(cached_blocks) or not self._state_slot_available(request):
             return False
+        if self.state_slots is not None:
+            self.state_slots.allocate(request)
         for b in cached_blocks:
             self._touch(b)
         request.block_ids.extend(cached_blocks)
@@ -166,15 +215,15 @@ class BlockManager:
 
     def cache_full_blocks(self, request: BlockRequest) -> None:
         """Publish the request's computed full blocks in the prefix cache."""
-        if not self.enable_prefix_caching:
-            return
+        if not self.prefix_caching_active:
+            return  # nothing could ever hit (find_cached_prefix)
         num_full = min(request.num_computed_tokens // self.block_size, len(request.block_ids))
         if num_full <= request.num_cached_blocks:
             return  # the common decode step: no block became full
         self.update_block_hashes(request)
         for i in range(request.num_cached_blocks, num_full):
             block = request.block_ids[i]
-            if self.block_hash[block] is not None:
+            if block == DROPPED_BLOCK or self.block_hash[block] is not None:
                 continue
             h = request.block_hashes[i]
             if h in self.cached_blocks:
@@ -189,19 +238,46 @@ class BlockManager:
 
     def free(self, request: BlockRequest) -> None:
         """Drop the request's references. Tail blocks are freed first so that, among a request's
-        blocks, the prefix (most likely to be shared) is evicted last."""
+        blocks, the prefix (most likely to be shared) is evicted last. Its state slot, if any,
+        is given back too."""
         for block in reversed(request.block_ids):
-            rc = self.ref_counts[block] - 1
-            if rc < 0:
-                raise RuntimeError(f"block {block} freed more times than it was referenced")
-            self.ref_counts[block] = rc
-            if rc == 0:
-                self.free_queue[block] = None
-                self._drop_duplicate(block)  # a free copy is just a free block
-                if self.block_hash[block] is None:
-                    self.free_queue.move_to_end(block, last=False)
+            if block != DROPPED_BLOCK:
+                self._release(block)
         request.block_ids = []
         request.num_cached_blocks = 0
+        if self.state_slots is not None:
+            self.state_slots.free(request)
+
+    def drop_blocks_outside_window(self, request: BlockRequest) -> int:
+        """Free the request's leading blocks that no future query reads because they lie wholly
+        before every sliding window (only when every paged spec is a SlidingWindowSpec; else a
+        no-op). Their table entries become DROPPED_BLOCK so entry i still means tokens
+        [i * block_size, (i + 1) * block_size); a sliding-window kernel never reads them. A
+        dropped block keeps its published prefix-cache content until evicted. Returns how many
+        blocks were freed. Meant to run after a step advanced num_computed_tokens (no caller
+        yet: no model uses sliding-window specs)."""
+        if self.window is None:
+            return 0
+        n_out = min(max(0, request.num_computed_tokens - self.window + 1) // self.block_size, len(request.block_ids))
+        freed = 0
+        for i in range(n_out - 1, -1, -1):  # later blocks first, as in free(): the prefix stays cached longest
+            block = request.block_ids[i]
+            if block != DROPPED_BLOCK:
+                self._release(block)
+                request.block_ids[i] = DROPPED_BLOCK
+                freed += 1
+        return freed
+
+    def _release(self, block: int) -> None:
+        rc = self.ref_counts[block] - 1
+        if rc < 0:
+            raise RuntimeError(f"block {block} freed more times than it was referenced")
+        self.ref_counts[block] = rc
+        if rc == 0:
+            self.free_queue[block] = None
+            self._drop_duplicate(block)  # a free copy is just a free block
+            if self.block_hash[block] is None:
+                self.free_queue.move_to_end(block, last=False)
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached block that no request references. Returns False (and does nothing)
@@ -228,3 +304,5 @@ class BlockManager:
             assert self.cached_blocks.get(h) not in (None, b), f"duplicate block {b} of an unpublished hash"
             assert b in self._duplicates_by_hash.get(h, {}), f"duplicate block {b} missing from the hash index"
         assert sum(map(len, self._duplicates_by_hash.values())) == len(self.duplicate_of), "stale hash index"
+        if self.state_slots is not None:
+            self.state_slots.check_invariants()

@@ -4,16 +4,22 @@ On a GPU the cache gets what is left of `memory_utilization` x total memory afte
 the activations of the largest possible step (measured by running one), and what CUDA graphs
 will hold. On CPU a fixed byte budget (`cpu_kv_cache_bytes`) bounds it, capped at what
 `max_num_seqs` full-length requests could ever use.
+
+What a block costs comes from the cache specs (cache/specs.py): the sum of every paged spec's
+page bytes (all paged groups share block ids). State specs cost a fixed slot per sequence;
+`max_num_seqs` slots are set aside first (a running sequence holds one).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
 from dlengine.cache.block_manager import BlockManager
-from dlengine.cache.kv_cache import KVCache, kv_bytes_per_block
+from dlengine.cache.kv_cache import KVCache, bytes_per_block, bytes_per_state_slot
+from dlengine.cache.specs import CacheSpec, cache_specs_for
 from dlengine.config import ConfigError, EngineConfig
 from dlengine.engine.request import Request
 from dlengine.engine.sampler import Sampler, SamplingTensors
@@ -29,11 +35,19 @@ class MemoryPlan:
     peak_activation_bytes: int = 0
     reserved_bytes: int = 0  # CUDA graphs and allocator slack
     total_bytes: int = 0
+    num_state_slots: int = 0  # per-sequence state slots (state specs only)
+    bytes_per_state_slot: int = 0
+
+    @property
+    def state_bytes(self) -> int:
+        return self.num_state_slots * self.bytes_per_state_slot
 
     def describe(self, block_size: int) -> str:
         gib = 1 << 30
         s = (f"KV cache: {self.num_blocks} blocks x {block_size} tokens = {self.num_blocks * block_size} tokens "
              f"({self.num_blocks * self.bytes_per_block / gib:.2f} GiB)")
+        if self.num_state_slots:
+            s += f" + {self.num_state_slots} state slots ({self.state_bytes / gib:.2f} GiB)"
         if self.total_bytes:
             s += (f"; weights {self.weights_bytes / gib:.2f} GiB, peak activations "
                   f"{self.peak_activation_bytes / gib:.2f} GiB, reserved {self.reserved_bytes / gib:.2f} GiB "
@@ -41,7 +55,8 @@ class MemoryPlan:
         return s
 
 
-def profile_step_peak(cfg: EngineConfig, model, backend, kv_dtype: torch.dtype) -> int:
+def profile_step_peak(cfg: EngineConfig, model, backend, kv_dtype: torch.dtype,
+                      specs: Sequence[CacheSpec] | None = None) -> int:
     """Run the largest step the scheduler can produce (max_num_batched_tokens prompt tokens, logits
     and sampling for max_num_seqs rows) and return the extra device memory it needed at peak."""
     from dlengine.engine.runner import ModelRunner
@@ -51,8 +66,10 @@ def profile_step_peak(cfg: EngineConfig, model, backend, kv_dtype: torch.dtype) 
     seq_len = min(n_tokens, cfg.max_model_len - 1)
     lengths = [seq_len] * (n_tokens // seq_len) + ([n_tokens % seq_len] if n_tokens % seq_len else [])
     num_blocks = sum(-(-L // bs) for L in lengths) + 8
-    cache = KVCache(cfg.model, num_blocks, bs, kv_dtype, cfg.device)
-    blocks = BlockManager(num_blocks, bs, enable_prefix_caching=False)
+    specs = list(specs) if specs is not None else cache_specs_for(cfg.model, kv_dtype)
+    slots = sched.max_num_seqs if bytes_per_state_slot(specs) else 0
+    cache = KVCache(specs, num_blocks, bs, kv_dtype, cfg.device, num_state_slots=slots)
+    blocks = BlockManager(num_blocks, bs, enable_prefix_caching=False, specs=specs, num_state_slots=slots)
     runner = ModelRunner(model, cache, backend, Sampler(0), cfg.model.vocab_size, cfg.device)
     gen = torch.Generator().manual_seed(0)
     reqs = []
@@ -99,26 +116,35 @@ def profile_step_peak(cfg: EngineConfig, model, backend, kv_dtype: torch.dtype) 
     return peak
 
 
-def plan_kv_cache(cfg: EngineConfig, model, backend, kv_dtype: torch.dtype, reserve_bytes: int = 0) -> MemoryPlan:
+def plan_kv_cache(cfg: EngineConfig, model, backend, kv_dtype: torch.dtype, reserve_bytes: int = 0,
+                  specs: Sequence[CacheSpec] | None = None) -> MemoryPlan:
+    """How many blocks (and state slots) the cache of `specs` gets; `specs` default to the
+    model's single-rank ones (cache_specs_for(cfg.model, kv_dtype))."""
     cache, sched = cfg.cache, cfg.scheduler
-    per_block = kv_bytes_per_block(cfg.model, cache.block_size, kv_dtype)
+    specs = list(specs) if specs is not None else cache_specs_for(cfg.model, kv_dtype)
+    per_block = bytes_per_block(specs, cache.block_size)
+    per_slot = bytes_per_state_slot(specs)
     min_blocks = -(-cfg.max_model_len // cache.block_size)
-    plan = MemoryPlan(num_blocks=0, bytes_per_block=per_block)
+    plan = MemoryPlan(num_blocks=0, bytes_per_block=per_block, num_state_slots=sched.max_num_seqs if per_slot else 0,
+                      bytes_per_state_slot=per_slot)
+    if per_block == 0:
+        raise ConfigError("the cache specs hold no paged group: every model needs blocks for its token positions")
     if cache.num_blocks is not None:
         plan.num_blocks = cache.num_blocks
     elif cfg.device.type == "cuda":
-        plan.peak_activation_bytes = profile_step_peak(cfg, model, backend, kv_dtype)
+        plan.peak_activation_bytes = profile_step_peak(cfg, model, backend, kv_dtype, specs)
         free, total = torch.cuda.mem_get_info(cfg.device)
         # memory torch's caching allocator holds but does not use is free for our purposes
         free += torch.cuda.memory_reserved(cfg.device) - torch.cuda.memory_allocated(cfg.device)
         plan.total_bytes = total
         plan.weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         plan.reserved_bytes = reserve_bytes
-        budget = int(total * cache.memory_utilization) - (total - free) - plan.peak_activation_bytes - reserve_bytes
+        budget = (int(total * cache.memory_utilization) - (total - free) - plan.peak_activation_bytes - reserve_bytes
+                  - plan.state_bytes)
         plan.num_blocks = max(0, budget // per_block)
     else:
         full = -(-sched.max_num_seqs * cfg.max_model_len // cache.block_size)
-        plan.num_blocks = max(min_blocks, min(full, cache.cpu_kv_cache_bytes // per_block))
+        plan.num_blocks = max(min_blocks, min(full, max(0, cache.cpu_kv_cache_bytes - plan.state_bytes) // per_block))
     if plan.num_blocks < min_blocks:
         raise ConfigError(
             f"KV cache too small for one max-length request: {plan.num_blocks} blocks x {cache.block_size} tokens "

@@ -1,8 +1,9 @@
 """KV transfer between engines (prefill -> decode migration).
 
 `make_transfer_engine("dlslime", transport="tcp")` gives a `TransferEngine` backed by DLSlime's
-endpoints; `KVLayout` turns block lists into byte segments; `KVRegion` is what gets registered
-(the cache itself on CPU, pinned host staging for CUDA caches). `import dlengine` never imports
+endpoints; `KVLayout` turns block lists into byte segments (every cache group, and kv-head
+gathers across tensor-parallel sizes); `KVRegion` is what gets registered (the cache itself on
+CPU, pinned host staging for CUDA caches). `import dlengine` never imports
 DLSlime: only building a transfer engine does.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from dlengine.config import ConfigError
 from dlengine.parallel.transfer.base import (
+    GroupLayout,
     HandshakeError,
     KVLayout,
     TransferEngine,
@@ -38,5 +40,5 @@ def make_transfer_engine(backend: str = "dlslime", transport: str = "tcp", host:
     return DLSlimeTransferEngine(transport=transport, host=host, port=port)
 
 
-__all__ = ["BACKENDS", "HandshakeError", "KVLayout", "TransferEngine", "TransferError", "TransferFuture",
-           "kv_layout", "make_transfer_engine", "model_fingerprint"]
+__all__ = ["BACKENDS", "GroupLayout", "HandshakeError", "KVLayout", "TransferEngine", "TransferError",
+           "TransferFuture", "kv_layout", "make_transfer_engine", "model_fingerprint"]

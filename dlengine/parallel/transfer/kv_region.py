@@ -1,16 +1,17 @@
 """The memory a peer reads KV from (or into): block-major staging, or the cache itself.
 
 Staged (the default): a host buffer (pinned when CUDA is present) laid out block-major,
-[staging_blocks, layers * parts, block_size, token bytes]. The prefill side gathers a finished
+[staging_blocks, block bytes] (a block row holds every paged group's planes, see layout.py),
+followed by state slots for models with state specs. The prefill side gathers a finished
 prompt's blocks into consecutive staging blocks, so the whole prompt's KV is ONE contiguous byte
 range and the pull is a handful of large reads; the decode side reads into consecutive staging
 blocks of its own and scatters them into its cache. This is also the only way for CUDA caches:
 DLSlime's TCP transport (PyPI wheel, built without CUDA) takes host pointers only. The gather and
 scatter are one copy each (device<->host on CUDA, memcpy on CPU).
 
-Direct (`staging_blocks=0`, CPU, prefill role only): the cache storage itself is registered, region block i is
+Direct (`staging_blocks=0`, CPU, prefill role only): the cache buffer itself is registered, region block i is
 cache block i, and a pull reads straight into the cache: no copies, but one segment per
-(layer, part, run of consecutive blocks), and DLSlime's TCP transport pays ~0.1 ms per segment
+(group, layer, part, run of consecutive blocks), and DLSlime's TCP transport pays ~0.1 ms per segment
 (measured: scripts/bench_kv_migration.py, docs/disaggregation.md).
 """
 
@@ -26,32 +27,43 @@ from dlengine.parallel.transfer.base import kv_layout
 
 
 class KVRegion:
-    def __init__(self, kv_cache, model_config, staging_blocks: int | None = None, min_blocks: int = 0) -> None:
+    def __init__(self, kv_cache, model_config=None, staging_blocks: int | None = None, min_blocks: int = 0,
+                 staging_state_slots: int | None = None) -> None:
+        """`model_config` is unused (the cache knows its specs), accepted for older callers.
+        `staging_state_slots`: state slots in the staging buffer (default: the cache's)."""
         self.kv_cache = kv_cache
-        parts = 1 if model_config.kv_cache_geometry[2] == 0 else 2
-        storage = kv_cache.storage
-        planes = model_config.num_hidden_layers * parts
-        # the cache as bytes [planes, blocks, block bytes]: copies are plain memory moves (any
-        # dtype, FP8 included), and 3-D gathers are several times faster than 6-D ones on CPU
-        self._cache3 = storage.view(torch.uint8).view(planes, kv_cache.num_blocks, -1)
+        buf = kv_cache.buffer
+        # each paged group as bytes [planes, blocks, block bytes]: copies are plain memory moves
+        # (any dtype, FP8 included), and 3-D gathers are several times faster than 6-D ones on CPU
+        self._groups3 = [buf[g.offset:g.offset + g.nbytes].view(g.spec.num_layers * g.spec.parts,
+                                                                  kv_cache.num_blocks, -1)
+                         for g in kv_cache.paged_groups]
+        self._states2 = [buf[g.offset:g.offset + g.nbytes].view(kv_cache.num_state_slots, -1)
+                         for g in kv_cache.state_groups]
         self.staged = staging_blocks != 0
+        self.num_quarantined = 0
         if not self.staged:
-            if storage.device.type != "cpu":
+            if buf.device.type != "cpu":
                 raise ConfigError("staging_blocks=0 (register the cache directly) needs a CPU cache: DLSlime's "
                                   "TCP transport reads host memory only")
-            self.tensor = storage
-            self.layout = kv_layout(kv_cache, model_config)
+            self.tensor = buf
+            self.layout = kv_layout(kv_cache)
             self._free = None
-            self.num_quarantined = 0
             return
         n = staging_blocks if staging_blocks is not None else max(1024, 2 * min_blocks)
         n = max(1, min(n, kv_cache.num_blocks))
+        slots = kv_cache.num_state_slots if staging_state_slots is None else staging_state_slots
+        self.layout = kv_layout(kv_cache, num_blocks=n, block_major=True, num_state_slots=slots)
         # zeros, not empty: block tails travel unwritten (stage_in zeroes them on arrival anyway)
-        self.tensor = torch.zeros((n, planes, self._cache3.shape[2]), dtype=torch.uint8,
+        self.tensor = torch.zeros(self.layout.nbytes + self.layout.state_bytes, dtype=torch.uint8,
                                   pin_memory=torch.cuda.is_available())
-        self.layout = kv_layout(kv_cache, model_config, num_blocks=n, block_major=True)
+        self._rows2 = self.tensor[:self.layout.nbytes].view(n, self.layout.block_bytes)
+        # where each paged group's planes sit inside a block row
+        self._cols, c = [], 0
+        for g3 in self._groups3:
+            self._cols.append((c, c + g3.shape[0] * g3.shape[2]))
+            c += g3.shape[0] * g3.shape[2]
         self._free = np.ones(n, dtype=bool)
-        self.num_quarantined = 0
 
     @property
     def num_free(self) -> int:
@@ -88,13 +100,16 @@ class KVRegion:
         """Cache -> staging (prefill side, before a peer reads); returns when the copy is done."""
         if not self.staged or not len(cache_blocks):
             return
-        idx = torch.as_tensor(list(cache_blocks), device=self._cache3.device)
-        data = self._cache3.index_select(1, idx).permute(1, 0, 2)  # [n, planes, block bytes]
         dst = self._rows(region_blocks)
-        if isinstance(dst, slice):
-            self.tensor[dst].copy_(data)
-        else:
-            self.tensor.index_copy_(0, dst, data.cpu())
+        for g3, (c0, c1) in zip(self._groups3, self._cols):
+            idx = torch.as_tensor(list(cache_blocks), device=g3.device)
+            data = g3.index_select(1, idx).permute(1, 0, 2)  # [n, planes, block bytes]
+            if isinstance(dst, slice):
+                self._rows2[dst, c0:c1].unflatten(1, data.shape[1:]).copy_(data)
+            elif c1 - c0 == self._rows2.shape[1]:
+                self._rows2.index_copy_(0, dst, data.reshape(len(cache_blocks), -1).cpu())
+            else:
+                self._rows2[:, c0:c1].index_copy_(0, dst, data.reshape(len(cache_blocks), -1).cpu())
 
     def stage_in(self, region_blocks: Sequence[int], cache_blocks: Sequence[int], num_tokens: int) -> None:
         """Staging -> cache (decode side, after the pull landed). Positions past `num_tokens` in
@@ -104,13 +119,34 @@ class KVRegion:
         if not self.staged or not len(cache_blocks):
             return
         src = self._rows(region_blocks)
-        data = self.tensor[src] if isinstance(src, slice) else self.tensor.index_select(0, src)
-        data = data.to(self._cache3.device).permute(1, 0, 2)  # [planes, n, block bytes]
-        idx = torch.as_tensor(list(cache_blocks), device=self._cache3.device)
-        self._cache3.index_copy_(1, idx, data)
+        rows = self._rows2[src] if isinstance(src, slice) else self._rows2.index_select(0, src)
         used = num_tokens - (len(cache_blocks) - 1) * self.kv_cache.block_size
-        if 0 < used < self.kv_cache.block_size:
-            self._cache3[:, cache_blocks[-1], used * self.layout.token_bytes:] = 0
+        for g3, (c0, c1), group in zip(self._groups3, self._cols, self.layout.groups):
+            data = rows[:, c0:c1].unflatten(1, (g3.shape[0], g3.shape[2]))
+            data = data.to(g3.device).permute(1, 0, 2)  # [planes, n, block bytes]
+            idx = torch.as_tensor(list(cache_blocks), device=g3.device)
+            g3.index_copy_(1, idx, data)
+            if 0 < used < self.kv_cache.block_size:
+                g3[:, cache_blocks[-1], used * group.token_bytes:] = 0
+
+    def stage_state_out(self, cache_slot: int, region_slot: int) -> None:
+        """One sequence's state (every state group), cache slot -> staging slot. The state
+        counterpart of stage_out: the disaggregation roles do not call it yet (no model has
+        state specs)."""
+        if self.staged:
+            for s2, rows in zip(self._states2, self._state_rows()):
+                rows[region_slot].copy_(s2[cache_slot])
+
+    def stage_state_in(self, region_slot: int, cache_slot: int) -> None:
+        """Staging slot -> cache slot (see stage_state_out)."""
+        if self.staged:
+            for s2, rows in zip(self._states2, self._state_rows()):
+                s2[cache_slot].copy_(rows[region_slot])
+
+    def _state_rows(self) -> list[torch.Tensor]:
+        lay = self.layout
+        return [self.tensor[off:off + lay.num_state_slots * g.slot_bytes].view(lay.num_state_slots, g.slot_bytes)
+                for g, off in zip(lay.state_groups, lay.state_offsets)]
 
     @staticmethod
     def _rows(blocks: Sequence[int]):
