@@ -7,6 +7,9 @@ MLA model's latent is whole on every rank); the decode engine pulls each shard i
 rank, scatters the heads into place and tells every rank it is done. Greedy tokens must equal a
 hybrid engine's, and every block must be back in both sides' pools, after failures too."""
 
+import contextlib
+import os
+import signal
 import time
 from types import SimpleNamespace
 
@@ -22,6 +25,7 @@ except ImportError as e:
 from dlengine import EngineBuilder, InvalidRequestError, SamplingParams
 from dlengine.disagg import PDRouter
 from dlengine.models.layers.parallel_linear import kv_heads_per_rank
+from dlengine.parallel.launcher import WorkerError
 from dlengine.parallel.transfer import KVLayout
 from dlengine.parallel.transfer.kv_shards import kv_head_range, plan_slices, shard_layout, stage_in_slice
 
@@ -49,18 +53,24 @@ def assert_pool_full(engine):
     assert not engine.scheduler.running and not engine.scheduler.waiting
 
 
-def wait_prefill_released(prefill, timeout=10.0) -> list[dict]:
-    """Step the parallel prefill engine (its ranks' connectors see done-notifications in their
-    step) until no rank pins anything and every rank's pool is full; returns its per-rank stats."""
+def wait_prefill(prefill, cond, timeout=10.0) -> list[dict]:
+    """Step the parallel prefill engine (its ranks' connectors see done-notifications and pin
+    timeouts in their step) until cond(per-rank stats) holds; returns those stats."""
     deadline = time.monotonic() + timeout
     while True:
         prefill.step()
         stats = prefill.stats()
-        if all(s["connector"]["pinned_requests"] == 0 and s["num_free_blocks"] == s["num_blocks"] for s in stats):
+        if cond(stats):
             return stats
         if time.monotonic() > deadline:
-            raise AssertionError(f"prefill ranks still hold blocks after {timeout}s: {stats}")
+            raise AssertionError(f"prefill ranks did not get there in {timeout}s: {stats}")
         time.sleep(0.02)
+
+
+def wait_prefill_released(prefill, timeout=10.0) -> list[dict]:
+    """Until no rank pins anything and every rank's pool is full."""
+    return wait_prefill(prefill, lambda stats: all(
+        s["connector"]["pinned_requests"] == 0 and s["num_free_blocks"] == s["num_blocks"] for s in stats), timeout)
 
 
 def run_decode(decode, prompt, kv_params, others=(), timeout=20.0):
@@ -177,6 +187,96 @@ def test_tp2_prefill_released_early_or_gone_fails_cleanly():
         assert decode.describe()["kv_transfer"]["failed"] == 2
         hybrid = local("tiny-qwen3", "hybrid").generate([PROMPTS[1]], GREEDY)[0].token_ids
         assert decode.generate([PROMPTS[1]], GREEDY)[0].token_ids == hybrid
+    finally:
+        prefill.close()
+        decode.close()
+
+
+def test_one_shard_failing_frees_every_rank():
+    """Failures of one rank's shard: its pin slot no longer holds our nonce (released there), its
+    process stalls mid-pull (SIGSTOP: the pull times out), its process dies. Each request fails
+    naming that rank, the decode pool is full after each, rank 0 frees on the done-notification
+    and rank 1 on its pin timeout; a later request reconnects and decodes correctly."""
+    model = "tiny-qwen3"
+    prefill = prefill_tp2(model, pin_timeout_s=3.0)
+    decode = local(model, "decode", pull_timeout_s=2.0)
+    rank1 = prefill.processes[1]
+    try:
+        expected = [o.token_ids for o in local(model, "hybrid").generate(PROMPTS, GREEDY)]
+        warm, released, stalled = prefill.generate([PROMPTS[2], PROMPTS[3], PROMPTS[4]], GREEDY)
+        assert run_decode(decode, PROMPTS[2], warm.kv_transfer_params).token_ids == expected[2]  # connects both
+        rank1_id = released.kv_transfer_params["shards"][0]["engine_id"]
+
+        kv = dict(released.kv_transfer_params)
+        kv["shards"] = [dict(kv["shards"][0], nonce=kv["shards"][0]["nonce"] + 1)]  # not what rank 1 pins
+        out = run_decode(decode, PROMPTS[3], kv)
+        assert out.finish_reason == "error"
+        assert f"prefill engine {rank1_id} released the KV blocks" in out.error
+        assert_pool_full(decode)
+
+        os.kill(rank1.pid, signal.SIGSTOP)
+        try:
+            out = run_decode(decode, PROMPTS[4], stalled.kv_transfer_params)
+        finally:
+            os.kill(rank1.pid, signal.SIGCONT)
+        assert out.finish_reason == "error"
+        assert f"KV transfer from prefill engine {rank1_id} timed out" in out.error
+        assert_pool_full(decode)
+        assert decode.describe()["kv_transfer"]["quarantined_staging_blocks"] > 0
+
+        stats = wait_prefill_released(prefill, timeout=15.0)
+        assert [s["connector"]["released_done"] for s in stats] == [3, 1]
+        assert [s["connector"]["released_timeout"] for s in stats] == [0, 2]
+        outs = PDRouter(prefill, decode).generate(PROMPTS[4:], GREEDY)  # rank 1 handshakes again
+        assert [o.token_ids for o in outs] == expected[4:]
+        wait_prefill_released(prefill)
+
+        [dead] = prefill.generate([PROMPTS[1]], GREEDY)
+        rank1.kill()
+        rank1.join(10)
+        out = run_decode(decode, PROMPTS[1], dead.kv_transfer_params)
+        assert out.finish_reason == "error" and rank1_id in out.error
+        assert_pool_full(decode)
+    finally:
+        with contextlib.suppress(WorkerError):  # closing says rank 1 died, which it did
+            prefill.close()
+        decode.close()
+
+
+def test_aborts_mid_pull_free_both_sides():
+    """Aborted on the decode side while both shards' reads are in flight: the request ends with
+    "abort", both ranks are told to free (event "done"), the staging comes back once the reads
+    ended. Aborted on the prefill side (every rank releases) mid-pull: the pin re-reads see it
+    and the request fails saying so."""
+    prefill = prefill_tp2("tiny-qwen3")
+    decode = local("tiny-qwen3", "decode", pull_timeout_s=5.0)
+    try:
+        a, b = prefill.generate([PROMPTS[5], PROMPTS[4]], GREEDY)
+        rid = decode.add_request(PROMPTS[5], GREEDY, kv_transfer_params=a.kv_transfer_params)
+        decode.step()  # both shards' reads start
+        assert [leg.state for leg in decode.connector.active[rid].legs] == ["pulling", "pulling"]
+        assert decode.abort(rid)
+        outs = []
+        while decode.has_unfinished_requests() or decode.connector.active:
+            outs += decode.step()
+        assert [o.finish_reason for o in outs if o.request_id == rid] == ["abort"]
+        assert_pool_full(decode)
+        assert decode.connector.region.num_free == decode.connector.region.layout.num_blocks
+        # both ranks told, well before their 60 s pin timeout
+        wait_prefill(prefill, lambda stats: [s["connector"]["released_done"] for s in stats] == [1, 1], timeout=5.0)
+
+        rid = decode.add_request(PROMPTS[4], GREEDY, kv_transfer_params=b.kv_transfer_params)
+        decode.step()  # the reads are in flight ...
+        assert prefill.abort(b.request_id)
+        prefill.step()  # ... when every prefill rank gives the blocks up
+        outs = []
+        while decode.has_unfinished_requests():
+            outs += decode.step()
+        [out] = [o for o in outs if o.request_id == rid and o.finished]
+        assert out.finish_reason == "error" and "released the KV blocks" in out.error
+        assert_pool_full(decode)
+        stats = wait_prefill_released(prefill)
+        assert [s["connector"]["released_abort"] for s in stats] == [1, 1]
     finally:
         prefill.close()
         decode.close()
