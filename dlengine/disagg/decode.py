@@ -2,17 +2,23 @@
 
 A migrated request goes through the scheduler like any other (engine/seams.py, KVConnector):
 waiting (for free blocks; `num_external_tokens` says its prompt arrives from elsewhere) ->
-blocks allocated, `on_allocated` starts the pull (one batched DLSlime read of coalesced per-layer
-segments into staging) -> verifying (re-read the prefill side's pin slot: if it was released
-meanwhile the copy is discarded) -> `poll` reports it ready and the scheduler runs it with the
-prompt counted as computed (the prefill's first token was appended at `on_add`). The prefill side is told to free
-its blocks (a one-sided write of the request's nonce into its done slot) as soon as the decode
-side no longer needs them: after the pull, or when the request fails or is aborted.
+blocks allocated, `on_allocated` starts the pull (one batched DLSlime read of coalesced
+per-layer segments into staging, per prefill rank) -> verifying (re-read the prefill side's pin
+slot: if it was released meanwhile the copy is discarded) -> `poll` reports it ready and the
+scheduler runs it with the prompt counted as computed (the prefill's first token was appended
+at `on_add`). The prefill side is told to free its blocks (a one-sided write of the request's
+nonce into its done slot) as soon as the decode side no longer needs them: after the pull, or
+when the request fails or is aborted.
 
 Every failure ends the request with finish_reason "error" and a message saying what happened,
 and frees every block it held here; this engine keeps serving the others. A pull that times out
 shuts down the endpoint to that prefill engine (DLSlime then never completes the stalled read,
 so its target blocks can be reused safely) and fails the other pulls from it.
+
+A tensor-parallel prefill engine hands off one KV shard per rank (params with "shards"): the
+pull then has one leg per rank (disagg/shards.py), each with its own peer, handshake, read into
+its head range's sub-buffer of staging, pin check and done slot; the request is ready when every
+leg is verified, and fails (every rank told to free) when one fails. Unsharded params are one leg.
 
 Prefix caching on this side: not used for migrated prompts (the whole prompt is pulled); the
 pulled blocks are published in the prefix cache, so later local prefills can hit them.

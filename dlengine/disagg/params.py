@@ -2,7 +2,8 @@
 
 A plain JSON-serialisable dict so that any router (in-process, HTTP, a queue) can carry it.
 `KVTransferParams.from_dict` validates every field: malformed params are rejected with
-InvalidRequestError before anything is allocated.
+InvalidRequestError before anything is allocated. A tensor-parallel prefill engine's params are
+rank 0's with `tp_size` and the other ranks' params under `shards` (`check_shards`).
 """
 
 from __future__ import annotations
