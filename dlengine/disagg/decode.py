@@ -2,17 +2,23 @@
 
 A migrated request goes through the scheduler like any other (engine/seams.py, KVConnector):
 waiting (for free blocks; `num_external_tokens` says its prompt arrives from elsewhere) ->
-blocks allocated, `on_allocated` starts the pull (one batched DLSlime read of coalesced per-layer
-segments into staging) -> verifying (re-read the prefill side's pin slot: if it was released
-meanwhile the copy is discarded) -> `poll` reports it ready and the scheduler runs it with the
-prompt counted as computed (the prefill's first token was appended at `on_add`). The prefill side is told to free
-its blocks (a one-sided write of the request's nonce into its done slot) as soon as the decode
-side no longer needs them: after the pull, or when the request fails or is aborted.
+blocks allocated, `on_allocated` starts the pull (one batched DLSlime read of coalesced
+per-layer segments into staging, per prefill rank) -> verifying (re-read the prefill side's pin
+slot: if it was released meanwhile the copy is discarded) -> `poll` reports it ready and the
+scheduler runs it with the prompt counted as computed (the prefill's first token was appended
+at `on_add`). The prefill side is told to free its blocks (a one-sided write of the request's
+nonce into its done slot) as soon as the decode side no longer needs them: after the pull, or
+when the request fails or is aborted.
 
 Every failure ends the request with finish_reason "error" and a message saying what happened,
 and frees every block it held here; this engine keeps serving the others. A pull that times out
 shuts down the endpoint to that prefill engine (DLSlime then never completes the stalled read,
 so its target blocks can be reused safely) and fails the other pulls from it.
+
+A tensor-parallel prefill engine hands off one KV shard per rank (params with "shards"): the
+pull then has one leg per rank (disagg/shards.py), each with its own peer, handshake, read into
+its head range's sub-buffer of staging, pin check and done slot; the request is ready when every
+leg is verified, and fails (every rank told to free) when one fails. Unsharded params are one leg.
 
 Prefix caching on this side: not used for migrated prompts (the whole prompt is pulled); the
 pulled blocks are published in the prefix cache, so later local prefills can hit them.
@@ -28,12 +34,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dlengine.disagg.params import KVTransferParams, prompt_hash
+from dlengine.disagg.params import KVTransferParams, check_shards
 from dlengine.disagg.prefill import DONE, META_BYTES, PIN
+from dlengine.disagg.shards import Leg, plan_legs
 from dlengine.engine.sampler import skip_sampling_steps
 from dlengine.engine.seams import PollResult
 from dlengine.parallel.transfer.base import HandshakeError, KVLayout, TransferError
 from dlengine.parallel.transfer.kv_region import KVRegion
+from dlengine.parallel.transfer.kv_shards import stage_in_slice
 
 logger = logging.getLogger("dlengine.disagg")
 NUM_SCRATCH = 4096
@@ -42,16 +50,19 @@ NUM_SCRATCH = 4096
 @dataclass
 class _Pull:
     request: object
-    params: KVTransferParams
+    params: KVTransferParams  # rank 0's (the only rank's, unless the prefill engine is tensor-parallel)
+    ranks: list[KVTransferParams]  # every prefill rank's params: each is told when we are done
     queued_at: float
+    legs: list[Leg] = field(default_factory=list)  # planned once blocks are allocated (disagg/shards.py)
     region_blocks: list[int] = field(default_factory=list)
-    future: object = None
     deadline: float = 0.0
-    state: str = "queued"  # queued | failing | pulling | verifying | draining
-    scratch: int = -1
+    state: str = "queued"  # queued | failing | pulling | draining
     started: float = 0.0
     nbytes: int = 0
     segments: int = 0
+
+    def in_flight(self) -> bool:
+        return any(leg.future is not None for leg in self.legs)
 
 
 @dataclass
@@ -63,6 +74,7 @@ class MigrationRecord:
     num_segments: int
     nbytes: int
     seconds: float  # from issuing the read to the pin check passing
+    num_shards: int = 1  # prefill ranks read from (tensor-parallel prefill engines hand off one shard per rank)
 
 
 class DecodeConnector:
@@ -115,7 +127,8 @@ class DecodeConnector:
         # the prefill engine drew the first token's noise from this seed: draw past it here, so
         # seeded sampling continues exactly as on one engine
         skip_sampling_steps(request, self.config.model.vocab_size, self.config.device)
-        self.queue[request.request_id] = _Pull(request, p, time.monotonic())
+        ranks = [p, *check_shards(request.remote_kv, p)]
+        self.queue[request.request_id] = _Pull(request, p, ranks, time.monotonic())
 
     def num_external_tokens(self, request) -> int:
         pull = self.queue.get(request.request_id)
@@ -134,9 +147,11 @@ class DecodeConnector:
         pull = self.queue.get(request.request_id)
         if pull is None or pull.state == "failing":
             return False
-        req, p = pull.request, pull.params
+        req = pull.request
         try:
-            self._ensure_peer(p)
+            pull.legs = pull.legs or plan_legs(req.remote_kv, pull.params, self.region.layout)
+            for leg in pull.legs:  # every rank, also those read from none: each is told when we are done
+                self._ensure_peer(leg.params, leg.expected)
         except TransferError as e:
             del self.queue[req.request_id]
             self._fail(pull, str(e))
@@ -146,85 +161,130 @@ class DecodeConnector:
             return False  # staging is full: retry when pulls in flight have landed
         del self.queue[req.request_id]
         pull.region_blocks = region_blocks
-        local = self.region.layout
-        remote = KVLayout.from_dict(p.layout)
-        segments = local.segments_from(remote, p.block_ids, region_blocks, p.num_computed_tokens)
-        pull.nbytes = sum(s[2] for s in segments)
         pull.started = time.monotonic()
         pull.deadline = pull.started + self.pull_timeout_s
+        pull.state = "pulling"
         self.active[req.request_id] = pull
-        try:
-            pull.future = self.transfer.read(p.engine_id, "kv", "kv", segments)
-            pull.state = "pulling"
-            pull.segments = len(segments)
-        except TransferError as e:
-            self.active.pop(req.request_id)
-            self._fail(pull, f"KV pull from prefill engine {p.engine_id} failed to start: {e}")
+        for leg in pull.legs:
+            if leg.slice is None:
+                leg.state = "verified"  # its heads come from another rank: nothing to read or check
+                continue
+            lp = leg.params
+            try:
+                segments = leg.slice.segments(KVLayout.from_dict(lp.layout), lp.block_ids, region_blocks,
+                                              lp.num_computed_tokens)
+                leg.future = self.transfer.read(lp.engine_id, "kv", "kv", segments)
+            except TransferError as e:
+                self._end_pull(pull, f"KV pull from prefill engine {lp.engine_id} failed to start: {e}")
+                return True
+            leg.state = "pulling"
+            pull.nbytes += sum(seg[2] for seg in segments)
+            pull.segments += len(segments)
         return True
 
     def poll(self) -> PollResult:
         self._reap_notifies()
-        for pull in list(self.active.values()):
-            self._advance(pull)
+        for rid, pull in list(self.active.items()):
+            if self.active.get(rid) is pull:  # a peer's timeout may have ended it meanwhile
+                self._advance(pull)
         result, self._result = self._result, PollResult()
         return result
 
     def _advance(self, pull: _Pull) -> None:
-        p = pull.params
-        try:
-            finished = pull.future.wait(0.0)
-        except TransferError as e:
-            self.transfer.disconnect(p.engine_id)
-            self._peers.pop(p.engine_id, None)
-            return self._end_pull(pull, f"KV pull from prefill engine {p.engine_id} failed: {e}")
-        if not finished:
-            if time.monotonic() > pull.deadline:
-                self._timeout_peer(p.engine_id)
-            return
+        """Move each leg on (KV read -> pin re-read -> verified); end the pull when every leg is
+        verified, or when one failed (the others' reads still drain before staging is reused)."""
+        error = None
+        for leg in pull.legs:
+            while leg.future is not None:
+                lp = leg.params
+                try:
+                    finished = leg.future.wait(0.0)
+                except TransferError as e:
+                    leg.future = None
+                    if leg.state == "pulling":
+                        self.transfer.disconnect(lp.engine_id)
+                        self._peers.pop(lp.engine_id, None)
+                    error = error or f"KV pull from prefill engine {lp.engine_id} failed: {e}"
+                    break
+                if not finished:
+                    if time.monotonic() > pull.deadline:
+                        return self._timeout_peer(lp.engine_id)
+                    break
+                leg.future = None
+                if pull.state == "draining" or error is not None:
+                    break
+                error = self._verify_step(leg)
         if pull.state == "draining":
-            return self._end_pull(pull, None)
-        if pull.state == "pulling":  # data is here; was it still pinned when the read finished?
-            pull.scratch = self._take_scratch()
-            self.scratch[1, pull.scratch] = 0
+            return self._retire(pull)
+        if error is not None:
+            return self._end_pull(pull, error)
+        if all(leg.state == "verified" for leg in pull.legs):
+            self._end_pull(pull, None)
+
+    def _verify_step(self, leg: Leg) -> str | None:
+        """A leg's read finished: its data is here; was it still pinned when the read finished?
+        Issues the pin re-read, or checks its result; returns an error or None."""
+        lp = leg.params
+        if leg.state == "pulling":
+            leg.scratch = self._take_scratch()
+            self.scratch[1, leg.scratch] = 0
             try:
-                pull.future = self.transfer.read(p.engine_id, "scratch", "ctrl",
-                                                 [((PIN * self._remote_slots(p) + p.slot) * 8, (NUM_SCRATCH + pull.scratch) * 8, 8)])
+                leg.future = self.transfer.read(lp.engine_id, "scratch", "ctrl",
+                                                [((PIN * self._remote_slots(lp) + lp.slot) * 8,
+                                                  (NUM_SCRATCH + leg.scratch) * 8, 8)])
             except TransferError as e:
-                return self._end_pull(pull, f"KV pull from prefill engine {p.engine_id} failed: {e}")
-            pull.state = "verifying"
-            return self._advance(pull)
-        # verifying done
-        pinned = int(self.scratch[1, pull.scratch]) == p.nonce
-        if not pinned:
-            return self._end_pull(pull, f"prefill engine {p.engine_id} released the KV blocks of its request "
-                                        f"{p.request_id} before the pull finished (aborted there, or its pin timeout of "
-                                        f"{p.pin_timeout_s}s passed); the copy was discarded")
-        self._end_pull(pull, None)
+                return f"KV pull from prefill engine {lp.engine_id} failed: {e}"
+            leg.state = "verifying"
+            return None
+        leg.state = "verified"
+        if int(self.scratch[1, leg.scratch]) != lp.nonce:
+            return (f"prefill engine {lp.engine_id} released the KV blocks of its request {lp.request_id} before the "
+                    f"pull finished (aborted there, or its pin timeout of {lp.pin_timeout_s}s passed); the copy was "
+                    "discarded")
+        return None
 
     def _remote_slots(self, p: KVTransferParams) -> int:
         mr = p.endpoint.get("mr_info", {}).get("ctrl", {})
         return int(mr.get("length", 2 * 4096 * 8)) // 16
 
     def _end_pull(self, pull: _Pull, error: str | None) -> None:
+        """The pull is over: the request is ready (its KV is scattered into its cache blocks) or
+        failed; its staging is freed once no read of it is in flight."""
         req, p = pull.request, pull.params
-        self.active.pop(req.request_id, None)
-        if pull.scratch >= 0:
-            self._free_scratch.append(pull.scratch)
-            pull.scratch = -1
-        if pull.state == "draining":  # aborted here while the read ran: only now is its staging reusable
-            self.region.release(pull.region_blocks)
-            return
         if error is not None:
-            return self._fail(pull, error)
-        self.region.stage_in(pull.region_blocks, req.block_ids, p.num_computed_tokens)
-        self.region.release(pull.region_blocks)
-        self._notify_done(p)
+            self._fail(pull, error)
+            return self._retire(pull)
+        for leg in pull.legs:
+            if leg.slice is None:
+                continue
+            if leg.slice.whole:
+                self.region.stage_in(pull.region_blocks, req.block_ids, p.num_computed_tokens)
+            else:  # one prefill rank's heads: into their head range of the cache blocks
+                stage_in_slice(self.region.tensor, leg.slice, self.kv_cache, pull.region_blocks, req.block_ids,
+                               p.num_computed_tokens)
+        self._retire(pull)
+        self._notify_all(pull)
         req.metrics.first_token_time = req.metrics.first_token_time or time.perf_counter()
         self._result.ready.append(req)
         self.migrations.append(MigrationRecord(req.request_id, p.engine_id, p.num_computed_tokens, len(req.block_ids),
-                                               pull.segments, pull.nbytes,
-                                               time.monotonic() - pull.started))
+                                               pull.segments, pull.nbytes, time.monotonic() - pull.started,
+                                               sum(leg.slice is not None for leg in pull.legs)))
         self.counts["pulled"] += 1
+
+    def _retire(self, pull: _Pull) -> None:
+        """Free the pull's staging blocks and scratch slots, or, while a read of it is still in
+        flight (it lands in that staging), keep it draining until the read has ended."""
+        if pull.in_flight():
+            pull.state = "draining"
+            return
+        if self.active.get(pull.request.request_id) is pull:
+            del self.active[pull.request.request_id]
+        self.region.release(pull.region_blocks)
+        pull.region_blocks = []
+        for leg in pull.legs:
+            if leg.scratch >= 0:
+                self._free_scratch.append(leg.scratch)
+                leg.scratch = -1
 
     def _timeout_peer(self, engine_id: str) -> None:
         """A pull from `engine_id` is past its deadline: shut the endpoint down (DLSlime then never
@@ -233,24 +293,24 @@ class DecodeConnector:
                        self.engine_id, engine_id, self.pull_timeout_s)
         self.transfer.disconnect(engine_id)
         self._peers.pop(engine_id, None)
-        for pull in [x for x in self.active.values() if x.params.engine_id == engine_id]:
+        for pull in [x for x in self.active.values() if any(leg.params.engine_id == engine_id for leg in x.legs)]:
             # the abandoned reads may still land: their staging and scratch slots are never reused
             self.region.quarantine(pull.region_blocks)
             pull.region_blocks = []
-            pull.scratch = -1
+            for leg in pull.legs:
+                if leg.params.engine_id == engine_id:
+                    leg.future, leg.scratch = None, -1
             if pull.state == "draining":
-                self._end_pull(pull, None)
+                self._retire(pull)
             else:
                 self._end_pull(pull, f"KV transfer from prefill engine {engine_id} timed out after "
                                      f"{self.pull_timeout_s}s (peer stalled or network down)")
 
     def _fail(self, pull: _Pull, error: str) -> None:
-        """Report the request failed (or to recompute) at the next poll; free what the pull held
-        here and tell the prefill side it may free its blocks."""
+        """Report the request failed (or to recompute) at the next poll and tell the prefill side
+        it may free its blocks (the pull's staging is freed by _retire)."""
         req = pull.request
-        self.region.release(pull.region_blocks)
-        pull.region_blocks = []
-        self._notify_done(pull.params)  # best effort: the prefill side frees on its timeout otherwise
+        self._notify_all(pull)  # best effort: the prefill side frees on its timeout otherwise
         if self.on_pull_failure == "recompute":
             # computed here instead, like a request preempted by recompute: it keeps the first
             # token the prefill engine sampled, and its next step prefills prompt + that token
@@ -272,20 +332,22 @@ class DecodeConnector:
             # the read lands in staging, never in the cache: the cache blocks are freed now (by
             # the scheduler), the staging blocks when the read has ended
             pull.state = "draining"
-            self._notify_done(pull.params)
+            self._notify_all(pull)
+            self._retire(pull)
             return reason
         pull = self.queue.pop(rid, None)
         if pull is not None and pull.state != "failing":
-            self._notify_done(pull.params)
+            self._notify_all(pull)
         return reason
 
     def abort(self, request_id: str) -> bool:
         return False
 
     # ------------------------------------------------------------------ peers
-    def _ensure_peer(self, p: KVTransferParams) -> None:
-        """Connect and handshake with a prefill engine once: read its handshake record over the
-        transport and compare model fingerprint and KV layout with ours."""
+    def _ensure_peer(self, p: KVTransferParams, expected: KVLayout) -> None:
+        """Connect and handshake with a prefill engine (rank) once: read its handshake record over
+        the transport and compare its model fingerprint with ours and its KV layout with
+        `expected` (ours, or the shard of our heads a tensor-parallel rank holds)."""
         addr = (p.endpoint.get("host"), p.endpoint.get("port"))
         if self._peers.get(p.engine_id) == addr and self.transfer.is_connected(p.engine_id):
             if p.engine_id in self._incompatible:
@@ -313,7 +375,7 @@ class DecodeConnector:
                     "checkpoint with the same dtype")
             remote = KVLayout.from_dict(record.get("layout", {}))
             try:
-                self.region.layout.check_compatible(remote)
+                expected.check_compatible(remote)
             except HandshakeError as e:
                 raise HandshakeError(f"handshake with prefill engine {p.engine_id} failed: {e}") from None
             if record.get("engine_id") != p.engine_id:
@@ -334,6 +396,10 @@ class DecodeConnector:
         if not self._free_scratch:
             self._reap_notifies(wait=True)
         return self._free_scratch.popleft()
+
+    def _notify_all(self, pull: _Pull) -> None:
+        for p in pull.ranks:
+            self._notify_done(p)
 
     def _notify_done(self, p: KVTransferParams) -> None:
         """Tell the prefill engine it may free the request's blocks (one 8-byte one-sided write)."""

@@ -2,7 +2,8 @@
 
 A plain JSON-serialisable dict so that any router (in-process, HTTP, a queue) can carry it.
 `KVTransferParams.from_dict` validates every field: malformed params are rejected with
-InvalidRequestError before anything is allocated.
+InvalidRequestError before anything is allocated. A tensor-parallel prefill engine's params are
+rank 0's with `tp_size` and the other ranks' params under `shards` (`check_shards`).
 """
 
 from __future__ import annotations
@@ -91,4 +92,36 @@ def check_transfer_params(kv_transfer_params: Any, request, vocab_size: int) -> 
     if p.first_token >= vocab_size:
         raise InvalidRequestError(f"kv_transfer_params first_token {p.first_token} is outside the vocabulary")
     KVLayout.from_dict(p.layout)  # malformed layout: HandshakeError now, not mid-pull
+    for shard in check_shards(kv_transfer_params, p):
+        KVLayout.from_dict(shard.layout)
     return p
+
+
+def check_shards(raw: dict, p: KVTransferParams) -> list[KVTransferParams]:
+    """The other ranks' params of sharded kv_transfer_params (rank 0's are `p`), validated against
+    rank 0's; [] for unsharded params. Raises InvalidRequestError naming the problem."""
+    if not isinstance(raw, dict) or "shards" not in raw:
+        return []
+    shards, tp = raw["shards"], raw.get("tp_size")
+    if not isinstance(shards, list) or not isinstance(tp, int) or tp != len(shards) + 1:
+        raise InvalidRequestError(f"kv_transfer_params of a tensor-parallel prefill engine need 'shards' (a list of "
+                                  f"the other ranks' params) and 'tp_size' = 1 + len(shards); got tp_size={tp!r} and "
+                                  f"{type(shards).__name__} shards")
+    out = []
+    for i, d in enumerate(shards, start=1):
+        try:
+            s = KVTransferParams.from_dict(d)
+        except InvalidRequestError as e:
+            raise InvalidRequestError(f"kv_transfer_params shard {i}: {e}") from None
+        for name in ("num_computed_tokens", "prompt_hash", "fingerprint", "first_token"):
+            if getattr(s, name) != getattr(p, name):
+                raise InvalidRequestError(f"kv_transfer_params shard {i} has another {name} than rank 0's "
+                                          f"({getattr(s, name)!r} vs {getattr(p, name)!r})")
+        if len(s.block_ids) != len(p.block_ids):
+            raise InvalidRequestError(f"kv_transfer_params shard {i} lists {len(s.block_ids)} blocks, rank 0 "
+                                      f"{len(p.block_ids)}")
+        out.append(s)
+    ids = [p.engine_id] + [s.engine_id for s in out]
+    if len(set(ids)) != len(ids):
+        raise InvalidRequestError(f"kv_transfer_params shards name the same prefill engine twice: {ids}")
+    return out

@@ -6,9 +6,21 @@ A role is a connector configuration: `EngineBuilder.role("prefill").transfer(...
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 
 from dlengine.parallel.transfer import make_transfer_engine, model_fingerprint
+
+
+def rank_kv_config(config, kv_cache):
+    """`config` with the kv heads this rank's cache holds: under tensor parallelism a GQA cache
+    keeps its rank's share of the heads (MLA's latent is whole), and the connector's KV layout --
+    what a decode engine checks and slices by -- must say so."""
+    heads = kv_cache.storage.shape[-2]
+    model = config.model
+    if model.uses_mla or heads == model.num_key_value_heads:
+        return config
+    return dataclasses.replace(config, model=dataclasses.replace(model, num_key_value_heads=heads))
 
 
 def make_connector(role: str, transfer: dict, kv_cache, block_manager, config, control_plane: dict | None = None,
@@ -21,6 +33,7 @@ def make_connector(role: str, transfer: dict, kv_cache, block_manager, config, c
     if rank:
         engine_id = f"{engine_id}.rank{rank}"
     fingerprint = model_fingerprint(config.model, config.dtype, config.load_format, config.seed)
+    config = rank_kv_config(config, kv_cache)
     try:
         if role == "prefill":
             from dlengine.disagg.prefill import PrefillConnector

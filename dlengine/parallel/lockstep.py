@@ -94,4 +94,8 @@ class RankCore:
                 "num_steps": s.num_steps, "lockstep_steps": self.lockstep_steps, "idle_steps": self.idle_steps,
                 "num_generated_tokens": s.num_generated_tokens, "num_finished": s.num_finished,
                 "num_computed_tokens": s.num_computed_tokens,
-                "expert_token_counts": expert_token_counts(self.core.model)}
+                "expert_token_counts": expert_token_counts(self.core.model),
+                # the rank's block pool and KV connector (a prefill rank's pinned hand-offs)
+                "num_free_blocks": self.core.block_manager.num_free_blocks,
+                "num_blocks": self.core.block_manager.num_blocks,
+                "connector": self.core.connector.describe() if self.core.connector is not None else None}
