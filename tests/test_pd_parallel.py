@@ -109,7 +109,7 @@ def test_shards_land_in_their_head_ranges(kind, heads, tp):
     for rank, sl in slices.items():
         # the prefill rank's staging: its heads of the source blocks, block-major
         start = sl.head_start
-        remote = shard_layout(region_layout, sl.heads)
+        remote = shard_layout(region_layout, sl.heads, head_start=start)  # as the rank reports it
         staging = full[:, :, :, start:start + sl.heads].permute(1, 0, 2, 3, 4).contiguous()
         sb = staging.view(-1).view(torch.uint8)
         for r, l, length in sl.segments(remote, src_blocks, region_blocks, n):

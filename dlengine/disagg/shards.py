@@ -39,4 +39,4 @@ def plan_legs(raw: Any, p: KVTransferParams, region_layout: KVLayout) -> list[Le
     tp = len(others) + 1
     slices = plan_slices(region_layout, tp)
     heads = rank_heads(region_layout, tp)
-    return [Leg(sp, shard_layout(region_layout, heads[r][1]), slices.get(r)) for r, sp in enumerate([p, *others])]
+    return [Leg(sp, shard_layout(region_layout, heads[r][1], head_start=heads[r][0]), slices.get(r)) for r, sp in enumerate([p, *others])]

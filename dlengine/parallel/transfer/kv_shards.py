@@ -36,11 +36,15 @@ def kv_head_range(tp_rank: int, num_kv_heads: int, tp: int) -> tuple[int, int]:
     return tp_rank * num_kv_heads // tp, 1
 
 
-def shard_layout(full: KVLayout, heads: int, num_blocks: int | None = None) -> KVLayout:
-    """The layout of a region holding `heads` of `full`'s heads (same model, dtype, block size)."""
+def shard_layout(full: KVLayout, heads: int, num_blocks: int | None = None, head_start: int = 0) -> KVLayout:
+    """The layout of a region holding heads [head_start, head_start + heads) of `full`'s heads
+    (same model, dtype, block size)."""
     elem = full.token_bytes // (full.heads * full.head_dim)
+    split = heads != full.heads
     return replace(full, heads=heads, token_bytes=heads * full.head_dim * elem,
-                   num_blocks=full.num_blocks if num_blocks is None else num_blocks)
+                   num_blocks=full.num_blocks if num_blocks is None else num_blocks,
+                   num_kv_heads=full.num_kv_heads or full.heads if split else full.num_kv_heads,
+                   head_start=head_start if split else full.head_start)
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,8 @@ class ShardSlice:
     def segments(self, remote: KVLayout, remote_blocks: Sequence[int], region_blocks: Sequence[int],
                  num_tokens: int) -> list[Segment]:
         """Byte segments reading this shard's KV of `num_tokens` tokens into `region_blocks`."""
-        segs = self.layout.segments_from(remote, remote_blocks, region_blocks, num_tokens)
+        # each slice is read from one rank only: groups every rank holds whole are copied from it
+        segs = self.layout.segments_from(remote, remote_blocks, region_blocks, num_tokens, replicated=True)
         return [(r, self.base + l, n) for r, l, n in segs]
 
 
@@ -84,7 +89,7 @@ def plan_slices(region_layout: KVLayout, tp: int) -> dict[int, ShardSlice]:
         if (start, heads) in seen:
             continue
         seen.add((start, heads))
-        layout = shard_layout(region_layout, heads)
+        layout = shard_layout(region_layout, heads, head_start=start)
         slices[r] = ShardSlice(r, start, heads, layout, base, heads == region_layout.heads)
         base += layout.nbytes
     assert base == region_layout.nbytes, "the shards' head ranges must partition the heads"
