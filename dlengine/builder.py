@@ -30,7 +30,7 @@ from dlengine.engine.memory import plan_kv_cache
 from dlengine.engine.runner import ModelRunner
 from dlengine.engine.sampler import Sampler
 from dlengine.engine.scheduler import Scheduler
-from dlengine.kernels.backends import resolve_attention_backend
+from dlengine.kernels.selection import kernel_scope, resolve_kernels
 from dlengine.models.loader import init_dummy_weights, load_weights, run_post_load_hooks
 from dlengine.models.registry import get_model_class
 from dlengine.tokenizer import load_tokenizer
@@ -181,7 +181,9 @@ class EngineBuilder:
         return self
 
     def attention(self, backend: str) -> "EngineBuilder":
-        """Attention backend: "auto" or one of dlengine.kernels.backends.available_attention_backends()."""
+        """Attention backend: "auto", one of dlengine.kernels.selection.available_attention_backends(),
+        or an object following dlengine.kernels.attention.backend.AttentionBackend. "torch" runs the
+        pure torch reference everywhere (the fused ops too); see kernels/selection.py."""
         self._attention = backend
         return self
 
@@ -307,7 +309,7 @@ class EngineBuilder:
         else:
             dtype = parse_dtype(model.torch_dtype) if model.torch_dtype in ("bfloat16", "float16", "float32") else torch.bfloat16
 
-        from dlengine.kernels.mla_decode_choice import preferred_block_size, resolve_mla_decode
+        from dlengine.kernels.mla.decode_choice import preferred_block_size, resolve_mla_decode
 
         mla_decode = resolve_mla_decode(self._mla_decode, model, attention, device, dtype)
         if "block_size" not in self._cache and cache.dtype == "auto":
@@ -379,21 +381,22 @@ class EngineBuilder:
 
             gc.collect()  # an engine dropped just before still holds device memory until collected
             torch.cuda.empty_cache()
-        backend = resolve_attention_backend(cfg.attention_backend, cfg.device)
-        if backend.name == "triton":
-            backend.mla_decode = cfg.mla_decode
+        kernels = resolve_kernels(cfg.attention_backend, cfg.mla_decode, cfg.model, cfg.device, cfg.dtype,
+                                  cfg.quantization)
+        backend = kernels.attention
         model_cls = get_model_class(cfg.model)
         prev_dtype = torch.get_default_dtype()
         torch.set_default_dtype(cfg.dtype)
         try:
-            with torch.device(cfg.device), parallel_state(state):  # layers size their shards from state
+            # layers size their shards from `state` and keep the kernels they call from `kernels`
+            with torch.device(cfg.device), parallel_state(state), kernel_scope(kernels):
                 model = model_cls(cfg.model, max_position=cfg.max_model_len)
         finally:
             torch.set_default_dtype(prev_dtype)
         if cfg.quantization != "none":
             from dlengine.models.layers.fp8_linear import prepare_fp8_model
 
-            prepare_fp8_model(model, cfg.model.quantization)
+            prepare_fp8_model(model, cfg.model.quantization, kernels.ops)
         if cfg.load_format == "dummy":
             init_dummy_weights(model, seed=cfg.seed)
         else:
@@ -434,7 +437,8 @@ class EngineBuilder:
         kv_cache = KVCache(kv_model, plan.num_blocks, cfg.cache.block_size, kv_dtype, cfg.device)
         block_manager = BlockManager(plan.num_blocks, cfg.cache.block_size, cfg.cache.prefix_caching)
         scheduler = Scheduler(cfg.scheduler, block_manager)
-        runner = ModelRunner(model, kv_cache, backend, Sampler(cfg.seed), cfg.model.vocab_size, cfg.device)
+        runner = ModelRunner(model, kv_cache, backend, Sampler(cfg.seed), cfg.model.vocab_size, cfg.device,
+                             kernels=kernels)
         if use_graphs:
             from dlengine.engine.cuda_graph import CUDAGraphRunner
 

@@ -338,5 +338,5 @@ class EngineConfig:
     async_scheduling: bool = False
     quantization: str = "none"  # resolved weight mode: "none", "fp8" or "dequant" (EngineBuilder.quantization)
     # MLA decode kernel on the triton backend, resolved: "triton", "gluon", "flashinfer", or "auto"
-    # (per call: gluon where it applies, else triton); see kernels/mla_decode_choice.py
+    # (per call: gluon where it applies, else triton); see kernels/mla/decode_choice.py
     mla_decode: str = "auto"

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
-from dlengine.kernels import gluon_mla  # noqa: E402
+from dlengine.kernels.mla import mla_decode_gluon as gluon_mla  # noqa: E402
 
 H, C, R = 128, 512, 64
 DT = torch.bfloat16

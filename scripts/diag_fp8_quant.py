@@ -6,7 +6,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
-from dlengine.kernels import fp8_gemm_triton as fg, fp8_torch as ft  # noqa: E402
+from dlengine.kernels.fp8 import fp8_gemm_triton as fg, fp8_torch as ft  # noqa: E402
 
 torch.manual_seed(0)
 for m, k in ((1, 7168), (333, 2048)):

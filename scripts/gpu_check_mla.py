@@ -36,11 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
-from dlengine.kernels import gluon_mla  # noqa: E402
-from dlengine.kernels import triton_attention as ta  # noqa: E402
-from dlengine.kernels import triton_mla as tm  # noqa: E402
-from dlengine.kernels.attention_metadata import AttentionMetadata  # noqa: E402
-from dlengine.kernels.mla_attention_torch import MLAWeights, mla_attention_ref  # noqa: E402
+from dlengine.kernels.mla import mla_decode_gluon as gluon_mla  # noqa: E402
+from dlengine.kernels.attention import paged_attention_triton as ta  # noqa: E402
+from dlengine.kernels.mla import mla_triton as tm  # noqa: E402
+from dlengine.kernels.common import num_sms  # noqa: E402
+from dlengine.kernels.context import AttentionMetadata  # noqa: E402
+from dlengine.kernels.mla.mla_torch import MLAWeights, mla_attention_ref  # noqa: E402
 
 try:
     import flashinfer  # type: ignore
@@ -185,15 +186,15 @@ def correctness(w: MLAWeights, gen: torch.Generator) -> bool:
 
 
 def flashinfer_backend_check(w, cache, gen, ref_of, cases) -> bool:
-    """The engine's flashinfer MLA path (FlashInferAttentionBackend.mla_attention, W_UK/W_UV included)."""
-    from dlengine.kernels.flashinfer_attention import FlashInferAttentionBackend
+    """The engine's flashinfer MLA path (FlashInferAttentionBackend.attend_latent, W_UK/W_UV included)."""
+    from dlengine.kernels.attention.flashinfer_backend import FlashInferAttentionBackend
 
     backend, ok = FlashInferAttentionBackend(), True
     for name, reqs in cases:
         b = Batch(reqs, cache, gen)
         try:
             poison()
-            got = backend.mla_attention(b.q_nope, b.q_pe, cache, b.meta, w, SCALE)
+            got = backend.attend_latent(b.q_nope, b.q_pe, cache, b.meta, w, SCALE)
             ok &= report(f"flashinfer backend: {name}", got, ref_of(b))
         except Exception as e:  # noqa: BLE001
             print(f"  FAIL flashinfer backend: {name}: {type(e).__name__}: {str(e)[:160]}", flush=True)
@@ -277,7 +278,7 @@ def decode_sweep(w, gen, copy_bw, batches, ctxs, cache) -> None:
             t_a = bench(lambda: tm.mla_attention(b.q_nope, b.q_pe, cache, m, w, SCALE))
             cfg = tm.decode_config(DT)
             head_tiles = -(-H // cfg["block_h"])
-            splits = ta.choose_num_splits(bs, head_tiles, ctx, cfg["block_n"], ta._num_sms(torch.cuda.current_device()))
+            splits = ta.choose_num_splits(bs, head_tiles, ctx, cfg["block_n"], num_sms(torch.cuda.current_device()))
             gbs, gbs_a = b.kv_bytes / t_k / 1e9, b.kv_bytes / t_a / 1e9
             row = dict(batch=bs, ctx=ctx, splits=splits, kernel_us=t_k * 1e6, kernel_GBps=gbs,
                        pct_copy=100 * gbs / copy_bw, attention_us=t_a * 1e6, attention_GBps=gbs_a)

@@ -34,8 +34,8 @@ import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 from dlengine.bench.peaks import measure_peaks  # noqa: E402
-from dlengine.kernels import fused_moe_triton as fmt  # noqa: E402
-from dlengine.models.layers.moe import fused_experts_torch  # noqa: E402
+from dlengine.kernels.moe import fused_moe_triton as fmt  # noqa: E402
+from dlengine.kernels.moe.fused_moe_torch import fused_experts_torch  # noqa: E402
 
 DEV = "cuda"
 H, E, K, I = 7168, 256, 8, 2048

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 from dlengine.bench.peaks import measure_peaks  # noqa: E402
-from dlengine.kernels import fused_moe_triton as fmt  # noqa: E402
+from dlengine.kernels.moe import fused_moe_triton as fmt  # noqa: E402
 
 GEMM1 = [dict(n1=n, k1=k, warps1=w, stages1=s) for n, k, w, s in itertools.product((64, 128), (64, 128), (4, 8), (3, 4))]
 GEMM2 = [dict(n2=n, k2=k, warps2=w, stages2=s)

@@ -109,6 +109,7 @@ class Engine:
             "device": str(c.device),
             "dtype": str(c.dtype).replace("torch.", ""),
             "attention_backend": self.runner.backend.name,
+            "kernels": self.runner.kernels.describe() if self.runner.kernels is not None else {},
             "cuda_graphs": self.runner.graph_runner is not None,
             "async_scheduling": self.async_scheduling,
             "block_size": self.kv_cache.block_size,

@@ -23,7 +23,7 @@ from torch import nn
 
 from dlengine.config import ConfigError, ModelConfig
 from dlengine.models.layers.decoder import PreNormDecoderLayer
-from dlengine.models.layers.attention import ForwardContext
+from dlengine.kernels.context import ForwardContext
 from dlengine.models.layers.parallel_linear import ParallelLMHead, VocabParallelEmbedding
 from dlengine.models.layers.parallel_moe import ParallelFusedMoE
 from dlengine.models.layers.linear import default_weight_loader

@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlengine.config import ConfigError, QuantizationConfig
-from dlengine.kernels import ops
-from dlengine.kernels.fp8_torch import FP8_DTYPE, cdiv, dequantize_weight
+from dlengine.kernels.selection import HAS_FP8_GEMM, Ops, current_kernels
+from dlengine.kernels.fp8.fp8_torch import FP8_DTYPE, cdiv, dequantize_weight
 from dlengine.models.layers.linear import Linear
 from dlengine.models.layers.moe import FusedMoE
 from dlengine.models.layers.parallel_linear import ColumnParallelLinear, RowParallelLinear
@@ -78,8 +78,10 @@ class Fp8Linear(nn.Module):
     """A `Linear` / `MergedLinear` whose weight is float8_e4m3fn [N, K] with `weight_scale_inv`
     [ceil(N / row_div), ceil(K / bk)]. After `dequantize_()` it is a plain linear layer."""
 
-    def __init__(self, src: nn.Module, block: tuple[int, int], shard_offsets: dict | None = None) -> None:
+    def __init__(self, src: nn.Module, block: tuple[int, int], shard_offsets: dict | None = None,
+                 ops: Ops | None = None) -> None:
         super().__init__()
+        self.ops = ops or current_kernels().ops  # fp8_linear: Triton / DeepGEMM or the torch W8A8 reference
         n, k = src.out_features, src.in_features
         bn, bk = block
         self.in_features, self.out_features, self.block = k, n, (bn, bk)
@@ -128,7 +130,7 @@ class Fp8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dequantized:
             return F.linear(x, self.weight, self.bias)
-        return ops.fp8_linear(x, self.weight, self.weight_scale_inv, self.block, self.row_div, self.bias)
+        return self.ops.fp8_linear(x, self.weight, self.weight_scale_inv, self.block, self.row_div, self.bias)
 
 
 class Fp8FusedMoE(FusedMoE):
@@ -141,9 +143,9 @@ class Fp8FusedMoE(FusedMoE):
         if not hasattr(self, "w13_weight_scale_inv"):  # dequantised at load
             return super().forward(x, router_logits)
         topk_weights, topk_ids = self.router(router_logits)
-        return ops.fused_experts_fp8(x, self.w13_weight, self.w13_weight_scale_inv, self.w2_weight,
-                                     self.w2_weight_scale_inv, self.fp8_block, self.w13_row_div,
-                                     topk_weights, topk_ids)
+        return self.ops.fused_experts_fp8(x, self.w13_weight, self.w13_weight_scale_inv, self.w2_weight,
+                                          self.w2_weight_scale_inv, self.fp8_block, self.w13_row_div,
+                                          topk_weights, topk_ids)
 
 
 _FP8_CLASSES: dict[type, type] = {}
@@ -225,9 +227,11 @@ def _linear_shards(module: nn.Module) -> dict | None:
     return None
 
 
-def prepare_fp8_model(model: nn.Module, quant: QuantizationConfig) -> int:
-    """Before loading: swap every convertible linear layer for an `Fp8Linear` and give FusedMoE
-    FP8 expert parameters with scales. Returns how many modules were converted."""
+def prepare_fp8_model(model: nn.Module, quant: QuantizationConfig, ops: Ops | None = None) -> int:
+    """Before loading: swap every convertible linear layer for an `Fp8Linear` (running `ops`, the
+    engine's: default `current_kernels().ops`) and give FusedMoE FP8 expert parameters with
+    scales (the experts keep the ops they were built with). Returns how many modules were converted."""
+    ops = ops or current_kernels().ops
     skip = ("lm_head",) + quant.modules_to_not_convert
     converted = 0
     experts = 0
@@ -237,7 +241,7 @@ def prepare_fp8_model(model: nn.Module, quant: QuantizationConfig) -> int:
         shards = _linear_shards(module)
         if shards is not None:
             parent_name, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), attr, Fp8Linear(module, quant.weight_block_size, shards))
+            setattr(model.get_submodule(parent_name), attr, Fp8Linear(module, quant.weight_block_size, shards, ops))
             converted += 1
         elif isinstance(module, FusedMoE):
             _make_experts_fp8(module, quant.weight_block_size)
@@ -279,7 +283,7 @@ def resolve_fp8_mode(requested: str, device: torch.device, quant: QuantizationCo
         raise ConfigError(f"unknown quantization mode {requested!r}; choose one of {FP8_MODES}")
     bk = quant.weight_block_size[1] if quant is not None else 128
     block_ok = bk >= 32 and bk & (bk - 1) == 0
-    gpu_ok = (device.type == "cuda" and ops.HAS_FP8_GEMM and block_ok
+    gpu_ok = (device.type == "cuda" and HAS_FP8_GEMM and block_ok
               and torch.cuda.get_device_capability(device) >= (8, 9))
     if requested == "auto":
         return "fp8" if gpu_ok else "dequant"

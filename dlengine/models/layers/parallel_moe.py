@@ -19,8 +19,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dlengine.kernels import ops
-from dlengine.models.layers.moe import FusedMoE, _combine
+from dlengine.kernels.moe.fused_moe_torch import combine_expert_outputs
+from dlengine.kernels.selection import current_kernels
+from dlengine.models.layers.moe import FusedMoE
 from dlengine.parallel.ep import make_dispatcher, make_placement
 from dlengine.parallel.state import get_parallel_state
 from dlengine.models.layers.parallel_linear import divide
@@ -35,6 +36,7 @@ class ParallelFusedMoE(FusedMoE):
         self.num_experts, self.top_k = num_experts, top_k
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.router = router
+        self.ops = current_kernels().ops
         state = get_parallel_state()
         # by group, not size: a one-rank group still runs the collectives (1-GPU NCCL checks)
         self.mode = "ep" if state.ep_group is not None else "tp" if state.tp_group is not None else "local"
@@ -123,13 +125,13 @@ class ParallelFusedMoE(FusedMoE):
             flat = topk_ids.reshape(-1)
             self.expert_token_counts.index_add_(0, flat, torch.ones_like(flat))
         if self.mode == "local":
-            return ops.fused_experts(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
+            return self.ops.fused_experts(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
         if self.mode == "tp":
-            out = ops.fused_experts(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
+            out = self.ops.fused_experts(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
             dist.all_reduce(out, group=self.tp_group)
             return out
         pair_out = self._expert_parallel(x, topk_ids)
-        return _combine(pair_out, topk_weights, x.shape[0], self.top_k)
+        return combine_expert_outputs(pair_out, topk_weights, x.shape[0], self.top_k)
 
     def _expert_parallel(self, x: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         dest_rank, dest_slot = self.rank_of_expert[topk_ids], self.slot_of_expert_table[topk_ids]
@@ -137,7 +139,7 @@ class ParallelFusedMoE(FusedMoE):
         if recv_x.shape[0]:
             # one (token, expert) pair per row, weight 1 (exact): the caller weights after combine
             ones = torch.ones(recv_x.shape[0], 1, dtype=torch.float32, device=recv_x.device)
-            y = ops.fused_experts(recv_x, self.w13_weight, self.w2_weight, ones, recv_slot.unsqueeze(1))
+            y = self.ops.fused_experts(recv_x, self.w13_weight, self.w2_weight, ones, recv_slot.unsqueeze(1))
         else:
             y = recv_x
         return self.dispatcher.combine(y, handle)
