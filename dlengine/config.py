@@ -15,9 +15,8 @@ from typing import Any
 
 import torch
 
-
-class ConfigError(ValueError):
-    """A checkpoint or engine setting that cannot work; the message names the problem."""
+from dlengine.errors import ConfigError  # defined there (parallel/ep.py raises it too), public here
+from dlengine.parallel.ep import DISPATCH_BACKENDS, PLACEMENTS
 
 
 _DTYPES = {
@@ -307,8 +306,6 @@ class ParallelConfig:
         if ep not in (1, dp) or (ep > 1 and tp > 1):
             raise ConfigError(f"parallel ffn_ep={ep} is not supported with tp={tp}, attention_dp={dp}; expert "
                               "parallelism spans the attention-DP ranks: use ffn_ep=attention_dp (tp=1) or ffn_ep=1")
-        from dlengine.parallel.ep import DISPATCH_BACKENDS, PLACEMENTS  # here: ep imports this module
-
         if isinstance(self.expert_placement, str) and self.expert_placement not in PLACEMENTS:
             raise ConfigError(f"unknown expert_placement {self.expert_placement!r}; choose one of {sorted(PLACEMENTS)}")
         if self.dispatch_backend == "deep_ep":
