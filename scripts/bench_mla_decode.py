@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The Hopper Gluon MLA decode kernel (kernels/gluon_mla.py) on a GPU: correctness against a float32
+"""The Hopper Gluon MLA decode kernel (kernels/mla/mla_decode_gluon.py) on a GPU: correctness against a float32
 reference, then speed against the device's copy bandwidth and FlashInfer's MLA kernel in the same
 process. DeepSeek-V3 dims: 128 heads, latent 512 + rope 64, bf16. About 2-3 minutes on an H100.
 

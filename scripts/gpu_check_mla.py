@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""GPU check of the Triton MLA kernels (kernels/triton_mla.py) at DeepSeek-V3 dims: 128 heads,
+"""GPU check of the Triton MLA kernels (kernels/mla/mla_triton.py) at DeepSeek-V3 dims: 128 heads,
 latent 512 + rope 64, nope 128, v 128, bf16, page 16. About 2-3 minutes on an H100.
 
     python scripts/gpu_check_mla.py            # everything; JSON to $OUT/mla_decode.json if $OUT is set

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""GPU check of the Triton fused MoE (dlengine/kernels/fused_moe_triton.py) at DeepSeek-V3 dims.
+"""GPU check of the Triton fused MoE (dlengine/kernels/moe/fused_moe_triton.py) at DeepSeek-V3 dims.
 
     python scripts/gpu_check_moe.py                      # full run (a few minutes on an H100)
     python scripts/gpu_check_moe.py --quick              # fewer token counts

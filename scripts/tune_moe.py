@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Tile search for the Triton fused MoE (dlengine/kernels/fused_moe_triton.py) on the current GPU.
+"""Tile search for the Triton fused MoE (dlengine/kernels/moe/fused_moe_triton.py) on the current GPU.
 
     python scripts/tune_moe.py                        # DeepSeek-V3 dims, T = 1..4096 tokens
     python scripts/tune_moe.py --experts 128 --top-k 8 --hidden 2048 --inter 768   # Qwen3-30B-A3B
@@ -11,7 +11,7 @@ the same aligned pair list), keeps the best pair, and reports it next to the shi
 (`get_config`), with achieved TFLOP/s and GB/s of expert weights read (distinct experts hit x
 3 * I * H * 2 bytes) against the device's measured copy bandwidth and bf16 GEMM peak. Routing is
 uniform random top-k (a balanced load, what the shipped table is tuned for). The printed table is
-what `_TUNED` in fused_moe_triton.py is built from.
+what `_TUNED` in kernels/moe/fused_moe_triton.py is built from.
 """
 
 from __future__ import annotations

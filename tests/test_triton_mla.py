@@ -203,7 +203,7 @@ def test_engine_triton_matches_torch_and_transformers(kind, monkeypatch):
 
 
 # -------------------------------------------------------------------- the Hopper Gluon decode kernel
-# (kernels/gluon_mla.py runs on sm_90 only; tests/test_gpu_mla_engine.py and scripts/gpu_check_mla.py
+# (kernels/mla/mla_decode_gluon.py runs on sm_90 only; tests/test_gpu_mla_engine.py and scripts/gpu_check_mla.py
 # check it on the H100. Here: the dispatch around it and its host-side choices.)
 
 

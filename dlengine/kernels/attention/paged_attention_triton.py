@@ -13,7 +13,9 @@ Kernels:
                          program attends the whole GQA group of its kv head over one slice of the
                          context (online softmax) and writes a partial (out, lse); the split that
                          finishes last (per-request/kv-head arrival counter) merges the partials,
-                         so decode is a single launch. With one split it writes the output directly.
+                         so decode is a single launch (the epilogue and counters are
+                         kernels/split_kv_triton.py's, shared with MLA). With one split it writes
+                         the output directly.
   _extend_kernel         flash-attention over paged KV for rows with query_len > 1 (prefill,
                          chunked prefill over a cached prefix): grid (q_tile, request, kv_head);
                          one program packs BLOCK_Q query tokens x the GQA group into BLOCK_M rows,

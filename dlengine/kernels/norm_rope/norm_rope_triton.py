@@ -1,4 +1,4 @@
-"""Triton kernels for the small fused ops of a decoder layer. Torch references: ops_torch.py.
+"""Triton kernels for the small fused ops of a decoder layer. Torch references: norm_rope_torch.py.
 
 - rms_norm: RMSNorm with an optional fused residual add (x + residual is also returned), float32
   statistics, Hugging Face rounding (normalise in fp32, cast, then scale by the weight);
