@@ -7,7 +7,8 @@
 
 from dlengine.builder import EngineBuilder
 from dlengine.config import ConfigError
-from dlengine.engine.engine import Engine, EngineStats
+from dlengine.engine.core import EngineCore, EngineStats
+from dlengine.engine.engine import Engine
 from dlengine.engine.request import RequestMetrics, RequestOutput
 from dlengine.sampling_params import InvalidRequestError, SamplingParams
 
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ConfigError",
     "Engine",
+    "EngineCore",
     "EngineBuilder",
     "EngineStats",
     "InvalidRequestError",

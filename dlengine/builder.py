@@ -1,7 +1,9 @@
-"""EngineBuilder: collect choices fluently, validate them all at `build()`, assemble an Engine.
+"""EngineBuilder: collect choices fluently, validate them all into an `EngineConfig`, build.
 
-Every check that can fail does so here, with a message naming the setting, so a wrong config
-never fails halfway through a run.
+Every check that can fail does so in `config()`, with a message naming the setting, so a wrong
+config never fails halfway through a run. The config describes the whole engine (user objects
+included); `dlengine.assemble.build_core(config)` turns it into an EngineCore, in this process or
+in each worker of a parallel engine.
 """
 
 from __future__ import annotations
@@ -13,27 +15,20 @@ from typing import Any
 
 import torch
 
-from dlengine.cache.block_manager import BlockManager
-from dlengine.cache.kv_cache import KVCache
 from dlengine.config import (
     ROLES,
     CacheConfig,
+    Components,
     ConfigError,
     EngineConfig,
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
+    TransferConfig,
     parse_dtype,
 )
 from dlengine.engine.engine import Engine
-from dlengine.engine.memory import plan_kv_cache
-from dlengine.engine.runner import ModelRunner
-from dlengine.engine.sampler import Sampler
-from dlengine.engine.scheduler import Scheduler
-from dlengine.kernels.selection import kernel_scope, resolve_kernels
-from dlengine.models.loader import init_dummy_weights, load_weights, run_post_load_hooks
 from dlengine.models.registry import get_model_class
-from dlengine.tokenizer import load_tokenizer
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 logger = logging.getLogger("dlengine")
@@ -94,6 +89,8 @@ class EngineBuilder:
         self._quantization = "auto"
         self._transfer: dict[str, Any] | None = None
         self._control_plane: dict[str, Any] | None = None
+        self._components: dict[str, Any] = {}
+        self._speculative_tokens = 0
 
     # each method records a choice and returns self so calls chain
     def dtype(self, dtype: str | torch.dtype) -> "EngineBuilder":
@@ -112,8 +109,51 @@ class EngineBuilder:
         return self
 
     def scheduler(self, **options: Any) -> "EngineBuilder":
-        """max_num_batched_tokens, max_num_seqs, max_model_len, chunked_prefill."""
+        """max_num_batched_tokens, max_num_seqs, max_model_len, chunked_prefill, and `policy`: an
+        object deciding admission order and preemption victims
+        (dlengine.engine.scheduler.SchedulerPolicy; default first come, first served).
+
+        >>> from dlengine import EngineBuilder, SamplingParams
+        >>> class ShortestFirst:  # admit the shortest waiting prompt first
+        ...     name = "shortest-first"
+        ...     def admission_order(self, waiting):
+        ...         return sorted(waiting, key=lambda r: r.num_tokens)
+        ...     def preemption_victim(self, running):
+        ...         return running[-1]
+        >>> engine = EngineBuilder("tiny-qwen3").scheduler(policy=ShortestFirst()).build()
+        >>> engine.describe()["scheduler_policy"]
+        'shortest-first'
+        """
         self._scheduler.update(options)
+        return self
+
+    def sampler(self, sampler: Any) -> "EngineBuilder":
+        """Replace the sampler: a callable (logits [rows, vocab], SamplingTensors) -> SamplerOutput,
+        like dlengine.engine.sampler.Sampler."""
+        self._components["sampler"] = sampler
+        return self
+
+    def block_manager(self, factory: Any) -> "EngineBuilder":
+        """Replace the block manager: a callable (num_blocks, block_size, enable_prefix_caching)
+        -> an object with BlockManager's methods (e.g. a subclass of
+        dlengine.cache.block_manager.BlockManager). The pool size is only known after memory
+        planning, hence a factory rather than an object."""
+        self._components["block_manager"] = factory
+        return self
+
+    def kv_connector(self, factory: Any) -> "EngineBuilder":
+        """A KV connector of your own (dlengine.engine.seams.KVConnector): a callable
+        (kv_cache, block_manager, config) -> connector. `role(...)` + `transfer(...)` build the
+        shipped DLSlime connectors instead."""
+        self._components["kv_connector"] = factory
+        return self
+
+    def speculative(self, method: Any, num_tokens: int = 1) -> "EngineBuilder":
+        """Speculative decoding with a proposer object (dlengine.engine.seams.Speculator) that
+        drafts up to `num_tokens` tokens a step; the engine verifies them in one forward.
+        The MTP and n-gram proposers are not shipped yet: pass an object."""
+        self._components["speculator"] = method
+        self._speculative_tokens = num_tokens
         return self
 
     def parallel(self, **options: Any) -> "EngineBuilder":
@@ -172,6 +212,7 @@ class EngineBuilder:
                               pin_timeout_s=pin_timeout_s, pull_timeout_s=pull_timeout_s,
                               queue_timeout_s=queue_timeout_s, staging_blocks=staging_blocks,
                               on_pull_failure=on_pull_failure)
+
         return self
 
     def control_plane(self, url: str, *, scope: str | None = None, heartbeat_s: float = 2.0) -> "EngineBuilder":
@@ -180,11 +221,14 @@ class EngineBuilder:
         self._control_plane = dict(url=url, scope=scope, heartbeat_s=heartbeat_s)
         return self
 
-    def attention(self, backend: str) -> "EngineBuilder":
+    def attention(self, backend: Any) -> "EngineBuilder":
         """Attention backend: "auto", one of dlengine.kernels.selection.available_attention_backends(),
-        or an object following dlengine.kernels.attention.backend.AttentionBackend. "torch" runs the
-        pure torch reference everywhere (the fused ops too); see kernels/selection.py."""
-        self._attention = backend
+        or an object following the AttentionBackend protocol (its `name` shows in describe())."""
+        if isinstance(backend, str):
+            self._attention = backend
+        else:
+            self._components["attention"] = backend
+            self._attention = getattr(backend, "name", type(backend).__name__)
         return self
 
     def mla_decode(self, kernel: str) -> "EngineBuilder":
@@ -239,7 +283,9 @@ class EngineBuilder:
         return self
 
     # ------------------------------------------------------------------ build
-    def _make_config(self) -> EngineConfig:
+    def config(self) -> EngineConfig:
+        """Validate every choice and return the EngineConfig that describes the engine (raises
+        ConfigError naming the first bad setting). `build()` builds from it."""
         path = resolve_model_path(self._model)
         model = ModelConfig.from_pretrained(path, self._hf_overrides)
         get_model_class(model)  # fail early on an unknown architecture
@@ -262,9 +308,16 @@ class EngineBuilder:
                 f"role {self._role!r} needs a KV transfer engine: add .transfer('dlslime', transport='tcp') "
                 "(transport='rdma' is not wired yet, see docs/disaggregation.md)"
             )
-        if self._role != "hybrid" and parallel.world_size > 1:
-            raise ConfigError(f"role {self._role!r} with parallel(...) (world size {parallel.world_size}) is not "
-                              "supported yet: prefill and decode engines run on one device each")
+        if self._role != "hybrid" and parallel.attention_dp > 1:
+            raise ConfigError(f"role {self._role!r} with attention_dp={parallel.attention_dp} is not supported yet: "
+                              "a decode request would need routing to the DP rank holding its blocks; prefill and "
+                              "decode engines run with tp=N")
+        if self._role == "decode" and parallel.tp > 1:
+            raise ConfigError(f"role 'decode' with tp={parallel.tp} is not supported yet: a decode rank would pull "
+                              "a slice of each prefill rank's KV heads; run decode engines with tp=1 (prefill "
+                              "engines may use tp=N)")
+        if self._role == "hybrid" and self._components.get("kv_connector") is None and self._transfer is not None:
+            raise ConfigError("transfer(...) needs role('prefill') or role('decode')")
         if self._transfer is not None:
             from dlengine.parallel.transfer import BACKENDS
 
@@ -293,13 +346,24 @@ class EngineBuilder:
                 )
 
         device = torch.device(self._device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if parallel.world_size > 1:
-            # collectives inside a step: no CUDA graphs (all-to-all splits are read on the host)
-            # and no async scheduling (every rank must agree on each step before it runs)
-            if self._cuda_graphs:
-                raise ConfigError("cuda_graphs(True) is not supported with parallel(...) yet; use cuda_graphs(False)")
+        if parallel.ffn_ep > 1 and self._cuda_graphs:
+            # expert-parallel dispatch sizes its all-to-all from routing counts read on the host
+            raise ConfigError("cuda_graphs(True) cannot capture expert-parallel MoE (parallel(ffn_ep>1)): the "
+                              "all-to-all split sizes are read on the host every step; use cuda_graphs(False)")
+        speculator = self._components.get("speculator")
+        if speculator is not None:
+            if isinstance(speculator, str):
+                raise ConfigError(f"speculative({speculator!r}): the MTP and n-gram proposers are not shipped yet; "
+                                  "pass a proposer object (dlengine.engine.seams.Speculator)")
+            if not (isinstance(self._speculative_tokens, int) and self._speculative_tokens >= 1):
+                raise ConfigError(f"speculative num_tokens must be an integer >= 1, got {self._speculative_tokens!r}")
             if self._async_scheduling:
-                raise ConfigError("async_scheduling(True) is not supported with parallel(...) yet")
+                raise ConfigError("async_scheduling(True) with speculative decoding: a step's verified tokens are "
+                                  "needed before the next proposal; speculative engines step synchronously")
+        if self._components.get("attention") is not None and not all(
+                callable(getattr(self._components["attention"], m, None)) for m in ("write_kv", "attend")):
+            raise ConfigError(f"attention backend object {self._components['attention']!r} lacks write_kv/attend "
+                              "(see dlengine.kernels.attention.backend.AttentionBackend)")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device 'cuda' was asked for but torch sees no CUDA device")
         if self._dtype is not None:
@@ -311,7 +375,8 @@ class EngineBuilder:
 
         from dlengine.kernels.mla.decode_choice import preferred_block_size, resolve_mla_decode
 
-        mla_decode = resolve_mla_decode(self._mla_decode, model, attention, device, dtype)
+        mla_decode = resolve_mla_decode(self._mla_decode, model, attention if isinstance(attention, str) else "custom",
+                                        device, dtype)
         if "block_size" not in self._cache and cache.dtype == "auto":
             block_size = preferred_block_size(mla_decode, model, attention, device, dtype)
             if block_size is not None:  # MLA decode on the Gluon kernel: its fastest page size
@@ -319,11 +384,8 @@ class EngineBuilder:
                             "overrides)", block_size)
                 cache = dataclasses.replace(cache, block_size=block_size)
         quantization = self._resolve_quantization(model, device)
-        if quantization != "none" and parallel.world_size > 1:
-            # the tensor/expert-parallel layers shard bf16 weights; FP8 shards (with their block
-            # scales) are not written yet
-            raise ConfigError(f"FP8 checkpoints ({model.path}) cannot run with parallel(...) yet "
-                              f"(world size {parallel.world_size}); run them on one device")
+        if self._cuda_graphs and device.type != "cuda":
+            raise ConfigError("cuda_graphs(True) needs a CUDA device")
 
         max_model_len = self._max_model_len or sched.max_model_len or model.max_position_embeddings
         if max_model_len > model.max_position_embeddings:
@@ -340,10 +402,17 @@ class EngineBuilder:
             model=model, cache=cache, scheduler=sched, parallel=parallel, dtype=dtype, device=device,
             role=self._role, attention_backend=attention, load_format=self._load_format,
             seed=self._seed, max_model_len=max_model_len,
-            async_scheduling=(device.type == "cuda" and parallel.world_size == 1 if self._async_scheduling is None
+            async_scheduling=(device.type == "cuda" and speculator is None if self._async_scheduling is None
                               else self._async_scheduling),
             quantization=quantization, mla_decode=mla_decode,
+            cuda_graphs=self._cuda_graphs, cuda_graph_max_batch=self._cuda_graph_max_batch,
+            load_num_layers=self._hf_overrides.get("num_hidden_layers"),
+            transfer=TransferConfig(**self._transfer) if self._transfer is not None else None,
+            control_plane=self._control_plane, speculative_tokens=self._speculative_tokens,
+            components=Components(**self._components),
         )
+
+    _make_config = config  # the name earlier versions used
 
     def _resolve_quantization(self, model: ModelConfig, device: torch.device) -> str:
         from dlengine.models.layers.fp8_linear import resolve_fp8_mode
@@ -363,104 +432,9 @@ class EngineBuilder:
         return mode
 
     def build(self) -> Engine:
-        cfg = self._make_config()
-        if cfg.parallel.world_size > 1:
-            from dlengine.parallel.front import build_parallel_engine
+        """Build the engine: this process's (an `Engine`), or for parallel(...) with more than one
+        rank a front over spawned workers (`ParallelEngine`), or this rank's engine under
+        torchrun (`DistributedEngine`). All three have the same API."""
+        from dlengine.assemble import build_engine
 
-            return build_parallel_engine(self, cfg)
-        return self._build_local(cfg)
-
-    def _build_local(self, cfg: EngineConfig, state=None) -> Engine:
-        """This process's engine; `state` (a ParallelState) makes it one rank of a parallel layout."""
-        from dlengine.models.layers.parallel_linear import kv_heads_per_rank
-        from dlengine.parallel.state import ParallelState, parallel_state
-
-        state = state or ParallelState()
-        if cfg.device.type == "cuda":
-            import gc
-
-            gc.collect()  # an engine dropped just before still holds device memory until collected
-            torch.cuda.empty_cache()
-        kernels = resolve_kernels(cfg.attention_backend, cfg.mla_decode, cfg.model, cfg.device, cfg.dtype,
-                                  cfg.quantization)
-        backend = kernels.attention
-        model_cls = get_model_class(cfg.model)
-        prev_dtype = torch.get_default_dtype()
-        torch.set_default_dtype(cfg.dtype)
-        try:
-            # layers size their shards from `state` and keep the kernels they call from `kernels`
-            with torch.device(cfg.device), parallel_state(state), kernel_scope(kernels):
-                model = model_cls(cfg.model, max_position=cfg.max_model_len)
-        finally:
-            torch.set_default_dtype(prev_dtype)
-        if cfg.quantization != "none":
-            from dlengine.models.layers.fp8_linear import prepare_fp8_model
-
-            prepare_fp8_model(model, cfg.model.quantization, kernels.ops)
-        if cfg.load_format == "dummy":
-            init_dummy_weights(model, seed=cfg.seed)
-        else:
-            load_weights(model, cfg.model.path, num_layers=self._hf_overrides.get("num_hidden_layers"))
-        if cfg.quantization != "none":
-            from dlengine.models.layers.fp8_linear import finish_fp8_load
-
-            finish_fp8_load(model, cfg.quantization, cfg.dtype)
-        run_post_load_hooks(model)  # after FP8 finishing: MLA's absorbed views need the final kv_b_proj
-        model.eval()
-        tokenizer = load_tokenizer(cfg.model.path)
-
-        kv_dtype = cfg.dtype if cfg.cache.dtype == "auto" else parse_dtype(cfg.cache.dtype)
-        use_graphs = self._use_cuda_graphs(cfg, backend)
-        if use_graphs and state.ep_group is not None:
-            # expert-parallel dispatch sizes its all-to-all from routing counts read on the host:
-            # not capturable (a 1-rank EP world gets here with world_size 1)
-            use_graphs = False
-        graph_batch = min(self._cuda_graph_max_batch or 512, cfg.scheduler.max_num_seqs)
-        # graphs keep a private pool of decode activations (about a decode step's worth)
-        graph_reserve = (256 << 20) + graph_batch * cfg.model.vocab_size * 4 * 2 if use_graphs else 0
-        # under tensor parallelism the cache holds this rank's kv heads only (MLA's latent is whole)
-        kv_model = cfg.model
-        if state.tp_size > 1 and not cfg.model.uses_mla:
-            kv_model = dataclasses.replace(cfg.model, num_key_value_heads=kv_heads_per_rank(
-                cfg.model.num_key_value_heads, state.tp_size))
-        plan = plan_kv_cache(dataclasses.replace(cfg, model=kv_model), model, backend, kv_dtype,
-                             reserve_bytes=graph_reserve)
-        if state.world_group is not None:
-            # TP ranks must make identical scheduling decisions (same preemptions), so every
-            # rank takes the smallest cache any rank can hold (free memory differs per GPU)
-            import torch.distributed as dist
-
-            n = torch.tensor([plan.num_blocks], dtype=torch.int64, device=cfg.device)
-            dist.all_reduce(n, op=dist.ReduceOp.MIN, group=state.world_group)
-            plan.num_blocks = int(n.item())
-        logger.info("%s", plan.describe(cfg.cache.block_size))
-        kv_cache = KVCache(kv_model, plan.num_blocks, cfg.cache.block_size, kv_dtype, cfg.device)
-        block_manager = BlockManager(plan.num_blocks, cfg.cache.block_size, cfg.cache.prefix_caching)
-        scheduler = Scheduler(cfg.scheduler, block_manager)
-        runner = ModelRunner(model, kv_cache, backend, Sampler(cfg.seed), cfg.model.vocab_size, cfg.device,
-                             kernels=kernels)
-        if use_graphs:
-            from dlengine.engine.cuda_graph import CUDAGraphRunner
-
-            runner.graph_runner = CUDAGraphRunner(model, kv_cache, backend, graph_batch, cfg.max_model_len, cfg.device)
-            runner.graph_runner.capture()
-            logger.info("captured %d CUDA graphs (batch sizes up to %d), %.2f GiB",
-                        len(runner.graph_runner.graphs), graph_batch, runner.graph_runner.memory_bytes / 2**30)
-        engine = Engine(cfg, model, tokenizer, kv_cache, block_manager, scheduler, runner)
-        engine.memory_plan = plan
-        if cfg.role != "hybrid":
-            from dlengine.disagg.roles import attach_role
-
-            attach_role(engine, self._transfer, self._control_plane)
-        return engine
-
-    def _use_cuda_graphs(self, cfg: EngineConfig, backend) -> bool:
-        capturable = getattr(backend, "supports_cuda_graphs", False)
-        if self._cuda_graphs is None:
-            return cfg.device.type == "cuda" and capturable and cfg.parallel.world_size == 1
-        if self._cuda_graphs and cfg.device.type != "cuda":
-            raise ConfigError("cuda_graphs(True) needs a CUDA device")
-        if self._cuda_graphs and not capturable:
-            raise ConfigError(f"attention backend {backend.name!r} cannot be captured in CUDA graphs; "
-                              "use attention('triton') or cuda_graphs(False)")
-        return self._cuda_graphs
+        return build_engine(self.config())

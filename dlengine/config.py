@@ -259,14 +259,21 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     chunked_prefill: bool = True
+    # admission order / preemption victim (dlengine.engine.scheduler.SchedulerPolicy); None: FCFS
+    policy: Any = None
 
     def validate(self) -> None:
-        if self.max_num_batched_tokens <= 0:
-            raise ConfigError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
-        if self.max_num_seqs <= 0:
-            raise ConfigError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
-        if self.max_model_len is not None and self.max_model_len <= 0:
-            raise ConfigError(f"max_model_len must be positive, got {self.max_model_len}")
+        for name in ("max_num_batched_tokens", "max_num_seqs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len <= 0):
+            raise ConfigError(f"max_model_len must be a positive integer, got {self.max_model_len!r}")
+        if self.policy is not None:
+            missing = [m for m in ("admission_order", "preemption_victim") if not callable(getattr(self.policy, m, None))]
+            if missing:
+                raise ConfigError(f"scheduler policy {self.policy!r} lacks {missing} (see "
+                                  "dlengine.engine.scheduler.SchedulerPolicy)")
 
 
 @dataclass(frozen=True)
@@ -320,7 +327,52 @@ ROLES = ("hybrid", "prefill", "decode")
 
 
 @dataclass(frozen=True)
+class Components:
+    """User objects that replace a module of the engine (each follows its module's protocol;
+    None: the built-in one). They travel to worker processes inside the EngineConfig, so they
+    must be picklable for parallel engines.
+
+    - attention: an AttentionBackend object (dlengine.kernels)
+    - sampler: callable(logits, SamplingTensors) -> SamplerOutput (dlengine.engine.sampler.Sampler)
+    - block_manager: callable(num_blocks, block_size, enable_prefix_caching) -> a BlockManager
+    - kv_connector: callable(kv_cache, block_manager, config) -> a KVConnector (engine/seams.py)
+    - speculator: a Speculator object (engine/seams.py), or callable(config) -> Speculator
+    """
+
+    attention: Any = None
+    sampler: Any = None
+    block_manager: Any = None
+    kv_connector: Any = None
+    speculator: Any = None
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """The KV transfer engine of a prefill or decode engine (EngineBuilder.transfer)."""
+
+    backend: str = "dlslime"
+    transport: str = "tcp"
+    host: str = "127.0.0.1"
+    port: int = 0
+    engine_id: str | None = None
+    pin_timeout_s: float = 60.0
+    pull_timeout_s: float = 30.0
+    queue_timeout_s: float = 60.0
+    staging_blocks: int | None = None
+    on_pull_failure: str = "fail"
+
+    def __getitem__(self, name: str):  # the connectors read options by name
+        return getattr(self, name)
+
+    def get(self, name: str, default=None):
+        return getattr(self, name, default)
+
+
+@dataclass(frozen=True)
 class EngineConfig:
+    """Everything that defines an engine: what `EngineBuilder.config()` returns and what worker
+    processes receive to build their rank's engine."""
+
     model: ModelConfig
     cache: CacheConfig
     scheduler: SchedulerConfig
@@ -337,3 +389,10 @@ class EngineConfig:
     # MLA decode kernel on the triton backend, resolved: "triton", "gluon", "flashinfer", or "auto"
     # (per call: gluon where it applies, else triton); see kernels/mla/decode_choice.py
     mla_decode: str = "auto"
+    cuda_graphs: bool | None = None  # None: on where the device and backend allow
+    cuda_graph_max_batch: int | None = None
+    load_num_layers: int | None = None  # read only the first N layers of the checkpoint (hf_overrides)
+    transfer: TransferConfig | None = None  # prefill / decode roles
+    control_plane: dict | None = None  # dlslime-ctrl registration of a prefill / decode engine
+    speculative_tokens: int = 0  # drafts per step when a speculator is set
+    components: Components = field(default_factory=Components)

@@ -9,6 +9,7 @@ first pull is checked byte for byte.
     python scripts/bench_kv_migration.py                          # qwen3-8b layout, bf16, CPU, tcp
     python scripts/bench_kv_migration.py --device cuda            # CUDA caches: pinned staging
     python scripts/bench_kv_migration.py --model tiny-deepseek-v3 --tokens 512 --dtype float32
+    python scripts/bench_kv_migration.py --json kv.json          # the result also as a file
 
 On CUDA the wheel's TCP transport reads host memory only, so each side stages through a pinned
 host buffer; the report splits the time into gather (device -> pinned, prefill side), wire
@@ -25,15 +26,14 @@ import subprocess
 import sys
 import time
 
+import gpu_common as gc
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from dlengine.builder import resolve_model_path  # noqa: E402
-from dlengine.cache.kv_cache import KVCache  # noqa: E402
-from dlengine.config import ModelConfig, parse_dtype  # noqa: E402
-from dlengine.parallel.transfer import KVLayout, make_transfer_engine  # noqa: E402
-from dlengine.parallel.transfer.kv_region import KVRegion  # noqa: E402
+from dlengine.builder import resolve_model_path
+from dlengine.cache.kv_cache import KVCache
+from dlengine.config import ModelConfig, parse_dtype
+from dlengine.parallel.transfer import KVLayout, make_transfer_engine
+from dlengine.parallel.transfer.kv_region import KVRegion
 
 
 def make_side(args, seed: int):
@@ -79,6 +79,7 @@ def main() -> None:
     ap.add_argument("--inflight", type=int, default=1, help="pulls issued before waiting for the first")
     ap.add_argument("--contiguous", action="store_true", help="consecutive block ids on both sides")
     ap.add_argument("--direct", action="store_true", help="register the CPU cache itself (no staging copies)")
+    ap.add_argument("--json", help="also write the result here")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
@@ -162,6 +163,7 @@ def main() -> None:
         total = med + res["gather_ms_per_request"] / 1e3 + statistics.median(scatter)
         res["end_to_end_GBps"] = nbytes / total / 1e9
         print(json.dumps(res, indent=1))
+        gc.write_json(args.json, res, announce=False)
         te.close()
     finally:
         child.stdin.close()

@@ -25,15 +25,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import gpu_common as gc
+import torch
 
-import torch  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
-
-from dlengine.kernels.mla import mla_decode_gluon as gluon_mla  # noqa: E402
+from dlengine.kernels.mla import mla_decode_gluon as gluon_mla
 
 H, C, R = 128, 512, 64
 DT = torch.bfloat16
@@ -128,14 +124,6 @@ def correctness() -> bool:
     return all([check(*c) for c in cases])
 
 
-def copy_bandwidth() -> float:
-    n = 1 << 30
-    x = torch.empty(n, dtype=torch.uint8, device=DEV)
-    y = torch.empty_like(x)
-    t = do_bench(lambda: y.copy_(x), warmup=10, rep=50, return_mode="median") * 1e-3
-    return 2 * n / t / 1e9
-
-
 def sweep(copy_bw: float) -> None:
     fi_ws = torch.empty(256 << 20, dtype=torch.int8, device=DEV)
     for bs, ctx in SWEEP:
@@ -147,18 +135,10 @@ def sweep(copy_bw: float) -> None:
             def call(cache=cache, bt=bt, q_lat=q_lat, q_pe=q_pe, tok=tok, ln=ln, out=out, ctx=ctx):
                 return gluon_mla.mla_decode_gluon(q_lat, q_pe, cache, bt, tok, ln, out, SCALE, max_seq_len=ctx)
 
-            res = {"gluon": do_bench(call, warmup=10, rep=40, return_mode="median") * 1e-3}
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                call()
-            res["gluon(graph)"] = do_bench(graph.replay, warmup=10, rep=40, return_mode="median") * 1e-3
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(20):
-                call()
-            host_us = (time.perf_counter() - t0) / 20 * 1e6
-            torch.cuda.synchronize()
-            extra = f" host {host_us:.0f} us/call"
+            res = {"gluon": gc.bench_s(call, rep=40)}
+            graph = gc.capture_graph(call)
+            res["gluon(graph)"] = gc.bench_s(graph.replay, rep=40)
+            extra = f" host {gc.host_us(call, 20):.0f} us/call"
             if BatchMLAPagedAttentionWrapper is not None:
                 wrapper = BatchMLAPagedAttentionWrapper(fi_ws, backend="auto")
                 npg = ctx // page
@@ -170,8 +150,7 @@ def sweep(copy_bw: float) -> None:
                 fi_out = wrapper.run(q_lat, q_pe, ckv, kpe)
                 call()
                 extra += f", |gluon - flashinfer| <= {(fi_out.float() - out.float()).abs().max().item():.1e}"
-                res["flashinfer"] = do_bench(lambda: wrapper.run(q_lat, q_pe, ckv, kpe), warmup=10, rep=40,
-                                             return_mode="median") * 1e-3
+                res["flashinfer"] = gc.bench_s(lambda: wrapper.run(q_lat, q_pe, ckv, kpe), rep=40)
             line = " | ".join(f"{k} {t * 1e6:7.1f} us {100 * kv_bytes / t / 1e9 / copy_bw:4.1f}%" for k, t in res.items())
             print(f"  batch {bs:>3} x ctx {ctx:>5} page {page:>2}: {line}{extra}", flush=True)
             del cache, graph
@@ -185,11 +164,9 @@ def parts(copy_bw: float) -> None:
         cache, bt, q_lat, q_pe, tok, ln = make([ctx] * bs, 64, poison=False)
         out = torch.empty_like(q_lat)
         kv_bytes = bs * ctx * (C + R) * 2
-        gluon_mla.mla_decode_gluon(q_lat, q_pe, cache, bt, tok, ln, out, SCALE, max_seq_len=ctx)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            gluon_mla.mla_decode_gluon(q_lat, q_pe, cache, bt, tok, ln, out, SCALE, max_seq_len=ctx)
-        times = sorted(do_bench(graph.replay, warmup=10, rep=60, return_mode="median") * 1e-3 for _ in range(3))
+        graph = gc.capture_graph(lambda: gluon_mla.mla_decode_gluon(q_lat, q_pe, cache, bt, tok, ln, out, SCALE,
+                                                                     max_seq_len=ctx))
+        times = sorted(gc.bench_s(graph.replay, rep=60) for _ in range(3))
         splits = gluon_mla.choose_num_splits(bs, 2, ctx, torch.cuda.get_device_properties(0).multi_processor_count)
         cells = [f"{splits} splits", f"call {times[1] * 1e6:6.1f} us {100 * kv_bytes / times[1] / 1e9 / copy_bw:4.1f}% "
                  f"(rounds {', '.join(f'{t * 1e6:.1f}' for t in times)})"]
@@ -197,12 +174,9 @@ def parts(copy_bw: float) -> None:
             ws = torch.randn(bs * H * splits * (C + 1), dtype=torch.float32, device=DEV)
             for pair in ((True, False) if splits == 2 else (False,)):
                 # 20 launches in one graph: an eager launch alone would time the host, not the kernel
-                gluon_mla._launch_merge(ws, tok, ln, out, splits, pair=pair)
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g):
-                    for _ in range(20):
-                        gluon_mla._launch_merge(ws, tok, ln, out, splits, pair=pair)
-                t = do_bench(g.replay, warmup=5, rep=40, return_mode="median") * 1e-3 / 20
+                g = gc.capture_graph(lambda pair=pair: gluon_mla._launch_merge(ws, tok, ln, out, splits, pair=pair),
+                                     launches=20)
+                t = gc.bench_s(g.replay, warmup=5, rep=40) / 20
                 cells.append(f"merge alone{' (pair)' if pair else ''} {t * 1e6:5.1f} us")
                 del g
         print(f"  batch {bs:>3} x ctx {ctx:>5}: " + " | ".join(cells), flush=True)
@@ -222,7 +196,7 @@ def main() -> int:
     print("== correctness vs the float32 reference ==", flush=True)
     ok = correctness()
     if not args.check_only:
-        copy_bw = copy_bandwidth()
+        copy_bw = gc.copy_bandwidth()
         print(f"== speed (copy bandwidth {copy_bw:.0f} GB/s; % of it) ==", flush=True)
         if args.parts:
             parts(copy_bw)

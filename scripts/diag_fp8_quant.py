@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """Where the Triton per-token-group FP8 quant differs from the torch reference (GPU diagnostic)."""
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import torch  # noqa: E402
+import gpu_common as gc
+import torch
 
-from dlengine.kernels.fp8 import fp8_gemm_triton as fg, fp8_torch as ft  # noqa: E402
+from dlengine.kernels.fp8 import fp8_gemm_triton as fg, fp8_torch as ft
 
+if not gc.require_cuda():
+    sys.exit(2)
 torch.manual_seed(0)
 for m, k in ((1, 7168), (333, 2048)):
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)

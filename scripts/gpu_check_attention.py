@@ -26,26 +26,20 @@ import json
 import sys
 import time
 import traceback
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import gpu_common as gc
+import torch
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
+from dlengine.kernels.attention import paged_attention_triton as ta
+from dlengine.kernels.common import num_sms
+from dlengine.kernels.context import AttentionMetadata
+from dlengine.kernels.attention.paged_attention_torch import paged_attention_ref, write_kv_cache
 
-from dlengine.kernels.attention import paged_attention_triton as ta  # noqa: E402
-from dlengine.kernels.common import num_sms  # noqa: E402
-from dlengine.kernels.context import AttentionMetadata  # noqa: E402
-from dlengine.kernels.attention.paged_attention_torch import paged_attention_ref, write_kv_cache  # noqa: E402
-
+FI_VERSION = gc.flashinfer_version()
 try:
     import flashinfer  # type: ignore
-
-    FI_VERSION = getattr(flashinfer, "__version__", "?")
-except Exception as e:  # noqa: BLE001 - any import failure means "not available"
+except Exception:  # noqa: BLE001 - any import failure means "not available"
     flashinfer = None
-    FI_VERSION = f"unavailable ({type(e).__name__}: {str(e)[:80]})"
 
 DEV = "cuda"
 CONFIG: dict | None = None  # --config: tile/warp overrides passed to every Triton call
@@ -161,7 +155,7 @@ def safe_fi(make, *args):
 def bench(fn) -> float:
     """Median microseconds of fn as called eagerly (host launch cost shows when it exceeds the
     GPU time plus do_bench's L2 flush)."""
-    return do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e3
+    return gc.bench_s(fn) * 1e6
 
 
 def graph_bench(fn) -> float:
@@ -170,18 +164,7 @@ def graph_bench(fn) -> float:
     if fn is None:
         return float("nan")
     try:
-        fn()
-        torch.cuda.synchronize()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        torch.cuda.synchronize()
-        return bench(g.replay)
+        return gc.graph_bench_s(fn, side_stream_warmup=True) * 1e6
     except Exception:  # noqa: BLE001
         torch.cuda.synchronize()
         return float("nan")
@@ -189,16 +172,7 @@ def graph_bench(fn) -> float:
 
 def host_us(fn, n=200) -> float:
     """Host microseconds per call (enqueue only; the GPU queue absorbs the launches)."""
-    if fn is None:
-        return float("nan")
-    fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    dt = (time.perf_counter() - t) / n
-    torch.cuda.synchronize()
-    return dt * 1e6
+    return float("nan") if fn is None else gc.host_us(fn, n)
 
 
 def errs(out, ref):
@@ -318,13 +292,7 @@ def correctness(quick: bool) -> bool:
 
 
 def copy_bandwidth() -> float:
-    n = 1 << 30  # 1 GiB each way
-    x = torch.empty(n, dtype=torch.uint8, device=DEV)
-    y = torch.empty_like(x)
-    t = do_bench(lambda: y.copy_(x), warmup=10, rep=50, return_mode="median") * 1e-3
-    bw = 2 * n / t / 1e9
-    x = y = None  # noqa: F841 - free before the sweeps
-    torch.cuda.empty_cache()
+    bw = gc.copy_bandwidth(DEV)
     print(f"\n== device copy bandwidth: {bw:.0f} GB/s (1 GiB copy, read + write) ==", flush=True)
     RESULTS["env"]["copy_GBps"] = bw
     return bw
@@ -446,12 +414,9 @@ def main() -> int:
     CONFIG = json.loads(args.config) if args.config else None
     sections = set(args.sections.split(","))
 
-    if not torch.cuda.is_available():
-        print("no CUDA device: this script is for the GPU (CPU tests: pytest tests/test_triton_attention.py)")
+    if not gc.require_cuda("no CUDA device: this script is for the GPU (CPU tests: pytest tests/test_triton_attention.py)"):
         return 2
-    props = torch.cuda.get_device_properties(0)
-    env = dict(device=props.name, sms=props.multi_processor_count, torch=torch.__version__,
-               triton=triton.__version__, flashinfer=FI_VERSION, interpret=ta.interpret_mode(), config=CONFIG)
+    env = gc.device_env(flashinfer=FI_VERSION, interpret=ta.interpret_mode(), config=CONFIG)
     RESULTS["env"].update(env)
     print("  ".join(f"{k}={v}" for k, v in env.items()), flush=True)
     t0 = time.time()
@@ -489,9 +454,7 @@ def main() -> int:
             traceback.print_exc()
     RESULTS["env"]["seconds"] = time.time() - t0
     RESULTS["env"]["correct"] = ok
-    if args.json:
-        Path(args.json).write_text(json.dumps(RESULTS, indent=1, default=str))
-        print(f"\nwrote {args.json}")
+    gc.write_json(args.json, RESULTS)
     print(f"\ndone in {time.time() - t0:.0f} s; correctness {'OK' if ok else 'FAILED'}")
     return 0 if ok else 1
 

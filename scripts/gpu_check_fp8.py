@@ -27,20 +27,21 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 import traceback
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import gpu_common as gc
+import torch
 
-import torch  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
+from dlengine.kernels.fp8 import fp8_gemm_triton as tk
+from dlengine.kernels.fp8 import fp8_torch as ref
 
-from dlengine.kernels.fp8 import fp8_gemm_triton as tk  # noqa: E402
-from dlengine.kernels.fp8 import fp8_torch as ref  # noqa: E402
+
+def do_bench(fn, warmup: int, rep: int) -> float:
+    """Mean milliseconds of fn (triton's do_bench default, which these tables were measured with)."""
+    return gc.bench_s(fn, warmup=warmup, rep=rep, mode="mean") * 1e3
+
 
 DEV = "cuda"
 SHAPES = [(7168, 2048), (24576, 1536), (2112, 7168), (7168, 18432), (18432, 7168)]  # (N, K)
@@ -235,14 +236,12 @@ def check_engine() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="M in {1, 128, 4096} only")
-    ap.add_argument("--json", type=Path, help="write results here (default $OUT/fp8.json when $OUT is set)")
+    ap.add_argument("--json", help="write results here (default $OUT/fp8.json when $OUT is set)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA device")
     torch.backends.cuda.matmul.allow_tf32 = False  # the float32 reference must be float32
-    RESULTS["env"] = dict(device=torch.cuda.get_device_name(), capability=torch.cuda.get_device_capability(),
-                          torch=torch.__version__, triton=__import__("triton").__version__,
-                          deep_gemm=tk.HAS_DEEP_GEMM)
+    RESULTS["env"] = gc.device_env(deep_gemm=tk.HAS_DEEP_GEMM)
     print(RESULTS["env"])
     t0 = time.perf_counter()
     steps = (check_quant, lambda: check_gemms([1, 128, 4096] if args.quick else MS),
@@ -255,11 +254,7 @@ def main() -> None:
             traceback.print_exc()
     RESULTS["wall_s"] = time.perf_counter() - t0
     print(f"{'PASS' if RESULTS['pass'] else 'FAIL'} in {RESULTS['wall_s']:.0f} s")
-    out = args.json or (Path(os.environ["OUT"]) / "fp8.json" if os.environ.get("OUT") else None)
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(RESULTS, indent=1, default=str))
-        print("wrote", out)
+    gc.write_json(gc.out_path("fp8.json", args.json), RESULTS)
     sys.exit(0 if RESULTS["pass"] else 1)
 
 

@@ -26,28 +26,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import traceback
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import gpu_common as gc
+import torch
 
-import torch  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
+from dlengine.kernels.mla import mla_decode_gluon as gluon_mla
+from dlengine.kernels.attention import paged_attention_triton as ta
+from dlengine.kernels.mla import mla_triton as tm
+from dlengine.kernels.common import num_sms
+from dlengine.kernels.context import AttentionMetadata
+from dlengine.kernels.mla.mla_torch import MLAWeights, mla_attention_ref
 
-from dlengine.kernels.mla import mla_decode_gluon as gluon_mla  # noqa: E402
-from dlengine.kernels.attention import paged_attention_triton as ta  # noqa: E402
-from dlengine.kernels.mla import mla_triton as tm  # noqa: E402
-from dlengine.kernels.common import num_sms  # noqa: E402
-from dlengine.kernels.context import AttentionMetadata  # noqa: E402
-from dlengine.kernels.mla.mla_torch import MLAWeights, mla_attention_ref  # noqa: E402
-
+FI = gc.flashinfer_version()
 try:
-    import flashinfer  # type: ignore
     from flashinfer.mla import BatchMLAPagedAttentionWrapper  # type: ignore
-
-    FI = getattr(flashinfer, "__version__", "?")
 except Exception as e:  # noqa: BLE001 - any import failure means "not available"
     BatchMLAPagedAttentionWrapper = None
     FI = f"unavailable ({type(e).__name__}: {str(e)[:80]})"
@@ -237,20 +231,14 @@ def graph_replay(w: MLAWeights, cache: torch.Tensor, gen: torch.Generator) -> bo
 
 
 def copy_bandwidth() -> float:
-    n = 1 << 30
-    x = torch.empty(n, dtype=torch.uint8, device=DEV)
-    y = torch.empty_like(x)
-    t = do_bench(lambda: y.copy_(x), warmup=10, rep=50, return_mode="median") * 1e-3
-    bw = 2 * n / t / 1e9
-    x = y = None  # noqa: F841 - free before the sweeps
-    torch.cuda.empty_cache()
+    bw = gc.copy_bandwidth(DEV)
     print(f"\n== device copy bandwidth: {bw:.0f} GB/s (1 GiB copy, read + write) ==", flush=True)
     RESULTS["env"]["copy_GBps"] = bw
     return bw
 
 
 def bench(fn) -> float:
-    return do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e-3
+    return gc.bench_s(fn, rep=40)
 
 
 def decode_inputs(b: Batch, w: MLAWeights):
@@ -395,8 +383,7 @@ def main() -> int:
                     "comparison at batch 32..128 x 8k, e.g. [64]")
     ap.add_argument("--skip-configs", action="store_true", help="skip the Triton tile sweep")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("needs a CUDA device")
+    if not gc.require_cuda():
         return 2
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
@@ -439,11 +426,7 @@ def main() -> int:
     print(f"\ncorrectness (triton): {'PASS' if ok else 'FAIL'}")
     if "flashinfer_backend_ok" in RESULTS["env"]:
         print(f"correctness (flashinfer MLA backend): {'PASS' if RESULTS['env']['flashinfer_backend_ok'] else 'FAIL'}")
-    out_dir = os.environ.get("OUT")
-    if out_dir:
-        path = Path(out_dir) / "mla_decode.json"
-        path.write_text(json.dumps(RESULTS, indent=1))
-        print(f"wrote {path}")
+    gc.write_json(gc.out_path("mla_decode.json"), RESULTS)
     return 0 if ok else 1
 
 

@@ -25,17 +25,13 @@ import math
 import sys
 import time
 import traceback
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import gpu_common as gc
+import torch
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
-
-from dlengine.bench.peaks import measure_peaks  # noqa: E402
-from dlengine.kernels.moe import fused_moe_triton as fmt  # noqa: E402
-from dlengine.kernels.moe.fused_moe_torch import fused_experts_torch  # noqa: E402
+from dlengine.bench.peaks import measure_peaks
+from dlengine.kernels.moe import fused_moe_triton as fmt
+from dlengine.kernels.moe.fused_moe_torch import fused_experts_torch
 
 DEV = "cuda"
 H, E, K, I = 7168, 256, 8, 2048
@@ -178,13 +174,8 @@ def check_graph(w13, w2) -> bool:
 
 
 def graph_time(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    torch.cuda.synchronize()
-    return do_bench(g.replay, warmup=10, rep=50, return_mode="median") * 1e3
+    """Median microseconds of fn replayed from a CUDA graph."""
+    return gc.graph_bench_s(fn) * 1e6
 
 
 def timings(tokens: list[int], w13, w2, peaks: dict, ref_max_t: int) -> None:
@@ -198,7 +189,7 @@ def timings(tokens: list[int], w13, w2, peaks: dict, ref_max_t: int) -> None:
         touched = int(torch.unique(ti).numel())
         flops = 6.0 * t * K * H * I
         wbytes = touched * 3 * I * H * w13.element_size()
-        us = do_bench(lambda: triton_moe(x, w13, w2, tw, ti), warmup=10, rep=50, return_mode="median") * 1e3
+        us = gc.bench_s(lambda: triton_moe(x, w13, w2, tw, ti)) * 1e6
         try:
             gus = graph_time(lambda: triton_moe(x, w13, w2, tw, ti))
         except Exception as e:  # noqa: BLE001
@@ -206,8 +197,7 @@ def timings(tokens: list[int], w13, w2, peaks: dict, ref_max_t: int) -> None:
             gus = float("nan")
         rus = float("nan")
         if t <= ref_max_t:
-            rus = do_bench(lambda: fused_experts_torch(x, w13, w2, tw, ti), warmup=3, rep=20,
-                           return_mode="median") * 1e3
+            rus = gc.bench_s(lambda: fused_experts_torch(x, w13, w2, tw, ti), warmup=3, rep=20) * 1e6
         best = min(us, gus) if not math.isnan(gus) else us
         rec = {"T": t, "block_m": fmt.get_config(t * K, E, x.dtype, CONFIG)["block_m"], "experts_hit": touched,
                "triton_us": us, "triton_graph_us": gus, "torch_us": rus, "tflops": flops / best * 1e-6,
@@ -222,18 +212,16 @@ def timings(tokens: list[int], w13, w2, peaks: dict, ref_max_t: int) -> None:
 def main() -> int:
     global CONFIG
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--json", type=Path, help="write all results here")
+    ap.add_argument("--json", help="write all results here")
     ap.add_argument("--quick", action="store_true", help="fewer token counts")
     ap.add_argument("--config", type=json.loads, help="tile overrides (keys of fused_moe_triton._default_config)")
     ap.add_argument("--ref-max-tokens", type=int, default=4096, help="time the torch reference up to this T")
     ap.add_argument("--skip-timings", action="store_true")
     args = ap.parse_args()
     CONFIG = args.config
-    if not torch.cuda.is_available():
-        print("needs a CUDA device")
+    if not gc.require_cuda():
         return 2
-    RESULTS["env"] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                      "dims": {"hidden": H, "experts": E, "top_k": K, "intermediate": I}, "config": CONFIG}
+    RESULTS["env"] = gc.device_env(dims={"hidden": H, "experts": E, "top_k": K, "intermediate": I}, config=CONFIG)
     print(f"{RESULTS['env']}")
     if args.quick:
         check_tokens = [1, 3, 16, 128, 1024, 4096]
@@ -265,9 +253,7 @@ def main() -> int:
     RESULTS["ok"] = ok
     RESULTS["wall_s"] = time.time() - t0
     print(f"== {'ALL OK' if ok else 'FAILURES'} in {RESULTS['wall_s']:.0f} s")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(RESULTS, indent=1, default=str))
+    gc.write_json(args.json, RESULTS, announce=False)
     return 0 if ok else 1
 
 

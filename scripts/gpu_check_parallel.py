@@ -29,15 +29,13 @@ import os
 import sys
 import time
 import traceback
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import gpu_common as gc
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from dlengine import EngineBuilder, SamplingParams  # noqa: E402
-from dlengine.config import ConfigError  # noqa: E402
+from dlengine import EngineBuilder, SamplingParams
+from dlengine.config import ConfigError
 
 MAX_NEW = 16
 
@@ -216,8 +214,7 @@ def main() -> int:
     failed = [r for r in results if r["status"] == "FAIL"]
     summary = {"device": args.device, "checks": results, "passed": not failed}
     print(json.dumps(summary, indent=1))
-    if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=1))
+    gc.write_json(args.json, summary, announce=False)
     return 1 if failed or not results else 0
 
 

@@ -1,8 +1,29 @@
 #!/usr/bin/env bash
-# Everything we check and time on a GPU, in one call of the device tool (see docs/performance.md).
-#   bash scripts/gpu_suite.sh [tests|attention|w1|w2|w1moe|tune_moe|mla|mladecode|fp8|dsv3|parallel|all]...
-# Results land in $OUT (or ./gpu_out): logs and JSON files. FlashInfer is used when carried as
-# wheels in .whl/ (flashinfer-python + apache-tvm-ffi, installed with --no-deps).
+# Everything we check and time on a GPU (an H100 for the numbers in docs/performance.md).
+#   bash scripts/gpu_suite.sh [STEP]...        (no step: all of them, in this order)
+# Steps (each writes STEP's logs and JSON files under $OUT, default ./gpu_out):
+#   tests      GPU tests (tests/test_gpu_*.py, Triton kernels at GPU sizes)
+#   attention  paged-attention kernels vs the torch reference and FlashInfer  (performance.md: attention)
+#   w1         W1 throughput, no transformers run (quick re-check of the engine)
+#   w2         W2 latency at batch 1 and 64
+#   engine     the end-to-end rows exactly as docs/performance.md gives them: W1 with
+#              --compare transformers, W2 batch 1 and 64, DeepSeek-V3 batch 32 x 8k decode with
+#              --mla-decode gluon and its reference --mla-decode triton
+#   w1moe      W1's workload on Qwen3-30B-A3B
+#   moe        fused MoE at DeepSeek-V3 dims (gpu_check_moe.py --quick)
+#   tune_moe   fused-MoE tile search at DeepSeek-V3 and Qwen3-30B-A3B dims (long)
+#   mla        Triton MLA kernels vs the torch reference, FlashInfer MLA
+#   mladecode  the Hopper Gluon MLA decode kernel: correctness, sweep vs FlashInfer
+#   probe      where the Gluon MLA decode kernel's time goes (timelines, per-tile fit)
+#   sm90       sm_90 build resources of the MLA decode kernels (registers, spills, shared memory)
+#   fp8        block-scaled FP8 GEMMs and MoE, tiny FP8 engine
+#   dsv3       DeepSeek-V3 dims, 4 layers, batch 1 and 64 x 1k
+#   parallel   parallel engine vs single process (NCCL; one GPU: a one-rank NCCL world)
+#   kvmig      KV migration over DLSlime between two processes (CUDA and host caches)
+#   profile    GPU time per kernel of a W2 decode step (profile_kernels.py)
+# Extra options per step: ATTN_ARGS, W1_ARGS, W2_ARGS, W1MOE_ARGS, MOE_ARGS, TUNE_TOKENS, MLA_ARGS,
+# FP8_ARGS, DSV3_ARGS, PARALLEL_ARGS. FlashInfer is used when its wheels are in .whl/
+# (flashinfer-python + apache-tvm-ffi, installed with --no-deps); DLSlime when importable.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -36,6 +57,24 @@ run_w2() {  # Qwen3-8B, batch 1 and 64, 512-token prompt, 256 output tokens
       --json "$OUT/w2_b$bsz.json" 2>&1 | tee "$OUT/w2_b$bsz.log" | tail -30
   done
 }
+run_engine() {  # the end-to-end rows of docs/performance.md, with the commands it gives
+  local w1="--model qwen3-0.6b --load-format dummy --dtype bfloat16 --num-prompts 256 --input-len 562 --output-len 562 --range-ratio 0.822 --max-model-len 2048"
+  local w2="--model qwen3-8b --load-format dummy --dtype bfloat16 --input-len 512 --output-len 256 --max-model-len 1024"
+  local dsv3="--model deepseek-v3 --load-format dummy --num-layers 4 --dtype bfloat16 --batch-size 32 --input-len 8192 --output-len 64 --max-model-len 8448"
+  python3 -m dlengine.cli bench throughput $w1 --compare transformers --compare-num-prompts 32 \
+    --no-progress --json "$OUT/engine_w1.json" 2>&1 | tee "$OUT/engine_w1.log" | tail -40
+  for bsz in 1 64; do
+    python3 -m dlengine.cli bench latency $w2 --batch-size $bsz \
+      --no-progress --json "$OUT/engine_w2_b$bsz.json" 2>&1 | tee "$OUT/engine_w2_b$bsz.log" | tail -30
+  done
+  for k in gluon triton; do  # the Gluon kernel and its reference, one after the other in one call
+    python3 -m dlengine.cli bench latency $dsv3 --mla-decode $k \
+      --no-progress --json "$OUT/engine_dsv3_$k.json" 2>&1 | tee "$OUT/engine_dsv3_$k.log" | tail -30
+  done
+}
+run_moe() {  # fused MoE at DeepSeek-V3 dims: correctness, CUDA graphs, timings vs copy BW and GEMM peak
+  python3 scripts/gpu_check_moe.py ${MOE_ARGS:---quick} --json "$OUT/moe.json" 2>&1 | tee "$OUT/moe.log" | tail -30
+}
 run_w1moe() {  # W1's workload on Qwen3-30B-A3B (128 experts, top-8) with dummy weights
   python3 -m dlengine.cli bench throughput --model qwen3-30b-a3b --load-format dummy --dtype bfloat16 \
     --num-prompts 256 --input-len 562 --output-len 562 --range-ratio 0.822 --max-model-len 2048 \
@@ -63,15 +102,28 @@ run_dsv3() {  # DeepSeek-V3 dims, first 4 layers (3 dense + 1 MoE of 256 experts
       --json "$OUT/dsv3_b$bsz.json" 2>&1 | tee "$OUT/dsv3_b$bsz.log" | tail -25
   done
 }
+run_probe() {  # per-program timelines and the per-tile fit of the Gluon MLA decode kernel
+  python3 scripts/probe_mla_decode.py 2>&1 | tee "$OUT/probe_mla_decode.log" | tail -40
+}
+run_sm90() {  # registers / spills / shared memory of the MLA decode kernels' sm_90 builds (no GPU needed)
+  python3 scripts/sm90_resources.py 2>&1 | tee "$OUT/sm90_resources.log" | tail -10
+}
+run_kvmig() {  # KV migration over DLSlime TCP, Qwen3-8B cache layout: CUDA caches, then host caches
+  python3 scripts/bench_kv_migration.py --device cuda --requests 20 --json "$OUT/kv_migration_cuda.json" 2>&1 \
+    | tee "$OUT/kv_migration_cuda.log" | tail -25
+  python3 scripts/bench_kv_migration.py --requests 12 --json "$OUT/kv_migration_host.json" 2>&1 \
+    | tee "$OUT/kv_migration_host.log" | tail -25
+}
+run_profile() {  # GPU time per kernel of a W2 (Qwen3-8B, batch 1) decode step
+  python3 scripts/profile_kernels.py --model qwen3-8b --batch-size 1 --input-len 512 2>&1 | tee "$OUT/profile_kernels.log" | tail -30
+}
 run_parallel() {  # parallel engine vs single-process on every visible GPU (NCCL); 1 GPU: a 1-rank NCCL world
   python3 scripts/gpu_check_parallel.py ${PARALLEL_ARGS:-} --json "$OUT/parallel.json" 2>&1 | tee "$OUT/parallel.log" | tail -40
 }
-steps=${*:-all}
-for s in $steps; do
+ALL="tests attention w1 w2 engine w1moe moe tune_moe mla mladecode probe sm90 fp8 dsv3 parallel kvmig profile"
+for s in ${*:-all}; do
   case $s in
-    tests) run_tests ;; attention) run_attention ;; w1) run_w1 ;; w2) run_w2 ;;
-    w1moe) run_w1moe ;; tune_moe) run_tune_moe ;; mla) run_mla ;; mladecode) run_mladecode ;; fp8) run_fp8 ;; dsv3) run_dsv3 ;; parallel) run_parallel ;;
-    all) run_tests; run_attention; run_w1; run_w2 ;;
-    *) echo "unknown step $s" ;;
+    all) for t in $ALL; do echo "== $t"; "run_$t"; done ;;
+    *) if [[ " $ALL " == *" $s "* ]]; then "run_$s"; else echo "unknown step $s (steps: $ALL all)"; fi ;;
   esac
 done

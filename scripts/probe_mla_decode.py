@@ -25,18 +25,12 @@ bf16; H100, about a minute; numbers and what they showed in docs/mla.md):
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import gpu_common as gc
+import torch
+from bench_mla_decode import C, DEV, R, SCALE, make
 
-import torch  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
-
-from dlengine.kernels.mla import mla_decode_gluon as gluon_mla  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_mla_decode import C, DEV, R, SCALE, copy_bandwidth, make  # noqa: E402
+from dlengine.kernels.mla import mla_decode_gluon as gluon_mla
 
 BW = [3000.0]  # the copy bandwidth measured at the start (GB/s)
 
@@ -55,14 +49,10 @@ def time_split_kernel(bs: int, ctx: int, splits: int, one_page: bool, merge: boo
         def call():
             gluon_mla.mla_decode_gluon(q_lat, q_pe, cache, bt, tok, ln, out, SCALE, max_seq_len=ctx,
                                        num_splits=splits)
-        call()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(10):
-                call()
+        g = gc.capture_graph(call, launches=10)
     finally:
         gluon_mla._launch_merge = real_merge
-    ts = sorted(do_bench(g.replay, warmup=5, rep=30, return_mode="median") * 1e-3 / 10 for _ in range(3))
+    ts = sorted(gc.bench_s(g.replay, warmup=5, rep=30) / 10 for _ in range(3))
     return ts[1]
 
 
@@ -110,30 +100,13 @@ def ab(flag: str, values: list, configs: list[tuple[int, int]]) -> None:
         graphs = []
         for value in values:
             setattr(gluon_mla, flag, value)
-            gluon_mla.mla_decode_gluon(q_lat, q_pe, cache, bt, tok, ln, out, SCALE, max_seq_len=ctx)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                for _ in range(10):
-                    gluon_mla.mla_decode_gluon(q_lat, q_pe, cache, bt, tok, ln, out, SCALE, max_seq_len=ctx)
-            graphs.append(g)
+            graphs.append(gc.capture_graph(lambda: gluon_mla.mla_decode_gluon(
+                q_lat, q_pe, cache, bt, tok, ln, out, SCALE, max_seq_len=ctx), launches=10))
         setattr(gluon_mla, flag, default)
-        for _ in range(20):
-            for g in graphs:
-                g.replay()
-        marks = [[] for _ in graphs]
-        for i in range(40):
-            for j in range(len(graphs)):
-                k = (i + j) % len(graphs)
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                graphs[k].replay()
-                b.record()
-                marks[k].append((a, b))
-        torch.cuda.synchronize()
         kv = bs * ctx * (C + R) * 2
         cells = []
-        for value, pairs in zip(values, marks):
-            ts = sorted(a.elapsed_time(b) * 1e3 / 10 for a, b in pairs)
+        for value, times_ms in zip(values, gc.interleaved_graph_times(graphs, rounds=40, warmup=20)):
+            ts = [t * 1e3 / 10 for t in times_ms]
             med = ts[len(ts) // 2]
             cells.append(f"{flag}={value}: {med:7.1f} us ({kv / med / 1e3 / BW[0] * 100:4.1f}%) "
                          f"[p10 {ts[4]:.1f}, p90 {ts[-5]:.1f}]")
@@ -156,7 +129,7 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="with --ab: small batches and contexts only")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), flush=True)
-    BW[0] = bw = copy_bandwidth()
+    BW[0] = bw = gc.copy_bandwidth()
     print(f"copy bandwidth {bw:.0f} GB/s", flush=True)
     if args.ab:
         flag, _, listed = args.ab.partition("=")

@@ -7,15 +7,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import gpu_common  # noqa: F401 - puts the repository on sys.path
+import torch
+from torch.profiler import ProfilerActivity, profile
 
-import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
-
-from dlengine import EngineBuilder, SamplingParams  # noqa: E402
+from dlengine import EngineBuilder, SamplingParams
 
 
 def main() -> None:

@@ -16,15 +16,13 @@ import re
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import gpu_common  # noqa: F401 - puts the repository on sys.path
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
-from dlengine.kernels.mla import mla_decode_gluon as gluon_mla, mla_triton as triton_mla  # noqa: E402
+from dlengine.kernels.mla import mla_decode_gluon as gluon_mla, mla_triton as triton_mla
 
 POINTERS = {"qlat_ptr": "*bf16", "qpe_ptr": "*bf16", "cache_ptr": "*bf16", "bt_ptr": "*i32", "row_tok_ptr": "*i32",
             "row_len_ptr": "*i32", "row_req_ptr": "*i32", "out_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32",

@@ -406,8 +406,3 @@ def test_fused_3d_expert_tensors_load(tmp_path):
     torch.testing.assert_close(ref.dequantize_weight(moe.w13_weight, moe.w13_weight_scale_inv, 128, moe.w13_row_div,
                                                      torch.float32), expect["model.layers.2.mlp.experts.w13_weight"])
     assert torch.isfinite(fp8.prompt_logits(PROMPTS[3])).all()
-
-
-def test_fp8_checkpoint_with_parallel_layout_is_a_clear_error():
-    with pytest.raises(ConfigError, match="cannot run with parallel"):
-        EngineBuilder("tiny-deepseek-v3-fp8").device("cpu").parallel(tp=2).build()

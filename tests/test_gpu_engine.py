@@ -1,4 +1,4 @@
-"""GPU checks of the whole engine (run through the device tool; skipped on CPU).
+"""GPU checks of the whole engine (need a CUDA device, e.g. an H100; skipped on CPU).
 
 bf16 greedy tokens of the tiny Qwen3 equal the CPU float32 reference, or first differ where the
 float32 logits have a near tie (the gap between the reference token and the GPU's choice is

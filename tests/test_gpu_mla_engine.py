@@ -1,4 +1,4 @@
-"""GPU check of MLA in the whole engine (run through the device tool; skipped on CPU).
+"""GPU check of MLA in the whole engine (needs a CUDA device, e.g. an H100; skipped on CPU).
 
 Greedy tokens of the tiny DeepSeek-V3 on the triton backend in float32 (IEEE dots), with and
 without CUDA graphs (decode steps replay the absorbed MLA decode kernel), equal the CPU float32

@@ -186,7 +186,7 @@ def test_two_processes_match_hybrid(control_plane, model, decode_block_size):
         nodes = {n.engine_id: n for n in ControlPlane(control_plane).engines()}
         assert nodes[worker.engine_id].role == "prefill"
         assert nodes[worker.engine_id].endpoint["port"] == worker.endpoint["port"]
-        assert nodes[decode.role.engine_id].role == "decode"
+        assert nodes[decode.connector.engine_id].role == "decode"
         router = PDRouter(worker, decode)
         for round_ in range(2):
             outs = router.generate(PROMPTS, GREEDY)
@@ -294,13 +294,13 @@ def test_decode_engine_dead_prefill_frees_on_timeout():
     worker = WorkerEngine(spec("tiny-qwen3", "decode"))
     try:
         a, b = prefill.generate([PROMPTS[6], PROMPTS[7]], GREEDY)
-        assert prefill.role.num_pinned_blocks > 0
+        assert prefill.connector.num_pinned_blocks > 0
         worker.add_request(PROMPTS[6], GREEDY, kv_transfer_params=a.kv_transfer_params)
         worker.kill()
-        step_until([prefill], lambda: not prefill.role.pinned, timeout=10)
+        step_until([prefill], lambda: not prefill.connector.pinned, timeout=10)
         assert_pool_full(prefill)
-        assert (b.request_id, "timeout") in prefill.role.events
-        assert {r for r, _ in prefill.role.events} >= {a.request_id, b.request_id}
+        assert (b.request_id, "timeout") in prefill.connector.events
+        assert {r for r, _ in prefill.connector.events} >= {a.request_id, b.request_id}
     finally:
         worker.kill()
         prefill.close()
@@ -313,8 +313,8 @@ def pair():
     decode = local("tiny-qwen3", "decode", cache={"num_blocks": 40}, queue_timeout_s=0.5, pull_timeout_s=5.0)
     # NaN bit patterns everywhere in both staging buffers: block tails travel unwritten, and
     # must never reach the decode cache (a masked NaN key still poisons attention)
-    prefill.role.region.tensor.fill_(255)
-    decode.role.region.tensor.fill_(255)
+    prefill.connector.region.tensor.fill_(255)
+    decode.connector.region.tensor.fill_(255)
     yield prefill, decode
     prefill.close()
     decode.close()
@@ -342,12 +342,12 @@ def test_static_peers_bf16_and_direct_cache_registration():
     decode = local("tiny-qwen3", "decode", dtype="bfloat16", block_size=32)
     try:
         peers = StaticPeers([prefill, decode])
-        assert [n.engine_id for n in peers.engines("prefill")] == [prefill.role.engine_id]
+        assert [n.engine_id for n in peers.engines("prefill")] == [prefill.connector.engine_id]
         rid = prefill.add_request(PROMPTS[7], GREEDY)
         step_until([prefill], lambda: not prefill.has_unfinished_requests())
         assert prefill.block_manager.num_free_blocks < prefill.block_manager.num_blocks  # pinned in place
         assert prefill.abort(rid) and prefill.block_manager.num_free_blocks == prefill.block_manager.num_blocks
-        decode.role.region.tensor.fill_(255)  # NaN bit patterns in every staging byte not pulled
+        decode.connector.region.tensor.fill_(255)  # NaN bit patterns in every staging byte not pulled
         outs = PDRouter(prefill, decode).generate(PROMPTS, GREEDY)
         assert [o.token_ids for o in outs] == hybrid_tokens("tiny-qwen3", PROMPTS, dtype="bfloat16")
         assert_pool_full(decode)
@@ -369,7 +369,7 @@ def test_handshake_mismatch_fails_clearly():
         assert out.finish_reason == "error" and "layouts differ in dtype" in out.error
         for e in (other_model, other_cache):
             assert_pool_full(e)
-        step_until([prefill], lambda: not prefill.role.pinned)  # both failures told it to free
+        step_until([prefill], lambda: not prefill.connector.pinned)  # both failures told it to free
         assert_pool_full(prefill)
     finally:
         for e in (prefill, other_model, other_cache):
@@ -393,7 +393,7 @@ def test_malformed_params_are_rejected_and_engine_keeps_serving(pair):
         prefill.add_request(PROMPTS[4], GREEDY, kv_transfer_params=kv)
     out = run_decode(decode, PROMPTS[4], kv, others=[prefill])
     assert out.token_ids == hybrid_tokens("tiny-qwen3", [PROMPTS[4]])[0]
-    step_until([prefill], lambda: not prefill.role.pinned)
+    step_until([prefill], lambda: not prefill.connector.pinned)
     assert_pool_full(prefill)
     assert_pool_full(decode)
 
@@ -417,13 +417,13 @@ def test_decode_out_of_blocks_queues_then_fails(pair):
     assert time.monotonic() - t0 >= 0.5
     assert [o.finish_reason for o in outs if o.request_id == hog and o.finished] == ["length"]
     assert_pool_full(decode)
-    step_until([prefill], lambda: not prefill.role.pinned)
+    step_until([prefill], lambda: not prefill.connector.pinned)
     assert_pool_full(prefill)
 
 
 def test_decode_waits_for_blocks_when_it_can(pair):
     prefill, decode = pair
-    decode.role.queue_timeout_s = 30.0
+    decode.connector.queue_timeout_s = 30.0
     try:
         [p] = prefill.generate([PROMPTS[7]], GREEDY)
         decode.add_request(make_prompts(1, lengths=(500,), seed=3)[0], SamplingParams(max_tokens=3, ignore_eos=True))
@@ -431,8 +431,8 @@ def test_decode_waits_for_blocks_when_it_can(pair):
         out = run_decode(decode, PROMPTS[7], p.kv_transfer_params, others=[prefill])
         assert out.token_ids == hybrid_tokens("tiny-qwen3", [PROMPTS[7]])[0]
     finally:
-        decode.role.queue_timeout_s = 0.5
-    step_until([prefill], lambda: not prefill.role.pinned)
+        decode.connector.queue_timeout_s = 0.5
+    step_until([prefill], lambda: not prefill.connector.pinned)
     assert_pool_full(prefill)
     assert_pool_full(decode)
 
@@ -443,15 +443,15 @@ def test_abort_on_decode_side_mid_transfer(pair, when):
     [p] = prefill.generate([PROMPTS[7]], GREEDY)
     rid = decode.add_request(PROMPTS[7], GREEDY, kv_transfer_params=p.kv_transfer_params)
     if when == "pulling":
-        decode.role.before_step()  # starts the read; the next step would see it land
-        assert decode.role.active
+        decode.step()  # starts the read; the next step would see it land
+        assert decode.connector.active
     assert decode.abort(rid)
-    outs = step_until([decode, prefill], lambda: not decode.has_unfinished_requests() and not prefill.role.pinned)
+    outs = step_until([decode, prefill], lambda: not decode.has_unfinished_requests() and not prefill.connector.pinned)
     assert [o.finish_reason for o in outs if o.request_id == rid] == ["abort"]
-    assert (p.request_id, "done") in prefill.role.events  # told to free, not left to time out
+    assert (p.request_id, "done") in prefill.connector.events  # told to free, not left to time out
     assert_pool_full(decode)
-    step_until([decode], lambda: not decode.role.active)  # the aborted read ended: staging is back
-    assert decode.role.region.num_free == decode.role.region.layout.num_blocks
+    step_until([decode], lambda: not decode.connector.active)  # the aborted read ended: staging is back
+    assert decode.connector.region.num_free == decode.connector.region.layout.num_blocks
     assert_pool_full(prefill)
 
 
@@ -459,9 +459,9 @@ def test_abort_on_prefill_side_mid_transfer(pair):
     prefill, decode = pair
     [p] = prefill.generate([PROMPTS[6]], GREEDY)
     rid = decode.add_request(PROMPTS[6], GREEDY, kv_transfer_params=p.kv_transfer_params)
-    decode.role.before_step()  # the read is in flight ...
+    decode.step()  # the read is in flight ...
     assert prefill.abort(p.request_id)  # ... when the prefill side gives the blocks up
-    assert (p.request_id, "abort") in prefill.role.events
+    assert (p.request_id, "abort") in prefill.connector.events
     outs = step_until([decode], lambda: not decode.has_unfinished_requests())
     [out] = [o for o in outs if o.request_id == rid]
     assert out.finish_reason == "error" and "released the KV blocks" in out.error

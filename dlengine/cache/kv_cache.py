@@ -35,6 +35,11 @@ class KVCache:
         else:
             raise ValueError(f"unsupported KV cache geometry {model.kv_cache_geometry}")
 
+    def release(self) -> None:
+        """Drop the tensors (Engine.close): the memory goes back once nothing else holds them."""
+        self.storage = None
+        self.layers = []
+
     @property
     def nbytes(self) -> int:
         return self.storage.numel() * self.storage.element_size()

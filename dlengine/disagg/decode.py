@@ -1,9 +1,11 @@
-"""The decode role: admit requests carrying kv_transfer_params, pull their KV, decode.
+"""The decode side's KV connector: requests carrying kv_transfer_params pull their KV, then decode.
 
-A migrated request goes through: queued (waiting for free blocks) -> pulling (one batched DLSlime
-read of coalesced per-layer segments) -> verifying (re-read the prefill side's pin slot: if it
-was released meanwhile the copy is discarded) -> running (handed to the scheduler with the prompt
-counted as computed and the prefill's first token appended). The prefill side is told to free
+A migrated request goes through the scheduler like any other (engine/seams.py, KVConnector):
+waiting (for free blocks; `num_external_tokens` says its prompt arrives from elsewhere) ->
+blocks allocated, `on_allocated` starts the pull (one batched DLSlime read of coalesced per-layer
+segments into staging) -> verifying (re-read the prefill side's pin slot: if it was released
+meanwhile the copy is discarded) -> `poll` reports it ready and the scheduler runs it with the
+prompt counted as computed (the prefill's first token was appended at `on_add`). The prefill side is told to free
 its blocks (a one-sided write of the request's nonce into its done slot) as soon as the decode
 side no longer needs them: after the pull, or when the request fails or is aborted.
 
@@ -29,9 +31,9 @@ import torch
 from dlengine.disagg.params import KVTransferParams, prompt_hash
 from dlengine.disagg.prefill import DONE, META_BYTES, PIN
 from dlengine.engine.sampler import skip_sampling_steps
+from dlengine.engine.seams import PollResult
 from dlengine.parallel.transfer.base import HandshakeError, KVLayout, TransferError
 from dlengine.parallel.transfer.kv_region import KVRegion
-from dlengine.sampling_params import InvalidRequestError
 
 logger = logging.getLogger("dlengine.disagg")
 NUM_SCRATCH = 4096
@@ -45,7 +47,7 @@ class _Pull:
     region_blocks: list[int] = field(default_factory=list)
     future: object = None
     deadline: float = 0.0
-    state: str = "queued"  # queued | pulling | verifying | draining
+    state: str = "queued"  # queued | failing | pulling | verifying | draining
     scratch: int = -1
     started: float = 0.0
     nbytes: int = 0
@@ -63,13 +65,15 @@ class MigrationRecord:
     seconds: float  # from issuing the read to the pin check passing
 
 
-class DecodeRole:
+class DecodeConnector:
     name = "decode"
 
-    def __init__(self, engine, transfer, engine_id: str, fingerprint: str, pull_timeout_s: float = 30.0,
-                 queue_timeout_s: float = 60.0, staging_blocks: int | None = None,
+    def __init__(self, kv_cache, block_manager, config, transfer, engine_id: str, fingerprint: str,
+                 pull_timeout_s: float = 30.0, queue_timeout_s: float = 60.0, staging_blocks: int | None = None,
                  on_pull_failure: str = "fail") -> None:
-        self.engine = engine
+        self.kv_cache = kv_cache
+        self.block_manager = block_manager
+        self.config = config
         self.on_pull_failure = on_pull_failure
         self.transfer = transfer
         self.engine_id = engine_id
@@ -81,8 +85,8 @@ class DecodeRole:
 
             raise ConfigError("a decode engine always pulls into staging (staging_blocks=0 is for prefill engines): "
                               "a pull abandoned on timeout may still land late, and must not land in the cache")
-        self.region = KVRegion(engine.kv_cache, engine.config.model, staging_blocks,
-                               min_blocks=-(-engine.config.max_model_len // engine.kv_cache.block_size))
+        self.region = KVRegion(kv_cache, config.model, staging_blocks,
+                               min_blocks=-(-config.max_model_len // kv_cache.block_size))
         # scratch row 0: nonces to write into a prefill engine's done slots; row 1: pin re-reads
         self.scratch = torch.zeros((2, NUM_SCRATCH), dtype=torch.int64)
         self.meta_in = torch.zeros(META_BYTES, dtype=torch.uint8)
@@ -93,107 +97,92 @@ class DecodeRole:
         self._notify: list[tuple[object, int]] = []  # (future, scratch index) of done-writes in flight
         self._peers: dict[str, tuple[str, int]] = {}  # engine id -> (host, port) handshaken
         self._incompatible: dict[str, str] = {}  # engine id -> why its handshake failed
-        self.queue: deque[_Pull] = deque()
+        self.queue: dict[str, _Pull] = {}  # request id -> pull waiting for blocks
         self.active: dict[str, _Pull] = {}  # request id -> pull in flight (pulling/verifying/draining)
+        self._result = PollResult()  # what the next poll() reports
         self.migrations: list[MigrationRecord] = []
         self.counts = {"pulled": 0, "failed": 0, "recomputed": 0}  # per request, by outcome
         self.registration = None  # a discovery.Registration when registered with a control plane
 
-    # ------------------------------------------------------------------ admission
-    def prepare(self, request) -> None:
-        """Engine hook for a request added without kv_transfer_params: a decode engine computes
-        it as a hybrid engine would, so there is nothing to set up."""
-
-    def admit(self, request, kv_transfer_params) -> None:
-        """Validate and queue a migrated request (called by Engine.add_request)."""
-        p = KVTransferParams.from_dict(kv_transfer_params)
-        if p.num_computed_tokens != request.num_prompt_tokens:
-            raise InvalidRequestError(
-                f"kv_transfer_params cover {p.num_computed_tokens} tokens but the prompt has "
-                f"{request.num_prompt_tokens}; pass the same prompt to both engines")
-        if p.prompt_hash != prompt_hash(request.prompt_token_ids):
-            raise InvalidRequestError("kv_transfer_params were computed for another prompt (prompt hash differs)")
-        if p.first_token >= self.engine.config.model.vocab_size:
-            raise InvalidRequestError(f"kv_transfer_params first_token {p.first_token} is outside the vocabulary")
-        KVLayout.from_dict(p.layout)  # malformed layout: HandshakeError now, not mid-pull
+    # ------------------------------------------------------------------ the seam
+    def on_add(self, request) -> None:
+        """A request with kv_transfer_params (checked by the front): it starts with the prefill
+        side's first token and waits for blocks."""
+        if request.remote_kv is None:
+            return  # computed here, as a hybrid engine would
+        p = KVTransferParams.from_dict(request.remote_kv)
         request.append_token(p.first_token)
         # the prefill engine drew the first token's noise from this seed: draw past it here, so
         # seeded sampling continues exactly as on one engine
-        skip_sampling_steps(request, self.engine.config.model.vocab_size, self.engine.config.device)
-        self.queue.append(_Pull(request, p, time.monotonic()))
+        skip_sampling_steps(request, self.config.model.vocab_size, self.config.device)
+        self.queue[request.request_id] = _Pull(request, p, time.monotonic())
 
-    def has_pending(self) -> bool:
-        return bool(self.queue) or any(x.state != "draining" for x in self.active.values())
+    def num_external_tokens(self, request) -> int:
+        pull = self.queue.get(request.request_id)
+        if pull is None:
+            return 0
+        waited = time.monotonic() - pull.queued_at
+        if waited > self.queue_timeout_s and pull.state == "queued":
+            bm = self.block_manager
+            pull.state = "failing"
+            self._fail(pull, f"decode engine {self.engine_id} is out of KV blocks: waited {waited:.1f}s for "
+                             f"{bm.blocks_needed(pull.params.num_computed_tokens)} blocks ({bm.num_free_blocks} of "
+                             f"{bm.num_blocks} free)")
+        return pull.params.num_computed_tokens
 
-    # ------------------------------------------------------------------ the loop
-    def before_step(self) -> list:
-        outputs: list = []
+    def on_allocated(self, request, num_external_tokens: int) -> bool:
+        pull = self.queue.get(request.request_id)
+        if pull is None or pull.state == "failing":
+            return False
+        req, p = pull.request, pull.params
+        try:
+            self._ensure_peer(p)
+        except TransferError as e:
+            del self.queue[req.request_id]
+            self._fail(pull, str(e))
+            return True  # the scheduler holds it as waiting for KV until poll() fails it
+        region_blocks = self.region.allocate(req.block_ids)
+        if region_blocks is None:
+            return False  # staging is full: retry when pulls in flight have landed
+        del self.queue[req.request_id]
+        pull.region_blocks = region_blocks
+        local = self.region.layout
+        remote = KVLayout.from_dict(p.layout)
+        segments = local.segments_from(remote, p.block_ids, region_blocks, p.num_computed_tokens)
+        pull.nbytes = sum(s[2] for s in segments)
+        pull.started = time.monotonic()
+        pull.deadline = pull.started + self.pull_timeout_s
+        self.active[req.request_id] = pull
+        try:
+            pull.future = self.transfer.read(p.engine_id, "kv", "kv", segments)
+            pull.state = "pulling"
+            pull.segments = len(segments)
+        except TransferError as e:
+            self.active.pop(req.request_id)
+            self._fail(pull, f"KV pull from prefill engine {p.engine_id} failed to start: {e}")
+        return True
+
+    def poll(self) -> PollResult:
         self._reap_notifies()
         for pull in list(self.active.values()):
-            self._advance(pull, outputs)
-        self._start_queued(outputs)
-        return outputs
+            self._advance(pull)
+        result, self._result = self._result, PollResult()
+        return result
 
-    def _start_queued(self, outputs: list) -> None:
-        bm = self.engine.block_manager
-        sched = self.engine.scheduler
-        now = time.monotonic()
-        while self.queue:
-            pull = self.queue[0]
-            req, p = pull.request, pull.params
-            try:
-                self._ensure_peer(p)
-            except TransferError as e:
-                self.queue.popleft()
-                self._fail(pull, str(e), outputs)
-                continue
-            busy = len(sched.running) + len(sched.waiting) + len(self.active)
-            n_blocks = bm.blocks_needed(p.num_computed_tokens)
-            ok = busy < self.engine.config.scheduler.max_num_seqs and bm.allocate_slots(req, p.num_computed_tokens)
-            if ok:
-                region_blocks = self.region.allocate(req.block_ids)
-                if region_blocks is None:
-                    bm.free(req)
-                    ok = False
-            if not ok:
-                if now - pull.queued_at > self.queue_timeout_s:
-                    self.queue.popleft()
-                    self._fail(pull, f"decode engine {self.engine_id} is out of KV blocks: waited "
-                                     f"{now - pull.queued_at:.1f}s for {n_blocks} blocks ({bm.num_free_blocks} of "
-                                     f"{bm.num_blocks} free, {busy} requests running)", outputs)
-                    continue
-                return  # first come first served: later requests wait behind this one
-            self.queue.popleft()
-            pull.region_blocks = region_blocks
-            local = self.region.layout
-            remote = KVLayout.from_dict(p.layout)
-            segments = local.segments_from(remote, p.block_ids, region_blocks, p.num_computed_tokens)
-            pull.nbytes = sum(s[2] for s in segments)
-            pull.started = time.monotonic()
-            pull.deadline = pull.started + self.pull_timeout_s
-            self.active[req.request_id] = pull
-            try:
-                pull.future = self.transfer.read(p.engine_id, "kv", "kv", segments)
-                pull.state = "pulling"
-                pull.segments = len(segments)
-            except TransferError as e:
-                self.active.pop(req.request_id)
-                self._fail(pull, f"KV pull from prefill engine {p.engine_id} failed to start: {e}", outputs)
-
-    def _advance(self, pull: _Pull, outputs: list) -> None:
+    def _advance(self, pull: _Pull) -> None:
         p = pull.params
         try:
             finished = pull.future.wait(0.0)
         except TransferError as e:
             self.transfer.disconnect(p.engine_id)
             self._peers.pop(p.engine_id, None)
-            return self._end_pull(pull, f"KV pull from prefill engine {p.engine_id} failed: {e}", outputs)
+            return self._end_pull(pull, f"KV pull from prefill engine {p.engine_id} failed: {e}")
         if not finished:
             if time.monotonic() > pull.deadline:
-                self._timeout_peer(p.engine_id, outputs)
+                self._timeout_peer(p.engine_id)
             return
         if pull.state == "draining":
-            return self._end_pull(pull, None, outputs)
+            return self._end_pull(pull, None)
         if pull.state == "pulling":  # data is here; was it still pinned when the read finished?
             pull.scratch = self._take_scratch()
             self.scratch[1, pull.scratch] = 0
@@ -201,22 +190,22 @@ class DecodeRole:
                 pull.future = self.transfer.read(p.engine_id, "scratch", "ctrl",
                                                  [((PIN * self._remote_slots(p) + p.slot) * 8, (NUM_SCRATCH + pull.scratch) * 8, 8)])
             except TransferError as e:
-                return self._end_pull(pull, f"KV pull from prefill engine {p.engine_id} failed: {e}", outputs)
+                return self._end_pull(pull, f"KV pull from prefill engine {p.engine_id} failed: {e}")
             pull.state = "verifying"
-            return self._advance(pull, outputs)
+            return self._advance(pull)
         # verifying done
         pinned = int(self.scratch[1, pull.scratch]) == p.nonce
         if not pinned:
             return self._end_pull(pull, f"prefill engine {p.engine_id} released the KV blocks of its request "
                                         f"{p.request_id} before the pull finished (aborted there, or its pin timeout of "
-                                        f"{p.pin_timeout_s}s passed); the copy was discarded", outputs)
-        self._end_pull(pull, None, outputs)
+                                        f"{p.pin_timeout_s}s passed); the copy was discarded")
+        self._end_pull(pull, None)
 
     def _remote_slots(self, p: KVTransferParams) -> int:
         mr = p.endpoint.get("mr_info", {}).get("ctrl", {})
         return int(mr.get("length", 2 * 4096 * 8)) // 16
 
-    def _end_pull(self, pull: _Pull, error: str | None, outputs: list) -> None:
+    def _end_pull(self, pull: _Pull, error: str | None) -> None:
         req, p = pull.request, pull.params
         self.active.pop(req.request_id, None)
         if pull.scratch >= 0:
@@ -226,21 +215,18 @@ class DecodeRole:
             self.region.release(pull.region_blocks)
             return
         if error is not None:
-            return self._fail(pull, error, outputs)
+            return self._fail(pull, error)
         self.region.stage_in(pull.region_blocks, req.block_ids, p.num_computed_tokens)
         self.region.release(pull.region_blocks)
         self._notify_done(p)
-        req.num_computed_tokens = p.num_computed_tokens
-        req.metrics.num_cached_tokens = p.num_computed_tokens
         req.metrics.first_token_time = req.metrics.first_token_time or time.perf_counter()
-        self.engine.block_manager.cache_full_blocks(req)
-        self.engine.scheduler.add_running(req)
+        self._result.ready.append(req)
         self.migrations.append(MigrationRecord(req.request_id, p.engine_id, p.num_computed_tokens, len(req.block_ids),
                                                pull.segments, pull.nbytes,
                                                time.monotonic() - pull.started))
         self.counts["pulled"] += 1
 
-    def _timeout_peer(self, engine_id: str, outputs: list) -> None:
+    def _timeout_peer(self, engine_id: str) -> None:
         """A pull from `engine_id` is past its deadline: shut the endpoint down (DLSlime then never
         completes nor writes the stalled reads) and fail every pull from that engine."""
         logger.warning("decode %s: KV pull from %s timed out after %.1fs; dropping the connection",
@@ -253,39 +239,33 @@ class DecodeRole:
             pull.region_blocks = []
             pull.scratch = -1
             if pull.state == "draining":
-                self._end_pull(pull, None, outputs)
+                self._end_pull(pull, None)
             else:
                 self._end_pull(pull, f"KV transfer from prefill engine {engine_id} timed out after "
-                                     f"{self.pull_timeout_s}s (peer stalled or network down)", outputs)
+                                     f"{self.pull_timeout_s}s (peer stalled or network down)")
 
-    def _fail(self, pull: _Pull, error: str, outputs: list) -> None:
+    def _fail(self, pull: _Pull, error: str) -> None:
+        """Report the request failed (or to recompute) at the next poll; free what the pull held
+        here and tell the prefill side it may free its blocks."""
         req = pull.request
         self.region.release(pull.region_blocks)
         pull.region_blocks = []
         self._notify_done(pull.params)  # best effort: the prefill side frees on its timeout otherwise
         if self.on_pull_failure == "recompute":
-            return self._recompute(req, error)
+            # computed here instead, like a request preempted by recompute: it keeps the first
+            # token the prefill engine sampled, and its next step prefills prompt + that token
+            self.counts["recomputed"] += 1
+            logger.warning("decode %s: request %s recomputes its prompt locally: %s", self.engine_id, req.request_id,
+                           error)
+            self.queue.pop(req.request_id, None)
+            self._result.recompute.append(req)
+            return
         self.counts["failed"] += 1
-        req.error = error
         logger.warning("decode %s: request %s failed: %s", self.engine_id, req.request_id, error)
-        self.engine._finish(req, "error")  # frees the request's blocks here
-        outputs.append(self.engine._output(req, []))
+        self._result.failed.append((req, error))
 
-    def _recompute(self, req, error: str) -> None:
-        """on_pull_failure="recompute": the prompt is computed here instead. The request keeps the
-        first token the prefill engine sampled (as a request preempted by recompute keeps its
-        output) and joins the scheduler's waiting queue with nothing computed, so its next step
-        prefills prompt + that token locally and decoding goes on."""
-        self.counts["recomputed"] += 1
-        logger.warning("decode %s: request %s recomputes its prompt locally: %s", self.engine_id, req.request_id, error)
-        self.engine.block_manager.free(req)  # blocks allocated for the pull, if it got that far
-        req.num_computed_tokens = 0
-        req.metrics.num_cached_tokens = 0
-        self.engine.scheduler.add_request(req)
-
-    # ------------------------------------------------------------------ aborts
     def on_finish(self, request, reason: str) -> str:
-        """Engine._finish hook: an abort of a request whose pull is queued or in flight."""
+        """A request ends (aborted, failed, or done decoding): a pull queued or in flight stops."""
         rid = request.request_id
         pull = self.active.get(rid)
         if pull is not None and pull.state != "draining":
@@ -294,10 +274,9 @@ class DecodeRole:
             pull.state = "draining"
             self._notify_done(pull.params)
             return reason
-        for pull in list(self.queue):
-            if pull.request is request:
-                self.queue.remove(pull)
-                self._notify_done(pull.params)
+        pull = self.queue.pop(rid, None)
+        if pull is not None and pull.state != "failing":
+            self._notify_done(pull.params)
         return reason
 
     def abort(self, request_id: str) -> bool:
@@ -330,7 +309,7 @@ class DecodeRole:
                 raise HandshakeError(
                     f"handshake with prefill engine {p.engine_id} failed: model fingerprints differ (prefill "
                     f"{record.get('architecture')} {record.get('fingerprint')}, this decode engine "
-                    f"{self.engine.config.model.architecture} {self.fingerprint}); both engines must load the same "
+                    f"{self.config.model.architecture} {self.fingerprint}); both engines must load the same "
                     "checkpoint with the same dtype")
             remote = KVLayout.from_dict(record.get("layout", {}))
             try:

@@ -71,11 +71,11 @@ class ControlPlane:
         self.url, self.scope, self.stale_after_s = url, scope, stale_after_s
         self._client_cls = NanoCtrlClient
 
-    def register(self, engine, heartbeat_s: float = 2.0) -> Registration:
-        """Register a prefill/decode engine and keep it alive. Raises ConfigError when the
-        control plane is unreachable."""
-        role = engine.role
-        node = EngineNode(role.engine_id, role.name, role.transfer.local_info(), role.fingerprint, time.time())
+    def register(self, connector, heartbeat_s: float = 2.0) -> Registration:
+        """Register a prefill/decode engine (its KV connector) and keep it alive. Raises
+        ConfigError when the control plane is unreachable."""
+        c = connector
+        node = EngineNode(c.engine_id, c.name, c.transfer.local_info(), c.fingerprint, time.time())
         return Registration(self._client_cls(self.url, scope=self.scope), node, heartbeat_s, self.url)
 
     def engines(self, role: str | None = None) -> list[EngineNode]:
@@ -99,8 +99,8 @@ class StaticPeers:
     """A fixed list of engines (no control plane): `StaticPeers([prefill, decode]).engines("prefill")`."""
 
     def __init__(self, engines: list) -> None:
-        self._nodes = [EngineNode(e.role.engine_id, e.role.name, e.role.transfer.local_info(), e.role.fingerprint,
-                                  time.time()) for e in engines]
+        self._nodes = [EngineNode(e.connector.engine_id, e.connector.name, e.connector.transfer.local_info(),
+                                  e.connector.fingerprint, time.time()) for e in engines]
 
     def engines(self, role: str | None = None) -> list[EngineNode]:
         return [n for n in self._nodes if role is None or n.role == role]

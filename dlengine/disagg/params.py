@@ -73,3 +73,22 @@ class KVTransferParams:
             if not ok(d[name]):
                 raise InvalidRequestError(f"kv_transfer_params[{name!r}] is invalid: {d[name]!r}")
         return KVTransferParams(**{k: d[k] for k in KVTransferParams.__dataclass_fields__ if k in d})
+
+
+def check_transfer_params(kv_transfer_params: Any, request, vocab_size: int) -> KVTransferParams:
+    """A decode engine's admission check of a prefill engine's params against the request it
+    came with: well-formed, the same prompt, a first token in the vocabulary, a readable KV
+    layout. Raises InvalidRequestError naming the problem before anything is allocated."""
+    from dlengine.parallel.transfer.base import KVLayout
+
+    p = KVTransferParams.from_dict(kv_transfer_params)
+    if p.num_computed_tokens != request.num_prompt_tokens:
+        raise InvalidRequestError(
+            f"kv_transfer_params cover {p.num_computed_tokens} tokens but the prompt has "
+            f"{request.num_prompt_tokens}; pass the same prompt to both engines")
+    if p.prompt_hash != prompt_hash(request.prompt_token_ids):
+        raise InvalidRequestError("kv_transfer_params were computed for another prompt (prompt hash differs)")
+    if p.first_token >= vocab_size:
+        raise InvalidRequestError(f"kv_transfer_params first_token {p.first_token} is outside the vocabulary")
+    KVLayout.from_dict(p.layout)  # malformed layout: HandshakeError now, not mid-pull
+    return p

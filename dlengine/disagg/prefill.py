@@ -1,4 +1,7 @@
-"""The prefill role: run prompts, keep the finished ones' KV pinned, hand out kv_transfer_params.
+"""The prefill side's KV connector: run prompts, keep the finished ones' KV pinned, hand out
+kv_transfer_params (engine/seams.py, KVConnector: `on_add` caps a request to one token,
+`on_finish` pins its blocks and returns the finish reason "kv_transfer", `poll` releases blocks
+decode engines are done with).
 
 The prompt's KV is copied into block-major staging at hand-off (one contiguous range per
 request; the cache blocks return to the pool at once), or, with `staging_blocks=0` on CPU, the
@@ -19,6 +22,10 @@ its own, no thread):
 Blocks are released when the decode side says it is done with them (event "done": pulled, or
 failed/aborted there), after `pin_timeout_s` (decode engine dead or
 never called), or by `Engine.abort(request_id)` here.
+
+Under tensor parallelism every rank runs its own connector over its own shard of the KV heads
+(same block ids on every rank, since the ranks schedule alike); rank 0's kv_transfer_params list
+the other ranks' in `shards` (dlengine.parallel.lockstep gathers them).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from dlengine.disagg.params import KVTransferParams, prompt_hash
+from dlengine.engine.seams import PollResult
 from dlengine.parallel.transfer.kv_region import KVRegion
 
 logger = logging.getLogger("dlengine.disagg")
@@ -54,23 +62,25 @@ class _Pinned:
     all_token_ids: list[int] = field(default_factory=list)
 
 
-class PrefillRole:
+class PrefillConnector:
     name = "prefill"
 
-    def __init__(self, engine, transfer, engine_id: str, fingerprint: str, pin_timeout_s: float = 60.0,
-                 num_slots: int = 4096, staging_blocks: int | None = None) -> None:
-        self.engine = engine
+    def __init__(self, kv_cache, block_manager, config, transfer, engine_id: str, fingerprint: str,
+                 pin_timeout_s: float = 60.0, num_slots: int = 4096, staging_blocks: int | None = None) -> None:
+        self.kv_cache = kv_cache
+        self.block_manager = block_manager
+        self.config = config
         self.transfer = transfer
         self.engine_id = engine_id
         self.fingerprint = fingerprint
         self.pin_timeout_s = pin_timeout_s
-        self.region = KVRegion(engine.kv_cache, engine.config.model, staging_blocks,
-                               min_blocks=-(-engine.config.max_model_len // engine.kv_cache.block_size))
+        self.region = KVRegion(kv_cache, config.model, staging_blocks,
+                               min_blocks=-(-config.max_model_len // kv_cache.block_size))
         self.ctrl = torch.zeros((2, num_slots), dtype=torch.int64)
         self.meta = torch.zeros(META_BYTES, dtype=torch.uint8)
         record = json.dumps({"engine_id": engine_id, "role": "prefill", "fingerprint": fingerprint,
                              "layout": self.region.layout.to_dict(),
-                             "architecture": engine.config.model.architecture}).encode()
+                             "architecture": config.model.architecture}).encode()
         self.meta[:4] = torch.tensor(list(len(record).to_bytes(4, "little")), dtype=torch.uint8)
         self.meta[4:4 + len(record)] = torch.tensor(list(record), dtype=torch.uint8)
         transfer.register_region("kv", self.region.tensor)
@@ -84,25 +94,28 @@ class PrefillRole:
         self.events: deque[tuple[str, str]] = deque(maxlen=1000)  # (request id, why it was released)
         self.registration = None  # a discovery.Registration when registered with a control plane
 
-    # ------------------------------------------------------------------ engine hooks
-    def prepare(self, request) -> None:
+    # ------------------------------------------------------------------ the seam
+    def on_add(self, request) -> None:
         """A prefill engine samples one token; the decode engine does the rest."""
+        if request.score_only:
+            return
         if request.params.max_tokens > 1:
             request.remote_max_tokens = request.params.max_tokens
             request.params = replace(request.params, max_tokens=1)
 
-    def admit(self, request, kv_transfer_params) -> None:
-        from dlengine.sampling_params import InvalidRequestError
+    def num_external_tokens(self, request) -> int:
+        return 0  # a prefill engine computes every prompt itself
 
-        raise InvalidRequestError("kv_transfer_params go to a decode engine; this engine's role is prefill")
+    def on_allocated(self, request, num_external_tokens: int) -> bool:
+        return True
 
     def on_finish(self, request, reason: str) -> str:
         """Pin the blocks of a prompt that stopped only because prefill ends at one token."""
-        if (reason != "length" or not request.remote_max_tokens or request.num_tokens >= self.engine.config.max_model_len
+        if (reason != "length" or not request.remote_max_tokens or request.num_tokens >= self.config.max_model_len
                 or not request.block_ids):
             return reason
         n = request.num_prompt_tokens
-        bs = self.engine.kv_cache.block_size
+        bs = self.kv_cache.block_size
         cache_blocks = request.block_ids[: -(-n // bs)]
         region_blocks = self.region.allocate(cache_blocks)
         if region_blocks is None or not self._free_slots:
@@ -133,10 +146,10 @@ class PrefillRole:
         self.counts["handed_off"] += 1
         return "kv_transfer"
 
-    def before_step(self) -> list:
+    def poll(self) -> PollResult:
         """Release blocks that decode engines are done with, or whose pin expired."""
         if not self.pinned:
-            return []
+            return PollResult()
         now = time.monotonic()
         done = self.ctrl[DONE].tolist() if len(self.pinned) > 8 else None
         for slot, p in list(self.pinned.items()):
@@ -147,7 +160,7 @@ class PrefillRole:
                 logger.warning("prefill %s: request %s was not pulled within %.1fs; freeing its KV blocks",
                                self.engine_id, p.request_id, self.pin_timeout_s)
                 self._release(slot, "timeout")
-        return []
+        return PollResult()
 
     def abort(self, request_id: str) -> bool:
         slot = self._slot_of.get(request_id)
@@ -156,13 +169,10 @@ class PrefillRole:
         self._release(slot, "abort")
         return True
 
-    def has_pending(self) -> bool:
-        return False  # pinned blocks are not work: generate() must not wait for a decode engine
-
     def _release(self, slot: int, why: str) -> None:
         p = self.pinned.pop(slot)
         self.ctrl[PIN, slot] = 0  # first: a pull still in flight will see it and discard its copy
-        self.engine.block_manager.free(p)
+        self.block_manager.free(p)
         self.region.release(p.region_blocks)
         self._slot_of.pop(p.request_id, None)
         self._free_slots.append(slot)

@@ -58,7 +58,7 @@ class PDRouter:
 
     def migration_report(self) -> dict:
         """Totals over the decode engine's pulls so far: requests, blocks, bytes, ms, GB/s."""
-        return migration_report(self.decode.role.migrations)
+        return migration_report(self.decode.connector.migrations)
 
 
 def migration_report(records) -> dict:

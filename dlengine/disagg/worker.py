@@ -56,9 +56,10 @@ def _stats(engine) -> dict:
     bm = engine.block_manager
     return {"num_free_blocks": bm.num_free_blocks, "num_blocks": bm.num_blocks,
             "num_cached_tokens": engine.stats.num_cached_tokens,
-            "unfinished": engine.has_unfinished_requests(), "role": engine.role.describe() if engine.role else None,
-            "events": list(getattr(engine.role, "events", [])),
-            "migrations": [asdict(m) for m in getattr(engine.role, "migrations", [])]}
+            "unfinished": engine.has_unfinished_requests(),
+            "role": engine.connector.describe() if engine.connector else None,
+            "events": list(getattr(engine.connector, "events", [])),
+            "migrations": [asdict(m) for m in getattr(engine.connector, "migrations", [])]}
 
 
 def serve(spec: dict) -> None:
@@ -70,8 +71,9 @@ def serve(spec: dict) -> None:
     def reply(obj) -> None:
         out.write(json.dumps(obj) + "\n")
 
-    reply({"ok": True, "engine_id": engine.role.engine_id if engine.role else None, "pid": os.getpid(),
-           "endpoint": engine.role.transfer.local_info() if engine.role else None})
+    c = engine.connector
+    reply({"ok": True, "engine_id": c.engine_id if c else None, "pid": os.getpid(),
+           "endpoint": c.transfer.local_info() if c else None})
     buf = b""
     while True:
         ready, _, _ = select.select([0], [], [], 0.005)

@@ -16,6 +16,7 @@ PLACEHOLDER_TOKEN = -1  # stands for a token still being sampled on the device (
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
+    WAITING_FOR_REMOTE_KV = "waiting_for_remote_kv"  # blocks allocated, KV arriving through the connector
     RUNNING = "running"
     PREEMPTED = "preempted"
     FINISHED = "finished"
@@ -104,13 +105,16 @@ class Request:
             arrival_time=time.perf_counter() if arrival_time is None else arrival_time,
             num_prompt_tokens=len(prompt_token_ids),
         )
-        self.output_text = ""
-        self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         self.generator: torch.Generator | None = None  # per-request RNG when params.seed is set
-        self.num_emitted_tokens = 0  # for streaming deltas
         self.pending_row: int | None = None  # row of the in-flight step's sampled tokens (async scheduling)
-        self.kv_transfer_params: dict | None = None  # PD disaggregation (dlengine.disagg)
+        self.kv_transfer_params: dict | None = None  # prefill role's output: what a decode engine needs
+        self.remote_kv: dict | None = None  # decode role's input: a prefill engine's kv_transfer_params
         self.remote_max_tokens: int | None = None  # prefill role: the caller's max_tokens, for the decode side
+        self.spec_token_ids: list[int] = []  # draft tokens proposed for this step (speculative decoding)
+        # scoring (Engine.prompt_logits): logits of every prompt position, no sampling, no prefix hits
+        self.score_only = False
+        self.max_chunk_tokens: int | None = None  # cap on tokens per step for this request (scoring)
+        self.prompt_logits: list[torch.Tensor] = []  # chunks of logits computed so far (scoring)
 
     @property
     def num_tokens(self) -> int:

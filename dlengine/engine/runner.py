@@ -7,7 +7,7 @@ once to the device (pinned + non_blocking on CUDA).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,19 +24,66 @@ from dlengine.kernels.selection import Kernels
 
 @dataclass
 class StepHandle:
-    """A launched step. With async scheduling the engine schedules and prepares the next step
-    before calling `token_ids()`, which waits only for this step's sampled tokens (copied to
-    pinned host memory behind an event), not for work queued after it."""
+    """A launched step. With async scheduling the core schedules and prepares the next step
+    before asking for `accepted_tokens()`, which waits only for this step's sampled tokens
+    (copied to pinned host memory behind an event), not for work queued after it.
+
+    `sampled` lists the requests that sample this step; `num_drafts[i]` is how many draft tokens
+    request i verified (its rows in the sampler output are 1 + num_drafts[i] consecutive ones).
+    `scores` holds (request, logits) of scoring requests."""
 
     sampled: list[Request]
     sampler_out: SamplerOutput | None = None
     host_tokens: torch.Tensor | None = None
     event: "torch.cuda.Event | None" = None
+    num_drafts: list[int] = field(default_factory=list)
+    scores: list[tuple[Request, torch.Tensor]] = field(default_factory=list)
 
     def token_ids(self) -> list[int]:
         if self.event is not None:
             self.event.synchronize()
         return self.host_tokens.tolist() if self.host_tokens is not None else []
+
+    def accepted_tokens(self) -> list[list[int]]:
+        """Per sampled request, the tokens it gains: its one sampled token, or, after drafts,
+        the accepted drafts followed by the target's token at the first mismatch (or after the
+        last draft)."""
+        tokens = self.token_ids()
+        if not any(self.num_drafts):
+            return [[t] for t in tokens]
+        out, row = [], 0
+        for req, k in zip(self.sampled, self.num_drafts):
+            target = tokens[row : row + 1 + k]
+            accepted = 0
+            while accepted < k and req.spec_token_ids[accepted] == target[accepted]:
+                accepted += 1
+            out.append(target[: accepted + 1])
+            row += 1 + k
+        return out
+
+    def logprob_rows(self) -> list[dict[int, float] | None] | None:
+        """Per sampled request, {token: logprob} of its sampled token and its top-n (requests
+        that asked for logprobs never verify drafts, so they own one row each)."""
+        out = self.sampler_out
+        if out is None or out.sampled_logprobs is None:
+            return None
+        sampled = out.sampled_logprobs.tolist()
+        tok = out.token_ids.tolist()
+        top_ids = out.top_token_ids.tolist() if out.top_token_ids is not None else None
+        top_lp = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+        rows: list[dict[int, float] | None] = []
+        row = 0
+        for r, k in zip(self.sampled, self.num_drafts or [0] * len(self.sampled)):
+            n = r.params.logprobs
+            if n is None:
+                rows.append(None)
+            else:
+                d = {tok[row]: sampled[row]}
+                if top_ids is not None and n > 0:
+                    d.update(zip(top_ids[row][:n], top_lp[row][:n]))
+                rows.append(d)
+            row += 1 + k
+        return rows
 
 
 @dataclass
@@ -46,11 +93,14 @@ class ModelInputs:
     meta: AttentionMetadata
     logits_indices: torch.Tensor  # rows of the hidden states to turn into logits
     sampled_requests: list[Request]
+    num_drafts: list[int] = field(default_factory=list)  # per sampled request
+    # scoring requests and how many logits rows each owns (after the sampled requests' rows)
+    scored: list[tuple[Request, int]] = field(default_factory=list)
 
 
 class ModelRunner:
     def __init__(self, model: nn.Module, kv_cache: KVCache, backend: AttentionBackend, sampler: Sampler,
-                 vocab_size: int, device: torch.device, kernels: Kernels | None = None) -> None:
+                 vocab_size: int, device: torch.device, graph_runner=None, kernels: Kernels | None = None) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.backend = backend
@@ -59,7 +109,7 @@ class ModelRunner:
         self.vocab_size = vocab_size
         self.device = device
         self.block_size = kv_cache.block_size
-        self.graph_runner = None  # a CUDAGraphRunner when CUDA graphs are on (set by the builder)
+        self.graph_runner = graph_runner  # a CUDAGraphRunner when CUDA graphs are on
         self.num_graph_steps = 0
         self._last_token_ids: torch.Tensor | None = None  # device: tokens sampled by the last step
 
@@ -80,9 +130,10 @@ class ModelRunner:
             return t.pin_memory().to(self.device, non_blocking=True)
         return t
 
-    def prepare_inputs(self, out: SchedulerOutput, all_logits: bool = False) -> ModelInputs:
-        """Flatten the scheduled requests into one batch. `all_logits` asks for logits at every
-        token (scoring / teacher forcing) instead of only where a request samples.
+    def prepare_inputs(self, out: SchedulerOutput) -> ModelInputs:
+        """Flatten the scheduled requests into one batch. Logits rows: the last position of each
+        request that samples (the last 1 + k positions when it verifies k drafts), then every
+        position of each scoring request.
 
         Per-request work is a few list operations; per-token arrays are built with vectorised
         numpy, since this runs on the host every step for hundreds of requests."""
@@ -95,8 +146,11 @@ class ModelRunner:
         seq_lens = [st + ql for st, ql in zip(starts, query_lens)]
 
         ids: list[int] = []
-        for r, st, n in zip(reqs, starts, query_lens):
-            if n == 1:
+        for s, r, st, n in zip(sched, reqs, starts, query_lens):
+            if s.num_spec_tokens:
+                ids.append(r.all_token_ids[st])
+                ids.extend(r.spec_token_ids)
+            elif n == 1:
                 ids.append(r.all_token_ids[st])
             else:
                 ids.extend(r.all_token_ids[st : st + n])
@@ -114,13 +168,17 @@ class ModelRunner:
             block_tables[i, : len(r.block_ids)] = r.block_ids
         slot_mapping = block_tables[token_row, positions // bs].astype(np.int64) * bs + positions % bs
 
-        if all_logits:
-            logits_indices = np.arange(len(ids), dtype=np.int64)
-            sampled: list[Request] = []
+        ends = query_start_loc[1:]
+        rows = [i for i, s in enumerate(sched) if s.sample]
+        num_drafts = [sched[i].num_spec_tokens for i in rows]
+        if any(num_drafts):
+            logits_indices = np.concatenate([np.arange(ends[i] - 1 - k, ends[i]) for i, k in zip(rows, num_drafts)])
         else:
-            rows = [i for i, s in enumerate(sched) if s.sample]
-            logits_indices = query_start_loc[1:][rows] - 1
-            sampled = [reqs[i] for i in rows]
+            logits_indices = ends[rows] - 1
+        scored = [(s.request, s.num_new_tokens) for s in sched if s.request.score_only]
+        if scored:
+            spans = [np.arange(ends[i] - s.num_new_tokens, ends[i]) for i, s in enumerate(sched) if s.request.score_only]
+            logits_indices = np.concatenate([logits_indices.astype(np.int64)] + spans)
         meta = AttentionMetadata(
             query_start_loc=self._to_device(query_start_loc.astype(np.int32)),
             seq_lens=self._to_device(np.array(seq_lens, dtype=np.int32)),
@@ -140,7 +198,9 @@ class ModelRunner:
             positions=self._to_device(positions),
             meta=meta,
             logits_indices=self._to_device(np.ascontiguousarray(logits_indices, dtype=np.int64)),
-            sampled_requests=sampled,
+            sampled_requests=[reqs[i] for i in rows],
+            num_drafts=num_drafts,
+            scored=scored,
         )
 
     @torch.inference_mode()
@@ -172,25 +232,40 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> StepHandle:
         """Launch one step without waiting for it. The handle lists the requests that sample a
         token (requests in the middle of a chunked prompt sample nothing) and yields their tokens;
-        rows of `handle.sampler_out` are in the same order."""
+        rows of `handle.sampler_out` are in the same order (1 + k rows for a request verifying k
+        drafts)."""
         graphed = self._graph_logits(out)
+        scores: list[tuple[Request, torch.Tensor]] = []
         if graphed is not None:
             sampled, logits = graphed
+            num_drafts = [0] * len(sampled)
         else:
             inputs = self.prepare_inputs(out)
             logits = self.compute_logits(inputs)
-            sampled = inputs.sampled_requests
+            sampled, num_drafts = inputs.sampled_requests, inputs.num_drafts
+            row = sum(1 + k for k in num_drafts)
+            for req, n in inputs.scored:
+                scores.append((req, logits[row : row + n]))
+                row += n
+            logits = logits[: sum(1 + k for k in num_drafts)]
         if not sampled:
-            return StepHandle([])
-        tensors = SamplingTensors.from_requests(sampled, self.vocab_size, self.device)
+            return StepHandle([], scores=scores)
+        # a request verifying k drafts samples k + 1 rows, each with its own settings and noise
+        rows = [r for r, k in zip(sampled, num_drafts) for _ in range(1 + k)] if any(num_drafts) else sampled
+        tensors = SamplingTensors.from_requests(rows, self.vocab_size, self.device)
         sampler_out = self.sampler(logits, tensors)
         self._last_token_ids = sampler_out.token_ids
-        handle = StepHandle(sampled, sampler_out)
+        handle = StepHandle(sampled, sampler_out, num_drafts=num_drafts, scores=scores)
         if self.device.type == "cuda":
-            handle.host_tokens = torch.empty(len(sampled), dtype=torch.int64, pin_memory=True)
+            handle.host_tokens = torch.empty(len(rows), dtype=torch.int64, pin_memory=True)
             handle.host_tokens.copy_(sampler_out.token_ids, non_blocking=True)
             handle.event = torch.cuda.Event()
             handle.event.record()
         else:
             handle.host_tokens = sampler_out.token_ids
         return handle
+
+    def release(self) -> None:
+        """Drop the graphs and the model (Engine.close)."""
+        self.graph_runner = None
+        self.model = None

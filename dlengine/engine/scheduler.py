@@ -10,8 +10,16 @@ Order of work in a step:
    cannot hold a request's new tokens, the newest running request is preempted: its blocks are
    freed and it goes to the front of the waiting queue to be recomputed later (its already
    generated tokens are kept and re-fed as prompt). Preempted requests resume before new ones.
-2. waiting requests, first come first served, if nothing was preempted this step. Their cached
-   prefix (prefix caching) is counted as computed at admission.
+2. waiting requests, in the order the policy gives (first come first served by default), if
+   nothing was preempted this step. Their cached prefix (prefix caching) is counted as computed
+   at admission. A request whose KV comes from elsewhere (the KV connector says how many tokens)
+   gets its blocks and waits in WAITING_FOR_REMOTE_KV until the connector reports it ready; then
+   it joins the running set with those tokens computed.
+
+Two seams: the policy (`SchedulerPolicy`: admission order and preemption victim) and the KV
+connector (dlengine.engine.seams.KVConnector), both given at construction. Speculative drafts
+(`request.spec_token_ids`, set by the core before `schedule()`) are scheduled with their
+request's decode as look-ahead tokens, and their slots allocated with it.
 
 The scheduler never touches tensors; the runner turns its output into a batch.
 """
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Iterable, Protocol, Sequence
 
 from dlengine.cache.block_manager import BlockManager
 from dlengine.config import SchedulerConfig
@@ -29,14 +38,20 @@ from dlengine.engine.request import Request, RequestStatus
 @dataclass
 class ScheduledRequest:
     request: Request
-    num_new_tokens: int  # tokens fed this step, from request.num_computed_tokens on
+    num_new_tokens: int  # tokens fed this step, from request.num_computed_tokens on (drafts included)
     sample: bool  # True when this step reaches the end of the request's known tokens
+    num_spec_tokens: int = 0  # draft tokens among num_new_tokens (verified by this step)
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.num_new_tokens - self.num_spec_tokens > 1 or not self.sample
 
 
 @dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    failed: list[tuple[Request, str]] = field(default_factory=list)  # remote KV that could not arrive
     num_cached_tokens: int = 0  # prefix-cache hits of the requests admitted this step
 
     @property
@@ -48,33 +63,65 @@ class SchedulerOutput:
         return not self.scheduled
 
 
+class SchedulerPolicy(Protocol):
+    """Which waiting request to admit first and which running request to preempt when blocks
+    run out. Pass an object with these two methods to `EngineBuilder.scheduler(policy=...)`."""
+
+    name: str
+
+    def admission_order(self, waiting: Sequence[Request]) -> Iterable[Request]:
+        """The waiting requests in the order admission should try them. Admission stops at the
+        first one that does not fit (so a large request is not starved by smaller ones)."""
+        ...
+
+    def preemption_victim(self, running: Sequence[Request]) -> Request:
+        """The running request to preempt (free its blocks, recompute it later)."""
+        ...
+
+
+class FCFSPolicy:
+    """First come, first served; the newest running request is preempted first (vLLM's default)."""
+
+    name = "fcfs"
+
+    def admission_order(self, waiting: Sequence[Request]) -> Iterable[Request]:
+        return waiting
+
+    def preemption_victim(self, running: Sequence[Request]) -> Request:
+        return running[-1]
+
+
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, policy: SchedulerPolicy | None = None,
+                 connector=None) -> None:
         self.config = config
         self.block_manager = block_manager
+        self.policy = policy or FCFSPolicy()
+        self.connector = connector
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.num_preemptions = 0
+        # request id -> (request, tokens its connector is loading) while their KV arrives
+        self.waiting_for_kv: dict[str, tuple[Request, int]] = {}
+        self.num_preemptions = 0  # since construction (EngineStats counts since its last reset)
 
     # ------------------------------------------------------------------ bookkeeping
     def add_request(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
 
-    def add_running(self, request: Request) -> None:
-        """Admit a request whose computed tokens' KV is already in its blocks (a KV migration
-        landed): it joins the running set and decodes from its next step on."""
-        request.status = RequestStatus.RUNNING
-        self.running.append(request)
-
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.waiting_for_kv)
+
+    @property
+    def num_active(self) -> int:
+        """Requests holding blocks: running, or waiting for their KV to arrive."""
+        return len(self.running) + len(self.waiting_for_kv)
 
     def finish_request(self, request: Request) -> None:
         """Remove a request (finished or aborted) and free its blocks. Safe at any point."""
         if request in self.running:
             self.running.remove(request)
-        elif request in self.waiting:
+        elif self.waiting_for_kv.pop(request.request_id, None) is None and request in self.waiting:
             self.waiting.remove(request)
         self.block_manager.free(request)
         request.status = RequestStatus.FINISHED
@@ -82,14 +129,57 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         self.block_manager.free(request)
         request.num_computed_tokens = 0
+        request.spec_token_ids = []
         request.status = RequestStatus.PREEMPTED
         request.metrics.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
+    # ------------------------------------------------------------------ remote KV
+    def _poll_connector(self, out: SchedulerOutput) -> None:
+        """Move requests whose KV has arrived into the running set; report those that failed."""
+        result = self.connector.poll()
+        for req in result.ready:
+            entry = self.waiting_for_kv.pop(req.request_id, None)
+            if entry is None:
+                continue  # finished (aborted) meanwhile
+            _, num_tokens = entry
+            req.num_computed_tokens = num_tokens
+            req.metrics.num_cached_tokens = num_tokens
+            self.block_manager.cache_full_blocks(req)
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+        for req, error in result.failed:
+            out.failed.append((req, error))
+        for req in result.recompute:
+            # compute the prompt here instead, like a request preempted by recompute (its
+            # already-known tokens are kept and re-fed as prompt)
+            self.waiting_for_kv.pop(req.request_id, None)
+            if req in self.waiting:
+                self.waiting.remove(req)
+            self.block_manager.free(req)
+            req.num_computed_tokens = 0
+            req.metrics.num_cached_tokens = 0
+            self.add_request(req)
+
+    def _admit_remote(self, req: Request, num_external: int) -> bool:
+        """Allocate blocks for KV that arrives through the connector; False if it must wait."""
+        if self.num_active >= self.config.max_num_seqs:
+            return False
+        if not self.block_manager.allocate_slots(req, num_external):
+            return False
+        if not self.connector.on_allocated(req, num_external):
+            self.block_manager.free(req)
+            return False
+        req.status = RequestStatus.WAITING_FOR_REMOTE_KV
+        self.waiting_for_kv[req.request_id] = (req, num_external)
+        return True
+
     # ------------------------------------------------------------------ the step
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        if self.connector is not None:
+            self._poll_connector(out)
         budget = self.config.max_num_batched_tokens
         chunked = self.config.chunked_prefill
 
@@ -97,48 +187,73 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             remaining = req.num_tokens - req.num_computed_tokens
-            n = min(remaining, budget)
+            if req.spec_token_ids:
+                # drafts ride along with the decode only when all of them fit
+                if remaining == 1 and 1 + len(req.spec_token_ids) <= budget:
+                    remaining += len(req.spec_token_ids)
+                else:
+                    req.spec_token_ids = []
+            n = min(remaining, budget, req.max_chunk_tokens or budget)
             if not chunked and n < remaining:
                 break  # without chunked prefill a prompt runs whole or waits for the next step
             while not self.block_manager.allocate_slots(req, n):
-                victim = self.running.pop()
+                victim = self.policy.preemption_victim(self.running)
+                index = self.running.index(victim)
+                del self.running[index]
                 self._preempt(victim)
                 out.preempted.append(victim)
+                if index < i:  # scheduled earlier this step: its tokens go back to the budget
+                    k = next(k for k, s in enumerate(out.scheduled) if s.request is victim)
+                    budget += out.scheduled.pop(k).num_new_tokens
+                    i -= 1
                 if victim is req:
                     break
             if req.status == RequestStatus.PREEMPTED:
-                break  # it was the last one: nothing after it in `running`
-            out.scheduled.append(ScheduledRequest(req, n, req.num_computed_tokens + n == req.num_tokens))
+                continue  # `req` itself was the victim: whatever now sits at index i runs next
+            num_spec = len(req.spec_token_ids)
+            sample = req.num_computed_tokens + n == req.num_tokens + num_spec and not req.score_only
+            out.scheduled.append(ScheduledRequest(req, n, sample, num_spec))
             budget -= n
             i += 1
 
         if out.preempted:
             return out  # blocks are short: admitting new work now would only thrash
 
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting[0]
-            cached_blocks, num_cached = self.block_manager.find_cached_prefix(req)
+        for req in list(self.policy.admission_order(self.waiting)):
+            if budget <= 0 or self.num_active >= self.config.max_num_seqs:
+                break
+            num_external = self.connector.num_external_tokens(req) if self.connector is not None else 0
+            if num_external > 0:
+                if not self._admit_remote(req, num_external):
+                    break
+                self.waiting.remove(req)
+                continue
+            if req.score_only:
+                cached_blocks, num_cached = [], 0
+            else:
+                cached_blocks, num_cached = self.block_manager.find_cached_prefix(req)
             remaining = req.num_tokens - num_cached
-            n = min(remaining, budget)
+            n = min(remaining, budget, req.max_chunk_tokens or budget)
             if not chunked and n < remaining:
                 break
             if not self.block_manager.allocate_slots(req, n, cached_blocks):
-                break  # first come first served: do not let later requests overtake
-            self.waiting.popleft()
+                break  # do not let later requests overtake
+            self.waiting.remove(req)
             req.num_computed_tokens = num_cached
             req.metrics.num_cached_tokens = num_cached
             out.num_cached_tokens += num_cached
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            out.scheduled.append(ScheduledRequest(req, n, num_cached + n == req.num_tokens))
+            out.scheduled.append(ScheduledRequest(req, n, num_cached + n == req.num_tokens and not req.score_only))
             budget -= n
         return out
 
     def update_after_step(self, out: SchedulerOutput) -> None:
-        """Advance progress for what ran and publish newly full blocks in the prefix cache."""
+        """Advance progress for what ran and publish newly full blocks in the prefix cache.
+        Steps that verified drafts are advanced by the core once it knows how many were accepted."""
         for s in out.scheduled:
             req = s.request
-            if req.is_finished or req.status == RequestStatus.PREEMPTED:
+            if req.is_finished or req.status == RequestStatus.PREEMPTED or s.num_spec_tokens:
                 continue  # finished (or preempted) while this step ran: its work is discarded
             if req.num_computed_tokens < req.num_prompt_tokens:
                 req.metrics.num_computed_prompt_tokens += min(

@@ -1,41 +1,38 @@
-"""The parallel engine: rank-local engines stepping in lockstep, and the front the user talks to.
+"""Parallel engines: the same front (`Engine`) over a lockstep group of rank cores.
 
-Each rank holds an ordinary `Engine` built for its shard (tensor parallel) or its replica
-(attention DP). `RankRuntime.run(requests)` drives it: every step all ranks first agree (one
-all-reduce) whether anyone still has work; a rank with work steps its engine, a rank without work
-joins the MoE layers' dispatch/combine with no tokens, so expert-parallel collectives always
-match up. TP ranks of one DP group are given the same requests and their deterministic
-schedulers make the same batches, so they also call the same collectives in the same order.
-
-Two fronts, same `generate()`:
+Each rank builds an ordinary `EngineCore` for its shard (tensor parallel) or its replica
+(attention DP) from the EngineConfig, and steps it in lockstep (`parallel/lockstep.py`). Two
+ways to reach the ranks, one API (`add_request` / `step` / `stream` / `abort` / `generate`):
 
 * `ParallelEngine` (a plain script or notebook): `EngineBuilder(...).parallel(...).build()`
-  spawns one worker process per rank (`WorkerGroup`), each building its rank's engine. The
-  caller's process validates and tokenises prompts, spreads requests over the DP ranks
-  (least-loaded first), sends each rank its share over a pipe and collects the outputs. A
-  worker's exception stops every worker and is raised in the caller with that worker's
-  traceback; `close()` (or the `with` block's end) shuts the workers down.
+  spawns one worker process per rank (`WorkerGroup`), each building its rank's core. The
+  caller's process is the front: it validates and tokenises prompts, spreads requests over the
+  DP ranks (least-loaded first), and each `step()` sends every rank its new requests and aborts
+  over a pipe and collects the outputs. A worker's exception stops every worker and is raised in
+  the caller with that worker's traceback; `close()` (or the `with` block's end) shuts them down.
 * `DistributedEngine` (under torchrun, or inside `dlengine.parallel.launch`): every rank builds
-  its own engine. Rank 0 is the front: its `generate()` arguments are broadcast; the other ranks
-  call `generate()` too (their arguments are ignored) or sit in `serve()` until rank 0 closes.
-  Every rank's `generate()` returns the full list of outputs.
+  its own core. Rank 0 is the front: each step broadcasts the new requests and aborts, and the
+  output ranks' outputs are gathered to it. The other ranks call `generate()` too (their
+  arguments are ignored; every rank gets the full list of outputs) or sit in `serve()` until
+  rank 0 closes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
 
 from dlengine.config import EngineConfig
+from dlengine.engine.core import CoreOutput
 from dlengine.engine.engine import Engine, Prompt
 from dlengine.engine.request import Request, RequestOutput
-from dlengine.models.layers.parallel_moe import expert_token_counts, moe_layers
 from dlengine.parallel.launcher import WorkerGroup
-from dlengine.parallel.state import (ParallelState, build_parallel_state, default_backend, in_distributed_worker,
-                                     init_distributed, set_parallel_state, destroy_distributed)
-from dlengine.sampling_params import InvalidRequestError, SamplingParams
+from dlengine.parallel.state import (ParallelState, build_parallel_state, default_backend, destroy_distributed,
+                                     in_distributed_worker, init_distributed, set_parallel_state)
+from dlengine.sampling_params import SamplingParams
 from dlengine.tokenizer import load_tokenizer
 
 BUILD_TIMEOUT_S = 900.0  # building the rank engines, unless ParallelConfig.timeout_s says otherwise
@@ -56,162 +53,96 @@ def assign_least_loaded(requests: Sequence[Request], dp_size: int,
     return shares
 
 
-class RankRuntime:
-    """One rank's engine and the lockstep loop around it."""
-
-    def __init__(self, engine: Engine, state: ParallelState) -> None:
-        self.engine, self.state = engine, state
-        self.moe = moe_layers(engine.model)
-        self.idle_steps = 0  # steps this rank joined the MoE collectives with no tokens
-        self.lockstep_steps = 0
-
-    def _anyone_busy(self, busy: bool) -> bool:
-        if self.state.world_group is None:
-            return busy
-        flag = torch.tensor([int(busy)], dtype=torch.int32, device=self.engine.config.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.state.world_group)
-        return bool(flag.item())
-
-    def run(self, requests: Sequence[Request]) -> list[RequestOutput]:
-        """Run this rank's share to completion, stepping in lockstep with every other rank until
-        no rank has work; returns this rank's final outputs in the order given."""
-        engine = self.engine
-        for r in requests:
-            engine.add_prepared_request(r)
-        pending = {r.request_id for r in requests}
-        finals: dict[str, RequestOutput] = {}
-        expert_parallel = self.state.ep_group is not None and bool(self.moe)
-        while self._anyone_busy(engine.has_unfinished_requests()):
-            self.lockstep_steps += 1
-            calls = self.moe[0].num_forwards if expert_parallel else 0
-            outputs = engine.step() if engine.has_unfinished_requests() else []
-            if expert_parallel and self.moe[0].num_forwards == calls:
-                # no forward ran here this step (no requests, or none schedulable): the other ranks'
-                # MoE layers still exchange tokens with this one
-                for layer in self.moe:
-                    layer.forward_idle()
-                self.idle_steps += 1
-            for out in outputs:
-                if out.finished and out.request_id in pending:
-                    finals[out.request_id] = out
-                    pending.discard(out.request_id)
-        return [finals[r.request_id] for r in requests]
-
-    def stats(self) -> dict[str, Any]:
-        s = self.engine.stats
-        return {"rank": self.state.rank, "tp_rank": self.state.tp_rank, "dp_rank": self.state.dp_rank,
-                "num_steps": s.num_steps, "lockstep_steps": self.lockstep_steps, "idle_steps": self.idle_steps,
-                "num_generated_tokens": s.num_generated_tokens, "num_finished": s.num_finished,
-                "num_computed_tokens": s.num_computed_tokens,
-                "expert_token_counts": expert_token_counts(self.engine.model)}
-
-
-class TPLeaderSampler:
-    """Sample on the first TP rank of the group and broadcast its tokens to the others.
-
-    TP ranks hold identical logits (all-gathered) and identically seeded samplers, so they would
-    draw the same tokens anyway; the broadcast makes that a guarantee rather than an assumption
-    (a single differing token would make the ranks' schedulers, and so their collectives, part
-    ways)."""
-
-    def __init__(self, sampler, state: ParallelState) -> None:
-        self.sampler, self.group = sampler, state.tp_group
-        self.src = state.dp_rank * state.tp_size  # global rank of this group's first TP rank
-
-    def __call__(self, logits: torch.Tensor, tensors) -> Any:
-        out = self.sampler(logits, tensors)
-        dist.broadcast(out.token_ids, src=self.src, group=self.group)
-        return out
-
-    def __getattr__(self, name: str) -> Any:  # the rest of the Sampler's interface
-        return getattr(self.sampler, name)
-
-
-def _error_output(err: str) -> RequestOutput:
-    return RequestOutput(request_id="", prompt=None, prompt_token_ids=[], token_ids=[], text="", new_token_ids=[],
-                         finished=True, finish_reason="error", stop_reason=None,
-                         metrics=Request("", [], SamplingParams()).metrics, error=err)
-
-
-def _prepare(front: Engine, prompts, params, raise_on_error: bool):
-    reqs, errors = front._prepare_batch(prompts, params)
-    if raise_on_error and any(errors):
-        raise InvalidRequestError("; ".join(f"prompt {i}: {e}" for i, e in enumerate(errors) if e))
-    return reqs, errors
-
-
-def _assemble(ids: Sequence[str | None], errors, finals: dict[str, RequestOutput]) -> list[RequestOutput]:
-    """Outputs in input order: the finished output of each request id, an "error" output for
-    each prompt that was refused (id None)."""
-    return [finals[i] if i is not None else _error_output(err) for i, err in zip(ids, errors)]
-
-
-def _ids(reqs) -> list[str | None]:
-    return [r.request_id if r is not None else None for r in reqs]
-
-
-def _build_rank(builder, cfg: EngineConfig) -> RankRuntime:
-    """Inside an initialised world: make the groups, then this rank's engine."""
-    import dataclasses
+def build_rank(cfg: EngineConfig):
+    """Inside an initialised world: make the groups, then this rank's lockstep core."""
+    from dlengine.assemble import build_core
+    from dlengine.parallel.lockstep import RankCore
 
     state = build_parallel_state(cfg.parallel)
     set_parallel_state(state)
     if cfg.device.type == "cuda":
         cfg = dataclasses.replace(cfg, device=torch.device("cuda", state.local_rank))
         torch.cuda.set_device(cfg.device)
-    engine = builder._build_local(cfg, state)
-    if state.tp_group is not None:
-        engine.runner.sampler = TPLeaderSampler(engine.runner.sampler, state)
-    return RankRuntime(engine, state)
+    return RankCore(build_core(cfg, state), state)
+
+
+class _Dispatch:
+    """The front's bookkeeping of which DP rank holds which request, and what to send next."""
+
+    def __init__(self, dp_size: int) -> None:
+        self.dp_size = dp_size
+        self.owner: dict[str, int] = {}  # request id -> DP rank, while it runs
+        self.handed_off: set[str] = set()  # prefill hand-offs (their blocks may still be pinned)
+        self.adds: list[list[Request]] = [[] for _ in range(dp_size)]
+        self.aborts: list[str] = []
+        self.rank_busy = False
+
+    def add(self, request: Request) -> None:
+        loads = [0] * self.dp_size
+        for d in self.owner.values():
+            loads[d] += 1
+        [d] = [i for i, share in enumerate(assign_least_loaded([request], self.dp_size, loads)) if share]
+        self.owner[request.request_id] = d
+        self.adds[d].append(request)
+
+    def abort(self, request_id: str) -> bool:
+        known = request_id in self.owner or request_id in self.handed_off
+        if known:
+            self.aborts.append(request_id)
+        return known
+
+    def take(self) -> tuple[list[list[Request]], list[str]]:
+        adds, aborts = self.adds, self.aborts
+        self.adds, self.aborts = [[] for _ in range(self.dp_size)], []
+        return adds, aborts
+
+    def seen(self, outputs: Iterable[CoreOutput]) -> None:
+        for o in outputs:
+            if o.finished:
+                self.owner.pop(o.request_id, None)
+                if o.finish_reason == "kv_transfer":
+                    self.handed_off.add(o.request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.rank_busy or any(self.adds) or bool(self.aborts)
 
 
 # ---------------------------------------------------------------------- spawned workers
-def _engine_worker(conn, builder) -> None:
+def _rank_worker(conn, cfg: EngineConfig) -> None:
     """A spawned rank: build, report, then serve the front's commands until "close"."""
-    runtime = _build_rank(builder, builder._make_config())
-    rank, state = runtime.state.rank, runtime.state
-    conn.send(("reply", rank, runtime.engine.describe()))
+    rank_core = build_rank(cfg)
+    rank, state = rank_core.state.rank, rank_core.state
+    conn.send(("reply", rank, rank_core.core.describe()))
     while True:
         try:
             op, *payload = conn.recv()
         except EOFError:  # the front is gone: nothing left to serve
             return
-        if op == "generate":
-            outs = runtime.run(payload[0])
-            conn.send(("reply", rank, outs if state.is_output_rank else []))
+        if op == "step":
+            adds, aborts = payload
+            conn.send(("reply", rank, rank_core.step(adds, aborts)))
         elif op == "stats":
-            conn.send(("reply", rank, runtime.stats()))
+            conn.send(("reply", rank, rank_core.stats()))
         elif op == "raise":  # failure injection for tests of the error path
             if rank == payload[1]:
                 raise RuntimeError(payload[0])
             dist.barrier()  # the others wait in a collective the failing rank never joins
             conn.send(("reply", rank, None))
         elif op == "close":
-            runtime.engine.close()
+            rank_core.core.close()
             return
         else:
             raise ValueError(f"unknown command {op!r}")
 
 
-class ParallelEngine:
-    """The front of a multi-process engine (see the module docstring). Use it like `Engine` for
-    `generate()`; `close()` (or a `with` block) stops the workers.
+class WorkerCores:
+    """The core behind a ParallelEngine front: one spawned worker per rank, stepped together."""
 
-    >>> from dlengine import EngineBuilder, SamplingParams
-    >>> engine = EngineBuilder("tiny-qwen3-moe").dtype("float32").parallel(attention_dp=2, ffn_ep=2).build()
-    >>> outs = engine.generate(["a prompt", [12, 7, 99]], SamplingParams(max_tokens=8, temperature=0.0))
-    >>> [len(o.token_ids) for o in outs], [s["dp_rank"] for s in engine.stats()]
-    ([8, 8], [0, 1])
-    >>> engine.close()
-    """
-
-    def __init__(self, builder, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.tokenizer = load_tokenizer(config.model.path)
-        # validation and tokenisation only: the front holds no model, cache or scheduler
-        self._front = Engine(config, None, self.tokenizer, None, None, None, None)
         p = config.parallel
-        self._workers = WorkerGroup(_engine_worker, p.world_size, (builder,), backend=default_backend(config.device.type),
+        self._dispatch = _Dispatch(p.attention_dp)
+        self._workers = WorkerGroup(_rank_worker, p.world_size, (config,), backend=default_backend(config.device.type),
                                     pass_conn=True, dist_timeout_s=p.timeout_s or 600.0)
         self._closed = False
         try:
@@ -220,29 +151,15 @@ class ParallelEngine:
             self._closed = True
             raise
 
-    def __repr__(self) -> str:
-        p = self.config.parallel
-        return (f"ParallelEngine(model={self.config.model.architecture} @ {self.config.model.path}, tp={p.tp}, "
-                f"attention_dp={p.attention_dp}, ffn_ep={p.ffn_ep}, device={self.config.device}, "
-                f"workers={[proc.pid for proc in self._workers.procs]})")
-
     @property
     def processes(self):
-        """The worker processes (for monitoring; `close()` ends them)."""
         return list(self._workers.procs)
-
-    def describe(self) -> dict:
-        info = dict(self.rank_info[0])
-        p = self.config.parallel
-        info.update(tp=p.tp, attention_dp=p.attention_dp, ffn_ep=p.ffn_ep, expert_placement=p.expert_placement,
-                    dispatch_backend="all_to_all" if p.dispatch_backend == "auto" else p.dispatch_backend)
-        return info
 
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this parallel engine is closed (or one of its workers failed)")
 
-    def _command(self, *message, per_rank: Sequence[tuple] | None = None) -> list[Any]:
+    def command(self, *message, per_rank: Sequence[tuple] | None = None) -> list[Any]:
         """Send `message` to every worker (or `per_rank[r]` to worker r) and collect one reply
         from each, within ParallelConfig.timeout_s if set."""
         self._check_open()
@@ -258,28 +175,34 @@ class ParallelEngine:
             self._workers.terminate()
             raise
 
-    def generate(self, prompts: Prompt | Iterable[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 *, raise_on_error: bool = True) -> list[RequestOutput]:
-        """As `Engine.generate`: outputs in input order, bad prompts raise (or come back as
-        "error" outputs with raise_on_error=False). Requests go to DP ranks least-loaded first."""
+    # the core interface
+    def add(self, request: Request) -> None:
         self._check_open()
-        reqs, errors = _prepare(self._front, prompts, params, raise_on_error)
+        self._dispatch.add(request)
+
+    def abort(self, request_id: str) -> bool:
+        return self._dispatch.abort(request_id)
+
+    def step(self) -> list[CoreOutput]:
+        adds, aborts = self._dispatch.take()
+        tp = self.config.parallel.tp
+        # rank = dp_rank * tp + tp_rank: each worker gets its DP group's new requests only
+        replies = self.command(per_rank=[("step", adds[rank // tp], aborts)
+                                         for rank in range(self.config.parallel.world_size)])
+        outputs = [o for outs, _ in replies for o in outs]
+        self._dispatch.rank_busy = any(busy for _, busy in replies)
+        self._dispatch.seen(outputs)
+        return outputs
+
+    def has_unfinished(self) -> bool:
+        return self._dispatch.has_unfinished()
+
+    def describe(self) -> dict:
+        info = dict(self.rank_info[0])
         p = self.config.parallel
-        shares = assign_least_loaded([r for r in reqs if r is not None], p.attention_dp)
-        # rank = dp_rank * tp + tp_rank: each worker gets its DP group's share only
-        messages = [("generate", shares[rank // p.tp]) for rank in range(p.world_size)]
-        finals: dict[str, RequestOutput] = {}
-        for outs in self._command(per_rank=messages):
-            finals.update((o.request_id, o) for o in outs)
-        return _assemble(_ids(reqs), errors, finals)
-
-    def stats(self) -> list[dict[str, Any]]:
-        """Per rank: steps, idle lockstep steps, tokens and per-expert routed token counts."""
-        return self._command("stats")
-
-    def _inject_failure(self, rank: int, message: str) -> None:
-        """Make worker `rank` raise RuntimeError(message) while the others wait (tests only)."""
-        self._command("raise", message, rank)
+        info.update(tp=p.tp, attention_dp=p.attention_dp, ffn_ep=p.ffn_ep, expert_placement=p.expert_placement,
+                    dispatch_backend="all_to_all" if p.dispatch_backend == "auto" else p.dispatch_backend)
+        return info
 
     def close(self) -> None:
         """Stop the workers (they release their engines first) and wait for them to exit."""
@@ -292,12 +215,6 @@ class ParallelEngine:
         finally:
             self._workers.terminate()
 
-    def __enter__(self) -> "ParallelEngine":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def __del__(self) -> None:
         try:
             if not self._closed:
@@ -306,8 +223,116 @@ class ParallelEngine:
             pass
 
 
+class ParallelEngine(Engine):
+    """The front of a multi-process engine (module docstring): the same API as `Engine`;
+    `close()` (or a `with` block) stops the workers.
+
+    >>> from dlengine import EngineBuilder, SamplingParams
+    >>> engine = EngineBuilder("tiny-qwen3-moe").dtype("float32").parallel(attention_dp=2, ffn_ep=2).build()
+    >>> outs = engine.generate(["a prompt", [12, 7, 99]], SamplingParams(max_tokens=8, temperature=0.0))
+    >>> [len(o.token_ids) for o in outs], [s["dp_rank"] for s in engine.stats()]
+    ([8, 8], [0, 1])
+    >>> rid = engine.add_request([5, 6, 7], SamplingParams(max_tokens=3, temperature=0.0))
+    >>> while engine.has_unfinished_requests():
+    ...     outs = engine.step()
+    >>> outs[-1].request_id == rid, len(outs[-1].token_ids)
+    (True, 3)
+    >>> engine.close()
+    """
+
+    def __init__(self, config: EngineConfig) -> None:
+        super().__init__(config, WorkerCores(config), load_tokenizer(config.model.path))
+
+    @property
+    def processes(self):
+        """The worker processes (for monitoring; `close()` ends them)."""
+        return self.core.processes
+
+    @property
+    def rank_info(self) -> list[dict]:
+        return self.core.rank_info
+
+    def stats(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        """Per rank: steps, idle lockstep steps, tokens and per-expert routed token counts."""
+        return self.core.command("stats")
+
+    def _inject_failure(self, rank: int, message: str) -> None:
+        """Make worker `rank` raise RuntimeError(message) while the others wait (tests only)."""
+        self.core.command("raise", message, rank)
+
+    def close(self) -> None:
+        if self.core._closed:
+            return
+        super().close()
+
+    def __enter__(self) -> "ParallelEngine":
+        return self
+
+
 # ---------------------------------------------------------------------- torchrun / launch
-class DistributedEngine:
+class BroadcastCores:
+    """The core behind rank 0's front under torchrun: each step is broadcast to every rank."""
+
+    def __init__(self, rank_core, owns_world: bool) -> None:
+        self.rank_core = rank_core
+        self.config = rank_core.core.config
+        self.state: ParallelState = rank_core.state
+        self.owns_world = owns_world
+        self._dispatch = _Dispatch(self.config.parallel.attention_dp)
+        self.closed = False
+
+    def broadcast(self, message) -> Any:
+        box = [message]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def execute(self, message) -> Any:
+        """Run one broadcast command on this rank (every rank calls it with the same message)."""
+        op = message[0]
+        if op == "close":
+            self.teardown()
+            return None
+        if op == "result":
+            return message[1]
+        _, adds, aborts = message
+        outs, busy = self.rank_core.step(adds[self.state.dp_rank], aborts)
+        gathered: list = [None] * self.state.world_size
+        dist.all_gather_object(gathered, (outs, busy))
+        return [o for part, _ in gathered for o in part], any(b for _, b in gathered)
+
+    # the core interface (rank 0)
+    def add(self, request: Request) -> None:
+        self._dispatch.add(request)
+
+    def abort(self, request_id: str) -> bool:
+        return self._dispatch.abort(request_id)
+
+    def step(self) -> list[CoreOutput]:
+        adds, aborts = self._dispatch.take()
+        outputs, busy = self.execute(self.broadcast(("step", adds, aborts)))
+        self._dispatch.rank_busy = busy
+        self._dispatch.seen(outputs)
+        return outputs
+
+    def has_unfinished(self) -> bool:
+        return self._dispatch.has_unfinished()
+
+    def describe(self) -> dict:
+        return self.rank_core.core.describe()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.execute(self.broadcast(("close",)))
+
+    def teardown(self) -> None:
+        self.closed = True
+        self.rank_core.core.close()
+        set_parallel_state(ParallelState())
+        if self.owns_world:
+            destroy_distributed()
+
+
+class DistributedEngine(Engine):
     """This rank's engine under torchrun (or `launch`); rank 0 is the front (module docstring).
 
     Under `torchrun --nproc-per-node 2 script.py`, every rank running (not a doctest: it needs
@@ -316,88 +341,64 @@ class DistributedEngine:
         engine = EngineBuilder("tiny-qwen3").parallel(tp=2).build()
         outs = engine.generate(["a prompt"], SamplingParams(max_tokens=8, temperature=0.0))  # rank 0's prompts
         engine.close()
+
+    On rank 0, `add_request` / `step` / `stream` / `abort` work as on any engine (the other ranks
+    must sit in `serve()` meanwhile).
     """
 
-    def __init__(self, runtime: RankRuntime, owns_world: bool = False) -> None:
-        self.runtime = runtime
-        self.owns_world = owns_world  # build() initialised torch.distributed: close() tears it down
-        self.engine = runtime.engine
-        self.config = runtime.engine.config
-        self.state = runtime.state
-        self.rank = runtime.state.rank
-        self._closed = False
+    def __init__(self, rank_core, owns_world: bool = False) -> None:
+        cfg = rank_core.core.config
+        super().__init__(cfg, BroadcastCores(rank_core, owns_world), load_tokenizer(cfg.model.path))
+        self.state = rank_core.state
+        self.rank = rank_core.state.rank
+        self.owns_world = owns_world
 
     def __repr__(self) -> str:
         p = self.config.parallel
         return f"DistributedEngine(rank={self.rank}, tp={p.tp}, attention_dp={p.attention_dp}, ffn_ep={p.ffn_ep})"
 
-    def _broadcast(self, message) -> Any:
-        box = [message]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def _execute(self, message) -> list[RequestOutput] | None:
-        op = message[0]
-        if op == "close":
-            self._teardown()
-            return None
-        _, shares, ids, errors = message
-        outs = self.runtime.run(shares[self.state.dp_rank])
-        gathered: list = [None] * self.state.world_size
-        dist.all_gather_object(gathered, outs if self.state.is_output_rank else [])
-        return _assemble(ids, errors, {o.request_id: o for part in gathered for o in part})
-
     def generate(self, prompts: Prompt | Iterable[Prompt] | None = None,
                  params: SamplingParams | Sequence[SamplingParams] | None = None, *,
-                 raise_on_error: bool = True) -> list[RequestOutput]:
+                 raise_on_error: bool = True, use_tqdm: bool = False) -> list[RequestOutput]:
         """Collective: every rank calls it; rank 0's arguments are used. Returns every output
         (in rank 0's input order) on every rank; [] on a rank whose front closed meanwhile."""
-        if self._closed:
+        if self.core.closed:
             raise RuntimeError("this engine is closed")
         if self.rank == 0:
-            reqs, errors = _prepare(self.engine, prompts, params, raise_on_error)
-            shares = assign_least_loaded([r for r in reqs if r is not None], self.config.parallel.attention_dp)
-            return self._execute(self._broadcast(("generate", shares, _ids(reqs), errors)))
-        outs = self._execute(self._broadcast(None))
-        return outs or []
+            outs = super().generate(prompts, params, raise_on_error=raise_on_error, use_tqdm=use_tqdm)
+            self.core.execute(self.core.broadcast(("result", outs)))
+            return outs
+        return self.serve(until_result=True) or []
 
-    def serve(self) -> None:
-        """On ranks other than 0: run rank 0's commands until it closes the engine."""
-        while not self._closed:
-            self._execute(self._broadcast(None))
+    def serve(self, until_result: bool = False) -> Any:
+        """On ranks other than 0: run rank 0's commands until it closes the engine (or, with
+        `until_result`, until its generate() returns, giving its outputs)."""
+        while not self.core.closed:
+            message = self.core.broadcast(None)
+            value = self.core.execute(message)
+            if until_result and message[0] == "result":
+                return value
+        return None
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> dict[str, Any]:  # type: ignore[override]
         """This rank's counters (not collective)."""
-        return self.runtime.stats()
+        return self.core.rank_core.stats()
 
     def close(self) -> None:
         """Collective: rank 0 tells the others to stop; they return from serve()/generate()."""
-        if self._closed:
+        if self.core.closed:
             return
         if self.rank == 0:
-            self._execute(self._broadcast(("close",)))
+            super().close()
         else:
             self.serve()
 
-    def _teardown(self) -> None:
-        self._closed = True
-        self.engine.close()
-        set_parallel_state(ParallelState())
-        if self.owns_world:
-            destroy_distributed()
 
-    def __enter__(self) -> "DistributedEngine":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def build_parallel_engine(builder, config: EngineConfig):
+def build_parallel_engine(config: EngineConfig):
     """`EngineBuilder.build()` for world size > 1: this rank's engine inside a distributed
     worker, else a front over freshly spawned workers."""
     if in_distributed_worker():
         owns_world = not dist.is_initialized()
         init_distributed(default_backend(config.device.type), timeout_s=config.parallel.timeout_s or 600.0)
-        return DistributedEngine(_build_rank(builder, config), owns_world)
-    return ParallelEngine(builder, config)
+        return DistributedEngine(build_rank(config), owns_world)
+    return ParallelEngine(config)

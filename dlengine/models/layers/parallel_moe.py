@@ -11,6 +11,8 @@
 Without parallelism (the default state) the layer is plain FusedMoE. Every forward adds the
 number of routed (token, expert) pairs per logical expert to `expert_token_counts` (the load
 metric an EPLB rebalancer would read; steps replayed from CUDA graphs are not counted).
+The expert GEMMs themselves are `run_experts`, which FP8 layers (fp8_moe.py) override; routing,
+dispatch and the collectives stay here.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class ParallelFusedMoE(FusedMoE):
         self.num_experts, self.top_k = num_experts, top_k
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.router = router
-        self.ops = current_kernels().ops
+        self.ops = current_kernels().ops  # fused_experts: Triton or the torch reference, chosen at build
         state = get_parallel_state()
         # by group, not size: a one-rank group still runs the collectives (1-GPU NCCL checks)
         self.mode = "ep" if state.ep_group is not None else "tp" if state.tp_group is not None else "local"
@@ -62,6 +64,8 @@ class ParallelFusedMoE(FusedMoE):
         else:
             shape13, shape2 = (num_experts, 2 * i, h), (num_experts, h, i)
         self.w13_weight = nn.Parameter(torch.empty(shape13), requires_grad=False)
+        # the model dtype (the weights may be FP8): the dtype of an idle rank's empty batch
+        self.activation_dtype = self.w13_weight.dtype
         self.w2_weight = nn.Parameter(torch.empty(shape2), requires_grad=False)
         self.w13_weight.weight_loader = self.weight_loader
         self.w2_weight.weight_loader = self.weight_loader
@@ -115,6 +119,10 @@ class ParallelFusedMoE(FusedMoE):
         target.copy_(loaded)
 
     # ------------------------------------------------------------------ forward
+    def run_experts(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """This rank's expert GEMMs on the (token, expert) pairs it runs (FP8 layers override it)."""
+        return self.ops.fused_experts(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
+
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         self.num_forwards += 1
         topk_weights, topk_ids = self.router(router_logits)
@@ -125,9 +133,9 @@ class ParallelFusedMoE(FusedMoE):
             flat = topk_ids.reshape(-1)
             self.expert_token_counts.index_add_(0, flat, torch.ones_like(flat))
         if self.mode == "local":
-            return self.ops.fused_experts(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
+            return self.run_experts(x, topk_weights, topk_ids)
         if self.mode == "tp":
-            out = self.ops.fused_experts(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
+            out = self.run_experts(x, topk_weights, topk_ids)
             dist.all_reduce(out, group=self.tp_group)
             return out
         pair_out = self._expert_parallel(x, topk_ids)
@@ -139,7 +147,7 @@ class ParallelFusedMoE(FusedMoE):
         if recv_x.shape[0]:
             # one (token, expert) pair per row, weight 1 (exact): the caller weights after combine
             ones = torch.ones(recv_x.shape[0], 1, dtype=torch.float32, device=recv_x.device)
-            y = self.ops.fused_experts(recv_x, self.w13_weight, self.w2_weight, ones, recv_slot.unsqueeze(1))
+            y = self.run_experts(recv_x, ones, recv_slot.unsqueeze(1))
         else:
             y = recv_x
         return self.dispatcher.combine(y, handle)
@@ -150,7 +158,7 @@ class ParallelFusedMoE(FusedMoE):
         if self.mode != "ep":
             return
         self.num_forwards += 1
-        x = self.w2_weight.new_empty(0, self.hidden_size)
+        x = torch.empty(0, self.hidden_size, dtype=self.activation_dtype, device=self.w2_weight.device)
         self._expert_parallel(x, torch.empty(0, self.top_k, dtype=torch.int64, device=x.device))
 
 

@@ -1,0 +1,159 @@
+"""Turn an EngineConfig into a running engine: load the model, size and allocate the KV cache,
+and wire scheduler, runner, sampler and the seams (connector, speculator) together.
+
+`build_engine(config)` is what `EngineBuilder.build()` calls; `build_core(config, state)` is
+what every rank of a parallel engine calls in its own process with its `ParallelState`.
+Objects are built complete: nothing is patched onto them afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+
+from dlengine.cache.block_manager import BlockManager
+from dlengine.cache.kv_cache import KVCache
+from dlengine.config import ConfigError, EngineConfig, parse_dtype
+from dlengine.engine.core import EngineCore
+from dlengine.engine.engine import Engine
+from dlengine.engine.memory import plan_kv_cache
+from dlengine.engine.runner import ModelRunner
+from dlengine.engine.sampler import Sampler
+from dlengine.engine.scheduler import Scheduler
+from dlengine.kernels.selection import Kernels, kernel_scope, resolve_kernels
+from dlengine.models.loader import init_dummy_weights, load_weights, run_post_load_hooks
+from dlengine.models.registry import get_model_class
+from dlengine.tokenizer import load_tokenizer
+
+logger = logging.getLogger("dlengine")
+
+
+def build_engine(cfg: EngineConfig):
+    """The engine `cfg` describes, with the front that fits where we run."""
+    if cfg.parallel.world_size > 1:
+        from dlengine.parallel.front import build_parallel_engine
+
+        return build_parallel_engine(cfg)
+    return Engine(cfg, build_core(cfg), load_tokenizer(cfg.model.path))
+
+
+def build_model(cfg: EngineConfig, state, kernels: Kernels):
+    """The model with its weights (or dummy weights), sized for this rank, its layers running
+    `kernels` (kernels/selection.py)."""
+    from dlengine.parallel.state import parallel_state
+
+    model_cls = get_model_class(cfg.model)
+    prev_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(cfg.dtype)
+    try:
+        # layers size their shards from `state` and keep the kernels they call from `kernels`
+        with torch.device(cfg.device), parallel_state(state), kernel_scope(kernels):
+            model = model_cls(cfg.model, max_position=cfg.max_model_len)
+    finally:
+        torch.set_default_dtype(prev_dtype)
+    if cfg.quantization != "none":
+        from dlengine.models.layers.fp8_linear import prepare_fp8_model
+
+        prepare_fp8_model(model, cfg.model.quantization, kernels.ops)
+    if cfg.load_format == "dummy":
+        init_dummy_weights(model, seed=cfg.seed)
+    else:
+        load_weights(model, cfg.model.path, num_layers=cfg.load_num_layers)
+    if cfg.quantization != "none":
+        from dlengine.models.layers.fp8_linear import finish_fp8_load
+
+        finish_fp8_load(model, cfg.quantization, cfg.dtype)
+    run_post_load_hooks(model)  # after FP8 finishing: MLA's absorbed views need the final kv_b_proj
+    return model.eval()
+
+
+def _use_cuda_graphs(cfg: EngineConfig, backend, state) -> bool:
+    capturable = getattr(backend, "supports_cuda_graphs", False)
+    if cfg.cuda_graphs is None:
+        # expert-parallel dispatch reads routing counts on the host: not capturable
+        return cfg.device.type == "cuda" and capturable and state.ep_group is None
+    if cfg.cuda_graphs and not capturable:
+        raise ConfigError(f"attention backend {backend.name!r} cannot be captured in CUDA graphs; "
+                          "use attention('triton') or cuda_graphs(False)")
+    return cfg.cuda_graphs and state.ep_group is None
+
+
+def _make_sampler(cfg: EngineConfig, state):
+    sampler = cfg.components.sampler or Sampler(cfg.seed)
+    if state.tp_group is not None:
+        from dlengine.parallel.sampling import TPLeaderSampler
+
+        sampler = TPLeaderSampler(sampler, state)
+    return sampler
+
+
+def build_core(cfg: EngineConfig, state=None) -> EngineCore:
+    """This process's EngineCore; `state` (a ParallelState) makes it one rank of a parallel layout."""
+    from dlengine.models.layers.parallel_linear import kv_heads_per_rank
+    from dlengine.parallel.state import ParallelState
+
+    state = state or ParallelState()
+    if cfg.device.type == "cuda":
+        import gc
+
+        gc.collect()  # an engine dropped just before still holds device memory until collected
+        torch.cuda.empty_cache()
+    # one kernel choice for the whole engine: the backend object (a user's, or built with its MLA
+    # decode kernel) and the fused ops the layers run
+    kernels = resolve_kernels(cfg.components.attention or cfg.attention_backend, cfg.mla_decode, cfg.model,
+                              cfg.device, cfg.dtype, cfg.quantization)
+    backend = kernels.attention
+    model = build_model(cfg, state, kernels)
+
+    kv_dtype = cfg.dtype if cfg.cache.dtype == "auto" else parse_dtype(cfg.cache.dtype)
+    use_graphs = _use_cuda_graphs(cfg, backend, state)
+    graph_batch = min(cfg.cuda_graph_max_batch or 512, cfg.scheduler.max_num_seqs)
+    # graphs keep a private pool of decode activations (about a decode step's worth)
+    graph_reserve = (256 << 20) + graph_batch * cfg.model.vocab_size * 4 * 2 if use_graphs else 0
+    # under tensor parallelism the cache holds this rank's kv heads only (MLA's latent is whole)
+    kv_model = cfg.model
+    if state.tp_size > 1 and not cfg.model.uses_mla:
+        kv_model = dataclasses.replace(cfg.model, num_key_value_heads=kv_heads_per_rank(
+            cfg.model.num_key_value_heads, state.tp_size))
+    plan = plan_kv_cache(dataclasses.replace(cfg, model=kv_model), model, backend, kv_dtype,
+                         reserve_bytes=graph_reserve)
+    if state.world_group is not None:
+        # TP ranks must make identical scheduling decisions (same preemptions), so every
+        # rank takes the smallest cache any rank can hold (free memory differs per GPU)
+        import torch.distributed as dist
+
+        n = torch.tensor([plan.num_blocks], dtype=torch.int64, device=cfg.device)
+        dist.all_reduce(n, op=dist.ReduceOp.MIN, group=state.world_group)
+        plan.num_blocks = int(n.item())
+    logger.info("%s", plan.describe(cfg.cache.block_size))
+    kv_cache = KVCache(kv_model, plan.num_blocks, cfg.cache.block_size, kv_dtype, cfg.device)
+    make_block_manager = cfg.components.block_manager or BlockManager
+    block_manager = make_block_manager(plan.num_blocks, cfg.cache.block_size, cfg.cache.prefix_caching)
+
+    connector = None
+    if cfg.components.kv_connector is not None:
+        connector = cfg.components.kv_connector(kv_cache, block_manager, cfg)
+    elif cfg.role != "hybrid":
+        from dlengine.disagg.roles import make_connector
+
+        connector = make_connector(cfg.role, cfg.transfer, kv_cache, block_manager, cfg, cfg.control_plane,
+                                   rank=state.rank)
+    speculator = cfg.components.speculator
+    if speculator is not None and not hasattr(speculator, "propose") and callable(speculator):
+        speculator = speculator(cfg)  # a factory
+
+    graph_runner = None
+    if use_graphs:
+        from dlengine.engine.cuda_graph import CUDAGraphRunner
+
+        graph_runner = CUDAGraphRunner(model, kv_cache, backend, graph_batch, cfg.max_model_len, cfg.device)
+        graph_runner.capture()
+        logger.info("captured %d CUDA graphs (batch sizes up to %d), %.2f GiB",
+                    len(graph_runner.graphs), graph_batch, graph_runner.memory_bytes / 2**30)
+    runner = ModelRunner(model, kv_cache, backend, _make_sampler(cfg, state), cfg.model.vocab_size, cfg.device,
+                         graph_runner=graph_runner, kernels=kernels)
+    scheduler = Scheduler(cfg.scheduler, block_manager, policy=cfg.scheduler.policy, connector=connector)
+    return EngineCore(cfg, model, kv_cache, block_manager, scheduler, runner, connector=connector,
+                      speculator=speculator, memory_plan=plan)

@@ -1,0 +1,88 @@
+"""The engine core's declared seams: what a KV connector and a speculator must provide.
+
+Each is a Protocol the core calls at fixed points of a step (see engine/core.py and
+engine/scheduler.py); `EngineBuilder` accepts an object that follows it (`.kv_connector(obj)`,
+`.speculative(obj)`) or builds the shipped one from options (`.role("prefill"|"decode")`,
+`.speculative("mtp"|"ngram")`). The scheduler policy seam lives beside the scheduler
+(`dlengine.engine.scheduler.SchedulerPolicy`), the attention backend's in
+`dlengine.kernels` and the cache specs' in `dlengine.cache.specs`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+from dlengine.engine.request import Request
+
+
+@dataclass
+class PollResult:
+    """What a KV connector reports each step."""
+
+    ready: list[Request] = field(default_factory=list)  # their remote KV is in their blocks now
+    failed: list[tuple[Request, str]] = field(default_factory=list)  # end these with this error
+    recompute: list[Request] = field(default_factory=list)  # compute their prompt locally instead
+
+
+class KVConnector(Protocol):
+    """Moves KV between engines (prefill-decode disaggregation). The shape follows vLLM v1's
+    connector: the scheduler asks it how many of a waiting request's tokens arrive from
+    elsewhere, tells it when blocks for them are allocated, polls it every step, and the core
+    tells it when a request finishes (a prefill engine then keeps the blocks for the decode
+    side and returns "kv_transfer" as the finish reason).
+
+    Call order for a request: on_add -> num_external_tokens (each step it waits) ->
+    on_allocated -> poll reports it ready / failed / recompute -> ... -> on_finish.
+    """
+
+    name: str
+
+    def on_add(self, request: Request) -> None:
+        """A request enters the engine (a prefill engine caps it to one token here; a decode
+        engine appends the prefill side's first token)."""
+
+    def num_external_tokens(self, request: Request) -> int:
+        """How many leading tokens of this waiting request will be loaded rather than computed
+        (0: compute it here as usual)."""
+
+    def on_allocated(self, request: Request, num_external_tokens: int) -> bool:
+        """Blocks for those tokens are allocated (`request.block_ids`): start loading. False:
+        cannot start now (e.g. no staging room); the scheduler frees the blocks and retries."""
+
+    def poll(self) -> PollResult:
+        """Called at the start of every schedule(): finished and failed loads."""
+
+    def on_finish(self, request: Request, reason: str) -> str:
+        """The request ends with `reason`; returns the reason to report (a prefill engine that
+        hands the KV off returns "kv_transfer" and may take `request.block_ids` over, leaving
+        the list empty so the scheduler frees nothing)."""
+
+    def abort(self, request_id: str) -> bool:
+        """Release what the connector still holds for a request the core no longer knows."""
+
+    def describe(self) -> dict: ...
+
+    def close(self) -> None: ...
+
+
+class Speculator(Protocol):
+    """Proposes draft tokens; the engine verifies them in the step's one target forward.
+
+    Before each schedule() the core calls `propose` with the running requests that decode next
+    (their last token is the only one not computed). The step feeds that token and the drafts,
+    samples the target at every position, accepts the longest prefix of drafts equal to the
+    target's samples and adds the target's token after it. Drafts are treated as deterministic
+    proposals (a one-hot draft distribution): accepting a draft exactly when the independently
+    sampled target token equals it is then the standard rejection rule, so outputs follow the
+    target's distribution (greedy: identical tokens). Rejected positions roll back.
+    """
+
+    name: str
+    num_tokens: int  # the most drafts proposed per request and step
+
+    def propose(self, requests: Sequence[Request]) -> list[list[int]]:
+        """Up to `num_tokens` draft tokens per request (fewer, or none, is fine)."""
+
+    def on_verified(self, request: Request, num_drafts: int, num_accepted: int) -> None:
+        """Optional: how many of a request's drafts were accepted (proposer state, statistics)."""

@@ -1,0 +1,97 @@
+"""One rank of a parallel engine: its EngineCore, stepped in lockstep with the other ranks.
+
+Every rank receives the same command each step: the requests added for its DP group and the ids
+aborted since the last step. TP ranks of one DP group get the same requests, and their
+deterministic schedulers make the same batches, so they call the same collectives in the same
+order. Under expert parallelism the DP ranks first agree (one all-reduce) whether anyone has
+work; a rank that then runs no forward joins the MoE layers' dispatch/combine with no tokens,
+so the all-to-alls always match up.
+
+Only the output rank of each DP group (its first TP rank) reports outputs. A prefill engine
+under TP hands off one KV shard per rank: the output rank's kv_transfer_params list the other
+ranks' params under "shards".
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+from dlengine.engine.core import CoreOutput, EngineCore
+from dlengine.engine.request import Request
+from dlengine.models.layers.parallel_moe import expert_token_counts, moe_layers
+from dlengine.parallel.state import ParallelState
+
+
+class RankCore:
+    """This rank's core and the lockstep step around it."""
+
+    def __init__(self, core: EngineCore, state: ParallelState) -> None:
+        self.core, self.state = core, state
+        self.moe = moe_layers(core.model)
+        self.expert_parallel = state.ep_group is not None and bool(self.moe)
+        self.idle_steps = 0  # steps this rank joined the MoE collectives with no tokens
+        self.lockstep_steps = 0
+
+    def _anyone(self, flag: bool) -> bool:
+        if self.state.world_group is None:
+            return flag
+        t = torch.tensor([int(flag)], dtype=torch.int32, device=self.core.config.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.state.world_group)
+        return bool(t.item())
+
+    def step(self, adds: Sequence[Request], aborts: Sequence[str]) -> tuple[list[CoreOutput], bool]:
+        """Apply the front's adds and aborts, run one lockstep step; returns (this rank's outputs
+        if it is an output rank, whether it still has work)."""
+        core = self.core
+        for r in adds:
+            core.add(r)
+        for rid in aborts:
+            core.abort(rid)
+        outputs: list[CoreOutput] = []
+        if self.expert_parallel:
+            if self._anyone(core.has_unfinished()):
+                self.lockstep_steps += 1
+                calls = self.moe[0].num_forwards
+                outputs = core.step()
+                if self.moe[0].num_forwards == calls:
+                    # no forward ran here this step: the other ranks' MoE layers still exchange
+                    # tokens with this one
+                    for layer in self.moe:
+                        layer.forward_idle()
+                    self.idle_steps += 1
+        else:
+            # TP ranks are identical: each steps (an idle core only polls its connector)
+            self.lockstep_steps += 1
+            outputs = core.step()
+        if core.connector is not None and self.state.tp_size > 1:
+            outputs = self._merge_kv_shards(outputs)
+        return (outputs if self.state.is_output_rank else []), core.has_unfinished()
+
+    def _merge_kv_shards(self, outputs: list[CoreOutput]) -> list[CoreOutput]:
+        """Give the output rank's kv_transfer_params every TP rank's shard (same requests finish
+        on every rank in the same step, so the lists line up by request id)."""
+        mine = {o.request_id: o.kv_transfer_params for o in outputs if o.kv_transfer_params}
+        gathered: list = [None] * self.state.tp_size
+        dist.all_gather_object(gathered, mine, group=self.state.tp_group)
+        if not self.state.is_output_rank:
+            return outputs
+        for o in outputs:
+            if o.kv_transfer_params:
+                shards = [g.get(o.request_id) for g in gathered[1:]]
+                if any(s is None for s in shards):
+                    o.finish_reason, o.error = "error", "a tensor-parallel rank could not hand its KV shard off"
+                    o.kv_transfer_params = None
+                else:
+                    o.kv_transfer_params = dict(o.kv_transfer_params, shards=shards, tp_size=self.state.tp_size)
+        return outputs
+
+    def stats(self) -> dict[str, Any]:
+        s = self.core.stats
+        return {"rank": self.state.rank, "tp_rank": self.state.tp_rank, "dp_rank": self.state.dp_rank,
+                "num_steps": s.num_steps, "lockstep_steps": self.lockstep_steps, "idle_steps": self.idle_steps,
+                "num_generated_tokens": s.num_generated_tokens, "num_finished": s.num_finished,
+                "num_computed_tokens": s.num_computed_tokens,
+                "expert_token_counts": expert_token_counts(self.core.model)}
