@@ -22,7 +22,7 @@ from dlengine.engine.memory import plan_kv_cache
 from dlengine.engine.runner import ModelRunner
 from dlengine.engine.sampler import Sampler
 from dlengine.engine.scheduler import Scheduler
-from dlengine.kernels.backends import resolve_attention_backend
+from dlengine.kernels.selection import Kernels, kernel_scope, resolve_kernels
 from dlengine.models.loader import init_dummy_weights, load_weights, run_post_load_hooks
 from dlengine.models.registry import get_model_class
 from dlengine.tokenizer import load_tokenizer
@@ -39,22 +39,24 @@ def build_engine(cfg: EngineConfig):
     return Engine(cfg, build_core(cfg), load_tokenizer(cfg.model.path))
 
 
-def build_model(cfg: EngineConfig, state):
-    """The model with its weights (or dummy weights), sized for this rank."""
+def build_model(cfg: EngineConfig, state, kernels: Kernels):
+    """The model with its weights (or dummy weights), sized for this rank, its layers running
+    `kernels` (kernels/selection.py)."""
     from dlengine.parallel.state import parallel_state
 
     model_cls = get_model_class(cfg.model)
     prev_dtype = torch.get_default_dtype()
     torch.set_default_dtype(cfg.dtype)
     try:
-        with torch.device(cfg.device), parallel_state(state):  # layers size their shards from state
+        # layers size their shards from `state` and keep the kernels they call from `kernels`
+        with torch.device(cfg.device), parallel_state(state), kernel_scope(kernels):
             model = model_cls(cfg.model, max_position=cfg.max_model_len)
     finally:
         torch.set_default_dtype(prev_dtype)
     if cfg.quantization != "none":
         from dlengine.models.layers.fp8_linear import prepare_fp8_model
 
-        prepare_fp8_model(model, cfg.model.quantization)
+        prepare_fp8_model(model, cfg.model.quantization, kernels.ops)
     if cfg.load_format == "dummy":
         init_dummy_weights(model, seed=cfg.seed)
     else:
@@ -97,10 +99,12 @@ def build_core(cfg: EngineConfig, state=None) -> EngineCore:
 
         gc.collect()  # an engine dropped just before still holds device memory until collected
         torch.cuda.empty_cache()
-    backend = cfg.components.attention or resolve_attention_backend(cfg.attention_backend, cfg.device)
-    if backend.name == "triton":
-        backend.mla_decode = cfg.mla_decode
-    model = build_model(cfg, state)
+    # one kernel choice for the whole engine: the backend object (a user's, or built with its MLA
+    # decode kernel) and the fused ops the layers run
+    kernels = resolve_kernels(cfg.components.attention or cfg.attention_backend, cfg.mla_decode, cfg.model,
+                              cfg.device, cfg.dtype, cfg.quantization)
+    backend = kernels.attention
+    model = build_model(cfg, state, kernels)
 
     kv_dtype = cfg.dtype if cfg.cache.dtype == "auto" else parse_dtype(cfg.cache.dtype)
     use_graphs = _use_cuda_graphs(cfg, backend, state)
@@ -149,7 +153,7 @@ def build_core(cfg: EngineConfig, state=None) -> EngineCore:
         logger.info("captured %d CUDA graphs (batch sizes up to %d), %.2f GiB",
                     len(graph_runner.graphs), graph_batch, graph_runner.memory_bytes / 2**30)
     runner = ModelRunner(model, kv_cache, backend, _make_sampler(cfg, state), cfg.model.vocab_size, cfg.device,
-                         graph_runner=graph_runner)
+                         graph_runner=graph_runner, kernels=kernels)
     scheduler = Scheduler(cfg.scheduler, block_manager, policy=cfg.scheduler.policy, connector=connector)
     return EngineCore(cfg, model, kv_cache, block_manager, scheduler, runner, connector=connector,
                       speculator=speculator, memory_plan=plan)

@@ -222,7 +222,7 @@ class EngineBuilder:
         return self
 
     def attention(self, backend: Any) -> "EngineBuilder":
-        """Attention backend: "auto", one of dlengine.kernels.backends.available_attention_backends(),
+        """Attention backend: "auto", one of dlengine.kernels.selection.available_attention_backends(),
         or an object following the AttentionBackend protocol (its `name` shows in describe())."""
         if isinstance(backend, str):
             self._attention = backend
@@ -363,7 +363,7 @@ class EngineBuilder:
         if self._components.get("attention") is not None and not all(
                 callable(getattr(self._components["attention"], m, None)) for m in ("write_kv", "attend")):
             raise ConfigError(f"attention backend object {self._components['attention']!r} lacks write_kv/attend "
-                              "(see dlengine.kernels.backends.AttentionBackend)")
+                              "(see dlengine.kernels.attention.backend.AttentionBackend)")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device 'cuda' was asked for but torch sees no CUDA device")
         if self._dtype is not None:
@@ -373,7 +373,7 @@ class EngineBuilder:
         else:
             dtype = parse_dtype(model.torch_dtype) if model.torch_dtype in ("bfloat16", "float16", "float32") else torch.bfloat16
 
-        from dlengine.kernels.mla_decode_choice import preferred_block_size, resolve_mla_decode
+        from dlengine.kernels.mla.decode_choice import preferred_block_size, resolve_mla_decode
 
         mla_decode = resolve_mla_decode(self._mla_decode, model, attention if isinstance(attention, str) else "custom",
                                         device, dtype)

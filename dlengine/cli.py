@@ -23,7 +23,7 @@ from dlengine.bench.latency import LatencyConfig
 from dlengine.bench.throughput import DATASETS, ThroughputConfig
 from dlengine.builder import LOAD_FORMATS
 from dlengine.config import ConfigError
-from dlengine.kernels.backends import known_attention_backends
+from dlengine.kernels.selection import known_attention_backends
 from dlengine.sampling_params import InvalidRequestError
 
 DEFAULT_BENCH = "throughput"

@@ -15,9 +15,8 @@ from typing import Any
 
 import torch
 
-
-class ConfigError(ValueError):
-    """A checkpoint or engine setting that cannot work; the message names the problem."""
+from dlengine.errors import ConfigError  # defined there (parallel/ep.py raises it too), public here
+from dlengine.parallel.ep import DISPATCH_BACKENDS, PLACEMENTS
 
 
 _DTYPES = {
@@ -314,8 +313,6 @@ class ParallelConfig:
         if ep not in (1, dp) or (ep > 1 and tp > 1):
             raise ConfigError(f"parallel ffn_ep={ep} is not supported with tp={tp}, attention_dp={dp}; expert "
                               "parallelism spans the attention-DP ranks: use ffn_ep=attention_dp (tp=1) or ffn_ep=1")
-        from dlengine.parallel.ep import DISPATCH_BACKENDS, PLACEMENTS  # here: ep imports this module
-
         if isinstance(self.expert_placement, str) and self.expert_placement not in PLACEMENTS:
             raise ConfigError(f"unknown expert_placement {self.expert_placement!r}; choose one of {sorted(PLACEMENTS)}")
         if self.dispatch_backend == "deep_ep":
@@ -390,7 +387,7 @@ class EngineConfig:
     async_scheduling: bool = False
     quantization: str = "none"  # resolved weight mode: "none", "fp8" or "dequant" (EngineBuilder.quantization)
     # MLA decode kernel on the triton backend, resolved: "triton", "gluon", "flashinfer", or "auto"
-    # (per call: gluon where it applies, else triton); see kernels/mla_decode_choice.py
+    # (per call: gluon where it applies, else triton); see kernels/mla/decode_choice.py
     mla_decode: str = "auto"
     cuda_graphs: bool | None = None  # None: on where the device and backend allow
     cuda_graph_max_batch: int | None = None

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The Hopper Gluon MLA decode kernel (kernels/gluon_mla.py) on a GPU: correctness against a float32
+"""The Hopper Gluon MLA decode kernel (kernels/mla/mla_decode_gluon.py) on a GPU: correctness against a float32
 reference, then speed against the device's copy bandwidth and FlashInfer's MLA kernel in the same
 process. DeepSeek-V3 dims: 128 heads, latent 512 + rope 64, bf16. About 2-3 minutes on an H100.
 
@@ -29,7 +29,7 @@ import sys
 import gpu_common as gc
 import torch
 
-from dlengine.kernels import gluon_mla
+from dlengine.kernels.mla import mla_decode_gluon as gluon_mla
 
 H, C, R = 128, 512, 64
 DT = torch.bfloat16

@@ -5,7 +5,7 @@ import sys
 import gpu_common as gc
 import torch
 
-from dlengine.kernels import fp8_gemm_triton as fg, fp8_torch as ft
+from dlengine.kernels.fp8 import fp8_gemm_triton as fg, fp8_torch as ft
 
 if not gc.require_cuda():
     sys.exit(2)

@@ -30,9 +30,10 @@ import traceback
 import gpu_common as gc
 import torch
 
-from dlengine.kernels import triton_attention as ta
-from dlengine.kernels.attention_metadata import AttentionMetadata
-from dlengine.kernels.paged_attention_torch import paged_attention_ref, write_kv_cache
+from dlengine.kernels.attention import paged_attention_triton as ta
+from dlengine.kernels.common import num_sms
+from dlengine.kernels.context import AttentionMetadata
+from dlengine.kernels.attention.paged_attention_torch import paged_attention_ref, write_kv_cache
 
 FI_VERSION = gc.flashinfer_version()
 try:
@@ -252,7 +253,7 @@ def check_cuda_graph_replay() -> bool:
         err, _ = errs(out, ref)
         worst = max(worst, err)
         ok &= bool(torch.allclose(out.float(), ref.float(), atol=2e-2, rtol=2e-2)) and not bool(out.isnan().any())
-    splits = ta.choose_num_splits(n, 8, max(lens), 64, ta._num_sms(torch.cuda.current_device()))
+    splits = ta.choose_num_splits(n, 8, max(lens), 64, num_sms(torch.cuda.current_device()))
     print(f"  {'PASS' if ok else 'FAIL'} {'CUDA-graph replay, new lens each time':<44} bfloat16 D=128 "
           f"max|err| {worst:.2e} (captured splits={splits})", flush=True)
     RESULTS["correctness"].append(dict(name="cuda graph replay", max_abs=worst, ok=ok))
@@ -315,7 +316,7 @@ def decode_sweep(copy_bw, batches, ctxs, max_kv_gb, tune_splits, fi_tc):
         b = Batch([(1, ctx)] * bsz, H, Hkv, D, page, dtype, k_cache=kc, v_cache=vc, seed=bsz * 7 + ctx)
         out = torch.empty_like(b.q)
         splits = ta.choose_num_splits(bsz, Hkv, ctx, ta._default_config(D, 2, False)["decode_block_n"],
-                                      ta._num_sms(torch.cuda.current_device()))
+                                      num_sms(torch.cuda.current_device()))
         tri = lambda: ta.paged_attention(b.q, kc, vc, b.meta, b.scale, out=out, config=CONFIG)  # noqa: E731
         t_tri, g_tri, h_tri = bench(tri), graph_bench(tri), host_us(tri)
         fn, err = safe_fi(fi_decode, b, fi_tc)

@@ -34,8 +34,8 @@ import traceback
 import gpu_common as gc
 import torch
 
-from dlengine.kernels import fp8_gemm_triton as tk
-from dlengine.kernels import fp8_torch as ref
+from dlengine.kernels.fp8 import fp8_gemm_triton as tk
+from dlengine.kernels.fp8 import fp8_torch as ref
 
 
 def do_bench(fn, warmup: int, rep: int) -> float:
@@ -130,8 +130,8 @@ def check_gemms(ms: list[int]) -> None:
 def check_moe(ts: list[int]) -> None:
     """DeepSeek-V3 experts (H 7168, I 2048, 256 experts, top-8): the FP8 fused MoE vs its torch
     reference (T <= 512) and timed against the bf16 Triton fused MoE on the same (dequantised) weights."""
-    from dlengine.kernels import fused_moe_triton
-    from dlengine.kernels.fused_moe_fp8_triton import fused_experts_fp8_triton
+    from dlengine.kernels.moe import fused_moe_triton
+    from dlengine.kernels.moe.fused_moe_fp8_triton import fused_experts_fp8_triton
 
     h, i, e, k = 7168, 2048, 256, 8
     g = torch.Generator(device=DEV).manual_seed(0)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""GPU check of the Triton MLA kernels (kernels/triton_mla.py) at DeepSeek-V3 dims: 128 heads,
+"""GPU check of the Triton MLA kernels (kernels/mla/mla_triton.py) at DeepSeek-V3 dims: 128 heads,
 latent 512 + rope 64, nope 128, v 128, bf16, page 16. About 2-3 minutes on an H100.
 
     python scripts/gpu_check_mla.py            # everything; JSON to $OUT/mla_decode.json if $OUT is set
@@ -32,11 +32,12 @@ import traceback
 import gpu_common as gc
 import torch
 
-from dlengine.kernels import gluon_mla
-from dlengine.kernels import triton_attention as ta
-from dlengine.kernels import triton_mla as tm
-from dlengine.kernels.attention_metadata import AttentionMetadata
-from dlengine.kernels.mla_attention_torch import MLAWeights, mla_attention_ref
+from dlengine.kernels.mla import mla_decode_gluon as gluon_mla
+from dlengine.kernels.attention import paged_attention_triton as ta
+from dlengine.kernels.mla import mla_triton as tm
+from dlengine.kernels.common import num_sms
+from dlengine.kernels.context import AttentionMetadata
+from dlengine.kernels.mla.mla_torch import MLAWeights, mla_attention_ref
 
 FI = gc.flashinfer_version()
 try:
@@ -179,15 +180,15 @@ def correctness(w: MLAWeights, gen: torch.Generator) -> bool:
 
 
 def flashinfer_backend_check(w, cache, gen, ref_of, cases) -> bool:
-    """The engine's flashinfer MLA path (FlashInferAttentionBackend.mla_attention, W_UK/W_UV included)."""
-    from dlengine.kernels.flashinfer_attention import FlashInferAttentionBackend
+    """The engine's flashinfer MLA path (FlashInferAttentionBackend.attend_latent, W_UK/W_UV included)."""
+    from dlengine.kernels.attention.flashinfer_backend import FlashInferAttentionBackend
 
     backend, ok = FlashInferAttentionBackend(), True
     for name, reqs in cases:
         b = Batch(reqs, cache, gen)
         try:
             poison()
-            got = backend.mla_attention(b.q_nope, b.q_pe, cache, b.meta, w, SCALE)
+            got = backend.attend_latent(b.q_nope, b.q_pe, cache, b.meta, w, SCALE)
             ok &= report(f"flashinfer backend: {name}", got, ref_of(b))
         except Exception as e:  # noqa: BLE001
             print(f"  FAIL flashinfer backend: {name}: {type(e).__name__}: {str(e)[:160]}", flush=True)
@@ -265,7 +266,7 @@ def decode_sweep(w, gen, copy_bw, batches, ctxs, cache) -> None:
             t_a = bench(lambda: tm.mla_attention(b.q_nope, b.q_pe, cache, m, w, SCALE))
             cfg = tm.decode_config(DT)
             head_tiles = -(-H // cfg["block_h"])
-            splits = ta.choose_num_splits(bs, head_tiles, ctx, cfg["block_n"], ta._num_sms(torch.cuda.current_device()))
+            splits = ta.choose_num_splits(bs, head_tiles, ctx, cfg["block_n"], num_sms(torch.cuda.current_device()))
             gbs, gbs_a = b.kv_bytes / t_k / 1e9, b.kv_bytes / t_a / 1e9
             row = dict(batch=bs, ctx=ctx, splits=splits, kernel_us=t_k * 1e6, kernel_GBps=gbs,
                        pct_copy=100 * gbs / copy_bw, attention_us=t_a * 1e6, attention_GBps=gbs_a)

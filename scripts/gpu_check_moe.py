@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""GPU check of the Triton fused MoE (dlengine/kernels/fused_moe_triton.py) at DeepSeek-V3 dims.
+"""GPU check of the Triton fused MoE (dlengine/kernels/moe/fused_moe_triton.py) at DeepSeek-V3 dims.
 
     python scripts/gpu_check_moe.py                      # full run (a few minutes on an H100)
     python scripts/gpu_check_moe.py --quick              # fewer token counts
@@ -30,8 +30,8 @@ import gpu_common as gc
 import torch
 
 from dlengine.bench.peaks import measure_peaks
-from dlengine.kernels import fused_moe_triton as fmt
-from dlengine.models.layers.moe import fused_experts_torch
+from dlengine.kernels.moe import fused_moe_triton as fmt
+from dlengine.kernels.moe.fused_moe_torch import fused_experts_torch
 
 DEV = "cuda"
 H, E, K, I = 7168, 256, 8, 2048

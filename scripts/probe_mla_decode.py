@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Where the Gluon MLA decode kernel's time goes (kernels/gluon_mla.py; DeepSeek-V3 dims, page 64,
+"""Where the Gluon MLA decode kernel's time goes (kernels/mla/mla_decode_gluon.py; DeepSeek-V3 dims, page 64,
 bf16; H100, about a minute; numbers and what they showed in docs/mla.md):
 
 1. Timelines: one launch of the kernel's diagnostics build (`mla_decode_gluon(..., times=...)`),
@@ -30,7 +30,7 @@ import gpu_common as gc
 import torch
 from bench_mla_decode import C, DEV, R, SCALE, make
 
-from dlengine.kernels import gluon_mla
+from dlengine.kernels.mla import mla_decode_gluon as gluon_mla
 
 BW = [3000.0]  # the copy bandwidth measured at the start (GB/s)
 

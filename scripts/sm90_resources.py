@@ -22,7 +22,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from dlengine.kernels import gluon_mla, triton_mla
+from dlengine.kernels.mla import mla_decode_gluon as gluon_mla, mla_triton as triton_mla
 
 POINTERS = {"qlat_ptr": "*bf16", "qpe_ptr": "*bf16", "cache_ptr": "*bf16", "bt_ptr": "*i32", "row_tok_ptr": "*i32",
             "row_len_ptr": "*i32", "row_req_ptr": "*i32", "out_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32",

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Tile search for the Triton fused MoE (dlengine/kernels/fused_moe_triton.py) on the current GPU.
+"""Tile search for the Triton fused MoE (dlengine/kernels/moe/fused_moe_triton.py) on the current GPU.
 
     python scripts/tune_moe.py                        # DeepSeek-V3 dims, T = 1..4096 tokens
     python scripts/tune_moe.py --experts 128 --top-k 8 --hidden 2048 --inter 768   # Qwen3-30B-A3B
@@ -24,7 +24,7 @@ import gpu_common as gc
 import torch
 
 from dlengine.bench.peaks import measure_peaks
-from dlengine.kernels import fused_moe_triton as fmt
+from dlengine.kernels.moe import fused_moe_triton as fmt
 
 
 def do_bench(fn, warmup: int, rep: int) -> float:

@@ -10,7 +10,8 @@ import torch
 
 from dlengine import EngineBuilder
 from dlengine.config import ConfigError
-from dlengine.models.layers.moe import SoftmaxTopKRouter, _fused_experts_dense, fused_experts_torch
+from dlengine.kernels.moe.fused_moe_torch import fused_experts_dense, fused_experts_torch
+from dlengine.models.layers.moe import SoftmaxTopKRouter
 from dlengine.models.qwen3 import Qwen3MLP
 from dlengine.models.qwen3_moe import Qwen3MoeSparseBlock
 from dlengine.testing import tiny_checkpoint
@@ -105,4 +106,4 @@ def test_fused_experts_reference_matches_per_token_loop():
             gu = w13[ex] @ x[tok]
             expected[tok] += weights[tok, slot] * (w2[ex] @ (torch.nn.functional.silu(gu[:i]) * gu[i:]))
     assert torch.allclose(fused_experts_torch(x, w13, w2, weights, ids), expected, atol=1e-4, rtol=1e-4)
-    assert torch.allclose(_fused_experts_dense(x, w13, w2, weights, ids), expected, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(fused_experts_dense(x, w13, w2, weights, ids), expected, atol=1e-4, rtol=1e-4)

@@ -255,7 +255,7 @@ def test_outputs_in_input_order_and_metrics(engine):
 def test_memory_profile_step_runs_on_cpu():
     """The profiling forward (largest step + max_num_seqs sampling rows) runs; on CPU it measures 0."""
     from dlengine.engine.memory import profile_step_peak
-    from dlengine.kernels.backends import resolve_attention_backend
+    from dlengine.kernels.selection import resolve_attention_backend
 
     engine = EngineBuilder("tiny-qwen3").scheduler(max_num_batched_tokens=300, max_num_seqs=4, max_model_len=128).build()
     cfg = engine.config

@@ -19,11 +19,11 @@ import pytest
 import torch
 
 from dlengine import ConfigError, EngineBuilder, SamplingParams
-from dlengine.kernels import paged_attention_torch as ref
-from dlengine.kernels.attention_metadata import AttentionMetadata
-from dlengine.kernels.backends import resolve_attention_backend
+from dlengine.kernels.attention import paged_attention_torch as ref
+from dlengine.kernels.context import AttentionMetadata
+from dlengine.kernels.selection import resolve_attention_backend
 
-MODULE = "dlengine.kernels.flashinfer_attention"
+MODULE = "dlengine.kernels.attention.flashinfer_backend"
 
 
 def _flashinfer_importable() -> bool:
@@ -154,7 +154,7 @@ class _FakeWrapper:
             kv_len = (len(pages) - 1) * self.page + int(self.last[i])
             k, v = (c[pages].flatten(0, 1)[:kv_len] for c in (k_cache, v_cache))
             s, e = self.qo[i], self.qo[i + 1]
-            out[s:e] = ref._attend(q[s:e], k, v, self.scale, kv_len - (e - s) if self.causal else None)
+            out[s:e] = ref.attend_dense(q[s:e], k, v, self.scale, kv_len - (e - s) if self.causal else None)
         return out
 
 
@@ -172,7 +172,7 @@ class _FakePrefill(_FakeWrapper):
 
 @pytest.fixture
 def fake_flashinfer_module():
-    """dlengine.kernels.flashinfer_attention imported over the stand-in `flashinfer`; both removed
+    """dlengine.kernels.attention.flashinfer_backend imported over the stand-in `flashinfer`; both removed
     (and any real ones put back) afterwards."""
     saved = {k: sys.modules.pop(k) for k in ("flashinfer", MODULE) if k in sys.modules}
     fake = types.ModuleType("flashinfer")

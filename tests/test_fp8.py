@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from dlengine import EngineBuilder, SamplingParams
 from dlengine.config import ConfigError, QuantizationConfig
-from dlengine.kernels import fp8_torch as ref
+from dlengine.kernels.fp8 import fp8_torch as ref
 from dlengine.models.layers.fp8_linear import Fp8Linear, should_convert
 from dlengine.models.layers.linear import MergedLinear
 from dlengine.testing import build_fp8_checkpoint, tiny_checkpoint
@@ -268,7 +268,7 @@ def test_merged_linear_scales_load_per_shard(sizes, block, row_div):
 
 # ----------------------------------------------------------------------------------- kernels
 triton = pytest.importorskip("triton")
-from dlengine.kernels import fp8_gemm_triton as tk  # noqa: E402
+from dlengine.kernels.fp8 import fp8_gemm_triton as tk  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -352,7 +352,7 @@ def _fp8_experts(e, h, i, block, seed):
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_moe_fp8_matches_reference(t, e, k, h, i, block, dtype):
-    from dlengine.kernels.fused_moe_fp8_triton import fused_experts_fp8_triton
+    from dlengine.kernels.moe.fused_moe_fp8_triton import fused_experts_fp8_triton
 
     w13, s13, w2, s2, row_div = _fp8_experts(e, h, i, block, seed=t + e + h)
     g = torch.Generator().manual_seed(t)
@@ -369,7 +369,7 @@ def test_fused_moe_fp8_matches_reference(t, e, k, h, i, block, dtype):
     tol = 1e-4 if dtype == torch.float32 else 6e-2
     assert relative_error(out.float(), expect.float()) < tol
     # W8A8 stays close to the float32 experts on the dequantised weights
-    from dlengine.models.layers.moe import fused_experts_torch
+    from dlengine.kernels.moe.fused_moe_torch import fused_experts_torch
 
     deq13 = ref.dequantize_weight(w13, s13, block[1], row_div, torch.float32)
     deq2 = ref.dequantize_weight(w2, s2, block[1], block[0], torch.float32)

@@ -5,9 +5,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from dlengine.kernels import fused_moe_triton as fmt  # noqa: E402
-from dlengine.kernels import ops  # noqa: E402
-from dlengine.models.layers.moe import fused_experts_torch  # noqa: E402
+from dlengine.kernels.moe import fused_moe_triton as fmt  # noqa: E402
+from dlengine.kernels import selection  # noqa: E402
+from dlengine.kernels.moe.fused_moe_torch import fused_experts_torch  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # bf16: the interpreter truncates fp32 -> bf16 casts (three rounding points here), the reference rounds
@@ -128,9 +128,9 @@ def test_moe_align_block_size(block_m):
 
 def test_ops_dispatch_matches_reference():
     x, w13, w2, tw, ti = make(5, 4, 2, 32, 16, torch.float32, seed=6)
-    out = ops.fused_experts(x, w13, w2, tw, ti)
+    out = selection.select_ops(x.device).fused_experts(x, w13, w2, tw, ti)
     ref = fused_experts_torch(x, w13, w2, tw, ti)
-    if x.is_cuda and ops.HAS_FUSED_MOE:
+    if x.is_cuda and selection.HAS_FUSED_MOE:
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     else:
         assert torch.equal(out, ref)  # CPU: the torch reference itself

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 def test_gluon_mla_decode_kernel_matches_the_float32_reference():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from dlengine.kernels import gluon_mla
+    from dlengine.kernels.mla import mla_decode_gluon as gluon_mla
 
     if why := gluon_mla.supported(torch.device("cuda"), torch.bfloat16, 512, 64):
         pytest.skip(f"gluon MLA kernel: {why}")

@@ -85,7 +85,7 @@ def test_mla_decode_kernels_in_the_engine_match_the_triton_kernel(kernel, graphs
     re-plan before every replay) give the Triton kernel's greedy tokens."""
     import torch
 
-    from dlengine.kernels import gluon_mla
+    from dlengine.kernels.mla import mla_decode_gluon as gluon_mla
 
     if kernel == "gluon" and (why := gluon_mla.supported(torch.device("cuda"), torch.bfloat16, 512, 64)):
         pytest.skip(f"gluon MLA kernel: {why}")

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dlengine import EngineBuilder, SamplingParams
-from dlengine.kernels import fp8_torch as ref
+from dlengine.kernels.fp8 import fp8_torch as ref
 from dlengine.models.layers.fp8_linear import Fp8Linear
 from dlengine.models.layers.fp8_shards import KWindow
 from dlengine.models.layers.linear import Linear

@@ -18,9 +18,10 @@ if DEVICE == "cpu":
 
 pytest.importorskip("triton")
 
-from dlengine.kernels import triton_attention as ta  # noqa: E402
-from dlengine.kernels.attention_metadata import AttentionMetadata  # noqa: E402
-from dlengine.kernels.paged_attention_torch import paged_attention_ref, write_kv_cache  # noqa: E402
+from dlengine.kernels.attention import paged_attention_triton as ta  # noqa: E402
+from dlengine.kernels.attention.triton_backend import TritonAttentionBackend  # noqa: E402
+from dlengine.kernels.context import AttentionMetadata  # noqa: E402
+from dlengine.kernels.attention.paged_attention_torch import paged_attention_ref, write_kv_cache  # noqa: E402
 
 if DEVICE == "cpu" and not ta.interpret_mode():
     ta = importlib.reload(ta)  # imported earlier without the interpreter: rebuild the kernels
@@ -105,7 +106,7 @@ def test_store_kvcache_matches_reference(dtype, block_size):
     q, k, v, kc, vc, meta = make_batch(reqs, 4, 2, 16, block_size, dtype, seed=1)
     kc_ref, vc_ref = kc.clone(), vc.clone()
     write_kv_cache(k, v, kc_ref, vc_ref, meta.slot_mapping)
-    ta.TritonAttentionBackend().write_kv(k, v, kc, vc, meta)
+    TritonAttentionBackend().write_kv(k, v, kc, vc, meta)
     assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
 
 
@@ -179,7 +180,7 @@ def test_decode_split_counters_reset_between_launches():
         out = torch.full_like(q, float("nan"))
         ta.paged_attention(q, kc, vc, meta, 0.25, out=out, num_splits=splits, config=SMALL)
         torch.testing.assert_close(out, ref, **tol(F32))
-        assert int(ta._split_counters(q.device, 1).abs().sum()) == 0
+        assert int(ta.split_counters(q.device, 1).abs().sum()) == 0
 
 
 @pytest.mark.parametrize("num_splits", [1, 4])
@@ -203,7 +204,7 @@ def test_decode_padding_rows_like_cuda_graph_batches(num_splits):
     )
     kc_ref, vc_ref = kc.clone(), vc.clone()
     write_kv_cache(k, v, kc_ref, vc_ref, meta.slot_mapping)
-    be = ta.TritonAttentionBackend(config=SMALL, num_splits=num_splits)
+    be = TritonAttentionBackend(config=SMALL, num_splits=num_splits)
     be.write_kv(kp, vp, kc, vc, meta_p)
     assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
     out = be.attend(qp, kc, vc, meta_p, 0.25)
@@ -280,7 +281,7 @@ def test_extend_kernel_handles_decode_rows_itself():
 
 
 def test_backend_end_to_end_with_strided_q():
-    be = ta.TritonAttentionBackend(config=SMALL, num_splits=2)
+    be = TritonAttentionBackend(config=SMALL, num_splits=2)
     assert be.name == "triton"
     reqs = [(1, 30), (12, 12), (5, 37)]
     H, Hkv, D = 8, 2, 16

@@ -20,11 +20,11 @@ if DEVICE == "cpu":
 pytest.importorskip("triton")
 
 from dlengine import EngineBuilder, SamplingParams  # noqa: E402
-from dlengine.kernels import triton_attention as ta  # noqa: E402
-from dlengine.kernels import triton_mla as tm  # noqa: E402
-from dlengine.kernels import triton_mla_extend as tme  # noqa: E402
-from dlengine.kernels.attention_metadata import AttentionMetadata  # noqa: E402
-from dlengine.kernels.mla_attention_torch import MLAWeights, mla_attention_ref, write_latent_cache  # noqa: E402
+from dlengine.kernels.attention import paged_attention_triton as ta  # noqa: E402
+from dlengine.kernels.mla import mla_triton as tm  # noqa: E402
+from dlengine.kernels.mla import mla_extend_triton as tme  # noqa: E402
+from dlengine.kernels.context import AttentionMetadata  # noqa: E402
+from dlengine.kernels.mla.mla_torch import MLAWeights, mla_attention_ref, write_latent_cache  # noqa: E402
 from dlengine.testing import tiny_checkpoint  # noqa: E402
 
 if DEVICE == "cpu" and not tm.interpret_mode():
@@ -203,14 +203,14 @@ def test_engine_triton_matches_torch_and_transformers(kind, monkeypatch):
 
 
 # -------------------------------------------------------------------- the Hopper Gluon decode kernel
-# (kernels/gluon_mla.py runs on sm_90 only; tests/test_gpu_mla_engine.py and scripts/gpu_check_mla.py
+# (kernels/mla/mla_decode_gluon.py runs on sm_90 only; tests/test_gpu_mla_engine.py and scripts/gpu_check_mla.py
 # check it on the H100. Here: the dispatch around it and its host-side choices.)
 
 
 def test_decode_kernel_choice_is_validated_and_falls_back_to_triton():
-    from dlengine.kernels import gluon_mla
+    from dlengine.kernels.mla import mla_decode_gluon as gluon_mla
 
-    from dlengine.kernels.mla_attention_torch import absorb_query
+    from dlengine.kernels.mla.mla_torch import absorb_query
 
     q_nope, q_pe, cache, meta, w = make_batch([(1, 20), (1, 7)], 4)
     q_lat = absorb_query(q_nope, w)
@@ -233,7 +233,7 @@ def test_gluon_query_by_cp_async_only_where_the_copy_can_be_built():
     """The Gluon kernel loads the query by cp.async (bytes as they are, >= 4 at a time) only for a
     query in the cache's dtype whose token / head strides Triton can see are multiples of 16
     elements; anything else takes the register path (which converts dtypes and takes any stride)."""
-    from dlengine.kernels.gluon_mla import _q_async_ok
+    from dlengine.kernels.mla.mla_decode_gluon import _q_async_ok
 
     cache = torch.empty(4, 64, 1, 576, dtype=torch.bfloat16)
     q_lat, q_pe = torch.empty(3, 128, 512, dtype=torch.bfloat16), torch.empty(3, 128, 64, dtype=torch.bfloat16)
@@ -251,7 +251,7 @@ def test_gluon_query_by_cp_async_only_where_the_copy_can_be_built():
 @pytest.mark.parametrize("rows, head_tiles, ctx", [(1, 2, 8192), (32, 2, 8192), (64, 2, 8192), (128, 2, 32768),
                                                    (3, 1, 100), (1, 2, 1)])
 def test_gluon_split_count_fills_one_wave_of_programs(rows, head_tiles, ctx):
-    from dlengine.kernels.gluon_mla import choose_num_splits
+    from dlengine.kernels.mla.mla_decode_gluon import choose_num_splits
 
     n = choose_num_splits(rows, head_tiles, ctx, num_sms=132)
     assert n >= 1 and n & (n - 1) == 0  # a power of two: few recompiles of the merge
@@ -278,7 +278,7 @@ def test_gluon_split_merge_reads_only_splits_with_keys(splits):
     partials by log-sum-exp -- two at once (PAIR) or all at once as one block (3 splits: padded to
     a block of 4); the splits past a short row's tiles are never written (NaN here) and never read;
     a row without keys gets zeros."""
-    from dlengine.kernels import gluon_mla
+    from dlengine.kernels.mla import mla_decode_gluon as gluon_mla
 
     heads, width, block_n = 20, 32, 64
     lens = [0, 50, 100, 1000, block_n * splits * 3 - 5]
@@ -310,7 +310,7 @@ def test_gluon_split_merge_reads_only_splits_with_keys(splits):
 def test_gluon_cache_layout_check_names_what_tma_cannot_read():
     """The Gluon kernel reads the latent cache with TMA as one [blocks * page, 576] tensor; caches it
     cannot read that way fall back to the Triton kernel, and the check says why."""
-    from dlengine.kernels.gluon_mla import cache_layout_problem
+    from dlengine.kernels.mla.mla_decode_gluon import cache_layout_problem
 
     bf16 = torch.bfloat16
     assert cache_layout_problem(torch.zeros(8, 16, 1, 576, dtype=bf16)) is None  # the engine's layout
@@ -329,8 +329,8 @@ def test_engines_take_64_token_pages_where_mla_decode_runs_on_the_gluon_kernel(m
     say yes here: this machine has no Hopper GPU.)"""
     from types import SimpleNamespace
 
-    from dlengine.kernels import gluon_mla
-    from dlengine.kernels.mla_decode_choice import GLUON_BLOCK_SIZE, preferred_block_size
+    from dlengine.kernels.mla import mla_decode_gluon as gluon_mla
+    from dlengine.kernels.mla.decode_choice import GLUON_BLOCK_SIZE, preferred_block_size
 
     mla = SimpleNamespace(uses_mla=True, hf_config={"kv_lora_rank": 512, "qk_rope_head_dim": 64})
     gqa = SimpleNamespace(uses_mla=False, hf_config={})

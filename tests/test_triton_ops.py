@@ -5,7 +5,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from dlengine.kernels import ops_torch, triton_ops  # noqa: E402
+from dlengine.kernels.norm_rope import norm_rope_torch as ops_torch, norm_rope_triton as triton_ops  # noqa: E402
 from dlengine.models.layers.rotary import RotaryEmbedding  # noqa: E402
 from dlengine.config import RopeConfig  # noqa: E402
 

@@ -10,9 +10,10 @@ eagerly.
 Everything a graph reads lives in static buffers filled before each replay; the attention
 backend must be capturable (no host syncs, launch sizes from static metadata): the Triton
 backend is, the torch reference is not. MLA layers on the Triton backend capture the latent write
-(skips slot -1) and one absorbed decode launch (context 0 gives zeros): kernels/triton_mla.py.
-A backend may ask for host work around capture and before each replay (`graph_capture_begin/
-end`, `graph_before_replay`): FlashInfer's MLA decode re-plans its per-batch-size wrapper there.
+(skips slot -1) and one absorbed decode launch (context 0 gives zeros): kernels/mla/mla_triton.py.
+Every backend has the hooks of the AttentionBackend protocol for host work around a capture and
+before each replay (`prepare_capture` / `end_capture`, `before_replay`; no-ops by default):
+FlashInfer's MLA decode re-plans its per-batch-size wrapper there.
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dlengine.kernels.attention_metadata import AttentionMetadata
-from dlengine.models.layers.attention import ForwardContext
+from dlengine.kernels.context import AttentionMetadata, ForwardContext
 
 
 def default_batch_ladder(max_batch: int) -> list[int]:
@@ -56,10 +56,6 @@ class CUDAGraphRunner:
         self.outputs: dict[int, torch.Tensor] = {}
         self.pool = None
         self.memory_bytes = 0
-        # host work a backend asks for around capture / before each replay (looked up once here,
-        # not on every replay): FlashInfer's MLA decode plans its per-batch-size wrapper there
-        self._capture_hooks = backend if hasattr(backend, "graph_capture_begin") else None
-        self._before_replay = getattr(backend, "graph_before_replay", None)
 
     def _meta(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -74,7 +70,7 @@ class CUDAGraphRunner:
         )
 
     def _forward(self, bs: int) -> torch.Tensor:
-        ctx = ForwardContext(self._meta(bs), self.backend, self.kv_cache.layers)
+        ctx = ForwardContext(self._meta(bs), self.kv_cache.layers)
         hidden = self.model(self.input_ids[:bs], self.positions[:bs], ctx)
         return self.model.compute_logits(hidden)
 
@@ -85,10 +81,9 @@ class CUDAGraphRunner:
         before = torch.cuda.memory_allocated(self.device)
         self.slot_mapping.fill_(-1)
         self.seq_lens.fill_(1)
-        hooks = self._capture_hooks
         for bs in reversed(self.batch_sizes):
-            if hooks:  # e.g. FlashInfer's MLA decode sets up this batch size's own planned wrapper
-                hooks.graph_capture_begin(bs)
+            # e.g. FlashInfer's MLA decode sets up this batch size's own planned wrapper
+            self.backend.prepare_capture(bs)
             try:
                 for _ in range(2):  # warm up: Triton compiles and autotunes outside the capture
                     self._forward(bs)
@@ -97,8 +92,7 @@ class CUDAGraphRunner:
                 with torch.cuda.graph(graph, pool=self.pool):
                     self.outputs[bs] = self._forward(bs)
             finally:
-                if hooks:
-                    hooks.graph_capture_end()
+                self.backend.end_capture()
             if self.pool is None:
                 self.pool = graph.pool()
             self.graphs[bs] = graph
@@ -143,7 +137,6 @@ class CUDAGraphRunner:
         if placeholders is not None:
             rows, src = placeholders
             self.input_ids[rows] = last_tokens[src]
-        if self._before_replay is not None:  # host work a replay needs (FlashInfer's plan)
-            self._before_replay(bs, host[3, :bs], self.block_tables[:bs])
+        self.backend.before_replay(bs, host[3, :bs], self.block_tables[:bs])  # e.g. FlashInfer's plan
         self.graphs[bs].replay()
         return self.outputs[bs][:n]

@@ -17,9 +17,9 @@ from dlengine.cache.kv_cache import KVCache
 from dlengine.engine.request import Request
 from dlengine.engine.sampler import Sampler, SamplerOutput, SamplingTensors
 from dlengine.engine.scheduler import SchedulerOutput
-from dlengine.kernels.attention_metadata import AttentionMetadata
-from dlengine.kernels.backends import AttentionBackend
-from dlengine.models.layers.attention import ForwardContext
+from dlengine.kernels.attention.backend import AttentionBackend
+from dlengine.kernels.context import AttentionMetadata, ForwardContext
+from dlengine.kernels.selection import Kernels
 
 
 @dataclass
@@ -100,10 +100,11 @@ class ModelInputs:
 
 class ModelRunner:
     def __init__(self, model: nn.Module, kv_cache: KVCache, backend: AttentionBackend, sampler: Sampler,
-                 vocab_size: int, device: torch.device, graph_runner=None) -> None:
+                 vocab_size: int, device: torch.device, graph_runner=None, kernels: Kernels | None = None) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.backend = backend
+        self.kernels = kernels  # what the model was built with (kernels/selection.py), for describe()
         self.sampler = sampler
         self.vocab_size = vocab_size
         self.device = device
@@ -204,7 +205,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def compute_logits(self, inputs: ModelInputs) -> torch.Tensor:
-        ctx = ForwardContext(inputs.meta, self.backend, self.kv_cache.layers)
+        ctx = ForwardContext(inputs.meta, self.kv_cache.layers)
         hidden = self.model(inputs.input_ids, inputs.positions, ctx)
         return self.model.compute_logits(hidden[inputs.logits_indices]).float()
 

@@ -10,7 +10,7 @@ SwiGLU of n_shared_experts * moe_intermediate_size (`mlp.shared_experts`).
 
 A layer is sparse when `layer_idx >= first_k_dense_replace` and `layer_idx % moe_layer_freq == 0`
 (DeepSeek's reference code; transformers ignores moe_layer_freq, which is 1 in every released
-config). MLA runs on the torch reference or the Triton kernels (kernels/triton_mla.py).
+config). MLA runs on the torch reference or the Triton kernels (kernels/mla/mla_triton.py).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch import nn
 
 from dlengine.config import ConfigError, ModelConfig
 from dlengine.models.layers.decoder import PreNormDecoderLayer
-from dlengine.models.layers.attention import ForwardContext
+from dlengine.kernels.context import ForwardContext
 from dlengine.models.layers.parallel_linear import ParallelLMHead, VocabParallelEmbedding
 from dlengine.models.layers.parallel_moe import ParallelFusedMoE
 from dlengine.models.layers.linear import default_weight_loader

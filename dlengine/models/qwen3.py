@@ -10,7 +10,8 @@ from torch import nn
 from dlengine.config import ConfigError, ModelConfig
 from dlengine.models.layers.activation import SiluAndMul
 from dlengine.models.layers.decoder import PreNormDecoderLayer
-from dlengine.models.layers.attention import ForwardContext, PagedAttention
+from dlengine.kernels.context import ForwardContext
+from dlengine.models.layers.attention import PagedAttention
 from dlengine.models.layers.parallel_linear import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear,
                                                     RowParallelLinear, VocabParallelEmbedding)
 from dlengine.models.layers.norm import RMSNorm

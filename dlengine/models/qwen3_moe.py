@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from dlengine.config import ConfigError, ModelConfig
-from dlengine.models.layers.attention import ForwardContext
+from dlengine.kernels.context import ForwardContext
 from dlengine.models.layers.parallel_linear import ParallelLMHead
 from dlengine.models.layers.parallel_moe import ParallelFusedMoE
 from dlengine.models.layers.linear import Linear

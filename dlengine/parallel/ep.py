@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from dlengine.config import ConfigError
+from dlengine.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -154,7 +154,7 @@ def build_fp8_checkpoint(src: str, path: str, block: tuple[int, int] = FP8_BLOCK
     import torch
     from safetensors.torch import load_file, save_file
 
-    from dlengine.kernels.fp8_torch import quantize_weight_blockwise
+    from dlengine.kernels.fp8.fp8_torch import quantize_weight_blockwise
 
     os.makedirs(path, exist_ok=True)
     tensors = load_file(os.path.join(src, "model.safetensors"))

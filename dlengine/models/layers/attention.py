@@ -1,26 +1,18 @@
 """Paged attention layer: writes this step's K/V into its cache slice and attends over it through
-the engine's backend (kernels/backends.py). The model never sees block tables directly."""
+the engine's attention backend (kernels/attention/backend.py). The model never sees block tables.
+
+The backend and the fused ops are taken once, when the layer is built (kernels/selection.py:
+`current_kernels()` inside the builder's `kernel_scope`)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from dlengine.kernels.attention_metadata import AttentionMetadata
-from dlengine.kernels import ops
-from dlengine.kernels.backends import AttentionBackend
+from dlengine.kernels.context import ForwardContext
+from dlengine.kernels.selection import current_kernels
 from dlengine.models.layers.norm import RMSNorm
 from dlengine.models.layers.rotary import RotaryEmbedding
-
-
-class ForwardContext:
-    """What one forward pass needs besides activations: batch layout, backend and KV tensors.
-    Set by the runner for the duration of a forward; layers read it by their layer index."""
-
-    def __init__(self, meta: AttentionMetadata, backend: AttentionBackend, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]):
-        self.meta = meta
-        self.backend = backend
-        self.kv_caches = kv_caches
 
 
 class PagedAttention(nn.Module):
@@ -29,16 +21,18 @@ class PagedAttention(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
+        kernels = current_kernels()
+        self.backend, self.ops = kernels.attention, kernels.ops
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext,
                 rotary: RotaryEmbedding | None = None, positions: torch.Tensor | None = None,
                 q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None) -> torch.Tensor:
         """q [T, H, D], k/v [T, Hkv, D] -> [T, H * D]. With `q_norm`/`k_norm` (per-head RMSNorm,
-        Qwen3's QK-norm) and `rotary`, q and k are normalised and rotated first; on GPUs the norms,
-        the rotation and the KV-cache write are one fused kernel, in place on q and k."""
+        Qwen3's QK-norm) and `rotary`, q and k are normalised and rotated first, and k/v stored in
+        the cache's paged layout by the same op (on GPUs one fused kernel, in place on q and k)."""
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
-        if rotary is not None and ops.use_triton(q):
-            ops.triton_ops.rope_write_kv(
+        if rotary is not None:
+            q, k = self.ops.rope_write_kv(
                 q, k, v, positions, rotary.cos_cached, rotary.sin_cached, ctx.meta.slot_mapping, k_cache, v_cache,
                 q_norm.weight if q_norm is not None else None, k_norm.weight if k_norm is not None else None,
                 q_norm.eps if q_norm is not None else 1e-6,
@@ -46,8 +40,6 @@ class PagedAttention(nn.Module):
         else:
             if q_norm is not None:
                 q, k = q_norm(q), k_norm(k)
-            if rotary is not None:
-                q, k = rotary(positions, q, k)
-            ctx.backend.write_kv(k, v, k_cache, v_cache, ctx.meta)
-        out = ctx.backend.attend(q, k_cache, v_cache, ctx.meta, self.scale)
+            self.backend.write_kv(k, v, k_cache, v_cache, ctx.meta)
+        out = self.backend.attend(q, k_cache, v_cache, ctx.meta, self.scale)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)

@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlengine.config import ConfigError, QuantizationConfig
-from dlengine.kernels import ops
-from dlengine.kernels.fp8_torch import FP8_DTYPE, cdiv, dequantize_weight
+from dlengine.kernels.fp8.fp8_torch import FP8_DTYPE, cdiv, dequantize_weight
+from dlengine.kernels.selection import HAS_FP8_GEMM, Ops, current_kernels
 from dlengine.models.layers.fp8_moe import Fp8FusedMoE, expert_scale_rows, make_experts_fp8
 from dlengine.models.layers.fp8_shards import KWindow, load_fp8_block, load_scale_block, scale_row_div, whole_rows
 from dlengine.models.layers.linear import Linear
@@ -71,8 +71,9 @@ class Fp8Linear(nn.Module):
     plain linear layer over its own columns."""
 
     def __init__(self, src: nn.Module, block: tuple[int, int], rows: Sequence[Shard] | None = None,
-                 cols: KWindow | None = None) -> None:
+                 cols: KWindow | None = None, ops: Ops | None = None) -> None:
         super().__init__()
+        self.ops = ops or current_kernels().ops  # fp8_linear: Triton / DeepGEMM or the torch W8A8 reference
         if rows is None:  # a Linear / MergedLinear: its projections side by side, unsharded
             offsets = getattr(src, "shard_offsets", None) or {None: (0, src.out_features)}
             rows = [Shard(name, size, 0, size, off) for name, (off, size) in offsets.items()]
@@ -122,7 +123,7 @@ class Fp8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dequantized:
             return F.linear(x, self.weight, self.bias)
-        return ops.fp8_linear(x, self.weight, self.weight_scale_inv, self.block, self.row_div, self.bias)
+        return self.ops.fp8_linear(x, self.weight, self.weight_scale_inv, self.block, self.row_div, self.bias)
 
 
 class Fp8RowParallelLinear(Fp8Linear):
@@ -131,10 +132,10 @@ class Fp8RowParallelLinear(Fp8Linear):
     When the window holds other ranks' columns, the FP8 GEMM needs their activations too (to
     quantise whole groups): the input is all-gathered over the group and the window cut out."""
 
-    def __init__(self, src: RowParallelLinear, block: tuple[int, int]) -> None:
+    def __init__(self, src: RowParallelLinear, block: tuple[int, int], ops: Ops | None = None) -> None:
         k_local = src.in_features
         cols = KWindow.around(k_local * src.tp_size, src.tp_rank * k_local, k_local, block[1])
-        super().__init__(src, block, [whole_rows(src.out_features)], cols)
+        super().__init__(src, block, [whole_rows(src.out_features)], cols, ops)
         self.tp_size, self.tp_group, self.reduce = src.tp_size, src.tp_group, src.reduce
 
     def _window_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -148,36 +149,38 @@ class Fp8RowParallelLinear(Fp8Linear):
         else:
             if self.cols.padded:
                 x = self._window_input(x)
-            y = ops.fp8_linear(x, self.weight, self.weight_scale_inv, self.block, self.row_div)
+            y = self.ops.fp8_linear(x, self.weight, self.weight_scale_inv, self.block, self.row_div)
         if self.reduce:
             dist.all_reduce(y, group=self.tp_group)
         return y + self.bias if self.bias is not None else y
 
 
-def _to_fp8_linear(module: nn.Module, block: tuple[int, int]) -> nn.Module | None:
+def _to_fp8_linear(module: nn.Module, block: tuple[int, int], ops: Ops) -> nn.Module | None:
     """The FP8 replacement of a linear layer, None for modules FP8 does not replace. LMHead,
     Embedding and RouterGate are not linear layers here, so they stay unquantised as in
     transformers."""
     if isinstance(module, Linear):
-        return Fp8Linear(module, block)
+        return Fp8Linear(module, block, ops=ops)
     if isinstance(module, ColumnParallelLinear):  # also merged / QKV: its shards, this rank's rows
-        return Fp8Linear(module, block, list(module.shards.values()))
+        return Fp8Linear(module, block, list(module.shards.values()), ops=ops)
     if isinstance(module, RowParallelLinear):
-        return Fp8Linear(module, block) if module.tp_group is None else Fp8RowParallelLinear(module, block)
+        return Fp8Linear(module, block, ops=ops) if module.tp_group is None else Fp8RowParallelLinear(module, block, ops)
     return None
 
 
-def prepare_fp8_model(model: nn.Module, quant: QuantizationConfig) -> int:
+def prepare_fp8_model(model: nn.Module, quant: QuantizationConfig, ops: Ops | None = None) -> int:
     """Before loading: swap every convertible linear layer for an FP8 one (this rank's shard of
-    it under tensor parallelism) and give the MoE layers FP8 expert parameters with scales.
+    it under tensor parallelism; running `ops`, the engine's, default `current_kernels().ops`) and
+    give the MoE layers FP8 expert parameters with scales (they keep the ops they were built with).
     Returns how many modules were converted."""
+    ops = ops or current_kernels().ops
     skip = ("lm_head",) + quant.modules_to_not_convert
     converted = 0
     experts = 0
     for name, module in list(model.named_modules()):
         if not should_convert(name, skip):
             continue
-        fp8 = _to_fp8_linear(module, quant.weight_block_size)
+        fp8 = _to_fp8_linear(module, quant.weight_block_size, ops)
         if fp8 is not None:
             parent_name, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent_name), attr, fp8)
@@ -215,7 +218,7 @@ def resolve_fp8_mode(requested: str, device: torch.device, quant: QuantizationCo
         raise ConfigError(f"unknown quantization mode {requested!r}; choose one of {FP8_MODES}")
     bk = quant.weight_block_size[1] if quant is not None else 128
     block_ok = bk >= 32 and bk & (bk - 1) == 0
-    gpu_ok = (device.type == "cuda" and ops.HAS_FP8_GEMM and block_ok
+    gpu_ok = (device.type == "cuda" and HAS_FP8_GEMM and block_ok
               and torch.cuda.get_device_capability(device) >= (8, 9))
     if requested == "auto":
         return "fp8" if gpu_ok else "dequant"

@@ -20,8 +20,7 @@ import torch
 from torch import nn
 
 from dlengine.config import ConfigError
-from dlengine.kernels import ops
-from dlengine.kernels.fp8_torch import FP8_DTYPE, cdiv, dequantize_weight
+from dlengine.kernels.fp8.fp8_torch import FP8_DTYPE, cdiv, dequantize_weight
 from dlengine.models.layers.fp8_shards import KWindow, load_fp8_block, load_scale_block, scale_row_div, whole_rows
 from dlengine.models.layers.moe import FusedMoE
 from dlengine.models.layers.parallel_linear import Shard
@@ -34,9 +33,9 @@ class Fp8FusedMoE(ParallelFusedMoE):
     def run_experts(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         if not hasattr(self, "w13_weight_scale_inv"):  # dequantised at load
             return super().run_experts(x, topk_weights, topk_ids)
-        return ops.fused_experts_fp8(x, self.w13_weight, self.w13_weight_scale_inv, self.w2_weight,
-                                     self.w2_weight_scale_inv, self.fp8_block, self.w13_row_div,
-                                     topk_weights, topk_ids)
+        return self.ops.fused_experts_fp8(x, self.w13_weight, self.w13_weight_scale_inv, self.w2_weight,
+                                          self.w2_weight_scale_inv, self.fp8_block, self.w13_row_div,
+                                          topk_weights, topk_ids)
 
     def extra_repr(self) -> str:
         if not hasattr(self, "w13_weight_scale_inv"):

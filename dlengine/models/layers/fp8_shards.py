@@ -28,7 +28,7 @@ from typing import Iterable
 
 import torch
 
-from dlengine.kernels.fp8_torch import FP8_DTYPE, cdiv
+from dlengine.kernels.fp8.fp8_torch import FP8_DTYPE, cdiv
 from dlengine.models.layers.parallel_linear import Shard
 
 

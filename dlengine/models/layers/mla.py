@@ -8,11 +8,12 @@ Per token:
     q_pe, k_pe rotated with decoupled RoPE on the rope dims only
 
 The cache stores the latent `[c_kv | rotated k_pe]` (kv_lora_rank + qk_rope_head_dim numbers per
-token and layer, ModelConfig.kv_cache_geometry). Attention runs by the engine's backend: "torch"
-expands the latent through kv_b_proj into per-head k_nope and v (kernels/mla_attention_torch.py,
-the reference); "triton" runs absorbed decode / non-absorbed prefill (kernels/triton_mla.py,
-docs/mla.md); "flashinfer" runs FlashInfer's absorbed MLA kernel for every step. `post_load_weights` (called by the builder once weights are in place) prepares the
-absorbed per-head views of kv_b_proj.
+token and layer, ModelConfig.kv_cache_geometry). The engine's attention backend, taken when the
+layer is built, writes the latents (`write_latent`) and attends (`attend_latent`): "torch" expands
+the latent through kv_b_proj into per-head k_nope and v (kernels/mla/mla_torch.py, the reference);
+"triton" runs absorbed decode / non-absorbed prefill (kernels/mla/mla_triton.py, docs/mla.md);
+"flashinfer" runs FlashInfer's absorbed MLA kernel for every step. `post_load_weights` (called by
+the builder once weights are in place) prepares the absorbed per-head views of kv_b_proj.
 
 RoPE layout: with `rope_interleave` (the default, and what DeepSeek's weights use) the rope dims
 are interleaved pairs (x0, x1), (x2, x3), ...; transformers' `apply_rotary_pos_emb_interleave`
@@ -31,10 +32,10 @@ import torch
 from torch import nn
 
 from dlengine.config import ConfigError, ModelConfig
-from dlengine.kernels import ops_torch
-from dlengine.kernels.mla_attention_torch import (MLAWeights, mla_attention_ref,
-                                                   write_latent_cache)
-from dlengine.models.layers.attention import ForwardContext
+from dlengine.kernels.context import ForwardContext
+from dlengine.kernels.mla.mla_torch import MLAWeights
+from dlengine.kernels.norm_rope.norm_rope_torch import rope as rope_reference
+from dlengine.kernels.selection import current_kernels
 from dlengine.models.layers.linear import Linear
 from dlengine.models.layers.parallel_linear import ColumnParallelLinear, RowParallelLinear, divide
 from dlengine.parallel.state import get_parallel_state
@@ -85,6 +86,7 @@ class MLAAttention(nn.Module):
         self.rotary = rotary
         self.scale = mla_softmax_scale(cfg, self.qk_head_dim)
         self.absorbed: MLAWeights | None = None  # set by post_load_weights
+        self.backend = current_kernels().attention
 
     @torch.no_grad()
     def post_load_weights(self) -> None:
@@ -104,8 +106,9 @@ class MLAAttention(nn.Module):
         if self.rope_interleave:
             q_pe = torch.cat([q_pe[..., 0::2], q_pe[..., 1::2]], dim=-1)
             k_pe = torch.cat([k_pe[..., 0::2], k_pe[..., 1::2]], dim=-1)
-        # the reference rotation (not the in-place Triton one): this path is the torch reference
-        return ops_torch.rope(q_pe, k_pe, positions, self.rotary.cos_cached, self.rotary.sin_cached)
+        # the reference rotation always: q_pe / k_pe are strided slices here, and the rotation is a
+        # sliver of this layer's time
+        return rope_reference(q_pe, k_pe, positions, self.rotary.cos_cached, self.rotary.sin_cached)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         t = hidden.shape[0]
@@ -120,16 +123,8 @@ class MLAAttention(nn.Module):
         q_pe, k_pe = self._rope(positions, q_pe, k_pe.unsqueeze(1))
         cache, _ = ctx.kv_caches[self.layer_idx]
         latent = torch.cat([c_kv, k_pe[:, 0]], dim=-1)
-        backend = ctx.backend.name
-        if backend == "torch":
-            write_latent_cache(latent, cache, ctx.meta.slot_mapping)
-            out = mla_attention_ref(torch.cat([q_nope, q_pe], dim=-1), cache, ctx.meta, self.kv_b_proj.weight,
-                                    self.kv_lora_rank, self.qk_nope_head_dim, self.v_head_dim, self.scale)
-        else:  # the fast backends (CUDA; triton also under its CPU interpreter)
-            from dlengine.kernels import triton_mla
-
-            if self.absorbed is None:
-                raise RuntimeError("MLAAttention.post_load_weights() was not called after loading the weights")
-            triton_mla.store_latent(latent, cache, ctx.meta.slot_mapping)
-            out = ctx.backend.mla_attention(q_nope, q_pe, cache, ctx.meta, self.absorbed, self.scale)
+        if self.absorbed is None:
+            raise RuntimeError("MLAAttention.post_load_weights() was not called after loading the weights")
+        self.backend.write_latent(latent, cache, ctx.meta)
+        out = self.backend.attend_latent(q_nope, q_pe, cache, ctx.meta, self.absorbed, self.scale)
         return self.o_proj(out.reshape(t, self.num_heads * self.v_head_dim))

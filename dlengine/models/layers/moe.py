@@ -3,7 +3,7 @@ and the token's output is the routing-weighted sum of its experts' outputs.
 
 `FusedMoE` stores every expert of a layer in two stacked tensors, as fused MoE kernels want them:
 
-    w13_weight [E, 2 * I, H]   gate_proj then up_proj of each expert (one GEMM, like MergedLinear)
+    w13_weight [E, 2 * I, H]   gate_proj then up_proj of each expert (one GEMM)
     w2_weight  [E, H, I]       down_proj of each expert
 
 Checkpoints come in two layouts and both load (see `FusedMoE.checkpoint_mapping`): one tensor per
@@ -16,11 +16,9 @@ Routing is a separate module so other families plug in their own: a router maps 
 `GroupedTopKRouter` is DeepSeek-V3's (and Kimi-K2's) grouped sigmoid router, with its
 score-correction bias parameter and scaling factor.
 
-`fused_experts_torch` is the reference the fused kernel will be tested against (same signature).
-Its numerics follow transformers' default experts path: softmax in float32, routing weights cast
-to the activation dtype, each (token, expert) output weighted in the activation dtype, and the
-per-token sum taken over the k slots in routing order (a deterministic reduction, unlike
-`index_add_`, whose order of duplicate-index adds is not fixed on CUDA).
+The experts run through the fused-experts op the engine chose at build (kernels/selection.py):
+the Triton kernel of kernels/moe/ on GPUs, its torch reference `fused_experts_torch`
+(kernels/moe/fused_moe_torch.py) elsewhere.
 """
 
 from __future__ import annotations
@@ -29,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dlengine.kernels import ops
+from dlengine.kernels.selection import current_kernels
 from dlengine.models.layers.linear import default_weight_loader
 
 
@@ -97,46 +95,6 @@ class GroupedTopKRouter(nn.Module):
         return weights * self.routed_scaling_factor, ids
 
 
-def fused_experts_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                        topk_ids: torch.Tensor) -> torch.Tensor:
-    """x [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_weights/topk_ids [T, K] -> [T, H].
-
-    The T * K (token, expert) pairs are sorted by expert so each expert runs one GEMM pair over its
-    tokens; experts that received no token are skipped. Counting tokens per expert reads them on
-    the host, which a CUDA graph cannot capture: while capturing, every expert runs on every token
-    instead and the pairs pick their rows (the same numbers, E times the work)."""
-    t, k = topk_ids.shape
-    if x.is_cuda and torch.cuda.is_current_stream_capturing():
-        return _fused_experts_dense(x, w13, w2, topk_weights, topk_ids)
-    flat_ids = topk_ids.reshape(-1)
-    sorted_ids, order = torch.sort(flat_ids, stable=True)  # pair order[j] is the j-th by expert
-    counts = torch.bincount(sorted_ids, minlength=w13.shape[0]).tolist()
-    tokens = order // k
-    out = x.new_empty(t * k, x.shape[1])
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        rows, pairs = tokens[start : start + n], order[start : start + n]
-        out[pairs] = F.linear(ops.silu_and_mul(F.linear(x[rows], w13[e])), w2[e])
-        start += n
-    return _combine(out, topk_weights, t, k)
-
-
-def _fused_experts_dense(x, w13, w2, topk_weights, topk_ids):
-    t, k = topk_ids.shape
-    out = x.new_zeros(t, k, x.shape[1])
-    for e in range(w13.shape[0]):
-        y = F.linear(ops.silu_and_mul(F.linear(x, w13[e])), w2[e])
-        out = torch.where((topk_ids == e).unsqueeze(-1), y.unsqueeze(1), out)
-    return _combine(out.view(t * k, -1), topk_weights, t, k)
-
-
-def _combine(pair_out: torch.Tensor, topk_weights: torch.Tensor, t: int, k: int) -> torch.Tensor:
-    weighted = pair_out * topk_weights.reshape(-1, 1).to(pair_out.dtype)
-    return weighted.view(t, k, -1).sum(dim=1)
-
-
 class FusedMoE(nn.Module):
     """All experts of one layer; `forward(x, router_logits)` routes and runs them."""
 
@@ -151,6 +109,7 @@ class FusedMoE(nn.Module):
         self.w2_weight = nn.Parameter(torch.empty(e, h, i), requires_grad=False)
         self.w13_weight.weight_loader = self.weight_loader
         self.w2_weight.weight_loader = self.weight_loader
+        self.ops = current_kernels().ops  # fused_experts: Triton or the torch reference, chosen at build
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, top_k={self.top_k}, hidden_size={self.hidden_size}, "
@@ -158,7 +117,7 @@ class FusedMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         topk_weights, topk_ids = self.router(router_logits)
-        return ops.fused_experts(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
+        return self.ops.fused_experts(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
 
     # ------------------------------------------------------------------ loading
     @staticmethod

@@ -21,8 +21,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dlengine.kernels import ops
-from dlengine.models.layers.moe import FusedMoE, _combine
+from dlengine.kernels.moe.fused_moe_torch import combine_expert_outputs
+from dlengine.kernels.selection import current_kernels
+from dlengine.models.layers.moe import FusedMoE
 from dlengine.parallel.ep import make_dispatcher, make_placement
 from dlengine.parallel.state import get_parallel_state
 from dlengine.models.layers.parallel_linear import divide
@@ -37,6 +38,7 @@ class ParallelFusedMoE(FusedMoE):
         self.num_experts, self.top_k = num_experts, top_k
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.router = router
+        self.ops = current_kernels().ops  # fused_experts: Triton or the torch reference, chosen at build
         state = get_parallel_state()
         # by group, not size: a one-rank group still runs the collectives (1-GPU NCCL checks)
         self.mode = "ep" if state.ep_group is not None else "tp" if state.tp_group is not None else "local"
@@ -119,7 +121,7 @@ class ParallelFusedMoE(FusedMoE):
     # ------------------------------------------------------------------ forward
     def run_experts(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """This rank's expert GEMMs on the (token, expert) pairs it runs (FP8 layers override it)."""
-        return ops.fused_experts(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
+        return self.ops.fused_experts(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         self.num_forwards += 1
@@ -137,7 +139,7 @@ class ParallelFusedMoE(FusedMoE):
             dist.all_reduce(out, group=self.tp_group)
             return out
         pair_out = self._expert_parallel(x, topk_ids)
-        return _combine(pair_out, topk_weights, x.shape[0], self.top_k)
+        return combine_expert_outputs(pair_out, topk_weights, x.shape[0], self.top_k)
 
     def _expert_parallel(self, x: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         dest_rank, dest_slot = self.rank_of_expert[topk_ids], self.slot_of_expert_table[topk_ids]

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from dlengine.config import ConfigError, RopeConfig
-from dlengine.kernels import ops
+from dlengine.kernels.selection import current_kernels
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
 
@@ -90,7 +90,8 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)
         self.register_buffer("cos_cached", emb.cos() * scale, persistent=False)
         self.register_buffer("sin_cached", emb.sin() * scale, persistent=False)
+        self.ops = current_kernels().ops
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, H, D], k [T, Hkv, D], positions [T]."""
-        return ops.rope(q, k, positions, self.cos_cached, self.sin_cached)
+        return self.ops.rope(q, k, positions, self.cos_cached, self.sin_cached)

@@ -55,7 +55,7 @@ def moe_gemm_epilogue(acc, acc_u, c_ptr, topk_w_ptr, sid, row_ok, offs_n, n_ok, 
     kernel (fused_moe_fp8_triton.py)."""
     dt = c_ptr.dtype.element_ty
     if FUSE_SILU:
-        # round like F.linear's output, then silu_and_mul in fp32 (as triton_ops.silu_and_mul)
+        # round like F.linear's output, then silu_and_mul in fp32 (as norm_rope_triton.silu_and_mul)
         g = acc.to(dt).to(tl.float32)
         u = acc_u.to(dt).to(tl.float32)
         y = g / (1.0 + tl.exp(-g)) * u

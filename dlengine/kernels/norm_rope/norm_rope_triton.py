@@ -1,4 +1,4 @@
-"""Triton kernels for the small fused ops of a decoder layer. Torch references: ops_torch.py.
+"""Triton kernels for the small fused ops of a decoder layer. Torch references: norm_rope_torch.py.
 
 - rms_norm: RMSNorm with an optional fused residual add (x + residual is also returned), float32
   statistics, Hugging Face rounding (normalise in fp32, cast, then scale by the weight);
@@ -145,8 +145,8 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, posi
                   cos: torch.Tensor, sin: torch.Tensor, slot_mapping: torch.Tensor | None = None,
                   k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
                   q_norm_weight: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None,
-                  eps: float = 1e-6) -> None:
-    """Rotate q [T, H, D] and k [T, Hkv, D] in place (neox layout; cos/sin [max_pos, D] float32,
+                  eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [T, H, D] and k [T, Hkv, D] in place (and return them) (neox layout; cos/sin [max_pos, D] float32,
     as RotaryEmbedding builds them) and, given the caches, store k and v at `slot_mapping`.
     With norm weights, each head is RMS-normalised first (Qwen3's QK-norm): norm, rotation and
     the cache write are then one pass over the step's q/k/v (which may be views of the fused
@@ -157,7 +157,7 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, posi
     write = k_cache is not None
     has_norm = q_norm_weight is not None
     if not t:
-        return
+        return q, k
     if write:
         assert v.stride(-1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
     vv = v if write else k
@@ -168,3 +168,9 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, posi
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), vv.stride(0), vv.stride(1), cos.stride(0),
         NUM_Q_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF=head_dim // 2, WRITE_KV=write, HAS_NORM=has_norm,
     )
+    return q, k
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Rotated (q, k), in place: `rope_write_kv` without norms or cache write."""
+    return rope_write_kv(q, k, None, positions, cos, sin)

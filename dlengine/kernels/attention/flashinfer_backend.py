@@ -20,12 +20,12 @@ reference), so prefills, chunks over a cached prefix and the decode rows of a mi
 just rows of one prefill plan.
 
 MLA models (DeepSeek-V3, Kimi-K2; latent cache [N, page, 1, 512 + 64]) go through
-`mla_attention`: kernels/flashinfer_mla.py (BatchMLAPagedAttentionWrapper), absorbed form, causal
+`attend_latent`: kernels/mla/mla_flashinfer.py (BatchMLAPagedAttentionWrapper), absorbed form, causal
 for prefills and extends, reading the c_kv and k_pe halves of the cache as strided views.
 
 plan() runs on the host every step, so this backend is not capturable in CUDA graphs. (For MLA
 decode steps in CUDA graphs, use the triton backend with `mla_decode("flashinfer")`, the default
-where flashinfer imports: kernels/flashinfer_mla.py re-plans a per-batch-size wrapper before each
+where flashinfer imports: kernels/mla/mla_flashinfer.py re-plans a per-batch-size wrapper before each
 replay.)
 FlashInfer's plan() fills a pinned host buffer and copies it to the device asynchronously; the
 next plan() must not overwrite that buffer before the copy ran (the engine's host runs a step
@@ -38,9 +38,12 @@ import numpy as np
 import torch
 
 from dlengine.config import ConfigError
-from dlengine.kernels import paged_attention_torch as ref
-from dlengine.kernels.attention_metadata import AttentionMetadata
-from dlengine.kernels.mla_attention_torch import absorb_query, latent_to_v
+from dlengine.kernels.attention import paged_attention_torch as ref
+from dlengine.kernels.attention.backend import AttentionBackendBase
+from dlengine.kernels.common import host_indptr, page_indices
+from dlengine.kernels.context import AttentionMetadata
+from dlengine.kernels.mla import mla_torch
+from dlengine.kernels.mla.mla_torch import absorb_query, latent_to_v
 
 try:
     import flashinfer
@@ -53,25 +56,7 @@ WORKSPACE_BYTES = 128 << 20
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def host_indptr(lengths) -> torch.Tensor:
-    """[0, l0, l0 + l1, ...] as an int32 host tensor (lengths: a list or numpy array)."""
-    indptr = np.zeros(len(lengths) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=indptr[1:])
-    return torch.from_numpy(indptr)
-
-
-def page_indices(seq_lens: torch.Tensor, block_tables: torch.Tensor, page: int, total_pages: int) -> torch.Tensor:
-    """The first ceil(seq_lens[i] / page) entries of each block-table row, concatenated ([total]
-    int32, on the block tables' device; seq_lens on that device too). Device ops only: no host sync."""
-    dev = block_tables.device
-    pages = (seq_lens.long() + page - 1) // page  # [B]
-    rows = torch.repeat_interleave(torch.arange(pages.numel(), device=dev), pages, output_size=total_pages)
-    starts = torch.cumsum(pages, 0) - pages
-    cols = torch.arange(total_pages, device=dev) - starts[rows]
-    return block_tables[rows, cols].to(torch.int32).contiguous()
-
-
-class FlashInferAttentionBackend:
+class FlashInferAttentionBackend(AttentionBackendBase):
     """FlashInfer batch decode / prefill over the paged cache (bf16 or fp16 caches)."""
 
     name = "flashinfer"
@@ -82,16 +67,17 @@ class FlashInferAttentionBackend:
         self.decode_tensor_cores = decode_tensor_cores
         self._device: torch.device | None = None
         self._decode = self._prefill = self._wrapper = None
-        self._mla = None  # kernels/flashinfer_mla.FlashInferMLA, made on the first MLA step
+        self._mla = None  # mla_flashinfer.FlashInferMLA, made on the first MLA step
         self._planned_meta: AttentionMetadata | None = None  # compared with `is`; kept alive so ids don't recycle
         self._planned_key: tuple | None = None
         self._plan_event: torch.cuda.Event | None = None
         self.num_plans = 0  # plans made so far (one per step, not per layer)
-        try:
-            from dlengine.kernels.triton_attention import store_kvcache
-        except Exception:  # noqa: BLE001 - no triton: the torch write
-            store_kvcache = None
-        self._store = store_kvcache
+        try:  # our Triton write kernels when triton imports (same cache layout), else the torch writes
+            from dlengine.kernels.attention.paged_attention_triton import store_kvcache
+            from dlengine.kernels.mla.mla_triton import store_latent
+        except Exception:  # noqa: BLE001 - no triton: the torch writes
+            store_kvcache = store_latent = None
+        self._store, self._store_latent = store_kvcache, store_latent
 
     def write_kv(self, k, v, k_cache, v_cache, meta):
         if self._store is not None and k_cache.is_cuda:
@@ -119,15 +105,21 @@ class FlashInferAttentionBackend:
         self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD")
         self._ws, self._device, self._plan_event = ws, device, None
 
-    def mla_attention(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
+    def write_latent(self, latent, cache, meta):
+        if self._store_latent is not None and cache.is_cuda:
+            self._store_latent(latent, cache, meta.slot_mapping)
+        else:
+            mla_torch.write_latent_cache(latent, cache, meta.slot_mapping)
+
+    def attend_latent(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
                       weights, scale: float) -> torch.Tensor:
         """MLA over the latent cache [N, page, 1, C + R], absorbed for every step (FlashInfer's MLA
-        kernel, causal for prefills and extends; kernels/flashinfer_mla.py) -> [T, H, v]."""
+        kernel, causal for prefills and extends; kernels/mla/mla_flashinfer.py) -> [T, H, v]."""
         dtype = cache.dtype
         if dtype not in SUPPORTED_DTYPES:
             raise ConfigError(f"the flashinfer attention backend needs a float16/bfloat16 KV cache, not {dtype}")
         if self._mla is None:
-            from dlengine.kernels.flashinfer_mla import FlashInferMLA
+            from dlengine.kernels.mla.mla_flashinfer import FlashInferMLA  # needs flashinfer.mla
 
             self._mla = FlashInferMLA(q_nope.device)
         out_lat = self._mla.run(absorb_query(q_nope, weights), q_pe, cache, meta, scale)
@@ -157,6 +149,13 @@ class FlashInferAttentionBackend:
             self._plan_event.record(torch.cuda.current_stream(device))
         self._planned_meta, self._planned_key = meta, key
         self.num_plans += 1
+
+    def kernel_names(self) -> dict[str, str]:
+        return {"kv_write": "triton" if self._store is not None else "torch",
+                "gqa_decode": "flashinfer BatchDecodeWithPagedKVCacheWrapper",
+                "gqa_prefill": "flashinfer BatchPrefillWithPagedKVCacheWrapper",
+                "mla_decode": "flashinfer BatchMLAPagedAttentionWrapper",
+                "mla_prefill": "flashinfer BatchMLAPagedAttentionWrapper (causal)"}
 
 
 __all__ = ["FlashInferAttentionBackend", "page_indices"]

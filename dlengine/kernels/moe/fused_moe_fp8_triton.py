@@ -22,9 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from dlengine.kernels.fp8_gemm_triton import per_token_group_quant_fp8
-from dlengine.kernels.fp8_torch import cdiv
-from dlengine.kernels.fused_moe_triton import moe_align_block_size, moe_block_rows, moe_gemm_epilogue
+from dlengine.kernels.fp8.fp8_gemm_triton import per_token_group_quant_fp8
+from dlengine.kernels.fp8.fp8_torch import cdiv
+from dlengine.kernels.moe.fused_moe_triton import moe_align_block_size, moe_block_rows, moe_gemm_epilogue
 
 
 @triton.jit(do_not_specialize=["num_valid"])

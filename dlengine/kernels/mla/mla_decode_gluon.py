@@ -43,7 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dlengine.kernels.mla_decode_choice import DEEPSEEK_LATENT, latent_cache_problem
+from dlengine.kernels.common import num_sms
+from dlengine.kernels.mla.latent import DEEPSEEK_LATENT, latent_cache_problem
 
 try:  # Gluon ships with triton >= 3.4; anything missing means "not available"
     from triton.experimental import gluon
@@ -479,7 +480,7 @@ def _merge_kernel(ws_ptr, lse_off, row_tok_ptr, row_len_ptr, out_ptr, num_splits
     the kernel gives each split a contiguous run of tiles) by log-sum-exp; a row without keys
     (CUDA-graph padding) gets zeros. All loads go out at once: PAIR (num_splits == 2) two partials,
     else (SPLITS, a power of two >= num_splits) all of them as one [heads, splits, columns] block.
-    The Triton decode kernels' merge loop (`triton_attention.merge_split_partials`), which waits on
+    The Triton decode kernels' merge loop (`split_kv_triton.merge_split_partials`), which waits on
     memory once a split, measured slower: 6.6-7.7 vs 5.0 us at batch 32 x 8k (2 splits), 83.9 vs
     33.9 us for a whole batch 1 x 32k call (64 splits), 35.1 vs 23.3 at 1 x 8k, 53.9 vs 48.9 at 8 x
     8k (CUDA graphs of both alternated)."""
@@ -537,7 +538,7 @@ def mla_decode_gluon(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tenso
                      times: torch.Tensor | None = None) -> torch.Tensor:
     """Absorbed MLA decode (one query token per row r: token row_tok[r] over the first row_len[r]
     cached rows of block-table row r) into out_lat [T, H, 512]; the contract of
-    triton_mla.mla_decode without row_req (`supported` and `cache_layout_problem` say when it applies).
+    mla_triton.mla_decode without row_req (`supported` and `cache_layout_problem` say when it applies).
     times (diagnostics, scripts/probe_mla_decode.py): int64 [programs, 8] to receive the global
     timer at points of each program's run (a separate build of the kernel)."""
     num_rows = row_len.shape[0]
@@ -547,9 +548,7 @@ def mla_decode_gluon(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tenso
     assert q_lat.stride(-1) == 1 and q_pe.stride(-1) == 1 and out_lat.stride(-1) == 1
     head_tiles = -(-num_heads // BLOCK_H)
     if num_splits is None:
-        from dlengine.kernels.triton_attention import _num_sms
-
-        num_splits = choose_num_splits(num_rows, head_tiles, max_seq_len, _num_sms(q_lat.device.index),
+        num_splits = choose_num_splits(num_rows, head_tiles, max_seq_len, num_sms(q_lat.device.index),
                                        min_keys_per_split=MIN_KEYS_PER_SPLIT)
     if num_splits == 1:
         ws = lse = out_lat  # unused

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dlengine.kernels.attention_metadata import AttentionMetadata
-from dlengine.kernels.paged_attention_torch import _attend, gather_kv
+from dlengine.kernels.context import AttentionMetadata
+from dlengine.kernels.attention.paged_attention_torch import attend_dense, gather_kv
 
 
 def write_latent_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -47,7 +47,7 @@ def mla_attention_ref(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetad
         kv = F.linear(c_kv.to(kv_b_weight.dtype), kv_b_weight).view(seq_len, num_heads, qk_nope_head_dim + v_head_dim)
         k_nope, v = kv.split([qk_nope_head_dim, v_head_dim], dim=-1)
         k = torch.cat([k_nope, k_pe[:, None, :].to(k_nope.dtype).expand(-1, num_heads, -1)], dim=-1)
-        out[start : start + ql] = _attend(q[start : start + ql], k, v, scale, causal_offset=seq_len - ql)
+        out[start : start + ql] = attend_dense(q[start : start + ql], k, v, scale, causal_offset=seq_len - ql)
         start += ql
     return out
 

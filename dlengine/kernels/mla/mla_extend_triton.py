@@ -10,7 +10,7 @@ query_len positions of each context.
 
 Grid (query tile, request, head): one program runs BLOCK_M query tokens of one head over the
 keys up to the tile's last query, online softmax in float32 (exp2 domain). Under the
-interpreter loaded values are upcast to float32, as in triton_attention.py.
+interpreter loaded values are upcast to float32, as in attention/paged_attention_triton.py.
 """
 
 from __future__ import annotations

@@ -25,9 +25,9 @@ import warnings
 import numpy as np
 import torch
 
-from dlengine.kernels.attention_metadata import AttentionMetadata
-from dlengine.kernels.flashinfer_attention import host_indptr, page_indices
-from dlengine.kernels.mla_decode_choice import DEEPSEEK_LATENT, latent_cache_problem
+from dlengine.kernels.common import host_indptr, page_indices
+from dlengine.kernels.context import AttentionMetadata
+from dlengine.kernels.mla.latent import DEEPSEEK_LATENT, latent_cache_problem
 
 try:
     from flashinfer.mla import BatchMLAPagedAttentionWrapper
@@ -64,7 +64,6 @@ class FlashInferMLA:
         self._planned_meta: AttentionMetadata | None = None  # compared with `is` (kept alive: no id reuse)
         self._plan_args: tuple | None = None  # (num_heads, page, scale, dtype), fixed per engine
         self._plan_event: torch.cuda.Event | None = None
-        self.num_plans = 0
 
     # ------------------------------------------------------------------ planning
     def _plan(self, wrapper, seq_lens: np.ndarray, block_tables: torch.Tensor, query_lens: np.ndarray | None = None,
@@ -88,7 +87,6 @@ class FlashInferMLA:
                          sm_scale=scale, q_data_type=dtype, kv_data_type=dtype)
         self._plan_event = torch.cuda.Event()
         self._plan_event.record(torch.cuda.current_stream(self.device))
-        self.num_plans += 1
 
     def plan_graph_replay(self, bs: int, seq_lens: np.ndarray, block_tables: torch.Tensor) -> None:
         """Re-plan the batch-size-`bs` graph's wrapper for the lengths of the step about to replay

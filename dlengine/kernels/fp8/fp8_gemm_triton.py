@@ -1,5 +1,5 @@
 """Block-scaled FP8 GEMM and per-token-group activation quantisation in Triton (DeepGEMM when it
-imports). Torch references with the same signatures: `dlengine.kernels.fp8_torch`.
+imports). Torch references with the same signatures: `dlengine.kernels.fp8.fp8_torch`.
 
     per_token_group_quant_fp8(x [M, K], group) -> (fp8 [M, K], scale float32 [M, ceil(K/group)])
     fp8_block_gemm(a_q, a_scale, w_q, w_scale, block, row_div, out_dtype, bias) -> [M, N]
@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dlengine.kernels.fp8_torch import ACT_EPS, FP8_DTYPE, FP8_MAX, cdiv
+from dlengine.kernels.fp8.fp8_torch import ACT_EPS, FP8_DTYPE, FP8_MAX, cdiv
 
 logger = logging.getLogger("dlengine")
 

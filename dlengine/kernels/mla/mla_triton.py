@@ -23,13 +23,13 @@ Kernels:
                         kv_lora_rank] in float32). Splits write normalised partials + log2-sum-exp;
                         the split that arrives last merges them (an arrival counter per (row, head
                         tile), reset by the merger) -- one launch, as the GQA decode kernel in
-                        triton_attention.py does.
+                        attention/paged_attention_triton.py does (kernels/split_kv_triton.py).
 
 Prefill / long extends use the non-absorbed form (expand the context through kv_b_proj, then
-the expanded extend kernel of triton_mla_extend.py): see ABSORB_MAX_QUERY_LEN for the cost model.
+the expanded extend kernel of mla_extend_triton.py): see ABSORB_MAX_QUERY_LEN for the cost model.
 
 Under TRITON_INTERPRET=1 loaded values are upcast to float32 (the interpreter of triton 3.x gets
-bf16 arithmetic and bf16 dots wrong), as in triton_attention.py.
+bf16 arithmetic and bf16 dots wrong), as in attention/paged_attention_triton.py.
 """
 
 from __future__ import annotations
@@ -39,12 +39,12 @@ import torch
 import triton
 import triton.language as tl
 
-from dlengine.kernels import gluon_mla
-from dlengine.kernels import triton_attention as ta
-from dlengine.kernels.attention_metadata import AttentionMetadata
-from dlengine.kernels.mla_attention_torch import MLAWeights, absorb_query, latent_to_v
-from dlengine.kernels.triton_attention import store_split_and_merge
-from dlengine.kernels.triton_mla_extend import mla_extend
+from dlengine.kernels.common import num_sms
+from dlengine.kernels.context import AttentionMetadata
+from dlengine.kernels.mla import mla_decode_gluon as gluon_mla
+from dlengine.kernels.mla.mla_extend_triton import mla_extend
+from dlengine.kernels.mla.mla_torch import MLAWeights, absorb_query, latent_to_v
+from dlengine.kernels.split_kv_triton import choose_num_splits, split_counters, store_split_and_merge
 
 LOG2E = 1.4426950408889634
 
@@ -69,8 +69,6 @@ EXPAND_MAX_CONTEXT = 16384
 # `config=` (scripts/gpu_check_mla.py --configs sweeps a few).
 # best of the H100 tile sweep at batch 64 x 8k (scripts/gpu_check_mla.py; docs/performance.md): BLOCK_H 64
 # lets Triton use Hopper's wgmma; BLOCK_N 128 exceeds shared memory
-# Which decode kernel mla_decode runs by default ("auto": the Gluon kernel where it applies)
-DECODE_KERNEL = "auto"
 DECODE_DEFAULTS = dict(block_h=64, block_n=64, num_warps=8, num_stages=2)
 DECODE_DEFAULTS_FP32 = dict(block_h=16, block_n=16, num_warps=4, num_stages=1)
 DECODE_DEFAULTS_INTERPRET = dict(block_h=16, block_n=16, num_warps=4, num_stages=1)
@@ -267,7 +265,7 @@ def decode_config(cache_dtype: torch.dtype, config: dict | None = None) -> dict:
 def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
                row_tok: torch.Tensor, row_len: torch.Tensor, out_lat: torch.Tensor, scale: float, *,
                max_seq_len: int, row_req: torch.Tensor | None = None, num_splits: int | None = None,
-               config: dict | None = None, kernel: str | None = None) -> torch.Tensor:
+               config: dict | None = None, kernel: str = "auto") -> torch.Tensor:
     """Absorbed MLA for len(row_len) query rows into out_lat, one launch.
 
     q_lat / out_lat [T, H, kv_lora_rank] and q_pe [T, H, rope] are indexed by strides (any
@@ -275,8 +273,8 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, blo
     token row_tok[r] attending the first row_len[r] cached rows of block-table row row_req[r]
     (or r). `max_seq_len` (host) only sizes the split count; correctness never depends on it.
 
-    kernel: "triton" (this file), "gluon" (kernels/gluon_mla.py: Hopper, DeepSeek dims, one row
-    per request, no tile config; ValueError elsewhere) or "auto"/None = DECODE_KERNEL: gluon
+    kernel: "triton" (this file), "gluon" (mla_decode_gluon.py: Hopper, DeepSeek dims, one row
+    per request, no tile config; ValueError elsewhere) or "auto": gluon
     where it applies, else triton."""
     num_rows = row_len.shape[0]
     _, num_heads, kv_lora = q_lat.shape
@@ -284,7 +282,6 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, blo
     if num_rows == 0:
         return out_lat
     assert cache.shape[-1] == kv_lora + rope and cache.shape[2] == 1, (cache.shape, kv_lora, rope)
-    kernel = kernel or DECODE_KERNEL
     if kernel not in ("auto", "triton", "gluon"):
         raise ValueError(f"unknown MLA decode kernel {kernel!r}: 'auto', 'triton' or 'gluon'")
     if kernel != "triton":
@@ -306,8 +303,8 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, blo
     head_tiles = -(-num_heads // block_h)
     dev = q_lat.device
     if num_splits is None:
-        num_splits = ta.choose_num_splits(num_rows, head_tiles, max_seq_len, cfg["block_n"],
-                                          ta._num_sms(dev.index if dev.type == "cuda" else None))
+        num_splits = choose_num_splits(num_rows, head_tiles, max_seq_len, cfg["block_n"],
+                                       num_sms(dev.index if dev.type == "cuda" else None))
     if num_splits == 1:
         ws = cnt = out_lat  # unused
         lse_off = 0
@@ -315,7 +312,7 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, blo
         n = num_rows * num_heads * num_splits
         ws = torch.empty(n * (kv_lora + 1), dtype=torch.float32, device=dev)
         lse_off = n * kv_lora
-        cnt = ta._split_counters(dev, num_rows * head_tiles)
+        cnt = split_counters(dev, num_rows * head_tiles)
     qls, qps, os_ = q_lat.stride(), q_pe.stride(), out_lat.stride()
     _mla_decode_kernel[(num_rows * head_tiles, num_splits)](
         q_lat, q_pe, cache, block_tables, row_tok, row_len, row_req if row_req is not None else row_len,
@@ -336,7 +333,7 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, blo
 # --------------------------------------------------------------------------------------------------
 
 
-def _absorbed(q_nope, q_pe, cache, w: MLAWeights, scale, config, num_splits, kernel=None, **rows) -> torch.Tensor:
+def _absorbed(q_nope, q_pe, cache, w: MLAWeights, scale, config, num_splits, kernel="auto", **rows) -> torch.Tensor:
     """q_lat = q_nope W_UK ([H, T, C] from one batched GEMM), the decode kernel over `rows`, then
     out_lat W_UV^T -> [T, H, v] (rows not covered by `rows` hold garbage)."""
     q_lat = absorb_query(q_nope, w)  # [T, H, C] view of [H, T, C]
@@ -376,7 +373,7 @@ def _expanded(q_nope, q_pe, cache, meta: AttentionMetadata, w: MLAWeights, scale
 def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
                   weights: MLAWeights, scale: float, *, config: dict | None = None,
                   num_splits: int | None = None, absorb_max_query_len: int = ABSORB_MAX_QUERY_LEN,
-                  expand_max_context: int = EXPAND_MAX_CONTEXT, decode_kernel: str | None = None) -> torch.Tensor:
+                  expand_max_context: int = EXPAND_MAX_CONTEXT, decode_kernel: str = "auto") -> torch.Tensor:
     """MLA of q_nope [T, H, nope], q_pe [T, H, rope] (rotated) over the paged latent cache ->
     [T, H, v_head_dim]. The cache already holds this step's latents.
 

@@ -1,16 +1,16 @@
 """Which kernel runs MLA decode steps on the triton attention backend (`EngineBuilder.mla_decode`).
 
-  "gluon"       our Hopper kernel (kernels/gluon_mla.py): 70-82% of copy bandwidth at batch >= 32,
+  "gluon"       our Hopper kernel (mla_decode_gluon.py): 70-82% of copy bandwidth at batch >= 32,
                 ctx >= 8k (H100, page 64), 0.83-1.05x FlashInfer's time across batch 1-128, no
                 host work per step; in the engine the fastest (docs/performance.md)
-  "flashinfer"  FlashInfer's BatchMLAPagedAttentionWrapper (kernels/flashinfer_mla.py): slightly
+  "flashinfer"  FlashInfer's BatchMLAPagedAttentionWrapper (mla_flashinfer.py): slightly
                 slower at page 64 (faster at page 16), plus a host re-plan every step
-  "triton"      our portable Triton kernel (kernels/triton_mla.py): any GPU, any dims, fp32 too
+  "triton"      our portable Triton kernel (mla_triton.py): any GPU, any dims, fp32 too
   "auto"        on Hopper at DeepSeek's dims, per call: gluon where it applies (cache layout),
                 else triton; on other GPUs flashinfer when it imports and applies, else triton
 
 Explicit choices that cannot run with this model / device / dtype are a ConfigError at build
-time, naming why. Prefills and extends always run our kernels (kernels/triton_mla.py).
+time, naming why. Prefills and extends always run our kernels (mla_triton.py).
 """
 
 from __future__ import annotations
@@ -18,32 +18,29 @@ from __future__ import annotations
 import torch
 
 from dlengine.config import ConfigError
+from dlengine.kernels.mla.latent import DEEPSEEK_LATENT, latent_cache_problem
 
 MLA_DECODE_KERNELS = ("auto", "triton", "gluon", "flashinfer")
-
-
-DEEPSEEK_LATENT = (512, 64)  # kv_lora_rank, rope dims: what the Gluon and FlashInfer MLA kernels are built for
-
-
-def latent_cache_problem(cache_dtype: torch.dtype, kv_lora: int, rope: int) -> str | None:
-    """Why a DeepSeek-dims MLA decode kernel (Gluon, FlashInfer) cannot take this latent cache, or None."""
-    if cache_dtype not in (torch.bfloat16, torch.float16):
-        return f"needs a bf16/fp16 latent cache, not {cache_dtype}"
-    if (kv_lora, rope) != DEEPSEEK_LATENT:
-        return f"is built for kv_lora_rank {DEEPSEEK_LATENT[0]} + rope {DEEPSEEK_LATENT[1]}, not {kv_lora} + {rope}"
-    return None
 
 
 def _latent_dims(model) -> tuple[int, int]:
     return int(model.hf_config.get("kv_lora_rank") or 0), int(model.hf_config.get("qk_rope_head_dim") or 0)
 
 
+def _gluon_problem(device: torch.device, dtype: torch.dtype, dims: tuple[int, int]) -> str | None:
+    try:
+        from dlengine.kernels.mla import mla_decode_gluon  # needs triton
+    except ImportError as e:
+        return f"needs triton ({e})"
+    return mla_decode_gluon.supported(device, dtype, *dims)
+
+
 def _flashinfer_problem(device: torch.device, dtype: torch.dtype, dims: tuple[int, int]) -> str | None:
     try:
-        from dlengine.kernels import flashinfer_mla
+        from dlengine.kernels.mla import mla_flashinfer  # optional package
     except ImportError as e:
         return f"flashinfer is not importable here ({e}); pip install flashinfer-python"
-    return flashinfer_mla.supported(device, dtype, *dims)
+    return mla_flashinfer.supported(device, dtype, *dims)
 
 
 def _mla_decode_applies(model, attention: str, device: torch.device) -> bool:
@@ -70,16 +67,12 @@ def resolve_mla_decode(requested: str, model, attention: str, device: torch.devi
             raise ConfigError(f"mla_decode('flashinfer'): FlashInfer's MLA decode {why}")
         return "flashinfer"
     if requested == "gluon":
-        from dlengine.kernels import gluon_mla
-
-        why = gluon_mla.supported(device, dtype, *dims)
+        why = _gluon_problem(device, dtype, dims)
         if why:
             raise ConfigError(f"mla_decode('gluon'): the Gluon MLA decode kernel {why}; use 'triton' or 'auto'")
         return "gluon"
     if requested == "auto":
-        from dlengine.kernels import gluon_mla
-
-        if gluon_mla.supported(device, dtype, *dims) is None:
+        if _gluon_problem(device, dtype, dims) is None:
             return "auto"  # per call: gluon where the cache layout allows, else triton
         if _flashinfer_problem(device, dtype, dims) is None:
             return "flashinfer"
@@ -97,9 +90,7 @@ def preferred_block_size(mla_decode: str, model, attention: str, device: torch.d
     vLLM and SGLang run FlashMLA on 64-token pages too), else None (CacheConfig's default)."""
     if mla_decode not in ("auto", "gluon") or not _mla_decode_applies(model, attention, device):
         return None
-    from dlengine.kernels import gluon_mla
-
-    if gluon_mla.supported(device, kv_dtype, *_latent_dims(model)) is not None:
+    if _gluon_problem(device, kv_dtype, _latent_dims(model)) is not None:
         return None
     return GLUON_BLOCK_SIZE
 

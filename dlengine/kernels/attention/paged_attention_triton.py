@@ -13,7 +13,9 @@ Kernels:
                          program attends the whole GQA group of its kv head over one slice of the
                          context (online softmax) and writes a partial (out, lse); the split that
                          finishes last (per-request/kv-head arrival counter) merges the partials,
-                         so decode is a single launch. With one split it writes the output directly.
+                         so decode is a single launch (the epilogue and counters are
+                         kernels/split_kv_triton.py's, shared with MLA). With one split it writes
+                         the output directly.
   _extend_kernel         flash-attention over paged KV for rows with query_len > 1 (prefill,
                          chunked prefill over a cached prefix): grid (q_tile, request, kv_head);
                          one program packs BLOCK_Q query tokens x the GQA group into BLOCK_M rows,
@@ -43,7 +45,9 @@ import torch
 import triton
 import triton.language as tl
 
-from dlengine.kernels.attention_metadata import AttentionMetadata
+from dlengine.kernels.common import num_sms
+from dlengine.kernels.context import AttentionMetadata
+from dlengine.kernels.split_kv_triton import choose_num_splits, split_counters, store_split_and_merge
 
 LOG2E = 1.4426950408889634
 
@@ -197,48 +201,6 @@ def _attn_tile(
 
 # ints that change from step to step must not be specialised on (==1, %16), or every new batch
 # shape triggers a JIT compile of ~1 s in the middle of serving
-@triton.jit
-def store_split_and_merge(acc, l_i, m_i, ws_ptr, lse_off, row, offs_d, num_splits, sp, n_active, cnt, o_ptrs,
-                          row_ok, st_mask, ROW_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Split-KV decode epilogue shared by the GQA and MLA kernels: store this split's normalised
-    partial output (ws rows `row`, columns `offs_d` of ROW_DIM) and its log-sum-exp, then the
-    program that arrives last at the `cnt` counter merges all n_active splits into o_ptrs (one
-    launch, no second kernel) and resets the counter for the next launch."""
-    tl.store(ws_ptr + (row[:, None] * num_splits + sp) * ROW_DIM + offs_d[None, :], acc / l_i[:, None], mask=st_mask)
-    tl.store(ws_ptr + lse_off + row * num_splits + sp, m_i + tl.math.log2(l_i), mask=row_ok)
-    # publish: every thread's stores, then one acq_rel atomic per program
-    tl.debug_barrier()
-    ticket = tl.atomic_add(cnt, 1, sem="acq_rel")
-    if ticket == n_active - 1:
-        tl.atomic_xchg(cnt, 0, sem="relaxed")  # ready for the next launch
-        o = merge_split_partials(ws_ptr, lse_off, row, offs_d, num_splits, n_active, row_ok, st_mask,
-                                 ROW_DIM, BLOCK_H, BLOCK_D)
-        tl.store(o_ptrs, o.to(o_ptrs.dtype.element_ty), mask=st_mask)
-
-
-@triton.jit
-def merge_split_partials(ws_ptr, lse_off, row, offs_d, num_splits, n_active, row_ok, st_mask,
-                         ROW_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The first n_active split partials of workspace rows `row` ([rows, splits, ROW_DIM] normalised
-    outputs, their log2-sum-exp at lse_off), merged: [BLOCK_H, BLOCK_D] float32. (The Gluon MLA
-    decode kernel writes the same workspace layout and merges it with all splits loaded at once,
-    kernels/gluon_mla.py `_merge_kernel`.)"""
-    m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-    l = tl.zeros([BLOCK_H], dtype=tl.float32)
-    o = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
-    for s in range(0, n_active):
-        lse_s = tl.load(ws_ptr + lse_off + row * num_splits + s, mask=row_ok, other=0.0, cache_modifier=".cg")
-        o_s = tl.load(ws_ptr + (row[:, None] * num_splits + s) * ROW_DIM + offs_d[None, :],
-                      mask=st_mask, other=0.0, cache_modifier=".cg")
-        m_new = tl.maximum(m, lse_s)
-        alpha = tl.math.exp2(m - m_new)
-        w = tl.math.exp2(lse_s - m_new)
-        o = o * alpha[:, None] + o_s * w[:, None]
-        l = l * alpha + w
-        m = m_new
-    return o / l[:, None]
-
-
 @triton.jit(do_not_specialize=["num_splits", "lse_off", "stride_bt"])
 def _decode_split_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr, ws_ptr, cnt_ptr,
@@ -405,24 +367,6 @@ _INTERPRET = type(_store_kv_kernel).__name__ == "InterpretedFunction"
 
 
 @functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int | None) -> int:
-    if device_index is not None and torch.cuda.is_available():
-        return torch.cuda.get_device_properties(device_index).multi_processor_count
-    return 132  # H100 SXM; only affects the split heuristic
-
-
-def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, block_n: int, num_sms: int,
-                      min_keys_per_split: int = 256, max_splits: int = 64) -> int:
-    """Power-of-two number of KV splits so that (requests x kv heads x splits) covers ~2 waves of
-    the SMs, with at least `min_keys_per_split` keys per split. Correctness never depends on it."""
-    base = max(1, num_seqs * num_kv_heads)
-    want = -(-2 * num_sms // base)
-    cap = max(1, max_seq_len // max(min_keys_per_split, block_n))
-    splits = max(1, min(want, cap, max_splits))
-    return 1 << (splits.bit_length() - 1)  # round down to a power of two (bounded recompiles)
-
-
-@functools.lru_cache(maxsize=None)
 def _default_config(head_dim: int, itemsize: int, interpret: bool) -> dict:
     if interpret:
         return dict(decode_block_n=16, decode_warps=4, decode_stages=1,
@@ -455,7 +399,7 @@ class _Plan:
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.upcast = _INTERPRET  # the interpreter mishandles bf16 arithmetic and bf16 dots
         self.ieee = _INTERPRET or kv_dtype == torch.float32  # no TF32 for float32 caches
-        self.num_sms = _num_sms(device_index)
+        self.num_sms = num_sms(device_index)
         # decode: the GQA group padded to >= 16 rows (tl.dot's minimum M)
         self.block_h = max(16, triton.next_power_of_2(self.group))
         self.decode_block_n = cfg["decode_block_n"]
@@ -483,26 +427,6 @@ def _get_plan(q: torch.Tensor, k_cache: torch.Tensor, config: dict | None) -> _P
                  dev.index if dev.type == "cuda" else None, tuple(sorted(config.items())) if config else ())
 
 
-_COUNTERS: dict = {}
-_RETIRED: list = []  # outgrown counter buffers stay alive: captured CUDA graphs may point at them
-
-
-def _split_counters(device: torch.device, n: int) -> torch.Tensor:
-    """Per-(request, kv head) arrival counters of the split-KV decode. Zeroed once when allocated;
-    the kernel resets every counter it uses, so they stay zero between launches (on one stream).
-    Allocated on first use (eagerly, e.g. in a warm-up before CUDA-graph capture)."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("triton decode: split counters must be allocated before CUDA-graph capture; "
-                               "run one eager decode step of the largest batch first")
-        if buf is not None:
-            _RETIRED.append(buf)
-        buf = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
-        _COUNTERS[device] = buf
-    return buf
-
-
 # --------------------------------------------------------------------------------------------------
 # host entry points
 # --------------------------------------------------------------------------------------------------
@@ -526,7 +450,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         rows = num_seqs * p.num_heads * num_splits
         ws = torch.empty(rows * (p.head_dim + 1), dtype=torch.float32, device=q.device)
         lse_off = rows * p.head_dim
-        cnt = _split_counters(q.device, num_seqs * p.num_kv_heads)
+        cnt = split_counters(q.device, num_seqs * p.num_kv_heads)
     qs, ks, vs, os_ = q.stride(), k_cache.stride(), v_cache.stride(), out.stride()
     _decode_split_kernel[(num_seqs, p.num_kv_heads, num_splits)](
         q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, out, ws, cnt,
@@ -589,65 +513,5 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return out
 
 
-class TritonAttentionBackend:
-    """Triton paged attention (CUDA; CPU only under TRITON_INTERPRET=1, for tests)."""
-
-    name = "triton"
-    supports_cuda_graphs = True  # launch sizes come from static metadata; no host syncs
-
-    def __init__(self, config: dict | None = None, num_splits: int | None = None,
-                 mla_config: dict | None = None) -> None:
-        self.config = config
-        self.num_splits = num_splits
-        self.mla_config = mla_config  # tiles of the MLA decode kernel (triton_mla.DECODE_DEFAULTS keys)
-        self.mla_decode = "auto"  # MLA decode kernel, set by the builder (kernels/mla_decode_choice.py)
-        self.graph_batch: int | None = None  # set by the CUDA-graph runner while it warms up / captures
-        self._flashinfer_mla = None
-
-    def mla_attention(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
-                      weights, scale: float) -> torch.Tensor:
-        """MLA over the latent cache (this step's rows already stored) -> [T, H, v]: decode steps
-        through the `mla_decode` kernel, the rest through kernels/triton_mla.py (docs/mla.md)."""
-        from dlengine.kernels import triton_mla
-        from dlengine.kernels.mla_attention_torch import absorb_query, latent_to_v
-
-        if self.mla_decode == "flashinfer" and meta.max_query_len == 1:
-            if self._flashinfer_mla is None:
-                from dlengine.kernels.flashinfer_mla import FlashInferMLA
-
-                self._flashinfer_mla = FlashInferMLA(q_nope.device)
-            out_lat = self._flashinfer_mla.run(absorb_query(q_nope, weights), q_pe, cache, meta, scale,
-                                               graph_batch=self.graph_batch)
-            return latent_to_v(out_lat, weights)
-        return triton_mla.mla_attention(q_nope, q_pe, cache, meta, weights, scale, config=self.mla_config,
-                                        num_splits=self.num_splits,
-                                        decode_kernel="auto" if self.mla_decode == "flashinfer" else self.mla_decode)
-
-    # CUDA-graph hooks (engine/cuda_graph.py): the only host work a replay needs is FlashInfer's plan
-    def graph_capture_begin(self, batch_size: int) -> None:
-        self.graph_batch = batch_size
-
-    def graph_capture_end(self) -> None:
-        self.graph_batch = None
-
-    def graph_before_replay(self, batch_size: int, seq_lens, block_tables: torch.Tensor) -> None:
-        if self._flashinfer_mla is not None:
-            self._flashinfer_mla.plan_graph_replay(batch_size, seq_lens, block_tables)
-
-    def write_kv(self, k, v, k_cache, v_cache, meta):
-        store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
-
-    def attend(self, q, k_cache, v_cache, meta, scale):
-        return paged_attention(q, k_cache, v_cache, meta, scale, num_splits=self.num_splits, config=self.config)
-
-
-def triton_available(device: torch.device | str) -> bool:
-    """Whether this backend can run on `device` (CUDA, or anything under the interpreter)."""
-    device = torch.device(device)
-    return device.type == "cuda" or interpret_mode()
-
-
-__all__ = [
-    "TritonAttentionBackend", "store_kvcache", "paged_attention", "paged_decode", "paged_extend",
-    "choose_num_splits", "interpret_mode", "triton_available",
-]
+__all__ = ["store_kvcache", "paged_attention", "paged_decode", "paged_extend", "choose_num_splits",
+           "interpret_mode"]

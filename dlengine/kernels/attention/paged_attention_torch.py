@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from dlengine.kernels.attention_metadata import AttentionMetadata
+from dlengine.kernels.context import AttentionMetadata
 
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -26,7 +26,7 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> t
     return cache[block_table[:num_blocks].long()].flatten(0, 1)[:seq_len]
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal_offset: int | None) -> torch.Tensor:
+def attend_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal_offset: int | None) -> torch.Tensor:
     """q [Q, H, D], k/v [K, Hkv, D] -> [Q, H, D]. Query i sits at position causal_offset + i."""
     num_heads, num_kv_heads = q.shape[1], k.shape[1]
     group = num_heads // num_kv_heads
@@ -81,5 +81,5 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         k = gather_kv(k_cache, meta.block_tables[i], seq_len)
         v = gather_kv(v_cache, meta.block_tables[i], seq_len)
         s, e = qsl[i], qsl[i + 1]
-        out[s:e] = _attend(q[s:e], k, v, scale, causal_offset=seq_len - ql)
+        out[s:e] = attend_dense(q[s:e], k, v, scale, causal_offset=seq_len - ql)
     return out

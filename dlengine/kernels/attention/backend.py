@@ -1,0 +1,101 @@
+"""The attention backend seam: what a model's attention layers call, as methods.
+
+A backend owns how this step's keys/values reach the paged cache and how queries attend over it,
+for both attention families the models use:
+
+  GQA (Qwen3, ...)            write_kv(k, v, k_cache, v_cache, meta); attend(q, k_cache, v_cache, meta, scale)
+  MLA (DeepSeek-V3, Kimi-K2)  write_latent(latent, cache, meta); attend_latent(q_nope, q_pe, cache, meta,
+                              weights, scale) -- decode steps absorbed, prefills / extends as the
+                              backend sees fit (kernels/mla/)
+
+and the CUDA-graph hooks the graph runner calls (engine/cuda_graph.py): `prepare_capture(bs)`
+before warming up and capturing the graph of `bs` decode rows, `end_capture()` after it, and
+`before_replay(bs, seq_lens, block_tables)` on the host before every replay. Backends without
+host work around graphs inherit the no-op hooks of `AttentionBackendBase`.
+
+Implementations: torch_backend.py (the reference, any device), triton_backend.py (our kernels,
+capturable), flashinfer_backend.py (optional package). The engine picks one at build
+(kernels/selection.py); a user may pass any object following `AttentionBackend` instead.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from dlengine.kernels.context import AttentionMetadata
+from dlengine.kernels.mla.mla_torch import MLAWeights
+
+
+@runtime_checkable
+class AttentionBackend(Protocol):
+    name: str
+    supports_cuda_graphs: bool  # launch sizes from static metadata, no host syncs in a forward
+
+    def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 meta: AttentionMetadata) -> None:
+        """k/v [T, Hkv, D] -> the paged caches [N, page, Hkv, D] at meta.slot_mapping (< 0: skip)."""
+
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+               scale: float) -> torch.Tensor:
+        """Causal attention of q [T, H, D] over each request's paged context -> [T, H, D]."""
+
+    def write_latent(self, latent: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata) -> None:
+        """MLA latents [T, kv_lora_rank + rope] -> the latent cache [N, page, 1, kv_lora_rank + rope]."""
+
+    def attend_latent(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
+                      weights: MLAWeights, scale: float) -> torch.Tensor:
+        """MLA of q_nope [T, H, nope], q_pe [T, H, rope] (rotated) over the latent cache, which
+        already holds this step's latents -> [T, H, v_head_dim]."""
+
+    def prepare_capture(self, batch_size: int) -> None:
+        """Host work before warming up and capturing the CUDA graph of `batch_size` decode rows."""
+
+    def end_capture(self) -> None:
+        """Host work after that graph was captured (or its capture failed)."""
+
+    def before_replay(self, batch_size: int, seq_lens: np.ndarray, block_tables: torch.Tensor) -> None:
+        """Host work before replaying the graph of `batch_size` rows (seq_lens: host, 0 = padding;
+        block_tables: the graph's static buffer, already holding this step's rows)."""
+
+
+class AttentionBackendBase:
+    """Defaults for `AttentionBackend`: not capturable, no host work around graphs, and no MLA
+    (a GQA-only backend inherits the MLA methods' clear error)."""
+
+    name = "base"
+    supports_cuda_graphs = False
+
+    def write_latent(self, latent: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata) -> None:
+        raise NotImplementedError(f"attention backend {self.name!r} does not run multi-head latent attention")
+
+    def attend_latent(self, q_nope, q_pe, cache, meta, weights, scale) -> torch.Tensor:
+        raise NotImplementedError(f"attention backend {self.name!r} does not run multi-head latent attention")
+
+    def prepare_capture(self, batch_size: int) -> None:
+        pass
+
+    def end_capture(self) -> None:
+        pass
+
+    def before_replay(self, batch_size: int, seq_lens: np.ndarray, block_tables: torch.Tensor) -> None:
+        pass
+
+    def kernel_names(self) -> dict[str, str]:
+        """What runs each attention op, for `Kernels.describe()` (backends name their kernels)."""
+        return {op: self.name for op in ("kv_write", "gqa_decode", "gqa_prefill", "mla_decode", "mla_prefill")}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+PROTOCOL_METHODS = ("write_kv", "attend", "write_latent", "attend_latent", "prepare_capture", "end_capture",
+                    "before_replay")
+
+
+def missing_methods(backend: object) -> list[str]:
+    """The `AttentionBackend` members `backend` lacks (empty when it follows the protocol)."""
+    missing = [m for m in PROTOCOL_METHODS if not callable(getattr(backend, m, None))]
+    return missing + [a for a in ("name", "supports_cuda_graphs") if not hasattr(backend, a)]

@@ -1,0 +1,17 @@
+"""The latent-cache shape the DeepSeek-dims MLA decode kernels (Gluon, FlashInfer) are built for,
+shared by those kernels and the choice between them (decode_choice.py)."""
+
+from __future__ import annotations
+
+import torch
+
+DEEPSEEK_LATENT = (512, 64)  # kv_lora_rank, rope dims
+
+
+def latent_cache_problem(cache_dtype: torch.dtype, kv_lora: int, rope: int) -> str | None:
+    """Why a DeepSeek-dims MLA decode kernel (Gluon, FlashInfer) cannot take this latent cache, or None."""
+    if cache_dtype not in (torch.bfloat16, torch.float16):
+        return f"needs a bf16/fp16 latent cache, not {cache_dtype}"
+    if (kv_lora, rope) != DEEPSEEK_LATENT:
+        return f"is built for kv_lora_rank {DEEPSEEK_LATENT[0]} + rope {DEEPSEEK_LATENT[1]}, not {kv_lora} + {rope}"
+    return None

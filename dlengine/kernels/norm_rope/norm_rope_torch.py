@@ -1,0 +1,50 @@
+"""Plain torch references of the fused ops in norm_rope_triton.py (same signatures). They define
+the numerics the kernels are tested against, and are what CPU and attention("torch") run."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dlengine.kernels.attention.paged_attention_torch import write_kv_cache
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    if residual is not None:
+        x = x + residual
+    xf = x.float()
+    normed = weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return normed if residual is None else (normed, x)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    d = x.shape[-1] // 2
+    return F.silu(x[..., :d]) * x[..., d:]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    d = x.shape[-1] // 2
+    return torch.cat((-x[..., d:], x[..., :d]), dim=-1)
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Neox-style rotation as transformers computes it (cos/sin cast to the activation dtype)."""
+    c = cos[positions].unsqueeze(1).to(q.dtype)
+    s = sin[positions].unsqueeze(1).to(q.dtype)
+    return q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
+
+
+def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, positions: torch.Tensor,
+                  cos: torch.Tensor, sin: torch.Tensor, slot_mapping: torch.Tensor | None = None,
+                  k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
+                  q_norm_weight: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None,
+                  eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head RMSNorm of q and k (with norm weights), then the rotation, then (given the caches)
+    k and v stored at `slot_mapping`; returns the new (q, k). The Triton kernel does it in one pass,
+    in place."""
+    if q_norm_weight is not None:
+        q, k = rms_norm(q, q_norm_weight, eps), rms_norm(k, k_norm_weight, eps)
+    q, k = rope(q, k, positions, cos, sin)
+    if k_cache is not None:
+        write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+    return q, k

@@ -1,0 +1,271 @@
+"""One kernel choice per engine, made once at build: `resolve_kernels(...) -> Kernels`.
+
+`Kernels` holds the attention backend object (constructed with its MLA decode kernel) and the
+table of fused ops (`Ops`) bound to Triton or to the torch references. The rule:
+
+  attention("torch")          the pure torch reference on any device: backend and every op
+  attention("auto"/"triton")  on CUDA: Triton ops (and the Triton backend); off CUDA the torch
+                              ops ("triton" there only runs under TRITON_INTERPRET=1, for tests)
+  attention("flashinfer")     FlashInfer's attention, Triton ops on CUDA
+  an AttentionBackend object  used as given; ops as for "auto" on the device
+  DLENGINE_DISABLE_TRITON_OPS=1 forces the torch ops whatever the backend (for A/B checks)
+
+How layers get their kernels: the builder constructs the model inside `with kernel_scope(kernels):`
+(as it does with parallel/state.py's `parallel_state`), and each layer keeps what it calls in its
+constructor: `self.ops = current_kernels().ops`, attention layers `self.backend =
+current_kernels().attention`. A layer then never looks anything up per call, and what a built
+model runs cannot change behind its back. Chosen over carrying the kernels in the ForwardContext
+because norms, rotary embeddings and MoE layers never see the context (their forward takes only
+activations), and because the choice is a property of the built model, not of a step. Outside any
+scope (tests that build layers directly) `current_kernels()` is the torch reference.
+
+`describe()` names the kernel of each op, for Engine.describe(), the repr and `dlengine bench`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from dlengine.config import ConfigError
+from dlengine.kernels.attention.backend import AttentionBackend, AttentionBackendBase, missing_methods
+from dlengine.kernels.attention.torch_backend import TorchAttentionBackend
+from dlengine.kernels.fp8 import fp8_torch
+from dlengine.kernels.mla.decode_choice import MLA_DECODE_KERNELS, resolve_mla_decode
+from dlengine.kernels.moe import fused_moe_torch
+from dlengine.kernels.norm_rope import norm_rope_torch
+
+try:  # triton is optional: CPU-only installs run the torch references
+    from dlengine.kernels.norm_rope import norm_rope_triton
+
+    HAS_TRITON_OPS = True
+except Exception:  # noqa: BLE001 - any import failure means "no triton here"
+    norm_rope_triton = None
+    HAS_TRITON_OPS = False
+
+try:
+    from dlengine.kernels.moe import fused_moe_triton
+
+    HAS_FUSED_MOE = True
+except Exception:  # noqa: BLE001
+    fused_moe_triton = None
+    HAS_FUSED_MOE = False
+
+try:
+    from dlengine.kernels.fp8 import fp8_gemm_triton
+    from dlengine.kernels.moe import fused_moe_fp8_triton
+
+    HAS_FP8_GEMM = True
+except Exception:  # noqa: BLE001
+    fp8_gemm_triton = fused_moe_fp8_triton = None
+    HAS_FP8_GEMM = False
+
+DISABLE_TRITON_OPS_ENV = "DLENGINE_DISABLE_TRITON_OPS"
+ATTENTION_OPS = ("kv_write", "gqa_decode", "gqa_prefill", "mla_decode", "mla_prefill")
+_INSTALL_HINT = {"triton": "pip install triton", "flashinfer": "pip install flashinfer-python"}
+
+
+# ------------------------------------------------------------------------------------------ ops
+
+
+@dataclass(frozen=True)
+class Ops:
+    """The fused ops a decoder layer calls, each bound to one implementation (same signatures as
+    the torch references in norm_rope/, moe/, fp8/). `names` says which, per op group."""
+
+    rms_norm: Callable  # (x, weight, eps, residual=None) -> y | (y, x + residual)
+    silu_and_mul: Callable  # (x [.., 2d]) -> [.., d]
+    rope: Callable  # (q, k, positions, cos, sin) -> (q, k)
+    rope_write_kv: Callable  # (q, k, v, positions, cos, sin, slots, k_cache, v_cache, q_norm_w, k_norm_w, eps)
+    fused_experts: Callable  # (x, w13, w2, topk_weights, topk_ids) -> [T, H]
+    fp8_linear: Callable  # (x, w_q, w_scale, block, row_div, bias=None) -> [.., N]
+    fused_experts_fp8: Callable  # (x, w13, w13_scale, w2, w2_scale, block, w13_row_div, topk_weights, topk_ids)
+    names: dict[str, str] = field(default_factory=dict)
+
+
+TORCH_OPS = Ops(
+    rms_norm=norm_rope_torch.rms_norm, silu_and_mul=norm_rope_torch.silu_and_mul, rope=norm_rope_torch.rope,
+    rope_write_kv=norm_rope_torch.rope_write_kv, fused_experts=fused_moe_torch.fused_experts_torch,
+    fp8_linear=fp8_torch.fp8_linear_torch, fused_experts_fp8=fp8_torch.fused_experts_fp8_torch,
+    names={"norm_rope": "torch", "moe": "torch", "fp8_gemm": "torch (W8A8 reference)", "moe_fp8": "torch"},
+)
+
+
+def triton_ops_disabled() -> bool:
+    return os.environ.get(DISABLE_TRITON_OPS_ENV) == "1"
+
+
+def select_ops(device: torch.device | str, use_triton: bool = True) -> Ops:
+    """The ops table for `device`: each op group on Triton when `use_triton`, the device is CUDA,
+    its kernels import and DLENGINE_DISABLE_TRITON_OPS is not set; else the torch references."""
+    device = torch.device(device)
+    if not (use_triton and device.type == "cuda") or triton_ops_disabled():
+        return TORCH_OPS
+    ops, names = {}, dict(TORCH_OPS.names)
+    if HAS_TRITON_OPS:
+        ops.update(rms_norm=norm_rope_triton.rms_norm, silu_and_mul=norm_rope_triton.silu_and_mul,
+                   rope=norm_rope_triton.rope, rope_write_kv=norm_rope_triton.rope_write_kv)
+        names["norm_rope"] = "triton (fused rms norm, silu-and-mul, qk-norm + rope + kv write)"
+    if HAS_FUSED_MOE:
+        ops["fused_experts"] = fused_moe_triton.fused_experts_triton
+        names["moe"] = "triton fused MoE"
+    if HAS_FP8_GEMM:
+        ops.update(fp8_linear=fp8_gemm_triton.fp8_linear,
+                   fused_experts_fp8=fused_moe_fp8_triton.fused_experts_fp8_triton)
+        gemm = "deep_gemm where the shape suits it, else triton" if fp8_gemm_triton.HAS_DEEP_GEMM else "triton"
+        names.update(fp8_gemm=f"{gemm} block-scaled GEMM", moe_fp8="triton block-scaled fused MoE")
+    fields = {f: getattr(TORCH_OPS, f) for f in TORCH_OPS.__dataclass_fields__ if f != "names"}
+    fields.update(ops)
+    return Ops(**fields, names=names)
+
+
+# ------------------------------------------------------------------------------------------ backends
+
+
+def _triton_backend():
+    from dlengine.kernels.attention.triton_backend import TritonAttentionBackend  # needs triton
+
+    return TritonAttentionBackend
+
+
+def _flashinfer_backend():
+    from dlengine.kernels.attention.flashinfer_backend import FlashInferAttentionBackend  # optional package
+
+    return FlashInferAttentionBackend
+
+
+# name -> zero-argument loader of the backend class (imports stay lazy: optional packages)
+_BACKENDS = {"torch": lambda: TorchAttentionBackend, "triton": _triton_backend, "flashinfer": _flashinfer_backend}
+
+
+def _importable(name: str) -> bool:
+    try:
+        _BACKENDS[name]()
+        return True
+    except ImportError:
+        return False
+
+
+def known_attention_backends() -> list[str]:
+    """Every backend name, importable here or not (no imports: cheap for --help texts)."""
+    return sorted(_BACKENDS)
+
+
+def available_attention_backends() -> list[str]:
+    return sorted(n for n in _BACKENDS if _importable(n))
+
+
+def attention_backend_name(requested: str, device: torch.device) -> str:
+    """The backend "auto" stands for on `device`: Triton on CUDA when it imports (our kernels,
+    capturable in CUDA graphs), else the torch reference. FlashInfer is only ever asked for by name."""
+    if requested == "auto":
+        return "triton" if device.type == "cuda" and _importable("triton") else "torch"
+    if requested not in _BACKENDS:
+        raise ConfigError(f"unknown attention backend {requested!r}; known: {sorted(_BACKENDS)}")
+    return requested
+
+
+def resolve_attention_backend(name: str, device: torch.device, mla_decode: str = "auto") -> AttentionBackend:
+    """The backend object for `name` ("auto" or a known name) on `device`, constructed complete
+    (the triton backend with its MLA decode kernel, already resolved: mla/decode_choice.py)."""
+    device = torch.device(device)
+    name = attention_backend_name(name, device)
+    try:
+        cls = _BACKENDS[name]()
+    except ImportError as e:
+        raise ConfigError(
+            f"attention backend {name!r} is not importable here ({e}); {_INSTALL_HINT.get(name, '')}"
+        ) from e
+    if name == "triton":
+        from dlengine.kernels.attention.paged_attention_triton import interpret_mode
+
+        if device.type != "cuda" and not interpret_mode():
+            raise ConfigError("the triton attention backend needs a CUDA device (or TRITON_INTERPRET=1 for tests)")
+        return cls(mla_decode=mla_decode)
+    if name == "flashinfer" and device.type != "cuda":
+        raise ConfigError(f"the flashinfer attention backend needs a CUDA device, not {device}")
+    if mla_decode not in ("auto", "triton"):
+        raise ConfigError(f"mla_decode({mla_decode!r}) needs the triton attention backend, not {name!r}")
+    return cls()
+
+
+# ------------------------------------------------------------------------------------------ kernels
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """What an engine runs: the attention backend and the fused ops, chosen once."""
+
+    attention: AttentionBackend
+    ops: Ops
+    quantization: str = "none"  # "none" | "fp8" | "dequant" (EngineConfig.quantization)
+
+    def describe(self) -> dict[str, str]:
+        """The kernel of each op: attention (the backend's name), kv_write, gqa_decode, gqa_prefill,
+        mla_decode, mla_prefill, norm_rope, moe, fp8_gemm, moe_fp8."""
+        backend = self.attention
+        if isinstance(backend, AttentionBackendBase):
+            attn = backend.kernel_names()
+        else:  # a user's object: all we know is its name
+            attn = {op: backend.name for op in ATTENTION_OPS}
+        out = {"attention": backend.name, **attn, **self.ops.names}
+        if self.quantization != "fp8":  # no FP8 weights at run time: the FP8 kernels never run
+            why = "dequantised at load" if self.quantization == "dequant" else "no FP8 weights"
+            out["fp8_gemm"] = out["moe_fp8"] = f"unused ({why})"
+        return out
+
+
+def resolve_kernels(attention: str | AttentionBackend = "auto", mla_decode: str = "auto", model_config=None,
+                    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                    quantization: str = "none") -> Kernels:
+    """The kernels of an engine for the user's `attention` choice (a name, or an object following
+    `AttentionBackend`) and `mla_decode` kernel, for `model_config` (a ModelConfig; None: a model
+    without MLA) on `device` in `dtype` (the KV cache's). Bad choices are ConfigErrors naming why."""
+    device = torch.device(device)
+    if isinstance(attention, str):
+        if model_config is not None:  # validates the choice against the model, device and dtype
+            mla_decode = resolve_mla_decode(mla_decode, model_config, attention, device, dtype)
+        elif mla_decode not in MLA_DECODE_KERNELS:
+            raise ConfigError(f"unknown mla_decode kernel {mla_decode!r}; choose one of {list(MLA_DECODE_KERNELS)}")
+        backend = resolve_attention_backend(attention, device, mla_decode)
+        use_triton = backend.name != "torch"
+    else:
+        missing = missing_methods(attention)
+        if missing:
+            raise ConfigError(f"attention backend object {attention!r} lacks {missing} of the AttentionBackend "
+                              "protocol (dlengine.kernels.attention.backend; subclass AttentionBackendBase for "
+                              "the optional ones)")
+        if mla_decode != "auto":
+            raise ConfigError(f"mla_decode({mla_decode!r}) chooses a kernel of the built-in triton backend; "
+                              f"a backend object ({attention.name!r}) runs its own")
+        backend, use_triton = attention, True
+    return Kernels(backend, select_ops(device, use_triton), quantization)
+
+
+REFERENCE_KERNELS = Kernels(TorchAttentionBackend(), TORCH_OPS)
+_CURRENT = REFERENCE_KERNELS
+
+
+def current_kernels() -> Kernels:
+    """The kernels layers built now take (the torch reference outside any `kernel_scope`)."""
+    return _CURRENT
+
+
+@contextlib.contextmanager
+def kernel_scope(kernels: Kernels) -> Iterator[Kernels]:
+    """Make `kernels` current while a model is constructed (its layers keep what they call)."""
+    global _CURRENT
+    prev, _CURRENT = _CURRENT, kernels
+    try:
+        yield kernels
+    finally:
+        _CURRENT = prev
+
+
+__all__ = ["HAS_FP8_GEMM", "HAS_FUSED_MOE", "HAS_TRITON_OPS", "Kernels", "Ops", "REFERENCE_KERNELS", "TORCH_OPS",
+           "available_attention_backends", "current_kernels", "kernel_scope", "known_attention_backends",
+           "resolve_attention_backend", "resolve_kernels", "select_ops"]
