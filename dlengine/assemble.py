@@ -30,12 +30,8 @@ from dlengine.tokenizer import load_tokenizer
 logger = logging.getLogger("dlengine")
 
 
-def build_engine(cfg: EngineConfig):
-    """The engine `cfg` describes, with the front that fits where we run."""
-    if cfg.parallel.world_size > 1:
-        from dlengine.parallel.front import build_parallel_engine
-
-        return build_parallel_engine(cfg)
+def build_engine(cfg: EngineConfig) -> Engine:
+    """The one-process engine `cfg` describes (parallel layouts: dlengine.parallel.front)."""
     return Engine(cfg, build_core(cfg), load_tokenizer(cfg.model.path))
 
 

@@ -435,6 +435,11 @@ class EngineBuilder:
         """Build the engine: this process's (an `Engine`), or for parallel(...) with more than one
         rank a front over spawned workers (`ParallelEngine`), or this rank's engine under
         torchrun (`DistributedEngine`). All three have the same API."""
+        cfg = self.config()
+        if cfg.parallel.world_size > 1:
+            from dlengine.parallel.front import build_parallel_engine
+
+            return build_parallel_engine(cfg)
         from dlengine.assemble import build_engine
 
-        return build_engine(self.config())
+        return build_engine(cfg)
