@@ -85,6 +85,16 @@ def test_throughput_subcommand_range_ratio_and_prefix_cache(tmp_path, capsys):
     assert res["prefix_cache_hit_tokens"] == 0 and res["prefix_caching"] is False
 
 
+def test_shared_prefix_admitted_together_is_computed_once(tmp_path, capsys):
+    # every prompt fits the first step; all but the first wait one step and hit the 32-token prefix
+    args = ["throughput", "--num-prompts", "4", "--input-len", "16", "--output-len", "4", "--prefix-len", "32",
+            "--max-model-len", "128", "--block-size", "16", "--no-progress", "--seed", "3"]
+    res, out = run_cli(args, tmp_path, capsys)
+    assert res["prefix_cache_hit_tokens"] == 32 * 3 and res["prefix_cache_hit_requests"] == 3
+    assert res["num_prompt_tokens_computed"] == res["total_input_tokens"] - 32 * 3
+    assert "Prefix-cache hits (requests)" in out and "3 of 4" in out
+
+
 def test_jsonl_dataset(tmp_path, capsys):
     data = tmp_path / "prompts.jsonl"
     lines = [

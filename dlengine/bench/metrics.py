@@ -121,6 +121,8 @@ def format_report(result: Mapping[str, Any], title: str = "dlengine bench throug
     row("Mean tokens / step", result["mean_tokens_per_step"], 1)
     row("Preemptions", result["num_preemptions"])
     row("Prefix-cache hit tokens", result["prefix_cache_hit_tokens"])
+    if "prefix_cache_hit_requests" in result:
+        row("Prefix-cache hits (requests)", f"{result['prefix_cache_hit_requests']:,} of {result['num_requests']:,}")
     if "mbu_est" in result:
         lines.append("-" * width)
         row("Decode MBU (estimate)", _pct(result["mbu_est"]))

@@ -311,6 +311,7 @@ def _run(cfg: ThroughputConfig, engine: Engine, peaks: dict[str, Any]) -> tuple[
         "mean_tokens_per_step": float(np.mean([s.num_tokens for s in steps])) if steps else 0.0,
         "num_preemptions": after["preemptions"] - before["preemptions"],
         "prefix_cache_hit_tokens": after["cached"] - before["cached"],
+        "prefix_cache_hit_requests": sum(1 for t in timings if t.num_cached_tokens > 0),
         "num_prompt_tokens_computed": after["prompt_computed"] - before["prompt_computed"],
         "num_tokens_computed": after["computed"] - before["computed"],
         "finish_reasons": dict(Counter(o.finish_reason for o in outputs)),
