@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from dlengine.bench.cpu_threads import describe_cpu_threads
 from dlengine.engine.request import RequestOutput
 
 PERCENTILES = (50, 90, 99)
@@ -100,6 +101,8 @@ def format_report(result: Mapping[str, Any], title: str = "dlengine bench throug
 
     lines.append(f"{'Engine:':<10}{result['engine']}")
     row("Device / dtype / attention", f"{result['device']} / {result['dtype']} / {result['attention_backend']}")
+    if result.get("cpu_threads"):
+        lines.append(f"{'CPU threads:':<14}{describe_cpu_threads(result['cpu_threads'])}")
     row("Dataset", result.get("dataset", "-"))
     row("Requests", result["num_requests"])
     row("Input tokens", result["total_input_tokens"])
@@ -203,6 +206,8 @@ def format_latency_report(result: Mapping[str, Any], title: str = "dlengine benc
 
     lines.append(f"{'Engine:':<10}{result['engine']}")
     row("Device / dtype / attention", f"{result['device']} / {result['dtype']} / {result['attention_backend']}")
+    if result.get("cpu_threads"):
+        lines.append(f"{'CPU threads:':<14}{describe_cpu_threads(result['cpu_threads'])}")
     row("Batch x input x output", f"{result['batch_size']} x {result['input_len']} x {result['output_len']}")
     row("Iterations (+ warm-up)", f"{result['num_iters']} (+{result['num_warmup_iters']})")
     lines.append("-" * width)

@@ -15,7 +15,7 @@ On CPU both are measured too (a 256 MiB tensor copy and a float32 1024^3 matmul,
 
 `resolve_peaks` is what the benchmarks call: explicit values (--peak-bandwidth-gbps,
 --peak-tflops) skip the corresponding measurement; measured values are cached per device for the
-life of the process.
+life of the process (on CPU, per thread count).
 """
 
 from __future__ import annotations
@@ -191,14 +191,14 @@ def resolve_peaks(device: torch.device | str, peak_bandwidth_gbps: float | None 
     device = _cuda_index(torch.device(device))
     out = _device_info(device)
     if peak_bandwidth_gbps is None:
-        key = f"copy@{device}"
+        key = f"copy@{device}" + (f"x{torch.get_num_threads()}" if device.type == "cpu" else "")
         if key not in _CACHE:
             _CACHE[key] = _measure_copy(device, None, 10)
         out.update(_CACHE[key])
     else:
         out["copy_gbps"] = float(peak_bandwidth_gbps)
     if peak_tflops is None:
-        key = f"gemm@{device}"
+        key = f"gemm@{device}" + (f"x{torch.get_num_threads()}" if device.type == "cpu" else "")
         if key not in _CACHE:
             _CACHE[key] = _measure_gemm(device, None, 10)
         out.update(_CACHE[key])
