@@ -3,10 +3,12 @@
 torch's OpenMP pool defaults to one thread per core and every parallel op ends in a barrier that
 waits for all of them. When other processes keep the cores busy, one of those threads is often
 descheduled and every op waits a whole scheduler time slice for it: on a 2-core machine with
-other work running, `dlengine bench` on the tiny preset ran ~25x slower with 2 threads than with
-1. So unless told (--threads, or OMP_NUM_THREADS in the environment), the bench takes the
-physical cores (at most MAX_AUTO_THREADS) minus those other processes are keeping busy right
-now, and at least one; the result records the choice and the report prints it.
+other work running, `dlengine bench` on the tiny preset ran 10-25x slower with 2 threads than
+with 1 (idle, 2 threads were at best ~17% faster). So unless told (--threads, or OMP_NUM_THREADS
+in the environment), the bench takes the physical cores less one kept spare (load that arrives
+mid-run lands there instead of stalling every op), at most MAX_AUTO_THREADS, less the CPUs other
+processes keep busy when it starts, and at least one. The result records the choice and the
+report prints it.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def choose_cpu_threads(requested: int | None = None) -> dict[str, Any]:
         return {"threads": torch.get_num_threads(), "source": "OMP_NUM_THREADS"}
     cores, busy = physical_cores(), busy_cpus()
     free = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = max(1, min(cores, MAX_AUTO_THREADS, math.floor(free - busy + 0.5)))
+    threads = max(1, min(cores - 1, MAX_AUTO_THREADS, math.floor(free - busy + 0.5)))
     return {"threads": threads, "source": "auto", "physical_cores": cores, "busy_cpus": round(busy, 1)}
 
 
