@@ -65,6 +65,9 @@ def _engine_options() -> argparse.ArgumentParser:
                    help="token budget of one step (default: the engine's, 8192)")
     g.add_argument("--max-model-len", type=int, metavar="N", default=_E.max_model_len,
                    help="context limit, prompt + output (default: the model's max_position_embeddings)")
+    g.add_argument("--threads", type=int, metavar="N", default=_E.threads,
+                   help="torch threads on CPU (default: OMP_NUM_THREADS when set, else the physical cores less "
+                        "one spare and less those other processes keep busy, at least 1; the choice is printed)")
     g.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false", default=_E.prefix_caching,
                    help="turn the prefix cache off")
     return p

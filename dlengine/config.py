@@ -17,6 +17,7 @@ import torch
 
 from dlengine.errors import ConfigError  # defined there (parallel/ep.py raises it too), public here
 from dlengine.parallel.ep import DISPATCH_BACKENDS, PLACEMENTS
+from dlengine.models.architectures import SUPPORTED_ARCHITECTURES
 
 
 _DTYPES = {
@@ -38,6 +39,18 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
         return _DTYPES[str(name).lower().replace("torch.", "")]
     except KeyError:
         raise ConfigError(f"unknown dtype {name!r}; choose one of {sorted(set(_DTYPES))}") from None
+
+
+def _read_json_object(file: str) -> dict[str, Any]:
+    """A checkpoint's JSON file as a dict; ConfigError naming the file when it is not one."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            data = json.load(f)
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ConfigError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file} must hold a JSON object, found a {type(data).__name__}")
+    return data
 
 
 @dataclass(frozen=True)
@@ -187,8 +200,7 @@ class ModelConfig:
         cfg_file = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_file):
             raise ConfigError(f"{path!r} has no config.json; it does not look like a Hugging Face checkpoint")
-        with open(cfg_file) as f:
-            cfg = json.load(f)
+        cfg = _read_json_object(cfg_file)
         for key, value in (overrides or {}).items():
             if key not in cfg:
                 raise ConfigError(f"hf_overrides: {cfg_file} has no field {key!r} to override")
@@ -197,20 +209,24 @@ class ModelConfig:
                                   f"config.json holds {type(cfg[key]).__name__}")
             cfg[key] = value
         archs = cfg.get("architectures") or []
-        if not archs:
+        if not archs or not isinstance(archs, list):
             raise ConfigError(f"{cfg_file}: 'architectures' is missing; cannot tell which model class to build")
-        gen: dict[str, Any] = {}
+        arch = archs[0]
+        # before any field is read: an unsupported family's config often lacks (or nests, as the
+        # multimodal Qwen3-VL / Qwen3.5 do under "text_config") the fields parsed below
+        if arch not in SUPPORTED_ARCHITECTURES:
+            nested = " (its text-model fields sit under 'text_config')" if "text_config" in cfg else ""
+            raise ConfigError(f"{cfg_file}: architecture {arch!r}{nested} is not supported yet; "
+                              f"supported: {sorted(SUPPORTED_ARCHITECTURES)}")
         gen_file = os.path.join(path, "generation_config.json")
-        if os.path.isfile(gen_file):
-            with open(gen_file) as f:
-                gen = json.load(f)
+        gen = _read_json_object(gen_file) if os.path.isfile(gen_file) else {}
         eos = gen.get("eos_token_id", cfg.get("eos_token_id"))
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-        num_heads = cfg["num_attention_heads"]
         try:
+            eos_ids = tuple(int(e) for e in eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+            num_heads = cfg["num_attention_heads"]
             return ModelConfig(
                 path=path,
-                architecture=archs[0],
+                architecture=arch,
                 model_type=cfg.get("model_type", ""),
                 vocab_size=cfg["vocab_size"],
                 hidden_size=cfg["hidden_size"],
@@ -231,7 +247,13 @@ class ModelConfig:
                 hf_config=cfg,
             )
         except KeyError as e:
-            raise ConfigError(f"{cfg_file}: required field {e.args[0]!r} is missing") from None
+            nested = " (its text-model fields sit under 'text_config')" if "text_config" in cfg else ""
+            raise ConfigError(f"{cfg_file}: this {arch!r} config{nested} lacks the field {e.args[0]!r}; "
+                              "such a variant is not supported yet") from None
+        except ConfigError:
+            raise
+        except (TypeError, ValueError, ArithmeticError) as e:
+            raise ConfigError(f"{cfg_file}: a field has a value of the wrong kind for architecture {arch!r}: {e}") from None
 
 
 @dataclass(frozen=True)

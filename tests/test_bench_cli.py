@@ -2,6 +2,7 @@
 the metrics, the library entry point, and clean errors for bad input."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -83,6 +84,16 @@ def test_throughput_subcommand_range_ratio_and_prefix_cache(tmp_path, capsys):
 
     res, _ = run_cli([*args, "--no-prefix-caching"], tmp_path, capsys, "nocache.json")
     assert res["prefix_cache_hit_tokens"] == 0 and res["prefix_caching"] is False
+
+
+def test_shared_prefix_admitted_together_is_computed_once(tmp_path, capsys):
+    # every prompt fits the first step; all but the first wait one step and hit the 32-token prefix
+    args = ["throughput", "--num-prompts", "4", "--input-len", "16", "--output-len", "4", "--prefix-len", "32",
+            "--max-model-len", "128", "--block-size", "16", "--no-progress", "--seed", "3"]
+    res, out = run_cli(args, tmp_path, capsys)
+    assert res["prefix_cache_hit_tokens"] == 32 * 3 and res["prefix_cache_hit_requests"] == 3
+    assert res["num_prompt_tokens_computed"] == res["total_input_tokens"] - 32 * 3
+    assert "Prefix-cache hits (requests)" in out and "3 of 4" in out
 
 
 def test_jsonl_dataset(tmp_path, capsys):
@@ -213,3 +224,44 @@ def test_percentiles_match_numpy():
     assert summarize([1.0, 2.0, 3.0, 4.0])["p50"] == 2.5
     assert summarize([]) == {"mean": None, "p50": None, "p90": None, "p99": None}
     assert percentile([3.0], 99) == 3.0
+
+
+# ------------------------------------------------------------------ CPU threads
+def test_cpu_thread_choice(monkeypatch):
+    import torch
+
+    from dlengine.bench import cpu_threads as ct
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(ct, "physical_cores", lambda: 8)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))  # 8 cores, 2 threads each
+    for busy, threads in ((0.0, 7), (9.6, 6), (15.0, 1), (40.0, 1)):  # one core kept spare
+        monkeypatch.setattr(ct, "busy_cpus", lambda busy=busy: busy)
+        info = ct.choose_cpu_threads()
+        assert (info["threads"], info["source"]) == (threads, "auto")
+    assert "busy elsewhere" in ct.describe_cpu_threads(info)
+    assert ct.choose_cpu_threads(3) == {"threads": 3, "source": "--threads"}
+    with pytest.raises(BenchError, match="threads must be a positive integer, got 0"):
+        ct.choose_cpu_threads(0)
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert ct.choose_cpu_threads()["source"] == "OMP_NUM_THREADS"
+    before = torch.get_num_threads()
+    with ct.cpu_threads("cpu", 1) as info:
+        assert torch.get_num_threads() == 1 and info["threads"] == 1
+    assert torch.get_num_threads() == before  # restored
+    with ct.cpu_threads("cuda:0", 1) as info:
+        assert info is None and torch.get_num_threads() == before
+
+
+def test_busy_cpus_and_physical_cores_read_this_machine():
+    from dlengine.bench.cpu_threads import busy_cpus, physical_cores
+
+    assert 1 <= physical_cores() <= (os.cpu_count() or 1)
+    assert busy_cpus(samples=2, interval_s=0.0) >= 0.0
+
+
+def test_bench_records_and_prints_its_cpu_threads(tmp_path, capsys):
+    res, out = run_cli(["--num-prompts", "2", "--input-len", "8", "--output-len", "2", "--max-model-len", "64",
+                        "--threads", "1", "--no-progress"], tmp_path, capsys)
+    assert res["cpu_threads"] == {"threads": 1, "source": "--threads"} and res["config"]["threads"] == 1
+    assert "CPU threads:  1 (--threads)" in out

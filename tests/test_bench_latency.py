@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from dlengine import EngineBuilder
 from dlengine.bench import BenchError, LatencyConfig, run_latency, run_throughput
@@ -123,6 +124,27 @@ def test_measure_peaks_on_cpu():
     p = measure_peaks("cpu", copy_bytes=16 << 20, gemm_n=128, repeats=3)
     assert p["kind"] == "cpu" and p["gemm_dtype"] == "float32" and p["gemm_n"] == 128 and p["copy_bytes"] == 16 << 20
     assert finite_pos(p["copy_gbps"]) and finite_pos(p["bf16_tflops"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a build or machine without CUDA")
+@pytest.mark.parametrize("fn", [measure_peaks, resolve_peaks])
+def test_peaks_on_cuda_without_cuda_is_a_clear_error(fn):
+    with pytest.raises(BenchError, match="cannot measure peaks on 'cuda'.*--peak-bandwidth-gbps"):
+        fn("cuda")
+
+
+def test_peaks_print_with_units_that_keep_their_digits():
+    from dlengine.bench.metrics import _peaks_line, format_gbps, format_tflops
+
+    assert [format_tflops(v) for v in (745.3, 1.234, 0.06705, 1.2e-5, None)] == [
+        "745 TFLOP/s", "1.23 TFLOP/s", "67.0 GFLOP/s", "12.0 MFLOP/s", "-"]
+    assert [format_gbps(v) for v in (2950.1, 33.558, 0.42, 0.0)] == ["2,950 GB/s", "33.6 GB/s", "420 MB/s", "0 GB/s"]
+    cpu = {"copy_gbps": 33.56, "bf16_tflops": 0.0671, "gemm_dtype": "float32", "kind": "cpu",
+           "bandwidth_source": "measured", "tflops_source": "measured"}
+    assert _peaks_line(cpu) == "33.6 GB/s, 67.1 GFLOP/s float32 [cpu]"  # was "34 GB/s, 0.1 TFLOP/s [cpu]"
+    gpu = {**cpu, "copy_gbps": 2950.0, "bf16_tflops": 745.3, "gemm_dtype": "bfloat16", "kind": "cuda",
+           "bandwidth_source": "given"}
+    assert _peaks_line(gpu) == "2,950 GB/s (given), 745 TFLOP/s"
 
 
 def test_given_peaks_skip_measurement(monkeypatch, engine):

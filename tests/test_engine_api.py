@@ -35,17 +35,18 @@ def assert_pool_full(engine):
         ([], GREEDY, "empty prompt"),
         ("", GREEDY, "empty prompt"),
         ([7] * 600, GREEDY, "max_model_len"),
-        ([5, 6], SamplingParams(max_tokens=0), "max_tokens"),
-        ([5, 6], SamplingParams(max_tokens=-3), "max_tokens"),
+        ([5, 6], dict(max_tokens=0), "max_tokens"),
+        ([5, 6], dict(max_tokens=-3), "max_tokens"),
         ([5, 6, 100000], GREEDY, "token ids"),
-        ([5, 6], SamplingParams(top_p=0.0), "top_p"),
+        ([5, 6], dict(top_p=0.0), "top_p"),
         (3.5, GREEDY, "string or a list"),
     ],
 )
 def test_bad_requests_raise_and_others_keep_running(engine, prompt, params, match):
     good = [engine.add_request([7, 8, 9], GREEDY), engine.add_request("hello world", GREEDY)]
     with pytest.raises(InvalidRequestError, match=match):
-        engine.add_request(prompt, params)
+        # bad sampling parameters (given as keywords) are refused when built, since they are range-checked then
+        engine.add_request(prompt, SamplingParams(**params) if isinstance(params, dict) else params)
     finished = {}
     while engine.has_unfinished_requests():
         for out in engine.step():

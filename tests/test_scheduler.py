@@ -487,3 +487,61 @@ def test_preempted_request_resumes_from_its_own_cached_prefix(chunked):
     assert a.all_token_ids == rollout([1, 1, 1, 1, 1], 6)
     assert b.all_token_ids == rollout([2, 2, 2, 2], 6)
     assert h.bm.num_free_blocks == h.bm.num_blocks
+
+
+# ------------------------------------------------------------------ shared prefixes admitted together
+def test_requests_sharing_a_prefix_in_one_step_compute_it_once():
+    bm = BlockManager(num_blocks=64, block_size=4)
+    sched = Scheduler(cfg(budget=64, seqs=8), bm)
+    prefix = list(range(12))  # three full blocks
+    reqs = [make_request(i, prefix + [20 + i, 30 + i], 2) for i in range(4)]
+    for r in reqs:
+        sched.add_request(r)
+    out = sched.schedule()  # the first computes the prefix; the others wait one step for it
+    assert [s.request for s in out.scheduled] == reqs[:1] and list(sched.waiting) == reqs[1:]
+    sched.update_after_step(out)
+    reqs[0].append_token(1)
+    out = sched.schedule()
+    assert [s.request for s in out.scheduled] == reqs
+    assert out.num_cached_tokens == 3 * 12 and all(r.metrics.num_cached_tokens == 12 for r in reqs[1:])
+    assert [s.num_new_tokens for s in out.scheduled] == [1, 2, 2, 2]
+
+
+def test_unrelated_prompts_are_not_held():
+    bm = BlockManager(num_blocks=64, block_size=4)
+    sched = Scheduler(cfg(budget=64, seqs=8), bm)
+    reqs = [make_request(i, [i] * 9, 2) for i in range(4)]
+    for r in reqs:
+        sched.add_request(r)
+    assert [s.request for s in sched.schedule().scheduled] == reqs
+
+
+def test_held_request_runs_when_the_request_filling_its_prefix_is_aborted():
+    bm = BlockManager(num_blocks=64, block_size=4)
+    sched = Scheduler(cfg(budget=64, seqs=8), bm)
+    a, b = make_request(0, list(range(10)), 2), make_request(1, list(range(10)) + [5], 2)
+    sched.add_request(a)
+    sched.add_request(b)
+    out = sched.schedule()
+    assert [s.request for s in out.scheduled] == [a]
+    sched.finish_request(a)  # aborted while its step runs: its blocks are never published
+    sched.update_after_step(out)
+    out = sched.schedule()
+    assert [(s.request, s.num_new_tokens) for s in out.scheduled] == [(b, 11)] and out.num_cached_tokens == 0
+    bm.check_invariants()
+
+
+def test_held_request_follows_a_chunked_prefill_block_by_block():
+    bm = BlockManager(num_blocks=64, block_size=4)
+    sched = Scheduler(cfg(budget=6, seqs=8), bm)  # a's 16-token prompt takes three steps
+    prompt = list(range(16))
+    a, b = make_request(0, prompt, 1), make_request(1, prompt + [99], 1)
+    sched.add_request(a)
+    sched.add_request(b)
+    cached = []
+    while b.status != RequestStatus.RUNNING:
+        out = sched.schedule()
+        cached.append(out.num_cached_tokens)
+        sched.update_after_step(out)
+    assert b.metrics.num_cached_tokens == 16 and cached[-1] == 16  # all of a's prompt, computed once
+    assert len(cached) == 4  # b waited while a computed its three chunks

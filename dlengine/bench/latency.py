@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import platform
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,7 @@ from dlengine.bench.common import (
     settle,
     write_json,
 )
+from dlengine.bench.cpu_threads import cpu_threads, describe_cpu_threads
 from dlengine.bench.datasets import random_requests
 from dlengine.bench.metrics import summarize
 from dlengine.bench.peaks import resolve_peaks
@@ -85,23 +87,29 @@ def run_latency(config: Any = None, *, engine: Engine | None = None, **overrides
     """
     cfg = coerce_config(LatencyConfig, config, **overrides)
     cfg.validate()
-    if engine is not None:
-        settle(engine)
-        peaks = resolve_peaks(engine.config.device, cfg.peak_bandwidth_gbps, cfg.peak_tflops)
-        result = _run(cfg, engine, peaks)
-    else:
-        device = probe_device(cfg)  # measure the peaks before the engine takes the memory
-        peaks = resolve_peaks(device, cfg.peak_bandwidth_gbps, cfg.peak_tflops) if device is not None else None
-        engine = build_engine(cfg)
-        device = engine.config.device
-        try:
-            if peaks is None:
-                peaks = resolve_peaks(device, cfg.peak_bandwidth_gbps, cfg.peak_tflops)
+    device = engine.config.device if engine is not None else probe_device(cfg)
+    with cpu_threads(device, cfg.threads) as threads:
+        if threads is not None and cfg.progress:
+            print(f"CPU threads: {describe_cpu_threads(threads)}", file=sys.stderr)
+        if engine is not None:
+            settle(engine)
+            peaks = resolve_peaks(engine.config.device, cfg.peak_bandwidth_gbps, cfg.peak_tflops)
             result = _run(cfg, engine, peaks)
-        finally:  # the engine is ours: free its device memory (KV cache, graphs, weights) for what runs next
-            engine.close()
-            del engine
-            free_device_memory(device)
+        else:
+            device = probe_device(cfg)  # measure the peaks before the engine takes the memory
+            peaks = resolve_peaks(device, cfg.peak_bandwidth_gbps, cfg.peak_tflops) if device is not None else None
+            engine = build_engine(cfg)
+            device = engine.config.device
+            try:
+                if peaks is None:
+                    peaks = resolve_peaks(device, cfg.peak_bandwidth_gbps, cfg.peak_tflops)
+                result = _run(cfg, engine, peaks)
+            finally:  # the engine is ours: free its device memory (KV cache, graphs, weights) for what runs next
+                engine.close()
+                del engine
+                free_device_memory(device)
+    if threads is not None:
+        result["cpu_threads"] = threads
     if cfg.json_path:
         write_json(result, cfg.json_path)
     return result

@@ -10,11 +10,13 @@ Percentiles interpolate linearly between samples (numpy's default, as vLLM's ben
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from dlengine.bench.cpu_threads import describe_cpu_threads
 from dlengine.engine.request import RequestOutput
 
 PERCENTILES = (50, 90, 99)
@@ -99,6 +101,8 @@ def format_report(result: Mapping[str, Any], title: str = "dlengine bench throug
 
     lines.append(f"{'Engine:':<10}{result['engine']}")
     row("Device / dtype / attention", f"{result['device']} / {result['dtype']} / {result['attention_backend']}")
+    if result.get("cpu_threads"):
+        lines.append(f"{'CPU threads:':<14}{describe_cpu_threads(result['cpu_threads'])}")
     row("Dataset", result.get("dataset", "-"))
     row("Requests", result["num_requests"])
     row("Input tokens", result["total_input_tokens"])
@@ -120,17 +124,47 @@ def format_report(result: Mapping[str, Any], title: str = "dlengine bench throug
     row("Mean tokens / step", result["mean_tokens_per_step"], 1)
     row("Preemptions", result["num_preemptions"])
     row("Prefix-cache hit tokens", result["prefix_cache_hit_tokens"])
+    if "prefix_cache_hit_requests" in result:
+        row("Prefix-cache hits (requests)", f"{result['prefix_cache_hit_requests']:,} of {result['num_requests']:,}")
     if "mbu_est" in result:
         lines.append("-" * width)
         row("Decode MBU (estimate)", _pct(result["mbu_est"]))
         row("MFU (estimate)", _pct(result["mfu_est"]))
-        row("Achieved GB/s, TFLOP/s (est.)", f"{_fmt(result['est_achieved_gbps'], 1)}, "
-                                             f"{_fmt(result['est_achieved_tflops'], 2)}")
+        row("Achieved bandwidth, compute (est.)", f"{format_gbps(result['est_achieved_gbps'])}, "
+                                                  f"{format_tflops(result['est_achieved_tflops'])}")
         row("Peaks used", _peaks_line(result["peaks"]))
     if result.get("compare"):
         _compare_rows(lines, row, width, result["compare"])
     lines.append("=" * width)
     return "\n".join(lines)
+
+
+def _three_digits(v: float) -> str:
+    """About three significant digits, thousands separated: 2,950 / 745 / 67.1 / 1.23 / 0.0042."""
+    if v == 0:
+        return "0"
+    decimals = max(0, 2 - math.floor(math.log10(abs(v))))
+    return f"{v:,.{decimals}f}"
+
+
+def _rate(value: float | None, scale: float, units: Sequence[tuple[float, str]]) -> str:
+    """`value` * `scale` (base units per second) in the largest of `units` (factor, name) it
+    reaches, else the smallest: CPU peaks are GFLOP/s, GPU peaks TFLOP/s, and neither prints as 0.0."""
+    if value is None:
+        return "-"
+    base = value * scale
+    factor, name = next(((f, n) for f, n in units if abs(base) >= f), units[0] if base == 0 else units[-1])
+    return f"{_three_digits(base / factor)} {name}"
+
+
+def format_gbps(gbps: float | None) -> str:
+    """A bandwidth given in GB/s (1e9 bytes/s): '2,950 GB/s', '33.6 GB/s', '420 MB/s'."""
+    return _rate(gbps, 1e9, ((1e9, "GB/s"), (1e6, "MB/s"), (1e3, "kB/s")))
+
+
+def format_tflops(tflops: float | None) -> str:
+    """A compute rate given in TFLOP/s: '745 TFLOP/s', '67.1 GFLOP/s', '12.0 MFLOP/s'."""
+    return _rate(tflops, 1e12, ((1e12, "TFLOP/s"), (1e9, "GFLOP/s"), (1e6, "MFLOP/s")))
 
 
 def _pct(v: float | None) -> str:
@@ -142,8 +176,9 @@ def _peaks_line(p: Mapping[str, Any]) -> str:
         return "" if p.get(key) == "measured" else " (given)"
 
     kind = " [cpu]" if p.get("kind") == "cpu" else ""
-    return (f"{_fmt(p['copy_gbps'], 0)} GB/s{src('bandwidth_source')}, "
-            f"{_fmt(p['bf16_tflops'], 1)} TFLOP/s{src('tflops_source')}{kind}")
+    gemm = "" if p.get("gemm_dtype", "bfloat16") == "bfloat16" else f" {p['gemm_dtype']}"
+    return (f"{format_gbps(p['copy_gbps'])}{src('bandwidth_source')}, "
+            f"{format_tflops(p['bf16_tflops'])}{gemm}{src('tflops_source')}{kind}")
 
 
 def _compare_rows(lines: list[str], row, width: int, c: Mapping[str, Any]) -> None:
@@ -171,6 +206,8 @@ def format_latency_report(result: Mapping[str, Any], title: str = "dlengine benc
 
     lines.append(f"{'Engine:':<10}{result['engine']}")
     row("Device / dtype / attention", f"{result['device']} / {result['dtype']} / {result['attention_backend']}")
+    if result.get("cpu_threads"):
+        lines.append(f"{'CPU threads:':<14}{describe_cpu_threads(result['cpu_threads'])}")
     row("Batch x input x output", f"{result['batch_size']} x {result['input_len']} x {result['output_len']}")
     row("Iterations (+ warm-up)", f"{result['num_iters']} (+{result['num_warmup_iters']})")
     lines.append("-" * width)
@@ -186,9 +223,9 @@ def format_latency_report(result: Mapping[str, Any], title: str = "dlengine benc
     row("Output tokens/s (end-to-end)", result["output_tokens_per_s"], 1)
     lines.append("-" * width)
     row("Decode MBU (estimate)", _pct(result["decode_mbu"]))
-    row("Decode GB/s read (estimate)", result["decode_achieved_gbps"], 1)
+    row("Decode bandwidth (estimate)", format_gbps(result["decode_achieved_gbps"]))
     row("Prefill MFU (estimate)", _pct(result["prefill_mfu"]))
-    row("Prefill TFLOP/s (estimate)", result["prefill_achieved_tflops"], 2)
+    row("Prefill compute (estimate)", format_tflops(result["prefill_achieved_tflops"]))
     row("Peaks used", _peaks_line(result["peaks"]))
     for note in result.get("notes", []):
         lines.append(f"note: {note}")

@@ -15,7 +15,7 @@ On CPU both are measured too (a 256 MiB tensor copy and a float32 1024^3 matmul,
 
 `resolve_peaks` is what the benchmarks call: explicit values (--peak-bandwidth-gbps,
 --peak-tflops) skip the corresponding measurement; measured values are cached per device for the
-life of the process.
+life of the process (on CPU, per thread count).
 """
 
 from __future__ import annotations
@@ -122,9 +122,29 @@ def measure_gemm_tflops(device: torch.device | str, n: int | None = None, dtype:
     return 2 * n**3 / t / 1e12, n, dtype
 
 
+def _bench_error(msg: str) -> Exception:
+    from dlengine.bench.common import BenchError  # common imports the engine; peaks stays light
+
+    return BenchError(msg)
+
+
 def _cuda_index(device: torch.device) -> torch.device:
-    if device.type == "cuda" and device.index is None:
+    """`device` with its CUDA index filled in; a clear error where CUDA cannot be used (torch's
+    own is a bare AssertionError from deep inside its lazy initialisation)."""
+    if device.type not in ("cuda", "cpu"):
+        raise _bench_error(f"peaks are measured on 'cuda' or 'cpu' devices, not {str(device)!r}")
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        why = ("this torch build has no CUDA support (a CPU-only wheel)" if torch.version.cuda is None
+               else "no CUDA device is visible")
+        raise _bench_error(f"cannot measure peaks on {str(device)!r}: {why}; measure on 'cpu' instead, "
+                           "or give the peaks (--peak-bandwidth-gbps, --peak-tflops)")
+    if device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
+    if device.index >= torch.cuda.device_count():
+        raise _bench_error(f"cannot measure peaks on {str(device)!r}: only {torch.cuda.device_count()} "
+                           "CUDA device(s) are visible")
     return device
 
 
@@ -167,20 +187,18 @@ def resolve_peaks(device: torch.device | str, peak_bandwidth_gbps: float | None 
     `tflops_source` ("given" | "measured")."""
     for name, v in (("peak_bandwidth_gbps", peak_bandwidth_gbps), ("peak_tflops", peak_tflops)):
         if v is not None and not (isinstance(v, (int, float)) and v > 0 and v != float("inf")):
-            from dlengine.bench.common import BenchError
-
-            raise BenchError(f"{name} must be a positive number, got {v!r}")
+            raise _bench_error(f"{name} must be a positive number, got {v!r}")
     device = _cuda_index(torch.device(device))
     out = _device_info(device)
     if peak_bandwidth_gbps is None:
-        key = f"copy@{device}"
+        key = f"copy@{device}" + (f"x{torch.get_num_threads()}" if device.type == "cpu" else "")
         if key not in _CACHE:
             _CACHE[key] = _measure_copy(device, None, 10)
         out.update(_CACHE[key])
     else:
         out["copy_gbps"] = float(peak_bandwidth_gbps)
     if peak_tflops is None:
-        key = f"gemm@{device}"
+        key = f"gemm@{device}" + (f"x{torch.get_num_threads()}" if device.type == "cpu" else "")
         if key not in _CACHE:
             _CACHE[key] = _measure_gemm(device, None, 10)
         out.update(_CACHE[key])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import platform
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from dlengine.bench.common import (
     settle,
     write_json,
 )
+from dlengine.bench.cpu_threads import cpu_threads, describe_cpu_threads
 from dlengine.bench.datasets import BenchRequest, load_jsonl_requests, random_requests
 from dlengine.bench.metrics import latency_summary, request_timing
 from dlengine.bench.peaks import resolve_peaks
@@ -184,29 +186,35 @@ def run_throughput(config: Any = None, *, engine: Engine | None = None, **overri
     """
     cfg = coerce_config(ThroughputConfig, config, **overrides)
     cfg.validate()
-    if engine is not None:
-        settle(engine)
-        peaks = resolve_peaks(engine.config.device, cfg.peak_bandwidth_gbps, cfg.peak_tflops)
-        result, compare_inputs = _run(cfg, engine, peaks)
-        model_path = engine.config.model.path
-        pad = engine.config.model.pad_token_id
-    else:
-        device = probe_device(cfg)  # measure the peaks before the engine takes the memory
-        peaks = resolve_peaks(device, cfg.peak_bandwidth_gbps, cfg.peak_tflops) if device is not None else None
-        engine = build_engine(cfg)
-        device = engine.config.device
-        model_path = engine.config.model.path
-        pad = engine.config.model.pad_token_id
-        try:
-            if peaks is None:
-                peaks = resolve_peaks(device, cfg.peak_bandwidth_gbps, cfg.peak_tflops)
+    device = engine.config.device if engine is not None else probe_device(cfg)
+    with cpu_threads(device, cfg.threads) as threads:
+        if threads is not None and cfg.progress:
+            print(f"CPU threads: {describe_cpu_threads(threads)}", file=sys.stderr)
+        if engine is not None:
+            settle(engine)
+            peaks = resolve_peaks(engine.config.device, cfg.peak_bandwidth_gbps, cfg.peak_tflops)
             result, compare_inputs = _run(cfg, engine, peaks)
-        finally:  # the engine is ours: free its device memory (KV cache, graphs, weights) for what runs next
-            engine.close()
-            del engine
-            free_device_memory(device)
-    if cfg.compare:
-        result["compare"] = _compare(cfg, result, compare_inputs, model_path, pad)
+            model_path = engine.config.model.path
+            pad = engine.config.model.pad_token_id
+        else:
+            device = probe_device(cfg)  # measure the peaks before the engine takes the memory
+            peaks = resolve_peaks(device, cfg.peak_bandwidth_gbps, cfg.peak_tflops) if device is not None else None
+            engine = build_engine(cfg)
+            device = engine.config.device
+            model_path = engine.config.model.path
+            pad = engine.config.model.pad_token_id
+            try:
+                if peaks is None:
+                    peaks = resolve_peaks(device, cfg.peak_bandwidth_gbps, cfg.peak_tflops)
+                result, compare_inputs = _run(cfg, engine, peaks)
+            finally:  # the engine is ours: free its device memory (KV cache, graphs, weights) for what runs next
+                engine.close()
+                del engine
+                free_device_memory(device)
+        if cfg.compare:
+            result["compare"] = _compare(cfg, result, compare_inputs, model_path, pad)
+    if threads is not None:
+        result["cpu_threads"] = threads
     if cfg.json_path:
         write_json(result, cfg.json_path)
     return result
@@ -311,6 +319,7 @@ def _run(cfg: ThroughputConfig, engine: Engine, peaks: dict[str, Any]) -> tuple[
         "mean_tokens_per_step": float(np.mean([s.num_tokens for s in steps])) if steps else 0.0,
         "num_preemptions": after["preemptions"] - before["preemptions"],
         "prefix_cache_hit_tokens": after["cached"] - before["cached"],
+        "prefix_cache_hit_requests": sum(1 for t in timings if t.num_cached_tokens > 0),
         "num_prompt_tokens_computed": after["prompt_computed"] - before["prompt_computed"],
         "num_tokens_computed": after["computed"] - before["computed"],
         "finish_reasons": dict(Counter(o.finish_reason for o in outputs)),

@@ -12,9 +12,12 @@ Order of work in a step:
    generated tokens are kept and re-fed as prompt). Preempted requests resume before new ones.
 2. waiting requests, in the order the policy gives (first come first served by default), if
    nothing was preempted this step. Their cached prefix (prefix caching) is counted as computed
-   at admission. A request whose KV comes from elsewhere (the KV connector says how many tokens)
-   gets its blocks and waits in WAITING_FOR_REMOTE_KV until the connector reports it ready; then
-   it joins the running set with those tokens computed.
+   at admission. Admission stops at a request whose next uncached full block is one this step
+   computes (another request's copy of the same prefix): next step that block is a cache hit, so
+   a prefix shared by requests arriving together is computed once (SGLang's in-batch prefix
+   caching makes the same trade). A request whose KV comes from elsewhere (the KV connector says
+   how many tokens) gets its blocks and waits in WAITING_FOR_REMOTE_KV until the connector
+   reports it ready; then it joins the running set with those tokens computed.
 
 Two seams: the policy (`SchedulerPolicy`: admission order and preemption victim) and the KV
 connector (dlengine.engine.seams.KVConnector), both given at construction. Speculative drafts
@@ -219,6 +222,8 @@ class Scheduler:
         if out.preempted:
             return out  # blocks are short: admitting new work now would only thrash
 
+        caching = self.block_manager.enable_prefix_caching and bool(self.waiting)
+        filling = self._blocks_filled(out.scheduled) if caching else set()
         for req in list(self.policy.admission_order(self.waiting)):
             if budget <= 0 or self.num_active >= self.config.max_num_seqs:
                 break
@@ -232,6 +237,8 @@ class Scheduler:
                 cached_blocks, num_cached = [], 0
             else:
                 cached_blocks, num_cached = self.block_manager.find_cached_prefix(req)
+                if self._next_block_is_filling(req, len(cached_blocks), filling):
+                    break  # held one step; the request computing that block is scheduled, so no deadlock
             remaining = req.num_tokens - num_cached
             n = min(remaining, budget, req.max_chunk_tokens or budget)
             if not chunked and n < remaining:
@@ -245,8 +252,26 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.scheduled.append(ScheduledRequest(req, n, num_cached + n == req.num_tokens and not req.score_only))
+            if caching:
+                filling.update(self._blocks_filled(out.scheduled[-1:]))
             budget -= n
         return out
+
+    def _blocks_filled(self, scheduled: list[ScheduledRequest]) -> set[bytes]:
+        """Hashes of the full blocks these scheduled requests complete in this step."""
+        bs = self.block_manager.block_size
+        done: set[bytes] = set()
+        for s in scheduled:
+            c = s.request.num_computed_tokens
+            done.update(s.request.block_hashes[c // bs:(c + s.num_new_tokens) // bs])
+        return done
+
+    def _next_block_is_filling(self, req: Request, num_hit_blocks: int, filling: set[bytes]) -> bool:
+        """Whether the block after `req`'s cached prefix could be a hit next step because a
+        request scheduled in this step completes the same content (its last token is never a hit)."""
+        if not filling or num_hit_blocks >= (req.num_tokens - 1) // self.block_manager.block_size:
+            return False
+        return num_hit_blocks < len(req.block_hashes) and req.block_hashes[num_hit_blocks] in filling
 
     def update_after_step(self, out: SchedulerOutput) -> None:
         """Advance progress for what ran and publish newly full blocks in the prefix cache.

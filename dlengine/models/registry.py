@@ -9,6 +9,7 @@ from dlengine.models.deepseek_v3 import DeepseekV3ForCausalLM
 from dlengine.models.qwen3 import Qwen3ForCausalLM
 from dlengine.models.qwen3_moe import Qwen3MoeForCausalLM
 
+# the same names are listed in architectures.py, which config.py reads without importing any class
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,  # also Kimi-K2
     "Qwen3ForCausalLM": Qwen3ForCausalLM,

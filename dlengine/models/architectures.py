@@ -1,0 +1,13 @@
+"""Names of the Hugging Face `architectures` dlengine can build, without importing any model class.
+
+ModelConfig.from_pretrained reads this to refuse an unsupported checkpoint before it parses any
+field (an unsupported family's config.json often lacks the fields a supported one has, and a
+"missing field" error would hide the real problem). Keep it equal to the keys of
+registry.MODEL_REGISTRY, which maps the same names to their classes; tests/test_config.py checks.
+"""
+
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
+    "DeepseekV3ForCausalLM",  # also Kimi-K2
+    "Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM",
+)
