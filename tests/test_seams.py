@@ -8,7 +8,7 @@ from dlengine import EngineBuilder, SamplingParams
 from dlengine.cache.block_manager import BlockManager
 from dlengine.config import ConfigError
 from dlengine.engine.sampler import Sampler
-from dlengine.kernels.backends import TorchAttentionBackend
+from dlengine.kernels.attention.torch_backend import TorchAttentionBackend
 
 from conftest import make_prompts
 
