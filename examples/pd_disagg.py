@@ -61,7 +61,7 @@ def main() -> None:
         print(f"\nmigration report: {r['requests']} requests, {r['tokens']} tokens, {r['blocks']} blocks, "
               f"{r['segments']} segments, {r['bytes'] / 2**10:.1f} KiB, "
               f"{r['ms_per_request']:.2f} ms per pull (issue -> verified), wall {elapsed * 1e3:.0f} ms for the batch")
-        for m in decode.role.migrations:
+        for m in decode.connector.migrations:
             print(f"  {m.request_id}: {m.num_tokens} tokens, {m.num_blocks} blocks, {m.num_segments} segments, "
                   f"{m.nbytes} bytes, {m.seconds * 1e3:.2f} ms")
         stats = prefill.stats()

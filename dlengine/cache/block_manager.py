@@ -87,9 +87,6 @@ class BlockManager:
         # prefix in one step): published in its place when that block is evicted
         self.duplicate_of: dict[int, bytes] = {}
         self._duplicates_by_hash: dict[bytes, dict[int, None]] = {}  # the same, indexed by hash (eviction path)
-        # counters for metrics
-        self.num_hit_tokens = 0
-        self.num_queried_tokens = 0
 
     # ------------------------------------------------------------------ queries
     @property
@@ -139,8 +136,6 @@ class BlockManager:
             if block is None:
                 break
             hits.append(block)
-        self.num_queried_tokens += len(request.all_token_ids)
-        self.num_hit_tokens += len(hits) * self.block_size
         return hits, len(hits) * self.block_size
 
     # ------------------------------------------------------------------ allocation
