@@ -67,6 +67,9 @@ class AttentionBackendBase:
 
     name = "base"
     supports_cuda_graphs = False
+    # True when the cache is the paged layout the fused QK-norm + RoPE + KV-write op writes
+    # (kernels/norm_rope): attention layers then store K/V through that op instead of write_kv
+    fused_kv_write = False
 
     def write_latent(self, latent: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata) -> None:
         raise NotImplementedError(f"attention backend {self.name!r} does not run multi-head latent attention")

@@ -60,6 +60,7 @@ class FlashInferAttentionBackend(AttentionBackendBase):
     """FlashInfer batch decode / prefill over the paged cache (bf16 or fp16 caches)."""
 
     name = "flashinfer"
+    fused_kv_write = True  # our paged layout: the fused norm/RoPE/KV-write kernel stores K/V
     supports_cuda_graphs = False  # plan() runs on the host every step
 
     def __init__(self, workspace_bytes: int = WORKSPACE_BYTES, decode_tensor_cores: bool = True) -> None:

@@ -31,6 +31,7 @@ from dlengine.kernels.mla.mla_torch import MLAWeights, absorb_query, latent_to_v
 
 class TritonAttentionBackend(AttentionBackendBase):
     name = "triton"
+    fused_kv_write = True  # our paged layout: the fused norm/RoPE/KV-write kernel stores K/V
     supports_cuda_graphs = True
 
     def __init__(self, config: dict | None = None, num_splits: int | None = None,

@@ -23,6 +23,7 @@ class PagedAttention(nn.Module):
         self.scale = scale
         kernels = current_kernels()
         self.backend, self.ops = kernels.attention, kernels.ops
+        self.fused_kv_write = getattr(self.backend, "fused_kv_write", False)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext,
                 rotary: RotaryEmbedding | None = None, positions: torch.Tensor | None = None,
@@ -31,15 +32,18 @@ class PagedAttention(nn.Module):
         Qwen3's QK-norm) and `rotary`, q and k are normalised and rotated first, and k/v stored in
         the cache's paged layout by the same op (on GPUs one fused kernel, in place on q and k)."""
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
-        if rotary is not None:
+        if rotary is not None and self.fused_kv_write:
             q, k = self.ops.rope_write_kv(
                 q, k, v, positions, rotary.cos_cached, rotary.sin_cached, ctx.meta.slot_mapping, k_cache, v_cache,
                 q_norm.weight if q_norm is not None else None, k_norm.weight if k_norm is not None else None,
                 q_norm.eps if q_norm is not None else 1e-6,
             )
         else:
+            # the backend stores K/V in its own layout (the torch reference, a user's backend)
             if q_norm is not None:
                 q, k = q_norm(q), k_norm(k)
+            if rotary is not None:
+                q, k = rotary(positions, q, k)
             self.backend.write_kv(k, v, k_cache, v_cache, ctx.meta)
         out = self.backend.attend(q, k_cache, v_cache, ctx.meta, self.scale)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
