@@ -107,3 +107,23 @@ def test_stop_string_ends_the_request_on_every_layout(engine):
     # the core learns of the stop string at its next step (a parallel core: the abort is sent then)
     late = [o for _ in range(3) if engine.has_unfinished_requests() for o in engine.step()]
     assert late == [] and not engine.has_unfinished_requests()
+
+
+def test_per_request_listener_from_another_thread(engine, reference):
+    """What an asyncio server needs: each request's outputs delivered to its own queue, and an
+    abort from another thread applied at the next step."""
+    import queue
+    import threading
+
+    keep_q, drop_q = queue.Queue(), queue.Queue()
+    keep = engine.add_request(PROMPTS[1], GREEDY, on_output=keep_q.put)
+    drop = engine.add_request(PROMPTS[5], SamplingParams(max_tokens=40, temperature=0.0), on_output=drop_q.put)
+    engine.step()
+    t = threading.Thread(target=engine.abort, args=(drop,))
+    t.start()
+    t.join()
+    drive(engine, set())
+    got = list(keep_q.queue)
+    assert got[-1].finished and got[-1].token_ids == reference[1]
+    assert sum(len(o.new_token_ids) for o in got) == len(reference[1])
+    assert list(drop_q.queue)[-1].finish_reason == "abort"

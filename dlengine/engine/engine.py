@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from typing import Iterable, Iterator, Protocol, Sequence, Union
+from typing import Callable, Iterable, Iterator, Protocol, Sequence, Union
 
 from dlengine.config import EngineConfig
 from dlengine.engine.core import CoreOutput, scoring_request
@@ -76,6 +76,7 @@ class Engine:
         self._lock = threading.Lock()
         self._stepping_thread: threading.Thread | None = None  # set by the first step()
         self._scores: dict = {}  # request id -> logits of finished scoring requests
+        self._listeners: dict[str, Callable[[RequestOutput], None]] = {}  # add_request(on_output=...)
         self._ids = itertools.count()
 
     # the local core's parts, for notebooks and tests (a parallel engine's live in its workers)
@@ -175,10 +176,15 @@ class Engine:
                        arrival_time=arrival_time)
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
-                    arrival_time: float | None = None, kv_transfer_params: dict | None = None) -> str:
+                    arrival_time: float | None = None, kv_transfer_params: dict | None = None,
+                    on_output: Callable[[RequestOutput], None] | None = None) -> str:
         """Queue a prompt; returns its request id. Bad input raises InvalidRequestError and leaves
         every other request untouched. `arrival_time` (time.perf_counter() clock) defaults to now;
         TTFT and latency metrics count from it.
+
+        `on_output(output)`, if given, is called (on the stepping thread) with each of this
+        request's outputs as `step()` makes them, the final one included: a per-request queue for
+        a server (e.g. `lambda o: loop.call_soon_threadsafe(queue.put_nowait, o)` for asyncio).
 
         On a decode engine, `kv_transfer_params` (a prefill engine's output field) makes the
         request pull the prompt's KV instead of computing it; `prompt` must be the same prompt."""
@@ -192,7 +198,10 @@ class Engine:
 
             check_transfer_params(kv_transfer_params, request, self.config.model.vocab_size)
             request.remote_kv = kv_transfer_params
-        return self.add_prepared_request(request)
+        rid = self.add_prepared_request(request)
+        if on_output is not None:
+            self._listeners[rid] = on_output
+        return rid
 
     def add_prepared_request(self, request: Request) -> str:
         """Admit a request made by `make_request`."""
@@ -256,6 +265,13 @@ class Engine:
             if out.finished:
                 self._tracked.pop(co.request_id, None)
             outputs.append(out)
+        if self._listeners:
+            for out in outputs:
+                listener = self._listeners.get(out.request_id)
+                if listener is not None:
+                    if out.finished:
+                        del self._listeners[out.request_id]
+                    listener(out)
         return outputs
 
     # ------------------------------------------------------------------ scoring
