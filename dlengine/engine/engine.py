@@ -190,13 +190,15 @@ class Engine:
         request pull the prompt's KV instead of computing it; `prompt` must be the same prompt."""
         request = self.make_request(prompt, params, request_id, arrival_time)
         if kv_transfer_params is not None:
-            if self.config.role != "decode":
+            custom = self.config.components.kv_connector is not None  # it checks its own params
+            if self.config.role != "decode" and not custom:
                 raise InvalidRequestError(
                     f"kv_transfer_params need a decode engine (EngineBuilder(...).role('decode')); this engine's role "
                     f"is {self.config.role!r}")
-            from dlengine.disagg.params import check_transfer_params
+            if not custom:
+                from dlengine.disagg.params import check_transfer_params
 
-            check_transfer_params(kv_transfer_params, request, self.config.model.vocab_size)
+                check_transfer_params(kv_transfer_params, request, self.config.model.vocab_size)
             request.remote_kv = kv_transfer_params
         rid = self.add_prepared_request(request)
         if on_output is not None:
