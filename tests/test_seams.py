@@ -170,3 +170,25 @@ def test_sampler_and_block_manager_objects():
     assert [o.token_ids for o in outs] == reference()[:2]
     assert sampler.rows == 2 * GREEDY.max_tokens
     assert TracingBlockManager.allocations > 0
+
+
+class RepeatLastSpeculator:
+    """Drafts the request's last token again (a weak n-gram guess): some accepted, most not."""
+
+    name = "repeat-last"
+    num_tokens = 2
+
+    def propose(self, requests):
+        return [[r.all_token_ids[-1]] * 2 for r in requests]
+
+
+def test_bench_reports_acceptance():
+    from dlengine.bench import format_report, run_throughput
+
+    engine = EngineBuilder("tiny-qwen3").dtype("float32").speculative(RepeatLastSpeculator(), num_tokens=2).build()
+    result = run_throughput(engine=engine, num_prompts=8, input_len=16, output_len=24, progress=False)
+    assert result["spec_draft_tokens"] > 0
+    assert 0.0 <= result["spec_acceptance_rate"] <= 1.0
+    assert result["spec_mean_accepted_length"] >= 1.0
+    report = format_report(result)
+    assert "Draft tokens accepted" in report and "Mean accepted length" in report

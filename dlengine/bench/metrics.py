@@ -126,6 +126,10 @@ def format_report(result: Mapping[str, Any], title: str = "dlengine bench throug
     row("Prefix-cache hit tokens", result["prefix_cache_hit_tokens"])
     if "prefix_cache_hit_requests" in result:
         row("Prefix-cache hits (requests)", f"{result['prefix_cache_hit_requests']:,} of {result['num_requests']:,}")
+    if "spec_draft_tokens" in result:
+        row("Draft tokens accepted", f"{result['spec_accepted_tokens']:,} of {result['spec_draft_tokens']:,} "
+                                     f"({_pct(result['spec_acceptance_rate'])})")
+        row("Mean accepted length", result["spec_mean_accepted_length"], 2)
     if "mbu_est" in result:
         lines.append("-" * width)
         row("Decode MBU (estimate)", _pct(result["mbu_est"]))

@@ -171,7 +171,22 @@ def _counters(engine: Engine) -> dict[str, int]:
         "cached": s.num_cached_tokens,
         "prompt_computed": s.num_prompt_tokens_computed,
         "computed": s.num_computed_tokens,
+        "drafts": s.num_draft_tokens,
+        "accepted": s.num_accepted_tokens,
+        "verifications": s.num_spec_verifications,
     }
+
+
+def _speculation(before: dict[str, int], after: dict[str, int]) -> dict[str, Any]:
+    """Speculative decoding in the run: acceptance rate and tokens gained per verified step."""
+    drafts = after["drafts"] - before["drafts"]
+    if not drafts:
+        return {}
+    accepted = after["accepted"] - before["accepted"]
+    verifications = after["verifications"] - before["verifications"]
+    return {"spec_draft_tokens": drafts, "spec_accepted_tokens": accepted,
+            "spec_acceptance_rate": accepted / drafts,
+            "spec_mean_accepted_length": (accepted + verifications) / max(1, verifications)}
 
 
 def run_throughput(config: Any = None, *, engine: Engine | None = None, **overrides: Any) -> dict[str, Any]:
@@ -323,6 +338,7 @@ def _run(cfg: ThroughputConfig, engine: Engine, peaks: dict[str, Any]) -> tuple[
         "num_prompt_tokens_computed": after["prompt_computed"] - before["prompt_computed"],
         "num_tokens_computed": after["computed"] - before["computed"],
         "finish_reasons": dict(Counter(o.finish_reason for o in outputs)),
+        **_speculation(before, after),
         **est,
         "versions": {"dlengine": dlengine.__version__, "torch": torch.__version__, "python": platform.python_version()},
         "config": dataclasses.asdict(cfg),
