@@ -65,6 +65,10 @@ def _engine_options() -> argparse.ArgumentParser:
                    help="token budget of one step (default: the engine's, 8192)")
     g.add_argument("--max-model-len", type=int, metavar="N", default=_E.max_model_len,
                    help="context limit, prompt + output (default: the model's max_position_embeddings)")
+    g.add_argument("--speculative", choices=["ngram"], default=_E.speculative,
+                   help="speculative decoding: 'ngram' prompt lookup (default: off)")
+    g.add_argument("--num-speculative-tokens", type=int, metavar="K", default=_E.num_speculative_tokens,
+                   help="drafts per step with --speculative (default: %(default)s)")
     g.add_argument("--threads", type=int, metavar="N", default=_E.threads,
                    help="torch threads on CPU (default: OMP_NUM_THREADS when set, else the physical cores less "
                         "one spare and less those other processes keep busy, at least 1; the choice is printed)")

@@ -40,6 +40,8 @@ class EngineArgs:
     mla_decode: str = "auto"  # MLA decode kernel (EngineBuilder.mla_decode)
     seed: int = 0
     num_layers: int | None = None  # None: the model's; else hf_overrides(num_hidden_layers=...)
+    speculative: str | None = None  # "ngram" (EngineBuilder.speculative)
+    num_speculative_tokens: int = 3
     threads: int | None = None  # torch CPU threads; None: OMP_NUM_THREADS if set, else chosen (bench/cpu_threads.py)
 
 
@@ -88,6 +90,8 @@ def build_engine(args: EngineArgs) -> Engine:
         b.scheduler(**sched)
     if args.max_model_len is not None:
         b.max_model_len(args.max_model_len)
+    if args.speculative is not None:
+        b.speculative(args.speculative, num_tokens=args.num_speculative_tokens)
     return b.build()
 
 
