@@ -35,7 +35,7 @@ _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 4
 
 def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     metrics = ServerMetrics(config.served_model_name)
-    async_engine = AsyncEngine(engine, on_finish=metrics.request_finished)
+    async_engine = AsyncEngine(engine, on_finish=metrics.request_finished, on_abort=metrics.request_aborted)
     parser = tool_parser_for(config.tool_call_parser, engine.config.model.architecture)
     state = ServerState(engine, async_engine, config, metrics, parser)
 

@@ -37,10 +37,12 @@ class EngineDeadError(RuntimeError):
 
 class AsyncEngine:
     def __init__(self, engine: Engine, *, idle_wait_s: float = 0.05,
-                 on_finish: Callable[[RequestOutput], None] | None = None) -> None:
+                 on_finish: Callable[[RequestOutput], None] | None = None,
+                 on_abort: Callable[[str], None] | None = None) -> None:
         self.engine = engine
         self.idle_wait_s = idle_wait_s
         self.on_finish = on_finish  # called on the event loop with each request's final output
+        self.on_abort = on_abort  # called with the id of each request its consumer abandoned
         self.error: BaseException | None = None  # why the stepping thread stopped, if it did
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._queues: dict[str, asyncio.Queue] = {}  # live requests; touched on the stepping thread only
@@ -195,6 +197,8 @@ class RequestStream:
         if not self.finished:
             self.finished = True
             self.engine.abort(self.request_id)
+            if self.engine.on_abort is not None:
+                self.engine.on_abort(self.request_id)
 
 
 def _deliver(loop: asyncio.AbstractEventLoop, q: asyncio.Queue, item) -> None:

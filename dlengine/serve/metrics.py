@@ -117,6 +117,10 @@ class ServerMetrics:
             if m.first_token_time is not None and n_out > 1:
                 self.tpot.observe(max(m.finished_time - m.first_token_time, 0.0) / (n_out - 1))
 
+    def request_aborted(self, request_id: str) -> None:
+        """A request its client abandoned (its final output is never read)."""
+        self.finished.labels("abort").inc()
+
     def render(self, snapshot: dict[str, Any]) -> bytes:
         self._snapshot.snapshot = snapshot
         return generate_latest(self.registry)
