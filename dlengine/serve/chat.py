@@ -16,7 +16,7 @@ from dlengine.serve.protocol import (AssistantMessage, ChatChoice, ChatChunkChoi
                                      ChatCompletionRequest, ChatCompletionResponse, DeltaMessage, DeltaToolCall,
                                      FunctionCall, ToolCall, Usage, new_id)
 from dlengine.serve.state import ServerState
-from dlengine.serve.streams import SSE_DONE, Delta, collect, merge, sse, unless_disconnected
+from dlengine.serve.streams import SSE_DONE, Delta, abort_on_disconnect, collect, merge, sse, unless_disconnected
 from dlengine.serve.tool_parsers import ParsedToolCall, StreamingToolParser
 
 
@@ -70,7 +70,7 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request):
     rid = new_id("chatcmpl")
     streams = await state.async_engine.add([(prompt, choice_params(params, c), f"{rid}-{c}") for c in range(req.n)])
     if req.stream:
-        return StreamingResponse(_stream(state, req, rid, prompt, streams, parse_tools),
+        return StreamingResponse(_stream(state, req, rid, prompt, streams, parse_tools, raw),
                                  media_type="text/event-stream")
     finals = await unless_disconnected(raw, collect(streams))
     choices = []
@@ -104,7 +104,7 @@ def _usage(prompt: list[int], finals) -> Usage:
 
 
 async def _stream(state: ServerState, req: ChatCompletionRequest, rid: str, prompt: list[int], streams,
-                  parse_tools: bool) -> AsyncIterator[str]:
+                  parse_tools: bool, raw: Request) -> AsyncIterator[str]:
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     deltas = [Delta(stop) for _ in streams]
     parsers = [StreamingToolParser(state.tool_parser()) if parse_tools else None for _ in streams]
@@ -115,6 +115,7 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, rid: str, prom
     def chunk(choice: ChatChunkChoice) -> str:
         return sse(ChatCompletionChunk(id=rid, model=req.model, choices=[choice]))
 
+    watcher = abort_on_disconnect(raw, streams)
     try:
         for c in range(len(streams)):
             yield chunk(ChatChunkChoice(index=c, delta=DeltaMessage(role="assistant", content="")))
@@ -144,4 +145,6 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, rid: str, prom
                 yield sse(ChatCompletionChunk(id=rid, model=req.model, choices=[], usage=_usage(prompt, finals)))
     except Exception as e:  # the engine stopped mid-stream: the status line is sent, so say it in-band
         yield sse(engine_failed(f"generation failed: {e}").body())
+    finally:
+        watcher.cancel()
     yield SSE_DONE

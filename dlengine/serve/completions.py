@@ -15,7 +15,7 @@ from dlengine.serve.params import choice_params, completion_prompts, sampling_pa
 from dlengine.serve.protocol import (CompletionChoice, CompletionRequest, CompletionResponse, Usage,
                                      new_id)
 from dlengine.serve.state import ServerState
-from dlengine.serve.streams import SSE_DONE, Delta, collect, merge, sse, unless_disconnected
+from dlengine.serve.streams import SSE_DONE, Delta, abort_on_disconnect, collect, merge, sse, unless_disconnected
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 
@@ -34,7 +34,7 @@ async def create_completion(req: CompletionRequest, raw: Request):
     jobs = [(p, choice_params(params, c), f"{rid}-{i}-{c}") for i, p in enumerate(prompts) for c in range(req.n)]
     streams = await state.async_engine.add(jobs)
     if req.stream:
-        return StreamingResponse(_stream(state, req, rid, prompts, streams), media_type="text/event-stream")
+        return StreamingResponse(_stream(state, req, rid, prompts, streams, raw), media_type="text/event-stream")
     finals = await unless_disconnected(raw, collect(streams))
     prompt_scores = None
     if req.echo and req.logprobs is not None:
@@ -78,11 +78,13 @@ def _usage(prompts: list[list[int]], finals: list[RequestOutput], n: int) -> Usa
                  total_tokens=prompt_tokens + completion_tokens)
 
 
-async def _stream(state: ServerState, req: CompletionRequest, rid: str, prompts, streams) -> AsyncIterator[str]:
+async def _stream(state: ServerState, req: CompletionRequest, rid: str, prompts, streams,
+                  raw: Request) -> AsyncIterator[str]:
     deltas = [Delta(choice_params_stop(req)) for _ in streams]
     finals: list[RequestOutput | None] = [None] * len(streams)
     echoed = [False] * len(streams)
     offsets = [0] * len(streams)
+    watcher = abort_on_disconnect(raw, streams)
     try:
         async for k, out in merge(streams):
             text, ids, lps = deltas[k].advance(out)
@@ -110,6 +112,8 @@ async def _stream(state: ServerState, req: CompletionRequest, rid: str, prompts,
                                              usage=_usage(prompts, [f for f in finals if f is not None], req.n)))
     except Exception as e:  # the engine stopped mid-stream: the status line is sent, so say it in-band
         yield sse(engine_failed(f"generation failed: {e}").body())
+    finally:
+        watcher.cancel()
     yield SSE_DONE
 
 

@@ -65,18 +65,19 @@ class ClientDisconnected(Exception):
     """The client closed the connection before the answer was ready."""
 
 
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has closed the connection (the body is read by then, so the next
+    ASGI message is the disconnect notice)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it (and so aborting its requests) if the client goes away.
-    Starlette cancels a streaming body itself; a plain response needs this watch."""
-
-    async def watch() -> None:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                return
-
+    """Await `work`, cancelling it (and so aborting its requests) if the client goes away."""
     job = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(watch())
+    watcher = asyncio.ensure_future(_disconnected(request))
     try:
         done, _ = await asyncio.wait({job, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if job in done:
@@ -88,6 +89,19 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
         watcher.cancel()
         if not job.done():
             job.cancel()
+
+
+def abort_on_disconnect(request: Request, streams: Sequence[RequestStream]) -> asyncio.Task:
+    """A task that aborts the streams' requests as soon as the client goes away (cancel it when
+    the response is done). A streamed response would otherwise notice only at its next write,
+    which for a request still waiting to be scheduled may be a long time later."""
+
+    async def watch() -> None:
+        await _disconnected(request)
+        for s in streams:
+            s.close()
+
+    return asyncio.ensure_future(watch())
 
 
 class Delta:
