@@ -274,3 +274,26 @@ def test_metrics_parse_and_count(server, client):
     assert 0 <= m["dlengine_prefix_cache_hit_rate"] <= 1 and m["dlengine_num_preemptions_total"] >= 0
     assert m["dlengine_kv_cache_usage_ratio"] == 0 and m["dlengine_kv_cache_blocks"] == 256
     assert not any(k.startswith("dlengine_kv_transfer") for k in m)  # a hybrid engine moves no KV
+
+
+def test_engine_failure_is_503_and_unhealthy():
+    """An engine error stops the stepping thread: the request in flight and every later one get
+    503 in OpenAI's shape, /health says 503, and the server process stays up."""
+    from dlengine import EngineBuilder
+
+    class FailingSampler:
+        def __call__(self, logits, tensors):
+            raise RuntimeError("sampler exploded")
+
+    engine = (EngineBuilder("tiny-qwen3").dtype("float32").device("cpu").cache(block_size=16, num_blocks=32)
+              .max_model_len(256).sampler(FailingSampler()).build())
+    try:
+        with serving(engine) as s:
+            body = {"model": MODEL, "prompt": "hi", "max_tokens": 4}
+            err = _error(httpx.post(f"{s.url}/v1/completions", json=body, timeout=30), 503)
+            assert "sampler exploded" in err["message"] and err["type"] == "server_error"
+            _error(httpx.post(f"{s.url}/v1/chat/completions", json={"model": MODEL, "messages": CHAT}), 503)
+            _error(httpx.get(f"{s.url}/health"), 503)
+            assert httpx.get(f"{s.url}/v1/models").status_code == 200
+    finally:
+        engine.close()
