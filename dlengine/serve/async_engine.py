@@ -75,6 +75,8 @@ class AsyncEngine:
             raise EngineDeadError(f"the engine stopped: {self.error!r}" if self.error else "the engine is not running")
         fut = self._loop.create_future()
         self._commands.put((fn, args, fut))
+        if self.error is not None:  # the thread died after the check above: fail what it left behind
+            self._fail_commands(self.error)
         return await fut
 
     def abort(self, request_id: str) -> None:
