@@ -5,6 +5,8 @@
 
     dlengine bench latency --model /models/Qwen3-8B --batch-size 1 --input-len 512 --output-len 256
 
+    dlengine serve /models/Qwen3-8B --port 8000 --served-model-name qwen3-8b   # OpenAI-compatible HTTP
+
 `dlengine bench` without a benchmark name runs `throughput`. Each benchmark is a subcommand of
 `bench` that shares the engine options (`_engine_options`), the output options and the peak
 options (the MBU/MFU denominators).
@@ -193,6 +195,30 @@ def _run_throughput(args: argparse.Namespace) -> int:
 BENCHMARKS = {"throughput": _add_throughput, "latency": _add_latency}
 
 
+def _add_serve(sub) -> None:
+    from dlengine.serve.cli import add_serve_options
+
+    p = sub.add_parser(
+        "serve", parents=[_engine_options()],
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve an engine over HTTP: /v1/completions, /v1/chat/completions (streaming or not, "
+                    "tool calls), /v1/models, /health, /metrics. Engine flags are the bench's. See docs/serving.md.",
+    )
+    add_serve_options(p)
+    p.set_defaults(handler=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    try:
+        import dlengine.serve  # noqa: F401  (fastapi, pydantic, prometheus-client)
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"dlengine serve needs the serve extra (pip install 'dlengine[serve]'): {e}") from None
+    from dlengine.serve.cli import run_serve
+
+    return run_serve(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dlengine", description="dlengine: a library-first LLM inference SDK")
     parser.add_argument("--version", action="version", version=f"dlengine {__version__}")
@@ -205,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = [_engine_options(), _output_options(), _peak_options()]  # every benchmark takes these
     for add in BENCHMARKS.values():
         add(bench_sub, common)
+    _add_serve(sub)
     return parser
 
 

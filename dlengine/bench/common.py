@@ -72,6 +72,12 @@ def coerce_config(cls: type[C], config: Any = None, **overrides: Any) -> C:
 
 def build_engine(args: EngineArgs) -> Engine:
     """Build the engine the options describe. Bad options raise dlengine.ConfigError."""
+    return engine_builder(args).build()
+
+
+def engine_builder(args: EngineArgs) -> EngineBuilder:
+    """The builder the options describe, for callers that add choices of their own (dlengine
+    serve adds the role and the KV transfer engine)."""
     b = (EngineBuilder(args.model).load_format(args.load_format).attention(args.attention_backend)
          .mla_decode(args.mla_decode).seed(args.seed))
     if args.num_layers is not None:
@@ -92,7 +98,7 @@ def build_engine(args: EngineArgs) -> Engine:
         b.max_model_len(args.max_model_len)
     if args.speculative is not None:
         b.speculative(args.speculative, num_tokens=args.num_speculative_tokens)
-    return b.build()
+    return b
 
 
 def probe_device(args: EngineArgs):
