@@ -92,13 +92,13 @@ class SamplingParams:
         """Every field within its range; needs nothing but the parameters themselves."""
         _check_int("max_tokens", self.max_tokens, lo=1)
         _check_float("temperature", self.temperature, 0.0)
-        _check_int("top_k", self.top_k, lo=-1)
+        _check_int("top_k", self.top_k, lo=-1, hi=2**31 - 1)  # sampled through an int64 tensor
         _check_float("top_p", self.top_p, 0.0, 1.0, lo_open=True)
         _check_float("min_p", self.min_p, 0.0, 1.0)
         _check_float("repetition_penalty", self.repetition_penalty, 0.0, lo_open=True)
         _check_float("presence_penalty", self.presence_penalty, -2.0, 2.0)
         _check_float("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
-        _check_int("seed", self.seed, allow_none=True)
+        _check_int("seed", self.seed, lo=-(2**63), hi=2**64 - 1, allow_none=True)  # torch.Generator's range
         _check_int("min_tokens", self.min_tokens, lo=0)
         if self.min_tokens > self.max_tokens:
             raise _bad(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")

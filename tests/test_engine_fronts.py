@@ -139,3 +139,13 @@ def test_prompt_logits_on_every_layout(engine):
     assert got.shape == ref.shape
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     assert not engine.has_unfinished_requests()
+
+
+def test_listeners_see_each_output_once_across_scoring(engine):
+    got = []
+    rid = engine.add_request(PROMPTS[2], GREEDY, on_output=got.append)
+    engine.step()
+    engine.prompt_logits(PROMPTS[1])  # steps the engine while the request runs
+    drive(engine, {rid})
+    assert sum(len(o.new_token_ids) for o in got) == len(got[-1].token_ids) == GREEDY.max_tokens
+    assert [o.finished for o in got].count(True) == 1

@@ -72,6 +72,7 @@ class Engine:
         self._tracked: dict[str, TrackedRequest] = {}
         self._processor = OutputProcessor(tokenizer)
         self._pending_outputs: list[RequestOutput] = []  # aborted requests, reported by the next step()
+        self._replay: list[RequestOutput] = []  # outputs prompt_logits' steps made: returned again, not re-delivered
         self._abort_queue: list[str] = []  # ids aborted from other threads
         self._lock = threading.Lock()
         self._stepping_thread: threading.Thread | None = None  # set by the first step()
@@ -123,6 +124,7 @@ class Engine:
         for rid in list(self._tracked):
             self.abort(rid)
         self._pending_outputs.clear()
+        self._replay.clear()
         self._abort_queue.clear()
         self.core.close()
 
@@ -233,7 +235,8 @@ class Engine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.core.has_unfinished() or bool(self._pending_outputs) or bool(self._abort_queue)
+        return (self.core.has_unfinished() or bool(self._pending_outputs) or bool(self._replay)
+                or bool(self._abort_queue))
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -251,6 +254,7 @@ class Engine:
             for rid in queued:
                 self._abort_now(rid)
         outputs, self._pending_outputs = self._pending_outputs, []
+        replay, self._replay = self._replay, []
         for co in self.core.step():
             t = self._tracked.get(co.request_id)
             if t is None:
@@ -274,7 +278,7 @@ class Engine:
                     if out.finished:
                         del self._listeners[out.request_id]
                     listener(out)
-        return outputs
+        return replay + outputs
 
     # ------------------------------------------------------------------ scoring
     def prompt_logits(self, token_ids: Sequence[int], chunk_size: int | None = None):
@@ -290,7 +294,7 @@ class Engine:
             if not self.core.has_unfinished():
                 raise RuntimeError(f"scoring request {req.request_id} ended without logits")
             held += self.step()
-        self._pending_outputs = held + self._pending_outputs
+        self._replay = held + self._replay  # the caller's next step() returns them (listeners had them)
         return self._scores.pop(req.request_id)
 
     # ------------------------------------------------------------------ batch helpers
