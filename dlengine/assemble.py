@@ -65,8 +65,14 @@ def build_model(cfg: EngineConfig, state, kernels: Kernels):
     return model.eval()
 
 
-def _use_cuda_graphs(cfg: EngineConfig, backend, state) -> bool:
+def _use_cuda_graphs(cfg: EngineConfig, backend, state, cache_specs=()) -> bool:
     capturable = getattr(backend, "supports_cuda_graphs", False)
+    if any(not s.paged for s in cache_specs):
+        # the graph runner's static inputs have no state slots yet (recurrent layers run eagerly)
+        if cfg.cuda_graphs:
+            raise ConfigError(f"{cfg.model.architecture} keeps recurrent state, which CUDA graphs do not "
+                              "capture yet; use cuda_graphs(False)")
+        return False
     if cfg.cuda_graphs is None:
         # expert-parallel dispatch reads routing counts on the host: not capturable
         return cfg.device.type == "cuda" and capturable and state.ep_group is None
@@ -103,13 +109,13 @@ def build_core(cfg: EngineConfig, state=None) -> EngineCore:
     model = build_model(cfg, state, kernels)
 
     kv_dtype = cfg.dtype if cfg.cache.dtype == "auto" else parse_dtype(cfg.cache.dtype)
-    use_graphs = _use_cuda_graphs(cfg, backend, state)
-    graph_batch = min(cfg.cuda_graph_max_batch or 512, cfg.scheduler.max_num_seqs)
-    # graphs keep a private pool of decode activations (about a decode step's worth)
-    graph_reserve = (256 << 20) + graph_batch * cfg.model.vocab_size * 4 * 2 if use_graphs else 0
     # what the cache keeps per layer group; under tensor parallelism this rank's kv heads only
     # (MLA's latent is whole on every rank)
     cache_specs = cache_specs_for(cfg.model, kv_dtype, state.tp_size, state.tp_rank, get_model_class(cfg.model))
+    use_graphs = _use_cuda_graphs(cfg, backend, state, cache_specs)
+    graph_batch = min(cfg.cuda_graph_max_batch or 512, cfg.scheduler.max_num_seqs)
+    # graphs keep a private pool of decode activations (about a decode step's worth)
+    graph_reserve = (256 << 20) + graph_batch * cfg.model.vocab_size * 4 * 2 if use_graphs else 0
     plan = plan_kv_cache(cfg, model, backend, kv_dtype, reserve_bytes=graph_reserve, specs=cache_specs)
     if state.world_group is not None:
         # TP ranks must make identical scheduling decisions (same preemptions), so every
