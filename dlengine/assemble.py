@@ -134,6 +134,12 @@ def build_core(cfg: EngineConfig, state=None) -> EngineCore:
         block_manager = BlockManager(plan.num_blocks, cfg.cache.block_size, cfg.cache.prefix_caching,
                                      specs=cache_specs, num_state_slots=plan.num_state_slots)
 
+    blocker = getattr(block_manager, "prefix_cache_blocker", None)
+    if cfg.cache.prefix_caching and blocker is not None:
+        logger.info("prefix caching finds no hits for this model: %s keeps a state per sequence that summarises "
+                    "its whole prefix, and without copies of that state at block boundaries a cached prefix "
+                    "cannot be resumed (requests compute every token; results are unaffected)", blocker)
+
     connector = None
     if cfg.components.kv_connector is not None:
         connector = cfg.components.kv_connector(kv_cache, block_manager, cfg)
