@@ -121,3 +121,21 @@ def test_unsupported_settings_are_config_errors():
     with pytest.raises(ConfigError, match="recurrent state, which CUDA graphs do not capture yet"):
         _use_cuda_graphs(SimpleNamespace(cuda_graphs=True, model=cfg), backend, None, specs)
     assert _use_cuda_graphs(SimpleNamespace(cuda_graphs=None, model=cfg), backend, None, specs) is False
+
+
+# the released models' sizes (config-only presets): total parameters as published ("35B", "27B",
+# "80B"; Qwen3.5's include a ~0.4B vision tower the text path does not build)
+@pytest.mark.parametrize("preset,total", [("qwen3.5-35b-a3b", 35e9), ("qwen3.5-27b", 27e9),
+                                          ("qwen3-next-80b-a3b", 80e9)])
+def test_presets_have_the_released_sizes(preset, total):
+    import torch
+
+    from dlengine.bench.roofline import ModelCost
+    from test_presets import meta_model
+
+    model, cfg = meta_model(preset)
+    assert ModelCost.from_model(model, cfg, torch.bfloat16).num_params == pytest.approx(total, rel=0.03)
+    specs = type(model).cache_specs(cfg, dtype=torch.bfloat16)
+    assert len(specs[0].layers) == cfg.num_hidden_layers // 4  # every 4th layer is full attention
+    with pytest.raises(ConfigError, match="all linear attention; keep at least one full-attention layer"):
+        type(model).cache_specs(meta_model(preset, num_hidden_layers=2)[1], dtype=torch.bfloat16)

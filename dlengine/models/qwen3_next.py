@@ -185,6 +185,10 @@ def hybrid_cache_specs(model_config: ModelConfig, *, dtype: torch.dtype, tp_size
     types = layer_types(model_config)
     full = tuple(i for i, k in enumerate(types) if k == FULL)
     linear = tuple(i for i, k in enumerate(types) if k == LINEAR)
+    if not full:
+        # the engine's blocks are the full-attention layers' (the state has no per-token part)
+        raise ConfigError(f"{model_config.path}: the first {len(types)} layers are all linear attention; keep at "
+                          "least one full-attention layer (e.g. hf_overrides(num_hidden_layers=4))")
     specs: list[CacheSpec] = []
     if full:
         n = model_config.num_key_value_heads
