@@ -82,6 +82,21 @@ def _use_cuda_graphs(cfg: EngineConfig, backend, state, cache_specs=()) -> bool:
     return cfg.cuda_graphs and state.ep_group is None
 
 
+def _check_state_model_features(cfg: EngineConfig, cache_specs) -> None:
+    """Features that would silently compute wrong tokens with a recurrent state (StateSpec):
+    drafts cannot be rolled back out of a state updated in place, and KV migration does not yet
+    move the state (a decode engine would resume from zeros)."""
+    if all(s.paged for s in cache_specs):
+        return
+    arch = cfg.model.architecture
+    if cfg.components.speculator is not None:
+        raise ConfigError(f"{arch} keeps recurrent state, which speculative decoding cannot roll back yet; "
+                          "drop speculative(...)")
+    if cfg.role != "hybrid" or cfg.components.kv_connector is not None:
+        raise ConfigError(f"{arch} keeps recurrent state, which KV transfer does not migrate yet; "
+                          "use role('hybrid') without a KV connector")
+
+
 def _make_sampler(cfg: EngineConfig, state):
     sampler = cfg.components.sampler or Sampler(cfg.seed)
     if state.tp_group is not None:
@@ -134,6 +149,7 @@ def build_core(cfg: EngineConfig, state=None) -> EngineCore:
         block_manager = BlockManager(plan.num_blocks, cfg.cache.block_size, cfg.cache.prefix_caching,
                                      specs=cache_specs, num_state_slots=plan.num_state_slots)
 
+    _check_state_model_features(cfg, cache_specs)
     blocker = getattr(block_manager, "prefix_cache_blocker", None)
     if cfg.cache.prefix_caching and blocker is not None:
         logger.info("prefix caching finds no hits for this model: %s keeps a state per sequence that summarises "

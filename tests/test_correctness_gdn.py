@@ -28,6 +28,9 @@ SETUPS = {
     "default-twice": dict(cache=dict(block_size=16)),
     "chunked-32": dict(cache=dict(block_size=16), scheduler=dict(max_num_batched_tokens=32)),
     "preemption": dict(cache=dict(block_size=16, num_blocks=24), scheduler=dict(max_model_len=320)),
+    # the next step is scheduled (placeholder tokens) while this one updates the states
+    "async-chunked-32": dict(cache=dict(block_size=16), scheduler=dict(max_num_batched_tokens=32),
+                             async_scheduling=True),
 }
 
 
@@ -92,7 +95,7 @@ def test_greedy_tokens_match_transformers(kind, setup, caplog):
         assert engine.stats.num_cached_tokens == 0
     if setup == "preemption":
         assert engine.stats.num_preemptions > 0
-    if setup == "chunked-32":
+    if setup.endswith("chunked-32"):
         assert max(s.num_tokens for s in engine.stats.steps) <= 32
         assert any(s.num_decodes > 0 and s.num_prefill_tokens > 0 for s in engine.stats.steps)
     bm = engine.block_manager
@@ -121,6 +124,15 @@ def test_unsupported_settings_are_config_errors():
     with pytest.raises(ConfigError, match="recurrent state, which CUDA graphs do not capture yet"):
         _use_cuda_graphs(SimpleNamespace(cuda_graphs=True, model=cfg), backend, None, specs)
     assert _use_cuda_graphs(SimpleNamespace(cuda_graphs=None, model=cfg), backend, None, specs) is False
+    with pytest.raises(ConfigError, match="speculative decoding cannot roll back"):
+        EngineBuilder(tiny_checkpoint("qwen3.5")).dtype("float32").speculative(_NoDrafts(), num_tokens=1).build()
+
+
+class _NoDrafts:
+    name, num_tokens = "none", 1
+
+    def propose(self, requests):
+        return [[] for _ in requests]
 
 
 # the released models' sizes (config-only presets): total parameters as published ("35B", "27B",
