@@ -65,8 +65,14 @@ def build_model(cfg: EngineConfig, state, kernels: Kernels):
     return model.eval()
 
 
-def _use_cuda_graphs(cfg: EngineConfig, backend, state) -> bool:
+def _use_cuda_graphs(cfg: EngineConfig, backend, state, cache_specs=()) -> bool:
     capturable = getattr(backend, "supports_cuda_graphs", False)
+    if any(not s.paged for s in cache_specs):
+        # the graph runner's static inputs have no state slots yet (recurrent layers run eagerly)
+        if cfg.cuda_graphs:
+            raise ConfigError(f"{cfg.model.architecture} keeps recurrent state, which CUDA graphs do not "
+                              "capture yet; use cuda_graphs(False)")
+        return False
     if cfg.cuda_graphs is None:
         # expert-parallel dispatch reads routing counts on the host: not capturable
         return cfg.device.type == "cuda" and capturable and state.ep_group is None
@@ -74,6 +80,21 @@ def _use_cuda_graphs(cfg: EngineConfig, backend, state) -> bool:
         raise ConfigError(f"attention backend {backend.name!r} cannot be captured in CUDA graphs; "
                           "use attention('triton') or cuda_graphs(False)")
     return cfg.cuda_graphs and state.ep_group is None
+
+
+def _check_state_model_features(cfg: EngineConfig, cache_specs) -> None:
+    """Features that would silently compute wrong tokens with a recurrent state (StateSpec):
+    drafts cannot be rolled back out of a state updated in place, and KV migration does not yet
+    move the state (a decode engine would resume from zeros)."""
+    if all(s.paged for s in cache_specs):
+        return
+    arch = cfg.model.architecture
+    if cfg.components.speculator is not None:
+        raise ConfigError(f"{arch} keeps recurrent state, which speculative decoding cannot roll back yet; "
+                          "drop speculative(...)")
+    if cfg.role != "hybrid" or cfg.components.kv_connector is not None:
+        raise ConfigError(f"{arch} keeps recurrent state, which KV transfer does not migrate yet; "
+                          "use role('hybrid') without a KV connector")
 
 
 def _make_sampler(cfg: EngineConfig, state):
@@ -103,13 +124,13 @@ def build_core(cfg: EngineConfig, state=None) -> EngineCore:
     model = build_model(cfg, state, kernels)
 
     kv_dtype = cfg.dtype if cfg.cache.dtype == "auto" else parse_dtype(cfg.cache.dtype)
-    use_graphs = _use_cuda_graphs(cfg, backend, state)
-    graph_batch = min(cfg.cuda_graph_max_batch or 512, cfg.scheduler.max_num_seqs)
-    # graphs keep a private pool of decode activations (about a decode step's worth)
-    graph_reserve = (256 << 20) + graph_batch * cfg.model.vocab_size * 4 * 2 if use_graphs else 0
     # what the cache keeps per layer group; under tensor parallelism this rank's kv heads only
     # (MLA's latent is whole on every rank)
     cache_specs = cache_specs_for(cfg.model, kv_dtype, state.tp_size, state.tp_rank, get_model_class(cfg.model))
+    use_graphs = _use_cuda_graphs(cfg, backend, state, cache_specs)
+    graph_batch = min(cfg.cuda_graph_max_batch or 512, cfg.scheduler.max_num_seqs)
+    # graphs keep a private pool of decode activations (about a decode step's worth)
+    graph_reserve = (256 << 20) + graph_batch * cfg.model.vocab_size * 4 * 2 if use_graphs else 0
     plan = plan_kv_cache(cfg, model, backend, kv_dtype, reserve_bytes=graph_reserve, specs=cache_specs)
     if state.world_group is not None:
         # TP ranks must make identical scheduling decisions (same preemptions), so every
@@ -127,6 +148,13 @@ def build_core(cfg: EngineConfig, state=None) -> EngineCore:
     else:
         block_manager = BlockManager(plan.num_blocks, cfg.cache.block_size, cfg.cache.prefix_caching,
                                      specs=cache_specs, num_state_slots=plan.num_state_slots)
+
+    _check_state_model_features(cfg, cache_specs)
+    blocker = getattr(block_manager, "prefix_cache_blocker", None)
+    if cfg.cache.prefix_caching and blocker is not None:
+        logger.info("prefix caching finds no hits for this model: %s keeps a state per sequence that summarises "
+                    "its whole prefix, and without copies of that state at block boundaries a cached prefix "
+                    "cannot be resumed (requests compute every token; results are unaffected)", blocker)
 
     connector = None
     if cfg.components.kv_connector is not None:

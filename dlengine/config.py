@@ -17,7 +17,7 @@ import torch
 
 from dlengine.errors import ConfigError  # defined there (parallel/ep.py raises it too), public here
 from dlengine.parallel.ep import DISPATCH_BACKENDS, PLACEMENTS
-from dlengine.models.architectures import SUPPORTED_ARCHITECTURES
+from dlengine.models.architectures import NESTED_TEXT_CONFIG, SUPPORTED_ARCHITECTURES
 
 
 _DTYPES = {
@@ -138,6 +138,21 @@ class QuantizationConfig:
         return QuantizationConfig("fp8", (int(block[0]), int(block[1])), skip)
 
 
+def _text_model_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The text model's fields of a multimodal checkpoint (NESTED_TEXT_CONFIG) lifted to the top
+    level, so the rest of the parse (and the model, through hf_config) reads one flat dict."""
+    archs = cfg.get("architectures")
+    text = cfg.get("text_config")
+    if not (isinstance(archs, list) and archs and archs[0] in NESTED_TEXT_CONFIG and isinstance(text, dict)):
+        return cfg
+    flat = {k: v for k, v in cfg.items() if k not in ("text_config", "vision_config")}
+    flat.update(text)
+    for key in ("architectures", "model_type", "tie_word_embeddings"):
+        if key in cfg:
+            flat[key] = cfg[key]
+    return flat
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     path: str
@@ -201,6 +216,7 @@ class ModelConfig:
         if not os.path.isfile(cfg_file):
             raise ConfigError(f"{path!r} has no config.json; it does not look like a Hugging Face checkpoint")
         cfg = _read_json_object(cfg_file)
+        cfg = _text_model_fields(cfg)
         for key, value in (overrides or {}).items():
             if key not in cfg:
                 raise ConfigError(f"hf_overrides: {cfg_file} has no field {key!r} to override")
@@ -230,7 +246,9 @@ class ModelConfig:
                 model_type=cfg.get("model_type", ""),
                 vocab_size=cfg["vocab_size"],
                 hidden_size=cfg["hidden_size"],
-                intermediate_size=cfg["intermediate_size"],
+                # all-MoE families (Qwen3.5-MoE) have no dense MLP and no intermediate_size
+                intermediate_size=cfg["intermediate_size"] if "intermediate_size" in cfg or not cfg.get("num_experts")
+                else 0,
                 num_hidden_layers=cfg["num_hidden_layers"],
                 num_attention_heads=num_heads,
                 num_key_value_heads=cfg.get("num_key_value_heads") or num_heads,

@@ -44,7 +44,7 @@ def test_json_that_is_not_an_object(checkpoint):
         ModelConfig.from_pretrained(checkpoint)
 
 
-@pytest.mark.parametrize("arch", ["Qwen3VLForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration"])
+@pytest.mark.parametrize("arch", ["Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration"])
 def test_nested_multimodal_config_is_reported_unsupported_before_parsing(checkpoint, arch):
     flat = json.loads((checkpoint / "config.json").read_text())
     text = {k: flat.pop(k) for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size")}

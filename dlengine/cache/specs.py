@@ -15,10 +15,11 @@ Two families:
   named by `request.state_slot`. A state group's storage is slot-major: [num_slots][slot_bytes],
   so one sequence's whole state is one contiguous range.
 
-Used by today's models: FullAttentionSpec (GQA/MHA K and V) and MLALatentSpec (DeepSeek's
-compressed latent, stored as one K "head" with no V). Declared for upcoming models, with the
-allocator and block manager support they need (tests/test_cache_specs.py), but used by no model
-yet: SlidingWindowSpec, StateSpec, PerTokenSpec.
+Used by today's models: FullAttentionSpec (GQA/MHA K and V), MLALatentSpec (DeepSeek's
+compressed latent, stored as one K "head" with no V) and StateSpec (the Gated DeltaNet layers of
+Qwen3-Next / Qwen3.5, docs/gdn.md). Declared for upcoming models, with the allocator and block
+manager support they need (tests/test_cache_specs.py), but used by no model yet:
+SlidingWindowSpec, PerTokenSpec.
 
 A model class may declare its own cache by defining a classmethod
 `cache_specs(model_config, *, dtype, tp_size, tp_rank) -> list[CacheSpec]`; `cache_specs_for`
@@ -307,7 +308,7 @@ class StateSpec(CacheSpec):
 
     Not prefix-cacheable: the state after a prefix summarises all of it in place, and without
     checkpoints (copies of the state at block boundaries) there is nothing to resume from.
-    Declared for upcoming models (Gated DeltaNet); no model uses it yet."""
+    Used by the Gated DeltaNet layers (models/layers/gated_deltanet.py)."""
 
     tensors: tuple[StateTensor, ...] = ()
 

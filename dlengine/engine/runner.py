@@ -112,6 +112,9 @@ class ModelRunner:
         self.graph_runner = graph_runner  # a CUDAGraphRunner when CUDA graphs are on
         self.num_graph_steps = 0
         self._last_token_ids: torch.Tensor | None = None  # device: tokens sampled by the last step
+        # every cache view of every layer (recurrent layers find their state slots here)
+        self.layer_caches = [kv_cache.caches_of_layer(i) for i in range(len(kv_cache.layers))]
+        self.has_state = kv_cache.num_state_slots > 0
 
     def _placeholder_sources(self, reqs: list[Request], token_index: np.ndarray):
         """(flat token indices, rows of the last step's tokens) for inputs that are placeholders."""
@@ -189,6 +192,13 @@ class ModelRunner:
             query_lens_cpu=query_lens,
             seq_lens_cpu=seq_lens,
         )
+        if self.has_state:
+            # a request resumes its saved state unless this is its first step (preemption frees
+            # the slot and recomputes from token 0, so it starts fresh again)
+            meta.state_slots_cpu = [r.state_slot for r in reqs]
+            meta.has_initial_state_cpu = [st > 0 for st in starts]
+            meta.state_slots = self._to_device(np.array(meta.state_slots_cpu, dtype=np.int64))
+            meta.has_initial_state = self._to_device(np.array(meta.has_initial_state_cpu, dtype=np.bool_))
         input_ids_dev = self._to_device(input_ids)
         if placeholders is not None:
             dst, src = placeholders
@@ -205,7 +215,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def compute_logits(self, inputs: ModelInputs) -> torch.Tensor:
-        ctx = ForwardContext(inputs.meta, self.kv_cache.layers)
+        ctx = ForwardContext(inputs.meta, self.kv_cache.layers, self.layer_caches)
         hidden = self.model(inputs.input_ids, inputs.positions, ctx)
         return self.model.compute_logits(hidden[inputs.logits_indices]).float()
 

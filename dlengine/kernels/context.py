@@ -7,6 +7,12 @@ owns query tokens `query_start_loc[i]:query_start_loc[i+1]`; those are the *last
 context of `seq_lens[i]` tokens, whose KV lives in blocks `block_tables[i, :]` of the paged cache.
 `slot_mapping[t]` is the flat cache slot (block * block_size + offset) where token t's K/V go.
 
+Models with recurrent-state layers (cache StateSpec, e.g. Gated DeltaNet) also get, per request,
+its state slot (`request.state_slot`) and whether it resumes the state saved there
+(num_computed_tokens > 0: a later chunk of a prompt, or a decode) or starts from zeros (the
+first step of a request, or its recompute after preemption); those layers find their state
+tensors in `ForwardContext.layer_caches[i]`.
+
 The kernels themselves (attention backend, fused ops) are not in the context: layers receive them
 once, when they are built (kernels/selection.py).
 """
@@ -14,6 +20,7 @@ once, when they are built (kernels/selection.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 
@@ -29,6 +36,11 @@ class AttentionMetadata:
     # host copies: reference backends loop over requests with them, avoiding device syncs
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
+    # recurrent-state layers only (None when the cache has no state groups)
+    state_slots: torch.Tensor | None = None  # [B] int64, device
+    has_initial_state: torch.Tensor | None = None  # [B] bool, device
+    state_slots_cpu: list[int] | None = None
+    has_initial_state_cpu: list[bool] | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -42,7 +54,10 @@ class AttentionMetadata:
 @dataclass
 class ForwardContext:
     """Set by the runner for the duration of one forward; attention layers read their cache
-    tensors by layer index: `kv_caches[i] = (k_cache, v_cache)` (MLA: (latent cache, empty))."""
+    tensors by layer index: `kv_caches[i] = (k_cache, v_cache)` (MLA: (latent cache, empty)).
+    `layer_caches[i]` maps every cache group covering layer i to its views
+    (KVCache.caches_of_layer), e.g. {"state": {"conv": [slots, ...], "ssm": [slots, ...]}}."""
 
     meta: AttentionMetadata
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+    layer_caches: Sequence[dict[str, Any]] = ()

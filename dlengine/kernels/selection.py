@@ -35,6 +35,7 @@ from dlengine.config import ConfigError
 from dlengine.kernels.attention.backend import AttentionBackend, AttentionBackendBase, missing_methods
 from dlengine.kernels.attention.torch_backend import TorchAttentionBackend
 from dlengine.kernels.fp8 import fp8_torch
+from dlengine.kernels.gdn import causal_conv1d_torch, gated_delta_rule_torch
 from dlengine.kernels.mla.decode_choice import MLA_DECODE_KERNELS, resolve_mla_decode
 from dlengine.kernels.moe import fused_moe_torch
 from dlengine.kernels.norm_rope import norm_rope_torch
@@ -85,6 +86,12 @@ class Ops:
     fp8_linear: Callable  # (x, w_q, w_scale, block, row_div, bias=None) -> [.., N]
     fused_experts_fp8: Callable  # (x, w13, w13_scale, w2, w2_scale, block, w13_row_div, topk_weights, topk_ids)
     names: dict[str, str] = field(default_factory=dict)
+    # Gated DeltaNet (kernels/gdn/): the torch references on every device for now (fla-core and
+    # Triton kernels are not wired yet), so they are not listed in `names`
+    causal_conv1d_varlen: Callable = causal_conv1d_torch.causal_conv1d_varlen
+    causal_conv1d_update: Callable = causal_conv1d_torch.causal_conv1d_update
+    gated_delta_rule_varlen: Callable = gated_delta_rule_torch.gated_delta_rule_varlen
+    gated_delta_rule_update: Callable = gated_delta_rule_torch.recurrent_gated_delta_rule_update
 
 
 TORCH_OPS = Ops(

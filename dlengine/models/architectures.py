@@ -10,4 +10,16 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "DeepseekV3ForCausalLM",  # also Kimi-K2
     "Qwen3ForCausalLM",
     "Qwen3MoeForCausalLM",
+    "Qwen3NextForCausalLM",
+    "Qwen3_5ForCausalLM",  # text-only checkpoints of Qwen3.5
+    "Qwen3_5ForConditionalGeneration",  # released Qwen3.5 (the text path; the vision tower is skipped)
+    "Qwen3_5MoeForCausalLM",
+    "Qwen3_5MoeForConditionalGeneration",
+)
+
+# multimodal checkpoints whose text-model fields sit under "text_config" (ModelConfig reads them
+# from there; top-level tie_word_embeddings wins, as transformers ties by the top-level config)
+NESTED_TEXT_CONFIG: tuple[str, ...] = (
+    "Qwen3_5ForConditionalGeneration",
+    "Qwen3_5MoeForConditionalGeneration",
 )

@@ -21,3 +21,39 @@ class RMSNorm(nn.Module):
         """`norm(x)`; with `residual`, returns (norm(x + residual), x + residual) so a decoder layer
         carries the running sum without a separate add kernel."""
         return self.ops.rms_norm(x, self.weight, self.eps, residual)
+
+
+class ZeroCentredRMSNorm(nn.Module):
+    """RMSNorm whose stored weight is the offset from 1 (Gemma, Qwen3-Next, Qwen3.5):
+    y = norm(x) * (1 + weight), all in float32 then cast back, as transformers computes it (the
+    offset is never added in a low-precision dtype, where 1 + w would round w away)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(hidden_size), requires_grad=False)
+        self.weight.weight_loader = default_weight_loader
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """`norm(x)`; with `residual`, (norm(x + residual), x + residual) like RMSNorm."""
+        if residual is not None:
+            x = x + residual
+        xf = x.float()
+        y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight.float())).to(x.dtype)
+        return y if residual is None else (y, x)
+
+
+class GatedRMSNorm(nn.Module):
+    """Gated DeltaNet's output norm, per value head: weight * norm(x) * silu(gate), normalised in
+    float32 before the gate (fla's FusedRMSNormGated, transformers' RMSNormGated)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
+        self.weight.weight_loader = default_weight_loader
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return (y * torch.nn.functional.silu(gate.float())).to(x.dtype)

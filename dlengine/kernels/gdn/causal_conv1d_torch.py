@@ -1,0 +1,59 @@
+"""Causal depthwise conv1d over a varlen batch, continuing from each request's saved window.
+
+A Gated DeltaNet layer convolves its q/k/v channels along time with a short kernel (K = 4 in the
+released models): out[t, c] = act(sum_j w[c, j] * x[t - K + 1 + j, c]). The K - 1 inputs before a
+request's first token of this step come from its conv state (the last K - 1 inputs it has seen,
+channels-first [D, K - 1] as fla / causal-conv1d keep it), or are zeros when the request starts
+fresh. After the step the state holds the last K - 1 inputs again (prompt chunks shorter than
+K - 1 keep part of the old window).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def _activate(x: torch.Tensor, activation: str | None) -> torch.Tensor:
+    if activation is None:
+        return x
+    if activation in ("silu", "swish"):
+        return F.silu(x)
+    raise ValueError(f"causal conv1d activation {activation!r} is not supported (silu or None)")
+
+
+def causal_conv1d_varlen(x: torch.Tensor, weight: torch.Tensor, conv_states: torch.Tensor, query_lens: Sequence[int],
+                         state_slots: Sequence[int], has_initial_state: Sequence[bool], bias: torch.Tensor | None = None,
+                         activation: str | None = "silu") -> torch.Tensor:
+    """x [T, D] (requests' tokens one after another, `query_lens` each), weight [D, K],
+    conv_states [num_slots, D, K - 1] (updated in place at `state_slots`) -> [T, D]."""
+    k = weight.shape[1]
+    out = torch.empty_like(x)
+    start = 0
+    for n, slot, resume in zip(query_lens, state_slots, has_initial_state):
+        seg = x[start:start + n].t()  # [D, n]
+        prev = conv_states[slot].to(x.dtype) if resume else x.new_zeros(x.shape[1], k - 1)
+        window = torch.cat([prev, seg], dim=1)  # [D, K - 1 + n]
+        y = F.conv1d(window.unsqueeze(0).to(weight.dtype), weight.unsqueeze(1), bias, groups=x.shape[1])[0]
+        out[start:start + n] = _activate(y, activation).t().to(x.dtype)
+        conv_states[slot] = window[:, -(k - 1):].to(conv_states.dtype)
+        start += n
+    return out
+
+
+def causal_conv1d_update(x: torch.Tensor, weight: torch.Tensor, conv_states: torch.Tensor,
+                         state_slots: torch.Tensor, has_initial_state: torch.Tensor, bias: torch.Tensor | None = None,
+                         activation: str | None = "silu") -> torch.Tensor:
+    """One new token per request: x [B, D], conv_states [num_slots, D, K - 1] read and written at
+    `state_slots` [B] (device tensors throughout: no host sync). Requests whose
+    `has_initial_state` [B] is False (a one-token prompt) start from a zero window -> [B, D]."""
+    prev = conv_states[state_slots].to(x.dtype)
+    prev = torch.where(has_initial_state.view(-1, 1, 1), prev, torch.zeros_like(prev))
+    window = torch.cat([prev, x.unsqueeze(-1)], dim=-1)  # [B, D, K]
+    y = (window.to(weight.dtype) * weight).sum(-1)
+    if bias is not None:
+        y = y + bias
+    conv_states[state_slots] = window[..., 1:].to(conv_states.dtype)
+    return _activate(y, activation).to(x.dtype)

@@ -1,0 +1,147 @@
+"""Gated DeltaNet linear attention (the "linear_attention" layers of Qwen3-Next and Qwen3.5).
+
+Per token: project to q, k, v (Hk key heads of Dk, Hv value heads of Dv), an output gate z, a
+write strength b and a decay input a; run q|k|v through a short causal depthwise conv1d (K taps,
+SiLU) that continues from the request's saved window; then the gated delta rule
+(kernels/gdn/gated_delta_rule_torch.py) with beta = sigmoid(b) and log-decay
+g = -exp(A_log) * softplus(a + dt_bias), continuing from the request's saved [Hv, Dk, Dv] state;
+finally a per-head RMSNorm gated by silu(z) and the output projection.
+
+The layer keeps no state itself: its conv window and delta-rule state live in the cache's state
+group (cache spec `GatedDeltaNetSpec` below, one slot per running request), found in
+`ctx.layer_caches[layer_idx]["state"]` and indexed by the metadata's `state_slots`. A step of
+single tokens runs the batched recurrent update; any other step runs the varlen chunk form.
+
+Checkpoint layouts: Qwen3.5 stores in_proj_qkv, in_proj_z, in_proj_b, in_proj_a (loaded into two
+stacked GEMMs by the model's stacked_params); Qwen3-Next stores in_proj_qkvz and in_proj_ba with
+rows grouped per key head ([q_h | k_h | v_h... | z_h...] for each key head h), which
+`grouped_layout=True` reorders at load into the same [q | k | v | z] and [b | a] rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dlengine.cache.specs import StateSpec, StateTensor
+from dlengine.config import ConfigError
+from dlengine.kernels.context import ForwardContext
+from dlengine.kernels.selection import current_kernels
+from dlengine.models.layers.linear import default_weight_loader
+from dlengine.models.layers.norm import GatedRMSNorm
+from dlengine.models.layers.parallel_linear import MergedColumnParallelLinear, RowParallelLinear
+from dlengine.parallel.state import get_parallel_state
+
+STATE_GROUP = "state"  # the cache group name of the layers' recurrent state (StateSpec.kind)
+
+
+class GatedDeltaNetShape:
+    """The linear-attention fields of a Qwen3-Next / Qwen3.5 config (hf_config)."""
+
+    def __init__(self, hf: dict, where: str) -> None:
+        try:
+            self.num_k_heads = int(hf["linear_num_key_heads"])
+            self.num_v_heads = int(hf["linear_num_value_heads"])
+            self.head_k_dim = int(hf["linear_key_head_dim"])
+            self.head_v_dim = int(hf["linear_value_head_dim"])
+            self.conv_kernel = int(hf["linear_conv_kernel_dim"])
+        except KeyError as e:
+            raise ConfigError(f"{where}: the linear-attention field {e.args[0]!r} is missing") from None
+        if self.num_v_heads % self.num_k_heads:
+            raise ConfigError(f"{where}: linear_num_value_heads={self.num_v_heads} must be a multiple of "
+                              f"linear_num_key_heads={self.num_k_heads}")
+        if self.conv_kernel < 2:
+            raise ConfigError(f"{where}: linear_conv_kernel_dim={self.conv_kernel} must be at least 2")
+        act = hf.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise ConfigError(f"{where}: hidden_act={act!r} is not supported (Gated DeltaNet uses 'silu')")
+        self.key_dim = self.num_k_heads * self.head_k_dim
+        self.value_dim = self.num_v_heads * self.head_v_dim
+        self.conv_dim = 2 * self.key_dim + self.value_dim
+
+    def state_spec(self, layers: tuple[int, ...], dtype: torch.dtype) -> StateSpec:
+        """One slot per running request and layer: the conv window (the last K - 1 q|k|v inputs,
+        channels first, in the cache dtype) and the delta-rule state (float32, as transformers
+        and fla keep it: it integrates every token of the sequence)."""
+        return StateSpec(layers, tensors=(
+            StateTensor("conv", (self.conv_dim, self.conv_kernel - 1), dtype),
+            StateTensor("ssm", (self.num_v_heads, self.head_k_dim, self.head_v_dim), torch.float32)))
+
+
+class DepthwiseConv1dWeight(nn.Module):
+    """The conv1d's parameter as transformers names and shapes it (`conv1d.weight` [D, 1, K])."""
+
+    def __init__(self, channels: int, kernel: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(channels, 1, kernel), requires_grad=False)
+        self.weight.weight_loader = default_weight_loader
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, shape: GatedDeltaNetShape, hidden_size: int, layer_idx: int, eps: float,
+                 grouped_layout: bool = False) -> None:
+        super().__init__()
+        if get_parallel_state().tp_size > 1:
+            raise ConfigError("tensor parallelism is not implemented for Gated DeltaNet layers yet; use tp=1")
+        self.shape, self.layer_idx = shape, layer_idx
+        s = shape
+        self.in_proj_qkvz = MergedColumnParallelLinear(hidden_size, [s.conv_dim, s.value_dim], ["qkv", "z"])
+        self.in_proj_ba = MergedColumnParallelLinear(hidden_size, [s.num_v_heads, s.num_v_heads], ["b", "a"])
+        if grouped_layout:
+            self.in_proj_qkvz.weight.weight_loader = self._load_grouped_qkvz
+            self.in_proj_ba.weight.weight_loader = self._load_grouped_ba
+        self.conv1d = DepthwiseConv1dWeight(s.conv_dim, s.conv_kernel)
+        self.dt_bias = nn.Parameter(torch.ones(s.num_v_heads), requires_grad=False)
+        self.A_log = nn.Parameter(torch.zeros(s.num_v_heads), requires_grad=False)
+        self.dt_bias.weight_loader = default_weight_loader
+        self.A_log.weight_loader = default_weight_loader
+        self.norm = GatedRMSNorm(s.head_v_dim, eps)
+        self.out_proj = RowParallelLinear(s.value_dim, hidden_size)
+        self.ops = current_kernels().ops
+
+    # ------------------------------------------------------------------ Qwen3-Next's layout
+    def _load_grouped_qkvz(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        s = self.shape
+        r = s.num_v_heads // s.num_k_heads
+        per_group = [s.head_k_dim, s.head_k_dim, r * s.head_v_dim, r * s.head_v_dim]
+        if loaded.shape != param.shape:
+            raise ValueError(f"in_proj_qkvz has shape {tuple(loaded.shape)}, expected {tuple(param.shape)}")
+        q, k, v, z = loaded.view(s.num_k_heads, sum(per_group), -1).split(per_group, dim=1)
+        param.data.copy_(torch.cat([x.reshape(-1, loaded.shape[1]) for x in (q, k, v, z)]))
+
+    def _load_grouped_ba(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        s = self.shape
+        r = s.num_v_heads // s.num_k_heads
+        if loaded.shape != param.shape:
+            raise ValueError(f"in_proj_ba has shape {tuple(loaded.shape)}, expected {tuple(param.shape)}")
+        b, a = loaded.view(s.num_k_heads, 2 * r, -1).split([r, r], dim=1)
+        param.data.copy_(torch.cat([b.reshape(-1, loaded.shape[1]), a.reshape(-1, loaded.shape[1])]))
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        s, meta, ops = self.shape, ctx.meta, self.ops
+        state = ctx.layer_caches[self.layer_idx][STATE_GROUP]
+        t = hidden.shape[0]
+        mixed, z = self.in_proj_qkvz(hidden).split([s.conv_dim, s.value_dim], dim=-1)
+        b, a = self.in_proj_ba(hidden).split([s.num_v_heads, s.num_v_heads], dim=-1)
+        weight = self.conv1d.weight.squeeze(1)
+        decode = meta.is_decode_only
+        if decode:
+            mixed = ops.causal_conv1d_update(mixed, weight, state["conv"], meta.state_slots, meta.has_initial_state)
+        else:
+            mixed = ops.causal_conv1d_varlen(mixed, weight, state["conv"], meta.query_lens_cpu, meta.state_slots_cpu,
+                                             meta.has_initial_state_cpu)
+        q, k, v = mixed.split([s.key_dim, s.key_dim, s.value_dim], dim=-1)
+        q = q.view(t, s.num_k_heads, s.head_k_dim)
+        k = k.view(t, s.num_k_heads, s.head_k_dim)
+        v = v.view(t, s.num_v_heads, s.head_v_dim)
+        beta = b.sigmoid()
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)  # float32: exp(A_log) may overflow fp16
+        if decode:
+            core = ops.gated_delta_rule_update(q, k, v, g, beta, state["ssm"], meta.state_slots, meta.has_initial_state)
+        else:
+            core = ops.gated_delta_rule_varlen(q, k, v, g, beta, state["ssm"], meta.query_lens_cpu,
+                                               meta.state_slots_cpu, meta.has_initial_state_cpu)
+        core = self.norm(core.reshape(-1, s.head_v_dim), z.reshape(-1, s.head_v_dim))
+        return self.out_proj(core.reshape(t, s.value_dim))

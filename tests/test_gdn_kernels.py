@@ -1,0 +1,138 @@
+"""Gated DeltaNet torch references: the chunk-wise and recurrent gated delta rule against a
+token-by-token loop and against transformers' own functions; the causal conv1d with a saved window
+against a whole-sequence convolution; varlen batches continuing from saved states (a prompt split
+across steps gives what one pass gives)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dlengine.kernels.gdn.causal_conv1d_torch import causal_conv1d_update, causal_conv1d_varlen
+from dlengine.kernels.gdn.gated_delta_rule_torch import (chunk_gated_delta_rule, gated_delta_rule_naive,
+                                                         gated_delta_rule_varlen, prepare_qk,
+                                                         recurrent_gated_delta_rule_update)
+
+HK, HV, DK, DV = 2, 4, 8, 6
+
+
+def inputs(L, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(L, HK, DK, generator=g)
+    k = torch.randn(L, HK, DK, generator=g)
+    v = torch.randn(L, HV, DV, generator=g)
+    decay = -torch.rand(L, HV, generator=g) * 0.5  # log-decay <= 0
+    beta = torch.rand(L, HV, generator=g)
+    return q, k, v, decay, beta
+
+
+def close(a, b, tol=1e-5):
+    assert (a - b).abs().max().item() <= tol * max(1.0, b.abs().max().item())
+
+
+@pytest.mark.parametrize("L,chunk", [(1, 64), (5, 4), (37, 16), (130, 64)])
+def test_chunk_form_matches_token_loop(L, chunk):
+    q, k, v, g, beta = inputs(L)
+    qp, kp = prepare_qk(q, k, HV, True)
+    s0 = torch.randn(HV, DK, DV)
+    for init in (None, s0):
+        ref_out, ref_state = gated_delta_rule_naive(qp, kp, v, g, beta, init)
+        out, state = chunk_gated_delta_rule(qp, kp, v, g, beta, init, chunk_size=chunk)
+        close(out, ref_out)
+        close(state, ref_state)
+
+
+def test_varlen_continues_from_saved_state():
+    """Three requests in one batch; then each request's tokens split over two steps (the second
+    resuming from the slot the first left) give the same outputs and final states."""
+    lens = [7, 1, 40]
+    q, k, v, g, beta = inputs(sum(lens), seed=1)
+    slots = [2, 0, 1]
+    states = torch.full((3, HV, DK, DV), float("nan"))  # a fresh request must not read its slot
+    whole = gated_delta_rule_varlen(q, k, v, g, beta, states, lens, slots, [False] * 3, chunk_size=16)
+    split_states = torch.full_like(states, float("nan"))
+    firsts, seconds = [3, 1, 25], [4, 0, 15]
+    starts = [0, 7, 8]
+    outs = []
+    for parts, offset, resume in ((firsts, [0, 0, 0], [False] * 3), (seconds, firsts, [True] * 3)):
+        keep = [i for i, n in enumerate(parts) if n]
+        args = [torch.cat([x[starts[i] + offset[i]:starts[i] + offset[i] + parts[i]] for i in keep])
+                for x in (q, k, v, g, beta)]
+        outs.append(gated_delta_rule_varlen(*args, split_states, [parts[i] for i in keep], [slots[i] for i in keep],
+                                            [resume[i] for i in keep], chunk_size=16))
+    for i in range(3):
+        a = torch.cat([outs[0][sum(firsts[:i]):sum(firsts[:i + 1])],
+                       outs[1][sum(seconds[:i]):sum(seconds[:i + 1])]])
+        close(a, whole[starts[i]:starts[i] + lens[i]])
+        close(split_states[slots[i]], states[slots[i]])
+
+
+def test_recurrent_update_matches_token_loop():
+    B = 3
+    q, k, v, g, beta = inputs(B, seed=2)
+    states = torch.randn(4, HV, DK, DV)
+    slots = torch.tensor([3, 0, 2])
+    resume = torch.tensor([True, False, True])
+    before = states.clone()
+    out = recurrent_gated_delta_rule_update(q, k, v, g, beta, states, slots, resume)
+    qp, kp = prepare_qk(q, k, HV, True)
+    for b in range(B):
+        init = before[slots[b]] if resume[b] else None
+        ref_out, ref_state = gated_delta_rule_naive(qp[b:b + 1], kp[b:b + 1], v[b:b + 1], g[b:b + 1], beta[b:b + 1], init)
+        close(out[b], ref_out[0])
+        close(states[slots[b]], ref_state)
+    close(states[1], before[1], tol=0)  # an unused slot is untouched
+
+
+def test_matches_transformers_functions():
+    from transformers.models.qwen3_next.modeling_qwen3_next import (torch_chunk_gated_delta_rule,
+                                                                    torch_recurrent_gated_delta_rule)
+    L = 70
+    q, k, v, g, beta = inputs(L, seed=3)
+    s0 = torch.randn(1, HV, DK, DV)
+    ref, ref_state = torch_chunk_gated_delta_rule(q[None], k[None], v[None], g[None], beta[None], initial_state=s0,
+                                                  output_final_state=True, use_qk_l2norm_in_kernel=True)
+    states = s0.clone()
+    out = gated_delta_rule_varlen(q, k, v, g, beta, states, [L], [0], [True])
+    close(out, ref[0])
+    close(states[0], ref_state[0])
+    one, one_state = torch_recurrent_gated_delta_rule(q[None, :1], k[None, :1], v[None, :1], g[None, :1],
+                                                      beta[None, :1], initial_state=s0, output_final_state=True,
+                                                      use_qk_l2norm_in_kernel=True)
+    states = s0.clone()
+    out = recurrent_gated_delta_rule_update(q[:1], k[:1], v[:1], g[:1], beta[:1], states, torch.tensor([0]),
+                                            torch.tensor([True]))
+    close(out, one[0])
+    close(states[0], one_state[0])
+
+
+# ------------------------------------------------------------------------- causal conv1d
+D, K = 10, 4
+
+
+def test_conv1d_varlen_split_equals_whole_sequence():
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(D, K, generator=g)
+    x = torch.randn(23, D, generator=g)
+    ref = F.silu(F.conv1d(x.t()[None], w[:, None], padding=K - 1, groups=D)[0, :, :23]).t()
+    states = torch.full((2, D, K - 1), float("nan"))
+    out = []
+    # chunks of 2 (shorter than the window), then 1, then 20: each resumes the saved window
+    for i, (a, b) in enumerate(((0, 2), (2, 3), (3, 23))):
+        out.append(causal_conv1d_varlen(x[a:b], w, states, [b - a], [1], [i > 0]))
+    close(torch.cat(out), ref)
+    close(states[1], x[-(K - 1):].t())
+
+
+def test_conv1d_update_matches_transformers():
+    from transformers.models.mamba.modeling_mamba import causal_conv1d_update as hf_update
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(D, K, generator=g)
+    x = torch.randn(3, D, generator=g)
+    states = torch.randn(5, D, K - 1, generator=g)
+    slots = torch.tensor([4, 1, 0])
+    hf_state = torch.cat([torch.zeros(3, D, 1), states[slots]], dim=-1)  # transformers keeps K inputs
+    hf_state[1] = 0  # the second request starts fresh
+    ref = hf_update(x[..., None], hf_state, w, None, activation="silu")[..., 0]
+    out = causal_conv1d_update(x, w, states, slots, torch.tensor([True, False, True]))
+    close(out, ref)
+    close(states[slots], hf_state[..., 1:])
