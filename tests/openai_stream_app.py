@@ -31,6 +31,8 @@ class ServedRequest:
     prompt_tokens: int
     completion_tokens: int
     text_chunks: int  # chunks with non-empty text sent to the client
+    engine_ttft_s: float | None  # the engine's own timings (RequestMetrics), without HTTP
+    engine_e2e_s: float | None
 
 
 @dataclass
@@ -79,6 +81,10 @@ def make_app(engine: Engine, model_name: str, faults: Faults, log: list[ServedRe
     app = FastAPI()
     loop_owner = EngineLoop(engine)
     app.state.engine_loop = loop_owner
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
 
     @app.get("/v1/models")
     async def models():
@@ -137,7 +143,8 @@ def make_app(engine: Engine, model_name: str, faults: Faults, log: list[ServedRe
                     await asyncio.sleep(3600)
             if out.finished:
                 break
-        log.append(ServedRequest(len(out.prompt_token_ids), len(out.token_ids), chunks))
+        log.append(ServedRequest(len(out.prompt_token_ids), len(out.token_ids), chunks, out.metrics.ttft,
+                                 out.metrics.e2e_latency))
         if usage_wanted:
             p, c = len(out.prompt_token_ids), len(out.token_ids)
             yield event({**base, "choices": [], "usage": {"prompt_tokens": p, "completion_tokens": c,

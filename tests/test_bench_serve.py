@@ -256,6 +256,9 @@ def test_token_id_prompts_counts_match_the_engine(fresh, tmp_path):
     for q in r["requests"]:
         assert q["success"] and 0 < q["ttft_s"] <= q["e2e_s"]
         assert len(q["itl_s"]) == q["num_chunks"] - 1
+    # the client's clock covers the engine's (plus HTTP): no request looks faster than it ran
+    assert sorted(q["e2e_s"] for q in r["requests"])[-1] >= max(s.engine_e2e_s for s in served)
+    assert sum(q["e2e_s"] for q in r["requests"]) >= sum(s.engine_e2e_s for s in served)
     assert r["mean_ttft_ms"] <= r["mean_e2el_ms"]
     saved = json.loads(out.read_text())
     assert saved["num_requests"] == 6 and saved["request_rate"] == "inf" and saved["config"]["api_key"] is None
