@@ -149,9 +149,16 @@ class EngineBuilder:
         return self
 
     def speculative(self, method: Any, num_tokens: int = 1) -> "EngineBuilder":
-        """Speculative decoding with a proposer object (dlengine.engine.seams.Speculator) that
-        drafts up to `num_tokens` tokens a step; the engine verifies them in one forward.
-        The MTP and n-gram proposers are not shipped yet: pass an object."""
+        """Speculative decoding: "ngram" (prompt lookup, no weights: dlengine.speculative) or a
+        proposer object (dlengine.engine.seams.Speculator) drafting up to `num_tokens` tokens a
+        step; the engine verifies them in one forward. The MTP proposer is not shipped yet.
+
+        >>> from dlengine import EngineBuilder, SamplingParams
+        >>> engine = EngineBuilder("tiny-qwen3").speculative("ngram", num_tokens=3).build()
+        >>> [out] = engine.generate([[5, 6, 7, 5, 6, 7, 5, 6]], SamplingParams(max_tokens=16, temperature=0.0))
+        >>> engine.stats.num_accepted_tokens > 0, engine.stats.mean_accepted_length > 1
+        (True, True)
+        """
         self._components["speculator"] = method
         self._speculative_tokens = num_tokens
         return self
@@ -352,11 +359,19 @@ class EngineBuilder:
                               "all-to-all split sizes are read on the host every step; use cuda_graphs(False)")
         speculator = self._components.get("speculator")
         if speculator is not None:
-            if isinstance(speculator, str):
-                raise ConfigError(f"speculative({speculator!r}): the MTP and n-gram proposers are not shipped yet; "
-                                  "pass a proposer object (dlengine.engine.seams.Speculator)")
             if not (isinstance(self._speculative_tokens, int) and self._speculative_tokens >= 1):
                 raise ConfigError(f"speculative num_tokens must be an integer >= 1, got {self._speculative_tokens!r}")
+            if isinstance(speculator, str):
+                if speculator == "ngram":
+                    from dlengine.speculative import NgramProposer
+
+                    speculator = self._components["speculator"] = NgramProposer(self._speculative_tokens)
+                elif speculator == "mtp":
+                    raise ConfigError("speculative('mtp'): the MTP proposer is not shipped yet; use 'ngram' or pass a "
+                                      "proposer object (dlengine.engine.seams.Speculator)")
+                else:
+                    raise ConfigError(f"unknown speculative method {speculator!r}; choose 'ngram' or pass a proposer "
+                                      "object (dlengine.engine.seams.Speculator)")
             if self._async_scheduling:
                 raise ConfigError("async_scheduling(True) with speculative decoding: a step's verified tokens are "
                                   "needed before the next proposal; speculative engines step synchronously")

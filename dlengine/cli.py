@@ -7,10 +7,12 @@
 
     dlengine bench serve --base-url http://127.0.0.1:8000 --num-prompts 200 --request-rate 8
 
+    dlengine serve /models/Qwen3-8B --port 8000 --served-model-name qwen3-8b   # OpenAI-compatible HTTP
+
 `dlengine bench` without a benchmark name runs `throughput`. The offline benchmarks are
 subcommands of `bench` that share the engine options (`_engine_options`), the output options and
-the peak options (the MBU/MFU denominators); `serve` loads a running server over HTTP and takes
-its own options (`_serve_options`).
+the peak options (the MBU/MFU denominators); `bench serve` loads a running server over HTTP and
+takes its own options (`_bench_serve_options`).
 """
 
 from __future__ import annotations
@@ -69,6 +71,10 @@ def _engine_options() -> argparse.ArgumentParser:
                    help="token budget of one step (default: the engine's, 8192)")
     g.add_argument("--max-model-len", type=int, metavar="N", default=_E.max_model_len,
                    help="context limit, prompt + output (default: the model's max_position_embeddings)")
+    g.add_argument("--speculative", choices=["ngram"], default=_E.speculative,
+                   help="speculative decoding: 'ngram' prompt lookup (default: off)")
+    g.add_argument("--num-speculative-tokens", type=int, metavar="K", default=_E.num_speculative_tokens,
+                   help="drafts per step with --speculative (default: %(default)s)")
     g.add_argument("--threads", type=int, metavar="N", default=_E.threads,
                    help="torch threads on CPU (default: OMP_NUM_THREADS when set, else the physical cores less "
                         "one spare and less those other processes keep busy, at least 1; the choice is printed)")
@@ -190,7 +196,7 @@ def _run_throughput(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve_options() -> argparse.ArgumentParser:
+def _bench_serve_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     s = p.add_argument_group("server")
     s.add_argument("--base-url", default=_S.base_url, help="the server's address (default: %(default)s)")
@@ -239,18 +245,18 @@ def _serve_options() -> argparse.ArgumentParser:
     return p
 
 
-def _add_serve(sub, common) -> None:  # noqa: ARG001 -- an online benchmark builds no engine
+def _add_bench_serve(sub, common) -> None:  # noqa: ARG001 -- an online benchmark builds no engine
     p = sub.add_parser(
-        "serve", parents=[_serve_options()],
+        "serve", parents=[_bench_serve_options()],
         help="online: load an OpenAI-compatible server over HTTP (ours, vLLM, ...)",
         description="Online serving benchmark: stream requests to an OpenAI-compatible server at a Poisson "
                     "request rate and/or a concurrency cap, and report requests/s, tokens/s, TTFT, TPOT, ITL, "
                     "E2E percentiles, goodput under SLOs, failures and the concurrency reached. See docs/bench.md.",
     )
-    p.set_defaults(handler=_run_serve)
+    p.set_defaults(handler=_run_bench_serve)
 
 
-def _run_serve(args: argparse.Namespace) -> int:
+def _run_bench_serve(args: argparse.Namespace) -> int:
     from dlengine.bench.serve_bench import run_serve_bench
     from dlengine.bench.serve_metrics import format_serve_report
 
@@ -261,7 +267,31 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 130 if result["interrupted"] else 0
 
 
-BENCHMARKS = {"throughput": _add_throughput, "latency": _add_latency, "serve": _add_serve}
+BENCHMARKS = {"throughput": _add_throughput, "latency": _add_latency, "serve": _add_bench_serve}
+
+
+def _add_serve(sub) -> None:
+    from dlengine.serve.cli import add_serve_options
+
+    p = sub.add_parser(
+        "serve", parents=[_engine_options()],
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve an engine over HTTP: /v1/completions, /v1/chat/completions (streaming or not, "
+                    "tool calls), /v1/models, /health, /metrics. Engine flags are the bench's. See docs/serving.md.",
+    )
+    add_serve_options(p)
+    p.set_defaults(handler=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    try:
+        import dlengine.serve  # noqa: F401  (fastapi, pydantic, prometheus-client)
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"dlengine serve needs the serve extra (pip install 'dlengine[serve]'): {e}") from None
+    from dlengine.serve.cli import run_serve
+
+    return run_serve(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = [_engine_options(), _output_options(), _peak_options()]  # every benchmark takes these
     for add in BENCHMARKS.values():
         add(bench_sub, common)
+    _add_serve(sub)
     return parser
 
 

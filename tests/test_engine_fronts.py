@@ -127,3 +127,15 @@ def test_per_request_listener_from_another_thread(engine, reference):
     assert got[-1].finished and got[-1].token_ids == reference[1]
     assert sum(len(o.new_token_ids) for o in got) == len(reference[1])
     assert list(drop_q.queue)[-1].finish_reason == "abort"
+
+
+def test_prompt_logits_on_every_layout(engine):
+    import torch
+
+    local = EngineBuilder(MODEL).dtype("float32").build()
+    ref = local.prompt_logits(PROMPTS[3])
+    local.close()
+    got = engine.prompt_logits(PROMPTS[3], chunk_size=16)  # three chunks through the scheduler
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert not engine.has_unfinished_requests()

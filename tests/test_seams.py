@@ -85,7 +85,9 @@ def test_speculator_respects_max_tokens_and_stop_tokens():
 
 def test_speculative_config_errors():
     with pytest.raises(ConfigError, match="not shipped yet"):
-        EngineBuilder("tiny-qwen3").speculative("ngram", num_tokens=2).build()
+        EngineBuilder("tiny-qwen3").speculative("mtp", num_tokens=2).build()
+    with pytest.raises(ConfigError, match="unknown speculative method"):
+        EngineBuilder("tiny-qwen3").speculative("medusa", num_tokens=2).build()
     with pytest.raises(ConfigError, match="num_tokens"):
         EngineBuilder("tiny-qwen3").speculative(ScriptedSpeculator({}), num_tokens=0).build()
 
@@ -192,3 +194,28 @@ def test_bench_reports_acceptance():
     assert result["spec_mean_accepted_length"] >= 1.0
     report = format_report(result)
     assert "Draft tokens accepted" in report and "Mean accepted length" in report
+
+
+def test_ngram_lookup():
+    from dlengine.speculative import NgramProposer
+
+    p = NgramProposer(num_tokens=3, min_n=1, max_n=3)
+    assert p.lookup([1, 2, 3, 4, 9, 1, 2, 3]) == [4, 9, 1]  # "1 2 3" seen before: what followed
+    assert p.lookup([1, 2, 3, 4, 5, 6, 7, 4]) == [5, 6, 7]  # only the 1-gram "4" matches
+    assert p.lookup([5, 6, 7, 8]) == []  # nothing repeats
+    assert p.lookup([7]) == []
+    assert p.lookup([3, 3, 3]) == [3]  # the latest earlier copy is followed by one token only
+
+
+def test_ngram_speculation_gives_plain_tokens():
+    prompts = PROMPTS + [[5, 6, 7, 8] * 10, list(range(2, 40)) * 3]
+    plain = EngineBuilder("tiny-qwen3").dtype("float32").build()
+    ref = [o.token_ids for o in plain.generate(prompts, GREEDY)]
+    engine = EngineBuilder("tiny-qwen3").dtype("float32").speculative("ngram", num_tokens=4).build()
+    assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == ref
+    s = engine.stats
+    assert s.num_accepted_tokens > 0 and s.mean_accepted_length > 1.0
+    assert engine.describe()["speculative"] == {"method": "ngram", "num_tokens": 4}
+    # seeded sampling runs through verification too (distribution-preserving, not token-equal)
+    outs = engine.generate(prompts[:3], SamplingParams(max_tokens=8, temperature=0.8, seed=3))
+    assert all(len(o.token_ids) == 8 or o.finish_reason == "stop" for o in outs)

@@ -40,6 +40,8 @@ class EngineArgs:
     mla_decode: str = "auto"  # MLA decode kernel (EngineBuilder.mla_decode)
     seed: int = 0
     num_layers: int | None = None  # None: the model's; else hf_overrides(num_hidden_layers=...)
+    speculative: str | None = None  # "ngram" (EngineBuilder.speculative)
+    num_speculative_tokens: int = 3
     threads: int | None = None  # torch CPU threads; None: OMP_NUM_THREADS if set, else chosen (bench/cpu_threads.py)
 
 
@@ -70,6 +72,12 @@ def coerce_config(cls: type[C], config: Any = None, **overrides: Any) -> C:
 
 def build_engine(args: EngineArgs) -> Engine:
     """Build the engine the options describe. Bad options raise dlengine.ConfigError."""
+    return engine_builder(args).build()
+
+
+def engine_builder(args: EngineArgs) -> EngineBuilder:
+    """The builder the options describe, for callers that add choices of their own (dlengine
+    serve adds the role and the KV transfer engine)."""
     b = (EngineBuilder(args.model).load_format(args.load_format).attention(args.attention_backend)
          .mla_decode(args.mla_decode).seed(args.seed))
     if args.num_layers is not None:
@@ -88,7 +96,9 @@ def build_engine(args: EngineArgs) -> Engine:
         b.scheduler(**sched)
     if args.max_model_len is not None:
         b.max_model_len(args.max_model_len)
-    return b.build()
+    if args.speculative is not None:
+        b.speculative(args.speculative, num_tokens=args.num_speculative_tokens)
+    return b
 
 
 def probe_device(args: EngineArgs):

@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "2"  # 2: the tokenizer carries a chat template (CHAT_TEMPLATE)
 PRESETS = {"tiny-qwen3": "qwen3", "tiny-qwen3-yarn": "qwen3-yarn", "tiny-qwen3-untied": "qwen3-untied",
            "tiny-qwen3-moe": "qwen3-moe", "tiny-deepseek-v3": "deepseek-v3", "tiny-kimi-k2": "kimi-k2",
            "tiny-deepseek-v3-fp8": "deepseek-v3-fp8"}
@@ -105,6 +105,27 @@ def _model_config(kind: str) -> dict:
     return cfg
 
 
+# A ChatML-style chat template in plain text (the tiny vocabulary has no <|im_start|> tokens, so the
+# markers are ordinary BPE pieces): a system block listing the tools, one block per message, an
+# assistant's tool calls in Qwen3's <tool_call>{json}</tool_call> form. It only shapes prompts;
+# token ids and weights are those of version 1.
+CHAT_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n"
+    "{% if messages and messages[0].role == 'system' %}{{ messages[0].content }}\n\n{% endif %}"
+    "# Tools\n<tools>\n{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}</tools>\n"
+    "Call a tool with <tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call><|im_end|>\n"
+    "{% endif %}"
+    "{% for message in messages %}{% if not (tools and loop.first and message.role == 'system') %}"
+    "<|im_start|>{{ message.role }}\n"
+    "{% if message.content is string %}{{ message.content }}{% endif %}"
+    "{% for call in message.tool_calls or [] %}<tool_call>{\"name\": {{ call.function.name | tojson }}, "
+    "\"arguments\": {{ call.function.arguments }}}</tool_call>{% endfor %}"
+    "<|im_end|>\n"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
 def build_tokenizer(vocab_size: int):
     """A byte-level BPE trained on a fixed corpus: deterministic, any text encodes."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -120,7 +141,8 @@ def build_tokenizer(vocab_size: int):
         show_progress=False,
     )
     tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|endoftext|>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|endoftext|>",
+                                   chat_template=CHAT_TEMPLATE)
 
 
 def _sharpen(model, seed: int) -> None:
