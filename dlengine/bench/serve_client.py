@@ -31,7 +31,7 @@ def import_httpx():
     try:
         import httpx
     except ImportError:
-        raise BenchError("dlengine bench serve needs httpx: pip install httpx") from None
+        raise BenchError("dlengine bench serve needs httpx: pip install httpx (or 'dlengine[serve]')") from None
     return httpx
 
 
