@@ -5,11 +5,14 @@
 
     dlengine bench latency --model /models/Qwen3-8B --batch-size 1 --input-len 512 --output-len 256
 
+    dlengine bench serve --base-url http://127.0.0.1:8000 --num-prompts 200 --request-rate 8
+
     dlengine serve /models/Qwen3-8B --port 8000 --served-model-name qwen3-8b   # OpenAI-compatible HTTP
 
-`dlengine bench` without a benchmark name runs `throughput`. Each benchmark is a subcommand of
-`bench` that shares the engine options (`_engine_options`), the output options and the peak
-options (the MBU/MFU denominators).
+`dlengine bench` without a benchmark name runs `throughput`. The offline benchmarks are
+subcommands of `bench` that share the engine options (`_engine_options`), the output options and
+the peak options (the MBU/MFU denominators); `bench serve` loads a running server over HTTP and
+takes its own options (`_bench_serve_options`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dlengine import __version__
 from dlengine.bench.common import BenchError, EngineArgs
 from dlengine.bench.compare import COMPARE_FRAMEWORKS
 from dlengine.bench.latency import LatencyConfig
+from dlengine.bench.serve_bench import ServeBenchConfig
 from dlengine.bench.throughput import DATASETS, ThroughputConfig
 from dlengine.builder import LOAD_FORMATS
 from dlengine.config import ConfigError
@@ -30,7 +34,7 @@ from dlengine.sampling_params import InvalidRequestError
 
 DEFAULT_BENCH = "throughput"
 # defaults come from the config dataclasses, never repeated here
-_E, _D, _L = EngineArgs, ThroughputConfig, LatencyConfig
+_E, _D, _L, _S = EngineArgs, ThroughputConfig, LatencyConfig, ServeBenchConfig
 
 
 def _engine_options() -> argparse.ArgumentParser:
@@ -192,7 +196,78 @@ def _run_throughput(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHMARKS = {"throughput": _add_throughput, "latency": _add_latency}
+def _bench_serve_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    s = p.add_argument_group("server")
+    s.add_argument("--base-url", default=_S.base_url, help="the server's address (default: %(default)s)")
+    s.add_argument("--endpoint", choices=["completions", "chat"], default=_S.endpoint,
+                   help="/v1/completions or /v1/chat/completions (default: %(default)s)")
+    s.add_argument("--model", default=_S.model, help="model name sent in requests (default: the first of GET /v1/models)")
+    s.add_argument("--api-key", default=_S.api_key,
+                   help="bearer token (default: $OPENAI_API_KEY, else $DLENGINE_API_KEY, else none)")
+    s.add_argument("--tokenizer", metavar="NAME_OR_PATH", default=_S.tokenizer,
+                   help="a preset or tokenizer folder: random prompts become token ids (completions) or text "
+                        "decoded from them (chat) of exact lengths; without it, random words")
+    s.add_argument("--timeout", type=float, metavar="S", default=_S.timeout,
+                   help="seconds one request may take end to end before it counts as failed (default: %(default)s)")
+    g = p.add_argument_group("workload")
+    g.add_argument("--dataset", choices=["random", "jsonl"], default=_S.dataset, help="(default: %(default)s)")
+    g.add_argument("--dataset-path", metavar="FILE", default=_S.dataset_path,
+                   help='JSONL with one {"prompt": "text" | [ids], "output_len": N} per line (output_len optional)')
+    g.add_argument("--num-prompts", type=int, metavar="N", default=_S.num_prompts, help="(default: %(default)s)")
+    g.add_argument("--input-len", type=int, metavar="N", default=_S.input_len,
+                   help="random dataset: prompt tokens (words without --tokenizer) (default: %(default)s)")
+    g.add_argument("--output-len", type=int, metavar="N", default=_S.output_len,
+                   help="max_tokens of each request; jsonl: when a line has none (default: %(default)s)")
+    g.add_argument("--range-ratio", type=float, metavar="R", default=_S.range_ratio,
+                   help="draw lengths uniformly from [len*(1-R), len*(1+R)] (default: %(default)s)")
+    g.add_argument("--prefix-len", type=int, metavar="N", default=_S.prefix_len,
+                   help="random dataset: a random prefix of N tokens shared by all prompts (default: %(default)s)")
+    g.add_argument("--temperature", type=float, default=_S.temperature, help="(default: %(default)s, greedy)")
+    g.add_argument("--ignore-eos", action="store_true", default=_S.ignore_eos,
+                   help='send "ignore_eos": true (vLLM, SGLang and dlengine honour it) so every request '
+                        "generates --output-len tokens")
+    g.add_argument("--seed", type=int, metavar="N", default=_S.seed,
+                   help="seeds the prompts and the arrival times (default: %(default)s)")
+    t = p.add_argument_group("load")
+    t.add_argument("--request-rate", type=float, metavar="R", default=_S.request_rate,
+                   help="requests per second, Poisson arrivals; inf sends every request at once (default: inf)")
+    t.add_argument("--max-concurrency", type=int, metavar="N", default=_S.max_concurrency,
+                   help="most requests in flight at once (default: no cap)")
+    t.add_argument("--goodput", metavar="SLOS", default=_S.goodput,
+                   help='SLOs in ms, e.g. "ttft:500,tpot:50" (ttft, tpot, e2el): goodput counts the requests '
+                        "meeting all of them")
+    o = p.add_argument_group("output")
+    o.add_argument("--json", dest="json_path", metavar="PATH", default=_S.json_path,
+                   help="also write the summary, settings and per-request results to this JSON file")
+    o.add_argument("--no-progress", dest="progress", action="store_false", default=_S.progress,
+                   help="no progress bar")
+    return p
+
+
+def _add_bench_serve(sub, common) -> None:  # noqa: ARG001 -- an online benchmark builds no engine
+    p = sub.add_parser(
+        "serve", parents=[_bench_serve_options()],
+        help="online: load an OpenAI-compatible server over HTTP (ours, vLLM, ...)",
+        description="Online serving benchmark: stream requests to an OpenAI-compatible server at a Poisson "
+                    "request rate and/or a concurrency cap, and report requests/s, tokens/s, TTFT, TPOT, ITL, "
+                    "E2E percentiles, goodput under SLOs, failures and the concurrency reached. See docs/bench.md.",
+    )
+    p.set_defaults(handler=_run_bench_serve)
+
+
+def _run_bench_serve(args: argparse.Namespace) -> int:
+    from dlengine.bench.serve_bench import run_serve_bench
+    from dlengine.bench.serve_metrics import format_serve_report
+
+    result = run_serve_bench(args)
+    print(format_serve_report(result))
+    if args.json_path:
+        print(f"results written to {args.json_path}")
+    return 130 if result["interrupted"] else 0
+
+
+BENCHMARKS = {"throughput": _add_throughput, "latency": _add_latency, "serve": _add_bench_serve}
 
 
 def _add_serve(sub) -> None:
