@@ -31,6 +31,9 @@ def new_id(prefix: str) -> str:
 # ---------------------------------------------------------------------------------- requests
 class StreamOptions(RequestModel):
     include_usage: bool = False
+    # vLLM's extension (usage in every chunk), sent by load generators such as guidellm: accepted;
+    # usage still comes once, in the final chunk
+    continuous_usage_stats: bool = False
 
 
 class SamplingFields(RequestModel):
