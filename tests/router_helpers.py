@@ -15,7 +15,7 @@ import httpx
 from dlengine.router import RouterConfig, create_router_app
 from serve_helpers import free_port
 
-ENGINE_FLAGS = ["--dtype", "float32", "--device", "cpu", "--num-blocks", "64", "--max-model-len", "256",
+ENGINE_FLAGS = ["--dtype", "float32", "--device", "cpu", "--num-blocks", "96", "--max-model-len", "1024",
                 "--threads", "1", "--seed", "0"]
 SECRET = "test-pd-secret"
 
@@ -23,6 +23,8 @@ SECRET = "test-pd-secret"
 class ServeProcess:
     def __init__(self, mode: str, *extra: str) -> None:
         self.mode, self.port = mode, free_port()
+        if mode != "hybrid":  # a port of our choosing: a free one picked by the server could be another's HTTP port
+            extra = ("--transfer-port", str(free_port()), *extra)
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "DLENGINE_PD_SECRET": SECRET,
                "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}

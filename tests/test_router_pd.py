@@ -127,8 +127,8 @@ def test_discovery_finds_the_registered_servers(servers, discovering):
 def test_decode_killed_mid_stream(servers, router, discovering):
     prefill, decode, hybrid = servers["prefill"], servers["decode"], servers["hybrid"]
     c = client(router.url)
-    stream = c.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=200, ignore_eos=True, temperature=0,
-                                  stream=True, extra_body={})
+    stream = c.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=1000, temperature=0,
+                                  stream=True, extra_body={"ignore_eos": True})
     chunks = iter(stream)
     next(chunks)  # streaming from the decode server, which now runs its one sequence
     # a second hand-off, sent straight to the decode server, waits there unpulled: the prefill
