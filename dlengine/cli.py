@@ -6,6 +6,7 @@
     dlengine bench latency --model /models/Qwen3-8B --batch-size 1 --input-len 512 --output-len 256
 
     dlengine serve /models/Qwen3-8B --port 8000 --served-model-name qwen3-8b   # OpenAI-compatible HTTP
+    dlengine router --prefill http://p:8101 --decode http://d:8102 --hybrid http://h:8000
 
 `dlengine bench` without a benchmark name runs `throughput`. Each benchmark is a subcommand of
 `bench` that shares the engine options (`_engine_options`), the output options and the peak
