@@ -8,6 +8,7 @@
     dlengine bench serve --base-url http://127.0.0.1:8000 --num-prompts 200 --request-rate 8
 
     dlengine serve /models/Qwen3-8B --port 8000 --served-model-name qwen3-8b   # OpenAI-compatible HTTP
+    dlengine router --prefill http://p:8101 --decode http://d:8102 --hybrid http://h:8000
 
 `dlengine bench` without a benchmark name runs `throughput`. The offline benchmarks are
 subcommands of `bench` that share the engine options (`_engine_options`), the output options and
@@ -294,6 +295,31 @@ def _run_serve(args: argparse.Namespace) -> int:
     return run_serve(args)
 
 
+def _add_router(sub) -> None:
+    from dlengine.router.cli import add_router_options
+
+    p = sub.add_parser(
+        "router", help="route OpenAI requests over hybrid, prefill and decode servers",
+        description="An OpenAI-compatible router in front of `dlengine serve` servers: round-robin, least-load or "
+                    "prefix-affinity; prefill -> KV transfer -> decode; backends by flag or discovered through "
+                    "dlslime-ctrl. See docs/serving.md.",
+    )
+    add_router_options(p)
+    p.set_defaults(handler=_run_router)
+
+
+def _run_router(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import httpx  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"dlengine router needs the serve extra (pip install 'dlengine[serve]'): {e}") from None
+    from dlengine.router.cli import run_router
+
+    return run_router(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dlengine", description="dlengine: a library-first LLM inference SDK")
     parser.add_argument("--version", action="version", version=f"dlengine {__version__}")
@@ -307,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in BENCHMARKS.values():
         add(bench_sub, common)
     _add_serve(sub)
+    _add_router(sub)
     return parser
 
 

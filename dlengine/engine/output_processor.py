@@ -42,6 +42,9 @@ class TrackedRequest:
         # a decode engine's migrated request starts with the prefill side's first token
         for tok in request.output_token_ids:
             tracked.token_ids.append(tok)
+            if detok is not None:  # its text too, or streamed deltas would miss it until the final flush
+                detok.update(tracked.token_ids)
+                tracked.text = detok.text
         return tracked
 
     def output(self, new_token_ids: list[int]) -> RequestOutput:

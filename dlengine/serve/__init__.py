@@ -11,6 +11,7 @@ strings; this package maps OpenAI's protocol onto it and drives it from one step
     logprobs.py       OpenAI's logprob shapes      tool_parsers.py   Qwen3 / DeepSeek-V3 tool calls
     errors.py         OpenAI's error shape         guards.py  API key, body size, concurrency
     metrics.py        GET /metrics (Prometheus)    registration.py   dlslime-ctrl registration
+    pd.py             PD over HTTP: hand-off, /pd/free, /pd/hold   pd_auth.py   signing kv_transfer_params
     app.py            create_app                   cli.py     `dlengine serve`
 
 Needs the `serve` extra: pip install 'dlengine[serve]'.

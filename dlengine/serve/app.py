@@ -30,7 +30,7 @@ from dlengine.serve.tool_parsers import tool_parser_for
 
 logger = logging.getLogger("dlengine.serve")
 
-_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 503)}
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 413, 429, 500, 503)}
 
 
 def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
@@ -95,6 +95,14 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
                      response_model=ChatCompletionResponse,
                      summary="Create a chat completion (stream: server-sent events of chat.completion.chunk)")
     app.include_router(v1)
+
+    if config.mode == "prefill":  # PD over HTTP: releasing handed-off KV (serve/pd.py); signed params are the proof
+        from dlengine.serve.pd import pd_free, pd_hold
+
+        app.add_api_route("/pd/free", pd_free, methods=["POST"], responses=_ERRORS,
+                          summary="Release the pinned KV blocks of a handed-off request")
+        app.add_api_route("/pd/hold", pd_hold, methods=["POST"], responses=_ERRORS,
+                          summary="Liveness stream of a decode server; the blocks are released when it ends")
 
     # outermost first: the concurrency bound answers 429 before a body is read
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)

@@ -83,13 +83,13 @@ class AsyncEngine:
         """Abort a request; safe from any coroutine or thread, applied before the next step."""
         self._commands.put((self._abort, (request_id,), None))
 
-    async def add(self, jobs: Sequence[tuple[str | Sequence[int], SamplingParams, str]]) -> list["RequestStream"]:
+    async def add(self, jobs: Sequence[tuple], kv_transfer_params: dict | None = None) -> list["RequestStream"]:
         """Admit requests given as (prompt, params, request id), all in one command so they start
         in the same step. If one is refused (InvalidRequestError, raised here before any output)
-        none of them runs."""
+        none of them runs. `kv_transfer_params` (a decode engine, one job) pull the prompt's KV."""
         queues = [asyncio.Queue() for _ in jobs]
         try:
-            await self.call(self._add_all, list(jobs), queues)
+            await self.call(self._add_all, list(jobs), queues, kv_transfer_params)
         except asyncio.CancelledError:  # admitted or not, nobody will read them
             for _, _, rid in jobs:
                 self.abort(rid)
@@ -100,7 +100,8 @@ class AsyncEngine:
         return await self.call(self.engine.prompt_logits, list(token_ids))
 
     # ------------------------------------------------------------------ the stepping thread
-    def _add(self, prompt, params: SamplingParams, request_id: str, q: asyncio.Queue) -> None:
+    def _add(self, prompt, params: SamplingParams, request_id: str, q: asyncio.Queue,
+             kv_transfer_params: dict | None = None) -> None:
         loop = self._loop
 
         def on_output(out: RequestOutput) -> None:
@@ -108,14 +109,15 @@ class AsyncEngine:
                 self._queues.pop(out.request_id, None)
             _deliver(loop, q, out)
 
-        self.engine.add_request(prompt, params, request_id=request_id, on_output=on_output)
+        self.engine.add_request(prompt, params, request_id=request_id, on_output=on_output,
+                                kv_transfer_params=kv_transfer_params)
         self._queues[request_id] = q
 
-    def _add_all(self, jobs, queues) -> None:
+    def _add_all(self, jobs, queues, kv_transfer_params: dict | None = None) -> None:
         added = []
         try:
             for (prompt, params, rid), q in zip(jobs, queues):
-                self._add(prompt, params, rid, q)
+                self._add(prompt, params, rid, q, kv_transfer_params)
                 added.append(rid)
         except Exception:
             for rid in added:

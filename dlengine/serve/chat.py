@@ -12,6 +12,7 @@ from dlengine.engine.request import RequestOutput
 from dlengine.serve.errors import bad_request, engine_failed
 from dlengine.serve.logprobs import chat_logprobs
 from dlengine.serve.params import MAX_TOP_LOGPROBS, choice_params, sampling_params
+from dlengine.serve.pd import check_pd_request, handoff_params, hold_prefill
 from dlengine.serve.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
                                      ChatCompletionRequest, ChatCompletionResponse, DeltaMessage, DeltaToolCall,
                                      FunctionCall, ToolCall, Usage, new_id)
@@ -67,8 +68,12 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request):
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = sampling_params(req, max_tokens=max_tokens, default_max_tokens=max(1, state.max_model_len - len(prompt)),
                              logprobs=(req.top_logprobs or 0) if req.logprobs else None, vocab_size=state.vocab_size)
+    kv, prefill_url = check_pd_request(state, req.kv_transfer_params, stream=req.stream, num_choices=req.n)
     rid = new_id("chatcmpl")
-    streams = await state.async_engine.add([(prompt, choice_params(params, c), f"{rid}-{c}") for c in range(req.n)])
+    streams = await state.async_engine.add([(prompt, choice_params(params, c), f"{rid}-{c}") for c in range(req.n)],
+                                           kv)
+    if kv is not None:
+        hold_prefill(prefill_url, req.kv_transfer_params, streams[0])
     if req.stream:
         return StreamingResponse(_stream(state, req, rid, prompt, streams, parse_tools, raw),
                                  media_type="text/event-stream")
@@ -83,7 +88,8 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request):
                     if req.logprobs else None)
         choices.append(ChatChoice(index=c, message=message, logprobs=logprobs, finish_reason=_finish(out, bool(calls)),
                                   stop_reason=out.stop_reason))
-    return ChatCompletionResponse(id=rid, model=req.model, choices=choices, usage=_usage(prompt, finals))
+    return ChatCompletionResponse(id=rid, model=req.model, choices=choices, usage=_usage(prompt, finals),
+                                  kv_transfer_params=handoff_params(state, finals))
 
 
 def _tool_call(call: ParsedToolCall) -> ToolCall:

@@ -16,6 +16,7 @@ from dlengine.config import ConfigError
 
 MODES = ("hybrid", "prefill", "decode")
 API_KEY_ENV = "DLENGINE_API_KEY"
+PD_SECRET_ENV = "DLENGINE_PD_SECRET"
 
 
 def add_serve_options(p: argparse.ArgumentParser) -> None:
@@ -35,6 +36,9 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
                    help="prefill/decode modes: the KV transfer engine's port (default: a free one)")
     g.add_argument("--transfer-host", default=None, metavar="ADDR",
                    help="prefill/decode modes: the KV transfer engine's address (default: --host)")
+    g.add_argument("--pd-secret", default=None, metavar="SECRET",
+                   help="prefill/decode modes: the key signing kv_transfer_params, shared by every server of the "
+                        f"deployment (default: ${PD_SECRET_ENV}); required in those modes")
     g.add_argument("--api-key", default=None, metavar="KEY",
                    help=f"require 'Authorization: Bearer KEY' on every /v1 route (default: ${API_KEY_ENV} when set)")
     g.add_argument("--max-concurrent-requests", type=int, default=256, metavar="N",
@@ -75,6 +79,10 @@ def run_serve(args: argparse.Namespace) -> int:
     for name in ("port", "max_concurrent_requests", "max_request_bytes"):
         if getattr(args, name) < (0 if name == "port" else 1):
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    pd_secret = args.pd_secret or os.environ.get(PD_SECRET_ENV) or None
+    if args.mode != "hybrid" and not pd_secret:
+        raise ConfigError(f"--mode {args.mode} needs --pd-secret (or ${PD_SECRET_ENV}): the key, shared by the "
+                          "deployment's prefill and decode servers, that signs kv_transfer_params")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = build_engine(args)
     print(engine, file=sys.stderr)
@@ -83,7 +91,7 @@ def run_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         max_concurrent_requests=args.max_concurrent_requests, max_body_bytes=args.max_request_bytes,
         tool_call_parser=args.tool_call_parser, mode=args.mode, ctrl_address=args.ctrl_address,
-        ctrl_scope=args.ctrl_scope, public_url=f"http://{_reachable(args.host)}:{args.port}")
+        ctrl_scope=args.ctrl_scope, pd_secret=pd_secret, public_url=f"http://{_reachable(args.host)}:{args.port}")
     try:
         uvicorn.run(create_app(engine, config), host=args.host, port=args.port, log_level=args.log_level,
                     timeout_graceful_shutdown=5)

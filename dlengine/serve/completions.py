@@ -12,6 +12,7 @@ from dlengine.engine.request import RequestOutput
 from dlengine.serve.errors import bad_request, engine_failed
 from dlengine.serve.logprobs import completion_logprobs, prompt_logprobs
 from dlengine.serve.params import choice_params, completion_prompts, sampling_params
+from dlengine.serve.pd import check_pd_request, handoff_params, hold_prefill
 from dlengine.serve.protocol import (CompletionChoice, CompletionRequest, CompletionResponse, Usage,
                                      new_id)
 from dlengine.serve.state import ServerState
@@ -30,9 +31,13 @@ async def create_completion(req: CompletionRequest, raw: Request):
                              logprobs=req.logprobs, vocab_size=state.vocab_size)
     if req.echo and req.logprobs is not None and req.stream:
         raise bad_request("echo with logprobs is only supported without streaming", param="echo")
+    kv, prefill_url = check_pd_request(state, req.kv_transfer_params, stream=req.stream,
+                                       num_choices=len(prompts) * req.n)
     rid = new_id("cmpl")
     jobs = [(p, choice_params(params, c), f"{rid}-{i}-{c}") for i, p in enumerate(prompts) for c in range(req.n)]
-    streams = await state.async_engine.add(jobs)
+    streams = await state.async_engine.add(jobs, kv)
+    if kv is not None:
+        hold_prefill(prefill_url, req.kv_transfer_params, streams[0])
     if req.stream:
         return StreamingResponse(_stream(state, req, rid, prompts, streams, raw), media_type="text/event-stream")
     finals = await unless_disconnected(raw, collect(streams))
@@ -45,7 +50,8 @@ async def create_completion(req: CompletionRequest, raw: Request):
             raise engine_failed(f"generation failed: {out.error}")
         i = k // req.n
         choices.append(_choice(state, req, k, out, prompts[i], prompt_scores[i] if prompt_scores else None))
-    return CompletionResponse(id=rid, model=req.model, choices=choices, usage=_usage(prompts, finals, req.n))
+    return CompletionResponse(id=rid, model=req.model, choices=choices, usage=_usage(prompts, finals, req.n),
+                              kv_transfer_params=handoff_params(state, finals))
 
 
 def _choice(state: ServerState, req: CompletionRequest, index: int, out: RequestOutput, prompt: list[int],

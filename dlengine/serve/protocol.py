@@ -59,6 +59,9 @@ class SamplingFields(RequestModel):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
+    kv_transfer_params: Optional[dict] = Field(
+        None, description="PD over HTTP: the signed params a prefill server returned; a decode server pulls that KV "
+                          "and continues (docs/serving.md)")
 
 
 Prompt = Union[str, list[str], list[int], list[list[int]]]
@@ -157,6 +160,7 @@ class CompletionResponse(ResponseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Optional[Usage] = None
+    kv_transfer_params: Optional[dict] = None  # a prefill server's hand-off (signed), for a decode server
 
 
 class TopLogprob(ResponseModel):
@@ -212,6 +216,7 @@ class ChatCompletionResponse(ResponseModel):
     model: str
     choices: list[ChatChoice]
     usage: Optional[Usage] = None
+    kv_transfer_params: Optional[dict] = None  # a prefill server's hand-off (signed), for a decode server
 
 
 class DeltaMessage(ResponseModel):

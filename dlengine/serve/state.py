@@ -25,6 +25,7 @@ class ServeConfig:
     ctrl_address: str | None = None  # dlslime-ctrl to register with (serve/registration.py)
     ctrl_scope: str | None = None
     public_url: str | None = None  # the HTTP address registered (default: http://host:port of the bind)
+    pd_secret: str | None = None  # HMAC key signing / checking kv_transfer_params (serve/pd_auth.py)
 
 
 @dataclass
@@ -35,6 +36,7 @@ class ServerState:
     metrics: ServerMetrics
     tool_parser: type[MarkupToolParser]
     text_of: TokenText = field(init=False)
+    used_pd_signatures: dict[str, float] = field(default_factory=dict)  # decode mode: signature -> expires_at
 
     def __post_init__(self) -> None:
         self.text_of = TokenText(self.engine.tokenizer)

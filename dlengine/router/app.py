@@ -1,0 +1,100 @@
+"""The router's FastAPI application: OpenAI routes passed to the backends (proxy.py), the pool
+kept current in the background (monitor.py), /health and /backends for operators."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from dlengine import __version__
+from dlengine.router.backends import BackendPool
+from dlengine.router.config import RouterConfig
+from dlengine.router.monitor import monitor
+from dlengine.router.policies import Policy
+from dlengine.router.proxy import Proxy
+from dlengine.serve.errors import APIError, bad_request, install_error_handlers, unauthorized
+
+
+def create_router_app(config: RouterConfig) -> FastAPI:
+    pool = BackendPool()
+    for role in ("hybrid", "prefill", "decode"):
+        for url in getattr(config, role):
+            pool.add(url, role)
+    state: dict = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        # no pool limit: a stream holds its connection; trust_env off: backends are addressed directly
+        client = httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+                                   trust_env=False)
+        state["proxy"] = Proxy(pool, Policy(config.policy, config.prefix_chars), client, config)
+        task = asyncio.ensure_future(monitor(pool, client, config))
+        try:
+            yield
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await client.aclose()
+
+    app = FastAPI(title="dlengine router", version=__version__, lifespan=lifespan,
+                  description="OpenAI-compatible front for dlengine servers (hybrid, prefill, decode)")
+    app.state.pool = pool
+    install_error_handlers(app)
+
+    def check_key(raw: Request) -> None:
+        if config.api_key is None:
+            return
+        given = raw.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
+            raise unauthorized()
+
+    async def json_body(raw: Request) -> dict:
+        try:
+            body = await raw.json()
+        except ValueError:
+            raise bad_request("the request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise bad_request("the request body must be a JSON object")
+        if "kv_transfer_params" in body:  # only the router hands those to a decode server
+            raise bad_request("kv_transfer_params are set by the router", param="kv_transfer_params")
+        return body
+
+    @app.get("/health")
+    async def health():
+        usable = [b for b in pool.backends.values() if b.healthy]
+        if not usable:
+            return APIError(503, "no healthy backend", type="server_error").response()
+        return {"status": "ok", "backends": len(usable)}
+
+    @app.get("/backends")
+    async def backends():
+        return {"policy": config.policy, "backends": [b.describe() for b in pool.backends.values()]}
+
+    @app.get("/v1/models")
+    async def models(raw: Request):
+        check_key(raw)
+        for b in sorted((b for b in pool.backends.values() if b.healthy), key=lambda b: b.url):
+            try:
+                r = await state["proxy"].client.get(f"{b.url}/v1/models", timeout=config.health_timeout_s)
+                if r.status_code == 200:
+                    return JSONResponse(r.json())
+            except httpx.HTTPError:
+                continue
+        raise APIError(503, "no healthy backend to list models", type="server_error", code="no_backend")
+
+    @app.post("/v1/completions")
+    async def completions(raw: Request):
+        check_key(raw)
+        return await state["proxy"].handle("/v1/completions", await json_body(raw))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(raw: Request):
+        check_key(raw)
+        return await state["proxy"].handle("/v1/chat/completions", await json_body(raw))
+
+    return app

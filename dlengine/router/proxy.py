@@ -1,0 +1,178 @@
+"""Sending one client request to the backends: to a hybrid server, or prefill -> transfer ->
+decode; retried elsewhere while nothing has reached the client.
+
+PD: the request goes, not streamed, to a prefill server (policy-chosen); its answer carries
+signed `kv_transfer_params` unless it finished alone (EOS first, max_tokens 1), in which case
+it is the answer. Otherwise the same request plus those params goes to a decode server, whose
+answer (streamed or not, the first token included) is passed through; once that leg is over
+the router POSTs /pd/free to the prefill server (the decode server's liveness stream and the
+pin timeout free the blocks too, if the router cannot).
+
+Failures: a backend that cannot be reached, resets the connection, answers 502/503 or times out
+before the first byte is dropped (until a health check sees it again) and the request is tried
+on another: another decode server with the same params, then (params freed) a hybrid server,
+or a decode server computing the request itself. Once bytes have reached the client the request
+cannot move: a backend that dies or stays silent longer than `stream_timeout_s` ends the stream
+with an in-band `data: {"error": ...}` event and `[DONE]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import AsyncIterator, Callable
+
+import httpx
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from dlengine.router.backends import Backend, BackendPool
+from dlengine.router.config import RouterConfig
+from dlengine.router.policies import Policy
+from dlengine.router.sse import DONE, as_stream, error_event
+from dlengine.serve.errors import APIError
+
+logger = logging.getLogger("dlengine.router")
+_DEAD_STATUS = (502, 503, 504)
+
+
+class BackendFailed(Exception):
+    """A backend failed before anything reached the client: the request may go elsewhere."""
+
+
+class Proxy:
+    def __init__(self, pool: BackendPool, policy: Policy, client: httpx.AsyncClient, config: RouterConfig) -> None:
+        self.pool, self.policy, self.client, self.config = pool, policy, client, config
+        self._background: set[asyncio.Task] = set()
+
+    async def handle(self, path: str, body: dict) -> Response:
+        attempts = len(self.pool.backends) + 1  # each failure drops a backend, so this bounds the retries
+        for _ in range(attempts):
+            try:
+                if self.pool.usable("prefill") and self.pool.usable("decode"):
+                    return await self._disaggregated(path, body)
+                candidates = self.pool.usable("hybrid") or self.pool.usable("decode")  # decode servers compute too
+                if not candidates:
+                    break
+                return await self._forward(self.policy.choose(candidates, body, "hybrid"), path, body)
+            except BackendFailed as e:
+                logger.warning("retrying elsewhere: %s", e)
+        raise APIError(503, "no backend can take this request (none healthy: see the router's /backends)",
+                       type="server_error", code="no_backend")
+
+    # ------------------------------------------------------------------ PD
+    async def _disaggregated(self, path: str, body: dict) -> Response:
+        prefill = self.policy.choose(self.pool.usable("prefill"), body, "prefill")
+        first = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+        status, answer = await self._post_json(prefill, path, first)
+        if status != 200 or not isinstance(answer, dict):
+            return JSONResponse(answer, status_code=status)  # the client's own error (400, 404, ...)
+        signed = answer.pop("kv_transfer_params", None)
+        if signed is None:  # the prefill server finished the request alone: that is the answer
+            if body.get("stream"):
+                include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+                return StreamingResponse(_iterate(as_stream(answer, include_usage)), media_type="text/event-stream")
+            return JSONResponse(answer)
+
+        def free() -> None:
+            self._spawn(self._free(prefill, signed))
+
+        second = {**body, "kv_transfer_params": signed}
+        while decodes := self.pool.usable("decode"):
+            decode = self.policy.choose(decodes, body, "decode")
+            try:
+                return await self._forward(decode, path, second, on_done=free)
+            except BackendFailed as e:
+                logger.warning("decode leg failed, trying another decode server: %s", e)
+        free()
+        raise BackendFailed("every decode server failed")
+
+    async def _free(self, prefill: Backend, signed: dict) -> None:
+        try:
+            await self.client.post(f"{prefill.url}/pd/free", json={"kv_transfer_params": signed},
+                                   timeout=self.config.health_timeout_s)
+        except httpx.HTTPError as e:  # its pin timeout (or the decode server's liveness stream) frees them
+            logger.warning("/pd/free on %s failed: %r", prefill.url, e)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # ------------------------------------------------------------------ one backend
+    def _timeout(self, stream: bool) -> httpx.Timeout:
+        read = self.config.stream_timeout_s if stream else self.config.request_timeout_s
+        return httpx.Timeout(read, connect=self.config.connect_timeout_s)
+
+    async def _post_json(self, backend: Backend, path: str, body: dict) -> tuple[int, object]:
+        backend.in_flight += 1
+        try:
+            r = await self.client.post(f"{backend.url}{path}", json=body, timeout=self._timeout(False))
+            if r.status_code in _DEAD_STATUS:
+                self.pool.mark_down(backend, f"answered {r.status_code}")
+                raise BackendFailed(f"{backend.url} answered {r.status_code}")
+            return r.status_code, r.json()
+        except (httpx.HTTPError, ValueError) as e:
+            self.pool.mark_down(backend, repr(e))
+            raise BackendFailed(f"{backend.url}: {e!r}") from None
+        finally:
+            backend.in_flight -= 1
+
+    async def _forward(self, backend: Backend, path: str, body: dict,
+                       on_done: Callable[[], None] | None = None) -> Response:
+        """The backend's answer, streamed through when the client streams. Raises BackendFailed
+        (and calls nothing) when it fails before its first byte."""
+        stream = bool(body.get("stream"))
+        backend.in_flight += 1
+        response = None
+        try:
+            request = self.client.build_request("POST", f"{backend.url}{path}", json=body,
+                                                timeout=self._timeout(stream))
+            response = await self.client.send(request, stream=True)
+            if response.status_code in _DEAD_STATUS:
+                raise BackendFailed(f"{backend.url} answered {response.status_code}")
+            if not stream or response.status_code != 200:
+                content = await response.aread()
+                await response.aclose()
+                backend.in_flight -= 1
+                if on_done is not None:
+                    on_done()
+                return Response(content, status_code=response.status_code,
+                                media_type=response.headers.get("content-type", "application/json"))
+            chunks = response.aiter_raw()
+            first = await chunks.__anext__()
+        except (httpx.HTTPError, BackendFailed, StopAsyncIteration) as e:
+            if response is not None:
+                await response.aclose()
+            backend.in_flight -= 1
+            self.pool.mark_down(backend, repr(e))
+            raise BackendFailed(f"{backend.url}: {e!r}") from None
+        return StreamingResponse(self._relay(backend, response, first, chunks, on_done),
+                                 media_type="text/event-stream")
+
+    async def _relay(self, backend: Backend, response: httpx.Response, first: bytes, chunks: AsyncIterator[bytes],
+                     on_done: Callable[[], None] | None) -> AsyncIterator[bytes]:
+        tail = b""  # the last bytes seen: did the backend finish its stream with [DONE]?
+        try:
+            yield first
+            tail = first[-32:]
+            async for chunk in chunks:
+                yield chunk
+                tail = (tail + chunk)[-32:]
+            if b"[DONE]" not in tail:
+                raise httpx.RemoteProtocolError("the stream ended without [DONE]")
+        except httpx.HTTPError as e:
+            self.pool.mark_down(backend, repr(e))
+            what = ("stopped answering" if isinstance(e, httpx.TimeoutException) else "failed")
+            yield error_event(f"the backend {backend.url} {what} mid-stream ({type(e).__name__}); the answer is "
+                              "incomplete")
+            yield DONE
+        finally:
+            await response.aclose()
+            backend.in_flight -= 1
+            if on_done is not None:
+                on_done()
+
+
+async def _iterate(chunks) -> AsyncIterator[bytes]:
+    for c in chunks:
+        yield c
