@@ -271,8 +271,22 @@ def _run_bench_serve(args: argparse.Namespace) -> int:
 BENCHMARKS = {"throughput": _add_throughput, "latency": _add_latency, "serve": _add_bench_serve}
 
 
+def _missing_extra(sub, name: str, error: ImportError) -> None:
+    """`dlengine NAME` without the serve extra installed: the command exists and says what to install."""
+    p = sub.add_parser(name, help=f"(needs pip install 'dlengine[serve]')", add_help=True)
+    p.add_argument("args", nargs=argparse.REMAINDER)
+
+    def fail(args: argparse.Namespace) -> int:
+        raise ConfigError(f"dlengine {name} needs the serve extra (pip install 'dlengine[serve]'): {error}")
+
+    p.set_defaults(handler=fail)
+
+
 def _add_serve(sub) -> None:
-    from dlengine.serve.cli import add_serve_options
+    try:
+        from dlengine.serve.cli import add_serve_options
+    except ImportError as e:  # fastapi / uvicorn / pydantic not installed: the bench still works
+        return _missing_extra(sub, "serve", e)
 
     p = sub.add_parser(
         "serve", parents=[_engine_options()],
@@ -296,7 +310,10 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 
 def _add_router(sub) -> None:
-    from dlengine.router.cli import add_router_options
+    try:
+        from dlengine.router.cli import add_router_options
+    except ImportError as e:
+        return _missing_extra(sub, "router", e)
 
     p = sub.add_parser(
         "router", help="route OpenAI requests over hybrid, prefill and decode servers",

@@ -102,11 +102,12 @@ class CountingBackend(AttentionBackendBase):
 
 def test_a_backend_object_plugs_in_and_describe_shows_its_name():
     backend = CountingBackend()
-    engine = EngineBuilder("tiny-qwen3").attention(backend).cuda_graphs(False).build()
+    # a fixed pool: on a GPU the first engine would otherwise take the memory the second needs
+    engine = EngineBuilder("tiny-qwen3").attention(backend).cuda_graphs(False).cache(num_blocks=256).build()
     assert engine.runner.backend is backend
     kernels = engine.describe()["kernels"]
     assert kernels["attention"] == kernels["gqa_decode"] == kernels["mla_prefill"] == "counting"
-    ref = EngineBuilder("tiny-qwen3").attention("torch").cuda_graphs(False).build()
+    ref = EngineBuilder("tiny-qwen3").attention("torch").cuda_graphs(False).cache(num_blocks=256).build()
     params = SamplingParams(max_tokens=4, temperature=0.0)
     got = engine.generate(["hello world"], params)[0].token_ids
     assert backend.calls > 0
