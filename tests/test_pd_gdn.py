@@ -1,6 +1,6 @@
 """Prefill-decode disaggregation of Gated DeltaNet hybrids (tiny Qwen3-Next, Qwen3.5): the
 recurrent state after the prompt (conv window + delta-rule state) travels with the paged KV of the
-full-attention layers, over DLSlime's TCP transport on 127.0.0.1 (engines in this process).
+full-attention layers (Qwen3.5-MoE too), over DLSlime's TCP transport on 127.0.0.1 (engines in this process).
 
 Greedy tokens must equal a hybrid engine's for prompts of lengths 1..200, and afterwards every
 block, state slot and staging slot is back on both sides; a pull that finds the prefill side's
@@ -14,7 +14,7 @@ except ImportError as e:  # CI installs it (.ci/run); say why when it is not the
     pytest.skip(f"dlslime is not importable ({e}): pip install 'dlengine[dlslime]' and apt-get install libibverbs1",
                 allow_module_level=True)
 
-from dlengine import EngineBuilder, SamplingParams
+from dlengine import EngineBuilder, InvalidRequestError, SamplingParams
 from dlengine.config import ConfigError
 from dlengine.disagg import PDRouter
 from dlengine.testing import tiny_checkpoint
@@ -55,7 +55,7 @@ def step_until(engines, cond, max_steps=2000):
     raise AssertionError("condition not reached")
 
 
-@pytest.fixture(scope="module", params=["qwen3-next", "qwen3.5"])
+@pytest.fixture(scope="module", params=["qwen3-next", "qwen3.5", "qwen3.5-moe"])
 def pd(request):
     kind = request.param
     prefill, decode = build(kind, "prefill"), build(kind, "decode", block_size=8)
@@ -100,6 +100,8 @@ def test_params_without_state_are_refused(pd):
     engine's), before decoding from a zero state."""
     kind, prefill, decode = pd
     [p] = prefill.generate([PROMPTS[3]], GREEDY)
+    with pytest.raises(InvalidRequestError, match="state_slot"):
+        decode.add_request(PROMPTS[3], GREEDY, kv_transfer_params={**p.kv_transfer_params, "state_slot": -2})
     kv = {k: v for k, v in p.kv_transfer_params.items() if k != "state_slot"}
     rid = decode.add_request(PROMPTS[3], GREEDY, kv_transfer_params=kv)
     outs = step_until([decode, prefill], lambda: not decode.has_unfinished_requests() and not prefill.connector.pinned)
@@ -107,6 +109,25 @@ def test_params_without_state_are_refused(pd):
     assert out.finish_reason == "error" and "carry no recurrent state" in out.error
     assert_all_free(decode)
     assert_all_free(prefill)
+
+
+def test_failed_pull_recomputes_from_a_fresh_state(pd):
+    """on_pull_failure="recompute": the failed pull's request computes its prompt on the decode
+    engine, from a zero state in a fresh slot, and still gives the hybrid engine's tokens."""
+    kind, prefill, _ = pd
+    decode = build(kind, "decode", on_pull_failure="recompute")
+    try:
+        expected = build(kind, "hybrid").generate([PROMPTS[5]], GREEDY)[0].token_ids
+        [p] = prefill.generate([PROMPTS[5]], GREEDY)
+        assert prefill.abort(p.request_id)
+        rid = decode.add_request(PROMPTS[5], GREEDY, kv_transfer_params=p.kv_transfer_params)
+        outs = step_until([decode], lambda: not decode.has_unfinished_requests() and not decode.connector.active)
+        [out] = [o for o in outs if o.request_id == rid and o.finished]
+        assert out.error is None and out.token_ids == expected
+        assert decode.connector.counts["recomputed"] == 1
+        assert_all_free(decode)
+    finally:
+        decode.close()
 
 
 def test_direct_cache_registration_is_refused_for_state_models():
