@@ -84,17 +84,26 @@ def _use_cuda_graphs(cfg: EngineConfig, backend, state, cache_specs=()) -> bool:
 
 def _check_state_model_features(cfg: EngineConfig, cache_specs) -> None:
     """Features that would silently compute wrong tokens with a recurrent state (StateSpec):
-    drafts cannot be rolled back out of a state updated in place, and KV migration does not yet
-    move the state (a decode engine would resume from zeros)."""
+    drafts cannot be rolled back out of a state updated in place. (A KV connector must also
+    move the state: `_check_connector_moves_state`.)"""
     if all(s.paged for s in cache_specs):
         return
-    arch = cfg.model.architecture
     if cfg.components.speculator is not None:
-        raise ConfigError(f"{arch} keeps recurrent state, which speculative decoding cannot roll back yet; "
-                          "drop speculative(...)")
-    if cfg.role != "hybrid" or cfg.components.kv_connector is not None:
-        raise ConfigError(f"{arch} keeps recurrent state, which KV transfer does not migrate yet; "
-                          "use role('hybrid') without a KV connector")
+        raise ConfigError(f"{cfg.model.architecture} keeps recurrent state, which speculative decoding cannot roll "
+                          "back yet; drop speculative(...)")
+
+
+def _check_connector_moves_state(cfg: EngineConfig, cache_specs, connector) -> None:
+    """A decode engine given the KV without the recurrent state would resume from zeros: the
+    prefill/decode roles' connectors migrate it (`migrates_state`); a user's connector must say so."""
+    if connector is None or all(s.paged for s in cache_specs) or getattr(connector, "migrates_state", False):
+        return
+    connector_close = getattr(connector, "close", None)
+    if callable(connector_close):
+        connector_close()
+    raise ConfigError(f"{cfg.model.architecture} keeps recurrent state, which the KV connector "
+                      f"{type(connector).__name__} does not migrate (it has no migrates_state = True); "
+                      "use role('prefill') / role('decode') or role('hybrid') without a KV connector")
 
 
 def _make_sampler(cfg: EngineConfig, state):
@@ -164,6 +173,7 @@ def build_core(cfg: EngineConfig, state=None) -> EngineCore:
 
         connector = make_connector(cfg.role, cfg.transfer, kv_cache, block_manager, cfg, cfg.control_plane,
                                    rank=state.rank)
+    _check_connector_moves_state(cfg, cache_specs, connector)
     speculator = cfg.components.speculator
     if speculator is not None and not hasattr(speculator, "propose") and callable(speculator):
         speculator = speculator(cfg)  # a factory

@@ -20,6 +20,10 @@ pull then has one leg per rank (disagg/shards.py), each with its own peer, hands
 its head range's sub-buffer of staging, pin check and done slot; the request is ready when every
 leg is verified, and fails (every rank told to free) when one fails. Unsharded params are one leg.
 
+A model with a recurrent state (docs/gdn.md) reads the prefill side's staging state slot into a
+staging slot of its own in the same read, and copies it into the request's state slot when the
+pin check passes: the request resumes from the state after the prompt.
+
 Prefix caching on this side: not used for migrated prompts (the whole prompt is pulled); the
 pulled blocks are published in the prefix cache, so later local prefills can hit them.
 """
@@ -55,6 +59,7 @@ class _Pull:
     queued_at: float
     legs: list[Leg] = field(default_factory=list)  # planned once blocks are allocated (disagg/shards.py)
     region_blocks: list[int] = field(default_factory=list)
+    region_state_slot: int = -1  # staging slot its recurrent state lands in (models with state specs)
     deadline: float = 0.0
     state: str = "queued"  # queued | failing | pulling | draining
     started: float = 0.0
@@ -79,6 +84,7 @@ class MigrationRecord:
 
 class DecodeConnector:
     name = "decode"
+    migrates_state = True  # pulls a state model's recurrent state with the KV (assemble.py checks)
 
     def __init__(self, kv_cache, block_manager, config, transfer, engine_id: str, fingerprint: str,
                  pull_timeout_s: float = 30.0, queue_timeout_s: float = 60.0, staging_blocks: int | None = None,
@@ -152,6 +158,7 @@ class DecodeConnector:
             pull.legs = pull.legs or plan_legs(req.remote_kv, pull.params, self.region.layout)
             for leg in pull.legs:  # every rank, also those read from none: each is told when we are done
                 self._ensure_peer(leg.params, leg.expected)
+            self._check_state_handoff(pull)
         except TransferError as e:
             del self.queue[req.request_id]
             self._fail(pull, str(e))
@@ -159,6 +166,12 @@ class DecodeConnector:
         region_blocks = self.region.allocate(req.block_ids)
         if region_blocks is None:
             return False  # staging is full: retry when pulls in flight have landed
+        if self.region.has_state:
+            state_slot = self.region.allocate_state()
+            if state_slot is None:
+                self.region.release(region_blocks)
+                return False  # every staging state slot is in use: retry when pulls have landed
+            pull.region_state_slot = state_slot
         del self.queue[req.request_id]
         pull.region_blocks = region_blocks
         pull.started = time.monotonic()
@@ -171,8 +184,10 @@ class DecodeConnector:
                 continue
             lp = leg.params
             try:
-                segments = leg.slice.segments(KVLayout.from_dict(lp.layout), lp.block_ids, region_blocks,
-                                              lp.num_computed_tokens)
+                remote = KVLayout.from_dict(lp.layout)
+                segments = leg.slice.segments(remote, lp.block_ids, region_blocks, lp.num_computed_tokens)
+                if pull.region_state_slot >= 0:  # the state after the prompt, in the same read
+                    segments += self.region.layout.state_segments_from(remote, lp.state_slot, pull.region_state_slot)
                 leg.future = self.transfer.read(lp.engine_id, "kv", "kv", segments)
             except TransferError as e:
                 self._end_pull(pull, f"KV pull from prefill engine {lp.engine_id} failed to start: {e}")
@@ -181,6 +196,22 @@ class DecodeConnector:
             pull.nbytes += sum(seg[2] for seg in segments)
             pull.segments += len(segments)
         return True
+
+    def _check_state_handoff(self, pull: _Pull) -> None:
+        """A model with a recurrent state resumes decoding from the prefill engine's state after
+        the prompt: the params must name its staging slot, from one unsharded prefill engine
+        (state models run tp=1; a state is not split by kv head). Raises HandshakeError."""
+        if not self.region.has_state:
+            return
+        p = pull.params
+        if len(pull.legs) != 1 or not pull.legs[0].slice or not pull.legs[0].slice.whole:
+            raise HandshakeError(f"{self.config.model.architecture} keeps a recurrent state, which a tensor-parallel "
+                                 f"prefill engine ({len(pull.legs)} shards) cannot hand off")
+        if p.state_slot < 0:
+            raise HandshakeError(f"kv_transfer_params from prefill engine {p.engine_id} carry no recurrent state "
+                                 f"(state_slot), which {self.config.model.architecture} needs to resume decoding")
+        if pull.request.state_slot is None:
+            raise TransferError(f"request {pull.request.request_id} was allocated no state slot")
 
     def poll(self) -> PollResult:
         self._reap_notifies()
@@ -262,6 +293,9 @@ class DecodeConnector:
             else:  # one prefill rank's heads: into their head range of the cache blocks
                 stage_in_slice(self.region.tensor, leg.slice, self.kv_cache, pull.region_blocks, req.block_ids,
                                p.num_computed_tokens)
+        if pull.region_state_slot >= 0:
+            # the decode step resumes from it (has_initial_state: num_computed_tokens > 0)
+            self.region.stage_state_in(pull.region_state_slot, req.state_slot)
         self._retire(pull)
         self._notify_all(pull)
         req.metrics.first_token_time = req.metrics.first_token_time or time.perf_counter()
@@ -281,6 +315,8 @@ class DecodeConnector:
             del self.active[pull.request.request_id]
         self.region.release(pull.region_blocks)
         pull.region_blocks = []
+        self.region.release_state(pull.region_state_slot)
+        pull.region_state_slot = -1
         for leg in pull.legs:
             if leg.scratch >= 0:
                 self._free_scratch.append(leg.scratch)
@@ -297,6 +333,7 @@ class DecodeConnector:
             # the abandoned reads may still land: their staging and scratch slots are never reused
             self.region.quarantine(pull.region_blocks)
             pull.region_blocks = []
+            pull.region_state_slot = -1  # not released: quarantined with the blocks
             for leg in pull.legs:
                 if leg.params.engine_id == engine_id:
                     leg.future, leg.scratch = None, -1

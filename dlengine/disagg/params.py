@@ -17,6 +17,7 @@ import numpy as np
 from dlengine.sampling_params import InvalidRequestError
 
 PARAMS_VERSION = 1
+_OPTIONAL = ("version", "state_slot")  # fields older prefill engines do not send
 
 
 def prompt_hash(token_ids: Sequence[int]) -> str:
@@ -39,6 +40,9 @@ class KVTransferParams:
     slot: int  # its pin/done slot for this request
     nonce: int  # written into the done slot to release the blocks
     pin_timeout_s: float  # the prefill engine frees the blocks this long after handing them off
+    # staging state slot holding the request's recurrent state after the prompt (models with
+    # state specs, e.g. Gated DeltaNet hybrids); -1: the model keeps no state
+    state_slot: int = -1
     version: int = PARAMS_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -50,7 +54,7 @@ class KVTransferParams:
             return d
         if not isinstance(d, dict):
             raise InvalidRequestError(f"kv_transfer_params must be a dict, not {type(d).__name__}")
-        missing = [f for f in KVTransferParams.__dataclass_fields__ if f not in d and f != "version"]
+        missing = [f for f in KVTransferParams.__dataclass_fields__ if f not in d and f not in _OPTIONAL]
         if missing:
             raise InvalidRequestError(f"kv_transfer_params is missing {missing}")
         if d.get("version", PARAMS_VERSION) != PARAMS_VERSION:
@@ -69,9 +73,10 @@ class KVTransferParams:
             "slot": lambda v: isinstance(v, int) and v >= 0,
             "nonce": lambda v: isinstance(v, int) and v != 0,
             "pin_timeout_s": lambda v: isinstance(v, (int, float)) and v > 0,
+            "state_slot": lambda v: isinstance(v, int) and v >= -1,
         }
         for name, ok in checks.items():
-            if not ok(d[name]):
+            if name in d and not ok(d[name]):
                 raise InvalidRequestError(f"kv_transfer_params[{name!r}] is invalid: {d[name]!r}")
         return KVTransferParams(**{k: d[k] for k in KVTransferParams.__dataclass_fields__ if k in d})
 

@@ -5,7 +5,9 @@ decode engines are done with).
 
 The prompt's KV is copied into block-major staging at hand-off (one contiguous range per
 request; the cache blocks return to the pool at once), or, with `staging_blocks=0` on CPU, the
-cache blocks themselves stay pinned and are read in place.
+cache blocks themselves stay pinned and are read in place. A model with a recurrent state (Gated
+DeltaNet hybrids) also copies the request's state after the prompt into a staging state slot,
+named in the params and held with the blocks (docs/gdn.md); it needs staging.
 
 Control traffic rides on the same DLSlime transport as the KV, as one-sided reads and writes of
 small registered regions of this engine, so the prefill side stays passive (no socket server of
@@ -60,10 +62,12 @@ class _Pinned:
     deadline: float
     num_cached_blocks: int = 0
     all_token_ids: list[int] = field(default_factory=list)
+    region_state_slot: int = -1  # staging slot of its recurrent state (models with state specs)
 
 
 class PrefillConnector:
     name = "prefill"
+    migrates_state = True  # hands off a state model's recurrent state with the KV (assemble.py checks)
 
     def __init__(self, kv_cache, block_manager, config, transfer, engine_id: str, fingerprint: str,
                  pin_timeout_s: float = 60.0, num_slots: int = 4096, staging_blocks: int | None = None) -> None:
@@ -76,6 +80,12 @@ class PrefillConnector:
         self.pin_timeout_s = pin_timeout_s
         self.region = KVRegion(kv_cache, config.model, staging_blocks,
                                min_blocks=-(-config.max_model_len // kv_cache.block_size))
+        if self.region.has_state and not self.region.staged:
+            from dlengine.config import ConfigError
+
+            raise ConfigError(f"{config.model.architecture} keeps a recurrent state per request, which travels "
+                              "through a staging slot: staging_blocks=0 (the cache registered directly) cannot keep "
+                              "a finished request's state slot pinned; leave staging_blocks unset")
         self.ctrl = torch.zeros((2, num_slots), dtype=torch.int64)
         self.meta = torch.zeros(META_BYTES, dtype=torch.uint8)
         record = json.dumps({"engine_id": engine_id, "role": "prefill", "fingerprint": fingerprint,
@@ -118,10 +128,18 @@ class PrefillConnector:
         bs = self.kv_cache.block_size
         cache_blocks = request.block_ids[: -(-n // bs)]
         region_blocks = self.region.allocate(cache_blocks)
-        if region_blocks is None or not self._free_slots:
+        # the recurrent state after the whole prompt (the decode engine resumes from it)
+        state_slot = self.region.allocate_state() if self.region.has_state else -1
+        if region_blocks is None or not self._free_slots or state_slot is None:
+            if region_blocks is not None:
+                self.region.release(region_blocks)
+            if state_slot is not None:
+                self.region.release_state(state_slot)
             request.error = "prefill engine has no free transfer staging/slot to hand the KV off; retry later"
             return "error"
         self.region.stage_out(cache_blocks, region_blocks)
+        if state_slot >= 0:
+            self.region.stage_state_out(request.state_slot, state_slot)
         slot = self._free_slots.popleft()
         nonce = self._rng.getrandbits(62) + 1
         if self.region.staged:
@@ -132,7 +150,8 @@ class PrefillConnector:
             held = list(request.block_ids)
             request.block_ids = []
             request.num_cached_blocks = 0
-        pinned = _Pinned(request.request_id, held, region_blocks, slot, nonce, time.monotonic() + self.pin_timeout_s)
+        pinned = _Pinned(request.request_id, held, region_blocks, slot, nonce, time.monotonic() + self.pin_timeout_s,
+                         region_state_slot=state_slot)
         self.ctrl[DONE, slot] = 0
         self.ctrl[PIN, slot] = nonce
         self.pinned[slot] = pinned
@@ -142,6 +161,7 @@ class PrefillConnector:
             block_ids=region_blocks, num_computed_tokens=n, first_token=request.output_token_ids[0],
             prompt_hash=prompt_hash(request.prompt_token_ids), fingerprint=self.fingerprint,
             layout=self.region.layout.to_dict(), slot=slot, nonce=nonce, pin_timeout_s=self.pin_timeout_s,
+            state_slot=state_slot,
         ).to_dict()
         self.counts["handed_off"] += 1
         return "kv_transfer"
@@ -174,6 +194,7 @@ class PrefillConnector:
         self.ctrl[PIN, slot] = 0  # first: a pull still in flight will see it and discard its copy
         self.block_manager.free(p)
         self.region.release(p.region_blocks)
+        self.region.release_state(p.region_state_slot)
         self._slot_of.pop(p.request_id, None)
         self._free_slots.append(slot)
         self.counts[f"released_{why}"] += 1

@@ -16,9 +16,12 @@ def rank_kv_config(config, kv_cache):
     """`config` with the kv heads this rank's cache holds: under tensor parallelism a GQA cache
     keeps its rank's share of the heads (MLA's latent is whole), and the connector's KV layout --
     what a decode engine checks and slices by -- must say so."""
-    heads = kv_cache.storage.shape[-2]
     model = config.model
-    if model.uses_mla or heads == model.num_key_value_heads:
+    if model.uses_mla:
+        return config
+    # the first paged group is the full-attention K/V (state models keep a state group beside it)
+    heads = getattr(kv_cache.paged_groups[0].spec, "num_kv_heads", 0)
+    if not heads or heads == model.num_key_value_heads:
         return config
     return dataclasses.replace(config, model=dataclasses.replace(model, num_key_value_heads=heads))
 

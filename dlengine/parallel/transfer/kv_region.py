@@ -17,6 +17,7 @@ cache block i, and a pull reads straight into the cache: no copies, but one segm
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Sequence
 
 import numpy as np
@@ -49,6 +50,7 @@ class KVRegion:
             self.tensor = buf
             self.layout = kv_layout(kv_cache)
             self._free = None
+            self._free_state = deque()
             return
         n = staging_blocks if staging_blocks is not None else max(1024, 2 * min_blocks)
         n = max(1, min(n, kv_cache.num_blocks))
@@ -64,6 +66,31 @@ class KVRegion:
             self._cols.append((c, c + g3.shape[0] * g3.shape[2]))
             c += g3.shape[0] * g3.shape[2]
         self._free = np.ones(n, dtype=bool)
+        # staging state slots (one per request handed off or pulled); first free slot first
+        self._free_state = deque(range(self.layout.num_state_slots))
+
+    @property
+    def has_state(self) -> bool:
+        """Whether the cache keeps per-sequence state (state specs) that travels with the KV."""
+        return bool(self.kv_cache.state_groups)
+
+    @property
+    def num_free_state_slots(self) -> int:
+        return len(self._free_state) if self.staged else 0
+
+    def allocate_state(self) -> int | None:
+        """A staging state slot for one sequence's state, or None when every one is taken (or the
+        region is the cache itself, which has no staging slots)."""
+        if not self.staged or not self._free_state:
+            return None
+        return self._free_state.popleft()
+
+    def release_state(self, region_slot: int) -> None:
+        """Give a staging state slot back (never one a timed-out read may still land in: those
+        are simply not released, like quarantined blocks)."""
+        if region_slot >= 0:
+            assert region_slot not in self._free_state, "staging state slot released twice"
+            self._free_state.append(region_slot)
 
     @property
     def num_free(self) -> int:
@@ -130,9 +157,8 @@ class KVRegion:
                 g3[:, cache_blocks[-1], used * group.token_bytes:] = 0
 
     def stage_state_out(self, cache_slot: int, region_slot: int) -> None:
-        """One sequence's state (every state group), cache slot -> staging slot. The state
-        counterpart of stage_out: the disaggregation roles do not call it yet (no model has
-        state specs)."""
+        """One sequence's state (every state group), cache slot -> staging slot: the state
+        counterpart of stage_out (a prefill engine's hand-off of a Gated DeltaNet request)."""
         if self.staged:
             for s2, rows in zip(self._states2, self._state_rows()):
                 rows[region_slot].copy_(s2[cache_slot])
