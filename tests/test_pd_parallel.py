@@ -73,6 +73,23 @@ def wait_prefill_released(prefill, timeout=10.0) -> list[dict]:
         s["connector"]["pinned_requests"] == 0 and s["num_free_blocks"] == s["num_blocks"] for s in stats), timeout)
 
 
+def wait_stopped(pid: int, timeout: float = 5.0) -> None:
+    """Until every thread of `pid` is stopped (state T in /proc), so a stalled peer really is."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    states.append(f.read().rsplit(")", 1)[1].split()[0])
+            except FileNotFoundError:
+                continue
+        if states and all(st in ("T", "t") for st in states):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} did not stop")
+
+
 def run_decode(decode, prompt, kv_params, others=(), timeout=20.0):
     rid = decode.add_request(prompt, GREEDY, kv_transfer_params=kv_params)
     deadline = time.monotonic() + timeout
@@ -215,6 +232,7 @@ def test_one_shard_failing_frees_every_rank():
         assert_pool_full(decode)
 
         os.kill(rank1.pid, signal.SIGSTOP)
+        wait_stopped(rank1.pid)  # the stop lands asynchronously: no read may be served before it
         try:
             out = run_decode(decode, PROMPTS[4], stalled.kv_transfer_params)
         finally:
