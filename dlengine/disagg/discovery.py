@@ -34,23 +34,24 @@ class EngineNode:
 
 
 class Registration:
-    """A live registration: heartbeats until `close()` (Engine.close() calls it)."""
+    """A live entry in dlslime-ctrl: registered at once, re-registered every `heartbeat_s` seconds
+    with a fresh `heartbeat_at` in its metadata, unregistered by `close()`. Engines (kind "prefill"
+    / "decode", ControlPlane.register) and HTTP servers (kind "dlengine", dlengine.serve) use it."""
 
-    def __init__(self, client, node: EngineNode, heartbeat_s: float, url: str = "") -> None:
+    def __init__(self, client, entity_id: str, kind: str, endpoint: dict, metadata: dict, heartbeat_s: float,
+                 url: str = "") -> None:
         self._client = client
-        self.node = node
+        self.entity_id, self.kind, self.endpoint, self.metadata = entity_id, kind, endpoint, dict(metadata)
         if not self._register():
-            raise ConfigError(f"cannot register engine {node.engine_id} with the control plane at {url} "
+            raise ConfigError(f"cannot register {entity_id} with the control plane at {url} "
                               "(is dlslime-ctrl running, with its Redis?)")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, args=(heartbeat_s,), name="dlengine-ctrl-hb", daemon=True)
         self._thread.start()
 
     def _register(self) -> bool:
-        n = self.node
-        return self._client.register(n.engine_id, n.role, endpoint=n.endpoint,
-                                     metadata={"fingerprint": n.fingerprint, "heartbeat_at": time.time(),
-                                               "engine_id": n.engine_id})
+        return self._client.register(self.entity_id, self.kind, endpoint=self.endpoint,
+                                     metadata={**self.metadata, "heartbeat_at": time.time()})
 
     def _loop(self, interval: float) -> None:
         while not self._stop.wait(interval):
@@ -75,8 +76,8 @@ class ControlPlane:
         """Register a prefill/decode engine (its KV connector) and keep it alive. Raises
         ConfigError when the control plane is unreachable."""
         c = connector
-        node = EngineNode(c.engine_id, c.name, c.transfer.local_info(), c.fingerprint, time.time())
-        return Registration(self._client_cls(self.url, scope=self.scope), node, heartbeat_s, self.url)
+        return Registration(self._client_cls(self.url, scope=self.scope), c.engine_id, c.name, c.transfer.local_info(),
+                            {"fingerprint": c.fingerprint, "engine_id": c.engine_id}, heartbeat_s, self.url)
 
     def engines(self, role: str | None = None) -> list[EngineNode]:
         """Live engines (of `role`), freshest first; nodes whose heartbeat is older than

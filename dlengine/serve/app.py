@@ -45,9 +45,9 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         registration = None
         try:
             if config.ctrl_address:
-                from dlengine.serve.registration import ServerRegistration
+                from dlengine.serve.registration import register_server
 
-                registration = ServerRegistration(
+                registration = register_server(
                     config.ctrl_address, http_url=config.public_url or "", role=config.mode,
                     model=config.served_model_name, scope=config.ctrl_scope,
                     engine_id=(engine.describe().get("kv_transfer") or {}).get("engine_id"))

@@ -11,43 +11,23 @@ separately, as kind "prefill" / "decode" (dlengine.disagg.discovery).
 from __future__ import annotations
 
 import socket
-import threading
-import time
 import uuid
 
 from dlengine.config import ConfigError
+from dlengine.disagg.discovery import Registration
 
 ENTITY_KIND = "dlengine"
 
 
-class ServerRegistration:
-    def __init__(self, ctrl_address: str, *, http_url: str, role: str, model: str, engine_id: str | None = None,
-                 scope: str | None = None, heartbeat_s: float = 2.0) -> None:
-        try:
-            from dlslime.ctrl import NanoCtrlClient
-        except ImportError as e:
-            raise ConfigError(f"--ctrl-address needs DLSlime's control-plane client (pip install "
-                              f"'dlengine[dlslime]'): {e}") from None
-        self.entity_id = f"dlengine-{role}-{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
-        self.endpoint = {"http_url": http_url}
-        self.metadata = {"role": role, "model": model, "http_url": http_url, "engine_id": engine_id}
-        self._client = NanoCtrlClient(ctrl_address, scope=scope)
-        if not self._register():
-            raise ConfigError(f"cannot register with the control plane at {ctrl_address} "
-                              "(is dlslime-ctrl running, with its Redis?)")
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, args=(heartbeat_s,), name="dlengine-serve-hb", daemon=True)
-        self._thread.start()
-
-    def _register(self) -> bool:
-        return self._client.register(self.entity_id, ENTITY_KIND, endpoint=self.endpoint,
-                                     metadata={**self.metadata, "heartbeat_at": time.time()})
-
-    def _loop(self, interval: float) -> None:
-        while not self._stop.wait(interval):
-            self._register()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5.0)
-        self._client.unregister()
+def register_server(ctrl_address: str, *, http_url: str, role: str, model: str, engine_id: str | None = None,
+                    scope: str | None = None, heartbeat_s: float = 2.0) -> Registration:
+    """Register the server and heartbeat until the returned Registration is closed."""
+    try:
+        from dlslime.ctrl import NanoCtrlClient
+    except ImportError as e:
+        raise ConfigError(f"--ctrl-address needs DLSlime's control-plane client (pip install "
+                          f"'dlengine[dlslime]'): {e}") from None
+    entity_id = f"dlengine-{role}-{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+    metadata = {"role": role, "model": model, "http_url": http_url, "engine_id": engine_id}
+    return Registration(NanoCtrlClient(ctrl_address, scope=scope), entity_id, ENTITY_KIND, {"http_url": http_url},
+                        metadata, heartbeat_s, ctrl_address)
