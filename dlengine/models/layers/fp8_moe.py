@@ -58,18 +58,26 @@ class Fp8FusedMoE(ParallelFusedMoE):
         return Shard("gate", full, win.start, win.size, 0), Shard("up", full, up_start, win.size, win.size)
 
     # ------------------------------------------------------------------ loading
-    def _load_fp8_weight(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-        is_w13 = param is self.w13_weight
-        if shard_id is None:  # fused 3-D [E, 2I, H] / [E, H, I]
-            self._check_fused(loaded, "experts", (2 * self.intermediate_size, self.hidden_size) if is_w13
-                              else (self.hidden_size, self.intermediate_size))
+    def _load_per_expert(self, param: nn.Parameter, loaded: torch.Tensor, shard_id, what: str,
+                         fused_shape: tuple[int, int], load_one) -> None:
+        """Route a checkpoint tensor to the experts this rank holds: a fused 3-D tensor (every
+        expert, `fused_shape` each) or one expert's `(shard, expert)`; `load_one(target, tensor,
+        shard, label, fused)` copies one expert."""
+        if shard_id is None:
+            self._check_fused(loaded, what, fused_shape)
             for slot, e in enumerate(self._held_experts()):
-                self._load_expert(param.data[slot], loaded[e], None, is_w13, f"fused expert {e}", fused=True)
+                load_one(param.data[slot], loaded[e], None, f"fused expert {e}", True)
             return
         shard, e = shard_id
         slot = self._slot(e)
         if slot is not None:
-            self._load_expert(param.data[slot], loaded, shard, is_w13, f"expert {e} {shard}_proj", fused=False)
+            load_one(param.data[slot], loaded, shard, f"expert {e} {shard}_proj", False)
+
+    def _load_fp8_weight(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        is_w13 = param is self.w13_weight
+        i, h = self.intermediate_size, self.hidden_size
+        self._load_per_expert(param, loaded, shard_id, "experts", (2 * i, h) if is_w13 else (h, i),
+                              lambda t, x, shard, what, fused: self._load_expert(t, x, shard, is_w13, what, fused))
 
     def _load_expert(self, target: torch.Tensor, loaded: torch.Tensor, shard: str | None, is_w13: bool,
                      what: str, fused: bool) -> None:
@@ -85,18 +93,10 @@ class Fp8FusedMoE(ParallelFusedMoE):
 
     def _load_fp8_scale(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         is_w13 = param is self.w13_weight_scale_inv
-        if shard_id is None:
-            bn, bk = self.fp8_block
-            i, h = self.intermediate_size, self.hidden_size
-            self._check_fused(loaded, "expert scales", (cdiv(2 * i, bn), cdiv(h, bk)) if is_w13
-                              else (cdiv(h, bn), cdiv(i, bk)))
-            for slot, e in enumerate(self._held_experts()):
-                self._load_expert_scale(param.data[slot], loaded[e], None, is_w13, f"fused expert {e}", fused=True)
-            return
-        shard, e = shard_id
-        slot = self._slot(e)
-        if slot is not None:
-            self._load_expert_scale(param.data[slot], loaded, shard, is_w13, f"expert {e} {shard}_proj", fused=False)
+        (bn, bk), i, h = self.fp8_block, self.intermediate_size, self.hidden_size
+        shape = (cdiv(2 * i, bn), cdiv(h, bk)) if is_w13 else (cdiv(h, bn), cdiv(i, bk))
+        self._load_per_expert(param, loaded, shard_id, "expert scales", shape,
+                              lambda t, x, shard, what, fused: self._load_expert_scale(t, x, shard, is_w13, what, fused))
 
     def _load_expert_scale(self, target: torch.Tensor, loaded: torch.Tensor, shard: str | None, is_w13: bool,
                            what: str, fused: bool) -> None:
