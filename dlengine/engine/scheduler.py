@@ -30,6 +30,7 @@ The scheduler never touches tensors; the runner turns its output into a batch.
 from __future__ import annotations
 
 from collections import deque
+from itertools import islice
 from dataclasses import dataclass, field
 from typing import Iterable, Protocol, Sequence
 
@@ -224,7 +225,10 @@ class Scheduler:
 
         caching = self.block_manager.enable_prefix_caching and bool(self.waiting)
         filling = self._blocks_filled(out.scheduled) if caching else set()
-        for req in list(self.policy.admission_order(self.waiting)):
+        # at most (free sequence slots) admissions, then one request that stops the loop: snapshot
+        # only that much of the order, not the whole waiting queue, since admission removes from it
+        room = max(0, self.config.max_num_seqs - self.num_active) + 1
+        for req in list(islice(self.policy.admission_order(self.waiting), room)):
             if budget <= 0 or self.num_active >= self.config.max_num_seqs:
                 break
             num_external = self.connector.num_external_tokens(req) if self.connector is not None else 0
