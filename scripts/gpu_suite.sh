@@ -21,6 +21,8 @@
 #   parallel   parallel engine vs single process (NCCL; one GPU: a one-rank NCCL world)
 #   kvmig      KV migration over DLSlime between two processes (CUDA and host caches)
 #   profile    GPU time per kernel of a W2 decode step (profile_kernels.py)
+#   serve      W1's workload through `dlengine serve` + `dlengine bench serve` at rising request
+#              rates, then W1 offline in the same call (the reference)
 # Extra options per step: ATTN_ARGS, W1_ARGS, W2_ARGS, W1MOE_ARGS, MOE_ARGS, TUNE_TOKENS, MLA_ARGS,
 # FP8_ARGS, DSV3_ARGS, PARALLEL_ARGS. FlashInfer is used when its wheels are in .whl/
 # (flashinfer-python + apache-tvm-ffi, installed with --no-deps); DLSlime when importable.
@@ -114,13 +116,28 @@ run_kvmig() {  # KV migration over DLSlime TCP, Qwen3-8B cache layout: CUDA cach
   python3 scripts/bench_kv_migration.py --requests 12 --json "$OUT/kv_migration_host.json" 2>&1 \
     | tee "$OUT/kv_migration_host.log" | tail -25
 }
+run_serve() {  # W1's shape online: Poisson arrivals at rising rates, then every request at once
+  local port=${SERVE_PORT:-8123}
+  python3 -m dlengine.cli serve qwen3-0.6b --load-format dummy --dtype bfloat16 --max-model-len 2048 \
+    --port $port > "$OUT/serve_server.log" 2>&1 &
+  local pid=$!
+  for _ in $(seq 300); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 1; done
+  for rate in ${SERVE_RATES:-8 16 32 inf}; do
+    python3 -m dlengine.cli bench serve --base-url "http://127.0.0.1:$port" --tokenizer qwen3-0.6b \
+      --num-prompts 256 --input-len 562 --output-len 562 --range-ratio 0.822 --ignore-eos \
+      --request-rate $rate --no-progress --json "$OUT/serve_rate_$rate.json" 2>&1 | tee "$OUT/serve_rate_$rate.log" | tail -26
+  done
+  curl -s "http://127.0.0.1:$port/metrics" > "$OUT/serve_metrics.txt"
+  kill $pid; wait $pid 2>/dev/null
+  run_w1
+}
 run_profile() {  # GPU time per kernel of a W2 (Qwen3-8B, batch 1) decode step
   python3 scripts/profile_kernels.py --model qwen3-8b --batch-size 1 --input-len 512 2>&1 | tee "$OUT/profile_kernels.log" | tail -30
 }
 run_parallel() {  # parallel engine vs single-process on every visible GPU (NCCL); 1 GPU: a 1-rank NCCL world
   python3 scripts/gpu_check_parallel.py ${PARALLEL_ARGS:-} --json "$OUT/parallel.json" 2>&1 | tee "$OUT/parallel.log" | tail -40
 }
-ALL="tests attention w1 w2 engine w1moe moe tune_moe mla mladecode probe sm90 fp8 dsv3 parallel kvmig profile"
+ALL="tests attention w1 w2 engine w1moe moe tune_moe mla mladecode probe sm90 fp8 dsv3 parallel kvmig profile serve"
 for s in ${*:-all}; do
   case $s in
     all) for t in $ALL; do echo "== $t"; "run_$t"; done ;;

@@ -72,6 +72,10 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     logprobs: Optional[int] = Field(None, description="top logprobs per token (0: only the chosen token's)")
     suffix: Optional[str] = Field(None, description="not supported: must be absent or null")
+    return_token_ids: bool = Field(
+        False, description="vLLM's extension: each choice also carries the generated `token_ids` (new ones in a "
+                           "stream chunk) and `prompt_token_ids`; what a client of a server without a tokenizer "
+                           "counts tokens by")
 
 
 class FunctionDefinition(RequestModel):
