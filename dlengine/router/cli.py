@@ -10,6 +10,7 @@ from dlengine.config import ConfigError
 from dlengine.router.config import POLICIES
 
 API_KEY_ENV = "DLENGINE_API_KEY"
+BACKEND_API_KEY_ENV = "DLENGINE_BACKEND_API_KEY"
 
 
 def add_router_options(p: argparse.ArgumentParser) -> None:
@@ -35,6 +36,9 @@ def add_router_options(p: argparse.ArgumentParser) -> None:
                    help="longest wait for a whole non-streamed answer (default: %(default)s)")
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help=f"require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_ENV} when set)")
+    p.add_argument("--backend-api-key", default=None, metavar="KEY",
+                   help="Bearer token the router sends to backends on /v1 routes (servers started with --api-key; "
+                        f"default: ${BACKEND_API_KEY_ENV} when set, else the router's own --api-key)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
 
 
@@ -51,7 +55,8 @@ def run_router(args: argparse.Namespace) -> int:
                           ctrl_address=args.ctrl_address, ctrl_scope=args.ctrl_scope,
                           discovery_interval_s=args.health_interval, health_interval_s=args.health_interval,
                           stream_timeout_s=args.stream_timeout, request_timeout_s=args.request_timeout,
-                          api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, prefix_chars=args.prefix_chars)
+                          api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, prefix_chars=args.prefix_chars,
+                          backend_api_key=args.backend_api_key or os.environ.get(BACKEND_API_KEY_ENV) or None)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_router_app(config), host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=5)

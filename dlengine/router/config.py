@@ -25,6 +25,9 @@ class RouterConfig:
     stream_timeout_s: float = 30.0  # longest silence from a backend once the answer has started
     request_timeout_s: float = 600.0  # longest wait for a whole non-streamed answer (or the first byte)
     api_key: str | None = None  # clients must send it as a Bearer token on /v1 routes
+    # sent as a Bearer token on /v1 calls to backends (servers started with --api-key); None:
+    # the router's own api_key, the common case of one key for a whole deployment
+    backend_api_key: str | None = None
     prefix_chars: int = 256  # prefix-affinity: how much of the prompt names its group
 
     def __post_init__(self) -> None:
@@ -40,5 +43,7 @@ class RouterConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.prefix_chars < 1:
             raise ConfigError(f"prefix_chars must be positive, got {self.prefix_chars}")
+        if self.backend_api_key is None:
+            self.backend_api_key = self.api_key
         self.hybrid, self.prefill, self.decode = ([u.rstrip("/") for u in urls]
                                                   for urls in (self.hybrid, self.prefill, self.decode))

@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from dlengine.router.backends import Backend, BackendPool
 from dlengine.router.config import RouterConfig
+from dlengine.router.metrics import RouterMetrics
 from dlengine.router.policies import Policy
 from dlengine.router.sse import DONE, as_stream, error_event
 from dlengine.serve.errors import APIError
@@ -40,9 +41,12 @@ class BackendFailed(Exception):
 
 
 class Proxy:
-    def __init__(self, pool: BackendPool, policy: Policy, client: httpx.AsyncClient, config: RouterConfig) -> None:
-        self.pool, self.policy, self.client, self.config = pool, policy, client, config
+    def __init__(self, pool: BackendPool, policy: Policy, client: httpx.AsyncClient, config: RouterConfig,
+                 metrics: RouterMetrics | None = None) -> None:
+        self.pool, self.policy, self.client, self.config, self.metrics = pool, policy, client, config, metrics
         self._background: set[asyncio.Task] = set()
+        # only /v1 calls carry the key: /pd/* is signed with the PD secret, /health is open
+        self.headers = {"Authorization": f"Bearer {config.backend_api_key}"} if config.backend_api_key else {}
 
     async def handle(self, path: str, body: dict) -> Response:
         attempts = len(self.pool.backends) + 1  # each failure drops a backend, so this bounds the retries
@@ -56,6 +60,7 @@ class Proxy:
                 return await self._forward(self.policy.choose(candidates, body, "hybrid"), path, body)
             except BackendFailed as e:
                 logger.warning("retrying elsewhere: %s", e)
+                self._count_retry()
         raise APIError(503, "no backend can take this request (none healthy: see the router's /backends)",
                        type="server_error", code="no_backend")
 
@@ -68,6 +73,8 @@ class Proxy:
             return JSONResponse(answer, status_code=status)  # the client's own error (400, 404, ...)
         signed = answer.pop("kv_transfer_params", None)
         if signed is None:  # the prefill server finished the request alone: that is the answer
+            if self.metrics is not None:
+                self.metrics.pd_paths.labels("prefill_only").inc()
             if body.get("stream"):
                 include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
                 return StreamingResponse(_iterate(as_stream(answer, include_usage)), media_type="text/event-stream")
@@ -77,12 +84,15 @@ class Proxy:
             self._spawn(self._free(prefill, signed))
 
         second = {**body, "kv_transfer_params": signed}
+        if self.metrics is not None:
+            self.metrics.pd_paths.labels("prefill_decode").inc()
         while decodes := self.pool.usable("decode"):
             decode = self.policy.choose(decodes, body, "decode")
             try:
                 return await self._forward(decode, path, second, on_done=free)
             except BackendFailed as e:
                 logger.warning("decode leg failed, trying another decode server: %s", e)
+                self._count_retry()
         free()
         raise BackendFailed("every decode server failed")
 
@@ -92,6 +102,10 @@ class Proxy:
                                    timeout=self.config.health_timeout_s)
         except httpx.HTTPError as e:  # its pin timeout (or the decode server's liveness stream) frees them
             logger.warning("/pd/free on %s failed: %r", prefill.url, e)
+
+    def _count_retry(self) -> None:
+        if self.metrics is not None:
+            self.metrics.retries.inc()
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
@@ -106,7 +120,8 @@ class Proxy:
     async def _post_json(self, backend: Backend, path: str, body: dict) -> tuple[int, object]:
         backend.in_flight += 1
         try:
-            r = await self.client.post(f"{backend.url}{path}", json=body, timeout=self._timeout(False))
+            r = await self.client.post(f"{backend.url}{path}", json=body, headers=self.headers,
+                                       timeout=self._timeout(False))
             if r.status_code in _DEAD_STATUS:
                 self.pool.mark_down(backend, f"answered {r.status_code}")
                 raise BackendFailed(f"{backend.url} answered {r.status_code}")
@@ -125,7 +140,7 @@ class Proxy:
         backend.in_flight += 1
         response = None
         try:
-            request = self.client.build_request("POST", f"{backend.url}{path}", json=body,
+            request = self.client.build_request("POST", f"{backend.url}{path}", json=body, headers=self.headers,
                                                 timeout=self._timeout(stream))
             response = await self.client.send(request, stream=True)
             if response.status_code in _DEAD_STATUS:
