@@ -193,7 +193,9 @@ class EngineBuilder:
         """The KV transfer engine of a prefill or decode engine.
 
         backend "dlslime" (pip install 'dlengine[dlslime]'); transport "tcp" (any machine) or
-        "rdma". The engine listens on host:port (0: a free port). A prefill engine frees a
+        "rdma". backend "cuda_ipc": both engines on one host with CUDA caches; the KV moves
+        GPU to GPU by CUDA IPC (staging on the GPU, no host copy), the small control records over
+        DLSlime tcp (docs/disaggregation.md). The engine listens on host:port (0: a free port). A prefill engine frees a
         handed-off request's blocks when the decode side has pulled them, or after
         `pin_timeout_s`; a decode engine fails a pull after `pull_timeout_s` and a request that
         waited `queue_timeout_s` for free blocks. CUDA caches go through `staging_blocks` pinned
@@ -353,6 +355,9 @@ class EngineBuilder:
                 )
 
         device = torch.device(self._device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self._transfer is not None and self._transfer["backend"] == "cuda_ipc" and device.type != "cuda":
+            raise ConfigError(f"transfer('cuda_ipc') moves KV between GPU caches of one host; this engine runs on "
+                              f"{device}: use transfer('dlslime') for CPU engines")
         if parallel.ffn_ep > 1 and self._cuda_graphs:
             # expert-parallel dispatch sizes its all-to-all from routing counts read on the host
             raise ConfigError("cuda_graphs(True) cannot capture expert-parallel MoE (parallel(ffn_ep>1)): the "

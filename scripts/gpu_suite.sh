@@ -19,11 +19,11 @@
 #   fp8        block-scaled FP8 GEMMs and MoE, tiny FP8 engine
 #   dsv3       DeepSeek-V3 dims, 4 layers, batch 1 and 64 x 1k
 #   parallel   parallel engine vs single process (NCCL; one GPU: a one-rank NCCL world)
-#   kvmig      KV migration over DLSlime between two processes (CUDA and host caches)
+#   kvmig      KV migration between two processes: DLSlime (CUDA and host caches), CUDA IPC
 #   profile    GPU time per kernel of a W2 decode step (profile_kernels.py)
 #   serve      W1's workload through `dlengine serve` + `dlengine bench serve` at rising request
 #              rates, then W1 offline in the same call (the reference)
-# Extra options per step: ATTN_ARGS, W1_ARGS, W2_ARGS, W1MOE_ARGS, MOE_ARGS, TUNE_TOKENS, MLA_ARGS,
+# Extra options per step: TEST_ARGS, SERVE_RATES, ATTN_ARGS, W1_ARGS, W2_ARGS, W1MOE_ARGS, MOE_ARGS, TUNE_TOKENS, MLA_ARGS,
 # FP8_ARGS, DSV3_ARGS, PARALLEL_ARGS. FlashInfer is used when its wheels are in .whl/
 # (flashinfer-python + apache-tvm-ffi, installed with --no-deps); DLSlime when importable.
 set -uo pipefail
@@ -41,8 +41,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
 
 run_tests() {
-  python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_engine.py tests/test_gpu_mla_engine.py tests/test_gpu_mla_decode_kernel.py tests/test_triton_ops.py \
-    tests/test_triton_attention.py 2>&1 | tee "$OUT/tests.log" | tail -15
+  python3 -m pytest -q -p no:cacheprovider tests/test_gpu_*.py tests/test_triton_ops.py tests/test_triton_attention.py \
+    ${TEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -25
 }
 run_attention() {
   python3 scripts/gpu_check_attention.py ${ATTN_ARGS:-} --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log" | tail -60
@@ -115,6 +115,8 @@ run_kvmig() {  # KV migration over DLSlime TCP, Qwen3-8B cache layout: CUDA cach
     | tee "$OUT/kv_migration_cuda.log" | tail -25
   python3 scripts/bench_kv_migration.py --requests 12 --json "$OUT/kv_migration_host.json" 2>&1 \
     | tee "$OUT/kv_migration_host.log" | tail -25
+  python3 scripts/bench_kv_migration.py --device cuda --backend cuda_ipc --requests 20 \
+    --json "$OUT/kv_migration_cuda_ipc.json" 2>&1 | tee "$OUT/kv_migration_cuda_ipc.log" | tail -25
 }
 run_serve() {  # W1's shape online: Poisson arrivals at rising rates, then every request at once
   local port=${SERVE_PORT:-8123}

@@ -32,6 +32,9 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mode", choices=MODES, default="hybrid",
                    help="engine role: hybrid (prefill and decode here), or prefill / decode for PD "
                         "disaggregation, whose KV moves through DLSlime (default: %(default)s)")
+    g.add_argument("--transfer-backend", default="dlslime", choices=("dlslime", "cuda_ipc"),
+                   help="prefill/decode modes: dlslime (TCP, any hosts) or cuda_ipc (GPU to GPU, both servers on "
+                        "one host; the control records still over DLSlime tcp) (default: %(default)s)")
     g.add_argument("--transfer-port", type=int, default=0, metavar="N",
                    help="prefill/decode modes: the KV transfer engine's port (default: a free one)")
     g.add_argument("--transfer-host", default=None, metavar="ADDR",
@@ -55,11 +58,11 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
 
 def build_engine(args: argparse.Namespace):
     """The engine the flags describe: the bench's builder choices, plus for prefill/decode modes
-    the role and its KV transfer engine (DLSlime over TCP), registered with --ctrl-address."""
+    the role and its KV transfer engine (--transfer-backend), registered with --ctrl-address."""
     builder = engine_builder(coerce_config(EngineArgs, args))
     if args.mode != "hybrid":
-        builder.role(args.mode).transfer("dlslime", transport="tcp", host=args.transfer_host or _reachable(args.host),
-                                         port=args.transfer_port)
+        builder.role(args.mode).transfer(args.transfer_backend, transport="tcp",
+                                         host=args.transfer_host or _reachable(args.host), port=args.transfer_port)
         if args.ctrl_address:
             url = args.ctrl_address if "://" in args.ctrl_address else f"http://{args.ctrl_address}"
             builder.control_plane(url, scope=args.ctrl_scope)
