@@ -27,6 +27,9 @@ Prompt = Union[str, Sequence[int]]
 logger = logging.getLogger("dlengine")
 
 
+OUTPUT_KINDS = ("cumulative", "final_only")
+
+
 class EngineCoreClient(Protocol):
     """What the front needs from a core."""
 
@@ -179,7 +182,8 @@ class Engine:
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
                     arrival_time: float | None = None, kv_transfer_params: dict | None = None,
-                    on_output: Callable[[RequestOutput], None] | None = None) -> str:
+                    on_output: Callable[[RequestOutput], None] | None = None,
+                    output_kind: str = "cumulative") -> str:
         """Queue a prompt; returns its request id. Bad input raises InvalidRequestError and leaves
         every other request untouched. `arrival_time` (time.perf_counter() clock) defaults to now;
         TTFT and latency metrics count from it.
@@ -189,7 +193,12 @@ class Engine:
         a server (e.g. `lambda o: loop.call_soon_threadsafe(queue.put_nowait, o)` for asyncio).
 
         On a decode engine, `kv_transfer_params` (a prefill engine's output field) makes the
-        request pull the prompt's KV instead of computing it; `prompt` must be the same prompt."""
+        request pull the prompt's KV instead of computing it; `prompt` must be the same prompt.
+
+        `output_kind`: "cumulative" (an output every step the request gains tokens) or
+        "final_only" (only its final output: cheaper per step for batch jobs, as generate() uses)."""
+        if output_kind not in OUTPUT_KINDS:
+            raise InvalidRequestError(f"output_kind must be one of {OUTPUT_KINDS}, got {output_kind!r}")
         request = self.make_request(prompt, params, request_id, arrival_time)
         if kv_transfer_params is not None:
             custom = self.config.components.kv_connector is not None  # it checks its own params
@@ -202,15 +211,16 @@ class Engine:
 
                 check_transfer_params(kv_transfer_params, request, self.config.model.vocab_size)
             request.remote_kv = kv_transfer_params
-        rid = self.add_prepared_request(request)
+        rid = self.add_prepared_request(request, output_kind)
         if on_output is not None:
             self._listeners[rid] = on_output
         return rid
 
-    def add_prepared_request(self, request: Request) -> str:
+    def add_prepared_request(self, request: Request, output_kind: str = "cumulative") -> str:
         """Admit a request made by `make_request`."""
         self.core.add(request)  # may append a migrated request's first token
-        self._tracked[request.request_id] = TrackedRequest.of(request, self.tokenizer)
+        self._tracked[request.request_id] = TrackedRequest.of(request, self.tokenizer,
+                                                              final_only=output_kind == "final_only")
         return request.request_id
 
     def abort(self, request_id: str) -> bool:
@@ -265,6 +275,8 @@ class Engine:
                 self._tracked.pop(co.request_id)
                 continue
             out, stopped = self._processor.process(t, co)
+            if out is None:  # a final-only request, not finished
+                continue
             if stopped:
                 # a stop string: the core cannot see text, so the request ends here and there
                 self.core.abort(co.request_id)
@@ -336,7 +348,7 @@ class Engine:
             raise InvalidRequestError("; ".join(msgs))
         for r in reqs:
             if r is not None:
-                self.add_prepared_request(r)
+                self.add_prepared_request(r, output_kind="final_only")
         finals: dict[str, RequestOutput] = {}
         pending = {r.request_id for r in reqs if r is not None}
         bar = None
