@@ -19,12 +19,13 @@ import shutil
 import tempfile
 
 from dlengine.testing.hybrid import HYBRID_KINDS, build_hybrid_model, fuse_experts_on_disk, rerandomise_hybrid
+from dlengine.testing.vl import VL_KINDS
 
 RECIPE_VERSION = "2"  # 2: the tokenizer carries a chat template (CHAT_TEMPLATE)
 PRESETS = {"tiny-qwen3": "qwen3", "tiny-qwen3-yarn": "qwen3-yarn", "tiny-qwen3-untied": "qwen3-untied",
            "tiny-qwen3-moe": "qwen3-moe", "tiny-deepseek-v3": "deepseek-v3", "tiny-kimi-k2": "kimi-k2",
            "tiny-deepseek-v3-fp8": "deepseek-v3-fp8", "tiny-qwen3-next": "qwen3-next", "tiny-qwen3.5": "qwen3.5",
-           "tiny-qwen3.5-moe": "qwen3.5-moe"}
+           "tiny-qwen3.5-moe": "qwen3.5-moe", "tiny-qwen3-vl": "qwen3-vl", "tiny-qwen3-vl-moe": "qwen3-vl-moe"}
 # kinds derived from another kind's checkpoint by a post-processing step: kind -> source kind
 _DERIVED = {"deepseek-v3-fp8": "deepseek-v3"}
 FP8_BLOCK = (128, 128)
@@ -218,6 +219,10 @@ def build_tiny_checkpoint(kind: str, path: str, seed: int = 0) -> str:
         return path
     if kind in HYBRID_KINDS:
         return _build_hybrid_checkpoint(kind, path, seed)
+    if kind in VL_KINDS:
+        from dlengine.testing.vl import build_vl_checkpoint
+
+        return build_vl_checkpoint(kind, path, seed)
     if kind.endswith("-moe"):
         from transformers import Qwen3MoeConfig as config_cls, Qwen3MoeForCausalLM as model_cls
     elif kind in _DEEPSEEK_KINDS:
