@@ -51,18 +51,18 @@ _PREPROCESSOR = dict(patch_size=4, temporal_patch_size=2, merge_size=2,
                      image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
 
 
-def build_vl_tokenizer(vocab_size: int):
+def build_vl_tokenizer(vocab_size: int, corpus: str):
+    """testing's byte-level BPE (trained on `corpus`) with the vision special tokens and the
+    image-aware chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from dlengine.testing import _CORPUS
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    tok.train_from_iterator([corpus] * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|endoftext|>",
                                    chat_template=VL_CHAT_TEMPLATE)
     ids = fast.convert_tokens_to_ids(SPECIAL_TOKENS)
@@ -100,30 +100,9 @@ def transpose_experts_on_disk(path: str) -> None:
     save_file(tensors, file, metadata={"format": "pt"})
 
 
-def build_vl_checkpoint(kind: str, path: str, seed: int = 0) -> str:
-    import torch
-    from transformers import GenerationConfig
-
-    from dlengine.testing import RECIPE_VERSION, ROUTER_GAIN, _sharpen
-
-    torch.manual_seed(seed)
-    model, text_cfg = build_vl_model(kind)
-    model = model.to(torch.float32)
-    _sharpen(model, seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("mlp.gate.weight"):
-                p.mul_(ROUTER_GAIN)
-    model.save_pretrained(path, safe_serialization=True)
-    if kind == "qwen3-vl-moe":
-        transpose_experts_on_disk(path)
-    GenerationConfig(eos_token_id=text_cfg.eos_token_id, pad_token_id=text_cfg.pad_token_id).save_pretrained(path)
-    build_vl_tokenizer(text_cfg.vocab_size).save_pretrained(path)
+def write_preprocessor_config(path: str) -> None:
     with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
         json.dump(dict(_PREPROCESSOR, image_processor_type="Qwen2VLImageProcessor"), f, indent=2)
-    with open(os.path.join(path, "dlengine_recipe.json"), "w") as f:
-        json.dump({"kind": kind, "seed": seed, "version": RECIPE_VERSION}, f)
-    return path
 
 
 def tiny_image(width: int = 32, height: int = 32, seed: int = 0):
