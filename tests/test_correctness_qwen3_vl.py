@@ -192,3 +192,25 @@ def test_bad_image_requests_are_refused():
     text_only = EngineBuilder("tiny-qwen3").dtype("float32").cache(block_size=16).build()
     with pytest.raises(InvalidRequestError, match="takes no images"):
         text_only.generate([{"prompt": "hello", "images": [tiny_image()]}])
+
+
+def test_mrope_tables_through_the_triton_rope_kernel():
+    """The per-token M-RoPE tables drive the fused norm + rope + KV-write kernel (the GPU path)
+    exactly as the torch reference rotates with them (interpreter on CPU)."""
+    pytest.importorskip("triton")
+    from dlengine.config import RopeConfig
+    from dlengine.kernels.norm_rope import norm_rope_torch, norm_rope_triton
+    from dlengine.models.layers.mrope import MRotaryEmbedding
+
+    rotary = MRotaryEmbedding(16, 64, RopeConfig(), [4, 2, 2])
+    positions = torch.tensor([[0, 1, 2, 2, 2, 2, 4], [0, 1, 2, 2, 3, 3, 4], [0, 1, 2, 3, 2, 3, 4]])
+    step = rotary.step(positions)
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(7, 4, 16, generator=gen), torch.randn(7, 2, 16, generator=gen)
+    want_q, want_k = norm_rope_torch.rope(q.clone(), k.clone(), step.positions, step.cos_cached, step.sin_cached)
+    got_q, got_k = norm_rope_triton.rope(q.clone(), k.clone(), step.positions, step.cos_cached, step.sin_cached)
+    torch.testing.assert_close(got_q, want_q)
+    torch.testing.assert_close(got_k, want_k)
+    # a text token (equal positions on all axes) is rotated as plain RoPE at that position
+    text = rotary.step(torch.tensor([4]))
+    torch.testing.assert_close(text.cos_cached[0], step.cos_cached[6])
