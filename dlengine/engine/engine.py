@@ -205,9 +205,9 @@ class Engine:
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
                     arrival_time: float | None = None, kv_transfer_params: dict | None = None,
                     on_output: Callable[[RequestOutput], None] | None = None) -> str:
-        """Queue a prompt; returns its request id. Bad input raises InvalidRequestError and leaves
-        every other request untouched. `arrival_time` (time.perf_counter() clock) defaults to now;
-        TTFT and latency metrics count from it.
+        """Queue a prompt (as `generate` takes it, images included); returns its request id. Bad
+        input raises InvalidRequestError and leaves every other request untouched. `arrival_time`
+        (time.perf_counter() clock) defaults to now; TTFT and latency metrics count from it.
 
         `on_output(output)`, if given, is called (on the stepping thread) with each of this
         request's outputs as `step()` makes them, the final one included: a per-request queue for
@@ -351,9 +351,11 @@ class Engine:
                  *, use_tqdm: bool = False, raise_on_error: bool = True) -> list[RequestOutput]:
         """Run a batch to completion; outputs come back in input order.
 
-        Prompts are strings or lists of token ids. A bad prompt raises InvalidRequestError naming
-        its index before anything runs; with `raise_on_error=False` it comes back instead as an
-        output with `finish_reason="error"` and `error` set, and the rest of the batch runs.
+        Prompts are strings or lists of token ids; for a vision model also dicts
+        {"prompt": text or ids, "images": [PIL images, arrays or paths]} (docs/vision.md). A bad
+        prompt raises InvalidRequestError naming its index before anything runs; with
+        `raise_on_error=False` it comes back instead as an output with `finish_reason="error"` and
+        `error` set, and the rest of the batch runs.
         """
         reqs, errors = self._prepare_batch(prompts, params)
         if raise_on_error and any(errors):
