@@ -145,7 +145,8 @@ def _text_model_fields(cfg: dict[str, Any]) -> dict[str, Any]:
     text = cfg.get("text_config")
     if not (isinstance(archs, list) and archs and archs[0] in NESTED_TEXT_CONFIG and isinstance(text, dict)):
         return cfg
-    flat = {k: v for k, v in cfg.items() if k not in ("text_config", "vision_config")}
+    # vision_config stays: a model with a vision tower (Qwen3-VL) builds it from there
+    flat = {k: v for k, v in cfg.items() if k != "text_config"}
     flat.update(text)
     for key in ("architectures", "model_type", "tie_word_embeddings"):
         if key in cfg:

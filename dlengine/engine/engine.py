@@ -15,15 +15,17 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from typing import Callable, Iterable, Iterator, Protocol, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence, Union
 
 from dlengine.config import EngineConfig
 from dlengine.engine.core import CoreOutput, scoring_request
 from dlengine.engine.output_processor import OutputProcessor, TrackedRequest
 from dlengine.engine.request import Request, RequestMetrics, RequestOutput
+from dlengine.multimodal.processor import ImagePromptProcessor
 from dlengine.sampling_params import InvalidRequestError, SamplingParams
 
-Prompt = Union[str, Sequence[int]]
+# a text or token-id prompt, or {"prompt": text or token ids, "images": [...]} for a vision model
+Prompt = Union[str, Sequence[int], Mapping[str, Any]]
 logger = logging.getLogger("dlengine")
 
 
@@ -82,6 +84,8 @@ class Engine:
         self._scores: dict = {}  # request id -> logits of finished scoring requests
         self._listeners: dict[str, Callable[[RequestOutput], None]] = {}  # add_request(on_output=...)
         self._ids = itertools.count()
+        # image preprocessing for vision models (None for text-only ones)
+        self._images = ImagePromptProcessor.for_model(config.model)
 
     # the local core's parts, for notebooks and tests (a parallel engine's live in its workers)
     scheduler = property(lambda self: self.core.scheduler)
@@ -148,6 +152,7 @@ class Engine:
         vocab = self.config.model.vocab_size
         params.validate(vocab)
         text = None
+        prompt, images = self._split_images(prompt)
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InvalidRequestError("this checkpoint has no tokenizer; pass prompts as lists of token ids")
@@ -162,6 +167,11 @@ class Engine:
             raise InvalidRequestError(f"a prompt is a string or a list of token ids, not {type(prompt).__name__}")
         if not token_ids:
             raise InvalidRequestError("empty prompt: at least one token is needed")
+        multimodal = None
+        if self._images is not None and (images or self._images.image_token_id in token_ids):
+            # each image placeholder becomes the image's tokens; pixels, hashes and M-RoPE positions
+            # are computed here, once
+            token_ids, multimodal = self._images.process(token_ids, images)
         max_len = self.config.max_model_len
         if len(token_ids) >= max_len:
             raise InvalidRequestError(
@@ -178,15 +188,30 @@ class Engine:
                            "tokens will be generated (finish_reason 'length')", request_id, len(token_ids),
                            params.max_tokens, max_len, max_len - len(token_ids))
         return Request(request_id, token_ids, params, prompt=text, eos_token_ids=self.config.model.eos_token_ids,
-                       arrival_time=arrival_time)
+                       arrival_time=arrival_time, multimodal=multimodal)
+
+    def _split_images(self, prompt) -> tuple[Prompt, list]:
+        """(text or token ids, images) of a prompt; a dict prompt carries its images."""
+        if not isinstance(prompt, Mapping):
+            return prompt, []
+        unknown = set(prompt) - {"prompt", "images"}
+        if "prompt" not in prompt or unknown:
+            raise InvalidRequestError(f"a dict prompt has the keys 'prompt' and 'images'; got {sorted(prompt)}")
+        images = prompt.get("images") or []
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        if images and self._images is None:
+            raise InvalidRequestError(f"{self.config.model.architecture} takes no images; use a vision model "
+                                      "such as Qwen3-VL")
+        return prompt["prompt"], list(images)
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
                     arrival_time: float | None = None, kv_transfer_params: dict | None = None,
                     on_output: Callable[[RequestOutput], None] | None = None,
                     output_kind: str = "cumulative") -> str:
-        """Queue a prompt; returns its request id. Bad input raises InvalidRequestError and leaves
-        every other request untouched. `arrival_time` (time.perf_counter() clock) defaults to now;
-        TTFT and latency metrics count from it.
+        """Queue a prompt (as `generate` takes it, images included); returns its request id. Bad
+        input raises InvalidRequestError and leaves every other request untouched. `arrival_time`
+        (time.perf_counter() clock) defaults to now; TTFT and latency metrics count from it.
 
         `on_output(output)`, if given, is called (on the stepping thread) with each of this
         request's outputs as `step()` makes them, the final one included: a per-request queue for
@@ -311,7 +336,7 @@ class Engine:
 
     # ------------------------------------------------------------------ batch helpers
     def _prepare_batch(self, prompts, params) -> tuple[list[Request | None], list[str | None]]:
-        if isinstance(prompts, str) or _is_token_list(prompts):
+        if isinstance(prompts, (str, Mapping)) or _is_token_list(prompts):
             prompts = [prompts]
         try:
             prompts = list(prompts)
@@ -338,9 +363,11 @@ class Engine:
                  *, use_tqdm: bool = False, raise_on_error: bool = True) -> list[RequestOutput]:
         """Run a batch to completion; outputs come back in input order.
 
-        Prompts are strings or lists of token ids. A bad prompt raises InvalidRequestError naming
-        its index before anything runs; with `raise_on_error=False` it comes back instead as an
-        output with `finish_reason="error"` and `error` set, and the rest of the batch runs.
+        Prompts are strings or lists of token ids; for a vision model also dicts
+        {"prompt": text or ids, "images": [PIL images, arrays or paths]} (docs/vision.md). A bad
+        prompt raises InvalidRequestError naming its index before anything runs; with
+        `raise_on_error=False` it comes back instead as an output with `finish_reason="error"` and
+        `error` set, and the rest of the batch runs.
         """
         reqs, errors = self._prepare_batch(prompts, params)
         if raise_on_error and any(errors):

@@ -18,7 +18,7 @@ from dlengine.engine.request import Request
 from dlengine.engine.sampler import Sampler, SamplerOutput, SamplingTensors
 from dlengine.engine.scheduler import SchedulerOutput
 from dlengine.kernels.attention.backend import AttentionBackend
-from dlengine.kernels.context import AttentionMetadata, ForwardContext
+from dlengine.kernels.context import AttentionMetadata, ForwardContext, MultimodalSegment
 from dlengine.kernels.selection import Kernels
 
 
@@ -96,6 +96,7 @@ class ModelInputs:
     num_drafts: list[int] = field(default_factory=list)  # per sampled request
     # scoring requests and how many logits rows each owns (after the sampled requests' rows)
     scored: list[tuple[Request, int]] = field(default_factory=list)
+    multimodal: list[MultimodalSegment] = field(default_factory=list)  # requests with images
 
 
 class ModelRunner:
@@ -199,6 +200,9 @@ class ModelRunner:
             meta.has_initial_state_cpu = [st > 0 for st in starts]
             meta.state_slots = self._to_device(np.array(meta.state_slots_cpu, dtype=np.int64))
             meta.has_initial_state = self._to_device(np.array(meta.has_initial_state_cpu, dtype=np.bool_))
+        # requests with images: the model reads their image embeddings and M-RoPE positions
+        multimodal = [MultimodalSegment(int(query_start_loc[i]), starts[i], query_lens[i], r.multimodal)
+                      for i, r in enumerate(reqs) if r.multimodal is not None]
         input_ids_dev = self._to_device(input_ids)
         if placeholders is not None:
             dst, src = placeholders
@@ -211,11 +215,12 @@ class ModelRunner:
             sampled_requests=[reqs[i] for i in rows],
             num_drafts=num_drafts,
             scored=scored,
+            multimodal=multimodal,
         )
 
     @torch.inference_mode()
     def compute_logits(self, inputs: ModelInputs) -> torch.Tensor:
-        ctx = ForwardContext(inputs.meta, self.kv_cache.layers, self.layer_caches)
+        ctx = ForwardContext(inputs.meta, self.kv_cache.layers, self.layer_caches, inputs.multimodal)
         hidden = self.model(inputs.input_ids, inputs.positions, ctx)
         return self.model.compute_logits(hidden[inputs.logits_indices]).float()
 
@@ -225,6 +230,8 @@ class ModelRunner:
         sched = out.scheduled
         if g is None or len(sched) > g.max_batch or any(s.num_new_tokens != 1 or not s.sample for s in sched):
             return None
+        if any(s.request.multimodal is not None for s in sched):
+            return None  # M-RoPE positions of requests with images are not in the captured graphs
         bs = self.block_size
         n = len(sched)
         positions = np.fromiter((s.request.num_computed_tokens for s in sched), dtype=np.int64, count=n)

@@ -11,6 +11,8 @@ from dlengine.models.qwen3_5 import (Qwen3_5ForCausalLM, Qwen3_5ForConditionalGe
                                      Qwen3_5MoeForConditionalGeneration)
 from dlengine.models.qwen3_moe import Qwen3MoeForCausalLM
 from dlengine.models.qwen3_next import Qwen3NextForCausalLM
+from dlengine.models.qwen3_vl import Qwen3VLForConditionalGeneration
+from dlengine.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration
 
 # the same names are listed in architectures.py, which config.py reads without importing any class
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
@@ -22,6 +24,8 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen3_5ForConditionalGeneration": Qwen3_5ForConditionalGeneration,
     "Qwen3_5MoeForCausalLM": Qwen3_5MoeForCausalLM,
     "Qwen3_5MoeForConditionalGeneration": Qwen3_5MoeForConditionalGeneration,
+    "Qwen3VLForConditionalGeneration": Qwen3VLForConditionalGeneration,
+    "Qwen3VLMoeForConditionalGeneration": Qwen3VLMoeForConditionalGeneration,
 }
 
 

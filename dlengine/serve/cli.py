@@ -50,6 +50,9 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
                    help="largest request body; larger ones are answered 413 (default: %(default)s)")
     g.add_argument("--tool-call-parser", default="auto", choices=("auto", "qwen3", "deepseek_v3"),
                    help="tool-call markup to parse (default: auto, by the checkpoint's architecture)")
+    g.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                   help="vision models: let chat image_url parts name files under DIR as file:// URLs (default: "
+                        "only base64 data URLs; http(s) URLs are never fetched)")
     g.add_argument("--ctrl-address", default=None, metavar="HOST:PORT",
                    help="register with this dlslime-ctrl (role, HTTP address, model) and heartbeat")
     g.add_argument("--ctrl-scope", default=None, metavar="SCOPE", help="dlslime-ctrl scope (default: none)")
@@ -94,7 +97,7 @@ def run_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         max_concurrent_requests=args.max_concurrent_requests, max_body_bytes=args.max_request_bytes,
         tool_call_parser=args.tool_call_parser, mode=args.mode, ctrl_address=args.ctrl_address,
-        ctrl_scope=args.ctrl_scope, pd_secret=pd_secret, public_url=f"http://{_reachable(args.host)}:{args.port}")
+        ctrl_scope=args.ctrl_scope, pd_secret=pd_secret, allowed_local_media_path=args.allowed_local_media_path, public_url=f"http://{_reachable(args.host)}:{args.port}")
     try:
         uvicorn.run(create_app(engine, config), host=args.host, port=args.port, log_level=args.log_level,
                     timeout_graceful_shutdown=5)

@@ -19,12 +19,14 @@ import shutil
 import tempfile
 
 from dlengine.testing.hybrid import HYBRID_KINDS, build_hybrid_model, fuse_experts_on_disk, rerandomise_hybrid
+from dlengine.testing.vl import (VL_KINDS, build_vl_model, build_vl_tokenizer, transpose_experts_on_disk,
+                                 write_preprocessor_config)
 
 RECIPE_VERSION = "2"  # 2: the tokenizer carries a chat template (CHAT_TEMPLATE)
 PRESETS = {"tiny-qwen3": "qwen3", "tiny-qwen3-yarn": "qwen3-yarn", "tiny-qwen3-untied": "qwen3-untied",
            "tiny-qwen3-moe": "qwen3-moe", "tiny-deepseek-v3": "deepseek-v3", "tiny-kimi-k2": "kimi-k2",
            "tiny-deepseek-v3-fp8": "deepseek-v3-fp8", "tiny-qwen3-next": "qwen3-next", "tiny-qwen3.5": "qwen3.5",
-           "tiny-qwen3.5-moe": "qwen3.5-moe"}
+           "tiny-qwen3.5-moe": "qwen3.5-moe", "tiny-qwen3-vl": "qwen3-vl", "tiny-qwen3-vl-moe": "qwen3-vl-moe"}
 # kinds derived from another kind's checkpoint by a post-processing step: kind -> source kind
 _DERIVED = {"deepseek-v3-fp8": "deepseek-v3"}
 FP8_BLOCK = (128, 128)
@@ -218,6 +220,8 @@ def build_tiny_checkpoint(kind: str, path: str, seed: int = 0) -> str:
         return path
     if kind in HYBRID_KINDS:
         return _build_hybrid_checkpoint(kind, path, seed)
+    if kind in VL_KINDS:
+        return _build_vl_checkpoint(kind, path, seed)
     if kind.endswith("-moe"):
         from transformers import Qwen3MoeConfig as config_cls, Qwen3MoeForCausalLM as model_cls
     elif kind in _DEEPSEEK_KINDS:
@@ -269,6 +273,31 @@ def _build_hybrid_checkpoint(kind: str, path: str, seed: int) -> str:
         fuse_experts_on_disk(path)
     GenerationConfig(eos_token_id=text_cfg.eos_token_id, pad_token_id=text_cfg.pad_token_id).save_pretrained(path)
     build_tokenizer(text_cfg.vocab_size).save_pretrained(path)
+    with open(os.path.join(path, "dlengine_recipe.json"), "w") as f:
+        json.dump({"kind": kind, "seed": seed, "version": RECIPE_VERSION}, f)
+    return path
+
+
+def _build_vl_checkpoint(kind: str, path: str, seed: int) -> str:
+    """Qwen3-VL / Qwen3-VL-MoE (testing/vl.py): weights, tokenizer with the vision tokens, and the
+    image processor's preprocessor_config.json."""
+    import torch
+    from transformers import GenerationConfig
+
+    torch.manual_seed(seed)
+    model, text_cfg = build_vl_model(kind)
+    model = model.to(torch.float32)
+    _sharpen(model, seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.mul_(ROUTER_GAIN)
+    model.save_pretrained(path, safe_serialization=True)
+    if kind == "qwen3-vl-moe":
+        transpose_experts_on_disk(path)
+    GenerationConfig(eos_token_id=text_cfg.eos_token_id, pad_token_id=text_cfg.pad_token_id).save_pretrained(path)
+    build_vl_tokenizer(text_cfg.vocab_size, _CORPUS).save_pretrained(path)
+    write_preprocessor_config(path)
     with open(os.path.join(path, "dlengine_recipe.json"), "w") as f:
         json.dump({"kind": kind, "seed": seed, "version": RECIPE_VERSION}, f)
     return path
