@@ -149,3 +149,79 @@ def test_first_decode_step_logits_match_transformers():
     ref = hf_logits(path, prompt + first)[-1]
     assert relative_error(ours, ref) < 1e-4
     assert torch.argmax(hf_logits(path, prompt)[-1]).item() == first[0]
+
+
+@pytest.mark.parametrize("preset", ["deepseek-v3.2-exp", "glm-5"])
+def test_bench_dummy_dsa_preset_with_few_layers(preset, tmp_path, capsys, monkeypatch):
+    """`dlengine bench` on the released models' configs with dummy weights and two layers, shrunk
+    through hf_overrides (a CPU cannot hold one real layer in float32); index_topk stays above the
+    tiny context, the rest of the indexer is the real one's shape."""
+    from dlengine.bench import common
+    from dlengine.cli import main
+
+    shrink = dict(hidden_size=256, n_routed_experts=16, n_group=1, topk_group=1, first_k_dense_replace=1,
+                  num_attention_heads=4, num_key_value_heads=4, vocab_size=1024, intermediate_size=512,
+                  moe_intermediate_size=64, index_n_heads=4, index_topk=8)
+    real_build = common.EngineBuilder
+
+    class Shrunk(real_build):
+        def build(self):
+            self.hf_overrides(**shrink)
+            return super().build()
+
+    monkeypatch.setattr(common, "EngineBuilder", Shrunk)
+    path = tmp_path / "out.json"
+    rc = main(["bench", "--model", preset, "--load-format", "dummy", "--num-layers", "2", "--num-prompts", "2",
+               "--input-len", "24", "--output-len", "3", "--max-model-len", "64", "--no-progress",
+               "--json", str(path)])
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads(path.read_text())
+    assert res["total_output_tokens"] == 6
+    assert res["model_cost"]["num_layers"] == 2 and res["model_cost"]["moe_layers"] == 1
+
+
+@pytest.mark.parametrize("preset,params", [("deepseek-v3.2-exp", 671e9), ("glm-5", 744e9)])
+def test_dsa_preset_parameter_counts(preset, params):
+    """DeepSeek-V3.2-Exp is DeepSeek-V3 plus a small indexer per layer (671B published, MTP
+    excluded); GLM-5 is published as 744B (MTP included, about 10B)."""
+    from dlengine.bench.roofline import ModelCost
+    from dlengine.builder import resolve_model_path
+    from dlengine.config import ModelConfig
+    from dlengine.models.registry import get_model_class
+
+    cfg = ModelConfig.from_pretrained(resolve_model_path(preset))
+    with torch.device("meta"):
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            model = get_model_class(cfg)(cfg, max_position=4096)
+        finally:
+            torch.set_default_dtype(prev)
+    cost = ModelCost.from_model(model, cfg, torch.bfloat16)
+    assert cost.num_params == pytest.approx(params, rel=0.03)
+
+
+def test_roofline_counts_the_bytes_sparse_decode_reads():
+    """A DSA decode token reads min(context, index_topk) latents plus every context token's indexer
+    key: at 64k context about 4x less than DeepSeek-V3's dense latent read (bf16 keys), flat above
+    the top-k but for the keys."""
+    from dlengine.bench.roofline import ModelCost
+    from dlengine.builder import resolve_model_path
+    from dlengine.config import ModelConfig
+    from dlengine.models.registry import get_model_class
+
+    costs = {}
+    for preset in ("deepseek-v3", "deepseek-v3.2-exp"):
+        cfg = ModelConfig.from_pretrained(resolve_model_path(preset), {"num_hidden_layers": 4})
+        with torch.device("meta"):
+            model = get_model_class(cfg)(cfg, max_position=4096)
+        costs[preset] = ModelCost.from_model(model, cfg, torch.bfloat16)
+    dense, sparse = costs["deepseek-v3"], costs["deepseek-v3.2-exp"]
+    latent, key = 4 * (512 + 64) * 2, 4 * 128 * 2
+    assert sparse.kv_bytes_per_token == dense.kv_bytes_per_token == latent
+    assert sparse.index_key_bytes_per_token == key
+    for ctx in (100, 2048, 32768, 65536):
+        assert dense.kv_bytes_read(ctx) == latent * ctx
+        assert sparse.kv_bytes_read(ctx) == latent * min(ctx, 2048) + key * ctx
+    assert sparse.request_decode_kv_bytes(1000, 4) == sum(sparse.kv_bytes_read(1000 + k) for k in (1, 2, 3))
+    assert dense.kv_bytes_read(65536) / sparse.kv_bytes_read(65536) > 3.5  # bf16 keys: 256 B vs 1152 B
