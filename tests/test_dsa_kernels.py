@@ -173,6 +173,23 @@ def test_triton_sparse_mla_matches_reference(reqs, topk):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("block_h", [None, 16])
+def test_triton_kernels_bf16(block_h):
+    """bfloat16 caches and queries (the GPU's tiles and dots; upcast under the interpreter)."""
+    b, meta = make_batch([(1, 50), (7, 40)], block_size=16, dtype=torch.bfloat16)
+    sel = it.indexer_topk_ref(b["iq"], b["iw"], b["keys"], meta, 8, ISCALE)
+    got_sel = itr.indexer_topk(b["iq"], b["iw"], b["keys"], meta.block_tables, meta.query_start_loc,
+                               b["positions"], 8, ISCALE, max_context=meta.max_seq_len)
+    agree = sum(len(set(g) & set(r)) for g, r in zip(got_sel.tolist(), sel.tolist()))
+    assert agree >= 0.95 * sel.numel()  # bf16 dots may swap near-tied neighbours at the boundary
+    token_req = it.token_requests(meta.query_start_loc, len(b["positions"]))
+    slots = it.topk_to_slots(sel, meta.block_tables, token_req, 16)
+    q_lat = absorb_query(b["q_nope"], b["weights"])
+    want = st.sparse_mla_absorbed_ref(q_lat, b["q_pe"], b["latent"], slots, SCALE)
+    got = smt.sparse_mla_attend(q_lat, b["q_pe"], b["latent"], slots, SCALE, block_h=block_h)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
 def test_triton_sparse_mla_row_without_selection_gives_zeros():
     b, meta = make_batch([(1, 12), (1, 7)], block_size=4)
     slots = torch.full((2, 8), -1, dtype=torch.int32, device=DEVICE)

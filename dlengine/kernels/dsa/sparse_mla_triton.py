@@ -92,8 +92,12 @@ def sparse_mla_attend(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tens
         return out
     slots = slots.contiguous()
     interp = interpret_mode()
-    block_h = block_h or 16
-    block_n = block_n or (16 if interp else 32)
+    # the dense MLA decode kernel's tiles (mla_triton.DECODE_DEFAULTS*): heads share each gathered row
+    small = interp or cache.dtype == torch.float32
+    tiles = dict(block_h=16, block_n=16, num_warps=4, num_stages=1) if small else \
+        dict(block_h=64, block_n=64, num_warps=8, num_stages=2)
+    block_h = block_h or min(tiles["block_h"], max(16, triton.next_power_of_2(num_heads)))
+    block_n = block_n or tiles["block_n"]
     grid = (num_tokens, triton.cdiv(num_heads, block_h))
     _sparse_mla_kernel[grid](
         q_lat, q_pe, cache, slots, out, slots.shape[1], scale * LOG2E,
@@ -101,5 +105,5 @@ def sparse_mla_attend(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tens
         slots.stride(0), out.stride(0), out.stride(1),
         H=num_heads, KV_LORA=kv_lora, ROPE=rope, BLOCK_H=block_h, BLOCK_C=max(16, triton.next_power_of_2(kv_lora)),
         BLOCK_R=max(16, triton.next_power_of_2(rope)), BLOCK_N=block_n, PAGE=cache.shape[1], UPCAST=interp,
-        IEEE=interp or cache.dtype == torch.float32, num_warps=4 if interp else 8)
+        IEEE=interp or cache.dtype == torch.float32, num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
     return out
