@@ -225,3 +225,39 @@ def test_roofline_counts_the_bytes_sparse_decode_reads():
         assert sparse.kv_bytes_read(ctx) == latent * min(ctx, 2048) + key * ctx
     assert sparse.request_decode_kv_bytes(1000, 4) == sum(sparse.kv_bytes_read(1000 + k) for k in (1, 2, 3))
     assert dense.kv_bytes_read(65536) / sparse.kv_bytes_read(65536) > 3.5  # bf16 keys: 256 B vs 1152 B
+
+
+def test_pd_disaggregation_matches_hybrid():
+    """Prefill in a child process, decode here (another block size), over DLSlime's TCP transport:
+    the latent and the indexer keys both migrate (bytes per token = every layer's latent plus every
+    indexer layer's key) and the tokens equal a hybrid engine's, also on a prefix-cache hit."""
+    pytest.importorskip("dlslime", reason="pip install 'dlengine[dlslime]' and apt-get install libibverbs1")
+    from dlengine.disagg import PDRouter
+    from dlengine.disagg.worker import WorkerEngine
+
+    model = "tiny-glm-moe-dsa"
+    params = SamplingParams(max_tokens=10, temperature=0.0)
+    prompts = make_prompts(8, lengths=(1, 5, 16, 17, 31, 64, 100, 200))
+    hybrid = EngineBuilder(model).dtype("float32").cache(block_size=16).scheduler(max_model_len=512).build()
+    expected = [o.token_ids for o in hybrid.generate(prompts, params)]
+    worker = WorkerEngine({"model": model, "role": "prefill", "dtype": "float32", "cache": {"block_size": 16},
+                           "scheduler": {"max_model_len": 512}, "transfer": {}})
+    decode = None
+    try:
+        decode = (EngineBuilder(model).dtype("float32").cache(block_size=8).scheduler(max_model_len=512)
+                  .role("decode").transfer("dlslime", transport="tcp").build())
+        router = PDRouter(worker, decode)
+        for round_ in range(2):
+            outs = router.generate(prompts, params)
+            for i, (out, want) in enumerate(zip(outs, expected)):
+                assert out.error is None, out.error
+                assert out.token_ids == want, f"round {round_} prompt {i}"
+        assert worker.stats()["num_cached_tokens"] > 0  # round 2 hit the prefill side's prefix cache
+        report = router.migration_report()
+        latent, keys = 4 * (32 + 8) * 4, 3 * 16 * 4  # 4 layers' latents, 3 indexer layers' keys, float32
+        assert report["bytes"] == report["tokens"] * (latent + keys)
+        assert decode.block_manager.num_free_blocks == decode.block_manager.num_blocks
+    finally:
+        worker.close()
+        if decode is not None:
+            decode.close()
