@@ -261,3 +261,18 @@ def test_pd_disaggregation_matches_hybrid():
         worker.close()
         if decode is not None:
             decode.close()
+
+
+@pytest.mark.parametrize("parallel", [dict(tp=2), dict(attention_dp=2, ffn_ep=2)], ids=["tp2", "dp2-ep2"])
+def test_parallel_engine_matches_single_process(parallel):
+    """2 processes on gloo: tensor parallelism (MLA heads split, the indexer replicated on both
+    ranks) and attention-DP x expert-parallel MoE give the single-process engine's tokens."""
+    kind = "tiny-glm-moe-dsa"
+    prompts = make_prompts(8)
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    want = [o.token_ids for o in EngineBuilder(kind).dtype("float32").build().generate(prompts, params)]
+    engine = EngineBuilder(kind).dtype("float32").parallel(timeout_s=180, **parallel).build()
+    try:
+        assert [o.token_ids for o in engine.generate(prompts, params)] == want
+    finally:
+        engine.close()
