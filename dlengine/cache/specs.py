@@ -18,9 +18,9 @@ Two families:
 Used by today's models: FullAttentionSpec (GQA/MHA K and V), MLALatentSpec (DeepSeek's
 compressed latent, stored as one K "head" with no V), StateSpec (the Gated DeltaNet layers of
 Qwen3-Next / Qwen3.5, docs/gdn.md) and IndexerKeySpec (a PerTokenSpec: DeepSeek Sparse
-Attention's indexer keys beside the latent, docs/dsa.md). Declared for upcoming models, with the allocator and block
-manager support they need (tests/test_cache_specs.py), but used by no model yet:
-SlidingWindowSpec, PerTokenSpec.
+Attention's indexer keys beside the latent, docs/dsa.md). Declared for upcoming models, with the
+allocator and block manager support they need (tests/test_cache_specs.py), but used by no model
+yet: SlidingWindowSpec.
 
 A model class may declare its own cache by defining a classmethod
 `cache_specs(model_config, *, dtype, tp_size, tp_rank) -> list[CacheSpec]`; `cache_specs_for`
@@ -235,8 +235,7 @@ class PerTokenSpec(CacheSpec):
     keys: `token_shape` elements of `dtype` per token and layer, optionally followed by
     `scale_shape` elements of `scale_dtype` (FP8 keys with their scales), packed into one
     token entry. Each layer gets (data [num_blocks, block_size, *token_shape],
-    scale [num_blocks, block_size, *scale_shape] or None). Declared for upcoming models; no
-    model uses it yet."""
+    scale [num_blocks, block_size, *scale_shape] or None). IndexerKeySpec is one."""
 
     cache_name: str = "per_token"
     token_shape: tuple[int, ...] = ()
