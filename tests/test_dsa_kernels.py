@@ -188,6 +188,10 @@ def test_triton_kernels_bf16(block_h):
     want = st.sparse_mla_absorbed_ref(q_lat, b["q_pe"], b["latent"], slots, SCALE)
     got = smt.sparse_mla_attend(q_lat, b["q_pe"], b["latent"], slots, SCALE, block_h=block_h)
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    narrow = smt.sparse_mla_attend(q_lat, b["q_pe"], b["latent"], slots, SCALE, block_h=block_h,
+                                   out_dtype=torch.bfloat16)
+    assert narrow.dtype == torch.bfloat16
+    torch.testing.assert_close(narrow.float(), want, rtol=2e-2, atol=2e-2)
 
 
 def test_triton_sparse_mla_row_without_selection_gives_zeros():

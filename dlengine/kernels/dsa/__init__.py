@@ -69,8 +69,9 @@ class TritonDSAKernels:
     def attend(self, q_nope, q_pe, cache, meta: AttentionMetadata, weights: MLAWeights, scale: float, selected):
         token_req = indexer_torch.token_requests(meta.query_start_loc, q_nope.shape[0])
         slots = indexer_torch.topk_to_slots(selected, meta.block_tables, token_req, cache.shape[1])
-        out_lat = self._sparse.sparse_mla_attend(absorb_query(q_nope, weights), q_pe, cache, slots, scale)
-        return latent_to_v(out_lat.to(q_nope.dtype), weights)
+        out_lat = self._sparse.sparse_mla_attend(absorb_query(q_nope, weights), q_pe, cache, slots, scale,
+                                                 out_dtype=q_nope.dtype)
+        return latent_to_v(out_lat, weights)
 
 
 DSAKernels = TorchDSAKernels | TritonDSAKernels

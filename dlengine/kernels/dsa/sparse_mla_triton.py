@@ -75,19 +75,21 @@ def _sparse_mla_kernel(q_lat_ptr, q_pe_ptr, cache_ptr, slots_ptr, out_ptr, num_s
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(c_kv.dtype), c_kv)
         m_i = m_new
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    out = (acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + t * stride_ot + offs_h[:, None] * stride_oh + offs_c[None, :], out,
              mask=h_ok[:, None] & c_ok[None, :])
 
 
 def sparse_mla_attend(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor,
-                      scale: float, block_h: int | None = None, block_n: int | None = None) -> torch.Tensor:
+                      scale: float, block_h: int | None = None, block_n: int | None = None,
+                      out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Same contract as sparse_mla_torch.sparse_mla_absorbed_ref: q_lat [T, H, C] and q_pe
     [T, H, rope] over the latent rows at slots [T, K] of cache [N, page, 1, C + rope]
-    -> out_lat [T, H, C] float32."""
+    -> out_lat [T, H, C] (float32 by default; `out_dtype` stores it narrower, e.g. the
+    activations' bf16, which halves a long prefill chunk's buffer)."""
     num_tokens, num_heads, kv_lora = q_lat.shape
     rope = q_pe.shape[-1]
-    out = torch.empty(num_tokens, num_heads, kv_lora, dtype=torch.float32, device=q_lat.device)
+    out = torch.empty(num_tokens, num_heads, kv_lora, dtype=out_dtype, device=q_lat.device)
     if num_tokens == 0:
         return out
     slots = slots.contiguous()
