@@ -18,13 +18,14 @@
 #   sm90       sm_90 build resources of the MLA decode kernels (registers, spills, shared memory)
 #   fp8        block-scaled FP8 GEMMs and MoE, tiny FP8 engine
 #   dsv3       DeepSeek-V3 dims, 4 layers, batch 1 and 64 x 1k
+#   dsa        DeepSeek-V3.2-Exp (sparse attention) vs DeepSeek-V3 decode, 4 layers, 32 x 32k and 64 x 64k
 #   parallel   parallel engine vs single process (NCCL; one GPU: a one-rank NCCL world)
 #   kvmig      KV migration between two processes: DLSlime (CUDA and host caches), CUDA IPC
 #   profile    GPU time per kernel of a W2 decode step (profile_kernels.py)
 #   serve      W1's workload through `dlengine serve` + `dlengine bench serve` at rising request
 #              rates, then W1 offline in the same call (the reference)
 # Extra options per step: TEST_ARGS, SERVE_RATES, ATTN_ARGS, W1_ARGS, W2_ARGS, W1MOE_ARGS, MOE_ARGS, TUNE_TOKENS, MLA_ARGS,
-# FP8_ARGS, DSV3_ARGS, PARALLEL_ARGS. FlashInfer is used when its wheels are in .whl/
+# FP8_ARGS, DSV3_ARGS, DSA_ARGS, PARALLEL_ARGS. FlashInfer is used when its wheels are in .whl/
 # (flashinfer-python + apache-tvm-ffi, installed with --no-deps); DLSlime when importable.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -41,7 +42,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
 
 run_tests() {
-  python3 -m pytest -q -p no:cacheprovider tests/test_gpu_*.py tests/test_triton_ops.py tests/test_triton_attention.py \
+  python3 -m pytest -q -p no:cacheprovider tests/test_gpu_*.py tests/test_triton_ops.py tests/test_triton_attention.py tests/test_dsa_kernels.py \
     ${TEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -25
 }
 run_attention() {
@@ -104,6 +105,16 @@ run_dsv3() {  # DeepSeek-V3 dims, first 4 layers (3 dense + 1 MoE of 256 experts
       --json "$OUT/dsv3_b$bsz.json" 2>&1 | tee "$OUT/dsv3_b$bsz.log" | tail -25
   done
 }
+run_dsa() {  # docs/dsa.md: decode step time and bytes read, sparse (V3.2-Exp) against dense (V3) at equal context
+  for shape in "32 32768" "64 65536"; do
+    set -- $shape
+    for model in deepseek-v3.2-exp deepseek-v3; do
+      python3 -m dlengine.cli bench latency --model $model --load-format dummy --num-layers 4 --dtype bfloat16 \
+        --batch-size $1 --input-len $2 --output-len 32 --max-model-len $(( $2 + 64 )) --no-progress ${DSA_ARGS:-} \
+        --json "$OUT/dsa_${model}_b$1_ctx$2.json" 2>&1 | tee "$OUT/dsa_${model}_b$1_ctx$2.log" | tail -25
+    done
+  done
+}
 run_probe() {  # per-program timelines and the per-tile fit of the Gluon MLA decode kernel
   python3 scripts/probe_mla_decode.py 2>&1 | tee "$OUT/probe_mla_decode.log" | tail -40
 }
@@ -139,7 +150,7 @@ run_profile() {  # GPU time per kernel of a W2 (Qwen3-8B, batch 1) decode step
 run_parallel() {  # parallel engine vs single-process on every visible GPU (NCCL); 1 GPU: a 1-rank NCCL world
   python3 scripts/gpu_check_parallel.py ${PARALLEL_ARGS:-} --json "$OUT/parallel.json" 2>&1 | tee "$OUT/parallel.log" | tail -40
 }
-ALL="tests attention w1 w2 engine w1moe moe tune_moe mla mladecode probe sm90 fp8 dsv3 parallel kvmig profile serve"
+ALL="tests attention w1 w2 engine w1moe moe tune_moe mla mladecode probe sm90 fp8 dsv3 dsa parallel kvmig profile serve"
 for s in ${*:-all}; do
   case $s in
     all) for t in $ALL; do echo "== $t"; "run_$t"; done ;;

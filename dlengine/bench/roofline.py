@@ -9,7 +9,9 @@ These are estimates from the model shape (documented in docs/bench.md), not coun
   E * (1 - (1 - k/E)^n) experts per layer (`weight_bytes_for_tokens`);
 - KV bytes read: context tokens x `kv_bytes_per_token` (= layers * the cache's elements per token
   and layer * element size: 2 * kv_heads * head_dim for GQA, kv_lora_rank + rope dims for MLA's
-  latent) per sequence per step;
+  latent) per sequence per step; with DeepSeek Sparse Attention (index_topk in the config) a
+  decode token reads the latent of min(context, index_topk) tokens and the indexer key
+  (`index_key_bytes_per_token`) of every context token (`kv_bytes_read`);
 - FLOPs: 2 per multiply-add of every linear layer a token passes through (`2 * active_body_params`
   per token, body = all parameters but the embedding and the LM head, active = minus the E - k
   experts a token does not visit in each MoE layer), `2 * lm_head_params` per sampled token (only
@@ -48,6 +50,8 @@ class ModelCost:
     top_k: int = 0
     expert_params: int = 0  # one routed expert of one layer
     expert_bytes: int = 0
+    sparse_topk: int = 0  # DeepSeek Sparse Attention: tokens a query attends to (0: dense)
+    index_key_bytes_per_token: int = 0  # indexer layers * index_head_dim * cache element size
 
     @staticmethod
     def from_engine(engine) -> "ModelCost":
@@ -84,7 +88,12 @@ class ModelCost:
             v_dim = int(hf["v_head_dim"])
         else:
             qk_dim = v_dim = cfg.head_dim
+        sparse_topk = int(hf.get("index_topk") or 0)
+        indexer_layers = sum(1 for kind in (hf.get("indexer_types") or ["full"] * cfg.num_hidden_layers)
+                             [:cfg.num_hidden_layers] if kind == "full") if sparse_topk else 0
         return ModelCost(
+            sparse_topk=sparse_topk,
+            index_key_bytes_per_token=indexer_layers * int(hf.get("index_head_dim") or 0) * elem,
             param_bytes=param_bytes,
             decode_weight_bytes=param_bytes - untied_embed_bytes,
             num_params=num_params,
@@ -158,10 +167,20 @@ class ModelCost:
         """Bytes one decode step reads: the weights once (MoE: the experts its tokens route to)
         plus every sequence's KV context."""
         context_lens = list(context_lens)
-        return self.weight_bytes_for_tokens(len(context_lens)) + self.kv_bytes_per_token * float(sum(context_lens))
+        return self.weight_bytes_for_tokens(len(context_lens)) + sum(self.kv_bytes_read(c) for c in context_lens)
+
+    def kv_bytes_read(self, context_len: float) -> float:
+        """Cache bytes one decode token with `context_len` tokens of context reads: all of it, or
+        under sparse attention the selected tokens' latents and every token's indexer key."""
+        if not self.sparse_topk:
+            return self.kv_bytes_per_token * float(context_len)
+        return (self.kv_bytes_per_token * float(min(context_len, self.sparse_topk))
+                + self.index_key_bytes_per_token * float(context_len))
 
     def request_decode_kv_bytes(self, prompt_len: int, output_len: int) -> float:
         """KV bytes read by a request's output_len - 1 decode steps (contexts prompt_len+1 ..
         prompt_len+output_len-1)."""
         n_dec = max(0, output_len - 1)
+        if self.sparse_topk:
+            return sum(self.kv_bytes_read(prompt_len + k) for k in range(1, n_dec + 1))
         return self.kv_bytes_per_token * (n_dec * prompt_len + n_dec * (n_dec + 1) / 2.0)

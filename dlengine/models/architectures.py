@@ -8,6 +8,8 @@ registry.MODEL_REGISTRY, which maps the same names to their classes; tests/test_
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "DeepseekV3ForCausalLM",  # also Kimi-K2
+    "DeepseekV32ForCausalLM",  # DeepSeek Sparse Attention (docs/dsa.md)
+    "GlmMoeDsaForCausalLM",  # GLM-5, DeepSeek Sparse Attention
     "Qwen3ForCausalLM",
     "Qwen3MoeForCausalLM",
     "Qwen3NextForCausalLM",

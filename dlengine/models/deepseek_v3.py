@@ -101,23 +101,27 @@ class DeepseekV3MoE(nn.Module):
 
 
 class DeepseekV3DecoderLayer(PreNormDecoderLayer):
+    attention_cls: type[nn.Module] = MLAAttention  # DeepSeek-V3.2 (deepseek_v32.py): MLA + indexer
+
     def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, mlp: nn.Module) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MLAAttention(cfg, layer_idx, rotary)
+        self.self_attn = self.attention_cls(cfg, layer_idx, rotary)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = mlp
 
 
 class DeepseekV3Model(nn.Module):
+    layer_cls: type[nn.Module] = DeepseekV3DecoderLayer
+
     def __init__(self, cfg: ModelConfig, max_position: int, moe: DeepseekMoeSettings) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         # RoPE acts on the qk_rope_head_dim dims only (transformers sets config.head_dim to it)
         rotary = RotaryEmbedding(int(cfg.hf_config["qk_rope_head_dim"]), max_position, cfg.rope)
         self.layers = nn.ModuleList(
-            DeepseekV3DecoderLayer(cfg, i, rotary, DeepseekV3MoE(cfg.hidden_size, moe) if moe.is_sparse(i)
-                                   else Qwen3MLP(cfg.hidden_size, cfg.intermediate_size))
+            self.layer_cls(cfg, i, rotary, DeepseekV3MoE(cfg.hidden_size, moe) if moe.is_sparse(i)
+                           else Qwen3MLP(cfg.hidden_size, cfg.intermediate_size))
             for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -134,6 +138,7 @@ _LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 class DeepseekV3ForCausalLM(nn.Module):
+    model_cls: type[nn.Module] = DeepseekV3Model  # the layer stack; DSA models swap in their own
     # HF's separate gate/up projections (dense layers and shared experts) load into one GEMM; MLA's
     # projections load by their own names (no q/k/v rows: a q_proj must stay q_proj)
     stacked_params = [
@@ -152,7 +157,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.expert_params = FusedMoE.checkpoint_mapping(self.moe.num_experts) + [
             ("experts.router.e_score_correction_bias", "gate.e_score_correction_bias", None),
         ]
-        self.model = DeepseekV3Model(cfg, max_position, self.moe)
+        self.model = self.model_cls(cfg, max_position, self.moe)
         tied_to = self.model.embed_tokens if cfg.tie_word_embeddings else None
         self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size, tied_to)
 

@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 
+from dlengine.testing.dsa import DSA_KINDS, build_dsa_model
 from dlengine.testing.hybrid import HYBRID_KINDS, build_hybrid_model, fuse_experts_on_disk, rerandomise_hybrid
 from dlengine.testing.vl import (VL_KINDS, build_vl_model, build_vl_tokenizer, transpose_experts_on_disk,
                                  write_preprocessor_config)
@@ -26,7 +27,8 @@ RECIPE_VERSION = "2"  # 2: the tokenizer carries a chat template (CHAT_TEMPLATE)
 PRESETS = {"tiny-qwen3": "qwen3", "tiny-qwen3-yarn": "qwen3-yarn", "tiny-qwen3-untied": "qwen3-untied",
            "tiny-qwen3-moe": "qwen3-moe", "tiny-deepseek-v3": "deepseek-v3", "tiny-kimi-k2": "kimi-k2",
            "tiny-deepseek-v3-fp8": "deepseek-v3-fp8", "tiny-qwen3-next": "qwen3-next", "tiny-qwen3.5": "qwen3.5",
-           "tiny-qwen3.5-moe": "qwen3.5-moe", "tiny-qwen3-vl": "qwen3-vl", "tiny-qwen3-vl-moe": "qwen3-vl-moe"}
+           "tiny-qwen3.5-moe": "qwen3.5-moe", "tiny-qwen3-vl": "qwen3-vl", "tiny-qwen3-vl-moe": "qwen3-vl-moe",
+           "tiny-deepseek-v32": "deepseek-v32", "tiny-glm-moe-dsa": "glm-moe-dsa"}
 # kinds derived from another kind's checkpoint by a post-processing step: kind -> source kind
 _DERIVED = {"deepseek-v3-fp8": "deepseek-v3"}
 FP8_BLOCK = (128, 128)
@@ -222,6 +224,8 @@ def build_tiny_checkpoint(kind: str, path: str, seed: int = 0) -> str:
         return _build_hybrid_checkpoint(kind, path, seed)
     if kind in VL_KINDS:
         return _build_vl_checkpoint(kind, path, seed)
+    if kind in DSA_KINDS:
+        return _build_dsa_checkpoint(kind, path, seed)
     if kind.endswith("-moe"):
         from transformers import Qwen3MoeConfig as config_cls, Qwen3MoeForCausalLM as model_cls
     elif kind in _DEEPSEEK_KINDS:
@@ -298,6 +302,14 @@ def _build_vl_checkpoint(kind: str, path: str, seed: int) -> str:
     GenerationConfig(eos_token_id=text_cfg.eos_token_id, pad_token_id=text_cfg.pad_token_id).save_pretrained(path)
     build_vl_tokenizer(text_cfg.vocab_size, _CORPUS).save_pretrained(path)
     write_preprocessor_config(path)
+def _build_dsa_checkpoint(kind: str, path: str, seed: int) -> str:
+    """DeepSeek-V3.2 / GLM-5 (testing/dsa.py)."""
+    from transformers import GenerationConfig
+
+    model, cfg = build_dsa_model(kind, seed)
+    model.save_pretrained(path, safe_serialization=True)
+    GenerationConfig(eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id).save_pretrained(path)
+    build_tokenizer(cfg.vocab_size).save_pretrained(path)
     with open(os.path.join(path, "dlengine_recipe.json"), "w") as f:
         json.dump({"kind": kind, "seed": seed, "version": RECIPE_VERSION}, f)
     return path
