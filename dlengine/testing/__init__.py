@@ -306,7 +306,7 @@ def _build_dsa_checkpoint(kind: str, path: str, seed: int) -> str:
     """DeepSeek-V3.2 / GLM-5 (testing/dsa.py)."""
     from transformers import GenerationConfig
 
-    model, cfg = build_dsa_model(kind, seed)
+    model, cfg = build_dsa_model(kind, seed, _sharpen, ROUTER_GAIN)
     model.save_pretrained(path, safe_serialization=True)
     GenerationConfig(eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id).save_pretrained(path)
     build_tokenizer(cfg.vocab_size).save_pretrained(path)

@@ -40,25 +40,24 @@ def dsa_config(kind: str) -> dict:
     return cfg
 
 
-def build_dsa_model(kind: str, seed: int):
-    """(transformers model in float32, sharpened, its config)."""
+def build_dsa_model(kind: str, seed: int, sharpen, router_gain: float):
+    """(transformers model in float32, sharpened, its config). `sharpen` and `router_gain` are
+    the shared tiny-checkpoint recipe's (dlengine.testing passes them: no import back)."""
     import torch
     import transformers as tf
-
-    from dlengine.testing import ROUTER_GAIN, _sharpen
 
     config_cls, model_cls = {"deepseek-v32": (tf.DeepseekV32Config, tf.DeepseekV32ForCausalLM),
                              "glm-moe-dsa": (tf.GlmMoeDsaConfig, tf.GlmMoeDsaForCausalLM)}[kind]
     cfg = config_cls(**dsa_config(kind))
     torch.manual_seed(seed)
     model = model_cls(cfg).to(torch.float32)
-    _sharpen(model, seed)
+    sharpen(model, seed)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("mlp.gate.weight"):
-                p.mul_(ROUTER_GAIN)
-            elif name.endswith("indexer.k_norm.bias"):  # _sharpen drew it around 1, as a norm weight
+                p.mul_(router_gain)
+            elif name.endswith("indexer.k_norm.bias"):  # sharpen drew it around 1, as a norm weight
                 p.copy_(0.1 * torch.randn(p.shape, generator=gen))
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
