@@ -37,6 +37,10 @@ def build_engine(spec: dict):
         b.device(spec["device"])
     if spec.get("dtype"):
         b.dtype(spec["dtype"])
+    if spec.get("load_format"):
+        b.load_format(spec["load_format"])
+    if spec.get("seed") is not None:
+        b.seed(spec["seed"])
     if spec.get("cache"):
         b.cache(**spec["cache"])
     if spec.get("scheduler"):
