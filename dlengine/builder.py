@@ -329,8 +329,9 @@ class EngineBuilder:
         if self._role not in ROLES:
             raise ConfigError(f"unknown role {self._role!r}; choose one of {ROLES}")
         if self._role != "hybrid" and self._transfer is None:
+            what = "a transfer engine for its image embeddings" if self._role == "encode" else "a KV transfer engine"
             raise ConfigError(
-                f"role {self._role!r} needs a KV transfer engine: add .transfer('dlslime', transport='tcp') "
+                f"role {self._role!r} needs {what}: add .transfer('dlslime', transport='tcp') "
                 "(transport='rdma' is not wired yet, see docs/disaggregation.md)"
             )
         if self._role != "hybrid" and parallel.attention_dp > 1:

@@ -101,7 +101,8 @@ def encoder_throughput(args, folder: str, tmp: str) -> list[dict]:
             s_tower, s_whole = statistics.median(tower), statistics.median(whole)
             rows.append(dict(images=batch, image_tokens=tokens, patches=int(pixels.shape[0]),
                              tower_ms=s_tower * 1e3, with_preprocessing_ms=s_whole * 1e3,
-                             image_tokens_per_s=tokens / s_tower, image_tokens_per_s_with_preprocessing=tokens / s_whole))
+                             image_tokens_per_s=tokens / s_tower,
+                             image_tokens_per_s_with_preprocessing=tokens / s_whole))
             print(f"encoder  batch {batch:>2} x {args.image_size}px: {tokens:>6} image tokens, tower "
                   f"{s_tower * 1e3:8.2f} ms ({tokens / s_tower:10.0f} tok/s), with preprocessing "
                   f"{s_whole * 1e3:8.2f} ms ({tokens / s_whole:10.0f} tok/s)")
@@ -131,7 +132,8 @@ def ttft(args, folder: str, tmp: str) -> dict:
         b.cache(memory_utilization=args.memory_utilization)
     engine = b.build()
     image_token = engine.config.model.hf_config["image_token_id"]
-    start, end = engine.config.model.hf_config["vision_start_token_id"], engine.config.model.hf_config["vision_end_token_id"]
+    hf = engine.config.model.hf_config
+    start, end = hf["vision_start_token_id"], hf["vision_end_token_id"]
     vocab = engine.config.model.vocab_size
     text = [100 + (7 * i) % (vocab - 200) for i in range(args.text_tokens)]  # ordinary (non-special) token ids
     try:
@@ -184,9 +186,9 @@ def main() -> None:
     p.add_argument("--skip", choices=("throughput", "ttft"), action="append", default=[])
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    if args.load_format is None:
-        args.load_format = "dummy" if not os.path.exists(os.path.join(resolve_model_path(args.model), "model.safetensors")) \
-            and not any(f.endswith(".safetensors") for f in os.listdir(resolve_model_path(args.model))) else "auto"
+    if args.load_format is None:  # config-only presets have no weights
+        has_weights = any(f.endswith(".safetensors") for f in os.listdir(resolve_model_path(args.model)))
+        args.load_format = "auto" if has_weights else "dummy"
     env = gc.device_env() if cuda and args.device.startswith("cuda") else {"device": "cpu", "torch": torch.__version__}
     print(f"{args.model} ({args.load_format} weights), {args.dtype} on {env['device']}")
     with tempfile.TemporaryDirectory() as tmp:
