@@ -249,3 +249,22 @@ def test_released_or_expired_embeddings_are_refused_and_freed(images):
     finally:
         hybrid.close()
         encoder.close()
+
+
+def test_bench_vision_runs_on_cpu(tmp_path):
+    """scripts/bench_vision.py (the H100 `vision` step of gpu_suite.sh) at tiny sizes on the CPU."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "vision.json"
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    subprocess.run([sys.executable, os.path.join(root, "scripts", "bench_vision.py"), "--device", "cpu", "--model",
+                    MODEL, "--image-size", "32", "--batches", "1", "--iters", "1", "--json", str(out)],
+                   check=True, env=env, timeout=300, capture_output=True)
+    result = json.loads(out.read_text())
+    assert result["encoder_throughput"][0]["image_tokens"] == 16
+    ttft = result["ttft_one_image"]
+    assert ttft["ttft_local_ms"] > 0 and ttft["ttft_epd_ms"] > 0 and ttft["pulled"]["pulled"] == 3
