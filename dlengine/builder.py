@@ -20,6 +20,7 @@ from dlengine.config import (
     CacheConfig,
     Components,
     ConfigError,
+    EncoderCacheConfig,
     EngineConfig,
     ModelConfig,
     ParallelConfig,
@@ -89,6 +90,7 @@ class EngineBuilder:
         self._quantization = "auto"
         self._transfer: dict[str, Any] | None = None
         self._control_plane: dict[str, Any] | None = None
+        self._encoder_cache: dict[str, Any] = {}
         self._components: dict[str, Any] = {}
         self._speculative_tokens = 0
 
@@ -182,8 +184,22 @@ class EngineBuilder:
 
     def role(self, role: str) -> "EngineBuilder":
         """"hybrid" (default: prefill and decode here), "prefill" or "decode" (PD disaggregation:
-        needs `transfer(...)`; see docs/disaggregation.md)."""
+        needs `transfer(...)`; see docs/disaggregation.md), or "encode": an encoder engine of a
+        vision model (only its vision tower, no KV cache; `build()` returns an EncoderEngine that
+        hands image embeddings to prefill engines, see docs/vision.md)."""
         self._role = role
+        return self
+
+    def encoder_cache(self, *, staging_bytes: int | None = None, pull_timeout_s: float | None = None,
+                      on_pull_failure: str | None = None) -> "EngineBuilder":
+        """Image embeddings between engines (encode-prefill-decode). An encoder engine keeps each
+        request's embeddings in `staging_bytes` of registered host memory (default 256 MiB) until
+        the prefill side pulls them or its transfer(pin_timeout_s=...) passes; an engine given ec_transfer_params
+        pulls them into a receive region of that size and fails after `pull_timeout_s`.
+        `on_pull_failure`: "fail" (default) refuses the request naming the encoder; "local" encodes
+        the images here instead."""
+        given = dict(staging_bytes=staging_bytes, pull_timeout_s=pull_timeout_s, on_pull_failure=on_pull_failure)
+        self._encoder_cache.update({k: v for k, v in given.items() if v is not None})
         return self
 
     def transfer(self, backend: str = "dlslime", *, transport: str = "tcp", host: str = "127.0.0.1", port: int = 0,
@@ -313,8 +329,9 @@ class EngineBuilder:
         if self._role not in ROLES:
             raise ConfigError(f"unknown role {self._role!r}; choose one of {ROLES}")
         if self._role != "hybrid" and self._transfer is None:
+            what = "a transfer engine for its image embeddings" if self._role == "encode" else "a KV transfer engine"
             raise ConfigError(
-                f"role {self._role!r} needs a KV transfer engine: add .transfer('dlslime', transport='tcp') "
+                f"role {self._role!r} needs {what}: add .transfer('dlslime', transport='tcp') "
                 "(transport='rdma' is not wired yet, see docs/disaggregation.md)"
             )
         if self._role != "hybrid" and parallel.attention_dp > 1:
@@ -325,6 +342,9 @@ class EngineBuilder:
             raise ConfigError(f"role 'decode' with tp={parallel.tp} is not supported yet: a decode rank would pull "
                               "a slice of each prefill rank's KV heads; run decode engines with tp=1 (prefill "
                               "engines may use tp=N)")
+        encoder_cache = make(EncoderCacheConfig, self._encoder_cache, "encoder_cache")
+        if self._role == "encode":
+            self._check_encode_role(model, parallel)
         if self._role == "hybrid" and self._components.get("kv_connector") is None and self._transfer is not None:
             raise ConfigError("transfer(...) needs role('prefill') or role('decode')")
         if self._transfer is not None:
@@ -429,8 +449,23 @@ class EngineBuilder:
             load_num_layers=self._hf_overrides.get("num_hidden_layers"),
             transfer=TransferConfig(**self._transfer) if self._transfer is not None else None,
             control_plane=self._control_plane, speculative_tokens=self._speculative_tokens,
-            components=Components(**self._components),
+            components=Components(**self._components), encoder_cache=encoder_cache,
         )
+
+    def _check_encode_role(self, model: ModelConfig, parallel) -> None:
+        from dlengine.multimodal.processor import VISION_ARCHITECTURES
+
+        if model.architecture not in VISION_ARCHITECTURES:
+            raise ConfigError(f"role 'encode' runs a vision tower; {model.architecture} has none (vision models: "
+                              f"{', '.join(VISION_ARCHITECTURES)})")
+        if parallel.world_size > 1:
+            raise ConfigError(f"role 'encode' runs on one device (its vision tower is replicated, not sharded); got "
+                              f"parallel world size {parallel.world_size}: start one encoder engine per device")
+        if self._transfer["backend"] != "dlslime":
+            raise ConfigError(f"role 'encode' hands embeddings off through host memory over DLSlime: use "
+                              f"transfer('dlslime'), not {self._transfer['backend']!r}")
+        if self._components.get("speculator") is not None or self._components.get("kv_connector") is not None:
+            raise ConfigError("role 'encode' has no decoder: speculative(...) and kv_connector(...) do not apply")
 
     _make_config = config  # the name earlier versions used
 
@@ -456,6 +491,10 @@ class EngineBuilder:
         rank a front over spawned workers (`ParallelEngine`), or this rank's engine under
         torchrun (`DistributedEngine`). All three have the same API."""
         cfg = self.config()
+        if cfg.role == "encode":
+            from dlengine.disagg.encoder import build_encoder_engine
+
+            return build_encoder_engine(cfg)
         if cfg.parallel.world_size > 1:
             from dlengine.parallel.front import build_parallel_engine
 

@@ -21,11 +21,13 @@
 #   dsa        DeepSeek-V3.2-Exp (sparse attention) vs DeepSeek-V3 decode, 4 layers, 32 x 32k and 64 x 64k
 #   parallel   parallel engine vs single process (NCCL; one GPU: a one-rank NCCL world)
 #   kvmig      KV migration between two processes: DLSlime (CUDA and host caches), CUDA IPC
+#   vision     Qwen3-VL-8B dims (dummy weights): vision encoder image-token throughput, TTFT of a
+#              one-image request with the encoder in the engine and as a separate encoder engine (EPD)
 #   profile    GPU time per kernel of a W2 decode step (profile_kernels.py)
 #   serve      W1's workload through `dlengine serve` + `dlengine bench serve` at rising request
 #              rates, then W1 offline in the same call (the reference)
 # Extra options per step: TEST_ARGS, SERVE_RATES, ATTN_ARGS, W1_ARGS, W2_ARGS, W1MOE_ARGS, MOE_ARGS, TUNE_TOKENS, MLA_ARGS,
-# FP8_ARGS, DSV3_ARGS, DSA_ARGS, PARALLEL_ARGS. FlashInfer is used when its wheels are in .whl/
+# FP8_ARGS, DSV3_ARGS, DSA_ARGS, PARALLEL_ARGS, VISION_ARGS. FlashInfer is used when its wheels are in .whl/
 # (flashinfer-python + apache-tvm-ffi, installed with --no-deps); DLSlime when importable.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -129,6 +131,9 @@ run_kvmig() {  # KV migration over DLSlime TCP, Qwen3-8B cache layout: CUDA cach
   python3 scripts/bench_kv_migration.py --device cuda --backend cuda_ipc --requests 20 \
     --json "$OUT/kv_migration_cuda_ipc.json" 2>&1 | tee "$OUT/kv_migration_cuda_ipc.log" | tail -25
 }
+run_vision() {  # Qwen3-VL-8B dims: encoder throughput, one-image TTFT local vs separate encoder (bench_vision.py)
+  python3 scripts/bench_vision.py ${VISION_ARGS:-} --json "$OUT/vision.json" 2>&1 | tee "$OUT/vision.log" | tail -12
+}
 run_serve() {  # W1's shape online: Poisson arrivals at rising rates, then every request at once
   local port=${SERVE_PORT:-8123}
   python3 -m dlengine.cli serve qwen3-0.6b --load-format dummy --dtype bfloat16 --max-model-len 2048 \
@@ -150,7 +155,7 @@ run_profile() {  # GPU time per kernel of a W2 (Qwen3-8B, batch 1) decode step
 run_parallel() {  # parallel engine vs single-process on every visible GPU (NCCL); 1 GPU: a 1-rank NCCL world
   python3 scripts/gpu_check_parallel.py ${PARALLEL_ARGS:-} --json "$OUT/parallel.json" 2>&1 | tee "$OUT/parallel.log" | tail -40
 }
-ALL="tests attention w1 w2 engine w1moe moe tune_moe mla mladecode probe sm90 fp8 dsv3 dsa parallel kvmig profile serve"
+ALL="tests attention w1 w2 engine w1moe moe tune_moe mla mladecode probe sm90 fp8 dsv3 dsa parallel kvmig vision profile serve"
 for s in ${*:-all}; do
   case $s in
     all) for t in $ALL; do echo "== $t"; "run_$t"; done ;;

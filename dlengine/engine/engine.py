@@ -86,6 +86,7 @@ class Engine:
         self._ids = itertools.count()
         # image preprocessing for vision models (None for text-only ones)
         self._images = ImagePromptProcessor.for_model(config.model)
+        self._encoder_client = None  # pulls image embeddings from encoder engines (EPD), made on first use
 
     # the local core's parts, for notebooks and tests (a parallel engine's live in its workers)
     scheduler = property(lambda self: self.core.scheduler)
@@ -124,7 +125,10 @@ class Engine:
 
     def describe(self) -> dict:
         """The facts a benchmark or a log line should carry: model, device, kernels, cache, limits."""
-        return self.core.describe()
+        d = self.core.describe()
+        if self._encoder_client is not None:
+            d["ec_pulls"] = self._encoder_client.describe()
+        return d
 
     def close(self) -> None:
         """Abort what is running and release the engine's memory (and worker processes) now."""
@@ -133,6 +137,9 @@ class Engine:
         self._pending_outputs.clear()
         self._replay.clear()
         self._abort_queue.clear()
+        if self._encoder_client is not None:
+            self._encoder_client.close()
+            self._encoder_client = None
         self.core.close()
 
     def __enter__(self) -> "Engine":
@@ -208,7 +215,7 @@ class Engine:
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
                     arrival_time: float | None = None, kv_transfer_params: dict | None = None,
                     on_output: Callable[[RequestOutput], None] | None = None,
-                    output_kind: str = "cumulative") -> str:
+                    output_kind: str = "cumulative", ec_transfer_params: dict | None = None) -> str:
         """Queue a prompt (as `generate` takes it, images included); returns its request id. Bad
         input raises InvalidRequestError and leaves every other request untouched. `arrival_time`
         (time.perf_counter() clock) defaults to now; TTFT and latency metrics count from it.
@@ -219,6 +226,11 @@ class Engine:
 
         On a decode engine, `kv_transfer_params` (a prefill engine's output field) makes the
         request pull the prompt's KV instead of computing it; `prompt` must be the same prompt.
+
+        On a vision model, `ec_transfer_params` (an encoder engine's `encode(images)` result for
+        this prompt's images) makes the request pull the images' embeddings instead of encoding
+        them (docs/vision.md, EPD); a failed pull raises EncoderPullError naming the encoder
+        (or encodes here, with encoder_cache(on_pull_failure="local")).
 
         `output_kind`: "cumulative" (an output every step the request gains tokens) or
         "final_only" (only its final output: cheaper per step for batch jobs, as generate() uses)."""
@@ -236,10 +248,31 @@ class Engine:
 
                 check_transfer_params(kv_transfer_params, request, self.config.model.vocab_size)
             request.remote_kv = kv_transfer_params
+        if ec_transfer_params is not None:
+            self._pull_image_embeddings(request, ec_transfer_params)
         rid = self.add_prepared_request(request, output_kind)
         if on_output is not None:
             self._listeners[rid] = on_output
         return rid
+
+    def _pull_image_embeddings(self, request: Request, ec_transfer_params: dict) -> None:
+        if self._images is None:
+            raise InvalidRequestError(f"ec_transfer_params carry image embeddings; {self.config.model.architecture} "
+                                      "takes no images")
+        if request.remote_kv is not None:
+            return  # the prompt's KV is pulled whole: its images are never encoded here
+        if self._encoder_client is None:
+            from dlengine.disagg.encoder_client import EncoderCacheClient
+            from dlengine.parallel.transfer import make_transfer_engine
+
+            t = self.config.transfer
+            transfer = make_transfer_engine("dlslime", transport="tcp", host=t.host if t is not None else "127.0.0.1")
+            try:
+                self._encoder_client = EncoderCacheClient(self.config, transfer)
+            except BaseException:
+                transfer.close()
+                raise
+        self._encoder_client.pull(ec_transfer_params, request.multimodal)
 
     def add_prepared_request(self, request: Request, output_kind: str = "cumulative") -> str:
         """Admit a request made by `make_request`."""

@@ -8,7 +8,8 @@ Images reach the model through the forward context (`ctx.multimodal`: per reques
 its rows in the batch and its MultimodalInputs). A request's images are encoded once, at the first
 chunk that reaches an image token, kept on the request while its prompt runs (chunked prefill
 takes each chunk's slice) and dropped after the chunk holding the last image token. A request
-recomputed after preemption encodes again. Text-only requests use their 1-D position on all
+recomputed after preemption encodes again. Images an encoder engine already encoded (EPD, their
+`ImageInput.embeddings` set by the front) skip the vision tower. Text-only requests use their 1-D position on all
 three axes, as transformers does.
 
 Checkpoint layout (the released one): `model.visual.*`, `model.language_model.{embed_tokens,
@@ -105,10 +106,28 @@ class Qwen3VLModel(nn.Module):
         self.language_model = Qwen3VLTextModel(cfg, max_position, make_mlp)
 
     def encode_images(self, inputs) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """All of a request's images -> (tokens [sum of image tokens, hidden], deepstack list)."""
+        """All of a request's images -> (tokens [sum of image tokens, hidden], deepstack list).
+        An image whose embeddings an encoder engine computed (`ImageInput.embeddings`, [1 +
+        levels, tokens, hidden]) is not encoded again; the others go through the vision tower."""
         device = self.language_model.embed_tokens.weight.device
-        pixels = torch.cat([im.pixel_values for im in inputs.images]).to(device)
-        return self.visual(pixels, [im.grid_thw for im in inputs.images])
+        local = [im for im in inputs.images if im.embeddings is None]
+        if len(local) == len(inputs.images):
+            pixels = torch.cat([im.pixel_values for im in inputs.images]).to(device)
+            return self.visual(pixels, [im.grid_thw for im in inputs.images])
+        if local:
+            pixels = torch.cat([im.pixel_values for im in local]).to(device)
+            local_tokens, local_features = self.visual(pixels, [im.grid_thw for im in local])
+        tokens, levels, row = [], [], 0
+        for im in inputs.images:
+            if im.embeddings is not None:
+                e = im.embeddings.to(device, non_blocking=True)
+                tokens.append(e[0])
+                levels.append(list(e[1:]))
+            else:
+                tokens.append(local_tokens[row : row + im.num_tokens])
+                levels.append([f[row : row + im.num_tokens] for f in local_features])
+                row += im.num_tokens
+        return torch.cat(tokens), [torch.cat(level) for level in zip(*levels)]
 
     def gather_multimodal(self, segments: list[MultimodalSegment], positions: torch.Tensor
                           ) -> tuple[torch.Tensor, VisualRows | None]:

@@ -8,6 +8,12 @@ Made once by the front (multimodal/processor.py) when the request is added, and 
   chunk's M-RoPE positions from `rope_positions`;
 - the block manager: a full block that holds image tokens is keyed by those images' content
   hashes (`block_extra_key`), since every image's tokens are the same placeholder id.
+
+The encoder seam (encode-prefill-decode disaggregation, docs/vision.md): an image whose
+`embeddings` are set was encoded elsewhere, by an encoder engine, and pulled by the front
+(dlengine/disagg/encoder_client.py) when the request was added; the model uses them instead of
+running its vision tower on that image. Everything else (content hash, positions, prefix
+caching) is the same for both kinds of image.
 """
 
 from __future__ import annotations
@@ -26,6 +32,9 @@ class ImageInput:
     content_hash: bytes  # of the processed pixels and grid: equal images share KV, others never
     offset: int  # index of the image's first token in the prompt
     num_tokens: int  # its tokens in the prompt (patches / merge_size ** 2)
+    # [1 + deepstack levels, num_tokens, hidden] on the host: the merged patch embeddings, then
+    # each deepstack feature map, computed by an encoder engine; None: the model encodes the image
+    embeddings: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def end(self) -> int:

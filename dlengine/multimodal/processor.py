@@ -85,6 +85,22 @@ class ImagePromptProcessor:
                                           f"(preprocessor_config.json): {e}") from None
         return self._image_processor
 
+    def process_images(self, images: Sequence[Any]) -> list[tuple[Any, tuple[int, int, int], bytes, int]]:
+        """(pixel values, grid_thw, content hash, token count) of each image, in order: what the
+        model (or an encoder engine) needs of an image, without a prompt."""
+        if not images:
+            return []
+        pil = [load_image(im, f"image {k}") for k, im in enumerate(images)]
+        out = self.image_processor(images=pil, return_tensors="pt")
+        pixels, grids = out["pixel_values"], [tuple(int(x) for x in g) for g in out["image_grid_thw"].tolist()]
+        result, patch_start = [], 0
+        for grid in grids:
+            num_patches = grid[0] * grid[1] * grid[2]
+            px = pixels[patch_start : patch_start + num_patches]
+            result.append((px, grid, image_content_hash(px, grid), num_patches // (self.merge * self.merge)))
+            patch_start += num_patches
+        return result
+
     def process(self, token_ids: Sequence[int], images: Sequence[Any]) -> tuple[list[int], MultimodalInputs]:
         pads = [i for i, t in enumerate(token_ids) if t == self.image_token_id]
         if len(pads) != len(images):
@@ -92,20 +108,14 @@ class ImagePromptProcessor:
                 f"the prompt has {len(pads)} image placeholders (<|image_pad|>, id {self.image_token_id}) but "
                 f"{len(images)} images were given; put <|vision_start|><|image_pad|><|vision_end|> where each "
                 "image goes")
-        pil = [load_image(im, f"image {k}") for k, im in enumerate(images)]
-        out = self.image_processor(images=pil, return_tensors="pt")
-        pixels, grids = out["pixel_values"], [tuple(int(x) for x in g) for g in out["image_grid_thw"].tolist()]
         expanded: list[int] = []
         inputs: list[ImageInput] = []
-        prev, patch_start = 0, 0
-        for pad, grid in zip(pads, grids):
+        prev = 0
+        for pad, (px, grid, content_hash, num_tokens) in zip(pads, self.process_images(images)):
             expanded.extend(token_ids[prev:pad])
-            num_patches = grid[0] * grid[1] * grid[2]
-            num_tokens = num_patches // (self.merge * self.merge)
-            px = pixels[patch_start : patch_start + num_patches]
-            inputs.append(ImageInput(px, grid, image_content_hash(px, grid), len(expanded), num_tokens))
+            inputs.append(ImageInput(px, grid, content_hash, len(expanded), num_tokens))
             expanded.extend([self.image_token_id] * num_tokens)
-            prev, patch_start = pad + 1, patch_start + num_patches
+            prev = pad + 1
         expanded.extend(token_ids[prev:])
         positions, delta = mrope_positions(expanded, [(im.offset, im.grid_thw) for im in inputs], self.merge)
         return expanded, MultimodalInputs(inputs, positions, delta)

@@ -24,7 +24,7 @@ from dlengine.serve.errors import APIError, bad_request, install_error_handlers,
 
 def create_router_app(config: RouterConfig) -> FastAPI:
     pool = BackendPool()
-    for role in ("hybrid", "prefill", "decode"):
+    for role in ("hybrid", "prefill", "decode", "encode"):
         for url in getattr(config, role):
             pool.add(url, role)
     state: dict = {}
@@ -64,8 +64,9 @@ def create_router_app(config: RouterConfig) -> FastAPI:
             raise bad_request("the request body is not valid JSON") from None
         if not isinstance(body, dict):
             raise bad_request("the request body must be a JSON object")
-        if "kv_transfer_params" in body:  # only the router hands those to a decode server
-            raise bad_request("kv_transfer_params are set by the router", param="kv_transfer_params")
+        for name in ("kv_transfer_params", "ec_transfer_params"):  # only the router hands those out
+            if name in body:
+                raise bad_request(f"{name} are set by the router", param=name)
         return body
 
     @app.get("/health")

@@ -20,6 +20,9 @@ def add_router_options(p: argparse.ArgumentParser) -> None:
     for role in ("hybrid", "prefill", "decode"):
         b.add_argument(f"--{role}", action="append", default=[], metavar="URL",
                        help=f"a {role} server's base URL, e.g. http://127.0.0.1:8000 (repeatable)")
+    b.add_argument("--encode", action="append", default=[], metavar="URL",
+                   help="an encoder server's base URL (`dlengine serve --mode encode`, repeatable): chat requests "
+                        "with images are encoded there first, then prefilled (EPD, docs/vision.md)")
     b.add_argument("--ctrl-address", default=None, metavar="HOST:PORT",
                    help="discover `dlengine serve --ctrl-address` servers from this dlslime-ctrl")
     b.add_argument("--ctrl-scope", default=None, metavar="SCOPE", help="dlslime-ctrl scope (default: none)")
@@ -51,7 +54,8 @@ def run_router(args: argparse.Namespace) -> int:
         raise ConfigError("give backends: --hybrid / --prefill / --decode URL, or --ctrl-address to discover them")
     if args.port < 0:
         raise ConfigError(f"--port must be positive, got {args.port}")
-    config = RouterConfig(hybrid=args.hybrid, prefill=args.prefill, decode=args.decode, policy=args.policy,
+    config = RouterConfig(hybrid=args.hybrid, prefill=args.prefill, decode=args.decode, encode=args.encode,
+                          policy=args.policy,
                           ctrl_address=args.ctrl_address, ctrl_scope=args.ctrl_scope,
                           discovery_interval_s=args.health_interval, health_interval_s=args.health_interval,
                           stream_timeout_s=args.stream_timeout, request_timeout_s=args.request_timeout,

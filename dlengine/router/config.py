@@ -14,6 +14,7 @@ class RouterConfig:
     hybrid: list[str] = field(default_factory=list)  # backend base URLs by role (flags)
     prefill: list[str] = field(default_factory=list)
     decode: list[str] = field(default_factory=list)
+    encode: list[str] = field(default_factory=list)  # encoder servers (EPD: image embeddings for prefill/hybrid)
     policy: str = "round-robin"
     ctrl_address: str | None = None  # dlslime-ctrl to discover `dlengine serve` servers from
     ctrl_scope: str | None = None
@@ -33,7 +34,7 @@ class RouterConfig:
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ConfigError(f"unknown routing policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
-        for name in ("hybrid", "prefill", "decode"):
+        for name in ("hybrid", "prefill", "decode", "encode"):
             for url in getattr(self, name):
                 if not url.startswith(("http://", "https://")):
                     raise ConfigError(f"--{name} {url!r}: give a base URL such as http://127.0.0.1:8000")
@@ -45,5 +46,5 @@ class RouterConfig:
             raise ConfigError(f"prefix_chars must be positive, got {self.prefix_chars}")
         if self.backend_api_key is None:
             self.backend_api_key = self.api_key
-        self.hybrid, self.prefill, self.decode = ([u.rstrip("/") for u in urls]
-                                                  for urls in (self.hybrid, self.prefill, self.decode))
+        self.hybrid, self.prefill, self.decode, self.encode = (
+            [u.rstrip("/") for u in urls] for urls in (self.hybrid, self.prefill, self.decode, self.encode))

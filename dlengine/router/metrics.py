@@ -49,7 +49,8 @@ class RouterMetrics:
         self.retries = Counter("dlengine_router_retries", "Requests moved to another backend after a backend failed "
                                "before answering", registry=r)
         self.pd_paths = Counter("dlengine_router_pd_requests",
-                                "PD requests by path: prefill_only (the prefill server finished it), prefill_decode",
+                                "PD requests by path: prefill_only (the prefill server finished it), "
+                                "prefill_decode; encode: encoder legs (EPD)",
                                 ["path"], registry=r)
         r.register(_PoolCollector(pool))
 

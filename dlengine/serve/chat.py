@@ -8,12 +8,13 @@ from typing import AsyncIterator
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from dlengine.disagg.encoder_client import EncoderPullError
 from dlengine.engine.request import RequestOutput
 from dlengine.serve.errors import bad_request, engine_failed
 from dlengine.serve.media import image_bytes
 from dlengine.serve.logprobs import chat_logprobs
 from dlengine.serve.params import MAX_TOP_LOGPROBS, choice_params, sampling_params
-from dlengine.serve.pd import check_pd_request, handoff_params, hold_prefill
+from dlengine.serve.pd import check_ec_request, check_pd_request, encoder_pull_failed, handoff_params, hold_prefill
 from dlengine.serve.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
                                      ChatCompletionRequest, ChatCompletionResponse, DeltaMessage, DeltaToolCall,
                                      FunctionCall, ImagePart, TextPart, ToolCall, Usage, new_id)
@@ -77,9 +78,13 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request):
     params = sampling_params(req, max_tokens=max_tokens, default_max_tokens=max(1, state.max_model_len - len(prompt)),
                              logprobs=(req.top_logprobs or 0) if req.logprobs else None, vocab_size=state.vocab_size)
     kv, prefill_url = check_pd_request(state, req.kv_transfer_params, stream=req.stream, num_choices=req.n)
+    ec = check_ec_request(state, req.ec_transfer_params, has_images=bool(images), num_choices=req.n)
     rid = new_id("chatcmpl")
-    streams = await state.async_engine.add([(job_prompt, choice_params(params, c), f"{rid}-{c}") for c in range(req.n)],
-                                           kv)
+    try:
+        streams = await state.async_engine.add(
+            [(job_prompt, choice_params(params, c), f"{rid}-{c}") for c in range(req.n)], kv, ec)
+    except EncoderPullError as e:
+        raise encoder_pull_failed(str(e)) from None
     if kv is not None:
         hold_prefill(prefill_url, req.kv_transfer_params, streams[0])
     if req.stream:

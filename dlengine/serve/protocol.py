@@ -143,6 +143,9 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool = True
     add_generation_prompt: bool = True
     chat_template_kwargs: Optional[dict[str, Any]] = None
+    ec_transfer_params: Optional[dict] = Field(
+        None, description="EPD over HTTP: the signed params an encoder server returned for this request's images; "
+                          "a prefill or hybrid server pulls those embeddings instead of encoding (docs/vision.md)")
 
 
 # ---------------------------------------------------------------------------------- responses
