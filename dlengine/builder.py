@@ -149,9 +149,11 @@ class EngineBuilder:
         return self
 
     def speculative(self, method: Any, num_tokens: int = 1) -> "EngineBuilder":
-        """Speculative decoding: "ngram" (prompt lookup, no weights: dlengine.speculative) or a
-        proposer object (dlengine.engine.seams.Speculator) drafting up to `num_tokens` tokens a
-        step; the engine verifies them in one forward. The MTP proposer is not shipped yet.
+        """Speculative decoding: "mtp" (the checkpoint's multi-token-prediction layer, DeepSeek-V3 /
+        Kimi-K2 checkpoints with num_nextn_predict_layers >= 1), "ngram" (prompt lookup, no
+        weights) (both in dlengine.speculative) or a proposer object (dlengine.engine.seams.Speculator)
+        drafting up to `num_tokens` tokens a step; the engine verifies them in one forward
+        (docs/speculative.md).
 
         >>> from dlengine import EngineBuilder, SamplingParams
         >>> engine = EngineBuilder("tiny-qwen3").speculative("ngram", num_tokens=3).build()
@@ -367,11 +369,13 @@ class EngineBuilder:
 
                     speculator = self._components["speculator"] = NgramProposer(self._speculative_tokens)
                 elif speculator == "mtp":
-                    raise ConfigError("speculative('mtp'): the MTP proposer is not shipped yet; use 'ngram' or pass a "
-                                      "proposer object (dlengine.engine.seams.Speculator)")
+                    from dlengine.speculative.mtp import MTPFactory, check_mtp_supported
+
+                    check_mtp_supported(model)
+                    speculator = self._components["speculator"] = MTPFactory(self._speculative_tokens)
                 else:
-                    raise ConfigError(f"unknown speculative method {speculator!r}; choose 'ngram' or pass a proposer "
-                                      "object (dlengine.engine.seams.Speculator)")
+                    raise ConfigError(f"unknown speculative method {speculator!r}; choose 'mtp', 'ngram' or pass a "
+                                      "proposer object (dlengine.engine.seams.Speculator)")
             if self._async_scheduling:
                 raise ConfigError("async_scheduling(True) with speculative decoding: a step's verified tokens are "
                                   "needed before the next proposal; speculative engines step synchronously")

@@ -186,6 +186,10 @@ class EngineCore:
             self._inflight = handle
         else:
             outputs += self._resolve(handle)
+        if handle.hidden_states is not None:
+            # a speculator that drafts from the target's hidden states (MTP) runs its own layer
+            # over this step's positions now that the accepted tokens are known
+            self.speculator.observe_hidden_states(handle.hidden_states)
 
         self.stats.num_steps += 1
         self.stats.num_computed_tokens += sched.num_batched_tokens

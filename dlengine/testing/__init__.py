@@ -24,9 +24,9 @@ RECIPE_VERSION = "2"  # 2: the tokenizer carries a chat template (CHAT_TEMPLATE)
 PRESETS = {"tiny-qwen3": "qwen3", "tiny-qwen3-yarn": "qwen3-yarn", "tiny-qwen3-untied": "qwen3-untied",
            "tiny-qwen3-moe": "qwen3-moe", "tiny-deepseek-v3": "deepseek-v3", "tiny-kimi-k2": "kimi-k2",
            "tiny-deepseek-v3-fp8": "deepseek-v3-fp8", "tiny-qwen3-next": "qwen3-next", "tiny-qwen3.5": "qwen3.5",
-           "tiny-qwen3.5-moe": "qwen3.5-moe"}
+           "tiny-qwen3.5-moe": "qwen3.5-moe", "tiny-deepseek-v3-mtp": "deepseek-v3-mtp"}
 # kinds derived from another kind's checkpoint by a post-processing step: kind -> source kind
-_DERIVED = {"deepseek-v3-fp8": "deepseek-v3"}
+_DERIVED = {"deepseek-v3-fp8": "deepseek-v3", "deepseek-v3-mtp": "deepseek-v3"}
 FP8_BLOCK = (128, 128)
 ROUTER_GAIN = 2.0  # qwen3-moe: router weights are drawn this much larger, for decisive routing
 
@@ -212,7 +212,12 @@ def build_tiny_checkpoint(kind: str, path: str, seed: int = 0) -> str:
     from transformers import GenerationConfig
 
     if kind in _DERIVED:
-        build_fp8_checkpoint(tiny_checkpoint(_DERIVED[kind], seed), path)
+        if kind == "deepseek-v3-mtp":  # a trained next-n layer added (testing/mtp.py)
+            from dlengine.testing.mtp import build_mtp_checkpoint
+
+            build_mtp_checkpoint(tiny_checkpoint(_DERIVED[kind], seed), path, seed)
+        else:
+            build_fp8_checkpoint(tiny_checkpoint(_DERIVED[kind], seed), path)
         with open(os.path.join(path, "dlengine_recipe.json"), "w") as f:
             json.dump({"kind": kind, "seed": seed, "version": RECIPE_VERSION, "source": _DERIVED[kind]}, f)
         return path

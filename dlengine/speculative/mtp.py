@@ -1,0 +1,204 @@
+"""Multi-token-prediction (MTP) drafts: the checkpoint's own next-n layer proposes the tokens
+after the target's next one (DeepSeek-V3 / Kimi-K2; `EngineBuilder.speculative("mtp", num_tokens=k)`).
+
+How it runs, step by step (the engine's hooks: engine/seams.py HiddenStateSpeculator):
+1. The target runs the step (prompt chunks, decodes, verification of drafts) and the core applies
+   its tokens. Then `observe_hidden_states` gets the step's final hidden states.
+2. The MTP layer runs once over every position p the step computed and kept (all of a prompt
+   chunk; the last token plus the accepted drafts of a verify step), fed the target's hidden
+   state h_p and the embedding of the now-known token t_{p+1}. This writes its KV at p, in cache
+   layer `num_hidden_layers` of the same blocks, so its cache is complete for every computed
+   position: prefix-cache hits, chunked prefill and recompute after preemption need nothing more.
+3. For a request that decodes next, the logits at its last position give draft 1 (argmax);
+   drafts 2..k chain: the layer runs again one position further on its own output and draft j-1.
+   Chained positions lie past the computed ones; their KV is overwritten when the target gets
+   there. A chain stops early where the request has no allocated slot for the position (no new
+   blocks are taken for drafts).
+4. Before the next schedule the core asks `propose`, which hands out the drafts made in 3.
+
+Drafts are greedy (the argmax of the MTP head), i.e. deterministic proposals: the engine accepts a
+draft exactly when the target's own sample at that position equals it, which keeps the output
+distribution the target's at any temperature (and greedy outputs token-identical). Sampling the
+drafts instead would need the draft probabilities in the acceptance rule, which the verifier does
+not take.
+
+The MTP layer sees the target's hidden state after its final norm (the input of the LM head), as
+vLLM and SGLang feed DeepSeek's released MTP weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from dlengine.config import ConfigError
+from dlengine.kernels.context import AttentionMetadata, ForwardContext
+
+logger = logging.getLogger("dlengine")
+
+
+class MTPProposer:
+    name = "mtp"
+    needs_hidden_states = True
+
+    def __init__(self, mtp: torch.nn.Module, embed: torch.nn.Module, num_tokens: int, block_size: int,
+                 device: torch.device) -> None:
+        """mtp: a next-n module (models/deepseek_v3.py DeepseekV3MTP: forward(positions, embeds,
+        hidden, ctx) -> y, compute_logits(y), cache_specs(specs)); embed: the target's embedding."""
+        self.mtp, self.embed = mtp, embed
+        self.num_tokens, self.block_size, self.device = num_tokens, block_size, device
+        # request id -> (the request's num_tokens when drafted, drafts)
+        self._drafts: dict[str, tuple[int, list[int]]] = {}
+
+    # ------------------------------------------------------------------ the seam
+    def cache_specs(self, target_specs: list) -> list:
+        return self.mtp.cache_specs(target_specs)
+
+    def propose(self, requests: Sequence) -> list[list[int]]:
+        out = []
+        for r in requests:
+            entry = self._drafts.pop(r.request_id, None)
+            # drafts made for another state of the request (it was preempted since) are dropped
+            out.append(entry[1] if entry is not None and entry[0] == r.num_tokens else [])
+        return out
+
+    @torch.inference_mode()
+    def observe_hidden_states(self, step) -> None:
+        rows = self._kept_rows(step)
+        if rows is None:
+            return
+        reqs, starts, lens, hidden_rows, next_tokens = rows
+        positions = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lens)])
+        y = self._run(reqs, positions, lens, step.hidden[self._dev(hidden_rows)], self._dev(next_tokens), step)
+        ends = np.cumsum(lens) - 1
+        drafting = [i for i, r in enumerate(reqs) if r.num_computed_tokens == r.num_tokens - 1]
+        for r in reqs:
+            self._drafts.pop(r.request_id, None)
+        if not drafting:
+            return
+        last = self._dev(ends[drafting])
+        y = y[last]
+        tokens = self.mtp.compute_logits(y).argmax(dim=-1)
+        reqs = [reqs[i] for i in drafting]
+        drafts = [[t] for t in tokens.tolist()]
+        pos = np.array([r.num_computed_tokens for r in reqs], dtype=np.int64)  # the next chained position
+        live = np.arange(len(reqs))
+        for _ in range(1, self.num_tokens):
+            # a chained position needs an allocated slot for its KV
+            room = np.array([pos[i] < len(reqs[i].block_ids) * self.block_size for i in live], dtype=bool)
+            live, y, tokens = live[room], y[self._dev(np.nonzero(room)[0])], tokens[self._dev(np.nonzero(room)[0])]
+            if not len(live):
+                break
+            step_reqs = [reqs[i] for i in live]
+            y = self._run(step_reqs, pos[live], [1] * len(live), y, tokens, step)
+            tokens = self.mtp.compute_logits(y).argmax(dim=-1)
+            for i, t in zip(live.tolist(), tokens.tolist()):
+                drafts[i].append(t)
+            pos[live] += 1
+        for r, d in zip(reqs, drafts):
+            self._drafts[r.request_id] = (r.num_tokens, d)
+
+    def on_verified(self, request, num_drafts: int, num_accepted: int) -> None:
+        pass
+
+    # ------------------------------------------------------------------ internals
+    def _kept_rows(self, step):
+        """Per request still running: the positions this step computed and kept (num_computed
+        now says how far), their hidden-state rows, and the token after each position. Positions
+        whose next token is unknown (a scoring request's last) are left out."""
+        reqs, starts, lens, hidden_rows, next_tokens = [], [], [], [], []
+        for i, r in enumerate(step.requests):
+            if r.is_finished:
+                self._drafts.pop(r.request_id, None)
+                continue
+            start = step.starts[i]
+            end = min(start + step.query_start_loc[i + 1] - step.query_start_loc[i], r.num_computed_tokens,
+                      r.num_tokens - 1)
+            if end <= start:
+                continue
+            reqs.append(r)
+            starts.append(start)
+            lens.append(end - start)
+            hidden_rows.append(np.arange(step.query_start_loc[i], step.query_start_loc[i] + end - start))
+            next_tokens.append(r.all_token_ids[start + 1:end + 1])
+        if not reqs:
+            return None
+        return (reqs, starts, lens, np.concatenate(hidden_rows),
+                np.fromiter((t for ts in next_tokens for t in ts), dtype=np.int64))
+
+    def _run(self, reqs, positions: np.ndarray, lens: Sequence[int], hidden: torch.Tensor,
+             next_tokens: torch.Tensor, step) -> torch.Tensor:
+        """One MTP forward over `lens[i]` consecutive positions of each request (ending at
+        positions of their last entry), writing its KV there."""
+        bs = self.block_size
+        ql = np.asarray(lens, dtype=np.int64)
+        qsl = np.zeros(len(reqs) + 1, dtype=np.int64)
+        np.cumsum(ql, out=qsl[1:])
+        seq_lens = [int(positions[qsl[i + 1] - 1]) + 1 for i in range(len(reqs))]
+        max_blocks = max(len(r.block_ids) for r in reqs)
+        tables = np.zeros((len(reqs), max_blocks), dtype=np.int32)
+        for i, r in enumerate(reqs):
+            tables[i, :len(r.block_ids)] = r.block_ids
+        row = np.repeat(np.arange(len(reqs)), ql)
+        slots = tables[row, positions // bs].astype(np.int64) * bs + positions % bs
+        meta = AttentionMetadata(
+            query_start_loc=self._dev(qsl.astype(np.int32)), seq_lens=self._dev(np.array(seq_lens, dtype=np.int32)),
+            block_tables=self._dev(tables), slot_mapping=self._dev(slots), max_query_len=int(ql.max()),
+            max_seq_len=max(seq_lens), query_lens_cpu=ql.tolist(), seq_lens_cpu=seq_lens)
+        ctx = ForwardContext(meta, step.kv_caches, step.layer_caches)
+        pos = self._dev(np.ascontiguousarray(positions, dtype=np.int64))
+        return self.mtp(pos, self.embed(next_tokens), hidden, ctx)
+
+    def _dev(self, array: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(array))
+        return t.to(self.device, non_blocking=True) if self.device.type == "cuda" else t
+
+    def describe(self) -> dict:
+        return {"method": self.name, "num_tokens": self.num_tokens, "layer": getattr(self.mtp, "layer_index", None)}
+
+
+class MTPFactory:
+    """What `EngineBuilder.speculative("mtp", num_tokens=k)` configures: the engine calls it with
+    the config and the target model (`wants_target`), and it builds and loads the next-n layer."""
+
+    wants_target = True
+    name = "mtp"
+
+    def __init__(self, num_tokens: int) -> None:
+        self.num_tokens = num_tokens
+
+    def __call__(self, cfg, target) -> MTPProposer:
+        from dlengine.assemble import build_model
+        from dlengine.models.deepseek_v3 import DeepseekV3MTP
+
+        check_mtp_supported(cfg.model)
+        if cfg.load_num_layers is not None and cfg.load_format != "dummy":
+            raise ConfigError("speculative('mtp') with hf_overrides(num_hidden_layers=...) and real weights: the "
+                              "checkpoint's MTP layer follows its last layer, which is not loaded; use "
+                              "load_format='dummy' or drop the override")
+        # loaded like the target (FP8 preparation, dummy weights, post-load hooks), its own tensors only
+        mtp = build_model(cfg, target.state, target.kernels, model_cls=DeepseekV3MTP)
+        return MTPProposer(mtp, target.model.model.embed_tokens, self.num_tokens, cfg.cache.block_size, cfg.device)
+
+    def __repr__(self) -> str:
+        return f"MTPFactory(num_tokens={self.num_tokens})"
+
+
+def check_mtp_supported(model_config) -> None:
+    """ConfigError unless the checkpoint carries next-n layers this engine can run."""
+    from dlengine.models.deepseek_v3 import num_nextn_layers
+
+    arch = model_config.architecture
+    if arch not in MTP_ARCHITECTURES:
+        raise ConfigError(f"speculative('mtp'): an MTP proposer for {arch} checkpoints is not shipped yet (it runs "
+                          f"the next-n layers of {', '.join(sorted(MTP_ARCHITECTURES))} checkpoints); use "
+                          "speculative('ngram') or pass a proposer object")
+    if num_nextn_layers(model_config) < 1:
+        raise ConfigError(f"speculative('mtp'): {model_config.path} has no multi-token-prediction layers "
+                          "(config.json num_nextn_predict_layers is 0 or missing); use speculative('ngram')")
+
+
+MTP_ARCHITECTURES = {"DeepseekV3ForCausalLM"}
