@@ -372,6 +372,14 @@ class EngineBuilder:
                     from dlengine.speculative.mtp import MTPFactory, check_mtp_supported
 
                     check_mtp_supported(model)
+                    if parallel.ffn_ep > 1:
+                        raise ConfigError("speculative('mtp') with parallel(ffn_ep>1) is not supported: the MTP "
+                                          "layer's MoE would join the expert-parallel collectives a different number "
+                                          "of times on each attention-DP rank; use tp only, or speculative('ngram')")
+                    if self._cuda_graphs:
+                        raise ConfigError("speculative('mtp') runs its verify steps eagerly: CUDA graphs capture "
+                                          "neither the target's hidden states the MTP layer reads nor 1 + k tokens "
+                                          "per request yet; use cuda_graphs(False)")
                     speculator = self._components["speculator"] = MTPFactory(self._speculative_tokens)
                 else:
                     raise ConfigError(f"unknown speculative method {speculator!r}; choose 'mtp', 'ngram' or pass a "

@@ -34,6 +34,8 @@ class StepHiddenStates:
     requests: list[Request]
     starts: list[int]  # each request's num_computed_tokens before the step
     query_start_loc: list[int]  # [B + 1]
+    num_spec: list[int]  # drafts each request verified (its last num_spec inputs)
+    sample: list[bool]  # whether each request sampled a token
     kv_caches: list  # KVCache.layers
     layer_caches: list  # KVCache.caches_of_layer(i) for every layer
 
@@ -250,6 +252,7 @@ class ModelRunner:
         for s in out.scheduled:
             qsl.append(qsl[-1] + s.num_new_tokens)
         return StepHiddenStates(hidden, reqs, [r.num_computed_tokens for r in reqs], qsl,
+                                [s.num_spec_tokens for s in out.scheduled], [s.sample for s in out.scheduled],
                                 self.kv_cache.layers, self.layer_caches)
 
     def _graph_logits(self, out: SchedulerOutput) -> tuple[list[Request], torch.Tensor] | None:

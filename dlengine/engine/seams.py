@@ -94,10 +94,11 @@ class HiddenStateSpeculator(Speculator, Protocol):
     - gives it the target model at build (it is built by a factory with `wants_target = True`,
       called as `factory(config, target)`, target: dlengine.assemble.SpeculatorTarget);
     - extends the cache with its layers (`cache_specs(target_specs)`: same blocks, same tables);
-    - after every step, once the step's tokens are applied (accepted drafts and the new token
-      appended, `num_computed_tokens` advanced), calls `observe_hidden_states(step)` with the
-      step's hidden states (dlengine.engine.runner.StepHiddenStates). Drafts for the next step
-      come from there; `propose` hands them out.
+    - after every step's forward, before its tokens are applied (requests still hold their
+      blocks, even those that finish now), calls `observe_hidden_states(step, gained)` with the
+      step's hidden states (dlengine.engine.runner.StepHiddenStates) and, per sampling request id,
+      the tokens it gains (accepted drafts + the target's token). Drafts for the next step come
+      from there; `propose` hands them out.
     """
 
     needs_hidden_states: bool
@@ -105,5 +106,5 @@ class HiddenStateSpeculator(Speculator, Protocol):
     def cache_specs(self, target_specs: list) -> list:
         """The cache specs with this speculator's layers added."""
 
-    def observe_hidden_states(self, step) -> None:
-        """Run on the step's positions (writes its own KV) and draft for the requests that decode next."""
+    def observe_hidden_states(self, step, gained: dict[str, list[int]]) -> None:
+        """Run on the step's kept positions (writes its own KV) and draft for the requests that sampled."""

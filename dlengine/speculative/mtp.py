@@ -2,13 +2,15 @@
 after the target's next one (DeepSeek-V3 / Kimi-K2; `EngineBuilder.speculative("mtp", num_tokens=k)`).
 
 How it runs, step by step (the engine's hooks: engine/seams.py HiddenStateSpeculator):
-1. The target runs the step (prompt chunks, decodes, verification of drafts) and the core applies
-   its tokens. Then `observe_hidden_states` gets the step's final hidden states.
-2. The MTP layer runs once over every position p the step computed and kept (all of a prompt
+1. The target runs the step (prompt chunks, decodes, verification of drafts). Before the core
+   applies its tokens, `observe_hidden_states` gets the step's final hidden states and the tokens
+   each sampling request gains (accepted drafts + the target's token).
+2. The MTP layer runs once over every position p the step computed and keeps (all of a prompt
    chunk; the last token plus the accepted drafts of a verify step), fed the target's hidden
    state h_p and the embedding of the now-known token t_{p+1}. This writes its KV at p, in cache
    layer `num_hidden_layers` of the same blocks, so its cache is complete for every computed
-   position: prefix-cache hits, chunked prefill and recompute after preemption need nothing more.
+   position: prefix-cache hits, chunked prefill, recompute after preemption and KV handed from a
+   prefill engine to a decode engine (both with speculative("mtp")) need nothing more.
 3. For a request that decodes next, the logits at its last position give draft 1 (argmax);
    drafts 2..k chain: the layer runs again one position further on its own output and draft j-1.
    Chained positions lie past the computed ones; their KV is overwritten when the target gets
@@ -66,68 +68,76 @@ class MTPProposer:
         return out
 
     @torch.inference_mode()
-    def observe_hidden_states(self, step) -> None:
-        rows = self._kept_rows(step)
-        if rows is None:
+    def observe_hidden_states(self, step, gained: dict[str, list[int]]) -> None:
+        kept = self._kept_rows(step, gained)
+        if kept is None:
             return
-        reqs, starts, lens, hidden_rows, next_tokens = rows
+        reqs, starts, lens, hidden_rows, next_tokens, drafting = kept
         positions = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lens)])
         y = self._run(reqs, positions, lens, step.hidden[self._dev(hidden_rows)], self._dev(next_tokens), step)
-        ends = np.cumsum(lens) - 1
-        drafting = [i for i, r in enumerate(reqs) if r.num_computed_tokens == r.num_tokens - 1]
-        for r in reqs:
-            self._drafts.pop(r.request_id, None)
         if not drafting:
             return
-        last = self._dev(ends[drafting])
-        y = y[last]
+        # draft 1: the layer's prediction at each sampling request's last kept position
+        y = y[self._dev((np.cumsum(lens) - 1)[drafting])]
         tokens = self.mtp.compute_logits(y).argmax(dim=-1)
         reqs = [reqs[i] for i in drafting]
         drafts = [[t] for t in tokens.tolist()]
-        pos = np.array([r.num_computed_tokens for r in reqs], dtype=np.int64)  # the next chained position
+        pos = np.array([starts[i] + lens[i] for i in drafting], dtype=np.int64)  # the next chained position
         live = np.arange(len(reqs))
         for _ in range(1, self.num_tokens):
-            # a chained position needs an allocated slot for its KV
+            # drafts 2..k: the layer again, one position on, on its own output and last draft; a
+            # chained position needs an allocated slot for its KV
             room = np.array([pos[i] < len(reqs[i].block_ids) * self.block_size for i in live], dtype=bool)
-            live, y, tokens = live[room], y[self._dev(np.nonzero(room)[0])], tokens[self._dev(np.nonzero(room)[0])]
+            keep = self._dev(np.nonzero(room)[0])
+            live, y, tokens = live[room], y[keep], tokens[keep]
             if not len(live):
                 break
-            step_reqs = [reqs[i] for i in live]
-            y = self._run(step_reqs, pos[live], [1] * len(live), y, tokens, step)
+            y = self._run([reqs[i] for i in live], pos[live], [1] * len(live), y, tokens, step)
             tokens = self.mtp.compute_logits(y).argmax(dim=-1)
             for i, t in zip(live.tolist(), tokens.tolist()):
                 drafts[i].append(t)
             pos[live] += 1
         for r, d in zip(reqs, drafts):
-            self._drafts[r.request_id] = (r.num_tokens, d)
+            # keyed by the length the request will have once this step's tokens are appended
+            self._drafts[r.request_id] = (r.num_tokens + len(gained[r.request_id]), d)
 
     def on_verified(self, request, num_drafts: int, num_accepted: int) -> None:
         pass
 
     # ------------------------------------------------------------------ internals
-    def _kept_rows(self, step):
-        """Per request still running: the positions this step computed and kept (num_computed
-        now says how far), their hidden-state rows, and the token after each position. Positions
-        whose next token is unknown (a scoring request's last) are left out."""
-        reqs, starts, lens, hidden_rows, next_tokens = [], [], [], [], []
+    def _kept_rows(self, step, gained: dict[str, list[int]]):
+        """Per request: the positions this step computed and keeps (a verify step keeps its last
+        token and the accepted drafts), their hidden-state rows and the token after each one;
+        and which of the requests sample (they get drafts). Called before the step's tokens are
+        appended, so a request's own token list ends at its inputs."""
+        reqs, starts, lens, hidden_rows, next_tokens, drafting = [], [], [], [], [], []
         for i, r in enumerate(step.requests):
+            self._drafts.pop(r.request_id, None)
             if r.is_finished:
-                self._drafts.pop(r.request_id, None)
                 continue
-            start = step.starts[i]
-            end = min(start + step.query_start_loc[i + 1] - step.query_start_loc[i], r.num_computed_tokens,
-                      r.num_tokens - 1)
-            if end <= start:
+            start, row0 = step.starts[i], step.query_start_loc[i]
+            n = step.query_start_loc[i + 1] - row0
+            new = gained.get(r.request_id) if step.sample[i] else None
+            if new is not None:
+                fed = n - step.num_spec[i]  # prompt or decode tokens fed, drafts excluded
+                nxt = list(r.all_token_ids[start + 1:start + fed]) + list(new)  # accepted drafts are in `new`
+                n = fed + len(new) - 1
+            else:  # a prompt chunk that samples nothing (a scoring request's last position has no next)
+                nxt = list(r.all_token_ids[start + 1:start + n + 1])
+                n = len(nxt)
+            if n <= 0:
                 continue
+            if new is not None:
+                drafting.append(len(reqs))
             reqs.append(r)
             starts.append(start)
-            lens.append(end - start)
-            hidden_rows.append(np.arange(step.query_start_loc[i], step.query_start_loc[i] + end - start))
-            next_tokens.append(r.all_token_ids[start + 1:end + 1])
+            lens.append(n)
+            hidden_rows.append(np.arange(row0, row0 + n))
+            next_tokens.append(nxt[:n])
         if not reqs:
             return None
         return (reqs, starts, lens, np.concatenate(hidden_rows),
-                np.fromiter((t for ts in next_tokens for t in ts), dtype=np.int64))
+                np.fromiter((t for ts in next_tokens for t in ts), dtype=np.int64), drafting)
 
     def _run(self, reqs, positions: np.ndarray, lens: Sequence[int], hidden: torch.Tensor,
              next_tokens: torch.Tensor, step) -> torch.Tensor:

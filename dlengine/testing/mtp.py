@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 
-TRAIN_STEPS = 300
+TRAIN_STEPS = 200
 NUM_SEQUENCES = 32
 PROMPT_LEN = 6
 SEQ_LEN = 40
@@ -57,8 +57,20 @@ def _causal_mask(n: int, t: int):
     return mask.expand(n, 1, t, t)
 
 
-def train_mtp_layer(src: str, seed: int = 0) -> dict:
-    """The trained next-n layer's tensors, named as in a DeepSeek-V3 checkpoint."""
+def train_mtp_layer(src: str, seed: int = 0) -> tuple[dict, float]:
+    """The trained next-n layer's tensors, named as in a DeepSeek-V3 checkpoint, and the final
+    loss. Runs on one thread: at these sizes more threads only contend (tests run in parallel)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train_mtp_layer(src, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_mtp_layer(src: str, seed: int) -> tuple[dict, float]:
     import torch
     from torch import nn
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
