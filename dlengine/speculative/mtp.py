@@ -189,6 +189,8 @@ class MTPFactory:
             raise ConfigError("speculative('mtp') with hf_overrides(num_hidden_layers=...) and real weights: the "
                               "checkpoint's MTP layer follows its last layer, which is not loaded; use "
                               "load_format='dummy' or drop the override")
+        if cfg.load_format != "dummy":
+            _check_checkpoint_has_layer(cfg.model.path, cfg.model.num_hidden_layers)
         # loaded like the target (FP8 preparation, dummy weights, post-load hooks), its own tensors only
         mtp = build_model(cfg, target.state, target.kernels, model_cls=DeepseekV3MTP)
         return MTPProposer(mtp, target.model.model.embed_tokens, self.num_tokens, cfg.cache.block_size, cfg.device)
@@ -212,3 +214,24 @@ def check_mtp_supported(model_config) -> None:
 
 
 MTP_ARCHITECTURES = {"DeepseekV3ForCausalLM"}
+
+
+def _check_checkpoint_has_layer(path: str, layer: int) -> None:
+    """config.json may declare next-n layers the weights do not carry (transformers writes
+    num_nextn_predict_layers=1 by default and drops the layer on save): say so plainly."""
+    import json
+    import os
+
+    from dlengine.models.loader import iter_safetensors_lazy
+
+    prefix = f"model.layers.{layer}."
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            names = list(json.load(f).get("weight_map", {}))
+    else:
+        names = [name for name, _ in iter_safetensors_lazy(path)]
+    if not any(n.startswith(prefix) for n in names):
+        raise ConfigError(f"speculative('mtp'): {path} has no multi-token-prediction layer weights (no "
+                          f"{prefix}* tensors, although config.json declares num_nextn_predict_layers); use "
+                          "speculative('ngram')")
