@@ -214,3 +214,24 @@ def test_distribution_test_catches_a_wrong_accept_rule(distribution_samples, mon
     spec, _ = _sample_tokens(LookupDrafts(other), 10 * N_SAMPLES)
     stat, bound = _chi2_two_sample([t[1] for t in plain], [t[1] for t in spec])
     assert stat > bound, (stat, bound)
+
+
+def test_mtp_prefill_decode_roles_match_hybrid(ckpt, reference):
+    """Both roles with speculative("mtp"): the prefill engine writes the prompt's MTP KV into the
+    blocks it hands over (they travel with the target's, one more layer of the same group) and
+    the decode engine drafts from its first step on."""
+    pytest.importorskip("dlslime", reason="PD roles need dlslime (pip install 'dlengine[dlslime]')")
+    from dlengine.disagg import PDRouter
+
+    def build(role):
+        return (EngineBuilder(ckpt).dtype("float32").cache(block_size=16).scheduler(max_model_len=256).role(role)
+                .transfer("dlslime", transport="tcp").speculative("mtp", num_tokens=2).build())
+
+    prefill, decode = build("prefill"), build("decode")
+    try:
+        outs = PDRouter(prefill, decode).generate(_prompts(), GREEDY)
+        assert [o.token_ids for o in outs] == reference
+        assert decode.stats.acceptance_rate > 0.3
+    finally:
+        prefill.close()
+        decode.close()

@@ -101,9 +101,6 @@ class MTPProposer:
             # keyed by the length the request will have once this step's tokens are appended
             self._drafts[r.request_id] = (r.num_tokens + len(gained[r.request_id]), d)
 
-    def on_verified(self, request, num_drafts: int, num_accepted: int) -> None:
-        pass
-
     # ------------------------------------------------------------------ internals
     def _kept_rows(self, step, gained: dict[str, list[int]]):
         """Per request: the positions this step computed and keeps (a verify step keeps its last
@@ -165,9 +162,6 @@ class MTPProposer:
     def _dev(self, array: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(array))
         return t.to(self.device, non_blocking=True) if self.device.type == "cuda" else t
-
-    def describe(self) -> dict:
-        return {"method": self.name, "num_tokens": self.num_tokens, "layer": getattr(self.mtp, "layer_index", None)}
 
 
 class MTPFactory:
