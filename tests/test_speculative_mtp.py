@@ -235,3 +235,26 @@ def test_mtp_prefill_decode_roles_match_hybrid(ckpt, reference):
     finally:
         prefill.close()
         decode.close()
+
+
+def test_mtp_under_tensor_parallelism(ckpt):
+    """tp=2 (two processes, gloo): every rank runs its shard of the MTP layer on the same
+    requests, so drafts and tokens agree across ranks and with one process."""
+    prompts = mtp_training_prompts()[:6]
+    ref = _generate(ckpt, prompts)[1]
+    engine = (EngineBuilder(ckpt).dtype("float32").speculative("mtp", num_tokens=2)
+              .parallel(tp=2, timeout_s=300).build())
+    try:
+        assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == ref
+        stats = engine.stats()
+        assert stats[0]["num_accepted_tokens"] == stats[1]["num_accepted_tokens"] > 0
+        assert stats[0]["num_steps"] == stats[1]["num_steps"]
+    finally:
+        engine.close()
+
+
+def test_mtp_refuses_expert_parallelism_and_cuda_graphs(ckpt):
+    with pytest.raises(ConfigError, match="MTP layer.s MoE"):
+        EngineBuilder(ckpt).speculative("mtp", num_tokens=1).parallel(attention_dp=2, ffn_ep=2).config()
+    with pytest.raises(ConfigError, match="cuda_graphs"):
+        EngineBuilder(ckpt).speculative("mtp", num_tokens=1).cuda_graphs(True).config()
