@@ -258,3 +258,16 @@ def test_mtp_refuses_expert_parallelism_and_cuda_graphs(ckpt):
         EngineBuilder(ckpt).speculative("mtp", num_tokens=1).parallel(attention_dp=2, ffn_ep=2).config()
     with pytest.raises(ConfigError, match="cuda_graphs"):
         EngineBuilder(ckpt).speculative("mtp", num_tokens=1).cuda_graphs(True).config()
+
+
+def test_spec_counters_in_server_metrics(ckpt):
+    from dlengine.serve.metrics import ServerMetrics, engine_snapshot
+
+    engine, _ = _generate(ckpt, mtp_training_prompts()[:2], k=2)
+    text = ServerMetrics("tiny").render(engine_snapshot(engine)).decode()
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+              if line.startswith("dlengine_spec_decode_")}
+    s = engine.stats
+    assert values["dlengine_spec_decode_draft_tokens_total"] == s.num_draft_tokens > 0
+    assert values["dlengine_spec_decode_accepted_tokens_total"] == s.num_accepted_tokens > 0
+    assert values["dlengine_spec_decode_verifications_total"] == s.num_spec_verifications > 0
