@@ -25,12 +25,11 @@ drafts instead would need the draft probabilities in the acceptance rule, which 
 not take.
 
 The MTP layer sees the target's hidden state after its final norm (the input of the LM head), as
-vLLM and SGLang feed DeepSeek's released MTP weights.
+vLLM feeds DeepSeek's released MTP weights.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Sequence
 
 import numpy as np
@@ -38,8 +37,6 @@ import torch
 
 from dlengine.config import ConfigError
 from dlengine.kernels.context import AttentionMetadata, ForwardContext
-
-logger = logging.getLogger("dlengine")
 
 
 class MTPProposer:
