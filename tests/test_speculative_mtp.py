@@ -271,3 +271,19 @@ def test_spec_counters_in_server_metrics(ckpt):
     assert values["dlengine_spec_decode_draft_tokens_total"] == s.num_draft_tokens > 0
     assert values["dlengine_spec_decode_accepted_tokens_total"] == s.num_accepted_tokens > 0
     assert values["dlengine_spec_decode_verifications_total"] == s.num_spec_verifications > 0
+
+
+def test_mtp_on_a_block_fp8_checkpoint(ckpt, tmp_path):
+    """DeepSeek ships V3 in block-scaled FP8, its MTP layer too: the layer is prepared and loaded
+    like the target (FP8 projections and experts; the head and embedding copy unquantised).
+    Acceptance is not checked: quantisation changes the tiny model's greedy continuations within
+    a few tokens, so the layer's training data no longer matches them."""
+    from dlengine.testing import build_fp8_checkpoint
+
+    path = build_fp8_checkpoint(ckpt, str(tmp_path / "fp8"))
+    prompts = mtp_training_prompts()[:4]
+    ref = [o.token_ids for o in EngineBuilder(path).build().generate(prompts, GREEDY)]
+    engine = EngineBuilder(path).speculative("mtp", num_tokens=2).build()
+    assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == ref
+    assert engine.stats.num_draft_tokens > 0
+    assert type(engine.speculator.mtp.layer.eh_proj).__name__ != "Linear"  # an FP8 layer

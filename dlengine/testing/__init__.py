@@ -168,7 +168,9 @@ def _is_fp8_quantised(name: str, tensor) -> bool:
     its score-correction bias) keep their precision."""
     if tensor.dim() != 2 or not name.endswith(".weight"):
         return False
-    return not (name in ("model.embed_tokens.weight", "lm_head.weight") or name.endswith("mlp.gate.weight"))
+    # an MTP layer's copies of the embedding and the output head stay unquantised like the originals
+    return not (name in ("model.embed_tokens.weight", "lm_head.weight") or name.endswith("mlp.gate.weight")
+                or name.endswith(("shared_head.head.weight", ".embed_tokens.weight")))
 
 
 def build_fp8_checkpoint(src: str, path: str, block: tuple[int, int] = FP8_BLOCK) -> str:
