@@ -246,7 +246,7 @@ class ModelRunner:
         hidden = self.model(inputs.input_ids, inputs.positions, ctx)
         return self.model.compute_logits(hidden[inputs.logits_indices]).float(), hidden
 
-    def _hidden_states(self, out: SchedulerOutput, inputs: ModelInputs, hidden: torch.Tensor) -> StepHiddenStates:
+    def _hidden_states(self, out: SchedulerOutput, hidden: torch.Tensor) -> StepHiddenStates:
         reqs = [s.request for s in out.scheduled]
         qsl = [0]
         for s in out.scheduled:
@@ -290,7 +290,7 @@ class ModelRunner:
             inputs = self.prepare_inputs(out)
             logits, hidden = self._forward(inputs)
             if self.keep_hidden_states:
-                step_hidden = self._hidden_states(out, inputs, hidden)
+                step_hidden = self._hidden_states(out, hidden)
             sampled, num_drafts = inputs.sampled_requests, inputs.num_drafts
             row = sum(1 + k for k in num_drafts)
             for req, n in inputs.scored:
