@@ -151,9 +151,11 @@ class EngineBuilder:
         return self
 
     def speculative(self, method: Any, num_tokens: int = 1) -> "EngineBuilder":
-        """Speculative decoding: "ngram" (prompt lookup, no weights: dlengine.speculative) or a
-        proposer object (dlengine.engine.seams.Speculator) drafting up to `num_tokens` tokens a
-        step; the engine verifies them in one forward. The MTP proposer is not shipped yet.
+        """Speculative decoding: "mtp" (the checkpoint's multi-token-prediction layer, DeepSeek-V3 /
+        Kimi-K2 checkpoints with num_nextn_predict_layers >= 1), "ngram" (prompt lookup, no
+        weights) (both in dlengine.speculative) or a proposer object (dlengine.engine.seams.Speculator)
+        drafting up to `num_tokens` tokens a step; the engine verifies them in one forward
+        (docs/speculative.md).
 
         >>> from dlengine import EngineBuilder, SamplingParams
         >>> engine = EngineBuilder("tiny-qwen3").speculative("ngram", num_tokens=3).build()
@@ -392,11 +394,21 @@ class EngineBuilder:
 
                     speculator = self._components["speculator"] = NgramProposer(self._speculative_tokens)
                 elif speculator == "mtp":
-                    raise ConfigError("speculative('mtp'): the MTP proposer is not shipped yet; use 'ngram' or pass a "
-                                      "proposer object (dlengine.engine.seams.Speculator)")
+                    from dlengine.speculative.mtp import MTPFactory, check_mtp_supported
+
+                    check_mtp_supported(model)
+                    if parallel.ffn_ep > 1:
+                        raise ConfigError("speculative('mtp') with parallel(ffn_ep>1) is not supported: the MTP "
+                                          "layer's MoE would join the expert-parallel collectives a different number "
+                                          "of times on each attention-DP rank; use tp only, or speculative('ngram')")
+                    if self._cuda_graphs:
+                        raise ConfigError("speculative('mtp') runs its verify steps eagerly: CUDA graphs capture "
+                                          "neither the target's hidden states the MTP layer reads nor 1 + k tokens "
+                                          "per request yet; use cuda_graphs(False)")
+                    speculator = self._components["speculator"] = MTPFactory(self._speculative_tokens)
                 else:
-                    raise ConfigError(f"unknown speculative method {speculator!r}; choose 'ngram' or pass a proposer "
-                                      "object (dlengine.engine.seams.Speculator)")
+                    raise ConfigError(f"unknown speculative method {speculator!r}; choose 'mtp', 'ngram' or pass a "
+                                      "proposer object (dlengine.engine.seams.Speculator)")
             if self._async_scheduling:
                 raise ConfigError("async_scheduling(True) with speculative decoding: a step's verified tokens are "
                                   "needed before the next proposal; speculative engines step synchronously")

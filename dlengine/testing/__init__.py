@@ -28,9 +28,9 @@ PRESETS = {"tiny-qwen3": "qwen3", "tiny-qwen3-yarn": "qwen3-yarn", "tiny-qwen3-u
            "tiny-qwen3-moe": "qwen3-moe", "tiny-deepseek-v3": "deepseek-v3", "tiny-kimi-k2": "kimi-k2",
            "tiny-deepseek-v3-fp8": "deepseek-v3-fp8", "tiny-qwen3-next": "qwen3-next", "tiny-qwen3.5": "qwen3.5",
            "tiny-qwen3.5-moe": "qwen3.5-moe", "tiny-qwen3-vl": "qwen3-vl", "tiny-qwen3-vl-moe": "qwen3-vl-moe",
-           "tiny-deepseek-v32": "deepseek-v32", "tiny-glm-moe-dsa": "glm-moe-dsa"}
+           "tiny-deepseek-v32": "deepseek-v32", "tiny-glm-moe-dsa": "glm-moe-dsa", "tiny-deepseek-v3-mtp": "deepseek-v3-mtp"}
 # kinds derived from another kind's checkpoint by a post-processing step: kind -> source kind
-_DERIVED = {"deepseek-v3-fp8": "deepseek-v3"}
+_DERIVED = {"deepseek-v3-fp8": "deepseek-v3", "deepseek-v3-mtp": "deepseek-v3"}
 FP8_BLOCK = (128, 128)
 ROUTER_GAIN = 2.0  # qwen3-moe: router weights are drawn this much larger, for decisive routing
 
@@ -172,7 +172,9 @@ def _is_fp8_quantised(name: str, tensor) -> bool:
     its score-correction bias) keep their precision."""
     if tensor.dim() != 2 or not name.endswith(".weight"):
         return False
-    return not (name in ("model.embed_tokens.weight", "lm_head.weight") or name.endswith("mlp.gate.weight"))
+    # an MTP layer's copies of the embedding and the output head stay unquantised like the originals
+    return not (name in ("model.embed_tokens.weight", "lm_head.weight") or name.endswith("mlp.gate.weight")
+                or name.endswith(("shared_head.head.weight", ".embed_tokens.weight")))
 
 
 def build_fp8_checkpoint(src: str, path: str, block: tuple[int, int] = FP8_BLOCK) -> str:
@@ -216,7 +218,12 @@ def build_tiny_checkpoint(kind: str, path: str, seed: int = 0) -> str:
     from transformers import GenerationConfig
 
     if kind in _DERIVED:
-        build_fp8_checkpoint(tiny_checkpoint(_DERIVED[kind], seed), path)
+        if kind == "deepseek-v3-mtp":  # a trained next-n layer added (testing/mtp.py)
+            from dlengine.testing.mtp import build_mtp_checkpoint
+
+            build_mtp_checkpoint(tiny_checkpoint(_DERIVED[kind], seed), path, seed)
+        else:
+            build_fp8_checkpoint(tiny_checkpoint(_DERIVED[kind], seed), path)
         with open(os.path.join(path, "dlengine_recipe.json"), "w") as f:
             json.dump({"kind": kind, "seed": seed, "version": RECIPE_VERSION, "source": _DERIVED[kind]}, f)
         return path
