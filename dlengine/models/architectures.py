@@ -8,6 +8,7 @@ registry.MODEL_REGISTRY, which maps the same names to their classes; tests/test_
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "DeepseekV3ForCausalLM",  # also Kimi-K2
+    "DeepseekV4ForCausalLM",
     "Qwen3ForCausalLM",
     "Qwen3MoeForCausalLM",
     "Qwen3NextForCausalLM",

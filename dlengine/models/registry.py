@@ -6,6 +6,7 @@ from torch import nn
 
 from dlengine.config import ConfigError, ModelConfig
 from dlengine.models.deepseek_v3 import DeepseekV3ForCausalLM
+from dlengine.models.deepseek_v4 import DeepseekV4ForCausalLM
 from dlengine.models.qwen3 import Qwen3ForCausalLM
 from dlengine.models.qwen3_5 import (Qwen3_5ForCausalLM, Qwen3_5ForConditionalGeneration, Qwen3_5MoeForCausalLM,
                                      Qwen3_5MoeForConditionalGeneration)
@@ -15,6 +16,7 @@ from dlengine.models.qwen3_next import Qwen3NextForCausalLM
 # the same names are listed in architectures.py, which config.py reads without importing any class
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,  # also Kimi-K2
+    "DeepseekV4ForCausalLM": DeepseekV4ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "Qwen3NextForCausalLM": Qwen3NextForCausalLM,

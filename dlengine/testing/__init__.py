@@ -24,7 +24,7 @@ RECIPE_VERSION = "2"  # 2: the tokenizer carries a chat template (CHAT_TEMPLATE)
 PRESETS = {"tiny-qwen3": "qwen3", "tiny-qwen3-yarn": "qwen3-yarn", "tiny-qwen3-untied": "qwen3-untied",
            "tiny-qwen3-moe": "qwen3-moe", "tiny-deepseek-v3": "deepseek-v3", "tiny-kimi-k2": "kimi-k2",
            "tiny-deepseek-v3-fp8": "deepseek-v3-fp8", "tiny-qwen3-next": "qwen3-next", "tiny-qwen3.5": "qwen3.5",
-           "tiny-qwen3.5-moe": "qwen3.5-moe"}
+           "tiny-qwen3.5-moe": "qwen3.5-moe", "tiny-deepseek-v4": "deepseek-v4"}
 # kinds derived from another kind's checkpoint by a post-processing step: kind -> source kind
 _DERIVED = {"deepseek-v3-fp8": "deepseek-v3"}
 FP8_BLOCK = (128, 128)
@@ -218,6 +218,11 @@ def build_tiny_checkpoint(kind: str, path: str, seed: int = 0) -> str:
         return path
     if kind in HYBRID_KINDS:
         return _build_hybrid_checkpoint(kind, path, seed)
+    if kind == "deepseek-v4":
+        from dlengine.testing.deepseek_v4 import build_deepseek_v4_checkpoint
+
+        return build_deepseek_v4_checkpoint(path, seed, _sharpen, ROUTER_GAIN, build_tokenizer,
+                                            {"kind": kind, "seed": seed, "version": RECIPE_VERSION})
     if kind.endswith("-moe"):
         from transformers import Qwen3MoeConfig as config_cls, Qwen3MoeForCausalLM as model_cls
     elif kind in _DEEPSEEK_KINDS:
