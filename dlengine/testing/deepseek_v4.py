@@ -2,7 +2,7 @@
 fixed seed, written in the released checkpoint's layout (no `model.` prefix, `embed`, `head`,
 `hc_head_fn`, ...), which transformers' conversion mapping reads back.
 
-Small window (16) and compress rates (CSA 4, HCA 16) with an indexer that keeps 8 entries, so
+Small window (16) and compress rates (CSA 4, HCA 16) with an indexer of 16 heads (so an entry scores exactly 0, a tie, only when all 16 ReLUs are 0) that keeps 8 entries, so
 prompts of a few hundred tokens cross the window, many compression periods and the sparse
 choice. YaRN on the "compress" RoPE, a swiglu_limit small enough to clamp, two hash-routed
 layers. Tensors transformers initialises to constants (sinks, position biases, hyper-connection
@@ -24,7 +24,7 @@ def deepseek_v4_config() -> dict:
         num_experts_per_tok=2, n_routed_experts=8, n_shared_experts=1, routed_scaling_factor=1.5,
         layer_types=[CSA, HCA, SLIDING, CSA], mlp_layer_types=["hash_moe", "hash_moe", "moe", "moe"],
         compress_rates={CSA: 4, HCA: 16}, sliding_window=16, o_groups=2, o_lora_rank=16,
-        index_n_heads=4, index_head_dim=16, index_topk=8, hc_mult=4, hc_sinkhorn_iters=20,
+        index_n_heads=16, index_head_dim=16, index_topk=8, hc_mult=4, hc_sinkhorn_iters=20,
         swiglu_limit=2.0, max_position_embeddings=1024, rope_theta=10000.0, compress_rope_theta=160000.0,
         rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256},
         rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=None, eos_token_id=1, pad_token_id=0,
