@@ -95,3 +95,21 @@ def test_overlap_pooling_matches_its_definition():
         assert torch.allclose(out[i], (slots_kv * slots_gate.softmax(dim=0)).sum(0), atol=1e-6)
     first = pool_windows(kv[:1], gate[:1], ape, True)  # no previous window: its half weighs 0
     assert torch.allclose(first[0], (kv[0, :, d:] * (gate[0] + ape)[:, d:].softmax(dim=0)).sum(0), atol=1e-6)
+
+
+def test_flash_preset_has_the_released_size():
+    """deepseek-v4-flash: transformers' config defaults (DeepSeek-V4-Flash, 284B parameters),
+    buildable on the meta device; its cache per token is a tenth of DeepSeek-V3's latent."""
+    from dlengine.builder import resolve_model_path
+    from dlengine.cache.kv_cache import bytes_per_block
+    from dlengine.cache.specs import cache_specs_for
+    from dlengine.config import ModelConfig
+    from dlengine.models.deepseek_v4 import DeepseekV4ForCausalLM
+
+    cfg = ModelConfig.from_pretrained(resolve_model_path("deepseek-v4-flash"))
+    with torch.device("meta"):
+        model = DeepseekV4ForCausalLM(cfg, max_position=4096)
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(284e9, rel=0.01)
+    specs = cache_specs_for(cfg, torch.bfloat16, model_cls=DeepseekV4ForCausalLM)
+    # 20 CSA layers: (512 + 128) per 4 tokens; 23 HCA layers: 512 per 128 tokens; bf16
+    assert bytes_per_block(specs, 128) == 128 * 2 * (20 * 640 // 4 + 23 * 512 // 128)

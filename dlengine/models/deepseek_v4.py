@@ -184,6 +184,11 @@ class DeepseekV4ForCausalLM(nn.Module):
                                                                   float32_param(1))
         self.head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size, self.embed if cfg.tie_word_embeddings else None)
 
+    @property
+    def lm_head(self) -> ParallelLMHead:
+        """`head` under the name other families (and the roofline) use."""
+        return self.head
+
     @classmethod
     def cache_specs(cls, model_config: ModelConfig, *, dtype: torch.dtype, tp_size: int = 1,
                     tp_rank: int = 0) -> list[CacheSpec]:

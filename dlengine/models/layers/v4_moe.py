@@ -30,7 +30,10 @@ class V4Gate(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, hidden), requires_grad=False)
         self.weight.weight_loader = default_weight_loader
         if hashed:
-            self.tid2eid = nn.Parameter(torch.zeros(vocab_size, top_k, dtype=torch.long), requires_grad=False)
+            # a valid table until the checkpoint's is loaded (dummy weights keep it): token t -> experts
+            # (t * top_k + j) % num_experts, j < top_k, spread evenly
+            spread = torch.arange(vocab_size * top_k, dtype=torch.long).view(vocab_size, top_k) % num_experts
+            self.tid2eid = nn.Parameter(spread, requires_grad=False)
             self.tid2eid.weight_loader = default_weight_loader
         else:
             self.bias = nn.Parameter(torch.zeros(num_experts, dtype=torch.float32), requires_grad=False)
