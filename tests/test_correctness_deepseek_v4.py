@@ -113,3 +113,27 @@ def test_flash_preset_has_the_released_size():
     specs = cache_specs_for(cfg, torch.bfloat16, model_cls=DeepseekV4ForCausalLM)
     # 20 CSA layers: (512 + 128) per 4 tokens; 23 HCA layers: 512 per 128 tokens; bf16
     assert bytes_per_block(specs, 128) == 128 * 2 * (20 * 640 // 4 + 23 * 512 // 128)
+
+
+def test_pd_tokens_equal_hybrid():
+    """Prefill-decode disaggregation over DLSlime TCP: the compressed entries travel as paged
+    blocks (the decode side uses another block size), the rings as the state slot; greedy tokens
+    equal a hybrid engine's, and every block and slot comes back on both sides."""
+    pytest.importorskip("dlslime", reason="pip install 'dlengine[dlslime]' and apt-get install libibverbs1")
+    from dlengine.disagg import PDRouter
+    from test_pd_gdn import GREEDY, PROMPTS as PD_PROMPTS, assert_all_free, build, step_until
+
+    prefill, decode = build(KIND, "prefill"), build(KIND, "decode", block_size=32)
+    try:
+        expected = [o.token_ids for o in build(KIND, "hybrid").generate(PD_PROMPTS, GREEDY)]
+        decode.connector.region.tensor.fill_(255)  # an unpulled byte would show as NaN
+        outs = PDRouter(prefill, decode).generate(PD_PROMPTS, GREEDY)
+        for i, (out, exp) in enumerate(zip(outs, expected)):
+            assert out.error is None, out.error
+            assert out.token_ids == exp, f"prompt {i} ({len(PD_PROMPTS[i])} tokens)"
+        step_until([prefill], lambda: not prefill.connector.pinned)
+        assert_all_free(prefill)
+        assert_all_free(decode)
+    finally:
+        prefill.close()
+        decode.close()
