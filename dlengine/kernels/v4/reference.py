@@ -112,3 +112,27 @@ def clamped_swiglu_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         y = F.linear(h, w2[e]) * topk_weights[token_idx, k_idx, None].to(x.dtype)
         out.index_add_(0, token_idx, y.to(out.dtype))
     return out
+
+
+def decode_attention(q: torch.Tensor, window_kv: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+                     window: int, compressed: torch.Tensor, block_tables: torch.Tensor, entry_ids: torch.Tensor,
+                     compress_rate: int, sinks: torch.Tensor, scale: float) -> torch.Tensor:
+    """One decode token per request: `sink_attention` read straight from the caches.
+
+    q [B, H, D]; window_kv [slots, W, D], the ring (already holding this step's token) at row
+    pos % W; slots, positions [B]; compressed [num_blocks, block_size // m, D] (paged entries,
+    entry w at block_tables[b, w*m // block_size], row (w*m % block_size) // m); entry_ids [B, K]
+    the entries each query reads, -1 for none. Returns [B, H, D]."""
+    out = torch.empty_like(q)
+    per_block = compressed.shape[1]
+    for b in range(q.shape[0]):
+        p, slot = int(positions[b]), int(slots[b])
+        key_pos = torch.arange(max(0, p - window + 1), p + 1, device=q.device)
+        keys = window_kv[slot, key_pos % window]
+        ids = entry_ids[b][entry_ids[b] >= 0].long()
+        blocks = block_tables[b, ids // per_block].long()
+        entries = compressed[blocks, ids % per_block]
+        visible = torch.ones((1, ids.numel()), dtype=torch.bool, device=q.device)
+        out[b] = sink_attention(q[b:b + 1], keys.to(q.dtype), key_pos, positions[b:b + 1], window,
+                                entries.to(q.dtype), visible, sinks, scale)[0]
+    return out
