@@ -24,6 +24,7 @@ from torch import nn
 
 from dlengine.config import RopeConfig
 from dlengine.kernels.context import ForwardContext
+from dlengine.kernels.selection import current_kernels
 from dlengine.kernels.v4.reference import indexer_select, interleaved_rope, pool_windows, sink_attention
 from dlengine.models.layers.linear import Linear, default_weight_loader
 from dlengine.models.layers.norm import RMSNorm
@@ -81,6 +82,21 @@ def ring_rows(lo: int, hi: int, size: int, device: torch.device) -> torch.Tensor
     return torch.arange(lo, hi, device=device) % size
 
 
+@dataclass
+class CompressStep:
+    """One step's compressor projections (CSA / HCA layers) and, for CSA, the indexer's inputs."""
+
+    kv: torch.Tensor
+    gate: torch.Tensor
+    paged: torch.Tensor  # this layer's compressed entries
+    block_size: int
+    idx_kv: torch.Tensor | None = None
+    idx_gate: torch.Tensor | None = None
+    idx_q: torch.Tensor | None = None  # [T, index heads, index_head_dim], RoPE'd
+    idx_w: torch.Tensor | None = None  # [T, index heads]
+    idx_paged: torch.Tensor | None = None  # the indexer's compressed keys
+
+
 class Compressor(nn.Module):
     """Pools every `compress_rate` tokens' projections into one entry (`wkv`, `wgate`, `ape`,
     `norm`), RoPE'd at the window's first position; `overlap` for CSA and the indexer."""
@@ -106,8 +122,17 @@ class Compressor(nn.Module):
 
     def step(self, kv: torch.Tensor, gate: torch.Tensor, r: StepSlice, state: dict, paged: torch.Tensor,
              block_size: int) -> torch.Tensor:
+        """`update`, then all of the request's entries so far [E, dim]."""
+        return self.gather(r, paged, block_size, self.update(kv, gate, r, state, paged, block_size))
+
+    def gather(self, r: StepSlice, paged: torch.Tensor, block_size: int, count: int) -> torch.Tensor:
+        tok = torch.arange(count, device=paged.device) * self.m
+        return paged[r.block_table[tok // block_size].long(), (tok % block_size) // self.m]
+
+    def update(self, kv: torch.Tensor, gate: torch.Tensor, r: StepSlice, state: dict, paged: torch.Tensor,
+               block_size: int) -> int:
         """Consume one request's new projections (kv, gate [n, P]); write the entries of windows
-        completed in this step to `paged`; return all of its entries so far [E, dim]."""
+        completed in this step to `paged`; return how many entries the request has now."""
         m, s, n = self.m, r.first_pos, r.n
         e0, e1 = s // m, (s + n) // m
         ring_kv, ring_gate = state[f"{self.cache_name}_kv"][r.slot], state[f"{self.cache_name}_gate"][r.slot]
@@ -130,8 +155,7 @@ class Compressor(nn.Module):
         rows = ring_rows(keep, s + n, self.ring, kv.device)
         ring_kv[rows] = kv[keep - s:].to(ring_kv.dtype)
         ring_gate[rows] = gate[keep - s:].to(ring_gate.dtype)
-        tok = torch.arange(e1, device=kv.device) * m
-        return paged[r.block_table[tok // block_size].long(), (tok % block_size) // m]
+        return e1
 
 
 class Indexer(nn.Module):
@@ -166,6 +190,7 @@ class V4Attention(nn.Module):
         self.wo_a = Linear(h * d // s.o_groups, s.o_groups * s.o_lora_rank)  # one block per group
         self.wo_b = Linear(s.o_groups * s.o_lora_rank, s.hidden)
         self.attn_sink = float32_param(h)
+        self.ops = current_kernels().ops  # v4_decode_attention: Triton on CUDA, else the torch reference
         if kind != SLIDING:
             m = s.compress_rates[kind]
             self.compressor = Compressor(s.hidden, d, m, kind == CSA, s.eps, compress_rope,
@@ -190,38 +215,71 @@ class V4Attention(nn.Module):
         kv = self.rope(self.norm(self.wkv(x)), positions)  # [T, d]: K and V
         caches = ctx.layer_caches[self.layer_idx]
         state = caches[V4_STATE[self.kind]]
-        block_size = 0  # of the paged compressed groups: entries per block x compress rate
-        if self.kind != SLIDING:
-            comp_kv, comp_gate = self.compressor.project(x)
-            paged = caches[self.compressor.cache_name]
-            block_size = paged.shape[1] * self.compressor.m
-        if self.kind == CSA:
-            idx = self.indexer
-            idx_kv, idx_gate = idx.compressor.project(x)
-            idx_q = idx.rope(idx.wq_b(q_residual).view(t, idx.heads, idx.dim), positions)
-            idx_w = idx.weights_proj(x).float() * idx.heads ** -0.5
-            idx_paged = caches[idx.compressor.cache_name]
-        out = torch.empty_like(q)
-        for r in request_slices(ctx):
-            sl = slice(r.start, r.start + r.n)
-            pos = positions[sl]
-            keys, key_pos = self._window_keys(kv[sl], r, state["window_kv"])
-            if self.kind == SLIDING:
-                compressed = kv.new_zeros((0, d))
-                visible = torch.zeros((r.n, 0), dtype=torch.bool, device=x.device)
-            else:
-                compressed = self.compressor.step(comp_kv[sl], comp_gate[sl], r, state, paged, block_size)
-                if self.kind == CSA:
-                    keys_idx = idx.compressor.step(idx_kv[sl], idx_gate[sl], r, state, idx_paged, block_size)
-                    visible = indexer_select(idx_q[sl], keys_idx.to(idx_q.dtype), idx_w[sl], pos, idx.m, idx.topk,
-                                             idx.dim ** -0.5)
+        step = self._compress_inputs(x, q_residual, positions, caches) if self.kind != SLIDING else None
+        if ctx.meta.is_decode_only:
+            out = self._decode(q, kv, positions, ctx, state, step)
+        else:
+            out = torch.empty_like(q)
+            for r in request_slices(ctx):
+                sl = slice(r.start, r.start + r.n)
+                keys, key_pos = self._window_keys(kv[sl], r, state["window_kv"])
+                if step is None:
+                    compressed = kv.new_zeros((0, d))
+                    visible = torch.zeros((r.n, 0), dtype=torch.bool, device=x.device)
                 else:
-                    threshold = (pos + 1) // self.compressor.m  # HCA: every finished window
-                    visible = torch.arange(compressed.shape[0], device=x.device)[None, :] < threshold[:, None]
-            out[sl] = sink_attention(q[sl], keys, key_pos, pos, self.window, compressed.to(q.dtype), visible,
-                                     self.attn_sink, d ** -0.5)
+                    count, visible = self._compress(step, r, state, positions[sl])
+                    compressed = self.compressor.gather(r, step.paged, step.block_size, count)
+                out[sl] = sink_attention(q[sl], keys, key_pos, positions[sl], self.window, compressed.to(q.dtype),
+                                         visible, self.attn_sink, d ** -0.5)
         out = self.rope(out, positions, inverse=True)  # V = K carries RoPE: rotate back by the query position
         return self._grouped_output(out)
+
+    def _compress_inputs(self, x: torch.Tensor, q_residual: torch.Tensor, positions: torch.Tensor,
+                         caches: dict) -> CompressStep:
+        paged = caches[self.compressor.cache_name]
+        step = CompressStep(*self.compressor.project(x), paged=paged, block_size=paged.shape[1] * self.compressor.m)
+        if self.kind == CSA:
+            idx = self.indexer
+            step.idx_kv, step.idx_gate = idx.compressor.project(x)
+            step.idx_q = idx.rope(idx.wq_b(q_residual).view(x.shape[0], idx.heads, idx.dim), positions)
+            step.idx_w = idx.weights_proj(x).float() * idx.heads ** -0.5
+            step.idx_paged = caches[idx.compressor.cache_name]
+        return step
+
+    def _compress(self, step: CompressStep, r: StepSlice, state: dict,
+                  pos: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """Feed one request's new tokens to the compressor(s); return how many compressed entries
+        it has and which of them each of its queries reads (bool [n, count])."""
+        sl = slice(r.start, r.start + r.n)
+        count = self.compressor.update(step.kv[sl], step.gate[sl], r, state, step.paged, step.block_size)
+        if self.kind == HCA:  # every finished window
+            threshold = (pos + 1) // self.compressor.m
+            return count, torch.arange(count, device=pos.device)[None, :] < threshold[:, None]
+        idx = self.indexer
+        n_keys = idx.compressor.update(step.idx_kv[sl], step.idx_gate[sl], r, state, step.idx_paged, step.block_size)
+        keys = idx.compressor.gather(r, step.idx_paged, step.block_size, n_keys)
+        return count, indexer_select(step.idx_q[sl], keys.to(step.idx_q.dtype), step.idx_w[sl], pos, idx.m, idx.topk,
+                                     idx.dim ** -0.5)
+
+    def _decode(self, q: torch.Tensor, kv: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext, state: dict,
+                step: CompressStep | None) -> torch.Tensor:
+        """One token per request: write it into the ring and the compressors, list the compressed
+        entries each query reads (ids, -1 padded), then the decode kernel reads both caches."""
+        meta, d = ctx.meta, self.head_dim
+        ring = state["window_kv"]
+        ring[meta.state_slots, positions % self.window] = kv.to(ring.dtype)
+        if step is None:
+            ids = torch.full((q.shape[0], 0), -1, dtype=torch.long, device=q.device)
+            paged, m = kv.new_zeros((1, 1, d)), 1
+        else:
+            paged, m = step.paged, self.compressor.m
+            chosen = [torch.nonzero(self._compress(step, r, state, positions[r.start:r.start + 1])[1][0]).flatten()
+                      for r in request_slices(ctx)]
+            ids = torch.full((q.shape[0], max(c.numel() for c in chosen)), -1, dtype=torch.long, device=q.device)
+            for i, c in enumerate(chosen):
+                ids[i, : c.numel()] = c
+        return self.ops.v4_decode_attention(q, ring, meta.state_slots, positions, self.window, paged,
+                                            meta.block_tables, ids, m, self.attn_sink, d ** -0.5)
 
     def _window_keys(self, kv: torch.Tensor, r: StepSlice, ring_all: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys of the new tokens and of the window before them (from the ring); then the ring
