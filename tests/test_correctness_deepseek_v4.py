@@ -137,3 +137,23 @@ def test_pd_tokens_equal_hybrid():
     finally:
         prefill.close()
         decode.close()
+
+
+def test_mtp_tensors_are_skipped_unknown_ones_are_errors(tmp_path):
+    """Released checkpoints carry the MTP module as `mtp.*` tensors: not loaded (transformers
+    drops them too), their presence no error; any other unknown tensor still is one."""
+    from hf_reference import checkpoint_tensors, copy_checkpoint
+
+    path = tiny_checkpoint(KIND)
+    tensors = checkpoint_tensors(path)
+    mtp = dict(tensors)
+    for name, t in tensors.items():
+        if name.startswith("layers.3."):
+            mtp["mtp.0." + name[len("layers.3."):]] = t.clone()
+    prompt = PROMPTS[6]
+    ref = EngineBuilder(path).dtype("float32").cache(block_size=16).build().prompt_logits(prompt)
+    out = copy_checkpoint(path, str(tmp_path / "mtp"), mtp)
+    assert torch.equal(EngineBuilder(out).dtype("float32").cache(block_size=16).build().prompt_logits(prompt), ref)
+    bad = dict(tensors, **{"layers.1.attn.bogus.weight": torch.zeros(2)})
+    with pytest.raises(ConfigError, match="bogus"):
+        EngineBuilder(copy_checkpoint(path, str(tmp_path / "bad"), bad)).dtype("float32").cache(block_size=16).build()
