@@ -157,3 +157,22 @@ def test_mtp_tensors_are_skipped_unknown_ones_are_errors(tmp_path):
     bad = dict(tensors, **{"layers.1.attn.bogus.weight": torch.zeros(2)})
     with pytest.raises(ConfigError, match="bogus"):
         EngineBuilder(copy_checkpoint(path, str(tmp_path / "bad"), bad)).dtype("float32").cache(block_size=16).build()
+
+
+def test_compressed_kv_spec_layout():
+    """Entry w of a layer sits in the block holding token w*m, row (w*m % block_size) // m; a
+    block's part is block_size * token_bytes bytes (what KV migration copies)."""
+    from dlengine.cache.kv_cache import KVCache
+
+    spec = CompressedKVSpec((0, 2), cache_name="hca_kv", compress_rate=8, entry_dim=6, dtype=torch.float32)
+    assert spec.token_bytes == 6 * 4 // 8 and spec.page_bytes(32) == 2 * 4 * 6 * 4
+    cache = KVCache([spec], num_blocks=5, block_size=32)
+    views = cache.caches_of_layer(2)["hca_kv"]
+    assert views.shape == (5, 4, 6)
+    views[3, 1] = 7.0  # layer 2, block 3, entry row 1
+    raw = cache.groups[0].storage
+    assert raw[1, 3, 1].eq(7.0).all() and raw[0].eq(0).all()
+    with pytest.raises(ConfigError, match="multiple of the compress rate"):
+        spec.page_bytes(12)
+    with pytest.raises(ConfigError, match="multiple of the compress rate"):
+        CompressedKVSpec((0,), compress_rate=128, entry_dim=32, dtype=torch.bfloat16)  # 64-byte entries
