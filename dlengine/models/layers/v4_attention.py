@@ -8,7 +8,7 @@ Cache (dlengine/cache/v4_specs.py), per running request:
 - state group `V4_STATE[kind]`, slot `request.state_slot`: `window_kv` [window, head_dim], the ring
   of the last `window` K=V vectors at row position % window; per compressor `<name>_kv` /
   `<name>_gate` [R, P], the ring of the last R projections (R = m, or 2m with overlap), read to
-  finish a window that started in an earlier step;
+  finish a window that started in an earlier step (shapes: deepseek_v4._compressor_rings);
 - paged groups `<name>` (CompressedKVSpec): entry w at block_table[w*m // block_size], row
   (w*m % block_size) // m.
 A step reads every ring before writing it, so one step may span many windows (chunked prefill).
@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dlengine.config import RopeConfig
@@ -114,18 +113,11 @@ class Compressor(nn.Module):
         self.rope = rope
         self.cache_name = cache_name
 
-    def state_shapes(self) -> dict[str, tuple[int, int]]:
-        return {f"{self.cache_name}_kv": (self.ring, self.width), f"{self.cache_name}_gate": (self.ring, self.width)}
-
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.wkv(x), self.wgate(x)
 
-    def step(self, kv: torch.Tensor, gate: torch.Tensor, r: StepSlice, state: dict, paged: torch.Tensor,
-             block_size: int) -> torch.Tensor:
-        """`update`, then all of the request's entries so far [E, dim]."""
-        return self.gather(r, paged, block_size, self.update(kv, gate, r, state, paged, block_size))
-
     def gather(self, r: StepSlice, paged: torch.Tensor, block_size: int, count: int) -> torch.Tensor:
+        """The request's first `count` entries [count, dim] from the paged cache."""
         tok = torch.arange(count, device=paged.device) * self.m
         return paged[r.block_table[tok // block_size].long(), (tok % block_size) // self.m]
 
@@ -198,14 +190,6 @@ class V4Attention(nn.Module):
             if kind == CSA:
                 self.indexer = Indexer(s.hidden, s.q_lora_rank, s.index_heads, s.index_head_dim, s.index_topk, m,
                                        s.eps, compress_rope)
-
-    def state_shapes(self) -> dict[str, tuple[int, int]]:
-        shapes = {"window_kv": (self.window, self.head_dim)}
-        if self.kind != SLIDING:
-            shapes.update(self.compressor.state_shapes())
-        if self.kind == CSA:
-            shapes.update(self.indexer.compressor.state_shapes())
-        return shapes
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         t, h, d = x.shape[0], self.num_heads, self.head_dim
