@@ -248,8 +248,9 @@ class ModelConfig:
                 vocab_size=cfg["vocab_size"],
                 hidden_size=cfg["hidden_size"],
                 # all-MoE families (Qwen3.5-MoE) have no dense MLP and no intermediate_size
-                intermediate_size=cfg["intermediate_size"] if "intermediate_size" in cfg or not cfg.get("num_experts")
-                else 0,
+                # (DeepSeek-V4 has n_routed_experts and only moe_intermediate_size)
+                intermediate_size=cfg["intermediate_size"] if "intermediate_size" in cfg
+                or not (cfg.get("num_experts") or cfg.get("model_type") == "deepseek_v4") else 0,
                 num_hidden_layers=cfg["num_hidden_layers"],
                 num_attention_heads=num_heads,
                 num_key_value_heads=cfg.get("num_key_value_heads") or num_heads,

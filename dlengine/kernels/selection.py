@@ -39,6 +39,7 @@ from dlengine.kernels.gdn import causal_conv1d_torch, gated_delta_rule_torch
 from dlengine.kernels.mla.decode_choice import MLA_DECODE_KERNELS, resolve_mla_decode
 from dlengine.kernels.moe import fused_moe_torch
 from dlengine.kernels.norm_rope import norm_rope_torch
+from dlengine.kernels.v4 import reference as v4_reference
 
 try:  # triton is optional: CPU-only installs run the torch references
     from dlengine.kernels.norm_rope import norm_rope_triton
@@ -55,6 +56,14 @@ try:
 except Exception:  # noqa: BLE001
     fused_moe_triton = None
     HAS_FUSED_MOE = False
+
+try:
+    from dlengine.kernels.v4 import decode_triton as v4_decode_triton
+
+    HAS_V4_DECODE = True
+except Exception:  # noqa: BLE001
+    v4_decode_triton = None
+    HAS_V4_DECODE = False
 
 try:
     from dlengine.kernels.fp8 import fp8_gemm_triton
@@ -92,6 +101,9 @@ class Ops:
     causal_conv1d_update: Callable = causal_conv1d_torch.causal_conv1d_update
     gated_delta_rule_varlen: Callable = gated_delta_rule_torch.gated_delta_rule_varlen
     gated_delta_rule_update: Callable = gated_delta_rule_torch.recurrent_gated_delta_rule_update
+    # DeepSeek-V4 decode attention (kernels/v4/): Triton on CUDA, else the torch reference; not
+    # listed in `names` (only V4 models call it)
+    v4_decode_attention: Callable = v4_reference.decode_attention
 
 
 TORCH_OPS = Ops(
@@ -125,6 +137,8 @@ def select_ops(device: torch.device | str, use_triton: bool = True) -> Ops:
                    fused_experts_fp8=fused_moe_fp8_triton.fused_experts_fp8_triton)
         gemm = "deep_gemm where the shape suits it, else triton" if fp8_gemm_triton.HAS_DEEP_GEMM else "triton"
         names.update(fp8_gemm=f"{gemm} block-scaled GEMM", moe_fp8="triton block-scaled fused MoE")
+    if HAS_V4_DECODE:
+        ops["v4_decode_attention"] = v4_decode_triton.decode_attention
     fields = {f: getattr(TORCH_OPS, f) for f in TORCH_OPS.__dataclass_fields__ if f != "names"}
     fields.update(ops)
     return Ops(**fields, names=names)

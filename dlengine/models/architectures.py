@@ -10,6 +10,7 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "DeepseekV3ForCausalLM",  # also Kimi-K2
     "DeepseekV32ForCausalLM",  # DeepSeek Sparse Attention (docs/dsa.md)
     "GlmMoeDsaForCausalLM",  # GLM-5, DeepSeek Sparse Attention
+    "DeepseekV4ForCausalLM",
     "Qwen3ForCausalLM",
     "Qwen3MoeForCausalLM",
     "Qwen3NextForCausalLM",

@@ -157,6 +157,8 @@ def init_dummy_weights(model: nn.Module, seed: int = 0, scale: float = 1e-3) -> 
             if id(p) in seen:
                 continue
             seen.add(id(p))
+            if not p.is_floating_point():
+                continue  # integer tables (DeepSeek-V4's tid2eid) keep the valid default they were built with
             if p.dim() == 1 and "norm" in name:
                 p.fill_(1.0)
             else:

@@ -8,6 +8,7 @@ from dlengine.config import ConfigError, ModelConfig
 from dlengine.models.deepseek_v3 import DeepseekV3ForCausalLM
 from dlengine.models.deepseek_v32 import DeepseekV32ForCausalLM
 from dlengine.models.glm_moe_dsa import GlmMoeDsaForCausalLM
+from dlengine.models.deepseek_v4 import DeepseekV4ForCausalLM
 from dlengine.models.qwen3 import Qwen3ForCausalLM
 from dlengine.models.qwen3_5 import (Qwen3_5ForCausalLM, Qwen3_5ForConditionalGeneration, Qwen3_5MoeForCausalLM,
                                      Qwen3_5MoeForConditionalGeneration)
@@ -21,6 +22,7 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,  # also Kimi-K2
     "DeepseekV32ForCausalLM": DeepseekV32ForCausalLM,  # DeepSeek Sparse Attention
     "GlmMoeDsaForCausalLM": GlmMoeDsaForCausalLM,  # GLM-5, DeepSeek Sparse Attention
+    "DeepseekV4ForCausalLM": DeepseekV4ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "Qwen3NextForCausalLM": Qwen3NextForCausalLM,

@@ -28,7 +28,8 @@ PRESETS = {"tiny-qwen3": "qwen3", "tiny-qwen3-yarn": "qwen3-yarn", "tiny-qwen3-u
            "tiny-qwen3-moe": "qwen3-moe", "tiny-deepseek-v3": "deepseek-v3", "tiny-kimi-k2": "kimi-k2",
            "tiny-deepseek-v3-fp8": "deepseek-v3-fp8", "tiny-qwen3-next": "qwen3-next", "tiny-qwen3.5": "qwen3.5",
            "tiny-qwen3.5-moe": "qwen3.5-moe", "tiny-qwen3-vl": "qwen3-vl", "tiny-qwen3-vl-moe": "qwen3-vl-moe",
-           "tiny-deepseek-v32": "deepseek-v32", "tiny-glm-moe-dsa": "glm-moe-dsa", "tiny-deepseek-v3-mtp": "deepseek-v3-mtp"}
+           "tiny-deepseek-v32": "deepseek-v32", "tiny-glm-moe-dsa": "glm-moe-dsa", "tiny-deepseek-v3-mtp": "deepseek-v3-mtp",
+           "tiny-deepseek-v4": "deepseek-v4"}
 # kinds derived from another kind's checkpoint by a post-processing step: kind -> source kind
 _DERIVED = {"deepseek-v3-fp8": "deepseek-v3", "deepseek-v3-mtp": "deepseek-v3"}
 FP8_BLOCK = (128, 128)
@@ -233,6 +234,11 @@ def build_tiny_checkpoint(kind: str, path: str, seed: int = 0) -> str:
         return _build_vl_checkpoint(kind, path, seed)
     if kind in DSA_KINDS:
         return _build_dsa_checkpoint(kind, path, seed)
+    if kind == "deepseek-v4":
+        from dlengine.testing.deepseek_v4 import build_deepseek_v4_checkpoint
+
+        return build_deepseek_v4_checkpoint(path, seed, _sharpen, ROUTER_GAIN, build_tokenizer,
+                                            {"kind": kind, "seed": seed, "version": RECIPE_VERSION})
     if kind.endswith("-moe"):
         from transformers import Qwen3MoeConfig as config_cls, Qwen3MoeForCausalLM as model_cls
     elif kind in _DEEPSEEK_KINDS:

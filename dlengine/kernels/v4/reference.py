@@ -1,0 +1,138 @@
+"""Torch references of DeepSeek-V4's operations, written to follow transformers 5.25's
+modeling_deepseek_v4.py operation by operation (so float32 results agree to rounding).
+
+- `interleaved_rope`: RoPE on the trailing `2 * cos.shape[-1]` dims, pairs (2i, 2i + 1).
+- `pool_windows`: a compressor's softmax-gated pooling of whole windows (HCA: one window;
+  CSA and its indexer: the previous window's first half with this window's second half).
+- `indexer_select`: the lightning indexer's scores and its top-k choice of compressed entries.
+- `sink_attention`: one softmax over sliding-window keys, selected compressed entries and a
+  per-head sink logit; K = V.
+- `clamped_swiglu_experts`: routed SwiGLU experts with V4's clamps on gate and up.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def interleaved_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, ..., D]; cos / sin [T, R/2] (one entry per pair). Rotates x[..., D-R:], in float32."""
+    half = cos.shape[-1]
+    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (2 * half,)
+    cos = cos.repeat_interleave(2, dim=-1).view(shape)
+    sin = sin.repeat_interleave(2, dim=-1).view(shape)
+    nope, rope = x[..., : -2 * half], x[..., -2 * half:]
+    rotated = torch.stack((-rope[..., 1::2], rope[..., 0::2]), dim=-1).flatten(-2)
+    out = (rope.float() * cos + rotated.float() * sin).to(x.dtype)
+    return torch.cat([nope, out], dim=-1)
+
+
+def pool_windows(kv: torch.Tensor, gate: torch.Tensor, ape: torch.Tensor, overlap: bool,
+                 prev_kv: torch.Tensor | None = None, prev_gate: torch.Tensor | None = None) -> torch.Tensor:
+    """One pooled (not yet normalised) entry per window.
+
+    kv, gate [W, m, P]: the projections of W whole consecutive windows; `ape` [m, P] is added to
+    the gate. Without overlap (HCA) entry w = sum_j softmax_j(gate) * kv over window w (P = d).
+    With overlap (CSA, P = 2d) entry w pools window w-1's first half (Ca) with window w's second
+    half (Cb) over 2m slots; `prev_kv` / `prev_gate` [m, P] are the window before the first one
+    (None at the start of the sequence: weight 0)."""
+    gate = gate + ape
+    if not overlap:
+        return (kv * gate.softmax(dim=1, dtype=torch.float32).to(kv.dtype)).sum(dim=1)
+    w, m, p = kv.shape
+    d = p // 2
+    new_kv = kv.new_zeros((w, 2 * m, d))
+    new_gate = gate.new_full((w, 2 * m, d), float("-inf"))
+    new_kv[:, m:] = kv[..., d:]
+    new_gate[:, m:] = gate[..., d:]
+    if w > 1:
+        new_kv[1:, :m] = kv[:-1, :, :d]
+        new_gate[1:, :m] = gate[:-1, :, :d]
+    if prev_kv is not None:
+        new_kv[0, :m] = prev_kv[:, :d]
+        new_gate[0, :m] = (prev_gate + ape)[:, :d]
+    return (new_kv * new_gate.softmax(dim=1, dtype=torch.float32).to(new_kv.dtype)).sum(dim=1)
+
+
+def indexer_select(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, q_positions: torch.Tensor,
+                   compress_rate: int, topk: int, softmax_scale: float) -> torch.Tensor:
+    """Which compressed entries each query attends to: bool [n, C].
+
+    q [n, Hi, di] (RoPE'd), keys [C, di], weights [n, Hi] (weights_proj(x) * Hi^-0.5). Score
+    = sum_h relu(q_h . k) * softmax_scale * weights_h; query p may pick entries w < (p + 1) // m;
+    it keeps the top min(topk, C) by score among them (transformers' choice: future entries
+    score -inf and are dropped after the top-k)."""
+    n, c = q.shape[0], keys.shape[0]
+    if c == 0:
+        return torch.zeros((n, 0), dtype=torch.bool, device=q.device)
+    scores = torch.matmul(q.float(), keys.float().t())  # [n, Hi, C]
+    scores = F.relu(scores) * softmax_scale
+    scores = (scores * weights.float().unsqueeze(-1)).sum(dim=1)  # [n, C]
+    threshold = (q_positions + 1) // compress_rate
+    visible = torch.arange(c, device=q.device)[None, :] < threshold[:, None]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    picked = scores.topk(min(topk, c), dim=-1).indices
+    chosen = torch.zeros((n, c), dtype=torch.bool, device=q.device).scatter_(1, picked, True)
+    return chosen & visible
+
+
+def sink_attention(q: torch.Tensor, keys: torch.Tensor, key_positions: torch.Tensor, q_positions: torch.Tensor,
+                   window: int, compressed: torch.Tensor, compressed_visible: torch.Tensor, sinks: torch.Tensor,
+                   scale: float) -> torch.Tensor:
+    """q [n, H, D]; keys [L, D] at `key_positions` (K = V, one head), visible to query p when
+    p - window < pos <= p; compressed [C, D] visible per `compressed_visible` [n, C]; sinks [H].
+    Returns [n, H, D]."""
+    n, h, _ = q.shape
+    kv = torch.cat([keys, compressed], dim=0)  # [L + C, D]
+    logits = torch.matmul(q, kv.t().unsqueeze(0).to(q.dtype)) * scale  # [n, H, L + C]
+    in_window = (key_positions[None, :] <= q_positions[:, None]) & (key_positions[None, :] > q_positions[:, None] - window)
+    visible = torch.cat([in_window, compressed_visible], dim=1)  # [n, L + C]
+    logits = logits.masked_fill(~visible[:, None, :], float("-inf"))
+    sink = sinks.to(logits.dtype).view(1, h, 1).expand(n, h, 1)
+    combined = torch.cat([logits, sink], dim=-1)
+    combined = combined - combined.max(dim=-1, keepdim=True).values
+    probs = F.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1]
+    return torch.matmul(probs.to(kv.dtype), kv.unsqueeze(0))
+
+
+def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+    return F.silu(gate.clamp(max=limit)) * up.clamp(min=-limit, max=limit)
+
+
+def clamped_swiglu_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                           topk_ids: torch.Tensor, limit: float) -> torch.Tensor:
+    """x [T, H]; w13 [E, 2I, H] (gate rows then up rows); w2 [E, H, I]; topk [T, K]."""
+    out = torch.zeros_like(x)
+    inter = w13.shape[1] // 2
+    for e in topk_ids.unique().tolist():
+        token_idx, k_idx = torch.where(topk_ids == e)
+        gate_up = F.linear(x[token_idx], w13[e])
+        h = clamped_swiglu(gate_up[:, :inter], gate_up[:, inter:], limit)
+        y = F.linear(h, w2[e]) * topk_weights[token_idx, k_idx, None].to(x.dtype)
+        out.index_add_(0, token_idx, y.to(out.dtype))
+    return out
+
+
+def decode_attention(q: torch.Tensor, window_kv: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+                     window: int, compressed: torch.Tensor, block_tables: torch.Tensor, entry_ids: torch.Tensor,
+                     compress_rate: int, sinks: torch.Tensor, scale: float) -> torch.Tensor:
+    """One decode token per request: `sink_attention` read straight from the caches.
+
+    q [B, H, D]; window_kv [slots, W, D], the ring (already holding this step's token) at row
+    pos % W; slots, positions [B]; compressed [num_blocks, block_size // m, D] (paged entries,
+    entry w at block_tables[b, w*m // block_size], row (w*m % block_size) // m); entry_ids [B, K]
+    the entries each query reads, -1 for none. Returns [B, H, D]."""
+    out = torch.empty_like(q)
+    per_block = compressed.shape[1]
+    for b in range(q.shape[0]):
+        p, slot = int(positions[b]), int(slots[b])
+        key_pos = torch.arange(max(0, p - window + 1), p + 1, device=q.device)
+        keys = window_kv[slot, key_pos % window]
+        ids = entry_ids[b][entry_ids[b] >= 0].long()
+        blocks = block_tables[b, ids // per_block].long()
+        entries = compressed[blocks, ids % per_block]
+        visible = torch.ones((1, ids.numel()), dtype=torch.bool, device=q.device)
+        out[b] = sink_attention(q[b:b + 1], keys.to(q.dtype), key_pos, positions[b:b + 1], window,
+                                entries.to(q.dtype), visible, sinks, scale)[0]
+    return out

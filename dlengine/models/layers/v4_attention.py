@@ -1,0 +1,286 @@
+"""DeepSeek-V4 attention (docs/deepseek_v4.md): shared-KV MQA over a sliding window, plus, in
+CSA / HCA layers, compressed entries (one per `compress_rate` tokens) chosen by a lightning indexer
+(CSA) or all of them (HCA); one softmax with a per-head sink; grouped output projection.
+
+Module and parameter names are the released checkpoint's (`attn.wq_a`, `attn.compressor.ape`, ...).
+
+Cache (dlengine/cache/v4_specs.py), per running request:
+- state group `V4_STATE[kind]`, slot `request.state_slot`: `window_kv` [window, head_dim], the ring
+  of the last `window` K=V vectors at row position % window; per compressor `<name>_kv` /
+  `<name>_gate` [R, P], the ring of the last R projections (R = m, or 2m with overlap), read to
+  finish a window that started in an earlier step (shapes: deepseek_v4._compressor_rings);
+- paged groups `<name>` (CompressedKVSpec): entry w at block_table[w*m // block_size], row
+  (w*m % block_size) // m.
+A step reads every ring before writing it, so one step may span many windows (chunked prefill).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dlengine.config import RopeConfig
+from dlengine.kernels.context import ForwardContext
+from dlengine.kernels.selection import current_kernels
+from dlengine.kernels.v4.reference import indexer_select, interleaved_rope, pool_windows, sink_attention
+from dlengine.models.layers.linear import Linear, default_weight_loader
+from dlengine.models.layers.norm import RMSNorm
+from dlengine.models.layers.rotary import rope_inv_freq
+
+SLIDING, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
+V4_STATE = {SLIDING: "v4_sliding_state", CSA: "v4_csa_state", HCA: "v4_hca_state"}
+
+
+def float32_param(*shape: int) -> nn.Parameter:
+    p = nn.Parameter(torch.zeros(*shape, dtype=torch.float32), requires_grad=False)
+    p.weight_loader = default_weight_loader
+    return p
+
+
+class InterleavedRope(nn.Module):
+    """cos / sin of one RoPE configuration for every position, applied to the last `dim` dims."""
+
+    def __init__(self, dim: int, max_position: int, rope: RopeConfig) -> None:
+        super().__init__()
+        inv_freq, scale = rope_inv_freq(rope, dim)
+        freqs = torch.arange(max_position, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        self.register_buffer("cos_cached", freqs.cos() * scale, persistent=False)
+        self.register_buffer("sin_cached", freqs.sin() * scale, persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        cos, sin = self.cos_cached[positions].to(x.dtype), self.sin_cached[positions].to(x.dtype)
+        return interleaved_rope(x, cos, -sin if inverse else sin)
+
+
+def unweighted_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
+
+
+@dataclass(frozen=True)
+class StepSlice:
+    """One request's part of the flattened batch: tokens [start, start + n) at positions
+    [first_pos, first_pos + n), its state slot and block table row."""
+
+    start: int
+    n: int
+    first_pos: int
+    slot: int
+    block_table: torch.Tensor
+
+
+def request_slices(ctx: ForwardContext) -> list[StepSlice]:
+    meta = ctx.meta
+    qsl = meta.query_start_loc.tolist()
+    return [StepSlice(qsl[i], n, seq - n, meta.state_slots_cpu[i], meta.block_tables[i])
+            for i, (n, seq) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu))]
+
+
+def ring_rows(lo: int, hi: int, size: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(lo, hi, device=device) % size
+
+
+@dataclass
+class CompressStep:
+    """One step's compressor projections (CSA / HCA layers) and, for CSA, the indexer's inputs."""
+
+    kv: torch.Tensor
+    gate: torch.Tensor
+    paged: torch.Tensor  # this layer's compressed entries
+    block_size: int
+    idx_kv: torch.Tensor | None = None
+    idx_gate: torch.Tensor | None = None
+    idx_q: torch.Tensor | None = None  # [T, index heads, index_head_dim], RoPE'd
+    idx_w: torch.Tensor | None = None  # [T, index heads]
+    idx_paged: torch.Tensor | None = None  # the indexer's compressed keys
+
+
+class Compressor(nn.Module):
+    """Pools every `compress_rate` tokens' projections into one entry (`wkv`, `wgate`, `ape`,
+    `norm`), RoPE'd at the window's first position; `overlap` for CSA and the indexer."""
+
+    def __init__(self, hidden: int, dim: int, compress_rate: int, overlap: bool, eps: float, rope: InterleavedRope,
+                 cache_name: str) -> None:
+        super().__init__()
+        width = 2 * dim if overlap else dim
+        self.dim, self.m, self.overlap, self.width = dim, compress_rate, overlap, width
+        self.ring = 2 * compress_rate if overlap else compress_rate
+        self.wkv = Linear(hidden, width)
+        self.wgate = Linear(hidden, width)
+        self.ape = float32_param(compress_rate, width)
+        self.norm = RMSNorm(dim, eps)
+        self.rope = rope
+        self.cache_name = cache_name
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.wkv(x), self.wgate(x)
+
+    def gather(self, r: StepSlice, paged: torch.Tensor, block_size: int, count: int) -> torch.Tensor:
+        """The request's first `count` entries [count, dim] from the paged cache."""
+        tok = torch.arange(count, device=paged.device) * self.m
+        return paged[r.block_table[tok // block_size].long(), (tok % block_size) // self.m]
+
+    def update(self, kv: torch.Tensor, gate: torch.Tensor, r: StepSlice, state: dict, paged: torch.Tensor,
+               block_size: int) -> int:
+        """Consume one request's new projections (kv, gate [n, P]); write the entries of windows
+        completed in this step to `paged`; return how many entries the request has now."""
+        m, s, n = self.m, r.first_pos, r.n
+        e0, e1 = s // m, (s + n) // m
+        ring_kv, ring_gate = state[f"{self.cache_name}_kv"][r.slot], state[f"{self.cache_name}_gate"][r.slot]
+        if e1 > e0:
+            first = e0 * m
+            lo = max(0, first - m) if self.overlap else first
+            rows = ring_rows(lo, s, self.ring, kv.device)
+            seq_kv = torch.cat([ring_kv[rows].to(kv.dtype), kv[: e1 * m - s]])
+            seq_gate = torch.cat([ring_gate[rows].to(gate.dtype), gate[: e1 * m - s]])
+            has_prev = first - lo == m
+            win_kv = seq_kv[first - lo:].view(e1 - e0, m, self.width)
+            win_gate = seq_gate[first - lo:].view(e1 - e0, m, self.width)
+            pooled = pool_windows(win_kv, win_gate, self.ape, self.overlap,
+                                  seq_kv[:m] if has_prev else None, seq_gate[:m] if has_prev else None)
+            windows = torch.arange(e0, e1, device=kv.device)
+            entries = self.rope(self.norm(pooled), windows * m)
+            tok = windows * m
+            paged[r.block_table[tok // block_size].long(), (tok % block_size) // m] = entries.to(paged.dtype)
+        keep = max(s, s + n - self.ring)
+        rows = ring_rows(keep, s + n, self.ring, kv.device)
+        ring_kv[rows] = kv[keep - s:].to(ring_kv.dtype)
+        ring_gate[rows] = gate[keep - s:].to(ring_gate.dtype)
+        return e1
+
+
+class Indexer(nn.Module):
+    """CSA's lightning indexer: its own overlapping compressor at `index_head_dim` (the keys),
+    queries `wq_b(q_residual)`, per-head weights `weights_proj(x)`."""
+
+    def __init__(self, hidden: int, q_lora_rank: int, heads: int, dim: int, topk: int, compress_rate: int,
+                 eps: float, rope: InterleavedRope) -> None:
+        super().__init__()
+        self.heads, self.dim, self.topk, self.m = heads, dim, topk, compress_rate
+        self.wq_b = Linear(q_lora_rank, heads * dim)
+        self.weights_proj = Linear(hidden, heads)
+        self.compressor = Compressor(hidden, dim, compress_rate, True, eps, rope, "csa_index_k")
+        self.rope = rope
+
+
+class V4Attention(nn.Module):
+    def __init__(self, s, layer_idx: int, kind: str, main_rope: InterleavedRope,
+                 compress_rope: InterleavedRope) -> None:
+        """`s`: the model's V4Settings (models/deepseek_v4.py)."""
+        super().__init__()
+        self.layer_idx, self.kind = layer_idx, kind
+        h, d = s.num_heads, s.head_dim
+        self.num_heads, self.head_dim, self.window, self.eps = h, d, s.window, s.eps
+        self.o_groups = s.o_groups
+        self.rope = main_rope if kind == SLIDING else compress_rope
+        self.wq_a = Linear(s.hidden, s.q_lora_rank)
+        self.q_norm = RMSNorm(s.q_lora_rank, s.eps)
+        self.wq_b = Linear(s.q_lora_rank, h * d)
+        self.wkv = Linear(s.hidden, d)
+        self.norm = RMSNorm(d, s.eps)
+        self.wo_a = Linear(h * d // s.o_groups, s.o_groups * s.o_lora_rank)  # one block per group
+        self.wo_b = Linear(s.o_groups * s.o_lora_rank, s.hidden)
+        self.attn_sink = float32_param(h)
+        self.ops = current_kernels().ops  # v4_decode_attention: Triton on CUDA, else the torch reference
+        if kind != SLIDING:
+            m = s.compress_rates[kind]
+            self.compressor = Compressor(s.hidden, d, m, kind == CSA, s.eps, compress_rope,
+                                         "csa_kv" if kind == CSA else "hca_kv")
+            if kind == CSA:
+                self.indexer = Indexer(s.hidden, s.q_lora_rank, s.index_heads, s.index_head_dim, s.index_topk, m,
+                                       s.eps, compress_rope)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        t, h, d = x.shape[0], self.num_heads, self.head_dim
+        q_residual = self.q_norm(self.wq_a(x))
+        q = unweighted_rms_norm(self.wq_b(q_residual).view(t, h, d), self.eps)
+        q = self.rope(q, positions)
+        kv = self.rope(self.norm(self.wkv(x)), positions)  # [T, d]: K and V
+        caches = ctx.layer_caches[self.layer_idx]
+        state = caches[V4_STATE[self.kind]]
+        step = self._compress_inputs(x, q_residual, positions, caches) if self.kind != SLIDING else None
+        if ctx.meta.is_decode_only:
+            out = self._decode(q, kv, positions, ctx, state, step)
+        else:
+            out = torch.empty_like(q)
+            for r in request_slices(ctx):
+                sl = slice(r.start, r.start + r.n)
+                keys, key_pos = self._window_keys(kv[sl], r, state["window_kv"])
+                if step is None:
+                    compressed = kv.new_zeros((0, d))
+                    visible = torch.zeros((r.n, 0), dtype=torch.bool, device=x.device)
+                else:
+                    count, visible = self._compress(step, r, state, positions[sl])
+                    compressed = self.compressor.gather(r, step.paged, step.block_size, count)
+                out[sl] = sink_attention(q[sl], keys, key_pos, positions[sl], self.window, compressed.to(q.dtype),
+                                         visible, self.attn_sink, d ** -0.5)
+        out = self.rope(out, positions, inverse=True)  # V = K carries RoPE: rotate back by the query position
+        return self._grouped_output(out)
+
+    def _compress_inputs(self, x: torch.Tensor, q_residual: torch.Tensor, positions: torch.Tensor,
+                         caches: dict) -> CompressStep:
+        paged = caches[self.compressor.cache_name]
+        step = CompressStep(*self.compressor.project(x), paged=paged, block_size=paged.shape[1] * self.compressor.m)
+        if self.kind == CSA:
+            idx = self.indexer
+            step.idx_kv, step.idx_gate = idx.compressor.project(x)
+            step.idx_q = idx.rope(idx.wq_b(q_residual).view(x.shape[0], idx.heads, idx.dim), positions)
+            step.idx_w = idx.weights_proj(x).float() * idx.heads ** -0.5
+            step.idx_paged = caches[idx.compressor.cache_name]
+        return step
+
+    def _compress(self, step: CompressStep, r: StepSlice, state: dict,
+                  pos: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """Feed one request's new tokens to the compressor(s); return how many compressed entries
+        it has and which of them each of its queries reads (bool [n, count])."""
+        sl = slice(r.start, r.start + r.n)
+        count = self.compressor.update(step.kv[sl], step.gate[sl], r, state, step.paged, step.block_size)
+        if self.kind == HCA:  # every finished window
+            threshold = (pos + 1) // self.compressor.m
+            return count, torch.arange(count, device=pos.device)[None, :] < threshold[:, None]
+        idx = self.indexer
+        n_keys = idx.compressor.update(step.idx_kv[sl], step.idx_gate[sl], r, state, step.idx_paged, step.block_size)
+        keys = idx.compressor.gather(r, step.idx_paged, step.block_size, n_keys)
+        return count, indexer_select(step.idx_q[sl], keys.to(step.idx_q.dtype), step.idx_w[sl], pos, idx.m, idx.topk,
+                                     idx.dim ** -0.5)
+
+    def _decode(self, q: torch.Tensor, kv: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext, state: dict,
+                step: CompressStep | None) -> torch.Tensor:
+        """One token per request: write it into the ring and the compressors, list the compressed
+        entries each query reads (ids, -1 padded), then the decode kernel reads both caches."""
+        meta, d = ctx.meta, self.head_dim
+        ring = state["window_kv"]
+        ring[meta.state_slots, positions % self.window] = kv.to(ring.dtype)
+        if step is None:
+            ids = torch.full((q.shape[0], 0), -1, dtype=torch.long, device=q.device)
+            paged, m = kv.new_zeros((1, 1, d)), 1
+        else:
+            paged, m = step.paged, self.compressor.m
+            chosen = [torch.nonzero(self._compress(step, r, state, positions[r.start:r.start + 1])[1][0]).flatten()
+                      for r in request_slices(ctx)]
+            ids = torch.full((q.shape[0], max(c.numel() for c in chosen)), -1, dtype=torch.long, device=q.device)
+            for i, c in enumerate(chosen):
+                ids[i, : c.numel()] = c
+        return self.ops.v4_decode_attention(q, ring, meta.state_slots, positions, self.window, paged,
+                                            meta.block_tables, ids, m, self.attn_sink, d ** -0.5)
+
+    def _window_keys(self, kv: torch.Tensor, r: StepSlice, ring_all: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys of the new tokens and of the window before them (from the ring); then the ring
+        keeps the last `window` of them."""
+        s, n, w = r.first_pos, r.n, self.window
+        ring = ring_all[r.slot]
+        old = torch.arange(max(0, s - w + 1), s, device=kv.device)
+        keys = torch.cat([ring[old % w].to(kv.dtype), kv])
+        key_pos = torch.cat([old, torch.arange(s, s + n, device=kv.device)])
+        keep = max(s, s + n - w)
+        ring[torch.arange(keep, s + n, device=kv.device) % w] = kv[keep - s:].to(ring.dtype)
+        return keys, key_pos
+
+    def _grouped_output(self, out: torch.Tensor) -> torch.Tensor:
+        """wo_a: one [o_lora_rank, H*d/g] block per head group; wo_b mixes the groups."""
+        t, g = out.shape[0], self.o_groups
+        x = out.reshape(t, g, -1).transpose(0, 1)  # [g, T, H*d/g]
+        w = self.wo_a.weight.view(g, -1, x.shape[-1]).transpose(1, 2)  # [g, H*d/g, r]
+        y = torch.bmm(x, w).transpose(0, 1).reshape(t, -1)
+        return self.wo_b(y)
