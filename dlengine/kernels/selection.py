@@ -35,6 +35,7 @@ from dlengine.config import ConfigError
 from dlengine.kernels.attention.backend import AttentionBackend, AttentionBackendBase, missing_methods
 from dlengine.kernels.attention.torch_backend import TorchAttentionBackend
 from dlengine.kernels.fp8 import fp8_torch
+from dlengine.kernels.kv_quant import is_fp8
 from dlengine.kernels.gdn import causal_conv1d_torch, gated_delta_rule_torch
 from dlengine.kernels.mla.decode_choice import MLA_DECODE_KERNELS, resolve_mla_decode
 from dlengine.kernels.moe import fused_moe_torch
@@ -250,6 +251,11 @@ def resolve_kernels(attention: str | AttentionBackend = "auto", mla_decode: str 
             raise ConfigError(f"mla_decode({mla_decode!r}) chooses a kernel of the built-in triton backend; "
                               f"a backend object ({attention.name!r}) runs its own")
         backend, use_triton = attention, True
+    if is_fp8(dtype) and not getattr(backend, "supports_fp8_kv", False):
+        hint = ("FP8 KV is not wired to FlashInfer's wrappers" if backend.name == "flashinfer"
+                else "it does not declare supports_fp8_kv = True (kernels/attention/backend.py)")
+        raise ConfigError(f"cache(dtype='fp8_e4m3'): attention backend {backend.name!r} cannot read an FP8 KV cache "
+                          f"({hint}); use attention('triton') or attention('torch'), or a bf16 cache")
     return Kernels(backend, select_ops(device, use_triton), quantization)
 
 
