@@ -136,9 +136,9 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
         v = v.contiguous()
     block_h, block_d, h_tiles = _store_blocks(num_kv_heads, head_dim)
     kst, vst, kcs, vcs = k.stride(), v.stride(), k_cache.stride(), v_cache.stride()
-    ks, vs = kv_scale_args(k_cache, k_scale, v_scale)
+    k_sc, v_sc = kv_scale_args(k_cache, k_scale, v_scale)
     _store_kv_kernel[(num_tokens, h_tiles)](
-        k, v, k_cache, v_cache, slot_mapping, ks, vs,
+        k, v, k_cache, v_cache, slot_mapping, k_sc, v_sc,
         kst[0], kst[1], vst[0], vst[1], kcs[0], kcs[1], kcs[2], vcs[0], vcs[1], vcs[2],
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, PAGE=k_cache.shape[1],
         BLOCK_H=block_h, BLOCK_D=block_d, QUANT=is_fp8(k_cache.dtype), num_warps=4,
@@ -482,7 +482,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     FP8 caches are read with k_scale / v_scale (float32 scalar tensors; 1.0 when None).
     """
     p = plan or _get_plan(q, k_cache, config)
-    ks, vs = kv_scale_args(k_cache, k_scale, v_scale)
+    k_sc, v_sc = kv_scale_args(k_cache, k_scale, v_scale)
     num_seqs = len(meta.seq_lens_cpu)
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, p.num_kv_heads, meta.max_seq_len, p.decode_block_n, p.num_sms)
@@ -496,7 +496,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         cnt = split_counters(q.device, num_seqs * p.num_kv_heads)
     qs, ks, vs, os_ = q.stride(), k_cache.stride(), v_cache.stride(), out.stride()
     _decode_split_kernel[(num_seqs, p.num_kv_heads, num_splits)](
-        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, out, ws, cnt, ks, vs,
+        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, out, ws, cnt, k_sc, v_sc,
         scale * LOG2E, num_splits, lse_off,
         qs[0], qs[1], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2],
         meta.block_tables.stride(0), os_[0], os_[1],
@@ -517,11 +517,11 @@ def paged_extend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     `paged_decode(..., mixed=True)`). FP8 caches are read with k_scale / v_scale.
     """
     p = plan or _get_plan(q, k_cache, config)
-    ks, vs = kv_scale_args(k_cache, k_scale, v_scale)
+    k_sc, v_sc = kv_scale_args(k_cache, k_scale, v_scale)
     num_q_tiles = -(-meta.max_query_len // p.block_q)
     qs, ks, vs, os_ = q.stride(), k_cache.stride(), v_cache.stride(), out.stride()
     _extend_kernel[(num_q_tiles, len(meta.seq_lens_cpu), p.num_kv_heads)](
-        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, out, ks, vs,
+        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, out, k_sc, v_sc,
         scale * LOG2E, num_q_tiles,
         qs[0], qs[1], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2],
         meta.block_tables.stride(0), os_[0], os_[1],
