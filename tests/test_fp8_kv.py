@@ -431,3 +431,58 @@ def test_bench_cli_takes_kv_cache_dtype():
 
     args = build_parser().parse_args(["bench", "latency", "--kv-cache-dtype", "fp8_e4m3"])
     assert args.kv_cache_dtype == "fp8_e4m3"
+
+
+# ------------------------------------------------------------------ prefill-decode migration
+def _pd_helpers():
+    """tests/test_pd_disagg.py's helpers (it skips itself, and so these tests, without dlslime)."""
+    import test_pd_disagg
+
+    return test_pd_disagg
+
+
+@pytest.mark.parametrize("model", ["tiny-qwen3", "tiny-deepseek-v3"])
+def test_pd_two_processes_fp8_equals_fp8_hybrid(model):
+    """FP8 prefill in a child process, FP8 decode here, KV pulled over DLSlime's TCP transport:
+    the tokens equal an FP8 hybrid engine's and every block comes back."""
+    pd = _pd_helpers()
+    from dlengine.disagg import PDRouter
+    from dlengine.disagg.worker import WorkerEngine
+
+    prompts = pd.PROMPTS[:5]
+    hybrid = pd.local(model, "hybrid", cache={"dtype": "fp8_e4m3"})
+    expected = [o.token_ids for o in hybrid.generate(prompts, pd.GREEDY)]
+    hybrid.close()
+    worker = WorkerEngine({**pd.spec(model, "prefill"), "cache": {"block_size": 16, "dtype": "fp8_e4m3"}})
+    decode = None
+    try:
+        decode = pd.local(model, "decode", block_size=8, cache={"dtype": "fp8"})
+        assert decode.connector.region.layout.dtype == "float8_e4m3fn"
+        outs = PDRouter(worker, decode).generate(prompts, pd.GREEDY)
+        for out, exp in zip(outs, expected):
+            assert out.error is None, out.error
+            assert out.token_ids == exp
+        pd.assert_pool_full(decode)
+        pd.wait_worker_pool_full(worker)
+    finally:
+        worker.close()
+        if decode is not None:
+            decode.close()
+
+
+def test_pd_fp8_and_bf16_caches_are_refused_with_a_clear_error():
+    pd = _pd_helpers()
+    prefill = pd.local("tiny-qwen3", "prefill", cache={"dtype": "fp8_e4m3"})
+    decode = pd.local("tiny-qwen3", "decode", cache={"dtype": "bfloat16"})
+    try:
+        [p] = prefill.generate([pd.PROMPTS[5]], pd.GREEDY)
+        out = pd.run_decode(decode, pd.PROMPTS[5], p.kv_transfer_params)
+        assert out.finish_reason == "error"
+        assert "layouts differ in dtype" in out.error and "float8_e4m3fn" in out.error
+        assert "cache(dtype=...)" in out.error
+        pd.assert_pool_full(decode)
+        pd.step_until([prefill], lambda: not prefill.connector.pinned)  # the failure told it to free
+        pd.assert_pool_full(prefill)
+    finally:
+        prefill.close()
+        decode.close()
