@@ -82,7 +82,8 @@ class Ops:
     rms_norm: Callable  # (x, weight, eps, residual=None) -> y | (y, x + residual)
     silu_and_mul: Callable  # (x [.., 2d]) -> [.., d]
     rope: Callable  # (q, k, positions, cos, sin) -> (q, k)
-    rope_write_kv: Callable  # (q, k, v, positions, cos, sin, slots, k_cache, v_cache, q_norm_w, k_norm_w, eps)
+    # (q, k, v, positions, cos, sin, slots, k_cache, v_cache, q_norm_w, k_norm_w, eps[, k_scale=, v_scale=: FP8 caches])
+    rope_write_kv: Callable
     fused_experts: Callable  # (x, w13, w2, topk_weights, topk_ids) -> [T, H]
     fp8_linear: Callable  # (x, w_q, w_scale, block, row_div, bias=None) -> [.., N]
     fused_experts_fp8: Callable  # (x, w13, w13_scale, w2, w2_scale, block, w13_row_div, topk_weights, topk_ids)
