@@ -257,6 +257,10 @@ def resolve_kernels(attention: str | AttentionBackend = "auto", mla_decode: str 
                 else "it does not declare supports_fp8_kv = True (kernels/attention/backend.py)")
         raise ConfigError(f"cache(dtype='fp8_e4m3'): attention backend {backend.name!r} cannot read an FP8 KV cache "
                           f"({hint}); use attention('triton') or attention('torch'), or a bf16 cache")
+    if (is_fp8(dtype) and backend.name == "triton" and device.type == "cuda"
+            and torch.cuda.get_device_capability(device) < (8, 9)):
+        raise ConfigError("cache(dtype='fp8_e4m3') on the triton backend needs a GPU with FP8 support (sm_89+: "
+                          "Ada, Hopper); use attention('torch') or a bf16 cache here")
     return Kernels(backend, select_ops(device, use_triton), quantization)
 
 
