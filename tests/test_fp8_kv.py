@@ -486,3 +486,26 @@ def test_pd_fp8_and_bf16_caches_are_refused_with_a_clear_error():
     finally:
         prefill.close()
         decode.close()
+
+
+# ------------------------------------------------------------------ sm_90 builds (no GPU needed)
+def test_fp8_kv_kernels_build_for_sm90():
+    """Every kernel that writes or reads an FP8 cache compiles for the H100 (float8e4nv caches,
+    bf16 activations) inside its shared memory: catches what the interpreter cannot (FP8
+    conversions, constexpr branches). Built in a child process, as tests/test_sm90_build.py does:
+    this module turned the interpreter on."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "sm90_resources.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(script), "--fp8-kv-json"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(reports) == {"store_kv", "gqa_decode", "gqa_extend", "store_latent", "mla_decode", "rope_write_kv"}
+    for name, r in reports.items():
+        assert r["shared"] <= 232_448, (name, r)  # the H100's 227 KB a block
+    assert reports["gqa_extend"]["ops"]["ttng.warp_group_dot "] > 0  # Hopper MMAs on the converted tiles
+    assert reports["mla_decode"]["ops"]["ttng.warp_group_dot "] > 0
