@@ -24,7 +24,8 @@ from dlengine.engine.runner import ModelRunner
 from dlengine.engine.sampler import Sampler
 from dlengine.engine.scheduler import Scheduler
 from dlengine.kernels.selection import Kernels, kernel_scope, resolve_kernels
-from dlengine.models.loader import init_dummy_weights, load_weights, run_post_load_hooks
+from dlengine.kernels.kv_quant import is_fp8
+from dlengine.models.loader import init_dummy_weights, kv_scale_source, load_weights, run_post_load_hooks
 from dlengine.models.registry import get_model_class
 from dlengine.tokenizer import load_tokenizer
 
@@ -159,11 +160,11 @@ def build_core(cfg: EngineConfig, state=None) -> EngineCore:
     # one kernel choice for the whole engine: the backend object (a user's, or built with its MLA
     # decode kernel) and the fused ops the layers run
     kernels = resolve_kernels(cfg.components.attention or cfg.attention_backend, cfg.mla_decode, cfg.model,
-                              cfg.device, cfg.dtype, cfg.quantization)
+                              cfg.device, cfg.kv_cache_dtype, cfg.quantization)
     backend = kernels.attention
     model = build_model(cfg, state, kernels)
 
-    kv_dtype = cfg.dtype if cfg.cache.dtype == "auto" else parse_dtype(cfg.cache.dtype)
+    kv_dtype = cfg.kv_cache_dtype
     # what the cache keeps per layer group; under tensor parallelism this rank's kv heads only
     # (MLA's latent is whole on every rank)
     cache_specs = cache_specs_for(cfg.model, kv_dtype, state.tp_size, state.tp_rank, get_model_class(cfg.model))
@@ -187,6 +188,12 @@ def build_core(cfg: EngineConfig, state=None) -> EngineCore:
         dist.all_reduce(n, op=dist.ReduceOp.MIN, group=state.world_group)
         plan.num_blocks = int(n.item())
     logger.info("%s", plan.describe(cfg.cache.block_size))
+    if is_fp8(kv_dtype):
+        refusal = getattr(model, "fp8_kv_unsupported", None)  # a model whose own kernels read its cache
+        if refusal:
+            raise ConfigError(f"cache(dtype='fp8_e4m3') is not supported for {cfg.model.architecture} yet: "
+                              f"{refusal}; use a bf16 cache")
+        logger.info("FP8 KV cache scales: %s", kv_scale_source(model))
     kv_cache = KVCache(cache_specs, plan.num_blocks, cfg.cache.block_size, kv_dtype, cfg.device,
                        num_state_slots=plan.num_state_slots)
     if cfg.components.block_manager is not None:

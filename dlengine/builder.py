@@ -27,6 +27,7 @@ from dlengine.config import (
     SchedulerConfig,
     TransferConfig,
     parse_dtype,
+    parse_kv_cache_dtype,
 )
 from dlengine.engine.engine import Engine
 from dlengine.models.registry import get_model_class
@@ -106,7 +107,9 @@ class EngineBuilder:
     def cache(self, **options: Any) -> "EngineBuilder":
         """block_size, num_blocks, prefix_caching, dtype, memory_utilization, cpu_kv_cache_bytes.
         block_size defaults to 16, or to 64 for MLA models whose decode runs on the Hopper Gluon
-        kernel (its fastest page)."""
+        kernel (its fastest page). dtype: "auto" (the model's), a float dtype name, or
+        "fp8_e4m3" (alias "fp8"): float8_e4m3fn KV with a scale per layer and tensor, about twice
+        the tokens in the same memory (docs/fp8_kv.md)."""
         self._cache.update(options)
         return self
 
@@ -427,10 +430,11 @@ class EngineBuilder:
 
         from dlengine.kernels.mla.decode_choice import preferred_block_size, resolve_mla_decode
 
+        kv_dtype = parse_kv_cache_dtype(cache.dtype, dtype)  # what the KV cache stores (FP8 or a float dtype)
         mla_decode = resolve_mla_decode(self._mla_decode, model, attention if isinstance(attention, str) else "custom",
-                                        device, dtype)
+                                        device, kv_dtype)
         if "block_size" not in self._cache and cache.dtype == "auto":
-            block_size = preferred_block_size(mla_decode, model, attention, device, dtype)
+            block_size = preferred_block_size(mla_decode, model, attention, device, kv_dtype)
             if block_size is not None:  # MLA decode on the Gluon kernel: its fastest page size
                 logger.info("KV block size %d: the Gluon MLA decode kernel's fastest page (cache(block_size=...) "
                             "overrides)", block_size)

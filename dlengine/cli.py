@@ -62,6 +62,9 @@ def _engine_options() -> argparse.ArgumentParser:
                    help="seeds the workload and the sampler (default: %(default)s)")
     g.add_argument("--block-size", type=int, metavar="N", default=_E.block_size,
                    help="KV cache tokens per block (default: 16)")
+    g.add_argument("--kv-cache-dtype", metavar="DTYPE", default=_E.kv_cache_dtype,
+                   help="KV cache storage: auto (the model dtype) or fp8_e4m3 (alias fp8: float8 with a scale per "
+                        "layer and tensor, about twice the tokens; docs/fp8_kv.md) (default: %(default)s)")
     g.add_argument("--num-blocks", type=int, metavar="N", default=_E.num_blocks,
                    help="KV cache blocks (default: sized from memory)")
     g.add_argument("--memory-utilization", type=float, metavar="F", default=_E.memory_utilization,

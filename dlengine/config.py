@@ -32,6 +32,29 @@ _DTYPES = {
 }
 
 
+# cache(dtype=...) names of the FP8 KV cache (kernels/kv_quant.py); "fp8" is an alias of "fp8_e4m3"
+FP8_KV_CACHE_NAMES = ("fp8_e4m3", "fp8", "float8_e4m3fn")
+
+
+def parse_kv_cache_dtype(name: str | torch.dtype, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a KV cache is stored in: "auto" -> the model's activation dtype, "fp8_e4m3" (or
+    "fp8") -> float8_e4m3fn with per-layer scales (docs/fp8_kv.md), else a float dtype name."""
+    if isinstance(name, torch.dtype):
+        if name in (torch.float8_e4m3fn, *set(_DTYPES.values())):
+            return name
+        raise ConfigError(f"KV cache dtype {name} is not supported; choose 'auto', 'fp8_e4m3' or one of "
+                          f"{sorted(set(_DTYPES))}")
+    key = str(name).lower().replace("torch.", "")
+    if key == "auto":
+        return model_dtype
+    if key in FP8_KV_CACHE_NAMES:
+        return torch.float8_e4m3fn
+    if key not in _DTYPES:
+        raise ConfigError(f"unknown KV cache dtype {name!r}; choose 'auto', 'fp8_e4m3' (alias 'fp8') or one of "
+                          f"{sorted(set(_DTYPES))}")
+    return _DTYPES[key]
+
+
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
@@ -281,7 +304,7 @@ class CacheConfig:
     block_size: int = 16
     num_blocks: int | None = None  # None: sized from memory (GPU) or a CPU budget
     prefix_caching: bool = True
-    dtype: str = "auto"  # "auto" = the model's activation dtype
+    dtype: str = "auto"  # "auto" = the model's activation dtype; "fp8_e4m3" (alias "fp8"): FP8 KV
     memory_utilization: float = 0.9  # fraction of GPU memory the engine may take
     cpu_kv_cache_bytes: int = 512 << 20  # CPU budget when num_blocks is None
 
@@ -293,6 +316,7 @@ class CacheConfig:
             raise ConfigError(f"cache num_blocks must be positive, got {self.num_blocks}")
         if not 0.0 < self.memory_utilization <= 1.0:
             raise ConfigError(f"cache memory_utilization must be in (0, 1], got {self.memory_utilization}")
+        parse_kv_cache_dtype(self.dtype, torch.float32)  # a clear error for an unknown name
 
 
 @dataclass(frozen=True)
@@ -462,3 +486,8 @@ class EngineConfig:
     control_plane: dict | None = None  # dlslime-ctrl registration of a prefill / decode engine
     speculative_tokens: int = 0  # drafts per step when a speculator is set
     components: Components = field(default_factory=Components)
+
+    @property
+    def kv_cache_dtype(self) -> torch.dtype:
+        """What the KV cache stores: cache.dtype resolved ("auto": the model dtype)."""
+        return parse_kv_cache_dtype(self.cache.dtype, self.dtype)

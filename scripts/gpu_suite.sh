@@ -17,6 +17,8 @@
 #   probe      where the Gluon MLA decode kernel's time goes (timelines, per-tile fit)
 #   sm90       sm_90 build resources of the MLA decode kernels (registers, spills, shared memory)
 #   fp8        block-scaled FP8 GEMMs and MoE, tiny FP8 engine
+#   fp8kv      FP8 vs bf16 KV cache: decode at batch 64 x 8k and 32 x 32k, Qwen3-8B dims (8 layers) and
+#              DeepSeek-V3 dims (4 layers), dummy weights (docs/fp8_kv.md)
 #   dsv3       DeepSeek-V3 dims, 4 layers, batch 1 and 64 x 1k
 #   dsa        DeepSeek-V3.2-Exp (sparse attention) vs DeepSeek-V3 decode, 4 layers, 32 x 32k and 64 x 64k
 #   parallel   parallel engine vs single process (NCCL; one GPU: a one-rank NCCL world)
@@ -44,7 +46,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
 
 run_tests() {
-  python3 -m pytest -q -p no:cacheprovider tests/test_gpu_*.py tests/test_triton_ops.py tests/test_triton_attention.py tests/test_dsa_kernels.py \
+  python3 -m pytest -q -p no:cacheprovider tests/test_gpu_*.py tests/test_triton_ops.py tests/test_triton_attention.py tests/test_dsa_kernels.py tests/test_fp8_kv.py \
     ${TEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -25
 }
 run_attention() {
@@ -99,6 +101,21 @@ run_mladecode() {  # the Hopper Gluon MLA decode kernel: correctness + speed vs 
 }
 run_fp8() {  # block-scaled FP8 GEMMs at DeepSeek-V3 shapes; tiny FP8 engine on CUDA
   python3 scripts/gpu_check_fp8.py ${FP8_ARGS:-} 2>&1 | tee "$OUT/fp8.log" | tail -40
+}
+run_fp8kv() {  # FP8 vs bf16 KV cache, one after the other in one call: step time, tokens in the cache, MBU
+  local q8="--model qwen3-8b --load-format dummy --num-layers 8 --dtype bfloat16 --output-len 64"
+  local ds="--model deepseek-v3 --load-format dummy --num-layers 4 --dtype bfloat16 --output-len 64"
+  for kv in auto fp8_e4m3; do
+    python3 -m dlengine.cli bench latency $q8 --batch-size 64 --input-len 8192 --max-model-len 8448 \
+      --kv-cache-dtype $kv --no-progress --json "$OUT/fp8kv_qwen3_8b_b64x8k_$kv.json" 2>&1 \
+      | tee "$OUT/fp8kv_qwen3_8b_b64x8k_$kv.log" | tail -25
+    python3 -m dlengine.cli bench latency $q8 --batch-size 32 --input-len 32768 --max-model-len 33024 \
+      --kv-cache-dtype $kv --no-progress --json "$OUT/fp8kv_qwen3_8b_b32x32k_$kv.json" 2>&1 \
+      | tee "$OUT/fp8kv_qwen3_8b_b32x32k_$kv.log" | tail -25
+    python3 -m dlengine.cli bench latency $ds --batch-size 64 --input-len 8192 --max-model-len 8448 \
+      --kv-cache-dtype $kv --no-progress --json "$OUT/fp8kv_dsv3_b64x8k_$kv.json" 2>&1 \
+      | tee "$OUT/fp8kv_dsv3_b64x8k_$kv.log" | tail -25
+  done
 }
 run_dsv3() {  # DeepSeek-V3 dims, first 4 layers (3 dense + 1 MoE of 256 experts), dummy bf16 weights
   for bsz in 1 64; do
@@ -155,7 +172,7 @@ run_profile() {  # GPU time per kernel of a W2 (Qwen3-8B, batch 1) decode step
 run_parallel() {  # parallel engine vs single-process on every visible GPU (NCCL); 1 GPU: a 1-rank NCCL world
   python3 scripts/gpu_check_parallel.py ${PARALLEL_ARGS:-} --json "$OUT/parallel.json" 2>&1 | tee "$OUT/parallel.log" | tail -40
 }
-ALL="tests attention w1 w2 engine w1moe moe tune_moe mla mladecode probe sm90 fp8 dsv3 dsa parallel kvmig vision profile serve"
+ALL="tests attention w1 w2 engine w1moe moe tune_moe mla mladecode probe sm90 fp8 fp8kv dsv3 dsa parallel kvmig vision profile serve"
 for s in ${*:-all}; do
   case $s in
     all) for t in $ALL; do echo "== $t"; "run_$t"; done ;;

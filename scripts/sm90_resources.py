@@ -3,6 +3,7 @@
 registers, spill stack, shared memory, and the MMA / async-copy ops in the TTGIR.
 
     python scripts/sm90_resources.py            # both kernels at DeepSeek-V3 dims, page 16
+    python scripts/sm90_resources.py --fp8-kv-json   # every FP8 KV cache kernel builds (tests/test_fp8_kv.py)
 
 Runs on any machine with triton (it ships ptxas and cuobjdump); useful before spending GPU time:
 a kernel that spills or overflows shared memory shows it here. Numbers for the shipped kernels
@@ -45,7 +46,7 @@ def resources(fn, constants: dict, source_cls, num_warps: int, num_stages: int =
             sig[name] = POINTERS[name]
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
-            sig[name] = "fp32" if name == "qk_scale" else "i32"
+            sig[name] = "fp32" if name in ("qk_scale", "eps") else "i32"
             if name in ALIGNED_INTS:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     kernel = triton.compile(source_cls(fn, sig, {k: v for k, v in constants.items() if k in fn.arg_names}, attrs),
@@ -83,7 +84,47 @@ def gluon_report(direct: bool, page: int = 16, times: bool = False, q_async: boo
                      descriptors={"desc": f"tensordesc<bf16[{box}, 64],{layout!r}>"}, maxnreg=gluon_mla.MAX_REGS)
 
 
+def fp8_kv_reports() -> dict:
+    """The sm_90 builds of every kernel that writes or reads an FP8 KV cache (bf16 activations,
+    float8e4nv caches, float32 scales), at Qwen3-8B / DeepSeek-V3 dims: kernel -> resources."""
+    from dlengine.kernels.attention import paged_attention_triton as gqa
+    from dlengine.kernels.norm_rope import norm_rope_triton as norm_rope
+
+    f8, bf, f32 = "*fp8e4nv", "*bf16", "*fp32"
+    saved = dict(POINTERS)
+    POINTERS.update(k_ptr=bf, v_ptr=bf, kc_ptr=f8, vc_ptr=f8, ks_ptr=f32, vs_ptr=f32, scale_ptr=f32, q_ptr=bf,
+                    src_ptr=bf, cache_ptr=f8, k_cache_ptr=f8, v_cache_ptr=f8, cos_ptr=f32, sin_ptr=f32, qn_ptr=bf,
+                    kn_ptr=bf, slot_ptr="*i64", pos_ptr="*i64", seq_lens_ptr="*i32", qsl_ptr="*i32")
+    gqa_dims = dict(GROUP=4, HEAD_DIM=128, BLOCK_D=128, PAGE=16, UPCAST=False, IEEE=False, KV_FP8=True)
+    mla = triton_mla.DECODE_DEFAULTS
+    builds = {
+        "store_kv": (gqa._store_kv_kernel, dict(NUM_KV_HEADS=8, HEAD_DIM=128, PAGE=16, BLOCK_H=8, BLOCK_D=128,
+                                                 QUANT=True), 4, 1),
+        "gqa_decode": (gqa._decode_split_kernel, dict(gqa_dims, BLOCK_H=16, BLOCK_N=64, DIRECT=False, MIXED=False),
+                       4, 3),
+        "gqa_extend": (gqa._extend_kernel, dict(gqa_dims, GROUP_PAD=4, BLOCK_M=128, BLOCK_N=64, SKIP_DECODE=True), 4, 3),
+        "store_latent": (triton_mla._store_latent_kernel, dict(WIDTH=576, BLOCK=1024, PAGE=64, QUANT=True), 4, 1),
+        "mla_decode": (triton_mla._mla_decode_kernel,
+                       dict(NUM_HEADS=128, BLOCK_H=mla["block_h"], HEAD_TILES=128 // mla["block_h"], KV_LORA=512,
+                            BLOCK_C=512, ROPE=64, BLOCK_R=64, BLOCK_N=mla["block_n"], PAGE=64, ROW_REQ=False,
+                            DIRECT=False, UPCAST=False, IEEE=False, KV_FP8=True), mla["num_warps"], mla["num_stages"]),
+        "rope_write_kv": (norm_rope._rope_write_kv_kernel, dict(NUM_Q_HEADS=32, NUM_KV_HEADS=8, HALF=64, WRITE_KV=True,
+                                                                HAS_NORM=True, QUANT=True), 4, 1),
+    }
+    try:
+        return {name: resources(fn, consts, ASTSource, warps, stages, structured=True)
+                for name, (fn, consts, warps, stages) in builds.items()}
+    finally:
+        POINTERS.clear()
+        POINTERS.update(saved)
+
+
 def main() -> int:
+    if "--fp8-kv-json" in sys.argv:  # for tests/test_fp8_kv.py (a clean process: no interpreter mode)
+        import json
+
+        print(json.dumps(fp8_kv_reports()))
+        return 0
     if "--gluon-json" in sys.argv:  # for tests/test_sm90_build.py (a clean process: no interpreter mode)
         import json
 
@@ -101,7 +142,7 @@ def main() -> int:
     print("  ", resources(triton_mla._mla_decode_kernel,
                           dict(common, BLOCK_H=cfg["block_h"], HEAD_TILES=128 // cfg["block_h"], BLOCK_C=512,
                                BLOCK_R=64, BLOCK_N=cfg["block_n"], ROW_REQ=False, DIRECT=False, UPCAST=False,
-                               IEEE=False), ASTSource, cfg["num_warps"], cfg["num_stages"]))
+                               IEEE=False, KV_FP8=False), ASTSource, cfg["num_warps"], cfg["num_stages"]))
     if gluon_mla.GLUON_IMPORT_ERROR is not None:
         print("gluon kernel: not importable:", gluon_mla.GLUON_IMPORT_ERROR)
         return 0

@@ -31,6 +31,7 @@ class EngineArgs:
     block_size: int | None = None
     num_blocks: int | None = None
     memory_utilization: float | None = None
+    kv_cache_dtype: str = "auto"  # "auto" (the model dtype) or "fp8_e4m3" / "fp8" (docs/fp8_kv.md)
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
     max_model_len: int | None = None
@@ -87,6 +88,8 @@ def engine_builder(args: EngineArgs) -> EngineBuilder:
     if args.device is not None:
         b.device(args.device)
     cache: dict[str, Any] = {"prefix_caching": args.prefix_caching}
+    if args.kv_cache_dtype != "auto":
+        cache["dtype"] = args.kv_cache_dtype
     for name in ("block_size", "num_blocks", "memory_utilization"):
         if getattr(args, name) is not None:
             cache[name] = getattr(args, name)

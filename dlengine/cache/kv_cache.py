@@ -11,6 +11,11 @@ What layers see:
   group (a recurrent layer).
 - `caches_of_layer(i)` maps every group name covering layer i to its views (state: a dict of
   [num_slots, *shape] tensors, indexed by `request.state_slot`; per-token: (data, scale)).
+
+FP8 KV (`cache(dtype="fp8_e4m3")`): the attention specs' dtype is float8_e4m3fn, one byte an
+element, so a block costs half of bf16's. The per-layer scales are not cache contents: they come
+with the weights (the attention layers' `k_scale` / `v_scale` buffers, docs/fp8_kv.md), so
+migrating or preempting a block never has to carry them.
 """
 
 from __future__ import annotations

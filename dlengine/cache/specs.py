@@ -22,6 +22,10 @@ Attention's indexer keys beside the latent, docs/dsa.md). Declared for upcoming 
 allocator and block manager support they need (tests/test_cache_specs.py), but used by no model
 yet: SlidingWindowSpec.
 
+Attention specs take any float dtype, float8_e4m3fn included (the FP8 KV cache: one byte an
+element, scales held by the attention layers, docs/fp8_kv.md); `describe()` and KV migration's
+layout name it, so two engines with different cache dtypes never exchange KV.
+
 A model class may declare its own cache by defining a classmethod
 `cache_specs(model_config, *, dtype, tp_size, tp_rank) -> list[CacheSpec]`; `cache_specs_for`
 calls it when present and otherwise derives the default from ModelConfig.

@@ -350,6 +350,7 @@ class EngineCore:
             "block_size": self.kv_cache.block_size,
             "num_kv_blocks": self.block_manager.num_blocks,
             "kv_cache_tokens": self.block_manager.num_blocks * self.kv_cache.block_size,
+            "kv_cache_dtype": str(self.kv_cache.dtype).replace("torch.", ""),
             "kv_cache_gib": self.kv_cache.nbytes / 2**30,
             "max_model_len": c.max_model_len,
             "max_num_seqs": c.scheduler.max_num_seqs,

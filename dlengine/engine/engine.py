@@ -118,6 +118,8 @@ class Engine:
             parts.append(f"transfer={t.get('transfer_backend')}/{t.get('transfer_transport')}")
         if "kv_cache_gib" in d:
             parts.append(f"kv_blocks={d.get('num_kv_blocks')} x {d.get('block_size')}")
+            if d.get("kv_cache_dtype") not in (None, d.get("dtype")):
+                parts.append(f"kv_cache_dtype={d['kv_cache_dtype']}")
         parts += [f"max_model_len={c.max_model_len}", f"max_num_seqs={c.scheduler.max_num_seqs}",
                   f"max_num_batched_tokens={c.scheduler.max_num_batched_tokens}",
                   f"prefix_caching={c.cache.prefix_caching}", f"chunked_prefill={c.scheduler.chunked_prefill}"]

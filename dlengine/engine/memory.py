@@ -6,7 +6,9 @@ will hold. On CPU a fixed byte budget (`cpu_kv_cache_bytes`) bounds it, capped a
 `max_num_seqs` full-length requests could ever use.
 
 What a block costs comes from the cache specs (cache/specs.py): the sum of every paged spec's
-page bytes (all paged groups share block ids). State specs cost a fixed slot per sequence;
+page bytes (all paged groups share block ids), so the KV dtype sets the capacity: an FP8 cache
+(1 byte an element, `cache(dtype="fp8_e4m3")`) holds twice the tokens of a bf16 one in the same
+memory. State specs cost a fixed slot per sequence;
 `max_num_seqs` slots are set aside first (a running sequence holds one).
 """
 
@@ -19,7 +21,7 @@ import torch
 
 from dlengine.cache.block_manager import BlockManager
 from dlengine.cache.kv_cache import KVCache, bytes_per_block, bytes_per_state_slot
-from dlengine.cache.specs import CacheSpec, cache_specs_for
+from dlengine.cache.specs import CacheSpec, cache_specs_for, dtype_name
 from dlengine.config import ConfigError, EngineConfig
 from dlengine.engine.request import Request
 from dlengine.engine.sampler import Sampler, SamplingTensors
@@ -37,15 +39,21 @@ class MemoryPlan:
     total_bytes: int = 0
     num_state_slots: int = 0  # per-sequence state slots (state specs only)
     bytes_per_state_slot: int = 0
+    kv_dtype: str = ""  # what the KV cache stores, e.g. "bfloat16" or "float8_e4m3fn"
 
     @property
     def state_bytes(self) -> int:
         return self.num_state_slots * self.bytes_per_state_slot
 
+    def token_capacity(self, block_size: int) -> int:
+        """Tokens the paged cache holds (all requests together)."""
+        return self.num_blocks * block_size
+
     def describe(self, block_size: int) -> str:
         gib = 1 << 30
-        s = (f"KV cache: {self.num_blocks} blocks x {block_size} tokens = {self.num_blocks * block_size} tokens "
-             f"({self.num_blocks * self.bytes_per_block / gib:.2f} GiB)")
+        dtype = f" ({self.kv_dtype}, {self.bytes_per_block // block_size} B per token)" if self.kv_dtype else ""
+        s = (f"KV cache{dtype}: {self.num_blocks} blocks x {block_size} tokens = "
+             f"{self.token_capacity(block_size)} tokens ({self.num_blocks * self.bytes_per_block / gib:.2f} GiB)")
         if self.num_state_slots:
             s += f" + {self.num_state_slots} state slots ({self.state_bytes / gib:.2f} GiB)"
         if self.total_bytes:
@@ -126,7 +134,7 @@ def plan_kv_cache(cfg: EngineConfig, model, backend, kv_dtype: torch.dtype, rese
     per_slot = bytes_per_state_slot(specs)
     min_blocks = -(-cfg.max_model_len // cache.block_size)
     plan = MemoryPlan(num_blocks=0, bytes_per_block=per_block, num_state_slots=sched.max_num_seqs if per_slot else 0,
-                      bytes_per_state_slot=per_slot)
+                      bytes_per_state_slot=per_slot, kv_dtype=dtype_name(kv_dtype))
     if per_block == 0:
         raise ConfigError("the cache specs hold no paged group: every model needs blocks for its token positions")
     if cache.num_blocks is not None:

@@ -35,6 +35,7 @@ from dlengine.config import ConfigError
 from dlengine.kernels.attention.backend import AttentionBackend, AttentionBackendBase, missing_methods
 from dlengine.kernels.attention.torch_backend import TorchAttentionBackend
 from dlengine.kernels.fp8 import fp8_torch
+from dlengine.kernels.kv_quant import is_fp8
 from dlengine.kernels.gdn import causal_conv1d_torch, gated_delta_rule_torch
 from dlengine.kernels.mla.decode_choice import MLA_DECODE_KERNELS, resolve_mla_decode
 from dlengine.kernels.moe import fused_moe_torch
@@ -90,7 +91,8 @@ class Ops:
     rms_norm: Callable  # (x, weight, eps, residual=None) -> y | (y, x + residual)
     silu_and_mul: Callable  # (x [.., 2d]) -> [.., d]
     rope: Callable  # (q, k, positions, cos, sin) -> (q, k)
-    rope_write_kv: Callable  # (q, k, v, positions, cos, sin, slots, k_cache, v_cache, q_norm_w, k_norm_w, eps)
+    # (q, k, v, positions, cos, sin, slots, k_cache, v_cache, q_norm_w, k_norm_w, eps[, k_scale=, v_scale=: FP8 caches])
+    rope_write_kv: Callable
     fused_experts: Callable  # (x, w13, w2, topk_weights, topk_ids) -> [T, H]
     fp8_linear: Callable  # (x, w_q, w_scale, block, row_div, bias=None) -> [.., N]
     fused_experts_fp8: Callable  # (x, w13, w13_scale, w2, w2_scale, block, w13_row_div, topk_weights, topk_ids)
@@ -264,6 +266,15 @@ def resolve_kernels(attention: str | AttentionBackend = "auto", mla_decode: str 
             raise ConfigError(f"mla_decode({mla_decode!r}) chooses a kernel of the built-in triton backend; "
                               f"a backend object ({attention.name!r}) runs its own")
         backend, use_triton = attention, True
+    if is_fp8(dtype) and not getattr(backend, "supports_fp8_kv", False):
+        hint = ("FP8 KV is not wired to FlashInfer's wrappers" if backend.name == "flashinfer"
+                else "it does not declare supports_fp8_kv = True (kernels/attention/backend.py)")
+        raise ConfigError(f"cache(dtype='fp8_e4m3'): attention backend {backend.name!r} cannot read an FP8 KV cache "
+                          f"({hint}); use attention('triton') or attention('torch'), or a bf16 cache")
+    if (is_fp8(dtype) and backend.name == "triton" and device.type == "cuda"
+            and torch.cuda.get_device_capability(device) < (8, 9)):
+        raise ConfigError("cache(dtype='fp8_e4m3') on the triton backend needs a GPU with FP8 support (sm_89+: "
+                          "Ada, Hopper); use attention('torch') or a bf16 cache here")
     return Kernels(backend, select_ops(device, use_triton), quantization)
 
 

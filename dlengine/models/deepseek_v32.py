@@ -190,6 +190,8 @@ class DeepseekV32Model(DeepseekV3Model):
 
 
 class DeepseekV32ForCausalLM(DeepseekV3ForCausalLM):
+    # assemble.py refuses cache(dtype="fp8_e4m3") with this reason
+    fp8_kv_unsupported = "its sparse MLA and indexer kernels (kernels/dsa/) read a bf16 latent and key cache"
     model_cls = DeepseekV32Model
 
     @classmethod

@@ -168,6 +168,8 @@ class DeepseekV4DecoderLayer(nn.Module):
 
 
 class DeepseekV4ForCausalLM(nn.Module):
+    # assemble.py refuses cache(dtype="fp8_e4m3") with this reason
+    fp8_kv_unsupported = "its sliding-window, compressed and indexer caches (kernels/v4/) are read as bf16"
     def __init__(self, cfg: ModelConfig, max_position: int) -> None:
         super().__init__()
         self.config = cfg

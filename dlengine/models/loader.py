@@ -9,6 +9,10 @@ that name the tensor, so a wrong checkpoint never runs with uninitialised weight
 declare tensors it does not use with `skip_checkpoint_tensor(name) -> bool` (DeepSeek-V3's
 multi-token-prediction layers).
 
+FP8 KV cache scales (docs/fp8_kv.md) are found by name whatever tool wrote them (`kv_scale_of`)
+and copied into the attention layers' `k_scale` / `v_scale` buffers; without them a layer keeps
+1.0.
+
 A row is (our name, HF name, shard id[, completeness keys]). The HF name matches a checkpoint
 name as whole dot-separated parts, inside it or at its end, and is replaced by ours. A parameter
 a row targets is complete when every completeness key its rows list was loaded (default: the
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import logging
 import os
 import re
 from typing import Callable, Iterator
@@ -30,6 +35,14 @@ from torch import nn
 from dlengine.config import ConfigError
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+logger = logging.getLogger("dlengine")
+
+# FP8 KV cache scales as the quantisation tools write them (one float per layer and tensor):
+#   <attn>.k_scale, <attn>.v_scale                      llm-compressor / compressed-tensors kv_cache_scheme
+#   <attn>.k_proj.k_scale, <attn>.v_proj.v_scale        NVIDIA ModelOpt
+#   <attn>.k_proj.output_scale, <attn>.v_proj.output_scale   AutoFP8, AMD Quark
+#   <attn>.kv_scale                                     the older single scale of both
+_KV_SCALE_NAMES = re.compile(r"^(?P<attn>.+\.self_attn)\.(?:(?P<which>k|v|kv)_scale|(?P<proj>k|v)_proj\.(?:[kv]_scale|output_scale))$")
 
 
 def iter_safetensors(path: str, keep: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
@@ -73,6 +86,46 @@ def _rename(name: str, hf_name: str, param_name: str) -> str:
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
+def kv_scale_of(name: str) -> tuple[str, tuple[str, ...]] | None:
+    """(attention module prefix, ("k",) / ("v",) / ("k", "v")) when checkpoint tensor `name` is an
+    FP8 KV cache scale, else None."""
+    m = _KV_SCALE_NAMES.match(name)
+    if m is None:
+        return None
+    which = m.group("which") or m.group("proj")
+    return m.group("attn"), ("k", "v") if which == "kv" else (which,)
+
+
+def _load_kv_scale(buffers: dict[str, torch.Tensor], name: str, attn: str, which: tuple[str, ...],
+                   tensor: torch.Tensor) -> None:
+    """Copy a checkpoint KV scale into the layer's buffer(s): `<attn>.k_scale` (MLA, or a model whose
+    attention module holds the cache) or `<attn>.attn.k_scale` (a PagedAttention inside it). A
+    per-head scale becomes its maximum (one scale per tensor: no head saturates earlier than its
+    own scale allowed). A model with no such buffer (e.g. MLA has one latent scale, no v) skips it."""
+    value = tensor.float().abs().max() if tensor.numel() else None
+    for w in which:
+        buf = buffers.get(f"{attn}.{w}_scale", buffers.get(f"{attn}.attn.{w}_scale"))
+        if buf is None or value is None:
+            logger.debug("checkpoint KV scale %s has no use in this model; skipped", name)
+            continue
+        if not float(value) > 0:
+            raise ConfigError(f"checkpoint KV cache scale {name!r} is {float(value)}; scales must be positive")
+        with torch.no_grad():
+            buf.fill_(value.to(buf.device))
+
+
+def kv_scale_source(model: nn.Module) -> str:
+    """What the FP8 KV scales of a loaded model are, for the startup report."""
+    scales = [b for n, b in model.named_buffers() if n.endswith(("k_scale", "v_scale"))]
+    if not scales:
+        return "no KV scales in this model"
+    values = torch.stack([s.float().cpu() for s in scales])
+    if bool((values == 1.0).all()):
+        return "1.0 per layer and tensor (the default: the checkpoint has no KV scales)"
+    return (f"from the checkpoint ({len(scales)} per-tensor scales, {float(values.min()):.4g} .. "
+            f"{float(values.max()):.4g})")
+
+
 def load_weights(model: nn.Module, path: str, num_layers: int | None = None) -> None:
     """Copy `path`'s tensors into `model`. `num_layers`: the model was built with only the first
     `num_layers` decoder layers of the checkpoint (hf_overrides(num_hidden_layers=...)), so the
@@ -84,6 +137,7 @@ def load_weights(model: nn.Module, path: str, num_layers: int | None = None) -> 
     else:
         keep = None
     params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = dict(model.named_buffers())
     tied = getattr(model.config, "tie_word_embeddings", False)
     table = _rename_table(model)
     loaded: set[str] = set()
@@ -96,6 +150,10 @@ def load_weights(model: nn.Module, path: str, num_layers: int | None = None) -> 
             continue
         if tied and name == "lm_head.weight":
             continue  # the embedding matrix is used
+        kv_scale = kv_scale_of(name)
+        if kv_scale is not None:
+            _load_kv_scale(buffers, name, *kv_scale, read())
+            continue
         target, shard, keys = name, None, None
         for param_name, hf_name, shard_id, row_keys in table:
             if _matches(name, hf_name):

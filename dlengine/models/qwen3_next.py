@@ -195,7 +195,10 @@ def hybrid_cache_specs(model_config: ModelConfig, *, dtype: torch.dtype, tp_size
         specs.append(FullAttentionSpec(full, num_kv_heads=kv_heads_per_rank(n, tp_size), head_dim=model_config.head_dim,
                                        dtype=dtype, total_kv_heads=n, head_start=kv_head_start(n, tp_size, tp_rank)))
     if linear:
-        specs.append(GatedDeltaNetShape(model_config.hf_config, model_config.path).state_spec(linear, dtype))
+        # an FP8 cache is for attention K/V only: the recurrent state stays bf16 (in FP8 its rounding
+        # would compound at every token)
+        state_dtype = torch.bfloat16 if dtype == torch.float8_e4m3fn else dtype
+        specs.append(GatedDeltaNetShape(model_config.hf_config, model_config.path).state_spec(linear, state_dtype))
     return specs
 
 

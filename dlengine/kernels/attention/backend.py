@@ -8,6 +8,11 @@ for both attention families the models use:
                               weights, scale) -- decode steps absorbed, prefills / extends as the
                               backend sees fit (kernels/mla/)
 
+FP8 KV caches (float8_e4m3fn, `cache(dtype="fp8_e4m3")`, kernels/kv_quant.py): a backend that
+declares `supports_fp8_kv = True` receives the layer's float32 scale tensors as keywords, on
+FP8 caches only (`k_scale=`, `v_scale=` for GQA, `kv_scale=` for MLA's latent), quantises on
+write and dequantises on read. The builder refuses an FP8 cache with any other backend.
+
 and the CUDA-graph hooks the graph runner calls (engine/cuda_graph.py): `prepare_capture(bs)`
 before warming up and capturing the graph of `bs` decode rows, `end_capture()` after it, and
 `before_replay(bs, seq_lens, block_tables)` on the host before every replay. Backends without
@@ -35,18 +40,21 @@ class AttentionBackend(Protocol):
     supports_cuda_graphs: bool  # launch sizes from static metadata, no host syncs in a forward
 
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 meta: AttentionMetadata) -> None:
-        """k/v [T, Hkv, D] -> the paged caches [N, page, Hkv, D] at meta.slot_mapping (< 0: skip)."""
+                 meta: AttentionMetadata, **kv_scales: torch.Tensor) -> None:
+        """k/v [T, Hkv, D] -> the paged caches [N, page, Hkv, D] at meta.slot_mapping (< 0: skip).
+        FP8 caches only: k_scale / v_scale keywords (see the module docstring)."""
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-               scale: float) -> torch.Tensor:
+               scale: float, **kv_scales: torch.Tensor) -> torch.Tensor:
         """Causal attention of q [T, H, D] over each request's paged context -> [T, H, D]."""
 
-    def write_latent(self, latent: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata) -> None:
-        """MLA latents [T, kv_lora_rank + rope] -> the latent cache [N, page, 1, kv_lora_rank + rope]."""
+    def write_latent(self, latent: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
+                     **kv_scales: torch.Tensor) -> None:
+        """MLA latents [T, kv_lora_rank + rope] -> the latent cache [N, page, 1, kv_lora_rank + rope].
+        FP8 caches only: a kv_scale keyword."""
 
     def attend_latent(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
-                      weights: MLAWeights, scale: float) -> torch.Tensor:
+                      weights: MLAWeights, scale: float, **kv_scales: torch.Tensor) -> torch.Tensor:
         """MLA of q_nope [T, H, nope], q_pe [T, H, rope] (rotated) over the latent cache, which
         already holds this step's latents -> [T, H, v_head_dim]."""
 
@@ -70,11 +78,13 @@ class AttentionBackendBase:
     # True when the cache is the paged layout the fused QK-norm + RoPE + KV-write op writes
     # (kernels/norm_rope): attention layers then store K/V through that op instead of write_kv
     fused_kv_write = False
+    # True when write_kv / attend / write_latent / attend_latent take the FP8 cache scales
+    supports_fp8_kv = False
 
-    def write_latent(self, latent: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata) -> None:
+    def write_latent(self, latent: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, **kv_scales) -> None:
         raise NotImplementedError(f"attention backend {self.name!r} does not run multi-head latent attention")
 
-    def attend_latent(self, q_nope, q_pe, cache, meta, weights, scale) -> torch.Tensor:
+    def attend_latent(self, q_nope, q_pe, cache, meta, weights, scale, **kv_scales) -> torch.Tensor:
         raise NotImplementedError(f"attention backend {self.name!r} does not run multi-head latent attention")
 
     def prepare_capture(self, batch_size: int) -> None:

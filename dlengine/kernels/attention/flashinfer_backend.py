@@ -62,6 +62,7 @@ class FlashInferAttentionBackend(AttentionBackendBase):
     name = "flashinfer"
     fused_kv_write = True  # our paged layout: the fused norm/RoPE/KV-write kernel stores K/V
     supports_cuda_graphs = False  # plan() runs on the host every step
+    supports_fp8_kv = False  # FP8 KV is not wired to FlashInfer's wrappers: the builder refuses it
 
     def __init__(self, workspace_bytes: int = WORKSPACE_BYTES, decode_tensor_cores: bool = True) -> None:
         self.workspace_bytes = workspace_bytes

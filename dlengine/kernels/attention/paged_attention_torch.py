@@ -1,7 +1,9 @@
 """Plain torch reference for paged attention and the KV-cache write.
 
 Readable rather than fast; it is the oracle for the Triton kernels and the CPU path. Softmax is
-computed in float32 whatever the cache dtype, as the fused kernels do.
+computed in float32 whatever the cache dtype, as the fused kernels do. FP8 caches
+(float8_e4m3fn, kernels/kv_quant.py) are written quantised with the layer's k_scale / v_scale and
+read dequantised.
 """
 
 from __future__ import annotations
@@ -9,14 +11,17 @@ from __future__ import annotations
 import torch
 
 from dlengine.kernels.context import AttentionMetadata
+from dlengine.kernels.kv_quant import from_cache, index_copy_rows, to_cache
 
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
-    """Store this step's K/V ([T, Hkv, D]) at their slots of the paged cache ([N, B, Hkv, D])."""
+                   slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+                   v_scale: torch.Tensor | None = None) -> None:
+    """Store this step's K/V ([T, Hkv, D]) at their slots of the paged cache ([N, B, Hkv, D]);
+    an FP8 cache stores k / k_scale and v / v_scale (scales 1.0 when None)."""
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    index_copy_rows(k_cache.view(-1, num_kv_heads, head_dim), slot_mapping, to_cache(k, k_cache.dtype, k_scale))
+    index_copy_rows(v_cache.view(-1, num_kv_heads, head_dim), slot_mapping, to_cache(v, v_cache.dtype, v_scale))
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -42,11 +47,13 @@ def attend_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 
 
 def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                        meta: AttentionMetadata, scale: float, k_scale: torch.Tensor | None = None,
+                        v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of the flattened queries q [T, H, D] over each request's paged context.
 
     Handles prefill, chunked prefill over a cached prefix, and decode alike: request i's queries
-    are the last `query_len` positions of its `seq_len`-token context.
+    are the last `query_len` positions of its `seq_len`-token context. FP8 caches are read
+    dequantised (x k_scale, x v_scale).
     """
     out = torch.empty_like(q)
     qsl = [0]
@@ -63,8 +70,8 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         tables = meta.block_tables[rows].long()
         slots = tables[:, pos // block_size] * block_size + pos % block_size  # [R, L]
         kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-        k = k_cache.view(-1, kv_heads, head_dim)[slots].float()  # [R, L, Hkv, D]
-        v = v_cache.view(-1, kv_heads, head_dim)[slots].float()
+        k = from_cache(k_cache.view(-1, kv_heads, head_dim)[slots], k_scale)  # [R, L, Hkv, D] float32
+        v = from_cache(v_cache.view(-1, kv_heads, head_dim)[slots], v_scale)
         token_idx = meta.query_start_loc[rows].long()
         qd = q[token_idx].float()  # [R, H, D]
         group = qd.shape[1] // kv_heads
@@ -78,8 +85,8 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         if ql == 1:
             continue
         seq_len = meta.seq_lens_cpu[i]
-        k = gather_kv(k_cache, meta.block_tables[i], seq_len)
-        v = gather_kv(v_cache, meta.block_tables[i], seq_len)
+        k = from_cache(gather_kv(k_cache, meta.block_tables[i], seq_len), k_scale)
+        v = from_cache(gather_kv(v_cache, meta.block_tables[i], seq_len), v_scale)
         s, e = qsl[i], qsl[i + 1]
         out[s:e] = attend_dense(q[s:e], k, v, scale, causal_offset=seq_len - ql)
     return out

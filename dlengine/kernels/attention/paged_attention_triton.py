@@ -27,6 +27,11 @@ so any block size works (1, 16, 32, ...) independently of the key tile BLOCK_N.
 Softmax runs in float32 in the exp2 domain; matmuls accumulate in float32 (tensor cores for
 bf16/fp16 caches, IEEE fp32 for float32 caches -- no TF32); q is cast to the cache dtype.
 
+FP8 caches (float8_e4m3fn, kernels/kv_quant.py): the write kernel stores x / scale (saturated,
+rounded to nearest even); the attention kernels convert each FP8 tile to q's dtype and run the
+dots there (bf16/fp16 tensor cores, or IEEE fp32), folding the per-layer scales in: the scores
+are multiplied by k_scale (with the softmax scale), the output by v_scale.
+
 CUDA graphs: launch sizes come from host metadata only, and correctness never depends on the
 split count, so a graph captured with max_seq_len = max_model_len replays for any shorter context.
 Decode rows with seq_len == 0 (graph padding) get zeros; slots < 0 are not written. The split
@@ -47,6 +52,8 @@ import triton.language as tl
 
 from dlengine.kernels.common import num_sms
 from dlengine.kernels.context import AttentionMetadata
+from dlengine.kernels.kv_quant import is_fp8
+from dlengine.kernels.kv_quant_triton import quantize_fp8
 from dlengine.kernels.split_kv_triton import choose_num_splits, split_counters, store_split_and_merge
 
 LOG2E = 1.4426950408889634
@@ -64,12 +71,12 @@ def interpret_mode() -> bool:
 
 @triton.jit
 def _store_kv_kernel(
-    k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
+    k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, ks_ptr, vs_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kcb, stride_kcs, stride_kch,
     stride_vcb, stride_vcs, stride_vch,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr,
 ):
     t = tl.program_id(0)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -85,8 +92,11 @@ def _store_kv_kernel(
     dst_k = kc_ptr + blk * stride_kcb + off * stride_kcs + offs_h[:, None] * stride_kch + offs_d[None, :]
     dst_v = vc_ptr + blk * stride_vcb + off * stride_vcs + offs_h[:, None] * stride_vch + offs_d[None, :]
     kv = tl.load(src_k, mask=mask)
-    tl.store(dst_k, kv.to(kc_ptr.dtype.element_ty), mask=mask)
     vv = tl.load(src_v, mask=mask)
+    if QUANT:  # FP8 cache: x / scale, saturated and rounded
+        kv = quantize_fp8(kv.to(tl.float32), tl.load(ks_ptr))
+        vv = quantize_fp8(vv.to(tl.float32), tl.load(vs_ptr))
+    tl.store(dst_k, kv.to(kc_ptr.dtype.element_ty), mask=mask)
     tl.store(dst_v, vv.to(vc_ptr.dtype.element_ty), mask=mask)
 
 
@@ -97,12 +107,26 @@ def _store_blocks(num_kv_heads: int, head_dim: int) -> tuple[int, int, int]:
     return block_h, block_d, -(-num_kv_heads // block_h)
 
 
+def kv_scale_args(cache: torch.Tensor, k_scale: torch.Tensor | None,
+                  v_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scale pointers a kernel takes: the layer's float32 scales for an FP8 cache (1.0 when
+    None), any tensor otherwise (never read)."""
+    if not is_fp8(cache.dtype):
+        return cache, cache
+    one = None
+    if k_scale is None or v_scale is None:
+        one = torch.ones((), dtype=torch.float32, device=cache.device)
+    return (one if k_scale is None else k_scale), (one if v_scale is None else v_scale)
+
+
 def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  slot_mapping: torch.Tensor) -> None:
+                  slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+                  v_scale: torch.Tensor | None = None) -> None:
     """k/v [T, Hkv, D] -> k_cache/v_cache [N, block_size, Hkv, D] at slot_mapping[t] (skip if < 0).
 
     k/v may be strided views (e.g. of a fused qkv output) with unit stride on D; the caches need
-    unit stride on D. Values are cast to the cache dtype."""
+    unit stride on D. Values are cast to the cache dtype; an FP8 cache stores k / k_scale and
+    v / v_scale (float32 scalar tensors; 1.0 when None)."""
     num_tokens, num_kv_heads, head_dim = k.shape
     if num_tokens == 0:
         return
@@ -112,11 +136,12 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
         v = v.contiguous()
     block_h, block_d, h_tiles = _store_blocks(num_kv_heads, head_dim)
     kst, vst, kcs, vcs = k.stride(), v.stride(), k_cache.stride(), v_cache.stride()
+    k_sc, v_sc = kv_scale_args(k_cache, k_scale, v_scale)
     _store_kv_kernel[(num_tokens, h_tiles)](
-        k, v, k_cache, v_cache, slot_mapping,
+        k, v, k_cache, v_cache, slot_mapping, k_sc, v_sc,
         kst[0], kst[1], vst[0], vst[1], kcs[0], kcs[1], kcs[2], vcs[0], vcs[1], vcs[2],
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, PAGE=k_cache.shape[1],
-        BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4,
+        BLOCK_H=block_h, BLOCK_D=block_d, QUANT=is_fp8(k_cache.dtype), num_warps=4,
     )
 
 
@@ -133,6 +158,7 @@ def _attn_tile(
     offs_d,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
     BOUND: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     """Fold keys [start_n, start_n + BLOCK_N) into (acc, l_i, m_i).
 
@@ -169,6 +195,9 @@ def _attn_tile(
     if UPCAST:
         kt = kt.to(tl.float32)
         v = v.to(tl.float32)
+    elif KV_FP8:  # dots run in q's dtype; the scales are folded in by the caller
+        kt = kt.to(q.dtype)
+        v = v.to(q.dtype)
     if IEEE:
         qk = tl.dot(q, kt, input_precision="ieee")
     else:
@@ -203,7 +232,7 @@ def _attn_tile(
 # shape triggers a JIT compile of ~1 s in the middle of serving
 @triton.jit(do_not_specialize=["num_splits", "lse_off", "stride_bt"])
 def _decode_split_kernel(
-    q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr, ws_ptr, cnt_ptr,
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr, ws_ptr, cnt_ptr, ks_ptr, vs_ptr,
     qk_scale, num_splits, lse_off,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
@@ -213,6 +242,7 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
     DIRECT: tl.constexpr, MIXED: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     """Grid (request, kv_head, split). With DIRECT (one split) the output is written here.
     Otherwise each split stores its normalized partial output and log2-sum-exp into the workspace
@@ -252,8 +282,10 @@ def _decode_split_kernel(
     q = tl.load(q_ptrs, mask=g_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    else:
-        q = q.to(kc_ptr.dtype.element_ty)  # dots run in the cache dtype
+    elif not KV_FP8:
+        q = q.to(kc_ptr.dtype.element_ty)  # dots run in the cache dtype (FP8 caches: in q's)
+    if KV_FP8:
+        qk_scale = qk_scale * tl.load(ks_ptr)  # scores of the dequantised keys
 
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
     k_base = kc_ptr + kvh * stride_kh
@@ -265,12 +297,14 @@ def _decode_split_kernel(
     for start_n in range(start, full_end, BLOCK_N):
         acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, q_pos, k_base, v_base, bt_row, start_n, end, qk_scale,
                                    stride_kb, stride_ks, stride_vb, stride_vs, offs_d,
-                                   HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, False, False, UPCAST, IEEE)
+                                   HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, False, False, UPCAST, IEEE, KV_FP8)
     if full_end < end:
         acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, q_pos, k_base, v_base, bt_row, full_end, end, qk_scale,
                                    stride_kb, stride_ks, stride_vb, stride_vs, offs_d,
-                                   HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, True, False, UPCAST, IEEE)
+                                   HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, True, False, UPCAST, IEEE, KV_FP8)
 
+    if KV_FP8:
+        acc = acc * tl.load(vs_ptr)  # the output of the dequantised values
     st_mask = g_ok[:, None] & d_ok[None, :]
     o_ptrs = out_ptr + tok.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
     if DIRECT:
@@ -292,7 +326,7 @@ def _decode_split_kernel(
 
 @triton.jit(do_not_specialize=["num_q_tiles", "stride_bt"])
 def _extend_kernel(
-    q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr, ks_ptr, vs_ptr,
     qk_scale, num_q_tiles,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
@@ -301,7 +335,7 @@ def _extend_kernel(
     stride_ot, stride_oh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-    SKIP_DECODE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    SKIP_DECODE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_PAD
     q_tile = num_q_tiles - 1 - tl.program_id(0)  # heaviest (latest) query tiles first
@@ -330,8 +364,10 @@ def _extend_kernel(
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    else:
-        q = q.to(kc_ptr.dtype.element_ty)  # dots run in the cache dtype
+    elif not KV_FP8:
+        q = q.to(kc_ptr.dtype.element_ty)  # dots run in the cache dtype (FP8 caches: in q's)
+    if KV_FP8:
+        qk_scale = qk_scale * tl.load(ks_ptr)  # scores of the dequantised keys
 
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
     k_base = kc_ptr + kvh * stride_kh
@@ -347,12 +383,14 @@ def _extend_kernel(
     for start_n in range(0, free_end, BLOCK_N):
         acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, q_pos, k_base, v_base, bt_row, start_n, kv_end, qk_scale,
                                    stride_kb, stride_ks, stride_vb, stride_vs, offs_d,
-                                   HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, False, True, UPCAST, IEEE)
+                                   HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, False, True, UPCAST, IEEE, KV_FP8)
     for start_n in range(free_end, kv_end, BLOCK_N):
         acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, q_pos, k_base, v_base, bt_row, start_n, kv_end, qk_scale,
                                    stride_kb, stride_ks, stride_vb, stride_vs, offs_d,
-                                   HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, True, True, UPCAST, IEEE)
+                                   HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, True, True, UPCAST, IEEE, KV_FP8)
 
+    if KV_FP8:
+        acc = acc * tl.load(vs_ptr)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     o = acc / l_safe[:, None]
     o_ptrs = out_ptr + tok[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
@@ -398,7 +436,9 @@ class _Plan:
         self.head_dim = head_dim
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.upcast = _INTERPRET  # the interpreter mishandles bf16 arithmetic and bf16 dots
-        self.ieee = _INTERPRET or kv_dtype == torch.float32  # no TF32 for float32 caches
+        self.kv_fp8 = is_fp8(kv_dtype)
+        compute = q_dtype if self.kv_fp8 else kv_dtype  # FP8 tiles are converted to q's dtype
+        self.ieee = _INTERPRET or compute == torch.float32  # no TF32 for float32 dots
         self.num_sms = num_sms(device_index)
         # decode: the GQA group padded to >= 16 rows (tl.dot's minimum M)
         self.block_h = max(16, triton.next_power_of_2(self.group))
@@ -434,12 +474,15 @@ def _get_plan(q: torch.Tensor, k_cache: torch.Tensor, config: dict | None) -> _P
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                  scale: float, out: torch.Tensor, *, mixed: bool = False, num_splits: int | None = None,
-                 config: dict | None = None, plan: _Plan | None = None) -> torch.Tensor:
+                 config: dict | None = None, plan: _Plan | None = None, k_scale: torch.Tensor | None = None,
+                 v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Attention for the query_len == 1 rows of the batch into `out` ([T, H, D]), one launch.
 
     With mixed=False every row must be a decode; with mixed=True other rows are left untouched.
+    FP8 caches are read with k_scale / v_scale (float32 scalar tensors; 1.0 when None).
     """
     p = plan or _get_plan(q, k_cache, config)
+    k_sc, v_sc = kv_scale_args(k_cache, k_scale, v_scale)
     num_seqs = len(meta.seq_lens_cpu)
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, p.num_kv_heads, meta.max_seq_len, p.decode_block_n, p.num_sms)
@@ -453,12 +496,12 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         cnt = split_counters(q.device, num_seqs * p.num_kv_heads)
     qs, ks, vs, os_ = q.stride(), k_cache.stride(), v_cache.stride(), out.stride()
     _decode_split_kernel[(num_seqs, p.num_kv_heads, num_splits)](
-        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, out, ws, cnt,
+        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, out, ws, cnt, k_sc, v_sc,
         scale * LOG2E, num_splits, lse_off,
         qs[0], qs[1], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2],
         meta.block_tables.stride(0), os_[0], os_[1],
         GROUP=p.group, BLOCK_H=p.block_h, HEAD_DIM=p.head_dim, BLOCK_D=p.block_d, BLOCK_N=p.decode_block_n,
-        PAGE=p.page, DIRECT=num_splits == 1, MIXED=mixed, UPCAST=p.upcast, IEEE=p.ieee,
+        PAGE=p.page, DIRECT=num_splits == 1, MIXED=mixed, UPCAST=p.upcast, IEEE=p.ieee, KV_FP8=p.kv_fp8,
         num_warps=p.decode_warps, num_stages=p.decode_stages,
     )
     return out
@@ -466,23 +509,25 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 
 def paged_extend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                  scale: float, out: torch.Tensor, *, skip_decode: bool = False,
-                 config: dict | None = None, plan: _Plan | None = None) -> torch.Tensor:
+                 config: dict | None = None, plan: _Plan | None = None, k_scale: torch.Tensor | None = None,
+                 v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Causal varlen attention over the paged context (cached prefix included) into `out`.
 
     Handles every row, query_len == 1 included, unless skip_decode (then those rows are left to
-    `paged_decode(..., mixed=True)`).
+    `paged_decode(..., mixed=True)`). FP8 caches are read with k_scale / v_scale.
     """
     p = plan or _get_plan(q, k_cache, config)
+    k_sc, v_sc = kv_scale_args(k_cache, k_scale, v_scale)
     num_q_tiles = -(-meta.max_query_len // p.block_q)
     qs, ks, vs, os_ = q.stride(), k_cache.stride(), v_cache.stride(), out.stride()
     _extend_kernel[(num_q_tiles, len(meta.seq_lens_cpu), p.num_kv_heads)](
-        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, out,
+        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, out, k_sc, v_sc,
         scale * LOG2E, num_q_tiles,
         qs[0], qs[1], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2],
         meta.block_tables.stride(0), os_[0], os_[1],
         GROUP=p.group, GROUP_PAD=p.group_pad, BLOCK_M=p.block_m,
         HEAD_DIM=p.head_dim, BLOCK_D=p.block_d, BLOCK_N=p.extend_block_n, PAGE=p.page,
-        SKIP_DECODE=skip_decode, UPCAST=p.upcast, IEEE=p.ieee,
+        SKIP_DECODE=skip_decode, UPCAST=p.upcast, IEEE=p.ieee, KV_FP8=p.kv_fp8,
         num_warps=p.extend_warps, num_stages=p.extend_stages,
     )
     return out
@@ -490,12 +535,14 @@ def paged_extend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                     scale: float, *, out: torch.Tensor | None = None, num_splits: int | None = None,
-                    config: dict | None = None) -> torch.Tensor:
+                    config: dict | None = None, k_scale: torch.Tensor | None = None,
+                    v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of q [T, H, D] over each request's paged context -> [T, H, D] (q's dtype).
 
     Decode-only batches (max_query_len == 1) take the split-KV decode kernel; batches with longer
     rows run the extend kernel on them and, if query_len == 1 rows are present too, the decode
     kernel on those. Launch sizes come from the host-side metadata only (no device syncs).
+    An FP8 cache (float8_e4m3fn) is read with the layer's k_scale / v_scale.
     """
     if q.stride(-1) != 1:
         q = q.contiguous()
@@ -504,12 +551,13 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if q.shape[0] == 0 or not meta.seq_lens_cpu:
         return out
     p = _get_plan(q, k_cache, config)
+    scales = dict(k_scale=k_scale, v_scale=v_scale)
     if meta.max_query_len == 1:
-        return paged_decode(q, k_cache, v_cache, meta, scale, out, num_splits=num_splits, plan=p)
+        return paged_decode(q, k_cache, v_cache, meta, scale, out, num_splits=num_splits, plan=p, **scales)
     has_decode = 1 in meta.query_lens_cpu
-    paged_extend(q, k_cache, v_cache, meta, scale, out, skip_decode=has_decode, plan=p)
+    paged_extend(q, k_cache, v_cache, meta, scale, out, skip_decode=has_decode, plan=p, **scales)
     if has_decode:
-        paged_decode(q, k_cache, v_cache, meta, scale, out, mixed=True, num_splits=num_splits, plan=p)
+        paged_decode(q, k_cache, v_cache, meta, scale, out, mixed=True, num_splits=num_splits, plan=p, **scales)
     return out
 
 

@@ -11,6 +11,10 @@ a constructor argument chosen once at build (mla/decode_choice.py resolves the u
   "flashinfer"  FlashInfer's MLA decode (mla/mla_flashinfer.py); its host plan is made on the
                 first layer of an eager step, and before every replay under CUDA graphs
 
+FP8 caches (kernels/kv_quant.py): every kernel here reads and writes them with the layer's scales;
+MLA decode steps then run the Triton kernel ("auto" falls back from gluon, which reads bf16/fp16
+latents only; an explicit "gluon" / "flashinfer" choice is refused at build).
+
 Everything but FlashInfer's plan is capturable in CUDA graphs: launch sizes come from static
 metadata and no kernel syncs with the host.
 """
@@ -33,6 +37,7 @@ class TritonAttentionBackend(AttentionBackendBase):
     name = "triton"
     fused_kv_write = True  # our paged layout: the fused norm/RoPE/KV-write kernel stores K/V
     supports_cuda_graphs = True
+    supports_fp8_kv = True
 
     def __init__(self, config: dict | None = None, num_splits: int | None = None,
                  mla_config: dict | None = None, mla_decode: str = "auto") -> None:
@@ -46,26 +51,28 @@ class TritonAttentionBackend(AttentionBackendBase):
         self._flashinfer_mla = None  # mla_flashinfer.FlashInferMLA, made on the first decode step
 
     # ------------------------------------------------------------------ GQA
-    def write_kv(self, k, v, k_cache, v_cache, meta: AttentionMetadata) -> None:
-        gqa.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
+    def write_kv(self, k, v, k_cache, v_cache, meta: AttentionMetadata, k_scale=None, v_scale=None) -> None:
+        gqa.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
 
-    def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        return gqa.paged_attention(q, k_cache, v_cache, meta, scale, num_splits=self.num_splits, config=self.config)
+    def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, k_scale=None,
+               v_scale=None) -> torch.Tensor:
+        return gqa.paged_attention(q, k_cache, v_cache, meta, scale, num_splits=self.num_splits, config=self.config,
+                                   k_scale=k_scale, v_scale=v_scale)
 
     # ------------------------------------------------------------------ MLA
-    def write_latent(self, latent, cache, meta: AttentionMetadata) -> None:
-        mla_triton.store_latent(latent, cache, meta.slot_mapping)
+    def write_latent(self, latent, cache, meta: AttentionMetadata, kv_scale=None) -> None:
+        mla_triton.store_latent(latent, cache, meta.slot_mapping, kv_scale)
 
     def attend_latent(self, q_nope, q_pe, cache, meta: AttentionMetadata, weights: MLAWeights,
-                      scale: float) -> torch.Tensor:
-        if self.mla_decode == "flashinfer" and meta.max_query_len == 1:
+                      scale: float, kv_scale=None) -> torch.Tensor:
+        if self.mla_decode == "flashinfer" and meta.max_query_len == 1:  # bf16/fp16 caches only (build check)
             out_lat = self._flashinfer(q_nope.device).run(absorb_query(q_nope, weights), q_pe, cache, meta, scale,
                                                           graph_batch=self._graph_batch)
             return latent_to_v(out_lat, weights)
         # prefills and extends (and flashinfer's non-decode steps) run our kernels
         decode_kernel = "auto" if self.mla_decode == "flashinfer" else self.mla_decode
         return mla_triton.mla_attention(q_nope, q_pe, cache, meta, weights, scale, config=self.mla_config,
-                                        num_splits=self.num_splits, decode_kernel=decode_kernel)
+                                        num_splits=self.num_splits, decode_kernel=decode_kernel, kv_scale=kv_scale)
 
     def _flashinfer(self, device: torch.device):
         if self._flashinfer_mla is None:

@@ -11,14 +11,23 @@
 
 Explicit choices that cannot run with this model / device / dtype are a ConfigError at build
 time, naming why. Prefills and extends always run our kernels (mla_triton.py).
+
+An FP8 latent cache (`cache(dtype="fp8_e4m3")`) is read by the Triton kernel only: the Gluon and
+FlashInfer decode kernels take bf16/fp16 latents, so "auto" resolves to "triton" (the reason is
+logged) and "gluon" / "flashinfer" are ConfigErrors.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from dlengine.config import ConfigError
+from dlengine.kernels.kv_quant import is_fp8
 from dlengine.kernels.mla.latent import DEEPSEEK_LATENT, latent_cache_problem
+
+logger = logging.getLogger("dlengine")
 
 MLA_DECODE_KERNELS = ("auto", "triton", "gluon", "flashinfer")
 
@@ -51,7 +60,7 @@ def _mla_decode_applies(model, attention: str, device: torch.device) -> bool:
 
 def resolve_mla_decode(requested: str, model, attention: str, device: torch.device, dtype: torch.dtype) -> str:
     """The decode kernel an engine will use ("auto" stays "auto" where only the per-call choice
-    between our two kernels is left)."""
+    between our two kernels is left). `dtype` is the KV cache's."""
     if requested not in MLA_DECODE_KERNELS:
         raise ConfigError(f"unknown mla_decode kernel {requested!r}; choose one of {list(MLA_DECODE_KERNELS)}")
     if not _mla_decode_applies(model, attention, device):
@@ -61,6 +70,11 @@ def resolve_mla_decode(requested: str, model, attention: str, device: torch.devi
                               f"attention {attention!r}, device {device})")
         return "auto"
     dims = _latent_dims(model)
+    if requested == "auto" and is_fp8(dtype):
+        why = _gluon_problem(device, dtype, dims)
+        logger.info("MLA decode runs the Triton kernel: the FP8 latent cache rules out the Gluon kernel (it %s) "
+                    "and FlashInfer's", why)
+        return "triton"
     if requested == "flashinfer":
         why = _flashinfer_problem(device, dtype, dims)
         if why:

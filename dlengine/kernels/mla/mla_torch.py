@@ -21,28 +21,35 @@ import torch.nn.functional as F
 
 from dlengine.kernels.context import AttentionMetadata
 from dlengine.kernels.attention.paged_attention_torch import attend_dense, gather_kv
+from dlengine.kernels.kv_quant import from_cache, index_copy_rows, to_cache
 
 
-def write_latent_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def write_latent_cache(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor,
+                       kv_scale: torch.Tensor | None = None) -> None:
     """Store this step's latents ([T, kv_lora_rank + rope_dim]) at their slots of the paged
-    latent cache ([N, B, 1, kv_lora_rank + rope_dim])."""
-    cache.view(-1, cache.shape[-1]).index_copy_(0, slot_mapping, latent.to(cache.dtype))
+    latent cache ([N, B, 1, kv_lora_rank + rope_dim]); an FP8 cache stores latent / kv_scale
+    (c_kv and k_pe alike, one scale per layer)."""
+    index_copy_rows(cache.view(-1, cache.shape[-1]), slot_mapping, to_cache(latent, cache.dtype, kv_scale))
 
 
 def mla_attention_ref(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, kv_b_weight: torch.Tensor,
-                      kv_lora_rank: int, qk_nope_head_dim: int, v_head_dim: int, scale: float) -> torch.Tensor:
+                      kv_lora_rank: int, qk_nope_head_dim: int, v_head_dim: int, scale: float,
+                      kv_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Causal MLA of the flattened queries q [T, H, qk_nope_head_dim + rope_dim] (rope part
     already rotated) over each request's paged latent context -> [T, H, v_head_dim].
 
     `kv_b_weight` [H * (qk_nope_head_dim + v_head_dim), kv_lora_rank] is kv_b_proj's weight: per
     head, the k_nope rows then the v rows (the HF checkpoint layout). Request i's queries are the
-    last `query_len` positions of its `seq_len`-token context."""
+    last `query_len` positions of its `seq_len`-token context. An FP8 cache is read dequantised
+    (x kv_scale)."""
     num_tokens, num_heads, _ = q.shape
     out = q.new_empty(num_tokens, num_heads, v_head_dim)
     start = 0
     for i, ql in enumerate(meta.query_lens_cpu):
         seq_len = meta.seq_lens_cpu[i]
         latent = gather_kv(cache, meta.block_tables[i], seq_len)[:, 0]  # [S, kv_lora_rank + rope_dim]
+        if latent.dtype == torch.float8_e4m3fn:
+            latent = from_cache(latent, kv_scale)
         c_kv, k_pe = latent[:, :kv_lora_rank], latent[:, kv_lora_rank:]
         kv = F.linear(c_kv.to(kv_b_weight.dtype), kv_b_weight).view(seq_len, num_heads, qk_nope_head_dim + v_head_dim)
         k_nope, v = kv.split([qk_nope_head_dim, v_head_dim], dim=-1)

@@ -28,6 +28,11 @@ Kernels:
 Prefill / long extends use the non-absorbed form (expand the context through kv_b_proj, then
 the expanded extend kernel of mla_extend_triton.py): see ABSORB_MAX_QUERY_LEN for the cost model.
 
+FP8 latent caches (float8_e4m3fn, kernels/kv_quant.py; one scale per layer for c_kv and k_pe):
+the write stores latent / kv_scale; the decode kernel converts each latent tile to the query's
+dtype for the dots and multiplies the scores and the output by kv_scale (the latent is both K and
+V); the expanded path dequantises the rows it gathers.
+
 Under TRITON_INTERPRET=1 loaded values are upcast to float32 (the interpreter of triton 3.x gets
 bf16 arithmetic and bf16 dots wrong), as in attention/paged_attention_triton.py.
 """
@@ -41,6 +46,8 @@ import triton.language as tl
 
 from dlengine.kernels.common import num_sms
 from dlengine.kernels.context import AttentionMetadata
+from dlengine.kernels.kv_quant import from_cache, is_fp8
+from dlengine.kernels.kv_quant_triton import quantize_fp8
 from dlengine.kernels.mla import mla_decode_gluon as gluon_mla
 from dlengine.kernels.mla.mla_extend_triton import mla_extend
 from dlengine.kernels.mla.mla_torch import MLAWeights, absorb_query, latent_to_v
@@ -80,28 +87,40 @@ DECODE_DEFAULTS_INTERPRET = dict(block_h=16, block_n=16, num_warps=4, num_stages
 
 
 @triton.jit
-def _store_latent_kernel(src_ptr, cache_ptr, slot_ptr, stride_st, stride_cb, stride_cs,
-                         WIDTH: tl.constexpr, BLOCK: tl.constexpr, PAGE: tl.constexpr):
+def _store_latent_kernel(src_ptr, cache_ptr, slot_ptr, scale_ptr, stride_st, stride_cb, stride_cs,
+                         WIDTH: tl.constexpr, BLOCK: tl.constexpr, PAGE: tl.constexpr, QUANT: tl.constexpr):
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = (offs < WIDTH) & ((offs * 0 + slot) >= 0)  # tensor-shaped slot test (interpreter)
     row = tl.load(src_ptr + t.to(tl.int64) * stride_st + offs, mask=mask)
+    if QUANT:  # FP8 cache: latent / scale, saturated and rounded
+        row = quantize_fp8(row.to(tl.float32), tl.load(scale_ptr))
     dst = cache_ptr + (slot // PAGE) * stride_cb + (slot % PAGE) * stride_cs + offs
     tl.store(dst, row.to(cache_ptr.dtype.element_ty), mask=mask)
 
 
-def store_latent(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def _scale_arg(cache: torch.Tensor, kv_scale: torch.Tensor | None) -> torch.Tensor:
+    """The scale pointer a kernel takes: kv_scale for an FP8 cache (1.0 when None), else unused."""
+    if not is_fp8(cache.dtype):
+        return cache
+    return kv_scale if kv_scale is not None else torch.ones((), dtype=torch.float32, device=cache.device)
+
+
+def store_latent(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor,
+                 kv_scale: torch.Tensor | None = None) -> None:
     """latent [T, kv_lora_rank + rope_dim] -> cache [N, block_size, 1, width] at slot_mapping[t];
-    rows with a negative slot are skipped (capturable: no host syncs)."""
+    rows with a negative slot are skipped (capturable: no host syncs). An FP8 cache stores
+    latent / kv_scale (a float32 scalar tensor; 1.0 when None)."""
     if latent.shape[0] == 0:
         return
     if latent.stride(-1) != 1:
         latent = latent.contiguous()
     width = cache.shape[-1]
     _store_latent_kernel[(latent.shape[0],)](
-        latent, cache, slot_mapping, latent.stride(0), cache.stride(0), cache.stride(1),
-        WIDTH=width, BLOCK=triton.next_power_of_2(width), PAGE=cache.shape[1], num_warps=4)
+        latent, cache, slot_mapping, _scale_arg(cache, kv_scale), latent.stride(0), cache.stride(0), cache.stride(1),
+        WIDTH=width, BLOCK=triton.next_power_of_2(width), PAGE=cache.shape[1], QUANT=is_fp8(cache.dtype),
+        num_warps=4)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -129,7 +148,7 @@ def _mla_tile(acc, l_i, m_i, q_lat, q_pe, cache_ptr, bt_row, start_n, kv_end, qk
               stride_cb, stride_cs, offs_c, offs_r,
               KV_LORA: tl.constexpr, BLOCK_C: tl.constexpr, ROPE: tl.constexpr, BLOCK_R: tl.constexpr,
               BLOCK_N: tl.constexpr, PAGE: tl.constexpr, BOUND: tl.constexpr, UPCAST: tl.constexpr,
-              IEEE: tl.constexpr):
+              IEEE: tl.constexpr, KV_FP8: tl.constexpr):
     """Fold latent rows [start_n, start_n + BLOCK_N) into (acc, l_i, m_i); BOUND masks rows >= kv_end."""
     pos = start_n + tl.arange(0, BLOCK_N)
     n_ok = pos < kv_end
@@ -148,6 +167,9 @@ def _mla_tile(acc, l_i, m_i, q_lat, q_pe, cache_ptr, bt_row, start_n, kv_end, qk
     if UPCAST:
         ckv = ckv.to(tl.float32)
         kpe_t = kpe_t.to(tl.float32)
+    elif KV_FP8:  # dots run in the query's dtype; the scale is folded in by the caller
+        ckv = ckv.to(q_lat.dtype)
+        kpe_t = kpe_t.to(q_lat.dtype)
     if IEEE:
         s = tl.dot(q_lat, tl.trans(ckv), input_precision="ieee")
         s = tl.dot(q_pe, kpe_t, s, input_precision="ieee")
@@ -168,13 +190,13 @@ def _mla_tile(acc, l_i, m_i, q_lat, q_pe, cache_ptr, bt_row, start_n, kv_end, qk
 @triton.jit(do_not_specialize=["num_splits", "lse_off", "stride_bt"])
 def _mla_decode_kernel(
     qlat_ptr, qpe_ptr, cache_ptr, bt_ptr, row_tok_ptr, row_len_ptr, row_req_ptr, out_ptr, ws_ptr, cnt_ptr,
-    qk_scale, num_splits, lse_off,
+    scale_ptr, qk_scale, num_splits, lse_off,
     stride_ql_t, stride_ql_h, stride_qp_t, stride_qp_h,
     stride_cb, stride_cs, stride_bt, stride_ot, stride_oh,
     NUM_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_TILES: tl.constexpr,
     KV_LORA: tl.constexpr, BLOCK_C: tl.constexpr, ROPE: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, ROW_REQ: tl.constexpr, DIRECT: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     """Grid (row x head tile, split), head tiles of a row adjacent so that they run together and
     share the row's latent tiles through L2 (the latent context is read from HBM once). Row r is query token row_tok[r] attending the first
@@ -217,9 +239,13 @@ def _mla_decode_kernel(
     if UPCAST:
         q_lat = q_lat.to(tl.float32)
         q_pe = q_pe.to(tl.float32)
+    elif KV_FP8:  # dots run in the query's dtype (the latent tiles are converted to it)
+        q_pe = q_pe.to(q_lat.dtype)
     else:  # dots run in the cache dtype
         q_lat = q_lat.to(cache_ptr.dtype.element_ty)
         q_pe = q_pe.to(cache_ptr.dtype.element_ty)
+    if KV_FP8:
+        qk_scale = qk_scale * tl.load(scale_ptr)  # scores of the dequantised latent
 
     bt_row = bt_ptr + b * stride_bt
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
@@ -228,12 +254,14 @@ def _mla_decode_kernel(
     for start_n in range(start, full_end, BLOCK_N):
         acc, l_i, m_i = _mla_tile(acc, l_i, m_i, q_lat, q_pe, cache_ptr, bt_row, start_n, end, qk_scale,
                                   stride_cb, stride_cs, offs_c, offs_r, KV_LORA, BLOCK_C, ROPE, BLOCK_R,
-                                  BLOCK_N, PAGE, False, UPCAST, IEEE)
+                                  BLOCK_N, PAGE, False, UPCAST, IEEE, KV_FP8)
     if full_end < end:
         acc, l_i, m_i = _mla_tile(acc, l_i, m_i, q_lat, q_pe, cache_ptr, bt_row, full_end, end, qk_scale,
                                   stride_cb, stride_cs, offs_c, offs_r, KV_LORA, BLOCK_C, ROPE, BLOCK_R,
-                                  BLOCK_N, PAGE, True, UPCAST, IEEE)
+                                  BLOCK_N, PAGE, True, UPCAST, IEEE, KV_FP8)
 
+    if KV_FP8:
+        acc = acc * tl.load(scale_ptr)  # the latent is the value too
     if DIRECT:
         tl.store(o_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=st_mask)
     else:
@@ -265,7 +293,7 @@ def decode_config(cache_dtype: torch.dtype, config: dict | None = None) -> dict:
 def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
                row_tok: torch.Tensor, row_len: torch.Tensor, out_lat: torch.Tensor, scale: float, *,
                max_seq_len: int, row_req: torch.Tensor | None = None, num_splits: int | None = None,
-               config: dict | None = None, kernel: str = "auto") -> torch.Tensor:
+               config: dict | None = None, kernel: str = "auto", kv_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Absorbed MLA for len(row_len) query rows into out_lat, one launch.
 
     q_lat / out_lat [T, H, kv_lora_rank] and q_pe [T, H, rope] are indexed by strides (any
@@ -273,9 +301,9 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, blo
     token row_tok[r] attending the first row_len[r] cached rows of block-table row row_req[r]
     (or r). `max_seq_len` (host) only sizes the split count; correctness never depends on it.
 
-    kernel: "triton" (this file), "gluon" (mla_decode_gluon.py: Hopper, DeepSeek dims, one row
-    per request, no tile config; ValueError elsewhere) or "auto": gluon
-    where it applies, else triton."""
+    kernel: "triton" (this file), "gluon" (mla_decode_gluon.py: Hopper, DeepSeek dims, bf16/fp16
+    cache, one row per request, no tile config; ValueError elsewhere) or "auto": gluon
+    where it applies, else triton. An FP8 cache is read with kv_scale (1.0 when None)."""
     num_rows = row_len.shape[0]
     _, num_heads, kv_lora = q_lat.shape
     rope = q_pe.shape[-1]
@@ -298,7 +326,9 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, blo
                                               max_seq_len=max_seq_len, num_splits=num_splits)
         if kernel == "gluon":
             raise ValueError(f"the gluon MLA decode kernel {why}")
-    cfg = decode_config(cache.dtype, config)
+    kv_fp8 = is_fp8(cache.dtype)
+    compute = q_lat.dtype if kv_fp8 else cache.dtype  # what the dots run in
+    cfg = decode_config(compute, config)
     block_h = min(cfg["block_h"], max(16, triton.next_power_of_2(num_heads)))
     head_tiles = -(-num_heads // block_h)
     dev = q_lat.device
@@ -316,13 +346,13 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, blo
     qls, qps, os_ = q_lat.stride(), q_pe.stride(), out_lat.stride()
     _mla_decode_kernel[(num_rows * head_tiles, num_splits)](
         q_lat, q_pe, cache, block_tables, row_tok, row_len, row_req if row_req is not None else row_len,
-        out_lat, ws, cnt, scale * LOG2E, num_splits, lse_off,
+        out_lat, ws, cnt, _scale_arg(cache, kv_scale), scale * LOG2E, num_splits, lse_off,
         qls[0], qls[1], qps[0], qps[1], cache.stride(0), cache.stride(1), block_tables.stride(0), os_[0], os_[1],
         NUM_HEADS=num_heads, BLOCK_H=block_h, HEAD_TILES=head_tiles, KV_LORA=kv_lora,
         BLOCK_C=triton.next_power_of_2(kv_lora),
         ROPE=rope, BLOCK_R=max(16, triton.next_power_of_2(rope)), BLOCK_N=cfg["block_n"], PAGE=cache.shape[1],
         ROW_REQ=row_req is not None, DIRECT=num_splits == 1,
-        UPCAST=_INTERPRET, IEEE=_INTERPRET or cache.dtype == torch.float32,
+        UPCAST=_INTERPRET, IEEE=_INTERPRET or compute == torch.float32, KV_FP8=kv_fp8,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out_lat
@@ -333,22 +363,23 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, blo
 # --------------------------------------------------------------------------------------------------
 
 
-def _absorbed(q_nope, q_pe, cache, w: MLAWeights, scale, config, num_splits, kernel="auto", **rows) -> torch.Tensor:
+def _absorbed(q_nope, q_pe, cache, w: MLAWeights, scale, config, num_splits, kernel="auto", kv_scale=None,
+              **rows) -> torch.Tensor:
     """q_lat = q_nope W_UK ([H, T, C] from one batched GEMM), the decode kernel over `rows`, then
     out_lat W_UV^T -> [T, H, v] (rows not covered by `rows` hold garbage)."""
     q_lat = absorb_query(q_nope, w)  # [T, H, C] view of [H, T, C]
     out_lat = torch.empty_like(q_lat.transpose(0, 1)).transpose(0, 1)  # same layout: the W_UV GEMM reads it as is
     mla_decode(q_lat, q_pe, cache, out_lat=out_lat, scale=scale, num_splits=num_splits, config=config, kernel=kernel,
-               **rows)
+               kv_scale=kv_scale, **rows)
     return latent_to_v(out_lat, w)  # [T, H, v]
 
 
 def _expanded(q_nope, q_pe, cache, meta: AttentionMetadata, w: MLAWeights, scale, reqs: list[int],
-              qsl: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+              qsl: np.ndarray, kv_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Non-absorbed MLA for requests `reqs`: gather their latent contexts (cached prefix included)
     into rows, expand c_kv through kv_b_proj into [S, H, nope + v] (k_nope and v are views of it)
     and run the expanded extend kernel with the shared k_pe rows. Returns (token indices,
-    out [len, H, v])."""
+    out [len, H, v]). FP8 latent rows are dequantised (x kv_scale) into q's dtype as they are gathered."""
     dev = q_nope.device
     page = cache.shape[1]
     c = cache.shape[-1] - q_pe.shape[-1]
@@ -360,6 +391,8 @@ def _expanded(q_nope, q_pe, cache, meta: AttentionMetadata, w: MLAWeights, scale
     req_t, pos_t, tok_t = (torch.from_numpy(a).to(dev, non_blocking=True) for a in (req_of_row, pos, tok))
     slots = meta.block_tables[req_t, pos_t // page].long() * page + pos_t % page
     latent = cache.view(-1, cache.shape[-1])[slots]  # [S, C + R]
+    if is_fp8(latent.dtype):
+        latent = from_cache(latent, kv_scale).to(q_nope.dtype)
     h, nope, vd = w.num_heads, w.qk_nope_head_dim, w.v_head_dim
     kv = torch.nn.functional.linear(latent[:, :c].to(w.kv_b.dtype), w.kv_b).view(-1, h, nope + vd)
     small = lambda a: torch.from_numpy(np.asarray(a, dtype=np.int32)).to(dev)  # noqa: E731
@@ -373,7 +406,8 @@ def _expanded(q_nope, q_pe, cache, meta: AttentionMetadata, w: MLAWeights, scale
 def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
                   weights: MLAWeights, scale: float, *, config: dict | None = None,
                   num_splits: int | None = None, absorb_max_query_len: int = ABSORB_MAX_QUERY_LEN,
-                  expand_max_context: int = EXPAND_MAX_CONTEXT, decode_kernel: str = "auto") -> torch.Tensor:
+                  expand_max_context: int = EXPAND_MAX_CONTEXT, decode_kernel: str = "auto",
+                  kv_scale: torch.Tensor | None = None) -> torch.Tensor:
     """MLA of q_nope [T, H, nope], q_pe [T, H, rope] (rotated) over the paged latent cache ->
     [T, H, v_head_dim]. The cache already holds this step's latents.
 
@@ -382,12 +416,13 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
     expand_max_context) run absorbed (one row per token, context = prefix + its position + 1),
     the others non-absorbed (`_expanded`), in groups of at most expand_max_context context rows.
     `decode_kernel` ("auto" / "triton" / "gluon", see mla_decode) runs the decode-only launch; the
-    absorbed rows of extends (several rows a request: `row_req`) always run the Triton kernel."""
+    absorbed rows of extends (several rows a request: `row_req`) always run the Triton kernel.
+    An FP8 latent cache is read with kv_scale (float32 scalar tensor; 1.0 when None)."""
     num_tokens = q_nope.shape[0]
     if num_tokens == 0 or not meta.seq_lens_cpu:
         return q_nope.new_zeros(num_tokens, weights.num_heads, weights.v_head_dim)
     if meta.max_query_len == 1:
-        return _absorbed(q_nope, q_pe, cache, weights, scale, config, num_splits, decode_kernel,
+        return _absorbed(q_nope, q_pe, cache, weights, scale, config, num_splits, decode_kernel, kv_scale,
                          block_tables=meta.block_tables, row_tok=meta.query_start_loc, row_len=meta.seq_lens,
                          max_seq_len=meta.max_seq_len)
     qsl = np.concatenate([[0], np.cumsum(meta.query_lens_cpu)])
@@ -402,7 +437,7 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
         reqs = np.repeat(np.asarray(short, dtype=np.int32), [meta.query_lens_cpu[i] for i in short])
         dev = q_nope.device
         out = _absorbed(q_nope, q_pe, cache, weights, scale, config, num_splits,
-                        "triton", block_tables=meta.block_tables, row_tok=torch.from_numpy(toks).to(dev),
+                        "triton", kv_scale, block_tables=meta.block_tables, row_tok=torch.from_numpy(toks).to(dev),
                         row_len=torch.from_numpy(lens).to(dev), row_req=torch.from_numpy(reqs).to(dev),
                         max_seq_len=max(meta.seq_lens_cpu[i] for i in short))
     else:
@@ -415,7 +450,7 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
             nxt = long_[j + 1] if j + 1 < len(long_) else None
             rows = sum(meta.seq_lens_cpu[k] for k in group)
             if nxt is None or rows + meta.seq_lens_cpu[nxt] > expand_max_context:
-                tok, part = _expanded(q_nope, q_pe, cache, meta, weights, scale, group, qsl)
+                tok, part = _expanded(q_nope, q_pe, cache, meta, weights, scale, group, qsl, kv_scale)
                 out[tok] = part.to(out.dtype)
                 group = []
     return out

@@ -38,13 +38,14 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, posi
                   cos: torch.Tensor, sin: torch.Tensor, slot_mapping: torch.Tensor | None = None,
                   k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
                   q_norm_weight: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None,
-                  eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+                  eps: float = 1e-6, k_scale: torch.Tensor | None = None,
+                  v_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head RMSNorm of q and k (with norm weights), then the rotation, then (given the caches)
-    k and v stored at `slot_mapping`; returns the new (q, k). The Triton kernel does it in one pass,
-    in place."""
+    k and v stored at `slot_mapping` (an FP8 cache: quantised with k_scale / v_scale); returns the
+    new (q, k). The Triton kernel does it in one pass, in place."""
     if q_norm_weight is not None:
         q, k = rms_norm(q, q_norm_weight, eps), rms_norm(k, k_norm_weight, eps)
     q, k = rope(q, k, positions, cos, sin)
     if k_cache is not None:
-        write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+        write_kv_cache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     return q, k

@@ -4,7 +4,9 @@
   statistics, Hugging Face rounding (normalise in fp32, cast, then scale by the weight);
 - silu_and_mul: silu(gate) * up for the stacked gate/up projection;
 - rope_write_kv: rotate q in place, rotate k and store k and v into the paged cache at their
-  slots, in one pass over the step's tokens (slots < 0 are skipped: CUDA-graph padding).
+  slots, in one pass over the step's tokens (slots < 0 are skipped: CUDA-graph padding). An FP8
+  cache (float8_e4m3fn) gets k / k_scale and v / v_scale, quantised as kernels/kv_quant.py says
+  (k rounded to its own dtype first, as the reference stores the rotated k).
 
 All of them run on CPU under TRITON_INTERPRET=1 (tests) and on GPUs.
 """
@@ -14,6 +16,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from dlengine.kernels.kv_quant import is_fp8
+from dlengine.kernels.kv_quant_triton import quantize_fp8
 
 
 @triton.jit
@@ -99,10 +104,10 @@ def _rms_half_pair(x1, x2, w_ptr, d, eps, HALF: tl.constexpr):
 
 @triton.jit
 def _rope_write_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, k_cache_ptr, v_cache_ptr,
-                          qn_ptr, kn_ptr, eps,
+                          qn_ptr, kn_ptr, ks_ptr, vs_ptr, eps,
                           q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h, cs_stride,
                           NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
-                          WRITE_KV: tl.constexpr, HAS_NORM: tl.constexpr):
+                          WRITE_KV: tl.constexpr, HAS_NORM: tl.constexpr, QUANT: tl.constexpr):
     # one program per (token, head): q heads first, then kv heads. A decode step has few tokens,
     # so spreading heads over programs is what keeps this kernel from being latency-bound.
     t = tl.program_id(0)
@@ -134,23 +139,34 @@ def _rope_write_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot_p
             slot = tl.load(slot_ptr + t)
             if slot >= 0:
                 dst = (slot * NUM_KV_HEADS + kh) * (2 * HALF)
+                vbase = v_ptr + t * v_stride_t + kh * v_stride_h
+                v1 = tl.load(vbase + d)
+                v2 = tl.load(vbase + HALF + d)
+                if QUANT:  # FP8 cache: the stored (rounded) k and v over their scales
+                    ks = tl.load(ks_ptr)
+                    vs = tl.load(vs_ptr)
+                    r1 = quantize_fp8(r1.to(k_ptr.dtype.element_ty).to(tl.float32), ks)
+                    r2 = quantize_fp8(r2.to(k_ptr.dtype.element_ty).to(tl.float32), ks)
+                    v1 = quantize_fp8(v1.to(tl.float32), vs)
+                    v2 = quantize_fp8(v2.to(tl.float32), vs)
                 tl.store(k_cache_ptr + dst + d, r1.to(k_cache_ptr.dtype.element_ty))
                 tl.store(k_cache_ptr + dst + HALF + d, r2.to(k_cache_ptr.dtype.element_ty))
-                vbase = v_ptr + t * v_stride_t + kh * v_stride_h
-                tl.store(v_cache_ptr + dst + d, tl.load(vbase + d).to(v_cache_ptr.dtype.element_ty))
-                tl.store(v_cache_ptr + dst + HALF + d, tl.load(vbase + HALF + d).to(v_cache_ptr.dtype.element_ty))
+                tl.store(v_cache_ptr + dst + d, v1.to(v_cache_ptr.dtype.element_ty))
+                tl.store(v_cache_ptr + dst + HALF + d, v2.to(v_cache_ptr.dtype.element_ty))
 
 
 def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, positions: torch.Tensor,
                   cos: torch.Tensor, sin: torch.Tensor, slot_mapping: torch.Tensor | None = None,
                   k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
                   q_norm_weight: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None,
-                  eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+                  eps: float = 1e-6, k_scale: torch.Tensor | None = None,
+                  v_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [T, H, D] and k [T, Hkv, D] in place (and return them) (neox layout; cos/sin [max_pos, D] float32,
     as RotaryEmbedding builds them) and, given the caches, store k and v at `slot_mapping`.
     With norm weights, each head is RMS-normalised first (Qwen3's QK-norm): norm, rotation and
     the cache write are then one pass over the step's q/k/v (which may be views of the fused
-    qkv projection)."""
+    qkv projection). An FP8 cache stores k / k_scale and v / v_scale (float32 scalar tensors;
+    1.0 when None)."""
     t, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and head_dim % 2 == 0
@@ -161,12 +177,18 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, posi
     if write:
         assert v.stride(-1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
     vv = v if write else k
+    quant = write and is_fp8(k_cache.dtype)
+    if quant and (k_scale is None or v_scale is None):
+        one = torch.ones((), dtype=torch.float32, device=k.device)
+        k_scale, v_scale = (one if k_scale is None else k_scale), (one if v_scale is None else v_scale)
     _rope_write_kv_kernel[(t, num_heads + num_kv_heads)](
         q, k, vv, positions, cos, sin, slot_mapping if write else positions,
         k_cache if write else k, v_cache if write else k,
-        q_norm_weight if has_norm else q, k_norm_weight if has_norm else k, eps,
+        q_norm_weight if has_norm else q, k_norm_weight if has_norm else k,
+        k_scale if quant else k, v_scale if quant else k, eps,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), vv.stride(0), vv.stride(1), cos.stride(0),
         NUM_Q_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF=head_dim // 2, WRITE_KV=write, HAS_NORM=has_norm,
+        QUANT=quant,
     )
     return q, k
 

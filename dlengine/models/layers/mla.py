@@ -33,6 +33,7 @@ from torch import nn
 
 from dlengine.config import ConfigError, ModelConfig
 from dlengine.kernels.context import ForwardContext
+from dlengine.kernels.kv_quant import is_fp8
 from dlengine.kernels.mla.mla_torch import MLAWeights
 from dlengine.kernels.norm_rope.norm_rope_torch import rope as rope_reference
 from dlengine.kernels.selection import current_kernels
@@ -92,6 +93,9 @@ class MLAAttention(nn.Module):
         self.scale = mla_softmax_scale(cfg, self.qk_head_dim)
         self.absorbed: MLAWeights | None = None  # set by post_load_weights
         self.backend = current_kernels().attention
+        # FP8 latent cache scale (c_kv and k_pe share it; stored = latent / k_scale): 1.0, or the
+        # checkpoint's `self_attn.k_scale` (models/loader.py); not in the state dict
+        self.register_buffer("k_scale", torch.ones((), dtype=torch.float32), persistent=False)
 
     @torch.no_grad()
     def post_load_weights(self) -> None:
@@ -138,6 +142,7 @@ class MLAAttention(nn.Module):
         t = hidden.shape[0]
         q_nope, q_pe, latent, _ = self.project(positions, hidden)
         cache, _ = ctx.kv_caches[self.layer_idx]
-        self.backend.write_latent(latent, cache, ctx.meta)
-        out = self.backend.attend_latent(q_nope, q_pe, cache, ctx.meta, self.absorbed, self.scale)
+        scales = {"kv_scale": self.k_scale} if is_fp8(cache.dtype) else {}  # FP8 caches only
+        self.backend.write_latent(latent, cache, ctx.meta, **scales)
+        out = self.backend.attend_latent(q_nope, q_pe, cache, ctx.meta, self.absorbed, self.scale, **scales)
         return self.o_proj(out.reshape(t, self.num_heads * self.v_head_dim))

@@ -14,6 +14,10 @@ latent, per-token extras, ...) and, if the model has any, the state groups' sequ
 The first paged group's description sits in the top-level fields (kind ... token_bytes), which
 is the whole layout for every model today; further paged groups are in `extra_groups`.
 
+The dtype names what the bytes are (e.g. "bfloat16", or "float8_e4m3fn" for an FP8 cache, whose
+scales are per layer and come from the same checkpoint on both sides, docs/fp8_kv.md); two
+engines exchange KV only when their dtypes agree (`check_compatible`).
+
 Tensor parallelism: a full-attention group records which kv heads it holds, [head_start,
 head_start + heads) of num_kv_heads. `segments_from` copies between equal head ranges, and from a
 remote range inside the local one (a tp=1 engine pulling each tp=2 rank's half of the heads):
@@ -208,6 +212,11 @@ class KVLayout:
                     x, y = a.total_heads, b.total_heads
                 if name not in skip and x != y:
                     where = "" if i == 0 else f" (paged group {i})"
+                    if name == "dtype":  # e.g. an FP8 cache and a bf16 one: the bytes mean different numbers
+                        raise HandshakeError(
+                            f"KV cache layouts differ in dtype{where}: this engine stores {x}, the peer {y}; both "
+                            "sides need the same cache(dtype=...) (e.g. fp8_e4m3 on both, or the model dtype on "
+                            "both)")
                     raise HandshakeError(
                         f"KV cache layouts differ in {name}{where}: this engine has {x!r}, the peer has {y!r}; "
                         "both sides need the same model, cache dtype and tensor-parallel split")
