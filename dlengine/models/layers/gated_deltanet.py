@@ -127,11 +127,15 @@ class GatedDeltaNet(nn.Module):
         b, a = self.in_proj_ba(hidden).split([s.num_v_heads, s.num_v_heads], dim=-1)
         weight = self.conv1d.weight.squeeze(1)
         decode = meta.is_decode_only
+        # prefix caching: states to save at block boundaries inside this step (runner._state_checkpoints)
+        checkpoints = ({} if meta.state_checkpoint_slots_cpu is None else
+                       dict(checkpoint_slots=meta.state_checkpoint_slots_cpu,
+                            checkpoint_offsets=meta.state_checkpoint_offsets_cpu))
         if decode:
             mixed = ops.causal_conv1d_update(mixed, weight, state["conv"], meta.state_slots, meta.has_initial_state)
         else:
             mixed = ops.causal_conv1d_varlen(mixed, weight, state["conv"], meta.query_lens_cpu, meta.state_slots_cpu,
-                                             meta.has_initial_state_cpu)
+                                             meta.has_initial_state_cpu, **checkpoints)
         q, k, v = mixed.split([s.key_dim, s.key_dim, s.value_dim], dim=-1)
         q = q.view(t, s.num_k_heads, s.head_k_dim)
         k = k.view(t, s.num_k_heads, s.head_k_dim)
@@ -142,6 +146,6 @@ class GatedDeltaNet(nn.Module):
             core = ops.gated_delta_rule_update(q, k, v, g, beta, state["ssm"], meta.state_slots, meta.has_initial_state)
         else:
             core = ops.gated_delta_rule_varlen(q, k, v, g, beta, state["ssm"], meta.query_lens_cpu,
-                                               meta.state_slots_cpu, meta.has_initial_state_cpu)
+                                               meta.state_slots_cpu, meta.has_initial_state_cpu, **checkpoints)
         core = self.norm(core.reshape(-1, s.head_v_dim), z.reshape(-1, s.head_v_dim))
         return self.out_proj(core.reshape(t, s.value_dim))
