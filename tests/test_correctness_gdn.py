@@ -146,9 +146,9 @@ def test_prefix_cache_hits_resume_checkpoints(kind):
 
 
 def test_unsupported_settings_are_config_errors():
-    """Tensor parallelism of the DeltaNet layers and CUDA graphs of the state are not built yet:
-    asking for them is a ConfigError naming the problem (CUDA graphs checked at the assembly
-    step, since a CPU build refuses cuda_graphs(True) earlier)."""
+    """CUDA graphs of the state and speculative decoding are not built yet: asking for them is a
+    ConfigError naming the problem (CUDA graphs checked at the assembly step, since a CPU build
+    refuses cuda_graphs(True) earlier). Tensor parallelism: tests/test_gdn_parallel.py."""
     from types import SimpleNamespace
 
     import torch
@@ -158,8 +158,6 @@ def test_unsupported_settings_are_config_errors():
     from dlengine.models.qwen3_5 import Qwen3_5ForConditionalGeneration
 
     cfg = ModelConfig.from_pretrained(tiny_checkpoint("qwen3.5"))
-    with pytest.raises(ConfigError, match="tensor parallelism is not implemented for Gated DeltaNet"):
-        Qwen3_5ForConditionalGeneration.cache_specs(cfg, dtype=torch.float32, tp_size=2, tp_rank=0)
     specs = Qwen3_5ForConditionalGeneration.cache_specs(cfg, dtype=torch.float32)
     backend = SimpleNamespace(supports_cuda_graphs=True)
     with pytest.raises(ConfigError, match="recurrent state, which CUDA graphs do not capture yet"):

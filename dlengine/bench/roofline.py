@@ -10,6 +10,9 @@ These are estimates from the model shape (documented in docs/bench.md), not coun
 - KV bytes read: context tokens x `kv_bytes_per_token` (= layers * the cache's elements per token
   and layer * element size: 2 * kv_heads * head_dim for GQA, kv_lora_rank + rope dims for MLA's
   latent) per sequence per step;
+- recurrent state (models with state cache specs, e.g. Gated DeltaNet hybrids): every sequence
+  reads and writes its whole state once per decode step (`state_bytes_per_seq` each way), and
+  only the paged (full-attention) layers count KV bytes per context token;
 - FLOPs: 2 per multiply-add of every linear layer a token passes through (`2 * active_body_params`
   per token, body = all parameters but the embedding and the LM head, active = minus the E - k
   experts a token does not visit in each MoE layer), `2 * lm_head_params` per sampled token (only
@@ -48,6 +51,7 @@ class ModelCost:
     top_k: int = 0
     expert_params: int = 0  # one routed expert of one layer
     expert_bytes: int = 0
+    state_bytes_per_seq: int = 0  # recurrent state of one sequence (state cache specs), all layers
 
     @staticmethod
     def from_engine(engine) -> "ModelCost":
@@ -84,6 +88,14 @@ class ModelCost:
             v_dim = int(hf["v_head_dim"])
         else:
             qk_dim = v_dim = cfg.head_dim
+        kv_per_token = cfg.num_hidden_layers * cfg.kv_bytes_per_token_per_layer_elem * elem
+        state_bytes = 0
+        declare = getattr(type(model), "cache_specs", None)
+        if declare is not None:  # hybrids: KV only in the paged layers, a state per sequence in the others
+            specs = declare(cfg, dtype=kv_dtype)
+            if any(not s.paged for s in specs):
+                kv_per_token = sum(s.bytes_per_token for s in specs if s.paged)
+                state_bytes = sum(s.slot_bytes for s in specs if not s.paged)
         return ModelCost(
             param_bytes=param_bytes,
             decode_weight_bytes=param_bytes - untied_embed_bytes,
@@ -93,7 +105,7 @@ class ModelCost:
             num_layers=cfg.num_hidden_layers,
             num_heads=cfg.num_attention_heads,
             head_dim=cfg.head_dim,
-            kv_bytes_per_token=cfg.num_hidden_layers * cfg.kv_bytes_per_token_per_layer_elem * elem,
+            kv_bytes_per_token=kv_per_token,
             qk_head_dim=qk_dim,
             v_head_dim=v_dim,
             moe_layers=len(moe),
@@ -101,6 +113,7 @@ class ModelCost:
             top_k=moe[0].top_k if moe else 0,
             expert_params=expert_params,
             expert_bytes=expert_bytes,
+            state_bytes_per_seq=state_bytes,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -156,12 +169,14 @@ class ModelCost:
     # ------------------------------------------------------------------ bytes
     def decode_step_bytes(self, context_lens: Iterable[float]) -> float:
         """Bytes one decode step reads: the weights once (MoE: the experts its tokens route to)
-        plus every sequence's KV context."""
+        plus every sequence's KV context (and its recurrent state, read and written)."""
         context_lens = list(context_lens)
-        return self.weight_bytes_for_tokens(len(context_lens)) + self.kv_bytes_per_token * float(sum(context_lens))
+        return (self.weight_bytes_for_tokens(len(context_lens)) + self.kv_bytes_per_token * float(sum(context_lens))
+                + 2.0 * self.state_bytes_per_seq * len(context_lens))
 
     def request_decode_kv_bytes(self, prompt_len: int, output_len: int) -> float:
         """KV bytes read by a request's output_len - 1 decode steps (contexts prompt_len+1 ..
         prompt_len+output_len-1)."""
         n_dec = max(0, output_len - 1)
-        return self.kv_bytes_per_token * (n_dec * prompt_len + n_dec * (n_dec + 1) / 2.0)
+        return (self.kv_bytes_per_token * (n_dec * prompt_len + n_dec * (n_dec + 1) / 2.0)
+                + 2.0 * self.state_bytes_per_seq * n_dec)

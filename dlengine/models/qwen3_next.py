@@ -179,9 +179,6 @@ class HybridModel(nn.Module):
 def hybrid_cache_specs(model_config: ModelConfig, *, dtype: torch.dtype, tp_size: int = 1,
                        tp_rank: int = 0) -> list[CacheSpec]:
     """Paged K/V for the full-attention layers, a state slot per request for the linear ones."""
-    if tp_size > 1:
-        raise ConfigError(f"{model_config.architecture}: tensor parallelism is not implemented for Gated DeltaNet "
-                          "layers yet; use tp=1")
     types = layer_types(model_config)
     full = tuple(i for i, k in enumerate(types) if k == FULL)
     linear = tuple(i for i, k in enumerate(types) if k == LINEAR)
@@ -195,7 +192,8 @@ def hybrid_cache_specs(model_config: ModelConfig, *, dtype: torch.dtype, tp_size
         specs.append(FullAttentionSpec(full, num_kv_heads=kv_heads_per_rank(n, tp_size), head_dim=model_config.head_dim,
                                        dtype=dtype, total_kv_heads=n, head_start=kv_head_start(n, tp_size, tp_rank)))
     if linear:
-        specs.append(GatedDeltaNetShape(model_config.hf_config, model_config.path).state_spec(linear, dtype))
+        shape = GatedDeltaNetShape(model_config.hf_config, model_config.path).for_rank(tp_size)
+        specs.append(shape.state_spec(linear, dtype))  # the rank's heads only
     return specs
 
 
