@@ -190,3 +190,25 @@ def test_presets_have_the_released_sizes(preset, total):
     assert len(specs[0].layers) == cfg.num_hidden_layers // 4  # every 4th layer is full attention
     with pytest.raises(ConfigError, match="all linear attention; keep at least one full-attention layer"):
         type(model).cache_specs(meta_model(preset, num_hidden_layers=2)[1], dtype=torch.bfloat16)
+
+
+def test_qwen3_5_moe_preset_has_the_released_dims():
+    """The preset's text config equals transformers' Qwen3_5MoeTextConfig defaults, which that
+    class documents as Qwen/Qwen3.5-35B-A3B's."""
+    import json
+    import os
+
+    from transformers.models.qwen3_5_moe.configuration_qwen3_5_moe import Qwen3_5MoeTextConfig
+
+    from dlengine.builder import resolve_model_path
+
+    with open(os.path.join(resolve_model_path("qwen3.5-35b-a3b"), "config.json")) as f:
+        text = json.load(f)["text_config"]
+    released = Qwen3_5MoeTextConfig()
+    for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                  "head_dim", "linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim",
+                  "linear_num_key_heads", "linear_num_value_heads", "moe_intermediate_size",
+                  "shared_expert_intermediate_size", "num_experts_per_tok", "num_experts", "rms_norm_eps",
+                  "layer_types"):
+        assert text[field] == getattr(released, field), field
+    assert text["partial_rotary_factor"] == 0.25
