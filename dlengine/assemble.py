@@ -9,12 +9,13 @@ Objects are built complete: nothing is patched onto them afterwards.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
 from dlengine.cache.block_manager import BlockManager
 from dlengine.cache.kv_cache import KVCache
-from dlengine.cache.specs import cache_specs_for
+from dlengine.cache.specs import cache_specs_for, check_specs
 from dlengine.config import ConfigError, EngineConfig, parse_dtype
 from dlengine.engine.core import EngineCore
 from dlengine.engine.engine import Engine
@@ -35,12 +36,13 @@ def build_engine(cfg: EngineConfig) -> Engine:
     return Engine(cfg, build_core(cfg), load_tokenizer(cfg.model.path))
 
 
-def build_model(cfg: EngineConfig, state, kernels: Kernels):
+def build_model(cfg: EngineConfig, state, kernels: Kernels, model_cls: type | None = None):
     """The model with its weights (or dummy weights), sized for this rank, its layers running
-    `kernels` (kernels/selection.py)."""
+    `kernels` (kernels/selection.py). `model_cls`: another module of the same checkpoint built the
+    same way (an MTP speculator's next-n layer); default: the registry's model class."""
     from dlengine.parallel.state import parallel_state
 
-    model_cls = get_model_class(cfg.model)
+    model_cls = model_cls or get_model_class(cfg.model)
     prev_dtype = torch.get_default_dtype()
     torch.set_default_dtype(cfg.dtype)
     try:
@@ -65,8 +67,16 @@ def build_model(cfg: EngineConfig, state, kernels: Kernels):
     return model.eval()
 
 
-def _use_cuda_graphs(cfg: EngineConfig, backend, state, cache_specs=()) -> bool:
+def _use_cuda_graphs(cfg: EngineConfig, backend, state, cache_specs=(), speculator=None) -> bool:
     capturable = getattr(backend, "supports_cuda_graphs", False)
+    if getattr(speculator, "needs_hidden_states", False):
+        # the captured decode graphs return logits only, and a drafting step verifies 1 + k tokens
+        # per request, a shape they do not capture: such engines run eagerly
+        if cfg.cuda_graphs:
+            raise ConfigError(f"speculative({speculator.name!r}) runs its verify steps eagerly: CUDA graphs do not "
+                              "capture them yet (the graphs keep neither the target's hidden states nor "
+                              "1 + k tokens per request); use cuda_graphs(False)")
+        return False
     if any(not s.paged for s in cache_specs):
         # the graph runner's static inputs have no state slots yet (recurrent layers run eagerly)
         if cfg.cuda_graphs:
@@ -106,6 +116,27 @@ def _check_connector_moves_state(cfg: EngineConfig, cache_specs, connector) -> N
                       "use role('prefill') / role('decode') or role('hybrid') without a KV connector")
 
 
+@dataclass(frozen=True)
+class SpeculatorTarget:
+    """What a speculator factory with `wants_target = True` gets beside the config: the target
+    model (an MTP layer shares its embedding), the parallel layout and the kernels its own layers
+    are built with."""
+
+    model: torch.nn.Module
+    state: object  # ParallelState
+    kernels: Kernels
+
+
+def _make_speculator(cfg: EngineConfig, model, state, kernels: Kernels):
+    """The configured speculator: an object as given, or made by its factory."""
+    speculator = cfg.components.speculator
+    if speculator is not None and not hasattr(speculator, "propose") and callable(speculator):
+        if getattr(speculator, "wants_target", False):
+            return speculator(cfg, SpeculatorTarget(model, state, kernels))
+        return speculator(cfg)
+    return speculator
+
+
 def _make_sampler(cfg: EngineConfig, state):
     sampler = cfg.components.sampler or Sampler(cfg.seed)
     if state.tp_group is not None:
@@ -136,7 +167,13 @@ def build_core(cfg: EngineConfig, state=None) -> EngineCore:
     # what the cache keeps per layer group; under tensor parallelism this rank's kv heads only
     # (MLA's latent is whole on every rank)
     cache_specs = cache_specs_for(cfg.model, kv_dtype, state.tp_size, state.tp_rank, get_model_class(cfg.model))
-    use_graphs = _use_cuda_graphs(cfg, backend, state, cache_specs)
+    # built before the cache is sized: an MTP speculator's weights take memory, and its layers
+    # keep KV in the same blocks (one more layer in the cache specs)
+    speculator = _make_speculator(cfg, model, state, kernels)
+    if getattr(speculator, "needs_hidden_states", False):
+        cache_specs = list(speculator.cache_specs(cache_specs))
+        check_specs(cache_specs)
+    use_graphs = _use_cuda_graphs(cfg, backend, state, cache_specs, speculator)
     graph_batch = min(cfg.cuda_graph_max_batch or 512, cfg.scheduler.max_num_seqs)
     # graphs keep a private pool of decode activations (about a decode step's worth)
     graph_reserve = (256 << 20) + graph_batch * cfg.model.vocab_size * 4 * 2 if use_graphs else 0
@@ -178,9 +215,6 @@ def build_core(cfg: EngineConfig, state=None) -> EngineCore:
         connector = make_connector(cfg.role, cfg.transfer, kv_cache, block_manager, cfg, cfg.control_plane,
                                    rank=state.rank)
     _check_connector_moves_state(cfg, cache_specs, connector)
-    speculator = cfg.components.speculator
-    if speculator is not None and not hasattr(speculator, "propose") and callable(speculator):
-        speculator = speculator(cfg)  # a factory
 
     graph_runner = None
     if use_graphs:
@@ -191,7 +225,8 @@ def build_core(cfg: EngineConfig, state=None) -> EngineCore:
         logger.info("captured %d CUDA graphs (batch sizes up to %d), %.2f GiB",
                     len(graph_runner.graphs), graph_batch, graph_runner.memory_bytes / 2**30)
     runner = ModelRunner(model, kv_cache, backend, _make_sampler(cfg, state), cfg.model.vocab_size, cfg.device,
-                         graph_runner=graph_runner, kernels=kernels)
+                         graph_runner=graph_runner, kernels=kernels,
+                         keep_hidden_states=getattr(speculator, "needs_hidden_states", False))
     scheduler = Scheduler(cfg.scheduler, block_manager, policy=cfg.scheduler.policy, connector=connector)
     return EngineCore(cfg, model, kv_cache, block_manager, scheduler, runner, connector=connector,
                       speculator=speculator, memory_plan=plan)

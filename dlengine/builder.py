@@ -20,6 +20,7 @@ from dlengine.config import (
     CacheConfig,
     Components,
     ConfigError,
+    EncoderCacheConfig,
     EngineConfig,
     ModelConfig,
     ParallelConfig,
@@ -89,6 +90,7 @@ class EngineBuilder:
         self._quantization = "auto"
         self._transfer: dict[str, Any] | None = None
         self._control_plane: dict[str, Any] | None = None
+        self._encoder_cache: dict[str, Any] = {}
         self._components: dict[str, Any] = {}
         self._speculative_tokens = 0
 
@@ -149,9 +151,11 @@ class EngineBuilder:
         return self
 
     def speculative(self, method: Any, num_tokens: int = 1) -> "EngineBuilder":
-        """Speculative decoding: "ngram" (prompt lookup, no weights: dlengine.speculative) or a
-        proposer object (dlengine.engine.seams.Speculator) drafting up to `num_tokens` tokens a
-        step; the engine verifies them in one forward. The MTP proposer is not shipped yet.
+        """Speculative decoding: "mtp" (the checkpoint's multi-token-prediction layer, DeepSeek-V3 /
+        Kimi-K2 checkpoints with num_nextn_predict_layers >= 1), "ngram" (prompt lookup, no
+        weights) (both in dlengine.speculative) or a proposer object (dlengine.engine.seams.Speculator)
+        drafting up to `num_tokens` tokens a step; the engine verifies them in one forward
+        (docs/speculative.md).
 
         >>> from dlengine import EngineBuilder, SamplingParams
         >>> engine = EngineBuilder("tiny-qwen3").speculative("ngram", num_tokens=3).build()
@@ -182,8 +186,22 @@ class EngineBuilder:
 
     def role(self, role: str) -> "EngineBuilder":
         """"hybrid" (default: prefill and decode here), "prefill" or "decode" (PD disaggregation:
-        needs `transfer(...)`; see docs/disaggregation.md)."""
+        needs `transfer(...)`; see docs/disaggregation.md), or "encode": an encoder engine of a
+        vision model (only its vision tower, no KV cache; `build()` returns an EncoderEngine that
+        hands image embeddings to prefill engines, see docs/vision.md)."""
         self._role = role
+        return self
+
+    def encoder_cache(self, *, staging_bytes: int | None = None, pull_timeout_s: float | None = None,
+                      on_pull_failure: str | None = None) -> "EngineBuilder":
+        """Image embeddings between engines (encode-prefill-decode). An encoder engine keeps each
+        request's embeddings in `staging_bytes` of registered host memory (default 256 MiB) until
+        the prefill side pulls them or its transfer(pin_timeout_s=...) passes; an engine given ec_transfer_params
+        pulls them into a receive region of that size and fails after `pull_timeout_s`.
+        `on_pull_failure`: "fail" (default) refuses the request naming the encoder; "local" encodes
+        the images here instead."""
+        given = dict(staging_bytes=staging_bytes, pull_timeout_s=pull_timeout_s, on_pull_failure=on_pull_failure)
+        self._encoder_cache.update({k: v for k, v in given.items() if v is not None})
         return self
 
     def transfer(self, backend: str = "dlslime", *, transport: str = "tcp", host: str = "127.0.0.1", port: int = 0,
@@ -193,7 +211,9 @@ class EngineBuilder:
         """The KV transfer engine of a prefill or decode engine.
 
         backend "dlslime" (pip install 'dlengine[dlslime]'); transport "tcp" (any machine) or
-        "rdma". The engine listens on host:port (0: a free port). A prefill engine frees a
+        "rdma". backend "cuda_ipc": both engines on one host with CUDA caches; the KV moves
+        GPU to GPU by CUDA IPC (staging on the GPU, no host copy), the small control records over
+        DLSlime tcp (docs/disaggregation.md). The engine listens on host:port (0: a free port). A prefill engine frees a
         handed-off request's blocks when the decode side has pulled them, or after
         `pin_timeout_s`; a decode engine fails a pull after `pull_timeout_s` and a request that
         waited `queue_timeout_s` for free blocks. CUDA caches go through `staging_blocks` pinned
@@ -311,8 +331,9 @@ class EngineBuilder:
         if self._role not in ROLES:
             raise ConfigError(f"unknown role {self._role!r}; choose one of {ROLES}")
         if self._role != "hybrid" and self._transfer is None:
+            what = "a transfer engine for its image embeddings" if self._role == "encode" else "a KV transfer engine"
             raise ConfigError(
-                f"role {self._role!r} needs a KV transfer engine: add .transfer('dlslime', transport='tcp') "
+                f"role {self._role!r} needs {what}: add .transfer('dlslime', transport='tcp') "
                 "(transport='rdma' is not wired yet, see docs/disaggregation.md)"
             )
         if self._role != "hybrid" and parallel.attention_dp > 1:
@@ -323,6 +344,9 @@ class EngineBuilder:
             raise ConfigError(f"role 'decode' with tp={parallel.tp} is not supported yet: a decode rank would pull "
                               "a slice of each prefill rank's KV heads; run decode engines with tp=1 (prefill "
                               "engines may use tp=N)")
+        encoder_cache = make(EncoderCacheConfig, self._encoder_cache, "encoder_cache")
+        if self._role == "encode":
+            self._check_encode_role(model, parallel)
         if self._role == "hybrid" and self._components.get("kv_connector") is None and self._transfer is not None:
             raise ConfigError("transfer(...) needs role('prefill') or role('decode')")
         if self._transfer is not None:
@@ -353,6 +377,9 @@ class EngineBuilder:
                 )
 
         device = torch.device(self._device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self._transfer is not None and self._transfer["backend"] == "cuda_ipc" and device.type != "cuda":
+            raise ConfigError(f"transfer('cuda_ipc') moves KV between GPU caches of one host; this engine runs on "
+                              f"{device}: use transfer('dlslime') for CPU engines")
         if parallel.ffn_ep > 1 and self._cuda_graphs:
             # expert-parallel dispatch sizes its all-to-all from routing counts read on the host
             raise ConfigError("cuda_graphs(True) cannot capture expert-parallel MoE (parallel(ffn_ep>1)): the "
@@ -367,11 +394,21 @@ class EngineBuilder:
 
                     speculator = self._components["speculator"] = NgramProposer(self._speculative_tokens)
                 elif speculator == "mtp":
-                    raise ConfigError("speculative('mtp'): the MTP proposer is not shipped yet; use 'ngram' or pass a "
-                                      "proposer object (dlengine.engine.seams.Speculator)")
+                    from dlengine.speculative.mtp import MTPFactory, check_mtp_supported
+
+                    check_mtp_supported(model)
+                    if parallel.ffn_ep > 1:
+                        raise ConfigError("speculative('mtp') with parallel(ffn_ep>1) is not supported: the MTP "
+                                          "layer's MoE would join the expert-parallel collectives a different number "
+                                          "of times on each attention-DP rank; use tp only, or speculative('ngram')")
+                    if self._cuda_graphs:
+                        raise ConfigError("speculative('mtp') runs its verify steps eagerly: CUDA graphs capture "
+                                          "neither the target's hidden states the MTP layer reads nor 1 + k tokens "
+                                          "per request yet; use cuda_graphs(False)")
+                    speculator = self._components["speculator"] = MTPFactory(self._speculative_tokens)
                 else:
-                    raise ConfigError(f"unknown speculative method {speculator!r}; choose 'ngram' or pass a proposer "
-                                      "object (dlengine.engine.seams.Speculator)")
+                    raise ConfigError(f"unknown speculative method {speculator!r}; choose 'mtp', 'ngram' or pass a "
+                                      "proposer object (dlengine.engine.seams.Speculator)")
             if self._async_scheduling:
                 raise ConfigError("async_scheduling(True) with speculative decoding: a step's verified tokens are "
                                   "needed before the next proposal; speculative engines step synchronously")
@@ -424,8 +461,23 @@ class EngineBuilder:
             load_num_layers=self._hf_overrides.get("num_hidden_layers"),
             transfer=TransferConfig(**self._transfer) if self._transfer is not None else None,
             control_plane=self._control_plane, speculative_tokens=self._speculative_tokens,
-            components=Components(**self._components),
+            components=Components(**self._components), encoder_cache=encoder_cache,
         )
+
+    def _check_encode_role(self, model: ModelConfig, parallel) -> None:
+        from dlengine.multimodal.processor import VISION_ARCHITECTURES
+
+        if model.architecture not in VISION_ARCHITECTURES:
+            raise ConfigError(f"role 'encode' runs a vision tower; {model.architecture} has none (vision models: "
+                              f"{', '.join(VISION_ARCHITECTURES)})")
+        if parallel.world_size > 1:
+            raise ConfigError(f"role 'encode' runs on one device (its vision tower is replicated, not sharded); got "
+                              f"parallel world size {parallel.world_size}: start one encoder engine per device")
+        if self._transfer["backend"] != "dlslime":
+            raise ConfigError(f"role 'encode' hands embeddings off through host memory over DLSlime: use "
+                              f"transfer('dlslime'), not {self._transfer['backend']!r}")
+        if self._components.get("speculator") is not None or self._components.get("kv_connector") is not None:
+            raise ConfigError("role 'encode' has no decoder: speculative(...) and kv_connector(...) do not apply")
 
     _make_config = config  # the name earlier versions used
 
@@ -451,6 +503,10 @@ class EngineBuilder:
         rank a front over spawned workers (`ParallelEngine`), or this rank's engine under
         torchrun (`DistributedEngine`). All three have the same API."""
         cfg = self.config()
+        if cfg.role == "encode":
+            from dlengine.disagg.encoder import build_encoder_engine
+
+            return build_encoder_engine(cfg)
         if cfg.parallel.world_size > 1:
             from dlengine.parallel.front import build_parallel_engine
 

@@ -72,8 +72,9 @@ def _engine_options() -> argparse.ArgumentParser:
                    help="token budget of one step (default: the engine's, 8192)")
     g.add_argument("--max-model-len", type=int, metavar="N", default=_E.max_model_len,
                    help="context limit, prompt + output (default: the model's max_position_embeddings)")
-    g.add_argument("--speculative", choices=["ngram"], default=_E.speculative,
-                   help="speculative decoding: 'ngram' prompt lookup (default: off)")
+    g.add_argument("--speculative", choices=["mtp", "ngram"], default=_E.speculative,
+                   help="speculative decoding: 'mtp' (the checkpoint's multi-token-prediction layer) or 'ngram' "
+                        "prompt lookup (default: off)")
     g.add_argument("--num-speculative-tokens", type=int, metavar="K", default=_E.num_speculative_tokens,
                    help="drafts per step with --speculative (default: %(default)s)")
     g.add_argument("--threads", type=int, metavar="N", default=_E.threads,

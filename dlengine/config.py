@@ -145,7 +145,8 @@ def _text_model_fields(cfg: dict[str, Any]) -> dict[str, Any]:
     text = cfg.get("text_config")
     if not (isinstance(archs, list) and archs and archs[0] in NESTED_TEXT_CONFIG and isinstance(text, dict)):
         return cfg
-    flat = {k: v for k, v in cfg.items() if k not in ("text_config", "vision_config")}
+    # vision_config stays: a model with a vision tower (Qwen3-VL) builds it from there
+    flat = {k: v for k, v in cfg.items() if k != "text_config"}
     flat.update(text)
     for key in ("architectures", "model_type", "tie_word_embeddings"):
         if key in cfg:
@@ -363,7 +364,7 @@ class ParallelConfig:
                               f"{sorted(DISPATCH_BACKENDS)}")
 
 
-ROLES = ("hybrid", "prefill", "decode")
+ROLES = ("hybrid", "prefill", "decode", "encode")
 
 
 @dataclass(frozen=True)
@@ -409,6 +410,29 @@ class TransferConfig:
 
 
 @dataclass(frozen=True)
+class EncoderCacheConfig:
+    """Image embeddings between engines (encode-prefill-decode, EngineBuilder.encoder_cache):
+    an encoder engine keeps each request's embeddings in `staging_bytes` of registered host
+    memory until they are pulled (or its transfer(pin_timeout_s=...) passes); an engine given
+    ec_transfer_params pulls them into a receive region of the same size, failing after
+    `pull_timeout_s`.
+    `on_pull_failure`: "fail" refuses the request with the reason; "local" encodes its images
+    here instead (the engine has the vision weights)."""
+
+    staging_bytes: int = 256 * 2**20
+    pull_timeout_s: float = 30.0
+    on_pull_failure: str = "fail"
+
+    def validate(self) -> None:
+        if not (isinstance(self.staging_bytes, int) and self.staging_bytes >= 1 << 16):
+            raise ConfigError(f"encoder_cache staging_bytes must be an integer >= 65536, got {self.staging_bytes!r}")
+        if not self.pull_timeout_s > 0:
+            raise ConfigError(f"encoder_cache pull_timeout_s must be positive, got {self.pull_timeout_s!r}")
+        if self.on_pull_failure not in ("fail", "local"):
+            raise ConfigError(f"encoder_cache on_pull_failure must be 'fail' or 'local', got {self.on_pull_failure!r}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything that defines an engine: what `EngineBuilder.config()` returns and what worker
     processes receive to build their rank's engine."""
@@ -432,7 +456,8 @@ class EngineConfig:
     cuda_graphs: bool | None = None  # None: on where the device and backend allow
     cuda_graph_max_batch: int | None = None
     load_num_layers: int | None = None  # read only the first N layers of the checkpoint (hf_overrides)
-    transfer: TransferConfig | None = None  # prefill / decode roles
+    transfer: TransferConfig | None = None  # prefill / decode / encode roles
+    encoder_cache: EncoderCacheConfig = field(default_factory=EncoderCacheConfig)  # EPD image embeddings
     control_plane: dict | None = None  # dlslime-ctrl registration of a prefill / decode engine
     speculative_tokens: int = 0  # drafts per step when a speculator is set
     components: Components = field(default_factory=Components)

@@ -10,6 +10,11 @@ first pull is checked byte for byte.
     python scripts/bench_kv_migration.py --device cuda            # CUDA caches: pinned staging
     python scripts/bench_kv_migration.py --model tiny-deepseek-v3 --tokens 512 --dtype float32
     python scripts/bench_kv_migration.py --json kv.json          # the result also as a file
+    python scripts/bench_kv_migration.py --device cuda --backend cuda_ipc   # GPU to GPU, one host
+
+With --backend cuda_ipc both sides stage on the GPU and the read is a GPU copy through a CUDA IPC
+mapping of the other process's staging; the report adds the device's own copy bandwidth,
+measured in the same run, as the reference.
 
 On CUDA the wheel's TCP transport reads host memory only, so each side stages through a pinned
 host buffer; the report splits the time into gather (device -> pinned, prefill side), wire
@@ -43,7 +48,8 @@ def make_side(args, seed: int):
     g = torch.Generator().manual_seed(seed)
     cache.storage.copy_(torch.randn(cache.storage.shape, generator=g).to(dtype))
     # staging mirrors the cache (region block i <-> cache block i) unless --direct
-    region = KVRegion(cache, cfg, staging_blocks=0 if args.direct else args.num_blocks)
+    region = KVRegion(cache, cfg, staging_blocks=0 if args.direct else args.num_blocks,
+                      staging_on_device=args.backend == "cuda_ipc")
     return cfg, cache, region
 
 
@@ -51,7 +57,7 @@ def serve(args) -> None:
     out = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
     cfg, cache, region = make_side(args, seed=1)
-    te = make_transfer_engine("dlslime", transport=args.transport, host=args.host)
+    te = make_transfer_engine(args.backend, transport=args.transport, host=args.host)
     te.register_region("kv", region.tensor)
     blocks = list(range(args.num_blocks))
     t0 = time.perf_counter()
@@ -70,6 +76,7 @@ def main() -> None:
     ap.add_argument("--model", default="qwen3-8b", help="checkpoint folder or preset (only config.json is read)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--backend", default="dlslime", choices=("dlslime", "cuda_ipc"))
     ap.add_argument("--transport", default="tcp")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--block-size", type=int, default=16)
@@ -90,7 +97,7 @@ def main() -> None:
     try:
         hello = json.loads(child.stdout.readline())
         cfg, cache, region = make_side(args, seed=2)
-        te = make_transfer_engine("dlslime", transport=args.transport, host=args.host)
+        te = make_transfer_engine(args.backend, transport=args.transport, host=args.host)
         te.register_region("kv", region.tensor)
         te.connect("prefill", hello["info"])
         remote = KVLayout.from_dict(hello["layout"])
@@ -162,6 +169,19 @@ def main() -> None:
         }
         total = med + res["gather_ms_per_request"] / 1e3 + statistics.median(scatter)
         res["end_to_end_GBps"] = nbytes / total / 1e9
+        res["backend"] = args.backend
+        if args.device == "cuda":  # the reference: one device-to-device copy of a request's bytes
+            a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+            b = torch.empty_like(a)
+            for _ in range(3):
+                b.copy_(a)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(20):
+                b.copy_(a)
+            torch.cuda.synchronize()
+            res["device_copy_GBps"] = 20 * nbytes / (time.perf_counter() - t0) / 1e9
+            res["wire_vs_device_copy"] = res["wire_GBps"] / res["device_copy_GBps"]
         print(json.dumps(res, indent=1))
         gc.write_json(args.json, res, announce=False)
         te.close()

@@ -18,14 +18,19 @@
 #   sm90       sm_90 build resources of the MLA decode kernels (registers, spills, shared memory)
 #   fp8        block-scaled FP8 GEMMs and MoE, tiny FP8 engine
 #   dsv3       DeepSeek-V3 dims, 4 layers, batch 1 and 64 x 1k
+#   dsa        DeepSeek-V3.2-Exp (sparse attention) vs DeepSeek-V3 decode, 4 layers, 32 x 32k and 64 x 64k
 #   parallel   parallel engine vs single process (NCCL; one GPU: a one-rank NCCL world)
-#   kvmig      KV migration over DLSlime between two processes (CUDA and host caches)
+#   kvmig      KV migration between two processes: DLSlime (CUDA and host caches), CUDA IPC
+#   vision     Qwen3-VL-8B dims (dummy weights): vision encoder image-token throughput, TTFT of a
+#              one-image request with the encoder in the engine and as a separate encoder engine (EPD)
 #   profile    GPU time per kernel of a W2 decode step (profile_kernels.py)
+#   serve      W1's workload through `dlengine serve` + `dlengine bench serve` at rising request
+#              rates, then W1 offline in the same call (the reference)
 #   gdn        Gated DeltaNet: kernel tests (Triton vs torch reference vs fla-core), then W1's workload
 #              and batch-1 / batch-64 decode on Qwen3.5-MoE dims, first 4 layers (3 DeltaNet + 1 full
 #              attention), dummy bf16 weights; MBU counts the recurrent state read and written per step
-# Extra options per step: ATTN_ARGS, W1_ARGS, W2_ARGS, W1MOE_ARGS, MOE_ARGS, TUNE_TOKENS, MLA_ARGS,
-# FP8_ARGS, DSV3_ARGS, PARALLEL_ARGS, GDN_ARGS. FlashInfer is used when its wheels are in .whl/
+# Extra options per step: TEST_ARGS, SERVE_RATES, ATTN_ARGS, W1_ARGS, W2_ARGS, W1MOE_ARGS, MOE_ARGS, TUNE_TOKENS, MLA_ARGS,
+# FP8_ARGS, DSV3_ARGS, DSA_ARGS, PARALLEL_ARGS, VISION_ARGS, GDN_ARGS. FlashInfer is used when its wheels are in .whl/
 # (flashinfer-python + apache-tvm-ffi, installed with --no-deps); DLSlime when importable.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -42,8 +47,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
 
 run_tests() {
-  python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_engine.py tests/test_gpu_mla_engine.py tests/test_gpu_mla_decode_kernel.py tests/test_triton_ops.py \
-    tests/test_triton_attention.py 2>&1 | tee "$OUT/tests.log" | tail -15
+  python3 -m pytest -q -p no:cacheprovider tests/test_gpu_*.py tests/test_triton_ops.py tests/test_triton_attention.py tests/test_dsa_kernels.py \
+    ${TEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -25
 }
 run_attention() {
   python3 scripts/gpu_check_attention.py ${ATTN_ARGS:-} --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log" | tail -60
@@ -105,6 +110,16 @@ run_dsv3() {  # DeepSeek-V3 dims, first 4 layers (3 dense + 1 MoE of 256 experts
       --json "$OUT/dsv3_b$bsz.json" 2>&1 | tee "$OUT/dsv3_b$bsz.log" | tail -25
   done
 }
+run_dsa() {  # docs/dsa.md: decode step time and bytes read, sparse (V3.2-Exp) against dense (V3) at equal context
+  for shape in "32 32768" "64 65536"; do
+    set -- $shape
+    for model in deepseek-v3.2-exp deepseek-v3; do
+      python3 -m dlengine.cli bench latency --model $model --load-format dummy --num-layers 4 --dtype bfloat16 \
+        --batch-size $1 --input-len $2 --output-len 32 --max-model-len $(( $2 + 64 )) --no-progress ${DSA_ARGS:-} \
+        --json "$OUT/dsa_${model}_b$1_ctx$2.json" 2>&1 | tee "$OUT/dsa_${model}_b$1_ctx$2.log" | tail -25
+    done
+  done
+}
 run_probe() {  # per-program timelines and the per-tile fit of the Gluon MLA decode kernel
   python3 scripts/probe_mla_decode.py 2>&1 | tee "$OUT/probe_mla_decode.log" | tail -40
 }
@@ -116,6 +131,26 @@ run_kvmig() {  # KV migration over DLSlime TCP, Qwen3-8B cache layout: CUDA cach
     | tee "$OUT/kv_migration_cuda.log" | tail -25
   python3 scripts/bench_kv_migration.py --requests 12 --json "$OUT/kv_migration_host.json" 2>&1 \
     | tee "$OUT/kv_migration_host.log" | tail -25
+  python3 scripts/bench_kv_migration.py --device cuda --backend cuda_ipc --requests 20 \
+    --json "$OUT/kv_migration_cuda_ipc.json" 2>&1 | tee "$OUT/kv_migration_cuda_ipc.log" | tail -25
+}
+run_vision() {  # Qwen3-VL-8B dims: encoder throughput, one-image TTFT local vs separate encoder (bench_vision.py)
+  python3 scripts/bench_vision.py ${VISION_ARGS:-} --json "$OUT/vision.json" 2>&1 | tee "$OUT/vision.log" | tail -12
+}
+run_serve() {  # W1's shape online: Poisson arrivals at rising rates, then every request at once
+  local port=${SERVE_PORT:-8123}
+  python3 -m dlengine.cli serve qwen3-0.6b --load-format dummy --dtype bfloat16 --max-model-len 2048 \
+    --port $port > "$OUT/serve_server.log" 2>&1 &
+  local pid=$!
+  for _ in $(seq 300); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 1; done
+  for rate in ${SERVE_RATES:-8 16 32 inf}; do
+    python3 -m dlengine.cli bench serve --base-url "http://127.0.0.1:$port" --tokenizer qwen3-0.6b \
+      --num-prompts 256 --input-len 562 --output-len 562 --range-ratio 0.822 --ignore-eos \
+      --request-rate $rate --no-progress --json "$OUT/serve_rate_$rate.json" 2>&1 | tee "$OUT/serve_rate_$rate.log" | tail -26
+  done
+  curl -s "http://127.0.0.1:$port/metrics" > "$OUT/serve_metrics.txt"
+  kill $pid; wait $pid 2>/dev/null
+  run_w1
 }
 run_profile() {  # GPU time per kernel of a W2 (Qwen3-8B, batch 1) decode step
   python3 scripts/profile_kernels.py --model qwen3-8b --batch-size 1 --input-len 512 2>&1 | tee "$OUT/profile_kernels.log" | tail -30
@@ -133,7 +168,7 @@ run_gdn() {  # Gated DeltaNet kernels; Qwen3.5-MoE (qwen3.5-35b-a3b) dims, 4 lay
       --no-progress ${GDN_ARGS:-} --json "$OUT/gdn_b$bsz.json" 2>&1 | tee "$OUT/gdn_b$bsz.log" | tail -25
   done
 }
-ALL="tests attention w1 w2 engine w1moe moe tune_moe mla mladecode probe sm90 fp8 dsv3 parallel kvmig profile gdn"
+ALL="tests attention w1 w2 engine w1moe moe tune_moe mla mladecode probe sm90 fp8 dsv3 dsa parallel kvmig vision profile serve gdn"
 for s in ${*:-all}; do
   case $s in
     all) for t in $ALL; do echo "== $t"; "run_$t"; done ;;

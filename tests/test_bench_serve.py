@@ -264,6 +264,35 @@ def test_token_id_prompts_counts_match_the_engine(fresh, tmp_path):
     assert saved["num_requests"] == 6 and saved["request_rate"] == "inf" and saved["config"]["api_key"] is None
 
 
+def test_config_only_preset_gives_token_ids_and_asks_for_them(tmp_path):
+    """A dummy-weight server of a config-only preset has no tokenizer: the bench draws ids from the
+    config's vocabulary and asks for `return_token_ids`, so TTFT/ITL are timed on chunks whose
+    text is empty; anything that needs text says why it cannot."""
+    from dlengine.bench.serve_bench import _extra_fields
+    from dlengine.bench.serve_prompts import VocabularyOnly
+
+    vocab = load_bench_tokenizer("qwen3-0.6b")
+    assert isinstance(vocab, VocabularyOnly) and len(vocab) == 151936
+    prompts, kind = random_prompts(4, 32, 8, tokenizer=vocab, seed=1)
+    assert kind == "token ids" and all(len(p.prompt) == 32 == p.prompt_len for p in prompts)
+    assert all(0 <= t < 151936 and t not in vocab.all_special_ids for p in prompts for t in p.prompt)
+    assert _extra_fields(vocab) == {"return_token_ids": True}
+    with pytest.raises(BenchError, match="no tokenizer files"):
+        vocab.decode([1, 2])
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(BenchError, match="no tokenizer files and no config with a vocab_size"):
+        load_bench_tokenizer(str(tmp_path))
+
+
+def test_chunks_with_token_ids_count_as_tokens():
+    from dlengine.bench.serve_client import _handle_event
+
+    r = RequestResult(index=0)
+    _handle_event(r, json.dumps({"choices": [{"index": 0, "text": "", "token_ids": [5]}]}), time.perf_counter())
+    _handle_event(r, json.dumps({"choices": [{"index": 0, "text": ""}]}), time.perf_counter())
+    assert r.num_chunks == 1 and r.ttft_s is not None
+
+
 def test_chat_random_words_and_poisson_rate(fresh):
     r = bench(fresh, endpoint="chat", request_rate=50.0, goodput="ttft:60000")
     assert r["prompt_kind"] == "random words"

@@ -44,7 +44,8 @@ def test_json_that_is_not_an_object(checkpoint):
         ModelConfig.from_pretrained(checkpoint)
 
 
-@pytest.mark.parametrize("arch", ["Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration"])
+# multimodal families dlengine does not build (Qwen3-VL, once listed here, is supported now)
+@pytest.mark.parametrize("arch", ["Qwen2_5_VLForConditionalGeneration", "Glm4vForConditionalGeneration"])
 def test_nested_multimodal_config_is_reported_unsupported_before_parsing(checkpoint, arch):
     flat = json.loads((checkpoint / "config.json").read_text())
     text = {k: flat.pop(k) for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size")}

@@ -293,3 +293,31 @@ def test_describe_close_and_arrival_time():
     engine.add_request([3, 4, 5], GREEDY)
     engine.close()
     assert engine.kv_cache.storage is None and not engine.scheduler.running and not engine.scheduler.waiting
+
+
+def test_final_only_outputs_equal_cumulative_ones():
+    """output_kind="final_only" (what generate() and the offline bench use): no output before a
+    request ends, and the final one (tokens, text, logprobs, stop strings) equals the cumulative
+    kind's."""
+    from dlengine import EngineBuilder, InvalidRequestError, SamplingParams
+
+    engine = EngineBuilder("tiny-qwen3").dtype("float32").device("cpu").build()
+    prompts = ["Hello there", "The capital of France is", "1 2 3"]
+    cases = [SamplingParams(max_tokens=12, temperature=0.0),
+             SamplingParams(max_tokens=12, temperature=0.0, logprobs=2),
+             SamplingParams(max_tokens=30, temperature=0.0, stop=[" "], min_tokens=2)]
+    for params in cases:
+        finals = {}
+        for kind in ("cumulative", "final_only"):
+            ids = [engine.add_request(p, params, output_kind=kind) for p in prompts]
+            seen = []
+            while engine.has_unfinished_requests():
+                seen += engine.step()
+            if kind == "final_only":
+                assert all(o.finished for o in seen) and len(seen) == len(prompts)
+            finals[kind] = [[o for o in seen if o.request_id == rid and o.finished][-1] for rid in ids]
+        for a, b in zip(finals["cumulative"], finals["final_only"]):
+            assert (a.token_ids, a.text, a.finish_reason, a.stop_reason, a.logprobs) == \
+                (b.token_ids, b.text, b.finish_reason, b.stop_reason, b.logprobs)
+    with pytest.raises(InvalidRequestError, match="output_kind"):
+        engine.add_request("x", output_kind="delta")

@@ -84,6 +84,20 @@ def test_completions_stream_equals_non_stream(client, reference):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
 
 
+def test_return_token_ids_stream_and_not(server, reference):
+    ids = reference.tokenizer.encode(PROMPTS[0])
+    body = {"model": MODEL, "prompt": ids, "max_tokens": 8, "temperature": 0, "return_token_ids": True}
+    [choice] = httpx.post(f"{server.url}/v1/completions", json=body).json()["choices"]
+    ref = greedy(reference, ids, max_tokens=8)
+    assert choice["prompt_token_ids"] == ids and choice["token_ids"] == list(ref.token_ids)
+    with httpx.stream("POST", f"{server.url}/v1/completions", json={**body, "stream": True}) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    streamed = [t for e in events for c in e["choices"] for t in c["token_ids"]]
+    assert streamed == list(ref.token_ids)
+    plain = httpx.post(f"{server.url}/v1/completions", json={**body, "return_token_ids": False}).json()
+    assert "token_ids" not in plain["choices"][0]  # only when asked for
+
+
 def test_chat_greedy_stream_and_not(client, reference):
     ref = greedy(reference, chat_prompt_ids(reference, CHAT), max_tokens=16)
     r = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=16, temperature=0)

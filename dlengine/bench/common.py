@@ -40,7 +40,7 @@ class EngineArgs:
     mla_decode: str = "auto"  # MLA decode kernel (EngineBuilder.mla_decode)
     seed: int = 0
     num_layers: int | None = None  # None: the model's; else hf_overrides(num_hidden_layers=...)
-    speculative: str | None = None  # "ngram" (EngineBuilder.speculative)
+    speculative: str | None = None  # "mtp" or "ngram" (EngineBuilder.speculative)
     num_speculative_tokens: int = 3
     threads: int | None = None  # torch CPU threads; None: OMP_NUM_THREADS if set, else chosen (bench/cpu_threads.py)
 

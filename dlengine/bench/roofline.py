@@ -9,7 +9,9 @@ These are estimates from the model shape (documented in docs/bench.md), not coun
   E * (1 - (1 - k/E)^n) experts per layer (`weight_bytes_for_tokens`);
 - KV bytes read: context tokens x `kv_bytes_per_token` (= layers * the cache's elements per token
   and layer * element size: 2 * kv_heads * head_dim for GQA, kv_lora_rank + rope dims for MLA's
-  latent) per sequence per step;
+  latent) per sequence per step; with DeepSeek Sparse Attention (index_topk in the config) a
+  decode token reads the latent of min(context, index_topk) tokens and the indexer key
+  (`index_key_bytes_per_token`) of every context token (`kv_bytes_read`);
 - recurrent state (models with state cache specs, e.g. Gated DeltaNet hybrids): every sequence
   reads and writes its whole state once per decode step (`state_bytes_per_seq` each way), and
   only the paged (full-attention) layers count KV bytes per context token;
@@ -51,6 +53,8 @@ class ModelCost:
     top_k: int = 0
     expert_params: int = 0  # one routed expert of one layer
     expert_bytes: int = 0
+    sparse_topk: int = 0  # DeepSeek Sparse Attention: tokens a query attends to (0: dense)
+    index_key_bytes_per_token: int = 0  # indexer layers * index_head_dim * cache element size
     state_bytes_per_seq: int = 0  # recurrent state of one sequence (state cache specs), all layers
 
     @staticmethod
@@ -96,7 +100,12 @@ class ModelCost:
             if any(not s.paged for s in specs):
                 kv_per_token = sum(s.bytes_per_token for s in specs if s.paged)
                 state_bytes = sum(s.slot_bytes for s in specs if not s.paged)
+        sparse_topk = int(hf.get("index_topk") or 0)
+        indexer_layers = sum(1 for kind in (hf.get("indexer_types") or ["full"] * cfg.num_hidden_layers)
+                             [:cfg.num_hidden_layers] if kind == "full") if sparse_topk else 0
         return ModelCost(
+            sparse_topk=sparse_topk,
+            index_key_bytes_per_token=indexer_layers * int(hf.get("index_head_dim") or 0) * elem,
             param_bytes=param_bytes,
             decode_weight_bytes=param_bytes - untied_embed_bytes,
             num_params=num_params,
@@ -171,12 +180,22 @@ class ModelCost:
         """Bytes one decode step reads: the weights once (MoE: the experts its tokens route to)
         plus every sequence's KV context (and its recurrent state, read and written)."""
         context_lens = list(context_lens)
-        return (self.weight_bytes_for_tokens(len(context_lens)) + self.kv_bytes_per_token * float(sum(context_lens))
+        return (self.weight_bytes_for_tokens(len(context_lens)) + sum(self.kv_bytes_read(c) for c in context_lens)
                 + 2.0 * self.state_bytes_per_seq * len(context_lens))
+
+    def kv_bytes_read(self, context_len: float) -> float:
+        """Cache bytes one decode token with `context_len` tokens of context reads: all of it, or
+        under sparse attention the selected tokens' latents and every token's indexer key."""
+        if not self.sparse_topk:
+            return self.kv_bytes_per_token * float(context_len)
+        return (self.kv_bytes_per_token * float(min(context_len, self.sparse_topk))
+                + self.index_key_bytes_per_token * float(context_len))
 
     def request_decode_kv_bytes(self, prompt_len: int, output_len: int) -> float:
         """KV bytes read by a request's output_len - 1 decode steps (contexts prompt_len+1 ..
         prompt_len+output_len-1)."""
         n_dec = max(0, output_len - 1)
-        return (self.kv_bytes_per_token * (n_dec * prompt_len + n_dec * (n_dec + 1) / 2.0)
-                + 2.0 * self.state_bytes_per_seq * n_dec)
+        state = 2.0 * self.state_bytes_per_seq * n_dec  # recurrent state read and written per step
+        if self.sparse_topk:
+            return sum(self.kv_bytes_read(prompt_len + k) for k in range(1, n_dec + 1)) + state
+        return self.kv_bytes_per_token * (n_dec * prompt_len + n_dec * (n_dec + 1) / 2.0) + state

@@ -37,7 +37,7 @@ from dlengine.bench.serve_client import (
     stream_request,
 )
 from dlengine.bench.serve_metrics import parse_goodput, summarize_results
-from dlengine.bench.serve_prompts import ServePrompt, as_text, jsonl_prompts, load_bench_tokenizer, random_prompts
+from dlengine.bench.serve_prompts import ServePrompt, VocabularyOnly, as_text, jsonl_prompts, load_bench_tokenizer, random_prompts
 
 DATASETS = ("random", "jsonl")
 API_KEY_ENV = ("OPENAI_API_KEY", "DLENGINE_API_KEY")
@@ -194,9 +194,15 @@ async def _run(cfg: ServeBenchConfig, prompts: list[ServePrompt], offsets: Seque
 
         def payload(p: ServePrompt) -> dict[str, Any]:
             return build_payload(cfg.endpoint, model, p.prompt, p.output_len, temperature=cfg.temperature,
-                                 ignore_eos=cfg.ignore_eos)
+                                 ignore_eos=cfg.ignore_eos, extra=_extra_fields(tokenizer))
 
         await _send_all(client, url, cfg, prompts, offsets, payload, headers, box)
+
+
+def _extra_fields(tokenizer) -> dict[str, Any] | None:
+    """A server without a tokenizer streams tokens with empty text: ask for their ids (vLLM's
+    `return_token_ids`, which ours honours too) so TTFT and ITL can still be timed."""
+    return {"return_token_ids": True} if isinstance(tokenizer, VocabularyOnly) else None
 
 
 async def _probe(client, url: str, cfg: ServeBenchConfig, model: str, prompts: list[ServePrompt], tokenizer,
@@ -204,7 +210,8 @@ async def _probe(client, url: str, cfg: ServeBenchConfig, model: str, prompts: l
     """One short request off the clock (it also warms the server up). A server that refuses a
     token-id prompt (HTTP 4xx) gets text prompts instead."""
     async def probe(p: ServePrompt) -> RequestResult:
-        body = build_payload(cfg.endpoint, model, p.prompt, 2, temperature=cfg.temperature, ignore_eos=cfg.ignore_eos)
+        body = build_payload(cfg.endpoint, model, p.prompt, 2, temperature=cfg.temperature, ignore_eos=cfg.ignore_eos,
+                             extra=_extra_fields(tokenizer))
         return await stream_request(client, url, body, index=-1, timeout_s=cfg.timeout, headers=headers)
 
     r = await probe(prompts[0])

@@ -8,7 +8,8 @@ reason in `error`, so one bad request cannot stop a benchmark.
 
 What counts as a token arriving: a chunk whose first choice carries non-empty text
 (`choices[0].text` for /v1/completions, `choices[0].delta.content` or `reasoning_content` for
-/v1/chat/completions). Chunks with empty text (a role header, a held-back partial UTF-8
+/v1/chat/completions), or non-empty `choices[0].token_ids` (vLLM's `return_token_ids`
+extension, which the bench asks for when the server has no tokenizer and so sends no text). Chunks with empty text (a role header, a held-back partial UTF-8
 character) and the final usage chunk are not. A server may put several tokens in one chunk, so
 token counts come from the `usage` chunk when the server sends one, else from counting chunks.
 """
@@ -100,6 +101,15 @@ class SSEDecoder:
         if self._data:
             payload, self._data = "\n".join(self._data), []
             yield payload
+
+
+def chunk_token_ids(chunk: dict[str, Any]) -> list:
+    """The generated token ids a chunk carries under `return_token_ids` ([] otherwise)."""
+    choices = chunk.get("choices") or []
+    if not choices or not isinstance(choices[0], dict):
+        return []
+    ids = choices[0].get("token_ids")
+    return ids if isinstance(ids, list) else []
 
 
 def chunk_text(chunk: dict[str, Any]) -> str:
@@ -244,7 +254,7 @@ def _handle_event(result: RequestResult, data: str, start: float) -> bool:
     if choices and isinstance(choices[0], dict) and choices[0].get("finish_reason"):
         result.finish_reason = choices[0]["finish_reason"]
     text = chunk_text(chunk)
-    if text:
+    if text or chunk_token_ids(chunk):
         if result.last_chunk_s is None:
             result.ttft_s = offset
         else:

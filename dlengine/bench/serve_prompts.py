@@ -4,6 +4,8 @@ An online benchmark may not know the server's tokenizer, so a random prompt take
 forms, best first:
 - "token ids": random ids from `--tokenizer`'s vocabulary (special ids left out), sent as a
   token-id `prompt` to /v1/completions (OpenAI's API allows a list of ints there). Exact lengths.
+  A config-only preset (qwen3-0.6b, served with --load-format dummy) has no tokenizer: its
+  config's vocab_size gives the ids (`VocabularyOnly`), which is all such a server accepts.
 - "tokenizer text": the same ids decoded to text with `--tokenizer`, for the chat endpoint or a
   server that refuses token ids; the length is re-counted with the tokenizer (decoding and
   re-encoding random ids does not give back the same count).
@@ -106,8 +108,53 @@ def as_text(prompts: Sequence[ServePrompt], tokenizer, why: str) -> list[ServePr
     return out
 
 
+class VocabularyOnly:
+    """A config's vocabulary without a tokenizer: random token ids can be drawn from it, nothing
+    can be decoded (a dummy-weight server of a config-only preset takes token ids only)."""
+
+    def __init__(self, vocab_size: int, special: set[int], source: str) -> None:
+        self.vocab_size = vocab_size
+        self.all_special_ids = sorted(special)
+        self.source = source
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        raise BenchError(f"{self.source} has a vocabulary but no tokenizer files: prompts can only be "
+                         "token ids (use --endpoint completions, or a --tokenizer folder with tokenizer files)")
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        self.decode([])  # raises: there is nothing to encode with
+        return []
+
+
+def _config_vocabulary(path: str, name: str) -> VocabularyOnly | None:
+    import json
+    import os
+
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        return None
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg = cfg.get("text_config", cfg)  # multimodal configs keep the language model's apart
+    vocab = cfg.get("vocab_size")
+    if not isinstance(vocab, int) or vocab <= 0:
+        return None
+    special: set[int] = set()
+    for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        v = cfg.get(key)
+        for i in (v if isinstance(v, list) else [v]):
+            if isinstance(i, int):
+                special.add(i)
+    return VocabularyOnly(vocab, special, f"--tokenizer {name!r}")
+
+
 def load_bench_tokenizer(name_or_path: str):
-    """--tokenizer: a dlengine preset ("tiny-qwen3") or a local Hugging Face folder, offline."""
+    """--tokenizer: a dlengine preset ("tiny-qwen3") or a local Hugging Face folder, offline. A
+    folder with a config but no tokenizer files (the config-only presets) gives a
+    `VocabularyOnly`: token-id prompts of exact lengths, nothing decoded."""
     import os
 
     from dlengine.builder import resolve_model_path
@@ -118,5 +165,8 @@ def load_bench_tokenizer(name_or_path: str):
         raise BenchError(f"--tokenizer {name_or_path!r} is neither a dlengine preset nor a folder")
     tok = load_tokenizer(path)
     if tok is None:
-        raise BenchError(f"--tokenizer {name_or_path!r}: {path} holds no tokenizer files")
+        tok = _config_vocabulary(path, name_or_path)
+    if tok is None:
+        raise BenchError(f"--tokenizer {name_or_path!r}: {path} holds no tokenizer files and no config "
+                         "with a vocab_size")
     return tok

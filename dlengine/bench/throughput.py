@@ -275,7 +275,7 @@ def _run(cfg: ThroughputConfig, engine: Engine, peaks: dict[str, Any]) -> tuple[
     try:
         t0 = time.perf_counter()
         for rid, r in zip(ids, workload):
-            engine.add_request(r.prompt, _params(cfg, r.output_len), request_id=rid)
+            engine.add_request(r.prompt, _params(cfg, r.output_len), request_id=rid, output_kind="final_only")
             pending.add(rid)
         while pending:
             if not engine.has_unfinished_requests():
@@ -284,8 +284,8 @@ def _run(cfg: ThroughputConfig, engine: Engine, peaks: dict[str, Any]) -> tuple[
             for out in engine.step():
                 if out.request_id not in pending:
                     continue
-                out_tokens += len(out.new_token_ids)
-                if out.finished:
+                if out.finished:  # final-only: the one output of a request
+                    out_tokens += len(out.token_ids)
                     finals[out.request_id] = out
                     pending.discard(out.request_id)
                     done += 1

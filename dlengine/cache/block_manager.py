@@ -55,6 +55,8 @@ class BlockRequest(Protocol):
     block_ids: list[int]
     block_hashes: list[bytes]
     num_cached_blocks: int  # leading blocks already published (or found) in the prefix cache
+    # optional: `block_extra_key(block_index, block_size) -> bytes`, hashed with the block's tokens
+    # (a request with images returns the content hashes of the images in that block)
 
 
 def hash_block(parent: bytes | None, token_ids: Sequence[int], extra: bytes = b"") -> bytes:
@@ -129,9 +131,12 @@ class BlockManager:
         bs = self.block_size
         hashes = request.block_hashes
         tokens = request.all_token_ids
+        # a request with images keys their blocks by the images' content too (Request.block_extra_key)
+        extra_key = getattr(request, "block_extra_key", None)
         while (len(hashes) + 1) * bs <= len(tokens):
             i = len(hashes)
-            hashes.append(hash_block(hashes[-1] if hashes else None, tokens[i * bs : (i + 1) * bs]))
+            extra = extra_key(i, bs) if extra_key is not None else b""
+            hashes.append(hash_block(hashes[-1] if hashes else None, tokens[i * bs : (i + 1) * bs], extra))
 
     def find_cached_prefix(self, request: BlockRequest) -> tuple[list[int], int]:
         """Blocks already holding this request's longest cached prefix, and how many tokens they

@@ -16,10 +16,11 @@ Two families:
   so one sequence's whole state is one contiguous range.
 
 Used by today's models: FullAttentionSpec (GQA/MHA K and V), MLALatentSpec (DeepSeek's
-compressed latent, stored as one K "head" with no V) and StateSpec (the Gated DeltaNet layers of
-Qwen3-Next / Qwen3.5, docs/gdn.md). Declared for upcoming models, with the allocator and block
-manager support they need (tests/test_cache_specs.py), but used by no model yet:
-SlidingWindowSpec, PerTokenSpec.
+compressed latent, stored as one K "head" with no V), StateSpec (the Gated DeltaNet layers of
+Qwen3-Next / Qwen3.5, docs/gdn.md) and IndexerKeySpec (a PerTokenSpec: DeepSeek Sparse
+Attention's indexer keys beside the latent, docs/dsa.md). Declared for upcoming models, with the
+allocator and block manager support they need (tests/test_cache_specs.py), but used by no model
+yet: SlidingWindowSpec.
 
 A model class may declare its own cache by defining a classmethod
 `cache_specs(model_config, *, dtype, tp_size, tp_rank) -> list[CacheSpec]`; `cache_specs_for`
@@ -234,8 +235,7 @@ class PerTokenSpec(CacheSpec):
     keys: `token_shape` elements of `dtype` per token and layer, optionally followed by
     `scale_shape` elements of `scale_dtype` (FP8 keys with their scales), packed into one
     token entry. Each layer gets (data [num_blocks, block_size, *token_shape],
-    scale [num_blocks, block_size, *scale_shape] or None). Declared for upcoming models; no
-    model uses it yet."""
+    scale [num_blocks, block_size, *scale_shape] or None). IndexerKeySpec is one."""
 
     cache_name: str = "per_token"
     token_shape: tuple[int, ...] = ()
@@ -283,6 +283,25 @@ class PerTokenSpec(CacheSpec):
     def describe(self) -> str:
         scale = f" + scales {self.scale_shape} {dtype_name(self.scale_dtype)}" if self.scale_shape else ""
         return f"{self.name}[{self.num_layers} layers x {self.token_shape} {dtype_name(self.dtype)}{scale}]"
+
+
+@dataclass(frozen=True)
+class IndexerKeySpec(PerTokenSpec):
+    """DeepSeek Sparse Attention's lightning-indexer keys (DeepSeek-V3.2, GLM-5; docs/dsa.md): one
+    rotated, normalised key of `head_dim` per token and indexer layer, beside the MLA latent and
+    paged with the same block tables, so prefix caching, preemption and KV migration treat it as
+    they treat the latent. Each layer gets (keys [num_blocks, block_size, 1, head_dim], None): the
+    [.., 1, D] row layout the latent cache has, so the latent's row-scatter kernel writes it too.
+    Stored in the cache dtype, as transformers keeps it (DeepSeek's FP8 keys with scales would
+    set `dtype` / `scale_shape`)."""
+
+    cache_name: str = "indexer_k"
+
+    @classmethod
+    def for_layers(cls, layers: tuple[int, ...], head_dim: int, dtype: torch.dtype) -> "IndexerKeySpec":
+        if head_dim <= 0:
+            raise ConfigError(f"IndexerKeySpec needs index_head_dim > 0, got {head_dim}")
+        return cls(layers, token_shape=(1, head_dim), dtype=dtype)
 
 
 # -------------------------------------------------------------------- state kinds

@@ -104,7 +104,8 @@ class DecodeConnector:
             raise ConfigError("a decode engine always pulls into staging (staging_blocks=0 is for prefill engines): "
                               "a pull abandoned on timeout may still land late, and must not land in the cache")
         self.region = KVRegion(kv_cache, config.model, staging_blocks,
-                               min_blocks=-(-config.max_model_len // kv_cache.block_size))
+                               min_blocks=-(-config.max_model_len // kv_cache.block_size),
+                               staging_on_device=getattr(transfer, "reads_device_memory", False))
         # scratch row 0: nonces to write into a prefill engine's done slots; row 1: pin re-reads
         self.scratch = torch.zeros((2, NUM_SCRATCH), dtype=torch.int64)
         self.meta_in = torch.zeros(META_BYTES, dtype=torch.uint8)

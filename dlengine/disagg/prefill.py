@@ -79,7 +79,8 @@ class PrefillConnector:
         self.fingerprint = fingerprint
         self.pin_timeout_s = pin_timeout_s
         self.region = KVRegion(kv_cache, config.model, staging_blocks,
-                               min_blocks=-(-config.max_model_len // kv_cache.block_size))
+                               min_blocks=-(-config.max_model_len // kv_cache.block_size),
+                               staging_on_device=getattr(transfer, "reads_device_memory", False))
         if self.region.has_state and not self.region.staged:
             from dlengine.config import ConfigError
 

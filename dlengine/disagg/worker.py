@@ -8,6 +8,9 @@ timeouts. The worker exits when its stdin closes (its parent died) or on {"op": 
 
     python -m dlengine.disagg.worker '{"model": "tiny-qwen3", "role": "prefill", "dtype": "float32"}'
 
+An encoder engine (role "encode", docs/vision.md) answers "encode" (images: file paths, as JSON
+carries no bytes), "release", "stats" and "quit", and polls its pins between commands.
+
 `WorkerEngine(spec)` starts one and speaks the protocol; `generate`, `add_request`, `step`
 make it usable by `PDRouter` like an in-process engine.
 """
@@ -34,6 +37,10 @@ def build_engine(spec: dict):
         b.device(spec["device"])
     if spec.get("dtype"):
         b.dtype(spec["dtype"])
+    if spec.get("load_format"):
+        b.load_format(spec["load_format"])
+    if spec.get("seed") is not None:
+        b.seed(spec["seed"])
     if spec.get("cache"):
         b.cache(**spec["cache"])
     if spec.get("scheduler"):
@@ -43,6 +50,8 @@ def build_engine(spec: dict):
         b.transfer(**(spec.get("transfer") or {}))
     if spec.get("control_plane"):
         b.control_plane(**spec["control_plane"])
+    if spec.get("encoder_cache"):
+        b.encoder_cache(**spec["encoder_cache"])
     return b.build()
 
 
@@ -59,7 +68,43 @@ def _stats(engine) -> dict:
             "unfinished": engine.has_unfinished_requests(),
             "role": engine.connector.describe() if engine.connector else None,
             "events": list(getattr(engine.connector, "events", [])),
-            "migrations": [asdict(m) for m in getattr(engine.connector, "migrations", [])]}
+            "migrations": [asdict(m) for m in getattr(engine.connector, "migrations", [])],
+            "ec_pulls": engine.describe().get("ec_pulls")}
+
+
+def serve_encoder(engine, reply) -> None:
+    """The command loop of an encoder engine: encode, release, stats, quit; pins polled between."""
+    buf = b""
+    while True:
+        ready, _, _ = select.select([0], [], [], 0.005)
+        if not ready:
+            engine.poll()
+            continue
+        chunk = os.read(0, 1 << 20)
+        if not chunk:
+            break  # parent gone
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            cmd = json.loads(line)
+            op = cmd["op"]
+            try:
+                if op == "encode":
+                    reply({"ok": True, "ec_transfer_params": engine.encode(cmd["images"], cmd.get("request_id"))})
+                elif op == "release":
+                    reply({"ok": True, "released": engine.release(cmd["request_id"])})
+                elif op == "stats":
+                    engine.poll()
+                    reply({"ok": True, **engine.describe()["ec_transfer"], "events": list(engine.events)})
+                elif op == "quit":
+                    engine.close()
+                    reply({"ok": True})
+                    return
+                else:
+                    reply({"ok": False, "error": f"unknown op {op!r}"})
+            except Exception as e:  # the engine keeps serving; the caller gets the reason
+                reply({"ok": False, "error": f"{type(e).__name__}: {e}"})
+    engine.close()
 
 
 def serve(spec: dict) -> None:
@@ -71,6 +116,9 @@ def serve(spec: dict) -> None:
     def reply(obj) -> None:
         out.write(json.dumps(obj) + "\n")
 
+    if spec.get("role") == "encode":
+        reply({"ok": True, "engine_id": engine.engine_id, "pid": os.getpid(), "endpoint": engine.transfer.local_info()})
+        return serve_encoder(engine, reply)
     c = engine.connector
     reply({"ok": True, "engine_id": c.engine_id if c else None, "pid": os.getpid(),
            "endpoint": c.transfer.local_info() if c else None})
@@ -96,7 +144,8 @@ def serve(spec: dict) -> None:
                     reply({"ok": True, "outputs": [_out_dict(o) for o in res]})
                 elif op == "add":
                     rid = engine.add_request(cmd["prompt"], SamplingParams(**cmd["params"]),
-                                             kv_transfer_params=cmd.get("kv_transfer_params"))
+                                             kv_transfer_params=cmd.get("kv_transfer_params"),
+                                             ec_transfer_params=cmd.get("ec_transfer_params"))
                     reply({"ok": True, "request_id": rid})
                 elif op == "results":
                     reply({"ok": True, "outputs": [finals.pop(r) for r in cmd["request_ids"] if r in finals]})
@@ -160,12 +209,18 @@ class WorkerEngine:
         return self._read(timeout or self.timeout_s)
 
     def generate(self, prompts, params: SamplingParams):
-        res = self.call("generate", prompts=[list(p) if not isinstance(p, str) else p for p in prompts],
+        res = self.call("generate", prompts=[p if isinstance(p, (str, dict)) else list(p) for p in prompts],
                         params=asdict(params))
         return [SimpleNamespace(**o) for o in res["outputs"]]
 
-    def add_request(self, prompt, params: SamplingParams, kv_transfer_params: dict | None = None) -> str:
-        return self.call("add", prompt=prompt, params=asdict(params), kv_transfer_params=kv_transfer_params)["request_id"]
+    def add_request(self, prompt, params: SamplingParams, kv_transfer_params: dict | None = None,
+                    ec_transfer_params: dict | None = None) -> str:
+        return self.call("add", prompt=prompt, params=asdict(params), kv_transfer_params=kv_transfer_params,
+                         ec_transfer_params=ec_transfer_params)["request_id"]
+
+    def encode(self, images: list[str], request_id: str | None = None) -> dict:
+        """An encoder worker's ec_transfer_params for images given as file paths."""
+        return self.call("encode", images=list(images), request_id=request_id)["ec_transfer_params"]
 
     def results(self, request_ids) -> list:
         return [SimpleNamespace(**o) for o in self.call("results", request_ids=list(request_ids))["outputs"]]

@@ -185,6 +185,12 @@ class EngineCore:
                     req.add_placeholder(row)
             self._inflight = handle
         else:
+            if handle.hidden_states is not None:
+                # a speculator drafting from the target's hidden states (MTP) runs its own layer on
+                # the step's kept positions; before _resolve, while every request still holds its
+                # blocks (a finishing prefill hands them to its connector there)
+                gained = dict(zip((r.request_id for r in handle.sampled), handle.accepted_tokens()))
+                self.speculator.observe_hidden_states(handle.hidden_states, gained)
             outputs += self._resolve(handle)
 
         self.stats.num_steps += 1

@@ -70,7 +70,9 @@ class CUDAGraphRunner:
         )
 
     def _forward(self, bs: int) -> torch.Tensor:
-        ctx = ForwardContext(self._meta(bs), self.kv_cache.layers)
+        # every group's views too: paged extras such as DSA's indexer keys are read in the graph
+        layer_caches = [self.kv_cache.caches_of_layer(i) for i in range(len(self.kv_cache.layers))]
+        ctx = ForwardContext(self._meta(bs), self.kv_cache.layers, layer_caches)
         hidden = self.model(self.input_ids[:bs], self.positions[:bs], ctx)
         return self.model.compute_logits(hidden)
 

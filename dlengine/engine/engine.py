@@ -15,16 +15,21 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from typing import Callable, Iterable, Iterator, Protocol, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence, Union
 
 from dlengine.config import EngineConfig
 from dlengine.engine.core import CoreOutput, scoring_request
 from dlengine.engine.output_processor import OutputProcessor, TrackedRequest
 from dlengine.engine.request import Request, RequestMetrics, RequestOutput
+from dlengine.multimodal.processor import ImagePromptProcessor
 from dlengine.sampling_params import InvalidRequestError, SamplingParams
 
-Prompt = Union[str, Sequence[int]]
+# a text or token-id prompt, or {"prompt": text or token ids, "images": [...]} for a vision model
+Prompt = Union[str, Sequence[int], Mapping[str, Any]]
 logger = logging.getLogger("dlengine")
+
+
+OUTPUT_KINDS = ("cumulative", "final_only")
 
 
 class EngineCoreClient(Protocol):
@@ -79,6 +84,9 @@ class Engine:
         self._scores: dict = {}  # request id -> logits of finished scoring requests
         self._listeners: dict[str, Callable[[RequestOutput], None]] = {}  # add_request(on_output=...)
         self._ids = itertools.count()
+        # image preprocessing for vision models (None for text-only ones)
+        self._images = ImagePromptProcessor.for_model(config.model)
+        self._encoder_client = None  # pulls image embeddings from encoder engines (EPD), made on first use
 
     # the local core's parts, for notebooks and tests (a parallel engine's live in its workers)
     scheduler = property(lambda self: self.core.scheduler)
@@ -117,7 +125,10 @@ class Engine:
 
     def describe(self) -> dict:
         """The facts a benchmark or a log line should carry: model, device, kernels, cache, limits."""
-        return self.core.describe()
+        d = self.core.describe()
+        if self._encoder_client is not None:
+            d["ec_pulls"] = self._encoder_client.describe()
+        return d
 
     def close(self) -> None:
         """Abort what is running and release the engine's memory (and worker processes) now."""
@@ -126,6 +137,9 @@ class Engine:
         self._pending_outputs.clear()
         self._replay.clear()
         self._abort_queue.clear()
+        if self._encoder_client is not None:
+            self._encoder_client.close()
+            self._encoder_client = None
         self.core.close()
 
     def __enter__(self) -> "Engine":
@@ -145,6 +159,7 @@ class Engine:
         vocab = self.config.model.vocab_size
         params.validate(vocab)
         text = None
+        prompt, images = self._split_images(prompt)
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InvalidRequestError("this checkpoint has no tokenizer; pass prompts as lists of token ids")
@@ -159,6 +174,11 @@ class Engine:
             raise InvalidRequestError(f"a prompt is a string or a list of token ids, not {type(prompt).__name__}")
         if not token_ids:
             raise InvalidRequestError("empty prompt: at least one token is needed")
+        multimodal = None
+        if self._images is not None and (images or self._images.image_token_id in token_ids):
+            # each image placeholder becomes the image's tokens; pixels, hashes and M-RoPE positions
+            # are computed here, once
+            token_ids, multimodal = self._images.process(token_ids, images)
         max_len = self.config.max_model_len
         if len(token_ids) >= max_len:
             raise InvalidRequestError(
@@ -175,21 +195,47 @@ class Engine:
                            "tokens will be generated (finish_reason 'length')", request_id, len(token_ids),
                            params.max_tokens, max_len, max_len - len(token_ids))
         return Request(request_id, token_ids, params, prompt=text, eos_token_ids=self.config.model.eos_token_ids,
-                       arrival_time=arrival_time)
+                       arrival_time=arrival_time, multimodal=multimodal)
+
+    def _split_images(self, prompt) -> tuple[Prompt, list]:
+        """(text or token ids, images) of a prompt; a dict prompt carries its images."""
+        if not isinstance(prompt, Mapping):
+            return prompt, []
+        unknown = set(prompt) - {"prompt", "images"}
+        if "prompt" not in prompt or unknown:
+            raise InvalidRequestError(f"a dict prompt has the keys 'prompt' and 'images'; got {sorted(prompt)}")
+        images = prompt.get("images") or []
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        if images and self._images is None:
+            raise InvalidRequestError(f"{self.config.model.architecture} takes no images; use a vision model "
+                                      "such as Qwen3-VL")
+        return prompt["prompt"], list(images)
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
                     arrival_time: float | None = None, kv_transfer_params: dict | None = None,
-                    on_output: Callable[[RequestOutput], None] | None = None) -> str:
-        """Queue a prompt; returns its request id. Bad input raises InvalidRequestError and leaves
-        every other request untouched. `arrival_time` (time.perf_counter() clock) defaults to now;
-        TTFT and latency metrics count from it.
+                    on_output: Callable[[RequestOutput], None] | None = None,
+                    output_kind: str = "cumulative", ec_transfer_params: dict | None = None) -> str:
+        """Queue a prompt (as `generate` takes it, images included); returns its request id. Bad
+        input raises InvalidRequestError and leaves every other request untouched. `arrival_time`
+        (time.perf_counter() clock) defaults to now; TTFT and latency metrics count from it.
 
         `on_output(output)`, if given, is called (on the stepping thread) with each of this
         request's outputs as `step()` makes them, the final one included: a per-request queue for
         a server (e.g. `lambda o: loop.call_soon_threadsafe(queue.put_nowait, o)` for asyncio).
 
         On a decode engine, `kv_transfer_params` (a prefill engine's output field) makes the
-        request pull the prompt's KV instead of computing it; `prompt` must be the same prompt."""
+        request pull the prompt's KV instead of computing it; `prompt` must be the same prompt.
+
+        On a vision model, `ec_transfer_params` (an encoder engine's `encode(images)` result for
+        this prompt's images) makes the request pull the images' embeddings instead of encoding
+        them (docs/vision.md, EPD); a failed pull raises EncoderPullError naming the encoder
+        (or encodes here, with encoder_cache(on_pull_failure="local")).
+
+        `output_kind`: "cumulative" (an output every step the request gains tokens) or
+        "final_only" (only its final output: cheaper per step for batch jobs, as generate() uses)."""
+        if output_kind not in OUTPUT_KINDS:
+            raise InvalidRequestError(f"output_kind must be one of {OUTPUT_KINDS}, got {output_kind!r}")
         request = self.make_request(prompt, params, request_id, arrival_time)
         if kv_transfer_params is not None:
             custom = self.config.components.kv_connector is not None  # it checks its own params
@@ -202,15 +248,37 @@ class Engine:
 
                 check_transfer_params(kv_transfer_params, request, self.config.model.vocab_size)
             request.remote_kv = kv_transfer_params
-        rid = self.add_prepared_request(request)
+        if ec_transfer_params is not None:
+            self._pull_image_embeddings(request, ec_transfer_params)
+        rid = self.add_prepared_request(request, output_kind)
         if on_output is not None:
             self._listeners[rid] = on_output
         return rid
 
-    def add_prepared_request(self, request: Request) -> str:
+    def _pull_image_embeddings(self, request: Request, ec_transfer_params: dict) -> None:
+        if self._images is None:
+            raise InvalidRequestError(f"ec_transfer_params carry image embeddings; {self.config.model.architecture} "
+                                      "takes no images")
+        if request.remote_kv is not None:
+            return  # the prompt's KV is pulled whole: its images are never encoded here
+        if self._encoder_client is None:
+            from dlengine.disagg.encoder_client import EncoderCacheClient
+            from dlengine.parallel.transfer import make_transfer_engine
+
+            t = self.config.transfer
+            transfer = make_transfer_engine("dlslime", transport="tcp", host=t.host if t is not None else "127.0.0.1")
+            try:
+                self._encoder_client = EncoderCacheClient(self.config, transfer)
+            except BaseException:
+                transfer.close()
+                raise
+        self._encoder_client.pull(ec_transfer_params, request.multimodal)
+
+    def add_prepared_request(self, request: Request, output_kind: str = "cumulative") -> str:
         """Admit a request made by `make_request`."""
         self.core.add(request)  # may append a migrated request's first token
-        self._tracked[request.request_id] = TrackedRequest.of(request, self.tokenizer)
+        self._tracked[request.request_id] = TrackedRequest.of(request, self.tokenizer,
+                                                              final_only=output_kind == "final_only")
         return request.request_id
 
     def abort(self, request_id: str) -> bool:
@@ -265,6 +333,8 @@ class Engine:
                 self._tracked.pop(co.request_id)
                 continue
             out, stopped = self._processor.process(t, co)
+            if out is None:  # a final-only request, not finished
+                continue
             if stopped:
                 # a stop string: the core cannot see text, so the request ends here and there
                 self.core.abort(co.request_id)
@@ -299,7 +369,7 @@ class Engine:
 
     # ------------------------------------------------------------------ batch helpers
     def _prepare_batch(self, prompts, params) -> tuple[list[Request | None], list[str | None]]:
-        if isinstance(prompts, str) or _is_token_list(prompts):
+        if isinstance(prompts, (str, Mapping)) or _is_token_list(prompts):
             prompts = [prompts]
         try:
             prompts = list(prompts)
@@ -326,9 +396,11 @@ class Engine:
                  *, use_tqdm: bool = False, raise_on_error: bool = True) -> list[RequestOutput]:
         """Run a batch to completion; outputs come back in input order.
 
-        Prompts are strings or lists of token ids. A bad prompt raises InvalidRequestError naming
-        its index before anything runs; with `raise_on_error=False` it comes back instead as an
-        output with `finish_reason="error"` and `error` set, and the rest of the batch runs.
+        Prompts are strings or lists of token ids; for a vision model also dicts
+        {"prompt": text or ids, "images": [PIL images, arrays or paths]} (docs/vision.md). A bad
+        prompt raises InvalidRequestError naming its index before anything runs; with
+        `raise_on_error=False` it comes back instead as an output with `finish_reason="error"` and
+        `error` set, and the rest of the batch runs.
         """
         reqs, errors = self._prepare_batch(prompts, params)
         if raise_on_error and any(errors):
@@ -336,7 +408,7 @@ class Engine:
             raise InvalidRequestError("; ".join(msgs))
         for r in reqs:
             if r is not None:
-                self.add_prepared_request(r)
+                self.add_prepared_request(r, output_kind="final_only")
         finals: dict[str, RequestOutput] = {}
         pending = {r.request_id for r in reqs if r is not None}
         bar = None

@@ -32,13 +32,16 @@ class TrackedRequest:
     stop_reason: int | str | None = None
     error: str | None = None
     kv_transfer_params: dict | None = None
+    # only the final output is wanted (Engine.generate, offline benchmarks): no output object per
+    # step, and without stop strings no text until the end (one full decode, as flush does anyway)
+    final_only: bool = False
 
     @staticmethod
-    def of(request: Request, tokenizer) -> "TrackedRequest":
+    def of(request: Request, tokenizer, final_only: bool = False) -> "TrackedRequest":
         p = request.params
         detok = IncrementalDetokenizer(tokenizer, p.skip_special_tokens) if tokenizer is not None else None
         tracked = TrackedRequest(request.request_id, request.prompt, request.prompt_token_ids, p, request.metrics,
-                                 detok, logprobs=[] if p.logprobs is not None else None)
+                                 detok, logprobs=[] if p.logprobs is not None else None, final_only=final_only)
         # a decode engine's migrated request starts with the prefill side's first token
         for tok in request.output_token_ids:
             tracked.token_ids.append(tok)
@@ -66,17 +69,25 @@ class TrackedRequest:
 
 
 class OutputProcessor:
-    """Applies core outputs to tracked requests. `process` returns the user output and whether
-    a stop string ended the request (the front then aborts it in the core)."""
+    """Applies core outputs to tracked requests. `process` returns the user output (None for a
+    final-only request that has not finished) and whether a stop string ended the request (the
+    front then aborts it in the core)."""
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
 
-    def process(self, t: TrackedRequest, out: CoreOutput) -> tuple[RequestOutput, bool]:
+    def process(self, t: TrackedRequest, out: CoreOutput) -> tuple[RequestOutput | None, bool]:
         if out.metrics is not None:
             t.metrics = out.metrics
+        if t.final_only and not out.finished and not t.params.stop:
+            # nothing to show before the end and no stop string to look for: just keep the ids
+            t.token_ids += out.new_token_ids
+            if t.logprobs is not None and out.new_logprobs is not None:
+                t.logprobs += out.new_logprobs[:len(out.new_token_ids)]
+            return None, False
         new: list[int] = []
         stopped_by_string = False
+        p_stop = bool(t.params.stop)
         for i, tok in enumerate(out.new_token_ids):
             t.token_ids.append(tok)
             new.append(tok)
@@ -86,7 +97,7 @@ class OutputProcessor:
             # the core's token-level stop (eos, stop token) on this token comes first, as it
             # would on one engine; a stop string beats a length limit reached on the same token
             token_stop = last and out.finished and out.finish_reason == "stop" and isinstance(out.stop_reason, int)
-            if self._update_text(t, check_stop=not token_stop):
+            if (p_stop or not t.final_only) and self._update_text(t, check_stop=not token_stop):
                 stopped_by_string = True
                 break
         if stopped_by_string:
@@ -99,6 +110,8 @@ class OutputProcessor:
             if t.detokenizer is not None:
                 t.detokenizer.flush(t.token_ids)
                 t.text = t.detokenizer.text
+        elif t.final_only:
+            return None, False
         return t.output(new), False
 
     def _update_text(self, t: TrackedRequest, check_stop: bool) -> bool:

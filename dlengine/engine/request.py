@@ -5,10 +5,14 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from dlengine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from dlengine.multimodal.inputs import MultimodalInputs
 
 
 PLACEHOLDER_TOKEN = -1  # stands for a token still being sampled on the device (async scheduling)
@@ -85,6 +89,7 @@ class Request:
         prompt: str | None = None,
         eos_token_ids: tuple[int, ...] = (),
         arrival_time: float | None = None,
+        multimodal: "MultimodalInputs | None" = None,
     ) -> None:
         self.request_id = request_id
         self.prompt = prompt
@@ -115,6 +120,8 @@ class Request:
         self.score_only = False
         self.max_chunk_tokens: int | None = None  # cap on tokens per step for this request (scoring)
         self.prompt_logits: list[torch.Tensor] = []  # chunks of logits computed so far (scoring)
+        # images of the prompt (processed pixels, token spans, hashes, M-RoPE positions), None for text
+        self.multimodal = multimodal
 
     @property
     def num_tokens(self) -> int:
@@ -131,6 +138,11 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status == RequestStatus.FINISHED
+
+    def block_extra_key(self, block_index: int, block_size: int) -> bytes:
+        """What the prefix-cache hash of a full block adds to its token ids: the content hashes
+        of the images whose tokens it holds (image tokens all share one placeholder id)."""
+        return b"" if self.multimodal is None else self.multimodal.block_extra_key(block_index, block_size)
 
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

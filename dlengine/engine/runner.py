@@ -18,8 +18,26 @@ from dlengine.engine.request import Request
 from dlengine.engine.sampler import Sampler, SamplerOutput, SamplingTensors
 from dlengine.engine.scheduler import SchedulerOutput
 from dlengine.kernels.attention.backend import AttentionBackend
-from dlengine.kernels.context import AttentionMetadata, ForwardContext
+from dlengine.kernels.context import AttentionMetadata, ForwardContext, MultimodalSegment
 from dlengine.kernels.selection import Kernels
+
+
+@dataclass
+class StepHiddenStates:
+    """The target's final hidden states of one step (what the LM head reads), every position of
+    every scheduled request, for a speculator that drafts from them (`needs_hidden_states`: the
+    MTP proposer). Rows of request i are query_start_loc[i]:query_start_loc[i + 1], at positions
+    starts[i], starts[i] + 1, ...; the cache views let the speculator run its own layers on the
+    same paged cache (its layers have their own indices there)."""
+
+    hidden: torch.Tensor  # [T, hidden_size]
+    requests: list[Request]
+    starts: list[int]  # each request's num_computed_tokens before the step
+    query_start_loc: list[int]  # [B + 1]
+    num_spec: list[int]  # drafts each request verified (its last num_spec inputs)
+    sample: list[bool]  # whether each request sampled a token
+    kv_caches: list  # KVCache.layers
+    layer_caches: list  # KVCache.caches_of_layer(i) for every layer
 
 
 @dataclass
@@ -38,6 +56,7 @@ class StepHandle:
     event: "torch.cuda.Event | None" = None
     num_drafts: list[int] = field(default_factory=list)
     scores: list[tuple[Request, torch.Tensor]] = field(default_factory=list)
+    hidden_states: StepHiddenStates | None = None  # when the runner keeps them (keep_hidden_states)
 
     def token_ids(self) -> list[int]:
         if self.event is not None:
@@ -96,13 +115,15 @@ class ModelInputs:
     num_drafts: list[int] = field(default_factory=list)  # per sampled request
     # scoring requests and how many logits rows each owns (after the sampled requests' rows)
     scored: list[tuple[Request, int]] = field(default_factory=list)
+    multimodal: list[MultimodalSegment] = field(default_factory=list)  # requests with images
     # (from slot, to slot) state copies after the forward: prefix-cache checkpoints at the end of a step
     state_saves_after: list[tuple[int, int]] = field(default_factory=list)
 
 
 class ModelRunner:
     def __init__(self, model: nn.Module, kv_cache: KVCache, backend: AttentionBackend, sampler: Sampler,
-                 vocab_size: int, device: torch.device, graph_runner=None, kernels: Kernels | None = None) -> None:
+                 vocab_size: int, device: torch.device, graph_runner=None, kernels: Kernels | None = None,
+                 keep_hidden_states: bool = False) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.backend = backend
@@ -112,6 +133,9 @@ class ModelRunner:
         self.device = device
         self.block_size = kv_cache.block_size
         self.graph_runner = graph_runner  # a CUDAGraphRunner when CUDA graphs are on
+        # a speculator drafting from the target's hidden states asks for them (every step then
+        # runs eagerly: captured graphs return logits only)
+        self.keep_hidden_states = keep_hidden_states
         self.num_graph_steps = 0
         self._last_token_ids: torch.Tensor | None = None  # device: tokens sampled by the last step
         # every cache view of every layer (recurrent layers find their state slots here)
@@ -204,6 +228,9 @@ class ModelRunner:
             saves_after = self._state_checkpoints(reqs, starts, query_lens, meta)
         else:
             saves_after = []
+        # requests with images: the model reads their image embeddings and M-RoPE positions
+        multimodal = [MultimodalSegment(int(query_start_loc[i]), starts[i], query_lens[i], r.multimodal)
+                      for i, r in enumerate(reqs) if r.multimodal is not None]
         input_ids_dev = self._to_device(input_ids)
         if placeholders is not None:
             dst, src = placeholders
@@ -217,6 +244,7 @@ class ModelRunner:
             num_drafts=num_drafts,
             scored=scored,
             state_saves_after=saves_after,
+            multimodal=multimodal,
         )
 
     def _state_checkpoints(self, reqs: list[Request], starts: list[int], query_lens: list[int],
@@ -249,11 +277,24 @@ class ModelRunner:
 
     @torch.inference_mode()
     def compute_logits(self, inputs: ModelInputs) -> torch.Tensor:
-        ctx = ForwardContext(inputs.meta, self.kv_cache.layers, self.layer_caches)
+        return self._forward(inputs)[0]
+
+    def _forward(self, inputs: ModelInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits of the logits rows, hidden states of every row)."""
+        ctx = ForwardContext(inputs.meta, self.kv_cache.layers, self.layer_caches, inputs.multimodal)
         hidden = self.model(inputs.input_ids, inputs.positions, ctx)
         for src, dst in inputs.state_saves_after:
             self._copy_state(src, dst)
-        return self.model.compute_logits(hidden[inputs.logits_indices]).float()
+        return self.model.compute_logits(hidden[inputs.logits_indices]).float(), hidden
+
+    def _hidden_states(self, out: SchedulerOutput, hidden: torch.Tensor) -> StepHiddenStates:
+        reqs = [s.request for s in out.scheduled]
+        qsl = [0]
+        for s in out.scheduled:
+            qsl.append(qsl[-1] + s.num_new_tokens)
+        return StepHiddenStates(hidden, reqs, [r.num_computed_tokens for r in reqs], qsl,
+                                [s.num_spec_tokens for s in out.scheduled], [s.sample for s in out.scheduled],
+                                self.kv_cache.layers, self.layer_caches)
 
     def _graph_logits(self, out: SchedulerOutput) -> tuple[list[Request], torch.Tensor] | None:
         """Replay a captured decode graph when every scheduled request decodes one token."""
@@ -261,6 +302,8 @@ class ModelRunner:
         sched = out.scheduled
         if g is None or len(sched) > g.max_batch or any(s.num_new_tokens != 1 or not s.sample for s in sched):
             return None
+        if any(s.request.multimodal is not None for s in sched):
+            return None  # M-RoPE positions of requests with images are not in the captured graphs
         bs = self.block_size
         n = len(sched)
         positions = np.fromiter((s.request.num_computed_tokens for s in sched), dtype=np.int64, count=n)
@@ -280,14 +323,17 @@ class ModelRunner:
         token (requests in the middle of a chunked prompt sample nothing) and yields their tokens;
         rows of `handle.sampler_out` are in the same order (1 + k rows for a request verifying k
         drafts)."""
-        graphed = self._graph_logits(out)
+        graphed = None if self.keep_hidden_states else self._graph_logits(out)
         scores: list[tuple[Request, torch.Tensor]] = []
+        step_hidden = None
         if graphed is not None:
             sampled, logits = graphed
             num_drafts = [0] * len(sampled)
         else:
             inputs = self.prepare_inputs(out)
-            logits = self.compute_logits(inputs)
+            logits, hidden = self._forward(inputs)
+            if self.keep_hidden_states:
+                step_hidden = self._hidden_states(out, hidden)
             sampled, num_drafts = inputs.sampled_requests, inputs.num_drafts
             row = sum(1 + k for k in num_drafts)
             for req, n in inputs.scored:
@@ -295,13 +341,13 @@ class ModelRunner:
                 row += n
             logits = logits[: sum(1 + k for k in num_drafts)]
         if not sampled:
-            return StepHandle([], scores=scores)
+            return StepHandle([], scores=scores, hidden_states=step_hidden)
         # a request verifying k drafts samples k + 1 rows, each with its own settings and noise
         rows = [r for r, k in zip(sampled, num_drafts) for _ in range(1 + k)] if any(num_drafts) else sampled
         tensors = SamplingTensors.from_requests(rows, self.vocab_size, self.device)
         sampler_out = self.sampler(logits, tensors)
         self._last_token_ids = sampler_out.token_ids
-        handle = StepHandle(sampled, sampler_out, num_drafts=num_drafts, scores=scores)
+        handle = StepHandle(sampled, sampler_out, num_drafts=num_drafts, scores=scores, hidden_states=step_hidden)
         if self.device.type == "cuda":
             handle.host_tokens = torch.empty(len(rows), dtype=torch.int64, pin_memory=True)
             handle.host_tokens.copy_(sampler_out.token_ids, non_blocking=True)

@@ -86,3 +86,25 @@ class Speculator(Protocol):
 
     def on_verified(self, request: Request, num_drafts: int, num_accepted: int) -> None:
         """Optional: how many of a request's drafts were accepted (proposer state, statistics)."""
+
+
+class HiddenStateSpeculator(Speculator, Protocol):
+    """A speculator that drafts from the target's hidden states (the MTP proposer). Declared
+    with `needs_hidden_states = True`; the engine then:
+    - gives it the target model at build (it is built by a factory with `wants_target = True`,
+      called as `factory(config, target)`, target: dlengine.assemble.SpeculatorTarget);
+    - extends the cache with its layers (`cache_specs(target_specs)`: same blocks, same tables);
+    - after every step's forward, before its tokens are applied (requests still hold their
+      blocks, even those that finish now), calls `observe_hidden_states(step, gained)` with the
+      step's hidden states (dlengine.engine.runner.StepHiddenStates) and, per sampling request id,
+      the tokens it gains (accepted drafts + the target's token). Drafts for the next step come
+      from there; `propose` hands them out.
+    """
+
+    needs_hidden_states: bool
+
+    def cache_specs(self, target_specs: list) -> list:
+        """The cache specs with this speculator's layers added."""
+
+    def observe_hidden_states(self, step, gained: dict[str, list[int]]) -> None:
+        """Run on the step's kept positions (writes its own KV) and draft for the requests that sampled."""

@@ -13,6 +13,10 @@ its state slot (`request.state_slot`) and whether it resumes the state saved the
 first step of a request, or its recompute after preemption); those layers find their state
 tensors in `ForwardContext.layer_caches[i]`.
 
+Requests with images (multimodal/inputs.py) are listed in `ForwardContext.multimodal`, one
+`MultimodalSegment` per such request in the batch: which rows of the flat batch are its tokens and
+its MultimodalInputs, from which a multimodal model takes image embeddings and M-RoPE positions.
+
 The kernels themselves (attention backend, fused ops) are not in the context: layers receive them
 once, when they are built (kernels/selection.py).
 """
@@ -56,6 +60,14 @@ class AttentionMetadata:
 
 
 @dataclass
+class MultimodalSegment:
+    row: int  # the request's first row in the flat batch
+    start: int  # index (in the request's tokens) of that row's token
+    num_tokens: int  # its rows this step
+    inputs: Any  # the request's dlengine.multimodal.inputs.MultimodalInputs
+
+
+@dataclass
 class ForwardContext:
     """Set by the runner for the duration of one forward; attention layers read their cache
     tensors by layer index: `kv_caches[i] = (k_cache, v_cache)` (MLA: (latent cache, empty)).
@@ -65,3 +77,4 @@ class ForwardContext:
     meta: AttentionMetadata
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
     layer_caches: Sequence[dict[str, Any]] = ()
+    multimodal: Sequence[MultimodalSegment] = ()  # requests with images in this batch

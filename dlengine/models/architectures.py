@@ -8,6 +8,8 @@ registry.MODEL_REGISTRY, which maps the same names to their classes; tests/test_
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "DeepseekV3ForCausalLM",  # also Kimi-K2
+    "DeepseekV32ForCausalLM",  # DeepSeek Sparse Attention (docs/dsa.md)
+    "GlmMoeDsaForCausalLM",  # GLM-5, DeepSeek Sparse Attention
     "Qwen3ForCausalLM",
     "Qwen3MoeForCausalLM",
     "Qwen3NextForCausalLM",
@@ -15,6 +17,8 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "Qwen3_5ForConditionalGeneration",  # released Qwen3.5 (the text path; the vision tower is skipped)
     "Qwen3_5MoeForCausalLM",
     "Qwen3_5MoeForConditionalGeneration",
+    "Qwen3VLForConditionalGeneration",  # Qwen3-VL with image inputs (models/qwen3_vl.py)
+    "Qwen3VLMoeForConditionalGeneration",
 )
 
 # multimodal checkpoints whose text-model fields sit under "text_config" (ModelConfig reads them
@@ -22,4 +26,6 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
 NESTED_TEXT_CONFIG: tuple[str, ...] = (
     "Qwen3_5ForConditionalGeneration",
     "Qwen3_5MoeForConditionalGeneration",
+    "Qwen3VLForConditionalGeneration",
+    "Qwen3VLMoeForConditionalGeneration",
 )

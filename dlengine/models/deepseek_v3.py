@@ -15,12 +15,14 @@ config). MLA runs on the torch reference or the Triton kernels (kernels/mla/mla_
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dlengine.cache.specs import MLALatentSpec
 from dlengine.config import ConfigError, ModelConfig
 from dlengine.models.layers.decoder import PreNormDecoderLayer
 from dlengine.kernels.context import ForwardContext
@@ -29,6 +31,7 @@ from dlengine.models.layers.parallel_moe import ParallelFusedMoE
 from dlengine.models.layers.linear import default_weight_loader
 from dlengine.models.layers.mla import MLAAttention
 from dlengine.models.layers.moe import FusedMoE, GroupedTopKRouter
+from dlengine.models.layers.mtp import MultiTokenPredictionLayer
 from dlengine.models.layers.norm import RMSNorm
 from dlengine.models.layers.rotary import RotaryEmbedding
 from dlengine.models.qwen3 import Qwen3MLP
@@ -101,23 +104,27 @@ class DeepseekV3MoE(nn.Module):
 
 
 class DeepseekV3DecoderLayer(PreNormDecoderLayer):
+    attention_cls: type[nn.Module] = MLAAttention  # DeepSeek-V3.2 (deepseek_v32.py): MLA + indexer
+
     def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, mlp: nn.Module) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MLAAttention(cfg, layer_idx, rotary)
+        self.self_attn = self.attention_cls(cfg, layer_idx, rotary)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = mlp
 
 
 class DeepseekV3Model(nn.Module):
+    layer_cls: type[nn.Module] = DeepseekV3DecoderLayer
+
     def __init__(self, cfg: ModelConfig, max_position: int, moe: DeepseekMoeSettings) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         # RoPE acts on the qk_rope_head_dim dims only (transformers sets config.head_dim to it)
         rotary = RotaryEmbedding(int(cfg.hf_config["qk_rope_head_dim"]), max_position, cfg.rope)
         self.layers = nn.ModuleList(
-            DeepseekV3DecoderLayer(cfg, i, rotary, DeepseekV3MoE(cfg.hidden_size, moe) if moe.is_sparse(i)
-                                   else Qwen3MLP(cfg.hidden_size, cfg.intermediate_size))
+            self.layer_cls(cfg, i, rotary, DeepseekV3MoE(cfg.hidden_size, moe) if moe.is_sparse(i)
+                           else Qwen3MLP(cfg.hidden_size, cfg.intermediate_size))
             for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -134,6 +141,7 @@ _LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 class DeepseekV3ForCausalLM(nn.Module):
+    model_cls: type[nn.Module] = DeepseekV3Model  # the layer stack; DSA models swap in their own
     # HF's separate gate/up projections (dense layers and shared experts) load into one GEMM; MLA's
     # projections load by their own names (no q/k/v rows: a q_proj must stay q_proj)
     stacked_params = [
@@ -152,15 +160,15 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.expert_params = FusedMoE.checkpoint_mapping(self.moe.num_experts) + [
             ("experts.router.e_score_correction_bias", "gate.e_score_correction_bias", None),
         ]
-        self.model = DeepseekV3Model(cfg, max_position, self.moe)
+        self.model = self.model_cls(cfg, max_position, self.moe)
         tied_to = self.model.embed_tokens if cfg.tie_word_embeddings else None
         self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size, tied_to)
 
     def skip_checkpoint_tensor(self, name: str) -> bool:
         """DeepSeek-V3 checkpoints append their multi-token-prediction (MTP) module as extra decoder
-        layers `model.layers.{num_hidden_layers + i}.*` (num_nextn_predict_layers of them). They
-        only serve speculative decoding, which this engine does not do, so they are not loaded
-        (transformers drops them too: `_keys_to_ignore_on_load_unexpected`)."""
+        layers `model.layers.{num_hidden_layers + i}.*` (num_nextn_predict_layers of them). The
+        target model does not use them (transformers drops them too); `speculative("mtp")` loads
+        them into a separate `DeepseekV3MTP` (below)."""
         m = _LAYER_INDEX.match(name)
         return m is not None and int(m.group(1)) >= self.config.num_hidden_layers
 
@@ -170,3 +178,71 @@ class DeepseekV3ForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
+
+
+def num_nextn_layers(cfg: ModelConfig) -> int:
+    """How many multi-token-prediction layers the checkpoint carries (0: none)."""
+    return int(cfg.hf_config.get("num_nextn_predict_layers", 0) or 0)
+
+
+class DeepseekV3MTP(nn.Module):
+    """The first next-n layer of a DeepSeek-V3 checkpoint, `model.layers.{num_hidden_layers}.*`,
+    as a module of its own (loaded with the same loader; parameter names match the checkpoint).
+
+    Its attention is MLA on cache layer `num_hidden_layers` (the cache spec gets one more layer,
+    `cache_specs`), its block is the checkpoint's (MoE when that index is sparse). The embedding
+    is the target's (DeepSeek shares it; the checkpoint's copy `model.layers.N.embed_tokens` is not
+    read). Later next-n layers (num_nextn_predict_layers > 1, no released model has them) are not
+    loaded: chained drafts reuse this one layer."""
+
+    stacked_params = DeepseekV3ForCausalLM.stacked_params
+
+    def __init__(self, cfg: ModelConfig, max_position: int) -> None:
+        super().__init__()
+        if num_nextn_layers(cfg) < 1:
+            raise ConfigError(f"{cfg.path}: the checkpoint has no multi-token-prediction layers "
+                              "(config.json num_nextn_predict_layers is 0 or missing)")
+        self.config = cfg
+        self.layer_index = cfg.num_hidden_layers
+        moe = DeepseekMoeSettings(cfg)
+        self.expert_params = FusedMoE.checkpoint_mapping(moe.num_experts) + [
+            ("experts.router.e_score_correction_bias", "gate.e_score_correction_bias", None),
+        ]
+        rotary = RotaryEmbedding(int(cfg.hf_config["qk_rope_head_dim"]), max_position, cfg.rope)
+        i = self.layer_index
+
+        def make_block() -> DeepseekV3DecoderLayer:
+            mlp = DeepseekV3MoE(cfg.hidden_size, moe) if moe.is_sparse(i) else Qwen3MLP(cfg.hidden_size,
+                                                                                        cfg.intermediate_size)
+            return DeepseekV3DecoderLayer(cfg, i, rotary, mlp)
+
+        layer = MultiTokenPredictionLayer(cfg.hidden_size, cfg.vocab_size, cfg.rms_norm_eps, make_block)
+        # nested as model.layers.{i} so names are the checkpoint's
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleDict({str(i): layer})
+
+    @property
+    def layer(self) -> MultiTokenPredictionLayer:
+        return self.model.layers[str(self.layer_index)]
+
+    def skip_checkpoint_tensor(self, name: str) -> bool:
+        """Read only this layer's tensors, minus its copy of the shared embedding."""
+        prefix = f"model.layers.{self.layer_index}."
+        return not name.startswith(prefix) or name == prefix + "embed_tokens.weight"
+
+    def cache_specs(self, target_specs: list) -> list:
+        """The target's specs with this layer added to its MLA latent group: one more layer in the
+        same blocks, so the MTP KV shares block tables, prefix caching and preemption."""
+        out = []
+        for spec in target_specs:
+            if isinstance(spec, MLALatentSpec):
+                spec = dataclasses.replace(spec, layers=spec.layers + (self.layer_index,))
+            out.append(spec)
+        return out
+
+    def forward(self, positions: torch.Tensor, embeds: torch.Tensor, hidden: torch.Tensor,
+                ctx: ForwardContext) -> torch.Tensor:
+        return self.layer(positions, embeds, hidden, ctx)
+
+    def compute_logits(self, y: torch.Tensor) -> torch.Tensor:
+        return self.layer.compute_logits(y)

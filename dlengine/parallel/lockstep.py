@@ -94,6 +94,9 @@ class RankCore:
                 "num_steps": s.num_steps, "lockstep_steps": self.lockstep_steps, "idle_steps": self.idle_steps,
                 "num_generated_tokens": s.num_generated_tokens, "num_finished": s.num_finished,
                 "num_computed_tokens": s.num_computed_tokens,
+                # speculative decoding on this rank (drafts proposed / accepted, verify rows)
+                "num_draft_tokens": s.num_draft_tokens, "num_accepted_tokens": s.num_accepted_tokens,
+                "num_spec_verifications": s.num_spec_verifications,
                 "expert_token_counts": expert_token_counts(self.core.model),
                 # the rank's block pool and KV connector (a prefill rank's pinned hand-offs)
                 "num_free_blocks": self.core.block_manager.num_free_blocks,

@@ -8,13 +8,13 @@ import time
 from dataclasses import dataclass, field
 
 logger = logging.getLogger("dlengine.router")
-ROLES = ("hybrid", "prefill", "decode")
+ROLES = ("hybrid", "prefill", "decode", "encode")
 
 
 @dataclass
 class Backend:
     url: str
-    role: str  # hybrid | prefill | decode
+    role: str  # hybrid | prefill | decode | encode
     source: str = "flag"  # flag | ctrl (discovered; removed when its registration goes)
     healthy: bool = True  # a flag backend starts healthy; a failed request or health check clears it
     in_flight: int = 0  # router requests using it now (least-load)

@@ -83,13 +83,15 @@ class AsyncEngine:
         """Abort a request; safe from any coroutine or thread, applied before the next step."""
         self._commands.put((self._abort, (request_id,), None))
 
-    async def add(self, jobs: Sequence[tuple], kv_transfer_params: dict | None = None) -> list["RequestStream"]:
+    async def add(self, jobs: Sequence[tuple], kv_transfer_params: dict | None = None,
+                  ec_transfer_params: dict | None = None) -> list["RequestStream"]:
         """Admit requests given as (prompt, params, request id), all in one command so they start
         in the same step. If one is refused (InvalidRequestError, raised here before any output)
-        none of them runs. `kv_transfer_params` (a decode engine, one job) pull the prompt's KV."""
+        none of them runs. `kv_transfer_params` (a decode engine, one job) pull the prompt's KV;
+        `ec_transfer_params` (one job) its images' embeddings from an encoder engine."""
         queues = [asyncio.Queue() for _ in jobs]
         try:
-            await self.call(self._add_all, list(jobs), queues, kv_transfer_params)
+            await self.call(self._add_all, list(jobs), queues, kv_transfer_params, ec_transfer_params)
         except asyncio.CancelledError:  # admitted or not, nobody will read them
             for _, _, rid in jobs:
                 self.abort(rid)
@@ -101,7 +103,7 @@ class AsyncEngine:
 
     # ------------------------------------------------------------------ the stepping thread
     def _add(self, prompt, params: SamplingParams, request_id: str, q: asyncio.Queue,
-             kv_transfer_params: dict | None = None) -> None:
+             kv_transfer_params: dict | None = None, ec_transfer_params: dict | None = None) -> None:
         loop = self._loop
 
         def on_output(out: RequestOutput) -> None:
@@ -110,14 +112,15 @@ class AsyncEngine:
             _deliver(loop, q, out)
 
         self.engine.add_request(prompt, params, request_id=request_id, on_output=on_output,
-                                kv_transfer_params=kv_transfer_params)
+                                kv_transfer_params=kv_transfer_params, ec_transfer_params=ec_transfer_params)
         self._queues[request_id] = q
 
-    def _add_all(self, jobs, queues, kv_transfer_params: dict | None = None) -> None:
+    def _add_all(self, jobs, queues, kv_transfer_params: dict | None = None,
+                 ec_transfer_params: dict | None = None) -> None:
         added = []
         try:
             for (prompt, params, rid), q in zip(jobs, queues):
-                self._add(prompt, params, rid, q, kv_transfer_params)
+                self._add(prompt, params, rid, q, kv_transfer_params, ec_transfer_params)
                 added.append(rid)
         except Exception:
             for rid in added:

@@ -8,29 +8,37 @@ from typing import AsyncIterator
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from dlengine.disagg.encoder_client import EncoderPullError
 from dlengine.engine.request import RequestOutput
 from dlengine.serve.errors import bad_request, engine_failed
+from dlengine.serve.media import image_bytes
 from dlengine.serve.logprobs import chat_logprobs
 from dlengine.serve.params import MAX_TOP_LOGPROBS, choice_params, sampling_params
-from dlengine.serve.pd import check_pd_request, handoff_params, hold_prefill
+from dlengine.serve.pd import check_ec_request, check_pd_request, encoder_pull_failed, handoff_params, hold_prefill
 from dlengine.serve.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
                                      ChatCompletionRequest, ChatCompletionResponse, DeltaMessage, DeltaToolCall,
-                                     FunctionCall, ToolCall, Usage, new_id)
+                                     FunctionCall, ImagePart, TextPart, ToolCall, Usage, new_id)
 from dlengine.serve.state import ServerState
 from dlengine.serve.streams import SSE_DONE, Delta, abort_on_disconnect, collect, merge, sse, unless_disconnected
 from dlengine.serve.tool_parsers import ParsedToolCall, StreamingToolParser
 
 
-def render_prompt(state: ServerState, req: ChatCompletionRequest) -> list[int]:
-    """The chat template applied to the messages (and tools), as token ids."""
+def render_prompt(state: ServerState, req: ChatCompletionRequest) -> tuple[list[int], list[bytes]]:
+    """The chat template applied to the messages (and tools), as token ids, and the encoded
+    images of the messages' image parts in order (the template writes one placeholder each)."""
     tok = state.tokenizer
     if tok is None or not getattr(tok, "chat_template", None):
         raise bad_request("this model has no chat template: use /v1/completions", param="messages")
-    messages = []
-    for m in req.messages:
+    messages, images = [], []
+    for i, m in enumerate(req.messages):
         msg = m.model_dump(exclude_none=True)
-        if isinstance(m.content, list):  # text parts: one string
-            msg["content"] = "".join(part.text for part in m.content)
+        if isinstance(m.content, list) and all(isinstance(part, TextPart) for part in m.content):
+            msg["content"] = "".join(part.text for part in m.content)  # text parts: one string
+        elif isinstance(m.content, list):  # with images: the template renders each part
+            for part in m.content:
+                if isinstance(part, ImagePart):
+                    images.append(image_bytes(part.image_url.url, state.config.allowed_local_media_path,
+                                              f"messages[{i}] image {len(images)}"))
         messages.append(msg)
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
     try:
@@ -39,7 +47,7 @@ def render_prompt(state: ServerState, req: ChatCompletionRequest) -> list[int]:
                                        **(req.chat_template_kwargs or {}))
     except Exception as e:  # the template's own checks (role order, ...) or bad kwargs
         raise bad_request(f"the chat template cannot render these messages: {e}", param="messages") from None
-    return list(tok.encode(text, add_special_tokens=False))
+    return list(tok.encode(text, add_special_tokens=False)), images
 
 
 def _parse_tools(req: ChatCompletionRequest) -> bool:
@@ -64,14 +72,19 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request):
         raise bad_request(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]", param="top_logprobs")
     if req.top_logprobs and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs=true", param="top_logprobs")
-    prompt = render_prompt(state, req)
+    prompt, images = render_prompt(state, req)
+    job_prompt = {"prompt": prompt, "images": images} if images else prompt
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = sampling_params(req, max_tokens=max_tokens, default_max_tokens=max(1, state.max_model_len - len(prompt)),
                              logprobs=(req.top_logprobs or 0) if req.logprobs else None, vocab_size=state.vocab_size)
     kv, prefill_url = check_pd_request(state, req.kv_transfer_params, stream=req.stream, num_choices=req.n)
+    ec = check_ec_request(state, req.ec_transfer_params, has_images=bool(images), num_choices=req.n)
     rid = new_id("chatcmpl")
-    streams = await state.async_engine.add([(prompt, choice_params(params, c), f"{rid}-{c}") for c in range(req.n)],
-                                           kv)
+    try:
+        streams = await state.async_engine.add(
+            [(job_prompt, choice_params(params, c), f"{rid}-{c}") for c in range(req.n)], kv, ec)
+    except EncoderPullError as e:
+        raise encoder_pull_failed(str(e)) from None
     if kv is not None:
         hold_prefill(prefill_url, req.kv_transfer_params, streams[0])
     if req.stream:
@@ -106,7 +119,9 @@ def _finish(out: RequestOutput, called_tools: bool) -> str | None:
 
 def _usage(prompt: list[int], finals) -> Usage:
     completion = sum(len(o.token_ids) for o in finals if o is not None)
-    return Usage(prompt_tokens=len(prompt), completion_tokens=completion, total_tokens=len(prompt) + completion)
+    # the engine's prompt: with images, each placeholder expanded to the image's tokens
+    num_prompt = next((len(o.prompt_token_ids) for o in finals if o is not None), len(prompt))
+    return Usage(prompt_tokens=num_prompt, completion_tokens=completion, total_tokens=num_prompt + completion)
 
 
 async def _stream(state: ServerState, req: ChatCompletionRequest, rid: str, prompt: list[int], streams,

@@ -14,7 +14,7 @@ import sys
 from dlengine.bench.common import EngineArgs, coerce_config, engine_builder
 from dlengine.config import ConfigError
 
-MODES = ("hybrid", "prefill", "decode")
+MODES = ("hybrid", "prefill", "decode", "encode")
 API_KEY_ENV = "DLENGINE_API_KEY"
 PD_SECRET_ENV = "DLENGINE_PD_SECRET"
 
@@ -31,14 +31,23 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
                    help="the model name clients send and /v1/models lists (default: MODEL)")
     g.add_argument("--mode", choices=MODES, default="hybrid",
                    help="engine role: hybrid (prefill and decode here), or prefill / decode for PD "
-                        "disaggregation, whose KV moves through DLSlime (default: %(default)s)")
+                        "disaggregation, whose KV moves through DLSlime, or encode: a vision model's encoder alone, "
+                        "answering POST /v1/encode with image embeddings for prefill servers (EPD, docs/vision.md) "
+                        "(default: %(default)s)")
+    g.add_argument("--transfer-backend", default="dlslime", choices=("dlslime", "cuda_ipc"),
+                   help="prefill/decode modes: dlslime (TCP, any hosts) or cuda_ipc (GPU to GPU, both servers on "
+                        "one host; the control records still over DLSlime tcp) (default: %(default)s)")
     g.add_argument("--transfer-port", type=int, default=0, metavar="N",
                    help="prefill/decode modes: the KV transfer engine's port (default: a free one)")
     g.add_argument("--transfer-host", default=None, metavar="ADDR",
                    help="prefill/decode modes: the KV transfer engine's address (default: --host)")
     g.add_argument("--pd-secret", default=None, metavar="SECRET",
-                   help="prefill/decode modes: the key signing kv_transfer_params, shared by every server of the "
-                        f"deployment (default: ${PD_SECRET_ENV}); required in those modes")
+                   help="prefill/decode/encode modes: the key signing kv_transfer_params and ec_transfer_params, "
+                        f"shared by every server of the deployment (default: ${PD_SECRET_ENV}); required in those "
+                        "modes, and on a hybrid server that takes ec_transfer_params")
+    g.add_argument("--encoder-staging-mib", type=int, default=None, metavar="N",
+                   help="vision models: MiB of registered host memory for image embeddings in flight: an encode "
+                        "server's staging, a prefill/hybrid server's receive region (default: 256)")
     g.add_argument("--api-key", default=None, metavar="KEY",
                    help=f"require 'Authorization: Bearer KEY' on every /v1 route (default: ${API_KEY_ENV} when set)")
     g.add_argument("--max-concurrent-requests", type=int, default=256, metavar="N",
@@ -47,6 +56,9 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
                    help="largest request body; larger ones are answered 413 (default: %(default)s)")
     g.add_argument("--tool-call-parser", default="auto", choices=("auto", "qwen3", "deepseek_v3"),
                    help="tool-call markup to parse (default: auto, by the checkpoint's architecture)")
+    g.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                   help="vision models: let chat image_url parts name files under DIR as file:// URLs (default: "
+                        "only base64 data URLs; http(s) URLs are never fetched)")
     g.add_argument("--ctrl-address", default=None, metavar="HOST:PORT",
                    help="register with this dlslime-ctrl (role, HTTP address, model) and heartbeat")
     g.add_argument("--ctrl-scope", default=None, metavar="SCOPE", help="dlslime-ctrl scope (default: none)")
@@ -55,11 +67,13 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
 
 def build_engine(args: argparse.Namespace):
     """The engine the flags describe: the bench's builder choices, plus for prefill/decode modes
-    the role and its KV transfer engine (DLSlime over TCP), registered with --ctrl-address."""
+    the role and its KV transfer engine (--transfer-backend), registered with --ctrl-address."""
     builder = engine_builder(coerce_config(EngineArgs, args))
+    if getattr(args, "encoder_staging_mib", None):
+        builder.encoder_cache(staging_bytes=args.encoder_staging_mib << 20)
     if args.mode != "hybrid":
-        builder.role(args.mode).transfer("dlslime", transport="tcp", host=args.transfer_host or _reachable(args.host),
-                                         port=args.transfer_port)
+        builder.role(args.mode).transfer(args.transfer_backend, transport="tcp",
+                                         host=args.transfer_host or _reachable(args.host), port=args.transfer_port)
         if args.ctrl_address:
             url = args.ctrl_address if "://" in args.ctrl_address else f"http://{args.ctrl_address}"
             builder.control_plane(url, scope=args.ctrl_scope)
@@ -91,10 +105,15 @@ def run_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         max_concurrent_requests=args.max_concurrent_requests, max_body_bytes=args.max_request_bytes,
         tool_call_parser=args.tool_call_parser, mode=args.mode, ctrl_address=args.ctrl_address,
-        ctrl_scope=args.ctrl_scope, pd_secret=pd_secret, public_url=f"http://{_reachable(args.host)}:{args.port}")
+        ctrl_scope=args.ctrl_scope, pd_secret=pd_secret, allowed_local_media_path=args.allowed_local_media_path, public_url=f"http://{_reachable(args.host)}:{args.port}")
+    if args.mode == "encode":
+        from dlengine.serve.encode import create_encode_app
+
+        app = create_encode_app(engine, config)
+    else:
+        app = create_app(engine, config)
     try:
-        uvicorn.run(create_app(engine, config), host=args.host, port=args.port, log_level=args.log_level,
-                    timeout_graceful_shutdown=5)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     finally:
         engine.close()
     return 0

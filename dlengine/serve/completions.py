@@ -69,8 +69,9 @@ def _choice(state: ServerState, req: CompletionRequest, index: int, out: Request
             gen.tokens[:0], gen.token_logprobs[:0] = head.tokens, head.token_logprobs
             gen.top_logprobs[:0], gen.text_offset[:0] = head.top_logprobs, head.text_offset
         logprobs = gen
+    ids = {"prompt_token_ids": list(prompt), "token_ids": list(out.token_ids)} if req.return_token_ids else {}
     return CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=_finish(out),
-                            stop_reason=out.stop_reason)
+                            stop_reason=out.stop_reason, **ids)
 
 
 def _finish(out: RequestOutput) -> str | None:
@@ -110,7 +111,8 @@ async def _stream(state: ServerState, req: CompletionRequest, rid: str, prompts,
                 logprobs = completion_logprobs(ids, lps, state.text_of, start_offset=offsets[k])
                 offsets[k] += sum(len(t) for t in logprobs.tokens)
             choice = CompletionChoice(index=k, text=text, logprobs=logprobs, finish_reason=_finish(out),
-                                      stop_reason=out.stop_reason if out.finished else None)
+                                      stop_reason=out.stop_reason if out.finished else None,
+                                      **({"token_ids": list(ids)} if req.return_token_ids else {}))
             yield sse(CompletionResponse(id=rid, model=req.model, choices=[choice]))
         else:
             if req.stream_options is not None and req.stream_options.include_usage:

@@ -2,8 +2,8 @@
 
 Per-request numbers (latencies, token counts, prefix-cache hits, preemptions) are recorded when
 a request's final output arrives, from its RequestMetrics, so they hold for every kind of core.
-Load numbers (running / waiting requests, KV cache usage) and the KV transfer counters of a
-prefill or decode engine are read from the engine at scrape time, on the stepping thread
+Load numbers (running / waiting requests, KV cache usage), the KV transfer counters of a
+prefill or decode engine and the speculative-decoding counters are read from the engine at scrape time, on the stepping thread
 (`engine_snapshot`). Each app has its own registry, so several servers can live in one process.
 """
 
@@ -42,6 +42,10 @@ def engine_snapshot(engine: Engine) -> dict[str, Any]:
     except AttributeError:
         pass
     snap["kv_transfer"] = engine.describe().get("kv_transfer") or {}
+    stats = engine.stats  # a local core's EngineStats (a parallel front returns per-rank dicts)
+    if hasattr(stats, "num_draft_tokens"):
+        snap["spec"] = {"draft_tokens": stats.num_draft_tokens, "accepted_tokens": stats.num_accepted_tokens,
+                        "verifications": stats.num_spec_verifications}
     return snap
 
 
@@ -60,6 +64,14 @@ class _SnapshotCollector:
                                ("dlengine_kv_cache_blocks", "kv_blocks", "KV cache blocks in all")):
             if s.get(key) is not None:
                 yield GaugeMetricFamily(name, doc, value=float(s[key]))
+        spec = s.get("spec")
+        if spec and spec["draft_tokens"]:
+            # speculative decoding: acceptance rate = accepted / draft tokens; mean accepted length
+            # per step = (accepted + verifications) / verifications
+            for key, doc in (("draft_tokens", "Draft tokens proposed and verified"),
+                             ("accepted_tokens", "Draft tokens accepted"),
+                             ("verifications", "Request-steps that verified drafts")):
+                yield CounterMetricFamily(f"dlengine_spec_decode_{key}", doc, value=float(spec[key]))
         transfer = s.get("kv_transfer") or {}
         if transfer:
             counters = CounterMetricFamily("dlengine_kv_transfer_requests", "KV transfers by outcome",

@@ -16,6 +16,10 @@ and the two routes that release a prefill server's pinned blocks.
   socket), aborts the handed-off request. After a pull the blocks are already free and that abort
   is a no-op; before it (a decode server SIGKILLed while the request waited for blocks), the
   blocks come back within a second instead of at the pin timeout.
+
+EPD: a prefill or hybrid server given signed `ec_transfer_params` (an encoder server's answer to
+POST /v1/encode, serve/encode.py) in a chat request pulls the images' embeddings from that
+encoder engine (`check_ec_request`); a failed pull is answered 424 `encoder_pull_failed`.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from dlengine.serve.errors import APIError, bad_request
-from dlengine.serve.pd_auth import PDAuthError, sign, verify
+from dlengine.serve.pd_auth import ENCODER_URL, PDAuthError, sign, verify
 from dlengine.serve.state import ServerState
 
 logger = logging.getLogger("dlengine.serve")
@@ -63,6 +67,32 @@ def check_pd_request(state: ServerState, kv_transfer_params, *, stream: bool,
         raise forbidden(e) from None
     _refuse_replay(state, kv_transfer_params)
     return params, prefill_url
+
+
+def check_ec_request(state: ServerState, ec_transfer_params, *, has_images: bool, num_choices: int) -> dict | None:
+    """The engine's ec_transfer_params of a chat request (signature checked), or None."""
+    if ec_transfer_params is None:
+        return None
+    mode = state.config.mode
+    if mode not in ("prefill", "hybrid"):
+        raise bad_request(f"ec_transfer_params need a prefill or hybrid server; this one is {mode}",
+                          param="ec_transfer_params")
+    if not has_images:
+        raise bad_request("ec_transfer_params came with a request that has no images", param="ec_transfer_params")
+    if num_choices != 1:
+        raise bad_request("a request with ec_transfer_params runs one sequence (n=1): the embeddings are pulled once",
+                          param="n")
+    try:
+        params, _ = verify(state.config.pd_secret, ec_transfer_params, url_key=ENCODER_URL, what="ec_transfer_params")
+    except PDAuthError as e:
+        raise APIError(403, str(e), param="ec_transfer_params", code="invalid_ec_transfer_params") from None
+    return params
+
+
+def encoder_pull_failed(message: str) -> APIError:
+    """A pull from the encoder engine failed (dead, stalled, released): 424, so a router neither
+    blames this server nor retries the same params here."""
+    return APIError(424, message, type="server_error", param="ec_transfer_params", code="encoder_pull_failed")
 
 
 def _refuse_replay(state: ServerState, signed: dict) -> None:

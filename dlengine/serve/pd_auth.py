@@ -10,6 +10,9 @@ The signature covers every field, the two this module adds included: `prefill_ur
 address of the prefill server, where a decode server holds its liveness stream) and
 `expires_at` (wall-clock seconds; the pin timeout after hand-off, past which the blocks are
 gone anyway).
+
+An encoder server signs its `ec_transfer_params` the same way (same secret), with its own
+address under `encoder_url` (`url_key`) instead of `prefill_url`.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ from typing import Any
 
 SIGNATURE = "signature"
 PREFILL_URL = "prefill_url"
+ENCODER_URL = "encoder_url"
 EXPIRES_AT = "expires_at"
 SECRET_ENV = "DLENGINE_PD_SECRET"
-_ADDED = (SIGNATURE, PREFILL_URL, EXPIRES_AT)
+_ADDED = (SIGNATURE, PREFILL_URL, ENCODER_URL, EXPIRES_AT)
 
 
 class PDAuthError(Exception):
@@ -36,26 +40,26 @@ def _digest(secret: str, fields: dict) -> str:
     return hmac.new(secret.encode(), canonical.encode(), hashlib.sha256).hexdigest()
 
 
-def sign(secret: str, params: dict, *, prefill_url: str, ttl_s: float) -> dict:
-    """The engine's params plus prefill_url, expires_at and their signature."""
-    fields = {**params, PREFILL_URL: prefill_url, EXPIRES_AT: time.time() + ttl_s}
+def sign(secret: str, params: dict, *, prefill_url: str, ttl_s: float, url_key: str = PREFILL_URL) -> dict:
+    """The engine's params plus its server's URL (under `url_key`), expires_at and their signature."""
+    fields = {**params, url_key: prefill_url, EXPIRES_AT: time.time() + ttl_s}
     return {**fields, SIGNATURE: _digest(secret, fields)}
 
 
-def verify(secret: str | None, signed: Any) -> tuple[dict, str]:
-    """(the engine's params, the prefill server's URL) of signed params; PDAuthError when the
-    server has no secret, or the params are unsigned, altered or expired."""
+def verify(secret: str | None, signed: Any, url_key: str = PREFILL_URL, what: str = "kv_transfer_params"
+           ) -> tuple[dict, str]:
+    """(the engine's params, its server's URL) of signed params; PDAuthError when the server has
+    no secret, or the params are unsigned, altered or expired."""
+    server = "prefill" if url_key == PREFILL_URL else "encoder"
     if not secret:
-        raise PDAuthError("this server has no PD secret (--pd-secret or DLENGINE_PD_SECRET), so it accepts no "
-                          "kv_transfer_params")
+        raise PDAuthError(f"this server has no PD secret (--pd-secret or DLENGINE_PD_SECRET), so it accepts no {what}")
     if not isinstance(signed, dict) or not isinstance(signed.get(SIGNATURE), str):
-        raise PDAuthError("kv_transfer_params are not signed: pass them exactly as the prefill server returned them")
+        raise PDAuthError(f"{what} are not signed: pass them exactly as the {server} server returned them")
     fields = {k: v for k, v in signed.items() if k != SIGNATURE}
     if not hmac.compare_digest(_digest(secret, fields), signed[SIGNATURE]):
-        raise PDAuthError("kv_transfer_params signature does not match: they were altered, or signed with another "
-                          "secret")
+        raise PDAuthError(f"{what} signature does not match: they were altered, or signed with another secret")
     expires = fields.get(EXPIRES_AT)
     if not isinstance(expires, (int, float)) or expires < time.time():
-        raise PDAuthError("kv_transfer_params have expired (the prefill server has freed those blocks)")
-    url = fields.get(PREFILL_URL)
+        raise PDAuthError(f"{what} have expired (the {server} server has freed what they name)")
+    url = fields.get(url_key)
     return {k: v for k, v in fields.items() if k not in _ADDED}, url if isinstance(url, str) else ""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -72,6 +72,10 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     logprobs: Optional[int] = Field(None, description="top logprobs per token (0: only the chosen token's)")
     suffix: Optional[str] = Field(None, description="not supported: must be absent or null")
+    return_token_ids: bool = Field(
+        False, description="vLLM's extension: each choice also carries the generated `token_ids` (new ones in a "
+                           "stream chunk) and `prompt_token_ids`; what a client of a server without a tokenizer "
+                           "counts tokens by")
 
 
 class FunctionDefinition(RequestModel):
@@ -111,9 +115,19 @@ class TextPart(RequestModel):
     text: str
 
 
+class ImageURL(RequestModel):
+    url: str  # a data URL (data:image/png;base64,...), or file:// under --allowed-local-media-path
+    detail: Optional[Literal["auto", "low", "high"]] = None  # accepted; the image processor decides the size
+
+
+class ImagePart(RequestModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class ChatMessage(RequestModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Optional[Union[str, list[TextPart]]] = None
+    content: Optional[Union[str, list[Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]]]] = None
     name: Optional[str] = None
     tool_calls: Optional[list[MessageToolCall]] = None
     tool_call_id: Optional[str] = None
@@ -129,6 +143,9 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool = True
     add_generation_prompt: bool = True
     chat_template_kwargs: Optional[dict[str, Any]] = None
+    ec_transfer_params: Optional[dict] = Field(
+        None, description="EPD over HTTP: the signed params an encoder server returned for this request's images; "
+                          "a prefill or hybrid server pulls those embeddings instead of encoding (docs/vision.md)")
 
 
 # ---------------------------------------------------------------------------------- responses

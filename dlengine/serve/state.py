@@ -26,6 +26,7 @@ class ServeConfig:
     ctrl_scope: str | None = None
     public_url: str | None = None  # the HTTP address registered (default: http://host:port of the bind)
     pd_secret: str | None = None  # HMAC key signing / checking kv_transfer_params (serve/pd_auth.py)
+    allowed_local_media_path: str | None = None  # image_url file:// URLs are read from under this folder
 
 
 @dataclass

@@ -18,15 +18,19 @@ import os
 import shutil
 import tempfile
 
+from dlengine.testing.dsa import DSA_KINDS, build_dsa_model
 from dlengine.testing.hybrid import HYBRID_KINDS, build_hybrid_model, fuse_experts_on_disk, rerandomise_hybrid
+from dlengine.testing.vl import (VL_KINDS, build_vl_model, build_vl_tokenizer, transpose_experts_on_disk,
+                                 write_preprocessor_config)
 
 RECIPE_VERSION = "2"  # 2: the tokenizer carries a chat template (CHAT_TEMPLATE)
 PRESETS = {"tiny-qwen3": "qwen3", "tiny-qwen3-yarn": "qwen3-yarn", "tiny-qwen3-untied": "qwen3-untied",
            "tiny-qwen3-moe": "qwen3-moe", "tiny-deepseek-v3": "deepseek-v3", "tiny-kimi-k2": "kimi-k2",
            "tiny-deepseek-v3-fp8": "deepseek-v3-fp8", "tiny-qwen3-next": "qwen3-next", "tiny-qwen3.5": "qwen3.5",
-           "tiny-qwen3.5-moe": "qwen3.5-moe"}
+           "tiny-qwen3.5-moe": "qwen3.5-moe", "tiny-qwen3-vl": "qwen3-vl", "tiny-qwen3-vl-moe": "qwen3-vl-moe",
+           "tiny-deepseek-v32": "deepseek-v32", "tiny-glm-moe-dsa": "glm-moe-dsa", "tiny-deepseek-v3-mtp": "deepseek-v3-mtp"}
 # kinds derived from another kind's checkpoint by a post-processing step: kind -> source kind
-_DERIVED = {"deepseek-v3-fp8": "deepseek-v3"}
+_DERIVED = {"deepseek-v3-fp8": "deepseek-v3", "deepseek-v3-mtp": "deepseek-v3"}
 FP8_BLOCK = (128, 128)
 ROUTER_GAIN = 2.0  # qwen3-moe: router weights are drawn this much larger, for decisive routing
 
@@ -168,7 +172,9 @@ def _is_fp8_quantised(name: str, tensor) -> bool:
     its score-correction bias) keep their precision."""
     if tensor.dim() != 2 or not name.endswith(".weight"):
         return False
-    return not (name in ("model.embed_tokens.weight", "lm_head.weight") or name.endswith("mlp.gate.weight"))
+    # an MTP layer's copies of the embedding and the output head stay unquantised like the originals
+    return not (name in ("model.embed_tokens.weight", "lm_head.weight") or name.endswith("mlp.gate.weight")
+                or name.endswith(("shared_head.head.weight", ".embed_tokens.weight")))
 
 
 def build_fp8_checkpoint(src: str, path: str, block: tuple[int, int] = FP8_BLOCK) -> str:
@@ -212,12 +218,21 @@ def build_tiny_checkpoint(kind: str, path: str, seed: int = 0) -> str:
     from transformers import GenerationConfig
 
     if kind in _DERIVED:
-        build_fp8_checkpoint(tiny_checkpoint(_DERIVED[kind], seed), path)
+        if kind == "deepseek-v3-mtp":  # a trained next-n layer added (testing/mtp.py)
+            from dlengine.testing.mtp import build_mtp_checkpoint
+
+            build_mtp_checkpoint(tiny_checkpoint(_DERIVED[kind], seed), path, seed)
+        else:
+            build_fp8_checkpoint(tiny_checkpoint(_DERIVED[kind], seed), path)
         with open(os.path.join(path, "dlengine_recipe.json"), "w") as f:
             json.dump({"kind": kind, "seed": seed, "version": RECIPE_VERSION, "source": _DERIVED[kind]}, f)
         return path
     if kind in HYBRID_KINDS:
         return _build_hybrid_checkpoint(kind, path, seed)
+    if kind in VL_KINDS:
+        return _build_vl_checkpoint(kind, path, seed)
+    if kind in DSA_KINDS:
+        return _build_dsa_checkpoint(kind, path, seed)
     if kind.endswith("-moe"):
         from transformers import Qwen3MoeConfig as config_cls, Qwen3MoeForCausalLM as model_cls
     elif kind in _DEEPSEEK_KINDS:
@@ -269,6 +284,39 @@ def _build_hybrid_checkpoint(kind: str, path: str, seed: int) -> str:
         fuse_experts_on_disk(path)
     GenerationConfig(eos_token_id=text_cfg.eos_token_id, pad_token_id=text_cfg.pad_token_id).save_pretrained(path)
     build_tokenizer(text_cfg.vocab_size).save_pretrained(path)
+    with open(os.path.join(path, "dlengine_recipe.json"), "w") as f:
+        json.dump({"kind": kind, "seed": seed, "version": RECIPE_VERSION}, f)
+    return path
+
+
+def _build_vl_checkpoint(kind: str, path: str, seed: int) -> str:
+    """Qwen3-VL / Qwen3-VL-MoE (testing/vl.py): weights, tokenizer with the vision tokens, and the
+    image processor's preprocessor_config.json."""
+    import torch
+    from transformers import GenerationConfig
+
+    torch.manual_seed(seed)
+    model, text_cfg = build_vl_model(kind)
+    model = model.to(torch.float32)
+    _sharpen(model, seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.mul_(ROUTER_GAIN)
+    model.save_pretrained(path, safe_serialization=True)
+    if kind == "qwen3-vl-moe":
+        transpose_experts_on_disk(path)
+    GenerationConfig(eos_token_id=text_cfg.eos_token_id, pad_token_id=text_cfg.pad_token_id).save_pretrained(path)
+    build_vl_tokenizer(text_cfg.vocab_size, _CORPUS).save_pretrained(path)
+    write_preprocessor_config(path)
+def _build_dsa_checkpoint(kind: str, path: str, seed: int) -> str:
+    """DeepSeek-V3.2 / GLM-5 (testing/dsa.py)."""
+    from transformers import GenerationConfig
+
+    model, cfg = build_dsa_model(kind, seed, _sharpen, ROUTER_GAIN)
+    model.save_pretrained(path, safe_serialization=True)
+    GenerationConfig(eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id).save_pretrained(path)
+    build_tokenizer(cfg.vocab_size).save_pretrained(path)
     with open(os.path.join(path, "dlengine_recipe.json"), "w") as f:
         json.dump({"kind": kind, "seed": seed, "version": RECIPE_VERSION}, f)
     return path

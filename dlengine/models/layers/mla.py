@@ -43,6 +43,11 @@ from dlengine.models.layers.norm import RMSNorm
 from dlengine.models.layers.rotary import RotaryEmbedding
 
 
+# transformers builds q_a_layernorm and kv_a_layernorm with the RMSNorm default eps, not the
+# config's rms_norm_eps (equal for DeepSeek-V3, 1e-5 vs 1e-6 for GLM-5)
+LATENT_NORM_EPS = 1e-6
+
+
 def _yarn_mscale(scale: float, mscale: float) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
@@ -77,10 +82,10 @@ class MLAAttention(nn.Module):
             self.q_proj = ColumnParallelLinear(cfg.hidden_size, h * self.qk_head_dim)
         else:
             self.q_a_proj = Linear(cfg.hidden_size, self.q_lora_rank, bias=bias)
-            self.q_a_layernorm = RMSNorm(self.q_lora_rank, cfg.rms_norm_eps)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, LATENT_NORM_EPS)
             self.q_b_proj = ColumnParallelLinear(self.q_lora_rank, h * self.qk_head_dim)
         self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias)
-        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank, h * (self.qk_nope_head_dim + self.v_head_dim))
         self.o_proj = RowParallelLinear(h * self.v_head_dim, cfg.hidden_size, bias=bias)
         self.rotary = rotary
@@ -110,21 +115,29 @@ class MLAAttention(nn.Module):
         # sliver of this layer's time
         return rope_reference(q_pe, k_pe, positions, self.rotary.cos_cached, self.rotary.sin_cached)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def project(self, positions: torch.Tensor, hidden: torch.Tensor):
+        """The per-token projections: (q_nope [T, H, nope], rotated q_pe [T, H, rope], the latent
+        [T, kv_lora_rank + rope] to cache, q_resid = q_a_layernorm(q_a_proj(x)) or None without a
+        q LoRA; DeepSeek Sparse Attention's indexer reads q_resid, models/deepseek_v32.py)."""
         t = hidden.shape[0]
         if self.q_lora_rank is None:
-            q = self.q_proj(hidden)
+            q_resid, q = None, self.q_proj(hidden)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden)))
+            q_resid = self.q_a_layernorm(self.q_a_proj(hidden))
+            q = self.q_b_proj(q_resid)
         q = q.view(t, self.num_heads, self.qk_head_dim)
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         c_kv, k_pe = self.kv_a_proj_with_mqa(hidden).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv.contiguous())
         q_pe, k_pe = self._rope(positions, q_pe, k_pe.unsqueeze(1))
-        cache, _ = ctx.kv_caches[self.layer_idx]
-        latent = torch.cat([c_kv, k_pe[:, 0]], dim=-1)
         if self.absorbed is None:
             raise RuntimeError("MLAAttention.post_load_weights() was not called after loading the weights")
+        return q_nope, q_pe, torch.cat([c_kv, k_pe[:, 0]], dim=-1), q_resid
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        t = hidden.shape[0]
+        q_nope, q_pe, latent, _ = self.project(positions, hidden)
+        cache, _ = ctx.kv_caches[self.layer_idx]
         self.backend.write_latent(latent, cache, ctx.meta)
         out = self.backend.attend_latent(q_nope, q_pe, cache, ctx.meta, self.absorbed, self.scale)
         return self.o_proj(out.reshape(t, self.num_heads * self.v_head_dim))

@@ -41,7 +41,7 @@ from typing import Sequence
 import torch
 
 from dlengine.config import ConfigError
-from dlengine.parallel.transfer.base import Segment, TransferError
+from dlengine.parallel.transfer.base import HandshakeError, Segment, TransferError
 
 MAX_ASSIGNMENTS_PER_OP = 32  # DLSlime's TCP completion mask is 32 bits wide
 _ABANDONED: list = []  # (endpoint, raw futures) of operations abandoned on a timeout
@@ -222,6 +222,9 @@ class DLSlimeTransferEngine:
             raise TransferError(f"malformed peer address for {peer_id!r}: {e!r} in {info!r}") from None
         if transport != self.transport:
             raise TransferError(f"peer {peer_id!r} speaks DLSlime {transport!r}, this engine {self.transport!r}")
+        if info.get("backend", self.backend) != self.backend:
+            raise HandshakeError(f"peer {peer_id!r} uses the {info.get('backend')!r} transfer engine, this one "
+                                 f"{self.backend!r}: give both engines the same transfer(...) backend")
         ep = self._dlslime.TcpEndpoint(self._host, 0)
         local = {name: ep.register_memory_region(name, ptr, 0, n) for name, (ptr, n, _) in self._regions.items()}
         try:

@@ -29,9 +29,11 @@ from dlengine.parallel.transfer.base import kv_layout
 
 class KVRegion:
     def __init__(self, kv_cache, model_config=None, staging_blocks: int | None = None, min_blocks: int = 0,
-                 staging_state_slots: int | None = None) -> None:
+                 staging_state_slots: int | None = None, staging_on_device: bool = False) -> None:
         """`model_config` is unused (the cache knows its specs), accepted for older callers.
-        `staging_state_slots`: state slots in the staging buffer (default: the cache's)."""
+        `staging_state_slots`: state slots in the staging buffer (default: the cache's).
+        `staging_on_device`: stage on the cache's device instead of (pinned) host memory, for a
+        transfer engine that reads device memory (cuda_ipc)."""
         self.kv_cache = kv_cache
         buf = kv_cache.buffer
         # each paged group as bytes [planes, blocks, block bytes]: copies are plain memory moves
@@ -57,8 +59,12 @@ class KVRegion:
         slots = kv_cache.num_state_slots if staging_state_slots is None else staging_state_slots
         self.layout = kv_layout(kv_cache, num_blocks=n, block_major=True, num_state_slots=slots)
         # zeros, not empty: block tails travel unwritten (stage_in zeroes them on arrival anyway)
-        self.tensor = torch.zeros(self.layout.nbytes + self.layout.state_bytes, dtype=torch.uint8,
-                                  pin_memory=torch.cuda.is_available())
+        if staging_on_device:
+            self.tensor = torch.zeros(self.layout.nbytes + self.layout.state_bytes, dtype=torch.uint8,
+                                      device=buf.device)
+        else:
+            self.tensor = torch.zeros(self.layout.nbytes + self.layout.state_bytes, dtype=torch.uint8,
+                                      pin_memory=torch.cuda.is_available())
         self._rows2 = self.tensor[:self.layout.nbytes].view(n, self.layout.block_bytes)
         # where each paged group's planes sit inside a block row
         self._cols, c = [], 0
@@ -134,9 +140,13 @@ class KVRegion:
             if isinstance(dst, slice):
                 self._rows2[dst, c0:c1].unflatten(1, data.shape[1:]).copy_(data)
             elif c1 - c0 == self._rows2.shape[1]:
-                self._rows2.index_copy_(0, dst, data.reshape(len(cache_blocks), -1).cpu())
+                self._rows2.index_copy_(0, dst.to(self.tensor.device), data.reshape(len(cache_blocks), -1).to(
+                    self.tensor.device))
             else:
-                self._rows2[:, c0:c1].index_copy_(0, dst, data.reshape(len(cache_blocks), -1).cpu())
+                self._rows2[:, c0:c1].index_copy_(0, dst.to(self.tensor.device), data.reshape(
+                    len(cache_blocks), -1).to(self.tensor.device))
+        if self.tensor.is_cuda:  # a peer process reads it next, on no stream of ours
+            torch.cuda.current_stream(self.tensor.device).synchronize()
 
     def stage_in(self, region_blocks: Sequence[int], cache_blocks: Sequence[int], num_tokens: int) -> None:
         """Staging -> cache (decode side, after the pull landed). Positions past `num_tokens` in
@@ -146,7 +156,7 @@ class KVRegion:
         if not self.staged or not len(cache_blocks):
             return
         src = self._rows(region_blocks)
-        rows = self._rows2[src] if isinstance(src, slice) else self._rows2.index_select(0, src)
+        rows = self._rows2[src] if isinstance(src, slice) else self._rows2.index_select(0, src.to(self.tensor.device))
         used = num_tokens - (len(cache_blocks) - 1) * self.kv_cache.block_size
         for g3, (c0, c1), group in zip(self._groups3, self._cols, self.layout.groups):
             data = rows[:, c0:c1].unflatten(1, (g3.shape[0], g3.shape[2]))

@@ -1,0 +1,279 @@
+"""The encoder engine of encode-prefill-decode disaggregation (EPD): a vision model's vision tower
+alone (no text model weights, no KV cache), which turns requests' images into embeddings and keeps
+them in registered host memory until a prefill (or hybrid) engine has pulled them.
+
+    encoder = EngineBuilder("tiny-qwen3-vl").role("encode").transfer("dlslime").build()
+    ec = encoder.encode([image])                      # ec_transfer_params (disagg/ec_params.py)
+    prefill.add_request({"prompt": p, "images": [image]}, params, ec_transfer_params=ec)
+
+The hand-off follows the prefill role's KV hand-off (disagg/prefill.py), so the same failure
+handling applies. Control traffic rides on DLSlime as one-sided reads and writes of small
+registered regions of this engine, which stays passive:
+
+- "ec": the staging region; a request's images sit in one run of chunks (disagg/ec_staging.py),
+  each image one [1 + deepstack levels, tokens, hidden] tensor: the merged patch embeddings,
+  then the deepstack feature maps the text model adds after its first decoder layers;
+- "ec_meta": the handshake record (JSON: engine id, role, model fingerprint, architecture);
+- "ec_ctrl": int64 [2, slots]. Row 0 ("pin") holds a request's nonce while its embeddings are
+  pinned and is cleared BEFORE they are freed; the puller re-reads it after its read, so a pull
+  that raced a release is detected and discarded. Row 1 ("done") is where the puller writes the
+  nonce when it has the embeddings (or gave up); `poll()` releases those runs.
+
+A pinned run is released when the puller says so, after `pin_timeout_s` (the puller is dead or
+never came), or by `release(request_id)` (the server's /ec/free).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from dlengine.config import EngineConfig
+from dlengine.disagg.ec_params import EncodedImage, EncoderTransferParams, dtype_name
+from dlengine.disagg.ec_staging import ChunkedStaging
+from dlengine.multimodal.processor import ImagePromptProcessor
+from dlengine.sampling_params import InvalidRequestError
+
+logger = logging.getLogger("dlengine.disagg")
+META_BYTES = 4096
+PIN, DONE = 0, 1
+VISUAL_PREFIX = "model.visual."
+
+
+class EncoderBusyError(RuntimeError):
+    """The encoder's staging region or pin slots are full (pullers are slow or gone); retry later."""
+
+
+@dataclass
+class _Pinned:
+    request_id: str
+    run: tuple[int, int]
+    slot: int
+    nonce: int
+    deadline: float
+
+
+def build_vision_tower(cfg: EngineConfig) -> torch.nn.Module:
+    """The checkpoint's vision tower alone (its `model.visual.*` tensors; the text model's are never
+    read), in the engine dtype on the engine device; dummy weights equal a whole model's."""
+    from dlengine.config import ConfigError
+    from dlengine.models.loader import init_dummy_weights, iter_safetensors_lazy
+    from dlengine.models.vision.qwen3_vl_vision import Qwen3VLVisionModel
+
+    vision_config = cfg.model.hf_config.get("vision_config")
+    if not isinstance(vision_config, dict):
+        raise ConfigError(f"{cfg.model.path}: config.json has no vision_config")
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(cfg.dtype)
+    try:
+        with torch.device(cfg.device):
+            tower = Qwen3VLVisionModel(vision_config)
+    finally:
+        torch.set_default_dtype(prev)
+    if cfg.load_format == "dummy":
+        # the tower's parameters come first in the whole model, so the same seed gives the same values
+        init_dummy_weights(tower, seed=cfg.seed)
+        return tower.eval()
+    params = dict(tower.named_parameters())
+    loaded = set()
+    for name, read in iter_safetensors_lazy(cfg.model.path, keep=lambda n: n.startswith(VISUAL_PREFIX)):
+        target = name[len(VISUAL_PREFIX):]
+        param = params.get(target)
+        if param is None:
+            raise ConfigError(f"checkpoint tensor {name!r} has no matching parameter in the vision tower")
+        with torch.no_grad():
+            param.weight_loader(param, read().to(param.dtype))
+        loaded.add(target)
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise ConfigError(f"checkpoint is missing {len(missing)} vision tower tensors: {', '.join(missing[:8])}")
+    return tower.eval()
+
+
+class EncoderEngine:
+    """A vision tower behind a DLSlime endpoint (see the module docstring)."""
+
+    def __init__(self, config: EngineConfig, tower: torch.nn.Module, transfer, engine_id: str, fingerprint: str,
+                 num_slots: int = 4096) -> None:
+        self.config = config
+        self.tower = tower
+        self.transfer = transfer
+        self.engine_id = engine_id
+        self.fingerprint = fingerprint
+        self.pin_timeout_s = config.transfer.pin_timeout_s if config.transfer is not None else 60.0
+        self.images = ImagePromptProcessor(config.model)
+        vc = config.model.hf_config["vision_config"]
+        self.hidden_size = int(vc["out_hidden_size"])
+        self.num_levels = 1 + len(vc.get("deepstack_visual_indexes") or [])
+        self.staging = ChunkedStaging(config.encoder_cache.staging_bytes)
+        self.num_slots = num_slots
+        self.ctrl = torch.zeros((2, num_slots), dtype=torch.int64)
+        self.meta = torch.zeros(META_BYTES, dtype=torch.uint8)
+        record = json.dumps({"engine_id": engine_id, "role": "encode", "fingerprint": fingerprint,
+                             "architecture": config.model.architecture}).encode()
+        self.meta[:4] = torch.tensor(list(len(record).to_bytes(4, "little")), dtype=torch.uint8)
+        self.meta[4:4 + len(record)] = torch.tensor(list(record), dtype=torch.uint8)
+        transfer.register_region("ec", self.staging.tensor)
+        transfer.register_region("ec_ctrl", self.ctrl)
+        transfer.register_region("ec_meta", self.meta)
+        self._free_slots = deque(range(num_slots))
+        self.pinned: dict[int, _Pinned] = {}
+        self._slot_of: dict[str, int] = {}
+        self._rng = random.Random()
+        self._ids = 0
+        self._lock = threading.Lock()  # encode() from a server's worker threads, poll() from its poller
+        self.counts = {"handed_off": 0, "released_done": 0, "released_timeout": 0, "released_abort": 0,
+                       "images": 0, "image_tokens": 0}
+        self.events: deque[tuple[str, str]] = deque(maxlen=1000)  # (request id, why its embeddings were freed)
+
+    # ------------------------------------------------------------------ encoding
+    @torch.inference_mode()
+    def embed(self, images: Sequence[Any]) -> list[tuple[bytes, tuple[int, int, int], torch.Tensor]]:
+        """(content hash, grid, [levels, tokens, hidden] embeddings on the device) per image; the
+        vision tower runs once over all of them, as in a hybrid engine."""
+        processed = self.images.process_images(images)
+        if not processed:
+            raise InvalidRequestError("nothing to encode: the request has no images")
+        pixels = torch.cat([px for px, *_ in processed]).to(self.config.device)
+        tokens, features = self.tower(pixels, [grid for _, grid, *_ in processed])
+        stacked = torch.stack([tokens, *features])  # [levels, all tokens, hidden]
+        out, row = [], 0
+        for _, grid, content_hash, n in processed:
+            out.append((content_hash, grid, stacked[:, row:row + n]))
+            row += n
+        return out
+
+    def encode(self, images: Sequence[Any], request_id: str | None = None) -> dict:
+        """Encode a request's images and pin the embeddings for a puller: returns its
+        ec_transfer_params. Raises InvalidRequestError for bad images, EncoderBusyError when
+        staging (or every pin slot) is full."""
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        embedded = self.embed(images)
+        dtype = self.config.dtype
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        sizes = [e.numel() * itemsize for _, _, e in embedded]
+        with self._lock:
+            self._poll_locked()
+            run = self.staging.allocate(sum(sizes))
+            if run is None or not self._free_slots:
+                if run is not None:
+                    self.staging.release(run)
+                raise EncoderBusyError(f"encoder engine {self.engine_id} has no free staging ({sum(sizes)} bytes "
+                                       f"needed, {self.staging.free_bytes} of {self.staging.nbytes} free) or pin slot; "
+                                       "retry later")
+            self._ids += 1
+            request_id = request_id or f"enc-{self._ids}"
+            offset, encoded = run[0], []
+            for (content_hash, grid, emb), size in zip(embedded, sizes):
+                self.staging.view(offset, dtype, tuple(emb.shape)).copy_(emb)
+                encoded.append(EncodedImage(content_hash.hex(), list(grid), int(emb.shape[1]), offset))
+                offset += size
+            slot = self._free_slots.popleft()
+            nonce = self._rng.getrandbits(62) + 1
+            self.ctrl[DONE, slot] = 0
+            self.ctrl[PIN, slot] = nonce
+            self.pinned[slot] = _Pinned(request_id, run, slot, nonce, time.monotonic() + self.pin_timeout_s)
+            self._slot_of[request_id] = slot
+            self.counts["handed_off"] += 1
+            self.counts["images"] += len(encoded)
+            self.counts["image_tokens"] += sum(e.num_tokens for e in encoded)
+        return EncoderTransferParams(
+            engine_id=self.engine_id, endpoint=self.transfer.local_info(), request_id=request_id,
+            fingerprint=self.fingerprint, dtype=dtype_name(dtype), hidden_size=self.hidden_size,
+            num_levels=self.num_levels, images=encoded, slot=slot, num_slots=self.num_slots, nonce=nonce,
+            pin_timeout_s=self.pin_timeout_s).to_dict()
+
+    # ------------------------------------------------------------------ pins
+    def poll(self) -> None:
+        """Release embeddings pullers are done with, or whose pin expired. Call it often (a server
+        runs it on a timer, a worker between commands)."""
+        with self._lock:
+            self._poll_locked()
+
+    def _poll_locked(self) -> None:
+        if not self.pinned:
+            return
+        now = time.monotonic()
+        done = self.ctrl[DONE].tolist()
+        for slot, p in list(self.pinned.items()):
+            if done[slot] == p.nonce:
+                self._release(slot, "done")
+            elif now > p.deadline:
+                logger.warning("encoder %s: the embeddings of %s were not pulled within %.1fs; freeing them",
+                               self.engine_id, p.request_id, self.pin_timeout_s)
+                self._release(slot, "timeout")
+
+    def release(self, request_id: str) -> bool:
+        """Free a request's pinned embeddings now (False: not pinned, e.g. already pulled)."""
+        with self._lock:
+            slot = self._slot_of.get(request_id)
+            if slot is None:
+                return False
+            self._release(slot, "abort")
+            return True
+
+    def _release(self, slot: int, why: str) -> None:
+        p = self.pinned.pop(slot)
+        self.ctrl[PIN, slot] = 0  # first: a pull still in flight will see it and discard its copy
+        self.staging.release(p.run)
+        self._slot_of.pop(p.request_id, None)
+        self._free_slots.append(slot)
+        self.counts[f"released_{why}"] += 1
+        self.events.append((p.request_id, why))
+
+    @property
+    def num_pinned(self) -> int:
+        return len(self.pinned)
+
+    # ------------------------------------------------------------------ facts
+    def describe(self) -> dict:
+        return {"role": "encode", "model": self.config.model.architecture, "path": self.config.model.path,
+                "device": str(self.config.device), "dtype": dtype_name(self.config.dtype),
+                "vision_params": sum(p.numel() for p in self.tower.parameters()),
+                "ec_transfer": {"engine_id": self.engine_id, "transfer_backend": self.transfer.backend,
+                                "transfer_transport": self.transfer.transport,
+                                "staging_bytes": self.staging.nbytes, "staging_free_bytes": self.staging.free_bytes,
+                                "pinned_requests": len(self.pinned), **self.counts}}
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"EncoderEngine(model={c.model.architecture} @ {c.model.path}, role=encode, device={c.device}, "
+                f"dtype={dtype_name(c.dtype)}, transfer={self.transfer.backend}/{self.transfer.transport}, "
+                f"staging={self.staging.nbytes >> 20} MiB)")
+
+    def close(self) -> None:
+        with self._lock:
+            for slot in list(self.pinned):
+                self._release(slot, "abort")
+        self.transfer.close()
+
+    def __enter__(self) -> "EncoderEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def build_encoder_engine(cfg: EngineConfig) -> EncoderEngine:
+    """The encoder engine `cfg` (role "encode") describes, listening on its transfer address."""
+    from dlengine.parallel.transfer import make_transfer_engine, model_fingerprint
+
+    tower = build_vision_tower(cfg)
+    t = cfg.transfer
+    te = make_transfer_engine(t.backend, transport=t.transport, host=t.host, port=t.port)
+    try:
+        return EncoderEngine(cfg, tower, te, t.engine_id or f"encode-{uuid.uuid4().hex[:8]}",
+                             model_fingerprint(cfg.model, cfg.dtype, cfg.load_format, cfg.seed))
+    except BaseException:
+        te.close()
+        raise

@@ -1,0 +1,1 @@
+"""Multimodal inputs: image loading, preprocessing, content hashing, M-RoPE positions."""

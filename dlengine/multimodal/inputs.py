@@ -1,0 +1,76 @@
+"""What a request carries when its prompt holds images: the processed pixels of each image, where
+its tokens sit in the prompt, its content hash, and the M-RoPE positions of the whole prompt.
+
+Made once by the front (multimodal/processor.py) when the request is added, and read by:
+- the model, through the forward context: for a chunk of the prompt it runs the vision encoder
+  once per request (`encoder_cache`, filled by the model and dropped once the last image token
+  has been computed), scatters the image embeddings into that chunk's image tokens and takes the
+  chunk's M-RoPE positions from `rope_positions`;
+- the block manager: a full block that holds image tokens is keyed by those images' content
+  hashes (`block_extra_key`), since every image's tokens are the same placeholder id.
+
+The encoder seam (encode-prefill-decode disaggregation, docs/vision.md): an image whose
+`embeddings` are set was encoded elsewhere, by an encoder engine, and pulled by the front
+(dlengine/disagg/encoder_client.py) when the request was added; the model uses them instead of
+running its vision tower on that image. Everything else (content hash, positions, prefix
+caching) is the same for both kinds of image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass
+class ImageInput:
+    pixel_values: torch.Tensor  # [num_patches, C * T * P * P], float32, on the host
+    grid_thw: tuple[int, int, int]  # patches per (frame, row, column) before merging
+    content_hash: bytes  # of the processed pixels and grid: equal images share KV, others never
+    offset: int  # index of the image's first token in the prompt
+    num_tokens: int  # its tokens in the prompt (patches / merge_size ** 2)
+    # [1 + deepstack levels, num_tokens, hidden] on the host: the merged patch embeddings, then
+    # each deepstack feature map, computed by an encoder engine; None: the model encodes the image
+    embeddings: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.num_tokens
+
+
+@dataclass
+class MultimodalInputs:
+    images: list[ImageInput]
+    mrope_positions: np.ndarray  # [3, prompt_len] int64: (temporal, height, width) position per prompt token
+    mrope_delta: int  # generated token i (index in all tokens) sits at position i + mrope_delta on all axes
+    encoder_cache: Any = field(default=None, repr=False)  # the model's image embeddings while the prompt runs
+
+    @property
+    def prompt_len(self) -> int:
+        return self.mrope_positions.shape[1]
+
+    @property
+    def images_end(self) -> int:
+        """Prompt index after the last image token."""
+        return max((im.end for im in self.images), default=0)
+
+    def rope_positions(self, start: int, num: int) -> np.ndarray:
+        """[3, num] M-RoPE positions of tokens start .. start + num - 1 (prompt or generated)."""
+        out = np.empty((3, num), dtype=np.int64)
+        in_prompt = max(0, min(num, self.prompt_len - start))
+        out[:, :in_prompt] = self.mrope_positions[:, start : start + in_prompt]
+        out[:, in_prompt:] = np.arange(start + in_prompt, start + num, dtype=np.int64) + self.mrope_delta
+        return out
+
+    def images_overlapping(self, start: int, end: int) -> list[tuple[int, ImageInput]]:
+        """(index, image) of the images with tokens in [start, end)."""
+        return [(k, im) for k, im in enumerate(self.images) if im.offset < end and im.end > start]
+
+    def block_extra_key(self, block_index: int, block_size: int) -> bytes:
+        """Bytes the prefix-cache hash of full block `block_index` adds to its token ids: the
+        content hashes of the images with tokens in it (b"" for a text-only block)."""
+        lo = block_index * block_size
+        return b"".join(im.content_hash for _, im in self.images_overlapping(lo, lo + block_size))

@@ -1,0 +1,228 @@
+"""Multi-token-prediction (MTP) drafts: the checkpoint's own next-n layer proposes the tokens
+after the target's next one (DeepSeek-V3 / Kimi-K2; `EngineBuilder.speculative("mtp", num_tokens=k)`).
+
+How it runs, step by step (the engine's hooks: engine/seams.py HiddenStateSpeculator):
+1. The target runs the step (prompt chunks, decodes, verification of drafts). Before the core
+   applies its tokens, `observe_hidden_states` gets the step's final hidden states and the tokens
+   each sampling request gains (accepted drafts + the target's token).
+2. The MTP layer runs once over every position p the step computed and keeps (all of a prompt
+   chunk; the last token plus the accepted drafts of a verify step), fed the target's hidden
+   state h_p and the embedding of the now-known token t_{p+1}. This writes its KV at p, in cache
+   layer `num_hidden_layers` of the same blocks, so its cache is complete for every computed
+   position: prefix-cache hits, chunked prefill, recompute after preemption and KV handed from a
+   prefill engine to a decode engine (both with speculative("mtp")) need nothing more.
+3. For a request that decodes next, the logits at its last position give draft 1 (argmax);
+   drafts 2..k chain: the layer runs again one position further on its own output and draft j-1.
+   Chained positions lie past the computed ones; their KV is overwritten when the target gets
+   there. A chain stops early where the request has no allocated slot for the position (no new
+   blocks are taken for drafts).
+4. Before the next schedule the core asks `propose`, which hands out the drafts made in 3.
+
+Drafts are greedy (the argmax of the MTP head), i.e. deterministic proposals: the engine accepts a
+draft exactly when the target's own sample at that position equals it, which keeps the output
+distribution the target's at any temperature (and greedy outputs token-identical). Sampling the
+drafts instead would need the draft probabilities in the acceptance rule, which the verifier does
+not take.
+
+The MTP layer sees the target's hidden state after its final norm (the input of the LM head), as
+vLLM feeds DeepSeek's released MTP weights.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from dlengine.config import ConfigError
+from dlengine.kernels.context import AttentionMetadata, ForwardContext
+
+
+class MTPProposer:
+    name = "mtp"
+    needs_hidden_states = True
+
+    def __init__(self, mtp: torch.nn.Module, embed: torch.nn.Module, num_tokens: int, block_size: int,
+                 device: torch.device) -> None:
+        """mtp: a next-n module (models/deepseek_v3.py DeepseekV3MTP: forward(positions, embeds,
+        hidden, ctx) -> y, compute_logits(y), cache_specs(specs)); embed: the target's embedding."""
+        self.mtp, self.embed = mtp, embed
+        self.num_tokens, self.block_size, self.device = num_tokens, block_size, device
+        # request id -> (the request's num_tokens when drafted, drafts)
+        self._drafts: dict[str, tuple[int, list[int]]] = {}
+
+    # ------------------------------------------------------------------ the seam
+    def cache_specs(self, target_specs: list) -> list:
+        return self.mtp.cache_specs(target_specs)
+
+    def propose(self, requests: Sequence) -> list[list[int]]:
+        out = []
+        for r in requests:
+            entry = self._drafts.pop(r.request_id, None)
+            # drafts made for another state of the request (it was preempted since) are dropped
+            out.append(entry[1] if entry is not None and entry[0] == r.num_tokens else [])
+        return out
+
+    @torch.inference_mode()
+    def observe_hidden_states(self, step, gained: dict[str, list[int]]) -> None:
+        kept = self._kept_rows(step, gained)
+        if kept is None:
+            return
+        reqs, starts, lens, hidden_rows, next_tokens, drafting = kept
+        positions = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lens)])
+        y = self._run(reqs, positions, lens, step.hidden[self._dev(hidden_rows)], self._dev(next_tokens), step)
+        if not drafting:
+            return
+        # draft 1: the layer's prediction at each sampling request's last kept position
+        y = y[self._dev((np.cumsum(lens) - 1)[drafting])]
+        tokens = self.mtp.compute_logits(y).argmax(dim=-1)
+        reqs = [reqs[i] for i in drafting]
+        drafts = [[t] for t in tokens.tolist()]
+        pos = np.array([starts[i] + lens[i] for i in drafting], dtype=np.int64)  # the next chained position
+        live = np.arange(len(reqs))
+        for _ in range(1, self.num_tokens):
+            # drafts 2..k: the layer again, one position on, on its own output and last draft; a
+            # chained position needs an allocated slot for its KV
+            room = np.array([pos[i] < len(reqs[i].block_ids) * self.block_size for i in live], dtype=bool)
+            keep = self._dev(np.nonzero(room)[0])
+            live, y, tokens = live[room], y[keep], tokens[keep]
+            if not len(live):
+                break
+            y = self._run([reqs[i] for i in live], pos[live], [1] * len(live), y, tokens, step)
+            tokens = self.mtp.compute_logits(y).argmax(dim=-1)
+            for i, t in zip(live.tolist(), tokens.tolist()):
+                drafts[i].append(t)
+            pos[live] += 1
+        for r, d in zip(reqs, drafts):
+            # keyed by the length the request will have once this step's tokens are appended
+            self._drafts[r.request_id] = (r.num_tokens + len(gained[r.request_id]), d)
+
+    # ------------------------------------------------------------------ internals
+    def _kept_rows(self, step, gained: dict[str, list[int]]):
+        """Per request: the positions this step computed and keeps (a verify step keeps its last
+        token and the accepted drafts), their hidden-state rows and the token after each one;
+        and which of the requests sample (they get drafts). Called before the step's tokens are
+        appended, so a request's own token list ends at its inputs."""
+        reqs, starts, lens, hidden_rows, next_tokens, drafting = [], [], [], [], [], []
+        for i, r in enumerate(step.requests):
+            self._drafts.pop(r.request_id, None)
+            if r.is_finished:
+                continue
+            start, row0 = step.starts[i], step.query_start_loc[i]
+            n = step.query_start_loc[i + 1] - row0
+            new = gained.get(r.request_id) if step.sample[i] else None
+            if new is not None:
+                fed = n - step.num_spec[i]  # prompt or decode tokens fed, drafts excluded
+                nxt = list(r.all_token_ids[start + 1:start + fed]) + list(new)  # accepted drafts are in `new`
+                n = fed + len(new) - 1
+            else:  # a prompt chunk that samples nothing (a scoring request's last position has no next)
+                nxt = list(r.all_token_ids[start + 1:start + n + 1])
+                n = len(nxt)
+            if n <= 0:
+                continue
+            if new is not None:
+                drafting.append(len(reqs))
+            reqs.append(r)
+            starts.append(start)
+            lens.append(n)
+            hidden_rows.append(np.arange(row0, row0 + n))
+            next_tokens.append(nxt[:n])
+        if not reqs:
+            return None
+        return (reqs, starts, lens, np.concatenate(hidden_rows),
+                np.fromiter((t for ts in next_tokens for t in ts), dtype=np.int64), drafting)
+
+    def _run(self, reqs, positions: np.ndarray, lens: Sequence[int], hidden: torch.Tensor,
+             next_tokens: torch.Tensor, step) -> torch.Tensor:
+        """One MTP forward over `lens[i]` consecutive positions of each request (ending at
+        positions of their last entry), writing its KV there."""
+        bs = self.block_size
+        ql = np.asarray(lens, dtype=np.int64)
+        qsl = np.zeros(len(reqs) + 1, dtype=np.int64)
+        np.cumsum(ql, out=qsl[1:])
+        seq_lens = [int(positions[qsl[i + 1] - 1]) + 1 for i in range(len(reqs))]
+        max_blocks = max(len(r.block_ids) for r in reqs)
+        tables = np.zeros((len(reqs), max_blocks), dtype=np.int32)
+        for i, r in enumerate(reqs):
+            tables[i, :len(r.block_ids)] = r.block_ids
+        row = np.repeat(np.arange(len(reqs)), ql)
+        slots = tables[row, positions // bs].astype(np.int64) * bs + positions % bs
+        meta = AttentionMetadata(
+            query_start_loc=self._dev(qsl.astype(np.int32)), seq_lens=self._dev(np.array(seq_lens, dtype=np.int32)),
+            block_tables=self._dev(tables), slot_mapping=self._dev(slots), max_query_len=int(ql.max()),
+            max_seq_len=max(seq_lens), query_lens_cpu=ql.tolist(), seq_lens_cpu=seq_lens)
+        ctx = ForwardContext(meta, step.kv_caches, step.layer_caches)
+        pos = self._dev(np.ascontiguousarray(positions, dtype=np.int64))
+        return self.mtp(pos, self.embed(next_tokens), hidden, ctx)
+
+    def _dev(self, array: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(array))
+        return t.to(self.device, non_blocking=True) if self.device.type == "cuda" else t
+
+
+class MTPFactory:
+    """What `EngineBuilder.speculative("mtp", num_tokens=k)` configures: the engine calls it with
+    the config and the target model (`wants_target`), and it builds and loads the next-n layer."""
+
+    wants_target = True
+    name = "mtp"
+
+    def __init__(self, num_tokens: int) -> None:
+        self.num_tokens = num_tokens
+
+    def __call__(self, cfg, target) -> MTPProposer:
+        from dlengine.assemble import build_model
+        from dlengine.models.deepseek_v3 import DeepseekV3MTP
+
+        check_mtp_supported(cfg.model)
+        if cfg.load_num_layers is not None and cfg.load_format != "dummy":
+            raise ConfigError("speculative('mtp') with hf_overrides(num_hidden_layers=...) and real weights: the "
+                              "checkpoint's MTP layer follows its last layer, which is not loaded; use "
+                              "load_format='dummy' or drop the override")
+        if cfg.load_format != "dummy":
+            _check_checkpoint_has_layer(cfg.model.path, cfg.model.num_hidden_layers)
+        # loaded like the target (FP8 preparation, dummy weights, post-load hooks), its own tensors only
+        mtp = build_model(cfg, target.state, target.kernels, model_cls=DeepseekV3MTP)
+        return MTPProposer(mtp, target.model.model.embed_tokens, self.num_tokens, cfg.cache.block_size, cfg.device)
+
+    def __repr__(self) -> str:
+        return f"MTPFactory(num_tokens={self.num_tokens})"
+
+
+def check_mtp_supported(model_config) -> None:
+    """ConfigError unless the checkpoint carries next-n layers this engine can run."""
+    from dlengine.models.deepseek_v3 import num_nextn_layers
+
+    arch = model_config.architecture
+    if arch not in MTP_ARCHITECTURES:
+        raise ConfigError(f"speculative('mtp'): an MTP proposer for {arch} checkpoints is not shipped yet (it runs "
+                          f"the next-n layers of {', '.join(sorted(MTP_ARCHITECTURES))} checkpoints); use "
+                          "speculative('ngram') or pass a proposer object")
+    if num_nextn_layers(model_config) < 1:
+        raise ConfigError(f"speculative('mtp'): {model_config.path} has no multi-token-prediction layers "
+                          "(config.json num_nextn_predict_layers is 0 or missing); use speculative('ngram')")
+
+
+MTP_ARCHITECTURES = {"DeepseekV3ForCausalLM"}
+
+
+def _check_checkpoint_has_layer(path: str, layer: int) -> None:
+    """config.json may declare next-n layers the weights do not carry (transformers writes
+    num_nextn_predict_layers=1 by default and drops the layer on save): say so plainly."""
+    import json
+    import os
+
+    from dlengine.models.loader import iter_safetensors_lazy
+
+    prefix = f"model.layers.{layer}."
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            names = list(json.load(f).get("weight_map", {}))
+    else:
+        names = [name for name, _ in iter_safetensors_lazy(path)]
+    if not any(n.startswith(prefix) for n in names):
+        raise ConfigError(f"speculative('mtp'): {path} has no multi-token-prediction layer weights (no "
+                          f"{prefix}* tensors, although config.json declares num_nextn_predict_layers); use "
+                          "speculative('ngram')")

@@ -1,0 +1,270 @@
+"""Encode-prefill-decode disaggregation over DLSlime's TCP transport, for real: an encoder engine
+(role "encode": the vision tower alone) hands image embeddings to a prefill (or hybrid) engine,
+which hands the KV to a decode engine, in separate OS processes on 127.0.0.1.
+
+Greedy tokens must equal one hybrid engine's for one-image and two-image prompts; a dead encoder,
+an encoder that released the embeddings first, and a puller that never came must each end with a
+clear error (or a local encode, when asked) and every buffer back: KV pools full, the encoder's
+pins released, the receive region free."""
+
+import time
+
+import pytest
+
+try:
+    import dlslime  # noqa: F401
+except ImportError as e:  # CI installs it (.ci/run); say why when it is not there
+    pytest.skip(f"dlslime is not importable ({e}): pip install 'dlengine[dlslime]' and apt-get install libibverbs1",
+                allow_module_level=True)
+
+import torch
+
+from dlengine import EngineBuilder, InvalidRequestError, SamplingParams
+from dlengine.config import ConfigError
+from dlengine.disagg.encoder_client import EncoderPullError
+from dlengine.disagg.worker import WorkerEngine
+from dlengine.testing.vl import IMAGE_PLACEHOLDER, tiny_image
+
+MODEL = "tiny-qwen3-vl"
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
+STAGING = {"staging_bytes": 1 << 20}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Three PNG files (lossless: the same pixels as the PIL images) for worker processes."""
+    folder = tmp_path_factory.mktemp("epd-images")
+    paths = []
+    for k, img in enumerate([tiny_image(), tiny_image(40, 24, seed=1), tiny_image(seed=7)]):
+        paths.append(str(folder / f"{k}.png"))
+        img.save(paths[-1])
+    return paths
+
+
+def cases(images):
+    """(prompt, the images it shows): one image, two images."""
+    return [("Once upon a time " + IMAGE_PLACEHOLDER + " there was a tiny language model", [images[0]]),
+            ("hello " + IMAGE_PLACEHOLDER + " and " + IMAGE_PLACEHOLDER + " world", [images[0], images[1]])]
+
+
+def local(role="hybrid", **encoder_cache):
+    b = EngineBuilder(MODEL).dtype("float32").cache(block_size=16).scheduler(max_model_len=256)
+    b.encoder_cache(**{**STAGING, **encoder_cache})
+    if role != "hybrid":
+        b.role(role).transfer("dlslime", transport="tcp")
+    return b.build()
+
+
+_HYBRID: dict = {}
+
+
+def hybrid_tokens(prompts):
+    key = tuple((text, tuple(imgs)) for text, imgs in prompts)
+    if key not in _HYBRID:
+        engine = local()
+        _HYBRID[key] = [o.token_ids for o in engine.generate([{"prompt": t, "images": i} for t, i in prompts],
+                                                             GREEDY)]
+        engine.close()
+    return _HYBRID[key]
+
+
+def encoder_worker(**transfer):
+    return WorkerEngine({"model": MODEL, "role": "encode", "dtype": "float32", "transfer": transfer,
+                         "encoder_cache": STAGING})
+
+
+def run(engine, prompt, params=GREEDY, timeout=20.0, **transfer_params):
+    rid = engine.add_request(prompt, params, **transfer_params)
+    deadline = time.monotonic() + timeout
+    while engine.has_unfinished_requests():
+        assert time.monotonic() < deadline, "request did not finish in time"
+        for out in engine.step():
+            if out.request_id == rid and out.finished:
+                return out
+    raise AssertionError("no final output")
+
+
+def assert_pool_full(engine):
+    engine.block_manager.check_invariants()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert not engine.scheduler.running and not engine.scheduler.waiting
+
+
+def wait_encoder_released(worker, timeout=10.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        s = worker.stats()
+        if not s["pinned_requests"] and s["staging_free_bytes"] == s["staging_bytes"]:
+            return s
+        assert time.monotonic() < deadline, f"encoder still pins embeddings after {timeout}s: {s}"
+        time.sleep(0.05)
+
+
+# ------------------------------------------------------------------ in one process
+def test_encoder_embeddings_equal_the_models_and_params_are_checked():
+    """The encoder role's embeddings are the hybrid model's own (bit for bit in float32), it holds
+    no text weights and no KV cache, and bad or mismatched params are refused before any pull."""
+    encoder = EngineBuilder(MODEL).dtype("float32").role("encode").transfer("dlslime").encoder_cache(**STAGING).build()
+    hybrid = local()
+    try:
+        assert "role=encode" in repr(encoder)
+        assert not hasattr(encoder, "kv_cache") and not hasattr(encoder.tower, "language_model")
+        imgs = [tiny_image(), tiny_image(40, 24, seed=1)]
+        [(_, _, a), (_, _, b)] = encoder.embed(imgs)
+        req = hybrid.make_request({"prompt": "x " + IMAGE_PLACEHOLDER * 2, "images": imgs})
+        tokens, deepstack = hybrid.model.model.encode_images(req.multimodal)
+        expected = torch.stack([tokens, *deepstack])
+        assert torch.equal(torch.cat([a, b], dim=1), expected)
+
+        prompt = {"prompt": "hello " + IMAGE_PLACEHOLDER + " and " + IMAGE_PLACEHOLDER + " world", "images": imgs}
+        ref = run(hybrid, prompt)
+        out = run(hybrid, prompt, ec_transfer_params=encoder.encode(imgs))  # encode -> hybrid
+        assert out.token_ids == ref.token_ids
+        assert hybrid.describe()["ec_pulls"]["pulled"] == 1
+        encoder.poll()
+        assert encoder.num_pinned == 0 and encoder.counts["released_done"] == 1
+
+        ec = encoder.encode([imgs[1], imgs[0]])  # the images in another order
+        with pytest.raises(InvalidRequestError, match="another image"):
+            hybrid.add_request(prompt, GREEDY, ec_transfer_params=ec)
+        with pytest.raises(InvalidRequestError, match="describe 2 images but the request has 1"):
+            hybrid.add_request({"prompt": IMAGE_PLACEHOLDER, "images": [imgs[0]]}, GREEDY, ec_transfer_params=ec)
+        with pytest.raises(InvalidRequestError, match="nonce"):
+            hybrid.add_request(prompt, GREEDY, ec_transfer_params={**ec, "nonce": 0})
+        with pytest.raises(InvalidRequestError, match="missing"):
+            hybrid.add_request(prompt, GREEDY, ec_transfer_params={"engine_id": "x"})
+        assert encoder.release(ec["request_id"]) and encoder.num_pinned == 0
+        assert_pool_full(hybrid)
+    finally:
+        encoder.close()
+        hybrid.close()
+    with pytest.raises(ConfigError, match="runs a vision tower"):
+        EngineBuilder("tiny-qwen3").role("encode").transfer("dlslime").config()
+
+
+# ------------------------------------------------------------------ three processes
+def test_encode_prefill_decode_in_three_processes_match_hybrid(images):
+    """Encoder and prefill engines in child processes, the decode engine here: E -> P over DLSlime
+    (embeddings), P -> D over DLSlime (KV). Two rounds; the second hits the prefill engine's prefix
+    cache through the images' content hashes. Every buffer is back afterwards."""
+    prompts = cases(images)
+    expected = hybrid_tokens(prompts)
+    encoder = encoder_worker()
+    prefill = WorkerEngine({"model": MODEL, "role": "prefill", "dtype": "float32", "cache": {"block_size": 16},
+                            "scheduler": {"max_model_len": 256}, "transfer": {}, "encoder_cache": STAGING})
+    decode = local("decode")
+    try:
+        for round_ in range(2):
+            for (text, imgs), exp in zip(prompts, expected):
+                prompt = {"prompt": text, "images": imgs}
+                ec = encoder.encode(imgs)
+                assert [im["num_tokens"] for im in ec["images"]] == [16, 15][:len(imgs)]
+                rid = prefill.add_request(prompt, GREEDY, ec_transfer_params=ec)
+                first = _worker_final(prefill, rid)
+                assert first.error is None, first.error
+                assert first.finish_reason == "kv_transfer"
+                out = run(decode, prompt, kv_transfer_params=first.kv_transfer_params)
+                assert out.error is None, out.error
+                assert out.token_ids == exp, f"round {round_}: {text!r}"
+        stats = wait_encoder_released(encoder)
+        assert stats["released_done"] == 4 and stats["released_timeout"] == 0
+        assert stats["image_tokens"] == 2 * (16 + 16 + 15)
+        p = prefill.stats()
+        assert p["ec_pulls"]["pulled"] == 4 and p["ec_pulls"]["receive_free_bytes"] == p["ec_pulls"]["receive_bytes"]
+        assert p["num_cached_tokens"] > 0  # round 2 reused the image blocks
+        deadline = time.monotonic() + 10
+        while (p := prefill.stats())["role"]["pinned_requests"]:
+            assert time.monotonic() < deadline, p["role"]
+            time.sleep(0.05)
+        assert p["num_free_blocks"] == p["num_blocks"]
+        assert_pool_full(decode)
+    finally:
+        decode.close()
+        prefill.close()
+        encoder.close()
+
+
+def _worker_final(worker, rid, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        outs = worker.results([rid])
+        if outs:
+            return outs[0]
+        time.sleep(0.01)
+    raise AssertionError(f"worker request {rid} did not finish")
+
+
+# ------------------------------------------------------------------ failures
+def test_killed_encoder_gives_a_clear_error_and_frees_every_buffer(images):
+    """The encoder dies after handing out params: the pull fails fast with an error naming it, the
+    request never enters the engine, and the KV pool and the receive region are whole. With
+    on_pull_failure="local" the same request is encoded here and gives the hybrid engine's tokens."""
+    text, imgs = cases(images)[0]
+    prompt = {"prompt": text, "images": imgs}
+    [expected] = hybrid_tokens([(text, imgs)])
+    encoder = encoder_worker()
+    ec = encoder.encode(imgs)
+    encoder.kill()
+    prefill = local("prefill")
+    fallback = local(on_pull_failure="local")
+    try:
+        with pytest.raises(EncoderPullError, match=f"encoder engine {ec['engine_id']}.*(dead|unreachable|closed)"):
+            prefill.add_request(prompt, GREEDY, ec_transfer_params=ec)
+        assert not prefill.has_unfinished_requests()
+        assert_pool_full(prefill)
+        pulls = prefill.describe()["ec_pulls"]
+        assert pulls["failed"] == 1 and pulls["receive_free_bytes"] == pulls["receive_bytes"]
+
+        out = run(fallback, prompt, ec_transfer_params=ec)
+        assert out.token_ids == expected
+        assert fallback.describe()["ec_pulls"]["encoded_locally"] == 1
+        assert_pool_full(fallback)
+    finally:
+        prefill.close()
+        fallback.close()
+
+
+def test_released_or_expired_embeddings_are_refused_and_freed(images):
+    """An encoder frees what nobody pulled within its pin timeout, and a pull of embeddings the
+    encoder released first (the pin re-read after the read) is discarded with a clear error."""
+    text, imgs = cases(images)[0]
+    prompt = {"prompt": text, "images": imgs}
+    encoder = encoder_worker(pin_timeout_s=0.5)
+    hybrid = local()
+    try:
+        ec = encoder.encode(imgs)
+        time.sleep(0.8)
+        stats = wait_encoder_released(encoder)
+        assert stats["released_timeout"] == 1 and stats["events"][-1] == [ec["request_id"], "timeout"]
+        with pytest.raises(EncoderPullError, match="released the embeddings"):
+            hybrid.add_request(prompt, GREEDY, ec_transfer_params=ec)
+        ec = encoder.encode(imgs)
+        assert encoder.call("release", request_id=ec["request_id"])["released"]
+        with pytest.raises(EncoderPullError, match="released the embeddings"):
+            hybrid.add_request(prompt, GREEDY, ec_transfer_params=ec)
+        pulls = hybrid.describe()["ec_pulls"]
+        assert pulls["failed"] == 2 and pulls["receive_free_bytes"] == pulls["receive_bytes"]
+        assert_pool_full(hybrid)
+        assert wait_encoder_released(encoder)["released_abort"] == 1
+    finally:
+        hybrid.close()
+        encoder.close()
+
+
+def test_bench_vision_runs_on_cpu(tmp_path):
+    """scripts/bench_vision.py (the H100 `vision` step of gpu_suite.sh) at tiny sizes on the CPU."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "vision.json"
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    subprocess.run([sys.executable, os.path.join(root, "scripts", "bench_vision.py"), "--device", "cpu", "--model",
+                    MODEL, "--image-size", "32", "--batches", "1", "--iters", "1", "--json", str(out)],
+                   check=True, env=env, timeout=300, capture_output=True)
+    result = json.loads(out.read_text())
+    assert result["encoder_throughput"][0]["image_tokens"] == 16
+    ttft = result["ttft_one_image"]
+    assert ttft["ttft_local_ms"] > 0 and ttft["ttft_epd_ms"] > 0 and ttft["pulled"]["pulled"] == 3
