@@ -195,12 +195,13 @@ def build_core(cfg: EngineConfig, state=None) -> EngineCore:
                               f"{refusal}; use a bf16 cache")
         logger.info("FP8 KV cache scales: %s", kv_scale_source(model))
     kv_cache = KVCache(cache_specs, plan.num_blocks, cfg.cache.block_size, kv_dtype, cfg.device,
-                       num_state_slots=plan.num_state_slots)
+                       num_state_slots=plan.num_cache_state_slots)
     if cfg.components.block_manager is not None:
         block_manager = cfg.components.block_manager(plan.num_blocks, cfg.cache.block_size, cfg.cache.prefix_caching)
     else:
         block_manager = BlockManager(plan.num_blocks, cfg.cache.block_size, cfg.cache.prefix_caching,
-                                     specs=cache_specs, num_state_slots=plan.num_state_slots)
+                                     specs=cache_specs, num_state_slots=plan.num_state_slots,
+                                     num_checkpoint_slots=plan.num_checkpoint_slots)
 
     _check_state_model_features(cfg, cache_specs)
     blocker = getattr(block_manager, "prefix_cache_blocker", None)
@@ -208,6 +209,9 @@ def build_core(cfg: EngineConfig, state=None) -> EngineCore:
         logger.info("prefix caching finds no hits for this model: %s keeps a state per sequence that summarises "
                     "its whole prefix, and without copies of that state at block boundaries a cached prefix "
                     "cannot be resumed (requests compute every token; results are unaffected)", blocker)
+    if getattr(block_manager, "checkpoints", None) is not None:
+        logger.info("prefix caching of the recurrent state: %d checkpoint slots, one checkpoint per prompt at its "
+                    "last full block (docs/gdn.md says why not every block)", block_manager.checkpoints.num_slots)
 
     connector = None
     if cfg.components.kv_connector is not None:

@@ -28,8 +28,11 @@
 #   profile    GPU time per kernel of a W2 decode step (profile_kernels.py)
 #   serve      W1's workload through `dlengine serve` + `dlengine bench serve` at rising request
 #              rates, then W1 offline in the same call (the reference)
+#   gdn        Gated DeltaNet: kernel tests (Triton vs torch reference vs fla-core), then W1's workload
+#              and batch-1 / batch-64 decode on Qwen3.5-MoE dims, first 4 layers (3 DeltaNet + 1 full
+#              attention), dummy bf16 weights; MBU counts the recurrent state read and written per step
 # Extra options per step: TEST_ARGS, SERVE_RATES, ATTN_ARGS, W1_ARGS, W2_ARGS, W1MOE_ARGS, MOE_ARGS, TUNE_TOKENS, MLA_ARGS,
-# FP8_ARGS, DSV3_ARGS, DSA_ARGS, PARALLEL_ARGS, VISION_ARGS. FlashInfer is used when its wheels are in .whl/
+# FP8_ARGS, DSV3_ARGS, DSA_ARGS, PARALLEL_ARGS, VISION_ARGS, GDN_ARGS. FlashInfer is used when its wheels are in .whl/
 # (flashinfer-python + apache-tvm-ffi, installed with --no-deps); DLSlime when importable.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -172,7 +175,17 @@ run_profile() {  # GPU time per kernel of a W2 (Qwen3-8B, batch 1) decode step
 run_parallel() {  # parallel engine vs single-process on every visible GPU (NCCL); 1 GPU: a 1-rank NCCL world
   python3 scripts/gpu_check_parallel.py ${PARALLEL_ARGS:-} --json "$OUT/parallel.json" 2>&1 | tee "$OUT/parallel.log" | tail -40
 }
-ALL="tests attention w1 w2 engine w1moe moe tune_moe mla mladecode probe sm90 fp8 fp8kv dsv3 dsa parallel kvmig vision profile serve"
+run_gdn() {  # Gated DeltaNet kernels; Qwen3.5-MoE (qwen3.5-35b-a3b) dims, 4 layers, dummy bf16 weights
+  python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_gdn.py 2>&1 | tee "$OUT/gdn_tests.log" | tail -15
+  local m="--model qwen3.5-35b-a3b --load-format dummy --num-layers 4 --dtype bfloat16"
+  python3 -m dlengine.cli bench throughput $m --num-prompts 256 --input-len 562 --output-len 562 --range-ratio 0.822 \
+    --max-model-len 2048 --no-progress ${GDN_ARGS:-} --json "$OUT/gdn_w1.json" 2>&1 | tee "$OUT/gdn_w1.log" | tail -30
+  for bsz in 1 64; do
+    python3 -m dlengine.cli bench latency $m --batch-size $bsz --input-len 1024 --output-len 128 --max-model-len 2048 \
+      --no-progress ${GDN_ARGS:-} --json "$OUT/gdn_b$bsz.json" 2>&1 | tee "$OUT/gdn_b$bsz.log" | tail -25
+  done
+}
+ALL="tests attention w1 w2 engine w1moe moe tune_moe mla mladecode probe sm90 fp8 fp8kv dsv3 dsa parallel kvmig vision profile serve gdn"
 for s in ${*:-all}; do
   case $s in
     all) for t in $ALL; do echo "== $t"; "run_$t"; done ;;

@@ -2,8 +2,9 @@
 float32 logits close at every prompt position, greedy tokens equal through the paged cache with
 the recurrent state in per-request slots: a batch of prompts of lengths 1..300, prompts split
 into 32-token chunks (each chunk resumes the state the previous one left), forced preemption (the
-slot is freed and the request recomputes from scratch), and prefix caching left on (it finds no
-hits for these models, and says why)."""
+slot is freed and the request recomputes from scratch), and prefix caching with state checkpoints
+(a second round of the same prompts, and prompts extending earlier ones, resume cached prefixes
+from the state saved at each prompt's last full block; eviction frees the checkpoints)."""
 
 import logging
 
@@ -24,7 +25,7 @@ MAX_NEW = 16
 PROMPTS = make_prompts()  # lengths 1, 2, 5, 16, 17, 31, 64, 100, 200, 300
 
 SETUPS = {
-    # prefix caching is on by default: two rounds of the same prompts, no hits, same tokens
+    # prefix caching is on by default: two rounds of the same prompts, hits on the second
     "default-twice": dict(cache=dict(block_size=16)),
     "chunked-32": dict(cache=dict(block_size=16), scheduler=dict(max_num_batched_tokens=32)),
     "preemption": dict(cache=dict(block_size=16, num_blocks=24), scheduler=dict(max_model_len=320)),
@@ -85,14 +86,15 @@ def test_greedy_tokens_match_transformers(kind, setup, caplog):
 
     with caplog.at_level(logging.INFO, logger="dlengine"):
         engine = build_for_setup(tiny_checkpoint(kind), SETUPS[setup])
-    assert "prefix caching finds no hits for this model" in caplog.text
+    assert "prefix caching of the recurrent state" in caplog.text
     expected = reference_greedy(kind, tuple(map(tuple, PROMPTS)), MAX_NEW)
     for r in range(2 if setup == "default-twice" else 1):
         engine.stats.reset()
         outs = engine.generate(PROMPTS, SamplingParams(max_tokens=MAX_NEW, temperature=0.0))
         for i, (out, want) in enumerate(zip(outs, expected)):
             assert out.token_ids == list(want), f"round {r}: prompt {i} (len {len(PROMPTS[i])}) diverged"
-        assert engine.stats.num_cached_tokens == 0
+        if r == 1:  # every prompt of a full block or more resumes its checkpoint
+            assert engine.stats.num_cached_tokens == sum((len(p) - 1) // 16 * 16 for p in PROMPTS)
     if setup == "preemption":
         assert engine.stats.num_preemptions > 0
     if setup.endswith("chunked-32"):
@@ -101,13 +103,52 @@ def test_greedy_tokens_match_transformers(kind, setup, caplog):
     bm = engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks
     assert bm.state_slots.num_free == bm.state_slots.num_slots  # every slot came back
+    assert bm.checkpoints.num_pending == 0
     bm.check_invariants()
 
 
+def test_prefix_cache_hits_resume_checkpoints(kind):
+    """Shared prefixes across requests: prompts that extend earlier prompts (and their answers:
+    a multi-turn conversation) by a few blocks resume the checkpoint at the earlier prompt's last
+    full block, through 7-token prefill chunks (so checkpoints fall inside steps and at their
+    ends, off the chunk edges), with greedy tokens equal to transformers'. A small cache evicts
+    cached blocks, and their checkpoints go with them: slot accounting returns to zero."""
+    from dlengine import SamplingParams
+
+    path = tiny_checkpoint(kind)
+    engine = build_for_setup(path, dict(cache=dict(block_size=16, num_blocks=40),
+                                        scheduler=dict(max_num_batched_tokens=64, max_model_len=320)))
+    params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
+    bm = engine.block_manager
+    first = make_prompts(3, lengths=(33, 70, 120), seed=7)
+    turns = [first]
+    for _ in range(2):  # two more turns: previous prompt + its answer + a new question
+        answers = reference_greedy(kind, tuple(map(tuple, turns[-1])), MAX_NEW)
+        extra = make_prompts(3, lengths=(5, 20, 37), seed=8 + len(turns))
+        turns.append([p + list(a) + e for p, a, e in zip(turns[-1], answers, extra)])
+    for t, prompts in enumerate(turns):
+        engine.stats.reset()
+        expected = reference_greedy(kind, tuple(map(tuple, prompts)), MAX_NEW)
+        for prompt, want in zip(prompts, expected):  # one at a time: the cache holds one long prompt
+            assert engine.generate([prompt], params)[0].token_ids == list(want), f"turn {t}, len {len(prompt)}"
+        if t:
+            assert engine.stats.num_cached_tokens >= 16 * 3, "later turns resume their earlier turns' prefixes"
+        bm.check_invariants()
+        assert bm.checkpoints.num_pending == 0
+    assert bm.checkpoints.num_published == 9  # one per prompt
+    for prompt in make_prompts(3, lengths=(300, 300, 300), seed=20):  # fills the cache: evicts the others
+        engine.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0))
+    bm.check_invariants()  # every published checkpoint's block is still cached
+    assert bm.checkpoints.num_evicted == 0 and bm.checkpoints.num_published <= 4  # dropped with their blocks
+    assert bm.reset_prefix_cache()
+    assert bm.checkpoints.num_free == bm.checkpoints.num_slots
+    assert bm.state_slots.num_free == bm.state_slots.num_slots
+
+
 def test_unsupported_settings_are_config_errors():
-    """Tensor parallelism of the DeltaNet layers and CUDA graphs of the state are not built yet:
-    asking for them is a ConfigError naming the problem (CUDA graphs checked at the assembly
-    step, since a CPU build refuses cuda_graphs(True) earlier)."""
+    """CUDA graphs of the state and speculative decoding are not built yet: asking for them is a
+    ConfigError naming the problem (CUDA graphs checked at the assembly step, since a CPU build
+    refuses cuda_graphs(True) earlier). Tensor parallelism: tests/test_gdn_parallel.py."""
     from types import SimpleNamespace
 
     import torch
@@ -117,8 +158,6 @@ def test_unsupported_settings_are_config_errors():
     from dlengine.models.qwen3_5 import Qwen3_5ForConditionalGeneration
 
     cfg = ModelConfig.from_pretrained(tiny_checkpoint("qwen3.5"))
-    with pytest.raises(ConfigError, match="tensor parallelism is not implemented for Gated DeltaNet"):
-        Qwen3_5ForConditionalGeneration.cache_specs(cfg, dtype=torch.float32, tp_size=2, tp_rank=0)
     specs = Qwen3_5ForConditionalGeneration.cache_specs(cfg, dtype=torch.float32)
     backend = SimpleNamespace(supports_cuda_graphs=True)
     with pytest.raises(ConfigError, match="recurrent state, which CUDA graphs do not capture yet"):
@@ -151,3 +190,25 @@ def test_presets_have_the_released_sizes(preset, total):
     assert len(specs[0].layers) == cfg.num_hidden_layers // 4  # every 4th layer is full attention
     with pytest.raises(ConfigError, match="all linear attention; keep at least one full-attention layer"):
         type(model).cache_specs(meta_model(preset, num_hidden_layers=2)[1], dtype=torch.bfloat16)
+
+
+def test_qwen3_5_moe_preset_has_the_released_dims():
+    """The preset's text config equals transformers' Qwen3_5MoeTextConfig defaults, which that
+    class documents as Qwen/Qwen3.5-35B-A3B's."""
+    import json
+    import os
+
+    from transformers.models.qwen3_5_moe.configuration_qwen3_5_moe import Qwen3_5MoeTextConfig
+
+    from dlengine.builder import resolve_model_path
+
+    with open(os.path.join(resolve_model_path("qwen3.5-35b-a3b"), "config.json")) as f:
+        text = json.load(f)["text_config"]
+    released = Qwen3_5MoeTextConfig()
+    for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                  "head_dim", "linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim",
+                  "linear_num_key_heads", "linear_num_value_heads", "moe_intermediate_size",
+                  "shared_expert_intermediate_size", "num_experts_per_tok", "num_experts", "rms_norm_eps",
+                  "layer_types"):
+        assert text[field] == getattr(released, field), field
+    assert text["partial_rotary_factor"] == 0.25

@@ -136,3 +136,103 @@ def test_conv1d_update_matches_transformers():
     out = causal_conv1d_update(x, w, states, slots, torch.tensor([True, False, True]))
     close(out, ref)
     close(states[slots], hf_state[..., 1:])
+
+
+# ------------------------------------------------------------------------- Triton kernels (interpreter on CPU)
+# Each Triton kernel against its torch reference at tiny sizes, checkpoints included (the state
+# before a token inside the step, saved in another slot: prefix caching's block boundaries).
+from dlengine.kernels.gdn import causal_conv1d_torch, causal_conv1d_triton  # noqa: E402
+from dlengine.kernels.gdn import gated_delta_rule_torch, gated_delta_rule_triton  # noqa: E402
+
+VARLEN = dict(lens=[7, 1, 2, 40], slots=[3, 0, 2, 1], resume=[True, False, True, True],
+              ckpt_slots=[4, -1, -1, 5], ckpt_offsets=[3, 0, 0, 17])
+
+
+def _nan_fresh(states, slots, resume):
+    """Fresh requests' slots hold NaN: a kernel that reads them instead of zeros shows it."""
+    for s, r in zip(slots, resume):
+        if not r:
+            states[s] = float("nan")
+    return states
+
+
+@pytest.mark.parametrize("checkpoints", [False, True])
+def test_triton_conv1d_varlen_matches_reference(checkpoints):
+    v = VARLEN
+    g = torch.Generator().manual_seed(6)
+    d = 40  # not a multiple of the kernel's channel block
+    x, w, b = torch.randn(sum(v["lens"]), d, generator=g), torch.randn(d, K, generator=g), torch.randn(d, generator=g)
+    states = _nan_fresh(torch.randn(6, d, K - 1, generator=g), v["slots"], v["resume"])
+    ck = dict(checkpoint_slots=v["ckpt_slots"], checkpoint_offsets=v["ckpt_offsets"]) if checkpoints else {}
+    s_ref, s_tri = states.clone(), states.clone()
+    ref = causal_conv1d_torch.causal_conv1d_varlen(x, w, s_ref, v["lens"], v["slots"], v["resume"], b, **ck)
+    out = causal_conv1d_triton.causal_conv1d_varlen(x, w, s_tri, v["lens"], v["slots"], v["resume"], b, **ck)
+    close(out, ref)
+    assert torch.equal(s_tri.isnan(), s_ref.isnan())
+    close(s_tri.nan_to_num(), s_ref.nan_to_num())
+
+
+def test_triton_conv1d_update_matches_reference_and_skips_padding():
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(D, K, generator=g)
+    x = torch.randn(4, D, generator=g)
+    states = torch.randn(5, D, K - 1, generator=g)
+    slots = torch.tensor([4, 1, -1, 0])  # row 2: a padded row of a captured batch
+    resume = torch.tensor([True, False, True, True])
+    keep = [0, 1, 3]
+    s_ref, s_tri = states.clone(), states.clone()
+    ref = causal_conv1d_torch.causal_conv1d_update(x[keep], w, s_ref, slots[keep], resume[keep])
+    out = causal_conv1d_triton.causal_conv1d_update(x, w, s_tri, slots, resume)
+    close(out[keep], ref)
+    close(s_tri, s_ref)
+
+
+@pytest.mark.parametrize("checkpoints", [False, True])
+@pytest.mark.parametrize("chunk", [16, 32])
+def test_triton_chunk_gated_delta_rule_matches_reference(chunk, checkpoints):
+    v = VARLEN
+    q, k, val, g, beta = inputs(sum(v["lens"]), seed=8)
+    states = _nan_fresh(torch.randn(6, HV, DK, DV), v["slots"], v["resume"])
+    ck = dict(checkpoint_slots=v["ckpt_slots"], checkpoint_offsets=v["ckpt_offsets"]) if checkpoints else {}
+    s_ref, s_tri = states.clone(), states.clone()
+    ref = gated_delta_rule_torch.gated_delta_rule_varlen(q, k, val, g, beta, s_ref, v["lens"], v["slots"], v["resume"],
+                                                         chunk_size=chunk, **ck)
+    out = gated_delta_rule_triton.gated_delta_rule_varlen(q, k, val, g, beta, s_tri, v["lens"], v["slots"],
+                                                          v["resume"], chunk_size=chunk, **ck)
+    close(out, ref)
+    assert torch.equal(s_tri.isnan(), s_ref.isnan())
+    close(s_tri.nan_to_num(), s_ref.nan_to_num())
+
+
+def test_checkpoint_equals_state_of_a_split_step():
+    """The checkpoint a step saves at offset p is the state a step ending at p would leave."""
+    q, k, val, g, beta = inputs(30, seed=9)
+    for mod in (gated_delta_rule_torch, gated_delta_rule_triton):
+        states = torch.zeros(3, HV, DK, DV)
+        mod.gated_delta_rule_varlen(q, k, val, g, beta, states, [30], [0], [False], chunk_size=16,
+                                    checkpoint_slots=[2], checkpoint_offsets=[11])
+        split = torch.zeros(3, HV, DK, DV)
+        mod.gated_delta_rule_varlen(q[:11], k[:11], val[:11], g[:11], beta[:11], split, [11], [1], [False],
+                                    chunk_size=16)
+        close(states[2], split[1])
+    x, w = torch.randn(30, D), torch.randn(D, K)
+    for mod in (causal_conv1d_torch, causal_conv1d_triton):
+        conv = torch.zeros(3, D, K - 1)
+        mod.causal_conv1d_varlen(x, w, conv, [30], [0], [False], checkpoint_slots=[2], checkpoint_offsets=[2])
+        split = torch.zeros(3, D, K - 1)
+        mod.causal_conv1d_varlen(x[:2], w, split, [2], [1], [False])
+        close(conv[2], split[1])
+
+
+def test_triton_recurrent_update_matches_reference_and_skips_padding():
+    q, k, val, g, beta = inputs(4, seed=10)
+    states = torch.randn(5, HV, DK, DV)
+    slots = torch.tensor([3, 0, -1, 1])
+    resume = torch.tensor([True, False, True, True])
+    keep = [0, 1, 3]
+    s_ref, s_tri = states.clone(), states.clone()
+    ref = gated_delta_rule_torch.recurrent_gated_delta_rule_update(q[keep], k[keep], val[keep], g[keep], beta[keep],
+                                                                   s_ref, slots[keep], resume[keep])
+    out = gated_delta_rule_triton.recurrent_gated_delta_rule_update(q, k, val, g, beta, s_tri, slots, resume)
+    close(out[keep], ref)
+    close(s_tri, s_ref)

@@ -12,6 +12,9 @@ These are estimates from the model shape (documented in docs/bench.md), not coun
   latent) per sequence per step; with DeepSeek Sparse Attention (index_topk in the config) a
   decode token reads the latent of min(context, index_topk) tokens and the indexer key
   (`index_key_bytes_per_token`) of every context token (`kv_bytes_read`);
+- recurrent state (models with state cache specs, e.g. Gated DeltaNet hybrids): every sequence
+  reads and writes its whole state once per decode step (`state_bytes_per_seq` each way), and
+  only the paged (full-attention) layers count KV bytes per context token;
 - FLOPs: 2 per multiply-add of every linear layer a token passes through (`2 * active_body_params`
   per token, body = all parameters but the embedding and the LM head, active = minus the E - k
   experts a token does not visit in each MoE layer), `2 * lm_head_params` per sampled token (only
@@ -52,6 +55,7 @@ class ModelCost:
     expert_bytes: int = 0
     sparse_topk: int = 0  # DeepSeek Sparse Attention: tokens a query attends to (0: dense)
     index_key_bytes_per_token: int = 0  # indexer layers * index_head_dim * cache element size
+    state_bytes_per_seq: int = 0  # recurrent state of one sequence (state cache specs), all layers
 
     @staticmethod
     def from_engine(engine) -> "ModelCost":
@@ -88,6 +92,14 @@ class ModelCost:
             v_dim = int(hf["v_head_dim"])
         else:
             qk_dim = v_dim = cfg.head_dim
+        kv_per_token = cfg.num_hidden_layers * cfg.kv_bytes_per_token_per_layer_elem * elem
+        state_bytes = 0
+        declare = getattr(type(model), "cache_specs", None)
+        if declare is not None:  # hybrids: KV only in the paged layers, a state per sequence in the others
+            specs = declare(cfg, dtype=kv_dtype)
+            if any(not s.paged for s in specs):
+                kv_per_token = sum(s.bytes_per_token for s in specs if s.paged)
+                state_bytes = sum(s.slot_bytes for s in specs if not s.paged)
         sparse_topk = int(hf.get("index_topk") or 0)
         indexer_layers = sum(1 for kind in (hf.get("indexer_types") or ["full"] * cfg.num_hidden_layers)
                              [:cfg.num_hidden_layers] if kind == "full") if sparse_topk else 0
@@ -102,7 +114,7 @@ class ModelCost:
             num_layers=cfg.num_hidden_layers,
             num_heads=cfg.num_attention_heads,
             head_dim=cfg.head_dim,
-            kv_bytes_per_token=cfg.num_hidden_layers * cfg.kv_bytes_per_token_per_layer_elem * elem,
+            kv_bytes_per_token=kv_per_token,
             qk_head_dim=qk_dim,
             v_head_dim=v_dim,
             moe_layers=len(moe),
@@ -110,6 +122,7 @@ class ModelCost:
             top_k=moe[0].top_k if moe else 0,
             expert_params=expert_params,
             expert_bytes=expert_bytes,
+            state_bytes_per_seq=state_bytes,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -165,9 +178,10 @@ class ModelCost:
     # ------------------------------------------------------------------ bytes
     def decode_step_bytes(self, context_lens: Iterable[float]) -> float:
         """Bytes one decode step reads: the weights once (MoE: the experts its tokens route to)
-        plus every sequence's KV context."""
+        plus every sequence's KV context (and its recurrent state, read and written)."""
         context_lens = list(context_lens)
-        return self.weight_bytes_for_tokens(len(context_lens)) + sum(self.kv_bytes_read(c) for c in context_lens)
+        return (self.weight_bytes_for_tokens(len(context_lens)) + sum(self.kv_bytes_read(c) for c in context_lens)
+                + 2.0 * self.state_bytes_per_seq * len(context_lens))
 
     def kv_bytes_read(self, context_len: float) -> float:
         """Cache bytes one decode token with `context_len` tokens of context reads: all of it, or
@@ -181,6 +195,7 @@ class ModelCost:
         """KV bytes read by a request's output_len - 1 decode steps (contexts prompt_len+1 ..
         prompt_len+output_len-1)."""
         n_dec = max(0, output_len - 1)
+        state = 2.0 * self.state_bytes_per_seq * n_dec  # recurrent state read and written per step
         if self.sparse_topk:
-            return sum(self.kv_bytes_read(prompt_len + k) for k in range(1, n_dec + 1))
-        return self.kv_bytes_per_token * (n_dec * prompt_len + n_dec * (n_dec + 1) / 2.0)
+            return sum(self.kv_bytes_read(prompt_len + k) for k in range(1, n_dec + 1)) + state
+        return self.kv_bytes_per_token * (n_dec * prompt_len + n_dec * (n_dec + 1) / 2.0) + state

@@ -20,6 +20,15 @@ id b indexes every paged group), so the pool's blocks are counted once and each 
 the paged specs' page bytes. State specs get a per-sequence slot (`request.state_slot`, from a
 StateSlotPool) taken together with the blocks at admission and given back by `free`. Without
 specs (the tests) the manager behaves as a plain full-attention pool.
+
+Prefix caching with state specs (hybrid models) needs checkpoints of the state (`num_checkpoint_
+slots` > 0, a StateCheckpointPool): a hit may only end at a block whose prefix has a checkpoint,
+which the request's state slot is restored from (`request.state_restore` = (checkpoint slot,
+position), read by the runner before the step). One checkpoint per prompt is planned, at its last
+full block boundary (`request.state_checkpoint` = (slot, position): the runner saves the state
+there during the step that crosses it) and published under that block's hash when the step is
+done; evicting the block drops its checkpoint. Why only there: docs/gdn.md (a checkpoint of
+Qwen3.5-MoE is ~50x the KV of a 64-token block).
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ from typing import TYPE_CHECKING, Protocol, Sequence
 
 import numpy as np
 
-from dlengine.cache.state_slots import StateSlotPool
+from dlengine.cache.state_slots import StateCheckpointPool, StateSlotPool
 
 if TYPE_CHECKING:  # specs import torch; the block manager (and the scheduler above it) does not
     from dlengine.cache.specs import CacheSpec
@@ -62,20 +71,26 @@ def hash_block(parent: bytes | None, token_ids: Sequence[int], extra: bytes = b"
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 specs: Sequence["CacheSpec"] = (), num_state_slots: int = 0) -> None:
+                 specs: Sequence["CacheSpec"] = (), num_state_slots: int = 0, num_checkpoint_slots: int = 0) -> None:
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.specs = list(specs)
-        # the first spec whose content a prefix hit cannot restore turns hits off (find_cached_prefix)
-        self.prefix_cache_blocker: str | None = next(
-            (s.describe() for s in self.specs if not s.prefix_cacheable), None)
         has_state = any(not s.paged for s in self.specs)
         if has_state and num_state_slots <= 0:
             raise ValueError("state cache specs need num_state_slots > 0 (one per running sequence)")
         self.state_slots: StateSlotPool | None = StateSlotPool(num_state_slots) if has_state else None
+        # checkpoint slots follow the running ones in the state storage
+        self.checkpoints: StateCheckpointPool | None = (
+            StateCheckpointPool(num_state_slots, num_checkpoint_slots)
+            if has_state and enable_prefix_caching and num_checkpoint_slots > 0 else None)
+        # the first spec whose content a prefix hit cannot restore turns hits off (find_cached_prefix);
+        # state specs can be restored from checkpoints when there are any
+        self.prefix_cache_blocker: str | None = next(
+            (s.describe() for s in self.specs if not s.prefix_cacheable and not (s.paged is False and self.checkpoints)),
+            None)
         paged = [s for s in self.specs if s.paged]
         # blocks may leave a request's table once outside its window only if EVERY paged group
         # is windowed: the table is shared, and a full-attention group still reads them
@@ -141,7 +156,23 @@ class BlockManager:
             if block is None:
                 break
             hits.append(block)
+        if self.checkpoints is not None:
+            # a hit must end where a state checkpoint was taken: the state is resumed from there
+            while hits and not self.checkpoints.has(request.block_hashes[len(hits) - 1]):
+                hits.pop()
+            self._plan_checkpoint(request, len(hits))
         return hits, len(hits) * self.block_size
+
+    def _plan_checkpoint(self, request: BlockRequest, num_hit_blocks: int) -> None:
+        """Plan the request's checkpoint at its last full block boundary that a later request can
+        resume from: m blocks with m * block_size < its length (a hit always leaves one token).
+        The slot is reserved when the request is admitted (allocate_slots)."""
+        planned = getattr(request, "state_checkpoint", None)
+        if planned is not None and planned[0] >= 0:
+            return  # already reserved (cannot happen for a waiting request; kept safe)
+        m = (len(request.all_token_ids) - 1) // self.block_size
+        wanted = m > num_hit_blocks and not self.checkpoints.has(request.block_hashes[m - 1])
+        request.state_checkpoint = (-1, m * self.block_size) if wanted else None
 
     # ------------------------------------------------------------------ allocation
     def can_allocate(self, request: BlockRequest, num_new_tokens: int, cached_blocks: Sequence[int] = ()) -> bool:
@@ -171,12 +202,42 @@ class BlockManager:
             return False
         if self.state_slots is not None:
             self.state_slots.allocate(request)
+        if self.checkpoints is not None:
+            self._attach_checkpoints(request, cached_blocks)
         for b in cached_blocks:
             self._touch(b)
         request.block_ids.extend(cached_blocks)
         for _ in range(n_new):
             request.block_ids.append(self._take_free_block())
         return True
+
+    def _attach_checkpoints(self, request: BlockRequest, cached_blocks: Sequence[int]) -> None:
+        """At admission: the checkpoint a prefix hit resumes from, and a slot for the planned one."""
+        if cached_blocks:
+            n = len(cached_blocks)
+            slot = self.checkpoints.lookup(request.block_hashes[n - 1])
+            if slot is None:
+                raise RuntimeError("a prefix hit ends at a block without a state checkpoint")
+            request.state_restore = (slot, n * self.block_size)
+        planned = getattr(request, "state_checkpoint", None)
+        if planned is not None and planned[0] < 0:
+            slot = self.checkpoints.reserve(request)
+            request.state_checkpoint = None if slot is None else (slot, planned[1])
+
+    def _publish_checkpoint(self, request: BlockRequest) -> None:
+        """Once the request's computed tokens passed its checkpoint, publish it under the hash of
+        the block that ends there (or give the slot back if that block is not cached)."""
+        planned = getattr(request, "state_checkpoint", None)
+        if planned is None or planned[0] < 0 or request.num_computed_tokens < planned[1]:
+            return
+        slot, pos = planned
+        self.update_block_hashes(request)
+        h = request.block_hashes[pos // self.block_size - 1]
+        if h in self.cached_blocks:
+            self.checkpoints.publish(h, slot)
+        else:
+            self.checkpoints.release(slot)
+        request.state_checkpoint = None
 
     def _touch(self, block: int) -> None:
         if self.ref_counts[block] == 0:
@@ -190,6 +251,8 @@ class BlockManager:
             if self.cached_blocks.get(h) == block:
                 del self.cached_blocks[h]
                 self._promote_duplicate(h)
+                if self.checkpoints is not None and h not in self.cached_blocks:
+                    self.checkpoints.drop(h)  # the prefix it resumes is gone
             self.block_hash[block] = None
         self.ref_counts[block] = 1
         return block
@@ -235,6 +298,8 @@ class BlockManager:
             self.block_hash[block] = h
             self.cached_blocks[h] = block
         request.num_cached_blocks = num_full
+        if self.checkpoints is not None:
+            self._publish_checkpoint(request)
 
     def free(self, request: BlockRequest) -> None:
         """Drop the request's references. Tail blocks are freed first so that, among a request's
@@ -247,6 +312,11 @@ class BlockManager:
         request.num_cached_blocks = 0
         if self.state_slots is not None:
             self.state_slots.free(request)
+        if self.checkpoints is not None:
+            planned = getattr(request, "state_checkpoint", None)
+            if planned is not None and planned[0] >= 0:
+                self.checkpoints.release(planned[0])
+            request.state_checkpoint = request.state_restore = None
 
     def drop_blocks_outside_window(self, request: BlockRequest) -> int:
         """Free the request's leading blocks that no future query reads because they lie wholly
@@ -288,6 +358,8 @@ class BlockManager:
         self.duplicate_of.clear()
         self._duplicates_by_hash.clear()
         self.block_hash = [None] * self.num_blocks
+        if self.checkpoints is not None:
+            self.checkpoints.clear()
         return True
 
     def check_invariants(self) -> None:
@@ -306,3 +378,7 @@ class BlockManager:
         assert sum(map(len, self._duplicates_by_hash.values())) == len(self.duplicate_of), "stale hash index"
         if self.state_slots is not None:
             self.state_slots.check_invariants()
+        if self.checkpoints is not None:
+            self.checkpoints.check_invariants()
+            for h in self.checkpoints.published_hashes():
+                assert h in self.cached_blocks, "a state checkpoint outlived its cached block"

@@ -40,10 +40,18 @@ class MemoryPlan:
     num_state_slots: int = 0  # per-sequence state slots (state specs only)
     bytes_per_state_slot: int = 0
     kv_dtype: str = ""  # what the KV cache stores, e.g. "bfloat16" or "float8_e4m3fn"
+    # prefix-cache checkpoints of the state (hybrid models with prefix caching), each a state
+    # slot after the running ones (cache/state_slots.py StateCheckpointPool)
+    num_checkpoint_slots: int = 0
+
+    @property
+    def num_cache_state_slots(self) -> int:
+        """State slots the cache holds: the running sequences' and the checkpoints'."""
+        return self.num_state_slots + self.num_checkpoint_slots
 
     @property
     def state_bytes(self) -> int:
-        return self.num_state_slots * self.bytes_per_state_slot
+        return self.num_cache_state_slots * self.bytes_per_state_slot
 
     def token_capacity(self, block_size: int) -> int:
         """Tokens the paged cache holds (all requests together)."""
@@ -55,7 +63,8 @@ class MemoryPlan:
         s = (f"KV cache{dtype}: {self.num_blocks} blocks x {block_size} tokens = "
              f"{self.token_capacity(block_size)} tokens ({self.num_blocks * self.bytes_per_block / gib:.2f} GiB)")
         if self.num_state_slots:
-            s += f" + {self.num_state_slots} state slots ({self.state_bytes / gib:.2f} GiB)"
+            ckpt = f" + {self.num_checkpoint_slots} prefix-cache checkpoints" if self.num_checkpoint_slots else ""
+            s += f" + {self.num_state_slots} state slots{ckpt} ({self.state_bytes / gib:.2f} GiB)"
         if self.total_bytes:
             s += (f"; weights {self.weights_bytes / gib:.2f} GiB, peak activations "
                   f"{self.peak_activation_bytes / gib:.2f} GiB, reserved {self.reserved_bytes / gib:.2f} GiB "
@@ -134,7 +143,8 @@ def plan_kv_cache(cfg: EngineConfig, model, backend, kv_dtype: torch.dtype, rese
     per_slot = bytes_per_state_slot(specs)
     min_blocks = -(-cfg.max_model_len // cache.block_size)
     plan = MemoryPlan(num_blocks=0, bytes_per_block=per_block, num_state_slots=sched.max_num_seqs if per_slot else 0,
-                      bytes_per_state_slot=per_slot, kv_dtype=dtype_name(kv_dtype))
+                      bytes_per_state_slot=per_slot, kv_dtype=dtype_name(kv_dtype),
+                      num_checkpoint_slots=sched.max_num_seqs if per_slot and cache.prefix_caching else 0)
     if per_block == 0:
         raise ConfigError("the cache specs hold no paged group: every model needs blocks for its token positions")
     if cache.num_blocks is not None:

@@ -116,6 +116,8 @@ class ModelInputs:
     # scoring requests and how many logits rows each owns (after the sampled requests' rows)
     scored: list[tuple[Request, int]] = field(default_factory=list)
     multimodal: list[MultimodalSegment] = field(default_factory=list)  # requests with images
+    # (from slot, to slot) state copies after the forward: prefix-cache checkpoints at the end of a step
+    state_saves_after: list[tuple[int, int]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -223,6 +225,9 @@ class ModelRunner:
             meta.has_initial_state_cpu = [st > 0 for st in starts]
             meta.state_slots = self._to_device(np.array(meta.state_slots_cpu, dtype=np.int64))
             meta.has_initial_state = self._to_device(np.array(meta.has_initial_state_cpu, dtype=np.bool_))
+            saves_after = self._state_checkpoints(reqs, starts, query_lens, meta)
+        else:
+            saves_after = []
         # requests with images: the model reads their image embeddings and M-RoPE positions
         multimodal = [MultimodalSegment(int(query_start_loc[i]), starts[i], query_lens[i], r.multimodal)
                       for i, r in enumerate(reqs) if r.multimodal is not None]
@@ -238,8 +243,37 @@ class ModelRunner:
             sampled_requests=[reqs[i] for i in rows],
             num_drafts=num_drafts,
             scored=scored,
+            state_saves_after=saves_after,
             multimodal=multimodal,
         )
+
+    def _state_checkpoints(self, reqs: list[Request], starts: list[int], query_lens: list[int],
+                           meta: AttentionMetadata) -> list[tuple[int, int]]:
+        """Prefix caching of recurrent states (cache/block_manager.py): restore the slot of a
+        request that resumes a cached prefix from its checkpoint now (before the forward, in
+        stream order), and ask the kernels for the checkpoints that fall inside this step. Returns
+        the (slot, checkpoint) copies for checkpoints at the end of a step."""
+        ckpt_slots, ckpt_offsets, after = [], [], []
+        for r, st, n in zip(reqs, starts, query_lens):
+            restore = getattr(r, "state_restore", None)
+            if restore is not None and restore[1] == st:
+                self._copy_state(restore[0], r.state_slot)
+            planned = getattr(r, "state_checkpoint", None)
+            slot, offset = -1, 0
+            if planned is not None and planned[0] >= 0 and st < planned[1] <= st + n:
+                if planned[1] < st + n:
+                    slot, offset = planned[0], planned[1] - st
+                else:
+                    after.append((r.state_slot, planned[0]))
+            ckpt_slots.append(slot)
+            ckpt_offsets.append(offset)
+        if any(s >= 0 for s in ckpt_slots):
+            meta.state_checkpoint_slots_cpu, meta.state_checkpoint_offsets_cpu = ckpt_slots, ckpt_offsets
+        return after
+
+    def _copy_state(self, src: int, dst: int) -> None:
+        for g in self.kv_cache.state_groups:
+            g.storage[dst].copy_(g.storage[src])
 
     @torch.inference_mode()
     def compute_logits(self, inputs: ModelInputs) -> torch.Tensor:
@@ -249,6 +283,8 @@ class ModelRunner:
         """(logits of the logits rows, hidden states of every row)."""
         ctx = ForwardContext(inputs.meta, self.kv_cache.layers, self.layer_caches, inputs.multimodal)
         hidden = self.model(inputs.input_ids, inputs.positions, ctx)
+        for src, dst in inputs.state_saves_after:
+            self._copy_state(src, dst)
         return self.model.compute_logits(hidden[inputs.logits_indices]).float(), hidden
 
     def _hidden_states(self, out: SchedulerOutput, hidden: torch.Tensor) -> StepHiddenStates:

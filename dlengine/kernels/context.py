@@ -45,6 +45,10 @@ class AttentionMetadata:
     has_initial_state: torch.Tensor | None = None  # [B] bool, device
     state_slots_cpu: list[int] | None = None
     has_initial_state_cpu: list[bool] | None = None
+    # prefix caching: per request, a state slot to save the state before token `offset` of this
+    # step into (-1: none); None when no request checkpoints inside this step
+    state_checkpoint_slots_cpu: list[int] | None = None
+    state_checkpoint_offsets_cpu: list[int] | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -75,6 +75,22 @@ except Exception:  # noqa: BLE001
     fp8_gemm_triton = fused_moe_fp8_triton = None
     HAS_FP8_GEMM = False
 
+try:
+    from dlengine.kernels.gdn import causal_conv1d_triton, gated_delta_rule_triton
+
+    HAS_GDN_TRITON = True
+except Exception:  # noqa: BLE001
+    causal_conv1d_triton = gated_delta_rule_triton = None
+    HAS_GDN_TRITON = False
+
+try:  # fla-core's chunk kernel, preferred for prompts when importable (optional extra)
+    from dlengine.kernels.gdn import gated_delta_rule_fla
+
+    HAS_FLA = True
+except Exception:  # noqa: BLE001
+    gated_delta_rule_fla = None
+    HAS_FLA = False
+
 DISABLE_TRITON_OPS_ENV = "DLENGINE_DISABLE_TRITON_OPS"
 ATTENTION_OPS = ("kv_write", "gqa_decode", "gqa_prefill", "mla_decode", "mla_prefill")
 _INSTALL_HINT = {"triton": "pip install triton", "flashinfer": "pip install flashinfer-python"}
@@ -97,8 +113,9 @@ class Ops:
     fp8_linear: Callable  # (x, w_q, w_scale, block, row_div, bias=None) -> [.., N]
     fused_experts_fp8: Callable  # (x, w13, w13_scale, w2, w2_scale, block, w13_row_div, topk_weights, topk_ids)
     names: dict[str, str] = field(default_factory=dict)
-    # Gated DeltaNet (kernels/gdn/): the torch references on every device for now (fla-core and
-    # Triton kernels are not wired yet), so they are not listed in `names`
+    # Gated DeltaNet (kernels/gdn/): conv1d (prefill, decode) and the gated delta rule (chunk
+    # prefill, recurrent decode); names["gdn"] names the kernels when they are not the torch
+    # references (the key is absent on the torch table, whose describe() keys tests pin)
     causal_conv1d_varlen: Callable = causal_conv1d_torch.causal_conv1d_varlen
     causal_conv1d_update: Callable = causal_conv1d_torch.causal_conv1d_update
     gated_delta_rule_varlen: Callable = gated_delta_rule_torch.gated_delta_rule_varlen
@@ -141,6 +158,15 @@ def select_ops(device: torch.device | str, use_triton: bool = True) -> Ops:
         names.update(fp8_gemm=f"{gemm} block-scaled GEMM", moe_fp8="triton block-scaled fused MoE")
     if HAS_V4_DECODE:
         ops["v4_decode_attention"] = v4_decode_triton.decode_attention
+    if HAS_GDN_TRITON:
+        ops.update(causal_conv1d_varlen=causal_conv1d_triton.causal_conv1d_varlen,
+                   causal_conv1d_update=causal_conv1d_triton.causal_conv1d_update,
+                   gated_delta_rule_varlen=gated_delta_rule_triton.gated_delta_rule_varlen,
+                   gated_delta_rule_update=gated_delta_rule_triton.recurrent_gated_delta_rule_update)
+        names["gdn"] = "triton (conv1d, chunk + recurrent gated delta rule)"
+        if HAS_FLA:
+            ops["gated_delta_rule_varlen"] = gated_delta_rule_fla.gated_delta_rule_varlen
+            names["gdn"] = "fla-core chunk gated delta rule; triton conv1d and recurrent update"
     fields = {f: getattr(TORCH_OPS, f) for f in TORCH_OPS.__dataclass_fields__ if f != "names"}
     fields.update(ops)
     return Ops(**fields, names=names)
@@ -298,6 +324,6 @@ def kernel_scope(kernels: Kernels) -> Iterator[Kernels]:
         _CURRENT = prev
 
 
-__all__ = ["HAS_FP8_GEMM", "HAS_FUSED_MOE", "HAS_TRITON_OPS", "Kernels", "Ops", "REFERENCE_KERNELS", "TORCH_OPS",
+__all__ = ["HAS_FLA", "HAS_FP8_GEMM", "HAS_FUSED_MOE", "HAS_GDN_TRITON", "HAS_TRITON_OPS", "Kernels", "Ops", "REFERENCE_KERNELS", "TORCH_OPS",
            "available_attention_backends", "current_kernels", "kernel_scope", "known_attention_backends",
            "resolve_attention_backend", "resolve_kernels", "select_ops"]

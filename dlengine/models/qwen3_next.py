@@ -179,9 +179,6 @@ class HybridModel(nn.Module):
 def hybrid_cache_specs(model_config: ModelConfig, *, dtype: torch.dtype, tp_size: int = 1,
                        tp_rank: int = 0) -> list[CacheSpec]:
     """Paged K/V for the full-attention layers, a state slot per request for the linear ones."""
-    if tp_size > 1:
-        raise ConfigError(f"{model_config.architecture}: tensor parallelism is not implemented for Gated DeltaNet "
-                          "layers yet; use tp=1")
     types = layer_types(model_config)
     full = tuple(i for i, k in enumerate(types) if k == FULL)
     linear = tuple(i for i, k in enumerate(types) if k == LINEAR)
@@ -198,7 +195,8 @@ def hybrid_cache_specs(model_config: ModelConfig, *, dtype: torch.dtype, tp_size
         # an FP8 cache is for attention K/V only: the recurrent state stays bf16 (in FP8 its rounding
         # would compound at every token)
         state_dtype = torch.bfloat16 if dtype == torch.float8_e4m3fn else dtype
-        specs.append(GatedDeltaNetShape(model_config.hf_config, model_config.path).state_spec(linear, state_dtype))
+        shape = GatedDeltaNetShape(model_config.hf_config, model_config.path).for_rank(tp_size)
+        specs.append(shape.state_spec(linear, state_dtype))  # the rank's heads only
     return specs
 
 

@@ -26,18 +26,26 @@ def _activate(x: torch.Tensor, activation: str | None) -> torch.Tensor:
 
 def causal_conv1d_varlen(x: torch.Tensor, weight: torch.Tensor, conv_states: torch.Tensor, query_lens: Sequence[int],
                          state_slots: Sequence[int], has_initial_state: Sequence[bool], bias: torch.Tensor | None = None,
-                         activation: str | None = "silu") -> torch.Tensor:
+                         activation: str | None = "silu", checkpoint_slots: Sequence[int] | None = None,
+                         checkpoint_offsets: Sequence[int] | None = None) -> torch.Tensor:
     """x [T, D] (requests' tokens one after another, `query_lens` each), weight [D, K],
-    conv_states [num_slots, D, K - 1] (updated in place at `state_slots`) -> [T, D]."""
+    conv_states [num_slots, D, K - 1] (updated in place at `state_slots`) -> [T, D].
+    `checkpoint_slots[i]` >= 0 also saves the window before token `checkpoint_offsets[i]` of
+    request i (0 < offset < its length) in that slot: the state at a block boundary inside this
+    step, for prefix caching."""
     k = weight.shape[1]
     out = torch.empty_like(x)
     start = 0
-    for n, slot, resume in zip(query_lens, state_slots, has_initial_state):
+    ckpt_slots = checkpoint_slots if checkpoint_slots is not None else [-1] * len(query_lens)
+    ckpt_offs = checkpoint_offsets if checkpoint_offsets is not None else [0] * len(query_lens)
+    for n, slot, resume, c_slot, c_off in zip(query_lens, state_slots, has_initial_state, ckpt_slots, ckpt_offs):
         seg = x[start:start + n].t()  # [D, n]
         prev = conv_states[slot].to(x.dtype) if resume else x.new_zeros(x.shape[1], k - 1)
-        window = torch.cat([prev, seg], dim=1)  # [D, K - 1 + n]
+        window = torch.cat([prev, seg], dim=1)  # [D, K - 1 + n]; column j is position j - (K - 1)
         y = F.conv1d(window.unsqueeze(0).to(weight.dtype), weight.unsqueeze(1), bias, groups=x.shape[1])[0]
         out[start:start + n] = _activate(y, activation).t().to(x.dtype)
+        if c_slot >= 0:
+            conv_states[c_slot] = window[:, c_off:c_off + k - 1].to(conv_states.dtype)
         conv_states[slot] = window[:, -(k - 1):].to(conv_states.dtype)
         start += n
     return out

@@ -101,21 +101,30 @@ def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
 def gated_delta_rule_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                             states: torch.Tensor, query_lens: Sequence[int], state_slots: Sequence[int],
                             has_initial_state: Sequence[bool], use_qk_l2norm: bool = True,
-                            chunk_size: int = 64) -> torch.Tensor:
+                            chunk_size: int = 64, checkpoint_slots: Sequence[int] | None = None,
+                            checkpoint_offsets: Sequence[int] | None = None) -> torch.Tensor:
     """A varlen batch: q, k [T, Hk, Dk], v [T, Hv, Dv], g, beta [T, Hv]; request i owns the next
     `query_lens[i]` tokens and the state `states[state_slots[i]]` ([num_slots, Hv, Dk, Dv],
     updated in place), resumed when `has_initial_state[i]`, else zeros -> out [T, Hv, Dv] in v's
-    dtype."""
+    dtype. `checkpoint_slots[i]` >= 0 also saves the state before token `checkpoint_offsets[i]`
+    of request i (0 < offset < its length) in that slot (prefix caching: the state at a block
+    boundary inside this step); the request's tokens are then chunked from that boundary."""
     q, k = prepare_qk(q, k, v.shape[1], use_qk_l2norm)
     out = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     start = 0
-    for n, slot, resume in zip(query_lens, state_slots, has_initial_state):
-        end = start + n
-        o, final = chunk_gated_delta_rule(q[start:end], k[start:end], v[start:end], g[start:end], beta[start:end],
-                                          states[slot] if resume else None, chunk_size)
-        out[start:end] = o.to(v.dtype)
-        states[slot] = final.to(states.dtype)
-        start = end
+    ckpt_slots = checkpoint_slots if checkpoint_slots is not None else [-1] * len(query_lens)
+    ckpt_offs = checkpoint_offsets if checkpoint_offsets is not None else [0] * len(query_lens)
+    for n, slot, resume, c_slot, c_off in zip(query_lens, state_slots, has_initial_state, ckpt_slots, ckpt_offs):
+        state = states[slot] if resume else None
+        bounds = [0, c_off, n] if c_slot >= 0 else [0, n]
+        for a, b in zip(bounds, bounds[1:]):
+            o, state = chunk_gated_delta_rule(q[start + a:start + b], k[start + a:start + b], v[start + a:start + b],
+                                              g[start + a:start + b], beta[start + a:start + b], state, chunk_size)
+            out[start + a:start + b] = o.to(v.dtype)
+            if c_slot >= 0 and b == c_off:
+                states[c_slot] = state.to(states.dtype)
+        states[slot] = state.to(states.dtype)
+        start += n
     return out
 
 
