@@ -85,7 +85,8 @@ class BlockManager:
         # checkpoint slots follow the running ones in the state storage
         self.checkpoints: StateCheckpointPool | None = (
             StateCheckpointPool(num_state_slots, num_checkpoint_slots)
-            if has_state and enable_prefix_caching and num_checkpoint_slots > 0 else None)
+            if has_state and enable_prefix_caching and num_checkpoint_slots > 0
+            and all(getattr(s, "checkpointable", False) for s in self.specs if not s.paged) else None)
         # the first spec whose content a prefix hit cannot restore turns hits off (find_cached_prefix);
         # state specs can be restored from checkpoints when there are any
         self.prefix_cache_blocker: str | None = next(

@@ -338,6 +338,9 @@ class StateSpec(CacheSpec):
     kind: ClassVar[str] = "state"
     paged: ClassVar[bool] = False
     prefix_cacheable: ClassVar[bool] = False
+    # a copy of the slot at a block boundary resumes the sequence exactly (prefix caching with
+    # checkpoints, cache/block_manager.py); a kind whose state is not all in the slot says False
+    checkpointable: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -429,3 +432,10 @@ def check_specs(specs: Sequence[CacheSpec], num_layers: int | None = None) -> No
             if key in seen:
                 raise ConfigError(f"layer {layer} has two {key[1]} caches: {seen[key]} and {spec.describe()}")
             seen[key] = spec.describe()
+
+
+def state_checkpointable(specs: Sequence[CacheSpec]) -> bool:
+    """Whether prefix caching can resume these specs' per-sequence state from checkpoints: there
+    is a state spec and every one of them is checkpointable."""
+    states = [s for s in specs if not s.paged]
+    return bool(states) and all(getattr(s, "checkpointable", False) for s in states)

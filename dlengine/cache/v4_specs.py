@@ -92,6 +92,9 @@ class V4StateSpec(StateSpec):
     cache_name: str = "v4_state"
 
     kind: ClassVar[str] = "v4_state"
+    # the window ring and partial compression windows pair with compressed entries in the paged
+    # blocks; resuming from a slot copy is not implemented (prefix caching is refused, docs/deepseek_v4.md)
+    checkpointable: ClassVar[bool] = False
 
     @property
     def name(self) -> str:

@@ -21,7 +21,7 @@ import torch
 
 from dlengine.cache.block_manager import BlockManager
 from dlengine.cache.kv_cache import KVCache, bytes_per_block, bytes_per_state_slot
-from dlengine.cache.specs import CacheSpec, cache_specs_for, dtype_name
+from dlengine.cache.specs import CacheSpec, cache_specs_for, dtype_name, state_checkpointable
 from dlengine.config import ConfigError, EngineConfig
 from dlengine.engine.request import Request
 from dlengine.engine.sampler import Sampler, SamplingTensors
@@ -144,7 +144,8 @@ def plan_kv_cache(cfg: EngineConfig, model, backend, kv_dtype: torch.dtype, rese
     min_blocks = -(-cfg.max_model_len // cache.block_size)
     plan = MemoryPlan(num_blocks=0, bytes_per_block=per_block, num_state_slots=sched.max_num_seqs if per_slot else 0,
                       bytes_per_state_slot=per_slot, kv_dtype=dtype_name(kv_dtype),
-                      num_checkpoint_slots=sched.max_num_seqs if per_slot and cache.prefix_caching else 0)
+                      num_checkpoint_slots=(sched.max_num_seqs if per_slot and cache.prefix_caching
+                                            and state_checkpointable(specs) else 0))
     if per_block == 0:
         raise ConfigError("the cache specs hold no paged group: every model needs blocks for its token positions")
     if cache.num_blocks is not None:
