@@ -251,10 +251,7 @@ def build_tiny_checkpoint(kind: str, path: str, seed: int = 0) -> str:
     model = model_cls(cfg).to(torch.float32)
     _sharpen(model, seed)
     if kind.endswith("-moe") or kind in _DEEPSEEK_KINDS:
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("mlp.gate.weight"):
-                    p.mul_(ROUTER_GAIN)
+        _gain_routers(model)
     if kind in _DEEPSEEK_KINDS:
         # transformers initialises the score-correction bias (a buffer, which _sharpen skips) to
         # zeros: randomise it so that selecting with it and weighting without it are both tested
@@ -281,10 +278,7 @@ def _build_hybrid_checkpoint(kind: str, path: str, seed: int) -> str:
     model = model.to(torch.float32)
     _sharpen(model, seed)
     rerandomise_hybrid(model, seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("mlp.gate.weight"):
-                p.mul_(ROUTER_GAIN)
+    _gain_routers(model)
     model.save_pretrained(path, safe_serialization=True)
     if kind == "qwen3.5-moe":
         fuse_experts_on_disk(path)
@@ -305,10 +299,7 @@ def _build_vl_checkpoint(kind: str, path: str, seed: int) -> str:
     model, text_cfg = build_vl_model(kind)
     model = model.to(torch.float32)
     _sharpen(model, seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("mlp.gate.weight"):
-                p.mul_(ROUTER_GAIN)
+    _gain_routers(model)
     model.save_pretrained(path, safe_serialization=True)
     if kind == "qwen3-vl-moe":
         transpose_experts_on_disk(path)
@@ -326,6 +317,17 @@ def _build_dsa_checkpoint(kind: str, path: str, seed: int) -> str:
     with open(os.path.join(path, "dlengine_recipe.json"), "w") as f:
         json.dump({"kind": kind, "seed": seed, "version": RECIPE_VERSION}, f)
     return path
+
+
+def _gain_routers(model) -> None:
+    """MoE router weights ROUTER_GAIN times larger: decisive routing, so a float rounding
+    difference rarely flips an expert choice between us and transformers."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.mul_(ROUTER_GAIN)
 
 
 def tiny_checkpoint(kind: str = "qwen3", seed: int = 0) -> str:
