@@ -421,7 +421,9 @@ def test_lookahead_takes_only_free_blocks_and_never_preempts():
         s.request.append_token(1)
         s.request.spec_token_ids = []
     sched.release_lookahead(out.scheduled)
-    assert bm.num_free_blocks == 2  # the blocks of positions 4.. and 8.. held only drafts
+    # what is left is what the computed positions need (old: 0-4, new: 0-8), nothing more
+    assert [len(r.block_ids) for r in (old, new)] == [bm.blocks_needed(5), bm.blocks_needed(9)] == [2, 3]
+    assert bm.num_free_blocks == 0
     bm.check_invariants()
     for r in (old, new):
         sched.finish_request(r)

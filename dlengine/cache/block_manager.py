@@ -324,6 +324,9 @@ class BlockManager:
         rollback: rejected drafts' and look-ahead slots hold nothing that is read again). Blocks
         that hold computed positions are never among them, so no published or shared block is
         touched. Returns how many blocks were freed."""
+        if num_tokens < request.num_computed_tokens:
+            raise ValueError(f"free_blocks_after({num_tokens}) would free computed KV "
+                             f"({request.num_computed_tokens} tokens computed)")
         keep = self.blocks_needed(num_tokens)
         freed = 0
         while len(request.block_ids) > keep:
