@@ -314,12 +314,16 @@ class Scheduler:
         """After a step's tokens are applied (and the speculator's chained drafts ran): give back
         the slots of rejected drafts and of the look-ahead, i.e. every block past the request's
         computed positions. Between steps a request then holds what plain decoding would, so
-        look-ahead blocks never make the next schedule preempt anyone."""
+        look-ahead blocks never make the next schedule preempt anyone. A custom block manager
+        without `free_blocks_after` keeps them until the request ends (still counted right)."""
+        free_after = getattr(self.block_manager, "free_blocks_after", None)
+        if free_after is None:
+            return
         for s in scheduled:
             req = s.request
             if (s.num_spec_tokens or s.num_lookahead_tokens) and not req.is_finished \
                     and req.status == RequestStatus.RUNNING:
-                self.block_manager.free_blocks_after(req, req.num_computed_tokens)
+                free_after(req, req.num_computed_tokens)
 
     def _blocks_filled(self, scheduled: list[ScheduledRequest]) -> set[bytes]:
         """Hashes of the full blocks these scheduled requests complete in this step."""
