@@ -234,6 +234,8 @@ def build_core(cfg: EngineConfig, state=None) -> EngineCore:
     runner = ModelRunner(model, kv_cache, backend, _make_sampler(cfg, state), cfg.model.vocab_size, cfg.device,
                          graph_runner=graph_runner, kernels=kernels,
                          keep_hidden_states=getattr(speculator, "needs_hidden_states", False))
-    scheduler = Scheduler(cfg.scheduler, block_manager, policy=cfg.scheduler.policy, connector=connector)
+    scheduler = Scheduler(cfg.scheduler, block_manager, policy=cfg.scheduler.policy, connector=connector,
+                          num_lookahead_tokens=getattr(speculator, "num_lookahead_tokens", 0),
+                          max_model_len=cfg.max_model_len)
     return EngineCore(cfg, model, kv_cache, block_manager, scheduler, runner, connector=connector,
                       speculator=speculator, memory_plan=plan)

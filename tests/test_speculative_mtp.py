@@ -287,3 +287,170 @@ def test_mtp_on_a_block_fp8_checkpoint(ckpt, tmp_path):
     assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == ref
     assert engine.stats.num_draft_tokens > 0
     assert type(engine.speculator.mtp.layer.eh_proj).__name__ != "Linear"  # an FP8 layer
+
+
+# ---------------------------------------------------------------------------- look-ahead slots
+def _record_proposals(engine) -> list[tuple[int, int]]:
+    """Wrap the proposer: per proposal, (drafts it made, drafts the core may keep)."""
+    records, propose = [], engine.speculator.propose
+    max_len = engine.core.config.max_model_len
+
+    def recording(requests):
+        drafts = propose(requests)
+        for r, d in zip(requests, drafts):
+            records.append((len(d), min(r.params.max_tokens - r.num_output_tokens, max_len - r.num_tokens) - 1))
+        return drafts
+
+    engine.speculator.propose = recording
+    return records
+
+
+@pytest.mark.parametrize("block_size", [16, 4])
+def test_mtp_chained_drafts_do_not_stop_at_block_boundaries(ckpt, block_size):
+    """k = 3 on the trained prompts: with look-ahead slots every proposal has all k drafts (or
+    every draft the core keeps near max_tokens), so drafts per verify step are exactly what the
+    request's remaining room allows; without them chains stop where a block ends."""
+    k = 3
+    prompts = mtp_training_prompts()
+    engine = EngineBuilder(ckpt).dtype("float32").cache(block_size=block_size).speculative("mtp", num_tokens=k).build()
+    assert engine.scheduler.num_lookahead_tokens == k - 1
+    records = _record_proposals(engine)
+    engine.generate(prompts, GREEDY)
+    s = engine.stats
+    assert records and all(n == k or n >= min(k, room) for n, room in records), records
+    assert s.num_draft_tokens == sum(min(k, max(0, room)) for _, room in records)
+    # every verify step whose request had room for k drafts verified exactly k
+    assert sum(1 for _, room in records if room >= k) * k + sum(max(0, room) for _, room in records if room < k) \
+        == s.num_draft_tokens
+    assert s.num_spec_verifications == sum(1 for _, room in records if room > 0)
+    bm = engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+    bm.check_invariants()
+
+    # the same run without look-ahead loses drafts at block boundaries (what the test guards)
+    engine = EngineBuilder(ckpt).dtype("float32").cache(block_size=block_size).speculative("mtp", num_tokens=k).build()
+    engine.scheduler.num_lookahead_tokens = 0
+    records = _record_proposals(engine)
+    engine.generate(prompts, GREEDY)
+    assert any(n < min(k, room) for n, room in records)
+
+
+def _generate_checked(engine, prompts, params=GREEDY) -> list[list[int]]:
+    """Step the engine by hand, checking after every step that the block bookkeeping holds and
+    that rollback returned every block past a running request's computed positions."""
+    ids = [engine.add_request(p, params) for p in prompts]
+    tokens = {i: [] for i in ids}
+    bm = engine.block_manager
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            tokens[o.request_id] = list(o.token_ids)
+        bm.check_invariants()
+        for r in engine.scheduler.running:
+            assert len(r.block_ids) == bm.blocks_needed(r.num_computed_tokens), r
+    assert bm.num_free_blocks == bm.num_blocks  # nothing leaked
+    return [tokens[i] for i in ids]
+
+
+@pytest.mark.parametrize("cache,sched", [
+    ({}, dict(max_num_batched_tokens=8, max_model_len=256)),  # chunked prefill
+    (dict(block_size=4, num_blocks=40), dict(max_num_batched_tokens=64, max_model_len=128)),  # preemption
+    (dict(block_size=4, num_blocks=32), dict(max_num_batched_tokens=64, max_model_len=128)),  # scarcer still
+])
+def test_mtp_lookahead_greedy_equals_plain_and_frees_every_block(ckpt, reference, cache, sched):
+    b = EngineBuilder(ckpt).dtype("float32").cache(**cache).scheduler(**sched).speculative("mtp", num_tokens=3)
+    engine = b.build()
+    assert _generate_checked(engine, _prompts()) == reference
+    assert engine.stats.num_accepted_tokens > 0
+    if "num_blocks" in cache:
+        assert engine.stats.num_preemptions > 0
+
+
+def test_mtp_lookahead_with_prefix_cache_hits(ckpt, reference):
+    engine = EngineBuilder(ckpt).dtype("float32").cache(block_size=4).speculative("mtp", num_tokens=3).build()
+    prompts = _prompts()
+    assert _generate_checked(engine, prompts) == reference
+    s = engine.stats
+    before, first = s.num_cached_tokens, (s.num_draft_tokens, s.num_accepted_tokens)
+    assert _generate_checked(engine, prompts) == reference
+    assert s.num_cached_tokens > before
+    # cached blocks carry the MTP layer's KV: drafts stay about as good on the second pass
+    second = (s.num_draft_tokens - first[0], s.num_accepted_tokens - first[1])
+    assert second[1] / second[0] > 0.8 * first[1] / first[0]
+
+
+def test_lookahead_takes_only_free_blocks_and_never_preempts():
+    """Scheduler level: look-ahead comes last, from blocks nobody's tokens need, oldest request
+    first; a request that cannot get it runs its step anyway (fewer drafts next time), and
+    release_lookahead gives every block past the computed positions back."""
+    from dlengine.cache.block_manager import BlockManager
+    from dlengine.config import SchedulerConfig
+    from dlengine.engine.request import Request
+    from dlengine.engine.scheduler import Scheduler
+
+    bm = BlockManager(num_blocks=5, block_size=4, enable_prefix_caching=False)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8), bm, num_lookahead_tokens=2)
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    old = Request("old", list(range(4)), params, arrival_time=0.0)  # 1 block for its prompt
+    new = Request("new", list(range(10, 18)), params, arrival_time=1.0)  # 2 blocks
+    sched.add_request(old)
+    sched.add_request(new)
+    out = sched.schedule()
+    assert not out.preempted and [s.request for s in out.scheduled] == [old, new]
+    # 3 blocks for the prompts, 2 free: old's look-ahead (positions 4-5) takes one, new's another
+    assert [s.num_lookahead_tokens for s in out.scheduled] == [2, 2]
+    assert len(old.block_ids) == 2 and len(new.block_ids) == 3 and bm.num_free_blocks == 0
+    sched.update_after_step(out)
+    for s in out.scheduled:
+        s.request.append_token(1)
+    sched.release_lookahead(out.scheduled)
+    assert (len(old.block_ids), len(new.block_ids), bm.num_free_blocks) == (1, 2, 2)
+    bm.check_invariants()
+
+    # next step: both decode with 2 drafts (3 tokens each: old needs positions 4-6, one block;
+    # new needs 8-10, one block); nothing is left for look-ahead, and nobody is preempted for it
+    old.spec_token_ids, new.spec_token_ids = [1, 1], [1, 1]
+    out = sched.schedule()
+    assert not out.preempted and [s.num_spec_tokens for s in out.scheduled] == [2, 2]
+    # old's look-ahead (positions 7-8) needs a block the pool does not have: refused, also
+    # partially (position 7 fits its block); new's 11-12: position 11 fits its block, 12 does not
+    assert [s.num_lookahead_tokens for s in out.scheduled] == [1, 1]
+    assert bm.num_free_blocks == 0
+    # rollback: no draft accepted, the computed count moves past the last token only
+    for s in out.scheduled:
+        s.request.num_computed_tokens += 1
+        s.request.append_token(1)
+        s.request.spec_token_ids = []
+    sched.release_lookahead(out.scheduled)
+    # what is left is what the computed positions need (old: 0-4, new: 0-8), nothing more
+    assert [len(r.block_ids) for r in (old, new)] == [bm.blocks_needed(5), bm.blocks_needed(9)] == [2, 3]
+    assert bm.num_free_blocks == 0
+    bm.check_invariants()
+    for r in (old, new):
+        sched.finish_request(r)
+    assert bm.num_free_blocks == bm.num_blocks
+    bm.check_invariants()
+
+
+def test_speculator_lookahead_must_be_a_count():
+    from dlengine.cache.block_manager import BlockManager
+    from dlengine.config import SchedulerConfig
+    from dlengine.engine.scheduler import Scheduler
+
+    with pytest.raises(ConfigError, match="num_lookahead_tokens"):
+        Scheduler(SchedulerConfig(), BlockManager(4, 4), num_lookahead_tokens=-1)
+
+
+def test_free_blocks_after_refuses_computed_positions():
+    from dlengine.cache.block_manager import BlockManager
+    from dlengine.engine.request import Request
+
+    bm = BlockManager(4, 4, enable_prefix_caching=False)
+    req = Request("r", list(range(6)), SamplingParams(max_tokens=4))
+    assert bm.allocate_slots(req, 10)  # 3 blocks
+    req.num_computed_tokens = 6
+    with pytest.raises(ValueError, match="computed KV"):
+        bm.free_blocks_after(req, 5)
+    assert bm.free_blocks_after(req, 6) == 1 and len(req.block_ids) == 2
+    bm.free(req)
+    assert bm.num_free_blocks == 4
+    bm.check_invariants()

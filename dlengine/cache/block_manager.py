@@ -319,6 +319,24 @@ class BlockManager:
                 self.checkpoints.release(planned[0])
             request.state_checkpoint = request.state_restore = None
 
+    def free_blocks_after(self, request: BlockRequest, num_tokens: int) -> int:
+        """Release the request's tail blocks past the first `num_tokens` positions (speculative
+        rollback: rejected drafts' and look-ahead slots hold nothing that is read again). Blocks
+        that hold computed positions are never among them, so no published or shared block is
+        touched. Returns how many blocks were freed."""
+        if num_tokens < request.num_computed_tokens:
+            raise ValueError(f"free_blocks_after({num_tokens}) would free computed KV "
+                             f"({request.num_computed_tokens} tokens computed)")
+        keep = self.blocks_needed(num_tokens)
+        freed = 0
+        while len(request.block_ids) > keep:
+            block = request.block_ids.pop()
+            if block != DROPPED_BLOCK:
+                self._release(block)
+                freed += 1
+        request.num_cached_blocks = min(request.num_cached_blocks, len(request.block_ids))
+        return freed
+
     def drop_blocks_outside_window(self, request: BlockRequest) -> int:
         """Free the request's leading blocks that no future query reads because they lie wholly
         before every sliding window (only when every paged spec is a SlidingWindowSpec; else a

@@ -192,6 +192,10 @@ class EngineCore:
                 gained = dict(zip((r.request_id for r in handle.sampled), handle.accepted_tokens()))
                 self.speculator.observe_hidden_states(handle.hidden_states, gained)
             outputs += self._resolve(handle)
+            if self.speculator is not None:
+                # rollback: rejected drafts' and look-ahead slots go back to the pool (after the
+                # speculator's chain above wrote its scratch KV there)
+                self.scheduler.release_lookahead(sched.scheduled)
 
         self.stats.num_steps += 1
         self.stats.num_computed_tokens += sched.num_batched_tokens
@@ -280,7 +284,8 @@ class EngineCore:
         """The step fed the request's last token and `num_drafts` drafts; `tokens` are the
         accepted drafts plus the target's own next token. Only the accepted positions' KV counts:
         the computed count moves past the last token and the accepted drafts, the rest of the
-        step's slots are overwritten later (look-ahead blocks stay allocated)."""
+        step's slots are overwritten later; their blocks past the computed positions go back to
+        the pool once the step is applied (Scheduler.release_lookahead)."""
         accepted = len(tokens) - 1
         req.num_computed_tokens += 1 + accepted
         req.spec_token_ids = []

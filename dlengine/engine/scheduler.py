@@ -24,6 +24,14 @@ connector (dlengine.engine.seams.KVConnector), both given at construction. Specu
 (`request.spec_token_ids`, set by the core before `schedule()`) are scheduled with their
 request's decode as look-ahead tokens, and their slots allocated with it.
 
+Look-ahead slots for the speculator's own work (`num_lookahead_tokens`, from a speculator that
+declares it: the MTP proposer's chained drafts write KV up to k - 1 positions past what the step
+verifies) are reserved last, after every running and admitted request got the blocks its tokens
+need, from blocks still free, oldest request first, and never in a step that preempted. A request
+that cannot get them keeps its step and proposes fewer drafts next time: look-ahead never
+preempts or holds back another request's tokens. The core returns them after the step
+(`release_lookahead`), with the slots of rejected drafts.
+
 The scheduler never touches tensors; the runner turns its output into a batch.
 """
 
@@ -35,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Protocol, Sequence
 
 from dlengine.cache.block_manager import BlockManager
-from dlengine.config import SchedulerConfig
+from dlengine.config import ConfigError, SchedulerConfig
 from dlengine.engine.request import Request, RequestStatus
 
 
@@ -45,6 +53,7 @@ class ScheduledRequest:
     num_new_tokens: int  # tokens fed this step, from request.num_computed_tokens on (drafts included)
     sample: bool  # True when this step reaches the end of the request's known tokens
     num_spec_tokens: int = 0  # draft tokens among num_new_tokens (verified by this step)
+    num_lookahead_tokens: int = 0  # slots reserved past num_new_tokens for the speculator (not fed)
 
     @property
     def is_prefill(self) -> bool:
@@ -97,8 +106,17 @@ class FCFSPolicy:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager, policy: SchedulerPolicy | None = None,
-                 connector=None) -> None:
+                 connector=None, num_lookahead_tokens: int = 0, max_model_len: int | None = None) -> None:
+        """num_lookahead_tokens: slots a speculator writes past the step's verified positions for a
+        request that samples (Speculator.num_lookahead_tokens; 0 without one). max_model_len bounds
+        them (no request grows past it)."""
+        if not isinstance(num_lookahead_tokens, int) or isinstance(num_lookahead_tokens, bool) \
+                or num_lookahead_tokens < 0:
+            raise ConfigError(f"a speculator's num_lookahead_tokens must be a non-negative integer, "
+                              f"got {num_lookahead_tokens!r}")
         self.config = config
+        self.num_lookahead_tokens = num_lookahead_tokens
+        self.max_model_len = max_model_len
         self.block_manager = block_manager
         self.policy = policy or FCFSPolicy()
         self.connector = connector
@@ -221,7 +239,7 @@ class Scheduler:
             i += 1
 
         if out.preempted:
-            return out  # blocks are short: admitting new work now would only thrash
+            return out  # blocks are short: admitting new work (or reserving look-ahead) would only thrash
 
         caching = self.block_manager.enable_prefix_caching and bool(self.waiting)
         filling = self._blocks_filled(out.scheduled) if caching else set()
@@ -259,7 +277,53 @@ class Scheduler:
             if caching:
                 filling.update(self._blocks_filled(out.scheduled[-1:]))
             budget -= n
+        if self.num_lookahead_tokens:
+            self._reserve_lookahead(out.scheduled)
         return out
+
+    # ------------------------------------------------------------------ speculative look-ahead
+    def _reserve_lookahead(self, scheduled: list[ScheduledRequest]) -> None:
+        """Best effort, from blocks left free once the step's own tokens have theirs: per sampling
+        request that may draft next step, the slots its speculator writes past this step's
+        positions. All-or-nothing per block, so a short pool gives a request as many of them as
+        fit (fewer drafts next step) instead of preempting anyone."""
+        for s in scheduled:
+            want = self._lookahead_wanted(s)
+            while want > 0 and not self.block_manager.allocate_slots(s.request, s.num_new_tokens + want):
+                want -= 1
+            s.num_lookahead_tokens = want
+
+    def _lookahead_wanted(self, s: ScheduledRequest) -> int:
+        """Look-ahead slots past this step's positions worth reserving: none unless the request
+        samples and may draft next step; capped where the core would cut the next step's drafts
+        anyway (max_tokens, max_model_len). Draft 1 comes from the step's last kept position and
+        drafts 2..j each write KV one position further, at N' - 1 .. N' + j - 3 (N': the request's
+        tokens after this step). The core keeps at most min(max_tokens - outputs, max_model_len -
+        N') - 1 drafts, so the slots worth having end below min(num_tokens + max_tokens -
+        num_output_tokens, max_model_len) - 2, whatever this step accepts."""
+        req = s.request
+        if not s.sample or not may_draft_next_step(req):
+            return 0
+        end = req.num_computed_tokens + s.num_new_tokens  # slots this step writes: positions [0, end)
+        limit = req.num_tokens + req.params.max_tokens - req.num_output_tokens - 3  # slots [0, limit)
+        if self.max_model_len is not None:
+            limit = min(limit, self.max_model_len - 3)
+        return max(0, min(self.num_lookahead_tokens, limit - end))
+
+    def release_lookahead(self, scheduled: Sequence[ScheduledRequest]) -> None:
+        """After a step's tokens are applied (and the speculator's chained drafts ran): give back
+        the slots of rejected drafts and of the look-ahead, i.e. every block past the request's
+        computed positions. Between steps a request then holds what plain decoding would, so
+        look-ahead blocks never make the next schedule preempt anyone. A custom block manager
+        without `free_blocks_after` keeps them until the request ends (still counted right)."""
+        free_after = getattr(self.block_manager, "free_blocks_after", None)
+        if free_after is None:
+            return
+        for s in scheduled:
+            req = s.request
+            if (s.num_spec_tokens or s.num_lookahead_tokens) and not req.is_finished \
+                    and req.status == RequestStatus.RUNNING:
+                free_after(req, req.num_computed_tokens)
 
     def _blocks_filled(self, scheduled: list[ScheduledRequest]) -> set[bytes]:
         """Hashes of the full blocks these scheduled requests complete in this step."""
@@ -290,3 +354,13 @@ class Scheduler:
                 )
             req.num_computed_tokens += s.num_new_tokens
             self.block_manager.cache_full_blocks(req)
+
+
+def may_draft_next_step(req: Request) -> bool:
+    """Whether a request that samples now may get drafts at its next step: its sampling must not
+    look at its own history (penalties, min_tokens) nor report logprobs; the core proposes only
+    for such requests (EngineCore._propose_drafts), once their last token is the only uncomputed one."""
+    p = req.params
+    return not (req.score_only or p.logprobs is not None or p.repetition_penalty != 1.0
+                or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+                or req.num_output_tokens + 1 < p.min_tokens)

@@ -80,6 +80,10 @@ class Speculator(Protocol):
 
     name: str
     num_tokens: int  # the most drafts proposed per request and step
+    # Optional: KV slots the speculator itself writes past a sampling request's positions in a
+    # step (MTP: k - 1 for its chained drafts). The scheduler reserves them from free blocks only
+    # (never preempting) and the core returns them after the step; absent means 0.
+    num_lookahead_tokens: int
 
     def propose(self, requests: Sequence[Request]) -> list[list[int]]:
         """Up to `num_tokens` draft tokens per request (fewer, or none, is fine)."""

@@ -13,9 +13,11 @@ How it runs, step by step (the engine's hooks: engine/seams.py HiddenStateSpecul
    prefill engine to a decode engine (both with speculative("mtp")) need nothing more.
 3. For a request that decodes next, the logits at its last position give draft 1 (argmax);
    drafts 2..k chain: the layer runs again one position further on its own output and draft j-1.
-   Chained positions lie past the computed ones; their KV is overwritten when the target gets
-   there. A chain stops early where the request has no allocated slot for the position (no new
-   blocks are taken for drafts).
+   Chained positions lie past the computed ones; their KV is scratch (overwritten when the
+   target gets there). Their slots are the scheduler's look-ahead (`num_lookahead_tokens` =
+   k - 1 past the step's positions, reserved for every request that samples and may draft); a
+   chain stops early only where the request has no allocated slot for the position, i.e. where
+   the pool could not spare the look-ahead blocks (no blocks are taken here).
 4. Before the next schedule the core asks `propose`, which hands out the drafts made in 3.
 
 Drafts are greedy (the argmax of the MTP head), i.e. deterministic proposals: the engine accepts a
@@ -49,6 +51,9 @@ class MTPProposer:
         hidden, ctx) -> y, compute_logits(y), cache_specs(specs)); embed: the target's embedding."""
         self.mtp, self.embed = mtp, embed
         self.num_tokens, self.block_size, self.device = num_tokens, block_size, device
+        # drafts 2..k write KV at k - 1 positions past the step's last kept one (the scheduler
+        # reserves them; engine/seams.py Speculator.num_lookahead_tokens)
+        self.num_lookahead_tokens = num_tokens - 1
         # request id -> (the request's num_tokens when drafted, drafts)
         self._drafts: dict[str, tuple[int, list[int]]] = {}
 
