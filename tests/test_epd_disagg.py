@@ -349,7 +349,8 @@ def test_abort_during_an_async_pull_frees_everything(images):
                     assert pulls["receive_free_bytes"] == pulls["receive_bytes"]
             finally:
                 os.kill(encoder.pid, signal.SIGCONT)
-            step_until(hybrid, lambda: receive_region(hybrid)["in_flight"] == 0, 10, "the aborted pull drained")
+            step_until(hybrid, lambda: receive_region(hybrid)["in_flight"] == receive_region(hybrid)["notifying"] == 0,
+                       10, "the aborted pull drained")
             pulls = receive_region(hybrid)
             assert pulls["receive_free_bytes"] == pulls["receive_bytes"] and pulls["quarantined_bytes"] == 0
             assert pulls["failed"] == 0 and pulls["pulled"] == 0

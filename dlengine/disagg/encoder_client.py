@@ -156,11 +156,6 @@ class EncoderCacheClient:
             self._outcomes = [o for o in self._outcomes if o.request_id != request_id]
             return True
 
-    @property
-    def num_in_flight(self) -> int:
-        """Pulls still holding something (aborted ones included until their read lands)."""
-        return len(self._pulls) + len(self._notify)
-
     def pull(self, raw_params, multimodal) -> bool:
         """The pull driven to its end on this thread. True when the embeddings are set; False
         when it failed and the images will be encoded here (on_pull_failure="local"); raises
@@ -180,6 +175,7 @@ class EncoderCacheClient:
     def describe(self) -> dict:
         return {"receive_bytes": self.staging.nbytes, "receive_free_bytes": self.staging.free_bytes,
                 "quarantined_bytes": self.staging.num_quarantined_bytes, "in_flight": len(self._pulls),
+                "notifying": len(self._notify),
                 **self.counts}
 
     def close(self) -> None:
@@ -189,8 +185,7 @@ class EncoderCacheClient:
     def _begin(self, pull: _Pull) -> None:
         p = pull.params
         if p.engine_id in self._incompatible:
-            self._notify_done(p)  # an incompatible (but alive) encoder frees its run now
-            return self._fail(pull, self._incompatible[p.engine_id])
+            return self._fail(pull, self._incompatible[p.engine_id])  # its run is freed now through the done slot
         addr = (p.endpoint.get("host"), p.endpoint.get("port"))
         if self._peers.get(p.engine_id) == addr and self.transfer.is_connected(p.engine_id):
             return self._issue_read(pull)
@@ -223,29 +218,29 @@ class EncoderCacheClient:
         try:
             ok = hs.future.wait(0.0)
         except TransferError as e:
-            return self._handshake_failed(hs, f"cannot reach {hs.where} (dead, or not listening): {e}", notify=False)
+            return self._handshake_failed(hs, f"cannot reach {hs.where} (dead, or not listening): {e}", drop=True)
         if not ok:
             if now > hs.deadline:
                 self._handshake_failed(hs, f"handshake with {hs.where} timed out after "
-                                           f"{self.options.pull_timeout_s}s", notify=False)
+                                           f"{self.options.pull_timeout_s}s", drop=True)
             return
         raw = bytes(self.meta_in[hs.slot * META_BYTES:(hs.slot + 1) * META_BYTES].tolist())
         n = int.from_bytes(raw[:4], "little")
         try:
             record = json.loads(raw[4:4 + n].decode())
         except ValueError as e:
-            return self._handshake_failed(hs, f"bad handshake record from {hs.where}: {e}", notify=False)
+            return self._handshake_failed(hs, f"bad handshake record from {hs.where}: {e}", drop=True)
         if record.get("engine_id") != hs.engine_id or record.get("role") != "encode":
             return self._handshake_failed(hs, f"ec_transfer_params name encoder engine {hs.engine_id!r} but "
                                               f"{hs.addr[0]}:{hs.addr[1]} is {record.get('role')} engine "
-                                              f"{record.get('engine_id')!r}", notify=False)
+                                              f"{record.get('engine_id')!r}", drop=True)
         if record.get("fingerprint") != self.fingerprint:
             # alive but another model: keep the endpoint to tell it to free the runs it holds for us
             error = (f"handshake with {hs.where} failed: model fingerprints differ (encoder "
                      f"{record.get('fingerprint')}, this engine {self.fingerprint}); both must load the same "
                      "checkpoint with the same dtype")
             self._incompatible[hs.engine_id] = error
-            return self._handshake_failed(hs, error, notify=True)
+            return self._handshake_failed(hs, error, drop=False)
         self._handshakes.pop(hs.engine_id)
         self._free_meta.append(hs.slot)
         self._peers[hs.engine_id] = hs.addr
@@ -255,18 +250,17 @@ class EncoderCacheClient:
                 pull.deadline = now + self.options.pull_timeout_s
                 self._issue_read(pull)
 
-    def _handshake_failed(self, hs: _Handshake, error: str, notify: bool) -> None:
+    def _handshake_failed(self, hs: _Handshake, error: str, drop: bool) -> None:
+        """End the pulls waiting for a handshake. `drop`: shut the endpoint down (DLSlime then never
+        completes a stalled meta read, so its slot can be reused); kept for an encoder that answered
+        but runs another model, so each pull's done-slot write frees its run there at once."""
         self._handshakes.pop(hs.engine_id, None)
         self._free_meta.append(hs.slot)
-        if not notify:
-            # shut the endpoint down: DLSlime then never completes a stalled meta read, so its
-            # slot can be reused
+        if drop:
             self._drop_peer(hs.engine_id)
         for rid in hs.waiting:
             pull = self._pulls.get(rid)
             if pull is not None:
-                if notify:
-                    self._notify_done(pull.params)
                 self._fail(pull, error)
 
     def _issue_read(self, pull: _Pull) -> None:
@@ -275,7 +269,6 @@ class EncoderCacheClient:
             return self._end(pull, None)
         run = self.staging.allocate(p.nbytes)
         if run is None:
-            self._notify_done(p)
             return self._fail(pull, f"this engine's receive region for image embeddings is full ({p.nbytes} bytes "
                                     f"needed, {self.staging.free_bytes} of {self.staging.nbytes} free): raise "
                                     "encoder_cache(staging_bytes=...)")
@@ -356,26 +349,32 @@ class EncoderCacheClient:
         self._end(pull, self._failure(pull, error))
 
     def _stage_failed(self, pull: _Pull, error: str, endpoint_broke: bool = True) -> None:
-        """A read finished with an error (`endpoint_broke`: the next pull reconnects), or the pin
-        check failed: nothing will land in the pull's run any more, so it is freed."""
+        """A read finished with an error, or the pin check failed: nothing will land in the pull's
+        run any more, so it is freed. `endpoint_broke`: the endpoint goes (the next pull
+        reconnects), and with it the other pulls through it."""
         if endpoint_broke:
-            self._drop_peer(pull.params.engine_id)
+            self._drop_peer(pull.params.engine_id)  # first: no done-slot write goes through a broken endpoint
         self._end(pull, self._failure(pull, error))
+        if endpoint_broke:
+            self._break_endpoint(pull.params.engine_id, f"the connection to {pull.where} failed ({error})")
 
     def _timed_out(self, pull: _Pull) -> None:
         """A read passed its deadline: shut the endpoint down (DLSlime then never completes the
-        stalled read) and never hand out the runs it targeted again. Every pull in flight to that
-        encoder goes the same way: its reads went through the same endpoint."""
-        engine_id = pull.params.engine_id
+        stalled read) and never hand out the runs it targeted again."""
+        self._break_endpoint(pull.params.engine_id, f"pulling image embeddings from {pull.where} timed out after "
+                                                    f"{self.options.pull_timeout_s}s (peer stalled or network down)")
+
+    def _break_endpoint(self, engine_id: str, error: str) -> None:
+        """Drop the endpoint to an encoder and end every pull whose reads went through it: a run
+        with a read still in flight is quarantined for good (nothing in DLSlime's contract says an
+        abandoned read cannot land later), one whose read landed is freed."""
         self._drop_peer(engine_id)
-        for other in [q for q in self._pulls.values() if q.params.engine_id == engine_id and q.state != "connecting"]:
-            if other.run is not None:
-                self.staging.quarantine(other.run)
-                other.run = None  # never released: quarantined for good
-            other.future = None
-            error = (f"pulling image embeddings from {other.where} timed out after {self.options.pull_timeout_s}s "
-                     "(peer stalled or network down)")
-            self._end(other, self._failure(other, error))
+        for q in [q for q in self._pulls.values() if q.params.engine_id == engine_id and q.state != "connecting"]:
+            if q.run is not None and q.future is not None:
+                self.staging.quarantine(q.run)
+                q.run = None  # never released
+            q.future = None
+            self._end(q, self._failure(q, error))
 
     def _failure(self, pull: _Pull, error: str) -> PullOutcome | None:
         if pull.aborted:
