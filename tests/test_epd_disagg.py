@@ -8,6 +8,7 @@ clear error (or a local encode, when asked) and every buffer back: KV pools full
 pins released, the receive region free."""
 
 import os
+import re
 import signal
 import time
 
@@ -360,6 +361,36 @@ def test_abort_during_an_async_pull_frees_everything(images):
     finally:
         hybrid.close()
         encoder.close()
+
+
+def test_async_pull_from_a_killed_encoder_ends_the_request_or_encodes_locally(images):
+    """pull_mode="async": a dead encoder ends the request with finish_reason "error" naming it (no
+    exception from add_request), every buffer back; with on_pull_failure="local" it is encoded here."""
+    text, imgs = cases(images)[0]
+    prompt = {"prompt": text, "images": imgs}
+    [expected] = hybrid_tokens([(text, imgs)])
+    encoder = encoder_worker()
+    ec = encoder.encode(imgs)
+    encoder.kill()
+    prefill = local("prefill", **ASYNC)
+    fallback = local(on_pull_failure="local", **ASYNC)
+    try:
+        out = run(prefill, prompt, ec_transfer_params=ec)
+        assert out.finish_reason == "error" and out.token_ids == []
+        assert re.search(f"encoder engine {ec['engine_id']}.*(dead|unreachable|closed)", out.error), out.error
+        assert not prefill.has_unfinished_requests()
+        assert_pool_full(prefill)
+        pulls = receive_region(prefill)
+        assert pulls["failed"] == 1 and pulls["in_flight"] == 0
+        assert pulls["receive_free_bytes"] == pulls["receive_bytes"]
+
+        out = run(fallback, prompt, ec_transfer_params=ec)
+        assert out.error is None and out.token_ids == expected
+        assert receive_region(fallback)["encoded_locally"] == 1
+        assert_pool_full(fallback)
+    finally:
+        prefill.close()
+        fallback.close()
 
 
 def test_bench_vision_runs_on_cpu(tmp_path):
