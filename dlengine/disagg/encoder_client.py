@@ -172,6 +172,12 @@ class EncoderCacheClient:
                     raise EncoderPullError(o.error)
             self._wait_a_little(rid)
 
+    @property
+    def busy(self) -> bool:
+        """Something is in flight: a pull (aborted ones until their read lands) or a done-slot
+        write. The engine keeps stepping until it is not, so every buffer is freed."""
+        return bool(self._pulls or self._notify)
+
     def describe(self) -> dict:
         return {"receive_bytes": self.staging.nbytes, "receive_free_bytes": self.staging.free_bytes,
                 "quarantined_bytes": self.staging.num_quarantined_bytes, "in_flight": len(self._pulls),

@@ -355,7 +355,9 @@ class Engine:
 
     def has_unfinished_requests(self) -> bool:
         return (self.core.has_unfinished() or bool(self._pending_outputs) or bool(self._replay)
-                or bool(self._abort_queue) or bool(self._pulling))
+                or bool(self._abort_queue) or bool(self._pulling)
+                # an aborted request's pull frees its receive run only once its read lands
+                or (self._encoder_client is not None and self._encoder_client.busy))
 
     @property
     def num_unfinished_requests(self) -> int:
