@@ -114,6 +114,7 @@ class EncoderCacheClient:
         self._outcomes: list[PullOutcome] = []  # what the next poll() reports
         self._lock = threading.Lock()
         self._sync_ids = 0
+        self._aborted_ids = 0
         self.counts = {"pulled": 0, "failed": 0, "encoded_locally": 0, "bytes": 0}
 
     # ------------------------------------------------------------------ the front's API
@@ -152,7 +153,11 @@ class EncoderCacheClient:
                 self._detach_from_handshake(pull)
                 self._end(pull, None)  # nothing of ours in flight; the encoder is told if reachable
             else:
+                # drains under a key of its own: the request id may be used again meanwhile
                 pull.aborted = True
+                self._aborted_ids += 1
+                pull.request_id = f"\0aborted-{self._aborted_ids}"
+                self._pulls[pull.request_id] = self._pulls.pop(request_id)
             self._outcomes = [o for o in self._outcomes if o.request_id != request_id]
             return True
 
