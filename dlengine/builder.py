@@ -196,14 +196,16 @@ class EngineBuilder:
         return self
 
     def encoder_cache(self, *, staging_bytes: int | None = None, pull_timeout_s: float | None = None,
-                      on_pull_failure: str | None = None) -> "EngineBuilder":
+                      on_pull_failure: str | None = None, pull_mode: str | None = None) -> "EngineBuilder":
         """Image embeddings between engines (encode-prefill-decode). An encoder engine keeps each
         request's embeddings in `staging_bytes` of registered host memory (default 256 MiB) until
         the prefill side pulls them or its transfer(pin_timeout_s=...) passes; an engine given ec_transfer_params
         pulls them into a receive region of that size and fails after `pull_timeout_s`.
         `on_pull_failure`: "fail" (default) refuses the request naming the encoder; "local" encodes
-        the images here instead."""
-        given = dict(staging_bytes=staging_bytes, pull_timeout_s=pull_timeout_s, on_pull_failure=on_pull_failure)
+        the images here instead. `pull_mode`: "sync" (default) pulls inside add_request; "async"
+        pulls while the engine steps its other requests (docs/vision.md, EPD)."""
+        given = dict(staging_bytes=staging_bytes, pull_timeout_s=pull_timeout_s, on_pull_failure=on_pull_failure,
+                     pull_mode=pull_mode)
         self._encoder_cache.update({k: v for k, v in given.items() if v is not None})
         return self
 

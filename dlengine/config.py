@@ -442,11 +442,16 @@ class EncoderCacheConfig:
     ec_transfer_params pulls them into a receive region of the same size, failing after
     `pull_timeout_s`.
     `on_pull_failure`: "fail" refuses the request with the reason; "local" encodes its images
-    here instead (the engine has the vision weights)."""
+    here instead (the engine has the vision weights).
+    `pull_mode`: "sync" pulls inside add_request (a failure raises there); "async" starts the
+    pull there and holds the request out of the scheduler until it lands, advancing it every
+    step, so the engine keeps stepping its other requests meanwhile (a failure ends the request
+    with finish_reason "error"). Servers use "async"."""
 
     staging_bytes: int = 256 * 2**20
     pull_timeout_s: float = 30.0
     on_pull_failure: str = "fail"
+    pull_mode: str = "sync"
 
     def validate(self) -> None:
         if not (isinstance(self.staging_bytes, int) and self.staging_bytes >= 1 << 16):
@@ -455,6 +460,8 @@ class EncoderCacheConfig:
             raise ConfigError(f"encoder_cache pull_timeout_s must be positive, got {self.pull_timeout_s!r}")
         if self.on_pull_failure not in ("fail", "local"):
             raise ConfigError(f"encoder_cache on_pull_failure must be 'fail' or 'local', got {self.on_pull_failure!r}")
+        if self.pull_mode not in ("sync", "async"):
+            raise ConfigError(f"encoder_cache pull_mode must be 'sync' or 'async', got {self.pull_mode!r}")
 
 
 @dataclass(frozen=True)

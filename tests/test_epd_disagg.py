@@ -5,8 +5,12 @@ which hands the KV to a decode engine, in separate OS processes on 127.0.0.1.
 Greedy tokens must equal one hybrid engine's for one-image and two-image prompts; a dead encoder,
 an encoder that released the embeddings first, and a puller that never came must each end with a
 clear error (or a local encode, when asked) and every buffer back: KV pools full, the encoder's
-pins released, the receive region free."""
+pins released, the receive region free. With encoder_cache(pull_mode="async") the engine keeps
+stepping its other requests while a pull waits, and an abort mid-pull frees everything."""
 
+import os
+import re
+import signal
 import time
 
 import pytest
@@ -249,6 +253,146 @@ def test_released_or_expired_embeddings_are_refused_and_freed(images):
     finally:
         hybrid.close()
         encoder.close()
+
+
+# ------------------------------------------------------------------ asynchronous pulls
+ASYNC = {"pull_mode": "async"}
+TEXT = SamplingParams(max_tokens=4, temperature=0.0)
+
+
+def step_until(engine, done, timeout: float, what: str, finals: dict | None = None) -> None:
+    """Step `engine` until `done()`, keeping its final outputs in `finals` (by request id)."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, f"{what} not within {timeout}s"
+        for o in engine.step():
+            if o.finished and finals is not None:
+                finals[o.request_id] = o
+        time.sleep(0.002)  # a pull alone leaves nothing to compute: do not spin the shared cores
+
+
+def receive_region(engine) -> dict:
+    return engine.describe()["ec_pulls"]
+
+
+def test_async_pull_from_a_stalled_encoder_lets_other_requests_run(images):
+    """encoder_cache(pull_mode="async"): add_request returns at once, a text request added after a
+    pull from a SIGSTOPped encoder finishes while the pull waits, then the pull times out with the
+    clear error; the KV pool is whole and the receive run quarantined (the stalled read may still
+    land), the encoder frees on its pin timeout once resumed."""
+    text, imgs = cases(images)[0]
+    prompt = {"prompt": text, "images": imgs}
+    [expected] = hybrid_tokens([(text, imgs)])
+    encoder = encoder_worker(pin_timeout_s=3.0)
+    hybrid = local(pull_timeout_s=3.0, **ASYNC)
+    try:
+        out = run(hybrid, prompt, ec_transfer_params=encoder.encode(imgs))  # connects and handshakes
+        assert out.error is None and out.token_ids == expected
+        assert receive_region(hybrid)["pulled"] == 1
+        ec = encoder.encode(imgs)
+        os.kill(encoder.pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            stalled = hybrid.add_request(prompt, GREEDY, ec_transfer_params=ec)
+            assert time.monotonic() - t0 < 0.5, "add_request waited for the pull"
+            other = hybrid.add_request("hello world", TEXT)
+            finals: dict = {}
+            step_until(hybrid, lambda: other in finals, 10, "the text request finished", finals)
+            assert finals[other].error is None and len(finals[other].token_ids) == 4
+            assert stalled not in finals and receive_region(hybrid)["in_flight"] == 1, "the pull ended too early"
+            step_until(hybrid, lambda: stalled in finals, 10, "the stalled pull timed out", finals)
+            assert 2.9 < time.monotonic() - t0 < 10
+        finally:
+            os.kill(encoder.pid, signal.SIGCONT)
+        failed = finals[stalled]
+        assert failed.finish_reason == "error" and failed.token_ids == []
+        assert f"encoder engine {ec['engine_id']}" in failed.error and "timed out after 3.0s" in failed.error
+        assert not hybrid.has_unfinished_requests()
+        assert_pool_full(hybrid)
+        pulls = receive_region(hybrid)
+        assert pulls["failed"] == 1 and pulls["in_flight"] == 0
+        assert pulls["quarantined_bytes"] > 0
+        assert pulls["receive_free_bytes"] + pulls["quarantined_bytes"] == pulls["receive_bytes"]
+        stats = wait_encoder_released(encoder)
+        assert (ec["request_id"], "timeout") in [tuple(e) for e in stats["events"]]
+        # the timeout dropped the endpoint: the next pull reconnects
+        out = run(hybrid, prompt, ec_transfer_params=encoder.encode(imgs))
+        assert out.error is None and out.token_ids == expected
+    finally:
+        hybrid.close()
+        encoder.close()
+
+
+def test_abort_during_an_async_pull_frees_everything(images):
+    """Aborting a request whose pull waits (for its handshake, or for its read from a stalled
+    encoder) ends it at once; the receive run stays held until the read lands (it may still write
+    there), then the run and the encoder's pin are freed."""
+    text, imgs = cases(images)[0]
+    prompt = {"prompt": text, "images": imgs}
+    encoder = encoder_worker()
+    hybrid = local(**ASYNC)
+    try:
+        for connected in (False, True):  # the first pull waits for the handshake, the second for its read
+            ec = encoder.encode(imgs)
+            os.kill(encoder.pid, signal.SIGSTOP)
+            try:
+                rid = hybrid.add_request(prompt, GREEDY, ec_transfer_params=ec)
+                until = time.monotonic() + 0.3
+                step_until(hybrid, lambda: time.monotonic() > until, 5, "")  # the engine steps; the pull waits
+                assert receive_region(hybrid)["in_flight"] >= 1
+                assert hybrid.abort(rid)
+                [out] = [o for o in hybrid.step() if o.request_id == rid]
+                assert out.finished and out.finish_reason == "abort"
+                assert hybrid.num_unfinished_requests == 0
+                pulls = receive_region(hybrid)
+                if connected:  # the read is in flight: its run is not handed out again yet
+                    assert pulls["receive_free_bytes"] < pulls["receive_bytes"]
+                else:
+                    assert pulls["receive_free_bytes"] == pulls["receive_bytes"]
+            finally:
+                os.kill(encoder.pid, signal.SIGCONT)
+            step_until(hybrid, lambda: receive_region(hybrid)["in_flight"] == receive_region(hybrid)["notifying"] == 0,
+                       10, "the aborted pull drained")
+            assert not hybrid.has_unfinished_requests()  # it kept stepping until the pull had drained
+            pulls = receive_region(hybrid)
+            assert pulls["receive_free_bytes"] == pulls["receive_bytes"] and pulls["quarantined_bytes"] == 0
+            assert pulls["failed"] == 0 and pulls["pulled"] == 0
+            assert_pool_full(hybrid)
+            stats = wait_encoder_released(encoder)
+            assert (ec["request_id"], "done") in [tuple(e) for e in stats["events"]]
+    finally:
+        hybrid.close()
+        encoder.close()
+
+
+def test_async_pull_from_a_killed_encoder_ends_the_request_or_encodes_locally(images):
+    """pull_mode="async": a dead encoder ends the request with finish_reason "error" naming it (no
+    exception from add_request), every buffer back; with on_pull_failure="local" it is encoded here."""
+    text, imgs = cases(images)[0]
+    prompt = {"prompt": text, "images": imgs}
+    [expected] = hybrid_tokens([(text, imgs)])
+    encoder = encoder_worker()
+    ec = encoder.encode(imgs)
+    encoder.kill()
+    prefill = local("prefill", **ASYNC)
+    fallback = local(on_pull_failure="local", **ASYNC)
+    try:
+        out = run(prefill, prompt, ec_transfer_params=ec)
+        assert out.finish_reason == "error" and out.token_ids == []
+        assert re.search(f"encoder engine {ec['engine_id']}.*(dead|unreachable|closed)", out.error), out.error
+        assert not prefill.has_unfinished_requests()
+        assert_pool_full(prefill)
+        pulls = receive_region(prefill)
+        assert pulls["failed"] == 1 and pulls["in_flight"] == 0
+        assert pulls["receive_free_bytes"] == pulls["receive_bytes"]
+
+        out = run(fallback, prompt, ec_transfer_params=ec)
+        assert out.error is None and out.token_ids == expected
+        assert receive_region(fallback)["encoded_locally"] == 1
+        assert_pool_full(fallback)
+    finally:
+        prefill.close()
+        fallback.close()
 
 
 def test_bench_vision_runs_on_cpu(tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence, Union
 
 from dlengine.config import EngineConfig
@@ -87,6 +88,9 @@ class Engine:
         # image preprocessing for vision models (None for text-only ones)
         self._images = ImagePromptProcessor.for_model(config.model)
         self._encoder_client = None  # pulls image embeddings from encoder engines (EPD), made on first use
+        # request id -> request whose image embeddings are being pulled (encoder_cache(pull_mode=
+        # "async")): tracked (abortable, counted as unfinished) but not in the core until they land
+        self._pulling: dict[str, Request] = {}
 
     # the local core's parts, for notebooks and tests (a parallel engine's live in its workers)
     scheduler = property(lambda self: self.core.scheduler)
@@ -232,7 +236,9 @@ class Engine:
         On a vision model, `ec_transfer_params` (an encoder engine's `encode(images)` result for
         this prompt's images) makes the request pull the images' embeddings instead of encoding
         them (docs/vision.md, EPD); a failed pull raises EncoderPullError naming the encoder
-        (or encodes here, with encoder_cache(on_pull_failure="local")).
+        (or encodes here, with encoder_cache(on_pull_failure="local")). With
+        encoder_cache(pull_mode="async") the pull runs while `step()` runs the other requests,
+        and a failed one ends the request with finish_reason "error" and that message instead.
 
         `output_kind`: "cumulative" (an output every step the request gains tokens) or
         "final_only" (only its final output: cheaper per step for batch jobs, as generate() uses)."""
@@ -250,19 +256,59 @@ class Engine:
 
                 check_transfer_params(kv_transfer_params, request, self.config.model.vocab_size)
             request.remote_kv = kv_transfer_params
-        if ec_transfer_params is not None:
-            self._pull_image_embeddings(request, ec_transfer_params)
-        rid = self.add_prepared_request(request, output_kind)
+        pulling = ec_transfer_params is not None and self._pull_image_embeddings(request, ec_transfer_params)
+        if pulling:
+            rid = self._hold_for_pull(request, output_kind)
+        else:
+            rid = self.add_prepared_request(request, output_kind)
         if on_output is not None:
             self._listeners[rid] = on_output
         return rid
 
-    def _pull_image_embeddings(self, request: Request, ec_transfer_params: dict) -> None:
+    def _pull_image_embeddings(self, request: Request, ec_transfer_params: dict) -> bool:
+        """Pull (sync) or start pulling (async) the request's image embeddings; True when the
+        request must wait for an async pull before it enters the core."""
         if self._images is None:
             raise InvalidRequestError(f"ec_transfer_params carry image embeddings; {self.config.model.architecture} "
                                       "takes no images")
         if request.remote_kv is not None:
-            return  # the prompt's KV is pulled whole: its images are never encoded here
+            return False  # the prompt's KV is pulled whole: its images are never encoded here
+        client = self._ensure_encoder_client()
+        if self.config.encoder_cache.pull_mode == "async":
+            client.start(request.request_id, ec_transfer_params, request.multimodal)
+            return True
+        client.pull(ec_transfer_params, request.multimodal)
+        return False
+
+    def _hold_for_pull(self, request: Request, output_kind: str) -> str:
+        """Track a request whose embeddings are on their way; `_admit_pulled` hands it to the core."""
+        self._pulling[request.request_id] = request
+        self._tracked[request.request_id] = TrackedRequest.of(request, self.tokenizer,
+                                                              final_only=output_kind == "final_only")
+        return request.request_id
+
+    def _admit_pulled(self) -> list[RequestOutput]:
+        """Advance the embedding pulls (never blocks): requests whose embeddings landed (or that
+        encode locally after a failed pull) enter the core; failed ones end with their error."""
+        if self._encoder_client is None:
+            return []
+        outputs = []
+        for o in self._encoder_client.poll():
+            request = self._pulling.pop(o.request_id, None)
+            t = self._tracked.get(o.request_id)
+            if request is None or t is None:
+                continue  # aborted meanwhile (the client ended its pull already)
+            if o.pulled or o.encode_locally:
+                self.core.add(request)
+                continue
+            # ended before it ran: no tokens, the pull's error as the reason
+            t.finished, t.finish_reason, t.error = True, "error", o.error
+            t.metrics.finished_time = time.perf_counter()
+            self._tracked.pop(o.request_id)
+            outputs.append(t.output([]))
+        return outputs
+
+    def _ensure_encoder_client(self):
         if self._encoder_client is None:
             from dlengine.disagg.encoder_client import EncoderCacheClient
             from dlengine.parallel.transfer import make_transfer_engine
@@ -274,7 +320,7 @@ class Engine:
             except BaseException:
                 transfer.close()
                 raise
-        self._encoder_client.pull(ec_transfer_params, request.multimodal)
+        return self._encoder_client
 
     def add_prepared_request(self, request: Request, output_kind: str = "cumulative") -> str:
         """Admit a request made by `make_request`."""
@@ -300,13 +346,18 @@ class Engine:
         if t is None or t.finished:
             # a prefill engine's handed-off request: release its pinned blocks
             return self.core.abort(request_id)
-        self.core.abort(request_id)
+        if self._pulling.pop(request_id, None) is not None:
+            self._encoder_client.abort(request_id)  # frees its receive run once no read can land in it
+        else:
+            self.core.abort(request_id)
         self._pending_outputs.append(self._processor.aborted(t))
         return True
 
     def has_unfinished_requests(self) -> bool:
         return (self.core.has_unfinished() or bool(self._pending_outputs) or bool(self._replay)
-                or bool(self._abort_queue))
+                or bool(self._abort_queue) or bool(self._pulling)
+                # an aborted request's pull frees its receive run only once its read lands
+                or (self._encoder_client is not None and self._encoder_client.busy))
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -325,6 +376,8 @@ class Engine:
                 self._abort_now(rid)
         outputs, self._pending_outputs = self._pending_outputs, []
         replay, self._replay = self._replay, []
+        if self._encoder_client is not None:  # also when nothing waits: aborted pulls free their runs here
+            outputs += self._admit_pulled()
         for co in self.core.step():
             t = self._tracked.get(co.request_id)
             if t is None:

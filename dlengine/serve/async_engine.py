@@ -184,11 +184,25 @@ class RequestStream:
     def __init__(self, engine: AsyncEngine, request_id: str, q: asyncio.Queue) -> None:
         self.engine, self.request_id, self._queue = engine, request_id, q
         self.finished = False
+        self._held = None  # the output `first()` waited for, yielded first by `outputs()`
+
+    async def first(self) -> RequestOutput:
+        """Wait for the request's first output without taking it: `outputs()` yields it first.
+        If the wait is cancelled (the client went away), the request is aborted."""
+        try:
+            item = await self._queue.get()
+        except asyncio.CancelledError:
+            self.close()
+            raise
+        self._held = item
+        if isinstance(item, BaseException):
+            raise EngineDeadError(f"the engine stopped: {item!r}") from item
+        return item
 
     async def outputs(self) -> AsyncIterator[RequestOutput]:
         try:
             while not self.finished:
-                item = await self._queue.get()
+                item, self._held = (self._held, None) if self._held is not None else (await self._queue.get(), None)
                 if isinstance(item, BaseException):
                     self.finished = True  # the engine is gone: nothing to abort
                     raise EngineDeadError(f"the engine stopped: {item!r}") from item

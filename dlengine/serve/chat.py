@@ -85,6 +85,8 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request):
             [(job_prompt, choice_params(params, c), f"{rid}-{c}") for c in range(req.n)], kv, ec)
     except EncoderPullError as e:
         raise encoder_pull_failed(str(e)) from None
+    if ec is not None and state.async_engine.engine.config.encoder_cache.pull_mode == "async":
+        await _pulled_or_424(raw, streams[0])
     if kv is not None:
         hold_prefill(prefill_url, req.kv_transfer_params, streams[0])
     if req.stream:
@@ -103,6 +105,17 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request):
                                   stop_reason=out.stop_reason))
     return ChatCompletionResponse(id=rid, model=req.model, choices=choices, usage=_usage(prompt, finals),
                                   kv_transfer_params=handoff_params(state, finals))
+
+
+async def _pulled_or_424(raw: Request, stream) -> None:
+    """An asynchronous embedding pull ends before the request's first output: a failed one ends
+    the request with no tokens. Wait for that output, so a failed pull is still answered 424
+    before any byte (a router then encodes elsewhere), as the synchronous pull was."""
+    first = await unless_disconnected(raw, stream.first())
+    if first.finished and first.finish_reason == "error" and not first.token_ids:
+        async for _ in stream.outputs():  # hand the final output to the stream's bookkeeping
+            pass
+        raise encoder_pull_failed(first.error or "the image embedding pull failed")
 
 
 def _tool_call(call: ParsedToolCall) -> ToolCall:

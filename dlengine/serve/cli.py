@@ -71,6 +71,8 @@ def build_engine(args: argparse.Namespace):
     builder = engine_builder(coerce_config(EngineArgs, args))
     if getattr(args, "encoder_staging_mib", None):
         builder.encoder_cache(staging_bytes=args.encoder_staging_mib << 20)
+    # a server pulls image embeddings while its stepping thread runs the other requests
+    builder.encoder_cache(pull_mode="async")
     if args.mode != "hybrid":
         builder.role(args.mode).transfer(args.transfer_backend, transport="tcp",
                                          host=args.transfer_host or _reachable(args.host), port=args.transfer_port)
