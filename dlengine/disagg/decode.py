@@ -30,7 +30,6 @@ pulled blocks are published in the prefix cache, so later local prefills can hit
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import deque
@@ -40,6 +39,7 @@ import torch
 
 from dlengine.disagg.params import KVTransferParams, check_shards
 from dlengine.disagg.prefill import DONE, META_BYTES, PIN
+from dlengine.disagg.records import read_record
 from dlengine.disagg.shards import Leg, plan_legs
 from dlengine.engine.sampler import skip_sampling_steps
 from dlengine.engine.seams import PollResult
@@ -402,9 +402,7 @@ class DecodeConnector:
             if not ok:
                 raise TransferError(f"handshake with prefill engine {p.engine_id} at {addr[0]}:{addr[1]} timed out "
                                     f"after {self.pull_timeout_s}s")
-            raw = bytes(self.meta_in.tolist())
-            n = int.from_bytes(raw[:4], "little")
-            record = json.loads(raw[4:4 + n].decode())
+            record = read_record(self.meta_in)
             if record.get("fingerprint") != self.fingerprint:
                 raise HandshakeError(
                     f"handshake with prefill engine {p.engine_id} failed: model fingerprints differ (prefill "

@@ -40,6 +40,7 @@ import torch
 from dlengine.config import EngineConfig
 from dlengine.disagg.ec_params import EncodedImage, EncoderTransferParams, dtype_name
 from dlengine.disagg.ec_staging import ChunkedStaging
+from dlengine.disagg.records import write_record
 from dlengine.multimodal.processor import ImagePromptProcessor
 from dlengine.sampling_params import InvalidRequestError
 
@@ -118,10 +119,8 @@ class EncoderEngine:
         self.num_slots = num_slots
         self.ctrl = torch.zeros((2, num_slots), dtype=torch.int64)
         self.meta = torch.zeros(META_BYTES, dtype=torch.uint8)
-        record = json.dumps({"engine_id": engine_id, "role": "encode", "fingerprint": fingerprint,
-                             "architecture": config.model.architecture}).encode()
-        self.meta[:4] = torch.tensor(list(len(record).to_bytes(4, "little")), dtype=torch.uint8)
-        self.meta[4:4 + len(record)] = torch.tensor(list(record), dtype=torch.uint8)
+        write_record(self.meta, {"engine_id": engine_id, "role": "encode", "fingerprint": fingerprint,
+                                 "architecture": config.model.architecture})
         transfer.register_region("ec", self.staging.tensor)
         transfer.register_region("ec_ctrl", self.ctrl)
         transfer.register_region("ec_meta", self.meta)

@@ -26,7 +26,6 @@ the bytes may still arrive, so the run cannot be handed out before.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -38,6 +37,7 @@ import torch
 from dlengine.disagg.ec_params import EncoderTransferParams, check_images
 from dlengine.disagg.ec_staging import ChunkedStaging
 from dlengine.disagg.encoder import DONE, META_BYTES, PIN
+from dlengine.disagg.records import read_record
 from dlengine.parallel.transfer.errors import HandshakeError, TransferError
 
 logger = logging.getLogger("dlengine.disagg")
@@ -235,10 +235,8 @@ class EncoderCacheClient:
                 self._handshake_failed(hs, f"handshake with {hs.where} timed out after "
                                            f"{self.options.pull_timeout_s}s", drop=True)
             return
-        raw = bytes(self.meta_in[hs.slot * META_BYTES:(hs.slot + 1) * META_BYTES].tolist())
-        n = int.from_bytes(raw[:4], "little")
         try:
-            record = json.loads(raw[4:4 + n].decode())
+            record = read_record(self.meta_in[hs.slot * META_BYTES:(hs.slot + 1) * META_BYTES])
         except ValueError as e:
             return self._handshake_failed(hs, f"bad handshake record from {hs.where}: {e}", drop=True)
         if record.get("engine_id") != hs.engine_id or record.get("role") != "encode":

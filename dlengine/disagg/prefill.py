@@ -32,7 +32,6 @@ the other ranks' in `shards` (dlengine.parallel.lockstep gathers them).
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -42,6 +41,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from dlengine.disagg.params import KVTransferParams, prompt_hash
+from dlengine.disagg.records import write_record
 from dlengine.engine.seams import PollResult
 from dlengine.parallel.transfer.kv_region import KVRegion
 
@@ -89,11 +89,8 @@ class PrefillConnector:
                               "a finished request's state slot pinned; leave staging_blocks unset")
         self.ctrl = torch.zeros((2, num_slots), dtype=torch.int64)
         self.meta = torch.zeros(META_BYTES, dtype=torch.uint8)
-        record = json.dumps({"engine_id": engine_id, "role": "prefill", "fingerprint": fingerprint,
-                             "layout": self.region.layout.to_dict(),
-                             "architecture": config.model.architecture}).encode()
-        self.meta[:4] = torch.tensor(list(len(record).to_bytes(4, "little")), dtype=torch.uint8)
-        self.meta[4:4 + len(record)] = torch.tensor(list(record), dtype=torch.uint8)
+        write_record(self.meta, {"engine_id": engine_id, "role": "prefill", "fingerprint": fingerprint,
+                                 "layout": self.region.layout.to_dict(), "architecture": config.model.architecture})
         transfer.register_region("kv", self.region.tensor)
         transfer.register_region("ctrl", self.ctrl)
         transfer.register_region("meta", self.meta)
