@@ -272,6 +272,19 @@ def step_until(engine, done, timeout: float, what: str, finals: dict | None = No
         time.sleep(0.002)  # a pull alone leaves nothing to compute: do not spin the shared cores
 
 
+def stop_process(pid: int) -> None:
+    """SIGSTOP `pid` and wait until the kernel reports it stopped (the signal is asynchronous:
+    a read issued right after kill() may still be served)."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "T":
+                return
+        time.sleep(0.005)
+    raise AssertionError(f"process {pid} did not stop")
+
+
 def receive_region(engine) -> dict:
     return engine.describe()["ec_pulls"]
 
@@ -292,7 +305,7 @@ def test_async_pull_from_a_stalled_encoder_lets_other_requests_run(images):
         assert out.error is None and out.token_ids == expected
         assert receive_region(hybrid)["pulled"] == 1
         ec = encoder.encode(imgs)
-        os.kill(encoder.pid, signal.SIGSTOP)
+        stop_process(encoder.pid)
         try:
             t0 = time.monotonic()
             stalled = hybrid.add_request(prompt, GREEDY, ec_transfer_params=ec)
@@ -336,7 +349,7 @@ def test_abort_during_an_async_pull_frees_everything(images):
     try:
         for connected in (False, True):  # the first pull waits for the handshake, the second for its read
             ec = encoder.encode(imgs)
-            os.kill(encoder.pid, signal.SIGSTOP)
+            stop_process(encoder.pid)
             try:
                 rid = hybrid.add_request(prompt, GREEDY, ec_transfer_params=ec)
                 until = time.monotonic() + 0.3
