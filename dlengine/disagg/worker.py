@@ -72,13 +72,16 @@ def _stats(engine) -> dict:
             "ec_pulls": engine.describe().get("ec_pulls")}
 
 
-def serve_encoder(engine, reply) -> None:
-    """The command loop of an encoder engine: encode, release, stats, quit; pins polled between."""
+def _command_loop(engine, reply, idle, handlers: dict) -> None:
+    """Read JSON-line commands from stdin until "quit" or the parent closes the pipe, calling
+    `idle()` whenever none is waiting (a prefill engine steps, an encoder polls its pins) and
+    answering each with `handlers[op](cmd)`. A failing command is answered with its reason; the
+    engine keeps serving."""
     buf = b""
     while True:
         ready, _, _ = select.select([0], [], [], 0.005)
         if not ready:
-            engine.poll()
+            idle()
             continue
         chunk = os.read(0, 1 << 20)
         if not chunk:
@@ -88,23 +91,30 @@ def serve_encoder(engine, reply) -> None:
             line, buf = buf.split(b"\n", 1)
             cmd = json.loads(line)
             op = cmd["op"]
+            if op == "quit":
+                engine.close()
+                reply({"ok": True})
+                return
+            handler = handlers.get(op)
             try:
-                if op == "encode":
-                    reply({"ok": True, "ec_transfer_params": engine.encode(cmd["images"], cmd.get("request_id"))})
-                elif op == "release":
-                    reply({"ok": True, "released": engine.release(cmd["request_id"])})
-                elif op == "stats":
-                    engine.poll()
-                    reply({"ok": True, **engine.describe()["ec_transfer"], "events": list(engine.events)})
-                elif op == "quit":
-                    engine.close()
-                    reply({"ok": True})
-                    return
-                else:
-                    reply({"ok": False, "error": f"unknown op {op!r}"})
+                reply({"ok": True, **handler(cmd)} if handler else {"ok": False, "error": f"unknown op {op!r}"})
             except Exception as e:  # the engine keeps serving; the caller gets the reason
                 reply({"ok": False, "error": f"{type(e).__name__}: {e}"})
     engine.close()
+
+
+def serve_encoder(engine, reply) -> None:
+    """The command loop of an encoder engine: encode, release, stats, quit; pins polled between."""
+
+    def stats(cmd) -> dict:
+        engine.poll()
+        return {**engine.describe()["ec_transfer"], "events": list(engine.events)}
+
+    _command_loop(engine, reply, engine.poll, {
+        "encode": lambda cmd: {"ec_transfer_params": engine.encode(cmd["images"], cmd.get("request_id"))},
+        "release": lambda cmd: {"released": engine.release(cmd["request_id"])},
+        "stats": stats,
+    })
 
 
 def serve(spec: dict) -> None:
@@ -122,46 +132,29 @@ def serve(spec: dict) -> None:
     c = engine.connector
     reply({"ok": True, "engine_id": c.engine_id if c else None, "pid": os.getpid(),
            "endpoint": c.transfer.local_info() if c else None})
-    buf = b""
-    while True:
-        ready, _, _ = select.select([0], [], [], 0.005)
-        if not ready:
-            for o in engine.step():
-                if o.finished:
-                    finals[o.request_id] = _out_dict(o)
-            continue
-        chunk = os.read(0, 1 << 20)
-        if not chunk:
-            break  # parent gone
-        buf += chunk
-        while b"\n" in buf:
-            line, buf = buf.split(b"\n", 1)
-            cmd = json.loads(line)
-            op = cmd["op"]
-            try:
-                if op == "generate":
-                    res = engine.generate(cmd["prompts"], SamplingParams(**cmd["params"]), raise_on_error=False)
-                    reply({"ok": True, "outputs": [_out_dict(o) for o in res]})
-                elif op == "add":
-                    rid = engine.add_request(cmd["prompt"], SamplingParams(**cmd["params"]),
-                                             kv_transfer_params=cmd.get("kv_transfer_params"),
-                                             ec_transfer_params=cmd.get("ec_transfer_params"))
-                    reply({"ok": True, "request_id": rid})
-                elif op == "results":
-                    reply({"ok": True, "outputs": [finals.pop(r) for r in cmd["request_ids"] if r in finals]})
-                elif op == "abort":
-                    reply({"ok": True, "aborted": engine.abort(cmd["request_id"])})
-                elif op == "stats":
-                    reply({"ok": True, **_stats(engine)})
-                elif op == "quit":
-                    engine.close()
-                    reply({"ok": True})
-                    return
-                else:
-                    reply({"ok": False, "error": f"unknown op {op!r}"})
-            except Exception as e:  # the engine keeps serving; the caller gets the reason
-                reply({"ok": False, "error": f"{type(e).__name__}: {e}"})
-    engine.close()
+
+    def step() -> None:
+        for o in engine.step():
+            if o.finished:
+                finals[o.request_id] = _out_dict(o)
+
+    def generate(cmd) -> dict:
+        res = engine.generate(cmd["prompts"], SamplingParams(**cmd["params"]), raise_on_error=False)
+        return {"outputs": [_out_dict(o) for o in res]}
+
+    def add(cmd) -> dict:
+        rid = engine.add_request(cmd["prompt"], SamplingParams(**cmd["params"]),
+                                 kv_transfer_params=cmd.get("kv_transfer_params"),
+                                 ec_transfer_params=cmd.get("ec_transfer_params"))
+        return {"request_id": rid}
+
+    _command_loop(engine, reply, step, {
+        "generate": generate,
+        "add": add,
+        "results": lambda cmd: {"outputs": [finals.pop(r) for r in cmd["request_ids"] if r in finals]},
+        "abort": lambda cmd: {"aborted": engine.abort(cmd["request_id"])},
+        "stats": lambda cmd: _stats(engine),
+    })
 
 
 class WorkerError(RuntimeError):
