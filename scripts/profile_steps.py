@@ -23,11 +23,14 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=256)
     ap.add_argument("--min-len", type=int, default=100)
     ap.add_argument("--max-len", type=int, default=1024)
+    ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--cprofile", metavar="PATH", help="also profile the host side of the run with cProfile: "
+                    "dump the stats to PATH and print the 30 functions with the most own time")
     args = ap.parse_args()
 
     t0 = time.perf_counter()
-    b = EngineBuilder(args.model).load_format("dummy").dtype("bfloat16").max_model_len(2048)
+    b = EngineBuilder(args.model).load_format("dummy").dtype("bfloat16").max_model_len(args.max_model_len)
     if args.no_graphs:
         b.cuda_graphs(False)
     engine = b.build()
@@ -56,8 +59,14 @@ def main() -> None:
 
     engine.scheduler.schedule, engine.runner.execute = timed_schedule, timed_execute
     for i, (li, lo) in enumerate(zip(lens_in, lens_out)):
-        engine.add_request(torch.randint(10, 100000, (li,), generator=g).tolist(),
+        engine.add_request(torch.randint(10, min(100000, engine.config.model.vocab_size), (li,), generator=g).tolist(),
                            SamplingParams(max_tokens=lo, temperature=0.0, ignore_eos=True))
+    prof = None
+    if args.cprofile:
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
     start = time.perf_counter()
     n_out = 0
     while engine.has_unfinished_requests():
@@ -73,6 +82,12 @@ def main() -> None:
         timings["total"].append(total)
         cur.clear()
     elapsed = time.perf_counter() - start
+    if prof is not None:
+        import pstats
+
+        prof.disable()
+        prof.dump_stats(args.cprofile)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(30)
     print(f"{n_out} output tokens in {elapsed:.2f}s = {n_out / elapsed:.0f} tok/s, {len(timings['total'])} steps, "
           f"graph steps {engine.runner.num_graph_steps}")
     for kind in ("mixed", "decode"):
