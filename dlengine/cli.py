@@ -155,6 +155,10 @@ def _latency_workload() -> argparse.ArgumentParser:
                    help="measured iterations (default: %(default)s)")
     g.add_argument("--num-warmup-iters", type=int, metavar="N", default=_L.num_warmup_iters,
                    help="iterations run first, off the record (default: %(default)s)")
+    g.add_argument("--synthetic-context", action="store_true", default=_L.synthetic_context,
+                   help="decode only: count every prompt as computed without running it (its KV is synthetic, "
+                        "the tokens meaningless, the decode cost real); for decode step time at long contexts. "
+                        "Prefill is not measured; prefix caching is off")
     return p
 
 

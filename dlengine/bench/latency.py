@@ -16,6 +16,13 @@ an iteration starts just before the first `add_request`:
 
 Every iteration draws fresh prompts, so the prefix cache never serves one iteration from another.
 `num_warmup_iters` identical iterations run first, off the record.
+
+With `synthetic_context=True` (`--synthetic-context`) the prompts are not computed: the engine is
+built with a SyntheticContextConnector (bench/synthetic_context.py), which counts every prompt as
+computed and gives each request a first token, so the first step only allocates the blocks (no
+forward pass) and every step after it is a decode step at context `input_len` and up. Prefill
+time and MFU are then not measured (None); the decode numbers are measured as usual, on KV that
+is not the prompt's (the tokens are meaningless, the cost is real).
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from dlengine.bench.common import (
     coerce_config,
     describe_engine,
     drain,
+    engine_builder,
     free_device_memory,
     probe_device,
     settle,
@@ -47,6 +55,7 @@ from dlengine.bench.datasets import random_requests
 from dlengine.bench.metrics import summarize
 from dlengine.bench.peaks import resolve_peaks
 from dlengine.bench.roofline import ModelCost
+from dlengine.bench.synthetic_context import SyntheticContextConnector
 from dlengine.bench.throughput import _sample_vocab, _special_ids
 from dlengine.engine.engine import Engine
 from dlengine.sampling_params import SamplingParams
@@ -63,6 +72,8 @@ class LatencyConfig(EngineArgs):
     peak_tflops: float | None = None  # None: measure
     progress: bool = True
     json_path: str | None = None  # also write the result here
+    # decode only: prompts count as computed without running them (bench/synthetic_context.py)
+    synthetic_context: bool = False
 
     def validate(self) -> None:
         for name in ("batch_size", "input_len", "output_len", "num_iters"):
@@ -75,6 +86,9 @@ class LatencyConfig(EngineArgs):
             v = getattr(self, name)
             if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise BenchError(f"{name} must be a positive number, got {v!r}")
+        if self.synthetic_context and self.output_len < 2:
+            raise BenchError(f"synthetic_context measures decode steps: output_len must be at least 2 (the first "
+                             f"token is given, not generated), got {self.output_len}")
 
 
 def run_latency(config: Any = None, *, engine: Engine | None = None, **overrides: Any) -> dict[str, Any]:
@@ -87,6 +101,10 @@ def run_latency(config: Any = None, *, engine: Engine | None = None, **overrides
     """
     cfg = coerce_config(LatencyConfig, config, **overrides)
     cfg.validate()
+    if cfg.synthetic_context and engine is None:
+        # a synthetic prompt's blocks must never serve a prefix-cache hit (and publishing 2M
+        # tokens' worth of block hashes would land in the first timed decode step)
+        cfg = dataclasses.replace(cfg, prefix_caching=False)
     device = engine.config.device if engine is not None else probe_device(cfg)
     with cpu_threads(device, cfg.threads) as threads:
         if threads is not None and cfg.progress:
@@ -98,7 +116,7 @@ def run_latency(config: Any = None, *, engine: Engine | None = None, **overrides
         else:
             device = probe_device(cfg)  # measure the peaks before the engine takes the memory
             peaks = resolve_peaks(device, cfg.peak_bandwidth_gbps, cfg.peak_tflops) if device is not None else None
-            engine = build_engine(cfg)
+            engine = _build_engine(cfg)
             device = engine.config.device
             try:
                 if peaks is None:
@@ -113,6 +131,28 @@ def run_latency(config: Any = None, *, engine: Engine | None = None, **overrides
     if cfg.json_path:
         write_json(result, cfg.json_path)
     return result
+
+
+def _build_engine(cfg: LatencyConfig) -> Engine:
+    if not cfg.synthetic_context:
+        return build_engine(cfg)
+    return engine_builder(cfg).kv_connector(SyntheticContextConnector).build()
+
+
+def _check_mode(cfg: LatencyConfig, engine: Engine) -> None:
+    """A synthetic context needs an engine built with the connector, and nothing else may give it
+    prompts that were not computed here."""
+    synthetic = isinstance(getattr(engine, "connector", None), SyntheticContextConnector)
+    if cfg.synthetic_context and engine.config.role != "hybrid":
+        raise BenchError(f"synthetic_context runs decode on a hybrid engine; this engine's role is "
+                         f"{engine.config.role!r}")
+    if cfg.synthetic_context and not synthetic:
+        raise BenchError("synthetic_context needs an engine built with "
+                         ".kv_connector(dlengine.bench.synthetic_context.SyntheticContextConnector), or let "
+                         "run_latency build the engine")
+    if synthetic and not cfg.synthetic_context:
+        raise BenchError("this engine skips every prompt (SyntheticContextConnector): prefill cannot be measured "
+                         "on it; pass synthetic_context=True")
 
 
 def _check_fits(cfg: LatencyConfig, engine: Engine) -> None:
@@ -157,6 +197,9 @@ def _one_iteration(cfg: LatencyConfig, engine: Engine, it: int, vocab: int, excl
         t0 = time.perf_counter()
         for rid, r in zip(ids, prompts):
             engine.add_request(r.prompt, params, request_id=rid)
+        if cfg.synthetic_context:
+            _admit_synthetic(engine)  # every request starts with its first token: no prefill phase
+            waiting_first.clear()
         while waiting_first:
             if not engine.has_unfinished_requests():
                 raise BenchError("the engine went idle before every request had its first token")
@@ -169,19 +212,30 @@ def _one_iteration(cfg: LatencyConfig, engine: Engine, it: int, vocab: int, excl
                 if out.finished:
                     pending.discard(out.request_id)
         t_first = time.perf_counter()
+        # synthetic context on an async engine: the first decode call only launches the first
+        # decode step (it returns no tokens yet) and measures no time between two tokens
+        timing = not cfg.synthetic_context or not engine.async_scheduling
         while pending:
             if not engine.has_unfinished_requests():
                 raise BenchError(f"the engine went idle with {len(pending)} requests unfinished")
-            step_batch.append(len(pending))
+            batch = len(pending)
             ts = time.perf_counter()
             outs = engine.step()
-            step_times.append(time.perf_counter() - ts)
+            te = time.perf_counter()
+            gained = 0
             for out in outs:
                 if out.request_id not in pending:
                     continue
-                n_decode_tokens += len(out.new_token_ids)
+                gained += len(out.new_token_ids)
                 if out.finished:
                     pending.discard(out.request_id)
+            n_decode_tokens += gained
+            if not timing and not gained:
+                t_first = te
+                continue
+            timing = True
+            step_batch.append(batch)
+            step_times.append(te - ts)
         t_end = time.perf_counter()
     finally:
         for rid in pending:  # an error or Ctrl-C mid-run: leave the engine clean
@@ -208,11 +262,25 @@ def _one_iteration(cfg: LatencyConfig, engine: Engine, it: int, vocab: int, excl
     }
 
 
+def _admit_synthetic(engine: Engine, max_steps: int = 8) -> None:
+    """Step until the synthetic-context connector has blocks for every request added (the first
+    step's admission allocates them; it runs no forward pass, as nothing is ready to run yet)."""
+    connector = engine.connector
+    for _ in range(max_steps):
+        if not connector.num_waiting_for_blocks:
+            return
+        if any(out.new_token_ids for out in engine.step()):
+            raise BenchError("a step generated tokens before every synthetic context had its blocks")
+    raise BenchError(f"{connector.num_waiting_for_blocks} requests got no KV blocks for their synthetic context in "
+                     f"{max_steps} steps; lower --batch-size or the lengths, or give the cache more")
+
+
 def _ms(v: float | None) -> float | None:
     return None if v is None else v * 1e3
 
 
 def _run(cfg: LatencyConfig, engine: Engine, peaks: dict[str, Any]) -> dict[str, Any]:
+    _check_mode(cfg, engine)
     _check_fits(cfg, engine)
     cost = ModelCost.from_engine(engine)
     vocab, exclude = _sample_vocab(engine), _special_ids(engine)
@@ -229,7 +297,9 @@ def _run(cfg: LatencyConfig, engine: Engine, peaks: dict[str, Any]) -> dict[str,
             bar.update(1)
 
     B, P, O = cfg.batch_size, cfg.input_len, cfg.output_len
-    prefill_s = float(np.mean([r["prefill_s"] for r in iters]))
+    synthetic = cfg.synthetic_context
+    # with a synthetic context the "prefill phase" only allocated blocks: nothing to report
+    prefill_s = None if synthetic else float(np.mean([r["prefill_s"] for r in iters]))
     e2e_s = float(np.mean([r["e2e_s"] for r in iters]))
     steps = [t for r in iters for t in r["decode_step_s"]]
     decode_time = sum(r["decode_s"] for r in iters)
@@ -248,14 +318,20 @@ def _run(cfg: LatencyConfig, engine: Engine, peaks: dict[str, Any]) -> dict[str,
     full_step_s = float(np.mean(full)) if full else mean_step_s
     decode_gbps = step_bytes / full_step_s / 1e9 if full_step_s else None
     # MFU of prefill: FLOPs of the B prompts / mean prefill time / measured GEMM peak.
-    prefill_flops = B * cost.prefill_flops(P)
-    prefill_tflops = prefill_flops / prefill_s / 1e12
+    prefill_flops = None if synthetic else B * cost.prefill_flops(P)
+    prefill_tflops = None if synthetic else prefill_flops / prefill_s / 1e12
 
     import torch
 
     import dlengine
 
     notes = []
+    if synthetic:
+        notes.append("synthetic context: the prompts were not computed (their KV is zeros or stale cache content), "
+                     "so prefill is not measured and the generated tokens are meaningless; decode cost is real")
+        if getattr(engine.block_manager, "prefix_caching_active", False):
+            notes.append("prefix caching is on: the synthetic blocks were published in the prefix cache (hashing "
+                         "them falls in the first decode step); build the engine with cache(prefix_caching=False)")
     if any(r["prefix_cache_hit_tokens"] for r in iters):
         notes.append("some prompt tokens came from the prefix cache: prefill is faster than a cold one")
     if any(r["preemptions"] for r in iters):
@@ -271,10 +347,11 @@ def _run(cfg: LatencyConfig, engine: Engine, peaks: dict[str, Any]) -> dict[str,
         "batch_size": B,
         "input_len": P,
         "output_len": O,
+        "synthetic_context": synthetic,
         "num_iters": cfg.num_iters,
         "num_warmup_iters": cfg.num_warmup_iters,
-        "prefill_ms": prefill_s * 1e3,
-        "prefill_tokens_per_s": B * P / prefill_s,
+        "prefill_ms": _ms(prefill_s),
+        "prefill_tokens_per_s": None if synthetic else B * P / prefill_s,
         "decode_ms_per_token": _ms(mean_step_s),
         "full_batch_decode_ms_per_token": _ms(full_step_s),  # steps that ran all B requests (MBU's basis)
         "num_full_batch_decode_steps": len(full) // max(1, len(iters)),
@@ -284,7 +361,8 @@ def _run(cfg: LatencyConfig, engine: Engine, peaks: dict[str, Any]) -> dict[str,
         "decode_tokens_per_s": decode_tokens / decode_time if decode_time > 0 and decode_tokens else None,
         "e2e_ms": e2e_s * 1e3,
         "p50_e2e_ms": _ms(float(np.percentile([r["e2e_s"] for r in iters], 50))),
-        "output_tokens_per_s": B * O / e2e_s,
+        # a synthetic context's first token is given, not generated
+        "output_tokens_per_s": B * (O - 1 if synthetic else O) / e2e_s,
         "num_decode_steps": int(np.mean([r["num_decode_steps"] for r in iters])),
         "num_prefill_steps": int(np.mean([r["num_prefill_steps"] for r in iters])),
         # roofline estimates (docs/bench.md)
@@ -294,13 +372,13 @@ def _run(cfg: LatencyConfig, engine: Engine, peaks: dict[str, Any]) -> dict[str,
         "decode_mbu": decode_gbps / peaks["copy_gbps"] if decode_gbps is not None else None,
         "prefill_flops": prefill_flops,
         "prefill_achieved_tflops": prefill_tflops,
-        "prefill_mfu": prefill_tflops / peaks["bf16_tflops"],
+        "prefill_mfu": None if synthetic else prefill_tflops / peaks["bf16_tflops"],
         "peaks": peaks,
         "model_cost": cost.as_dict(),
         "notes": notes,
         "iterations": [
             {
-                "prefill_ms": r["prefill_s"] * 1e3,
+                "prefill_ms": None if synthetic else r["prefill_s"] * 1e3,
                 "decode_ms": r["decode_s"] * 1e3,
                 "e2e_ms": r["e2e_s"] * 1e3,
                 "decode_ms_per_token": _ms(float(np.mean(r["decode_step_s"]))) if r["decode_step_s"] else None,

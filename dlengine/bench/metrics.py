@@ -214,6 +214,8 @@ def format_latency_report(result: Mapping[str, Any], title: str = "dlengine benc
         lines.append(f"{'CPU threads:':<14}{describe_cpu_threads(result['cpu_threads'])}")
     row("Batch x input x output", f"{result['batch_size']} x {result['input_len']} x {result['output_len']}")
     row("Iterations (+ warm-up)", f"{result['num_iters']} (+{result['num_warmup_iters']})")
+    if result.get("synthetic_context"):
+        row("Prompt context", "synthetic (not computed)")
     lines.append("-" * width)
     row("Prefill (ms)", result["prefill_ms"])
     row("Prefill tokens/s", result["prefill_tokens_per_s"], 1)
