@@ -56,7 +56,7 @@ from dlengine.bench.metrics import summarize
 from dlengine.bench.peaks import resolve_peaks
 from dlengine.bench.roofline import ModelCost
 from dlengine.bench.synthetic_context import SyntheticContextConnector
-from dlengine.bench.throughput import _sample_vocab, _special_ids
+from dlengine.bench.throughput import _counters, _sample_vocab, _special_ids, _speculation
 from dlengine.engine.engine import Engine
 from dlengine.sampling_params import SamplingParams
 
@@ -289,8 +289,11 @@ def _run(cfg: LatencyConfig, engine: Engine, peaks: dict[str, Any]) -> dict[str,
 
     total = cfg.num_warmup_iters + cfg.num_iters
     iters = []
+    spec_before = None
     with tqdm(total=total, desc="latency", unit="iter", disable=not cfg.progress, dynamic_ncols=True) as bar:
         for it in range(total):
+            if it == cfg.num_warmup_iters:
+                spec_before = _counters(engine)
             r = _one_iteration(cfg, engine, it, vocab, exclude)
             if it >= cfg.num_warmup_iters:
                 iters.append(r)
@@ -306,6 +309,11 @@ def _run(cfg: LatencyConfig, engine: Engine, peaks: dict[str, Any]) -> dict[str,
     decode_tokens = sum(r["decode_tokens"] for r in iters)
     step_stats = summarize(steps)
     mean_step_s = step_stats["mean"]
+    # speculative decoding: a step gives each request 1 + its accepted drafts, so the time per
+    # token is the step time over the tokens a request gained per step (1 without speculation)
+    spec = _speculation(spec_before, _counters(engine))
+    n_steps = sum(r["num_decode_steps"] for r in iters)
+    tokens_per_step = decode_tokens / (B * n_steps) if spec and n_steps else 1.0
 
     # MBU of decode: bytes one decode step of the whole batch reads / the mean time of the steps
     # that ran the whole batch / measured copy bandwidth. (With a chunked prefill the requests that
@@ -352,7 +360,10 @@ def _run(cfg: LatencyConfig, engine: Engine, peaks: dict[str, Any]) -> dict[str,
         "num_warmup_iters": cfg.num_warmup_iters,
         "prefill_ms": _ms(prefill_s),
         "prefill_tokens_per_s": None if synthetic else B * P / prefill_s,
-        "decode_ms_per_token": _ms(mean_step_s),
+        "decode_ms_per_token": _ms(mean_step_s / tokens_per_step),
+        "decode_ms_per_step": _ms(mean_step_s),
+        "decode_tokens_per_request_step": tokens_per_step,
+        **spec,
         "full_batch_decode_ms_per_token": _ms(full_step_s),  # steps that ran all B requests (MBU's basis)
         "num_full_batch_decode_steps": len(full) // max(1, len(iters)),
         "p50_decode_ms_per_token": _ms(step_stats["p50"]),

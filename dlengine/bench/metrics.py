@@ -220,9 +220,14 @@ def format_latency_report(result: Mapping[str, Any], title: str = "dlengine benc
     row("Prefill (ms)", result["prefill_ms"])
     row("Prefill tokens/s", result["prefill_tokens_per_s"], 1)
     row("Decode ms / token (mean)", result["decode_ms_per_token"], 3)
+    if result.get("spec_draft_tokens"):  # speculative: the rows below are per step, not per token
+        row("Decode ms / step (mean)", result["decode_ms_per_step"], 3)
+        row("Tokens per request per step", result["decode_tokens_per_request_step"], 2)
+        row("Draft tokens accepted", f"{result['spec_accepted_tokens']:,} of {result['spec_draft_tokens']:,} "
+                                     f"({_pct(result['spec_acceptance_rate'])})")
     if result.get("num_full_batch_decode_steps") != result.get("num_decode_steps"):
         row("Decode ms / token (full batch)", result.get("full_batch_decode_ms_per_token"), 3)
-    row("Decode ms / token (p50, p90)",
+    row("Decode ms / step (p50, p90)" if result.get("spec_draft_tokens") else "Decode ms / token (p50, p90)",
         f"{_fmt(result['p50_decode_ms_per_token'], 3)}, {_fmt(result['p90_decode_ms_per_token'], 3)}")
     row("Decode tokens/s", result["decode_tokens_per_s"], 1)
     row("End-to-end (ms)", result["e2e_ms"])
