@@ -57,6 +57,7 @@ class StepHandle:
     num_drafts: list[int] = field(default_factory=list)
     scores: list[tuple[Request, torch.Tensor]] = field(default_factory=list)
     hidden_states: StepHiddenStates | None = None  # when the runner keeps them (keep_hidden_states)
+    _accepted: list[list[int]] | None = field(default=None, repr=False)  # accepted_tokens(), computed once
 
     def token_ids(self) -> list[int]:
         if self.event is not None:
@@ -66,7 +67,12 @@ class StepHandle:
     def accepted_tokens(self) -> list[list[int]]:
         """Per sampled request, the tokens it gains: its one sampled token, or, after drafts,
         the accepted drafts followed by the target's token at the first mismatch (or after the
-        last draft)."""
+        last draft). Computed once per step (the core and the speculator both ask)."""
+        if self._accepted is None:
+            self._accepted = self._accept()
+        return self._accepted
+
+    def _accept(self) -> list[list[int]]:
         tokens = self.token_ids()
         if not any(self.num_drafts):
             return [[t] for t in tokens]
