@@ -189,3 +189,13 @@ def test_encoder_role_hands_over_the_models_embeddings():
     finally:
         encoder.close()
         hybrid.close()
+
+
+def test_bench_roofline_leaves_the_vision_tower_out():
+    """A decode step reads the text model's weights; the tower runs once per image."""
+    from dlengine.bench.roofline import ModelCost
+
+    engine = EngineBuilder(tiny_checkpoint("qwen3.5-vl")).dtype("float32").cache(block_size=16).build()
+    cost = ModelCost.from_engine(engine)
+    assert cost.num_params == sum(p.numel() for p in engine.model.model.language_model.parameters())
+    assert cost.param_bytes == cost.num_params * 4  # tied: the LM head is the embedding table
