@@ -23,7 +23,8 @@ These are estimates from the model shape (documented in docs/bench.md), not coun
   counts its per-head nope + rope query/key dims and v dims, the un-absorbed formulation);
   causal prefill over L tokens counts L^2/2 pairs, a decode token with context c counts c pairs.
 
-Norms, activations, rotary and softmax are left out (a few % at most).
+Norms, activations, rotary and softmax are left out (a few % at most), and so is a vision
+tower (`model.visual`), which runs once per image rather than per token.
 """
 
 from __future__ import annotations
@@ -63,7 +64,12 @@ class ModelCost:
 
     @staticmethod
     def from_model(model: nn.Module, cfg, kv_dtype: torch.dtype) -> "ModelCost":
-        params = list(model.parameters())  # nn.Module.parameters() yields a shared tensor once
+        # a vision tower (`model.visual`: Qwen3-VL, Qwen3.5) runs once per image, not per step:
+        # neither a decode step's weight reads nor the per-token FLOPs count it
+        visual = getattr(getattr(model, "model", None), "visual", None)
+        vision_ids = {id(p) for p in visual.parameters()} if isinstance(visual, nn.Module) else set()
+        # nn.Module.parameters() yields a shared tensor once
+        params = [p for p in model.parameters() if id(p) not in vision_ids]
         param_bytes = sum(p.numel() * p.element_size() for p in params)
         num_params = sum(p.numel() for p in params)
         lm_head = getattr(model, "lm_head", None)

@@ -15,7 +15,7 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "Qwen3MoeForCausalLM",
     "Qwen3NextForCausalLM",
     "Qwen3_5ForCausalLM",  # text-only checkpoints of Qwen3.5
-    "Qwen3_5ForConditionalGeneration",  # released Qwen3.5 (the text path; the vision tower is skipped)
+    "Qwen3_5ForConditionalGeneration",  # released Qwen3.5, with image inputs (models/qwen3_5.py)
     "Qwen3_5MoeForCausalLM",
     "Qwen3_5MoeForConditionalGeneration",
     "Qwen3VLForConditionalGeneration",  # Qwen3-VL with image inputs (models/qwen3_vl.py)

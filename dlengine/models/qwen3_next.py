@@ -159,11 +159,13 @@ class HybridDecoderLayer(nn.Module):
 
 
 class HybridModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_position: int, make_mlp, grouped_layout: bool) -> None:
-        """`make_mlp(layer_idx)` builds a layer's feed-forward block."""
+    def __init__(self, cfg: ModelConfig, max_position: int, make_mlp, grouped_layout: bool,
+                 rotary: nn.Module | None = None) -> None:
+        """`make_mlp(layer_idx)` builds a layer's feed-forward block; `rotary` (shared by the
+        attention layers, called as `rotary(positions, q, k)`) defaults to PartialRotary."""
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
-        rotary = PartialRotary(cfg, max_position)
+        self.rotary = rotary = rotary if rotary is not None else PartialRotary(cfg, max_position)
         self.layers = nn.ModuleList(HybridDecoderLayer(cfg, i, kind, rotary, make_mlp(i), grouped_layout)
                                     for i, kind in enumerate(layer_types(cfg)))
         self.norm = ZeroCentredRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -204,6 +206,7 @@ class Qwen3NextForCausalLM(nn.Module):
     # q/k/v and the dense (and shared-expert) gate/up, stacked into one GEMM each
     stacked_params = Qwen3ForCausalLM.stacked_params
     grouped_layout = True  # in_proj_qkvz / in_proj_ba rows grouped per key head (layers/gated_deltanet.py)
+    text_model_class = HybridModel  # Qwen3.5's vision-language classes use the M-RoPE variant (qwen3_5.py)
 
     def __init__(self, cfg: ModelConfig, max_position: int) -> None:
         super().__init__()
@@ -211,7 +214,7 @@ class Qwen3NextForCausalLM(nn.Module):
         hf = cfg.hf_config
         num_experts = int(hf.get("num_experts", 0) or 0)
         self.expert_params = FusedMoE.checkpoint_mapping(num_experts)
-        self.model = HybridModel(cfg, max_position, self.make_mlp, self.grouped_layout)
+        self.model = self.text_model_class(cfg, max_position, self.make_mlp, self.grouped_layout)
         tied_to = self.model.embed_tokens if cfg.tie_word_embeddings else None
         self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size, tied_to)
 

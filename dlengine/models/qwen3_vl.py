@@ -95,18 +95,21 @@ class Qwen3VLTextModel(nn.Module):
 
 
 class Qwen3VLModel(nn.Module):
-    """`model.` of the checkpoint: the vision tower and the text model."""
+    """`model.` of the checkpoint: the vision tower and a text model. The text model is passed in
+    (Qwen3-VL's, or Qwen3.5's hybrid stack): it takes `(input_ids, positions, ctx, visual)`, with
+    positions [3, T] or [T] and `visual` the step's image rows (VisualRows) or None."""
 
-    def __init__(self, cfg: ModelConfig, max_position: int, make_mlp) -> None:
+    def __init__(self, cfg: ModelConfig, language_model: nn.Module) -> None:
         super().__init__()
         vision_config = cfg.hf_config.get("vision_config")
         if not isinstance(vision_config, dict):
             raise ConfigError(f"{cfg.path}: config.json has no vision_config")
         self.visual = Qwen3VLVisionModel(vision_config)
-        self.language_model = Qwen3VLTextModel(cfg, max_position, make_mlp)
+        self.language_model = language_model
 
     def encode_images(self, inputs) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """All of a request's images -> (tokens [sum of image tokens, hidden], deepstack list).
+        """All of a request's images -> (tokens [sum of image tokens, hidden], deepstack list; empty
+        for a tower without deepstack, Qwen3.5's).
         An image whose embeddings an encoder engine computed (`ImageInput.embeddings`, [1 +
         levels, tokens, hidden]) is not encoded again; the others go through the vision tower."""
         device = self.language_model.embed_tokens.weight.device
@@ -172,7 +175,7 @@ class Qwen3VLForConditionalGeneration(nn.Module):
     def __init__(self, cfg: ModelConfig, max_position: int) -> None:
         super().__init__()
         self.config = cfg
-        self.model = Qwen3VLModel(cfg, max_position, self.make_mlp)
+        self.model = Qwen3VLModel(cfg, Qwen3VLTextModel(cfg, max_position, self.make_mlp))
         tied_to = self.model.language_model.embed_tokens if cfg.tie_word_embeddings else None
         self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size, tied_to)
 

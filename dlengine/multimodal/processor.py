@@ -8,7 +8,8 @@ The prompt carries one `<|image_pad|>` per image, normally inside the model's pl
 the i-th pad is expanded to the i-th image's `t * h * w / merge_size ** 2` tokens, as
 transformers' Qwen3-VL processor does.
 
-M-RoPE positions (transformers' `Qwen3VLModel.get_rope_index`, images only): text tokens get
+M-RoPE positions (transformers' `Qwen3VLModel.get_rope_index`, images only; Qwen3.5's
+`get_rope_index` gives the same for images): text tokens get
 consecutive positions on all three axes; an image's tokens get (start + frame, start + row,
 start + column) on its merged grid, and the text after it continues at start + max(rows, cols).
 Generated tokens continue on all axes at index + `mrope_delta`.
@@ -27,7 +28,8 @@ from dlengine.multimodal.inputs import ImageInput, MultimodalInputs
 from dlengine.sampling_params import InvalidRequestError
 
 # architectures whose prompts may hold images
-VISION_ARCHITECTURES = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
+VISION_ARCHITECTURES = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration",
+                        "Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration")
 
 
 def image_content_hash(pixel_values, grid_thw: Sequence[int]) -> bytes:

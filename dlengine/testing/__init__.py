@@ -20,14 +20,15 @@ import tempfile
 
 from dlengine.testing.dsa import DSA_KINDS, build_dsa_model
 from dlengine.testing.hybrid import HYBRID_KINDS, build_hybrid_model, fuse_experts_on_disk, rerandomise_hybrid
-from dlengine.testing.vl import (VL_KINDS, build_vl_model, build_vl_tokenizer, transpose_experts_on_disk,
-                                 write_preprocessor_config)
+from dlengine.testing.vl import (QWEN3_5_VL_KINDS, VL_KINDS, build_vl_model, build_vl_tokenizer,
+                                 transpose_experts_on_disk, write_preprocessor_config)
 
 RECIPE_VERSION = "2"  # 2: the tokenizer carries a chat template (CHAT_TEMPLATE)
 PRESETS = {"tiny-qwen3": "qwen3", "tiny-qwen3-yarn": "qwen3-yarn", "tiny-qwen3-untied": "qwen3-untied",
            "tiny-qwen3-moe": "qwen3-moe", "tiny-deepseek-v3": "deepseek-v3", "tiny-kimi-k2": "kimi-k2",
            "tiny-deepseek-v3-fp8": "deepseek-v3-fp8", "tiny-qwen3-next": "qwen3-next", "tiny-qwen3.5": "qwen3.5",
            "tiny-qwen3.5-moe": "qwen3.5-moe", "tiny-qwen3-vl": "qwen3-vl", "tiny-qwen3-vl-moe": "qwen3-vl-moe",
+           "tiny-qwen3.5-vl": "qwen3.5-vl", "tiny-qwen3.5-moe-vl": "qwen3.5-moe-vl",
            "tiny-deepseek-v32": "deepseek-v32", "tiny-glm-moe-dsa": "glm-moe-dsa", "tiny-deepseek-v3-mtp": "deepseek-v3-mtp",
            "tiny-deepseek-v4": "deepseek-v4"}
 # kinds derived from another kind's checkpoint by a post-processing step: kind -> source kind
@@ -290,8 +291,8 @@ def _build_hybrid_checkpoint(kind: str, path: str, seed: int) -> str:
 
 
 def _build_vl_checkpoint(kind: str, path: str, seed: int) -> str:
-    """Qwen3-VL / Qwen3-VL-MoE (testing/vl.py): weights, tokenizer with the vision tokens, and the
-    image processor's preprocessor_config.json."""
+    """Qwen3-VL / Qwen3-VL-MoE / Qwen3.5 and Qwen3.5-MoE with images (testing/vl.py): weights,
+    tokenizer with the vision tokens, and the image processor's preprocessor_config.json."""
     import torch
     from transformers import GenerationConfig
 
@@ -299,13 +300,22 @@ def _build_vl_checkpoint(kind: str, path: str, seed: int) -> str:
     model, text_cfg = build_vl_model(kind)
     model = model.to(torch.float32)
     _sharpen(model, seed)
+    if kind in QWEN3_5_VL_KINDS:
+        rerandomise_hybrid(model, seed)
     _gain_routers(model)
     model.save_pretrained(path, safe_serialization=True)
     if kind == "qwen3-vl-moe":
         transpose_experts_on_disk(path)
+    elif kind == "qwen3.5-moe-vl":
+        fuse_experts_on_disk(path)
     GenerationConfig(eos_token_id=text_cfg.eos_token_id, pad_token_id=text_cfg.pad_token_id).save_pretrained(path)
     build_vl_tokenizer(text_cfg.vocab_size, _CORPUS).save_pretrained(path)
     write_preprocessor_config(path)
+    with open(os.path.join(path, "dlengine_recipe.json"), "w") as f:
+        json.dump({"kind": kind, "seed": seed, "version": RECIPE_VERSION}, f)
+    return path
+
+
 def _build_dsa_checkpoint(kind: str, path: str, seed: int) -> str:
     """DeepSeek-V3.2 / GLM-5 (testing/dsa.py)."""
     from transformers import GenerationConfig

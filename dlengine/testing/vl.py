@@ -1,5 +1,7 @@
 """Tiny Qwen3-VL checkpoints (dense `Qwen3VLForConditionalGeneration` and MoE
-`Qwen3VLMoeForConditionalGeneration`) built with transformers' own classes, for tests and docs.
+`Qwen3VLMoeForConditionalGeneration`) and tiny Qwen3.5 checkpoints with a vision tower (dense
+`Qwen3_5ForConditionalGeneration` and MoE `Qwen3_5MoeForConditionalGeneration`), built with
+transformers' own classes, for tests and docs.
 
 The layout is the released one: text weights under `model.language_model.`, the vision tower
 under `model.visual.`, the MoE experts as fused 3-D tensors stored as the released checkpoints
@@ -11,6 +13,12 @@ transformers' Qwen2-VL image processor (patch 4, merge 2: a 32 x 32 image is 16 
 Shapes are picked to catch bugs: three vision blocks with deepstack taps after blocks 0 and 1
 (merged into decoder layers 0 and 1 of three), a 4 x 4 learned position grid that every image
 interpolates, M-RoPE sections [4, 2, 2] over 8 rotary frequencies, non-square expert tensors.
+
+The Qwen3.5 kinds ("qwen3.5-vl", "qwen3.5-moe-vl") take the text model of testing/hybrid.py's
+"qwen3.5" / "qwen3.5-moe" (four layers: DeltaNet, DeltaNet, full attention, DeltaNet) with half
+of each head rotating (partial_rotary_factor 0.5: 8 frequencies, sections [4, 2, 2], so height
+and width drive two each), and a two-block vision tower without deepstack (Qwen3.5 has none);
+the MoE experts are fused on disk as the released Qwen3.5-MoE stores them.
 """
 
 from __future__ import annotations
@@ -18,7 +26,8 @@ from __future__ import annotations
 import json
 import os
 
-VL_KINDS = ("qwen3-vl", "qwen3-vl-moe")
+QWEN3_5_VL_KINDS = ("qwen3.5-vl", "qwen3.5-moe-vl")
+VL_KINDS = ("qwen3-vl", "qwen3-vl-moe") + QWEN3_5_VL_KINDS
 # special tokens first, so their ids are fixed: 0 pad, 1 eos, ...
 SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
@@ -45,6 +54,8 @@ _TEXT = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_l
 _MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=24, decoder_sparse_step=1, mlp_only_layers=[1])
 _VISION = dict(depth=3, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=64, patch_size=4,
                temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
+# Qwen3.5's tower: Qwen3-VL's without deepstack (transformers' Qwen3.5 vision config has no such field)
+_QWEN3_5_VISION = dict({k: v for k, v in _VISION.items() if k != "deepstack_visual_indexes"}, depth=2)
 # what transformers' Qwen2-VL image processor reads; pixels bounds keep a 32 x 32 image at its size
 _PREPROCESSOR = dict(patch_size=4, temporal_patch_size=2, merge_size=2,
                      size={"shortest_edge": 8 * 8, "longest_edge": 128 * 128},
@@ -78,12 +89,30 @@ def build_vl_model(kind: str):
         raise ValueError(f"unknown Qwen3-VL kind {kind!r}; known: {VL_KINDS}")
     ids = dict(image_token_id=IMAGE_TOKEN_ID, video_token_id=VIDEO_TOKEN_ID, vision_start_token_id=VISION_START_ID,
                vision_end_token_id=VISION_END_ID)
+    if kind in QWEN3_5_VL_KINDS:
+        return _build_qwen3_5_vl_model(kind, ids)
     if kind == "qwen3-vl":
         cfg = tf.Qwen3VLConfig(text_config=dict(_TEXT), vision_config=dict(_VISION), tie_word_embeddings=True, **ids)
         return tf.Qwen3VLForConditionalGeneration(cfg), cfg.text_config
     cfg = tf.Qwen3VLMoeConfig(text_config=dict(_TEXT, **_MOE), vision_config=dict(_VISION), tie_word_embeddings=False,
                               **ids)
     return tf.Qwen3VLMoeForConditionalGeneration(cfg), cfg.text_config
+
+
+def _build_qwen3_5_vl_model(kind: str, ids: dict):
+    import transformers as tf
+
+    from dlengine.testing.hybrid import hybrid_text_config
+
+    moe = kind == "qwen3.5-moe-vl"
+    text = hybrid_text_config("qwen3.5-moe" if moe else "qwen3.5")
+    text["rope_parameters"].update(partial_rotary_factor=0.5, mrope_section=[4, 2, 2])
+    if moe:
+        cfg = tf.Qwen3_5MoeConfig(text_config=text, vision_config=dict(_QWEN3_5_VISION), tie_word_embeddings=False,
+                                  **ids)
+        return tf.Qwen3_5MoeForConditionalGeneration(cfg), cfg.text_config
+    cfg = tf.Qwen3_5Config(text_config=text, vision_config=dict(_QWEN3_5_VISION), tie_word_embeddings=True, **ids)
+    return tf.Qwen3_5ForConditionalGeneration(cfg), cfg.text_config
 
 
 def transpose_experts_on_disk(path: str) -> None:

@@ -1,4 +1,5 @@
-"""Qwen3-VL's vision tower (`model.visual` of the checkpoint), as transformers computes it.
+"""Qwen3-VL's vision tower (`model.visual` of the checkpoint), as transformers computes it; also
+Qwen3.5's, which is the same tower without deepstack (no `deepstack_visual_indexes`).
 
 Input: the image processor's flattened patches [N, C * T * P * P] (T = temporal_patch_size, a
 still image is repeated T times) of every image of a request, and each image's grid (t, h, w) in
@@ -15,7 +16,7 @@ consecutive (m = spatial_merge_size). Then:
    2-layer MLP to the text model's hidden size: one token per merged group;
 5. deepstack: after the blocks listed in `deepstack_visual_indexes`, a merger of its own (norm
    after the concatenation) maps the hidden states to features that the text model adds to its
-   hidden states at the image tokens after decoder layers 0, 1, ...
+   hidden states at the image tokens after decoder layers 0, 1, ... (Qwen3-VL only).
 
 Weight names follow the checkpoint (`patch_embed.proj`, `pos_embed`, `blocks.{i}.attn.qkv`, ...).
 The tower is replicated on every rank under tensor parallelism (it is small next to the text model).

@@ -1,0 +1,221 @@
+"""dlengine vs transformers on tiny Qwen3.5 checkpoints with a vision tower (dense
+`Qwen3_5ForConditionalGeneration`, MoE `Qwen3_5MoeForConditionalGeneration`): the Gated DeltaNet
+hybrid text model with M-RoPE over its partial rotary dims, and Qwen3-VL's vision tower without
+deepstack. First-step log-probabilities close in float32, greedy tokens equal for text-only,
+one-image and two-image prompts with chunks smaller than an image and with preemption, prefix
+caching keyed by image content, and the encoder role (EPD) handing over the model's own
+embeddings."""
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+from dlengine import EngineBuilder, SamplingParams
+from dlengine.models.qwen3_5 import HybridVLTextModel
+from dlengine.multimodal.processor import mrope_positions
+from dlengine.testing import tiny_checkpoint
+from dlengine.testing.vl import IMAGE_PLACEHOLDER, IMAGE_TOKEN_ID, tiny_image
+
+from hf_reference import relative_error
+
+KINDS = ["qwen3.5-vl", "qwen3.5-moe-vl"]
+MAX_NEW = 16
+GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
+# (text, images): a 32 x 32 image is 16 tokens, a 40 x 24 one 15 (a 5 x 3 merged grid)
+CASES = [
+    ("The quick brown fox jumps over the lazy dog. hello world", []),
+    ("Once upon a time " + IMAGE_PLACEHOLDER + " there was a tiny language model", [tiny_image()]),
+    ("hello " + IMAGE_PLACEHOLDER + " and " + IMAGE_PLACEHOLDER + " world", [tiny_image(), tiny_image(40, 24, seed=1)]),
+]
+
+
+@functools.lru_cache(maxsize=2)
+def hf_vl(kind: str):
+    import transformers as tf
+
+    path = tiny_checkpoint(kind)
+    cls = tf.Qwen3_5ForConditionalGeneration if kind == "qwen3.5-vl" else tf.Qwen3_5MoeForConditionalGeneration
+    model = cls.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    return model, tf.AutoImageProcessor.from_pretrained(path), tf.AutoTokenizer.from_pretrained(path)
+
+
+def hf_inputs(kind: str, text: str, images: list) -> dict:
+    """transformers' model inputs, each image pad expanded to its token count as its processor does."""
+    _, image_processor, tokenizer = hf_vl(kind)
+    ids, kwargs = tokenizer.encode(text), {}
+    if images:
+        kwargs = dict(image_processor(images=images, return_tensors="pt"))
+        counts = iter((kwargs["image_grid_thw"].prod(-1) // 4).tolist())
+        ids = [t for tok in ids for t in ([tok] * next(counts) if tok == IMAGE_TOKEN_ID else [tok])]
+    input_ids = torch.tensor([ids])
+    return dict(kwargs, input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                mm_token_type_ids=(input_ids == IMAGE_TOKEN_ID).int())
+
+
+@functools.lru_cache(maxsize=None)
+def hf_greedy(kind: str, case: int) -> tuple[list[int], list[int]]:
+    """(expanded prompt ids, greedy continuation) of CASES[case]."""
+    model = hf_vl(kind)[0]
+    inputs = hf_inputs(kind, *CASES[case])
+    with torch.no_grad():
+        out = model.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW, pad_token_id=0)
+    n = inputs["input_ids"].shape[1]
+    return inputs["input_ids"][0].tolist(), out[0, n:].tolist()
+
+
+def requests() -> list[dict]:
+    return [{"prompt": text, "images": images} for text, images in CASES]
+
+
+def test_mrope_positions_match_transformers():
+    """The front's M-RoPE positions equal Qwen3.5's get_rope_index for a two-image prompt."""
+    model = hf_vl("qwen3.5-vl")[0]
+    inputs = hf_inputs("qwen3.5-vl", *CASES[2])
+    ref, ref_delta = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                                image_grid_thw=inputs["image_grid_thw"])
+    ids = inputs["input_ids"][0].tolist()
+    starts = [i for i, t in enumerate(ids) if t == IMAGE_TOKEN_ID and (i == 0 or ids[i - 1] != IMAGE_TOKEN_ID)]
+    ours, delta = mrope_positions(ids, list(zip(starts, map(tuple, inputs["image_grid_thw"].tolist()))), 2)
+    np.testing.assert_array_equal(ours, ref[:, 0].numpy())
+    assert delta == int(ref_delta)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_first_step_logprobs_match_transformers(kind):
+    """Every vocabulary entry's log-probability after the prompt, float32; the vision weights
+    come from the checkpoint's `model.visual.*` and the tower has no deepstack mergers."""
+    engine = EngineBuilder(tiny_checkpoint(kind)).dtype("float32").cache(block_size=16).build()
+    assert isinstance(engine.model.model.language_model, HybridVLTextModel)
+    assert not engine.model.model.visual.deepstack_indexes
+    vocab = engine.config.model.vocab_size
+    outs = engine.generate(requests(), SamplingParams(max_tokens=1, temperature=0.0, logprobs=vocab))
+    model = hf_vl(kind)[0]
+    for i, out in enumerate(outs):
+        inputs = hf_inputs(kind, *CASES[i])
+        assert out.prompt_token_ids == inputs["input_ids"][0].tolist()
+        with torch.no_grad():
+            ref = torch.log_softmax(model(**inputs).logits[0, -1].float(), -1)
+        ours = torch.tensor([out.logprobs[0][t] for t in range(vocab)])
+        assert relative_error(ours, ref) < 1e-4, f"case {i}"
+
+
+SETUPS = {
+    "default": dict(cache=dict(block_size=16)),
+    # an image's 16 tokens split over several steps (each chunk resumes the DeltaNet state)
+    "chunked-8": dict(cache=dict(block_size=16), scheduler=dict(max_num_batched_tokens=8)),
+    "preemption": dict(cache=dict(block_size=16, num_blocks=6), scheduler=dict(max_model_len=96)),
+    # the next step is scheduled (placeholder tokens) while this one runs
+    "async-chunked-8": dict(cache=dict(block_size=16), scheduler=dict(max_num_batched_tokens=8),
+                            async_scheduling=True),
+}
+
+
+def build(kind: str, setup: dict):
+    b = EngineBuilder(tiny_checkpoint(kind)).dtype("float32").cache(**setup["cache"])
+    if "scheduler" in setup:
+        b.scheduler(**setup["scheduler"])
+    if "async_scheduling" in setup:
+        b.async_scheduling(setup["async_scheduling"])
+    return b.build()
+
+
+@pytest.mark.parametrize("setup", list(SETUPS))
+@pytest.mark.parametrize("kind", KINDS)
+def test_greedy_tokens_match_transformers(kind, setup):
+    engine = build(kind, SETUPS[setup])
+    outs = engine.generate(requests(), GREEDY)
+    for i, out in enumerate(outs):
+        prompt, expected = hf_greedy(kind, i)
+        assert out.prompt_token_ids == prompt
+        assert out.token_ids == expected, f"case {i} diverged"
+    if setup == "preemption":
+        assert engine.stats.num_preemptions > 0
+    if "chunked" in setup:
+        assert max(s.num_tokens for s in engine.stats.steps) <= 8
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    engine.block_manager.check_invariants()
+
+
+def test_prefix_cache_keys_image_blocks_by_content():
+    """The same image twice: the prompt's blocks (and the DeltaNet state saved at the last full
+    one) come from the cache. Another image of the same size (the same token ids): no block from
+    the image on is reused, and the tokens equal those of an engine that never saw the first."""
+    bs = 4
+    kind = "qwen3.5-moe-vl"
+    engine = EngineBuilder(tiny_checkpoint(kind)).dtype("float32").cache(block_size=bs).build()
+    text = "Once upon a time there was a tiny language model " + IMAGE_PLACEHOLDER + " that wanted to be exact"
+    [first] = engine.generate([{"prompt": text, "images": [tiny_image()]}], GREEDY)
+    image_start = first.prompt_token_ids.index(IMAGE_TOKEN_ID)
+    image_end = image_start + 16
+    n = len(first.prompt_token_ids)
+    [same] = engine.generate([{"prompt": text, "images": [tiny_image()]}], GREEDY)
+    assert same.metrics.num_cached_tokens == (n - 1) // bs * bs >= image_end // bs * bs  # past the image
+    assert same.token_ids == first.token_ids
+    other_image = tiny_image(seed=7)
+    [other] = engine.generate([{"prompt": text, "images": [other_image]}], GREEDY)
+    assert other.prompt_token_ids == first.prompt_token_ids  # the same ids: only the content differs
+    assert other.metrics.num_cached_tokens <= image_start // bs * bs  # nothing of the image's blocks
+    fresh = EngineBuilder(tiny_checkpoint(kind)).dtype("float32").cache(block_size=bs).build()
+    [expected] = fresh.generate([{"prompt": text, "images": [other_image]}], GREEDY)
+    assert other.token_ids == expected.token_ids
+
+
+def test_encoder_role_hands_over_the_models_embeddings():
+    """The encoder role (the vision tower alone) gives the model's own image embeddings, one
+    level (no deepstack), and a hybrid engine fed them gives the tokens it computes itself."""
+    pytest.importorskip("dlslime")
+    kind = "qwen3.5-vl"
+    staging = {"staging_bytes": 1 << 20}
+    encoder = (EngineBuilder(tiny_checkpoint(kind)).dtype("float32").role("encode").transfer("dlslime")
+               .encoder_cache(**staging).build())
+    hybrid = EngineBuilder(tiny_checkpoint(kind)).dtype("float32").cache(block_size=16).encoder_cache(**staging).build()
+    try:
+        text, imgs = CASES[2]
+        [(_, _, a), (_, _, b)] = encoder.embed(imgs)
+        req = hybrid.make_request({"prompt": text, "images": imgs})
+        tokens, deepstack = hybrid.model.model.encode_images(req.multimodal)
+        assert deepstack == [] and a.shape[0] == 1
+        assert torch.equal(torch.cat([a, b], dim=1), tokens[None])
+        ec = encoder.encode(imgs)
+        assert ec["num_levels"] == 1 and [im["num_tokens"] for im in ec["images"]] == [16, 15]
+        rid = hybrid.add_request({"prompt": text, "images": imgs}, GREEDY, ec_transfer_params=ec)
+        final = None
+        while hybrid.has_unfinished_requests():
+            final = next((o for o in hybrid.step() if o.request_id == rid and o.finished), final)
+        assert final.token_ids == hf_greedy(kind, 2)[1]
+        assert hybrid.describe()["ec_pulls"]["pulled"] == 1
+    finally:
+        encoder.close()
+        hybrid.close()
+
+
+def test_bench_roofline_leaves_the_vision_tower_out():
+    """A decode step reads the text model's weights; the tower runs once per image."""
+    from dlengine.bench.roofline import ModelCost
+
+    engine = EngineBuilder(tiny_checkpoint("qwen3.5-vl")).dtype("float32").cache(block_size=16).build()
+    cost = ModelCost.from_engine(engine)
+    assert cost.num_params == sum(p.numel() for p in engine.model.model.language_model.parameters())
+    assert cost.param_bytes == cost.num_params * 4  # tied: the LM head is the embedding table
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", KINDS)
+def test_engine_on_gpu_matches_transformers(kind):
+    """On a CUDA device with the GPU kernels (Triton Gated DeltaNet, the attention backend, CUDA
+    graphs for decode steps without images): first-step log-probabilities near the CPU oracle's
+    (TF32 and kernel reduction orders allow 1e-3) and its greedy tokens, images included."""
+    engine = EngineBuilder(tiny_checkpoint(kind)).device("cuda").dtype("float32").cache(block_size=16).build()
+    assert engine.describe()["kernels"].get("gdn", "torch") != "torch"
+    vocab = engine.config.model.vocab_size
+    outs = engine.generate(requests(), SamplingParams(max_tokens=MAX_NEW, temperature=0.0, logprobs=vocab))
+    model = hf_vl(kind)[0]
+    for i, out in enumerate(outs):
+        inputs = hf_inputs(kind, *CASES[i])
+        with torch.no_grad():
+            ref = torch.log_softmax(model(**inputs).logits[0, -1].float(), -1)
+        ours = torch.tensor([out.logprobs[0][t] for t in range(vocab)])
+        assert relative_error(ours, ref) < 1e-3, f"case {i}"
+        assert out.token_ids == hf_greedy(kind, i)[1], f"case {i} diverged"
