@@ -15,7 +15,7 @@ import torch
 
 from dlengine.cache.block_manager import BlockManager
 from dlengine.cache.kv_cache import KVCache
-from dlengine.cache.specs import cache_specs_for, check_specs
+from dlengine.cache.specs import cache_specs_for, check_specs, graph_uncapturable
 from dlengine.config import ConfigError, EngineConfig, parse_dtype
 from dlengine.engine.core import EngineCore
 from dlengine.engine.engine import Engine
@@ -78,11 +78,14 @@ def _use_cuda_graphs(cfg: EngineConfig, backend, state, cache_specs=(), speculat
                               "capture them yet (the graphs keep neither the target's hidden states nor "
                               "1 + k tokens per request); use cuda_graphs(False)")
         return False
-    if any(not s.paged for s in cache_specs):
-        # the graph runner's static inputs have no state slots yet (recurrent layers run eagerly)
+    uncapturable = graph_uncapturable(cache_specs)
+    if uncapturable:
+        # e.g. DeepSeek-V4's window rings: its layers sync with the host in a decode step. (Gated
+        # DeltaNet state is captured: its slots are static graph inputs, engine/cuda_graph.py)
         if cfg.cuda_graphs:
-            raise ConfigError(f"{cfg.model.architecture} keeps recurrent state, which CUDA graphs do not "
-                              "capture yet; use cuda_graphs(False)")
+            names = ", ".join(s.describe() for s in uncapturable)
+            raise ConfigError(f"{cfg.model.architecture} keeps per-sequence state ({names}) whose layers CUDA "
+                              "graphs do not capture yet; use cuda_graphs(False)")
         return False
     if cfg.cuda_graphs is None:
         # expert-parallel dispatch reads routing counts on the host: not capturable

@@ -146,23 +146,32 @@ def test_prefix_cache_hits_resume_checkpoints(kind):
 
 
 def test_unsupported_settings_are_config_errors():
-    """CUDA graphs of the state and speculative decoding are not built yet: asking for them is a
-    ConfigError naming the problem (CUDA graphs checked at the assembly step, since a CPU build
-    refuses cuda_graphs(True) earlier). Tensor parallelism: tests/test_gdn_parallel.py."""
+    """Speculative decoding is not built yet for the state: asking for it is a ConfigError naming
+    the problem. CUDA graphs capture the Gated DeltaNet state (tests/test_gdn_cuda_graph.py), and
+    stay refused with a ConfigError for state kinds that are not capturable (DeepSeek-V4's rings);
+    checked at the assembly step, since a CPU build refuses cuda_graphs(True) earlier. Tensor
+    parallelism: tests/test_gdn_parallel.py."""
     from types import SimpleNamespace
 
     import torch
 
     from dlengine.assemble import _use_cuda_graphs
     from dlengine.config import ModelConfig
+    from dlengine.models.deepseek_v4 import DeepseekV4ForCausalLM
     from dlengine.models.qwen3_5 import Qwen3_5ForConditionalGeneration
 
     cfg = ModelConfig.from_pretrained(tiny_checkpoint("qwen3.5"))
     specs = Qwen3_5ForConditionalGeneration.cache_specs(cfg, dtype=torch.float32)
     backend = SimpleNamespace(supports_cuda_graphs=True)
-    with pytest.raises(ConfigError, match="recurrent state, which CUDA graphs do not capture yet"):
-        _use_cuda_graphs(SimpleNamespace(cuda_graphs=True, model=cfg), backend, None, specs)
-    assert _use_cuda_graphs(SimpleNamespace(cuda_graphs=None, model=cfg), backend, None, specs) is False
+    one_rank = SimpleNamespace(ep_group=None)
+    assert _use_cuda_graphs(SimpleNamespace(cuda_graphs=True, model=cfg), backend, one_rank, specs) is True
+    on_cuda = SimpleNamespace(cuda_graphs=None, model=cfg, device=torch.device("cuda"))
+    assert _use_cuda_graphs(on_cuda, backend, one_rank, specs) is True  # the default on GPUs
+    v4 = ModelConfig.from_pretrained(tiny_checkpoint("deepseek-v4"))
+    v4_specs = DeepseekV4ForCausalLM.cache_specs(v4, dtype=torch.float32)
+    with pytest.raises(ConfigError, match="whose layers CUDA graphs do not capture yet; use cuda_graphs\\(False\\)"):
+        _use_cuda_graphs(SimpleNamespace(cuda_graphs=True, model=v4), backend, one_rank, v4_specs)
+    assert _use_cuda_graphs(SimpleNamespace(cuda_graphs=None, model=v4), backend, one_rank, v4_specs) is False
     with pytest.raises(ConfigError, match="speculative decoding cannot roll back"):
         EngineBuilder(tiny_checkpoint("qwen3.5")).dtype("float32").speculative(_NoDrafts(), num_tokens=1).build()
 

@@ -236,3 +236,88 @@ def test_triton_recurrent_update_matches_reference_and_skips_padding():
     out = gated_delta_rule_triton.recurrent_gated_delta_rule_update(q, k, val, g, beta, s_tri, slots, resume)
     close(out[keep], ref)
     close(s_tri, s_ref)
+
+
+# ------------------------------------------------------------------------- padded rows (CUDA-graph batches)
+# A captured decode graph pads its batch with rows whose state slot is PAD_STATE_SLOT: every decode
+# kernel (torch reference and Triton) must leave every slot as it was for them, output zeros there,
+# and give the live rows exactly what a batch without the padding gives.
+from dlengine.kernels.context import PAD_STATE_SLOT  # noqa: E402
+
+PAD = PAD_STATE_SLOT
+# live rows use slot 0 (the slot a padded row of the torch reference rewrites) and the last slot
+# (what a plain states[-1] index would hit); the all-padding batch is what a graph capture runs
+PAD_CASES = {"mixed": ([0, PAD, 4, PAD, 2], [True, True, False, False, True]),
+             "padding-first": ([PAD, PAD, 0, 4], [False, True, True, True]),
+             "all-padding": ([PAD, PAD, PAD], [False, True, False])}
+
+
+def _live(slots):
+    return [i for i, s in enumerate(slots) if s >= 0]
+
+
+@pytest.mark.parametrize("case", list(PAD_CASES))
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_conv1d_update_padded_rows_touch_no_state(case, impl):
+    mod = {"torch": causal_conv1d_torch, "triton": causal_conv1d_triton}[impl]
+    slots, resume = PAD_CASES[case]
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(D, K, generator=g)
+    x = torch.randn(len(slots), D, generator=g)
+    states = torch.randn(5, D, K - 1, generator=g)
+    keep = _live(slots)
+    s_pad, s_live = states.clone(), states.clone()
+    out = mod.causal_conv1d_update(x, w, s_pad, torch.tensor(slots), torch.tensor(resume))
+    assert torch.equal(out[[i for i in range(len(slots)) if i not in keep]], torch.zeros(len(slots) - len(keep), D))
+    if keep:
+        ref = causal_conv1d_torch.causal_conv1d_update(x[keep], w, s_live, torch.tensor(slots)[keep],
+                                                       torch.tensor(resume)[keep])
+        close(out[keep], ref)
+    untouched = [s for s in range(5) if s not in slots]
+    assert torch.equal(s_pad[untouched], states[untouched])  # bit for bit
+    close(s_pad, s_live)
+    if impl == "torch":
+        assert torch.equal(s_pad, s_live)
+
+
+@pytest.mark.parametrize("case", list(PAD_CASES))
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_recurrent_update_padded_rows_touch_no_state(case, impl):
+    mod = {"torch": gated_delta_rule_torch, "triton": gated_delta_rule_triton}[impl]
+    slots, resume = PAD_CASES[case]
+    q, k, val, g, beta = inputs(len(slots), seed=12)
+    states = torch.randn(5, HV, DK, DV)
+    keep = _live(slots)
+    s_pad, s_live = states.clone(), states.clone()
+    out = mod.recurrent_gated_delta_rule_update(q, k, val, g, beta, s_pad, torch.tensor(slots), torch.tensor(resume))
+    pads = [i for i in range(len(slots)) if i not in keep]
+    assert torch.equal(out[pads], torch.zeros(len(pads), HV, DV))
+    if keep:
+        ref = gated_delta_rule_torch.recurrent_gated_delta_rule_update(
+            q[keep], k[keep], val[keep], g[keep], beta[keep], s_live, torch.tensor(slots)[keep],
+            torch.tensor(resume)[keep])
+        close(out[keep], ref)
+    untouched = [s for s in range(5) if s not in slots]
+    assert torch.equal(s_pad[untouched], states[untouched])
+    close(s_pad, s_live)
+    if impl == "torch":
+        assert torch.equal(s_pad, s_live)
+
+
+def test_padded_rows_never_read_their_slot():
+    """A padded row reads zeros, not slot 0 or the last slot: NaN-filled slots stay out of the
+    live rows' outputs and states (torch reference and Triton)."""
+    slots, resume = torch.tensor([PAD, 1, PAD]), torch.tensor([True, True, True])
+    q, k, val, g, beta = inputs(3, seed=13)
+    x, w = torch.randn(3, D), torch.randn(D, K)
+    for conv_mod, gdr_mod in ((causal_conv1d_torch, gated_delta_rule_torch),
+                              (causal_conv1d_triton, gated_delta_rule_triton)):
+        conv = torch.randn(3, D, K - 1)
+        conv[0], conv[2] = float("nan"), float("nan")
+        ssm = torch.randn(3, HV, DK, DV)
+        ssm[0], ssm[2] = float("nan"), float("nan")
+        y = conv_mod.causal_conv1d_update(x, w, conv, slots, resume)
+        o = gdr_mod.recurrent_gated_delta_rule_update(q, k, val, g, beta, ssm, slots, resume)
+        assert not y.isnan().any() and not o.isnan().any()
+        assert not conv[1].isnan().any() and not ssm[1].isnan().any()
+        assert conv[0].isnan().all() and ssm[2].isnan().all()  # untouched

@@ -4,9 +4,12 @@ skipped on CPU).
 At the released Qwen3.5-MoE head dims (Dk = Dv = 128, two value heads per key head), bf16
 activations and float32 states: the Triton chunk kernel (with and without a prefix-cache
 checkpoint inside a request), the recurrent update and both conv1d kernels against the torch
-references, and against fla-core's chunk kernel when it imports; the decode kernels captured in a
-CUDA graph and replayed with other slots; a tiny Qwen3.5-MoE engine on the GPU against
-transformers (float32 logits) with prefix-cache hits on a second round.
+references, and against fla-core's chunk kernel when it imports; the decode kernels (Triton and
+the torch references) captured in a CUDA graph and replayed with other slots and padded rows; a
+tiny Qwen3.5-MoE engine on the GPU (decode from CUDA graphs, the default) against transformers
+(float32 logits) with prefix-cache hits on a second round; tiny Qwen3.5-MoE and Qwen3-Next engines
+with cuda_graphs(True) against cuda_graphs(False): the same greedy tokens for 3 and 5 requests
+(padded batches), one finishing mid-batch, and a second round resuming prefix-cache checkpoints.
 """
 
 import pytest
@@ -119,6 +122,7 @@ def test_tiny_hybrid_engine_on_gpu_matches_transformers():
     path = tiny_checkpoint("qwen3.5-moe")
     engine = EngineBuilder(path).device("cuda").dtype("float32").cache(block_size=16).build()
     assert engine.describe()["kernels"]["gdn"] != "torch"
+    assert engine.runner.graph_runner is not None  # hybrids decode from CUDA graphs by default
     prompts = make_prompts(6, lengths=(1, 17, 64, 100, 200, 300))
     for p in prompts[-2:]:
         assert rel(engine.prompt_logits(p).cpu(), hf_logits(path, p)) < 1e-3
@@ -127,3 +131,84 @@ def test_tiny_hybrid_engine_on_gpu_matches_transformers():
     engine.stats.reset()
     assert [o.token_ids for o in engine.generate(prompts, greedy)] == first
     assert engine.stats.num_cached_tokens > 0
+
+
+def test_torch_reference_decode_captures_in_a_cuda_graph():
+    """The torch references of the decode ops (what DLENGINE_DISABLE_TRITON_OPS=1 runs) have no
+    host sync either: captured with padded rows, replayed with other slots, they equal an eager
+    call on the live rows and leave every other slot bit for bit as it was."""
+    B, n_slots = 8, 16
+    q, k, v, g, beta = gdn_inputs(B, seed=3)
+    x = torch.randn(B, D_CONV, device="cuda").bfloat16()
+    w = torch.randn(D_CONV, K, device="cuda").bfloat16()
+    conv = torch.randn(n_slots, D_CONV, K - 1, device="cuda").bfloat16()
+    ssm = torch.randn(n_slots, HV, DK, DV, device="cuda") * 0.1
+    slots = torch.full((B,), -1, dtype=torch.int64, device="cuda")
+    resume = torch.zeros(B, dtype=torch.bool, device="cuda")
+
+    def step():
+        y = causal_conv1d_torch.causal_conv1d_update(x, w, conv, slots, resume)
+        o = gated_delta_rule_torch.recurrent_gated_delta_rule_update(q, k, v, g, beta, ssm, slots, resume)
+        return y, o
+
+    before = conv.clone(), ssm.clone()
+    step()  # all rows padded: nothing may change
+    assert torch.equal(conv, before[0]) and torch.equal(ssm, before[1])
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_out, o_out = step()
+    live_slots = [9, 0, 15, 4, 7]  # slot 0 (the padded rows' rewrite target) and the last slot among them
+    slots.copy_(torch.tensor(live_slots + [-1] * (B - len(live_slots)), device="cuda"))
+    resume.copy_(torch.tensor([True, False, True, True, True, False, True, False], device="cuda"))
+    conv_ref, ssm_ref = conv.clone(), ssm.clone()
+    graph.replay()
+    n = len(live_slots)
+    y_ref = causal_conv1d_torch.causal_conv1d_update(x[:n], w, conv_ref, slots[:n], resume[:n])
+    o_ref = gated_delta_rule_torch.recurrent_gated_delta_rule_update(q[:n], k[:n], v[:n], g[:n], beta[:n], ssm_ref,
+                                                                      slots[:n], resume[:n])
+    assert rel(y_out[:n], y_ref) < 1e-2 and rel(o_out[:n], o_ref) < 1e-2  # bf16 outputs (other GEMM batch)
+    assert not y_out[n:].any() and not o_out[n:].any()  # padded rows: zeros
+    assert rel(conv[live_slots], conv_ref[live_slots]) < 1e-2 and rel(ssm[live_slots], ssm_ref[live_slots]) < 1e-5
+    others = [s for s in range(n_slots) if s not in live_slots]
+    assert torch.equal(conv[others], before[0][others]) and torch.equal(ssm[others], before[1][others])
+
+
+@pytest.mark.parametrize("kind", ["qwen3.5-moe", "qwen3-next"])
+@pytest.mark.parametrize("num_requests", [3, 5])
+def test_engine_with_cuda_graphs_matches_eager(kind, num_requests):
+    """Greedy tokens of a tiny hybrid engine decoding from CUDA graphs equal the eager engine's:
+    mixed prompt lengths, 3 or 5 requests (replayed at 4 and 8 rows: padded), request 1 finishing
+    after 4 tokens (the batch shrinks mid-way), then a second round of the same prompts whose
+    prefix-cache hits restore state checkpoints (one-token steps: graph steps) first."""
+    from dlengine import EngineBuilder, SamplingParams
+    from dlengine.testing import tiny_checkpoint
+
+    from conftest import make_prompts
+
+    path = tiny_checkpoint(kind)
+    prompts = make_prompts(num_requests, lengths=(17, 1, 64, 5, 100), seed=5)
+    params = [SamplingParams(max_tokens=4 if i == 1 else 24, temperature=0.0, ignore_eos=True)
+              for i in range(num_requests)]
+    tokens = {}
+    for graphs in (False, True):
+        engine = (EngineBuilder(path).device("cuda").dtype("float32").attention("triton").cuda_graphs(graphs)
+                  .cache(block_size=16).build())
+        rounds = []
+        for _ in range(2):
+            engine.stats.reset()
+            rounds.append([o.token_ids for o in engine.generate(prompts, params)])
+        assert engine.stats.num_cached_tokens > 0  # the second round resumed checkpoints
+        runner = engine.runner
+        if graphs:
+            g = runner.graph_runner
+            assert g is not None and g.padded_size(num_requests) > num_requests
+            assert runner.num_graph_steps > 0 and g.num_replays == runner.num_graph_steps  # graphs really ran
+        else:
+            assert runner.graph_runner is None and runner.num_graph_steps == 0
+        bm = engine.block_manager
+        assert bm.state_slots.num_free == bm.state_slots.num_slots
+        tokens[graphs] = rounds
+        engine.close()
+    assert tokens[True] == tokens[False]
+    assert tokens[True][0] == tokens[True][1]

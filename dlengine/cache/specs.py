@@ -71,6 +71,10 @@ class CacheSpec:
     paged: ClassVar[bool] = True  # per-token blocks (True) or per-sequence slots (False)
     prefix_cacheable: ClassVar[bool] = True  # a block's content depends on its token prefix only
     attention: ClassVar[bool] = False  # kv_cache.layers[i] is this group's (K, V) pair
+    # the decode step of the layers reading this group can be captured in a CUDA graph
+    # (engine/cuda_graph.py): paged groups are written through the slot mapping (-1 skips), state
+    # kinds say whether their kernels take the slots from the device and skip PAD_STATE_SLOT
+    graph_capturable: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -341,6 +345,9 @@ class StateSpec(CacheSpec):
     # a copy of the slot at a block boundary resumes the sequence exactly (prefix caching with
     # checkpoints, cache/block_manager.py); a kind whose state is not all in the slot says False
     checkpointable: ClassVar[bool] = True
+    # the Gated DeltaNet decode kernels (kernels/gdn/) read the slots from the metadata's device
+    # tensors and skip PAD_STATE_SLOT rows: a padded graph row touches no slot
+    graph_capturable: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -432,6 +439,11 @@ def check_specs(specs: Sequence[CacheSpec], num_layers: int | None = None) -> No
             if key in seen:
                 raise ConfigError(f"layer {layer} has two {key[1]} caches: {seen[key]} and {spec.describe()}")
             seen[key] = spec.describe()
+
+
+def graph_uncapturable(specs: Sequence[CacheSpec]) -> list[CacheSpec]:
+    """The specs whose layers' decode step cannot be captured in a CUDA graph yet."""
+    return [s for s in specs if not s.graph_capturable]
 
 
 def state_checkpointable(specs: Sequence[CacheSpec]) -> bool:

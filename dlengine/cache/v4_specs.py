@@ -10,7 +10,8 @@
   partial windows. A StateSpec with its own name, so the three layer kinds (different tensors)
   are three groups. Not prefix-cacheable (StateSpec's reason: the ring and the partial windows
   summarise the prefix in place, with no copy at block boundaries to resume from), which turns
-  prefix-cache hits off for the whole model (BlockManager.prefix_cache_blocker).
+  prefix-cache hits off for the whole model (BlockManager.prefix_cache_blocker). Not capturable
+  in CUDA graphs either (`graph_capturable`): V4 decodes eagerly.
 """
 
 from __future__ import annotations
@@ -95,6 +96,11 @@ class V4StateSpec(StateSpec):
     # the window ring and partial compression windows pair with compressed entries in the paged
     # blocks; resuming from a slot copy is not implemented (prefix caching is refused, docs/deepseek_v4.md)
     checkpointable: ClassVar[bool] = False
+    # V4's attention layers loop over the requests on the host (query_start_loc.tolist(), the
+    # host copy of the state slots) and pick compressed entries with torch.nonzero, and the ring
+    # and partial-window updates have no padded-row rule: V4 decodes eagerly
+    # (cuda_graphs(True) is a ConfigError)
+    graph_capturable: ClassVar[bool] = False
 
     @property
     def name(self) -> str:

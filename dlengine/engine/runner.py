@@ -231,7 +231,9 @@ class ModelRunner:
             meta.has_initial_state_cpu = [st > 0 for st in starts]
             meta.state_slots = self._to_device(np.array(meta.state_slots_cpu, dtype=np.int64))
             meta.has_initial_state = self._to_device(np.array(meta.has_initial_state_cpu, dtype=np.bool_))
-            saves_after = self._state_checkpoints(reqs, starts, query_lens, meta)
+            ckpt_slots, ckpt_offsets, saves_after = self._state_checkpoints(reqs, starts, query_lens)
+            if any(s >= 0 for s in ckpt_slots):
+                meta.state_checkpoint_slots_cpu, meta.state_checkpoint_offsets_cpu = ckpt_slots, ckpt_offsets
         else:
             saves_after = []
         # requests with images: the model reads their image embeddings and M-RoPE positions
@@ -253,12 +255,13 @@ class ModelRunner:
             multimodal=multimodal,
         )
 
-    def _state_checkpoints(self, reqs: list[Request], starts: list[int], query_lens: list[int],
-                           meta: AttentionMetadata) -> list[tuple[int, int]]:
+    def _state_checkpoints(self, reqs: list[Request], starts: list[int], query_lens: list[int]
+                           ) -> tuple[list[int], list[int], list[tuple[int, int]]]:
         """Prefix caching of recurrent states (cache/block_manager.py): restore the slot of a
         request that resumes a cached prefix from its checkpoint now (before the forward, in
-        stream order), and ask the kernels for the checkpoints that fall inside this step. Returns
-        the (slot, checkpoint) copies for checkpoints at the end of a step."""
+        stream order). Returns, per request, the checkpoint slot (-1: none) and offset the kernels
+        save inside this step, and the (slot, checkpoint) copies for checkpoints at the end of a
+        step. A one-token step never has one inside (a boundary lies strictly inside a step)."""
         ckpt_slots, ckpt_offsets, after = [], [], []
         for r, st, n in zip(reqs, starts, query_lens):
             restore = getattr(r, "state_restore", None)
@@ -273,9 +276,7 @@ class ModelRunner:
                     after.append((r.state_slot, planned[0]))
             ckpt_slots.append(slot)
             ckpt_offsets.append(offset)
-        if any(s >= 0 for s in ckpt_slots):
-            meta.state_checkpoint_slots_cpu, meta.state_checkpoint_offsets_cpu = ckpt_slots, ckpt_offsets
-        return after
+        return ckpt_slots, ckpt_offsets, after
 
     def _copy_state(self, src: int, dst: int) -> None:
         for g in self.kv_cache.state_groups:
@@ -320,8 +321,18 @@ class ModelRunner:
         slots = last_blocks * bs + positions % bs
         self.num_graph_steps += 1
         placeholders = self._placeholder_sources(reqs, np.arange(n, dtype=np.int64))
-        return reqs, g.run(input_ids, positions, slots, positions + 1, [r.block_ids for r in reqs],
-                           placeholders=placeholders, last_tokens=self._last_token_ids).float()
+        state, saves_after = {}, []
+        if self.has_state:
+            # the restores of prefix-cache hits happen here, before the replay (stream order); a
+            # one-token step has no checkpoint inside it, only (rarely) one at its end
+            _, _, saves_after = self._state_checkpoints(reqs, positions.tolist(), [1] * n)
+            state = dict(state_slots=np.fromiter((r.state_slot for r in reqs), dtype=np.int64, count=n),
+                         has_initial_state=positions > 0)
+        logits = g.run(input_ids, positions, slots, positions + 1, [r.block_ids for r in reqs],
+                       placeholders=placeholders, last_tokens=self._last_token_ids, **state)
+        for src, dst in saves_after:
+            self._copy_state(src, dst)
+        return reqs, logits.float()
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepHandle:

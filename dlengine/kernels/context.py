@@ -11,7 +11,9 @@ Models with recurrent-state layers (cache StateSpec, e.g. Gated DeltaNet) also g
 its state slot (`request.state_slot`) and whether it resumes the state saved there
 (num_computed_tokens > 0: a later chunk of a prompt, or a decode) or starts from zeros (the
 first step of a request, or its recompute after preemption); those layers find their state
-tensors in `ForwardContext.layer_caches[i]`.
+tensors in `ForwardContext.layer_caches[i]`. A negative slot (`PAD_STATE_SLOT`) marks a padded
+row of a captured CUDA-graph batch (engine/cuda_graph.py): the state kernels read zeros for it,
+write no slot and give it a zero output, so padding never touches a real sequence's state.
 
 Requests with images (multimodal/inputs.py) are listed in `ForwardContext.multimodal`, one
 `MultimodalSegment` per such request in the batch: which rows of the flat batch are its tokens and
@@ -28,6 +30,9 @@ from typing import Any, Sequence
 
 import torch
 
+# the state slot of a padded row in a CUDA-graph batch: every slot-indexed state kernel skips it
+PAD_STATE_SLOT = -1
+
 
 @dataclass
 class AttentionMetadata:
@@ -41,8 +46,10 @@ class AttentionMetadata:
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
     # recurrent-state layers only (None when the cache has no state groups)
-    state_slots: torch.Tensor | None = None  # [B] int64, device
+    state_slots: torch.Tensor | None = None  # [B] int64, device (PAD_STATE_SLOT: a padded row)
     has_initial_state: torch.Tensor | None = None  # [B] bool, device
+    # host copies, for prompt steps (varlen kernels); None in a captured decode graph, whose
+    # slots change at every replay: decode layers read the device tensors only
     state_slots_cpu: list[int] | None = None
     has_initial_state_cpu: list[bool] | None = None
     # prefix caching: per request, a state slot to save the state before token `offset` of this

@@ -15,6 +15,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from dlengine.kernels.gdn.slot_rows import read_slots, write_slots, zero_padded_rows
+
 
 def _activate(x: torch.Tensor, activation: str | None) -> torch.Tensor:
     if activation is None:
@@ -55,13 +57,13 @@ def causal_conv1d_update(x: torch.Tensor, weight: torch.Tensor, conv_states: tor
                          state_slots: torch.Tensor, has_initial_state: torch.Tensor, bias: torch.Tensor | None = None,
                          activation: str | None = "silu") -> torch.Tensor:
     """One new token per request: x [B, D], conv_states [num_slots, D, K - 1] read and written at
-    `state_slots` [B] (device tensors throughout: no host sync). Requests whose
-    `has_initial_state` [B] is False (a one-token prompt) start from a zero window -> [B, D]."""
-    prev = conv_states[state_slots].to(x.dtype)
-    prev = torch.where(has_initial_state.view(-1, 1, 1), prev, torch.zeros_like(prev))
+    `state_slots` [B] (device tensors throughout: no host sync, capturable). Requests whose
+    `has_initial_state` [B] is False (a one-token prompt) start from a zero window -> [B, D].
+    A row with slot < 0 (PAD_STATE_SLOT: CUDA-graph padding) writes no slot and outputs zeros."""
+    prev = read_slots(conv_states, state_slots, has_initial_state).to(x.dtype)
     window = torch.cat([prev, x.unsqueeze(-1)], dim=-1)  # [B, D, K]
     y = (window.to(weight.dtype) * weight).sum(-1)
     if bias is not None:
         y = y + bias
-    conv_states[state_slots] = window[..., 1:].to(conv_states.dtype)
-    return _activate(y, activation).to(x.dtype)
+    write_slots(conv_states, state_slots, window[..., 1:])
+    return zero_padded_rows(_activate(y, activation).to(x.dtype), state_slots)

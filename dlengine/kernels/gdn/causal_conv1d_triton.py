@@ -9,7 +9,7 @@ causal_conv1d_torch.py (same signatures).
   (prefix caching: the state at a block boundary inside this step).
 - `causal_conv1d_update`: one token per request for decode. Slots and flags are device tensors
   read by the kernel, so the step never syncs with the host and can be captured in a CUDA graph;
-  slot < 0 (a padded row of a captured batch) writes nothing.
+  slot < 0 (PAD_STATE_SLOT, a padded row of a captured batch) touches no slot and outputs zeros.
 """
 
 from __future__ import annotations
@@ -155,13 +155,15 @@ def _conv_update_kernel(x_ptr, w_ptr, b_ptr, state_ptr, out_ptr, slots_ptr, resu
         shifted = tl.sum(prev[:, :, None] * sel, axis=1)
         new = tl.where((cols == K - 2)[None, :], x[:, None], shifted)
         tl.store(ptrs, new.to(state_ptr.dtype.element_ty), mask=dmask[:, None] & cmask[None, :])
+    else:  # a padded row: no slot is read or written, and its output is defined (zeros)
+        tl.store(out_ptr + row * x_stride + d, tl.zeros([BLOCK], dtype=out_ptr.dtype.element_ty), mask=dmask)
 
 
 def causal_conv1d_update(x: torch.Tensor, weight: torch.Tensor, conv_states: torch.Tensor,
                          state_slots: torch.Tensor, has_initial_state: torch.Tensor, bias: torch.Tensor | None = None,
                          activation: str | None = "silu") -> torch.Tensor:
     """One token per request: x [B, D], conv_states [num_slots, D, K - 1] at `state_slots` [B]
-    (device tensors: no host sync; slot < 0 skips the row) -> [B, D]."""
+    (device tensors: no host sync; slot < 0 skips the row's state and outputs zeros) -> [B, D]."""
     if activation not in (None, "silu", "swish"):
         raise ValueError(f"causal conv1d activation {activation!r} is not supported (silu or None)")
     x = x.contiguous()

@@ -30,6 +30,8 @@ from typing import Sequence
 
 import torch
 
+from dlengine.kernels.gdn.slot_rows import read_slots, write_slots, zero_padded_rows
+
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
@@ -133,13 +135,13 @@ def recurrent_gated_delta_rule_update(q: torch.Tensor, k: torch.Tensor, v: torch
                                       has_initial_state: torch.Tensor, use_qk_l2norm: bool = True) -> torch.Tensor:
     """One token for each of B requests: q, k [B, Hk, Dk], v [B, Hv, Dv], g, beta [B, Hv]; states
     [num_slots, Hv, Dk, Dv] read and written at `state_slots` [B] (requests whose
-    `has_initial_state` is False start from zeros). Device tensors only: no host sync."""
+    `has_initial_state` is False start from zeros). Device tensors only: no host sync, capturable.
+    A row with slot < 0 (PAD_STATE_SLOT: CUDA-graph padding) writes no slot and outputs zeros."""
     q, k = prepare_qk(q, k, v.shape[1], use_qk_l2norm)
-    state = states[state_slots].float()
-    state = torch.where(has_initial_state.view(-1, 1, 1, 1), state, torch.zeros_like(state))
+    state = read_slots(states, state_slots, has_initial_state).float()
     state = state * g.float().exp()[..., None, None]
     predicted = torch.einsum("bhkv,bhk->bhv", state, k)
     delta = beta.float()[..., None] * (v.float() - predicted)
     state = state + k[..., :, None] * delta[..., None, :]
-    states[state_slots] = state.to(states.dtype)
-    return torch.einsum("bhkv,bhk->bhv", state, q).to(v.dtype)
+    write_slots(states, state_slots, state)
+    return zero_padded_rows(torch.einsum("bhkv,bhk->bhv", state, q).to(v.dtype), state_slots)

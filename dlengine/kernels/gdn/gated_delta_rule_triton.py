@@ -11,8 +11,8 @@ heads and value blocks run in parallel. With a checkpoint asked for, the request
 chunked from that boundary (two segments) and the state at it is written to the checkpoint slot.
 
 `recurrent_gated_delta_rule_update`: one token for each of B requests; slots and flags are device
-tensors read by the kernel (no host sync, fixed shapes: capturable in a CUDA graph); slot < 0 (a
-padded row of a captured batch) writes nothing.
+tensors read by the kernel (no host sync, fixed shapes: capturable in a CUDA graph); slot < 0
+(PAD_STATE_SLOT, a padded row of a captured batch) reads and writes no slot and outputs zeros.
 
 Products use IEEE float32 (`input_precision="ieee"`): the state integrates every token of the
 sequence, and TF32's 10-bit mantissa would drift from the reference beyond the tests' tolerance.
@@ -195,13 +195,16 @@ def _recurrent_update_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, out_ptr, stat
         o = tl.sum(S * q[:, None], axis=0)
         tl.store(ptrs, S.to(state_ptr.dtype.element_ty), mask=smask)
         tl.store(out_ptr + row * o_st + h * o_sh + vv, o.to(out_ptr.dtype.element_ty), mask=vmask)
+    else:  # a padded row: no slot is read or written, and its output is defined (zeros)
+        vv = tl.program_id(2) * BV + tl.arange(0, BV)
+        tl.store(out_ptr + row * o_st + h * o_sh + vv, tl.zeros([BV], dtype=out_ptr.dtype.element_ty), mask=vv < DV)
 
 
 def recurrent_gated_delta_rule_update(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                                       beta: torch.Tensor, states: torch.Tensor, state_slots: torch.Tensor,
                                       has_initial_state: torch.Tensor, use_qk_l2norm: bool = True) -> torch.Tensor:
     """Same contract as gated_delta_rule_torch.recurrent_gated_delta_rule_update (slot < 0 skips
-    the row: its output is left unwritten)."""
+    the row's state; its output is zeros)."""
     B, hk, dk = k.shape
     hv, dv = v.shape[1], v.shape[2]
     out = torch.empty(v.shape, dtype=v.dtype, device=v.device)

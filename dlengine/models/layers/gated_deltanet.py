@@ -10,7 +10,10 @@ finally a per-head RMSNorm gated by silu(z) and the output projection.
 The layer keeps no state itself: its conv window and delta-rule state live in the cache's state
 group (cache spec `GatedDeltaNetSpec` below, one slot per running request), found in
 `ctx.layer_caches[layer_idx]["state"]` and indexed by the metadata's `state_slots`. A step of
-single tokens runs the batched recurrent update; any other step runs the varlen chunk form.
+single tokens runs the batched recurrent update; any other step runs the varlen chunk form. The
+decode branch reads only device tensors of the metadata (no host lists, no data-dependent
+shapes), so it is captured in the engine's CUDA graphs; padded graph rows carry PAD_STATE_SLOT,
+which the conv and recurrent kernels skip.
 
 Checkpoint layouts: Qwen3.5 stores in_proj_qkv, in_proj_z, in_proj_b, in_proj_a (loaded into two
 stacked GEMMs by the model's stacked_params); Qwen3-Next stores in_proj_qkvz and in_proj_ba with
