@@ -21,6 +21,9 @@
 #              DeepSeek-V3 dims (4 layers), dummy weights (docs/fp8_kv.md)
 #   dsv3       DeepSeek-V3 dims, 4 layers, batch 1 and 64 x 1k
 #   dsa        DeepSeek-V3.2-Exp (sparse attention) vs DeepSeek-V3 decode, 4 layers, 32 x 32k and 64 x 64k
+#              (synthetic contexts: decode only)
+#   v4         DeepSeek-V4-Flash dims, 4 layers, decode at 32 x 64k (synthetic context)
+#   mtp        MTP verify step vs plain decode step, DeepSeek-V3 dims, 4 layers, batch 32 x 1k
 #   parallel   parallel engine vs single process (NCCL; one GPU: a one-rank NCCL world)
 #   kvmig      KV migration between two processes: DLSlime (CUDA and host caches), CUDA IPC
 #   vision     Qwen3-VL-8B dims (dummy weights): vision encoder image-token throughput, TTFT of a
@@ -32,7 +35,7 @@
 #              and batch-1 / batch-64 decode on Qwen3.5-MoE dims, first 4 layers (3 DeltaNet + 1 full
 #              attention), dummy bf16 weights; MBU counts the recurrent state read and written per step
 # Extra options per step: TEST_ARGS, SERVE_RATES, ATTN_ARGS, W1_ARGS, W2_ARGS, W1MOE_ARGS, MOE_ARGS, TUNE_TOKENS, MLA_ARGS,
-# FP8_ARGS, DSV3_ARGS, DSA_ARGS, PARALLEL_ARGS, VISION_ARGS, GDN_ARGS. FlashInfer is used when its wheels are in .whl/
+# FP8_ARGS, DSV3_ARGS, DSA_ARGS, V4_ARGS, MTP_K, PARALLEL_ARGS, VISION_ARGS, GDN_ARGS. FlashInfer is used when its wheels are in .whl/
 # (flashinfer-python + apache-tvm-ffi, installed with --no-deps); DLSlime when importable.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -128,13 +131,27 @@ run_dsv3() {  # DeepSeek-V3 dims, first 4 layers (3 dense + 1 MoE of 256 experts
   done
 }
 run_dsa() {  # docs/dsa.md: decode step time and bytes read, sparse (V3.2-Exp) against dense (V3) at equal context
+  # (--synthetic-context: the prompts' KV is not computed, so 64 x 64k contexts cost no prefill)
   for shape in "32 32768" "64 65536"; do
     set -- $shape
     for model in deepseek-v3.2-exp deepseek-v3; do
       python3 -m dlengine.cli bench latency --model $model --load-format dummy --num-layers 4 --dtype bfloat16 \
-        --batch-size $1 --input-len $2 --output-len 32 --max-model-len $(( $2 + 64 )) --no-progress ${DSA_ARGS:-} \
-        --json "$OUT/dsa_${model}_b$1_ctx$2.json" 2>&1 | tee "$OUT/dsa_${model}_b$1_ctx$2.log" | tail -25
+        --batch-size $1 --input-len $2 --output-len 32 --max-model-len $(( $2 + 64 )) --synthetic-context --num-iters 2 \
+        --no-progress ${DSA_ARGS:-} --json "$OUT/dsa_${model}_b$1_ctx$2.json" 2>&1 | tee "$OUT/dsa_${model}_b$1_ctx$2.log" | tail -25
     done
+  done
+}
+run_v4() {  # docs/deepseek_v4.md: DeepSeek-V4-Flash dims, 4 layers, decode at batch 32 x 64k (synthetic context)
+  python3 -m dlengine.cli bench latency --model deepseek-v4-flash --load-format dummy --num-layers 4 --dtype bfloat16 \
+    --block-size 128 --batch-size 32 --input-len 65536 --output-len 32 --max-model-len 65664 --synthetic-context \
+    --num-iters 2 --no-progress ${V4_ARGS:-} --json "$OUT/v4_b32_ctx65536.json" 2>&1 | tee "$OUT/v4.log" | tail -25
+}
+run_mtp() {  # docs/speculative.md: MTP verify step against a plain decode step, DeepSeek-V3 dims, 4 layers
+  for spec in off mtp; do
+    local a=""; [ $spec = mtp ] && a="--speculative mtp --num-speculative-tokens ${MTP_K:-1}"
+    python3 -m dlengine.cli bench latency --model deepseek-v3 --load-format dummy --num-layers 4 --dtype bfloat16 \
+      --batch-size 32 --input-len 1024 --output-len 64 --max-model-len 2048 --num-iters 2 $a \
+      --no-progress --json "$OUT/mtp_$spec.json" 2>&1 | tee "$OUT/mtp_$spec.log" | tail -25
   done
 }
 run_probe() {  # per-program timelines and the per-tile fit of the Gluon MLA decode kernel
@@ -185,7 +202,7 @@ run_gdn() {  # Gated DeltaNet kernels; Qwen3.5-MoE (qwen3.5-35b-a3b) dims, 4 lay
       --no-progress ${GDN_ARGS:-} --json "$OUT/gdn_b$bsz.json" 2>&1 | tee "$OUT/gdn_b$bsz.log" | tail -25
   done
 }
-ALL="tests attention w1 w2 engine w1moe moe tune_moe mla mladecode probe sm90 fp8 fp8kv dsv3 dsa parallel kvmig vision profile serve gdn"
+ALL="tests attention w1 w2 engine w1moe moe tune_moe mla mladecode probe sm90 fp8 fp8kv dsv3 dsa v4 mtp parallel kvmig vision profile serve gdn"
 for s in ${*:-all}; do
   case $s in
     all) for t in $ALL; do echo "== $t"; "run_$t"; done ;;
