@@ -2,7 +2,8 @@
 prompt with its per-frame timestamps and video tokens, M-RoPE positions equal to
 `get_rope_index`, first-step log-probabilities close in float32, greedy tokens equal for a video
 prompt and a video + image prompt (also with chunks of 8 tokens, a temporal patch split over
-steps), prefix caching keyed by video content, and bad video input refused by name.
+steps; and for Qwen3.5 with a vision tower), prefix caching keyed by video content, and bad video
+input refused by name.
 
 The oracle's prompt restates transformers' Qwen3VLProcessor format ("<%.1f seconds>" then the
 vision block, per temporal patch); its pixels come from transformers' video processor when
@@ -52,12 +53,13 @@ def reference_timestamps(indices, fps):
     return [(idx[i] / fps + idx[i + 1] / fps) / 2 for i in range(0, len(idx), 2)]
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=4)
 def hf_vl(kind: str):
     import transformers as tf
 
     path = tiny_checkpoint(kind)
-    cls = tf.Qwen3VLForConditionalGeneration if kind == "qwen3-vl" else tf.Qwen3VLMoeForConditionalGeneration
+    cls = {"qwen3-vl": tf.Qwen3VLForConditionalGeneration, "qwen3-vl-moe": tf.Qwen3VLMoeForConditionalGeneration,
+           "qwen3.5-vl": tf.Qwen3_5ForConditionalGeneration, "qwen3.5-moe-vl": tf.Qwen3_5MoeForConditionalGeneration}[kind]
     model = cls.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
     return model, tf.AutoImageProcessor.from_pretrained(path), tf.AutoTokenizer.from_pretrained(path)
 
@@ -109,7 +111,7 @@ def requests(cases=CASES) -> list[dict]:
     return [{"prompt": text, "images": images, "videos": videos} for text, images, videos in cases]
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=8)
 def engine(kind: str = "qwen3-vl", block_size: int = 16, chunk: int | None = None):
     b = EngineBuilder(tiny_checkpoint(kind)).dtype("float32").cache(block_size=block_size)
     if chunk is not None:
@@ -166,6 +168,16 @@ def test_greedy_tokens_match_transformers(kind, chunk):
         assert max(s.num_tokens for s in e.stats.steps) <= chunk
     assert e.block_manager.num_free_blocks == e.block_manager.num_blocks
     e.block_manager.check_invariants()
+
+
+@pytest.mark.parametrize("kind", ["qwen3.5-vl"])
+def test_qwen3_5_greedy_tokens_match_transformers(kind):
+    """Qwen3.5 shares the processor, the tower and the M-RoPE rule: the hybrid text model with
+    the video + image prompt, in chunks of 8 (one case: the reference's DeltaNet is slow on CPU)."""
+    [out] = engine(kind, chunk=8).generate(requests()[1:], GREEDY)
+    prompt, expected = hf_greedy(kind, 1)
+    assert out.prompt_token_ids == prompt
+    assert out.token_ids == expected
 
 
 def test_video_forms_give_the_same_tokens():
