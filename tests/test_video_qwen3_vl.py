@@ -59,7 +59,7 @@ def hf_vl(kind: str):
 
     path = tiny_checkpoint(kind)
     cls = {"qwen3-vl": tf.Qwen3VLForConditionalGeneration, "qwen3-vl-moe": tf.Qwen3VLMoeForConditionalGeneration,
-           "qwen3.5-vl": tf.Qwen3_5ForConditionalGeneration, "qwen3.5-moe-vl": tf.Qwen3_5MoeForConditionalGeneration}[kind]
+           "qwen3.5-vl": tf.Qwen3_5ForConditionalGeneration}[kind]
     model = cls.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
     return model, tf.AutoImageProcessor.from_pretrained(path), tf.AutoTokenizer.from_pretrained(path)
 

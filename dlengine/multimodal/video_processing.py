@@ -193,6 +193,9 @@ class Qwen3VLVideoPreprocessor:
         self._reference: Any = None
 
     def sample(self, total_frames: int, source_fps: float | None) -> list[int]:
+        """The frames to keep of a source of `total_frames` (all of them with sampling off)."""
+        if not self.settings.do_sample_frames:
+            return list(range(total_frames))
         return sample_frame_indices(self.settings, total_frames, source_fps)
 
     def __call__(self, clip: VideoClip) -> VideoPixels:
@@ -229,5 +232,6 @@ class Qwen3VLVideoPreprocessor:
             raise InvalidRequestError(f"the video cannot be processed: {e}") from None
         meta = out["video_metadata"][0]
         grid = tuple(int(x) for x in out["video_grid_thw"][0].tolist())
-        timestamps = frame_timestamps([int(i) for i in meta.frames_indices], meta.fps, self.settings.temporal_patch_size)
-        return VideoPixels(out["pixel_values_videos"], grid, timestamps)
+        indices = [int(i) for i in meta.frames_indices]
+        return VideoPixels(out["pixel_values_videos"], grid,
+                           frame_timestamps(indices, meta.fps, self.settings.temporal_patch_size))

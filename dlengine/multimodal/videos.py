@@ -88,7 +88,7 @@ def _decode_file(video: str | bytes, where: str, sample: Callable[[int, float | 
         raise InvalidRequestError(f"{where}: decoding a video file needs a video decoder (PyAV, decord, OpenCV or "
                                   "torchcodec), and none is installed; pass the video as a list of frames or a "
                                   "[T, H, W, C] numpy array")
-    from transformers.video_utils import load_video
+    from transformers.video_utils import load_video as transformers_load_video
 
     if isinstance(video, (bytes, bytearray)):
         with tempfile.NamedTemporaryFile(suffix=".video") as f:
@@ -102,7 +102,8 @@ def _decode_file(video: str | bytes, where: str, sample: Callable[[int, float | 
         return np.asarray(sample(int(metadata.total_num_frames), metadata.fps), dtype=int)
 
     try:
-        frames, metadata = load_video(os.fspath(video), backend=backend, sample_indices_fn=sample_indices_fn)
+        frames, metadata = transformers_load_video(os.fspath(video), backend=backend,
+                                                   sample_indices_fn=sample_indices_fn)
     except Exception as e:  # the decoders raise their own types for unreadable files
         raise InvalidRequestError(f"{where}: cannot decode the video with {backend}: {e}") from None
     frames = _frames_array(np.asarray(frames), where)
