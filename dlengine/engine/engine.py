@@ -22,10 +22,11 @@ from dlengine.config import EngineConfig
 from dlengine.engine.core import CoreOutput, scoring_request
 from dlengine.engine.output_processor import OutputProcessor, TrackedRequest
 from dlengine.engine.request import Request, RequestMetrics, RequestOutput
-from dlengine.multimodal.processor import ImagePromptProcessor
+from dlengine.multimodal.processor import VisionPromptProcessor
 from dlengine.sampling_params import InvalidRequestError, SamplingParams
 
-# a text or token-id prompt, or {"prompt": text or token ids, "images": [...]} for a vision model
+# a text or token-id prompt, or {"prompt": text or token ids, "images": [...], "videos": [...]}
+# for a vision model
 Prompt = Union[str, Sequence[int], Mapping[str, Any]]
 logger = logging.getLogger("dlengine")
 
@@ -85,8 +86,8 @@ class Engine:
         self._scores: dict = {}  # request id -> logits of finished scoring requests
         self._listeners: dict[str, Callable[[RequestOutput], None]] = {}  # add_request(on_output=...)
         self._ids = itertools.count()
-        # image preprocessing for vision models (None for text-only ones)
-        self._images = ImagePromptProcessor.for_model(config.model)
+        # image and video preprocessing for vision models (None for text-only ones)
+        self._vision = VisionPromptProcessor.for_model(config.model, tokenizer)
         self._encoder_client = None  # pulls image embeddings from encoder engines (EPD), made on first use
         # request id -> request whose image embeddings are being pulled (encoder_cache(pull_mode=
         # "async")): tracked (abortable, counted as unfinished) but not in the core until they land
@@ -165,26 +166,32 @@ class Engine:
         vocab = self.config.model.vocab_size
         params.validate(vocab)
         text = None
-        prompt, images = self._split_images(prompt)
+        prompt, images, videos = self._split_media(prompt)
+        # videos first: their timestamps are text that goes into the prompt
+        videos = self._vision.process_videos(videos) if videos else []
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InvalidRequestError("this checkpoint has no tokenizer; pass prompts as lists of token ids")
             text = prompt
+            if self._vision is not None:
+                prompt = self._vision.expand_videos_in_text(prompt, videos)
             token_ids = list(self.tokenizer.encode(prompt))
         elif isinstance(prompt, (list, tuple)):
             token_ids = list(prompt)
             bad = [t for t in token_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
             if bad:
                 raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
+            if self._vision is not None:
+                token_ids = self._vision.expand_videos_in_ids(token_ids, videos)
         else:
             raise InvalidRequestError(f"a prompt is a string or a list of token ids, not {type(prompt).__name__}")
         if not token_ids:
             raise InvalidRequestError("empty prompt: at least one token is needed")
         multimodal = None
-        if self._images is not None and (images or self._images.image_token_id in token_ids):
+        if self._vision is not None and (images or videos or self._vision.image_token_id in token_ids):
             # each image placeholder becomes the image's tokens; pixels, hashes and M-RoPE positions
             # are computed here, once
-            token_ids, multimodal = self._images.process(token_ids, images)
+            token_ids, multimodal = self._vision.process(token_ids, images, videos)
         max_len = self.config.max_model_len
         if len(token_ids) >= max_len:
             raise InvalidRequestError(
@@ -203,20 +210,29 @@ class Engine:
         return Request(request_id, token_ids, params, prompt=text, eos_token_ids=self.config.model.eos_token_ids,
                        arrival_time=arrival_time, multimodal=multimodal)
 
-    def _split_images(self, prompt) -> tuple[Prompt, list]:
-        """(text or token ids, images) of a prompt; a dict prompt carries its images."""
+    def _split_media(self, prompt) -> tuple[Prompt, list, list]:
+        """(text or token ids, images, videos) of a prompt; a dict prompt carries its images and
+        videos."""
         if not isinstance(prompt, Mapping):
-            return prompt, []
-        unknown = set(prompt) - {"prompt", "images"}
+            return prompt, [], []
+        unknown = set(prompt) - {"prompt", "images", "videos"}
         if "prompt" not in prompt or unknown:
-            raise InvalidRequestError(f"a dict prompt has the keys 'prompt' and 'images'; got {sorted(prompt)}")
+            raise InvalidRequestError(f"a dict prompt has the keys 'prompt' and 'images' / 'videos'; got "
+                                      f"{sorted(prompt)}")
         images = prompt.get("images") or []
         if not isinstance(images, (list, tuple)):
             images = [images]
-        if images and self._images is None:
-            raise InvalidRequestError(f"{self.config.model.architecture} takes no images; use a vision model "
+        videos = prompt.get("videos")
+        if videos is None:
+            videos = []
+        elif not isinstance(videos, (list, tuple)):
+            raise InvalidRequestError("'videos' is a list of videos (each a list of frames, a [T, H, W, C] array, "
+                                      f"a dict with 'frames' and 'fps', or a video file), not {type(videos).__name__}")
+        if (images or videos) and self._vision is None:
+            what = "images" if images else "videos"
+            raise InvalidRequestError(f"{self.config.model.architecture} takes no {what}; use a vision model "
                                       "such as Qwen3-VL")
-        return prompt["prompt"], list(images)
+        return prompt["prompt"], list(images), list(videos)
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
                     arrival_time: float | None = None, kv_transfer_params: dict | None = None,
@@ -268,11 +284,15 @@ class Engine:
     def _pull_image_embeddings(self, request: Request, ec_transfer_params: dict) -> bool:
         """Pull (sync) or start pulling (async) the request's image embeddings; True when the
         request must wait for an async pull before it enters the core."""
-        if self._images is None:
+        if self._vision is None:
             raise InvalidRequestError(f"ec_transfer_params carry image embeddings; {self.config.model.architecture} "
                                       "takes no images")
         if request.remote_kv is not None:
             return False  # the prompt's KV is pulled whole: its images are never encoded here
+        if request.multimodal is not None and request.multimodal.videos:
+            raise InvalidRequestError("ec_transfer_params: encode-prefill-decode carries image embeddings only, and "
+                                      "this request has videos; send it without ec_transfer_params (this engine "
+                                      "encodes its images and videos itself)")
         client = self._ensure_encoder_client()
         if self.config.encoder_cache.pull_mode == "async":
             client.start(request.request_id, ec_transfer_params, request.multimodal)

@@ -1,14 +1,16 @@
 """Qwen3-VL (Qwen3VLForConditionalGeneration): a ViT (models/vision/qwen3_vl_vision.py) whose
-merged patch tokens replace the prompt's image placeholder tokens, and Qwen3's text model with
+merged patch tokens replace the prompt's image and video placeholder tokens, and Qwen3's text
+model with
   - M-RoPE (layers/mrope.py): three positions per token, interleaved over the rotary frequencies;
-  - deepstack: features from early ViT blocks added to the hidden states at the image tokens
-    after decoder layers 0, 1, ... (one feature map per layer).
+  - deepstack: features from early ViT blocks added to the hidden states at the image and video
+    tokens after decoder layers 0, 1, ... (one feature map per layer).
 
-Images reach the model through the forward context (`ctx.multimodal`: per request with images,
-its rows in the batch and its MultimodalInputs). A request's images are encoded once, at the first
-chunk that reaches an image token, kept on the request while its prompt runs (chunked prefill
-takes each chunk's slice) and dropped after the chunk holding the last image token. A request
-recomputed after preemption encodes again. Images an encoder engine already encoded (EPD, their
+Images and videos reach the model through the forward context (`ctx.multimodal`: per request
+with either, its rows in the batch and its MultimodalInputs). A request's images and videos are
+encoded once, at the first chunk that reaches one of their tokens, kept on the request while its
+prompt runs (chunked prefill takes each chunk's slice; a video's tokens are one run per temporal
+patch, separated by timestamp text) and dropped after the chunk holding the last of them. A
+request recomputed after preemption encodes again. Images an encoder engine already encoded (EPD, their
 `ImageInput.embeddings` set by the front) skip the vision tower. Text-only requests use their 1-D position on all
 three axes, as transformers does.
 
@@ -108,33 +110,37 @@ class Qwen3VLModel(nn.Module):
         self.language_model = language_model
 
     def encode_images(self, inputs) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """All of a request's images -> (tokens [sum of image tokens, hidden], deepstack list; empty
-        for a tower without deepstack, Qwen3.5's).
-        An image whose embeddings an encoder engine computed (`ImageInput.embeddings`, [1 +
-        levels, tokens, hidden]) is not encoded again; the others go through the vision tower."""
+        """All of a request's images and videos (`inputs.visual_inputs`, images first) ->
+        (tokens [sum of their tokens, hidden], deepstack list; empty for a tower without
+        deepstack, Qwen3.5's). The vision tower runs once over all of them: attention never
+        crosses an image or a video frame, so batching them changes nothing. An image whose
+        embeddings an encoder engine computed (`ImageInput.embeddings`, [1 + levels, tokens,
+        hidden]) is not encoded again."""
         device = self.language_model.embed_tokens.weight.device
-        local = [im for im in inputs.images if im.embeddings is None]
-        if len(local) == len(inputs.images):
-            pixels = torch.cat([im.pixel_values for im in inputs.images]).to(device)
-            return self.visual(pixels, [im.grid_thw for im in inputs.images])
+        items = inputs.visual_inputs
+        local = [x for x in items if x.embeddings is None]
+        if len(local) == len(items):
+            pixels = torch.cat([x.pixel_values for x in items]).to(device)
+            return self.visual(pixels, [x.grid_thw for x in items])
         if local:
-            pixels = torch.cat([im.pixel_values for im in local]).to(device)
-            local_tokens, local_features = self.visual(pixels, [im.grid_thw for im in local])
+            pixels = torch.cat([x.pixel_values for x in local]).to(device)
+            local_tokens, local_features = self.visual(pixels, [x.grid_thw for x in local])
         tokens, levels, row = [], [], 0
-        for im in inputs.images:
-            if im.embeddings is not None:
-                e = im.embeddings.to(device, non_blocking=True)
+        for x in items:
+            if x.embeddings is not None:
+                e = x.embeddings.to(device, non_blocking=True)
                 tokens.append(e[0])
                 levels.append(list(e[1:]))
             else:
-                tokens.append(local_tokens[row : row + im.num_tokens])
-                levels.append([f[row : row + im.num_tokens] for f in local_features])
-                row += im.num_tokens
+                tokens.append(local_tokens[row : row + x.num_tokens])
+                levels.append([f[row : row + x.num_tokens] for f in local_features])
+                row += x.num_tokens
         return torch.cat(tokens), [torch.cat(level) for level in zip(*levels)]
 
     def gather_multimodal(self, segments: list[MultimodalSegment], positions: torch.Tensor
                           ) -> tuple[torch.Tensor, VisualRows | None]:
-        """([3, T] positions, this step's image rows) from the batch's requests with images."""
+        """([3, T] positions, this step's image and video rows) from the batch's requests with
+        images or videos."""
         if not segments:
             return positions, None
         pos3 = positions.expand(3, -1).clone()
@@ -144,21 +150,24 @@ class Qwen3VLModel(nn.Module):
             end = seg.start + seg.num_tokens
             pos3[:, seg.row : seg.row + seg.num_tokens] = torch.from_numpy(
                 mm.rope_positions(seg.start, seg.num_tokens)).to(positions.device)
-            overlapping = mm.images_overlapping(seg.start, end)
+            overlapping = mm.spans_overlapping(seg.start, end)
             if not overlapping:
                 continue
             if mm.encoder_cache is None:
                 mm.encoder_cache = self.encode_images(mm)
             tokens, features = mm.encoder_cache
-            for k, im in overlapping:
-                first_token = sum(x.num_tokens for x in mm.images[:k])  # the image's first row in `tokens`
-                lo, hi = max(seg.start, im.offset), min(end, im.end)
-                src = slice(first_token + lo - im.offset, first_token + hi - im.offset)
+            firsts = [0]  # each input's first row in `tokens`
+            for x in mm.visual_inputs:
+                firsts.append(firsts[-1] + x.num_tokens)
+            for k, span_lo, span_hi, span_row in overlapping:
+                lo, hi = max(seg.start, span_lo), min(end, span_hi)
+                first = firsts[k] + span_row + lo - span_lo
+                src = slice(first, first + hi - lo)
                 rows.append(torch.arange(seg.row + lo - seg.start, seg.row + hi - seg.start, device=positions.device))
                 embeds.append(tokens[src])
                 deepstack.append([f[src] for f in features])
-            if end >= mm.images_end:
-                mm.encoder_cache = None  # every image token has been computed
+            if end >= mm.visual_end:
+                mm.encoder_cache = None  # every image and video token has been computed
         if not rows:
             return pos3, None
         return pos3, VisualRows(torch.cat(rows), torch.cat(embeds),

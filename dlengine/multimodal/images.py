@@ -48,11 +48,11 @@ def load_image(image: Any, where: str = "image"):
     return img.convert("RGB")
 
 
-def decode_data_url(url: str, where: str = "image_url") -> bytes:
-    """The bytes of a `data:image/...;base64,...` URL."""
+def decode_data_url(url: str, where: str = "image_url", media: str = "image") -> bytes:
+    """The bytes of a `data:<media>/...;base64,...` URL (media "image" or "video")."""
     head, sep, payload = url.partition(",")
-    if not sep or not head.startswith("data:image/") or not head.endswith(";base64"):
-        raise InvalidRequestError(f"{where}: expected a base64 data URL 'data:image/<type>;base64,...'")
+    if not sep or not head.startswith(f"data:{media}/") or not head.endswith(";base64"):
+        raise InvalidRequestError(f"{where}: expected a base64 data URL 'data:{media}/<type>;base64,...'")
     try:
         return base64.b64decode(payload, validate=True)
     except ValueError:

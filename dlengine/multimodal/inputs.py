@@ -1,19 +1,27 @@
-"""What a request carries when its prompt holds images: the processed pixels of each image, where
-its tokens sit in the prompt, its content hash, and the M-RoPE positions of the whole prompt.
+"""What a request carries when its prompt holds images or videos: the processed pixels of each,
+where its tokens sit in the prompt, its content hash, and the M-RoPE positions of the whole prompt.
+
+An image's tokens are one run in the prompt. A video's are one run per temporal patch (two
+sampled frames, for Qwen3-VL), the runs separated by the next frame's timestamp text and vision
+start / end tokens; the vision tower encodes the whole video at once and its tokens fill the runs
+in order. Images and videos are both "visual inputs" below (`visual_inputs`: the images, then the
+videos, the order of the model's encoder cache).
 
 Made once by the front (multimodal/processor.py) when the request is added, and read by:
 - the model, through the forward context: for a chunk of the prompt it runs the vision encoder
-  once per request (`encoder_cache`, filled by the model and dropped once the last image token
-  has been computed), scatters the image embeddings into that chunk's image tokens and takes the
-  chunk's M-RoPE positions from `rope_positions`;
-- the block manager: a full block that holds image tokens is keyed by those images' content
-  hashes (`block_extra_key`), since every image's tokens are the same placeholder id.
+  once per request (`encoder_cache`, filled by the model and dropped once the last visual token
+  has been computed), scatters the embeddings into that chunk's image and video tokens and takes
+  the chunk's M-RoPE positions from `rope_positions`;
+- the block manager: a full block that holds image or video tokens is keyed by those inputs'
+  content hashes (`block_extra_key`), since every image's (video's) tokens are the same
+  placeholder id.
 
 The encoder seam (encode-prefill-decode disaggregation, docs/vision.md): an image whose
 `embeddings` are set was encoded elsewhere, by an encoder engine, and pulled by the front
 (dlengine/disagg/encoder_client.py) when the request was added; the model uses them instead of
 running its vision tower on that image. Everything else (content hash, positions, prefix
-caching) is the same for both kinds of image.
+caching) is the same for both kinds of image. Videos are always encoded by the model (EPD carries
+images only).
 """
 
 from __future__ import annotations
@@ -40,13 +48,43 @@ class ImageInput:
     def end(self) -> int:
         return self.offset + self.num_tokens
 
+    @property
+    def spans(self) -> list[tuple[int, int]]:
+        """[start, end) of each run of its tokens in the prompt: one."""
+        return [(self.offset, self.end)]
+
+
+@dataclass
+class VideoInput:
+    pixel_values: torch.Tensor  # [num_patches, C * T * P * P], float32, on the host
+    grid_thw: tuple[int, int, int]  # patches per (temporal patch, row, column) before merging
+    content_hash: bytes  # of the processed pixels and grid
+    frame_offsets: list[int]  # prompt index of the first token of each temporal patch (grid_thw[0] of them)
+    tokens_per_frame: int  # tokens of one temporal patch (h * w / merge_size ** 2)
+    timestamps: list[float]  # seconds of each temporal patch, as written before its tokens
+    embeddings: None = field(default=None, repr=False)  # never set: the model always encodes videos
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.frame_offsets) * self.tokens_per_frame
+
+    @property
+    def end(self) -> int:
+        return self.frame_offsets[-1] + self.tokens_per_frame
+
+    @property
+    def spans(self) -> list[tuple[int, int]]:
+        """[start, end) of each temporal patch's tokens in the prompt."""
+        return [(o, o + self.tokens_per_frame) for o in self.frame_offsets]
+
 
 @dataclass
 class MultimodalInputs:
     images: list[ImageInput]
     mrope_positions: np.ndarray  # [3, prompt_len] int64: (temporal, height, width) position per prompt token
     mrope_delta: int  # generated token i (index in all tokens) sits at position i + mrope_delta on all axes
-    encoder_cache: Any = field(default=None, repr=False)  # the model's image embeddings while the prompt runs
+    encoder_cache: Any = field(default=None, repr=False)  # the model's visual embeddings while the prompt runs
+    videos: list[VideoInput] = field(default_factory=list)
 
     @property
     def prompt_len(self) -> int:
@@ -56,6 +94,16 @@ class MultimodalInputs:
     def images_end(self) -> int:
         """Prompt index after the last image token."""
         return max((im.end for im in self.images), default=0)
+
+    @property
+    def visual_inputs(self) -> list:
+        """The images, then the videos: the order of the rows of the model's encoder cache."""
+        return [*self.images, *self.videos]
+
+    @property
+    def visual_end(self) -> int:
+        """Prompt index after the last image or video token."""
+        return max((x.end for x in self.visual_inputs), default=0)
 
     def rope_positions(self, start: int, num: int) -> np.ndarray:
         """[3, num] M-RoPE positions of tokens start .. start + num - 1 (prompt or generated)."""
@@ -69,8 +117,22 @@ class MultimodalInputs:
         """(index, image) of the images with tokens in [start, end)."""
         return [(k, im) for k, im in enumerate(self.images) if im.offset < end and im.end > start]
 
+    def spans_overlapping(self, start: int, end: int) -> list[tuple[int, int, int, int]]:
+        """(index in `visual_inputs`, span start, span end, the span's first row in that input's
+        embeddings) of the token runs with tokens in [start, end)."""
+        out = []
+        for k, x in enumerate(self.visual_inputs):
+            row = 0
+            for lo, hi in x.spans:
+                if lo < end and hi > start:
+                    out.append((k, lo, hi, row))
+                row += hi - lo
+        return out
+
     def block_extra_key(self, block_index: int, block_size: int) -> bytes:
         """Bytes the prefix-cache hash of full block `block_index` adds to its token ids: the
-        content hashes of the images with tokens in it (b"" for a text-only block)."""
+        content hashes of the images and videos with tokens in it (b"" for a text-only block)."""
         lo = block_index * block_size
-        return b"".join(im.content_hash for _, im in self.images_overlapping(lo, lo + block_size))
+        hit = sorted({k for k, *_ in self.spans_overlapping(lo, lo + block_size)})
+        inputs = self.visual_inputs
+        return b"".join(inputs[k].content_hash for k in hit)

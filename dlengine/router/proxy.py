@@ -57,12 +57,15 @@ ENCODER_PULL_FAILED = 424
 
 
 def has_images(body: dict) -> bool:
-    """Whether a chat request has image parts (only those are worth an encoder's round trip)."""
+    """Whether a chat request has image parts and no video parts: only those are worth an
+    encoder's round trip (EPD carries image embeddings only; a request with videos goes to a
+    prefill server, which encodes its images and videos itself)."""
+    types = set()
     for m in body.get("messages") or []:
         content = m.get("content") if isinstance(m, dict) else None
-        if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") == "image_url" for p in content):
-            return True
-    return False
+        if isinstance(content, list):
+            types.update(p.get("type") for p in content if isinstance(p, dict))
+    return "image_url" in types and not types & {"video_url", "video"}
 
 
 class Proxy:

@@ -11,34 +11,40 @@ from fastapi.responses import StreamingResponse
 from dlengine.disagg.encoder_client import EncoderPullError
 from dlengine.engine.request import RequestOutput
 from dlengine.serve.errors import bad_request, engine_failed
-from dlengine.serve.media import image_bytes
+from dlengine.serve.media import image_bytes, video_bytes
 from dlengine.serve.logprobs import chat_logprobs
 from dlengine.serve.params import MAX_TOP_LOGPROBS, choice_params, sampling_params
 from dlengine.serve.pd import check_ec_request, check_pd_request, encoder_pull_failed, handoff_params, hold_prefill
 from dlengine.serve.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
                                      ChatCompletionRequest, ChatCompletionResponse, DeltaMessage, DeltaToolCall,
-                                     FunctionCall, ImagePart, TextPart, ToolCall, Usage, new_id)
+                                     FunctionCall, ImagePart, TextPart, ToolCall, Usage, VideoFramesPart,
+                                     VideoURLPart, new_id)
 from dlengine.serve.state import ServerState
 from dlengine.serve.streams import SSE_DONE, Delta, abort_on_disconnect, collect, merge, sse, unless_disconnected
 from dlengine.serve.tool_parsers import ParsedToolCall, StreamingToolParser
 
 
-def render_prompt(state: ServerState, req: ChatCompletionRequest) -> tuple[list[int], list[bytes]]:
-    """The chat template applied to the messages (and tools), as token ids, and the encoded
-    images of the messages' image parts in order (the template writes one placeholder each)."""
+def render_prompt(state: ServerState, req: ChatCompletionRequest) -> tuple[list[int], list[bytes], list, str]:
+    """The chat template applied to the messages (and tools), as token ids; the encoded images of
+    the messages' image parts and the videos of their video parts, in order (the template writes
+    one placeholder each); and the rendered text."""
     tok = state.tokenizer
     if tok is None or not getattr(tok, "chat_template", None):
         raise bad_request("this model has no chat template: use /v1/completions", param="messages")
-    messages, images = [], []
+    messages, images, videos = [], [], []
+    media_path = state.config.allowed_local_media_path
     for i, m in enumerate(req.messages):
         msg = m.model_dump(exclude_none=True)
         if isinstance(m.content, list) and all(isinstance(part, TextPart) for part in m.content):
             msg["content"] = "".join(part.text for part in m.content)  # text parts: one string
-        elif isinstance(m.content, list):  # with images: the template renders each part
-            for part in m.content:
+        elif isinstance(m.content, list):  # with images or videos: the template renders each part
+            for k, part in enumerate(m.content):
                 if isinstance(part, ImagePart):
-                    images.append(image_bytes(part.image_url.url, state.config.allowed_local_media_path,
-                                              f"messages[{i}] image {len(images)}"))
+                    images.append(image_bytes(part.image_url.url, media_path, f"messages[{i}] image {len(images)}"))
+                elif isinstance(part, (VideoURLPart, VideoFramesPart)):
+                    videos.append(_video(part, media_path, f"messages[{i}] video {len(videos)}"))
+                    # Qwen's templates write a video placeholder for a part of type "video"
+                    msg["content"][k] = {"type": "video"}
         messages.append(msg)
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
     try:
@@ -47,7 +53,27 @@ def render_prompt(state: ServerState, req: ChatCompletionRequest) -> tuple[list[
                                        **(req.chat_template_kwargs or {}))
     except Exception as e:  # the template's own checks (role order, ...) or bad kwargs
         raise bad_request(f"the chat template cannot render these messages: {e}", param="messages") from None
-    return list(tok.encode(text, add_special_tokens=False)), images
+    return list(tok.encode(text, add_special_tokens=False)), images, videos, text
+
+
+def _video(part, media_path: str | None, where: str):
+    """What the engine takes as a video: the encoded file of a `video_url` part, or the frames
+    (and fps) of a `video` part."""
+    if isinstance(part, VideoURLPart):
+        return video_bytes(part.video_url.url, media_path, where)
+    frames = [image_bytes(url, media_path, f"{where} frame {f}") for f, url in enumerate(part.video)]
+    return {"frames": frames, "fps": part.fps}
+
+
+def engine_prompt(state: ServerState, ids: list[int], text: str, images: list, videos: list):
+    """The prompt for the engine: token ids, with the images and videos when there are any. With
+    videos the text goes instead when the engine's tokenisation of it gives the same ids: the
+    engine then writes the frame timestamps into the text before tokenising, exactly as
+    transformers' processor does (in token ids a timestamp is tokenised on its own)."""
+    if not images and not videos:
+        return ids
+    prompt = text if videos and list(state.tokenizer.encode(text)) == ids else ids
+    return {"prompt": prompt, "images": images, "videos": videos}
 
 
 def _parse_tools(req: ChatCompletionRequest) -> bool:
@@ -72,8 +98,8 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request):
         raise bad_request(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]", param="top_logprobs")
     if req.top_logprobs and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs=true", param="top_logprobs")
-    prompt, images = render_prompt(state, req)
-    job_prompt = {"prompt": prompt, "images": images} if images else prompt
+    prompt, images, videos, text = render_prompt(state, req)
+    job_prompt = engine_prompt(state, prompt, text, images, videos)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = sampling_params(req, max_tokens=max_tokens, default_max_tokens=max(1, state.max_model_len - len(prompt)),
                              logprobs=(req.top_logprobs or 0) if req.logprobs else None, vocab_size=state.vocab_size)

@@ -3,7 +3,8 @@
 - POST /v1/encode takes the body of a chat completion request (the router sends the client's
   request unchanged) and encodes the images of its messages' `image_url` parts, in order. The
   answer is `{"ec_transfer_params": signed params, "num_images": n, "num_image_tokens": t}`; a
-  request without images gets `{"ec_transfer_params": null, ...}`. The params are signed with
+  request without images gets `{"ec_transfer_params": null, ...}`, one with video parts a 400
+  (EPD carries image embeddings only; `dlengine router` sends those past the encoder). The params are signed with
   the deployment's --pd-secret (serve/pd_auth.py, under `encoder_url`); a prefill or hybrid
   server given them in its chat request (`ec_transfer_params`) pulls the embeddings over DLSlime.
 - POST /ec/free {"ec_transfer_params": signed} releases the pinned embeddings now (a router
@@ -51,6 +52,9 @@ def chat_images(body: dict, allowed_local_media_path: str | None) -> list[bytes]
         if not isinstance(content, list):
             continue
         for part in content:
+            if isinstance(part, dict) and part.get("type") in ("video_url", "video"):
+                raise bad_request(f"messages[{i}]: an encoder server encodes images only; send a request with videos "
+                                  "to a prefill or hybrid server", param="messages")
             if isinstance(part, dict) and part.get("type") == "image_url":
                 url = (part.get("image_url") or {}).get("url") if isinstance(part.get("image_url"), dict) else None
                 if not isinstance(url, str):

@@ -125,9 +125,26 @@ class ImagePart(RequestModel):
     image_url: ImageURL
 
 
+class VideoURL(RequestModel):
+    url: str  # a data URL (data:video/mp4;base64,...) or file:// URL; decoded only with a video decoder installed
+
+
+class VideoURLPart(RequestModel):
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+class VideoFramesPart(RequestModel):
+    """A video as its frames, each an image URL as `image_url` takes (dlengine's form; no decoder needed)."""
+    type: Literal["video"]
+    video: list[str]  # the engine checks the count and fps, naming the problem
+    fps: Optional[float] = None  # of the source: drives frame sampling and timestamps
+
+
 class ChatMessage(RequestModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Optional[Union[str, list[Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]]]] = None
+    content: Optional[Union[str, list[Annotated[Union[TextPart, ImagePart, VideoURLPart, VideoFramesPart],
+                                                Field(discriminator="type")]]]] = None
     name: Optional[str] = None
     tool_calls: Optional[list[MessageToolCall]] = None
     tool_call_id: Optional[str] = None

@@ -21,9 +21,13 @@ import tempfile
 from dlengine.testing.dsa import DSA_KINDS, build_dsa_model
 from dlengine.testing.hybrid import HYBRID_KINDS, build_hybrid_model, fuse_experts_on_disk, rerandomise_hybrid
 from dlengine.testing.vl import (QWEN3_5_VL_KINDS, VL_KINDS, build_vl_model, build_vl_tokenizer,
-                                 transpose_experts_on_disk, write_preprocessor_config)
+                                 transpose_experts_on_disk, write_preprocessor_config, write_video_preprocessor_config)
 
 RECIPE_VERSION = "2"  # 2: the tokenizer carries a chat template (CHAT_TEMPLATE)
+# kinds whose recipe changed since, each with its own version: a new cache folder, so a stale one
+# is never read, while the other kinds keep theirs
+# (VL 2.1: the chat template renders video parts; video_preprocessor_config.json)
+KIND_RECIPE_VERSIONS = {kind: "2.1" for kind in VL_KINDS}
 PRESETS = {"tiny-qwen3": "qwen3", "tiny-qwen3-yarn": "qwen3-yarn", "tiny-qwen3-untied": "qwen3-untied",
            "tiny-qwen3-moe": "qwen3-moe", "tiny-deepseek-v3": "deepseek-v3", "tiny-kimi-k2": "kimi-k2",
            "tiny-deepseek-v3-fp8": "deepseek-v3-fp8", "tiny-qwen3-next": "qwen3-next", "tiny-qwen3.5": "qwen3.5",
@@ -292,7 +296,8 @@ def _build_hybrid_checkpoint(kind: str, path: str, seed: int) -> str:
 
 def _build_vl_checkpoint(kind: str, path: str, seed: int) -> str:
     """Qwen3-VL / Qwen3-VL-MoE / Qwen3.5 and Qwen3.5-MoE with images (testing/vl.py): weights,
-    tokenizer with the vision tokens, and the image processor's preprocessor_config.json."""
+    tokenizer with the vision tokens, the image processor's preprocessor_config.json and the video
+    processor's video_preprocessor_config.json."""
     import torch
     from transformers import GenerationConfig
 
@@ -311,8 +316,9 @@ def _build_vl_checkpoint(kind: str, path: str, seed: int) -> str:
     GenerationConfig(eos_token_id=text_cfg.eos_token_id, pad_token_id=text_cfg.pad_token_id).save_pretrained(path)
     build_vl_tokenizer(text_cfg.vocab_size, _CORPUS).save_pretrained(path)
     write_preprocessor_config(path)
+    write_video_preprocessor_config(path)
     with open(os.path.join(path, "dlengine_recipe.json"), "w") as f:
-        json.dump({"kind": kind, "seed": seed, "version": RECIPE_VERSION}, f)
+        json.dump({"kind": kind, "seed": seed, "version": KIND_RECIPE_VERSIONS[kind]}, f)
     return path
 
 
@@ -343,7 +349,8 @@ def _gain_routers(model) -> None:
 def tiny_checkpoint(kind: str = "qwen3", seed: int = 0) -> str:
     """Path of the cached tiny checkpoint `kind`, building it on first use (safe under
     concurrent test processes: built in a temp folder, then renamed into place)."""
-    path = os.path.join(cache_root(), f"tiny-{kind}-s{seed}-v{RECIPE_VERSION}")
+    version = KIND_RECIPE_VERSIONS.get(kind, RECIPE_VERSION)
+    path = os.path.join(cache_root(), f"tiny-{kind}-s{seed}-v{version}")
     if os.path.isfile(os.path.join(path, "dlengine_recipe.json")):
         return path
     tmp = tempfile.mkdtemp(prefix=f".tiny-{kind}-", dir=cache_root())

@@ -7,8 +7,10 @@ The layout is the released one: text weights under `model.language_model.`, the 
 under `model.visual.`, the MoE experts as fused 3-D tensors stored as the released checkpoints
 store them (`gate_up_proj` [E, H, 2I], `down_proj` [E, I, H]). Beside config.json and the weights
 the folder holds what the engine and transformers' processor read: a tokenizer with Qwen's vision
-special tokens and a chat template that renders image parts, and a `preprocessor_config.json` for
-transformers' Qwen2-VL image processor (patch 4, merge 2: a 32 x 32 image is 16 image tokens).
+special tokens and a chat template that renders image and video parts, a `preprocessor_config.json`
+for transformers' Qwen2-VL image processor (patch 4, merge 2: a 32 x 32 image is 16 image tokens),
+and a `video_preprocessor_config.json` for its Qwen3-VL video processor (2 fps, 4 to 16 frames,
+2 frames a temporal patch: 4 frames of 32 x 32 are 2 x 16 video tokens).
 
 Shapes are picked to catch bugs: three vision blocks with deepstack taps after blocks 0 and 1
 (merged into decoder layers 0 and 1 of three), a 4 x 4 learned position grid that every image
@@ -33,15 +35,17 @@ SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|v
                   "<|image_pad|>", "<|video_pad|>"]
 VISION_START_ID, VISION_END_ID, IMAGE_TOKEN_ID, VIDEO_TOKEN_ID = 4, 5, 6, 7
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+VIDEO_PLACEHOLDER = "<|vision_start|><|video_pad|><|vision_end|>"
 
-# ChatML with Qwen-VL's image parts: a content list renders its text parts verbatim and each
-# image part as the placeholder the processor expands
+# ChatML with Qwen-VL's image and video parts: a content list renders its text parts verbatim and
+# each image or video part as the placeholder the processor expands
 VL_CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message.role }}\n"
     "{% if message.content is string %}{{ message.content }}{% else %}"
     "{% for part in message.content %}"
     "{% if part.type == 'text' %}{{ part.text }}"
-    "{% elif part.type in ('image', 'image_url') %}<|vision_start|><|image_pad|><|vision_end|>{% endif %}"
+    "{% elif part.type in ('image', 'image_url') %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part.type in ('video', 'video_url') %}<|vision_start|><|video_pad|><|vision_end|>{% endif %}"
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
@@ -60,6 +64,12 @@ _QWEN3_5_VISION = dict({k: v for k, v in _VISION.items() if k != "deepstack_visu
 _PREPROCESSOR = dict(patch_size=4, temporal_patch_size=2, merge_size=2,
                      size={"shortest_edge": 8 * 8, "longest_edge": 128 * 128},
                      image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+# what transformers' Qwen3-VL video processor reads (the released checkpoints ship this file too);
+# the pixel bounds hold over all frames: 16 frames of 64 x 64 keep their size
+_VIDEO_PREPROCESSOR = dict(patch_size=4, temporal_patch_size=2, merge_size=2,
+                           size={"shortest_edge": 8 * 8, "longest_edge": 16 * 64 * 64},
+                           image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], fps=2, min_frames=4,
+                           max_frames=16, do_sample_frames=True)
 
 
 def build_vl_tokenizer(vocab_size: int, corpus: str):
@@ -132,6 +142,16 @@ def transpose_experts_on_disk(path: str) -> None:
 def write_preprocessor_config(path: str) -> None:
     with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
         json.dump(dict(_PREPROCESSOR, image_processor_type="Qwen2VLImageProcessor"), f, indent=2)
+
+
+def write_video_preprocessor_config(path: str) -> None:
+    with open(os.path.join(path, "video_preprocessor_config.json"), "w") as f:
+        json.dump(dict(_VIDEO_PREPROCESSOR, video_processor_type="Qwen3VLVideoProcessor"), f, indent=2)
+
+
+def tiny_video(num_frames: int = 4, width: int = 32, height: int = 32, seed: int = 0) -> list:
+    """A deterministic random video: a list of RGB PIL frames."""
+    return [tiny_image(width, height, seed=seed * 1000 + i) for i in range(num_frames)]
 
 
 def tiny_image(width: int = 32, height: int = 32, seed: int = 0):
