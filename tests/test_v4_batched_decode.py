@@ -15,6 +15,7 @@ against the per-request path it replaces for one-token steps, on the tiny checkp
   buffers (tests/test_gdn_cuda_graph.py's EagerReplay) gives transformers' greedy tokens for
   prompts of 1..300 tokens under the default schedule, chunked prefill and preemption, with
   padded batches that leave every other state slot and paged block as it was.
+- The clamped MoE's dense form (what a captured graph runs) equals its sparse form.
 (The same with real CUDA graphs: tests/test_gpu_v4.py.)
 """
 
