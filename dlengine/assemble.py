@@ -80,8 +80,8 @@ def _use_cuda_graphs(cfg: EngineConfig, backend, state, cache_specs=(), speculat
         return False
     uncapturable = graph_uncapturable(cache_specs)
     if uncapturable:
-        # e.g. DeepSeek-V4's window rings: its layers sync with the host in a decode step. (Gated
-        # DeltaNet state is captured: its slots are static graph inputs, engine/cuda_graph.py)
+        # a state kind whose decode layers sync with the host. (Gated DeltaNet state and
+        # DeepSeek-V4's rings are captured: their slots are static graph inputs, engine/cuda_graph.py)
         if cfg.cuda_graphs:
             names = ", ".join(s.describe() for s in uncapturable)
             raise ConfigError(f"{cfg.model.architecture} keeps per-sequence state ({names}) whose layers CUDA "

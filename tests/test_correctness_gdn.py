@@ -148,7 +148,8 @@ def test_prefix_cache_hits_resume_checkpoints(kind):
 def test_unsupported_settings_are_config_errors():
     """Speculative decoding is not built yet for the state: asking for it is a ConfigError naming
     the problem. CUDA graphs capture the Gated DeltaNet state (tests/test_gdn_cuda_graph.py), and
-    stay refused with a ConfigError for state kinds that are not capturable (DeepSeek-V4's rings);
+    stay refused with a ConfigError for state kinds that are not capturable (a StateSpec declaring
+    graph_capturable False; DeepSeek-V4's rings are captured since its batched decode path);
     checked at the assembly step, since a CPU build refuses cuda_graphs(True) earlier. Tensor
     parallelism: tests/test_gdn_parallel.py."""
     from types import SimpleNamespace
@@ -169,11 +170,19 @@ def test_unsupported_settings_are_config_errors():
     assert _use_cuda_graphs(on_cuda, backend, one_rank, specs) is True  # the default on GPUs
     v4 = ModelConfig.from_pretrained(tiny_checkpoint("deepseek-v4"))
     v4_specs = DeepseekV4ForCausalLM.cache_specs(v4, dtype=torch.float32)
+    assert _use_cuda_graphs(SimpleNamespace(cuda_graphs=True, model=v4), backend, one_rank, v4_specs) is True
+    uncapturable = [*specs[:-1], _UncapturableState(specs[-1].layers, tensors=specs[-1].tensors)]
     with pytest.raises(ConfigError, match="whose layers CUDA graphs do not capture yet; use cuda_graphs\\(False\\)"):
-        _use_cuda_graphs(SimpleNamespace(cuda_graphs=True, model=v4), backend, one_rank, v4_specs)
-    assert _use_cuda_graphs(SimpleNamespace(cuda_graphs=None, model=v4), backend, one_rank, v4_specs) is False
+        _use_cuda_graphs(SimpleNamespace(cuda_graphs=True, model=cfg), backend, one_rank, uncapturable)
+    assert _use_cuda_graphs(SimpleNamespace(cuda_graphs=None, model=cfg), backend, one_rank, uncapturable) is False
     with pytest.raises(ConfigError, match="speculative decoding cannot roll back"):
         EngineBuilder(tiny_checkpoint("qwen3.5")).dtype("float32").speculative(_NoDrafts(), num_tokens=1).build()
+
+
+class _UncapturableState(StateSpec):
+    """A state kind whose decode layers a CUDA graph cannot capture (e.g. they sync with the host)."""
+
+    graph_capturable = False
 
 
 class _NoDrafts:

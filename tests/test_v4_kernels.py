@@ -57,3 +57,45 @@ def test_no_compressed_entries():
     ref = decode_attention(*args)
     out = dt.decode_attention(*(a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args))
     assert torch.allclose(out.cpu(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_reference_is_sink_attention_per_request():
+    """The batched reference equals `sink_attention` run on each request's gathered keys."""
+    from dlengine.kernels.v4.reference import sink_attention
+
+    g = torch.Generator().manual_seed(2)
+    b, heads, dim, window, per_block = 4, 4, 16, 8, 4
+    q, ring = torch.randn(b, heads, dim, generator=g), torch.randn(6, window, dim, generator=g)
+    compressed = torch.randn(20, per_block, dim, generator=g)
+    tables = torch.randperm(20, generator=g)[:12].view(b, 3).int()
+    positions, slots = torch.tensor([0, 5, 8, 40]), torch.tensor([3, 0, 5, 1])
+    ids = torch.tensor([[-1, -1, -1], [0, -1, -1], [0, 1, -1], [2, 7, 9]])
+    sinks = torch.randn(heads, generator=g)
+    out = decode_attention(q, ring, slots, positions, window, compressed, tables, ids, 4, sinks, dim ** -0.5)
+    for i in range(b):
+        p = int(positions[i])
+        key_pos = torch.arange(max(0, p - window + 1), p + 1)
+        chosen = ids[i][ids[i] >= 0]
+        entries = compressed[tables[i, chosen // per_block].long(), chosen % per_block]
+        want = sink_attention(q[i:i + 1], ring[int(slots[i]), key_pos % window], key_pos, positions[i:i + 1], window,
+                              entries, torch.ones(1, chosen.numel(), dtype=torch.bool), sinks, dim ** -0.5)
+        assert torch.allclose(out[i], want[0], atol=1e-6, rtol=1e-6)
+
+
+def test_padded_rows_read_nothing():
+    """A padded row of a CUDA-graph batch (state slot -1) gets zeros from both forms, whatever its
+    position, entry ids or stale block table name; the other rows are unaffected."""
+    g = torch.Generator().manual_seed(3)
+    heads, dim, window = 4, 16, 8
+    q, ring = torch.randn(3, heads, dim, generator=g), torch.randn(2, window, dim, generator=g)
+    compressed = torch.randn(6, 4, dim, generator=g)
+    tables = torch.tensor([[1, 2], [1, 2], [1, 2]], dtype=torch.int32)
+    args = (q, ring, torch.tensor([1, -1, -1]), torch.tensor([9, 0, 9]), window, compressed, tables,
+            torch.tensor([[0, 1], [-1, -1], [0, 1]]), 4, torch.randn(heads, generator=g), dim ** -0.5)
+    ref = decode_attention(*args)
+    assert ref[1:].eq(0).all()
+    alone = decode_attention(q[:1], ring, args[2][:1], args[3][:1], window, compressed, tables[:1], args[7][:1], 4,
+                             args[9], args[10])
+    assert torch.equal(ref[:1], alone)
+    out = dt.decode_attention(*(a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args))
+    assert torch.allclose(out.cpu(), ref, atol=1e-5, rtol=1e-5)

@@ -10,8 +10,9 @@
   partial windows. A StateSpec with its own name, so the three layer kinds (different tensors)
   are three groups. Not prefix-cacheable (StateSpec's reason: the ring and the partial windows
   summarise the prefix in place, with no copy at block boundaries to resume from), which turns
-  prefix-cache hits off for the whole model (BlockManager.prefix_cache_blocker). Not capturable
-  in CUDA graphs either (`graph_capturable`): V4 decodes eagerly.
+  prefix-cache hits off for the whole model (BlockManager.prefix_cache_blocker). Capturable in
+  CUDA graphs (`graph_capturable`): a pure decode step runs batched on the device and padded rows
+  (PAD_STATE_SLOT) write no slot and no entry (layers/v4_attention.py, kernels/v4/batched_decode.py).
 """
 
 from __future__ import annotations
@@ -96,11 +97,11 @@ class V4StateSpec(StateSpec):
     # the window ring and partial compression windows pair with compressed entries in the paged
     # blocks; resuming from a slot copy is not implemented (prefix caching is refused, docs/deepseek_v4.md)
     checkpointable: ClassVar[bool] = False
-    # V4's attention layers loop over the requests on the host (query_start_loc.tolist(), the
-    # host copy of the state slots) and pick compressed entries with torch.nonzero, and the ring
-    # and partial-window updates have no padded-row rule: V4 decodes eagerly
-    # (cuda_graphs(True) is a ConfigError)
-    graph_capturable: ClassVar[bool] = False
+    # a decode step (one token per request, the only kind a graph captures) runs V4Attention's
+    # batched path: slots from the metadata's device tensor, fixed widths from the block tables,
+    # no host sync; rows with PAD_STATE_SLOT write no ring row and no compressed entry and read
+    # nothing. (Prompt steps loop over requests on the host; they always run eagerly.)
+    graph_capturable: ClassVar[bool] = True
 
     @property
     def name(self) -> str:

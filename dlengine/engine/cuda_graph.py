@@ -13,7 +13,9 @@ buffers like the others, and a padded row gets PAD_STATE_SLOT (-1), which every 
 (no slot read or written, zero output: kernels/context.py), so padding never touches a real
 sequence's state and no scratch slot is reserved. The GDN decode ops are the conv1d and
 recurrent-update kernels (Triton, or the torch references: both capturable); fla-core serves only
-prompt steps, which never run from a graph.
+prompt steps, which never run from a graph. DeepSeek-V4's window and compressor rings follow the
+same rule in its batched decode step (layers/v4_attention.py), whose entry lists take their
+width from the static block tables.
 
 Everything a graph reads lives in static buffers filled before each replay; the attention
 backend must be capturable (no host syncs, launch sizes from static metadata): the Triton

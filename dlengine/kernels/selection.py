@@ -40,6 +40,7 @@ from dlengine.kernels.gdn import causal_conv1d_torch, gated_delta_rule_torch
 from dlengine.kernels.mla.decode_choice import MLA_DECODE_KERNELS, resolve_mla_decode
 from dlengine.kernels.moe import fused_moe_torch
 from dlengine.kernels.norm_rope import norm_rope_torch
+from dlengine.kernels.v4 import batched_decode as v4_batched
 from dlengine.kernels.v4 import reference as v4_reference
 
 try:  # triton is optional: CPU-only installs run the torch references
@@ -60,10 +61,11 @@ except Exception:  # noqa: BLE001
 
 try:
     from dlengine.kernels.v4 import decode_triton as v4_decode_triton
+    from dlengine.kernels.v4 import indexer_triton as v4_indexer_triton
 
     HAS_V4_DECODE = True
 except Exception:  # noqa: BLE001
-    v4_decode_triton = None
+    v4_decode_triton = v4_indexer_triton = None
     HAS_V4_DECODE = False
 
 try:
@@ -120,9 +122,10 @@ class Ops:
     causal_conv1d_update: Callable = causal_conv1d_torch.causal_conv1d_update
     gated_delta_rule_varlen: Callable = gated_delta_rule_torch.gated_delta_rule_varlen
     gated_delta_rule_update: Callable = gated_delta_rule_torch.recurrent_gated_delta_rule_update
-    # DeepSeek-V4 decode attention (kernels/v4/): Triton on CUDA, else the torch reference; not
-    # listed in `names` (only V4 models call it)
+    # DeepSeek-V4 decode attention and the batched decode step's indexer scores (kernels/v4/):
+    # Triton on CUDA, else the torch references; not listed in `names` (only V4 models call them)
     v4_decode_attention: Callable = v4_reference.decode_attention
+    v4_indexer_logits: Callable = v4_batched.indexer_logits
 
 
 TORCH_OPS = Ops(
@@ -157,7 +160,8 @@ def select_ops(device: torch.device | str, use_triton: bool = True) -> Ops:
         gemm = "deep_gemm where the shape suits it, else triton" if fp8_gemm_triton.HAS_DEEP_GEMM else "triton"
         names.update(fp8_gemm=f"{gemm} block-scaled GEMM", moe_fp8="triton block-scaled fused MoE")
     if HAS_V4_DECODE:
-        ops["v4_decode_attention"] = v4_decode_triton.decode_attention
+        ops.update(v4_decode_attention=v4_decode_triton.decode_attention,
+                   v4_indexer_logits=v4_indexer_triton.indexer_logits)
     if HAS_GDN_TRITON:
         ops.update(causal_conv1d_varlen=causal_conv1d_triton.causal_conv1d_varlen,
                    causal_conv1d_update=causal_conv1d_triton.causal_conv1d_update,

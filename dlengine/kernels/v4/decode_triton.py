@@ -1,7 +1,8 @@
 """Triton decode attention for DeepSeek-V4 (one query token per request), same signature and
 result as `reference.decode_attention`: one online softmax over the request's sliding-window ring
 (positions max(0, p - W + 1) .. p at rows pos % W), then over the compressed entries it reads
-(entry ids, -1 = none, gathered through the block table), then the per-head sink.
+(entry ids, -1 = none, gathered through the block table), then the per-head sink. A padded row
+(state slot < 0) reads nothing and writes zeros.
 
 A program handles one request and BLOCK_H heads: the single shared K=V head is loaded once per
 tile for all of them (MQA). Runs on CPU under TRITON_INTERPRET=1 (tests/test_v4_kernels.py)."""
@@ -26,8 +27,10 @@ def _online_update(q, k, valid, m_i, l_i, acc, scale, PRECISION: tl.constexpr):
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_H, BLOCK_N]
     s = tl.where(valid[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp(m_i - m_new)
-    p = tl.exp(s - m_new[:, None])
+    # nothing visible yet (a padded row): keep the sums at 0 instead of exp(-inf - -inf) = nan
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_ref)
+    p = tl.exp(s - m_ref[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(k.dtype), k, input_precision=PRECISION)
     return m_new, l_i, acc
@@ -48,7 +51,11 @@ def _v4_decode_kernel(q_ptr, ring_ptr, slots_ptr, pos_ptr, comp_ptr, bt_ptr, ids
                 mask=hmask[:, None] & dmask[None, :], other=0.0)
     p = tl.load(pos_ptr + b)
     slot = tl.load(slots_ptr + b)
-    n_win = tl.minimum(p + 1, W)
+    # a padded row of a CUDA-graph batch (slot < 0) reads no ring row and no entry
+    live = slot >= 0
+    n_win = tl.where(live, tl.minimum(p + 1, W), 0)
+    n_ids = tl.where(live, K, 0)
+    slot = tl.maximum(slot, 0)
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
@@ -61,7 +68,7 @@ def _v4_decode_kernel(q_ptr, ring_ptr, slots_ptr, pos_ptr, comp_ptr, bt_ptr, ids
         m_i, l_i, acc = _online_update(q, k, valid, m_i, l_i, acc, scale, PRECISION)
     for start in range(0, K, BLOCK_N):  # the compressed entries this query reads
         o = start + offs_n
-        ids = tl.load(ids_ptr + b * stride_idb + o, mask=o < K, other=-1)
+        ids = tl.load(ids_ptr + b * stride_idb + o, mask=o < n_ids, other=-1)
         valid = ids >= 0
         ids = tl.where(valid, ids, 0)
         blk = tl.load(bt_ptr + b * stride_btb + ids // per_block, mask=valid, other=0)

@@ -7,7 +7,10 @@ modeling_deepseek_v4.py operation by operation (so float32 results agree to roun
 - `indexer_select`: the lightning indexer's scores and its top-k choice of compressed entries.
 - `sink_attention`: one softmax over sliding-window keys, selected compressed entries and a
   per-head sink logit; K = V.
-- `clamped_swiglu_experts`: routed SwiGLU experts with V4's clamps on gate and up.
+- `clamped_swiglu_experts`: routed SwiGLU experts with V4's clamps on gate and up (and its dense
+  form, run while a CUDA graph captures).
+- `decode_attention`: `sink_attention` for one token per request, read from the caches.
+The batched decode step's compressor and indexer helpers: batched_decode.py.
 """
 
 from __future__ import annotations
@@ -102,7 +105,13 @@ def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.
 
 def clamped_swiglu_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                            topk_ids: torch.Tensor, limit: float) -> torch.Tensor:
-    """x [T, H]; w13 [E, 2I, H] (gate rows then up rows); w2 [E, H, I]; topk [T, K]."""
+    """x [T, H]; w13 [E, 2I, H] (gate rows then up rows); w2 [E, H, I]; topk [T, K].
+
+    Each routed expert runs on its tokens; listing them reads the routing on the host, which a
+    CUDA graph cannot capture: while capturing, `clamped_swiglu_experts_dense` runs instead (the
+    same numbers, every expert on every token)."""
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return clamped_swiglu_experts_dense(x, w13, w2, topk_weights, topk_ids, limit)
     out = torch.zeros_like(x)
     inter = w13.shape[1] // 2
     for e in topk_ids.unique().tolist():
@@ -114,25 +123,51 @@ def clamped_swiglu_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     return out
 
 
+def clamped_swiglu_experts_dense(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                                 topk_ids: torch.Tensor, limit: float) -> torch.Tensor:
+    """`clamped_swiglu_experts` without reading the routing on the host (CUDA-graph capturable):
+    every expert on every token, each token weighting it by its routing weight (0 when not
+    routed there), summed in expert order like the sparse form's index_add_. E / K times the
+    expert work: a fused clamped MoE kernel would avoid it (not written yet)."""
+    out = torch.zeros_like(x)
+    inter = w13.shape[1] // 2
+    for e in range(w13.shape[0]):
+        gate_up = F.linear(x, w13[e])
+        y = F.linear(clamped_swiglu(gate_up[:, :inter], gate_up[:, inter:], limit), w2[e])
+        weight = torch.where(topk_ids == e, topk_weights, 0).sum(dim=-1)  # [T]: the one routed slot, or 0
+        out += y * weight[:, None].to(x.dtype)
+    return out
+
+
 def decode_attention(q: torch.Tensor, window_kv: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
                      window: int, compressed: torch.Tensor, block_tables: torch.Tensor, entry_ids: torch.Tensor,
                      compress_rate: int, sinks: torch.Tensor, scale: float) -> torch.Tensor:
-    """One decode token per request: `sink_attention` read straight from the caches.
+    """One decode token per request: `sink_attention` read straight from the caches, for the
+    whole batch at once (device tensors only: no host sync, so a decode step on the reference
+    can be captured too).
 
     q [B, H, D]; window_kv [slots, W, D], the ring (already holding this step's token) at row
     pos % W; slots, positions [B]; compressed [num_blocks, block_size // m, D] (paged entries,
     entry w at block_tables[b, w*m // block_size], row (w*m % block_size) // m); entry_ids [B, K]
-    the entries each query reads, -1 for none. Returns [B, H, D]."""
-    out = torch.empty_like(q)
+    the entries each query reads, -1 for none. A padded row (slot < 0: engine/cuda_graph.py)
+    reads nothing and gets zeros. Returns [B, H, D]."""
+    b, h, _ = q.shape
+    live = slots >= 0
+    key_pos = positions[:, None] - (window - 1) + torch.arange(window, device=q.device)  # [B, W] ascending
+    in_window = (key_pos >= 0) & live[:, None]
+    keys = window_kv[slots.clamp(min=0)[:, None], key_pos % window]  # [B, W, D]
     per_block = compressed.shape[1]
-    for b in range(q.shape[0]):
-        p, slot = int(positions[b]), int(slots[b])
-        key_pos = torch.arange(max(0, p - window + 1), p + 1, device=q.device)
-        keys = window_kv[slot, key_pos % window]
-        ids = entry_ids[b][entry_ids[b] >= 0].long()
-        blocks = block_tables[b, ids // per_block].long()
-        entries = compressed[blocks, ids % per_block]
-        visible = torch.ones((1, ids.numel()), dtype=torch.bool, device=q.device)
-        out[b] = sink_attention(q[b:b + 1], keys.to(q.dtype), key_pos, positions[b:b + 1], window,
-                                entries.to(q.dtype), visible, sinks, scale)[0]
-    return out
+    ids = entry_ids.long()
+    chosen = (ids >= 0) & live[:, None]
+    safe = ids.clamp(min=0)
+    blocks = block_tables.long().gather(1, (safe // per_block).clamp(max=block_tables.shape[1] - 1))
+    entries = compressed[blocks, safe % per_block]  # [B, K, D]
+    visible = torch.cat([in_window, chosen], dim=1)  # [B, W + K]
+    kv = torch.where(visible[..., None], torch.cat([keys, entries], dim=1).to(q.dtype), 0.0)
+    logits = torch.matmul(q, kv.transpose(1, 2)) * scale  # [B, H, W + K]
+    logits = logits.masked_fill(~visible[:, None, :], float("-inf"))
+    sink = sinks.to(logits.dtype).view(1, h, 1).expand(b, h, 1)
+    combined = torch.cat([logits, sink], dim=-1)
+    combined = combined - combined.max(dim=-1, keepdim=True).values
+    probs = F.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1]
+    return torch.matmul(probs.to(kv.dtype), kv)

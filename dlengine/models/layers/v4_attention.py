@@ -12,6 +12,12 @@ Cache (dlengine/cache/v4_specs.py), per running request:
 - paged groups `<name>` (CompressedKVSpec): entry w at block_table[w*m // block_size], row
   (w*m % block_size) // m.
 A step reads every ring before writing it, so one step may span many windows (chunked prefill).
+
+Two paths. A step with prompt tokens loops over its requests on the host (`request_slices`,
+`Compressor.update`, `indexer_select`): any number of tokens per request. A pure decode step (one
+token each) runs batched on the device (`Compressor.decode_update`, kernels/v4/batched_decode.py):
+fixed widths from the block tables, no host sync, padded rows (state slot < 0) writing nothing, so
+the CUDA graph runner captures it (engine/cuda_graph.py).
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from torch import nn
 from dlengine.config import RopeConfig
 from dlengine.kernels.context import ForwardContext
 from dlengine.kernels.selection import current_kernels
+from dlengine.kernels.v4.batched_decode import (finished_entry_ids, masked_index_put, pool_last_window, ring_before,
+                                                top_entry_ids)
 from dlengine.kernels.v4.reference import indexer_select, interleaved_rope, pool_windows, sink_attention
 from dlengine.models.layers.linear import Linear, default_weight_loader
 from dlengine.models.layers.norm import RMSNorm
@@ -149,6 +157,31 @@ class Compressor(nn.Module):
         ring_gate[rows] = gate[keep - s:].to(ring_gate.dtype)
         return e1
 
+    def decode_update(self, kv: torch.Tensor, gate: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+                      block_tables: torch.Tensor, state: dict, paged: torch.Tensor, block_size: int) -> torch.Tensor:
+        """`update` for one new token per request, the whole batch at once on the device: kv, gate
+        [B, P] of the tokens at `positions` [B]. A request whose token ends a window (position + 1
+        divisible by m) pools it (with the ring's earlier rows) into its paged entry; every
+        request's token then goes into its ring. Padded rows (slot < 0) write nothing. Returns
+        each request's number of entries [B] (0 for padded rows: they read none)."""
+        m, size = self.m, self.ring
+        ring_kv, ring_gate = state[f"{self.cache_name}_kv"], state[f"{self.cache_name}_gate"]
+        live = slots >= 0
+        # the last `size` positions, ending at the new token: the window (and, with overlap, the
+        # one before it) of a request that completes one now
+        seq_kv = torch.cat([ring_before(ring_kv, slots, positions, size - 1).to(kv.dtype), kv[:, None]], dim=1)
+        seq_gate = torch.cat([ring_before(ring_gate, slots, positions, size - 1).to(gate.dtype), gate[:, None]], dim=1)
+        pooled = pool_last_window(seq_kv, seq_gate, self.ape, self.overlap, positions + 1 >= 2 * m)
+        first = (positions + 1 - m).clamp(min=0)  # the window's first position
+        entries = self.rope(self.norm(pooled), first)
+        blocks = block_tables.gather(1, (first // block_size).clamp(max=block_tables.shape[1] - 1)[:, None])[:, 0]
+        done = live & ((positions + 1) % m == 0)
+        masked_index_put(paged, (blocks.long(), (first % block_size) // m), done, entries)
+        rows = (slots.clamp(min=0), positions % size)
+        masked_index_put(ring_kv, rows, live, kv)
+        masked_index_put(ring_gate, rows, live, gate)
+        return torch.where(live, (positions + 1) // m, 0)
+
 
 class Indexer(nn.Module):
     """CSA's lightning indexer: its own overlapping compressor at `index_head_dim` (the keys),
@@ -247,23 +280,35 @@ class V4Attention(nn.Module):
 
     def _decode(self, q: torch.Tensor, kv: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext, state: dict,
                 step: CompressStep | None) -> torch.Tensor:
-        """One token per request: write it into the ring and the compressors, list the compressed
-        entries each query reads (ids, -1 padded), then the decode kernel reads both caches."""
+        """One token per request, batched on the device: write it into the window ring and the
+        compressors, list the compressed entries each query reads (a fixed width, ids ascending,
+        -1 padded), then the decode kernel reads both caches. No host sync, so a CUDA graph
+        captures it; a padded row (state slot < 0) writes no ring or entry and reads nothing."""
         meta, d = ctx.meta, self.head_dim
+        slots = meta.state_slots
         ring = state["window_kv"]
-        ring[meta.state_slots, positions % self.window] = kv.to(ring.dtype)
+        masked_index_put(ring, (slots.clamp(min=0), positions % self.window), slots >= 0, kv)
         if step is None:
             ids = torch.full((q.shape[0], 0), -1, dtype=torch.long, device=q.device)
             paged, m = kv.new_zeros((1, 1, d)), 1
         else:
             paged, m = step.paged, self.compressor.m
-            chosen = [torch.nonzero(self._compress(step, r, state, positions[r.start:r.start + 1])[1][0]).flatten()
-                      for r in request_slices(ctx)]
-            ids = torch.full((q.shape[0], max(c.numel() for c in chosen)), -1, dtype=torch.long, device=q.device)
-            for i, c in enumerate(chosen):
-                ids[i, : c.numel()] = c
-        return self.ops.v4_decode_attention(q, ring, meta.state_slots, positions, self.window, paged,
-                                            meta.block_tables, ids, m, self.attn_sink, d ** -0.5)
+            tables = meta.block_tables
+            counts = self.compressor.decode_update(step.kv, step.gate, slots, positions, tables, state, paged,
+                                                   step.block_size)
+            # every entry a request can have: the block tables bound its context (in a graph, by max_model_len)
+            width = tables.shape[1] * paged.shape[1]
+            if self.kind == HCA:  # every finished window
+                ids = finished_entry_ids(counts, width)
+            else:
+                idx = self.indexer
+                idx.compressor.decode_update(step.idx_kv, step.idx_gate, slots, positions, tables, state,
+                                             step.idx_paged, step.block_size)
+                logits = self.ops.v4_indexer_logits(step.idx_q, step.idx_w, step.idx_paged, tables, counts, width,
+                                                    idx.dim ** -0.5)
+                ids = top_entry_ids(logits, idx.topk)
+        return self.ops.v4_decode_attention(q, ring, slots, positions, self.window, paged, meta.block_tables, ids, m,
+                                            self.attn_sink, d ** -0.5)
 
     def _window_keys(self, kv: torch.Tensor, r: StepSlice, ring_all: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys of the new tokens and of the window before them (from the ring); then the ring
