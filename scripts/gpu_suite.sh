@@ -52,8 +52,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
 
 run_tests() {
-  python3 -m pytest -q -p no:cacheprovider tests/test_gpu_*.py tests/test_triton_ops.py tests/test_triton_attention.py tests/test_dsa_kernels.py tests/test_fp8_kv.py \
-    ${TEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -25
+  python3 -m pytest -q -p no:cacheprovider tests/test_gpu_*.py tests/test_triton_ops.py tests/test_triton_attention.py tests/test_triton_mla.py \
+    tests/test_dsa_kernels.py tests/test_fp8_kv.py tests/test_v4_kernels.py tests/test_correctness_qwen3_5_vl.py \
+    tests/test_video_qwen3_vl.py ${TEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -25
 }
 run_attention() {
   python3 scripts/gpu_check_attention.py ${ATTN_ARGS:-} --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log" | tail -60
