@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 import torch
 
 from dlengine.disagg.params import KVTransferParams, check_shards
-from dlengine.disagg.prefill import DONE, META_BYTES, PIN
+from dlengine.disagg.pin_table import DONE, PIN, ctrl_offset
+from dlengine.disagg.prefill import META_BYTES
 from dlengine.disagg.records import read_record
 from dlengine.disagg.shards import Leg, plan_legs
 from dlengine.engine.sampler import skip_sampling_steps
@@ -262,7 +263,7 @@ class DecodeConnector:
             self.scratch[1, leg.scratch] = 0
             try:
                 leg.future = self.transfer.read(lp.engine_id, "scratch", "ctrl",
-                                                [((PIN * self._remote_slots(lp) + lp.slot) * 8,
+                                                [(ctrl_offset(PIN, lp.slot, self._remote_slots(lp)),
                                                   (NUM_SCRATCH + leg.scratch) * 8, 8)])
             except TransferError as e:
                 return f"KV pull from prefill engine {lp.engine_id} failed: {e}"
@@ -444,7 +445,8 @@ class DecodeConnector:
         i = self._free_scratch.popleft()
         self.scratch[0, i] = p.nonce
         try:
-            fut = self.transfer.write(p.engine_id, "scratch", "ctrl", [((DONE * self._remote_slots(p) + p.slot) * 8, i * 8, 8)])
+            fut = self.transfer.write(p.engine_id, "scratch", "ctrl",
+                                      [(ctrl_offset(DONE, p.slot, self._remote_slots(p)), i * 8, 8)])
         except TransferError:
             self._free_scratch.append(i)
             return

@@ -14,10 +14,11 @@ registered regions of this engine, which stays passive:
   each image one [1 + deepstack levels, tokens, hidden] tensor: the merged patch embeddings,
   then the deepstack feature maps the text model adds after its first decoder layers;
 - "ec_meta": the handshake record (JSON: engine id, role, model fingerprint, architecture);
-- "ec_ctrl": int64 [2, slots]. Row 0 ("pin") holds a request's nonce while its embeddings are
-  pinned and is cleared BEFORE they are freed; the puller re-reads it after its read, so a pull
-  that raced a release is detected and discarded. Row 1 ("done") is where the puller writes the
-  nonce when it has the embeddings (or gave up); `poll()` releases those runs.
+- "ec_ctrl": int64 [2, slots], the pin table's control region (disagg/pin_table.py). Row 0
+  ("pin") holds a request's nonce while its embeddings are pinned and is cleared BEFORE they are
+  freed; the puller re-reads it after its read, so a pull that raced a release is detected and
+  discarded. Row 1 ("done") is where the puller writes the nonce when it has the embeddings (or
+  gave up); `poll()` releases those runs.
 
 A pinned run is released when the puller says so, after `pin_timeout_s` (the puller is dead or
 never came), or by `release(request_id)` (the server's /ec/free).
@@ -25,14 +26,10 @@ never came), or by `release(request_id)` (the server's /ec/free).
 
 from __future__ import annotations
 
-import json
 import logging
-import random
 import threading
-import time
 import uuid
 from collections import deque
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -40,27 +37,18 @@ import torch
 from dlengine.config import EngineConfig
 from dlengine.disagg.ec_params import EncodedImage, EncoderTransferParams, dtype_name
 from dlengine.disagg.ec_staging import ChunkedStaging
+from dlengine.disagg.pin_table import Pin, PinTable
 from dlengine.disagg.records import write_record
 from dlengine.multimodal.processor import ImagePromptProcessor
 from dlengine.sampling_params import InvalidRequestError
 
 logger = logging.getLogger("dlengine.disagg")
 META_BYTES = 4096
-PIN, DONE = 0, 1
 VISUAL_PREFIX = "model.visual."
 
 
 class EncoderBusyError(RuntimeError):
     """The encoder's staging region or pin slots are full (pullers are slow or gone); retry later."""
-
-
-@dataclass
-class _Pinned:
-    request_id: str
-    run: tuple[int, int]
-    slot: int
-    nonce: int
-    deadline: float
 
 
 def build_vision_tower(cfg: EngineConfig) -> torch.nn.Module:
@@ -117,22 +105,17 @@ class EncoderEngine:
         self.num_levels = 1 + len(vc.get("deepstack_visual_indexes") or [])
         self.staging = ChunkedStaging(config.encoder_cache.staging_bytes)
         self.num_slots = num_slots
-        self.ctrl = torch.zeros((2, num_slots), dtype=torch.int64)
+        # each pin holds a staging run; the table gives it back to staging once its pin entry is cleared
+        self.pins: PinTable[tuple[int, int]] = PinTable(num_slots, self.pin_timeout_s, self.staging.release)
         self.meta = torch.zeros(META_BYTES, dtype=torch.uint8)
         write_record(self.meta, {"engine_id": engine_id, "role": "encode", "fingerprint": fingerprint,
                                  "architecture": config.model.architecture})
         transfer.register_region("ec", self.staging.tensor)
-        transfer.register_region("ec_ctrl", self.ctrl)
+        transfer.register_region("ec_ctrl", self.pins.ctrl)
         transfer.register_region("ec_meta", self.meta)
-        self._free_slots = deque(range(num_slots))
-        self.pinned: dict[int, _Pinned] = {}
-        self._slot_of: dict[str, int] = {}
-        self._rng = random.Random()
         self._ids = 0
         self._lock = threading.Lock()  # encode() from a server's worker threads, poll() from its poller
-        self.counts = {"handed_off": 0, "released_done": 0, "released_timeout": 0, "released_abort": 0,
-                       "images": 0, "image_tokens": 0}
-        self.events: deque[tuple[str, str]] = deque(maxlen=1000)  # (request id, why its embeddings were freed)
+        self.image_counts = {"images": 0, "image_tokens": 0}
 
     # ------------------------------------------------------------------ encoding
     @torch.inference_mode()
@@ -164,7 +147,7 @@ class EncoderEngine:
         with self._lock:
             self._poll_locked()
             run = self.staging.allocate(sum(sizes))
-            if run is None or not self._free_slots:
+            if run is None or not self.pins.has_free_slot:
                 if run is not None:
                     self.staging.release(run)
                 raise EncoderBusyError(f"encoder engine {self.engine_id} has no free staging ({sum(sizes)} bytes "
@@ -177,19 +160,13 @@ class EncoderEngine:
                 self.staging.view(offset, dtype, tuple(emb.shape)).copy_(emb)
                 encoded.append(EncodedImage(content_hash.hex(), list(grid), int(emb.shape[1]), offset))
                 offset += size
-            slot = self._free_slots.popleft()
-            nonce = self._rng.getrandbits(62) + 1
-            self.ctrl[DONE, slot] = 0
-            self.ctrl[PIN, slot] = nonce
-            self.pinned[slot] = _Pinned(request_id, run, slot, nonce, time.monotonic() + self.pin_timeout_s)
-            self._slot_of[request_id] = slot
-            self.counts["handed_off"] += 1
-            self.counts["images"] += len(encoded)
-            self.counts["image_tokens"] += sum(e.num_tokens for e in encoded)
+            pin = self.pins.pin(request_id, run)
+            self.image_counts["images"] += len(encoded)
+            self.image_counts["image_tokens"] += sum(e.num_tokens for e in encoded)
         return EncoderTransferParams(
             engine_id=self.engine_id, endpoint=self.transfer.local_info(), request_id=request_id,
             fingerprint=self.fingerprint, dtype=dtype_name(dtype), hidden_size=self.hidden_size,
-            num_levels=self.num_levels, images=encoded, slot=slot, num_slots=self.num_slots, nonce=nonce,
+            num_levels=self.num_levels, images=encoded, slot=pin.slot, num_slots=self.num_slots, nonce=pin.nonce,
             pin_timeout_s=self.pin_timeout_s).to_dict()
 
     # ------------------------------------------------------------------ pins
@@ -200,39 +177,34 @@ class EncoderEngine:
             self._poll_locked()
 
     def _poll_locked(self) -> None:
-        if not self.pinned:
-            return
-        now = time.monotonic()
-        done = self.ctrl[DONE].tolist()
-        for slot, p in list(self.pinned.items()):
-            if done[slot] == p.nonce:
-                self._release(slot, "done")
-            elif now > p.deadline:
+        for pin, why in self.pins.poll():
+            if why == "timeout":
                 logger.warning("encoder %s: the embeddings of %s were not pulled within %.1fs; freeing them",
-                               self.engine_id, p.request_id, self.pin_timeout_s)
-                self._release(slot, "timeout")
+                               self.engine_id, pin.request_id, self.pin_timeout_s)
 
     def release(self, request_id: str) -> bool:
         """Free a request's pinned embeddings now (False: not pinned, e.g. already pulled)."""
         with self._lock:
-            slot = self._slot_of.get(request_id)
-            if slot is None:
-                return False
-            self._release(slot, "abort")
-            return True
+            return self.pins.release_request(request_id)
 
-    def _release(self, slot: int, why: str) -> None:
-        p = self.pinned.pop(slot)
-        self.ctrl[PIN, slot] = 0  # first: a pull still in flight will see it and discard its copy
-        self.staging.release(p.run)
-        self._slot_of.pop(p.request_id, None)
-        self._free_slots.append(slot)
-        self.counts[f"released_{why}"] += 1
-        self.events.append((p.request_id, why))
+    @property
+    def pinned(self) -> dict[int, Pin[tuple[int, int]]]:
+        """The pins held, by slot (disagg/pin_table.py, Pin; `held` is the staging run)."""
+        return self.pins.pinned
 
     @property
     def num_pinned(self) -> int:
-        return len(self.pinned)
+        return len(self.pins)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Hand-offs and releases (the pin table's), then images and their tokens encoded."""
+        return {**self.pins.counts, **self.image_counts}
+
+    @property
+    def events(self) -> deque[tuple[str, str]]:
+        """(request id, why its embeddings were freed) of the latest releases."""
+        return self.pins.events
 
     # ------------------------------------------------------------------ facts
     def describe(self) -> dict:
@@ -242,7 +214,7 @@ class EncoderEngine:
                 "ec_transfer": {"engine_id": self.engine_id, "transfer_backend": self.transfer.backend,
                                 "transfer_transport": self.transfer.transport,
                                 "staging_bytes": self.staging.nbytes, "staging_free_bytes": self.staging.free_bytes,
-                                "pinned_requests": len(self.pinned), **self.counts}}
+                                "pinned_requests": len(self.pins), **self.counts}}
 
     def __repr__(self) -> str:
         c = self.config
@@ -252,8 +224,7 @@ class EncoderEngine:
 
     def close(self) -> None:
         with self._lock:
-            for slot in list(self.pinned):
-                self._release(slot, "abort")
+            self.pins.release_all()
         self.transfer.close()
 
     def __enter__(self) -> "EncoderEngine":

@@ -36,7 +36,8 @@ import torch
 
 from dlengine.disagg.ec_params import EncoderTransferParams, check_images
 from dlengine.disagg.ec_staging import ChunkedStaging
-from dlengine.disagg.encoder import DONE, META_BYTES, PIN
+from dlengine.disagg.encoder import META_BYTES
+from dlengine.disagg.pin_table import DONE, PIN, ctrl_offset
 from dlengine.disagg.records import read_record
 from dlengine.parallel.transfer.errors import HandshakeError, TransferError
 
@@ -320,8 +321,8 @@ class EncoderCacheClient:
             pull.deadline = now + self.options.pull_timeout_s
             try:
                 pull.future = self.transfer.read(p.engine_id, "ec_scratch", "ec_ctrl",
-                                                 [((PIN * p.num_slots + p.slot) * 8, (NUM_SCRATCH + pull.scratch) * 8,
-                                                   8)])
+                                                 [(ctrl_offset(PIN, p.slot, p.num_slots),
+                                                   (NUM_SCRATCH + pull.scratch) * 8, 8)])
             except TransferError as e:
                 pull.future = None
                 self._stage_failed(pull, f"re-reading the pin slot of {pull.where} failed: {e}")
@@ -415,7 +416,7 @@ class EncoderCacheClient:
         self.scratch[0, column] = p.nonce
         try:
             future = self.transfer.write(p.engine_id, "ec_scratch", "ec_ctrl",
-                                         [((DONE * p.num_slots + p.slot) * 8, column * 8, 8)])
+                                         [(ctrl_offset(DONE, p.slot, p.num_slots), column * 8, 8)])
         except TransferError:
             self._free_scratch.append(column)
             return

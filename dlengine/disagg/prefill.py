@@ -16,10 +16,11 @@ its own, no thread):
 - "kv": the KV region (the cache on CPU, pinned staging on CUDA);
 - "meta": this engine's handshake record (JSON: engine id, model fingerprint, KV layout), read
   by a decode engine when it first connects;
-- "ctrl": int64 [2, slots]. Row 0 ("pin") holds a request's nonce while its blocks are pinned and
-  is cleared BEFORE the blocks are freed; a decode engine re-reads it after its pull, so a pull
-  that raced a release is detected, never decoded. Row 1 ("done") is where a decode engine
-  writes the nonce when it no longer needs the blocks; `before_step` polls it.
+- "ctrl": int64 [2, slots], the pin table's control region (disagg/pin_table.py). Row 0 ("pin")
+  holds a request's nonce while its blocks are pinned and is cleared BEFORE the blocks are freed;
+  a decode engine re-reads it after its pull, so a pull that raced a release is detected, never
+  decoded. Row 1 ("done") is where a decode engine writes the nonce when it no longer needs the
+  blocks; `poll` reads it.
 
 Blocks are released when the decode side says it is done with them (event "done": pulled, or
 failed/aborted there), after `pin_timeout_s` (decode engine dead or
@@ -33,33 +34,28 @@ the other ranks' in `shards` (dlengine.parallel.lockstep gathers them).
 from __future__ import annotations
 
 import logging
-import random
-import time
 from collections import deque
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from dlengine.disagg.params import KVTransferParams, prompt_hash
+from dlengine.disagg.pin_table import Pin, PinTable
 from dlengine.disagg.records import write_record
 from dlengine.engine.seams import PollResult
 from dlengine.parallel.transfer.kv_region import KVRegion
 
 logger = logging.getLogger("dlengine.disagg")
 META_BYTES = 16384
-PIN, DONE = 0, 1
 
 
 @dataclass
-class _Pinned:
-    """Holds a handed-off request's block references (a BlockRequest for BlockManager.free)."""
+class _HeldKV:
+    """What a handed-off request keeps pinned: its region blocks (and state slot) and, when the
+    cache itself is the region, its cache block references (a BlockRequest for BlockManager.free)."""
 
-    request_id: str
     block_ids: list[int]
     region_blocks: list[int]
-    slot: int
-    nonce: int
-    deadline: float
     num_cached_blocks: int = 0
     all_token_ids: list[int] = field(default_factory=list)
     region_state_slot: int = -1  # staging slot of its recurrent state (models with state specs)
@@ -87,19 +83,13 @@ class PrefillConnector:
             raise ConfigError(f"{config.model.architecture} keeps a recurrent state per request, which travels "
                               "through a staging slot: staging_blocks=0 (the cache registered directly) cannot keep "
                               "a finished request's state slot pinned; leave staging_blocks unset")
-        self.ctrl = torch.zeros((2, num_slots), dtype=torch.int64)
+        self.pins: PinTable[_HeldKV] = PinTable(num_slots, pin_timeout_s, self._free_held)
         self.meta = torch.zeros(META_BYTES, dtype=torch.uint8)
         write_record(self.meta, {"engine_id": engine_id, "role": "prefill", "fingerprint": fingerprint,
                                  "layout": self.region.layout.to_dict(), "architecture": config.model.architecture})
         transfer.register_region("kv", self.region.tensor)
-        transfer.register_region("ctrl", self.ctrl)
+        transfer.register_region("ctrl", self.pins.ctrl)
         transfer.register_region("meta", self.meta)
-        self._free_slots = deque(range(num_slots))
-        self.pinned: dict[int, _Pinned] = {}
-        self._slot_of: dict[str, int] = {}
-        self._rng = random.Random()
-        self.counts = {"handed_off": 0, "released_done": 0, "released_timeout": 0, "released_abort": 0}
-        self.events: deque[tuple[str, str]] = deque(maxlen=1000)  # (request id, why it was released)
         self.registration = None  # a discovery.Registration when registered with a control plane
 
     # ------------------------------------------------------------------ the seam
@@ -128,7 +118,7 @@ class PrefillConnector:
         region_blocks = self.region.allocate(cache_blocks)
         # the recurrent state after the whole prompt (the decode engine resumes from it)
         state_slot = self.region.allocate_state() if self.region.has_state else -1
-        if region_blocks is None or not self._free_slots or state_slot is None:
+        if region_blocks is None or not self.pins.has_free_slot or state_slot is None:
             if region_blocks is not None:
                 self.region.release(region_blocks)
             if state_slot is not None:
@@ -138,79 +128,68 @@ class PrefillConnector:
         self.region.stage_out(cache_blocks, region_blocks)
         if state_slot >= 0:
             self.region.stage_state_out(request.state_slot, state_slot)
-        slot = self._free_slots.popleft()
-        nonce = self._rng.getrandbits(62) + 1
         if self.region.staged:
             # the KV now lives in staging: the cache blocks go back to the pool (and stay in the
             # prefix cache); only the staging blocks are pinned until the decode side is done
-            held = []
+            cache_refs = []
         else:  # the cache itself is the region: pin its blocks (the scheduler frees nothing)
-            held = list(request.block_ids)
+            cache_refs = list(request.block_ids)
             request.block_ids = []
             request.num_cached_blocks = 0
-        pinned = _Pinned(request.request_id, held, region_blocks, slot, nonce, time.monotonic() + self.pin_timeout_s,
-                         region_state_slot=state_slot)
-        self.ctrl[DONE, slot] = 0
-        self.ctrl[PIN, slot] = nonce
-        self.pinned[slot] = pinned
-        self._slot_of[request.request_id] = slot
+        pin = self.pins.pin(request.request_id, _HeldKV(cache_refs, region_blocks, region_state_slot=state_slot))
         request.kv_transfer_params = KVTransferParams(
             engine_id=self.engine_id, endpoint=self.transfer.local_info(), request_id=request.request_id,
             block_ids=region_blocks, num_computed_tokens=n, first_token=request.output_token_ids[0],
             prompt_hash=prompt_hash(request.prompt_token_ids), fingerprint=self.fingerprint,
-            layout=self.region.layout.to_dict(), slot=slot, nonce=nonce, pin_timeout_s=self.pin_timeout_s,
+            layout=self.region.layout.to_dict(), slot=pin.slot, nonce=pin.nonce, pin_timeout_s=self.pin_timeout_s,
             state_slot=state_slot,
         ).to_dict()
-        self.counts["handed_off"] += 1
         return "kv_transfer"
 
     def poll(self) -> PollResult:
         """Release blocks that decode engines are done with, or whose pin expired."""
-        if not self.pinned:
-            return PollResult()
-        now = time.monotonic()
-        done = self.ctrl[DONE].tolist() if len(self.pinned) > 8 else None
-        for slot, p in list(self.pinned.items()):
-            d = done[slot] if done is not None else int(self.ctrl[DONE, slot])
-            if d == p.nonce:
-                self._release(slot, "done")
-            elif now > p.deadline:
+        for pin, why in self.pins.poll():
+            if why == "timeout":
                 logger.warning("prefill %s: request %s was not pulled within %.1fs; freeing its KV blocks",
-                               self.engine_id, p.request_id, self.pin_timeout_s)
-                self._release(slot, "timeout")
+                               self.engine_id, pin.request_id, self.pin_timeout_s)
         return PollResult()
 
     def abort(self, request_id: str) -> bool:
-        slot = self._slot_of.get(request_id)
-        if slot is None:
-            return False
-        self._release(slot, "abort")
-        return True
+        return self.pins.release_request(request_id)
 
-    def _release(self, slot: int, why: str) -> None:
-        p = self.pinned.pop(slot)
-        self.ctrl[PIN, slot] = 0  # first: a pull still in flight will see it and discard its copy
-        self.block_manager.free(p)
-        self.region.release(p.region_blocks)
-        self.region.release_state(p.region_state_slot)
-        self._slot_of.pop(p.request_id, None)
-        self._free_slots.append(slot)
-        self.counts[f"released_{why}"] += 1
-        self.events.append((p.request_id, why))
+    def _free_held(self, held: _HeldKV) -> None:
+        """The pin table's `free`: called after the request's pin entry is cleared."""
+        self.block_manager.free(held)
+        self.region.release(held.region_blocks)
+        self.region.release_state(held.region_state_slot)
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def pinned(self) -> dict[int, Pin[_HeldKV]]:
+        """The pins held, by slot (disagg/pin_table.py, Pin)."""
+        return self.pins.pinned
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return self.pins.counts
+
+    @property
+    def events(self) -> deque[tuple[str, str]]:
+        """(request id, why it was released) of the latest releases."""
+        return self.pins.events
 
     @property
     def num_pinned_blocks(self) -> int:
-        return sum(len(p.region_blocks) for p in self.pinned.values())
+        return sum(len(p.held.region_blocks) for p in self.pins.pinned.values())
 
     def describe(self) -> dict:
         return {"engine_id": self.engine_id, "transfer_backend": self.transfer.backend,
                 "transfer_transport": self.transfer.transport, "kv_staging": self.region.staged,
-                "pinned_requests": len(self.pinned), **self.counts}
+                "pinned_requests": len(self.pins), **self.pins.counts}
 
     def close(self) -> None:
         if self.registration is not None:
             self.registration.close()
             self.registration = None
-        for slot in list(self.pinned):
-            self._release(slot, "abort")
+        self.pins.release_all()
         self.transfer.close()
