@@ -27,6 +27,7 @@ from dlengine.kernels.selection import Kernels, kernel_scope, resolve_kernels
 from dlengine.kernels.kv_quant import is_fp8
 from dlengine.models.loader import init_dummy_weights, kv_scale_source, load_weights, run_post_load_hooks
 from dlengine.models.registry import get_model_class
+from dlengine.speculative.acceptance import make_acceptance
 from dlengine.tokenizer import load_tokenizer
 
 logger = logging.getLogger("dlengine")
@@ -236,7 +237,8 @@ def build_core(cfg: EngineConfig, state=None) -> EngineCore:
                     len(graph_runner.graphs), graph_batch, graph_runner.memory_bytes / 2**30)
     runner = ModelRunner(model, kv_cache, backend, _make_sampler(cfg, state), cfg.model.vocab_size, cfg.device,
                          graph_runner=graph_runner, kernels=kernels,
-                         keep_hidden_states=getattr(speculator, "needs_hidden_states", False))
+                         keep_hidden_states=getattr(speculator, "needs_hidden_states", False),
+                         acceptance=make_acceptance(cfg.speculative_forced_acceptance, cfg.seed))
     scheduler = Scheduler(cfg.scheduler, block_manager, policy=cfg.scheduler.policy, connector=connector,
                           num_lookahead_tokens=getattr(speculator, "num_lookahead_tokens", 0),
                           max_model_len=cfg.max_model_len)

@@ -94,6 +94,7 @@ class EngineBuilder:
         self._encoder_cache: dict[str, Any] = {}
         self._components: dict[str, Any] = {}
         self._speculative_tokens = 0
+        self._spec_forced_acceptance: float | None = None
 
     # each method records a choice and returns self so calls chain
     def dtype(self, dtype: str | torch.dtype) -> "EngineBuilder":
@@ -153,12 +154,20 @@ class EngineBuilder:
         self._components["kv_connector"] = factory
         return self
 
-    def speculative(self, method: Any, num_tokens: int = 1) -> "EngineBuilder":
+    def speculative(self, method: Any, num_tokens: int = 1,
+                    forced_acceptance: float | None = None) -> "EngineBuilder":
         """Speculative decoding: "mtp" (the checkpoint's multi-token-prediction layer, DeepSeek-V3 /
         Kimi-K2 checkpoints with num_nextn_predict_layers >= 1), "ngram" (prompt lookup, no
         weights) (both in dlengine.speculative) or a proposer object (dlengine.engine.seams.Speculator)
         drafting up to `num_tokens` tokens a step; the engine verifies them in one forward
         (docs/speculative.md).
+
+        `forced_acceptance=p` (benchmarking only) keeps each draft with probability p in [0, 1]
+        instead of when it equals the target's token, stopping at the first rejection (seeded by
+        `seed(...)`): the verify step's cost at a chosen acceptance, e.g. on dummy weights whose
+        drafts are never right. The output is then NOT the model's; describe(), the repr and
+        `stats` say "forced acceptance p" (docs/speculative.md, "Benchmarking at a fixed
+        acceptance rate").
 
         >>> from dlengine import EngineBuilder, SamplingParams
         >>> engine = EngineBuilder("tiny-qwen3").speculative("ngram", num_tokens=3).build()
@@ -168,6 +177,7 @@ class EngineBuilder:
         """
         self._components["speculator"] = method
         self._speculative_tokens = num_tokens
+        self._spec_forced_acceptance = forced_acceptance
         return self
 
     def parallel(self, **options: Any) -> "EngineBuilder":
@@ -390,6 +400,13 @@ class EngineBuilder:
             raise ConfigError("cuda_graphs(True) cannot capture expert-parallel MoE (parallel(ffn_ep>1)): the "
                               "all-to-all split sizes are read on the host every step; use cuda_graphs(False)")
         speculator = self._components.get("speculator")
+        if self._spec_forced_acceptance is not None:
+            from dlengine.speculative.acceptance import check_forced_rate
+
+            if speculator is None:
+                raise ConfigError("speculative(forced_acceptance=...) needs a speculator to force: pass a method "
+                                  "('mtp', 'ngram') or a proposer object")
+            check_forced_rate(self._spec_forced_acceptance)
         if speculator is not None:
             if not (isinstance(self._speculative_tokens, int) and self._speculative_tokens >= 1):
                 raise ConfigError(f"speculative num_tokens must be an integer >= 1, got {self._speculative_tokens!r}")
@@ -467,6 +484,8 @@ class EngineBuilder:
             load_num_layers=self._hf_overrides.get("num_hidden_layers"),
             transfer=TransferConfig(**self._transfer) if self._transfer is not None else None,
             control_plane=self._control_plane, speculative_tokens=self._speculative_tokens,
+            speculative_forced_acceptance=(None if self._spec_forced_acceptance is None
+                                           else float(self._spec_forced_acceptance)),
             components=Components(**self._components), encoder_cache=encoder_cache,
         )
 

@@ -88,6 +88,18 @@ def _engine_options() -> argparse.ArgumentParser:
     return p
 
 
+def _bench_engine_options() -> argparse.ArgumentParser:
+    """Engine options for benchmarks only (`dlengine serve` does not take them)."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("engine (benchmarks only)")
+    g.add_argument("--spec-forced-acceptance", type=float, metavar="P", default=_E.spec_forced_acceptance,
+                   help="with --speculative: keep each draft with probability P in [0, 1] instead of when it "
+                        "matches the model (stopping at the first rejection), to time speculative decoding at a "
+                        "fixed acceptance, e.g. on dummy weights; the outputs are then not the model's and the "
+                        "results say so (docs/speculative.md) (default: off, real acceptance)")
+    return p
+
+
 def _output_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("output")
@@ -354,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=f"Benchmark an engine. Without a benchmark name, runs '{DEFAULT_BENCH}'.",
     )
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK")
-    common = [_engine_options(), _output_options(), _peak_options()]  # every benchmark takes these
+    # every offline benchmark takes these
+    common = [_engine_options(), _bench_engine_options(), _output_options(), _peak_options()]
     for add in BENCHMARKS.values():
         add(bench_sub, common)
     _add_serve(sub)

@@ -492,6 +492,9 @@ class EngineConfig:
     encoder_cache: EncoderCacheConfig = field(default_factory=EncoderCacheConfig)  # EPD image embeddings
     control_plane: dict | None = None  # dlslime-ctrl registration of a prefill / decode engine
     speculative_tokens: int = 0  # drafts per step when a speculator is set
+    # benchmarking: keep each draft with this probability, whatever it is (outputs are then not
+    # the model's; dlengine/speculative/acceptance.py); None: keep drafts equal to the target's
+    speculative_forced_acceptance: float | None = None
     components: Components = field(default_factory=Components)
 
     @property

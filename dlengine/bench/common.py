@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, TypeVar
 
 from dlengine.builder import EngineBuilder
+from dlengine.config import ConfigError
 from dlengine.engine.engine import Engine
 
 
@@ -43,6 +44,9 @@ class EngineArgs:
     num_layers: int | None = None  # None: the model's; else hf_overrides(num_hidden_layers=...)
     speculative: str | None = None  # "mtp" or "ngram" (EngineBuilder.speculative)
     num_speculative_tokens: int = 3
+    # benchmarking only: keep each draft with this probability instead of when it matches
+    # (EngineBuilder.speculative(forced_acceptance=...)); outputs are then not the model's
+    spec_forced_acceptance: float | None = None
     threads: int | None = None  # torch CPU threads; None: OMP_NUM_THREADS if set, else chosen (bench/cpu_threads.py)
 
 
@@ -100,7 +104,11 @@ def engine_builder(args: EngineArgs) -> EngineBuilder:
     if args.max_model_len is not None:
         b.max_model_len(args.max_model_len)
     if args.speculative is not None:
-        b.speculative(args.speculative, num_tokens=args.num_speculative_tokens)
+        b.speculative(args.speculative, num_tokens=args.num_speculative_tokens,
+                      forced_acceptance=args.spec_forced_acceptance)
+    elif args.spec_forced_acceptance is not None:
+        raise ConfigError("spec_forced_acceptance (--spec-forced-acceptance) forces the acceptance of drafts: it "
+                          "needs speculative decoding (--speculative mtp | ngram)")
     return b
 
 
@@ -154,8 +162,11 @@ def free_device_memory(device) -> None:
 
 
 def describe_engine(engine: Engine) -> dict[str, Any]:
-    """The engine facts a benchmark result should carry."""
-    return {"engine": repr(engine), **engine.describe()}
+    """The engine facts a benchmark result should carry. `spec_forced_acceptance` is the
+    probability each draft was kept with when acceptance was forced for benchmarking (the
+    acceptance numbers and tokens are then not the model's), else None."""
+    return {"engine": repr(engine), **engine.describe(),
+            "spec_forced_acceptance": getattr(engine.config, "speculative_forced_acceptance", None)}
 
 
 def write_json(result: Mapping[str, Any], path: str | os.PathLike) -> None:

@@ -340,6 +340,10 @@ def _run(cfg: LatencyConfig, engine: Engine, peaks: dict[str, Any]) -> dict[str,
         if getattr(engine.block_manager, "prefix_caching_active", False):
             notes.append("prefix caching is on: the synthetic blocks were published in the prefix cache (hashing "
                          "them falls in the first decode step); build the engine with cache(prefix_caching=False)")
+    forced = engine.config.speculative_forced_acceptance
+    if forced is not None:
+        notes.append(f"speculative acceptance forced at {forced:g} per draft (benchmark only): the decode numbers "
+                     "are those of that acceptance, the generated tokens are not the model's")
     if any(r["prefix_cache_hit_tokens"] for r in iters):
         notes.append("some prompt tokens came from the prefix cache: prefill is faster than a cold one")
     if any(r["preemptions"] for r in iters):

@@ -127,9 +127,11 @@ def format_report(result: Mapping[str, Any], title: str = "dlengine bench throug
     if "prefix_cache_hit_requests" in result:
         row("Prefix-cache hits (requests)", f"{result['prefix_cache_hit_requests']:,} of {result['num_requests']:,}")
     if "spec_draft_tokens" in result:
-        row("Draft tokens accepted", f"{result['spec_accepted_tokens']:,} of {result['spec_draft_tokens']:,} "
-                                     f"({_pct(result['spec_acceptance_rate'])})")
-        row("Mean accepted length", result["spec_mean_accepted_length"], 2)
+        forced = _forced(result)
+        row("Draft tokens accepted" + forced, f"{result['spec_accepted_tokens']:,} of {result['spec_draft_tokens']:,} "
+                                              f"({_pct(result['spec_acceptance_rate'])})")
+        row("Mean accepted length" + forced, result["spec_mean_accepted_length"], 2)
+    _forced_line(result, lines)
     if "mbu_est" in result:
         lines.append("-" * width)
         row("Decode MBU (estimate)", _pct(result["mbu_est"]))
@@ -200,6 +202,18 @@ def _compare_rows(lines: list[str], row, width: int, c: Mapping[str, Any]) -> No
     row("  ours / theirs (wall)", None if c.get("ratio_wall") is None else f"{c['ratio_wall']:.2f}x")
 
 
+def _forced(result: Mapping[str, Any]) -> str:
+    """The label suffix of acceptance rows when the bench forced the acceptance."""
+    return " (forced)" if result.get("spec_forced_acceptance") is not None else ""
+
+
+def _forced_line(result: Mapping[str, Any], lines: list[str]) -> None:
+    p = result.get("spec_forced_acceptance")
+    if p is not None:
+        lines.append(f"(forced): each draft kept at random with probability {p:g},")
+        lines.append("          not by matching the model; outputs are not the model's")
+
+
 def format_latency_report(result: Mapping[str, Any], title: str = "dlengine bench latency") -> str:
     """A readable table of a `run_latency` result."""
     width = 64
@@ -221,10 +235,12 @@ def format_latency_report(result: Mapping[str, Any], title: str = "dlengine benc
     row("Prefill tokens/s", result["prefill_tokens_per_s"], 1)
     row("Decode ms / token (mean)", result["decode_ms_per_token"], 3)
     if result.get("spec_draft_tokens"):  # speculative: the rows below are per step, not per token
+        forced = _forced(result)
         row("Decode ms / step (mean)", result["decode_ms_per_step"], 3)
-        row("Tokens per request per step", result["decode_tokens_per_request_step"], 2)
-        row("Draft tokens accepted", f"{result['spec_accepted_tokens']:,} of {result['spec_draft_tokens']:,} "
-                                     f"({_pct(result['spec_acceptance_rate'])})")
+        row("Tokens per request-step" + forced, result["decode_tokens_per_request_step"], 2)
+        row("Draft tokens accepted" + forced, f"{result['spec_accepted_tokens']:,} of {result['spec_draft_tokens']:,} "
+                                              f"({_pct(result['spec_acceptance_rate'])})")
+    _forced_line(result, lines)
     if result.get("num_full_batch_decode_steps") != result.get("num_decode_steps"):
         row("Decode ms / token (full batch)", result.get("full_batch_decode_ms_per_token"), 3)
     row("Decode ms / step (p50, p90)" if result.get("spec_draft_tokens") else "Decode ms / token (p50, p90)",

@@ -68,14 +68,19 @@ class EngineStats:
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     num_spec_verifications: int = 0
+    # benchmarking: drafts were kept with this probability, not by matching the target
+    # (speculative(forced_acceptance=p)); the tokens generated are then not the model's
+    forced_acceptance: float | None = None
     steps: list[StepRecord] = field(default_factory=list)
 
     def reset(self) -> None:
-        self.__init__()
+        self.__init__(forced_acceptance=self.forced_acceptance)  # a setting of the engine, not a counter
 
     @property
     def acceptance_rate(self) -> float | None:
-        """Accepted drafts / proposed drafts (None before any draft)."""
+        """Accepted drafts / proposed drafts (None before any draft). Under forced acceptance p
+        with k drafts a step this is about (p + p^2 + ... + p^k) / k, not p: a draft is only
+        tried when every draft before it was kept."""
         return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else None
 
     @property
@@ -101,7 +106,7 @@ class EngineCore:
         self.connector = connector
         self.speculator = speculator
         self.memory_plan = memory_plan
-        self.stats = EngineStats()
+        self.stats = EngineStats(forced_acceptance=config.speculative_forced_acceptance)
         self.requests: dict[str, Request] = {}
         # async scheduling overlaps step N+1's scheduling with step N's device work; speculative
         # steps need their verified tokens before the next proposal, so they run synchronously
@@ -372,6 +377,11 @@ class EngineCore:
         if self.speculator is not None:
             info["speculative"] = {"method": getattr(self.speculator, "name", type(self.speculator).__name__),
                                    "num_tokens": getattr(self.speculator, "num_tokens", None)}
+            if c.speculative_forced_acceptance is not None:
+                # benchmarking only: say so wherever the engine is described
+                info["speculative"]["forced_acceptance"] = c.speculative_forced_acceptance
+                info["speculative"]["note"] = (f"forced acceptance {c.speculative_forced_acceptance:g}: drafts are "
+                                               "kept at random, outputs are not the model's")
         if self.memory_plan is not None:
             info["memory_plan"] = self.memory_plan.describe(self.kv_cache.block_size)
         return info

@@ -125,6 +125,12 @@ class Engine:
             parts.append(f"kv_blocks={d.get('num_kv_blocks')} x {d.get('block_size')}")
             if d.get("kv_cache_dtype") not in (None, d.get("dtype")):
                 parts.append(f"kv_cache_dtype={d['kv_cache_dtype']}")
+        spec = d.get("speculative")
+        if spec is not None:
+            k = spec.get("num_tokens")
+            parts.append(f"speculative={spec['method']}" + (f" x{k}" if k is not None else ""))
+            if spec.get("forced_acceptance") is not None:
+                parts.append(f"forced acceptance {spec['forced_acceptance']:g} (outputs are not the model's)")
         parts += [f"max_model_len={c.max_model_len}", f"max_num_seqs={c.scheduler.max_num_seqs}",
                   f"max_num_batched_tokens={c.scheduler.max_num_batched_tokens}",
                   f"prefix_caching={c.cache.prefix_caching}", f"chunked_prefill={c.scheduler.chunked_prefill}"]

@@ -17,9 +17,11 @@ from dlengine.cache.kv_cache import KVCache
 from dlengine.engine.request import Request
 from dlengine.engine.sampler import Sampler, SamplerOutput, SamplingTensors
 from dlengine.engine.scheduler import SchedulerOutput
+from dlengine.engine.seams import AcceptancePolicy
 from dlengine.kernels.attention.backend import AttentionBackend
 from dlengine.kernels.context import AttentionMetadata, ForwardContext, MultimodalSegment
 from dlengine.kernels.selection import Kernels
+from dlengine.speculative.acceptance import ExactMatchAcceptance
 
 
 @dataclass
@@ -57,6 +59,8 @@ class StepHandle:
     num_drafts: list[int] = field(default_factory=list)
     scores: list[tuple[Request, torch.Tensor]] = field(default_factory=list)
     hidden_states: StepHiddenStates | None = None  # when the runner keeps them (keep_hidden_states)
+    # the accept decision of verification (engine/seams.py AcceptancePolicy)
+    acceptance: AcceptancePolicy = field(default_factory=ExactMatchAcceptance, repr=False)
     _accepted: list[list[int]] | None = field(default=None, repr=False)  # accepted_tokens(), computed once
 
     def token_ids(self) -> list[int]:
@@ -66,7 +70,8 @@ class StepHandle:
 
     def accepted_tokens(self) -> list[list[int]]:
         """Per sampled request, the tokens it gains: its one sampled token, or, after drafts,
-        the accepted drafts followed by the target's token at the first mismatch (or after the
+        the accepted drafts (as `acceptance` decides: by default those equal to the target's
+        samples) followed by the target's token at the first rejected position (or after the
         last draft). Computed once per step (the core and the speculator both ask)."""
         if self._accepted is None:
             self._accepted = self._accept()
@@ -79,9 +84,7 @@ class StepHandle:
         out, row = [], 0
         for req, k in zip(self.sampled, self.num_drafts):
             target = tokens[row : row + 1 + k]
-            accepted = 0
-            while accepted < k and req.spec_token_ids[accepted] == target[accepted]:
-                accepted += 1
+            accepted = self.acceptance.num_accepted(req.spec_token_ids[:k], target)
             out.append(target[: accepted + 1])
             row += 1 + k
         return out
@@ -129,7 +132,7 @@ class ModelInputs:
 class ModelRunner:
     def __init__(self, model: nn.Module, kv_cache: KVCache, backend: AttentionBackend, sampler: Sampler,
                  vocab_size: int, device: torch.device, graph_runner=None, kernels: Kernels | None = None,
-                 keep_hidden_states: bool = False) -> None:
+                 keep_hidden_states: bool = False, acceptance: AcceptancePolicy | None = None) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.backend = backend
@@ -142,6 +145,7 @@ class ModelRunner:
         # a speculator drafting from the target's hidden states asks for them (every step then
         # runs eagerly: captured graphs return logits only)
         self.keep_hidden_states = keep_hidden_states
+        self.acceptance = acceptance or ExactMatchAcceptance()  # which verified drafts a request keeps
         self.num_graph_steps = 0
         self._last_token_ids: torch.Tensor | None = None  # device: tokens sampled by the last step
         # every cache view of every layer (recurrent layers find their state slots here)
@@ -364,7 +368,8 @@ class ModelRunner:
         tensors = SamplingTensors.from_requests(rows, self.vocab_size, self.device)
         sampler_out = self.sampler(logits, tensors)
         self._last_token_ids = sampler_out.token_ids
-        handle = StepHandle(sampled, sampler_out, num_drafts=num_drafts, scores=scores, hidden_states=step_hidden)
+        handle = StepHandle(sampled, sampler_out, num_drafts=num_drafts, scores=scores, hidden_states=step_hidden,
+                            acceptance=self.acceptance)
         if self.device.type == "cuda":
             handle.host_tokens = torch.empty(len(rows), dtype=torch.int64, pin_memory=True)
             handle.host_tokens.copy_(sampler_out.token_ids, non_blocking=True)

@@ -1,4 +1,5 @@
-"""The engine core's declared seams: what a KV connector and a speculator must provide.
+"""The engine core's declared seams: what a KV connector, a speculator and the accept decision
+of draft verification must provide.
 
 Each is a Protocol the core calls at fixed points of a step (see engine/core.py and
 engine/scheduler.py); `EngineBuilder` accepts an object that follows it (`.kv_connector(obj)`,
@@ -112,3 +113,20 @@ class HiddenStateSpeculator(Speculator, Protocol):
 
     def observe_hidden_states(self, step, gained: dict[str, list[int]]) -> None:
         """Run on the step's kept positions (writes its own KV) and draft for the requests that sampled."""
+
+
+class AcceptancePolicy(Protocol):
+    """The accept decision of verification: how many of one request's drafts it keeps. The
+    runner asks it once per verifying request and step (`StepHandle.accepted_tokens`); the
+    request then gains the kept drafts plus `targets[kept]`, the target's sample at the first
+    rejected position (or after the last draft). Shipped (dlengine/speculative/acceptance.py):
+    `ExactMatchAcceptance` (the default: keep drafts while they equal the target's samples) and
+    `ForcedAcceptance(p, seed)` (benchmarking: keep each draft with probability p, so outputs are
+    not the model's; `EngineBuilder.speculative(..., forced_acceptance=p)`)."""
+
+    name: str
+    forced_rate: float | None  # None: the decision follows the model (outputs are the model's)
+
+    def num_accepted(self, drafts: Sequence[int], targets: Sequence[int]) -> int:
+        """How many leading drafts to keep (0..len(drafts)); `targets` holds the target's sampled
+        token at each draft position and one more (len(drafts) + 1 tokens)."""
