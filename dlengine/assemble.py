@@ -69,16 +69,8 @@ def build_model(cfg: EngineConfig, state, kernels: Kernels, model_cls: type | No
     return model.eval()
 
 
-def _use_cuda_graphs(cfg: EngineConfig, backend, state, cache_specs=(), speculator=None) -> bool:
+def _use_cuda_graphs(cfg: EngineConfig, backend, state, cache_specs=()) -> bool:
     capturable = getattr(backend, "supports_cuda_graphs", False)
-    if getattr(speculator, "needs_hidden_states", False):
-        # the captured decode graphs return logits only, and a drafting step verifies 1 + k tokens
-        # per request, a shape they do not capture: such engines run eagerly
-        if cfg.cuda_graphs:
-            raise ConfigError(f"speculative({speculator.name!r}) runs its verify steps eagerly: CUDA graphs do not "
-                              "capture them yet (the graphs keep neither the target's hidden states nor "
-                              "1 + k tokens per request); use cuda_graphs(False)")
-        return False
     uncapturable = graph_uncapturable(cache_specs)
     if uncapturable:
         # a state kind whose decode layers sync with the host. (Gated DeltaNet state and
@@ -119,6 +111,20 @@ def _check_connector_moves_state(cfg: EngineConfig, cache_specs, connector) -> N
     raise ConfigError(f"{cfg.model.architecture} keeps recurrent state, which the KV connector "
                       f"{type(connector).__name__} does not migrate (it has no migrates_state = True); "
                       "use role('prefill') / role('decode') or role('hybrid') without a KV connector")
+
+
+def _graph_verify_tokens(cfg: EngineConfig, backend, speculator) -> int:
+    """k for verify graphs of 1 + k tokens per request (engine/cuda_graph.py), 0 for none: the
+    speculator's num_tokens where the backend captures multi-token queries; elsewhere verify
+    steps run eagerly (decode steps still replay graphs, keeping hidden states for MTP)."""
+    if speculator is None:
+        return 0
+    k = int(getattr(speculator, "num_tokens", 0) or cfg.speculative_tokens or 0)
+    if k and not getattr(backend, "supports_cuda_graph_verify", False):
+        logger.info("speculative verify steps run eagerly: attention backend %r captures one query token per "
+                    "request only (no supports_cuda_graph_verify); decode steps replay CUDA graphs", backend.name)
+        return 0
+    return k
 
 
 @dataclass(frozen=True)
@@ -178,10 +184,13 @@ def build_core(cfg: EngineConfig, state=None) -> EngineCore:
     if getattr(speculator, "needs_hidden_states", False):
         cache_specs = list(speculator.cache_specs(cache_specs))
         check_specs(cache_specs)
-    use_graphs = _use_cuda_graphs(cfg, backend, state, cache_specs, speculator)
+    use_graphs = _use_cuda_graphs(cfg, backend, state, cache_specs)
     graph_batch = min(cfg.cuda_graph_max_batch or 512, cfg.scheduler.max_num_seqs)
-    # graphs keep a private pool of decode activations (about a decode step's worth)
-    graph_reserve = (256 << 20) + graph_batch * cfg.model.vocab_size * 4 * 2 if use_graphs else 0
+    verify_tokens = _graph_verify_tokens(cfg, backend, speculator) if use_graphs else 0
+    # graphs keep a private pool of activations (about a step's worth of their largest graph) and
+    # static float32 logits of every row of it: graph_batch rows, (1 + k) times that with verify graphs
+    graph_rows = graph_batch * (1 + verify_tokens)
+    graph_reserve = (256 << 20) + graph_rows * cfg.model.vocab_size * 4 * 2 if use_graphs else 0
     plan = plan_kv_cache(cfg, model, backend, kv_dtype, reserve_bytes=graph_reserve, specs=cache_specs)
     if state.world_group is not None:
         # TP ranks must make identical scheduling decisions (same preemptions), so every
@@ -227,17 +236,21 @@ def build_core(cfg: EngineConfig, state=None) -> EngineCore:
                                    rank=state.rank)
     _check_connector_moves_state(cfg, cache_specs, connector)
 
+    # a speculator drafting from the target's hidden states (MTP) reads them after every step,
+    # eager or replayed (the graphs then write them to a static buffer too)
+    keep_hidden = getattr(speculator, "needs_hidden_states", False)
     graph_runner = None
     if use_graphs:
         from dlengine.engine.cuda_graph import CUDAGraphRunner
 
-        graph_runner = CUDAGraphRunner(model, kv_cache, backend, graph_batch, cfg.max_model_len, cfg.device)
+        graph_runner = CUDAGraphRunner(model, kv_cache, backend, graph_batch, cfg.max_model_len, cfg.device,
+                                       num_spec_tokens=verify_tokens, keep_hidden_states=keep_hidden)
         graph_runner.capture()
-        logger.info("captured %d CUDA graphs (batch sizes up to %d), %.2f GiB",
-                    len(graph_runner.graphs), graph_batch, graph_runner.memory_bytes / 2**30)
+        logger.info("captured %d CUDA graphs (batch sizes up to %d, %s tokens per request), %.2f GiB",
+                    len(graph_runner.graphs), graph_batch, " and ".join(map(str, graph_runner.query_lens)),
+                    graph_runner.memory_bytes / 2**30)
     runner = ModelRunner(model, kv_cache, backend, _make_sampler(cfg, state), cfg.model.vocab_size, cfg.device,
-                         graph_runner=graph_runner, kernels=kernels,
-                         keep_hidden_states=getattr(speculator, "needs_hidden_states", False),
+                         graph_runner=graph_runner, kernels=kernels, keep_hidden_states=keep_hidden,
                          acceptance=make_acceptance(cfg.speculative_forced_acceptance, cfg.seed))
     scheduler = Scheduler(cfg.scheduler, block_manager, policy=cfg.scheduler.policy, connector=connector,
                           num_lookahead_tokens=getattr(speculator, "num_lookahead_tokens", 0),

@@ -293,7 +293,9 @@ class EngineBuilder:
 
     def cuda_graphs(self, enabled: bool = True, max_batch: int | None = None) -> "EngineBuilder":
         """Capture decode steps as CUDA graphs for batch sizes up to `max_batch` (default
-        min(max_num_seqs, 512)). On by default on CUDA with a capturable attention backend."""
+        min(max_num_seqs, 512)), and with speculative(...) its verify steps too (1 + num_tokens
+        tokens per request, docs/speculative.md). On by default on CUDA with a capturable
+        attention backend."""
         self._cuda_graphs = enabled
         self._cuda_graph_max_batch = max_batch
         return self
@@ -423,10 +425,6 @@ class EngineBuilder:
                         raise ConfigError("speculative('mtp') with parallel(ffn_ep>1) is not supported: the MTP "
                                           "layer's MoE would join the expert-parallel collectives a different number "
                                           "of times on each attention-DP rank; use tp only, or speculative('ngram')")
-                    if self._cuda_graphs:
-                        raise ConfigError("speculative('mtp') runs its verify steps eagerly: CUDA graphs capture "
-                                          "neither the target's hidden states the MTP layer reads nor 1 + k tokens "
-                                          "per request yet; use cuda_graphs(False)")
                     speculator = self._components["speculator"] = MTPFactory(self._speculative_tokens)
                 else:
                     raise ConfigError(f"unknown speculative method {speculator!r}; choose 'mtp', 'ngram' or pass a "

@@ -104,20 +104,23 @@ def main() -> None:
     # pure GPU time of one graph replay at a few batch sizes
     gr = engine.runner.graph_runner
     if gr is not None:
+        from dlengine.engine.graph_layout import GraphChoice
+
         for bs in (64, 128, 256):
-            if bs not in gr.graphs:
+            graph = gr.graphs.get(GraphChoice(1, bs))  # the decode graph of this batch size
+            if graph is None:
                 continue
             gr.seq_lens[:bs].fill_(600)
             nb = gr.block_tables.shape[1]
             ids = torch.arange(bs * nb, device=gr.block_tables.device).view(bs, nb) % engine.block_manager.num_blocks
             gr.block_tables[:bs].copy_(ids.to(torch.int32))  # distinct blocks: no L2 reuse across rows
             for _ in range(3):
-                gr.graphs[bs].replay()
+                graph.replay()
             torch.cuda.synchronize()
             e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             e0.record()
             for _ in range(20):
-                gr.graphs[bs].replay()
+                graph.replay()
             e1.record()
             torch.cuda.synchronize()
             print(f"graph replay bs={bs} ctx=600: {e0.elapsed_time(e1) / 20:.2f} ms")

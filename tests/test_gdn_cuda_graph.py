@@ -22,6 +22,7 @@ from dlengine import EngineBuilder, SamplingParams
 from dlengine.engine.core import EngineCore
 from dlengine.engine.cuda_graph import CUDAGraphRunner
 from dlengine.engine.engine import Engine
+from dlengine.engine.graph_layout import GraphChoice, padded_layout
 from dlengine.engine.runner import ModelRunner
 from dlengine.kernels.context import PAD_STATE_SLOT
 from dlengine.testing import tiny_checkpoint
@@ -35,45 +36,58 @@ def fake_cache(num_state_slots: int):
     return SimpleNamespace(block_size=4, num_state_slots=num_state_slots, layers=[], caches_of_layer=lambda i: {})
 
 
+def fake_request(tokens: list[int], computed: int, blocks: list[int], state_slot: int):
+    """A decoding request as padded_layout reads it: its token at `computed` is the input."""
+    return SimpleNamespace(all_token_ids=tokens, num_computed_tokens=computed, block_ids=blocks,
+                           spec_token_ids=[], state_slot=state_slot)
+
+
+def stage_decode(g: CUDAGraphRunner, requests, with_state: bool = True) -> int:
+    """Lay out one decode token per request (engine/graph_layout.py) and stage it; the batch size."""
+    bs = g.padded_size(len(requests))
+    choice = GraphChoice(1, bs if bs is not None else len(requests))
+    g.stage(padded_layout(requests, [0] * len(requests), choice, g.block_size, g.max_model_len,
+                          with_state=with_state))
+    return choice.batch_size
+
+
 def test_static_state_slots_are_staged_and_padded():
     g = CUDAGraphRunner(None, fake_cache(16), None, max_batch=8, max_model_len=32, device=CPU)
     assert g.batch_sizes == [1, 2, 4, 8]
-    bs = g.stage(np.array([5, 6, 7]), np.array([3, 0, 9]), np.array([11, 16, 37]), np.array([4, 1, 10]),
-                 [[2], [4], [8, 9, 10]], state_slots=np.array([7, 0, 15]),
-                 has_initial_state=np.array([True, False, True]))
+    # inputs 5, 6, 7 at positions 3, 0, 9 (block size 4: KV slots 2*4+3, 4*4+0, 10*4+1), state slots 7, 0, 15
+    bs = stage_decode(g, [fake_request([0, 0, 0, 5], 3, [2], 7), fake_request([6], 0, [4], 0),
+                          fake_request([0] * 9 + [7], 9, [8, 9, 10], 15)])
     assert bs == 4
     assert g.input_ids[:4].tolist() == [5, 6, 7, 0]
     assert g.positions[:4].tolist() == [3, 0, 9, 0]
-    assert g.slot_mapping[:4].tolist() == [11, 16, 37, -1]  # a padded row writes no K/V ...
+    assert g.slot_mapping[:4].tolist() == [11, 16, 41, -1]  # a padded row writes no K/V ...
     assert g.seq_lens[:4].tolist() == [4, 1, 10, 0]  # ... and attends to nothing
     assert g.state_slots[:4].tolist() == [7, 0, 15, PAD_STATE_SLOT]  # ... and touches no state
     assert g.has_initial_state[:4].tolist() == [True, False, True, False]
     assert g.block_tables[2, :3].tolist() == [8, 9, 10]
-    meta = g.metadata(bs)
+    meta = g.metadata(GraphChoice(1, bs))
     assert meta.state_slots.data_ptr() == g.state_slots.data_ptr()  # the graph reads the static buffers
     assert meta.has_initial_state.data_ptr() == g.has_initial_state.data_ptr()
     assert meta.is_decode_only and meta.state_slots_cpu is None
 
     # five rows replay at 8: rows 5..7 are padding, whatever earlier steps left there
-    bs = g.stage(np.arange(5), np.arange(1, 6), np.arange(5), np.arange(2, 7), [[0]] * 5,
-                 state_slots=np.array([3, 4, 5, 6, 1]), has_initial_state=np.ones(5, dtype=bool))
+    bs = stage_decode(g, [fake_request(list(range(p + 1)), p, [0, 1], s) for p, s in zip(range(1, 6), [3, 4, 5, 6, 1])])
     assert bs == 8
     assert g.state_slots.tolist() == [3, 4, 5, 6, 1] + [PAD_STATE_SLOT] * 3
     assert g.has_initial_state.tolist() == [True] * 5 + [False] * 3
     assert g.slot_mapping[5:].tolist() == [-1] * 3 and g.seq_lens[5:].tolist() == [0] * 3
 
     with pytest.raises(ValueError, match="state slot"):
-        g.stage(np.arange(2), np.arange(2), np.arange(2), np.arange(2), [[0]] * 2)
+        stage_decode(g, [fake_request([1, 2], 1, [0], 0)] * 2, with_state=False)
     with pytest.raises(ValueError, match="exceed the largest captured batch"):
-        g.stage(np.arange(9), np.arange(9), np.arange(9), np.arange(9), [[0]] * 9,
-                state_slots=np.arange(9), has_initial_state=np.ones(9, dtype=bool))
+        stage_decode(g, [fake_request([1, 2], 1, [0], s) for s in range(9)])
 
 
 def test_models_without_state_have_no_state_buffers():
     g = CUDAGraphRunner(None, fake_cache(0), None, max_batch=4, max_model_len=32, device=CPU)
     assert g.state_slots is None and g.has_initial_state is None
-    assert g.stage(np.array([1]), np.array([0]), np.array([0]), np.array([1]), [[0]]) == 1
-    assert g.metadata(1).state_slots is None
+    assert stage_decode(g, [fake_request([1], 0, [0], 0)], with_state=False) == 1
+    assert g.metadata(GraphChoice(1, 1)).state_slots is None
 
 
 class EagerReplay(CUDAGraphRunner):
@@ -87,20 +101,20 @@ class EagerReplay(CUDAGraphRunner):
         self.untouched_ok = True
         self._live: list[int] = []
 
-    def stage(self, input_ids, *args, state_slots=None, **kwargs) -> int:
-        self._live = list(state_slots)  # the slots of the step's real rows, as the runner gave them
-        return super().stage(input_ids, *args, state_slots=state_slots, **kwargs)
+    def stage(self, batch, **kwargs) -> None:
+        # the slots of the step's real rows, as the runner gave them
+        self._live = batch.state_slots[: len(batch.first_rows)].tolist()
+        super().stage(batch, **kwargs)
 
-    def replay(self, bs: int) -> torch.Tensor:
+    def replay(self, choice) -> None:
         before = [g.storage.clone() for g in self.kv_cache.state_groups]
         with torch.inference_mode():
-            out = self.forward_batch(bs)
-        if len(self._live) < bs:
+            self.forward(choice)
+        if len(self._live) < choice.batch_size:
             self.padded_replays += 1
         others = [s for s in range(self.kv_cache.num_state_slots) if s not in self._live]
         for b, g in zip(before, self.kv_cache.state_groups):
             self.untouched_ok &= torch.equal(b[others], g.storage[others])
-        return out
 
 
 def graph_engine(base: Engine, max_batch: int = 8) -> tuple[Engine, EagerReplay]:
@@ -136,7 +150,7 @@ def test_graph_decode_matches_eager_with_padding(base_engine, n):
     base_engine.block_manager.reset_prefix_cache()
     engine, graphs = graph_engine(base_engine)
     assert [o.token_ids for o in engine.generate(prompts, params)] == eager
-    assert engine.runner.num_graph_steps > 0 and graphs.num_replays == engine.runner.num_graph_steps
+    assert engine.runner.num_graph_steps > 0 and graphs.num_replays[1] == engine.runner.num_graph_steps
     assert graphs.padded_replays > 0  # 3 -> 4 and 5 -> 8 rows: padding ran
     assert graphs.untouched_ok  # no replay changed a slot outside its live rows
     bm = base_engine.block_manager
@@ -155,4 +169,4 @@ def test_graph_steps_restore_prefix_cache_checkpoints(base_engine):
     engine.stats.reset()
     assert engine.generate([prompt], params)[0].token_ids == eager
     assert engine.stats.num_cached_tokens == 16
-    assert graphs.num_replays == 4  # the prompt's last token and the three decodes after it
+    assert graphs.num_replays[1] == 4  # the prompt's last token and the three decodes after it

@@ -213,6 +213,41 @@ def test_decode_padding_rows_like_cuda_graph_batches(num_splits):
     assert torch.equal(out[len(reqs):], torch.zeros_like(out[len(reqs):]))
 
 
+@pytest.mark.parametrize("q_len", [2, 4, 20])
+def test_extend_padding_requests_like_verify_graphs(q_len):
+    # CUDA-graph verify steps give every request q_len = 1 + k query rows and pad the batch with
+    # requests of context 0 (slot -1): the extend kernel writes zeros for their rows (a context
+    # shorter than the query would otherwise index keys before position 0) and leaves the real
+    # requests' rows as the reference computes them; q_len 20 spans two query tiles
+    reqs = [(q_len, 33), (q_len, q_len), (q_len, 64)]
+    q, k, v, kc, vc, meta = make_batch(reqs, 8, 2, 16, 16, F32, seed=9)
+    pad = 2
+    rows = pad * q_len
+    qp = torch.cat([q, torch.randn(rows, *q.shape[1:], device=DEVICE)])
+    kp = torch.cat([k, torch.randn(rows, *k.shape[1:], device=DEVICE)])
+    vp = torch.cat([v, torch.randn(rows, *v.shape[1:], device=DEVICE)])
+    n = len(reqs) + pad
+    meta_p = AttentionMetadata(
+        query_start_loc=torch.arange(n + 1, dtype=torch.int32, device=DEVICE) * q_len,
+        seq_lens=torch.cat([meta.seq_lens, torch.zeros(pad, dtype=torch.int32, device=DEVICE)]),
+        block_tables=torch.cat([meta.block_tables, torch.zeros(pad, meta.block_tables.shape[1], dtype=torch.int32,
+                                                               device=DEVICE)]),
+        slot_mapping=torch.cat([meta.slot_mapping, torch.full((rows,), -1, dtype=torch.int64, device=DEVICE)]),
+        max_query_len=q_len, max_seq_len=128, query_lens_cpu=[q_len] * n, seq_lens_cpu=[128] * n,
+        uniform_query_len=q_len,
+    )
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    write_kv_cache(k, v, kc_ref, vc_ref, meta.slot_mapping)
+    be = TritonAttentionBackend(config=SMALL)
+    be.write_kv(kp, vp, kc, vc, meta_p)
+    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
+    out = be.attend(qp, kc, vc, meta_p, 0.25)
+    ref = paged_attention_ref(q, kc_ref, vc_ref, meta, 0.25)
+    real = len(reqs) * q_len
+    torch.testing.assert_close(out[:real], ref, **tol(F32))
+    assert torch.equal(out[real:], torch.zeros_like(out[real:]))
+
+
 def test_decode_many_splits_longer_than_needed():
     # more splits than key tiles: trailing splits are empty and must be ignored by the reduce
     run_and_check([(1, 20), (1, 3), (1, 50)], num_splits=16)

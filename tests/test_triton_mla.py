@@ -126,6 +126,34 @@ def test_decode_padding_rows_give_zeros_and_write_nothing():
     assert torch.all(out[1] == 0) and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_uniform_query_rows_match_the_host_path_and_zero_padding(q_len):
+    """CUDA-graph verify steps (every request 1 + k query rows, meta.uniform_query_len): the
+    absorbed rows built on the device give the reference's output for the real requests and
+    zeros for padding requests (context 0), with the host lists holding placeholders."""
+    reqs = [(q_len, 20), (q_len, q_len), (q_len, 41)]
+    q_nope, q_pe, cache, meta, w = make_batch(reqs, 16)
+    ref = reference(q_nope, q_pe, cache, meta, w)
+    pad = 2
+    rows = pad * q_len
+    n = len(reqs) + pad
+    meta_g = AttentionMetadata(
+        query_start_loc=torch.arange(n + 1, dtype=torch.int32, device=DEVICE) * q_len,
+        seq_lens=torch.cat([meta.seq_lens, torch.zeros(pad, dtype=torch.int32, device=DEVICE)]),
+        block_tables=torch.cat([meta.block_tables, torch.zeros(pad, meta.block_tables.shape[1], dtype=torch.int32,
+                                                               device=DEVICE)]),
+        slot_mapping=torch.cat([meta.slot_mapping, torch.full((rows,), -1, dtype=torch.int64, device=DEVICE)]),
+        max_query_len=q_len, max_seq_len=128, query_lens_cpu=[q_len] * n, seq_lens_cpu=[128] * n,
+        uniform_query_len=q_len,
+    )
+    qn = torch.cat([q_nope, torch.randn(rows, *q_nope.shape[1:], device=DEVICE)])
+    qp = torch.cat([q_pe, torch.randn(rows, *q_pe.shape[1:], device=DEVICE)])
+    out = tm.mla_attention(qn, qp, cache, meta_g, w, SCALE, num_splits=2)
+    real = len(reqs) * q_len
+    torch.testing.assert_close(out[:real].float(), ref, atol=1e-4, rtol=1e-4)
+    assert torch.equal(out[real:], torch.zeros_like(out[real:]))
+
+
 def test_store_latent_matches_reference():
     _, _, cache, meta, _ = make_batch([(5, 20), (1, 9)], 4)
     latent = torch.randn(6, C + R, device=DEVICE)

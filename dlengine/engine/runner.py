@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from dlengine.cache.kv_cache import KVCache
+from dlengine.engine.graph_layout import choose_graph, padded_layout
 from dlengine.engine.request import Request
 from dlengine.engine.sampler import Sampler, SamplerOutput, SamplingTensors
 from dlengine.engine.scheduler import SchedulerOutput
@@ -30,13 +31,16 @@ class StepHiddenStates:
     every scheduled request, for a speculator that drafts from them (`needs_hidden_states`: the
     MTP proposer). Rows of request i are query_start_loc[i]:query_start_loc[i + 1], at positions
     starts[i], starts[i] + 1, ...; the cache views let the speculator run its own layers on the
-    same paged cache (its layers have their own indices there)."""
+    same paged cache (its layers have their own indices there). After a CUDA-graph step `hidden`
+    is a view of the graph's static output (valid until the next step) in the padded layout:
+    request i owns 1 + k rows, its last token's then its drafts' then padding drafts', and
+    num_spec[i] = k counts them all (engine/graph_layout.py)."""
 
     hidden: torch.Tensor  # [T, hidden_size]
     requests: list[Request]
     starts: list[int]  # each request's num_computed_tokens before the step
     query_start_loc: list[int]  # [B + 1]
-    num_spec: list[int]  # drafts each request verified (its last num_spec inputs)
+    num_spec: list[int]  # draft rows of each request (its last num_spec inputs: drafts, padding drafts)
     sample: list[bool]  # whether each request sampled a token
     kv_caches: list  # KVCache.layers
     layer_caches: list  # KVCache.caches_of_layer(i) for every layer
@@ -141,12 +145,12 @@ class ModelRunner:
         self.vocab_size = vocab_size
         self.device = device
         self.block_size = kv_cache.block_size
-        self.graph_runner = graph_runner  # a CUDAGraphRunner when CUDA graphs are on
-        # a speculator drafting from the target's hidden states asks for them (every step then
-        # runs eagerly: captured graphs return logits only)
+        # a CUDAGraphRunner when CUDA graphs are on (built with keep_hidden_states when this runner is)
+        self.graph_runner = graph_runner
+        # a speculator drafting from the target's hidden states asks for them (MTP)
         self.keep_hidden_states = keep_hidden_states
         self.acceptance = acceptance or ExactMatchAcceptance()  # which verified drafts a request keeps
-        self.num_graph_steps = 0
+        self.num_graph_steps = 0  # steps that replayed a graph (decode or verify)
         self._last_token_ids: torch.Tensor | None = None  # device: tokens sampled by the last step
         # every cache view of every layer (recurrent layers find their state slots here)
         self.layer_caches = [kv_cache.caches_of_layer(i) for i in range(len(kv_cache.layers))]
@@ -307,36 +311,43 @@ class ModelRunner:
                                 [s.num_spec_tokens for s in out.scheduled], [s.sample for s in out.scheduled],
                                 self.kv_cache.layers, self.layer_caches)
 
-    def _graph_logits(self, out: SchedulerOutput) -> tuple[list[Request], torch.Tensor] | None:
-        """Replay a captured decode graph when every scheduled request decodes one token."""
+    def _graph_step(self, out: SchedulerOutput):
+        """Replay a captured graph when the step is one (engine/graph_layout.py choose_graph):
+        (sampled requests, their logits rows, drafts per request, hidden states or None), or None
+        to run the step eagerly."""
         g = self.graph_runner
-        sched = out.scheduled
-        if g is None or len(sched) > g.max_batch or any(s.num_new_tokens != 1 or not s.sample for s in sched):
+        if g is None:
             return None
-        if any(s.request.multimodal is not None for s in sched):
-            return None  # M-RoPE positions of requests with images are not in the captured graphs
-        bs = self.block_size
-        n = len(sched)
-        positions = np.fromiter((s.request.num_computed_tokens for s in sched), dtype=np.int64, count=n)
-        reqs = [s.request for s in sched]
-        input_ids = np.fromiter((r.all_token_ids[-1] for r in reqs), dtype=np.int64, count=n)
-        last_blocks = np.fromiter((r.block_ids[p // bs] for r, p in zip(reqs, positions.tolist())),
-                                  dtype=np.int64, count=n)
-        slots = last_blocks * bs + positions % bs
-        self.num_graph_steps += 1
-        placeholders = self._placeholder_sources(reqs, np.arange(n, dtype=np.int64))
-        state, saves_after = {}, []
+        choice = choose_graph(out.scheduled, g.query_lens, g.batch_sizes)
+        if choice is None:
+            return None
+        reqs = [s.request for s in out.scheduled]
+        num_drafts = [s.num_spec_tokens for s in out.scheduled]
+        batch = padded_layout(reqs, num_drafts, choice, self.block_size, g.max_model_len, with_state=self.has_state)
+        saves_after = []
         if self.has_state:
-            # the restores of prefix-cache hits happen here, before the replay (stream order); a
-            # one-token step has no checkpoint inside it, only (rarely) one at its end
-            _, _, saves_after = self._state_checkpoints(reqs, positions.tolist(), [1] * n)
-            state = dict(state_slots=np.fromiter((r.state_slot for r in reqs), dtype=np.int64, count=n),
-                         has_initial_state=positions > 0)
-        logits = g.run(input_ids, positions, slots, positions + 1, [r.block_ids for r in reqs],
-                       placeholders=placeholders, last_tokens=self._last_token_ids, **state)
+            # the restores of prefix-cache hits happen here, before the replay (stream order). Graphs
+            # of a model with state are decode graphs only (CUDAGraphRunner): a one-token step has
+            # no checkpoint inside it, only (rarely) one at its end
+            _, _, saves_after = self._state_checkpoints(reqs, [r.num_computed_tokens for r in reqs],
+                                                        [choice.query_len] * len(reqs))
+        placeholders = self._placeholder_sources(reqs, batch.first_rows)
+        logits, hidden = g.run(batch, placeholders=placeholders, last_tokens=self._last_token_ids)
         for src, dst in saves_after:
             self._copy_state(src, dst)
-        return reqs, logits.float()
+        self.num_graph_steps += 1
+        n = len(reqs)
+        if len(batch.sample_rows) != n * choice.query_len:  # padding rows (drafts or requests) are never sampled
+            logits = logits[self._to_device(batch.sample_rows)]
+        else:
+            logits = logits[: n * choice.query_len]
+        step_hidden = None
+        if self.keep_hidden_states:
+            q = choice.query_len
+            step_hidden = StepHiddenStates(hidden, reqs, [r.num_computed_tokens for r in reqs],
+                                           [i * q for i in range(n + 1)], [q - 1] * n, [True] * n,
+                                           self.kv_cache.layers, self.layer_caches)
+        return reqs, logits, num_drafts, step_hidden
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepHandle:
@@ -344,12 +355,11 @@ class ModelRunner:
         token (requests in the middle of a chunked prompt sample nothing) and yields their tokens;
         rows of `handle.sampler_out` are in the same order (1 + k rows for a request verifying k
         drafts)."""
-        graphed = None if self.keep_hidden_states else self._graph_logits(out)
+        graphed = self._graph_step(out)
         scores: list[tuple[Request, torch.Tensor]] = []
         step_hidden = None
         if graphed is not None:
-            sampled, logits = graphed
-            num_drafts = [0] * len(sampled)
+            sampled, logits, num_drafts, step_hidden = graphed
         else:
             inputs = self.prepare_inputs(out)
             logits, hidden = self._forward(inputs)

@@ -103,7 +103,9 @@ class HiddenStateSpeculator(Speculator, Protocol):
       blocks, even those that finish now), calls `observe_hidden_states(step, gained)` with the
       step's hidden states (dlengine.engine.runner.StepHiddenStates) and, per sampling request id,
       the tokens it gains (accepted drafts + the target's token). Drafts for the next step come
-      from there; `propose` hands them out.
+      from there; `propose` hands them out. After a step replayed from a CUDA graph,
+      `step.hidden` is the graph's static output (overwritten by the next step: read it within
+      the call) in its padded layout, 1 + k rows a request (engine/graph_layout.py).
     """
 
     needs_hidden_states: bool

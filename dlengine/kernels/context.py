@@ -56,6 +56,11 @@ class AttentionMetadata:
     # step into (-1: none); None when no request checkpoints inside this step
     state_checkpoint_slots_cpu: list[int] | None = None
     state_checkpoint_offsets_cpu: list[int] | None = None
+    # CUDA-graph steps (engine/cuda_graph.py): every request owns exactly this many query tokens
+    # (query_start_loc = arange * q) and the host lists above hold placeholders, not this step's
+    # lengths; kernels that need per-token rows derive them on the device from query_start_loc and
+    # seq_lens. A request with seq_lens 0 is padding: its rows attend nothing. None elsewhere.
+    uniform_query_len: int | None = None
 
     @property
     def num_seqs(self) -> int:

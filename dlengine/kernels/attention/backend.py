@@ -16,7 +16,11 @@ write and dequantises on read. The builder refuses an FP8 cache with any other b
 and the CUDA-graph hooks the graph runner calls (engine/cuda_graph.py): `prepare_capture(bs)`
 before warming up and capturing the graph of `bs` decode rows, `end_capture()` after it, and
 `before_replay(bs, seq_lens, block_tables)` on the host before every replay. Backends without
-host work around graphs inherit the no-op hooks of `AttentionBackendBase`.
+host work around graphs inherit the no-op hooks of `AttentionBackendBase`. A capturable backend
+that also declares `supports_cuda_graph_verify = True` gets speculative verify steps captured
+too (1 + k query tokens per request, `AttentionMetadata.uniform_query_len`): its attend /
+attend_latent then take such batches with no host work at all, and the hooks above are called
+for the decode graphs only. Without it (the default) verify steps run eagerly.
 
 Implementations: torch_backend.py (the reference, any device), triton_backend.py (our kernels,
 capturable), flashinfer_backend.py (optional package). The engine picks one at build
@@ -38,6 +42,8 @@ from dlengine.kernels.mla.mla_torch import MLAWeights
 class AttentionBackend(Protocol):
     name: str
     supports_cuda_graphs: bool  # launch sizes from static metadata, no host syncs in a forward
+    # Optional, not a protocol member (absent reads as False): `supports_cuda_graph_verify`,
+    # multi-token queries under capture too, with no host hooks (see the module doc)
 
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  meta: AttentionMetadata, **kv_scales: torch.Tensor) -> None:
@@ -75,6 +81,7 @@ class AttentionBackendBase:
 
     name = "base"
     supports_cuda_graphs = False
+    supports_cuda_graph_verify = False  # verify steps (1 + k tokens a request) in graphs: see the module doc
     # True when the cache is the paged layout the fused QK-norm + RoPE + KV-write op writes
     # (kernels/norm_rope): attention layers then store K/V through that op instead of write_kv
     fused_kv_write = False

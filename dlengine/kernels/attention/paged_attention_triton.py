@@ -34,7 +34,9 @@ are multiplied by k_scale (with the softmax scale), the output by v_scale.
 
 CUDA graphs: launch sizes come from host metadata only, and correctness never depends on the
 split count, so a graph captured with max_seq_len = max_model_len replays for any shorter context.
-Decode rows with seq_len == 0 (graph padding) get zeros; slots < 0 are not written. The split
+Rows of a request with seq_len == 0 (graph padding) get zeros, in the decode kernel and in the
+extend kernel (verify graphs: 1 + k query tokens per request, engine/cuda_graph.py); slots < 0
+are not written. The split
 merge uses a persistent zeroed counter buffer per device that must first be allocated outside a
 capture (any eager split decode does it, e.g. the runner's warm-up).
 
@@ -360,6 +362,11 @@ def _extend_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     tok = (q_start + q_local).to(tl.int64)
+    o_ptrs = out_ptr + tok[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
+    if prefix < 0:  # a context shorter than its query: padding (CUDA-graph batch slot, context 0), zeros
+        tl.store(o_ptrs, tl.zeros([BLOCK_M, BLOCK_D], dtype=out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & d_ok[None, :])
+        return
     q_ptrs = q_ptr + tok[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
@@ -393,7 +400,6 @@ def _extend_kernel(
         acc = acc * tl.load(vs_ptr)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     o = acc / l_safe[:, None]
-    o_ptrs = out_ptr + tok[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 

@@ -16,7 +16,11 @@ MLA decode steps then run the Triton kernel ("auto" falls back from gluon, which
 latents only; an explicit "gluon" / "flashinfer" choice is refused at build).
 
 Everything but FlashInfer's plan is capturable in CUDA graphs: launch sizes come from static
-metadata and no kernel syncs with the host.
+metadata and no kernel syncs with the host. That includes speculative verify steps (1 + k query
+tokens per request, `meta.uniform_query_len`): GQA runs the extend kernel (padding requests,
+context 0, get zeros), MLA one absorbed launch of the Triton kernel whose rows are built on the
+device (mla_triton.uniform_rows); FlashInfer's MLA decode serves one-token rows only, so verify
+steps never need its plan.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class TritonAttentionBackend(AttentionBackendBase):
     name = "triton"
     fused_kv_write = True  # our paged layout: the fused norm/RoPE/KV-write kernel stores K/V
     supports_cuda_graphs = True
+    supports_cuda_graph_verify = True  # verify steps: the extend / absorbed kernels, no host work
     supports_fp8_kv = True
 
     def __init__(self, config: dict | None = None, num_splits: int | None = None,

@@ -403,6 +403,19 @@ def _expanded(q_nope, q_pe, cache, meta: AttentionMetadata, w: MLAWeights, scale
     return tok_t, out
 
 
+def uniform_rows(meta: AttentionMetadata, num_tokens: int) -> dict:
+    """The absorbed kernel's rows for a batch where every request owns `meta.uniform_query_len` = q
+    consecutive query tokens (CUDA-graph verify steps: 1 + k tokens a request), built on the device
+    so that a graph captures them (the host lists hold placeholders there): token t is request
+    t // q's query t % q, at context position seq_len - q + t % q, so it attends the first
+    seq_len - q + 1 + t % q latent rows; a padding request (seq_len 0) attends none (zeros)."""
+    q = meta.uniform_query_len
+    tok = torch.arange(num_tokens, dtype=torch.int32, device=meta.seq_lens.device)
+    req = tok // q
+    lens = (meta.seq_lens[req] - q + 1 + tok % q).clamp_(min=0).to(torch.int32)
+    return dict(block_tables=meta.block_tables, row_tok=tok, row_len=lens, row_req=req, max_seq_len=meta.max_seq_len)
+
+
 def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
                   weights: MLAWeights, scale: float, *, config: dict | None = None,
                   num_splits: int | None = None, absorb_max_query_len: int = ABSORB_MAX_QUERY_LEN,
@@ -412,8 +425,10 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
     [T, H, v_head_dim]. The cache already holds this step's latents.
 
     Decode-only batches (CUDA graphs included): one absorbed launch, rows = requests, no host
-    work. Otherwise requests with query_len <= absorb_max_query_len (or a context longer than
-    expand_max_context) run absorbed (one row per token, context = prefix + its position + 1),
+    work. Batches with `meta.uniform_query_len` (CUDA-graph verify steps, 1 + k tokens a
+    request): one absorbed launch of the Triton kernel, a row per token, the rows built on the
+    device (`uniform_rows`), no host work. Otherwise requests with query_len <=
+    absorb_max_query_len (or a context longer than expand_max_context) run absorbed (one row per token, context = prefix + its position + 1),
     the others non-absorbed (`_expanded`), in groups of at most expand_max_context context rows.
     `decode_kernel` ("auto" / "triton" / "gluon", see mla_decode) runs the decode-only launch; the
     absorbed rows of extends (several rows a request: `row_req`) always run the Triton kernel.
@@ -425,6 +440,9 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
         return _absorbed(q_nope, q_pe, cache, weights, scale, config, num_splits, decode_kernel, kv_scale,
                          block_tables=meta.block_tables, row_tok=meta.query_start_loc, row_len=meta.seq_lens,
                          max_seq_len=meta.max_seq_len)
+    if meta.uniform_query_len is not None:  # a captured verify step: its rows come from device metadata
+        return _absorbed(q_nope, q_pe, cache, weights, scale, config, num_splits, "triton", kv_scale,
+                         **uniform_rows(meta, num_tokens))
     qsl = np.concatenate([[0], np.cumsum(meta.query_lens_cpu)])
     expand = [ql > absorb_max_query_len and sl <= expand_max_context
               for ql, sl in zip(meta.query_lens_cpu, meta.seq_lens_cpu)]
@@ -456,5 +474,5 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
     return out
 
 
-__all__ = ["store_latent", "mla_decode", "mla_attention", "MLAWeights", "ABSORB_MAX_QUERY_LEN",
+__all__ = ["store_latent", "mla_decode", "mla_attention", "uniform_rows", "MLAWeights", "ABSORB_MAX_QUERY_LEN",
            "DECODE_DEFAULTS", "interpret_mode"]
