@@ -23,7 +23,8 @@
 #   dsa        DeepSeek-V3.2-Exp (sparse attention) vs DeepSeek-V3 decode, 4 layers, 32 x 32k and 64 x 64k
 #              (synthetic contexts: decode only)
 #   v4         DeepSeek-V4-Flash dims, 4 layers, decode at 32 x 64k (synthetic context)
-#   mtp        MTP verify step vs plain decode step, DeepSeek-V3 dims, 4 layers, batch 32 x 1k
+#   mtp        MTP verify step vs plain decode step, DeepSeek-V3 dims, 4 layers, batch 1 and 32 x 1k, k = 1..3,
+#              real and forced (0.6 / 0.8) acceptance
 #   parallel   parallel engine vs single process (NCCL; one GPU: a one-rank NCCL world)
 #   kvmig      KV migration between two processes: DLSlime (CUDA and host caches), CUDA IPC
 #   vision     Qwen3-VL-8B dims (dummy weights): vision encoder image-token throughput, TTFT of a
@@ -147,12 +148,19 @@ run_v4() {  # docs/deepseek_v4.md: DeepSeek-V4-Flash dims, 4 layers, decode at b
     --block-size 128 --batch-size 32 --input-len 65536 --output-len 32 --max-model-len 65664 --synthetic-context \
     --num-iters 2 --no-progress ${V4_ARGS:-} --json "$OUT/v4_b32_ctx65536.json" 2>&1 | tee "$OUT/v4.log" | tail -25
 }
-run_mtp() {  # docs/speculative.md: MTP verify step against a plain decode step, DeepSeek-V3 dims, 4 layers
-  for spec in off mtp; do
-    local a=""; [ $spec = mtp ] && a="--speculative mtp --num-speculative-tokens ${MTP_K:-1}"
-    python3 -m dlengine.cli bench latency --model deepseek-v3 --load-format dummy --num-layers 4 --dtype bfloat16 \
-      --batch-size 32 --input-len 1024 --output-len 64 --max-model-len 2048 --num-iters 2 $a \
-      --no-progress --json "$OUT/mtp_$spec.json" 2>&1 | tee "$OUT/mtp_$spec.log" | tail -25
+run_mtp() {  # docs/speculative.md: MTP verify step vs plain decode step, DeepSeek-V3 dims, 4 layers, batch 1 and 32
+  # x 1k: k = 1..3 at the acceptance of the run (dummy weights: near 0) and at forced rates 0.6 / 0.8 (labelled)
+  local m="--model deepseek-v3 --load-format dummy --num-layers 4 --dtype bfloat16 --input-len 1024 --output-len 64 --max-model-len 2048 --num-iters 2"
+  for bsz in 1 32; do
+    python3 -m dlengine.cli bench latency $m --batch-size $bsz --no-progress --json "$OUT/mtp_b${bsz}_off.json" 2>&1 \
+      | tee "$OUT/mtp_b${bsz}_off.log" | tail -12
+    for k in ${MTP_K:-1 2 3}; do
+      for rate in run 0.6 0.8; do
+        local f=""; [ $rate != run ] && f="--spec-forced-acceptance $rate"
+        python3 -m dlengine.cli bench latency $m --batch-size $bsz --speculative mtp --num-speculative-tokens $k $f \
+          --no-progress --json "$OUT/mtp_b${bsz}_k${k}_$rate.json" 2>&1 | tee "$OUT/mtp_b${bsz}_k${k}_$rate.log" | tail -16
+      done
+    done
   done
 }
 run_probe() {  # per-program timelines and the per-tile fit of the Gluon MLA decode kernel
