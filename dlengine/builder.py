@@ -421,10 +421,6 @@ class EngineBuilder:
                     from dlengine.speculative.mtp import MTPFactory, check_mtp_supported
 
                     check_mtp_supported(model)
-                    if parallel.ffn_ep > 1:
-                        raise ConfigError("speculative('mtp') with parallel(ffn_ep>1) is not supported: the MTP "
-                                          "layer's MoE would join the expert-parallel collectives a different number "
-                                          "of times on each attention-DP rank; use tp only, or speculative('ngram')")
                     speculator = self._components["speculator"] = MTPFactory(self._speculative_tokens)
                 else:
                     raise ConfigError(f"unknown speculative method {speculator!r}; choose 'mtp', 'ngram' or pass a "

@@ -9,7 +9,9 @@
 
 Layouts (each on the tiny checkpoints, float32): tp=N on Qwen3 and DeepSeek-V3 (MLA heads, TP
 experts), attention_dp=N x ffn_ep=N on Qwen3-MoE (contiguous experts) and DeepSeek-V3
-(round-robin experts). Batches: 8 prompts of 1..100 tokens, then one prompt alone (the other DP
+(round-robin experts), and attention_dp=N x ffn_ep=N on DeepSeek-V3 with its trained MTP layer
+drafting 2 tokens a step (the MTP layer's MoE joins the expert-parallel collectives; every rank
+pads its MTP passes to 2 a step). Batches: 8 prompts of 1..100 tokens, then one prompt alone (the other DP
 ranks idle), then uneven lengths. A layout the tiny models cannot take (tp=8 > 4 heads) is skipped.
 
 With world size 1 the layouts would be plain engines, so instead one NCCL rank builds engines
@@ -55,11 +57,18 @@ def batches() -> list[tuple[list, list]]:
 def layouts(n: int) -> list[tuple[str, str, dict]]:
     return [("tp", "tiny-qwen3", dict(tp=n)), ("tp", "tiny-deepseek-v3", dict(tp=n)),
             ("dp-ep", "tiny-qwen3-moe", dict(attention_dp=n, ffn_ep=n)),
-            ("dp-ep", "tiny-deepseek-v3", dict(attention_dp=n, ffn_ep=n, expert_placement="round_robin"))]
+            ("dp-ep", "tiny-deepseek-v3", dict(attention_dp=n, ffn_ep=n, expert_placement="round_robin")),
+            ("dp-ep-mtp", "tiny-deepseek-v3-mtp", dict(attention_dp=n, ffn_ep=n))]
 
 
 def builder(kind: str, device: str) -> EngineBuilder:
     return EngineBuilder(kind).dtype("float32").device(device)
+
+
+def layout_builder(mode: str, kind: str, device: str) -> EngineBuilder:
+    """The engine a layout checks (the reference is `builder`: plain decoding)."""
+    b = builder(kind, device)
+    return b.speculative("mtp", num_tokens=2) if mode == "dp-ep-mtp" else b
 
 
 def reference(kind: str, device: str) -> list[list[list[int]]]:
@@ -97,9 +106,9 @@ def one_rank_check(kind: str, mode: str, device: str) -> list[list[list[int]]]:
 
     world = dist.group.WORLD
     state = ParallelState(world_group=world, tp_group=world if mode == "tp" else None,
-                          ep_group=world if mode == "dp-ep" else None)
+                          ep_group=world if mode.startswith("dp-ep") else None)
     set_parallel_state(state)
-    cfg = builder(kind, device).config()
+    cfg = layout_builder(mode, kind, device).config()
     engine = Engine(cfg, build_core(cfg, state), None)
     outs = []
     for ps, sp in batches():
@@ -136,7 +145,7 @@ def main_spawned(args, results) -> None:
         t0 = time.time()
         try:
             ref = reference(kind, "cuda:0" if device == "cuda" else "cpu")
-            engine = builder(kind, device).parallel(**par).build()
+            engine = layout_builder(mode, kind, device).parallel(**par).build()
         except ConfigError as e:
             report(results, name, None, time.time() - t0, str(e))
             continue
@@ -148,6 +157,9 @@ def main_spawned(args, results) -> None:
             ok, detail = compare(ref, run_engine(engine))
             stats = engine.stats()
             detail += f" idle steps per rank {[s['idle_steps'] for s in stats]}"
+            if mode == "dp-ep-mtp":
+                detail += (f", accepted/drafted per rank "
+                           f"{[(s['num_accepted_tokens'], s['num_draft_tokens']) for s in stats]}")
         except Exception:
             ok, detail = False, traceback.format_exc()
         finally:
@@ -171,7 +183,7 @@ def main_torchrun(args, results) -> None:
         t0 = time.time()
         ref = reference(kind, device)
         try:
-            engine = builder(kind, args.device).parallel(**par).build()
+            engine = layout_builder(mode, kind, args.device).parallel(**par).build()
         except ConfigError as e:
             if rank == 0:
                 report(results, name, None, time.time() - t0, str(e))

@@ -109,6 +109,13 @@ class HiddenStateSpeculator(Speculator, Protocol):
     """
 
     needs_hidden_states: bool
+    # Optional, for parallel engines: the speculator's own model (an nn.Module) and the most
+    # forwards of it one step runs (MTP: k, the pass over the kept positions and k - 1 chained
+    # ones). Under expert parallelism its MoE layers exchange tokens with every rank's, so each
+    # rank tops its forwards up to this count with empty ones every lockstep step
+    # (dlengine/parallel/lockstep.py); a speculator without them is refused under parallel(ffn_ep>1).
+    draft_model: object
+    max_forwards_per_step: int
 
     def cache_specs(self, target_specs: list) -> list:
         """The cache specs with this speculator's layers added."""

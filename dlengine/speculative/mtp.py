@@ -26,6 +26,12 @@ distribution the target's at any temperature (and greedy outputs token-identical
 drafts instead would need the draft probabilities in the acceptance rule, which the verifier does
 not take.
 
+Under attention-DP x expert parallelism the MTP layer's MoE joins the EP collectives, so every
+rank must run it the same number of times a step, whatever its requests: the proposer declares
+`max_forwards_per_step` = k (the pass over the kept positions and k - 1 chained ones), and the
+lockstep loop tops each rank's MTP forwards up to k with empty MoE exchanges
+(dlengine/parallel/lockstep.py): a fixed schedule, no extra host sync.
+
 The MTP layer sees the target's hidden state after its final norm (the input of the LM head), as
 vLLM feeds DeepSeek's released MTP weights.
 """
@@ -54,10 +60,17 @@ class MTPProposer:
         # drafts 2..k write KV at k - 1 positions past the step's last kept one (the scheduler
         # reserves them; engine/seams.py Speculator.num_lookahead_tokens)
         self.num_lookahead_tokens = num_tokens - 1
+        # the most MTP forwards a step runs (observe_hidden_states): parallel engines pad to it
+        self.max_forwards_per_step = num_tokens
         # request id -> (the request's num_tokens when drafted, drafts)
         self._drafts: dict[str, tuple[int, list[int]]] = {}
 
     # ------------------------------------------------------------------ the seam
+    @property
+    def draft_model(self) -> torch.nn.Module:
+        """The module this proposer runs (its MoE layers join expert-parallel collectives)."""
+        return self.mtp
+
     def cache_specs(self, target_specs: list) -> list:
         return self.mtp.cache_specs(target_specs)
 
