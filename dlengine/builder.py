@@ -201,18 +201,18 @@ class EngineBuilder:
         """"hybrid" (default: prefill and decode here), "prefill" or "decode" (PD disaggregation:
         needs `transfer(...)`; see docs/disaggregation.md), or "encode": an encoder engine of a
         vision model (only its vision tower, no KV cache; `build()` returns an EncoderEngine that
-        hands image embeddings to prefill engines, see docs/vision.md)."""
+        hands image and video embeddings to prefill engines, see docs/vision.md)."""
         self._role = role
         return self
 
     def encoder_cache(self, *, staging_bytes: int | None = None, pull_timeout_s: float | None = None,
                       on_pull_failure: str | None = None, pull_mode: str | None = None) -> "EngineBuilder":
-        """Image embeddings between engines (encode-prefill-decode). An encoder engine keeps each
+        """Image and video embeddings between engines (encode-prefill-decode). An encoder engine keeps each
         request's embeddings in `staging_bytes` of registered host memory (default 256 MiB) until
         the prefill side pulls them or its transfer(pin_timeout_s=...) passes; an engine given ec_transfer_params
         pulls them into a receive region of that size and fails after `pull_timeout_s`.
         `on_pull_failure`: "fail" (default) refuses the request naming the encoder; "local" encodes
-        the images here instead. `pull_mode`: "sync" (default) pulls inside add_request; "async"
+        the images and videos here instead. `pull_mode`: "sync" (default) pulls inside add_request; "async"
         pulls while the engine steps its other requests (docs/vision.md, EPD)."""
         given = dict(staging_bytes=staging_bytes, pull_timeout_s=pull_timeout_s, on_pull_failure=on_pull_failure,
                      pull_mode=pull_mode)
@@ -348,7 +348,7 @@ class EngineBuilder:
         if self._role not in ROLES:
             raise ConfigError(f"unknown role {self._role!r}; choose one of {ROLES}")
         if self._role != "hybrid" and self._transfer is None:
-            what = "a transfer engine for its image embeddings" if self._role == "encode" else "a KV transfer engine"
+            what = "a transfer engine for its embeddings" if self._role == "encode" else "a KV transfer engine"
             raise ConfigError(
                 f"role {self._role!r} needs {what}: add .transfer('dlslime', transport='tcp') "
                 "(transport='rdma' is not wired yet, see docs/disaggregation.md)"

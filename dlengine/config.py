@@ -436,13 +436,13 @@ class TransferConfig:
 
 @dataclass(frozen=True)
 class EncoderCacheConfig:
-    """Image embeddings between engines (encode-prefill-decode, EngineBuilder.encoder_cache):
+    """Image and video embeddings between engines (encode-prefill-decode, EngineBuilder.encoder_cache):
     an encoder engine keeps each request's embeddings in `staging_bytes` of registered host
     memory until they are pulled (or its transfer(pin_timeout_s=...) passes); an engine given
     ec_transfer_params pulls them into a receive region of the same size, failing after
     `pull_timeout_s`.
     `on_pull_failure`: "fail" refuses the request with the reason; "local" encodes its images
-    here instead (the engine has the vision weights).
+    and videos here instead (the engine has the vision weights).
     `pull_mode`: "sync" pulls inside add_request (a failure raises there); "async" starts the
     pull there and holds the request out of the scheduler until it lands, advancing it every
     step, so the engine keeps stepping its other requests meanwhile (a failure ends the request
@@ -489,7 +489,7 @@ class EngineConfig:
     cuda_graph_max_batch: int | None = None
     load_num_layers: int | None = None  # read only the first N layers of the checkpoint (hf_overrides)
     transfer: TransferConfig | None = None  # prefill / decode / encode roles
-    encoder_cache: EncoderCacheConfig = field(default_factory=EncoderCacheConfig)  # EPD image embeddings
+    encoder_cache: EncoderCacheConfig = field(default_factory=EncoderCacheConfig)  # EPD image and video embeddings
     control_plane: dict | None = None  # dlslime-ctrl registration of a prefill / decode engine
     speculative_tokens: int = 0  # drafts per step when a speculator is set
     # benchmarking: keep each draft with this probability, whatever it is (outputs are then not

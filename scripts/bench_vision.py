@@ -78,7 +78,7 @@ def encoder_throughput(args, folder: str, tmp: str) -> list[dict]:
     try:
         for batch in args.batches:
             paths = images(tmp, args.image_size, batch, seed=100 + batch)
-            processed = encoder.images.process_images(paths)
+            processed = encoder.vision.process_images(paths)
             pixels = torch.cat([px for px, *_ in processed]).to(args.device)
             grids = [g for _, g, *_ in processed]
             tokens = sum(n for *_, n in processed)

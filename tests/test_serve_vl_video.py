@@ -109,16 +109,25 @@ def test_bad_video_parts_are_400(server, part, message):
     server.wait_idle()
 
 
-def test_epd_passes_videos_by():
-    """EPD carries image embeddings only: the router sends a request with video parts straight to
-    prefill, and an encoder server refuses one."""
-    from dlengine.router.proxy import has_images
-    from dlengine.serve.encode import chat_images
+def test_epd_takes_videos():
+    """EPD carries video embeddings too: the router sends a request with video parts through an
+    encoder, whose /v1/encode reads a `video` (list-of-frames) part as a chat server does (the
+    same frames and fps, so the same content hash); a bad video part is a 400 naming it.
+    tests/test_epd_router.py drives the servers."""
+    from dlengine.router.proxy import has_media
+    from dlengine.serve.encode import chat_media
     from dlengine.serve.errors import APIError
 
+    frames = tiny_video()
     image = {"type": "image_url", "image_url": {"url": data_url(tiny_image())}}
-    video = frames_part(tiny_video())
-    assert has_images({"messages": user_message(image)})
-    assert not has_images({"messages": user_message(image, video)})
-    with pytest.raises(APIError, match="encodes images only"):
-        chat_images({"messages": user_message(image, video)}, None)
+    video = frames_part(frames, fps=2)
+    assert has_media({"messages": user_message(image)})
+    assert has_media({"messages": user_message(video)}) and has_media({"messages": user_message(image, video)})
+    assert not has_media({"messages": [{"role": "user", "content": "hi"}]})
+    images, videos = chat_media({"messages": user_message(video, image)}, None)
+    assert len(images) == 1 and len(videos) == 1 and videos[0]["fps"] == 2
+    assert videos[0]["frames"] == [base64.b64decode(u.split(",", 1)[1]) for u in video["video"]]
+    with pytest.raises(APIError, match=r"messages\[0\] video 0: not a valid 'video' part"):
+        chat_media({"messages": user_message({"type": "video", "frames": video["video"]})}, None)
+    with pytest.raises(APIError, match="does not fetch image URLs"):
+        chat_media({"messages": user_message({"type": "video", "video": ["https://example.com/f.png"] * 4})}, None)

@@ -252,8 +252,9 @@ def test_bad_video_requests_are_refused(tmp_path):
     text_only = EngineBuilder("tiny-qwen3").dtype("float32").cache(block_size=16).build()
     with pytest.raises(InvalidRequestError, match="takes no videos"):
         text_only.generate([{"prompt": "hello", "videos": [frames]}])
-    # encode-prefill-decode hands over image embeddings only
-    with pytest.raises(InvalidRequestError, match="image embeddings only"):
+    # encode-prefill-decode params for a request with videos are checked before any pull
+    # (tests/test_epd_video.py pulls videos' embeddings)
+    with pytest.raises(InvalidRequestError, match="ec_transfer_params is missing"):
         e.add_request(requests()[0], GREEDY, ec_transfer_params={"engine_id": "unused"})
     assert not e.has_unfinished_requests()
 

@@ -1,18 +1,24 @@
 """The encoder engine of encode-prefill-decode disaggregation (EPD): a vision model's vision tower
-alone (no text model weights, no KV cache), which turns requests' images into embeddings and keeps
-them in registered host memory until a prefill (or hybrid) engine has pulled them.
+alone (no text model weights, no KV cache), which turns requests' images and videos into
+embeddings and keeps them in registered host memory until a prefill (or hybrid) engine has pulled
+them.
 
     encoder = EngineBuilder("tiny-qwen3-vl").role("encode").transfer("dlslime").build()
-    ec = encoder.encode([image])                      # ec_transfer_params (disagg/ec_params.py)
-    prefill.add_request({"prompt": p, "images": [image]}, params, ec_transfer_params=ec)
+    ec = encoder.encode([image], videos=[frames])     # ec_transfer_params (disagg/ec_params.py)
+    prefill.add_request({"prompt": p, "images": [image], "videos": [frames]}, params, ec_transfer_params=ec)
+
+Images and videos are preprocessed as a hybrid engine's front does (frames sampled, grouped into
+temporal patches, patched) and the vision tower runs once over all of a request's inputs, as a
+hybrid engine's model does: the embeddings are the model's own, bit for bit in float32.
 
 The hand-off follows the prefill role's KV hand-off (disagg/prefill.py), so the same failure
 handling applies. Control traffic rides on DLSlime as one-sided reads and writes of small
 registered regions of this engine, which stays passive:
 
-- "ec": the staging region; a request's images sit in one run of chunks (disagg/ec_staging.py),
-  each image one [1 + deepstack levels, tokens, hidden] tensor: the merged patch embeddings,
-  then the deepstack feature maps the text model adds after its first decoder layers;
+- "ec": the staging region; a request's embeddings sit in one run of chunks (disagg/ec_staging.py),
+  each image and each video one [1 + deepstack levels, tokens, hidden] tensor (a video's tokens
+  are all its temporal patches', in order): the merged patch embeddings, then the deepstack
+  feature maps the text model adds after its first decoder layers;
 - "ec_meta": the handshake record (JSON: engine id, role, model fingerprint, architecture);
 - "ec_ctrl": int64 [2, slots], the pin table's control region (disagg/pin_table.py). Row 0
   ("pin") holds a request's nonce while its embeddings are pinned and is cleared BEFORE they are
@@ -30,21 +36,29 @@ import logging
 import threading
 import uuid
 from collections import deque
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 
 from dlengine.config import EngineConfig
-from dlengine.disagg.ec_params import EncodedImage, EncoderTransferParams, dtype_name
+from dlengine.disagg.ec_params import EncodedInput, EncoderTransferParams, dtype_name
 from dlengine.disagg.ec_staging import ChunkedStaging
 from dlengine.disagg.pin_table import Pin, PinTable
 from dlengine.disagg.records import write_record
-from dlengine.multimodal.processor import ImagePromptProcessor
+from dlengine.multimodal.processor import VisionPromptProcessor
 from dlengine.sampling_params import InvalidRequestError
 
 logger = logging.getLogger("dlengine.disagg")
 META_BYTES = 4096
 VISUAL_PREFIX = "model.visual."
+
+
+class Embedded(NamedTuple):
+    """One image's or video's embeddings, as the encoder computed them."""
+
+    content_hash: bytes
+    grid_thw: tuple[int, int, int]
+    embeddings: torch.Tensor  # [1 + deepstack levels, tokens, hidden] on the device
 
 
 class EncoderBusyError(RuntimeError):
@@ -99,7 +113,7 @@ class EncoderEngine:
         self.engine_id = engine_id
         self.fingerprint = fingerprint
         self.pin_timeout_s = config.transfer.pin_timeout_s if config.transfer is not None else 60.0
-        self.images = ImagePromptProcessor(config.model)
+        self.vision = VisionPromptProcessor(config.model)  # the front's preprocessing
         vc = config.model.hf_config["vision_config"]
         self.hidden_size = int(vc["out_hidden_size"])
         self.num_levels = 1 + len(vc.get("deepstack_visual_indexes") or [])
@@ -115,35 +129,43 @@ class EncoderEngine:
         transfer.register_region("ec_meta", self.meta)
         self._ids = 0
         self._lock = threading.Lock()  # encode() from a server's worker threads, poll() from its poller
-        self.image_counts = {"images": 0, "image_tokens": 0}
+        self.encoded_counts = {"images": 0, "image_tokens": 0, "videos": 0, "video_tokens": 0}
 
     # ------------------------------------------------------------------ encoding
     @torch.inference_mode()
-    def embed(self, images: Sequence[Any]) -> list[tuple[bytes, tuple[int, int, int], torch.Tensor]]:
-        """(content hash, grid, [levels, tokens, hidden] embeddings on the device) per image; the
-        vision tower runs once over all of them, as in a hybrid engine."""
-        processed = self.images.process_images(images)
+    def embed(self, images: Sequence[Any], videos: Sequence[Any] = ()) -> list[Embedded]:
+        """(content hash, grid, [levels, tokens, hidden] embeddings on the device) per image, then
+        per video (all its temporal patches). Images and videos are preprocessed as a hybrid
+        engine's front does (multimodal/processor.py) and the vision tower runs once over all of
+        them, in the model's order (images, then videos), as a hybrid engine's model does."""
+        processed = list(self.vision.process_images(images))  # (pixels, grid, content hash, tokens)
+        for v in self.vision.process_videos(videos):
+            processed.append((v.pixel_values, v.grid_thw, v.content_hash, v.grid_thw[0] * v.tokens_per_frame))
         if not processed:
-            raise InvalidRequestError("nothing to encode: the request has no images")
+            raise InvalidRequestError("nothing to encode: the request has no images and no videos")
         pixels = torch.cat([px for px, *_ in processed]).to(self.config.device)
         tokens, features = self.tower(pixels, [grid for _, grid, *_ in processed])
         stacked = torch.stack([tokens, *features])  # [levels, all tokens, hidden]
         out, row = [], 0
         for _, grid, content_hash, n in processed:
-            out.append((content_hash, grid, stacked[:, row:row + n]))
+            out.append(Embedded(content_hash, tuple(grid), stacked[:, row:row + n]))
             row += n
         return out
 
-    def encode(self, images: Sequence[Any], request_id: str | None = None) -> dict:
-        """Encode a request's images and pin the embeddings for a puller: returns its
-        ec_transfer_params. Raises InvalidRequestError for bad images, EncoderBusyError when
-        staging (or every pin slot) is full."""
+    def encode(self, images: Sequence[Any] = (), request_id: str | None = None, videos: Sequence[Any] = ()) -> dict:
+        """Encode a request's images and videos (each as `Engine.add_request` takes them, in the
+        prompt's order) and pin the embeddings for a puller: returns its ec_transfer_params.
+        Raises InvalidRequestError for bad images or videos, EncoderBusyError when staging (or
+        every pin slot) is full."""
         if not isinstance(images, (list, tuple)):
             images = [images]
-        embedded = self.embed(images)
+        if not isinstance(videos, (list, tuple)):
+            raise InvalidRequestError("videos is a list of videos (each a list of frames, a [T, H, W, C] array, a "
+                                      f"dict with 'frames' and 'fps', or a video file), not {type(videos).__name__}")
+        embedded = self.embed(images, videos)
         dtype = self.config.dtype
         itemsize = torch.empty((), dtype=dtype).element_size()
-        sizes = [e.numel() * itemsize for _, _, e in embedded]
+        sizes = [e.embeddings.numel() * itemsize for e in embedded]
         with self._lock:
             self._poll_locked()
             run = self.staging.allocate(sum(sizes))
@@ -156,18 +178,21 @@ class EncoderEngine:
             self._ids += 1
             request_id = request_id or f"enc-{self._ids}"
             offset, encoded = run[0], []
-            for (content_hash, grid, emb), size in zip(embedded, sizes):
-                self.staging.view(offset, dtype, tuple(emb.shape)).copy_(emb)
-                encoded.append(EncodedImage(content_hash.hex(), list(grid), int(emb.shape[1]), offset))
+            for e, size in zip(embedded, sizes):  # back to back, images first (ec_params.py)
+                self.staging.view(offset, dtype, tuple(e.embeddings.shape)).copy_(e.embeddings)
+                encoded.append(EncodedInput(e.content_hash.hex(), list(e.grid_thw), int(e.embeddings.shape[1]), offset))
                 offset += size
             pin = self.pins.pin(request_id, run)
-            self.image_counts["images"] += len(encoded)
-            self.image_counts["image_tokens"] += sum(e.num_tokens for e in encoded)
+            encoded_images, encoded_videos = encoded[:len(images)], encoded[len(images):]
+            self.encoded_counts["images"] += len(encoded_images)
+            self.encoded_counts["image_tokens"] += sum(e.num_tokens for e in encoded_images)
+            self.encoded_counts["videos"] += len(encoded_videos)
+            self.encoded_counts["video_tokens"] += sum(e.num_tokens for e in encoded_videos)
         return EncoderTransferParams(
             engine_id=self.engine_id, endpoint=self.transfer.local_info(), request_id=request_id,
             fingerprint=self.fingerprint, dtype=dtype_name(dtype), hidden_size=self.hidden_size,
-            num_levels=self.num_levels, images=encoded, slot=pin.slot, num_slots=self.num_slots, nonce=pin.nonce,
-            pin_timeout_s=self.pin_timeout_s).to_dict()
+            num_levels=self.num_levels, images=encoded_images, videos=encoded_videos, slot=pin.slot,
+            num_slots=self.num_slots, nonce=pin.nonce, pin_timeout_s=self.pin_timeout_s).to_dict()
 
     # ------------------------------------------------------------------ pins
     def poll(self) -> None:
@@ -198,8 +223,8 @@ class EncoderEngine:
 
     @property
     def counts(self) -> dict[str, int]:
-        """Hand-offs and releases (the pin table's), then images and their tokens encoded."""
-        return {**self.pins.counts, **self.image_counts}
+        """Hand-offs and releases (the pin table's), then images, videos and their tokens encoded."""
+        return {**self.pins.counts, **self.encoded_counts}
 
     @property
     def events(self) -> deque[tuple[str, str]]:

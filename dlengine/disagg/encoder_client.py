@@ -1,10 +1,11 @@
 """The pulling side of encode-prefill-decode: a prefill (or hybrid) engine's front, given a request
-with images and an encoder engine's `ec_transfer_params`, reads the images' embeddings over
-DLSlime and sets them on the request's images (`ImageInput.embeddings`), so the model skips its
-vision tower for them (models/qwen3_vl.py `encode_images`).
+with images or videos and an encoder engine's `ec_transfer_params`, reads their embeddings over
+DLSlime and sets them on the request's images and videos (`ImageInput.embeddings`,
+`VideoInput.embeddings`), so the model skips its vision tower for them (models/qwen3_vl.py
+`encode_images`).
 
-One pull per request: check the params against the request's own images (content hashes,
-token counts, embedding shape) -> connect and handshake once per encoder (its "ec_meta" record:
+One pull per request: check the params against the request's own images and videos (content
+hashes, token counts, embedding shape) -> connect and handshake once per encoder (its "ec_meta" record:
 engine id and model fingerprint) -> read the request's run of the encoder's "ec" region into a
 run of our receive region -> re-read the encoder's pin slot (a release that raced the read is
 detected, the copy discarded) -> copy the embeddings out, free our run, and write the nonce into
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dlengine.disagg.ec_params import EncoderTransferParams, check_images
+from dlengine.disagg.ec_params import EncoderTransferParams, check_inputs
 from dlengine.disagg.ec_staging import ChunkedStaging
 from dlengine.disagg.encoder import META_BYTES
 from dlengine.disagg.pin_table import DONE, PIN, ctrl_offset
@@ -48,7 +49,7 @@ NOTIFY_TIMEOUT_S = 1.0  # a done-slot write not finished by then is given up (th
 
 
 class EncoderPullError(TransferError):
-    """The image embeddings of a request could not be pulled from its encoder engine."""
+    """The image or video embeddings of a request could not be pulled from its encoder engine."""
 
 
 @dataclass
@@ -56,9 +57,9 @@ class PullOutcome:
     """How a pull ended, reported once by `poll()`."""
 
     request_id: str
-    pulled: bool  # the embeddings are set on the request's images
+    pulled: bool  # the embeddings are set on the request's images and videos
     error: str | None = None  # why it failed (None when pulled)
-    encode_locally: bool = False  # failed, and on_pull_failure="local": encode the images here
+    encode_locally: bool = False  # failed, and on_pull_failure="local": encode the images and videos here
 
 
 @dataclass
@@ -120,10 +121,11 @@ class EncoderCacheClient:
 
     # ------------------------------------------------------------------ the front's API
     def start(self, request_id: str, raw_params, multimodal) -> None:
-        """Check the params against `multimodal`'s images (a mismatch raises InvalidRequestError,
-        nothing started) and start pulling; never blocks. `poll()` reports the outcome."""
+        """Check the params against `multimodal`'s images and videos (a mismatch raises
+        InvalidRequestError, nothing started) and start pulling; never blocks. `poll()` reports
+        the outcome."""
         p = EncoderTransferParams.from_dict(raw_params)
-        check_images(p, multimodal, self.hidden_size, self.num_levels)
+        check_inputs(p, multimodal, self.hidden_size, self.num_levels)
         where = f"encoder engine {p.engine_id} at {p.endpoint.get('host')}:{p.endpoint.get('port')}"
         with self._lock:
             pull = _Pull(request_id, p, multimodal, where, time.monotonic() + self.options.pull_timeout_s)
@@ -164,8 +166,9 @@ class EncoderCacheClient:
 
     def pull(self, raw_params, multimodal) -> bool:
         """The pull driven to its end on this thread. True when the embeddings are set; False
-        when it failed and the images will be encoded here (on_pull_failure="local"); raises
-        EncoderPullError otherwise (InvalidRequestError for params that do not match)."""
+        when it failed and the images and videos will be encoded here
+        (on_pull_failure="local"); raises EncoderPullError otherwise (InvalidRequestError for
+        params that do not match)."""
         self._sync_ids += 1
         rid = f"\0sync-{self._sync_ids}"  # never a request id the front hands out
         self.start(rid, raw_params, multimodal)
@@ -279,24 +282,25 @@ class EncoderCacheClient:
             return self._end(pull, None)
         run = self.staging.allocate(p.nbytes)
         if run is None:
-            return self._fail(pull, f"this engine's receive region for image embeddings is full ({p.nbytes} bytes "
+            return self._fail(pull, f"this engine's receive region for embeddings is full ({p.nbytes} bytes "
                                     f"needed, {self.staging.free_bytes} of {self.staging.nbytes} free): raise "
                                     "encoder_cache(staging_bytes=...)")
         pull.run = run
-        segments = [(im.offset, run[0] + (im.offset - p.images[0].offset),
-                     im.nbytes(p.num_levels, p.hidden_size, p.torch_dtype)) for im in p.images]
+        # the encoder's tensors lie back to back (ec_params.py): one run here, the same layout
+        first = p.items[0].offset
+        segments = [(x.offset, run[0] + (x.offset - first), p.item_nbytes(x)) for x in p.items]
         pull.state = "reading"
         try:
             pull.future = self.transfer.read(p.engine_id, "ec_in", "ec", segments)
         except TransferError as e:
             pull.future = None
-            self._stage_failed(pull, f"reading the image embeddings from {pull.where} failed: {e}")
+            self._stage_failed(pull, f"reading the embeddings from {pull.where} failed: {e}")
 
     def _advance(self, pull: _Pull, now: float) -> None:
         if pull.state == "connecting":
             return  # its handshake advances it
         if pull.future is not None:
-            what = "reading the image embeddings from" if pull.state == "reading" else "re-reading the pin slot of"
+            what = "reading the embeddings from" if pull.state == "reading" else "re-reading the pin slot of"
             try:
                 ok = pull.future.wait(0.0)
             except TransferError as e:
@@ -333,10 +337,11 @@ class EncoderCacheClient:
                                             f"before the pull finished (freed there, or its pin timeout of "
                                             f"{p.pin_timeout_s}s passed); the copy was discarded",
                                       endpoint_broke=False)
-        dtype = p.torch_dtype
-        for im, img in zip(p.images, pull.multimodal.images):
-            local = pull.run[0] + (im.offset - p.images[0].offset)
-            img.embeddings = self.staging.view(local, dtype, (p.num_levels, im.num_tokens, p.hidden_size)).clone()
+        dtype, first = p.torch_dtype, p.items[0].offset
+        # images, then videos: the order of both the params' items and the request's visual inputs
+        for x, target in zip(p.items, pull.multimodal.visual_inputs):
+            local = pull.run[0] + (x.offset - first)
+            target.embeddings = self.staging.view(local, dtype, (p.num_levels, x.num_tokens, p.hidden_size)).clone()
         self.counts["pulled"] += 1
         self.counts["bytes"] += p.nbytes
         self._end(pull, PullOutcome(pull.request_id, pulled=True))
@@ -371,7 +376,7 @@ class EncoderCacheClient:
     def _timed_out(self, pull: _Pull) -> None:
         """A read passed its deadline: shut the endpoint down (DLSlime then never completes the
         stalled read) and never hand out the runs it targeted again."""
-        self._break_endpoint(pull.params.engine_id, f"pulling image embeddings from {pull.where} timed out after "
+        self._break_endpoint(pull.params.engine_id, f"pulling embeddings from {pull.where} timed out after "
                                                     f"{self.options.pull_timeout_s}s (peer stalled or network down)")
 
     def _break_endpoint(self, engine_id: str, error: str) -> None:
@@ -392,7 +397,7 @@ class EncoderCacheClient:
         self.counts["failed"] += 1
         if self.options.on_pull_failure == "local":
             self.counts["encoded_locally"] += 1
-            logger.warning("image embeddings from %s could not be pulled (%s); encoding locally", pull.where, error)
+            logger.warning("embeddings from %s could not be pulled (%s); encoding locally", pull.where, error)
             return PullOutcome(pull.request_id, pulled=False, error=error, encode_locally=True)
         return PullOutcome(pull.request_id, pulled=False, error=error)
 

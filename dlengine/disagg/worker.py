@@ -9,7 +9,8 @@ timeouts. The worker exits when its stdin closes (its parent died) or on {"op": 
     python -m dlengine.disagg.worker '{"model": "tiny-qwen3", "role": "prefill", "dtype": "float32"}'
 
 An encoder engine (role "encode", docs/vision.md) answers "encode" (images: file paths, as JSON
-carries no bytes), "release", "stats" and "quit", and polls its pins between commands.
+carries no bytes; videos: lists of frame files, or {"frames": [...], "fps": ...}), "release",
+"stats" and "quit", and polls its pins between commands.
 
 `WorkerEngine(spec)` starts one and speaks the protocol; `generate`, `add_request`, `step`
 make it usable by `PDRouter` like an in-process engine.
@@ -111,7 +112,8 @@ def serve_encoder(engine, reply) -> None:
         return {**engine.describe()["ec_transfer"], "events": list(engine.events)}
 
     _command_loop(engine, reply, engine.poll, {
-        "encode": lambda cmd: {"ec_transfer_params": engine.encode(cmd["images"], cmd.get("request_id"))},
+        "encode": lambda cmd: {"ec_transfer_params": engine.encode(cmd.get("images") or [], cmd.get("request_id"),
+                                                                   videos=cmd.get("videos") or [])},
         "release": lambda cmd: {"released": engine.release(cmd["request_id"])},
         "stats": stats,
     })
@@ -211,9 +213,11 @@ class WorkerEngine:
         return self.call("add", prompt=prompt, params=asdict(params), kv_transfer_params=kv_transfer_params,
                          ec_transfer_params=ec_transfer_params)["request_id"]
 
-    def encode(self, images: list[str], request_id: str | None = None) -> dict:
-        """An encoder worker's ec_transfer_params for images given as file paths."""
-        return self.call("encode", images=list(images), request_id=request_id)["ec_transfer_params"]
+    def encode(self, images: list[str] = (), request_id: str | None = None, videos: list = ()) -> dict:
+        """An encoder worker's ec_transfer_params for images given as file paths and videos given
+        as lists of frame files (or {"frames": [paths], "fps": fps})."""
+        return self.call("encode", images=list(images), request_id=request_id,
+                         videos=list(videos))["ec_transfer_params"]
 
     def results(self, request_ids) -> list:
         return [SimpleNamespace(**o) for o in self.call("results", request_ids=list(request_ids))["outputs"]]

@@ -255,10 +255,10 @@ class Engine:
         On a decode engine, `kv_transfer_params` (a prefill engine's output field) makes the
         request pull the prompt's KV instead of computing it; `prompt` must be the same prompt.
 
-        On a vision model, `ec_transfer_params` (an encoder engine's `encode(images)` result for
-        this prompt's images) makes the request pull the images' embeddings instead of encoding
-        them (docs/vision.md, EPD); a failed pull raises EncoderPullError naming the encoder
-        (or encodes here, with encoder_cache(on_pull_failure="local")). With
+        On a vision model, `ec_transfer_params` (an encoder engine's `encode(images, videos=...)`
+        result for this prompt's images and videos) makes the request pull their embeddings
+        instead of encoding them (docs/vision.md, EPD); a failed pull raises EncoderPullError
+        naming the encoder (or encodes here, with encoder_cache(on_pull_failure="local")). With
         encoder_cache(pull_mode="async") the pull runs while `step()` runs the other requests,
         and a failed one ends the request with finish_reason "error" and that message instead.
 
@@ -278,7 +278,7 @@ class Engine:
 
                 check_transfer_params(kv_transfer_params, request, self.config.model.vocab_size)
             request.remote_kv = kv_transfer_params
-        pulling = ec_transfer_params is not None and self._pull_image_embeddings(request, ec_transfer_params)
+        pulling = ec_transfer_params is not None and self._pull_visual_embeddings(request, ec_transfer_params)
         if pulling:
             rid = self._hold_for_pull(request, output_kind)
         else:
@@ -287,23 +287,23 @@ class Engine:
             self._listeners[rid] = on_output
         return rid
 
-    def _pull_image_embeddings(self, request: Request, ec_transfer_params: dict) -> bool:
-        """Pull (sync) or start pulling (async) the request's image embeddings; True when the
-        request must wait for an async pull before it enters the core."""
+    def _pull_visual_embeddings(self, request: Request, ec_transfer_params: dict) -> bool:
+        """Pull (sync) or start pulling (async) the embeddings of the request's images and
+        videos; True when the request must wait for an async pull before it enters the core."""
         if self._vision is None:
-            raise InvalidRequestError(f"ec_transfer_params carry image embeddings; {self.config.model.architecture} "
-                                      "takes no images")
+            raise InvalidRequestError(f"ec_transfer_params carry image and video embeddings; "
+                                      f"{self.config.model.architecture} takes no images or videos")
         if request.remote_kv is not None:
-            return False  # the prompt's KV is pulled whole: its images are never encoded here
-        if request.multimodal is not None and request.multimodal.videos:
-            raise InvalidRequestError("ec_transfer_params: encode-prefill-decode carries image embeddings only, and "
-                                      "this request has videos; send it without ec_transfer_params (this engine "
-                                      "encodes its images and videos itself)")
+            return False  # the prompt's KV is pulled whole: its images and videos are never encoded here
+        from dlengine.disagg.ec_params import EncoderTransferParams
+
+        # malformed params are refused before a transfer engine is made for them
+        params = EncoderTransferParams.from_dict(ec_transfer_params)
         client = self._ensure_encoder_client()
         if self.config.encoder_cache.pull_mode == "async":
-            client.start(request.request_id, ec_transfer_params, request.multimodal)
+            client.start(request.request_id, params, request.multimodal)
             return True
-        client.pull(ec_transfer_params, request.multimodal)
+        client.pull(params, request.multimodal)
         return False
 
     def _hold_for_pull(self, request: Request, output_kind: str) -> str:

@@ -10,8 +10,8 @@ with either, its rows in the batch and its MultimodalInputs). A request's images
 encoded once, at the first chunk that reaches one of their tokens, kept on the request while its
 prompt runs (chunked prefill takes each chunk's slice; a video's tokens are one run per temporal
 patch, separated by timestamp text) and dropped after the chunk holding the last of them. A
-request recomputed after preemption encodes again. Images an encoder engine already encoded (EPD, their
-`ImageInput.embeddings` set by the front) skip the vision tower. Text-only requests use their 1-D position on all
+request recomputed after preemption encodes again. Images and videos an encoder engine already encoded (EPD,
+their `embeddings` set by the front) skip the vision tower. Text-only requests use their 1-D position on all
 three axes, as transformers does.
 
 Checkpoint layout (the released one): `model.visual.*`, `model.language_model.{embed_tokens,
@@ -115,7 +115,8 @@ class Qwen3VLModel(nn.Module):
         deepstack, Qwen3.5's). The vision tower runs once over all of them: attention never
         crosses an image or a video frame, so batching them changes nothing. An image whose
         embeddings an encoder engine computed (`ImageInput.embeddings`, [1 + levels, tokens,
-        hidden]) is not encoded again."""
+        hidden]) is not encoded again, nor is such a video (`VideoInput.embeddings`: all its
+        temporal patches' tokens, in order)."""
         device = self.language_model.embed_tokens.weight.device
         items = inputs.visual_inputs
         local = [x for x in items if x.embeddings is None]

@@ -16,12 +16,11 @@ Made once by the front (multimodal/processor.py) when the request is added, and 
   content hashes (`block_extra_key`), since every image's (video's) tokens are the same
   placeholder id.
 
-The encoder seam (encode-prefill-decode disaggregation, docs/vision.md): an image whose
+The encoder seam (encode-prefill-decode disaggregation, docs/vision.md): an image or video whose
 `embeddings` are set was encoded elsewhere, by an encoder engine, and pulled by the front
 (dlengine/disagg/encoder_client.py) when the request was added; the model uses them instead of
-running its vision tower on that image. Everything else (content hash, positions, prefix
-caching) is the same for both kinds of image. Videos are always encoded by the model (EPD carries
-images only).
+running its vision tower on that input. Everything else (content hash, positions, prefix
+caching) is the same whoever encoded it.
 """
 
 from __future__ import annotations
@@ -62,7 +61,9 @@ class VideoInput:
     frame_offsets: list[int]  # prompt index of the first token of each temporal patch (grid_thw[0] of them)
     tokens_per_frame: int  # tokens of one temporal patch (h * w / merge_size ** 2)
     timestamps: list[float]  # seconds of each temporal patch, as written before its tokens
-    embeddings: None = field(default=None, repr=False)  # never set: the model always encodes videos
+    # [1 + deepstack levels, num_tokens, hidden] on the host (all temporal patches, in order),
+    # computed by an encoder engine; None: the model encodes the video
+    embeddings: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def num_tokens(self) -> int:

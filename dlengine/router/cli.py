@@ -22,7 +22,7 @@ def add_router_options(p: argparse.ArgumentParser) -> None:
                        help=f"a {role} server's base URL, e.g. http://127.0.0.1:8000 (repeatable)")
     b.add_argument("--encode", action="append", default=[], metavar="URL",
                    help="an encoder server's base URL (`dlengine serve --mode encode`, repeatable): chat requests "
-                        "with images are encoded there first, then prefilled (EPD, docs/vision.md)")
+                        "with images or videos are encoded there first, then prefilled (EPD, docs/vision.md)")
     b.add_argument("--ctrl-address", default=None, metavar="HOST:PORT",
                    help="discover `dlengine serve --ctrl-address` servers from this dlslime-ctrl")
     b.add_argument("--ctrl-scope", default=None, metavar="SCOPE", help="dlslime-ctrl scope (default: none)")

@@ -14,7 +14,7 @@ class RouterConfig:
     hybrid: list[str] = field(default_factory=list)  # backend base URLs by role (flags)
     prefill: list[str] = field(default_factory=list)
     decode: list[str] = field(default_factory=list)
-    encode: list[str] = field(default_factory=list)  # encoder servers (EPD: image embeddings for prefill/hybrid)
+    encode: list[str] = field(default_factory=list)  # encoder servers (EPD: visual embeddings for prefill/hybrid)
     policy: str = "round-robin"
     ctrl_address: str | None = None  # dlslime-ctrl to discover `dlengine serve` servers from
     ctrl_scope: str | None = None

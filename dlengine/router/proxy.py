@@ -9,10 +9,10 @@ the router POSTs /pd/free to the prefill server (the decode server's liveness st
 pin timeout free the blocks too, if the router cannot).
 
 EPD: with encoder servers configured (--encode, or discovered with role "encode"), a chat request
-with image parts first goes to an encoder server's POST /v1/encode; its signed
+with image or video parts first goes to an encoder server's POST /v1/encode; its signed
 `ec_transfer_params` go with the request to the prefill (or hybrid) server, which pulls the
 embeddings instead of encoding (never to a decode server: the KV it pulls already holds the
-images). An encoder that cannot be reached is dropped and another tried; with none left the
+images and videos). An encoder that cannot be reached is dropped and another tried; with none left the
 request goes on without params (the prefill server encodes). A prefill/hybrid server that cannot
 pull (424 `encoder_pull_failed`: the encoder died between the two legs) gets the request again
 without params, and the encoder is dropped until its health check passes.
@@ -56,16 +56,17 @@ class EncoderPullFailed(Exception):
 ENCODER_PULL_FAILED = 424
 
 
-def has_images(body: dict) -> bool:
-    """Whether a chat request has image parts and no video parts: only those are worth an
-    encoder's round trip (EPD carries image embeddings only; a request with videos goes to a
-    prefill server, which encodes its images and videos itself)."""
-    types = set()
+MEDIA_PARTS = frozenset({"image_url", "video", "video_url"})
+
+
+def has_media(body: dict) -> bool:
+    """Whether a chat request has image or video parts: only those are worth an encoder's round
+    trip."""
     for m in body.get("messages") or []:
         content = m.get("content") if isinstance(m, dict) else None
-        if isinstance(content, list):
-            types.update(p.get("type") for p in content if isinstance(p, dict))
-    return "image_url" in types and not types & {"video_url", "video"}
+        if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") in MEDIA_PARTS for p in content):
+            return True
+    return False
 
 
 class Proxy:
@@ -83,7 +84,7 @@ class Proxy:
             try:
                 encoded = await self._encode(path, body)
                 if isinstance(encoded, Response):
-                    return encoded  # the encoder refused the request (a bad image): the client's error
+                    return encoded  # the encoder refused the request (a bad image or video): the client's error
                 ec = encoded[1] if encoded else None
                 if self.pool.usable("prefill") and self.pool.usable("decode"):
                     return await self._disaggregated(path, body, ec)
@@ -108,9 +109,9 @@ class Proxy:
 
     # ------------------------------------------------------------------ EPD
     async def _encode(self, path: str, body: dict):
-        """(encoder, signed ec_transfer_params) for a chat request with images when encoder
-        servers are usable; None to go on without; a Response when the encoder refused it."""
-        if path != "/v1/chat/completions" or not has_images(body):
+        """(encoder, signed ec_transfer_params) for a chat request with images or videos when
+        encoder servers are usable; None to go on without; a Response when the encoder refused it."""
+        if path != "/v1/chat/completions" or not has_media(body):
             return None
         while encoders := self.pool.usable("encode"):
             encoder = self.policy.choose(encoders, body, "encode")

@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 from dlengine.disagg.encoder_client import EncoderPullError
 from dlengine.engine.request import RequestOutput
 from dlengine.serve.errors import bad_request, engine_failed
-from dlengine.serve.media import image_bytes, video_bytes
+from dlengine.serve.media import image_bytes, video_input
 from dlengine.serve.logprobs import chat_logprobs
 from dlengine.serve.params import MAX_TOP_LOGPROBS, choice_params, sampling_params
 from dlengine.serve.pd import check_ec_request, check_pd_request, encoder_pull_failed, handoff_params, hold_prefill
@@ -42,7 +42,7 @@ def render_prompt(state: ServerState, req: ChatCompletionRequest) -> tuple[list[
                 if isinstance(part, ImagePart):
                     images.append(image_bytes(part.image_url.url, media_path, f"messages[{i}] image {len(images)}"))
                 elif isinstance(part, (VideoURLPart, VideoFramesPart)):
-                    videos.append(_video(part, media_path, f"messages[{i}] video {len(videos)}"))
+                    videos.append(video_input(part, media_path, f"messages[{i}] video {len(videos)}"))
                     # Qwen's templates write a video placeholder for a part of type "video"
                     msg["content"][k] = {"type": "video"}
         messages.append(msg)
@@ -54,15 +54,6 @@ def render_prompt(state: ServerState, req: ChatCompletionRequest) -> tuple[list[
     except Exception as e:  # the template's own checks (role order, ...) or bad kwargs
         raise bad_request(f"the chat template cannot render these messages: {e}", param="messages") from None
     return list(tok.encode(text, add_special_tokens=False)), images, videos, text
-
-
-def _video(part, media_path: str | None, where: str):
-    """What the engine takes as a video: the encoded file of a `video_url` part, or the frames
-    (and fps) of a `video` part."""
-    if isinstance(part, VideoURLPart):
-        return video_bytes(part.video_url.url, media_path, where)
-    frames = [image_bytes(url, media_path, f"{where} frame {f}") for f, url in enumerate(part.video)]
-    return {"frames": frames, "fps": part.fps}
 
 
 def engine_prompt(state: ServerState, ids: list[int], text: str, images: list, videos: list):
@@ -104,7 +95,7 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request):
     params = sampling_params(req, max_tokens=max_tokens, default_max_tokens=max(1, state.max_model_len - len(prompt)),
                              logprobs=(req.top_logprobs or 0) if req.logprobs else None, vocab_size=state.vocab_size)
     kv, prefill_url = check_pd_request(state, req.kv_transfer_params, stream=req.stream, num_choices=req.n)
-    ec = check_ec_request(state, req.ec_transfer_params, has_images=bool(images), num_choices=req.n)
+    ec = check_ec_request(state, req.ec_transfer_params, has_media=bool(images or videos), num_choices=req.n)
     rid = new_id("chatcmpl")
     try:
         streams = await state.async_engine.add(
@@ -141,7 +132,7 @@ async def _pulled_or_424(raw: Request, stream) -> None:
     if first.finished and first.finish_reason == "error" and not first.token_ids:
         async for _ in stream.outputs():  # hand the final output to the stream's bookkeeping
             pass
-        raise encoder_pull_failed(first.error or "the image embedding pull failed")
+        raise encoder_pull_failed(first.error or "the image and video embedding pull failed")
 
 
 def _tool_call(call: ParsedToolCall) -> ToolCall:

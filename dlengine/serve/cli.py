@@ -32,7 +32,8 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mode", choices=MODES, default="hybrid",
                    help="engine role: hybrid (prefill and decode here), or prefill / decode for PD "
                         "disaggregation, whose KV moves through DLSlime, or encode: a vision model's encoder alone, "
-                        "answering POST /v1/encode with image embeddings for prefill servers (EPD, docs/vision.md) "
+                        "answering POST /v1/encode with image and video embeddings for prefill servers (EPD, "
+                        "docs/vision.md) "
                         "(default: %(default)s)")
     g.add_argument("--transfer-backend", default="dlslime", choices=("dlslime", "cuda_ipc"),
                    help="prefill/decode modes: dlslime (TCP, any hosts) or cuda_ipc (GPU to GPU, both servers on "
@@ -46,8 +47,8 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
                         f"shared by every server of the deployment (default: ${PD_SECRET_ENV}); required in those "
                         "modes, and on a hybrid server that takes ec_transfer_params")
     g.add_argument("--encoder-staging-mib", type=int, default=None, metavar="N",
-                   help="vision models: MiB of registered host memory for image embeddings in flight: an encode "
-                        "server's staging, a prefill/hybrid server's receive region (default: 256)")
+                   help="vision models: MiB of registered host memory for image and video embeddings in flight: "
+                        "an encode server's staging, a prefill/hybrid server's receive region (default: 256)")
     g.add_argument("--api-key", default=None, metavar="KEY",
                    help=f"require 'Authorization: Bearer KEY' on every /v1 route (default: ${API_KEY_ENV} when set)")
     g.add_argument("--max-concurrent-requests", type=int, default=256, metavar="N",

@@ -18,6 +18,7 @@ from dlengine.multimodal.images import decode_data_url
 from dlengine.multimodal.videos import video_decoder
 from dlengine.sampling_params import InvalidRequestError
 from dlengine.serve.errors import bad_request
+from dlengine.serve.protocol import VideoFramesPart, VideoURLPart
 
 
 def image_bytes(url: str, allowed_local_media_path: str | None, where: str) -> bytes:
@@ -32,6 +33,16 @@ def video_bytes(url: str, allowed_local_media_path: str | None, where: str) -> b
                           "installed); send the frames as a {\"type\": \"video\", \"video\": [image data URLs]} "
                           "part", param="messages")
     return _media_bytes(url, allowed_local_media_path, where, "video")
+
+
+def video_input(part: VideoURLPart | VideoFramesPart, allowed_local_media_path: str | None, where: str):
+    """What the engine takes as the video of a part: the encoded file of a `video_url` part, or
+    the frames (and fps) of a `video` part. A chat server and an encoder server (EPD) both make
+    it here, so a video's content hash is the same on both."""
+    if isinstance(part, VideoURLPart):
+        return video_bytes(part.video_url.url, allowed_local_media_path, where)
+    frames = [image_bytes(url, allowed_local_media_path, f"{where} frame {f}") for f, url in enumerate(part.video)]
+    return {"frames": frames, "fps": part.fps}
 
 
 def _media_bytes(url: str, allowed_local_media_path: str | None, where: str, media: str) -> bytes:

@@ -18,8 +18,9 @@ and the two routes that release a prefill server's pinned blocks.
   blocks come back within a second instead of at the pin timeout.
 
 EPD: a prefill or hybrid server given signed `ec_transfer_params` (an encoder server's answer to
-POST /v1/encode, serve/encode.py) in a chat request pulls the images' embeddings from that
-encoder engine (`check_ec_request`); a failed pull is answered 424 `encoder_pull_failed`.
+POST /v1/encode, serve/encode.py) in a chat request pulls the embeddings of its images and videos
+from that encoder engine (`check_ec_request`); a failed pull is answered 424
+`encoder_pull_failed`.
 """
 
 from __future__ import annotations
@@ -69,16 +70,18 @@ def check_pd_request(state: ServerState, kv_transfer_params, *, stream: bool,
     return params, prefill_url
 
 
-def check_ec_request(state: ServerState, ec_transfer_params, *, has_images: bool, num_choices: int) -> dict | None:
-    """The engine's ec_transfer_params of a chat request (signature checked), or None."""
+def check_ec_request(state: ServerState, ec_transfer_params, *, has_media: bool, num_choices: int) -> dict | None:
+    """The engine's ec_transfer_params of a chat request (signature checked), or None.
+    `has_media`: the request has images or videos."""
     if ec_transfer_params is None:
         return None
     mode = state.config.mode
     if mode not in ("prefill", "hybrid"):
         raise bad_request(f"ec_transfer_params need a prefill or hybrid server; this one is {mode}",
                           param="ec_transfer_params")
-    if not has_images:
-        raise bad_request("ec_transfer_params came with a request that has no images", param="ec_transfer_params")
+    if not has_media:
+        raise bad_request("ec_transfer_params came with a request that has no images and no videos",
+                          param="ec_transfer_params")
     if num_choices != 1:
         raise bad_request("a request with ec_transfer_params runs one sequence (n=1): the embeddings are pulled once",
                           param="n")
