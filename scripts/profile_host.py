@@ -14,7 +14,8 @@ tiny checkpoint) with two stand-ins passed to the constructors, never patched on
   seeded generator, so no request stops early and the front has text to decode.
 Scheduler, runner and core are subclasses here that only time their parent's methods.
 
-Columns, median microseconds per decode step (all requests decoding one token):
+Columns, median microseconds per decode step (all requests decoding one token; the medians do
+not add up exactly):
   schedule   Scheduler.schedule
   prepare    ModelRunner.prepare_inputs (the eager path's input arrays, what CPU steps run)
   layout     choose_graph + padded_layout of the same step (what a CUDA-graph decode step runs
@@ -26,6 +27,8 @@ Columns, median microseconds per decode step (all requests decoding one token):
   total      Engine.step (without the layout column)
   graph path total - prepare + layout: the host's share of a graph decode step (staging copies
              and launches excluded)
+  mean total the mean of total: with the occasional slow step (garbage collection, a block
+             boundary for many requests at once)
 Async scheduling is on by default, as on the GPU (the core resolves step N while N+1 is queued).
 """
 
@@ -178,7 +181,9 @@ def measure(args, batch: int, output_kind: str) -> dict[str, float]:
             "core rest": core - s["schedule"] - s["execute"], "front": total - core, "total": total,
             "graph path": total - s["prepare"] + s["layout"],
         })
-    return {k: statistics.median(r[k] for r in rows) * 1e6 for k in rows[0]}
+    result = {k: statistics.median(r[k] for r in rows) * 1e6 for k in rows[0]}
+    result["mean total"] = statistics.mean(r["total"] for r in rows) * 1e6  # with the occasional slow step
+    return result
 
 
 def main() -> None:
@@ -196,7 +201,7 @@ def main() -> None:
     ap.add_argument("--sync", action="store_true", help="synchronous scheduling (default: async, as on GPU)")
     args = ap.parse_args()
 
-    cols = ["schedule", "prepare", "layout", "execute", "core rest", "front", "total", "graph path"]
+    cols = ["schedule", "prepare", "layout", "execute", "core rest", "front", "total", "graph path", "mean total"]
     print(f"median us per decode step (us per request in brackets), {args.steps} steps per row")
     print(f"{'batch':>5} {'output kind':<11} " + " ".join(f"{c:>15}" for c in cols))
     for kind in args.output_kind:
