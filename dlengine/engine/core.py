@@ -53,15 +53,16 @@ class StepRecord:
     duration_s: float
 
 
-def step_record(sched, duration_s: float) -> StepRecord:
-    """The record of a step that ran `sched` (a SchedulerOutput): one pass over its requests."""
+def step_record(sched, num_tokens: int, duration_s: float) -> StepRecord:
+    """The record of a step that ran `sched` (a SchedulerOutput) of `num_tokens` tokens: one pass
+    over its requests."""
     num_prefill_tokens = num_decodes = 0
     for s in sched.scheduled:
         if s.is_prefill:
             num_prefill_tokens += s.num_new_tokens
         else:
             num_decodes += 1
-    return StepRecord(num_seqs=len(sched.scheduled), num_tokens=sched.num_batched_tokens,
+    return StepRecord(num_seqs=len(sched.scheduled), num_tokens=num_tokens,
                       num_prefill_tokens=num_prefill_tokens, num_decodes=num_decodes, duration_s=duration_s)
 
 
@@ -215,19 +216,21 @@ class EngineCore:
                 self.scheduler.release_lookahead(sched.scheduled)
 
         self.stats.num_steps += 1
-        self.stats.num_computed_tokens += sched.num_batched_tokens
+        num_tokens = sched.num_batched_tokens
+        self.stats.num_computed_tokens += num_tokens
         self.stats.num_prompt_tokens_computed += prompt_tokens
         self.stats.num_cached_tokens += sched.num_cached_tokens
-        self.stats.steps.append(step_record(sched, time.perf_counter() - t0))
+        self.stats.steps.append(step_record(sched, num_tokens, time.perf_counter() - t0))
         return outputs
 
     def _can_overlap(self, sched) -> bool:
         """Whether the step can be sampled before the in-flight step's tokens are known: only
         when no sampling row looks at generated tokens (penalties, min_tokens) or wants logprobs."""
-        for s in sched.scheduled:
-            p = s.request.params
+        for s in sched.scheduled:  # every step over the whole batch: plain attribute reads, no properties
+            req = s.request
+            p = req.params
             if (p.logprobs is not None or p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
-                    or p.frequency_penalty != 0.0 or s.request.num_output_tokens < p.min_tokens):
+                    or p.frequency_penalty != 0.0 or len(req.output_token_ids) < p.min_tokens):
                 return False
         return True
 
