@@ -28,7 +28,7 @@ from dlengine.engine.request import Request, RequestMetrics, RequestStatus
 from dlengine.sampling_params import InvalidRequestError
 
 
-@dataclass
+@dataclass(slots=True)  # one per running request and step: slots make them cheaper to build
 class CoreOutput:
     """What one step says about one request: the tokens it gained and whether it ended."""
 
@@ -51,6 +51,19 @@ class StepRecord:
     num_prefill_tokens: int
     num_decodes: int
     duration_s: float
+
+
+def step_record(sched, num_tokens: int, duration_s: float) -> StepRecord:
+    """The record of a step that ran `sched` (a SchedulerOutput) of `num_tokens` tokens: one pass
+    over its requests."""
+    num_prefill_tokens = num_decodes = 0
+    for s in sched.scheduled:
+        if s.is_prefill:
+            num_prefill_tokens += s.num_new_tokens
+        else:
+            num_decodes += 1
+    return StepRecord(num_seqs=len(sched.scheduled), num_tokens=num_tokens,
+                      num_prefill_tokens=num_prefill_tokens, num_decodes=num_decodes, duration_s=duration_s)
 
 
 @dataclass
@@ -134,9 +147,10 @@ class EngineCore:
         return True
 
     def has_unfinished(self) -> bool:
+        if self.scheduler.has_unfinished():
+            return True
         # an in-flight step whose requests have all finished holds only discarded work
-        inflight = self._inflight is not None and any(not r.is_finished for r in self._inflight.sampled)
-        return self.scheduler.has_unfinished() or inflight
+        return self._inflight is not None and any(not r.is_finished for r in self._inflight.sampled)
 
     @property
     def num_unfinished(self) -> int:
@@ -174,19 +188,18 @@ class EngineCore:
             return outputs
         now = time.perf_counter()
         for s in sched.scheduled:
-            if s.request.metrics.first_scheduled_time is None:
-                s.request.metrics.first_scheduled_time = now
+            metrics = s.request.metrics
+            if metrics.first_scheduled_time is None:
+                metrics.first_scheduled_time = now
         handle = self.runner.execute(sched)
         if self._inflight is not None:  # overlaps with the device running this step
             outputs += self._resolve(self._inflight)
             self._inflight = None
-        prompt_tokens_before = sum(s.request.metrics.num_computed_prompt_tokens for s in sched.scheduled)
-        self.scheduler.update_after_step(sched)
-        prompt_tokens = sum(s.request.metrics.num_computed_prompt_tokens for s in sched.scheduled) - prompt_tokens_before
+        prompt_tokens = self.scheduler.update_after_step(sched)
         outputs += self._collect_scores(handle)
         if self.async_scheduling and handle.sampled:
             for row, req in enumerate(handle.sampled):
-                if not req.is_finished:
+                if req.status is not RequestStatus.FINISHED:
                     req.add_placeholder(row)
             self._inflight = handle
         else:
@@ -203,25 +216,21 @@ class EngineCore:
                 self.scheduler.release_lookahead(sched.scheduled)
 
         self.stats.num_steps += 1
-        self.stats.num_computed_tokens += sched.num_batched_tokens
+        num_tokens = sched.num_batched_tokens
+        self.stats.num_computed_tokens += num_tokens
         self.stats.num_prompt_tokens_computed += prompt_tokens
         self.stats.num_cached_tokens += sched.num_cached_tokens
-        self.stats.steps.append(StepRecord(
-            num_seqs=len(sched.scheduled),
-            num_tokens=sched.num_batched_tokens,
-            num_prefill_tokens=sum(s.num_new_tokens for s in sched.scheduled if s.is_prefill),
-            num_decodes=sum(1 for s in sched.scheduled if not s.is_prefill),
-            duration_s=time.perf_counter() - t0,
-        ))
+        self.stats.steps.append(step_record(sched, num_tokens, time.perf_counter() - t0))
         return outputs
 
     def _can_overlap(self, sched) -> bool:
         """Whether the step can be sampled before the in-flight step's tokens are known: only
         when no sampling row looks at generated tokens (penalties, min_tokens) or wants logprobs."""
-        for s in sched.scheduled:
-            p = s.request.params
+        for s in sched.scheduled:  # every step over the whole batch: plain attribute reads, no properties
+            req = s.request
+            p = req.params
             if (p.logprobs is not None or p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
-                    or p.frequency_penalty != 0.0 or s.request.num_output_tokens < p.min_tokens):
+                    or p.frequency_penalty != 0.0 or len(req.output_token_ids) < p.min_tokens):
                 return False
         return True
 
@@ -259,15 +268,19 @@ class EngineCore:
         rows = handle.accepted_tokens()  # per request: the tokens this step gained (>= 1)
         logprob_rows = handle.logprob_rows()
         now = time.perf_counter()
+        max_model_len = self.config.max_model_len
         outputs = []
+        num_generated = 0
         for i, (req, tokens) in enumerate(zip(handle.sampled, rows)):
-            if req.is_finished:
+            if req.status is RequestStatus.FINISHED:
                 continue
             num_drafts = handle.num_drafts[i]
             if num_drafts:
                 self._finish_verification(req, tokens, num_drafts)
-            if req.metrics.first_token_time is None:
-                req.metrics.first_token_time = now
+            metrics = req.metrics
+            if metrics.first_token_time is None:
+                metrics.first_token_time = now
+            p = req.params
             new: list[int] = []
             for tok in tokens:
                 if req.pending_row is not None:
@@ -275,14 +288,19 @@ class EngineCore:
                 else:
                     req.append_token(tok)
                 new.append(tok)
-                self._check_stop(req, tok)
-                if req.is_finished:
-                    break
-            if num_drafts and not req.is_finished:
+                # only a token that can end the request goes through the stop checks: one of its
+                # stop ids, or the length limits reached (what _check_stop tests, min_tokens aside)
+                if (tok in req.eos_token_ids or tok in p.stop_token_ids or len(req.output_token_ids) >= p.max_tokens
+                        or len(req.all_token_ids) >= max_model_len):
+                    self._check_stop(req, tok)
+                    if req.status is RequestStatus.FINISHED:
+                        break
+            if num_drafts and req.status is not RequestStatus.FINISHED:
                 self.block_manager.cache_full_blocks(req)
-            self.stats.num_generated_tokens += len(new)
+            num_generated += len(new)
             lp = [logprob_rows[i]] if logprob_rows is not None and logprob_rows[i] is not None else None
             outputs.append(self._output(req, new, lp))
+        self.stats.num_generated_tokens += num_generated
         return outputs
 
     def _finish_verification(self, req: Request, tokens: list[int], num_drafts: int) -> None:
@@ -333,17 +351,11 @@ class EngineCore:
         self.requests.pop(req.request_id, None)
 
     def _output(self, req: Request, new_tokens: list[int], logprobs=None) -> CoreOutput:
-        return CoreOutput(
-            request_id=req.request_id,
-            new_token_ids=new_tokens,
-            new_logprobs=logprobs,
-            finished=req.is_finished,
-            finish_reason=req.finish_reason,
-            stop_reason=req.stop_reason,
-            error=req.error,
-            kv_transfer_params=req.kv_transfer_params if req.is_finished else None,
-            metrics=req.metrics,
-        )
+        finished = req.is_finished
+        # positional arguments, in CoreOutput's field order: this runs for every request at every
+        # step, and a keyword call of the dataclass' __init__ costs about twice as much
+        return CoreOutput(req.request_id, new_tokens, logprobs, finished, req.finish_reason, req.stop_reason,
+                          req.error, req.kv_transfer_params if finished else None, req.metrics)
 
     # ------------------------------------------------------------------ the rest
     def describe(self) -> dict:

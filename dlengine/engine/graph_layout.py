@@ -34,6 +34,7 @@ from typing import Sequence
 
 import numpy as np
 
+from dlengine.engine.host_arrays import block_table
 from dlengine.kernels.context import PAD_STATE_SLOT
 
 PAD_TOKEN = 0  # input id of padding rows (any valid id: their outputs are dropped)
@@ -118,14 +119,14 @@ def padded_layout(requests: Sequence, num_drafts: Sequence[int], choice: GraphCh
     positions = np.zeros(rows, dtype=np.int64)
     slots = np.full(rows, -1, dtype=np.int64)
     seq_lens = np.zeros(bs, dtype=np.int64)
-    starts = np.fromiter((r.num_computed_tokens for r in requests), dtype=np.int64, count=n)
+    start_list = [r.num_computed_tokens for r in requests]
+    starts = np.array(start_list, dtype=np.int64).reshape(n)
     first = np.arange(n, dtype=np.int64) * q
-    tables = np.zeros((n, max((len(r.block_ids) for r in requests), default=0)), dtype=np.int32)
-    for i, (r, d) in enumerate(zip(requests, num_drafts)):
-        tables[i, : len(r.block_ids)] = r.block_ids
-        input_ids[first[i]] = r.all_token_ids[starts[i]]
-        if d:
-            input_ids[first[i] + 1: first[i] + 1 + d] = r.spec_token_ids[:d]
+    tables = block_table(requests)
+    input_ids[first] = [r.all_token_ids[st] for r, st in zip(requests, start_list)]
+    for i in np.flatnonzero(drafts):  # requests with drafts only: none in a plain decode step
+        d = num_drafts[i]
+        input_ids[first[i] + 1: first[i] + 1 + d] = requests[i].spec_token_ids[:d]
     offsets = np.arange(q, dtype=np.int64)
     pos = starts[:, None] + offsets[None, :]  # [n, q]
     positions[: n * q] = np.minimum(pos, max_model_len - 1).reshape(-1)

@@ -155,7 +155,7 @@ class Request:
         self.pending_row = row
 
     def resolve_placeholder(self, token_id: int) -> None:
-        self.all_token_ids[self.num_prompt_tokens + len(self.output_token_ids)] = token_id
+        self.all_token_ids[len(self.prompt_token_ids) + len(self.output_token_ids)] = token_id
         self.output_token_ids.append(token_id)
         self.pending_row = None
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from dlengine.cache.kv_cache import KVCache
 from dlengine.engine.graph_layout import choose_graph, padded_layout
+from dlengine.engine.host_arrays import block_table
 from dlengine.engine.request import Request
 from dlengine.engine.sampler import Sampler, SamplerOutput, SamplingTensors
 from dlengine.engine.scheduler import SchedulerOutput
@@ -178,7 +179,7 @@ class ModelRunner:
         request that samples (the last 1 + k positions when it verifies k drafts), then every
         position of each scoring request.
 
-        Per-request work is a few list operations; per-token arrays are built with vectorised
+        Per-request work is a few list comprehensions; the arrays are built with vectorised
         numpy, since this runs on the host every step for hundreds of requests."""
         bs = self.block_size
         sched = out.scheduled
@@ -187,28 +188,34 @@ class ModelRunner:
         query_lens = [s.num_new_tokens for s in sched]
         starts = [r.num_computed_tokens for r in reqs]
         seq_lens = [st + ql for st, ql in zip(starts, query_lens)]
-
-        ids: list[int] = []
-        for s, r, st, n in zip(sched, reqs, starts, query_lens):
-            if s.num_spec_tokens:
-                ids.append(r.all_token_ids[st])
-                ids.extend(r.spec_token_ids)
-            elif n == 1:
-                ids.append(r.all_token_ids[st])
-            else:
-                ids.extend(r.all_token_ids[st : st + n])
-        input_ids = np.array(ids, dtype=np.int64)
         ql = np.array(query_lens, dtype=np.int64)
         query_start_loc = np.zeros(num_seqs + 1, dtype=np.int64)
         np.cumsum(ql, out=query_start_loc[1:])
+        num_tokens = int(query_start_loc[-1])
+
+        if num_tokens == num_seqs:
+            # a decode step (one token per request, no drafts): request i's input is its token
+            # at position starts[i], on row i
+            input_ids = np.array([r.all_token_ids[st] for r, st in zip(reqs, starts)], dtype=np.int64)
+            positions = np.array(starts, dtype=np.int64)
+            token_row = np.arange(num_seqs)
+        else:
+            ids: list[int] = []
+            for s, r, st, n in zip(sched, reqs, starts, query_lens):
+                if s.num_spec_tokens:
+                    ids.append(r.all_token_ids[st])
+                    ids.extend(r.spec_token_ids)
+                elif n == 1:
+                    ids.append(r.all_token_ids[st])
+                else:
+                    ids.extend(r.all_token_ids[st : st + n])
+            input_ids = np.array(ids, dtype=np.int64)
+            token_row = np.repeat(np.arange(num_seqs), ql)
+            positions = (np.arange(num_tokens, dtype=np.int64)
+                         + np.repeat(np.array(starts, dtype=np.int64) - query_start_loc[:-1], ql))
         # a request's pending token is always its last one: its flat index ends its row
         placeholders = self._placeholder_sources(reqs, query_start_loc[1:] - 1)
-        token_row = np.repeat(np.arange(num_seqs), ql)
-        positions = np.arange(len(ids), dtype=np.int64) + np.repeat(np.array(starts, dtype=np.int64) - query_start_loc[:-1], ql)
-        max_blocks = max(len(r.block_ids) for r in reqs)
-        block_tables = np.zeros((num_seqs, max_blocks), dtype=np.int32)
-        for i, r in enumerate(reqs):
-            block_tables[i, : len(r.block_ids)] = r.block_ids
+        block_tables = block_table(reqs)
         slot_mapping = block_tables[token_row, positions // bs].astype(np.int64) * bs + positions % bs
 
         ends = query_start_loc[1:]
@@ -218,9 +225,9 @@ class ModelRunner:
             logits_indices = np.concatenate([np.arange(ends[i] - 1 - k, ends[i]) for i, k in zip(rows, num_drafts)])
         else:
             logits_indices = ends[rows] - 1
-        scored = [(s.request, s.num_new_tokens) for s in sched if s.request.score_only]
+        scored = [(r, n) for r, n in zip(reqs, query_lens) if r.score_only]
         if scored:
-            spans = [np.arange(ends[i] - s.num_new_tokens, ends[i]) for i, s in enumerate(sched) if s.request.score_only]
+            spans = [np.arange(ends[i] - n, ends[i]) for i, (r, n) in enumerate(zip(reqs, query_lens)) if r.score_only]
             logits_indices = np.concatenate([logits_indices.astype(np.int64)] + spans)
         meta = AttentionMetadata(
             query_start_loc=self._to_device(query_start_loc.astype(np.int32)),

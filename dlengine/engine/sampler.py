@@ -41,8 +41,10 @@ class SamplingTensors:
     def from_requests(requests: list[Request], vocab_size: int, device: torch.device) -> "SamplingTensors":
         ps = [r.params for r in requests]
         b = len(requests)
+        # once per step over the whole batch: len() of the list rather than the num_output_tokens property
         if all(p.greedy and p.logprobs is None and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
-               and p.frequency_penalty == 0.0 and r.num_output_tokens >= p.min_tokens for p, r in zip(ps, requests)):
+               and p.frequency_penalty == 0.0 and len(r.output_token_ids) >= p.min_tokens
+               for p, r in zip(ps, requests)):
             # the common benchmark case: argmax only, no per-row tensors to build or copy
             return SamplingTensors(None, None, None, None, None, None, None, None, None, None,
                                    all_greedy=True, any_filter=False, seeded_rows=[], max_logprobs=-1)
