@@ -285,3 +285,19 @@ def test_bench_throughput_labels_forced_acceptance(tmp_path):
                             peak_bandwidth_gbps=10.0, peak_tflops=1.0)
     assert result["spec_forced_acceptance"] is None
     assert "(forced)" not in format_report(result)
+
+
+def test_server_refuses_a_forced_acceptance_engine():
+    """Forced acceptance is for benchmarks: its outputs are not the model's, so no server may
+    hand them to clients (the CLI has no such flag; a library caller gets a ConfigError)."""
+    pytest.importorskip("fastapi")
+    from dlengine.serve.app import create_app
+    from dlengine.serve.state import ServeConfig
+
+    engine = (EngineBuilder(tiny_checkpoint("qwen3")).dtype("float32")
+              .speculative("ngram", num_tokens=2, forced_acceptance=0.5).build())
+    try:
+        with pytest.raises(ConfigError, match="forced_acceptance"):
+            create_app(engine, ServeConfig(served_model_name="tiny"))
+    finally:
+        engine.close()

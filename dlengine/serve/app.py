@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response
 
 from dlengine import __version__
+from dlengine.config import ConfigError
 from dlengine.engine.engine import Engine
 from dlengine.serve.async_engine import AsyncEngine, EngineDeadError
 from dlengine.serve.chat import create_chat_completion
@@ -34,6 +35,10 @@ _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 4
 
 
 def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
+    if getattr(engine.config, "speculative_forced_acceptance", None) is not None:
+        # a benchmarking mode: accepted drafts are not the model's tokens, so never serve them
+        raise ConfigError("this engine was built with speculative(..., forced_acceptance=...), a benchmarking mode "
+                          "whose outputs are not the model's; build it without forced_acceptance to serve it")
     metrics = ServerMetrics(config.served_model_name)
     async_engine = AsyncEngine(engine, on_finish=metrics.request_finished, on_abort=metrics.request_aborted)
     parser = tool_parser_for(config.tool_call_parser, engine.config.model.architecture)
