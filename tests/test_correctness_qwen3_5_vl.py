@@ -7,94 +7,41 @@ caching keyed by image content, and the encoder role (EPD) handing over the mode
 embeddings."""
 
 
-import numpy as np
 import pytest
 import torch
 
 from dlengine import EngineBuilder, SamplingParams
 from dlengine.models.qwen3_5 import HybridVLTextModel
-from dlengine.multimodal.processor import mrope_positions
 from dlengine.testing import tiny_checkpoint
 from dlengine.testing.vl import IMAGE_PLACEHOLDER, IMAGE_TOKEN_ID, tiny_image
 
 from hf_reference import relative_error
-from vl_reference import CASES, MAX_NEW, hf_greedy, hf_inputs, hf_vl
+from vl_reference import (CASES, MAX_NEW, SETUPS, check_first_step_logprobs, check_greedy_tokens, check_mrope_positions,
+                          hf_greedy, hf_inputs, hf_vl, requests)
 
 KINDS = ["qwen3.5-vl", "qwen3.5-moe-vl"]
 GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
 
 
-def requests() -> list[dict]:
-    return [{"prompt": text, "images": images} for text, images in CASES]
-
-
 def test_mrope_positions_match_transformers():
-    """The front's M-RoPE positions equal Qwen3.5's get_rope_index for a two-image prompt."""
-    model = hf_vl("qwen3.5-vl")[0]
-    inputs = hf_inputs("qwen3.5-vl", *CASES[2])
-    ref, ref_delta = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
-                                                image_grid_thw=inputs["image_grid_thw"])
-    ids = inputs["input_ids"][0].tolist()
-    starts = [i for i, t in enumerate(ids) if t == IMAGE_TOKEN_ID and (i == 0 or ids[i - 1] != IMAGE_TOKEN_ID)]
-    ours, delta = mrope_positions(ids, list(zip(starts, map(tuple, inputs["image_grid_thw"].tolist()))), 2)
-    np.testing.assert_array_equal(ours, ref[:, 0].numpy())
-    assert delta == int(ref_delta)
+    """Qwen3.5's get_rope_index places images as Qwen3-VL's does."""
+    check_mrope_positions("qwen3.5-vl")
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_first_step_logprobs_match_transformers(kind):
-    """Every vocabulary entry's log-probability after the prompt, float32; the vision weights
-    come from the checkpoint's `model.visual.*` and the tower has no deepstack mergers."""
+    """The vision weights come from the checkpoint's `model.visual.*` and the tower has no
+    deepstack mergers."""
     engine = EngineBuilder(tiny_checkpoint(kind)).dtype("float32").cache(block_size=16).build()
     assert isinstance(engine.model.model.language_model, HybridVLTextModel)
     assert not engine.model.model.visual.deepstack_indexes
-    vocab = engine.config.model.vocab_size
-    outs = engine.generate(requests(), SamplingParams(max_tokens=1, temperature=0.0, logprobs=vocab))
-    model = hf_vl(kind)[0]
-    for i, out in enumerate(outs):
-        inputs = hf_inputs(kind, *CASES[i])
-        assert out.prompt_token_ids == inputs["input_ids"][0].tolist()
-        with torch.no_grad():
-            ref = torch.log_softmax(model(**inputs).logits[0, -1].float(), -1)
-        ours = torch.tensor([out.logprobs[0][t] for t in range(vocab)])
-        assert relative_error(ours, ref) < 1e-4, f"case {i}"
-
-
-SETUPS = {
-    "default": dict(cache=dict(block_size=16)),
-    # an image's 16 tokens split over several steps (each chunk resumes the DeltaNet state)
-    "chunked-8": dict(cache=dict(block_size=16), scheduler=dict(max_num_batched_tokens=8)),
-    "preemption": dict(cache=dict(block_size=16, num_blocks=6), scheduler=dict(max_model_len=96)),
-    # the next step is scheduled (placeholder tokens) while this one runs
-    "async-chunked-8": dict(cache=dict(block_size=16), scheduler=dict(max_num_batched_tokens=8),
-                            async_scheduling=True),
-}
-
-
-def build(kind: str, setup: dict):
-    b = EngineBuilder(tiny_checkpoint(kind)).dtype("float32").cache(**setup["cache"])
-    if "scheduler" in setup:
-        b.scheduler(**setup["scheduler"])
-    if "async_scheduling" in setup:
-        b.async_scheduling(setup["async_scheduling"])
-    return b.build()
+    check_first_step_logprobs(engine, kind)
 
 
 @pytest.mark.parametrize("setup", list(SETUPS))
 @pytest.mark.parametrize("kind", KINDS)
 def test_greedy_tokens_match_transformers(kind, setup):
-    engine = build(kind, SETUPS[setup])
-    outs = engine.generate(requests(), GREEDY)
-    for i, out in enumerate(outs):
-        prompt, expected = hf_greedy(kind, i)
-        assert out.prompt_token_ids == prompt
-        assert out.token_ids == expected, f"case {i} diverged"
-    if setup == "preemption":
-        assert engine.stats.num_preemptions > 0
-    if "chunked" in setup:
-        assert max(s.num_tokens for s in engine.stats.steps) <= 8
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
-    engine.block_manager.check_invariants()
+    check_greedy_tokens(kind, setup)
 
 
 def test_prefix_cache_keys_image_blocks_by_content():
