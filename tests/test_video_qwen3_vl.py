@@ -24,7 +24,7 @@ from dlengine.testing import tiny_checkpoint
 from dlengine.testing.vl import (IMAGE_PLACEHOLDER, IMAGE_TOKEN_ID, VIDEO_PLACEHOLDER, VIDEO_TOKEN_ID, tiny_image,
                                  tiny_video)
 
-from hf_reference import relative_error
+from vl_reference import assert_first_step_logprobs
 
 KINDS = ["qwen3-vl", "qwen3-vl-moe"]
 MAX_NEW = 12
@@ -140,17 +140,7 @@ def test_prompt_and_mrope_positions_match_transformers():
 @pytest.mark.parametrize("kind", KINDS)
 def test_first_step_logprobs_match_transformers(kind):
     """Every vocabulary entry's log-probability after the prompt, float32."""
-    e = engine(kind)
-    vocab = e.config.model.vocab_size
-    outs = e.generate(requests(), SamplingParams(max_tokens=1, temperature=0.0, logprobs=vocab))
-    model = hf_vl(kind)[0]
-    for i, out in enumerate(outs):
-        inputs = hf_inputs(kind, *CASES[i])
-        assert out.prompt_token_ids == inputs["input_ids"][0].tolist()
-        with torch.no_grad():
-            ref = torch.log_softmax(model(**inputs).logits[0, -1].float(), -1)
-        ours = torch.tensor([out.logprobs[0][t] for t in range(vocab)])
-        assert relative_error(ours, ref) < 1e-4, f"case {i}"
+    assert_first_step_logprobs(engine(kind), hf_vl(kind)[0], requests(), [hf_inputs(kind, *case) for case in CASES])
 
 
 @pytest.mark.parametrize("chunk", [None, 8])

@@ -105,11 +105,15 @@ def check_mrope_positions(kind: str) -> None:
 
 def check_first_step_logprobs(engine, kind: str) -> None:
     """Every vocabulary entry's log-probability after each CASES prompt, float32, within 1e-4."""
+    assert_first_step_logprobs(engine, hf_vl(kind)[0], requests(), [hf_inputs(kind, *case) for case in CASES])
+
+
+def assert_first_step_logprobs(engine, model, reqs: list[dict], hf_inputs_list: list[dict]) -> None:
+    """Our first-step log-probabilities of `reqs` against transformers' `model` on the matching
+    inputs: the same expanded prompt ids and every vocabulary entry within 1e-4 relative."""
     vocab = engine.config.model.vocab_size
-    outs = engine.generate(requests(), SamplingParams(max_tokens=1, temperature=0.0, logprobs=vocab))
-    model = hf_vl(kind)[0]
-    for i, out in enumerate(outs):
-        inputs = hf_inputs(kind, *CASES[i])
+    outs = engine.generate(reqs, SamplingParams(max_tokens=1, temperature=0.0, logprobs=vocab))
+    for i, (out, inputs) in enumerate(zip(outs, hf_inputs_list, strict=True)):
         assert out.prompt_token_ids == inputs["input_ids"][0].tolist()
         with torch.no_grad():
             ref = torch.log_softmax(model(**inputs).logits[0, -1].float(), -1)
