@@ -2,7 +2,8 @@
 # Everything we check and time on a GPU (an H100 for the numbers in docs/performance.md).
 #   bash scripts/gpu_suite.sh [STEP]...        (no step: all of them, in this order)
 # Steps (each writes STEP's logs and JSON files under $OUT, default ./gpu_out):
-#   tests      GPU tests (tests/test_gpu_*.py, Triton kernels at GPU sizes)
+#   tests      GPU-only tests (tests/test_gpu_*.py)
+#   tests_kernels  Triton kernel and VL correctness tests at GPU sizes
 #   attention  paged-attention kernels vs the torch reference and FlashInfer  (performance.md: attention)
 #   w1         W1 throughput, no transformers run (quick re-check of the engine)
 #   w2         W2 latency at batch 1 and 64
@@ -52,10 +53,15 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
 
-run_tests() {
-  python3 -m pytest -q -p no:cacheprovider tests/test_gpu_*.py tests/test_triton_ops.py tests/test_triton_attention.py tests/test_triton_mla.py \
-    tests/test_dsa_kernels.py tests/test_fp8_kv.py tests/test_v4_kernels.py tests/test_correctness_qwen3_5_vl.py \
-    tests/test_video_qwen3_vl.py ${TEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -25
+run_tests() {  # the GPU-only tests (newest first), then the kernel and VL tests at GPU sizes
+  python3 -m pytest -q -p no:cacheprovider --durations=15 tests/test_gpu_gdn.py tests/test_gpu_spec_graphs.py \
+    tests/test_gpu_v4.py tests/test_gpu_kv_ipc.py tests/test_gpu_fp8_kv.py tests/test_gpu_engine.py tests/test_gpu_mla_engine.py \
+    tests/test_gpu_mla_decode_kernel.py ${TEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -40
+}
+run_tests_kernels() {
+  python3 -m pytest -q -p no:cacheprovider --durations=15 tests/test_triton_ops.py tests/test_triton_attention.py \
+    tests/test_triton_mla.py tests/test_dsa_kernels.py tests/test_fp8_kv.py tests/test_v4_kernels.py \
+    tests/test_correctness_qwen3_5_vl.py tests/test_video_qwen3_vl.py ${TEST_ARGS:-} 2>&1 | tee "$OUT/tests_kernels.log" | tail -40
 }
 run_attention() {
   python3 scripts/gpu_check_attention.py ${ATTN_ARGS:-} --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log" | tail -60
@@ -111,8 +117,10 @@ run_fp8() {  # block-scaled FP8 GEMMs at DeepSeek-V3 shapes; tiny FP8 engine on 
   python3 scripts/gpu_check_fp8.py ${FP8_ARGS:-} 2>&1 | tee "$OUT/fp8.log" | tail -40
 }
 run_fp8kv() {  # FP8 vs bf16 KV cache, one after the other in one call: step time, tokens in the cache, MBU
-  local q8="--model qwen3-8b --load-format dummy --num-layers 8 --dtype bfloat16 --output-len 64"
-  local ds="--model deepseek-v3 --load-format dummy --num-layers 4 --dtype bfloat16 --output-len 64"
+  # decode only (--synthetic-context): with a real 64 x 8k prefill in 8k-token chunks the first requests
+  # finish before the last one starts, so no decode step would run the whole batch
+  local q8="--model qwen3-8b --load-format dummy --num-layers 8 --dtype bfloat16 --output-len 64 --synthetic-context --num-iters 2"
+  local ds="--model deepseek-v3 --load-format dummy --num-layers 4 --dtype bfloat16 --output-len 64 --synthetic-context --num-iters 2"
   for kv in auto fp8_e4m3; do
     python3 -m dlengine.cli bench latency $q8 --batch-size 64 --input-len 8192 --max-model-len 8448 \
       --kv-cache-dtype $kv --no-progress --json "$OUT/fp8kv_qwen3_8b_b64x8k_$kv.json" 2>&1 \
@@ -185,7 +193,11 @@ run_serve() {  # W1's shape online: Poisson arrivals at rising rates, then every
   python3 -m dlengine.cli serve qwen3-0.6b --load-format dummy --dtype bfloat16 --max-model-len 2048 \
     --port $port > "$OUT/serve_server.log" 2>&1 &
   local pid=$!
-  for _ in $(seq 300); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 1; done
+  for _ in $(seq 300); do
+    curl -sf "http://127.0.0.1:$port/health" >/dev/null && break
+    kill -0 $pid 2>/dev/null || { echo "the server exited:"; tail -5 "$OUT/serve_server.log"; return 1; }
+    sleep 1
+  done
   for rate in ${SERVE_RATES:-8 16 32 inf}; do
     python3 -m dlengine.cli bench serve --base-url "http://127.0.0.1:$port" --tokenizer qwen3-0.6b \
       --num-prompts 256 --input-len 562 --output-len 562 --range-ratio 0.822 --ignore-eos \
@@ -211,7 +223,7 @@ run_gdn() {  # Gated DeltaNet kernels; Qwen3.5-MoE (qwen3.5-35b-a3b) dims, 4 lay
       --no-progress ${GDN_ARGS:-} --json "$OUT/gdn_b$bsz.json" 2>&1 | tee "$OUT/gdn_b$bsz.log" | tail -25
   done
 }
-ALL="tests attention w1 w2 engine w1moe moe tune_moe mla mladecode probe sm90 fp8 fp8kv dsv3 dsa v4 mtp parallel kvmig vision profile serve gdn"
+ALL="tests tests_kernels attention w1 w2 engine w1moe moe tune_moe mla mladecode probe sm90 fp8 fp8kv dsv3 dsa v4 mtp parallel kvmig vision profile serve gdn"
 for s in ${*:-all}; do
   case $s in
     all) for t in $ALL; do echo "== $t"; "run_$t"; done ;;

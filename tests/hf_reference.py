@@ -27,6 +27,23 @@ def hf_logits(path: str, token_ids: list[int]) -> torch.Tensor:
     return hf_model(path)(torch.tensor([token_ids])).logits[0].float()
 
 
+def hf_logits_torch_only(path: str, token_ids: list[int]) -> torch.Tensor:
+    """hf_logits computed in a separate process with kernel packages (fla-core) hidden, so the
+    oracle is transformers' torch code even where such a package is installed (GPU runs)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_oracle_torch_only.py")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "logits.pt")
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+        subprocess.run([sys.executable, script, path, json.dumps(list(token_ids)), out], check=True, env=env)
+        return torch.load(out)
+
+
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|."""
     return ((a - b).abs().max() / b.abs().max()).item()

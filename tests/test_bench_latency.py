@@ -94,6 +94,20 @@ def test_latency_mbu_counts_only_full_batch_decode_steps():
         res["decode_bytes_per_step"] / (res["full_batch_decode_ms_per_token"] / 1e3) / 1e9 / 50.0)
 
 
+def test_latency_mbu_without_a_full_batch_step_uses_each_steps_own_batch():
+    """When the prefill phase outlasts the first requests' outputs no decode step runs the whole
+    batch: the MBU must set each step against the requests it ran (not against B requests, which
+    read 149% on an H100 at 64 x 8k), and the table says how to get full-batch steps."""
+    chunked = (EngineBuilder("tiny-qwen3").scheduler(max_num_batched_tokens=40, max_model_len=128)
+               .cache(block_size=16).build())
+    res = run_latency(batch_size=4, input_len=40, output_len=3, num_iters=1, num_warmup_iters=0, progress=False,
+                      engine=chunked, **GIVEN)
+    assert res["num_full_batch_decode_steps"] == 0 and res["full_batch_decode_ms_per_token"] is None
+    assert any("--synthetic-context" in n for n in res["notes"])
+    # every decode step ran fewer than B requests, so the rate is below B requests' bytes over the mean step
+    assert 0 < res["decode_achieved_gbps"] < res["decode_bytes_per_step"] / (res["decode_ms_per_step"] / 1e3) / 1e9
+
+
 @pytest.mark.parametrize("overrides, match", [
     ({"batch_size": 9}, "max_num_seqs"),
     ({"input_len": 120, "output_len": 20}, "max_model_len=128"),

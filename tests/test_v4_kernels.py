@@ -99,3 +99,24 @@ def test_padded_rows_read_nothing():
     assert torch.equal(ref[:1], alone)
     out = dt.decode_attention(*(a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args))
     assert torch.allclose(out.cpu(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_long_prompt_references_score_in_query_blocks(monkeypatch):
+    """The prefill references make a long prompt's scores a block of queries at a time (one 8k
+    prompt at V4-Flash's 64 heads needed 10 GiB at once); blocks give the one-shot result."""
+    from dlengine.kernels.v4 import reference as ref
+
+    g = torch.Generator().manual_seed(3)
+    n, h, d, c, window = 37, 4, 16, 9, 8
+    q = torch.randn(n, h, d, generator=g)
+    keys, compressed = torch.randn(n, d, generator=g), torch.randn(c, d, generator=g)
+    pos = torch.arange(n)
+    visible = torch.rand(n, c, generator=g) < 0.5
+    sinks = torch.randn(h, generator=g)
+    iq, ik, iw = torch.randn(n, 3, d, generator=g), torch.randn(c, d, generator=g), torch.randn(n, 3, generator=g)
+    whole = ref.sink_attention(q, keys, pos, pos, window, compressed, visible, sinks, d ** -0.5)
+    picked = ref.indexer_select(iq, ik, iw, pos, 4, 3, d ** -0.5)
+    monkeypatch.setattr(ref, "SCORE_ELEMENTS", h * (n + c) * 5)  # blocks of 5 queries (the last one 2)
+    torch.testing.assert_close(ref.sink_attention(q, keys, pos, pos, window, compressed, visible, sinks, d ** -0.5),
+                               whole, rtol=1e-6, atol=1e-6)
+    assert torch.equal(ref.indexer_select(iq, ik, iw, pos, 4, 3, d ** -0.5), picked)

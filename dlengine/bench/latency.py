@@ -323,8 +323,17 @@ def _run(cfg: LatencyConfig, engine: Engine, peaks: dict[str, Any]) -> dict[str,
     mean_ctx = P + O / 2.0
     step_bytes = cost.decode_step_bytes([mean_ctx] * B)
     full = [t for r in iters for t, b in zip(r["decode_step_s"], r["decode_step_batch"]) if b == B]
-    full_step_s = float(np.mean(full)) if full else mean_step_s
-    decode_gbps = step_bytes / full_step_s / 1e9 if full_step_s else None
+    if full:
+        full_step_s = float(np.mean(full))
+        decode_gbps = step_bytes / full_step_s / 1e9 if full_step_s else None
+    else:
+        # no step ran all B requests (the chunked prefill outlasted the first requests' outputs):
+        # set each step against the bytes of the requests it did run, never against B's
+        full_step_s = None
+        pairs = [(t, b) for r in iters for t, b in zip(r["decode_step_s"], r["decode_step_batch"]) if b]
+        run_bytes = sum(cost.decode_step_bytes([mean_ctx] * b) for _, b in pairs)
+        run_s = sum(t for t, _ in pairs)
+        decode_gbps = run_bytes / run_s / 1e9 if run_s else None
     # MFU of prefill: FLOPs of the B prompts / mean prefill time / measured GEMM peak.
     prefill_flops = None if synthetic else B * cost.prefill_flops(P)
     prefill_tflops = None if synthetic else prefill_flops / prefill_s / 1e12
@@ -352,6 +361,10 @@ def _run(cfg: LatencyConfig, engine: Engine, peaks: dict[str, Any]) -> dict[str,
         notes.append("the prefill took several steps (chunked prefill: batch_size * input_len > "
                      "max_num_batched_tokens); some decode tokens fall into the prefill phase, and the "
                      "last decode steps run fewer requests (the MBU uses the full-batch steps only)")
+    if not full:
+        notes.append(f"no decode step ran all {B} requests (the prefill phase outlasted the first requests' "
+                     "outputs): the MBU sets each step against the requests it ran; raise --output-len above the "
+                     "number of prefill steps, or time decode alone with --synthetic-context")
 
     result: dict[str, Any] = {
         "benchmark": "latency",

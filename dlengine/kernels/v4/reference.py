@@ -58,6 +58,10 @@ def pool_windows(kv: torch.Tensor, gate: torch.Tensor, ape: torch.Tensor, overla
     return (new_kv * new_gate.softmax(dim=1, dtype=torch.float32).to(new_kv.dtype)).sum(dim=1)
 
 
+# the most score elements one block of queries materialises in the reference prefill paths
+SCORE_ELEMENTS = 1 << 27
+
+
 def indexer_select(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, q_positions: torch.Tensor,
                    compress_rate: int, topk: int, softmax_scale: float) -> torch.Tensor:
     """Which compressed entries each query attends to: bool [n, C].
@@ -69,6 +73,10 @@ def indexer_select(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, q
     n, c = q.shape[0], keys.shape[0]
     if c == 0:
         return torch.zeros((n, 0), dtype=torch.bool, device=q.device)
+    rows = max(1, SCORE_ELEMENTS // max(1, q.shape[1] * c))  # bound the [n, Hi, C] scores of a long prompt
+    if n > rows:
+        return torch.cat([indexer_select(q[i:i + rows], keys, weights[i:i + rows], q_positions[i:i + rows],
+                                         compress_rate, topk, softmax_scale) for i in range(0, n, rows)])
     scores = torch.matmul(q.float(), keys.float().t())  # [n, Hi, C]
     scores = F.relu(scores) * softmax_scale
     scores = (scores * weights.float().unsqueeze(-1)).sum(dim=1)  # [n, C]
@@ -85,8 +93,16 @@ def sink_attention(q: torch.Tensor, keys: torch.Tensor, key_positions: torch.Ten
                    scale: float) -> torch.Tensor:
     """q [n, H, D]; keys [L, D] at `key_positions` (K = V, one head), visible to query p when
     p - window < pos <= p; compressed [C, D] visible per `compressed_visible` [n, C]; sinks [H].
-    Returns [n, H, D]."""
+    Returns [n, H, D].
+
+    The scores of a long prompt ([n, H, L + C]: 10 GiB for one 8k-token prompt at V4-Flash's 64
+    heads) are made a block of queries at a time, each block's at most SCORE_ELEMENTS."""
     n, h, _ = q.shape
+    rows = max(1, SCORE_ELEMENTS // max(1, h * (keys.shape[0] + compressed.shape[0])))
+    if n > rows:
+        return torch.cat([sink_attention(q[i:i + rows], keys, key_positions, q_positions[i:i + rows], window,
+                                         compressed, compressed_visible[i:i + rows], sinks, scale)
+                          for i in range(0, n, rows)])
     kv = torch.cat([keys, compressed], dim=0)  # [L + C, D]
     logits = torch.matmul(q, kv.t().unsqueeze(0).to(q.dtype)) * scale  # [n, H, L + C]
     in_window = (key_positions[None, :] <= q_positions[:, None]) & (key_positions[None, :] > q_positions[:, None] - window)

@@ -81,12 +81,25 @@ class VisionAttention(nn.Module):
         c, s = cos[:, None, :], sin[:, None, :]
         q = (q.float() * c + _rotate_half(q.float()) * s).to(v.dtype)
         k = (k.float() * c + _rotate_half(k.float()) * s).to(v.dtype)
-        outs = []
-        for qs, ks, vs in zip(q.split(seq_lens), k.split(seq_lens), v.split(seq_lens)):
-            # [L, H, D] -> [H, L, D]; bidirectional within one image / frame
-            o = F.scaled_dot_product_attention(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1))
-            outs.append(o.transpose(0, 1))
-        return self.proj(torch.cat(outs).reshape(n, -1))
+        return self.proj(_attention_per_image(q, k, v, seq_lens).reshape(n, -1))
+
+
+def _attention_per_image(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int]) -> torch.Tensor:
+    """Bidirectional attention within each image / frame; q, k, v [N, H, D] -> [N, H, D].
+
+    Runs of equal-length images (a video's frames, a batch of same-size images) go in one call as
+    a batch; SDPA gets 4-D [B, H, L, D] inputs, which its flash and memory-efficient kernels need
+    (a 3-D call falls back to the math path, which materialises every score in memory)."""
+    outs, start, i = [], 0, 0
+    while i < len(seq_lens):
+        length, j = seq_lens[i], i
+        while j < len(seq_lens) and seq_lens[j] == length:
+            j += 1
+        end = start + length * (j - i)
+        qs, ks, vs = (t[start:end].unflatten(0, (j - i, length)).transpose(1, 2) for t in (q, k, v))
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2).flatten(0, 1))
+        start, i = end, j
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
 class VisionMLP(nn.Module):
