@@ -66,6 +66,22 @@ def images(tmp: str, size: int, count: int, seed: int = 0) -> list[str]:
     return paths
 
 
+def tower_flops(vision_config: dict, grids: list[tuple[int, int, int]]) -> float:
+    """FLOPs of one tower call on images / frames `grids` (t, h, w in patches): the blocks' GEMMs
+    (qkv, proj, the MLP), attention within each image (QK^T and PV), the patch embedding and the
+    final and deepstack mergers (norms, rotary and softmax left out: they are memory-bound)."""
+    d, mlp, depth = vision_config["hidden_size"], vision_config["intermediate_size"], vision_config["depth"]
+    merge = vision_config["spatial_merge_size"]
+    patch_in = vision_config["in_channels"] * vision_config["temporal_patch_size"] * vision_config["patch_size"] ** 2
+    out, mergers = vision_config["out_hidden_size"], 1 + len(vision_config.get("deepstack_visual_indexes") or [])
+    seqs = [h * w for t, h, w in grids for _ in range(t)]
+    n = sum(seqs)
+    md = d * merge * merge
+    gemm = 2 * n * (patch_in * d + depth * (4 * d * d + 2 * d * mlp)) + 2 * (n // merge ** 2) * mergers * (md * md + md * out)
+    attention = depth * sum(4 * s * s * d for s in seqs)
+    return float(gemm + attention)
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -75,6 +91,9 @@ def encoder_throughput(args, folder: str, tmp: str) -> list[dict]:
     b = EngineBuilder(folder).device(args.device).dtype(args.dtype).load_format(args.load_format)
     encoder = b.role("encode").transfer("dlslime").encoder_cache(staging_bytes=args.staging_mib << 20).build()
     rows = []
+    from dlengine.bench.peaks import measure_peaks
+
+    peak_tflops = measure_peaks(args.device)["bf16_tflops"]  # the roofline the tower's MFU is set against
     try:
         for batch in args.batches:
             paths = images(tmp, args.image_size, batch, seed=100 + batch)
@@ -99,13 +118,17 @@ def encoder_throughput(args, folder: str, tmp: str) -> list[dict]:
                 sync(args.device)
                 whole.append(time.perf_counter() - t)
             s_tower, s_whole = statistics.median(tower), statistics.median(whole)
+            flops = tower_flops(encoder.config.model.hf_config["vision_config"], grids)
+            mfu = flops / s_tower / 1e12 / peak_tflops
             rows.append(dict(images=batch, image_tokens=tokens, patches=int(pixels.shape[0]),
                              tower_ms=s_tower * 1e3, with_preprocessing_ms=s_whole * 1e3,
+                             tower_tflop=flops / 1e12, tower_mfu=mfu, peak_tflops=peak_tflops,
                              image_tokens_per_s=tokens / s_tower,
                              image_tokens_per_s_with_preprocessing=tokens / s_whole))
             print(f"encoder  batch {batch:>2} x {args.image_size}px: {tokens:>6} image tokens, tower "
                   f"{s_tower * 1e3:8.2f} ms ({tokens / s_tower:10.0f} tok/s), with preprocessing "
-                  f"{s_whole * 1e3:8.2f} ms ({tokens / s_whole:10.0f} tok/s)")
+                  f"{s_whole * 1e3:8.2f} ms ({tokens / s_whole:10.0f} tok/s); tower {flops / 1e12:.2f} TFLOP, "
+                  f"MFU {mfu:.1%} of {peak_tflops:.0f} TFLOP/s measured")
     finally:
         encoder.close()
     return rows

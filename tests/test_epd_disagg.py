@@ -424,6 +424,7 @@ def test_bench_vision_runs_on_cpu(tmp_path):
                     MODEL, "--image-size", "32", "--batches", "1", "--iters", "1", "--json", str(out)],
                    check=True, env=env, timeout=300, capture_output=True)
     result = json.loads(out.read_text())
-    assert result["encoder_throughput"][0]["image_tokens"] == 16
+    row = result["encoder_throughput"][0]
+    assert row["image_tokens"] == 16 and row["tower_tflop"] > 0 and 0 < row["tower_mfu"]
     ttft = result["ttft_one_image"]
     assert ttft["ttft_local_ms"] > 0 and ttft["ttft_epd_ms"] > 0 and ttft["pulled"]["pulled"] == 3
