@@ -134,3 +134,23 @@ def test_ops_dispatch_matches_reference():
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     else:
         assert torch.equal(out, ref)  # CPU: the torch reference itself
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t", [1, 9])
+def test_clamped_swiglu_experts_match_deepseek_v4_reference(dtype, t):
+    """The clamped epilogue (DeepSeek-V4: silu(min(gate, limit)) * clamp(up, -limit, limit)) against
+    the per-expert reference, with a limit small enough that most gate and up values are clamped."""
+    from dlengine.kernels.v4.reference import clamped_swiglu_experts
+
+    x, w13, w2, tw, ti = make(t, 6, 2, 32, 16, dtype, seed=7 + t)
+    w13 = w13 * 4  # spread gate / up well past the limit
+    limit = 0.5
+    out = fmt.fused_experts_clamped_triton(x, w13, w2, tw, ti, limit)
+    ref = clamped_swiglu_experts(x, w13, w2, tw, ti, limit)
+    gate_up = torch.einsum("th,eih->tei", x.float(), w13.float())
+    assert (gate_up.abs() > limit).float().mean() > 0.5  # the clamp really acts
+    tol = TOL[dtype]
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+    unclamped = fmt.fused_experts_triton(x, w13, w2, tw, ti)
+    assert not torch.allclose(unclamped.float(), ref.float(), atol=tol, rtol=tol)

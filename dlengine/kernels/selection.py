@@ -126,6 +126,9 @@ class Ops:
     # Triton on CUDA, else the torch references; not listed in `names` (only V4 models call them)
     v4_decode_attention: Callable = v4_reference.decode_attention
     v4_indexer_logits: Callable = v4_batched.indexer_logits
+    # DeepSeek-V4's clamped-SwiGLU experts: (x, w13, w2, topk_weights, topk_ids, limit) -> [T, H];
+    # the fused Triton MoE with its clamped epilogue on CUDA, else the per-expert reference
+    fused_experts_clamped: Callable = v4_reference.clamped_swiglu_experts
 
 
 TORCH_OPS = Ops(
@@ -153,6 +156,7 @@ def select_ops(device: torch.device | str, use_triton: bool = True) -> Ops:
         names["norm_rope"] = "triton (fused rms norm, silu-and-mul, qk-norm + rope + kv write)"
     if HAS_FUSED_MOE:
         ops["fused_experts"] = fused_moe_triton.fused_experts_triton
+        ops["fused_experts_clamped"] = fused_moe_triton.fused_experts_clamped_triton
         names["moe"] = "triton fused MoE"
     if HAS_FP8_GEMM:
         ops.update(fp8_linear=fp8_gemm_triton.fp8_linear,

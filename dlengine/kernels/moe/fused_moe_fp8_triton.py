@@ -75,7 +75,8 @@ def _moe_fp8_gemm_kernel(
             acc_u += tl.dot(a, bu) * a_s[:, None] * bu_s[None, :]
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    moe_gemm_epilogue(acc, acc_u, c_ptr, topk_w_ptr, sid, row_ok, offs_n, n_ok, stride_cm, FUSE_SILU, MUL_ROUTED)
+    moe_gemm_epilogue(acc, acc_u, c_ptr, topk_w_ptr, sid, row_ok, offs_n, n_ok, stride_cm, FUSE_SILU, MUL_ROUTED,
+                      False, 0.0)
 
 
 _INTERPRET = type(_moe_fp8_gemm_kernel).__name__ == "InterpretedFunction"

@@ -49,15 +49,19 @@ def moe_block_rows(pid_m, expert_ids_ptr, sorted_ids_ptr, num_valid, A_DIV: tl.c
 
 @triton.jit
 def moe_gemm_epilogue(acc, acc_u, c_ptr, topk_w_ptr, sid, row_ok, offs_n, n_ok, stride_cm,
-                      FUSE_SILU: tl.constexpr, MUL_ROUTED: tl.constexpr):
+                      FUSE_SILU: tl.constexpr, MUL_ROUTED: tl.constexpr, CLAMP: tl.constexpr, limit):
     """Store a tile of sorted pairs `sid`: silu(gate) * up (FUSE_SILU) or the plain product, times
-    the routing weight (MUL_ROUTED), with the reference's rounding points. Shared with the FP8
+    the routing weight (MUL_ROUTED), with the reference's rounding points. CLAMP: the clamped
+    SwiGLU of DeepSeek-V4, silu(min(gate, limit)) * clamp(up, -limit, limit). Shared with the FP8
     kernel (fused_moe_fp8_triton.py)."""
     dt = c_ptr.dtype.element_ty
     if FUSE_SILU:
         # round like F.linear's output, then silu_and_mul in fp32 (as norm_rope_triton.silu_and_mul)
         g = acc.to(dt).to(tl.float32)
         u = acc_u.to(dt).to(tl.float32)
+        if CLAMP:
+            g = tl.minimum(g, limit)
+            u = tl.minimum(tl.maximum(u, -limit), limit)
         y = g / (1.0 + tl.exp(-g)) * u
     else:
         y = acc
@@ -74,7 +78,7 @@ def _moe_gemm_kernel(
     a_ptr, w_ptr, c_ptr, topk_w_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_ptr,
     num_valid, N, K,
     stride_am, stride_we, stride_wn, stride_wk, stride_cm, up_off,
-    A_DIV: tl.constexpr, FUSE_SILU: tl.constexpr, MUL_ROUTED: tl.constexpr,
+    A_DIV: tl.constexpr, FUSE_SILU: tl.constexpr, MUL_ROUTED: tl.constexpr, CLAMP: tl.constexpr, limit,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -122,7 +126,8 @@ def _moe_gemm_kernel(
                 acc_u = tl.dot(a, bu, acc_u)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * stride_wk
-    moe_gemm_epilogue(acc, acc_u, c_ptr, topk_w_ptr, sid, row_ok, offs_n, n_ok, stride_cm, FUSE_SILU, MUL_ROUTED)
+    moe_gemm_epilogue(acc, acc_u, c_ptr, topk_w_ptr, sid, row_ok, offs_n, n_ok, stride_cm, FUSE_SILU, MUL_ROUTED,
+                      CLAMP, limit)
 
 
 _INTERPRET = type(_moe_gemm_kernel).__name__ == "InterpretedFunction"
@@ -197,9 +202,10 @@ def get_config(num_pairs: int, num_experts: int, dtype: torch.dtype, config: dic
 
 
 def launch_gate_up(x: torch.Tensor, w13: torch.Tensor, topk_w: torch.Tensor, aligned, top_k: int,
-                   cfg: dict) -> torch.Tensor:
+                   cfg: dict, swiglu_limit: float | None = None) -> torch.Tensor:
     """GEMM 1: silu(x @ gate^T) * (x @ up^T) for every sorted (token, expert) pair -> [T * K, I]
-    (row = pair id). `aligned` = moe_align_block_size(topk_ids, E, cfg["block_m"])."""
+    (row = pair id); with `swiglu_limit` the clamped SwiGLU (gate <= limit, |up| <= limit).
+    `aligned` = moe_align_block_size(topk_ids, E, cfg["block_m"])."""
     sorted_ids, expert_ids, num_post = aligned
     num_pairs, (_, two_i, h) = topk_w.numel(), w13.shape
     i = two_i // 2
@@ -208,7 +214,8 @@ def launch_gate_up(x: torch.Tensor, w13: torch.Tensor, topk_w: torch.Tensor, ali
         x, w13, inter, topk_w, sorted_ids, expert_ids, num_post,
         num_pairs, i, h,
         x.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), inter.stride(0), i * w13.stride(1),
-        A_DIV=top_k, FUSE_SILU=True, MUL_ROUTED=False,
+        A_DIV=top_k, FUSE_SILU=True, MUL_ROUTED=False, CLAMP=swiglu_limit is not None,
+        limit=float(swiglu_limit or 0.0),
         BLOCK_M=cfg["block_m"], BLOCK_N=cfg["n1"], BLOCK_K=cfg["k1"], EVEN_K=h % cfg["k1"] == 0,
         UPCAST=_INTERPRET, IEEE=_INTERPRET or x.dtype == torch.float32,
         num_warps=cfg["warps1"], num_stages=cfg["stages1"],
@@ -225,7 +232,7 @@ def launch_down(inter: torch.Tensor, w2: torch.Tensor, topk_w: torch.Tensor, ali
         inter, w2, out, topk_w, sorted_ids, expert_ids, num_post,
         num_pairs, h, i,
         inter.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), out.stride(0), 0,
-        A_DIV=1, FUSE_SILU=False, MUL_ROUTED=True,
+        A_DIV=1, FUSE_SILU=False, MUL_ROUTED=True, CLAMP=False, limit=0.0,
         BLOCK_M=cfg["block_m"], BLOCK_N=cfg["n2"], BLOCK_K=cfg["k2"], EVEN_K=i % cfg["k2"] == 0,
         UPCAST=_INTERPRET, IEEE=_INTERPRET or inter.dtype == torch.float32,
         num_warps=cfg["warps2"], num_stages=cfg["stages2"],
@@ -234,10 +241,13 @@ def launch_down(inter: torch.Tensor, w2: torch.Tensor, topk_w: torch.Tensor, ali
 
 
 def fused_experts_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                         topk_ids: torch.Tensor, config: dict | None = None) -> torch.Tensor:
+                         topk_ids: torch.Tensor, config: dict | None = None,
+                         swiglu_limit: float | None = None) -> torch.Tensor:
     """x [T, H], w13 [E, 2I, H] (gate rows then up rows), w2 [E, H, I], topk_weights/topk_ids
-    [T, K] -> [T, H] in x's dtype; the semantics of `fused_experts_torch`. `config` overrides
-    tile sizes (keys of `_default_config`)."""
+    [T, K] -> [T, H] in x's dtype; the semantics of `fused_experts_torch` (with `swiglu_limit`:
+    of kernels/v4/reference.py `clamped_swiglu_experts`, DeepSeek-V4's clamped experts).
+    `config` overrides tile sizes (keys of `_default_config`). Never reads the routing on the
+    host, so a decode step through it can be captured in a CUDA graph."""
     t, k = topk_ids.shape
     e, two_i, h = w13.shape
     i = two_i // 2
@@ -252,11 +262,17 @@ def fused_experts_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, t
     topk_w = topk_weights.reshape(-1)
     topk_w = topk_w if topk_w.is_contiguous() else topk_w.contiguous()
     aligned = moe_align_block_size(topk_ids, e, bm)
-    inter = launch_gate_up(x, w13, topk_w, aligned, k, cfg)
+    inter = launch_gate_up(x, w13, topk_w, aligned, k, cfg, swiglu_limit)
     out = launch_down(inter, w2, topk_w, aligned, cfg)
     # the reference's reduction: over the K slots of each token, in routing order
     return out.view(t, k, h).sum(dim=1)
 
 
-__all__ = ["fused_experts_triton", "moe_align_block_size", "get_config", "interpret_mode", "launch_gate_up",
+def fused_experts_clamped_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                                 topk_ids: torch.Tensor, limit: float) -> torch.Tensor:
+    """DeepSeek-V4's routed experts (clamped SwiGLU): the Ops.fused_experts_clamped signature."""
+    return fused_experts_triton(x, w13, w2, topk_weights, topk_ids, swiglu_limit=limit)
+
+
+__all__ = ["fused_experts_triton", "fused_experts_clamped_triton", "moe_align_block_size", "get_config", "interpret_mode", "launch_gate_up",
            "launch_down"]

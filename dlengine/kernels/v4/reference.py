@@ -144,7 +144,8 @@ def clamped_swiglu_experts_dense(x: torch.Tensor, w13: torch.Tensor, w2: torch.T
     """`clamped_swiglu_experts` without reading the routing on the host (CUDA-graph capturable):
     every expert on every token, each token weighting it by its routing weight (0 when not
     routed there), summed in expert order like the sparse form's index_add_. E / K times the
-    expert work: a fused clamped MoE kernel would avoid it (not written yet)."""
+    expert work: on CUDA the engine runs the fused Triton MoE's clamped form instead
+    (kernels/moe/fused_moe_triton.py); this runs only where the torch ops are forced."""
     out = torch.zeros_like(x)
     inter = w13.shape[1] // 2
     for e in range(w13.shape[0]):

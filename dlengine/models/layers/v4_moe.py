@@ -7,8 +7,9 @@ layer (`hash_moe`) takes the experts `tid2eid[token id]` from a frozen table. Ei
 weights are the chosen scores, renormalised to sum to 1, times routed_scaling_factor.
 
 The experts keep FusedMoE's stacked layout and loader (w13 = w1 (gate) then w3 (up), w2 =
-down); they run through the clamped reference in kernels/v4/reference.py, since the fused
-kernels have no clamp.
+down); they run through the op chosen at build (kernels/selection.py Ops.fused_experts_clamped):
+the fused Triton MoE with its clamped epilogue on CUDA (no host sync: capturable), else the
+per-expert reference in kernels/v4/reference.py.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dlengine.kernels.v4.reference import clamped_swiglu, clamped_swiglu_experts
+from dlengine.kernels.selection import current_kernels
+from dlengine.kernels.v4.reference import clamped_swiglu
 from dlengine.models.layers.linear import Linear, default_weight_loader
 from dlengine.models.layers.moe import FusedMoE
 
@@ -70,10 +72,12 @@ class V4MoE(nn.Module):
         self.experts = FusedMoE(num_experts, top_k, hidden, intermediate, router=nn.Identity())
         self.shared_experts = ClampedSwiGLU(hidden, intermediate, limit)
         self.limit = limit
+        self.ops = current_kernels().ops  # fused_experts_clamped: Triton or the torch reference, chosen at build
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x, input_ids)
-        routed = clamped_swiglu_experts(x, self.experts.w13_weight, self.experts.w2_weight, weights, ids, self.limit)
+        routed = self.ops.fused_experts_clamped(x, self.experts.w13_weight, self.experts.w2_weight, weights, ids,
+                                                self.limit)
         return routed + self.shared_experts(x)
 
     @staticmethod
