@@ -201,7 +201,7 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=1024 if cuda else 64, help="square images, pixels per side")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16] if cuda else [1, 4],
                    help="images per encoder call (throughput)")
-    p.add_argument("--iters", type=int, default=10 if cuda else 3)
+    p.add_argument("--iters", type=int, default=5 if cuda else 3)
     p.add_argument("--text-tokens", type=int, default=64, help="text tokens around the image (TTFT prompt)")
     p.add_argument("--max-model-len", type=int, default=8192 if cuda else 1024)
     p.add_argument("--memory-utilization", type=float, default=0.5)
