@@ -82,6 +82,10 @@ class AttentionBackendBase:
     name = "base"
     supports_cuda_graphs = False
     supports_cuda_graph_verify = False  # verify steps (1 + k tokens a request) in graphs: see the module doc
+    # True when a one-token batch in a graph needs `before_replay`'s host plan for its lengths:
+    # such a graph can hold only the target's decode forward (planned for that step), not forwards
+    # of other lengths after it (the MTP proposer's chained drafts then run eagerly)
+    plans_decode_on_host = False
     # True when the cache is the paged layout the fused QK-norm + RoPE + KV-write op writes
     # (kernels/norm_rope): attention layers then store K/V through that op instead of write_kv
     fused_kv_write = False
