@@ -13,6 +13,8 @@ has no look-ahead slot and preemption. The captures run in tests/test_gpu_spec_g
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -87,6 +89,26 @@ def test_layout_refuses_what_does_not_fit():
         draft_graph_layout(reqs, [2, 2], [[1], [2]], GraphChoice(1, 1), 2, 4, 16)
     with pytest.raises(ValueError, match="do not fit"):
         draft_graph_layout(reqs[:1], [2], [[1, 2, 3]], GraphChoice(2, 1), 2, 4, 16)
+
+
+# ---------------------------------------------------------------------------- which engines capture
+def test_a_backend_planning_decode_on_the_host_keeps_the_drafts_eager():
+    """FlashInfer's MLA decode is planned before each replay for that step's lengths: chained
+    passes of other lengths cannot sit in a graph, so the proposer captures nothing."""
+    from dlengine.kernels.attention.triton_backend import TritonAttentionBackend
+    from dlengine.speculative.mtp import MTPProposer
+
+    assert TritonAttentionBackend(mla_decode="flashinfer").plans_decode_on_host
+    assert not TritonAttentionBackend(mla_decode="triton").plans_decode_on_host
+    proposer = MTPProposer(torch.nn.Identity(), torch.nn.Identity(), 2, 4, torch.device("cpu"))
+    target = SimpleNamespace(backend=TritonAttentionBackend(mla_decode="flashinfer"))
+    proposer.capture_cuda_graphs(target)  # returns before any CUDA call
+    assert proposer.graphs is None
+
+
+def test_draft_graphs_need_the_target_graphs_hidden_states():
+    with pytest.raises(ValueError, match="keep_hidden_states"):
+        MTPGraphRunner(torch.nn.Identity(), torch.nn.Identity(), SimpleNamespace(keep_hidden_states=False), 2)
 
 
 # ---------------------------------------------------------------------------- end to end (eager replays)
