@@ -190,7 +190,9 @@ def build_core(cfg: EngineConfig, state=None) -> EngineCore:
     # graphs keep a private pool of activations (about a step's worth of their largest graph) and
     # static float32 logits of every row of it: graph_batch rows, (1 + k) times that with verify graphs
     graph_rows = graph_batch * (1 + verify_tokens)
-    graph_reserve = (256 << 20) + graph_rows * cfg.model.vocab_size * 4 * 2 if use_graphs else 0
+    # an MTP speculator's draft graphs add its head's logits, one row per request, to the pool
+    draft_rows = graph_batch if getattr(speculator, "needs_hidden_states", False) else 0
+    graph_reserve = (256 << 20) + (2 * graph_rows + draft_rows) * cfg.model.vocab_size * 4 if use_graphs else 0
     plan = plan_kv_cache(cfg, model, backend, kv_dtype, reserve_bytes=graph_reserve, specs=cache_specs)
     if state.world_group is not None:
         # TP ranks must make identical scheduling decisions (same preemptions), so every
@@ -249,6 +251,11 @@ def build_core(cfg: EngineConfig, state=None) -> EngineCore:
         logger.info("captured %d CUDA graphs (batch sizes up to %d, %s tokens per request), %.2f GiB",
                     len(graph_runner.graphs), graph_batch, " and ".join(map(str, graph_runner.query_lens)),
                     graph_runner.memory_bytes / 2**30)
+        # a speculator with work of its own after each step (MTP drafting) captures it for the
+        # same graph keys, after the target's (it reads their static hidden states, in their pool)
+        capture_drafts = getattr(speculator, "capture_cuda_graphs", None)
+        if keep_hidden and callable(capture_drafts):
+            capture_drafts(graph_runner)
     runner = ModelRunner(model, kv_cache, backend, _make_sampler(cfg, state), cfg.model.vocab_size, cfg.device,
                          graph_runner=graph_runner, kernels=kernels, keep_hidden_states=keep_hidden,
                          acceptance=make_acceptance(cfg.speculative_forced_acceptance, cfg.seed))

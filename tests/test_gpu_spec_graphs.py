@@ -9,7 +9,9 @@ were replayed, and every block is free at the end. Mixed prompt lengths, batches
 captured size (padding requests) and different max_tokens (the batch shrinks through other
 padded sizes; more requests than the largest graph run eagerly first) are in the runs; n-gram
 proposals shorter than k exercise padding drafts. bf16 runs are only run, not compared token by
-token (tests/test_gpu_mla_engine.py says why for the tiny MoE model).
+token (tests/test_gpu_mla_engine.py says why for the tiny MoE model). The MTP proposer's drafting
+after graph steps replays its own captured graphs (speculative/mtp_graphs.py); the eager engine's
+proposer has none.
 """
 
 import pytest
@@ -93,3 +95,34 @@ def test_mtp_bf16_graphs_run_and_free_everything():
     assert engine.runner.graph_runner.num_verify_replays > 0
     assert engine.stats.num_accepted_tokens > 0
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_mtp_draft_graphs_replay_and_match_eager(k):
+    """The MTP drafting of graph steps runs from the proposer's own graphs
+    (speculative/mtp_graphs.py): one per target graph, one replay per graph step, decode and
+    verify steps alike; tokens equal the eager engine's (whose proposer has no graphs)."""
+    from dlengine.testing.mtp import mtp_training_prompts
+
+    prompts = mtp_training_prompts()[:7] + make_prompts(4, lengths=(3, 21, 45, 9), seed=5)
+    params = _params(len(prompts), base=20)
+    engine, outs = _generate("tiny-deepseek-v3-mtp", "mtp", k, True, prompts, params)
+    eager, eager_outs = _generate("tiny-deepseek-v3-mtp", "mtp", k, False, prompts, params)
+    assert outs == eager_outs
+    drafts, target = engine.speculator.graphs, engine.runner.graph_runner
+    assert eager.speculator.graphs is None
+    assert drafts is not None and set(drafts.graphs) == set(target.graphs)
+    assert drafts.num_replays[1 + k] > 0, drafts.num_replays
+    assert sum(drafts.num_replays.values()) == engine.runner.num_graph_steps
+    s, e = engine.stats, eager.stats
+    assert s.acceptance_rate > 0.2 and abs(s.acceptance_rate - e.acceptance_rate) < 0.05, \
+        (s.acceptance_rate, e.acceptance_rate)
+    # requests asking for logprobs never verify drafts: their steps replay the decode graphs, and
+    # the proposer drafts after them from its decode-keyed graphs
+    lp = [SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=0)] * 3
+    decode_before = drafts.num_replays[1]
+    assert [o.token_ids for o in engine.generate(prompts[:3], lp)] == \
+        [o.token_ids for o in eager.generate(prompts[:3], lp)]
+    assert drafts.num_replays[1] > decode_before, drafts.num_replays
+    for e_ in (engine, eager):
+        assert e_.block_manager.num_free_blocks == e_.block_manager.num_blocks

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from dlengine.cache.kv_cache import KVCache
-from dlengine.engine.graph_layout import choose_graph, padded_layout
+from dlengine.engine.graph_layout import GraphChoice, choose_graph, padded_layout
 from dlengine.engine.host_arrays import block_table
 from dlengine.engine.request import Request
 from dlengine.engine.sampler import Sampler, SamplerOutput, SamplingTensors
@@ -35,7 +35,8 @@ class StepHiddenStates:
     same paged cache (its layers have their own indices there). After a CUDA-graph step `hidden`
     is a view of the graph's static output (valid until the next step) in the padded layout:
     request i owns 1 + k rows, its last token's then its drafts' then padding drafts', and
-    num_spec[i] = k counts them all (engine/graph_layout.py)."""
+    num_spec[i] = k counts them all (engine/graph_layout.py), and `graph` names the graph that ran
+    (a speculator with graphs of its own replays the matching one: speculative/mtp_graphs.py)."""
 
     hidden: torch.Tensor  # [T, hidden_size]
     requests: list[Request]
@@ -45,6 +46,7 @@ class StepHiddenStates:
     sample: list[bool]  # whether each request sampled a token
     kv_caches: list  # KVCache.layers
     layer_caches: list  # KVCache.caches_of_layer(i) for every layer
+    graph: GraphChoice | None = None  # the CUDA graph the step replayed (None: an eager step)
 
 
 @dataclass
@@ -353,7 +355,7 @@ class ModelRunner:
             q = choice.query_len
             step_hidden = StepHiddenStates(hidden, reqs, [r.num_computed_tokens for r in reqs],
                                            [i * q for i in range(n + 1)], [q - 1] * n, [True] * n,
-                                           self.kv_cache.layers, self.layer_caches)
+                                           self.kv_cache.layers, self.layer_caches, graph=choice)
         return reqs, logits, num_drafts, step_hidden
 
     @torch.inference_mode()

@@ -123,6 +123,11 @@ class HiddenStateSpeculator(Speculator, Protocol):
     def observe_hidden_states(self, step, gained: dict[str, list[int]]) -> None:
         """Run on the step's kept positions (writes its own KV) and draft for the requests that sampled."""
 
+    # Optional: `capture_cuda_graphs(target_graphs)`. Called once at build, after the target's CUDA
+    # graphs are captured (target_graphs: engine/cuda_graph.py CUDAGraphRunner, keeping hidden
+    # states), so the speculator can capture its own work for the same graph keys; a step then
+    # names the graph it replayed in `step.graph` (the MTP proposer: speculative/mtp_graphs.py).
+
 
 class AcceptancePolicy(Protocol):
     """The accept decision of verification: how many of one request's drafts it keeps. The

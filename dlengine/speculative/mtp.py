@@ -18,7 +18,16 @@ How it runs, step by step (the engine's hooks: engine/seams.py HiddenStateSpecul
    k - 1 past the step's positions, reserved for every request that samples and may draft); a
    chain stops early only where the request has no allocated slot for the position, i.e. where
    the pool could not spare the look-ahead blocks (no blocks are taken here).
-4. Before the next schedule the core asks `propose`, which hands out the drafts made in 3.
+4. Before the next schedule the core asks `propose`, which hands out the drafts made in 3. The
+   drafts stay on the device until then: their one host read per step (no read per chained
+   draft) waits for work queued while the core applies the step's tokens.
+
+Steps the target replayed from a CUDA graph (decode, verify: `step.graph`) run 2-3 from a graph
+of the same key, captured after the target's (`capture_cuda_graphs`, called at build;
+speculative/mtp_graphs.py has the layout): the first pass over every row of the target's padded
+layout, rejected and padding rows writing no KV, the argmax and the chain on the device. Other
+steps (prompt chunks, mixed batches, scoring, images) and engines without graphs (expert
+parallelism, a backend that plans decode on the host) run the same work eagerly.
 
 Drafts are greedy (the argmax of the MTP head), i.e. deterministic proposals: the engine accepts a
 draft exactly when the target's own sample at that position equals it, which keeps the output
@@ -38,13 +47,28 @@ vLLM feeds DeepSeek's released MTP weights.
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 
 from dlengine.config import ConfigError
+from dlengine.engine.host_arrays import block_table
 from dlengine.kernels.context import AttentionMetadata, ForwardContext
+from dlengine.speculative.mtp_graphs import MTPGraphRunner, draft_graph_layout
+
+logger = logging.getLogger("dlengine")
+
+
+@dataclass
+class _PendingDrafts:
+    """A step's drafts, possibly still being computed on the device."""
+
+    keys: list[tuple[str, int]]  # per request: (id, its length once the step's tokens are appended)
+    counts: np.ndarray  # drafts each request keeps (the rest of its row is not a draft)
+    tokens: torch.Tensor  # [requests, k] int64, on the device
 
 
 class MTPProposer:
@@ -64,6 +88,9 @@ class MTPProposer:
         self.max_forwards_per_step = num_tokens
         # request id -> (the request's num_tokens when drafted, drafts)
         self._drafts: dict[str, tuple[int, list[int]]] = {}
+        self._pending: _PendingDrafts | None = None  # the last step's drafts, not read to the host yet
+        # graphs of the drafting of graph steps (capture_cuda_graphs; None: every step eager)
+        self.graphs: MTPGraphRunner | None = None
 
     # ------------------------------------------------------------------ the seam
     @property
@@ -74,7 +101,22 @@ class MTPProposer:
     def cache_specs(self, target_specs: list) -> list:
         return self.mtp.cache_specs(target_specs)
 
+    def capture_cuda_graphs(self, target) -> None:
+        """Capture the drafting of each graph step the target can replay (`target`: its captured
+        engine/cuda_graph.py CUDAGraphRunner, keeping hidden states). The engine calls this once
+        at build, after the target's capture."""
+        if getattr(target.backend, "plans_decode_on_host", False):
+            logger.info("MTP drafts run eagerly: attention backend %r plans one-token batches on the host before "
+                        "each replay (FlashInfer's MLA decode), which a graph of the chained drafts cannot do",
+                        target.backend.name)
+            return
+        graphs = MTPGraphRunner(self.mtp, self.embed, target, self.num_tokens)
+        graphs.capture()
+        logger.info("captured %d MTP draft graphs, %.2f GiB", len(graphs.graphs), graphs.memory_bytes / 2**30)
+        self.graphs = graphs
+
     def propose(self, requests: Sequence) -> list[list[int]]:
+        self._collect()
         out = []
         for r in requests:
             entry = self._drafts.pop(r.request_id, None)
@@ -84,39 +126,75 @@ class MTPProposer:
 
     @torch.inference_mode()
     def observe_hidden_states(self, step, gained: dict[str, list[int]]) -> None:
+        self._collect()  # the previous step's drafts (normally read by propose already)
+        choice = getattr(step, "graph", None)
+        if self.graphs is not None and choice is not None and self.graphs.covers(choice):
+            self._draft_from_graph(step, gained, choice)
+            return
         kept = self._kept_rows(step, gained)
         if kept is None:
             return
         reqs, starts, lens, hidden_rows, next_tokens, drafting = kept
         positions = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lens)])
-        y = self._run(reqs, positions, lens, step.hidden[self._dev(hidden_rows)], self._dev(next_tokens), step)
+        tables = block_table(reqs)
+        y = self._run(tables, positions, lens, step.hidden[self._dev(hidden_rows)], self._dev(next_tokens), step)
         if not drafting:
             return
         # draft 1: the layer's prediction at each sampling request's last kept position
         y = y[self._dev((np.cumsum(lens) - 1)[drafting])]
         tokens = self.mtp.compute_logits(y).argmax(dim=-1)
         reqs = [reqs[i] for i in drafting]
-        drafts = [[t] for t in tokens.tolist()]
+        m = len(reqs)
+        tables = tables[drafting]
+        capacity = np.fromiter((len(r.block_ids) for r in reqs), dtype=np.int64, count=m) * self.block_size
+        drafts = torch.zeros(m, self.num_tokens, dtype=torch.int64, device=tokens.device)
+        drafts[:, 0] = tokens
+        counts = np.ones(m, dtype=np.int64)
         pos = np.array([starts[i] + lens[i] for i in drafting], dtype=np.int64)  # the next chained position
-        live = np.arange(len(reqs))
-        for _ in range(1, self.num_tokens):
+        live = np.arange(m)
+        for c in range(1, self.num_tokens):
             # drafts 2..k: the layer again, one position on, on its own output and last draft; a
-            # chained position needs an allocated slot for its KV
-            room = np.array([pos[i] < len(reqs[i].block_ids) * self.block_size for i in live], dtype=bool)
-            keep = self._dev(np.nonzero(room)[0])
-            live, y, tokens = live[room], y[keep], tokens[keep]
+            # chained position needs an allocated slot for its KV (slots are a prefix of
+            # positions, so a chain that stops stays stopped)
+            room = pos[live] < capacity[live]
+            if not room.all():
+                keep = self._dev(np.nonzero(room)[0])
+                live, y, tokens = live[room], y[keep], tokens[keep]
             if not len(live):
                 break
-            y = self._run([reqs[i] for i in live], pos[live], [1] * len(live), y, tokens, step)
+            y = self._run(tables[live], pos[live], [1] * len(live), y, tokens, step)
             tokens = self.mtp.compute_logits(y).argmax(dim=-1)
-            for i, t in zip(live.tolist(), tokens.tolist()):
-                drafts[i].append(t)
+            drafts[self._dev(live), c] = tokens  # on the device: no host read per chained draft
+            counts[live] += 1
             pos[live] += 1
-        for r, d in zip(reqs, drafts):
-            # keyed by the length the request will have once this step's tokens are appended
-            self._drafts[r.request_id] = (r.num_tokens + len(gained[r.request_id]), d)
+        # keyed by the length the request will have once this step's tokens are appended
+        keys = [(r.request_id, r.num_tokens + len(gained[r.request_id])) for r in reqs]
+        self._pending = _PendingDrafts(keys, counts, drafts)
 
     # ------------------------------------------------------------------ internals
+    def _draft_from_graph(self, step, gained: dict[str, list[int]], choice) -> None:
+        """A step the target replayed from graph `choice`: the same work from this proposer's
+        graph of that key (speculative/mtp_graphs.py), drafts left on the device."""
+        new = []
+        for r in step.requests:
+            self._drafts.pop(r.request_id, None)
+            new.append(None if r.is_finished else gained.get(r.request_id))
+        batch = draft_graph_layout(step.requests, step.starts, new, choice, self.num_tokens, self.block_size,
+                                   self.graphs.max_model_len)
+        tokens = self.graphs.run(batch)
+        keys = [(r.request_id, r.num_tokens + (len(g) if g else 0)) for r, g in zip(step.requests, new)]
+        self._pending = _PendingDrafts(keys, batch.num_drafts, tokens)
+
+    def _collect(self) -> None:
+        """Read the last step's drafts to the host: the one host sync of a step's drafting."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        rows = pending.tokens.tolist()
+        for (request_id, length), row, count in zip(pending.keys, rows, pending.counts.tolist()):
+            if count:
+                self._drafts[request_id] = (length, row[:count])
+
     def _kept_rows(self, step, gained: dict[str, list[int]]):
         """Per request: the positions this step computed and keeps (a verify step keeps its last
         token and the accepted drafts), their hidden-state rows and the token after each one;
@@ -151,23 +229,21 @@ class MTPProposer:
         return (reqs, starts, lens, np.concatenate(hidden_rows),
                 np.fromiter((t for ts in next_tokens for t in ts), dtype=np.int64), drafting)
 
-    def _run(self, reqs, positions: np.ndarray, lens: Sequence[int], hidden: torch.Tensor,
+    def _run(self, tables: np.ndarray, positions: np.ndarray, lens: Sequence[int], hidden: torch.Tensor,
              next_tokens: torch.Tensor, step) -> torch.Tensor:
         """One MTP forward over `lens[i]` consecutive positions of each request (ending at
-        positions of their last entry), writing its KV there."""
+        positions of their last entry), writing its KV there; tables: the requests' block
+        tables (host_arrays.block_table rows)."""
         bs = self.block_size
         ql = np.asarray(lens, dtype=np.int64)
-        qsl = np.zeros(len(reqs) + 1, dtype=np.int64)
+        qsl = np.zeros(len(ql) + 1, dtype=np.int64)
         np.cumsum(ql, out=qsl[1:])
-        seq_lens = [int(positions[qsl[i + 1] - 1]) + 1 for i in range(len(reqs))]
-        max_blocks = max(len(r.block_ids) for r in reqs)
-        tables = np.zeros((len(reqs), max_blocks), dtype=np.int32)
-        for i, r in enumerate(reqs):
-            tables[i, :len(r.block_ids)] = r.block_ids
-        row = np.repeat(np.arange(len(reqs)), ql)
+        seq_lens_np = positions[qsl[1:] - 1].astype(np.int64) + 1
+        seq_lens = seq_lens_np.tolist()
+        row = np.repeat(np.arange(len(ql)), ql)
         slots = tables[row, positions // bs].astype(np.int64) * bs + positions % bs
         meta = AttentionMetadata(
-            query_start_loc=self._dev(qsl.astype(np.int32)), seq_lens=self._dev(np.array(seq_lens, dtype=np.int32)),
+            query_start_loc=self._dev(qsl.astype(np.int32)), seq_lens=self._dev(seq_lens_np.astype(np.int32)),
             block_tables=self._dev(tables), slot_mapping=self._dev(slots), max_query_len=int(ql.max()),
             max_seq_len=max(seq_lens), query_lens_cpu=ql.tolist(), seq_lens_cpu=seq_lens)
         ctx = ForwardContext(meta, step.kv_caches, step.layer_caches)

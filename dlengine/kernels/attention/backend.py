@@ -20,7 +20,10 @@ host work around graphs inherit the no-op hooks of `AttentionBackendBase`. A cap
 that also declares `supports_cuda_graph_verify = True` gets speculative verify steps captured
 too (1 + k query tokens per request, `AttentionMetadata.uniform_query_len`): its attend /
 attend_latent then take such batches with no host work at all, and the hooks above are called
-for the decode graphs only. Without it (the default) verify steps run eagerly.
+for the decode graphs only. Without it (the default) verify steps run eagerly. A backend whose
+one-token batches need that host plan before each replay declares `plans_decode_on_host = True`:
+its graphs then hold only the target's decode forward, and the MTP proposer's chained drafts
+(one-token forwards of other lengths, speculative/mtp_graphs.py) run eagerly.
 
 Implementations: torch_backend.py (the reference, any device), triton_backend.py (our kernels,
 capturable), flashinfer_backend.py (optional package). The engine picks one at build
@@ -82,6 +85,10 @@ class AttentionBackendBase:
     name = "base"
     supports_cuda_graphs = False
     supports_cuda_graph_verify = False  # verify steps (1 + k tokens a request) in graphs: see the module doc
+    # True when a one-token batch in a graph needs `before_replay`'s host plan for its lengths:
+    # such a graph can hold only the target's decode forward (planned for that step), not forwards
+    # of other lengths after it (the MTP proposer's chained drafts then run eagerly)
+    plans_decode_on_host = False
     # True when the cache is the paged layout the fused QK-norm + RoPE + KV-write op writes
     # (kernels/norm_rope): attention layers then store K/V through that op instead of write_kv
     fused_kv_write = False

@@ -87,6 +87,11 @@ class TritonAttentionBackend(AttentionBackendBase):
         return self._flashinfer_mla
 
     # ------------------------------------------------------------------ CUDA graphs
+    @property
+    def plans_decode_on_host(self) -> bool:
+        """FlashInfer's MLA decode is planned on the host before each replay (kernels/attention/backend.py)."""
+        return self.mla_decode == "flashinfer"
+
     def prepare_capture(self, batch_size: int) -> None:
         self._graph_batch = batch_size
 
