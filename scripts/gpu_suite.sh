@@ -21,7 +21,7 @@
 #   fp8kv      FP8 vs bf16 KV cache: decode at batch 64 x 8k and 32 x 32k, Qwen3-8B dims (8 layers) and
 #              DeepSeek-V3 dims (4 layers), dummy weights (docs/fp8_kv.md)
 #   dsv3       DeepSeek-V3 dims, 4 layers, batch 1 and 64 x 1k
-#   dsa        DeepSeek-V3.2-Exp (sparse attention) vs DeepSeek-V3 decode, 4 layers, 32 x 32k and 64 x 64k
+#   dsa        DeepSeek-V3.2-Exp (sparse attention) vs DeepSeek-V3 decode, 3 layers, 32 x 32k and 64 x 64k
 #              (synthetic contexts: decode only)
 #   v4         DeepSeek-V4-Flash dims, 4 layers, decode at 32 x 64k (synthetic context)
 #   mtp        MTP verify step vs plain decode step, DeepSeek-V3 dims, 4 layers, batch 1 and 32 x 1k, k = 1..3,
@@ -31,7 +31,7 @@
 #   vision     Qwen3-VL-8B dims (dummy weights): vision encoder image-token throughput, TTFT of a
 #              one-image request with the encoder in the engine and as a separate encoder engine (EPD)
 #   profile    GPU time per kernel of a W2 decode step (profile_kernels.py)
-#   profile_dsa  GPU time per kernel of a DeepSeek-V3.2-Exp and a DeepSeek-V3 decode step, 4 layers, 32 x 32k
+#   profile_dsa  GPU time per kernel of a DeepSeek-V3.2-Exp and a DeepSeek-V3 decode step, 3 layers, 32 x 32k
 #   serve      W1's workload through `dlengine serve` + `dlengine bench serve` at rising request
 #              rates, then W1 offline in the same call (the reference)
 #   gdn        Gated DeltaNet: kernel tests (Triton vs torch reference vs fla-core), then W1's workload
@@ -142,11 +142,13 @@ run_dsv3() {  # DeepSeek-V3 dims, first 4 layers (3 dense + 1 MoE of 256 experts
   done
 }
 run_dsa() {  # docs/dsa.md: decode step time and bytes read, sparse (V3.2-Exp) against dense (V3) at equal context
-  # (--synthetic-context: the prompts' KV is not computed, so 64 x 64k contexts cost no prefill)
+  # (--synthetic-context: the prompts' KV is not computed, so 64 x 64k contexts cost no prefill).
+  # 3 layers = the dense-FFN layers only: with the first MoE layer (256 experts) its weights are most
+  # of a step's bytes and hide the attention difference the rows are about
   for shape in "32 32768" "64 65536"; do
     set -- $shape
     for model in deepseek-v3.2-exp deepseek-v3; do
-      python3 -m dlengine.cli bench latency --model $model --load-format dummy --num-layers 4 --dtype bfloat16 \
+      python3 -m dlengine.cli bench latency --model $model --load-format dummy --num-layers ${DSA_LAYERS:-3} --dtype bfloat16 \
         --batch-size $1 --input-len $2 --output-len 32 --max-model-len $(( $2 + 64 )) --synthetic-context --num-iters 2 \
         --no-progress ${DSA_ARGS:-} --json "$OUT/dsa_${model}_b$1_ctx$2.json" 2>&1 | tee "$OUT/dsa_${model}_b$1_ctx$2.log" | tail -25
     done
@@ -213,7 +215,7 @@ run_profile() {  # GPU time per kernel of a W2 (Qwen3-8B, batch 1) decode step
 }
 run_profile_dsa() {  # where a sparse-attention decode step's GPU time goes, against the dense model's (32 x 32k)
   for model in deepseek-v3.2-exp deepseek-v3; do
-    python3 scripts/profile_kernels.py --model $model --num-layers 4 --batch-size 32 --input-len 32768 --synthetic-context \
+    python3 scripts/profile_kernels.py --model $model --num-layers 3 --batch-size 32 --input-len 32768 --synthetic-context \
       2>&1 | tee "$OUT/profile_dsa_$model.log" | tail -30
   done
 }
