@@ -17,8 +17,8 @@ consecutive queries) because CSA queries read disjoint entry sets; consecutive q
 overlap, so those key tiles come from L2. Requests are found on the device from
 query_start_loc, so one launch serves the whole step, with no host sync.
 
-Runs on CPU under TRITON_INTERPRET=1 (tests/test_v4_kernels.py); tests/test_gpu_v4.py checks and
-times it at V4-Flash's dimensions on an H100.
+Runs on CPU under TRITON_INTERPRET=1 (tests/test_v4_kernels.py; bf16 inputs are upcast to float32
+there, because the interpreter's bf16 dots are wrong); tests/test_gpu_v4.py checks and times it at V4-Flash's dimensions on an H100.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def _v4_prefill_kernel(q_ptr, kv_ptr, ring_ptr, pos_ptr, req_ptr, qsl_ptr, slots
                        stride_qt, stride_qh, stride_kvt, stride_rs, stride_rw, stride_cb, stride_ce, stride_btb,
                        stride_idt, stride_ot, stride_oh,
                        ALL_ENTRIES: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-                       BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                       BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)  # the query row (int64: T * H * D can pass 2^31)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
@@ -47,6 +47,8 @@ def _v4_prefill_kernel(q_ptr, kv_ptr, ring_ptr, pos_ptr, req_ptr, qsl_ptr, slots
     hmask, dmask = offs_h < H, offs_d < D
     q = tl.load(q_ptr + t * stride_qt + offs_h[:, None] * stride_qh + offs_d[None, :],
                 mask=hmask[:, None] & dmask[None, :], other=0.0)
+    if UPCAST:  # the interpreter's bf16 dots are wrong: every key follows q's dtype, float32 here
+        q = q.to(tl.float32)
     p = tl.load(pos_ptr + t)
     b = tl.load(req_ptr + t)
     first_row = tl.load(qsl_ptr + b).to(tl.int64)  # the request's first row in this step
@@ -148,6 +150,6 @@ def prefill_attention(q: torch.Tensor, kv: torch.Tensor, window_kv: torch.Tensor
         q.stride(0), q.stride(1), kv.stride(0), window_kv.stride(0), window_kv.stride(1), compressed.stride(0),
         compressed.stride(1), bt.stride(0), 0 if all_entries else ids.stride(0), out.stride(0), out.stride(1),
         ALL_ENTRIES=all_entries, BLOCK_H=cfg.block_h, BLOCK_D=max(16, triton.next_power_of_2(d)),
-        BLOCK_N=cfg.block_n, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        BLOCK_N=cfg.block_n, PRECISION="ieee" if q.dtype == torch.float32 or _INTERPRET else "tf32",
+        UPCAST=_INTERPRET and q.dtype != torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
