@@ -13,8 +13,8 @@ one online softmax over
 A program handles one query token and BLOCK_H of its heads: the single shared K = V head is
 loaded once per key tile for all of them (MQA), the same tiling as the decode kernel
 (decode_triton.py, whose online-softmax step it shares). One query per program (not a block of
-consecutive queries) because each CSA query reads its own set of entries; consecutive queries' windows
-overlap, so those key tiles come from L2. Requests are found on the device from
+consecutive queries) because each CSA query reads its own set of entries; consecutive queries'
+windows overlap, so those key tiles come from L2. Requests are found on the device from
 query_start_loc, so one launch serves the whole step, with no host sync.
 
 Runs on CPU under TRITON_INTERPRET=1 (tests/test_v4_kernels.py; bf16 inputs are upcast to float32
