@@ -120,3 +120,123 @@ def test_long_prompt_references_score_in_query_blocks(monkeypatch):
     torch.testing.assert_close(ref.sink_attention(q, keys, pos, pos, window, compressed, visible, sinks, d ** -0.5),
                                whole, rtol=1e-6, atol=1e-6)
     assert torch.equal(ref.indexer_select(iq, ik, iw, pos, 4, 3, d ** -0.5), picked)
+
+
+# ------------------------------------------------------------------------------- prefill
+
+
+from dlengine.kernels.v4 import prefill_triton as pt  # noqa: E402
+from dlengine.kernels.v4.reference import prefill_attention, sink_attention  # noqa: E402
+
+if DEVICE == "cpu" and not pt._INTERPRET:
+    pt = importlib.reload(pt)
+
+# (first position, new tokens) per request at window 8: a prompt shorter than the window, one
+# longer, chunks starting mid-sequence (inside the first window, past it, longer than the window
+# after it), a one-token extend
+PREFILL_REQUESTS = [(0, 5), (0, 21), (3, 4), (13, 6), (10, 19), (30, 1)]
+
+
+def prefill_batch(heads: int, dim: int, mode: str, g: torch.Generator, requests=PREFILL_REQUESTS, window: int = 8,
+                  m: int = 4, topk: int = 3, dtype=torch.float32):
+    """A prompt step's inputs, with each request's whole history: `history[b]` = (keys of
+    positions 0 .. s + n - 1, its compressed entries). The ring holds the last `window` keys
+    before the chunk (and stale rows elsewhere); the paged cache holds the entries at shuffled
+    blocks. mode: "hca" (no ids), "csa" (random top-k ids, -1 padded, several queries with none),
+    "sliding" (no entries)."""
+    per_block, num_blocks, blocks_per_row, num_slots = 4, 64, 6, 8
+    t = sum(n for _, n in requests)
+    q = torch.randn(t, heads, dim, generator=g)
+    ring = torch.randn(num_slots, window, dim, generator=g)
+    compressed = torch.randn(num_blocks, per_block, dim, generator=g)
+    tables = torch.randperm(num_blocks, generator=g)[: len(requests) * blocks_per_row].view(len(requests), -1).int()
+    slots = torch.randperm(num_slots, generator=g)[: len(requests)]
+    kv, positions, history, starts = [], [], [], [0]
+    for b, (s, n) in enumerate(requests):
+        keys = torch.randn(s + n, dim, generator=g)
+        old = torch.arange(max(0, s - window), s)
+        ring[slots[b], old % window] = keys[old]
+        count = (s + n) // m
+        w = torch.arange(count)
+        history.append((keys, compressed[tables[b, w // per_block].long(), w % per_block]))
+        kv.append(keys[s:])
+        positions.append(torch.arange(s, s + n))
+        starts.append(starts[-1] + n)
+    positions = torch.cat(positions)
+    ids = None
+    if mode == "sliding":
+        ids = torch.zeros((t, 0), dtype=torch.long)
+    elif mode == "csa":
+        ids = torch.full((t, topk), -1, dtype=torch.long)
+        for i, p in enumerate(positions.tolist()):
+            pick = torch.randperm((p + 1) // m, generator=g)[:topk].sort().values
+            ids[i, : pick.numel()] = pick
+    sinks = torch.randn(heads, generator=g)
+    args = (q.to(dtype), torch.cat(kv).to(dtype), ring.to(dtype), positions, torch.tensor(starts, dtype=torch.int32),
+            slots, window, compressed.to(dtype), tables, ids, m if mode != "sliding" else 1, sinks, dim ** -0.5)
+    return args, history
+
+
+def on_device(args):
+    return tuple(a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args)
+
+
+@pytest.mark.parametrize("mode", ["hca", "csa", "sliding"])
+def test_prefill_reference_is_sink_attention_on_each_history(mode):
+    """The batched reference (window from the ring before the chunk, new keys after) equals
+    `sink_attention` over each request's whole key history."""
+    g = torch.Generator().manual_seed(10)
+    args, history = prefill_batch(4, 16, mode, g)
+    q, positions, starts, ids, m, sinks = args[0], args[3], args[4].tolist(), args[9], args[10], args[11]
+    out = prefill_attention(*args)
+    for b, (keys, entries) in enumerate(history):
+        a, e = starts[b], starts[b + 1]
+        pos = positions[a:e]
+        if mode == "sliding":
+            entries, visible = entries[:0], torch.zeros((e - a, 0), dtype=torch.bool)
+        elif mode == "hca":
+            visible = torch.arange(entries.shape[0])[None, :] < ((pos + 1) // m)[:, None]
+        else:
+            visible = torch.zeros((e - a, entries.shape[0] + 1), dtype=torch.bool)
+            visible.scatter_(1, torch.where(ids[a:e] >= 0, ids[a:e], entries.shape[0]), True)
+            visible = visible[:, :-1]
+        want = sink_attention(q[a:e], keys, torch.arange(keys.shape[0]), pos, args[6], entries, visible, sinks,
+                              args[12])
+        torch.testing.assert_close(out[a:e], want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["hca", "csa", "sliding"])
+@pytest.mark.parametrize("heads,dim,block_h", [(4, 32, None), (20, 24, 16)])
+def test_prefill_kernel_matches_reference(mode, heads, dim, block_h):
+    """float32: prompts shorter and longer than the window, chunks from mid-sequence, HCA's
+    every-finished-entry rule, CSA ids with -1 padding (queries before the first finished entry
+    read none); head_dim 24 (not a power of two) over two head blocks of 16 (the second partial)."""
+    g = torch.Generator().manual_seed(11)
+    args, _ = prefill_batch(heads, dim, mode, g)
+    config = pt.LaunchConfig(block_h, 16, 4, 1) if block_h else None
+    ref = prefill_attention(*args)
+    out = pt.prefill_attention(*on_device(args), config=config)
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_kernel_bf16():
+    g = torch.Generator().manual_seed(12)
+    args, _ = prefill_batch(8, 32, "csa", g, dtype=torch.bfloat16)
+    ref = prefill_attention(*(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                              for a in args))
+    out = pt.prefill_attention(*on_device(args))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.cpu().float(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_prefill_kernel_csa_top_k_wider_than_visible():
+    """A one-request step of a 9-token prompt (2 finished entries at most) with 5-wide ids: the
+    kernel reads no id slot past the finished count, so garbage there (not -1) is never read."""
+    g = torch.Generator().manual_seed(13)
+    args, _ = prefill_batch(4, 16, "csa", g, requests=[(0, 9)], topk=5)
+    ref = prefill_attention(*args)
+    ids = args[9].clone()
+    for i, p in enumerate(args[3].tolist()):
+        ids[i, (p + 1) // 4:] = 10 ** 6  # past the visible count: out of any table
+    out = pt.prefill_attention(*on_device(args[:9] + (ids,) + args[10:]))
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-5)

@@ -62,10 +62,11 @@ except Exception:  # noqa: BLE001
 try:
     from dlengine.kernels.v4 import decode_triton as v4_decode_triton
     from dlengine.kernels.v4 import indexer_triton as v4_indexer_triton
+    from dlengine.kernels.v4 import prefill_triton as v4_prefill_triton
 
     HAS_V4_DECODE = True
 except Exception:  # noqa: BLE001
-    v4_decode_triton = v4_indexer_triton = None
+    v4_decode_triton = v4_indexer_triton = v4_prefill_triton = None
     HAS_V4_DECODE = False
 
 try:
@@ -122,9 +123,11 @@ class Ops:
     causal_conv1d_update: Callable = causal_conv1d_torch.causal_conv1d_update
     gated_delta_rule_varlen: Callable = gated_delta_rule_torch.gated_delta_rule_varlen
     gated_delta_rule_update: Callable = gated_delta_rule_torch.recurrent_gated_delta_rule_update
-    # DeepSeek-V4 decode attention and the batched decode step's indexer scores (kernels/v4/):
-    # Triton on CUDA, else the torch references; not listed in `names` (only V4 models call them)
+    # DeepSeek-V4 decode attention, prompt-step attention and the batched decode step's indexer
+    # scores (kernels/v4/): Triton on CUDA, else the torch references; not listed in `names`
+    # (only V4 models call them)
     v4_decode_attention: Callable = v4_reference.decode_attention
+    v4_prefill_attention: Callable = v4_reference.prefill_attention
     v4_indexer_logits: Callable = v4_batched.indexer_logits
     # DeepSeek-V4's clamped-SwiGLU experts: (x, w13, w2, topk_weights, topk_ids, limit) -> [T, H];
     # the fused Triton MoE with its clamped epilogue on CUDA, else the per-expert reference
@@ -165,6 +168,7 @@ def select_ops(device: torch.device | str, use_triton: bool = True) -> Ops:
         names.update(fp8_gemm=f"{gemm} block-scaled GEMM", moe_fp8="triton block-scaled fused MoE")
     if HAS_V4_DECODE:
         ops.update(v4_decode_attention=v4_decode_triton.decode_attention,
+                   v4_prefill_attention=v4_prefill_triton.prefill_attention,
                    v4_indexer_logits=v4_indexer_triton.indexer_logits)
     if HAS_GDN_TRITON:
         ops.update(causal_conv1d_varlen=causal_conv1d_triton.causal_conv1d_varlen,

@@ -4,9 +4,12 @@ modeling_deepseek_v4.py operation by operation (so float32 results agree to roun
 - `interleaved_rope`: RoPE on the trailing `2 * cos.shape[-1]` dims, pairs (2i, 2i + 1).
 - `pool_windows`: a compressor's softmax-gated pooling of whole windows (HCA: one window;
   CSA and its indexer: the previous window's first half with this window's second half).
-- `indexer_select`: the lightning indexer's scores and its top-k choice of compressed entries.
+- `indexer_topk_ids` / `indexer_select`: the lightning indexer's scores and its top-k choice of
+  compressed entries (as ids, -1 padded, or as a mask).
 - `sink_attention`: one softmax over sliding-window keys, selected compressed entries and a
   per-head sink logit; K = V.
+- `prefill_attention`: `sink_attention` for a prompt step's requests, read from the window ring,
+  the step's new keys and the paged entries (the oracle of kernels/v4/prefill_triton.py).
 - `clamped_swiglu_experts`: routed SwiGLU experts with V4's clamps on gate and up (and its dense
   form, run while a CUDA graph captures).
 - `decode_attention`: `sink_attention` for one token per request, read from the caches.
@@ -17,6 +20,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from dlengine.kernels.v4.batched_decode import top_entry_ids
 
 
 def interleaved_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -62,9 +67,10 @@ def pool_windows(kv: torch.Tensor, gate: torch.Tensor, ape: torch.Tensor, overla
 SCORE_ELEMENTS = 1 << 27
 
 
-def indexer_select(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, q_positions: torch.Tensor,
-                   compress_rate: int, topk: int, softmax_scale: float) -> torch.Tensor:
-    """Which compressed entries each query attends to: bool [n, C].
+def indexer_topk_ids(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, q_positions: torch.Tensor,
+                     compress_rate: int, topk: int, softmax_scale: float) -> torch.Tensor:
+    """Which compressed entries each query attends to, as ids: [n, min(topk, C)] int64, ascending,
+    -1 padding a row with fewer (what the attention kernels read).
 
     q [n, Hi, di] (RoPE'd), keys [C, di], weights [n, Hi] (weights_proj(x) * Hi^-0.5). Score
     = sum_h relu(q_h . k) * softmax_scale * weights_h; query p may pick entries w < (p + 1) // m;
@@ -72,20 +78,30 @@ def indexer_select(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, q
     score -inf and are dropped after the top-k)."""
     n, c = q.shape[0], keys.shape[0]
     if c == 0:
-        return torch.zeros((n, 0), dtype=torch.bool, device=q.device)
+        return torch.zeros((n, 0), dtype=torch.long, device=q.device)
     rows = max(1, SCORE_ELEMENTS // max(1, q.shape[1] * c))  # bound the [n, Hi, C] scores of a long prompt
     if n > rows:
-        return torch.cat([indexer_select(q[i:i + rows], keys, weights[i:i + rows], q_positions[i:i + rows],
-                                         compress_rate, topk, softmax_scale) for i in range(0, n, rows)])
+        return torch.cat([indexer_topk_ids(q[i:i + rows], keys, weights[i:i + rows], q_positions[i:i + rows],
+                                           compress_rate, topk, softmax_scale) for i in range(0, n, rows)])
     scores = torch.matmul(q.float(), keys.float().t())  # [n, Hi, C]
     scores = F.relu(scores) * softmax_scale
     scores = (scores * weights.float().unsqueeze(-1)).sum(dim=1)  # [n, C]
     threshold = (q_positions + 1) // compress_rate
     visible = torch.arange(c, device=q.device)[None, :] < threshold[:, None]
-    scores = scores.masked_fill(~visible, float("-inf"))
-    picked = scores.topk(min(topk, c), dim=-1).indices
-    chosen = torch.zeros((n, c), dtype=torch.bool, device=q.device).scatter_(1, picked, True)
-    return chosen & visible
+    return top_entry_ids(scores.masked_fill(~visible, float("-inf")), topk)
+
+
+def indexer_select(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, q_positions: torch.Tensor,
+                   compress_rate: int, topk: int, softmax_scale: float) -> torch.Tensor:
+    """`indexer_topk_ids` as a mask: bool [n, C], True for the entries each query attends to."""
+    ids = indexer_topk_ids(q, keys, weights, q_positions, compress_rate, topk, softmax_scale)
+    return entry_mask(ids, keys.shape[0])
+
+
+def entry_mask(ids: torch.Tensor, count: int) -> torch.Tensor:
+    """Entry ids [n, K] (-1: none) -> bool [n, count], True at each listed id."""
+    chosen = torch.zeros((ids.shape[0], count + 1), dtype=torch.bool, device=ids.device)
+    return chosen.scatter_(1, torch.where(ids >= 0, ids, count), True)[:, :count]
 
 
 def sink_attention(q: torch.Tensor, keys: torch.Tensor, key_positions: torch.Tensor, q_positions: torch.Tensor,
@@ -113,6 +129,44 @@ def sink_attention(q: torch.Tensor, keys: torch.Tensor, key_positions: torch.Ten
     combined = combined - combined.max(dim=-1, keepdim=True).values
     probs = F.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1]
     return torch.matmul(probs.to(kv.dtype), kv.unsqueeze(0))
+
+
+def prefill_attention(q: torch.Tensor, kv: torch.Tensor, window_kv: torch.Tensor, positions: torch.Tensor,
+                      query_start_loc: torch.Tensor, slots: torch.Tensor, window: int, compressed: torch.Tensor,
+                      block_tables: torch.Tensor, entry_ids: torch.Tensor | None, compress_rate: int,
+                      sinks: torch.Tensor, scale: float) -> torch.Tensor:
+    """A prompt step's attention (any number of tokens per request): `sink_attention` for each
+    request, one at a time on the host.
+
+    q [T, H, D]; kv [T, D] the step's new K=V; request b owns rows query_start_loc[b] ..
+    query_start_loc[b + 1] - 1 at consecutive `positions` [T] starting at s_b, and state slot
+    slots[b]. Query p reads the window keys at positions max(0, p - W + 1) .. p: from kv at and
+    after s_b, from the ring `window_kv` [slots, W, D] (row pos % W) before it, so the ring must
+    not hold this step's keys yet. Compressed entries: `compressed` [num_blocks, per_block, D],
+    entry w of request b at block_tables[b, w // per_block], row w % per_block (already holding
+    the entries this step finishes); `entry_ids` [T, K] lists the entries each query reads (the
+    valid ids first, then -1; at most (p + 1) // m of them), or None: every finished entry
+    w < (p + 1) // m (HCA). A width-0 `entry_ids` reads none (sliding layers). Returns [T, H, D]."""
+    out = torch.empty_like(q)
+    starts, host_pos = query_start_loc.tolist(), positions.tolist()
+    per_block = compressed.shape[1]
+    for b, slot in enumerate(slots.tolist()):
+        a, e = starts[b], starts[b + 1]
+        if e == a:
+            continue
+        n, s, pos = e - a, host_pos[a], positions[a:e]
+        old = torch.arange(max(0, s - window + 1), s, device=q.device)
+        keys = torch.cat([window_kv[slot, old % window].to(kv.dtype), kv[a:e]])
+        key_pos = torch.cat([old, torch.arange(s, s + n, device=q.device)])
+        count = 0 if entry_ids is not None and entry_ids.shape[1] == 0 else (s + n) // compress_rate
+        w = torch.arange(count, device=q.device)
+        entries = compressed[block_tables[b, w // per_block].long(), w % per_block]  # [count, D]
+        if entry_ids is None:  # every finished window
+            visible = w[None, :] < ((pos + 1) // compress_rate)[:, None]
+        else:
+            visible = entry_mask(entry_ids[a:e].long(), count)
+        out[a:e] = sink_attention(q[a:e], keys, key_pos, pos, window, entries.to(q.dtype), visible, sinks, scale)
+    return out
 
 
 def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:

@@ -13,11 +13,13 @@ Cache (dlengine/cache/v4_specs.py), per running request:
   (w*m % block_size) // m.
 A step reads every ring before writing it, so one step may span many windows (chunked prefill).
 
-Two paths. A step with prompt tokens loops over its requests on the host (`request_slices`,
-`Compressor.update`, `indexer_select`): any number of tokens per request. A pure decode step (one
-token each) runs batched on the device (`Compressor.decode_update`, kernels/v4/batched_decode.py):
-fixed widths from the block tables, no host sync, padded rows (state slot < 0) writing nothing, so
-the CUDA graph runner captures it (engine/cuda_graph.py).
+Two paths. A step with prompt tokens (any number of tokens per request) feeds the compressors
+and the indexer one request at a time on the host (`request_slices`, `Compressor.update`,
+`indexer_topk_ids`), then runs one attention call for the whole step (`ops.v4_prefill_attention`:
+Triton on CUDA, kernels/v4/prefill_triton.py; else the per-request torch reference). A pure
+decode step (one token each) runs batched on the device (`Compressor.decode_update`,
+kernels/v4/batched_decode.py): fixed widths from the block tables, no host sync, padded rows
+(state slot < 0) writing nothing, so the CUDA graph runner captures it (engine/cuda_graph.py).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dlengine.config import RopeConfig
@@ -32,7 +35,7 @@ from dlengine.kernels.context import ForwardContext
 from dlengine.kernels.selection import current_kernels
 from dlengine.kernels.v4.batched_decode import (finished_entry_ids, masked_index_put, pool_last_window, ring_before,
                                                 top_entry_ids)
-from dlengine.kernels.v4.reference import indexer_select, interleaved_rope, pool_windows, sink_attention
+from dlengine.kernels.v4.reference import indexer_topk_ids, interleaved_rope, pool_windows
 from dlengine.models.layers.linear import Linear, default_weight_loader
 from dlengine.models.layers.norm import RMSNorm
 from dlengine.models.layers.rotary import rope_inv_freq
@@ -215,7 +218,7 @@ class V4Attention(nn.Module):
         self.wo_a = Linear(h * d // s.o_groups, s.o_groups * s.o_lora_rank)  # one block per group
         self.wo_b = Linear(s.o_groups * s.o_lora_rank, s.hidden)
         self.attn_sink = float32_param(h)
-        self.ops = current_kernels().ops  # v4_decode_attention: Triton on CUDA, else the torch reference
+        self.ops = current_kernels().ops  # v4_*_attention: Triton on CUDA, else the torch references
         if kind != SLIDING:
             m = s.compress_rates[kind]
             self.compressor = Compressor(s.hidden, d, m, kind == CSA, s.eps, compress_rope,
@@ -236,18 +239,7 @@ class V4Attention(nn.Module):
         if ctx.meta.is_decode_only:
             out = self._decode(q, kv, positions, ctx, state, step)
         else:
-            out = torch.empty_like(q)
-            for r in request_slices(ctx):
-                sl = slice(r.start, r.start + r.n)
-                keys, key_pos = self._window_keys(kv[sl], r, state["window_kv"])
-                if step is None:
-                    compressed = kv.new_zeros((0, d))
-                    visible = torch.zeros((r.n, 0), dtype=torch.bool, device=x.device)
-                else:
-                    count, visible = self._compress(step, r, state, positions[sl])
-                    compressed = self.compressor.gather(r, step.paged, step.block_size, count)
-                out[sl] = sink_attention(q[sl], keys, key_pos, positions[sl], self.window, compressed.to(q.dtype),
-                                         visible, self.attn_sink, d ** -0.5)
+            out = self._prefill(q, kv, positions, ctx, state, step)
         out = self.rope(out, positions, inverse=True)  # V = K carries RoPE: rotate back by the query position
         return self._grouped_output(out)
 
@@ -263,20 +255,47 @@ class V4Attention(nn.Module):
             step.idx_paged = caches[idx.compressor.cache_name]
         return step
 
-    def _compress(self, step: CompressStep, r: StepSlice, state: dict,
-                  pos: torch.Tensor) -> tuple[int, torch.Tensor]:
-        """Feed one request's new tokens to the compressor(s); return how many compressed entries
-        it has and which of them each of its queries reads (bool [n, count])."""
-        sl = slice(r.start, r.start + r.n)
-        count = self.compressor.update(step.kv[sl], step.gate[sl], r, state, step.paged, step.block_size)
-        if self.kind == HCA:  # every finished window
-            threshold = (pos + 1) // self.compressor.m
-            return count, torch.arange(count, device=pos.device)[None, :] < threshold[:, None]
-        idx = self.indexer
-        n_keys = idx.compressor.update(step.idx_kv[sl], step.idx_gate[sl], r, state, step.idx_paged, step.block_size)
-        keys = idx.compressor.gather(r, step.idx_paged, step.block_size, n_keys)
-        return count, indexer_select(step.idx_q[sl], keys.to(step.idx_q.dtype), step.idx_w[sl], pos, idx.m, idx.topk,
-                                     idx.dim ** -0.5)
+    def _prefill(self, q: torch.Tensor, kv: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext, state: dict,
+                 step: CompressStep | None) -> torch.Tensor:
+        """A step with prompt tokens (any number per request). The compressors (and CSA's
+        indexer) take each request's new tokens on the host, one request at a time; then one
+        `ops.v4_prefill_attention` call serves every request: its window (keys before its chunk
+        from the ring, the chunk's own from `kv`), its compressed entries and the sink. Only then
+        does the ring take the step's keys (the attention still reads the ones they replace)."""
+        meta, d = ctx.meta, self.head_dim
+        ring = state["window_kv"]
+        if step is None:
+            ids = torch.zeros((q.shape[0], 0), dtype=torch.long, device=q.device)
+            paged, m = kv.new_zeros((1, 1, d)), 1
+        else:
+            paged, m = step.paged, self.compressor.m
+            ids = self._compress_prompt(step, ctx, state, positions)
+        out = self.ops.v4_prefill_attention(q, kv, ring, positions, meta.query_start_loc, meta.state_slots,
+                                            self.window, paged, meta.block_tables, ids, m, self.attn_sink, d ** -0.5)
+        self._write_window(kv, positions, meta.query_start_loc, meta.state_slots, ring)
+        return out
+
+    def _compress_prompt(self, step: CompressStep, ctx: ForwardContext, state: dict,
+                         positions: torch.Tensor) -> torch.Tensor | None:
+        """Feed each request's new tokens to the compressor(s), writing the entries of the windows
+        they finish; return which entries each query reads: CSA the indexer's top-k ids [T, K]
+        (ascending, -1 padded), HCA None (every finished entry, the attention derives them)."""
+        ids = []
+        for r in request_slices(ctx):
+            sl = slice(r.start, r.start + r.n)
+            self.compressor.update(step.kv[sl], step.gate[sl], r, state, step.paged, step.block_size)
+            if self.kind == CSA:
+                idx = self.indexer
+                n_keys = idx.compressor.update(step.idx_kv[sl], step.idx_gate[sl], r, state, step.idx_paged,
+                                               step.block_size)
+                keys = idx.compressor.gather(r, step.idx_paged, step.block_size, n_keys)
+                ids.append(indexer_topk_ids(step.idx_q[sl], keys.to(step.idx_q.dtype), step.idx_w[sl], positions[sl],
+                                            idx.m, idx.topk, idx.dim ** -0.5))
+        if self.kind == HCA:
+            return None
+        width = max((i.shape[1] for i in ids), default=0)
+        return torch.cat([F.pad(i, (0, width - i.shape[1]), value=-1) for i in ids]) if ids else \
+            torch.zeros((positions.shape[0], 0), dtype=torch.long, device=positions.device)
 
     def _decode(self, q: torch.Tensor, kv: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext, state: dict,
                 step: CompressStep | None) -> torch.Tensor:
@@ -310,17 +329,15 @@ class V4Attention(nn.Module):
         return self.ops.v4_decode_attention(q, ring, slots, positions, self.window, paged, meta.block_tables, ids, m,
                                             self.attn_sink, d ** -0.5)
 
-    def _window_keys(self, kv: torch.Tensor, r: StepSlice, ring_all: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys of the new tokens and of the window before them (from the ring); then the ring
-        keeps the last `window` of them."""
-        s, n, w = r.first_pos, r.n, self.window
-        ring = ring_all[r.slot]
-        old = torch.arange(max(0, s - w + 1), s, device=kv.device)
-        keys = torch.cat([ring[old % w].to(kv.dtype), kv])
-        key_pos = torch.cat([old, torch.arange(s, s + n, device=kv.device)])
-        keep = max(s, s + n - w)
-        ring[torch.arange(keep, s + n, device=kv.device) % w] = kv[keep - s:].to(ring.dtype)
-        return keys, key_pos
+    def _write_window(self, kv: torch.Tensor, positions: torch.Tensor, query_start_loc: torch.Tensor,
+                      slots: torch.Tensor, ring: torch.Tensor) -> None:
+        """Each request's ring keeps the last `window` of its keys: the step's rows within
+        `window` of the request's last position go to row pos % window (one masked write for
+        the whole step, no host sync)."""
+        qsl = query_start_loc.long()
+        req = torch.searchsorted(qsl[1:], torch.arange(kv.shape[0], device=kv.device), right=True)
+        last = positions[(qsl[1:] - 1).clamp(min=0)][req]  # each row's request's last position
+        masked_index_put(ring, (slots[req].clamp(min=0), positions % self.window), positions > last - self.window, kv)
 
     def _grouped_output(self, out: torch.Tensor) -> torch.Tensor:
         """wo_a: one [o_lora_rank, H*d/g] block per head group; wo_b mixes the groups."""
