@@ -77,7 +77,8 @@ def tower_flops(vision_config: dict, grids: list[tuple[int, int, int]]) -> float
     seqs = [h * w for t, h, w in grids for _ in range(t)]
     n = sum(seqs)
     md = d * merge * merge
-    gemm = 2 * n * (patch_in * d + depth * (4 * d * d + 2 * d * mlp)) + 2 * (n // merge ** 2) * mergers * (md * md + md * out)
+    blocks = 2 * n * (patch_in * d + depth * (4 * d * d + 2 * d * mlp))
+    gemm = blocks + 2 * (n // merge ** 2) * mergers * (md * md + md * out)
     attention = depth * sum(4 * s * s * d for s in seqs)
     return float(gemm + attention)
 

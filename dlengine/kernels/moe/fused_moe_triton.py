@@ -274,5 +274,5 @@ def fused_experts_clamped_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.T
     return fused_experts_triton(x, w13, w2, topk_weights, topk_ids, swiglu_limit=limit)
 
 
-__all__ = ["fused_experts_triton", "fused_experts_clamped_triton", "moe_align_block_size", "get_config", "interpret_mode", "launch_gate_up",
-           "launch_down"]
+__all__ = ["fused_experts_triton", "fused_experts_clamped_triton", "moe_align_block_size", "get_config",
+           "interpret_mode", "launch_gate_up", "launch_down"]

@@ -23,7 +23,7 @@ def interpret_mode() -> bool:
 
 
 @triton.jit
-def _online_update(q, k, valid, m_i, l_i, acc, scale, PRECISION: tl.constexpr):
+def online_update(q, k, valid, m_i, l_i, acc, scale, PRECISION: tl.constexpr):
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_H, BLOCK_N]
     s = tl.where(valid[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -34,6 +34,31 @@ def _online_update(q, k, valid, m_i, l_i, acc, scale, PRECISION: tl.constexpr):
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(k.dtype), k, input_precision=PRECISION)
     return m_new, l_i, acc
+
+
+@triton.jit
+def attend_entry_tile(q, ids, comp_ptr, bt_row_ptr, per_block, stride_cb, stride_ce, offs_d, dmask,
+                      m_i, l_i, acc, scale, PRECISION: tl.constexpr):
+    """Attend one tile of compressed entries `ids` (-1 = none) of the request whose block-table
+    row starts at `bt_row_ptr` (entry w: block w // per_block, row w % per_block)."""
+    valid = ids >= 0
+    ids = tl.where(valid, ids, 0)
+    blk = tl.load(bt_row_ptr + ids // per_block, mask=valid, other=0)
+    k = tl.load(comp_ptr + blk[:, None].to(tl.int64) * stride_cb + (ids % per_block)[:, None] * stride_ce
+                + offs_d[None, :], mask=valid[:, None] & dmask[None, :], other=0.0).to(q.dtype)
+    return online_update(q, k, valid, m_i, l_i, acc, scale, PRECISION)
+
+
+@triton.jit
+def store_with_sink(m_i, l_i, acc, sinks_ptr, out_row_ptr, stride_oh, offs_h, hmask, offs_d, dmask):
+    """Close the softmax with the per-head sink (a logit in the denominator only) and store."""
+    sink = tl.load(sinks_ptr + offs_h, mask=hmask, other=0.0).to(tl.float32)
+    m_new = tl.maximum(m_i, sink)
+    alpha = tl.exp(m_i - m_new)
+    l_i = l_i * alpha + tl.exp(sink - m_new)
+    out = acc * alpha[:, None] / l_i[:, None]
+    tl.store(out_row_ptr + offs_h[:, None] * stride_oh + offs_d[None, :], out.to(out_row_ptr.dtype.element_ty),
+             mask=hmask[:, None] & dmask[None, :])
 
 
 @triton.jit
@@ -65,23 +90,13 @@ def _v4_decode_kernel(q_ptr, ring_ptr, slots_ptr, pos_ptr, comp_ptr, bt_ptr, ids
         row = tl.where(valid, p - o, 0) % W
         k = tl.load(ring_ptr + slot * stride_rs + row[:, None] * stride_rw + offs_d[None, :],
                     mask=valid[:, None] & dmask[None, :], other=0.0).to(q.dtype)
-        m_i, l_i, acc = _online_update(q, k, valid, m_i, l_i, acc, scale, PRECISION)
+        m_i, l_i, acc = online_update(q, k, valid, m_i, l_i, acc, scale, PRECISION)
     for start in range(0, K, BLOCK_N):  # the compressed entries this query reads
         o = start + offs_n
         ids = tl.load(ids_ptr + b * stride_idb + o, mask=o < n_ids, other=-1)
-        valid = ids >= 0
-        ids = tl.where(valid, ids, 0)
-        blk = tl.load(bt_ptr + b * stride_btb + ids // per_block, mask=valid, other=0)
-        k = tl.load(comp_ptr + blk[:, None].to(tl.int64) * stride_cb + (ids % per_block)[:, None] * stride_ce
-                    + offs_d[None, :], mask=valid[:, None] & dmask[None, :], other=0.0).to(q.dtype)
-        m_i, l_i, acc = _online_update(q, k, valid, m_i, l_i, acc, scale, PRECISION)
-    sink = tl.load(sinks_ptr + offs_h, mask=hmask, other=0.0).to(tl.float32)
-    m_new = tl.maximum(m_i, sink)
-    alpha = tl.exp(m_i - m_new)
-    l_i = l_i * alpha + tl.exp(sink - m_new)
-    out = acc * alpha[:, None] / l_i[:, None]
-    tl.store(out_ptr + b * stride_ob + offs_h[:, None] * stride_oh + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=hmask[:, None] & dmask[None, :])
+        m_i, l_i, acc = attend_entry_tile(q, ids, comp_ptr, bt_ptr + b * stride_btb, per_block, stride_cb, stride_ce,
+                                    offs_d, dmask, m_i, l_i, acc, scale, PRECISION)
+    store_with_sink(m_i, l_i, acc, sinks_ptr, out_ptr + b * stride_ob, stride_oh, offs_h, hmask, offs_d, dmask)
 
 
 def decode_attention(q: torch.Tensor, window_kv: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dlengine.kernels.v4.decode_triton import _INTERPRET, _online_update
+from dlengine.kernels.v4.decode_triton import _INTERPRET, attend_entry_tile, online_update, store_with_sink
 
 
 @triton.jit
@@ -70,7 +70,7 @@ def _v4_prefill_kernel(q_ptr, kv_ptr, ring_ptr, pos_ptr, req_ptr, qsl_ptr, slots
         k_old = tl.load(ring_ptr + slot * stride_rs + (j % W)[:, None] * stride_rw + offs_d[None, :],
                         mask=old[:, None] & dmask[None, :], other=0.0)
         k = tl.where(new[:, None], k_new.to(q.dtype), k_old.to(q.dtype))
-        m_i, l_i, acc = _online_update(q, k, valid, m_i, l_i, acc, scale, PRECISION)
+        m_i, l_i, acc = online_update(q, k, valid, m_i, l_i, acc, scale, PRECISION)
 
     # (b) the compressed entries: never more than the finished ones, (p + 1) // m (CSA lists its
     # valid ids first, so the ids past that are all -1 and need no reading)
@@ -84,21 +84,11 @@ def _v4_prefill_kernel(q_ptr, kv_ptr, ring_ptr, pos_ptr, req_ptr, qsl_ptr, slots
             ids = tl.where(inside, o, -1)
         else:
             ids = tl.load(ids_ptr + t * stride_idt + o, mask=inside, other=-1)
-        valid = ids >= 0
-        ids = tl.where(valid, ids, 0)
-        blk = tl.load(bt_ptr + b * stride_btb + ids // per_block, mask=valid, other=0)
-        k = tl.load(comp_ptr + blk[:, None].to(tl.int64) * stride_cb + (ids % per_block)[:, None] * stride_ce
-                    + offs_d[None, :], mask=valid[:, None] & dmask[None, :], other=0.0).to(q.dtype)
-        m_i, l_i, acc = _online_update(q, k, valid, m_i, l_i, acc, scale, PRECISION)
+        m_i, l_i, acc = attend_entry_tile(q, ids, comp_ptr, bt_ptr + b * stride_btb, per_block, stride_cb, stride_ce,
+                                    offs_d, dmask, m_i, l_i, acc, scale, PRECISION)
 
     # (c) the sink: in the denominator only
-    sink = tl.load(sinks_ptr + offs_h, mask=hmask, other=0.0).to(tl.float32)
-    m_new = tl.maximum(m_i, sink)
-    alpha = tl.exp(m_i - m_new)
-    l_i = l_i * alpha + tl.exp(sink - m_new)
-    out = acc * alpha[:, None] / l_i[:, None]
-    tl.store(out_ptr + t * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=hmask[:, None] & dmask[None, :])
+    store_with_sink(m_i, l_i, acc, sinks_ptr, out_ptr + t * stride_ot, stride_oh, offs_h, hmask, offs_d, dmask)
 
 
 @dataclass(frozen=True)
