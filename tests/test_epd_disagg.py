@@ -29,9 +29,9 @@ from dlengine.disagg.encoder_client import EncoderPullError
 from dlengine.disagg.worker import WorkerEngine
 from dlengine.testing.vl import IMAGE_PLACEHOLDER, tiny_image
 
-MODEL = "tiny-qwen3-vl"
-GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
-STAGING = {"staging_bytes": 1 << 20}
+from epd_helpers import (GREEDY, MODEL, STAGING, assert_pool_full, encoder_worker, run, stop_process,  # noqa: E402
+                         wait_encoder_released, wait_prefill_released, worker_final)
+
 
 
 @pytest.fixture(scope="module")
@@ -72,36 +72,12 @@ def hybrid_tokens(prompts):
     return _HYBRID[key]
 
 
-def encoder_worker(**transfer):
-    return WorkerEngine({"model": MODEL, "role": "encode", "dtype": "float32", "transfer": transfer,
-                         "encoder_cache": STAGING})
 
 
-def run(engine, prompt, params=GREEDY, timeout=20.0, **transfer_params):
-    rid = engine.add_request(prompt, params, **transfer_params)
-    deadline = time.monotonic() + timeout
-    while engine.has_unfinished_requests():
-        assert time.monotonic() < deadline, "request did not finish in time"
-        for out in engine.step():
-            if out.request_id == rid and out.finished:
-                return out
-    raise AssertionError("no final output")
 
 
-def assert_pool_full(engine):
-    engine.block_manager.check_invariants()
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
-    assert not engine.scheduler.running and not engine.scheduler.waiting
 
 
-def wait_encoder_released(worker, timeout=10.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        s = worker.stats()
-        if not s["pinned_requests"] and s["staging_free_bytes"] == s["staging_bytes"]:
-            return s
-        assert time.monotonic() < deadline, f"encoder still pins embeddings after {timeout}s: {s}"
-        time.sleep(0.05)
 
 
 # ------------------------------------------------------------------ in one process
@@ -164,7 +140,7 @@ def test_encode_prefill_decode_in_three_processes_match_hybrid(images):
                 ec = encoder.encode(imgs)
                 assert [im["num_tokens"] for im in ec["images"]] == [16, 15][:len(imgs)]
                 rid = prefill.add_request(prompt, GREEDY, ec_transfer_params=ec)
-                first = _worker_final(prefill, rid)
+                first = worker_final(prefill, rid)
                 assert first.error is None, first.error
                 assert first.finish_reason == "kv_transfer"
                 out = run(decode, prompt, kv_transfer_params=first.kv_transfer_params)
@@ -176,11 +152,7 @@ def test_encode_prefill_decode_in_three_processes_match_hybrid(images):
         p = prefill.stats()
         assert p["ec_pulls"]["pulled"] == 4 and p["ec_pulls"]["receive_free_bytes"] == p["ec_pulls"]["receive_bytes"]
         assert p["num_cached_tokens"] > 0  # round 2 reused the image blocks
-        deadline = time.monotonic() + 10
-        while (p := prefill.stats())["role"]["pinned_requests"]:
-            assert time.monotonic() < deadline, p["role"]
-            time.sleep(0.05)
-        assert p["num_free_blocks"] == p["num_blocks"]
+        wait_prefill_released(prefill)
         assert_pool_full(decode)
     finally:
         decode.close()
@@ -188,14 +160,6 @@ def test_encode_prefill_decode_in_three_processes_match_hybrid(images):
         encoder.close()
 
 
-def _worker_final(worker, rid, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        outs = worker.results([rid])
-        if outs:
-            return outs[0]
-        time.sleep(0.01)
-    raise AssertionError(f"worker request {rid} did not finish")
 
 
 # ------------------------------------------------------------------ failures
@@ -272,17 +236,6 @@ def step_until(engine, done, timeout: float, what: str, finals: dict | None = No
         time.sleep(0.002)  # a pull alone leaves nothing to compute: do not spin the shared cores
 
 
-def stop_process(pid: int) -> None:
-    """SIGSTOP `pid` and wait until the kernel reports it stopped (the signal is asynchronous:
-    a read issued right after kill() may still be served)."""
-    os.kill(pid, signal.SIGSTOP)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        with open(f"/proc/{pid}/stat") as f:
-            if f.read().rsplit(")", 1)[1].split()[0] == "T":
-                return
-        time.sleep(0.005)
-    raise AssertionError(f"process {pid} did not stop")
 
 
 def receive_region(engine) -> dict:

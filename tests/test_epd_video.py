@@ -10,8 +10,6 @@ describe other videos are refused before any pull; an encoder killed while a vid
 are being read ends the request with a clear error and every buffer back (and, with
 on_pull_failure="local", the request is encoded here instead)."""
 
-import os
-import signal
 import time
 
 import pytest
@@ -28,12 +26,12 @@ from dlengine import EngineBuilder, InvalidRequestError, SamplingParams
 from dlengine.disagg.worker import WorkerEngine
 from dlengine.testing.vl import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, tiny_image, tiny_video
 
-MODEL = "tiny-qwen3-vl"
-GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
+from epd_helpers import (GREEDY, MODEL, STAGING, assert_pool_full, encoder_worker, run, stop_process,  # noqa: E402
+                         wait_encoder_released, wait_prefill_released, worker_final)
+
 # tiny random models have small logit gaps, so greedy tokens alone could hide a wrong embedding:
 # the log-probabilities are compared too
 SCORED = SamplingParams(max_tokens=8, temperature=0.0, logprobs=3)
-STAGING = {"staging_bytes": 1 << 20}
 BLOCK = 16
 VIDEO_TEXT = "<|im_start|>user\n" + VIDEO_PLACEHOLDER + "What happens in it?<|im_end|>\n<|im_start|>assistant\n"
 MIXED_TEXT = "Compare " + IMAGE_PLACEHOLDER + " with\n" + VIDEO_PLACEHOLDER + " please"
@@ -77,21 +75,8 @@ def local(role="hybrid", prefix_caching=True, **encoder_cache):
     return b.build()
 
 
-def encoder_worker(**transfer):
-    return WorkerEngine({"model": MODEL, "role": "encode", "dtype": "float32", "transfer": transfer,
-                         "encoder_cache": STAGING})
 
 
-def run(engine, prompt, params=GREEDY, timeout=30.0, **transfer_params):
-    rid = engine.add_request(prompt, params, **transfer_params)
-    deadline = time.monotonic() + timeout
-    while engine.has_unfinished_requests():
-        assert time.monotonic() < deadline, "request did not finish in time"
-        for out in engine.step():
-            if out.request_id == rid and out.finished:
-                return out
-        time.sleep(0.001)  # a pull alone leaves nothing to compute: do not spin the shared cores
-    raise AssertionError("no final output")
 
 
 def assert_same_output(out, ref, first_elsewhere: bool = False) -> None:
@@ -107,10 +92,6 @@ def assert_same_output(out, ref, first_elsewhere: bool = False) -> None:
         assert list(got.values()) == pytest.approx(list(exp.values()), abs=1e-5), f"step {step}"
 
 
-def assert_pool_full(engine):
-    engine.block_manager.check_invariants()
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
-    assert not engine.scheduler.running and not engine.scheduler.waiting
 
 
 def assert_receive_region_free(engine) -> dict:
@@ -120,14 +101,6 @@ def assert_receive_region_free(engine) -> dict:
     return pulls
 
 
-def wait_encoder_released(worker, timeout=10.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        s = worker.stats()
-        if not s["pinned_requests"] and s["staging_free_bytes"] == s["staging_bytes"]:
-            return s
-        assert time.monotonic() < deadline, f"encoder still pins embeddings after {timeout}s: {s}"
-        time.sleep(0.05)
 
 
 # ------------------------------------------------------------------ in one process
@@ -225,7 +198,7 @@ def test_video_encode_prefill_decode_in_three_processes_match_hybrid(media):
                 assert [v["num_tokens"] for v in ec["videos"]] == ([45] if "images" in prompt else [32])
                 before = prefill.stats()["num_cached_tokens"]
                 rid = prefill.add_request(prompt, SCORED, ec_transfer_params=ec)
-                first = _worker_final(prefill, rid)
+                first = worker_final(prefill, rid)
                 assert first.error is None, first.error
                 assert first.finish_reason == "kv_transfer"
                 hit = prefill.stats()["num_cached_tokens"] - before
@@ -237,11 +210,7 @@ def test_video_encode_prefill_decode_in_three_processes_match_hybrid(media):
         assert stats["videos"] == 4 and stats["video_tokens"] == 2 * (32 + 45) and stats["image_tokens"] == 2 * 16
         p = prefill.stats()
         assert p["ec_pulls"]["pulled"] == 4 and p["ec_pulls"]["receive_free_bytes"] == p["ec_pulls"]["receive_bytes"]
-        deadline = time.monotonic() + 10
-        while (p := prefill.stats())["role"]["pinned_requests"]:
-            assert time.monotonic() < deadline, p["role"]
-            time.sleep(0.05)
-        assert p["num_free_blocks"] == p["num_blocks"]
+        wait_prefill_released(prefill)
         assert_pool_full(decode)
     finally:
         decode.close()
@@ -249,28 +218,9 @@ def test_video_encode_prefill_decode_in_three_processes_match_hybrid(media):
         encoder.close()
 
 
-def _worker_final(worker, rid, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        outs = worker.results([rid])
-        if outs:
-            return outs[0]
-        time.sleep(0.01)
-    raise AssertionError(f"worker request {rid} did not finish")
 
 
 # ------------------------------------------------------------------ failures
-def stop_process(pid: int) -> None:
-    """SIGSTOP `pid` and wait until the kernel reports it stopped (the signal is asynchronous:
-    a read issued right after kill() may still be served)."""
-    os.kill(pid, signal.SIGSTOP)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        with open(f"/proc/{pid}/stat") as f:
-            if f.read().rsplit(")", 1)[1].split()[0] == "T":
-                return
-        time.sleep(0.005)
-    raise AssertionError(f"process {pid} did not stop")
 
 
 def test_encoder_killed_mid_pull_of_a_video_fails_clearly_and_frees_every_buffer(media):
