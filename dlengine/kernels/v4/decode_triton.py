@@ -122,5 +122,8 @@ def decode_attention(q: torch.Tensor, window_kv: torch.Tensor, slots: torch.Tens
         h, d, window, ids.shape[1], compressed.shape[1], scale,
         q.stride(0), q.stride(1), window_kv.stride(0), window_kv.stride(1), compressed.stride(0), compressed.stride(1),
         bt.stride(0), ids.stride(0), out.stride(0), out.stride(1),
-        BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n, PRECISION=precision)
+        BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n, PRECISION=precision,
+        # a [64, 512] float32 accumulator over 4 warps would be 256 registers a thread (spilled):
+        # 8 warps halve it, as the prefill kernel's default does (prefill_triton.default_config)
+        num_warps=8 if block_h * block_d >= 64 * 256 and not _INTERPRET else 4)
     return out
