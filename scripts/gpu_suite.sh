@@ -37,7 +37,7 @@
 #   gdn        Gated DeltaNet: kernel tests (Triton vs torch reference vs fla-core), then W1's workload
 #              and batch-1 / batch-64 decode on Qwen3.5-MoE dims, first 4 layers (3 DeltaNet + 1 full
 #              attention), dummy bf16 weights; MBU counts the recurrent state read and written per step
-# Extra options per step: TEST_ARGS, SERVE_RATES, ATTN_ARGS, W1_ARGS, W2_ARGS, W1MOE_ARGS, MOE_ARGS, TUNE_TOKENS, MLA_ARGS,
+# Extra options per step: TEST_ARGS, TEST_TIMEOUT_S (per test, default 120), SERVE_RATES, ATTN_ARGS, W1_ARGS, W2_ARGS, W1MOE_ARGS, MOE_ARGS, TUNE_TOKENS, MLA_ARGS,
 # FP8_ARGS, DSV3_ARGS, DSA_ARGS, V4_ARGS, MTP_K, PARALLEL_ARGS, VISION_ARGS, GDN_ARGS. FlashInfer is used when its wheels are in .whl/
 # (flashinfer-python + apache-tvm-ffi, installed with --no-deps); DLSlime when importable.
 set -uo pipefail
@@ -55,12 +55,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
 
 run_tests() {  # the GPU-only tests (newest first), then the kernel and VL tests at GPU sizes
-  python3 -m pytest -q -p no:cacheprovider --durations=15 tests/test_gpu_gdn.py tests/test_gpu_spec_graphs.py \
+  # -v: each result lands in the log as it finishes; a test past TEST_TIMEOUT_S fails and the run goes on
+  DLENGINE_TEST_TIMEOUT_S=${TEST_TIMEOUT_S:-120} python3 -m pytest -v -p no:cacheprovider --durations=15 tests/test_gpu_gdn.py tests/test_gpu_spec_graphs.py \
     tests/test_gpu_v4.py tests/test_gpu_kv_ipc.py tests/test_gpu_fp8_kv.py tests/test_gpu_engine.py tests/test_gpu_mla_engine.py \
     tests/test_gpu_mla_decode_kernel.py ${TEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -40
 }
 run_tests_kernels() {
-  python3 -m pytest -q -p no:cacheprovider --durations=15 tests/test_triton_ops.py tests/test_triton_attention.py \
+  DLENGINE_TEST_TIMEOUT_S=${TEST_TIMEOUT_S:-120} python3 -m pytest -q -p no:cacheprovider --durations=15 tests/test_triton_ops.py tests/test_triton_attention.py \
     tests/test_triton_mla.py tests/test_dsa_kernels.py tests/test_fp8_kv.py tests/test_v4_kernels.py \
     tests/test_correctness_qwen3_5_vl.py tests/test_video_qwen3_vl.py ${TEST_ARGS:-} 2>&1 | tee "$OUT/tests_kernels.log" | tail -40
 }

@@ -24,6 +24,28 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """DLENGINE_TEST_TIMEOUT_S=N: a test still running after N seconds fails with a TimeoutError
+    and the run goes on (a GPU run with a fixed time budget then reports every other test)."""
+    limit = int(os.environ.get("DLENGINE_TEST_TIMEOUT_S", "0") or 0)
+    if limit <= 0:
+        yield
+        return
+    import signal
+
+    def expire(signum, frame):
+        raise TimeoutError(f"{item.nodeid} ran past DLENGINE_TEST_TIMEOUT_S={limit}s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(limit)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_qwen3() -> str:
     return tiny_checkpoint("qwen3")
