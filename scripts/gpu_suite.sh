@@ -31,6 +31,7 @@
 #   vision     Qwen3-VL-8B dims (dummy weights): vision encoder image-token throughput, TTFT of a
 #              one-image request with the encoder in the engine and as a separate encoder engine (EPD)
 #   profile    GPU time per kernel of a W2 decode step (profile_kernels.py)
+#   profile_prefill  W2's prefill (Qwen3-8B dims, 512 tokens) per iteration: wall time vs kernel time, top kernels
 #   profile_dsa  GPU time per kernel of a DeepSeek-V3.2-Exp and a DeepSeek-V3 decode step, 3 layers, 32 x 32k
 #   serve      W1's workload through `dlengine serve` + `dlengine bench serve` at rising request
 #              rates, then W1 offline in the same call (the reference)
@@ -214,6 +215,9 @@ run_serve() {  # W1's shape online: Poisson arrivals at rising rates, then every
 run_profile() {  # GPU time per kernel of a W2 (Qwen3-8B, batch 1) decode step
   python3 scripts/profile_kernels.py --model qwen3-8b --batch-size 1 --input-len 512 2>&1 | tee "$OUT/profile_kernels.log" | tail -30
 }
+run_profile_prefill() {  # W2's 512-token prefill per iteration: wall time against the kernels' device time
+  python3 scripts/profile_prefill.py --json "$OUT/profile_prefill.json" 2>&1 | tee "$OUT/profile_prefill.log" | tail -25
+}
 run_profile_dsa() {  # where a sparse-attention decode step's GPU time goes, against the dense model's (32 x 32k)
   for model in deepseek-v3.2-exp deepseek-v3; do
     python3 scripts/profile_kernels.py --model $model --num-layers 3 --batch-size 32 --input-len 32768 --synthetic-context \
@@ -233,7 +237,7 @@ run_gdn() {  # Gated DeltaNet kernels; Qwen3.5-MoE (qwen3.5-35b-a3b) dims, 4 lay
       --no-progress ${GDN_ARGS:-} --json "$OUT/gdn_b$bsz.json" 2>&1 | tee "$OUT/gdn_b$bsz.log" | tail -25
   done
 }
-ALL="tests tests_kernels attention w1 w2 engine w1moe moe tune_moe mla mladecode probe sm90 fp8 fp8kv dsv3 dsa v4 mtp parallel kvmig vision profile profile_dsa serve gdn"
+ALL="tests tests_kernels attention w1 w2 engine w1moe moe tune_moe mla mladecode probe sm90 fp8 fp8kv dsv3 dsa v4 mtp parallel kvmig vision profile profile_prefill profile_dsa serve gdn"
 for s in ${*:-all}; do
   case $s in
     all) for t in $ALL; do echo "== $t"; "run_$t"; done ;;
