@@ -61,6 +61,14 @@ def wait_encoder_released(worker, timeout: float = 10.0) -> dict:
         time.sleep(0.05)
 
 
+def assert_pulled(prefill, pulled: int) -> dict:
+    """A prefill worker pulled `pulled` requests' embeddings and its receive region is free again."""
+    p = prefill.stats()
+    assert p["ec_pulls"]["pulled"] == pulled
+    assert p["ec_pulls"]["receive_free_bytes"] == p["ec_pulls"]["receive_bytes"]
+    return p
+
+
 def wait_prefill_released(prefill, timeout: float = 10.0) -> dict:
     """A prefill worker's stats once it pins no request's blocks for a decode engine, with every
     block back in its pool."""

@@ -29,8 +29,8 @@ from dlengine.disagg.encoder_client import EncoderPullError
 from dlengine.disagg.worker import WorkerEngine
 from dlengine.testing.vl import IMAGE_PLACEHOLDER, tiny_image
 
-from epd_helpers import (GREEDY, MODEL, STAGING, assert_pool_full, encoder_worker, run, stop_process,  # noqa: E402
-                         wait_encoder_released, wait_prefill_released, worker_final)
+from epd_helpers import (GREEDY, MODEL, STAGING, assert_pool_full, assert_pulled, encoder_worker,  # noqa: E402
+                         run, stop_process, wait_encoder_released, wait_prefill_released, worker_final)
 
 
 
@@ -149,8 +149,7 @@ def test_encode_prefill_decode_in_three_processes_match_hybrid(images):
         stats = wait_encoder_released(encoder)
         assert stats["released_done"] == 4 and stats["released_timeout"] == 0
         assert stats["image_tokens"] == 2 * (16 + 16 + 15)
-        p = prefill.stats()
-        assert p["ec_pulls"]["pulled"] == 4 and p["ec_pulls"]["receive_free_bytes"] == p["ec_pulls"]["receive_bytes"]
+        p = assert_pulled(prefill, 4)
         assert p["num_cached_tokens"] > 0  # round 2 reused the image blocks
         wait_prefill_released(prefill)
         assert_pool_full(decode)

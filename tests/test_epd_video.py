@@ -26,8 +26,8 @@ from dlengine import EngineBuilder, InvalidRequestError, SamplingParams
 from dlengine.disagg.worker import WorkerEngine
 from dlengine.testing.vl import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, tiny_image, tiny_video
 
-from epd_helpers import (GREEDY, MODEL, STAGING, assert_pool_full, encoder_worker, run, stop_process,  # noqa: E402
-                         wait_encoder_released, wait_prefill_released, worker_final)
+from epd_helpers import (GREEDY, MODEL, STAGING, assert_pool_full, assert_pulled, encoder_worker,  # noqa: E402
+                         run, stop_process, wait_encoder_released, wait_prefill_released, worker_final)
 
 # tiny random models have small logit gaps, so greedy tokens alone could hide a wrong embedding:
 # the log-probabilities are compared too
@@ -208,8 +208,7 @@ def test_video_encode_prefill_decode_in_three_processes_match_hybrid(media):
         stats = wait_encoder_released(encoder)
         assert stats["released_done"] == 4 and stats["released_timeout"] == 0
         assert stats["videos"] == 4 and stats["video_tokens"] == 2 * (32 + 45) and stats["image_tokens"] == 2 * 16
-        p = prefill.stats()
-        assert p["ec_pulls"]["pulled"] == 4 and p["ec_pulls"]["receive_free_bytes"] == p["ec_pulls"]["receive_bytes"]
+        assert_pulled(prefill, 4)
         wait_prefill_released(prefill)
         assert_pool_full(decode)
     finally:
