@@ -39,7 +39,7 @@
 #              and batch-1 / batch-64 decode on Qwen3.5-MoE dims, first 4 layers (3 DeltaNet + 1 full
 #              attention), dummy bf16 weights; MBU counts the recurrent state read and written per step
 # Extra options per step: TEST_ARGS, TEST_TIMEOUT_S (per test, default 120), SERVE_RATES, ATTN_ARGS, W1_ARGS, W2_ARGS, W1MOE_ARGS, MOE_ARGS, TUNE_TOKENS, MLA_ARGS,
-# FP8_ARGS, DSV3_ARGS, DSA_ARGS, V4_ARGS, MTP_K, PARALLEL_ARGS, VISION_ARGS, GDN_ARGS. FlashInfer is used when its wheels are in .whl/
+# FP8_ARGS, DSV3_ARGS, DSA_ARGS, V4_ARGS, MTP_K, MTP_BATCHES, MTP_RATES, PARALLEL_ARGS, VISION_ARGS, GDN_ARGS. FlashInfer is used when its wheels are in .whl/
 # (flashinfer-python + apache-tvm-ffi, installed with --no-deps); DLSlime when importable.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -164,11 +164,11 @@ run_v4() {  # docs/deepseek_v4.md: DeepSeek-V4-Flash dims, 4 layers, decode at b
 run_mtp() {  # docs/speculative.md: MTP verify step vs plain decode step, DeepSeek-V3 dims, 4 layers, batch 1 and 32
   # x 1k: k = 1..3 at the acceptance of the run (dummy weights: near 0) and at forced rates 0.6 / 0.8 (labelled)
   local m="--model deepseek-v3 --load-format dummy --num-layers 4 --dtype bfloat16 --input-len 1024 --output-len 64 --max-model-len 2048 --num-iters 2"
-  for bsz in 1 32; do
+  for bsz in ${MTP_BATCHES:-1 32}; do
     python3 -m dlengine.cli bench latency $m --batch-size $bsz --no-progress --json "$OUT/mtp_b${bsz}_off.json" 2>&1 \
       | tee "$OUT/mtp_b${bsz}_off.log" | tail -12
     for k in ${MTP_K:-1 2 3}; do
-      for rate in run 0.6 0.8; do
+      for rate in ${MTP_RATES:-run 0.6 0.8}; do
         local f=""; [ $rate != run ] && f="--spec-forced-acceptance $rate"
         python3 -m dlengine.cli bench latency $m --batch-size $bsz --speculative mtp --num-speculative-tokens $k $f \
           --no-progress --json "$OUT/mtp_b${bsz}_k${k}_$rate.json" 2>&1 | tee "$OUT/mtp_b${bsz}_k${k}_$rate.log" | tail -16
