@@ -170,7 +170,7 @@ def build_core(cfg: EngineConfig, state=None) -> EngineCore:
     # one kernel choice for the whole engine: the backend object (a user's, or built with its MLA
     # decode kernel) and the fused ops the layers run
     kernels = resolve_kernels(cfg.components.attention or cfg.attention_backend, cfg.mla_decode, cfg.model,
-                              cfg.device, cfg.kv_cache_dtype, cfg.quantization)
+                              cfg.device, cfg.kv_cache_dtype, cfg.quantization, cfg.prefill_attention)
     backend = kernels.attention
     model = build_model(cfg, state, kernels)
 

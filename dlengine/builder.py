@@ -81,6 +81,7 @@ class EngineBuilder:
         self._role = "hybrid"
         self._attention = "auto"
         self._mla_decode = "auto"
+        self._prefill_attention = "auto"
         self._load_format = "auto"
         self._seed = 0
         self._max_model_len: int | None = None
@@ -282,6 +283,15 @@ class EngineBuilder:
         self._mla_decode = kernel
         return self
 
+    def prefill_attention(self, kernel: str) -> "EngineBuilder":
+        """GQA prefill / extend kernel on the triton backend: "auto" (default; the portable Triton
+        kernel for now), "triton" (portable: any GPU, any page size, FP8 caches) or "hopper" (sm_90:
+        the step's own keys read by TMA, only the cached prefix through the block table; a
+        ConfigError on other GPUs, other backends and FP8 caches). Decode rows and CUDA-graph verify
+        steps run the same kernels either way. See kernels/attention/prefill_choice.py."""
+        self._prefill_attention = kernel
+        return self
+
     def load_format(self, fmt: str) -> "EngineBuilder":
         """"auto"/"safetensors" read the checkpoint; "dummy" makes random weights of the real size."""
         self._load_format = fmt
@@ -441,11 +451,18 @@ class EngineBuilder:
         else:
             dtype = parse_dtype(model.torch_dtype) if model.torch_dtype in ("bfloat16", "float16", "float32") else torch.bfloat16
 
+        from dlengine.kernels.attention.prefill_choice import resolve_prefill_attention
         from dlengine.kernels.mla.decode_choice import preferred_block_size, resolve_mla_decode
+        from dlengine.kernels.selection import attention_backend_name
 
         kv_dtype = parse_kv_cache_dtype(cache.dtype, dtype)  # what the KV cache stores (FP8 or a float dtype)
         mla_decode = resolve_mla_decode(self._mla_decode, model, attention if isinstance(attention, str) else "custom",
                                         device, kv_dtype)
+        if self._components.get("attention") is not None:
+            backend_name = "custom"
+        else:  # (names are checked here only for "hopper": other choices do not depend on the backend)
+            backend_name = attention_backend_name(attention, device) if self._prefill_attention == "hopper" else attention
+        prefill_attention = resolve_prefill_attention(self._prefill_attention, backend_name, device, kv_dtype)
         if "block_size" not in self._cache and cache.dtype == "auto":
             block_size = preferred_block_size(mla_decode, model, attention, device, kv_dtype)
             if block_size is not None:  # MLA decode on the Gluon kernel: its fastest page size
@@ -473,7 +490,7 @@ class EngineBuilder:
             seed=self._seed, max_model_len=max_model_len,
             async_scheduling=(device.type == "cuda" and speculator is None if self._async_scheduling is None
                               else self._async_scheduling),
-            quantization=quantization, mla_decode=mla_decode,
+            quantization=quantization, mla_decode=mla_decode, prefill_attention=prefill_attention,
             cuda_graphs=self._cuda_graphs, cuda_graph_max_batch=self._cuda_graph_max_batch,
             load_num_layers=self._hf_overrides.get("num_hidden_layers"),
             transfer=TransferConfig(**self._transfer) if self._transfer is not None else None,

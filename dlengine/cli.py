@@ -58,6 +58,9 @@ def _engine_options() -> argparse.ArgumentParser:
     g.add_argument("--mla-decode", choices=["auto", "triton", "gluon", "flashinfer"], default=_E.mla_decode,
                    help="MLA decode kernel on the triton backend (DeepSeek-V3, Kimi-K2; default: %(default)s = "
                         "gluon on Hopper, else flashinfer when it imports, else triton)")
+    g.add_argument("--prefill-attention", choices=["auto", "triton", "hopper"], default=_E.prefill_attention,
+                   help="GQA prefill / extend kernel on the triton backend (default: %(default)s = the portable "
+                        "Triton kernel; hopper: sm_90, the step's keys read by TMA; docs/performance.md)")
     g.add_argument("--seed", type=int, metavar="N", default=_E.seed,
                    help="seeds the workload and the sampler (default: %(default)s)")
     g.add_argument("--block-size", type=int, metavar="N", default=_E.block_size,

@@ -485,6 +485,9 @@ class EngineConfig:
     # MLA decode kernel on the triton backend, resolved: "triton", "gluon", "flashinfer", or "auto"
     # (per call: gluon where it applies, else triton); see kernels/mla/decode_choice.py
     mla_decode: str = "auto"
+    # GQA prefill / extend kernel on the triton backend, resolved: "triton" (portable) or "hopper";
+    # see kernels/attention/prefill_choice.py
+    prefill_attention: str = "triton"
     cuda_graphs: bool | None = None  # None: on where the device and backend allow
     cuda_graph_max_batch: int | None = None
     load_num_layers: int | None = None  # read only the first N layers of the checkpoint (hf_overrides)

@@ -40,6 +40,7 @@ class EngineArgs:
     load_format: str = "auto"
     attention_backend: str = "auto"
     mla_decode: str = "auto"  # MLA decode kernel (EngineBuilder.mla_decode)
+    prefill_attention: str = "auto"  # GQA prefill kernel (EngineBuilder.prefill_attention)
     seed: int = 0
     num_layers: int | None = None  # None: the model's; else hf_overrides(num_hidden_layers=...)
     speculative: str | None = None  # "mtp" or "ngram" (EngineBuilder.speculative)
@@ -84,7 +85,7 @@ def engine_builder(args: EngineArgs) -> EngineBuilder:
     """The builder the options describe, for callers that add choices of their own (dlengine
     serve adds the role and the KV transfer engine)."""
     b = (EngineBuilder(args.model).load_format(args.load_format).attention(args.attention_backend)
-         .mla_decode(args.mla_decode).seed(args.seed))
+         .mla_decode(args.mla_decode).prefill_attention(args.prefill_attention).seed(args.seed))
     if args.num_layers is not None:
         b.hf_overrides(num_hidden_layers=args.num_layers)
     if args.dtype is not None:

@@ -37,6 +37,7 @@ from dlengine.kernels.attention.torch_backend import TorchAttentionBackend
 from dlengine.kernels.fp8 import fp8_torch
 from dlengine.kernels.kv_quant import is_fp8
 from dlengine.kernels.gdn import causal_conv1d_torch, gated_delta_rule_torch
+from dlengine.kernels.attention.prefill_choice import resolve_prefill_attention
 from dlengine.kernels.mla.decode_choice import MLA_DECODE_KERNELS, resolve_mla_decode
 from dlengine.kernels.moe import fused_moe_torch
 from dlengine.kernels.norm_rope import norm_rope_torch
@@ -230,9 +231,11 @@ def attention_backend_name(requested: str, device: torch.device) -> str:
     return requested
 
 
-def resolve_attention_backend(name: str, device: torch.device, mla_decode: str = "auto") -> AttentionBackend:
+def resolve_attention_backend(name: str, device: torch.device, mla_decode: str = "auto",
+                              prefill_attention: str = "triton") -> AttentionBackend:
     """The backend object for `name` ("auto" or a known name) on `device`, constructed complete
-    (the triton backend with its MLA decode kernel, already resolved: mla/decode_choice.py)."""
+    (the triton backend with its MLA decode kernel and its GQA prefill kernel, already resolved:
+    mla/decode_choice.py, attention/prefill_choice.py)."""
     device = torch.device(device)
     name = attention_backend_name(name, device)
     try:
@@ -246,11 +249,13 @@ def resolve_attention_backend(name: str, device: torch.device, mla_decode: str =
 
         if device.type != "cuda" and not interpret_mode():
             raise ConfigError("the triton attention backend needs a CUDA device (or TRITON_INTERPRET=1 for tests)")
-        return cls(mla_decode=mla_decode)
+        return cls(mla_decode=mla_decode, prefill_attention=prefill_attention)
     if name == "flashinfer" and device.type != "cuda":
         raise ConfigError(f"the flashinfer attention backend needs a CUDA device, not {device}")
     if mla_decode not in ("auto", "triton"):
         raise ConfigError(f"mla_decode({mla_decode!r}) needs the triton attention backend, not {name!r}")
+    if prefill_attention not in ("auto", "triton"):
+        raise ConfigError(f"prefill_attention({prefill_attention!r}) needs the triton attention backend, not {name!r}")
     return cls()
 
 
@@ -282,17 +287,20 @@ class Kernels:
 
 def resolve_kernels(attention: str | AttentionBackend = "auto", mla_decode: str = "auto", model_config=None,
                     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                    quantization: str = "none") -> Kernels:
+                    quantization: str = "none", prefill_attention: str = "auto") -> Kernels:
     """The kernels of an engine for the user's `attention` choice (a name, or an object following
-    `AttentionBackend`) and `mla_decode` kernel, for `model_config` (a ModelConfig; None: a model
-    without MLA) on `device` in `dtype` (the KV cache's). Bad choices are ConfigErrors naming why."""
+    `AttentionBackend`), `mla_decode` and `prefill_attention` kernels, for `model_config` (a
+    ModelConfig; None: a model without MLA) on `device` in `dtype` (the KV cache's). Bad choices
+    are ConfigErrors naming why."""
     device = torch.device(device)
     if isinstance(attention, str):
         if model_config is not None:  # validates the choice against the model, device and dtype
             mla_decode = resolve_mla_decode(mla_decode, model_config, attention, device, dtype)
         elif mla_decode not in MLA_DECODE_KERNELS:
             raise ConfigError(f"unknown mla_decode kernel {mla_decode!r}; choose one of {list(MLA_DECODE_KERNELS)}")
-        backend = resolve_attention_backend(attention, device, mla_decode)
+        prefill_attention = resolve_prefill_attention(prefill_attention, attention_backend_name(attention, device),
+                                                      device, dtype)
+        backend = resolve_attention_backend(attention, device, mla_decode, prefill_attention)
         use_triton = backend.name != "torch"
     else:
         missing = missing_methods(attention)
@@ -303,6 +311,9 @@ def resolve_kernels(attention: str | AttentionBackend = "auto", mla_decode: str 
         if mla_decode != "auto":
             raise ConfigError(f"mla_decode({mla_decode!r}) chooses a kernel of the built-in triton backend; "
                               f"a backend object ({attention.name!r}) runs its own")
+        if prefill_attention not in ("auto", "triton"):
+            raise ConfigError(f"prefill_attention({prefill_attention!r}) chooses a kernel of the built-in triton "
+                              f"backend; a backend object ({attention.name!r}) runs its own")
         backend, use_triton = attention, True
     if is_fp8(dtype) and not getattr(backend, "supports_fp8_kv", False):
         hint = ("FP8 KV is not wired to FlashInfer's wrappers" if backend.name == "flashinfer"

@@ -13,6 +13,11 @@ declares `supports_fp8_kv = True` receives the layer's float32 scale tensors as 
 FP8 caches only (`k_scale=`, `v_scale=` for GQA, `kv_scale=` for MLA's latent), quantises on
 write and dequantises on read. The builder refuses an FP8 cache with any other backend.
 
+A backend may also read this step's own keys and values directly, instead of from the cache
+(prefill: they are contiguous there, the paged cache holds them scattered): declaring
+`reads_step_kv = True`, it receives them as `attend(..., step_kv=(k, v))` (k / v [T, Hkv, D],
+the values just written, after QK-norm and RoPE); layers pass nothing to other backends.
+
 and the CUDA-graph hooks the graph runner calls (engine/cuda_graph.py): `prepare_capture(bs)`
 before warming up and capturing the graph of `bs` decode rows, `end_capture()` after it, and
 `before_replay(bs, seq_lens, block_tables)` on the host before every replay. Backends without
@@ -55,7 +60,8 @@ class AttentionBackend(Protocol):
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                scale: float, **kv_scales: torch.Tensor) -> torch.Tensor:
-        """Causal attention of q [T, H, D] over each request's paged context -> [T, H, D]."""
+        """Causal attention of q [T, H, D] over each request's paged context -> [T, H, D]. A backend
+        with `reads_step_kv = True` also gets step_kv=(k, v), this step's keys / values."""
 
     def write_latent(self, latent: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
                      **kv_scales: torch.Tensor) -> None:
@@ -94,6 +100,8 @@ class AttentionBackendBase:
     fused_kv_write = False
     # True when write_kv / attend / write_latent / attend_latent take the FP8 cache scales
     supports_fp8_kv = False
+    # True when attend takes this step's keys / values too: attend(..., step_kv=(k, v)) (module doc)
+    reads_step_kv = False
 
     def write_latent(self, latent: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, **kv_scales) -> None:
         raise NotImplementedError(f"attention backend {self.name!r} does not run multi-head latent attention")

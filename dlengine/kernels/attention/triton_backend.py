@@ -11,6 +11,11 @@ a constructor argument chosen once at build (mla/decode_choice.py resolves the u
   "flashinfer"  FlashInfer's MLA decode (mla/mla_flashinfer.py); its host plan is made on the
                 first layer of an eager step, and before every replay under CUDA graphs
 
+GQA prefill / extend rows run the kernel named by `prefill_attention` (attention/prefill_choice.py):
+"triton", the portable extend kernel, or "hopper", attention/prefill_hopper_triton.py, which reads
+the step's own keys from the k / v the layer hands over (`step_kv`, see `reads_step_kv` in
+backend.py) and only the cached prefix from the paged cache.
+
 FP8 caches (kernels/kv_quant.py): every kernel here reads and writes them with the layer's scales;
 MLA decode steps then run the Triton kernel ("auto" falls back from gluon, which reads bf16/fp16
 latents only; an explicit "gluon" / "flashinfer" choice is refused at build).
@@ -30,6 +35,7 @@ import torch
 
 from dlengine.config import ConfigError
 from dlengine.kernels.attention import paged_attention_triton as gqa
+from dlengine.kernels.attention import prefill_hopper_triton as hopper
 from dlengine.kernels.attention.backend import AttentionBackendBase
 from dlengine.kernels.context import AttentionMetadata
 from dlengine.kernels.mla import mla_triton
@@ -45,13 +51,19 @@ class TritonAttentionBackend(AttentionBackendBase):
     supports_fp8_kv = True
 
     def __init__(self, config: dict | None = None, num_splits: int | None = None,
-                 mla_config: dict | None = None, mla_decode: str = "auto") -> None:
+                 mla_config: dict | None = None, mla_decode: str = "auto", prefill_attention: str = "triton") -> None:
         if mla_decode not in MLA_DECODE_KERNELS:
             raise ConfigError(f"unknown mla_decode kernel {mla_decode!r}; choose one of {list(MLA_DECODE_KERNELS)}")
-        self.config = config  # GQA tiles (paged_attention_triton._default_config keys)
+        if prefill_attention not in ("triton", "hopper"):
+            raise ConfigError(f"prefill_attention kernel {prefill_attention!r} on the triton backend: 'triton' or "
+                              "'hopper' (resolve 'auto' with attention/prefill_choice.py)")
+        # GQA tiles: paged_attention_triton._default_config keys, and prefill_hopper_triton.HOPPER_KEYS
+        self.config = config
         self.num_splits = num_splits  # fixed split count (tests); None: the heuristic
         self.mla_config = mla_config  # tiles of the MLA decode kernel (mla_triton.DECODE_DEFAULTS keys)
         self.mla_decode = mla_decode
+        self.prefill_attention = prefill_attention
+        self.reads_step_kv = prefill_attention == "hopper"  # layers then pass attend(..., step_kv=(k, v))
         self._graph_batch: int | None = None  # the batch size being warmed up / captured, if any
         self._flashinfer_mla = None  # mla_flashinfer.FlashInferMLA, made on the first decode step
 
@@ -60,7 +72,10 @@ class TritonAttentionBackend(AttentionBackendBase):
         gqa.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
 
     def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, k_scale=None,
-               v_scale=None) -> torch.Tensor:
+               v_scale=None, step_kv=None) -> torch.Tensor:
+        if step_kv is not None and self.prefill_attention == "hopper":  # it falls back where it does not apply
+            return hopper.prefill_attention(q, *step_kv, k_cache, v_cache, meta, scale, num_splits=self.num_splits,
+                                            config=self.config, k_scale=k_scale, v_scale=v_scale)
         return gqa.paged_attention(q, k_cache, v_cache, meta, scale, num_splits=self.num_splits, config=self.config,
                                    k_scale=k_scale, v_scale=v_scale)
 
@@ -104,5 +119,7 @@ class TritonAttentionBackend(AttentionBackendBase):
 
     def kernel_names(self) -> dict[str, str]:
         decode = {"auto": "gluon where the cache layout allows, else triton"}.get(self.mla_decode, self.mla_decode)
-        return {"kv_write": "triton", "gqa_decode": "triton split-KV", "gqa_prefill": "triton",
+        prefill = ("hopper (Triton: the chunk's keys by TMA, the cached prefix gathered)"
+                   if self.prefill_attention == "hopper" else "triton")
+        return {"kv_write": "triton", "gqa_decode": "triton split-KV", "gqa_prefill": prefill,
                 "mla_decode": decode, "mla_prefill": "triton (absorbed short rows, expanded long ones)"}

@@ -29,6 +29,8 @@ class PagedAttention(nn.Module):
         kernels = current_kernels()
         self.backend, self.ops = kernels.attention, kernels.ops
         self.fused_kv_write = getattr(self.backend, "fused_kv_write", False)
+        # the backend reads this step's k / v from here too (kernels/attention/backend.py)
+        self.pass_step_kv = getattr(self.backend, "reads_step_kv", False)
         # FP8 cache scales (stored = x / scale); not in the state dict, loaded by name when present
         self.register_buffer("k_scale", torch.ones((), dtype=torch.float32), persistent=False)
         self.register_buffer("v_scale", torch.ones((), dtype=torch.float32), persistent=False)
@@ -56,5 +58,6 @@ class PagedAttention(nn.Module):
             if rotary is not None:
                 q, k = rotary(positions, q, k)
             self.backend.write_kv(k, v, k_cache, v_cache, ctx.meta, **scales)
-        out = self.backend.attend(q, k_cache, v_cache, ctx.meta, self.scale, **scales)
+        step = {"step_kv": (k, v)} if self.pass_step_kv else {}  # k as stored: normalised and rotated
+        out = self.backend.attend(q, k_cache, v_cache, ctx.meta, self.scale, **scales, **step)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
