@@ -4,6 +4,7 @@
     python scripts/gpu_check_attention.py                 # full run (a few minutes on an H100)
     python scripts/gpu_check_attention.py --quick         # smaller sweep
     python scripts/gpu_check_attention.py --json out.json --tune-splits
+    python scripts/gpu_check_attention.py --sections prefill --hopper-configs --json out.json
 
 1. Correctness vs the torch reference (and vs FlashInfer when it imports): 32 q heads / 8 kv heads,
    d=128, bf16, page 16 -- decode batch 64 with contexts 1..4096 (incl. 1024, block-aligned and
@@ -12,7 +13,10 @@
 2. Device copy bandwidth (large tensor copy, bytes read + written).
 3. Decode sweep batch 1..256 x context 512..32k: Triton vs FlashInfer's
    BatchDecodeWithPagedKVCacheWrapper (NHD, page 16), with achieved KV-read GB/s and % of copy BW.
-4. Prefill / extend sweep: Triton vs BatchPrefillWithPagedKVCacheWrapper, TFLOP/s (causal).
+4. Prefill / extend sweep: Triton vs BatchPrefillWithPagedKVCacheWrapper, TFLOP/s (causal), with
+   the Hopper prefill kernel (kernels/attention/prefill_hopper_triton.py) as a third column on
+   sm_90; --hopper-configs also times alternative tiles of it per case and prints the best (the
+   candidate for its shipped default). Its correctness cases run in section 1 (sm_90 only).
 5. Mixed batch and KV-write timings.
 
 Timings are triton.testing.do_bench medians (L2 flushed before each call). Never crashes when
@@ -31,6 +35,7 @@ import gpu_common as gc
 import torch
 
 from dlengine.kernels.attention import paged_attention_triton as ta
+from dlengine.kernels.attention import prefill_hopper_triton as ph
 from dlengine.kernels.common import num_sms
 from dlengine.kernels.context import AttentionMetadata
 from dlengine.kernels.attention.paged_attention_torch import paged_attention_ref, write_kv_cache
@@ -44,6 +49,33 @@ except Exception:  # noqa: BLE001 - any import failure means "not available"
 DEV = "cuda"
 CONFIG: dict | None = None  # --config: tile/warp overrides passed to every Triton call
 RESULTS: dict = {"correctness": [], "decode": [], "prefill": [], "mixed": [], "write_kv": [], "env": {}}
+JSON_PATH: str | None = None  # --json: also rewritten after each prefill case (a crash keeps what ran)
+# alternatives of the Hopper prefill kernel's tiles (--hopper-configs); {} = its shipped default.
+# Warp-specialised ("ws") entries run the fresh-prompt kernel on batches without a cached prefix;
+# with 128-key tiles it needs 2 stages to fit shared memory (scripts/sm90_prefill_build.py)
+HOPPER_CANDIDATES = [
+    {},
+    {"hopper_stages": 2},
+    {"hopper_stages": 4},
+    {"hopper_block_n": 128, "hopper_stages": 2},
+    {"hopper_block_n": 128, "hopper_stages": 3},
+    {"hopper_prefix_block_n": 32},
+    {"hopper_block_n": 128, "hopper_prefix_block_n": 128, "hopper_stages": 2},
+    {"hopper_block_m": 64, "hopper_warps": 4},
+    {"hopper_tma": False},
+    {"hopper_ws": True},
+    {"hopper_ws": True, "hopper_stages": 3},
+    {"hopper_ws": True, "hopper_block_n": 128, "hopper_stages": 2},
+]
+
+
+def is_hopper() -> bool:
+    return torch.cuda.get_device_capability()[0] == 9
+
+
+def hopper_config(extra: dict | None = None) -> dict:
+    """--config's overrides (the portable kernel's keys are ignored by the Hopper kernel) + extra."""
+    return {**(CONFIG or {}), **(extra or {})}
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -187,15 +219,23 @@ def fmt(x, spec=".1f", width=8):
 # -------------------------------------------------------------------------------------- correctness
 
 
-def check_case(name, reqs, H=32, Hkv=8, D=128, page=16, dtype=torch.bfloat16, num_splits=None, seed=0):
+def check_case(name, reqs, H=32, Hkv=8, D=128, page=16, dtype=torch.bfloat16, num_splits=None, seed=0,
+               hopper: dict | None = None):
+    """One batch through our kernels vs the reference; with `hopper` (a config, {} for the
+    default) through the Hopper prefill kernel, which also reads the step's k / v."""
     b = Batch(reqs, H, Hkv, D, page, dtype, seed=seed)
     kc_ref, vc_ref = b.k_cache.clone(), b.v_cache.clone()
     write_kv_cache(b.k, b.v, kc_ref, vc_ref, b.meta.slot_mapping)
     ta.store_kvcache(b.k, b.v, b.k_cache, b.v_cache, b.meta.slot_mapping)
     write_ok = torch.equal(b.k_cache, kc_ref) and torch.equal(b.v_cache, vc_ref)
     out = torch.full_like(b.q, float("nan"))
-    ta.paged_attention(b.q, b.k_cache, b.v_cache, b.meta, b.scale, out=out, num_splits=num_splits,
-                       config=CONFIG)
+    if hopper is None:
+        ta.paged_attention(b.q, b.k_cache, b.v_cache, b.meta, b.scale, out=out, num_splits=num_splits,
+                           config=CONFIG)
+    else:
+        name = f"[hopper{' ' + json.dumps(hopper) if hopper else ''}] {name}"
+        ph.prefill_attention(b.q, b.k, b.v, b.k_cache, b.v_cache, b.meta, b.scale, out=out, num_splits=num_splits,
+                             config=hopper_config(hopper))
     ref = paged_attention_ref(b.q, kc_ref, vc_ref, b.meta, b.scale)
     torch.cuda.synchronize()
     nan = bool(torch.isnan(out).any())
@@ -204,8 +244,10 @@ def check_case(name, reqs, H=32, Hkv=8, D=128, page=16, dtype=torch.bfloat16, nu
     ok = write_ok and not nan and bool(torch.allclose(out.float(), ref.float(), atol=atol, rtol=2e-2))
     rec = dict(name=name, dtype=str(dtype).split(".")[-1], D=D, H=H, Hkv=Hkv, max_abs=max_abs, rel=rel,
                write_ok=write_ok, nan=nan, ok=ok)
+    if hopper is not None:
+        rec["kernel"] = "hopper"
     # FlashInfer on the same inputs (decode-only or prefill-only batches)
-    if flashinfer is not None and dtype != torch.float32:
+    if flashinfer is not None and dtype != torch.float32 and hopper is None:
         decode_only = b.meta.max_query_len == 1
         fn, err = safe_fi(fi_decode if decode_only else fi_prefill, *((b, True) if decode_only else (b,)))
         if fn is not None:
@@ -284,7 +326,39 @@ def correctness(quick: bool) -> bool:
         ok &= check_case("decode+chunk d=64 GQA 8", [(1, 777), (130, 900), (1, 1)], H=64, Hkv=8, D=64)
         ok &= check_case("decode+chunk d=256 MHA", [(1, 777), (130, 900), (1, 64)], H=8, Hkv=8, D=256)
         ok &= check_case("decode+chunk d=128 GQA 16 page 32", [(1, 500), (100, 600)], H=32, Hkv=2, page=32)
+    if is_hopper():
+        ok &= hopper_correctness(quick)
     print(f"  correctness: {'ALL PASS' if ok else 'FAILURES'}", flush=True)
+    return ok
+
+
+def hopper_correctness(quick: bool = False) -> bool:
+    """The Hopper prefill kernel at real sizes vs the torch reference (sm_90): Qwen3's GQA shapes
+    (32/8, 16/8, 64/8, 40/8 heads), fresh prompts, chunks over cached prefixes that are not
+    multiples of the page or tile, mixed batches with decode rows, d = 64 / 256, page 32, fp16,
+    the warp-specialised fresh-prompt kernel and the plain-load path."""
+    print("  -- Hopper prefill kernel (prefill_hopper_triton.py) --", flush=True)
+    ok = True
+    prompts = [(1024, 1024), (2048, 2048), (1500, 1500), (17, 17)]
+    chunks = [(512, 3512), (2048, 4096), (33, 1057), (2, 2050), (700, 700)]
+    ok &= check_case("prefill 4 prompts 1024..2048", prompts, hopper={})
+    ok &= check_case("chunk 512 over prefix 3000 + chunk 2048/2048", chunks, hopper={})
+    ok &= check_case("mixed 32 decodes + 2 chunks + prompt",
+                     [(1, 100 + 97 * i) for i in range(32)] + [(700, 2748), (256, 256), (1, 5000)], hopper={})
+    ok &= check_case("prefill 4 prompts, warp-specialised", prompts, hopper={"hopper_ws": True})
+    ok &= check_case("chunks, plain loads (no TMA)", chunks, hopper={"hopper_tma": False})
+    for H in (16, 64, 40):
+        ok &= check_case(f"chunks + prompts GQA {H}/8", [(300, 1300), (777, 777), (1, 900)], H=H, hopper={})
+    if not quick:
+        ok &= check_case("chunks fp16", chunks, dtype=torch.float16, hopper={})
+        ok &= check_case("prompt + chunk d=64 GQA 8", [(900, 900), (130, 1000), (1, 7)], H=64, Hkv=8, D=64,
+                         hopper={})
+        ok &= check_case("prompt + chunk d=256 GQA 2", [(600, 600), (130, 900)], H=16, Hkv=8, D=256, hopper={})
+        ok &= check_case("prompt d=256, warp-specialised", [(600, 600), (64, 64)], H=16, Hkv=8, D=256,
+                         hopper={"hopper_ws": True})
+        ok &= check_case("chunks page 32", [(100, 600), (333, 333)], page=32, hopper={})
+        ok &= check_case("chunk page 1", [(100, 230)], page=1, hopper={})
+        ok &= check_case("prefill+chunk fp32", [(257, 300), (64, 64)], dtype=torch.float32, hopper={})
     return ok
 
 
@@ -351,10 +425,15 @@ def decode_sweep(copy_bw, batches, ctxs, max_kv_gb, tune_splits, fi_tc):
     torch.cuda.empty_cache()
 
 
-def prefill_sweep(cases):
+def prefill_sweep(cases, hopper_configs: bool = False):
     H, Hkv, D, page, dtype = 32, 8, 128, 16, torch.bfloat16
+    hop = is_hopper()
     print(f"\n== prefill / extend: H={H} Hkv={Hkv} D={D} bf16 page {page} (causal) ==")
-    print(f"  {'case':<34} {'tokens':>6} {'triton_us':>10} {'fi_us':>10} {'tri_TF/s':>8} {'fi_TF/s':>8} {'tri/fi':>6}")
+    if hop:
+        print("  hop_*: the Hopper prefill kernel (prefill_hopper_triton.py, shipped tiles), same inputs")
+    print(f"  {'case':<34} {'tokens':>6} {'triton_us':>10} {'fi_us':>10} {'tri_TF/s':>8} {'fi_TF/s':>8} {'tri/fi':>6}"
+          + (f" {'hop_us':>10} {'hop_TF/s':>8} {'hop/fi':>6}" if hop else ""))
+    tuned: dict[str, dict] = {}
     for name, reqs in cases:
         b = Batch(reqs, H, Hkv, D, page, dtype, seed=len(reqs))
         out = torch.empty_like(b.q)
@@ -366,12 +445,60 @@ def prefill_sweep(cases):
                    triton_TFLOPs=fl / (t_tri * 1e-6) / 1e12, fi_TFLOPs=fl / (t_fi * 1e-6) / 1e12)
         if err:
             rec["fi_error"] = err
+        line = (f"  {name:<34} {b.T:>6} {fmt(t_tri, width=10)} {fmt(t_fi, width=10)} {fmt(rec['triton_TFLOPs'])} "
+                f"{fmt(rec['fi_TFLOPs'])} {fmt(t_tri / t_fi, '.2f', 6)}")
+        if hop:
+            t_hop = hopper_time(b, out, {})
+            rec.update(hopper_us=t_hop, hopper_TFLOPs=fl / (t_hop * 1e-6) / 1e12)
+            line += f" {fmt(t_hop, width=10)} {fmt(rec['hopper_TFLOPs'])} {fmt(t_hop / t_fi, '.2f', 6)}"
         RESULTS["prefill"].append(rec)
-        print(f"  {name:<34} {b.T:>6} {fmt(t_tri, width=10)} {fmt(t_fi, width=10)} {fmt(rec['triton_TFLOPs'])} "
-              f"{fmt(rec['fi_TFLOPs'])} {fmt(t_tri / t_fi, '.2f', 6)}", flush=True)
+        print(line, flush=True)
         if err and name == cases[0][0]:
             print(f"    (FlashInfer prefill failed: {err})")
+        if hop and hopper_configs:
+            times = {json.dumps(c, sort_keys=True): hopper_time(b, out, c) for c in HOPPER_CANDIDATES}
+            rec["hopper_config_us"] = times
+            tuned[name] = times
+            best = min(times, key=lambda c: times[c] if times[c] == times[c] else float("inf"))
+            print(f"    best Hopper config {best}: {times[best]:.1f} us ({times[best] / t_fi:.2f}x FlashInfer, "
+                  f"{times[best] / times['{}']:.2f}x the shipped tiles); all: "
+                  + ", ".join(f"{c} {fmt(t, width=0)}" for c, t in times.items()), flush=True)
+        gc.write_json(JSON_PATH, RESULTS, announce=False)
         torch.cuda.empty_cache()
+    if tuned:
+        summarize_hopper_configs(tuned)
+
+
+def hopper_time(b: Batch, out: torch.Tensor, extra: dict) -> float:
+    """Median us of the Hopper prefill kernel on `b` with these tiles (NaN when they fail)."""
+    cfg = hopper_config(extra)
+    try:
+        return bench(lambda: ph.prefill_attention(b.q, b.k, b.v, b.k_cache, b.v_cache, b.meta, b.scale, out=out,
+                                                  config=cfg))
+    except Exception as e:  # noqa: BLE001 - e.g. out of shared memory: report it, time the rest
+        print(f"    (Hopper config {extra} failed: {type(e).__name__}: {str(e)[:160]})", flush=True)
+        torch.cuda.synchronize()
+        return float("nan")
+
+
+def summarize_hopper_configs(tuned: dict[str, dict]) -> None:
+    """Each candidate's geometric-mean time over the cases, relative to the shipped tiles: the
+    best is the candidate for prefill_hopper_triton.default_config (bf16, head_dim <= 128)."""
+    import math
+
+    print("\n  Hopper prefill configs, geometric mean of time / shipped tiles over the cases:")
+    scores = {}
+    for c in HOPPER_CANDIDATES:
+        key = json.dumps(c, sort_keys=True)
+        ratios = [t[key] / t["{}"] for t in tuned.values() if t[key] == t[key] and t["{}"] == t["{}"]]
+        if len(ratios) == len(tuned):
+            scores[key] = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+        print(f"    {key:<80} {fmt(scores.get(key, float('nan')), '.3f')}"
+              + ("" if key in scores else "  (failed on some case)"))
+    if scores:
+        best = min(scores, key=scores.get)
+        print(f"  suggested default: {best} ({scores[best]:.3f}x the shipped tiles' time)", flush=True)
+        RESULTS["hopper_configs"] = dict(scores=scores, best=json.loads(best))
 
 
 def mixed_and_write():
@@ -409,9 +536,12 @@ def main() -> int:
                     help="comma list of benchmark sections: decode, prefill, mixed")
     ap.add_argument("--config", help='JSON kernel config overrides, e.g. \'{"extend_block_n": 128}\'')
     ap.add_argument("--fi-no-tensor-cores", action="store_true", help="FlashInfer decode without tensor cores")
+    ap.add_argument("--hopper-configs", action="store_true",
+                    help="prefill section: also time alternative tiles of the Hopper prefill kernel per case (sm_90)")
     args = ap.parse_args()
-    global CONFIG
+    global CONFIG, JSON_PATH
     CONFIG = json.loads(args.config) if args.config else None
+    JSON_PATH = args.json
     sections = set(args.sections.split(","))
 
     if not gc.require_cuda("no CUDA device: this script is for the GPU (CPU tests: pytest tests/test_triton_attention.py)"):
@@ -444,7 +574,7 @@ def main() -> int:
                        ("64 x 128 prompts", [(128, 128)] * 64)]
         try:
             if "prefill" in sections:
-                prefill_sweep(pcases)
+                prefill_sweep(pcases, args.hopper_configs)
         except Exception:  # noqa: BLE001
             traceback.print_exc()
         try:

@@ -305,7 +305,8 @@ HOPPER_KEYS = ("hopper_block_m", "hopper_block_n", "hopper_prefix_block_n", "hop
 def default_config(head_dim: int, itemsize: int, interpret: bool = _INTERPRET) -> dict:
     """The shipped tiles for a head dim and element size (bytes). Chosen before any H100 sweep:
     FlashAttention-3's shape of work (128 query rows on 8 warps, two warpgroups) with 64-key tiles
-    that leave room for 3 pipeline stages in shared memory; `gpu_check_attention.py
+    that leave room for 3 pipeline stages in shared memory (Triton 3.6, sm_90, bf16, d=128: 178
+    registers, no spills, 129 KB; scripts/sm90_prefill_build.py); `gpu_check_attention.py
     --hopper-configs` times the alternatives."""
     if interpret:
         return dict(hopper_block_m=32, hopper_block_n=16, hopper_prefix_block_n=16, hopper_warps=4,
@@ -316,7 +317,8 @@ def default_config(head_dim: int, itemsize: int, interpret: bool = _INTERPRET) -
     if head_dim <= 128:
         return dict(hopper_block_m=128, hopper_block_n=64, hopper_prefix_block_n=64, hopper_warps=8,
                     hopper_stages=3, hopper_ws=False, hopper_tma=True)
-    return dict(hopper_block_m=64, hopper_block_n=64, hopper_prefix_block_n=32, hopper_warps=4, hopper_stages=2,
+    # head_dim 256: 64 rows on 8 warps (4 warps spill at 255 registers with Triton 3.6)
+    return dict(hopper_block_m=64, hopper_block_n=64, hopper_prefix_block_n=32, hopper_warps=8, hopper_stages=2,
                 hopper_ws=False, hopper_tma=True)
 
 
