@@ -460,13 +460,14 @@ def prefill_sweep(cases, hopper_configs: bool = False):
             rec["hopper_config_us"] = times
             tuned[name] = times
             best = min(times, key=lambda c: times[c] if times[c] == times[c] else float("inf"))
-            print(f"    best Hopper config {best}: {times[best]:.1f} us ({times[best] / t_fi:.2f}x FlashInfer, "
+            print(f"    best Hopper config {best}: {times[best]:.1f} us ({fmt(times[best] / t_fi, '.2f', 0)}x FlashInfer, "
                   f"{times[best] / times['{}']:.2f}x the shipped tiles); all: "
                   + ", ".join(f"{c} {fmt(t, width=0)}" for c, t in times.items()), flush=True)
         gc.write_json(JSON_PATH, RESULTS, announce=False)
         torch.cuda.empty_cache()
     if tuned:
         summarize_hopper_configs(tuned)
+        gc.write_json(JSON_PATH, RESULTS, announce=False)
 
 
 def hopper_time(b: Batch, out: torch.Tensor, extra: dict) -> float:

@@ -219,6 +219,8 @@ def test_config_keys_are_checked():
     q, k, v, kc, vc, meta = make_batch([(5, 5)], 4, 2, 16, 16, F32)
     with pytest.raises(ValueError, match="hopper_blok_m"):
         ph.prefill_attention(q, k, v, kc, vc, meta, 0.25, config={"hopper_blok_m": 64})
+    with pytest.raises(ValueError, match="powers of two"):
+        ph.prefill_attention(q, k, v, kc, vc, meta, 0.25, config={"hopper_block_n": 48})
     # the portable kernel's keys in the same dict are left to it
     ph.prefill_attention(q, k, v, kc, vc, meta, 0.25, config={"extend_block_m": 16, **SMALL})
 

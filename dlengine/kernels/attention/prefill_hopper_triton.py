@@ -347,6 +347,9 @@ class _Plan:
         self.block_n = int(cfg["hopper_block_n"])
         self.prefix_block_n = int(cfg["hopper_prefix_block_n"])
         self.warps, self.stages = int(cfg["hopper_warps"]), int(cfg["hopper_stages"])
+        for key in ("hopper_block_m", "hopper_block_n", "hopper_prefix_block_n"):
+            if cfg[key] < 16 or cfg[key] & (cfg[key] - 1):
+                raise ValueError(f"{key}={cfg[key]}: tiles are powers of two >= 16 (tl.dot's minimum)")
         self.warp_spec = bool(cfg["hopper_ws"])
         self.ws_block_m = int(cfg["hopper_block_m"])  # query tokens of one head (no GQA packing)
         self.tma = bool(cfg["hopper_tma"])
