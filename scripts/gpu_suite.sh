@@ -5,6 +5,8 @@
 #   tests      GPU-only tests (tests/test_gpu_*.py)
 #   tests_kernels  Triton kernel and VL correctness tests at GPU sizes
 #   attention  paged-attention kernels vs the torch reference and FlashInfer  (performance.md: attention)
+#   prefill_hopper  the Hopper (sm_90) prefill kernel: GPU test, prefill sweep next to the portable kernel and
+#              FlashInfer, alternative tiles per case and a suggested default
 #   w1         W1 throughput, no transformers run (quick re-check of the engine)
 #   w2         W2 latency at batch 1 and 64
 #   engine     the end-to-end rows exactly as docs/performance.md gives them: W1 with
@@ -68,6 +70,11 @@ run_tests_kernels() {
 }
 run_attention() {
   python3 scripts/gpu_check_attention.py ${ATTN_ARGS:-} --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log" | tail -60
+}
+run_prefill_hopper() {  # the Hopper prefill kernel: exactness, sweep vs the portable kernel and FlashInfer, tile search
+  python3 -m pytest -q -p no:cacheprovider tests/test_gpu_prefill_hopper.py 2>&1 | tee "$OUT/prefill_hopper_tests.log" | tail -8
+  python3 scripts/gpu_check_attention.py --sections prefill --hopper-configs --json "$OUT/prefill_hopper.json" 2>&1 \
+    | tee "$OUT/prefill_hopper.log" | tail -60
 }
 run_w1() {  # nano-vllm shape: Qwen3-0.6B, 256 requests, input/output uniform in [100, 1024]
   python3 -m dlengine.cli bench throughput --model qwen3-0.6b --load-format dummy --dtype bfloat16 \
@@ -237,7 +244,7 @@ run_gdn() {  # Gated DeltaNet kernels; Qwen3.5-MoE (qwen3.5-35b-a3b) dims, 4 lay
       --no-progress ${GDN_ARGS:-} --json "$OUT/gdn_b$bsz.json" 2>&1 | tee "$OUT/gdn_b$bsz.log" | tail -25
   done
 }
-ALL="tests tests_kernels attention w1 w2 engine w1moe moe tune_moe mla mladecode probe sm90 fp8 fp8kv dsv3 dsa v4 mtp parallel kvmig vision profile profile_prefill profile_dsa serve gdn"
+ALL="tests tests_kernels attention prefill_hopper w1 w2 engine w1moe moe tune_moe mla mladecode probe sm90 fp8 fp8kv dsv3 dsa v4 mtp parallel kvmig vision profile profile_prefill profile_dsa serve gdn"
 for s in ${*:-all}; do
   case $s in
     all) for t in $ALL; do echo "== $t"; "run_$t"; done ;;
