@@ -9,6 +9,10 @@ learned-routed, clamped SwiGLU: layers/v4_moe.py) -> merge. The residual is `hc_
 Module names are the released checkpoint's (`embed`, `layers.N.attn.wq_a`, `layers.N.ffn.gate`,
 `hc_head_fn`, `head`, no `model.` prefix), so loading renames nothing but the per-expert tensors.
 The `mtp.*` tensors (the multi-token-prediction module) are not loaded, as in transformers.
+
+Under tensor parallelism the query heads, output groups, experts' intermediate dims and vocab are
+split; the shared K=V head, compressors, indexer, routers and hyper-connections are replicated,
+so every rank holds the whole cache (docs/deepseek_v4.md, "Tensor and expert parallelism").
 """
 
 from __future__ import annotations
