@@ -88,10 +88,10 @@ def check_engine(engine: ParallelEngine, routed_on: int) -> None:
                            [SamplingParams(max_tokens=2, temperature=0.0), GREEDY,
                             SamplingParams(max_tokens=3, temperature=0.0)])
     assert [tuple(o.token_ids) for o in outs] == [ref[0][:2], ref[8], ref[2][:3]]
-    # logits at every position: the whole prompt, chunks of 7 (split CSA / HCA windows), and one
-    # token at a time (the batched decode path) over the first 48 tokens (past 3 HCA windows)
+    # logits at every position: the whole 300-token prompt, chunks of 7 (split CSA / HCA windows),
+    # and one token at a time (the batched decode path) over 36 tokens (past 2 HCA windows)
     single = single_engine()
-    for prompt, chunk in ((PROMPTS[9], None), (PROMPTS[9], 7), (PROMPTS[9][:48], 1)):
+    for prompt, chunk in ((PROMPTS[9], None), (PROMPTS[7], 7), (PROMPTS[9][:36], 1)):
         kwargs = {"chunk_size": chunk} if chunk else {}
         assert relative_error(engine.prompt_logits(prompt, **kwargs), single.prompt_logits(prompt, **kwargs)) < 1e-4
 
