@@ -141,7 +141,8 @@ class DecodeConnector:
         if request.remote_kv is None:
             return  # computed here, as a hybrid engine would
         p = KVTransferParams.from_dict(request.remote_kv)
-        request.append_token(p.first_token)
+        if not request.output_token_ids:  # a parallel engine's front appends it to the copy it sends (parallel/front.py)
+            request.append_token(p.first_token)
         # the prefill engine drew the first token's noise from this seed: draw past it here, so
         # seeded sampling continues exactly as on one engine
         skip_sampling_steps(request, self.config.model.vocab_size, self.config.device)
