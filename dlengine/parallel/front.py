@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from dlengine.config import EngineConfig
+from dlengine.disagg.params import KVTransferParams
 from dlengine.engine.core import CoreOutput
 from dlengine.engine.engine import Engine, Prompt
 from dlengine.engine.request import Request, RequestOutput
@@ -69,8 +70,13 @@ def build_rank(cfg: EngineConfig):
 class _Dispatch:
     """The front's bookkeeping of which DP rank holds which request, and what to send next."""
 
-    def __init__(self, dp_size: int) -> None:
+    def __init__(self, dp_size: int, config: EngineConfig | None = None) -> None:
         self.dp_size = dp_size
+        # a decode engine's migrated request starts with the prefill side's first token: a local
+        # core's connector appends it to the very request the front tracks; the ranks' cores
+        # have copies, so the front appends it to its own (the copies it sends carry it along)
+        self.appends_first_token = (config is not None and config.role == "decode"
+                                    and config.components.kv_connector is None)
         self.owner: dict[str, int] = {}  # request id -> DP rank, while it runs
         self.handed_off: set[str] = set()  # prefill hand-offs (their blocks may still be pinned)
         self.adds: list[list[Request]] = [[] for _ in range(dp_size)]
@@ -78,6 +84,8 @@ class _Dispatch:
         self.rank_busy = False
 
     def add(self, request: Request) -> None:
+        if self.appends_first_token and request.remote_kv is not None and not request.output_token_ids:
+            request.append_token(KVTransferParams.from_dict(request.remote_kv).first_token)
         loads = [0] * self.dp_size
         for d in self.owner.values():
             loads[d] += 1
@@ -141,7 +149,7 @@ class WorkerCores:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         p = config.parallel
-        self._dispatch = _Dispatch(p.attention_dp)
+        self._dispatch = _Dispatch(p.attention_dp, config)
         self._workers = WorkerGroup(_rank_worker, p.world_size, (config,), backend=default_backend(config.device.type),
                                     pass_conn=True, dist_timeout_s=p.timeout_s or 600.0)
         self._closed = False
@@ -278,7 +286,7 @@ class BroadcastCores:
         self.config = rank_core.core.config
         self.state: ParallelState = rank_core.state
         self.owns_world = owns_world
-        self._dispatch = _Dispatch(self.config.parallel.attention_dp)
+        self._dispatch = _Dispatch(self.config.parallel.attention_dp, self.config)
         self.closed = False
 
     def broadcast(self, message) -> Any:

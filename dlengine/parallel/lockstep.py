@@ -13,7 +13,9 @@ that stopped early), or none. The schedule is fixed: no extra agreement per step
 
 Only the output rank of each DP group (its first TP rank) reports outputs. A prefill engine
 under TP hands off one KV shard per rank: the output rank's kv_transfer_params list the other
-ranks' params under "shards".
+ranks' params under "shards". A decode engine under TP pulls one KV shard per rank; its ranks'
+connectors agree inside their poll, at the start of every rank's schedule, on which requests
+are ready or failed (parallel/pull_agreement.py), so the schedulers stay identical.
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ class RankCore:
             # TP ranks are identical: each steps (an idle core only polls its connector)
             self.lockstep_steps += 1
             outputs = core.step()
-        if core.connector is not None and self.state.tp_size > 1:
+        if self.state.tp_size > 1 and core.connector is not None and getattr(core.connector, "name", None) != "decode":
             outputs = self._merge_kv_shards(outputs)
         return (outputs if self.state.is_output_rank else []), core.has_unfinished()
 
