@@ -71,12 +71,22 @@ def wait_prefill_released(prefill, timeout=10.0) -> list[dict]:
         time.sleep(0.02)
 
 
-def assert_decode_pools_full(decode):
-    """Every decode rank: the cache pool full, nothing queued, pulling or waiting for the others."""
-    for s in decode.stats():
-        c = s["connector"]
-        assert s["num_free_blocks"] == s["num_blocks"], s
-        assert (c["queued"], c["pulling"], c["landed_waiting_for_ranks"], c["waiting_for_staging"]) == (0, 0, 0, 0), c
+def assert_decode_pools_full(decode, timeout: float = 10.0):
+    """Every decode rank: the cache pool full, and (once the reads still in flight from a failed
+    request's other legs have ended: they land in staging, never in the cache) nothing queued,
+    pulling or waiting for the others."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = decode.stats()
+        for s in stats:
+            assert s["num_free_blocks"] == s["num_blocks"], s
+        busy = [(c["queued"], c["pulling"], c["landed_waiting_for_ranks"], c["waiting_for_staging"])
+                for c in (s["connector"] for s in stats)]
+        if all(b == (0, 0, 0, 0) for b in busy):
+            return
+        assert time.monotonic() < deadline, busy
+        decode.step()
+        time.sleep(0.02)
 
 
 def run_decode(decode, prompt, kv_params, timeout=30.0):
