@@ -49,7 +49,17 @@ class EngineArgs:
     # (EngineBuilder.speculative(forced_acceptance=...)); outputs are then not the model's
     spec_forced_acceptance: float | None = None
     threads: int | None = None  # torch CPU threads; None: OMP_NUM_THREADS if set, else chosen (bench/cpu_threads.py)
+    # EngineBuilder.parallel (docs/parallel.md): world size tp x attention_dp; more than one rank
+    # spawns one worker process per rank behind a ParallelEngine front
+    tp: int = 1
+    attention_dp: int = 1
+    ffn_ep: int = 1
+    expert_placement: str = "contiguous"  # dlengine.parallel.PLACEMENTS
+    dispatch_backend: str = "auto"  # "auto" or one of dlengine.parallel.dispatch_backends()
 
+
+# the EngineArgs fields that go to EngineBuilder.parallel, under the same names
+PARALLEL_OPTIONS = ("tp", "attention_dp", "ffn_ep", "expert_placement", "dispatch_backend")
 
 C = TypeVar("C", bound=EngineArgs)
 
@@ -104,6 +114,9 @@ def engine_builder(args: EngineArgs) -> EngineBuilder:
         b.scheduler(**sched)
     if args.max_model_len is not None:
         b.max_model_len(args.max_model_len)
+    parallel = {n: getattr(args, n) for n in PARALLEL_OPTIONS}
+    if parallel != {n: getattr(EngineArgs, n) for n in PARALLEL_OPTIONS}:
+        b.parallel(**parallel)
     if args.speculative is not None:
         b.speculative(args.speculative, num_tokens=args.num_speculative_tokens,
                       forced_acceptance=args.spec_forced_acceptance)
