@@ -144,6 +144,28 @@ def probe_device(args: EngineArgs):
     return None
 
 
+def engine_stats(engine: Engine):
+    """The engine's counters (an EngineStats with its step records): a local engine's `stats`,
+    or a parallel front's `engine_stats()` (its DP replicas' output ranks, merged)."""
+    merged = getattr(engine, "engine_stats", None)
+    return merged() if callable(merged) else engine.stats
+
+
+def is_parallel(engine: Engine) -> bool:
+    """More than one rank: the model, cache and scheduler live in worker processes."""
+    return engine.config.parallel.world_size > 1
+
+
+def wants_peaks(args: EngineArgs) -> bool:
+    """Whether the benchmark needs the MBU / MFU peaks: not for a parallel engine (no estimates)."""
+    return args.tp * args.attention_dp == 1
+
+
+# why a parallel engine's results carry no roofline estimates (docs/bench.md)
+PARALLEL_ROOFLINE_NOTE = ("MBU / MFU not computed for a parallel engine (tp x attention_dp > 1): its ranks' shards "
+                          "live in the worker processes; tokens/s and latencies are the whole engine's")
+
+
 def settle(engine: Engine) -> None:
     """Make an engine idle for a benchmark: raise BenchError when it holds requests of its own;
     otherwise apply a step still in flight (async scheduling computes one step past the last
@@ -179,8 +201,11 @@ def describe_engine(engine: Engine) -> dict[str, Any]:
     """The engine facts a benchmark result should carry. `spec_forced_acceptance` is the
     probability each draft was kept with when acceptance was forced for benchmarking (the
     acceptance numbers and tokens are then not the model's), else None."""
+    p = engine.config.parallel
     return {"engine": repr(engine), **engine.describe(),
-            "spec_forced_acceptance": getattr(engine.config, "speculative_forced_acceptance", None)}
+            "spec_forced_acceptance": getattr(engine.config, "speculative_forced_acceptance", None),
+            "parallel": {"tp": p.tp, "attention_dp": p.attention_dp, "ffn_ep": p.ffn_ep,
+                         "world_size": p.world_size}}
 
 
 def write_json(result: Mapping[str, Any], path: str | os.PathLike) -> None:
