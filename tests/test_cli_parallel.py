@@ -184,3 +184,33 @@ def test_serve_tp2_matches_the_single_process_engine_and_cleans_up():
     assert "ParallelEngine(" in out
     _, alive = psutil.wait_procs(workers, timeout=15)
     assert not alive, f"worker processes outlived the server: {alive}"
+
+
+@pytest.mark.parametrize("mode", ["prefill", "decode"])
+def test_pd_modes_with_tp2_build_and_serve(mode):
+    """`dlengine serve --mode prefill|decode --tp 2` builds a tensor-parallel role engine and
+    serves it (test_serve_cli's pattern): a prefill server hands the KV off after the first token,
+    a decode server computes a plain request itself. The full hand-off between tp engines is
+    tests/test_pd_tp_decode.py's."""
+    pytest.importorskip("fastapi", reason="dlengine serve needs the serve extra: pip install 'dlengine[serve]'")
+    pytest.importorskip("dlslime", reason="needs DLSlime: pip install 'dlengine[dlslime]' (and libibverbs1)")
+    from dlengine.serve.cli import build_engine
+
+    from serve_helpers import serving
+
+    args = build_parser().parse_args(["serve", "tiny-qwen3", "--mode", mode, "--tp", "2", *ENGINE_FLAGS])
+    args.model = args.model_path
+    engine = build_engine(args)
+    try:
+        assert engine.describe()["tp"] == 2 and engine.describe()["role"] == mode
+        with serving(engine, mode=mode, pd_secret="secret") as s:
+            body = {"model": "tiny", "prompt": "hello world", "max_tokens": 4, "temperature": 0}
+            r = httpx.post(f"{s.url}/v1/completions", json=body, timeout=60).json()
+            want = ("kv_transfer", 1) if mode == "prefill" else ("length", 4)
+            assert (r["choices"][0]["finish_reason"], r["usage"]["completion_tokens"]) == want
+            m = s.metrics()
+            outcome = "handed_off" if mode == "prefill" else "pulled"
+            assert m[f'dlengine_kv_transfer_requests_total{{outcome="{outcome}"}}'] == (mode == "prefill")
+            assert len(_rank_free(m)) == 2
+    finally:
+        engine.close()
