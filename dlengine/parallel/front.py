@@ -27,10 +27,11 @@ import torch.distributed as dist
 
 from dlengine.config import EngineConfig
 from dlengine.disagg.params import KVTransferParams
-from dlengine.engine.core import CoreOutput
+from dlengine.engine.core import CoreOutput, EngineStats
 from dlengine.engine.engine import Engine, Prompt
 from dlengine.engine.request import Request, RequestOutput
 from dlengine.parallel.launcher import WorkerGroup
+from dlengine.parallel.rank_stats import merge_replica_stats
 from dlengine.parallel.state import (ParallelState, build_parallel_state, default_backend, destroy_distributed,
                                      in_distributed_worker, init_distributed, set_parallel_state)
 from dlengine.sampling_params import SamplingParams
@@ -131,6 +132,8 @@ def _rank_worker(conn, cfg: EngineConfig) -> None:
             conn.send(("reply", rank, rank_core.step(adds, aborts)))
         elif op == "stats":
             conn.send(("reply", rank, rank_core.stats()))
+        elif op == "engine_stats":  # the output ranks' EngineStats (step records included)
+            conn.send(("reply", rank, rank_core.core.stats if state.is_output_rank else None))
         elif op == "raise":  # failure injection for tests of the error path
             if rank == payload[1]:
                 raise RuntimeError(payload[0])
@@ -263,6 +266,11 @@ class ParallelEngine(Engine):
     def stats(self) -> list[dict[str, Any]]:  # type: ignore[override]
         """Per rank: steps, idle lockstep steps, tokens and per-expert routed token counts."""
         return self.core.command("stats")
+
+    def engine_stats(self) -> EngineStats:
+        """The engine's counters as one EngineStats, like a local engine's `stats`: each DP
+        replica's output rank's, merged (parallel/rank_stats.py). Benchmarks read it."""
+        return merge_replica_stats([s for s in self.core.command("engine_stats") if s is not None])
 
     def _inject_failure(self, rank: int, message: str) -> None:
         """Make worker `rank` raise RuntimeError(message) while the others wait (tests only)."""

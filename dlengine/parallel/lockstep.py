@@ -129,7 +129,7 @@ class RankCore:
         return outputs
 
     def stats(self) -> dict[str, Any]:
-        s = self.core.stats
+        s, sched = self.core.stats, self.core.scheduler
         return {"rank": self.state.rank, "tp_rank": self.state.tp_rank, "dp_rank": self.state.dp_rank,
                 "num_steps": s.num_steps, "lockstep_steps": self.lockstep_steps, "idle_steps": self.idle_steps,
                 "idle_draft_forwards": self.idle_draft_forwards,
@@ -142,4 +142,7 @@ class RankCore:
                 # the rank's block pool and KV connector (a prefill rank's pinned hand-offs)
                 "num_free_blocks": self.core.block_manager.num_free_blocks,
                 "num_blocks": self.core.block_manager.num_blocks,
+                # the rank's scheduler queues (a server's /metrics adds up the output ranks')
+                "num_running": len(sched.running),
+                "num_waiting": len(sched.waiting) + len(getattr(sched, "waiting_for_kv", ())),
                 "connector": self.core.connector.describe() if self.core.connector is not None else None}
