@@ -108,7 +108,7 @@ class Ops:
     """The fused ops a decoder layer calls, each bound to one implementation (same signatures as
     the torch references in norm_rope/, moe/, fp8/). `names` says which, per op group."""
 
-    rms_norm: Callable  # (x, weight, eps, residual=None) -> y | (y, x + residual)
+    rms_norm: Callable  # (x, weight, eps, residual=None, zero_centred=False) -> y | (y, x + residual)
     silu_and_mul: Callable  # (x [.., 2d]) -> [.., d]
     rope: Callable  # (q, k, positions, cos, sin) -> (q, k)
     # (q, k, v, positions, cos, sin, slots, k_cache, v_cache, q_norm_w, k_norm_w, eps[, k_scale=, v_scale=: FP8 caches])
