@@ -52,6 +52,19 @@ def test_zero_centred_rms_norm(dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weight_dtype", ["same", torch.float32])
+@pytest.mark.parametrize("shape", [(1, 16), (6, 4, 32)])
+def test_gated_rms_norm(dtype, weight_dtype, shape):
+    """Gated DeltaNet's output norm: the Triton kernel against the reference (transformers'
+    RMSNormGated), weights in the activation dtype or float32."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(shape, generator=g).to(DEVICE, dtype)
+    gate = torch.randn(shape, generator=g).to(DEVICE, dtype)
+    w = (1 + 0.3 * torch.randn(shape[-1], generator=g)).to(DEVICE, dtype if weight_dtype == "same" else weight_dtype)
+    close(triton_ops.gated_rms_norm(x, gate, w, 1e-6), ops_torch.gated_rms_norm(x, gate, w, 1e-6), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows, d", [(1, 8), (9, 96), (4, 1500)])
 def test_silu_and_mul(dtype, rows, d):
     x = torch.randn(rows, 2 * d, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)

@@ -4,6 +4,7 @@
   statistics, Hugging Face rounding (normalise in fp32, cast, then scale by the weight); the
   zero-centred variant (Gemma, Qwen3-Next, Qwen3.5: the weight stored as its offset from 1)
   scales by 1 + weight in fp32 and casts once, as transformers does;
+- gated_rms_norm: Gated DeltaNet's output norm, weight * norm(x) * silu(gate);
 - silu_and_mul: silu(gate) * up for the stacked gate/up projection;
 - rope_write_kv: rotate q in place, rotate k and store k and v into the paged cache at their
   slots, in one pass over the step's tokens (slots < 0 are skipped: CUDA-graph padding). An FP8
@@ -70,6 +71,41 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         _rms_norm_kernel[(rows,)](x2, r2, weight, out, res_out, n, x2.stride(0), r2.stride(0), n, eps,
                                   HAS_RESIDUAL=True, ZERO_CENTRED=zero_centred, BLOCK=block)
     return out.view(shape), res_out.view(shape)
+
+
+@triton.jit
+def _gated_rms_norm_kernel(x_ptr, g_ptr, w_ptr, out_ptr, n_cols, x_stride, g_stride, eps, ROUND_Y: tl.constexpr,
+                           BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
+    xf = x.to(tl.float32)
+    var = tl.sum(xf * xf, axis=0) / n_cols
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    # the weight scales the normalised x rounded to x's dtype; their product rounds to x's dtype
+    # too when torch's promotion of (weight, x) gives it (ROUND_Y), then the gate in fp32
+    y = w * (xf * tl.rsqrt(var + eps)).to(x.dtype).to(tl.float32)
+    if ROUND_Y:
+        y = y.to(x.dtype).to(tl.float32)
+    g = tl.load(g_ptr + row * g_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * n_cols + cols, (y * g * tl.sigmoid(g)).to(x.dtype), mask=mask)
+
+
+def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * norm(x) * silu(gate) over the last dim (norm_rope_torch.gated_rms_norm), one pass."""
+    shape, n = x.shape, x.shape[-1]
+    x2, g2 = x.reshape(-1, n), gate.reshape(-1, n)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if g2.stride(-1) != 1:
+        g2 = g2.contiguous()
+    out = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
+    if x2.shape[0]:
+        _gated_rms_norm_kernel[(x2.shape[0],)](x2, g2, weight, out, n, x2.stride(0), g2.stride(0), eps,
+                                               ROUND_Y=torch.promote_types(weight.dtype, x.dtype) == x.dtype,
+                                               BLOCK=triton.next_power_of_2(n))
+    return out.view(shape)
 
 
 @triton.jit

@@ -50,8 +50,7 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
         self.weight.weight_loader = default_weight_loader
+        self.ops = current_kernels().ops
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        y = self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-        return (y * torch.nn.functional.silu(gate.float())).to(x.dtype)
+        return self.ops.gated_rms_norm(x, gate, self.weight, self.eps)
