@@ -321,10 +321,18 @@ class StateTensor:
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
+    # the leading dim as consecutive parts, each split by the spec's heads under tensor
+    # parallelism (the conv window's q | k | v channels); empty: one part, the whole leading dim
+    parts: tuple[int, ...] = ()
 
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * element_size(self.dtype)
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one entry of the leading dim (a channel's window, a head's state)."""
+        return math.prod(self.shape[1:]) * element_size(self.dtype)
 
 
 @dataclass(frozen=True)
@@ -335,9 +343,18 @@ class StateSpec(CacheSpec):
 
     Not prefix-cacheable: the state after a prefix summarises all of it in place, and without
     checkpoints (copies of the state at block boundaries) there is nothing to resume from.
-    Used by the Gated DeltaNet layers (models/layers/gated_deltanet.py)."""
+    Used by the Gated DeltaNet layers (models/layers/gated_deltanet.py).
+
+    Tensor parallelism: `heads` > 0 says each rank's slot holds heads [head_start, head_start +
+    heads) of `total_heads`, each tensor's leading dim (each of its `parts`) split evenly by them
+    (Gated DeltaNet: its key heads, each with its q and k channels and its value heads' v channels
+    and delta-rule states). KV migration reads a rank's heads out of another split by these
+    (parallel/transfer/state_shards.py). 0: every rank keeps the whole state."""
 
     tensors: tuple[StateTensor, ...] = ()
+    heads: int = 0
+    total_heads: int = 0
+    head_start: int = 0
 
     kind: ClassVar[str] = "state"
     paged: ClassVar[bool] = False
@@ -353,6 +370,14 @@ class StateSpec(CacheSpec):
         super().__post_init__()
         if not self.tensors:
             raise ConfigError("StateSpec needs at least one StateTensor")
+        for t in self.tensors:
+            parts = t.parts or t.shape[:1]
+            if sum(parts) != t.shape[0] or (self.heads and any(p % self.heads for p in parts)):
+                raise ConfigError(f"state tensor {t.name} {tuple(t.shape)}: parts {parts} must add up to its leading "
+                                  f"dim, each a multiple of the spec's {self.heads} heads")
+        if self.heads and not 0 <= self.head_start <= self.total_heads - self.heads:
+            raise ConfigError(f"state heads [{self.head_start}, {self.head_start + self.heads}) are not inside the "
+                              f"model's {self.total_heads}")
 
     @property
     def layer_bytes(self) -> int:
@@ -361,6 +386,20 @@ class StateSpec(CacheSpec):
     @property
     def slot_bytes(self) -> int:
         return self.num_layers * self.layer_bytes
+
+    def head_runs(self) -> tuple[tuple[int, int], ...]:
+        """(byte offset inside a layer, bytes per head) of each tensor part, in slot order: a
+        part's heads sit back to back, so heads [a, b) of it are one range. () when not split."""
+        if not self.heads:
+            return ()
+        runs, off = [], 0
+        for t in self.tensors:
+            part_off = off
+            for rows in t.parts or t.shape[:1]:
+                runs.append((part_off, rows // self.heads * t.row_bytes))
+                part_off += rows * t.row_bytes
+            off += _align(t.nbytes, STATE_ALIGN)
+        return tuple(runs)
 
     def page_bytes(self, block_size: int) -> int:
         return 0

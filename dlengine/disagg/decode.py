@@ -25,7 +25,10 @@ then agree on when a request is ready or failed.
 
 A model with a recurrent state (docs/gdn.md) reads the prefill side's staging state slot into a
 staging slot of its own in the same read, and copies it into the request's state slot when the
-pin check passes: the request resumes from the state after the prompt.
+pin check passes: the request resumes from the state after the prompt. Under tensor parallelism
+(either side) the state is split by head like the KV: each leg reads the state heads of ours its
+prefill rank holds, from that rank's state slot (transfer/state_shards.py), so the staging slot
+holds exactly this rank's heads when every leg is verified.
 
 Prefix caching on this side: not used for migrated prompts (the whole prompt is pulled); the
 pulled blocks are published in the prefix cache, so later local prefills can hit them.
@@ -202,15 +205,18 @@ class DecodeConnector:
         pull.state = "pulling"
         self.active[req.request_id] = pull
         for leg in pull.legs:
-            if leg.slice is None:
+            if not leg.reads:
                 leg.state = "verified"  # its heads come from another rank: nothing to read or check
                 continue
             lp = leg.params
             try:
                 remote = KVLayout.from_dict(lp.layout)
-                segments = leg.slice.segments(remote, lp.block_ids, region_blocks, lp.num_computed_tokens)
-                if pull.region_state_slot >= 0:  # the state after the prompt, in the same read
-                    segments += self.region.layout.state_segments_from(remote, lp.state_slot, pull.region_state_slot)
+                segments = []
+                if leg.slice is not None:
+                    segments = leg.slice.segments(remote, lp.block_ids, region_blocks, lp.num_computed_tokens)
+                if leg.state_read is not None:  # its heads of the state after the prompt, in the same read
+                    segments += leg.state_read.segments(remote, lp.state_slot, self.region.layout,
+                                                        pull.region_state_slot)
                 leg.future = self.transfer.read(lp.engine_id, "kv", "kv", segments)
             except TransferError as e:
                 self._end_pull(pull, f"KV pull from prefill engine {lp.engine_id} failed to start: {e}")
@@ -222,17 +228,15 @@ class DecodeConnector:
 
     def _check_state_handoff(self, pull: _Pull) -> None:
         """A model with a recurrent state resumes decoding from the prefill engine's state after
-        the prompt: the params must name its staging slot, from one unsharded prefill engine
-        (state models run tp=1; a state is not split by kv head). Raises HandshakeError."""
+        the prompt: the params of every rank read from must name its staging slot. Raises
+        HandshakeError."""
         if not self.region.has_state:
             return
-        p = pull.params
-        if len(pull.legs) != 1 or not pull.legs[0].slice or not pull.legs[0].slice.whole:
-            raise HandshakeError(f"{self.config.model.architecture} keeps a recurrent state, which a tensor-parallel "
-                                 f"prefill engine ({len(pull.legs)} shards) cannot hand off")
-        if p.state_slot < 0:
-            raise HandshakeError(f"kv_transfer_params from prefill engine {p.engine_id} carry no recurrent state "
-                                 f"(state_slot), which {self.config.model.architecture} needs to resume decoding")
+        for leg in pull.legs:
+            p = leg.params
+            if leg.state_read is not None and p.state_slot < 0:
+                raise HandshakeError(f"kv_transfer_params from prefill engine {p.engine_id} carry no recurrent state "
+                                     f"(state_slot), which {self.config.model.architecture} needs to resume decoding")
         if pull.request.state_slot is None:
             raise TransferError(f"request {pull.request.request_id} was allocated no state slot")
 
@@ -327,7 +331,7 @@ class DecodeConnector:
         req.metrics.first_token_time = req.metrics.first_token_time or time.perf_counter()
         self.migrations.append(MigrationRecord(req.request_id, p.engine_id, p.num_computed_tokens, len(req.block_ids),
                                                pull.segments, pull.nbytes, time.monotonic() - pull.started,
-                                               sum(leg.slice is not None for leg in pull.legs)))
+                                               sum(leg.reads for leg in pull.legs)))
         self._landed(pull)
 
     def _landed(self, pull: _Pull) -> None:

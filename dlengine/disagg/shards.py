@@ -10,6 +10,11 @@ one rank holding it. The other ranks (replicated kv heads, MLA's whole latent re
 rank, heads of other decode ranks) are legs that read nothing but are still handshaken and told
 when the decode side is done, so every prefill rank frees its blocks. Unsharded params are a
 prefill engine of tp=1: one leg.
+
+A model with a recurrent state (Gated DeltaNet hybrids) splits it by head too, on its own split
+(its key heads, not the kv heads): a leg also reads the state heads of ours that its rank holds
+(state_shards.plan_state_reads), from that rank's staging state slot, in the same read as its KV.
+A leg may read state and no KV (kv heads replicated over more ranks than the state's).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 from dlengine.disagg.params import KVTransferParams, check_shards
 from dlengine.parallel.transfer.base import KVLayout
 from dlengine.parallel.transfer.kv_shards import ShardSlice, full_layout, plan_slices, rank_heads, shard_layout
+from dlengine.parallel.transfer.state_shards import StateRead, plan_state_reads
 
 
 @dataclass
@@ -28,10 +34,15 @@ class Leg:
 
     params: KVTransferParams
     expected: KVLayout  # the KV layout that rank's region must have (checked at the handshake)
-    slice: ShardSlice | None  # where its heads land; None: nothing is read from it
-    future: object = None  # the read (KV, then pin re-read) in flight, if any
+    slice: ShardSlice | None  # where its kv heads land; None: none of its KV is read
+    state_read: StateRead | None = None  # what its state slot gives ours; None: none of its state is read
+    future: object = None  # the read (KV and state, then pin re-read) in flight, if any
     scratch: int = -1  # scratch slot of its pin re-read
     state: str = "idle"  # idle | pulling | verifying | verified
+
+    @property
+    def reads(self) -> bool:
+        return self.slice is not None or self.state_read is not None
 
 
 def plan_legs(raw: Any, p: KVTransferParams, region_layout: KVLayout, decode_rank: int = 0) -> list[Leg]:
@@ -41,6 +52,7 @@ def plan_legs(raw: Any, p: KVTransferParams, region_layout: KVLayout, decode_ran
     ranks = [p, *(check_shards(raw, p) if isinstance(raw, dict) else [])]
     tp = len(ranks)
     slices = plan_slices(region_layout, tp, decode_rank)
+    states = plan_state_reads(region_layout, [KVLayout.from_dict(r.layout) for r in ranks], decode_rank)
     full = full_layout(region_layout)
     legs = []
     for r, (start, heads) in enumerate(rank_heads(region_layout, tp)):
@@ -48,5 +60,5 @@ def plan_legs(raw: Any, p: KVTransferParams, region_layout: KVLayout, decode_ran
             expected = region_layout  # MLA: the latent (and any per-token extras) whole on every rank
         else:
             expected = shard_layout(full, heads, head_start=start)
-        legs.append(Leg(ranks[r], expected, slices.get(r)))
+        legs.append(Leg(ranks[r], expected, slices.get(r), states.get(r)))
     return legs

@@ -198,7 +198,7 @@ def hybrid_cache_specs(model_config: ModelConfig, *, dtype: torch.dtype, tp_size
         # would compound at every token)
         state_dtype = torch.bfloat16 if dtype == torch.float8_e4m3fn else dtype
         shape = GatedDeltaNetShape(model_config.hf_config, model_config.path).for_rank(tp_size)
-        specs.append(shape.state_spec(linear, state_dtype))  # the rank's heads only
+        specs.append(shape.state_spec(linear, state_dtype, tp_rank, tp_size))  # the rank's heads only
     return specs
 
 

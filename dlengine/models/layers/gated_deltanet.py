@@ -90,13 +90,17 @@ class GatedDeltaNetShape:
         local._derive()
         return local
 
-    def state_spec(self, layers: tuple[int, ...], dtype: torch.dtype) -> StateSpec:
+    def state_spec(self, layers: tuple[int, ...], dtype: torch.dtype, tp_rank: int = 0, tp_size: int = 1) -> StateSpec:
         """One slot per running request and layer: the conv window (the last K - 1 q|k|v inputs,
         channels first, in the cache dtype) and the delta-rule state (float32, as transformers
-        and fla keep it: it integrates every token of the sequence)."""
+        and fla keep it: it integrates every token of the sequence). Called on a rank's shape
+        (`for_rank`): the slot holds key heads [tp_rank * Hk, (tp_rank + 1) * Hk) of Hk * tp_size,
+        with their q, k, v channels (three parts of the conv's channels) and value heads."""
         return StateSpec(layers, tensors=(
-            StateTensor("conv", (self.conv_dim, self.conv_kernel - 1), dtype),
-            StateTensor("ssm", (self.num_v_heads, self.head_k_dim, self.head_v_dim), torch.float32)))
+            StateTensor("conv", (self.conv_dim, self.conv_kernel - 1), dtype,
+                        parts=(self.key_dim, self.key_dim, self.value_dim)),
+            StateTensor("ssm", (self.num_v_heads, self.head_k_dim, self.head_v_dim), torch.float32)),
+            heads=self.num_k_heads, total_heads=self.num_k_heads * tp_size, head_start=tp_rank * self.num_k_heads)
 
 
 class DepthwiseConv1dWeight(nn.Module):

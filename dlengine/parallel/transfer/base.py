@@ -26,6 +26,7 @@ from dlengine.parallel.transfer.layout import (
     StateGroupLayout,
     group_layout,
     layout_of_groups,
+    state_group_layout,
 )
 
 
@@ -68,7 +69,7 @@ def kv_layout(kv_cache, model_config=None, num_blocks: int | None = None, block_
     each state group's slots. `model_config` is not needed (the cache knows its specs); it is
     accepted for callers written before cache specs."""
     groups = [group_layout(g.spec) for g in kv_cache.paged_groups]
-    states = [StateGroupLayout(g.spec.name, g.spec.slot_bytes) for g in kv_cache.state_groups]
+    states = [state_group_layout(g.spec) for g in kv_cache.state_groups]
     if num_blocks is None:  # the cache itself
         return layout_of_groups(groups, kv_cache.block_size, kv_cache.num_blocks, block_major=False,
                                 group_offsets=[g.offset for g in kv_cache.paged_groups], state_groups=states,

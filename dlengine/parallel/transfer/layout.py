@@ -71,8 +71,37 @@ class GroupLayout:
 
 @dataclass(frozen=True)
 class StateGroupLayout:
+    """One state group's slot. Split by heads under tensor parallelism (`heads` > 0, see
+    cache/specs.py StateSpec): the slot holds heads [head_start, head_start + heads) of
+    `total_heads`; each layer (`layer_bytes` apart) holds `runs` of (offset in the layer, bytes
+    per head), one per tensor part, whose heads sit back to back. heads == 0: every rank holds
+    the whole slot."""
+
     name: str
     slot_bytes: int
+    num_layers: int = 0
+    layer_bytes: int = 0
+    heads: int = 0
+    total_heads: int = 0
+    head_start: int = 0
+    runs: tuple[tuple[int, int], ...] = ()
+
+    def __post_init__(self) -> None:  # JSON gives lists back
+        object.__setattr__(self, "runs", tuple(tuple(int(x) for x in r) for r in self.runs))
+
+    @property
+    def head_range(self) -> tuple[int, int]:
+        return self.head_start, self.head_start + self.heads
+
+    def same_state(self, other: "StateGroupLayout") -> bool:
+        """Whether two slots hold the same model's state, maybe split differently: the same group,
+        layers and heads, with equal bytes per head in each part (or, unsplit, equal slots)."""
+        if (self.name, self.heads > 0, self.num_layers) != (other.name, other.heads > 0, other.num_layers):
+            return False
+        if not self.heads:
+            return self.slot_bytes == other.slot_bytes
+        return (self.total_heads == other.total_heads
+                and [b for _, b in self.runs] == [b for _, b in other.runs])
 
 
 @dataclass(frozen=True)
@@ -189,7 +218,14 @@ class KVLayout:
         """Raise HandshakeError naming the first difference that makes the bytes meaningless
         (copying needs the same groups, head ranges included, and the same state groups)."""
         self._check_groups(remote, heads_may_differ=False)
-        if tuple(self.state_groups) != tuple(remote.state_groups):
+        self.check_state_compatible(remote)
+
+    def check_state_compatible(self, remote: "KVLayout") -> None:
+        """Raise HandshakeError unless `remote`'s state groups hold the same model's state, maybe
+        split over another tensor-parallel size (which heads each side holds is planned per pull:
+        state_shards.py)."""
+        mine, theirs = self.state_groups, remote.state_groups
+        if len(mine) != len(theirs) or not all(a.same_state(b) for a, b in zip(mine, theirs)):
             raise HandshakeError(f"KV cache layouts differ in their state groups: this engine has "
                                  f"{self.state_groups}, the peer has {remote.state_groups}")
 
@@ -308,6 +344,15 @@ def group_layout(spec) -> GroupLayout:
                        head_start=getattr(spec, "head_start", 0))
 
 
+def state_group_layout(spec) -> StateGroupLayout:
+    """The transfer description of one state cache spec (cache/specs.py StateSpec)."""
+    heads = getattr(spec, "heads", 0)
+    return StateGroupLayout(spec.name, spec.slot_bytes, num_layers=spec.num_layers, layer_bytes=spec.layer_bytes,
+                            heads=heads, total_heads=getattr(spec, "total_heads", 0) if heads else 0,
+                            head_start=getattr(spec, "head_start", 0) if heads else 0,
+                            runs=spec.head_runs() if heads else ())
+
+
 def layout_of_groups(groups: Sequence[GroupLayout], block_size: int, num_blocks: int, block_major: bool = False,
                      group_offsets: Sequence[int] = (), state_groups: Sequence[StateGroupLayout] = (),
                      state_offsets: Sequence[int] = (), num_state_slots: int = 0) -> KVLayout:
@@ -317,4 +362,5 @@ def layout_of_groups(groups: Sequence[GroupLayout], block_size: int, num_blocks:
                     tuple(rest), tuple(group_offsets), tuple(state_groups), tuple(state_offsets), num_state_slots)
 
 
-__all__ = ["GroupLayout", "KVLayout", "Segment", "StateGroupLayout", "group_layout", "layout_of_groups"]
+__all__ = ["GroupLayout", "KVLayout", "Segment", "StateGroupLayout", "group_layout", "layout_of_groups",
+           "state_group_layout"]
