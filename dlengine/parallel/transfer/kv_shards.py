@@ -198,7 +198,11 @@ def stage_in_slice(region_tensor: torch.Tensor, sl: ShardSlice, kv_cache, region
     assert n <= len(cache_blocks), "fewer cache blocks than the pull's tokens need"
     cache_blocks = list(cache_blocks)[:n]
     data = sl.staged(region_tensor, region_blocks, num_tokens)  # [n, planes, block_size, shard token bytes]
-    cache = kv_cache.storage.view(torch.uint8).view(lay.num_planes, kv_cache.num_blocks, kv_cache.block_size, -1)
+    # the kv heads' group (the only paged group a shard is scattered into: plan_slices), beside
+    # any state groups of a hybrid model's cache
+    groups = getattr(kv_cache, "paged_groups", None)
+    storage = groups[0].storage if groups else kv_cache.storage
+    cache = storage.view(torch.uint8).view(lay.num_planes, kv_cache.num_blocks, kv_cache.block_size, -1)
     assert lay.block_size == cache.shape[2], "staging and cache block sizes differ"
     head_bytes = lay.token_bytes // sl.heads
     k0, k1 = sl.kept_heads
