@@ -516,16 +516,12 @@ class EngineBuilder:
     @staticmethod
     def _check_tp_decode(model: ModelConfig, tp: int) -> None:
         """A tensor-parallel decode rank pulls its own kv heads, and its own heads of a recurrent
-        state split by head (Gated DeltaNet), from whichever prefill rank(s) hold them
-        (docs/disaggregation.md); what else a model caches must be whole on every rank."""
+        state split by head (Gated DeltaNet; a state every rank keeps whole, as DeepSeek-V4's,
+        from one prefill rank), from whichever prefill rank(s) hold them (docs/disaggregation.md);
+        the other paged groups must be whole on every rank."""
         from dlengine.cache.specs import cache_specs_for
 
         specs = cache_specs_for(model, torch.float32, tp, 0, get_model_class(model))  # refuses models without tp
-        states = [s.describe() for s in specs if not s.paged and not getattr(s, "heads", 0)]
-        if states:
-            raise ConfigError(f"role 'decode' with tp={tp} is not supported for {model.architecture}: it keeps a "
-                              f"per-sequence recurrent state ({', '.join(states)}) that is not split by head, "
-                              "which tensor-parallel decode ranks do not pull yet; run its decode engines with tp=1")
         paged = [s for s in specs if s.paged]
         if len(paged) > 1 and any(getattr(s, "total_kv_heads", 0) > getattr(s, "num_kv_heads", 0) for s in paged):
             raise ConfigError(f"role 'decode' with tp={tp} is not supported for {model.architecture}: its cache keeps "

@@ -21,7 +21,7 @@ except ImportError as e:
     pytest.skip(f"dlslime is not importable ({e}): pip install 'dlengine[dlslime]' and apt-get install libibverbs1",
                 allow_module_level=True)
 
-from dlengine import ConfigError, EngineBuilder, SamplingParams
+from dlengine import EngineBuilder, SamplingParams
 from dlengine.cache.specs import StateSpec, StateTensor
 from dlengine.disagg import PDRouter
 from dlengine.models.layers.gated_deltanet import GatedDeltaNetShape
@@ -144,14 +144,16 @@ def test_state_of_another_model_is_refused():
         plan_state_reads(mine, [half, half])  # both claim heads [0, 1): head 1 is nowhere
 
 
-def test_decode_tp_of_replicated_state_is_still_refused():
-    with pytest.raises(ConfigError, match="DeepseekV4ForCausalLM.*not split by head"):
-        EngineBuilder("tiny-deepseek-v4").parallel(tp=2).role("decode").transfer("dlslime", transport="tcp").config()
+@pytest.mark.parametrize("model", ["tiny-qwen3.5", "tiny-deepseek-v4"])
+def test_decode_tp_of_state_models_is_accepted(model):
+    """Once refused (a decode rank could not get its state); now a state split by head, or one
+    every rank keeps whole, is pulled per rank."""
+    EngineBuilder(model).parallel(tp=2).role("decode").transfer("dlslime", transport="tcp").config()
 
 
 # ------------------------------------------------------------------ engines
-def builder(tp=1):
-    b = (EngineBuilder(MODEL).dtype("float32").cache(block_size=16)
+def builder(tp=1, model=MODEL):
+    b = (EngineBuilder(model).dtype("float32").cache(block_size=16)
          .scheduler(max_model_len=256, max_num_batched_tokens=32))
     if tp > 1:
         b.parallel(tp=tp, timeout_s=180)
@@ -275,3 +277,27 @@ def test_one_failed_leg_fails_the_request_and_frees_everything(prefill_tp2, expe
         check_pd(prefill_tp2, decode, expected)
     finally:
         decode.close()
+
+
+def test_deepseek_v4_state_whole_on_every_rank():
+    """DeepSeek-V4 keeps its whole cache (compressed KV and state rings) on every rank: each
+    decode rank reads it all from one prefill rank; 2 -> 1 and 2 -> 2 give the hybrid engine's
+    tokens and leave every pool full."""
+    model, prompts = "tiny-deepseek-v4", PROMPTS[:4]
+    hybrid = builder(model=model).build()
+    expected = [o.token_ids for o in hybrid.generate(prompts, GREEDY)]
+    hybrid.close()
+    prefill = builder(2, model).role("prefill").transfer("dlslime", transport="tcp").build()
+    decodes = [builder(tp, model).role("decode").transfer("dlslime", transport="tcp", pull_timeout_s=20.0).build()
+               for tp in (1, 2)]
+    try:
+        for decode in decodes:
+            outs = PDRouter(prefill, decode).generate(prompts, GREEDY)
+            assert [o.error for o in outs] == [None] * len(prompts)
+            assert [o.token_ids for o in outs] == expected
+            wait_until_free(decode)
+            wait_until_free(prefill)
+    finally:
+        prefill.close()
+        for decode in decodes:
+            decode.close()

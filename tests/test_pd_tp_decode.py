@@ -20,7 +20,7 @@ except ImportError as e:
     pytest.skip(f"dlslime is not importable ({e}): pip install 'dlengine[dlslime]' and apt-get install libibverbs1",
                 allow_module_level=True)
 
-from dlengine import ConfigError, EngineBuilder, SamplingParams
+from dlengine import EngineBuilder, SamplingParams
 from dlengine.disagg import PDRouter
 from dlengine.parallel.launcher import WorkerError
 from dlengine.parallel.pull_agreement import PullReport, decide
@@ -160,13 +160,6 @@ def test_ranks_agree_on_ready_and_failed():
     assert d.failed == {"c": "decode rank 1: pin lost"}
     d = decide([PullReport(["a"], {}), PullReport([], {})])
     assert d.ready == [] and d.failed == {}
-
-
-# Gated DeltaNet hybrids (a state split by head) decode at tp=2 since tests/test_pd_gdn_tp.py
-@pytest.mark.parametrize("model, why", [("tiny-deepseek-v4", "DeepseekV4ForCausalLM.*recurrent state")])
-def test_decode_tp_refused_where_state_is_not_sharded(model, why):
-    with pytest.raises(ConfigError, match=why):
-        EngineBuilder(model).parallel(tp=2).role("decode").transfer("dlslime", transport="tcp").config()
 
 
 # ------------------------------------------------------------------ engines
