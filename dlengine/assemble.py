@@ -207,12 +207,6 @@ def build_core(cfg: EngineConfig, state=None) -> EngineCore:
     use_graphs = _use_cuda_graphs(cfg, backend, state, cache_specs)
     graph_batch = min(cfg.cuda_graph_max_batch or 512, cfg.scheduler.max_num_seqs)
     verify_tokens = _graph_verify_tokens(cfg, backend, speculator) if use_graphs else 0
-    if draft_snapshots and verify_tokens:
-        # verify graphs of state models are not wired yet: their verify steps run eagerly (decode
-        # steps, those without drafts, still replay graphs)
-        logger.info("speculative verify steps of %s run eagerly (state snapshots are not captured in verify "
-                    "graphs); decode steps replay CUDA graphs", cfg.model.architecture)
-        verify_tokens = 0
     # graphs keep a private pool of activations (about a step's worth of their largest graph) and
     # static float32 logits of every row of it: graph_batch rows, (1 + k) times that with verify graphs
     graph_rows = graph_batch * (1 + verify_tokens)
@@ -238,6 +232,9 @@ def build_core(cfg: EngineConfig, state=None) -> EngineCore:
         logger.info("FP8 KV cache scales: %s", kv_scale_source(model))
     kv_cache = KVCache(cache_specs, plan.num_blocks, cfg.cache.block_size, kv_dtype, cfg.device,
                        num_state_slots=plan.num_cache_state_slots)
+    # a speculating model with recurrent state: snapshot slots after the running and checkpoint ones
+    state_rollback = (StateSnapshots(kv_cache, plan.first_snapshot_slot, plan.num_state_slots, draft_snapshots)
+                      if draft_snapshots else None)
     if cfg.components.block_manager is not None:
         block_manager = cfg.components.block_manager(plan.num_blocks, cfg.cache.block_size, cfg.cache.prefix_caching)
     else:
@@ -245,9 +242,6 @@ def build_core(cfg: EngineConfig, state=None) -> EngineCore:
                                      specs=cache_specs, num_state_slots=plan.num_state_slots,
                                      num_checkpoint_slots=plan.num_checkpoint_slots)
 
-    # a speculating model with recurrent state: snapshot slots after the running and checkpoint ones
-    state_rollback = (StateSnapshots(kv_cache, plan.first_snapshot_slot, plan.num_state_slots, draft_snapshots)
-                      if draft_snapshots else None)
     blocker = getattr(block_manager, "prefix_cache_blocker", None)
     if cfg.cache.prefix_caching and blocker is not None:
         logger.info("prefix caching finds no hits for this model: %s keeps a state per sequence that summarises "
@@ -275,7 +269,8 @@ def build_core(cfg: EngineConfig, state=None) -> EngineCore:
         from dlengine.engine.cuda_graph import CUDAGraphRunner
 
         graph_runner = CUDAGraphRunner(model, kv_cache, backend, graph_batch, cfg.max_model_len, cfg.device,
-                                       num_spec_tokens=verify_tokens, keep_hidden_states=keep_hidden)
+                                       num_spec_tokens=verify_tokens, keep_hidden_states=keep_hidden,
+                                       state_rollback=state_rollback)
         graph_runner.capture()
         logger.info("captured %d CUDA graphs (batch sizes up to %d, %s tokens per request), %.2f GiB",
                     len(graph_runner.graphs), graph_batch, " and ".join(map(str, graph_runner.query_lens)),

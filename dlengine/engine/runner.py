@@ -378,14 +378,15 @@ class ModelRunner:
             return None
         reqs = [s.request for s in out.scheduled]
         num_drafts = [s.num_spec_tokens for s in out.scheduled]
-        batch = padded_layout(reqs, num_drafts, choice, self.block_size, g.max_model_len, with_state=self.has_state)
+        batch = padded_layout(reqs, num_drafts, choice, self.block_size, g.max_model_len, with_state=self.has_state,
+                              state_rollback=self.state_rollback)
         saves_after = []
         if self.has_state:
-            # the restores of prefix-cache hits happen here, before the replay (stream order). Graphs
-            # of a model with state are decode graphs only (CUDAGraphRunner): a one-token step has
-            # no checkpoint inside it, only (rarely) one at its end
+            # the restores of prefix-cache hits happen here, before the replay (stream order). A
+            # graph step feeds one token per request (and drafts, which come after the prompt): no
+            # checkpoint falls inside it, only (rarely) one at the end of the one token
             _, _, saves_after = self._state_checkpoints(reqs, [r.num_computed_tokens for r in reqs],
-                                                        [choice.query_len] * len(reqs))
+                                                        [1 + d for d in num_drafts])
         placeholders = self._placeholder_sources(reqs, batch.first_rows)
         logits, hidden = g.run(batch, placeholders=placeholders, last_tokens=self._last_token_ids)
         for src, dst in saves_after:
