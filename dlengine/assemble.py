@@ -93,9 +93,9 @@ def _use_cuda_graphs(cfg: EngineConfig, backend, state, cache_specs=()) -> bool:
 def _check_state_model_features(cfg: EngineConfig, cache_specs) -> None:
     """Features that would silently compute wrong tokens with a recurrent state (StateSpec).
     Speculative decoding undoes rejected drafts in the state from snapshots
-    (cache/state_rollback.py) when every state kind supports it (`speculative_rollback`); not yet
-    with the prefill / decode roles. (A KV connector must also move the state:
-    `_check_connector_moves_state`.)"""
+    (cache/state_rollback.py) when every state kind supports it (`speculative_rollback`). (A KV
+    connector must also move the state: `_check_connector_moves_state`; the draft snapshots are
+    local to the decode engine, which speculates on the state it pulled like on its own.)"""
     states = [s for s in cache_specs if not s.paged]
     if not states or cfg.components.speculator is None:
         return
@@ -103,11 +103,6 @@ def _check_state_model_features(cfg: EngineConfig, cache_specs) -> None:
     if cannot:
         raise ConfigError(f"{cfg.model.architecture} keeps recurrent state ({', '.join(cannot)}) whose layers cannot "
                           "roll rejected drafts back (no per-position snapshots); drop speculative(...)")
-    if cfg.role != "hybrid" or cfg.components.kv_connector is not None:
-        raise ConfigError(f"speculative decoding of {cfg.model.architecture} (a model with recurrent state) with a KV "
-                          "connector (prefill / decode roles) is not supported yet: the state handed between engines "
-                          "and the draft snapshots are not wired together; use role('hybrid') or drop "
-                          "speculative(...)")
 
 
 def _draft_snapshots(cache_specs, speculator, cfg: EngineConfig) -> int:
