@@ -21,7 +21,8 @@ The MTP head (models/qwen3_next_mtp.py) on tiny checkpoints with a trained `mtp.
 - k = 1, 2: greedy tokens equal plain decoding, acceptance well above zero (and near zero once its
   weights are randomised), through small prefill chunks, preemption and prefix-cache hits;
 - sampling runs; verify and draft graphs (replays run eagerly) give the plain tokens;
-- prefill / decode roles both speculating: the hybrid engine's tokens;
+- prefill / decode roles both speculating, tensor parallelism, attention-DP x expert parallelism:
+  the single engine's tokens;
 - a hybrid checkpoint without the head is a ConfigError saying so.
 """
 
@@ -511,6 +512,21 @@ def test_mtp_prefill_decode_roles_match_hybrid():
     finally:
         prefill.close()
         decode.close()
+
+
+@pytest.mark.parametrize("parallel", [dict(tp=2), dict(attention_dp=2, ffn_ep=2)])
+def test_mtp_on_parallel_engines(parallel):
+    """Two processes over gloo: tensor parallelism (each rank rolls back its own heads' state
+    slots) and attention-DP x expert parallelism (each rank drafts for its own requests; the MTP
+    layer's MoE joins the expert exchanges a fixed number of times a step)."""
+    kind = "qwen3.5-moe"
+    engine = _mtp_builder(kind, 2).parallel(**parallel, timeout_s=300).build()
+    try:
+        assert [o.token_ids for o in engine.generate(_mtp_prompts(), GREEDY)] == _mtp_reference(kind)
+        stats = engine.stats()
+        assert all(s["num_accepted_tokens"] > 0 for s in stats)
+    finally:
+        engine.close()
 
 
 def test_mtp_config_errors():
