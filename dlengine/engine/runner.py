@@ -318,21 +318,30 @@ class ModelRunner:
         slots, snaps = self.state_rollback.layout([sched[i].request.state_slot for i in by_pos], drafts, width)
         first = query_start_loc[by_pos]
         resume0 = np.array([starts[i] > 0 for i in by_pos], dtype=np.bool_)
-        groups = []
+        # every index array of the step, then one host-to-device copy per dtype (sliced on the device)
+        ints: list[np.ndarray] = []
+        flags: list[np.ndarray] = []
+        layout = []
         for j in range(width):
             live = np.flatnonzero(drafts >= j)  # requests with a row at position j
             kept = np.flatnonzero(drafts > j)  # ... whose state after it may be rolled back to
-            resume = resume0[live] if j == 0 else np.ones(len(live), dtype=np.bool_)
-            group = PositionGroup(rows=self._to_device(first[live] + j), slots=self._to_device(slots[j, live]),
-                                  has_initial_state=self._to_device(resume))
+            ints += [first[live] + j, slots[j, live]]
+            flags.append(resume0[live] if j == 0 else np.ones(len(live), dtype=np.bool_))
             if len(kept):
-                group.snapshot_src = self._to_device(slots[j, kept])
-                group.snapshot_dst = self._to_device(snaps[j, kept])
+                ints += [slots[j, kept], snaps[j, kept]]
+            layout.append(bool(len(kept)))
+        if varlen:
+            ints.append(np.concatenate([np.arange(query_start_loc[i], query_start_loc[i + 1]) for i in varlen]))
+        int_views, flag_views = iter(self._to_device_parts(ints, np.int64)), iter(self._to_device_parts(flags, np.bool_))
+        groups = []
+        for has_snapshots in layout:
+            group = PositionGroup(rows=next(int_views), slots=next(int_views), has_initial_state=next(flag_views))
+            if has_snapshots:
+                group.snapshot_src, group.snapshot_dst = next(int_views), next(int_views)
             groups.append(group)
         plan = StatePositions(groups)
         if varlen:
-            plan.varlen_rows = self._to_device(np.concatenate(
-                [np.arange(query_start_loc[i], query_start_loc[i + 1]) for i in varlen]).astype(np.int64))
+            plan.varlen_rows = next(int_views)
             plan.varlen_query_lens = [sched[i].num_new_tokens for i in varlen]
             plan.varlen_state_slots = [sched[i].request.state_slot for i in varlen]
             plan.varlen_has_initial_state = [starts[i] > 0 for i in varlen]
@@ -340,6 +349,12 @@ class ModelRunner:
                 plan.varlen_checkpoint_slots = [ckpt_slots[i] for i in varlen]
                 plan.varlen_checkpoint_offsets = [ckpt_offsets[i] for i in varlen]
         return plan
+
+    def _to_device_parts(self, parts: list[np.ndarray], dtype) -> list[torch.Tensor]:
+        """The arrays on the device, copied as one buffer and split into views."""
+        sizes = [len(p) for p in parts]
+        flat = np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype=dtype)
+        return list(self._to_device(np.ascontiguousarray(flat)).split(sizes))
 
     def _copy_state(self, src: int, dst: int) -> None:
         for g in self.kv_cache.state_groups:
