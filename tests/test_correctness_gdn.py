@@ -148,10 +148,11 @@ def test_prefix_cache_hits_resume_checkpoints(kind):
 def test_unsupported_settings_are_config_errors():
     """Speculative decoding of a state kind that cannot roll drafts back is a ConfigError naming
     the problem (the Gated DeltaNet state can: tests/test_spec_gdn.py). CUDA graphs capture the
-    Gated DeltaNet state (tests/test_gdn_cuda_graph.py), and stay refused with a ConfigError for state kinds that are not capturable (a StateSpec declaring
-    graph_capturable False; DeepSeek-V4's rings are captured since its batched decode path);
-    checked at the assembly step, since a CPU build refuses cuda_graphs(True) earlier. Tensor
-    parallelism: tests/test_gdn_parallel.py."""
+    Gated DeltaNet state (tests/test_gdn_cuda_graph.py), and stay refused with a ConfigError for
+    state kinds that are not capturable (a StateSpec declaring graph_capturable False;
+    DeepSeek-V4's rings are captured since its batched decode path); checked at the assembly
+    step, since a CPU build refuses cuda_graphs(True) earlier. Tensor parallelism:
+    tests/test_gdn_parallel.py."""
     from types import SimpleNamespace
 
     import torch

@@ -332,7 +332,8 @@ class ModelRunner:
             layout.append(bool(len(kept)))
         if varlen:
             ints.append(np.concatenate([np.arange(query_start_loc[i], query_start_loc[i + 1]) for i in varlen]))
-        int_views, flag_views = iter(self._to_device_parts(ints, np.int64)), iter(self._to_device_parts(flags, np.bool_))
+        int_views = iter(self._to_device_parts(ints, np.int64))
+        flag_views = iter(self._to_device_parts(flags, np.bool_))
         groups = []
         for has_snapshots in layout:
             group = PositionGroup(rows=next(int_views), slots=next(int_views), has_initial_state=next(flag_views))

@@ -13,9 +13,10 @@ group (cache spec `GatedDeltaNetSpec` below, one slot per running request), foun
 single tokens runs the batched recurrent update; any other step runs the varlen chunk form,
 except a speculative verify step, whose drafting requests run position by position through the
 one-token ops with a snapshot of the state after each position (kernels/gdn/by_position.py: the
-core rolls the slot back to the accepted length). The decode branch reads only device tensors of the metadata (no host lists, no data-dependent
-shapes), so it is captured in the engine's CUDA graphs; padded graph rows carry PAD_STATE_SLOT,
-which the conv and recurrent kernels skip.
+core rolls the slot back to the accepted length). The decode branch reads only device tensors
+of the metadata (no host lists, no data-dependent shapes), so it is captured in the engine's CUDA
+graphs, and so are verify steps; padded graph rows carry PAD_STATE_SLOT, which the conv and
+recurrent kernels skip.
 
 Checkpoint layouts: Qwen3.5 stores in_proj_qkv, in_proj_z, in_proj_b, in_proj_a (loaded into two
 stacked GEMMs by the model's stacked_params); Qwen3-Next stores in_proj_qkvz and in_proj_ba with
