@@ -253,7 +253,7 @@ def build_core(cfg: EngineConfig, state=None) -> EngineCore:
         from dlengine.disagg.roles import make_connector
 
         connector = make_connector(cfg.role, cfg.transfer, kv_cache, block_manager, cfg, cfg.control_plane,
-                                   rank=state.rank)
+                                   rank=state.rank, parallel_state=state)
     _check_connector_moves_state(cfg, cache_specs, connector)
 
     # a speculator drafting from the target's hidden states (MTP) reads them after every step,

@@ -368,9 +368,7 @@ class EngineBuilder:
                               "a decode request would need routing to the DP rank holding its blocks; prefill and "
                               "decode engines run with tp=N")
         if self._role == "decode" and parallel.tp > 1:
-            raise ConfigError(f"role 'decode' with tp={parallel.tp} is not supported yet: a decode rank would pull "
-                              "a slice of each prefill rank's KV heads; run decode engines with tp=1 (prefill "
-                              "engines may use tp=N)")
+            self._check_tp_decode(model, parallel.tp)
         encoder_cache = make(EncoderCacheConfig, self._encoder_cache, "encoder_cache")
         if self._role == "encode":
             self._check_encode_role(model, parallel)
@@ -514,6 +512,24 @@ class EngineBuilder:
                               f"transfer('dlslime'), not {self._transfer['backend']!r}")
         if self._components.get("speculator") is not None or self._components.get("kv_connector") is not None:
             raise ConfigError("role 'encode' has no decoder: speculative(...) and kv_connector(...) do not apply")
+
+    @staticmethod
+    def _check_tp_decode(model: ModelConfig, tp: int) -> None:
+        """A tensor-parallel decode rank pulls its own kv heads from whichever prefill rank(s) hold
+        them (docs/disaggregation.md); what else a model caches must be whole on every rank."""
+        from dlengine.cache.specs import cache_specs_for
+
+        specs = cache_specs_for(model, torch.float32, tp, 0, get_model_class(model))  # refuses models without tp
+        states = [s.describe() for s in specs if not s.paged]
+        if states:
+            raise ConfigError(f"role 'decode' with tp={tp} is not supported for {model.architecture}: it keeps a "
+                              f"per-sequence recurrent state ({', '.join(states)}) that a decode rank would need "
+                              "split by its heads out of the prefill engine's; run its decode engines with tp=1")
+        paged = [s for s in specs if s.paged]
+        if len(paged) > 1 and any(getattr(s, "total_kv_heads", 0) > getattr(s, "num_kv_heads", 0) for s in paged):
+            raise ConfigError(f"role 'decode' with tp={tp} is not supported for {model.architecture}: its cache keeps "
+                              f"paged groups beside the kv heads it splits ({', '.join(s.describe() for s in paged)}); "
+                              "run its decode engines with tp=1")
 
     _make_config = config  # the name earlier versions used
 

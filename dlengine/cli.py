@@ -31,6 +31,8 @@ from dlengine.bench.throughput import DATASETS, ThroughputConfig
 from dlengine.builder import LOAD_FORMATS
 from dlengine.config import ConfigError
 from dlengine.kernels.selection import known_attention_backends
+from dlengine.parallel.ep import PLACEMENTS, dispatch_backends
+from dlengine.parallel.launcher import WorkerError
 from dlengine.sampling_params import InvalidRequestError
 
 DEFAULT_BENCH = "throughput"
@@ -88,7 +90,29 @@ def _engine_options() -> argparse.ArgumentParser:
                         "one spare and less those other processes keep busy, at least 1; the choice is printed)")
     g.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false", default=_E.prefix_caching,
                    help="turn the prefix cache off")
+    _parallel_options(p)
     return p
+
+
+def _parallel_options(p: argparse.ArgumentParser) -> None:
+    """EngineBuilder.parallel(...)'s options, under its names and values (docs/parallel.md). More
+    than one rank (tp x attention_dp) spawns one worker process per rank; this process is the
+    front. Bad combinations are the builder's ConfigErrors."""
+    g = p.add_argument_group("parallel (docs/parallel.md)")
+    g.add_argument("--tp", "--tensor-parallel-size", "-tp", dest="tp", type=int, metavar="N", default=_E.tp,
+                   help="tensor-parallel ranks: each holds 1/N of every layer (default: %(default)s)")
+    g.add_argument("--attention-dp", "--attention_dp", dest="attention_dp", type=int, metavar="N",
+                   default=_E.attention_dp,
+                   help="attention data-parallel ranks, each with its own scheduler and KV cache; requests go to "
+                        "the least-loaded one (with --tp 1) (default: %(default)s)")
+    g.add_argument("--ffn-ep", "--ffn_ep", dest="ffn_ep", type=int, metavar="N", default=_E.ffn_ep,
+                   help="MoE expert-parallel ranks: 1 (experts replicated, or split by --tp) or equal to "
+                        "--attention-dp (wide EP: experts partitioned, tokens sent by all-to-all) "
+                        "(default: %(default)s)")
+    g.add_argument("--expert-placement", choices=sorted(PLACEMENTS), default=_E.expert_placement,
+                   help="with --ffn-ep > 1: which rank holds which expert (default: %(default)s)")
+    g.add_argument("--dispatch-backend", choices=["auto", *dispatch_backends()], default=_E.dispatch_backend,
+                   help="with --ffn-ep > 1: the MoE token dispatch/combine (default: %(default)s)")
 
 
 def _bench_engine_options() -> argparse.ArgumentParser:
@@ -378,6 +402,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def worker_error_summary(error: WorkerError) -> str:
+    """One line for a failed rank: its first line ("rank R failed: Type: message"); the traceback
+    is for `--log-level debug` users of the library, not for the command line."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else f"rank {error.rank} failed"
+
+
 def _with_default_bench(argv: list[str]) -> list[str]:
     """`dlengine bench [options]` means `dlengine bench throughput [options]`."""
     if argv and argv[0] == "bench":
@@ -402,6 +433,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{prog}: error: {e}", file=sys.stderr)
     except OSError as e:  # a dataset or --json path that cannot be read or written
         print(f"{prog}: error: {e}", file=sys.stderr)
+    except WorkerError as e:  # a parallel engine's rank failed (e.g. a layer that --tp does not divide)
+        print(f"{prog}: error: {worker_error_summary(e)}", file=sys.stderr)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

@@ -11,7 +11,8 @@ Layouts (each on the tiny checkpoints, float32): tp=N on Qwen3 and DeepSeek-V3 (
 experts), attention_dp=N x ffn_ep=N on Qwen3-MoE (contiguous experts) and DeepSeek-V3
 (round-robin experts), and attention_dp=N x ffn_ep=N on DeepSeek-V3 with its trained MTP layer
 drafting 2 tokens a step (the MTP layer's MoE joins the expert-parallel collectives; every rank
-pads its MTP passes to 2 a step). Batches: 8 prompts of 1..100 tokens, then one prompt alone (the other DP
+pads its MTP passes to 2 a step); DeepSeek-V4 under tp=N (N <= 2: its 2 output groups) and
+attention_dp=N x ffn_ep=N (hash- and learned-routed clamped experts). Batches: 8 prompts of 1..100 tokens, then one prompt alone (the other DP
 ranks idle), then uneven lengths. A layout the tiny models cannot take (tp=8 > 4 heads) is skipped.
 
 With world size 1 the layouts would be plain engines, so instead one NCCL rank builds engines
@@ -55,10 +56,13 @@ def batches() -> list[tuple[list, list]]:
 
 
 def layouts(n: int) -> list[tuple[str, str, dict]]:
+    # tiny DeepSeek-V4 has o_groups=2 (each TP rank holds whole output groups): tp <= 2 only
+    v4_tp = [("tp", "tiny-deepseek-v4", dict(tp=n))] if n <= 2 else []
     return [("tp", "tiny-qwen3", dict(tp=n)), ("tp", "tiny-deepseek-v3", dict(tp=n)),
             ("dp-ep", "tiny-qwen3-moe", dict(attention_dp=n, ffn_ep=n)),
             ("dp-ep", "tiny-deepseek-v3", dict(attention_dp=n, ffn_ep=n, expert_placement="round_robin")),
-            ("dp-ep-mtp", "tiny-deepseek-v3-mtp", dict(attention_dp=n, ffn_ep=n))]
+            ("dp-ep-mtp", "tiny-deepseek-v3-mtp", dict(attention_dp=n, ffn_ep=n)),
+            *v4_tp, ("dp-ep", "tiny-deepseek-v4", dict(attention_dp=n, ffn_ep=n))]
 
 
 def builder(kind: str, device: str) -> EngineBuilder:

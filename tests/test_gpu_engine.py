@@ -50,3 +50,22 @@ def test_bf16_greedy_matches_cpu_fp32(cpu_reference, attention, graphs):
     if graphs:
         assert engine.runner.num_graph_steps > 0
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_image_requests_replay_decode_graphs():
+    """Decode steps of requests with images replay CUDA graphs (their text rows' M-RoPE positions
+    shifted into the 1-D positions: engine/graph_layout.py) and give the eager engine's tokens
+    (float32: the same kernels, so the tokens are exact)."""
+    from dlengine.testing import tiny_checkpoint
+    from vl_reference import requests
+
+    prompts = requests()  # text only, one image, two images
+    params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
+    outs = {}
+    for graphs in (False, True):
+        engine = (EngineBuilder(tiny_checkpoint("qwen3-vl")).device("cuda").dtype("float32")
+                  .cache(block_size=16).cuda_graphs(graphs).build())
+        outs[graphs] = [o.token_ids for o in engine.generate(prompts, params)]
+        if graphs:
+            assert engine.runner.num_graph_steps > 0
+    assert outs[True] == outs[False]

@@ -164,3 +164,26 @@ def _post_quietly(url: str, body: dict) -> None:
         httpx.post(url, json=body, timeout=30)
     except httpx.HTTPError:
         pass  # the server is killed under it
+
+
+def test_least_load_reads_the_requests_a_backend_holds_from_its_metrics(servers):
+    """A request sent to the hybrid server directly (not through the router) shows in the load a
+    least-load router reads from the server's /metrics, and leaves it when it ends."""
+    hybrid = servers["hybrid"]
+    r = RunningRouter(RouterConfig(hybrid=[hybrid.url], policy="least-load", health_interval_s=0.2))
+    try:
+        backend = r.pool.backends[hybrid.url]
+        wait_for(lambda: backend.reported_load == 0, 10, "the idle server's load read")
+        seen = []
+        body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 400, "temperature": 0.0, "ignore_eos": True,
+                "stream": True}
+        with httpx.stream("POST", f"{hybrid.url}/v1/completions", json=body, timeout=60) as resp:
+            for _ in resp.iter_lines():  # read while it generates
+                if backend.reported_load:
+                    seen.append(backend.reported_load)
+                    break
+        assert seen == [1] and backend.in_flight == 0  # the router sent nothing itself
+        wait_for(lambda: backend.reported_load == 0, 10, "the finished request leaving the load")
+        assert r.pool.backends[hybrid.url].describe()["reported_load"] == 0
+    finally:
+        r.stop()

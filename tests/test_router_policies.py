@@ -69,3 +69,50 @@ def test_router_without_backends_is_a_clear_error(capsys):
 
     assert main(["router"]) == 1
     assert "give backends" in capsys.readouterr().err
+
+
+DLENGINE_METRICS = """# HELP dlengine_num_requests_running Requests being computed
+# TYPE dlengine_num_requests_running gauge
+dlengine_num_requests_running 3.0
+# HELP dlengine_num_requests_waiting Requests waiting to be scheduled
+# TYPE dlengine_num_requests_waiting gauge
+dlengine_num_requests_waiting 2.0
+# TYPE dlengine_generation_tokens_total counter
+dlengine_generation_tokens_total 1234.0
+"""
+VLLM_METRICS = """# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 4.0
+vllm:num_requests_running{engine="1",model_name="m"} 1.0
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="m"} 0.0
+"""
+SGLANG_METRICS = """# TYPE sglang:num_running_reqs gauge
+sglang:num_running_reqs{model_name="m"} 7.0
+# TYPE sglang:num_queue_reqs gauge
+sglang:num_queue_reqs{model_name="m"} 1.0
+"""
+
+
+def test_load_read_from_our_vllm_and_sglang_metrics():
+    from dlengine.router.load import parse_load
+
+    assert parse_load(DLENGINE_METRICS) == 5
+    assert parse_load(VLLM_METRICS) == 5  # summed over engines
+    assert parse_load(SGLANG_METRICS) == 8
+    assert parse_load("# TYPE other gauge\nother 9.0\n") is None  # a server that reports no known count
+    assert parse_load("<html>not metrics</html>") is None
+
+
+def test_least_load_uses_reported_load_plus_what_the_router_sent_since():
+    p, policy = pool(2), Policy("least-load")
+    a, b = (p.backends[u] for u in sorted(p.backends))
+    a.report_load(6)  # busy with other clients' requests the router never saw
+    b.in_flight = 2
+    assert (a.load, b.load) == (6, 2) and policy.choose(p.usable("hybrid"), {}, "hybrid") is b
+    b.report_load(2)
+    b.in_flight = 7  # five more sent since the report
+    assert b.load == 7 and policy.choose(p.usable("hybrid"), {}, "hybrid") is a
+    b.in_flight = 0  # finished since: the report stands until the next one
+    assert b.load == 2
+    a.report_load(None)  # /metrics failed: back to the router's own count
+    assert a.load == a.in_flight == 0 and policy.choose(p.usable("hybrid"), {}, "hybrid") is a

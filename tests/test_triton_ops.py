@@ -33,6 +33,38 @@ def test_rms_norm(dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 8), (7, 96), (3, 5, 48)])
+def test_zero_centred_rms_norm(dtype, shape):
+    """Weights stored as the offset from 1 (Qwen3-Next / Qwen3.5): the Triton kernel matches the
+    reference and transformers' formula, norm(x) * (1 + w) in float32, rounded once."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=g).to(DEVICE, dtype)
+    res = torch.randn(shape, generator=g).to(DEVICE, dtype)
+    w = (0.3 * torch.randn(shape[-1], generator=g)).to(DEVICE, dtype)
+    xf = x.float()
+    hf = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6) * (1.0 + w.float())).to(dtype)
+    torch.testing.assert_close(ops_torch.rms_norm(x, w, 1e-6, zero_centred=True), hf, rtol=0, atol=0)
+    close(triton_ops.rms_norm(x, w, 1e-6, zero_centred=True), hf, dtype)
+    out, r = triton_ops.rms_norm(x, w, 1e-6, res, zero_centred=True)
+    ref_out, ref_r = ops_torch.rms_norm(x, w, 1e-6, res, zero_centred=True)
+    close(out, ref_out, dtype)
+    close(r, ref_r, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weight_dtype", ["same", torch.float32])
+@pytest.mark.parametrize("shape", [(1, 16), (6, 4, 32)])
+def test_gated_rms_norm(dtype, weight_dtype, shape):
+    """Gated DeltaNet's output norm: the Triton kernel against the reference (transformers'
+    RMSNormGated), weights in the activation dtype or float32."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(shape, generator=g).to(DEVICE, dtype)
+    gate = torch.randn(shape, generator=g).to(DEVICE, dtype)
+    w = (1 + 0.3 * torch.randn(shape[-1], generator=g)).to(DEVICE, dtype if weight_dtype == "same" else weight_dtype)
+    close(triton_ops.gated_rms_norm(x, gate, w, 1e-6), ops_torch.gated_rms_norm(x, gate, w, 1e-6), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows, d", [(1, 8), (9, 96), (4, 1500)])
 def test_silu_and_mul(dtype, rows, d):
     x = torch.randn(rows, 2 * d, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)

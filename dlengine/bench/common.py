@@ -49,7 +49,17 @@ class EngineArgs:
     # (EngineBuilder.speculative(forced_acceptance=...)); outputs are then not the model's
     spec_forced_acceptance: float | None = None
     threads: int | None = None  # torch CPU threads; None: OMP_NUM_THREADS if set, else chosen (bench/cpu_threads.py)
+    # EngineBuilder.parallel (docs/parallel.md): world size tp x attention_dp; more than one rank
+    # spawns one worker process per rank behind a ParallelEngine front
+    tp: int = 1
+    attention_dp: int = 1
+    ffn_ep: int = 1
+    expert_placement: str = "contiguous"  # dlengine.parallel.PLACEMENTS
+    dispatch_backend: str = "auto"  # "auto" or one of dlengine.parallel.dispatch_backends()
 
+
+# the EngineArgs fields that go to EngineBuilder.parallel, under the same names
+PARALLEL_OPTIONS = ("tp", "attention_dp", "ffn_ep", "expert_placement", "dispatch_backend")
 
 C = TypeVar("C", bound=EngineArgs)
 
@@ -104,6 +114,9 @@ def engine_builder(args: EngineArgs) -> EngineBuilder:
         b.scheduler(**sched)
     if args.max_model_len is not None:
         b.max_model_len(args.max_model_len)
+    parallel = {n: getattr(args, n) for n in PARALLEL_OPTIONS}
+    if parallel != {n: getattr(EngineArgs, n) for n in PARALLEL_OPTIONS}:
+        b.parallel(**parallel)
     if args.speculative is not None:
         b.speculative(args.speculative, num_tokens=args.num_speculative_tokens,
                       forced_acceptance=args.spec_forced_acceptance)
@@ -129,6 +142,28 @@ def probe_device(args: EngineArgs):
             return None
         return device
     return None
+
+
+def engine_stats(engine: Engine):
+    """The engine's counters (an EngineStats with its step records): a local engine's `stats`,
+    or a parallel front's `engine_stats()` (its DP replicas' output ranks, merged)."""
+    merged = getattr(engine, "engine_stats", None)
+    return merged() if callable(merged) else engine.stats
+
+
+def is_parallel(engine: Engine) -> bool:
+    """More than one rank: the model, cache and scheduler live in worker processes."""
+    return engine.config.parallel.world_size > 1
+
+
+def wants_peaks(args: EngineArgs) -> bool:
+    """Whether the benchmark needs the MBU / MFU peaks: not for a parallel engine (no estimates)."""
+    return args.tp * args.attention_dp == 1
+
+
+# why a parallel engine's results carry no roofline estimates (docs/bench.md)
+PARALLEL_ROOFLINE_NOTE = ("MBU / MFU not computed for a parallel engine (tp x attention_dp > 1): its ranks' shards "
+                          "live in the worker processes; tokens/s and latencies are the whole engine's")
 
 
 def settle(engine: Engine) -> None:
@@ -166,8 +201,11 @@ def describe_engine(engine: Engine) -> dict[str, Any]:
     """The engine facts a benchmark result should carry. `spec_forced_acceptance` is the
     probability each draft was kept with when acceptance was forced for benchmarking (the
     acceptance numbers and tokens are then not the model's), else None."""
+    p = engine.config.parallel
     return {"engine": repr(engine), **engine.describe(),
-            "spec_forced_acceptance": getattr(engine.config, "speculative_forced_acceptance", None)}
+            "spec_forced_acceptance": getattr(engine.config, "speculative_forced_acceptance", None),
+            "parallel": {"tp": p.tp, "attention_dp": p.attention_dp, "ffn_ep": p.ffn_ep,
+                         "world_size": p.world_size}}
 
 
 def write_json(result: Mapping[str, Any], path: str | os.PathLike) -> None:

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from dlengine.bench.common import (
+    PARALLEL_ROOFLINE_NOTE,
     BenchError,
     EngineArgs,
     build_engine,
@@ -45,9 +46,12 @@ from dlengine.bench.common import (
     describe_engine,
     drain,
     engine_builder,
+    engine_stats,
     free_device_memory,
+    is_parallel,
     probe_device,
     settle,
+    wants_peaks,
     write_json,
 )
 from dlengine.bench.cpu_threads import cpu_threads, describe_cpu_threads
@@ -111,15 +115,17 @@ def run_latency(config: Any = None, *, engine: Engine | None = None, **overrides
             print(f"CPU threads: {describe_cpu_threads(threads)}", file=sys.stderr)
         if engine is not None:
             settle(engine)
-            peaks = resolve_peaks(engine.config.device, cfg.peak_bandwidth_gbps, cfg.peak_tflops)
+            peaks = (resolve_peaks(engine.config.device, cfg.peak_bandwidth_gbps, cfg.peak_tflops)
+                     if not is_parallel(engine) else None)
             result = _run(cfg, engine, peaks)
         else:
             device = probe_device(cfg)  # measure the peaks before the engine takes the memory
-            peaks = resolve_peaks(device, cfg.peak_bandwidth_gbps, cfg.peak_tflops) if device is not None else None
+            peaks = (resolve_peaks(device, cfg.peak_bandwidth_gbps, cfg.peak_tflops)
+                     if device is not None and wants_peaks(cfg) else None)
             engine = _build_engine(cfg)
             device = engine.config.device
             try:
-                if peaks is None:
+                if peaks is None and wants_peaks(cfg):
                     peaks = resolve_peaks(device, cfg.peak_bandwidth_gbps, cfg.peak_tflops)
                 result = _run(cfg, engine, peaks)
             finally:  # the engine is ours: free its device memory (KV cache, graphs, weights) for what runs next
@@ -142,6 +148,9 @@ def _build_engine(cfg: LatencyConfig) -> Engine:
 def _check_mode(cfg: LatencyConfig, engine: Engine) -> None:
     """A synthetic context needs an engine built with the connector, and nothing else may give it
     prompts that were not computed here."""
+    if cfg.synthetic_context and is_parallel(engine):
+        raise BenchError("synthetic_context (--synthetic-context) is not supported on a parallel engine "
+                         "(--tp / --attention-dp > 1) yet")
     synthetic = isinstance(getattr(engine, "connector", None), SyntheticContextConnector)
     if cfg.synthetic_context and engine.config.role != "hybrid":
         raise BenchError(f"synthetic_context runs decode on a hybrid engine; this engine's role is "
@@ -163,12 +172,21 @@ def _check_fits(cfg: LatencyConfig, engine: Engine) -> None:
     if cfg.batch_size > c.scheduler.max_num_seqs:
         raise BenchError(f"batch_size={cfg.batch_size} exceeds the engine's max_num_seqs={c.scheduler.max_num_seqs}; "
                          "raise --max-num-seqs")
-    bs = engine.kv_cache.block_size
+    bs, num_blocks = _kv_pool(engine)
     need = cfg.batch_size * math.ceil((cfg.input_len + cfg.output_len) / bs)
-    if need > engine.block_manager.num_blocks:
+    if need > num_blocks:
         raise BenchError(f"the batch needs {need} KV blocks of {bs} tokens but the cache has "
-                         f"{engine.block_manager.num_blocks}; lower --batch-size or the lengths, or give the cache "
+                         f"{num_blocks}; lower --batch-size or the lengths, or give the cache "
                          "more (--num-blocks, --memory-utilization)")
+
+
+def _kv_pool(engine: Engine) -> tuple[int, int]:
+    """(block size, blocks) of the engine's KV cache; a parallel engine's, of one rank (the ranks
+    of a DP group hold the same blocks; each DP replica has its own pool: one is the bound)."""
+    if is_parallel(engine):
+        d = engine.describe()
+        return d["block_size"], d["num_kv_blocks"]
+    return engine.kv_cache.block_size, engine.block_manager.num_blocks
 
 
 def _sync(engine: Engine) -> None:
@@ -182,10 +200,10 @@ def _sync(engine: Engine) -> None:
 def _one_iteration(cfg: LatencyConfig, engine: Engine, it: int, vocab: int, exclude: set[int]) -> dict[str, Any]:
     # fresh prompts every iteration, and on every call on the same engine (its step count differs),
     # so the prefix cache never turns a prefill into a cache hit
-    seed = cfg.seed + 1009 * (it + 1) + 7919 * engine.stats.num_steps
+    s = engine_stats(engine)
+    seed = cfg.seed + 1009 * (it + 1) + 7919 * s.num_steps
     prompts = random_requests(cfg.batch_size, cfg.input_len, cfg.output_len, vocab, exclude_ids=exclude, seed=seed)
     params = SamplingParams(max_tokens=cfg.output_len, temperature=0.0, ignore_eos=True)
-    s = engine.stats
     before = (len(s.steps), s.num_cached_tokens, s.num_preemptions)
     ids = [f"latency-{it}-{i}" for i in range(cfg.batch_size)]
     waiting_first, pending = set(ids), set(ids)
@@ -245,6 +263,7 @@ def _one_iteration(cfg: LatencyConfig, engine: Engine, it: int, vocab: int, excl
         except Exception:
             if not pending:
                 raise
+    s = engine_stats(engine)  # a parallel engine's is a snapshot: read it again
     steps = s.steps[before[0]:]
     return {
         "prefill_s": t_first - t0,
@@ -282,7 +301,8 @@ def _ms(v: float | None) -> float | None:
 def _run(cfg: LatencyConfig, engine: Engine, peaks: dict[str, Any]) -> dict[str, Any]:
     _check_mode(cfg, engine)
     _check_fits(cfg, engine)
-    cost = ModelCost.from_engine(engine)
+    # a parallel engine's shards live in its workers: no roofline estimates (docs/bench.md)
+    cost = None if is_parallel(engine) else ModelCost.from_engine(engine)
     vocab, exclude = _sample_vocab(engine), _special_ids(engine)
 
     from tqdm import tqdm
@@ -321,11 +341,13 @@ def _run(cfg: LatencyConfig, engine: Engine, peaks: dict[str, Any]) -> dict[str,
     # decode steps run fewer requests: cheaper steps that must not be set against B requests' bytes.)
     # A decode step for output token k (k = 2..O) attends to P + k - 1 tokens: mean P + O/2.
     mean_ctx = P + O / 2.0
-    step_bytes = cost.decode_step_bytes([mean_ctx] * B)
+    step_bytes = cost.decode_step_bytes([mean_ctx] * B) if cost is not None else None
     full = [t for r in iters for t, b in zip(r["decode_step_s"], r["decode_step_batch"]) if b == B]
     if full:
         full_step_s = float(np.mean(full))
-        decode_gbps = step_bytes / full_step_s / 1e9 if full_step_s else None
+        decode_gbps = step_bytes / full_step_s / 1e9 if full_step_s and cost is not None else None
+    elif cost is None:
+        full_step_s = decode_gbps = None
     else:
         # no step ran all B requests (the chunked prefill outlasted the first requests' outputs):
         # set each step against the bytes of the requests it did run, never against B's
@@ -335,14 +357,14 @@ def _run(cfg: LatencyConfig, engine: Engine, peaks: dict[str, Any]) -> dict[str,
         run_s = sum(t for t, _ in pairs)
         decode_gbps = run_bytes / run_s / 1e9 if run_s else None
     # MFU of prefill: FLOPs of the B prompts / mean prefill time / measured GEMM peak.
-    prefill_flops = None if synthetic else B * cost.prefill_flops(P)
-    prefill_tflops = None if synthetic else prefill_flops / prefill_s / 1e12
+    prefill_flops = None if synthetic or cost is None else B * cost.prefill_flops(P)
+    prefill_tflops = None if prefill_flops is None else prefill_flops / prefill_s / 1e12
 
     import torch
 
     import dlengine
 
-    notes = []
+    notes = [PARALLEL_ROOFLINE_NOTE] if cost is None else []
     if synthetic:
         notes.append("synthetic context: the prompts were not computed (their KV is zeros or stale cache content), "
                      "so prefill is not measured and the generated tokens are meaningless; decode cost is real")
@@ -400,9 +422,9 @@ def _run(cfg: LatencyConfig, engine: Engine, peaks: dict[str, Any]) -> dict[str,
         "decode_mbu": decode_gbps / peaks["copy_gbps"] if decode_gbps is not None else None,
         "prefill_flops": prefill_flops,
         "prefill_achieved_tflops": prefill_tflops,
-        "prefill_mfu": None if synthetic else prefill_tflops / peaks["bf16_tflops"],
+        "prefill_mfu": None if prefill_tflops is None else prefill_tflops / peaks["bf16_tflops"],
         "peaks": peaks,
-        "model_cost": cost.as_dict(),
+        "model_cost": cost.as_dict() if cost is not None else None,
         "notes": notes,
         "iterations": [
             {

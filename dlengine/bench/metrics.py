@@ -103,6 +103,7 @@ def format_report(result: Mapping[str, Any], title: str = "dlengine bench throug
     row("Device / dtype / attention", f"{result['device']} / {result['dtype']} / {result['attention_backend']}")
     if result.get("cpu_threads"):
         lines.append(f"{'CPU threads:':<14}{describe_cpu_threads(result['cpu_threads'])}")
+    _parallel_row(result, row)
     row("Dataset", result.get("dataset", "-"))
     row("Requests", result["num_requests"])
     row("Input tokens", result["total_input_tokens"])
@@ -141,8 +142,17 @@ def format_report(result: Mapping[str, Any], title: str = "dlengine bench throug
         row("Peaks used", _peaks_line(result["peaks"]))
     if result.get("compare"):
         _compare_rows(lines, row, width, result["compare"])
+    for note in result.get("notes", []):
+        lines.append(f"note: {note}")
     lines.append("=" * width)
     return "\n".join(lines)
+
+
+def _parallel_row(result: Mapping[str, Any], row) -> None:
+    p = result.get("parallel") or {}
+    if p.get("world_size", 1) > 1:
+        row("Parallel (tp / attention_dp / ffn_ep)", f"{p['tp']} / {p['attention_dp']} / {p['ffn_ep']} "
+                                                     f"({p['world_size']} ranks)")
 
 
 def _three_digits(v: float) -> str:
@@ -226,6 +236,7 @@ def format_latency_report(result: Mapping[str, Any], title: str = "dlengine benc
     row("Device / dtype / attention", f"{result['device']} / {result['dtype']} / {result['attention_backend']}")
     if result.get("cpu_threads"):
         lines.append(f"{'CPU threads:':<14}{describe_cpu_threads(result['cpu_threads'])}")
+    _parallel_row(result, row)
     row("Batch x input x output", f"{result['batch_size']} x {result['input_len']} x {result['output_len']}")
     row("Iterations (+ warm-up)", f"{result['num_iters']} (+{result['num_warmup_iters']})")
     if result.get("synthetic_context"):
@@ -248,12 +259,13 @@ def format_latency_report(result: Mapping[str, Any], title: str = "dlengine benc
     row("Decode tokens/s", result["decode_tokens_per_s"], 1)
     row("End-to-end (ms)", result["e2e_ms"])
     row("Output tokens/s (end-to-end)", result["output_tokens_per_s"], 1)
-    lines.append("-" * width)
-    row("Decode MBU (estimate)", _pct(result["decode_mbu"]))
-    row("Decode bandwidth (estimate)", format_gbps(result["decode_achieved_gbps"]))
-    row("Prefill MFU (estimate)", _pct(result["prefill_mfu"]))
-    row("Prefill compute (estimate)", format_tflops(result["prefill_achieved_tflops"]))
-    row("Peaks used", _peaks_line(result["peaks"]))
+    if result.get("peaks") is not None:  # none for a parallel engine (see the note)
+        lines.append("-" * width)
+        row("Decode MBU (estimate)", _pct(result["decode_mbu"]))
+        row("Decode bandwidth (estimate)", format_gbps(result["decode_achieved_gbps"]))
+        row("Prefill MFU (estimate)", _pct(result["prefill_mfu"]))
+        row("Prefill compute (estimate)", format_tflops(result["prefill_achieved_tflops"]))
+        row("Peaks used", _peaks_line(result["peaks"]))
     for note in result.get("notes", []):
         lines.append(f"note: {note}")
     lines.append("=" * width)

@@ -24,15 +24,19 @@ from typing import Any
 import numpy as np
 
 from dlengine.bench.common import (
+    PARALLEL_ROOFLINE_NOTE,
     BenchError,
     EngineArgs,
     build_engine,
     coerce_config,
     describe_engine,
     drain,
+    engine_stats,
     free_device_memory,
+    is_parallel,
     probe_device,
     settle,
+    wants_peaks,
     write_json,
 )
 from dlengine.bench.cpu_threads import cpu_threads, describe_cpu_threads
@@ -164,7 +168,7 @@ def _warmup(engine: Engine, cfg: ThroughputConfig) -> None:
 
 
 def _counters(engine: Engine) -> dict[str, int]:
-    s = engine.stats
+    s = engine_stats(engine)
     return {
         "steps": len(s.steps),
         "preemptions": s.num_preemptions,
@@ -207,19 +211,21 @@ def run_throughput(config: Any = None, *, engine: Engine | None = None, **overri
             print(f"CPU threads: {describe_cpu_threads(threads)}", file=sys.stderr)
         if engine is not None:
             settle(engine)
-            peaks = resolve_peaks(engine.config.device, cfg.peak_bandwidth_gbps, cfg.peak_tflops)
+            peaks = (resolve_peaks(engine.config.device, cfg.peak_bandwidth_gbps, cfg.peak_tflops)
+                     if not is_parallel(engine) else None)
             result, compare_inputs = _run(cfg, engine, peaks)
             model_path = engine.config.model.path
             pad = engine.config.model.pad_token_id
         else:
             device = probe_device(cfg)  # measure the peaks before the engine takes the memory
-            peaks = resolve_peaks(device, cfg.peak_bandwidth_gbps, cfg.peak_tflops) if device is not None else None
+            peaks = (resolve_peaks(device, cfg.peak_bandwidth_gbps, cfg.peak_tflops)
+                     if device is not None and wants_peaks(cfg) else None)
             engine = build_engine(cfg)
             device = engine.config.device
             model_path = engine.config.model.path
             pad = engine.config.model.pad_token_id
             try:
-                if peaks is None:
+                if peaks is None and wants_peaks(cfg):
                     peaks = resolve_peaks(device, cfg.peak_bandwidth_gbps, cfg.peak_tflops)
                 result, compare_inputs = _run(cfg, engine, peaks)
             finally:  # the engine is ours: free its device memory (KV cache, graphs, weights) for what runs next
@@ -306,10 +312,11 @@ def _run(cfg: ThroughputConfig, engine: Engine, peaks: dict[str, Any]) -> tuple[
     after = _counters(engine)
     outputs = [finals[rid] for rid in ids]
     timings = [request_timing(o) for o in outputs]
-    steps = engine.stats.steps[before["steps"]:after["steps"]]
+    steps = engine_stats(engine).steps[before["steps"]:after["steps"]]
     n_in = sum(t.prompt_len for t in timings)
     n_out = sum(t.output_len for t in timings)
-    est = _estimates(ModelCost.from_engine(engine), timings, steps, elapsed, peaks)
+    est = ({"notes": [PARALLEL_ROOFLINE_NOTE]} if is_parallel(engine)
+           else _estimates(ModelCost.from_engine(engine), timings, steps, elapsed, peaks))
 
     import torch
 

@@ -19,6 +19,9 @@ A tensor-parallel prefill engine hands off one KV shard per rank (params with "s
 pull then has one leg per rank (disagg/shards.py), each with its own peer, handshake, read into
 its head range's sub-buffer of staging, pin check and done slot; the request is ready when every
 leg is verified, and fails (every rank told to free) when one fails. Unsharded params are one leg.
+A decode engine under tensor parallelism runs one connector per rank (disagg/tp_decode.py), each
+pulling the kv heads of its own cache shard from whichever prefill rank(s) hold them; the ranks
+then agree on when a request is ready or failed.
 
 A model with a recurrent state (docs/gdn.md) reads the prefill side's staging state slot into a
 staging slot of its own in the same read, and copies it into the request's state slot when the
@@ -46,7 +49,8 @@ from dlengine.engine.sampler import skip_sampling_steps
 from dlengine.engine.seams import PollResult
 from dlengine.parallel.transfer.base import HandshakeError, KVLayout, TransferError
 from dlengine.parallel.transfer.kv_region import KVRegion
-from dlengine.parallel.transfer.kv_shards import stage_in_slice
+from dlengine.parallel.transfer.base import kv_layout
+from dlengine.parallel.transfer.kv_shards import region_rows, stage_in_slice
 
 logger = logging.getLogger("dlengine.disagg")
 NUM_SCRATCH = 4096
@@ -89,7 +93,7 @@ class DecodeConnector:
 
     def __init__(self, kv_cache, block_manager, config, transfer, engine_id: str, fingerprint: str,
                  pull_timeout_s: float = 30.0, queue_timeout_s: float = 60.0, staging_blocks: int | None = None,
-                 on_pull_failure: str = "fail") -> None:
+                 on_pull_failure: str = "fail", tp_rank: int = 0) -> None:
         self.kv_cache = kv_cache
         self.block_manager = block_manager
         self.config = config
@@ -99,14 +103,20 @@ class DecodeConnector:
         self.fingerprint = fingerprint
         self.pull_timeout_s = pull_timeout_s
         self.queue_timeout_s = queue_timeout_s
+        self.tp_rank = tp_rank  # which of the prefill ranks holding the same heads this rank reads (spreads the load)
         if staging_blocks == 0:
             from dlengine.config import ConfigError
 
             raise ConfigError("a decode engine always pulls into staging (staging_blocks=0 is for prefill engines): "
                               "a pull abandoned on timeout may still land late, and must not land in the cache")
+        # a cache shard of a tensor-parallel rank may read whole blocks of a prefill rank holding
+        # more of the heads (prefill tp < decode tp): staging rows per block to cover every head
+        first = kv_layout(kv_cache).groups[0]
+        rows_per_block = -(-first.total_heads // first.heads) if first.head_split else 1
         self.region = KVRegion(kv_cache, config.model, staging_blocks,
                                min_blocks=-(-config.max_model_len // kv_cache.block_size),
-                               staging_on_device=getattr(transfer, "reads_device_memory", False))
+                               staging_on_device=getattr(transfer, "reads_device_memory", False),
+                               rows_per_block=rows_per_block)
         # scratch row 0: nonces to write into a prefill engine's done slots; row 1: pin re-reads
         self.scratch = torch.zeros((2, NUM_SCRATCH), dtype=torch.int64)
         self.meta_in = torch.zeros(META_BYTES, dtype=torch.uint8)
@@ -131,7 +141,8 @@ class DecodeConnector:
         if request.remote_kv is None:
             return  # computed here, as a hybrid engine would
         p = KVTransferParams.from_dict(request.remote_kv)
-        request.append_token(p.first_token)
+        if not request.output_token_ids:  # a parallel engine's front appends it to the copy it sends (parallel/front.py)
+            request.append_token(p.first_token)
         # the prefill engine drew the first token's noise from this seed: draw past it here, so
         # seeded sampling continues exactly as on one engine
         skip_sampling_steps(request, self.config.model.vocab_size, self.config.device)
@@ -142,6 +153,10 @@ class DecodeConnector:
         pull = self.queue.get(request.request_id)
         if pull is None:
             return 0
+        self._check_queue_timeout(pull)
+        return pull.params.num_computed_tokens
+
+    def _check_queue_timeout(self, pull: _Pull) -> None:
         waited = time.monotonic() - pull.queued_at
         if waited > self.queue_timeout_s and pull.state == "queued":
             bm = self.block_manager
@@ -149,7 +164,6 @@ class DecodeConnector:
             self._fail(pull, f"decode engine {self.engine_id} is out of KV blocks: waited {waited:.1f}s for "
                              f"{bm.blocks_needed(pull.params.num_computed_tokens)} blocks ({bm.num_free_blocks} of "
                              f"{bm.num_blocks} free)")
-        return pull.params.num_computed_tokens
 
     def on_allocated(self, request, num_external_tokens: int) -> bool:
         pull = self.queue.get(request.request_id)
@@ -157,7 +171,7 @@ class DecodeConnector:
             return False
         req = pull.request
         try:
-            pull.legs = pull.legs or plan_legs(req.remote_kv, pull.params, self.region.layout)
+            pull.legs = pull.legs or plan_legs(req.remote_kv, pull.params, self.region.layout, self.tp_rank)
             for leg in pull.legs:  # every rank, also those read from none: each is told when we are done
                 self._ensure_peer(leg.params, leg.expected)
             self._check_state_handoff(pull)
@@ -165,16 +179,23 @@ class DecodeConnector:
             del self.queue[req.request_id]
             self._fail(pull, str(e))
             return True  # the scheduler holds it as waiting for KV until poll() fails it
-        region_blocks = self.region.allocate(req.block_ids)
+        return self._start(pull)
+
+    def _start(self, pull: _Pull) -> bool:
+        """Take staging for a planned pull and issue its legs' reads; False (nothing taken) when
+        staging is full: retry when pulls in flight have landed."""
+        req = pull.request
+        slices = [leg.slice for leg in pull.legs if leg.slice is not None]
+        region_blocks = self.region.allocate_rows(region_rows(slices, pull.params.num_computed_tokens))
         if region_blocks is None:
-            return False  # staging is full: retry when pulls in flight have landed
+            return False
         if self.region.has_state:
             state_slot = self.region.allocate_state()
             if state_slot is None:
                 self.region.release(region_blocks)
-                return False  # every staging state slot is in use: retry when pulls have landed
+                return False  # every staging state slot is in use
             pull.region_state_slot = state_slot
-        del self.queue[req.request_id]
+        self.queue.pop(req.request_id, None)
         pull.region_blocks = region_blocks
         pull.started = time.monotonic()
         pull.deadline = pull.started + self.pull_timeout_s
@@ -216,12 +237,15 @@ class DecodeConnector:
             raise TransferError(f"request {pull.request.request_id} was allocated no state slot")
 
     def poll(self) -> PollResult:
+        self._advance_all()
+        result, self._result = self._result, PollResult()
+        return result
+
+    def _advance_all(self) -> None:
         self._reap_notifies()
         for rid, pull in list(self.active.items()):
             if self.active.get(rid) is pull:  # a peer's timeout may have ended it meanwhile
                 self._advance(pull)
-        result, self._result = self._result, PollResult()
-        return result
 
     def _advance(self, pull: _Pull) -> None:
         """Move each leg on (KV read -> pin re-read -> verified); end the pull when every leg is
@@ -290,8 +314,9 @@ class DecodeConnector:
         for leg in pull.legs:
             if leg.slice is None:
                 continue
-            if leg.slice.whole:
-                self.region.stage_in(pull.region_blocks, req.block_ids, p.num_computed_tokens)
+            if leg.slice.whole:  # the only shard read: its staging rows are cache blocks
+                n = leg.slice.num_blocks(p.num_computed_tokens)
+                self.region.stage_in(pull.region_blocks[:n], req.block_ids[:n], p.num_computed_tokens)
             else:  # one prefill rank's heads: into their head range of the cache blocks
                 stage_in_slice(self.region.tensor, leg.slice, self.kv_cache, pull.region_blocks, req.block_ids,
                                p.num_computed_tokens)
@@ -299,12 +324,17 @@ class DecodeConnector:
             # the decode step resumes from it (has_initial_state: num_computed_tokens > 0)
             self.region.stage_state_in(pull.region_state_slot, req.state_slot)
         self._retire(pull)
-        self._notify_all(pull)
         req.metrics.first_token_time = req.metrics.first_token_time or time.perf_counter()
-        self._result.ready.append(req)
         self.migrations.append(MigrationRecord(req.request_id, p.engine_id, p.num_computed_tokens, len(req.block_ids),
                                                pull.segments, pull.nbytes, time.monotonic() - pull.started,
                                                sum(leg.slice is not None for leg in pull.legs)))
+        self._landed(pull)
+
+    def _landed(self, pull: _Pull) -> None:
+        """The pull's KV is in the request's cache blocks: the prefill side may free its copy, and
+        the request decodes from the next step on."""
+        self._notify_all(pull)
+        self._result.ready.append(pull.request)
         self.counts["pulled"] += 1
 
     def _retire(self, pull: _Pull) -> None:

@@ -27,9 +27,11 @@ def rank_kv_config(config, kv_cache):
 
 
 def make_connector(role: str, transfer: dict, kv_cache, block_manager, config, control_plane: dict | None = None,
-                   rank: int = 0):
+                   rank: int = 0, parallel_state=None):
     """The connector for `role` over a new transfer engine. `rank` names this rank's endpoint
-    when the engine is one rank of a parallel layout (each rank moves its own KV shard)."""
+    when the engine is one rank of a parallel layout (each rank moves its own KV shard); a
+    decode rank of a tensor-parallel group (`parallel_state`) agrees with the other ranks on
+    when a pulled request is ready (disagg/tp_decode.py)."""
     te = make_transfer_engine(transfer["backend"], transport=transfer["transport"], host=transfer["host"],
                               port=transfer["port"] if rank == 0 else 0)
     engine_id = transfer["engine_id"] or f"{role}-{uuid.uuid4().hex[:8]}"
@@ -47,11 +49,18 @@ def make_connector(role: str, transfer: dict, kv_cache, block_manager, config, c
         else:
             from dlengine.disagg.decode import DecodeConnector
 
-            connector = DecodeConnector(kv_cache, block_manager, config, te, engine_id, fingerprint,
-                                        pull_timeout_s=transfer["pull_timeout_s"],
-                                        queue_timeout_s=transfer["queue_timeout_s"],
-                                        staging_blocks=transfer["staging_blocks"],
-                                        on_pull_failure=transfer.get("on_pull_failure", "fail"))
+            options = dict(pull_timeout_s=transfer["pull_timeout_s"], queue_timeout_s=transfer["queue_timeout_s"],
+                           staging_blocks=transfer["staging_blocks"],
+                           on_pull_failure=transfer.get("on_pull_failure", "fail"))
+            if parallel_state is not None and parallel_state.tp_size > 1:
+                from dlengine.disagg.tp_decode import TPDecodeConnector
+                from dlengine.parallel.pull_agreement import PullAgreement
+
+                agreement = PullAgreement(parallel_state.tp_group, parallel_state.tp_rank, parallel_state.tp_size)
+                connector = TPDecodeConnector(kv_cache, block_manager, config, te, engine_id, fingerprint,
+                                              agreement=agreement, **options)
+            else:
+                connector = DecodeConnector(kv_cache, block_manager, config, te, engine_id, fingerprint, **options)
     except BaseException:
         te.close()
         raise

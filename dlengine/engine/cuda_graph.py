@@ -8,7 +8,8 @@ per request). Which graph a step replays and how its rows are padded is engine/g
 the smallest captured batch size >= the step's requests, padding requests with slot -1 (their
 K/V are not written) and context 0 (their attention reads nothing), short proposals padded with
 drafts that write no KV and are never sampled. Steps with prompt tokens, more requests than the
-largest graph, or requests with images run eagerly.
+largest graph, or rows that are image or video tokens run eagerly (the text rows of requests with
+images replay graphs, their M-RoPE positions shifted into the 1-D positions: graph_layout.py).
 
 Everything a graph reads lives in static buffers filled before each replay (`stage`), and
 everything it produces goes to static output buffers sized for the largest graph: the logits of

@@ -26,9 +26,13 @@ row attends it), writes no KV, and its logits row is never sampled (`sample_rows
 1 + d real rows of each request), so it can neither be accepted nor change a real token; it only
 costs its share of the forward. A step where no request drafts replays the q = 1 graph instead.
 
-Steps stay eager when a graph cannot express them: prompt chunks, scoring requests (every row
-feeds logits), requests with images (M-RoPE positions are not in the graph's inputs), more
-requests than the largest graph, or more drafts than the largest captured q.
+Requests with images or videos replay graphs too once their step's tokens are text (decode and
+verify steps: generated tokens, or the text after the last image): their M-RoPE positions are
+then equal on all three axes, `index + mrope_delta`, which is what the 1-D position
+`index + mrope_delta` gives (multimodal/inputs.py `text_rope_offset`); the KV slots keep the
+token index. Steps stay eager when a graph cannot express them: prompt chunks, scoring requests
+(every row feeds logits), a step row that is an image or video token, more requests than the
+largest graph, or more drafts than the largest captured q.
 """
 
 from __future__ import annotations
@@ -64,6 +68,14 @@ def padded_size(batch_sizes: Sequence[int], n: int) -> int | None:
     return None
 
 
+def rope_offset(request, num_rows: int) -> int | None:
+    """What to add to the token index of the request's next `num_rows` rows to get their 1-D
+    rotary position: 0 for text-only requests, `mrope_delta` for the text rows of a request with
+    images or videos, None where a row is an image or video token."""
+    mm = getattr(request, "multimodal", None)
+    return 0 if mm is None else mm.text_rope_offset(request.num_computed_tokens, num_rows)
+
+
 def choose_graph(scheduled: Sequence, query_lens: Sequence[int], batch_sizes: Sequence[int]) -> GraphChoice | None:
     """The graph a step replays, or None to run it eagerly.
 
@@ -76,8 +88,8 @@ def choose_graph(scheduled: Sequence, query_lens: Sequence[int], batch_sizes: Se
         # one decode token (plus drafts) that samples: a prompt chunk or a scoring request is not
         if not s.sample or s.num_new_tokens != 1 + s.num_spec_tokens:
             return None
-        if s.request.multimodal is not None:
-            return None
+        if rope_offset(s.request, s.num_new_tokens) is None:
+            return None  # an image or video token: its M-RoPE axes differ
         drafts = max(drafts, s.num_spec_tokens)
     bs = padded_size(batch_sizes, len(scheduled))
     q = next((q for q in sorted(query_lens) if q >= 1 + drafts), None)
@@ -139,8 +151,11 @@ def padded_layout(requests: Sequence, num_drafts: Sequence[int], choice: GraphCh
         d = num_drafts[i]
         input_ids[first[i] + 1: first[i] + 1 + d] = requests[i].spec_token_ids[:d]
     offsets = np.arange(q, dtype=np.int64)
-    pos = starts[:, None] + offsets[None, :]  # [n, q]
-    positions[: n * q] = np.minimum(pos, max_model_len - 1).reshape(-1)
+    pos = starts[:, None] + offsets[None, :]  # [n, q] token indices: KV slots and contexts
+    # rotary positions: the index, shifted by mrope_delta for requests with images (rope_offset)
+    # (choose_graph admitted only steps where it is defined)
+    shift = np.array([rope_offset(r, q) or 0 for r in requests], dtype=np.int64).reshape(n)
+    positions[: n * q] = np.clip(pos + shift[:, None], 0, max_model_len - 1).reshape(-1)
     # real rows (j <= d): KV at the request's slot for position start + j; padding drafts: none
     req, j = np.nonzero(offsets[None, :] <= drafts[:, None])
     p = pos[req, j]

@@ -108,7 +108,7 @@ class Ops:
     """The fused ops a decoder layer calls, each bound to one implementation (same signatures as
     the torch references in norm_rope/, moe/, fp8/). `names` says which, per op group."""
 
-    rms_norm: Callable  # (x, weight, eps, residual=None) -> y | (y, x + residual)
+    rms_norm: Callable  # (x, weight, eps, residual=None, zero_centred=False) -> y | (y, x + residual)
     silu_and_mul: Callable  # (x [.., 2d]) -> [.., d]
     rope: Callable  # (q, k, positions, cos, sin) -> (q, k)
     # (q, k, v, positions, cos, sin, slots, k_cache, v_cache, q_norm_w, k_norm_w, eps[, k_scale=, v_scale=: FP8 caches])
@@ -133,6 +133,9 @@ class Ops:
     # DeepSeek-V4's clamped-SwiGLU experts: (x, w13, w2, topk_weights, topk_ids, limit) -> [T, H];
     # the fused Triton MoE with its clamped epilogue on CUDA, else the per-expert reference
     fused_experts_clamped: Callable = v4_reference.clamped_swiglu_experts
+    # Gated DeltaNet's output norm: (x, gate, weight, eps) -> weight * norm(x) * silu(gate); Triton
+    # with the other norm_rope kernels
+    gated_rms_norm: Callable = norm_rope_torch.gated_rms_norm
 
 
 TORCH_OPS = Ops(
@@ -156,7 +159,8 @@ def select_ops(device: torch.device | str, use_triton: bool = True) -> Ops:
     ops, names = {}, dict(TORCH_OPS.names)
     if HAS_TRITON_OPS:
         ops.update(rms_norm=norm_rope_triton.rms_norm, silu_and_mul=norm_rope_triton.silu_and_mul,
-                   rope=norm_rope_triton.rope, rope_write_kv=norm_rope_triton.rope_write_kv)
+                   rope=norm_rope_triton.rope, rope_write_kv=norm_rope_triton.rope_write_kv,
+                   gated_rms_norm=norm_rope_triton.gated_rms_norm)
         names["norm_rope"] = "triton (fused rms norm, silu-and-mul, qk-norm + rope + kv write)"
     if HAS_FUSED_MOE:
         ops["fused_experts"] = fused_moe_triton.fused_experts_triton

@@ -9,6 +9,10 @@ learned-routed, clamped SwiGLU: layers/v4_moe.py) -> merge. The residual is `hc_
 Module names are the released checkpoint's (`embed`, `layers.N.attn.wq_a`, `layers.N.ffn.gate`,
 `hc_head_fn`, `head`, no `model.` prefix), so loading renames nothing but the per-expert tensors.
 The `mtp.*` tensors (the multi-token-prediction module) are not loaded, as in transformers.
+
+Under tensor parallelism the query heads, output groups, experts' intermediate dims and vocab are
+split; the shared K=V head, compressors, indexer, routers and hyper-connections are replicated,
+so every rank holds the whole cache (docs/deepseek_v4.md, "Tensor and expert parallelism").
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from dlengine.models.layers.norm import RMSNorm
 from dlengine.models.layers.parallel_linear import ParallelLMHead, VocabParallelEmbedding
 from dlengine.models.layers.v4_attention import CSA, HCA, SLIDING, V4_STATE, InterleavedRope, V4Attention, float32_param
 from dlengine.models.layers.v4_moe import V4MoE
+from dlengine.parallel.state import get_parallel_state
 
 _COMPRESS_RATIO_TO_KIND = {0: SLIDING, 4: CSA, 128: HCA}  # legacy `compress_ratios`
 
@@ -124,6 +129,20 @@ class V4Settings:
                               f"{s.num_experts}]")
         return s
 
+    def check_tensor_parallel(self, tp: int, where: str) -> None:
+        """ConfigError unless `tp` ranks can each hold whole shards: query heads (and their sinks),
+        output groups (wo_a is one block per group) and the experts' intermediate dim."""
+        if tp == 1:
+            return
+        for name, n, why in (("num_attention_heads", self.num_heads, "the query heads are split across ranks"),
+                             ("o_groups", self.o_groups, "the grouped output projection wo_a is one block per "
+                              "group, so each rank holds whole groups"),
+                             ("moe_intermediate_size", self.moe_intermediate, "every expert's intermediate dim "
+                              "(routed and shared) is split across ranks")):
+            if n % tp:
+                raise ConfigError(f"{where}: DeepSeek-V4 under tensor parallelism: {name}={n} is not divisible by "
+                                  f"tp={tp} ({why}); choose a tp dividing it")
+
 
 def _rope_configs(hf: dict, params: dict, partial: float) -> tuple[RopeConfig, RopeConfig]:
     """"main" (sliding layers: rope_theta, no scaling) and "compress" (CSA / HCA layers, their
@@ -174,6 +193,7 @@ class DeepseekV4ForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         s = self.settings = V4Settings.from_config(cfg)
+        s.check_tensor_parallel(get_parallel_state().tp_size, f"{cfg.path}/config.json")
         self.expert_params = V4MoE.checkpoint_mapping(s.num_experts)
         self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         main_rope = InterleavedRope(s.rope_dim, max_position, s.main_rope)
@@ -195,11 +215,11 @@ class DeepseekV4ForCausalLM(nn.Module):
     def cache_specs(cls, model_config: ModelConfig, *, dtype: torch.dtype, tp_size: int = 1,
                     tp_rank: int = 0) -> list[CacheSpec]:
         """Compressed entries (paged) for the CSA / HCA layers and the CSA indexer; per-sequence
-        rings (window K=V, partial compression windows) for every layer: docs/deepseek_v4.md."""
-        if tp_size > 1:
-            raise ConfigError("DeepseekV4ForCausalLM: tensor parallelism is not implemented for DeepSeek-V4 yet; "
-                              "use tp=1")
+        rings (window K=V, partial compression windows) for every layer: docs/deepseek_v4.md.
+        The same on every tensor-parallel rank: the one K=V head, the compressors and the indexer
+        are replicated (only the query heads are split), so each rank holds the whole cache."""
         s = V4Settings.from_config(model_config)
+        s.check_tensor_parallel(tp_size, f"{model_config.path}/config.json")
         by_kind = {k: tuple(i for i, t in enumerate(s.layer_types) if t == k) for k in (SLIDING, CSA, HCA)}
         if not by_kind[CSA] and not by_kind[HCA]:
             raise ConfigError(f"{model_config.path}: every layer is sliding_attention; the paged cache holds the "

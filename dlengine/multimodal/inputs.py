@@ -114,6 +114,18 @@ class MultimodalInputs:
         out[:, in_prompt:] = np.arange(start + in_prompt, start + num, dtype=np.int64) + self.mrope_delta
         return out
 
+    def text_rope_offset(self, start: int, num: int) -> int | None:
+        """The offset d with rope_positions(start, num) == start + i + d on every axis (generated
+        tokens and text after the last image: what a plain 1-D position start + i + d gives a
+        model whose M-RoPE axes are equal), or None where an axis differs (image or video tokens).
+        CUDA-graph steps feed such rows as 1-D positions (engine/graph_layout.py)."""
+        if start >= self.prompt_len:
+            return self.mrope_delta
+        pos = self.rope_positions(start, num)
+        d = int(pos[0, 0]) - start
+        want = np.arange(start, start + num, dtype=np.int64) + d
+        return d if (pos == want[None, :]).all() else None
+
     def images_overlapping(self, start: int, end: int) -> list[tuple[int, ImageInput]]:
         """(index, image) of the images with tokens in [start, end)."""
         return [(k, im) for k, im in enumerate(self.images) if im.offset < end and im.end > start]

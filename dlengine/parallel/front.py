@@ -26,10 +26,12 @@ import torch
 import torch.distributed as dist
 
 from dlengine.config import EngineConfig
-from dlengine.engine.core import CoreOutput
+from dlengine.disagg.params import KVTransferParams
+from dlengine.engine.core import CoreOutput, EngineStats
 from dlengine.engine.engine import Engine, Prompt
 from dlengine.engine.request import Request, RequestOutput
 from dlengine.parallel.launcher import WorkerGroup
+from dlengine.parallel.rank_stats import merge_replica_stats
 from dlengine.parallel.state import (ParallelState, build_parallel_state, default_backend, destroy_distributed,
                                      in_distributed_worker, init_distributed, set_parallel_state)
 from dlengine.sampling_params import SamplingParams
@@ -69,8 +71,13 @@ def build_rank(cfg: EngineConfig):
 class _Dispatch:
     """The front's bookkeeping of which DP rank holds which request, and what to send next."""
 
-    def __init__(self, dp_size: int) -> None:
+    def __init__(self, dp_size: int, config: EngineConfig | None = None) -> None:
         self.dp_size = dp_size
+        # a decode engine's migrated request starts with the prefill side's first token: a local
+        # core's connector appends it to the very request the front tracks; the ranks' cores
+        # have copies, so the front appends it to its own (the copies it sends carry it along)
+        self.appends_first_token = (config is not None and config.role == "decode"
+                                    and config.components.kv_connector is None)
         self.owner: dict[str, int] = {}  # request id -> DP rank, while it runs
         self.handed_off: set[str] = set()  # prefill hand-offs (their blocks may still be pinned)
         self.adds: list[list[Request]] = [[] for _ in range(dp_size)]
@@ -78,6 +85,8 @@ class _Dispatch:
         self.rank_busy = False
 
     def add(self, request: Request) -> None:
+        if self.appends_first_token and request.remote_kv is not None and not request.output_token_ids:
+            request.append_token(KVTransferParams.from_dict(request.remote_kv).first_token)
         loads = [0] * self.dp_size
         for d in self.owner.values():
             loads[d] += 1
@@ -123,6 +132,8 @@ def _rank_worker(conn, cfg: EngineConfig) -> None:
             conn.send(("reply", rank, rank_core.step(adds, aborts)))
         elif op == "stats":
             conn.send(("reply", rank, rank_core.stats()))
+        elif op == "engine_stats":  # the output ranks' EngineStats (step records included)
+            conn.send(("reply", rank, rank_core.core.stats if state.is_output_rank else None))
         elif op == "raise":  # failure injection for tests of the error path
             if rank == payload[1]:
                 raise RuntimeError(payload[0])
@@ -141,7 +152,7 @@ class WorkerCores:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         p = config.parallel
-        self._dispatch = _Dispatch(p.attention_dp)
+        self._dispatch = _Dispatch(p.attention_dp, config)
         self._workers = WorkerGroup(_rank_worker, p.world_size, (config,), backend=default_backend(config.device.type),
                                     pass_conn=True, dist_timeout_s=p.timeout_s or 600.0)
         self._closed = False
@@ -256,6 +267,11 @@ class ParallelEngine(Engine):
         """Per rank: steps, idle lockstep steps, tokens and per-expert routed token counts."""
         return self.core.command("stats")
 
+    def engine_stats(self) -> EngineStats:
+        """The engine's counters as one EngineStats, like a local engine's `stats`: each DP
+        replica's output rank's, merged (parallel/rank_stats.py). Benchmarks read it."""
+        return merge_replica_stats([s for s in self.core.command("engine_stats") if s is not None])
+
     def _inject_failure(self, rank: int, message: str) -> None:
         """Make worker `rank` raise RuntimeError(message) while the others wait (tests only)."""
         self.core.command("raise", message, rank)
@@ -278,7 +294,7 @@ class BroadcastCores:
         self.config = rank_core.core.config
         self.state: ParallelState = rank_core.state
         self.owns_world = owns_world
-        self._dispatch = _Dispatch(self.config.parallel.attention_dp)
+        self._dispatch = _Dispatch(self.config.parallel.attention_dp, self.config)
         self.closed = False
 
     def broadcast(self, message) -> Any:

@@ -13,7 +13,9 @@ that stopped early), or none. The schedule is fixed: no extra agreement per step
 
 Only the output rank of each DP group (its first TP rank) reports outputs. A prefill engine
 under TP hands off one KV shard per rank: the output rank's kv_transfer_params list the other
-ranks' params under "shards".
+ranks' params under "shards". A decode engine under TP pulls one KV shard per rank; its ranks'
+connectors agree inside their poll, at the start of every rank's schedule, on which requests
+are ready or failed (parallel/pull_agreement.py), so the schedulers stay identical.
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ class RankCore:
             # TP ranks are identical: each steps (an idle core only polls its connector)
             self.lockstep_steps += 1
             outputs = core.step()
-        if core.connector is not None and self.state.tp_size > 1:
+        if self.state.tp_size > 1 and core.connector is not None and getattr(core.connector, "name", None) != "decode":
             outputs = self._merge_kv_shards(outputs)
         return (outputs if self.state.is_output_rank else []), core.has_unfinished()
 
@@ -127,7 +129,7 @@ class RankCore:
         return outputs
 
     def stats(self) -> dict[str, Any]:
-        s = self.core.stats
+        s, sched = self.core.stats, self.core.scheduler
         return {"rank": self.state.rank, "tp_rank": self.state.tp_rank, "dp_rank": self.state.dp_rank,
                 "num_steps": s.num_steps, "lockstep_steps": self.lockstep_steps, "idle_steps": self.idle_steps,
                 "idle_draft_forwards": self.idle_draft_forwards,
@@ -140,4 +142,7 @@ class RankCore:
                 # the rank's block pool and KV connector (a prefill rank's pinned hand-offs)
                 "num_free_blocks": self.core.block_manager.num_free_blocks,
                 "num_blocks": self.core.block_manager.num_blocks,
+                # the rank's scheduler queues (a server's /metrics adds up the output ranks')
+                "num_running": len(sched.running),
+                "num_waiting": len(sched.waiting) + len(getattr(sched, "waiting_for_kv", ())),
                 "connector": self.core.connector.describe() if self.core.connector is not None else None}

@@ -18,13 +18,30 @@ class Backend:
     source: str = "flag"  # flag | ctrl (discovered; removed when its registration goes)
     healthy: bool = True  # a flag backend starts healthy; a failed request or health check clears it
     in_flight: int = 0  # router requests using it now (least-load)
+    # what the backend's /metrics said it holds (running + waiting; router/load.py) at the last
+    # health round, and this router's in_flight then; None: not read (falls back to in_flight)
+    reported_load: int | None = None
+    in_flight_at_report: int = 0
     model: str | None = None
     last_error: str | None = None
     changed_at: float = field(default_factory=time.monotonic)
 
+    @property
+    def load(self) -> int:
+        """Requests on this backend as far as the router knows: its last reported count plus what
+        this router sent it since (requests that ended since count until the next report), or
+        this router's in-flight count when the backend reports none."""
+        if self.reported_load is None:
+            return self.in_flight
+        return self.reported_load + max(0, self.in_flight - self.in_flight_at_report)
+
+    def report_load(self, load: int | None) -> None:
+        self.reported_load, self.in_flight_at_report = load, self.in_flight
+
     def describe(self) -> dict:
         return {"url": self.url, "role": self.role, "source": self.source, "healthy": self.healthy,
-                "in_flight": self.in_flight, "model": self.model, "last_error": self.last_error}
+                "in_flight": self.in_flight, "reported_load": self.reported_load, "model": self.model,
+                "last_error": self.last_error}
 
 
 class BackendPool:

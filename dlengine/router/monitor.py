@@ -2,7 +2,9 @@
 `dlengine serve` servers registered with dlslime-ctrl (kind "dlengine", serve/registration.py).
 
 Health: GET /health on every backend each `health_interval_s`; a failure or a non-200 drops the
-backend from routing, a later success brings it back. Requests that fail to connect drop a
+backend from routing, a later success brings it back. Under the least-load policy the same
+round reads each healthy backend's /metrics for the requests it holds (router/load.py); a page
+that fails or names no known count leaves that backend on the router's own in-flight count. Requests that fail to connect drop a
 backend at once too (proxy.py), without waiting for the next check.
 
 Discovery: each `discovery_interval_s` the router lists the registered servers; a new one is
@@ -21,12 +23,23 @@ import httpx
 
 from dlengine.router.backends import ROLES, BackendPool
 from dlengine.router.config import RouterConfig
+from dlengine.router.load import parse_load
 
 logger = logging.getLogger("dlengine.router")
 ENTITY_KIND = "dlengine"
 
 
-async def check_health(pool: BackendPool, client: httpx.AsyncClient, timeout_s: float) -> None:
+async def read_load(backend, client: httpx.AsyncClient, timeout_s: float) -> None:
+    try:
+        r = await client.get(f"{backend.url}/metrics", timeout=timeout_s)
+        load = parse_load(r.text) if r.status_code == 200 else None
+    except httpx.HTTPError:
+        load = None
+    backend.report_load(load)
+
+
+async def check_health(pool: BackendPool, client: httpx.AsyncClient, timeout_s: float,
+                       read_loads: bool = False) -> None:
     async def probe(backend) -> None:
         try:
             r = await client.get(f"{backend.url}/health", timeout=timeout_s)
@@ -35,6 +48,8 @@ async def check_health(pool: BackendPool, client: httpx.AsyncClient, timeout_s: 
             ok, why = False, f"/health failed: {e!r}"
         if ok:
             pool.mark_up(backend)
+            if read_loads:
+                await read_load(backend, client, timeout_s)
         else:
             pool.mark_down(backend, why)
 
@@ -84,6 +99,6 @@ async def monitor(pool: BackendPool, client: httpx.AsyncClient, config: RouterCo
             await discover(pool, client, config)
             next_discovery = now + config.discovery_interval_s
         if now >= next_health:
-            await check_health(pool, client, config.health_timeout_s)
+            await check_health(pool, client, config.health_timeout_s, read_loads=config.policy == "least-load")
             next_health = now + config.health_interval_s
         await asyncio.sleep(min(config.health_interval_s, config.discovery_interval_s) / 2)

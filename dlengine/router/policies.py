@@ -1,7 +1,9 @@
 """Which backend of a role a request goes to.
 
 - round-robin: the healthy backends in turn (one counter per role).
-- least-load: the one with the fewest requests this router has in flight on it (ties: URL order).
+- least-load: the one holding the fewest requests (ties: URL order): the count its /metrics reported
+  at the last health round plus what this router sent it since (router/load.py), or this
+  router's in-flight count where a backend reports none.
 - prefix-affinity: rendezvous hashing of the prompt's first `prefix_chars` characters (a chat's
   messages as JSON): requests sharing that prefix go to the same backend, whose prefix cache then
   hits; a backend leaving moves only its own prefixes.
@@ -34,7 +36,7 @@ class Policy:
     def choose(self, candidates: Sequence[Backend], body: dict, role: str) -> Backend:
         """One of `candidates` (non-empty, in a stable order)."""
         if self.name == "least-load":
-            return min(candidates, key=lambda b: b.in_flight)
+            return min(candidates, key=lambda b: b.load)
         if self.name == "prefix-affinity":
             key = prefix_key(body, self.prefix_chars).encode()
             return max(candidates, key=lambda b: hashlib.sha256(key + b"\0" + b.url.encode()).digest())

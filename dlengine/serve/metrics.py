@@ -4,7 +4,8 @@ Per-request numbers (latencies, token counts, prefix-cache hits, preemptions) ar
 a request's final output arrives, from its RequestMetrics, so they hold for every kind of core.
 Load numbers (running / waiting requests, KV cache usage), the KV transfer counters of a
 prefill or decode engine and the speculative-decoding counters are read from the engine at scrape time, on the stepping thread
-(`engine_snapshot`). Each app has its own registry, so several servers can live in one process.
+(`engine_snapshot`); a parallel engine's come from its ranks, with per-rank series
+(dlengine_rank_*{rank, tp_rank, dp_rank}) beside the engine-wide ones. Each app has its own registry, so several servers can live in one process.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ _TRANSFER_COUNTERS = ("handed_off", "released_done", "released_timeout", "releas
 
 def engine_snapshot(engine: Engine) -> dict[str, Any]:
     """Load and transfer numbers; run it on the stepping thread. The scheduler and block pool are
-    those of a local core; a parallel core has them in its workers, so only the front's count of
-    unfinished requests is known there."""
+    those of a local core; a parallel front asks its ranks (`parallel_snapshot`)."""
+    if engine.config.parallel.world_size > 1 and hasattr(engine, "engine_stats"):
+        return parallel_snapshot(engine.stats())
     snap: dict[str, Any] = {"running": engine.num_unfinished_requests, "waiting": None, "kv_usage": None}
     try:
         sched = engine.scheduler
@@ -47,6 +49,35 @@ def engine_snapshot(engine: Engine) -> dict[str, Any]:
         snap["spec"] = {"draft_tokens": stats.num_draft_tokens, "accepted_tokens": stats.num_accepted_tokens,
                         "verifications": stats.num_spec_verifications}
     return snap
+
+
+def parallel_snapshot(ranks: list[dict[str, Any]]) -> dict[str, Any]:
+    """A parallel engine's load from its ranks' stats (ParallelEngine.stats()). The TP ranks of a
+    DP replica hold the same requests and block tables, so the engine-wide numbers add up each
+    replica's output rank (tp_rank 0); every rank's own pool and lockstep counters are kept too."""
+    outputs = [r for r in ranks if r["tp_rank"] == 0]
+    free, blocks = sum(r["num_free_blocks"] for r in outputs), sum(r["num_blocks"] for r in outputs)
+    snap: dict[str, Any] = {
+        "running": sum(r["num_running"] for r in outputs), "waiting": sum(r["num_waiting"] for r in outputs),
+        "kv_usage": 1.0 - free / blocks if blocks else None, "kv_free_blocks": free, "kv_blocks": blocks,
+        # the output rank's connector, live (describe()["kv_transfer"] is the workers' build-time copy)
+        "kv_transfer": (outputs[0].get("connector") or {}) if outputs else {},
+        "spec": {"draft_tokens": sum(r["num_draft_tokens"] for r in outputs),
+                 "accepted_tokens": sum(r["num_accepted_tokens"] for r in outputs),
+                 "verifications": sum(r["num_spec_verifications"] for r in outputs)},
+        "ranks": ranks,
+    }
+    return snap
+
+
+# per-rank series of a parallel engine: (metric, stats key, kind, help)
+_RANK_METRICS = (
+    ("dlengine_rank_kv_cache_free_blocks", "num_free_blocks", "gauge", "Free KV cache blocks of a rank"),
+    ("dlengine_rank_kv_cache_blocks", "num_blocks", "gauge", "KV cache blocks of a rank"),
+    ("dlengine_rank_lockstep_steps", "lockstep_steps", "counter", "Lockstep steps a rank took part in"),
+    ("dlengine_rank_idle_steps", "idle_steps", "counter",
+     "Steps a rank joined the MoE collectives with no tokens (expert parallelism)"),
+)
 
 
 class _SnapshotCollector:
@@ -72,6 +103,13 @@ class _SnapshotCollector:
                              ("accepted_tokens", "Draft tokens accepted"),
                              ("verifications", "Request-steps that verified drafts")):
                 yield CounterMetricFamily(f"dlengine_spec_decode_{key}", doc, value=float(spec[key]))
+        ranks = s.get("ranks") or []
+        for name, key, kind, doc in _RANK_METRICS if ranks else ():
+            family = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(
+                name, doc, labels=["rank", "tp_rank", "dp_rank"])
+            for r in ranks:
+                family.add_metric([str(r["rank"]), str(r["tp_rank"]), str(r["dp_rank"])], float(r[key]))
+            yield family
         transfer = s.get("kv_transfer") or {}
         if transfer:
             counters = CounterMetricFamily("dlengine_kv_transfer_requests", "KV transfers by outcome",

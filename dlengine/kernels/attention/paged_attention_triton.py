@@ -153,31 +153,9 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
 
 
 @triton.jit
-def _attn_tile(
-    acc, l_i, m_i, q, q_pos,
-    k_base, v_base, bt_row, start_n, kv_end, qk_scale,
-    stride_kb, stride_ks, stride_vb, stride_vs,
-    offs_d,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-    BOUND: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    KV_FP8: tl.constexpr,
-):
-    """Fold keys [start_n, start_n + BLOCK_N) into (acc, l_i, m_i).
-
-    BOUND masks keys >= kv_end; CAUSAL additionally masks keys after each row's q_pos.
-    k_base/v_base already point at this kv head of block 0 offset 0.
-    """
-    pos = start_n + tl.arange(0, BLOCK_N)
-    if BOUND:
-        n_ok = pos < kv_end
-        blk = tl.load(bt_row + pos // PAGE, mask=n_ok, other=0).to(tl.int64)
-    else:
-        blk = tl.load(bt_row + pos // PAGE).to(tl.int64)
-    in_blk = pos % PAGE
-    k_off = blk * stride_kb + in_blk * stride_ks
-    v_off = blk * stride_vb + in_blk * stride_vs
-    k_ptrs = k_base + k_off[None, :] + offs_d[:, None]  # [BLOCK_D, BLOCK_N] (K transposed)
-    v_ptrs = v_base + v_off[:, None] + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
+def load_kv_tile(k_ptrs, v_ptrs, n_ok, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BOUND: tl.constexpr):
+    """K^T [BLOCK_D, BLOCK_N] and V [BLOCK_N, BLOCK_D] at the given pointers; keys outside n_ok
+    (BOUND only) and dims past HEAD_DIM (a padded BLOCK_D) read as 0."""
     if BOUND:
         if BLOCK_D == HEAD_DIM:
             kt = tl.load(k_ptrs, mask=n_ok[None, :], other=0.0)
@@ -194,6 +172,36 @@ def _attn_tile(
             d_ok = offs_d < HEAD_DIM
             kt = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+    return kt, v
+
+
+@triton.jit
+def _attn_tile(
+    acc, l_i, m_i, q, q_pos,
+    k_base, v_base, bt_row, start_n, kv_end, qk_scale,
+    stride_kb, stride_ks, stride_vb, stride_vs,
+    offs_d,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
+    BOUND: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    KV_FP8: tl.constexpr,
+):
+    """Fold keys [start_n, start_n + BLOCK_N) into (acc, l_i, m_i).
+
+    BOUND masks keys >= kv_end; CAUSAL additionally masks keys after each row's q_pos.
+    k_base/v_base already point at this kv head of block 0 offset 0.
+    """
+    pos = start_n + tl.arange(0, BLOCK_N)
+    n_ok = pos < kv_end  # used only when BOUND (dead code otherwise)
+    if BOUND:
+        blk = tl.load(bt_row + pos // PAGE, mask=n_ok, other=0).to(tl.int64)
+    else:
+        blk = tl.load(bt_row + pos // PAGE).to(tl.int64)
+    in_blk = pos % PAGE
+    k_off = blk * stride_kb + in_blk * stride_ks
+    v_off = blk * stride_vb + in_blk * stride_vs
+    k_ptrs = k_base + k_off[None, :] + offs_d[:, None]  # [BLOCK_D, BLOCK_N] (K transposed)
+    v_ptrs = v_base + v_off[:, None] + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
+    kt, v = load_kv_tile(k_ptrs, v_ptrs, n_ok, offs_d, HEAD_DIM, BLOCK_D, BOUND)
     if UPCAST:
         kt = kt.to(tl.float32)
         v = v.to(tl.float32)

@@ -64,7 +64,7 @@ import triton
 import triton.language as tl
 
 from dlengine.kernels.attention import paged_attention_triton as portable
-from dlengine.kernels.attention.paged_attention_triton import LOG2E, _attn_tile
+from dlengine.kernels.attention.paged_attention_triton import LOG2E, _attn_tile, load_kv_tile
 from dlengine.kernels.context import AttentionMetadata
 from dlengine.kernels.kv_quant import is_fp8
 
@@ -84,23 +84,7 @@ def _chunk_tile(k_desc, v_desc, k_base, v_base, j0, q_len, stride_kt, stride_vt,
         rows = j0 + offs_n
         k_ptrs = k_base + rows[None, :].to(tl.int64) * stride_kt + offs_d[:, None]
         v_ptrs = v_base + rows[:, None].to(tl.int64) * stride_vt + offs_d[None, :]
-        if BOUND:
-            n_ok = rows < q_len
-            if BLOCK_D == HEAD_DIM:
-                kt = tl.load(k_ptrs, mask=n_ok[None, :], other=0.0)
-                v = tl.load(v_ptrs, mask=n_ok[:, None], other=0.0)
-            else:
-                d_ok = offs_d < HEAD_DIM
-                kt = tl.load(k_ptrs, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-                v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        else:
-            if BLOCK_D == HEAD_DIM:
-                kt = tl.load(k_ptrs)
-                v = tl.load(v_ptrs)
-            else:
-                d_ok = offs_d < HEAD_DIM
-                kt = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
-                v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        kt, v = load_kv_tile(k_ptrs, v_ptrs, rows < q_len, offs_d, HEAD_DIM, BLOCK_D, BOUND)
     return kt, v
 
 

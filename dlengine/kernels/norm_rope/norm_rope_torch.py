@@ -9,12 +9,28 @@ import torch.nn.functional as F
 from dlengine.kernels.attention.paged_attention_torch import write_kv_cache
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+             zero_centred: bool = False):
+    """Hugging Face's RMSNorm (normalise in float32, round, scale by the weight); zero_centred: the
+    Gemma / Qwen3-Next form, norm(x) * (1 + weight) in float32, rounded once (the offset is never
+    added in a low-precision dtype, where 1 + w would round w away)."""
     if residual is not None:
         x = x + residual
     xf = x.float()
-    normed = weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    if zero_centred:
+        normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + weight.float())).to(x.dtype)
+    else:
+        normed = weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
     return normed if residual is None else (normed, x)
+
+
+def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gated DeltaNet's output norm over the last dim: weight * norm(x) (normalised in float32,
+    rounded to x's dtype, scaled) times silu(gate) in float32, rounded once (transformers'
+    RMSNormGated, fla's FusedRMSNormGated)."""
+    xf = x.float()
+    y = weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return (y * F.silu(gate.float())).to(x.dtype)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

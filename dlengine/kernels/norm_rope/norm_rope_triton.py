@@ -1,7 +1,10 @@
 """Triton kernels for the small fused ops of a decoder layer. Torch references: norm_rope_torch.py.
 
 - rms_norm: RMSNorm with an optional fused residual add (x + residual is also returned), float32
-  statistics, Hugging Face rounding (normalise in fp32, cast, then scale by the weight);
+  statistics, Hugging Face rounding (normalise in fp32, cast, then scale by the weight); the
+  zero-centred variant (Gemma, Qwen3-Next, Qwen3.5: the weight stored as its offset from 1)
+  scales by 1 + weight in fp32 and casts once, as transformers does;
+- gated_rms_norm: Gated DeltaNet's output norm, weight * norm(x) * silu(gate);
 - silu_and_mul: silu(gate) * up for the stacked gate/up projection;
 - rope_write_kv: rotate q in place, rotate k and store k and v into the paged cache at their
   slots, in one pass over the step's tokens (slots < 0 are skipped: CUDA-graph padding). An FP8
@@ -23,7 +26,7 @@ from dlengine.kernels.kv_quant_triton import quantize_fp8
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, x_stride, res_stride, out_stride,
-                     eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     eps, HAS_RESIDUAL: tl.constexpr, ZERO_CENTRED: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -35,14 +38,18 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, x_stri
         tl.store(res_out_ptr + row * n_cols + cols, x, mask=mask)
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, axis=0) / n_cols
-    normed = (xf * tl.rsqrt(var + eps)).to(x.dtype)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-    tl.store(out_ptr + row * out_stride + cols, (w.to(tl.float32) * normed.to(tl.float32)).to(x.dtype), mask=mask)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if ZERO_CENTRED:  # (norm * (1 + w)) in fp32, one rounding
+        y = xf * tl.rsqrt(var + eps) * (1.0 + w)
+    else:  # the normalised x rounds to x's dtype before the weight scales it
+        y = w * (xf * tl.rsqrt(var + eps)).to(x.dtype).to(tl.float32)
+    tl.store(out_ptr + row * out_stride + cols, y.to(x.dtype), mask=mask)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+             zero_centred: bool = False):
     """RMSNorm over the last dim of x (any leading shape). With `residual`, returns
-    (norm(x + residual), x + residual)."""
+    (norm(x + residual), x + residual). zero_centred: scale by 1 + weight (module docstring)."""
     shape = x.shape
     n = shape[-1]
     x2 = x.reshape(-1, n)
@@ -54,7 +61,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     if residual is None:
         if rows:
             _rms_norm_kernel[(rows,)](x2, x2, weight, out, out, n, x2.stride(0), 0, n, eps,
-                                      HAS_RESIDUAL=False, BLOCK=block)
+                                      HAS_RESIDUAL=False, ZERO_CENTRED=zero_centred, BLOCK=block)
         return out.view(shape)
     r2 = residual.reshape(-1, n)
     if r2.stride(-1) != 1:
@@ -62,8 +69,43 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     res_out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     if rows:
         _rms_norm_kernel[(rows,)](x2, r2, weight, out, res_out, n, x2.stride(0), r2.stride(0), n, eps,
-                                  HAS_RESIDUAL=True, BLOCK=block)
+                                  HAS_RESIDUAL=True, ZERO_CENTRED=zero_centred, BLOCK=block)
     return out.view(shape), res_out.view(shape)
+
+
+@triton.jit
+def _gated_rms_norm_kernel(x_ptr, g_ptr, w_ptr, out_ptr, n_cols, x_stride, g_stride, eps, ROUND_Y: tl.constexpr,
+                           BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
+    xf = x.to(tl.float32)
+    var = tl.sum(xf * xf, axis=0) / n_cols
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    # the weight scales the normalised x rounded to x's dtype; their product rounds to x's dtype
+    # too when torch's promotion of (weight, x) gives it (ROUND_Y), then the gate in fp32
+    y = w * (xf * tl.rsqrt(var + eps)).to(x.dtype).to(tl.float32)
+    if ROUND_Y:
+        y = y.to(x.dtype).to(tl.float32)
+    g = tl.load(g_ptr + row * g_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * n_cols + cols, (y * g * tl.sigmoid(g)).to(x.dtype), mask=mask)
+
+
+def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * norm(x) * silu(gate) over the last dim (norm_rope_torch.gated_rms_norm), one pass."""
+    shape, n = x.shape, x.shape[-1]
+    x2, g2 = x.reshape(-1, n), gate.reshape(-1, n)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if g2.stride(-1) != 1:
+        g2 = g2.contiguous()
+    out = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
+    if x2.shape[0]:
+        _gated_rms_norm_kernel[(x2.shape[0],)](x2, g2, weight, out, n, x2.stride(0), g2.stride(0), eps,
+                                               ROUND_Y=torch.promote_types(weight.dtype, x.dtype) == x.dtype,
+                                               BLOCK=triton.next_power_of_2(n))
+    return out.view(shape)
 
 
 @triton.jit

@@ -33,14 +33,12 @@ class ZeroCentredRMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(hidden_size), requires_grad=False)
         self.weight.weight_loader = default_weight_loader
+        self.ops = current_kernels().ops
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """`norm(x)`; with `residual`, (norm(x + residual), x + residual) like RMSNorm."""
-        if residual is not None:
-            x = x + residual
-        xf = x.float()
-        y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight.float())).to(x.dtype)
-        return y if residual is None else (y, x)
+        """`norm(x)`; with `residual`, (norm(x + residual), x + residual) like RMSNorm (one fused
+        kernel on the Triton path)."""
+        return self.ops.rms_norm(x, self.weight, self.eps, residual, zero_centred=True)
 
 
 class GatedRMSNorm(nn.Module):
@@ -52,8 +50,7 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
         self.weight.weight_loader = default_weight_loader
+        self.ops = current_kernels().ops
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        y = self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-        return (y * torch.nn.functional.silu(gate.float())).to(x.dtype)
+        return self.ops.gated_rms_norm(x, gate, self.weight, self.eps)

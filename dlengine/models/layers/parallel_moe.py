@@ -124,8 +124,15 @@ class ParallelFusedMoE(FusedMoE):
         return self.ops.fused_experts(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        return self.forward_routed(x, *self.router(router_logits))
+
+    def forward_routed(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                       reduce: bool = True) -> torch.Tensor:
+        """The experts on routing decided by the caller (a model whose router needs more than the
+        logits, e.g. DeepSeek-V4's hash routing by token id). `reduce=False` under TP returns this
+        rank's partial sum, for a caller that adds other partials (a row-parallel shared expert)
+        before one all-reduce of its own; the other modes ignore it."""
         self.num_forwards += 1
-        topk_weights, topk_ids = self.router(router_logits)
         if not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             # index_add_, not bincount: bincount sizes its output from the data (a host sync).
             # Not while capturing a CUDA graph (single-process decode graphs): replays would
@@ -136,7 +143,8 @@ class ParallelFusedMoE(FusedMoE):
             return self.run_experts(x, topk_weights, topk_ids)
         if self.mode == "tp":
             out = self.run_experts(x, topk_weights, topk_ids)
-            dist.all_reduce(out, group=self.tp_group)
+            if reduce:
+                dist.all_reduce(out, group=self.tp_group)
             return out
         pair_out = self._expert_parallel(x, topk_ids)
         return combine_expert_outputs(pair_out, topk_weights, x.shape[0], self.top_k)

@@ -38,7 +38,9 @@ from dlengine.kernels.v4.batched_decode import (finished_entry_ids, masked_index
 from dlengine.kernels.v4.reference import indexer_topk_ids, interleaved_rope, pool_windows
 from dlengine.models.layers.linear import Linear, default_weight_loader
 from dlengine.models.layers.norm import RMSNorm
+from dlengine.models.layers.parallel_linear import ColumnParallelLinear, RowParallelLinear, divide
 from dlengine.models.layers.rotary import rope_inv_freq
+from dlengine.parallel.state import get_parallel_state
 
 SLIDING, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
 V4_STATE = {SLIDING: "v4_sliding_state", CSA: "v4_csa_state", HCA: "v4_hca_state"}
@@ -188,7 +190,14 @@ class Compressor(nn.Module):
 
 class Indexer(nn.Module):
     """CSA's lightning indexer: its own overlapping compressor at `index_head_dim` (the keys),
-    queries `wq_b(q_residual)`, per-head weights `weights_proj(x)`."""
+    queries `wq_b(q_residual)`, per-head weights `weights_proj(x)`.
+
+    Replicated under tensor parallelism, heads included: its output is a discrete choice (the
+    top-k entries) that every rank must make identically. Sharding its heads would need an
+    all-reduce of the [tokens, entries] scores per CSA layer before the top-k, and that sum's
+    other order could flip near-ties against the single-process choice; replicated, every rank
+    computes the same scores bitwise from the same inputs, at the cost of its (small) projections
+    on every rank."""
 
     def __init__(self, hidden: int, q_lora_rank: int, heads: int, dim: int, topk: int, compress_rate: int,
                  eps: float, rope: InterleavedRope) -> None:
@@ -200,24 +209,50 @@ class Indexer(nn.Module):
         self.rope = rope
 
 
+def head_sharded_float32_param(num_heads: int) -> nn.Parameter:
+    """A float32 per-head parameter (the attention sink) holding this tensor-parallel rank's heads
+    (the same contiguous split as a column-parallel wq_b); it loads its slice of the full tensor."""
+    ps = get_parallel_state()
+    local = divide(num_heads, ps.tp_size, "num_attention_heads")
+    p = nn.Parameter(torch.zeros(local, dtype=torch.float32), requires_grad=False)
+
+    def load(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        if tuple(loaded.shape) != (num_heads,):
+            raise ValueError(f"checkpoint tensor has shape {tuple(loaded.shape)}, expected {(num_heads,)}")
+        param.data.copy_(loaded.narrow(0, ps.tp_rank * local, local))
+
+    p.weight_loader = load
+    return p
+
+
 class V4Attention(nn.Module):
+    """Under tensor parallelism (docs/deepseek_v4.md) a rank holds H / tp query heads (wq_b's rows,
+    their sinks) and o_groups / tp output groups (wo_a's blocks, wo_b's columns; wo_b's
+    all-reduce sums the ranks' groups). The shared K=V head, the compressors and the indexer are
+    replicated: every rank computes them from the same input and writes the same caches."""
+
     def __init__(self, s, layer_idx: int, kind: str, main_rope: InterleavedRope,
                  compress_rope: InterleavedRope) -> None:
         """`s`: the model's V4Settings (models/deepseek_v4.py)."""
         super().__init__()
         self.layer_idx, self.kind = layer_idx, kind
-        h, d = s.num_heads, s.head_dim
-        self.num_heads, self.head_dim, self.window, self.eps = h, d, s.window, s.eps
-        self.o_groups = s.o_groups
+        h, d, tp = s.num_heads, s.head_dim, get_parallel_state().tp_size
+        self.num_heads = divide(h, tp, "num_attention_heads")  # this rank's
+        self.head_dim, self.window, self.eps = d, s.window, s.eps
+        # groups are contiguous runs of heads, so a rank with whole groups holds exactly the
+        # groups its heads feed (the model checked divide(o_groups, tp) with a clearer message)
+        self.o_groups = divide(s.o_groups, tp, "o_groups")
         self.rope = main_rope if kind == SLIDING else compress_rope
         self.wq_a = Linear(s.hidden, s.q_lora_rank)
         self.q_norm = RMSNorm(s.q_lora_rank, s.eps)
-        self.wq_b = Linear(s.q_lora_rank, h * d)
+        self.wq_b = ColumnParallelLinear(s.q_lora_rank, h * d)
         self.wkv = Linear(s.hidden, d)
         self.norm = RMSNorm(d, s.eps)
-        self.wo_a = Linear(h * d // s.o_groups, s.o_groups * s.o_lora_rank)  # one block per group
-        self.wo_b = Linear(s.o_groups * s.o_lora_rank, s.hidden)
-        self.attn_sink = float32_param(h)
+        # one [o_lora_rank, H*d/g] block per group, stacked group after group: a contiguous split
+        # of the rows is a split by group
+        self.wo_a = ColumnParallelLinear(h * d // s.o_groups, s.o_groups * s.o_lora_rank)
+        self.wo_b = RowParallelLinear(s.o_groups * s.o_lora_rank, s.hidden)
+        self.attn_sink = head_sharded_float32_param(h)
         self.ops = current_kernels().ops  # v4_*_attention: Triton on CUDA, else the torch references
         if kind != SLIDING:
             m = s.compress_rates[kind]
@@ -340,7 +375,8 @@ class V4Attention(nn.Module):
         masked_index_put(ring, (slots[req].clamp(min=0), positions % self.window), positions > last - self.window, kv)
 
     def _grouped_output(self, out: torch.Tensor) -> torch.Tensor:
-        """wo_a: one [o_lora_rank, H*d/g] block per head group; wo_b mixes the groups."""
+        """wo_a: one [o_lora_rank, H*d/g] block per head group; wo_b mixes the groups (under tp:
+        this rank's groups, then wo_b's all-reduce)."""
         t, g = out.shape[0], self.o_groups
         x = out.reshape(t, g, -1).transpose(0, 1)  # [g, T, H*d/g]
         w = self.wo_a.weight.view(g, -1, x.shape[-1]).transpose(1, 2)  # [g, H*d/g, r]

@@ -10,18 +10,28 @@ The experts keep FusedMoE's stacked layout and loader (w13 = w1 (gate) then w3 (
 down); they run through the op chosen at build (kernels/selection.py Ops.fused_experts_clamped):
 the fused Triton MoE with its clamped epilogue on CUDA (no host sync: capturable), else the
 per-expert reference in kernels/v4/reference.py.
+
+Parallel layouts are ParallelFusedMoE's (docs/parallel.md): under tp every rank holds every
+expert with its intermediate dim split (the clamps act element by element on the intermediate
+activations, so a split is exact) and the shared expert split the same way (w1 / w3 column-,
+w2 row-parallel); the routed and shared partial sums share one all-reduce. Under attention-DP x
+expert parallelism each rank routes its own tokens (hash layers look up its own token ids)
+before they travel to their experts; the shared expert is replicated. The gate and `tid2eid`
+are replicated everywhere.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from dlengine.kernels.selection import current_kernels
 from dlengine.kernels.v4.reference import clamped_swiglu
-from dlengine.models.layers.linear import Linear, default_weight_loader
-from dlengine.models.layers.moe import FusedMoE
+from dlengine.models.layers.linear import default_weight_loader
+from dlengine.models.layers.parallel_linear import ColumnParallelLinear, RowParallelLinear
+from dlengine.models.layers.parallel_moe import ParallelFusedMoE
+from dlengine.parallel.state import get_parallel_state
 
 
 class V4Gate(nn.Module):
@@ -53,15 +63,31 @@ class V4Gate(nn.Module):
 
 
 class ClampedSwiGLU(nn.Module):
-    """The shared expert: w2(silu(clamp(w1 x)) * clamp(w3 x))."""
+    """The shared expert: w2(silu(clamp(w1 x)) * clamp(w3 x)). Under tp, w1 / w3 hold this rank's
+    rows of the intermediate dim and w2 its columns; the output is this rank's partial sum (the
+    caller reduces it together with the routed experts')."""
 
     def __init__(self, hidden: int, intermediate: int, limit: float) -> None:
         super().__init__()
-        self.w1, self.w3, self.w2 = Linear(hidden, intermediate), Linear(hidden, intermediate), Linear(intermediate, hidden)
+        self.w1, self.w3 = ColumnParallelLinear(hidden, intermediate), ColumnParallelLinear(hidden, intermediate)
+        self.w2 = RowParallelLinear(intermediate, hidden, reduce=False)
         self.limit = limit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(clamped_swiglu(self.w1(x), self.w3(x), self.limit))
+
+
+class ClampedExperts(ParallelFusedMoE):
+    """The routed experts: ParallelFusedMoE's shards, loading and dispatch, with the clamped
+    SwiGLU of Ops.fused_experts_clamped as the expert GEMMs. Routing is V4Gate's, passed in."""
+
+    def __init__(self, num_experts: int, top_k: int, hidden: int, intermediate: int, limit: float) -> None:
+        super().__init__(num_experts, top_k, hidden, intermediate, router=nn.Identity())
+        self.limit = limit
+
+    def run_experts(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        return self.ops.fused_experts_clamped(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids,
+                                              self.limit)
 
 
 class V4MoE(nn.Module):
@@ -69,16 +95,17 @@ class V4MoE(nn.Module):
                  limit: float, hashed: bool, vocab_size: int) -> None:
         super().__init__()
         self.gate = V4Gate(hidden, num_experts, top_k, routed_scaling_factor, hashed, vocab_size)
-        self.experts = FusedMoE(num_experts, top_k, hidden, intermediate, router=nn.Identity())
+        self.experts = ClampedExperts(num_experts, top_k, hidden, intermediate, limit)
         self.shared_experts = ClampedSwiGLU(hidden, intermediate, limit)
-        self.limit = limit
-        self.ops = current_kernels().ops  # fused_experts_clamped: Triton or the torch reference, chosen at build
+        self.tp_group = get_parallel_state().tp_group
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x, input_ids)
-        routed = self.ops.fused_experts_clamped(x, self.experts.w13_weight, self.experts.w2_weight, weights, ids,
-                                                self.limit)
-        return routed + self.shared_experts(x)
+        # under tp both are this rank's partial sums: one all-reduce for the two
+        out = self.experts.forward_routed(x, weights, ids, reduce=False) + self.shared_experts(x)
+        if self.tp_group is not None:
+            dist.all_reduce(out, group=self.tp_group)
+        return out
 
     @staticmethod
     def checkpoint_mapping(num_experts: int) -> list[tuple[str, str, object, tuple[str, ...]]]:

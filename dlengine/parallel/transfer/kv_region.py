@@ -29,11 +29,15 @@ from dlengine.parallel.transfer.base import kv_layout
 
 class KVRegion:
     def __init__(self, kv_cache, model_config=None, staging_blocks: int | None = None, min_blocks: int = 0,
-                 staging_state_slots: int | None = None, staging_on_device: bool = False) -> None:
+                 staging_state_slots: int | None = None, staging_on_device: bool = False,
+                 rows_per_block: int = 1) -> None:
         """`model_config` is unused (the cache knows its specs), accepted for older callers.
         `staging_state_slots`: state slots in the staging buffer (default: the cache's).
         `staging_on_device`: stage on the cache's device instead of (pinned) host memory, for a
-        transfer engine that reads device memory (cuda_ipc)."""
+        transfer engine that reads device memory (cuda_ipc). `rows_per_block`: staging rows (of
+        the cache's block bytes) per staging block asked for: a tensor-parallel decode rank
+        reads whole blocks of prefill ranks that may hold up to that many times its own heads
+        (kv_shards.py)."""
         self.kv_cache = kv_cache
         buf = kv_cache.buffer
         # each paged group as bytes [planes, blocks, block bytes]: copies are plain memory moves
@@ -55,7 +59,7 @@ class KVRegion:
             self._free_state = deque()
             return
         n = staging_blocks if staging_blocks is not None else max(1024, 2 * min_blocks)
-        n = max(1, min(n, kv_cache.num_blocks))
+        n = max(1, min(n, kv_cache.num_blocks)) * rows_per_block
         slots = kv_cache.num_state_slots if staging_state_slots is None else staging_state_slots
         self.layout = kv_layout(kv_cache, num_blocks=n, block_major=True, num_state_slots=slots)
         # zeros, not empty: block tails travel unwritten (stage_in zeroes them on arrival anyway)
@@ -107,7 +111,10 @@ class KVRegion:
         is one range), or None when staging is full."""
         if self._free is None:
             return list(cache_blocks)
-        n = len(cache_blocks)
+        return self.allocate_rows(len(cache_blocks))
+
+    def allocate_rows(self, n: int) -> list[int] | None:
+        """`n` staging rows (consecutive when possible), or None when staging is full."""
         free = self._free
         if n == 0 or free.sum() < n:
             return None if n else []
