@@ -173,13 +173,14 @@ def test_both_kernel_sets_agree_end_to_end_on_fp8_caches():
 # Stated tolerance, float32 model, FP8 latent cache at the default scale (1.0) vs a float32 cache,
 # every position of prompts of 5 / 17 / 40 / 64 tokens: `position_error` = mean over positions of
 # max |fp8 - fp32| / max |fp32| (as tests/test_fp8_kv.py). Measured: DeepSeek-V3.2 0.19 / 0.21 /
-# 0.26 / 0.20, GLM-5 in the printout (docs/fp8_kv.md has the table). The tiny DSA models are
-# sharper than the tiny DeepSeek-V3 (a bf16 cache already gives 0.004 / 0.006 / 0.033 / 0.053 and
-# argmax agreement 0.80): the rounding flips routers and the indexer's top-k at single positions,
-# which then reach 0.5. At 5 tokens the sparse layers read the same FP8 latent as dense MLA does
-# and equal it exactly; the error is the model's, not the kernels' (kernel tests above).
-DSA_POSITION_ERROR = 0.35
-DSA_MIN_ARGMAX_AGREEMENT = 0.45
+# 0.26 / 0.20 (argmax agreement 0.64, greedy 0.08), GLM-5 0.05 / 0.21 / 0.33 / 0.27 (0.60, 0.22);
+# docs/fp8_kv.md has the table. The tiny DSA models are sharper than the tiny DeepSeek-V3 (a bf16
+# cache already gives V3.2 0.004 / 0.006 / 0.033 / 0.053): the rounding flips routers and the
+# indexer's top-k at single positions, which then reach 0.5. Below index_topk tokens the sparse
+# layers read the same FP8 latent as dense MLA and equal it exactly: the error is the model's
+# sensitivity, not the kernels' (kernel tests above).
+DSA_POSITION_ERROR = 0.4
+DSA_MIN_ARGMAX_AGREEMENT = 0.5
 DSA_MIN_GREEDY_AGREEMENT = 0.03  # free-running 16 tokens, diverges early on these sharp models
 KINDS = ["deepseek-v32", "glm-moe-dsa"]
 
