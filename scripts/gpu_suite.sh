@@ -60,8 +60,8 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 
 run_tests() {  # the GPU-only tests (newest first), then the kernel and VL tests at GPU sizes
   # -v: each result lands in the log as it finishes; a test past TEST_TIMEOUT_S fails and the run goes on
-  DLENGINE_TEST_TIMEOUT_S=${TEST_TIMEOUT_S:-120} python3 -m pytest -v -p no:cacheprovider --durations=15 tests/test_gpu_gdn.py tests/test_gpu_spec_graphs.py \
-    tests/test_gpu_v4.py tests/test_gpu_kv_ipc.py tests/test_gpu_fp8_kv.py tests/test_gpu_engine.py tests/test_gpu_mla_engine.py \
+  DLENGINE_TEST_TIMEOUT_S=${TEST_TIMEOUT_S:-120} python3 -m pytest -v -p no:cacheprovider --durations=15 tests/test_gpu_gdn.py tests/test_gpu_spec_gdn.py \
+    tests/test_gpu_spec_graphs.py tests/test_gpu_fp8_kv_dsa.py tests/test_gpu_prefill_hopper.py tests/test_gpu_v4.py tests/test_gpu_kv_ipc.py tests/test_gpu_fp8_kv.py tests/test_gpu_engine.py tests/test_gpu_mla_engine.py \
     tests/test_gpu_mla_decode_kernel.py ${TEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -40
 }
 run_tests_kernels() {
