@@ -16,6 +16,7 @@ import torch
 from dlengine.cache.block_manager import BlockManager
 from dlengine.cache.kv_cache import KVCache
 from dlengine.cache.specs import cache_specs_for, check_specs, graph_uncapturable
+from dlengine.cache.state_rollback import StateSnapshots
 from dlengine.config import ConfigError, EngineConfig, parse_dtype
 from dlengine.engine.core import EngineCore
 from dlengine.engine.engine import Engine
@@ -90,14 +91,26 @@ def _use_cuda_graphs(cfg: EngineConfig, backend, state, cache_specs=()) -> bool:
 
 
 def _check_state_model_features(cfg: EngineConfig, cache_specs) -> None:
-    """Features that would silently compute wrong tokens with a recurrent state (StateSpec):
-    drafts cannot be rolled back out of a state updated in place. (A KV connector must also
-    move the state: `_check_connector_moves_state`.)"""
-    if all(s.paged for s in cache_specs):
+    """Features that would silently compute wrong tokens with a recurrent state (StateSpec).
+    Speculative decoding undoes rejected drafts in the state from snapshots
+    (cache/state_rollback.py) when every state kind supports it (`speculative_rollback`). (A KV
+    connector must also move the state: `_check_connector_moves_state`; the draft snapshots are
+    local to the decode engine, which speculates on the state it pulled like on its own.)"""
+    states = [s for s in cache_specs if not s.paged]
+    if not states or cfg.components.speculator is None:
         return
-    if cfg.components.speculator is not None:
-        raise ConfigError(f"{cfg.model.architecture} keeps recurrent state, which speculative decoding cannot roll "
-                          "back yet; drop speculative(...)")
+    cannot = [s.describe() for s in states if not getattr(s, "speculative_rollback", False)]
+    if cannot:
+        raise ConfigError(f"{cfg.model.architecture} keeps recurrent state ({', '.join(cannot)}) whose layers cannot "
+                          "roll rejected drafts back (no per-position snapshots); drop speculative(...)")
+
+
+def _draft_snapshots(cache_specs, speculator, cfg: EngineConfig) -> int:
+    """State snapshots per running sequence: k for a speculating model with recurrent state (the
+    state after each of a verify step's positions but the last; cache/state_rollback.py), else 0."""
+    if speculator is None or all(s.paged for s in cache_specs):
+        return 0
+    return int(getattr(speculator, "num_tokens", 0) or cfg.speculative_tokens or 0)
 
 
 def _check_connector_moves_state(cfg: EngineConfig, cache_specs, connector) -> None:
@@ -184,6 +197,8 @@ def build_core(cfg: EngineConfig, state=None) -> EngineCore:
     if getattr(speculator, "needs_hidden_states", False):
         cache_specs = list(speculator.cache_specs(cache_specs))
         check_specs(cache_specs)
+    _check_state_model_features(cfg, cache_specs)
+    draft_snapshots = _draft_snapshots(cache_specs, speculator, cfg)
     use_graphs = _use_cuda_graphs(cfg, backend, state, cache_specs)
     graph_batch = min(cfg.cuda_graph_max_batch or 512, cfg.scheduler.max_num_seqs)
     verify_tokens = _graph_verify_tokens(cfg, backend, speculator) if use_graphs else 0
@@ -193,7 +208,8 @@ def build_core(cfg: EngineConfig, state=None) -> EngineCore:
     # an MTP speculator's draft graphs add its head's logits, one row per request, to the pool
     draft_rows = graph_batch if getattr(speculator, "needs_hidden_states", False) else 0
     graph_reserve = (256 << 20) + (2 * graph_rows + draft_rows) * cfg.model.vocab_size * 4 if use_graphs else 0
-    plan = plan_kv_cache(cfg, model, backend, kv_dtype, reserve_bytes=graph_reserve, specs=cache_specs)
+    plan = plan_kv_cache(cfg, model, backend, kv_dtype, reserve_bytes=graph_reserve, specs=cache_specs,
+                         draft_snapshots=draft_snapshots)
     if state.world_group is not None:
         # TP ranks must make identical scheduling decisions (same preemptions), so every
         # rank takes the smallest cache any rank can hold (free memory differs per GPU)
@@ -211,6 +227,9 @@ def build_core(cfg: EngineConfig, state=None) -> EngineCore:
         logger.info("FP8 KV cache scales: %s", kv_scale_source(model))
     kv_cache = KVCache(cache_specs, plan.num_blocks, cfg.cache.block_size, kv_dtype, cfg.device,
                        num_state_slots=plan.num_cache_state_slots)
+    # a speculating model with recurrent state: snapshot slots after the running and checkpoint ones
+    state_rollback = (StateSnapshots(kv_cache, plan.first_snapshot_slot, plan.num_state_slots, draft_snapshots)
+                      if draft_snapshots else None)
     if cfg.components.block_manager is not None:
         block_manager = cfg.components.block_manager(plan.num_blocks, cfg.cache.block_size, cfg.cache.prefix_caching)
     else:
@@ -218,7 +237,6 @@ def build_core(cfg: EngineConfig, state=None) -> EngineCore:
                                      specs=cache_specs, num_state_slots=plan.num_state_slots,
                                      num_checkpoint_slots=plan.num_checkpoint_slots)
 
-    _check_state_model_features(cfg, cache_specs)
     blocker = getattr(block_manager, "prefix_cache_blocker", None)
     if cfg.cache.prefix_caching and blocker is not None:
         logger.info("prefix caching finds no hits for this model: %s keeps a state per sequence that summarises "
@@ -246,7 +264,8 @@ def build_core(cfg: EngineConfig, state=None) -> EngineCore:
         from dlengine.engine.cuda_graph import CUDAGraphRunner
 
         graph_runner = CUDAGraphRunner(model, kv_cache, backend, graph_batch, cfg.max_model_len, cfg.device,
-                                       num_spec_tokens=verify_tokens, keep_hidden_states=keep_hidden)
+                                       num_spec_tokens=verify_tokens, keep_hidden_states=keep_hidden,
+                                       state_rollback=state_rollback)
         graph_runner.capture()
         logger.info("captured %d CUDA graphs (batch sizes up to %d, %s tokens per request), %.2f GiB",
                     len(graph_runner.graphs), graph_batch, " and ".join(map(str, graph_runner.query_lens)),
@@ -258,9 +277,10 @@ def build_core(cfg: EngineConfig, state=None) -> EngineCore:
             capture_drafts(graph_runner)
     runner = ModelRunner(model, kv_cache, backend, _make_sampler(cfg, state), cfg.model.vocab_size, cfg.device,
                          graph_runner=graph_runner, kernels=kernels, keep_hidden_states=keep_hidden,
-                         acceptance=make_acceptance(cfg.speculative_forced_acceptance, cfg.seed))
+                         acceptance=make_acceptance(cfg.speculative_forced_acceptance, cfg.seed),
+                         state_rollback=state_rollback)
     scheduler = Scheduler(cfg.scheduler, block_manager, policy=cfg.scheduler.policy, connector=connector,
                           num_lookahead_tokens=getattr(speculator, "num_lookahead_tokens", 0),
                           max_model_len=cfg.max_model_len)
     return EngineCore(cfg, model, kv_cache, block_manager, scheduler, runner, connector=connector,
-                      speculator=speculator, memory_plan=plan)
+                      speculator=speculator, memory_plan=plan, state_rollback=state_rollback)

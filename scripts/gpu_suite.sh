@@ -20,8 +20,9 @@
 #   probe      where the Gluon MLA decode kernel's time goes (timelines, per-tile fit)
 #   sm90       sm_90 build resources of the MLA decode kernels (registers, spills, shared memory)
 #   fp8        block-scaled FP8 GEMMs and MoE, tiny FP8 engine
-#   fp8kv      FP8 vs bf16 KV cache: decode at batch 64 x 8k and 32 x 32k, Qwen3-8B dims (8 layers) and
-#              DeepSeek-V3 dims (4 layers), dummy weights (docs/fp8_kv.md)
+#   fp8kv      FP8 vs bf16 KV cache: decode at batch 64 x 8k and 32 x 32k, Qwen3-8B dims (8 layers),
+#              DeepSeek-V3 dims (4 layers) and DeepSeek-V3.2-Exp dims (3 layers, 32 x 32k), dummy weights
+#              (docs/fp8_kv.md)
 #   dsv3       DeepSeek-V3 dims, 4 layers, batch 1 and 64 x 1k
 #   dsa        DeepSeek-V3.2-Exp (sparse attention) vs DeepSeek-V3 decode, 3 layers, 32 x 32k and 64 x 64k
 #              (synthetic contexts: decode only)
@@ -59,8 +60,8 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 
 run_tests() {  # the GPU-only tests (newest first), then the kernel and VL tests at GPU sizes
   # -v: each result lands in the log as it finishes; a test past TEST_TIMEOUT_S fails and the run goes on
-  DLENGINE_TEST_TIMEOUT_S=${TEST_TIMEOUT_S:-120} python3 -m pytest -v -p no:cacheprovider --durations=15 tests/test_gpu_gdn.py tests/test_gpu_spec_graphs.py \
-    tests/test_gpu_v4.py tests/test_gpu_kv_ipc.py tests/test_gpu_fp8_kv.py tests/test_gpu_engine.py tests/test_gpu_mla_engine.py \
+  DLENGINE_TEST_TIMEOUT_S=${TEST_TIMEOUT_S:-120} python3 -m pytest -v -p no:cacheprovider --durations=15 tests/test_gpu_gdn.py tests/test_gpu_spec_gdn.py \
+    tests/test_gpu_spec_graphs.py tests/test_gpu_fp8_kv_dsa.py tests/test_gpu_prefill_hopper.py tests/test_gpu_v4.py tests/test_gpu_kv_ipc.py tests/test_gpu_fp8_kv.py tests/test_gpu_engine.py tests/test_gpu_mla_engine.py \
     tests/test_gpu_mla_decode_kernel.py ${TEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -40
 }
 run_tests_kernels() {
@@ -131,6 +132,8 @@ run_fp8kv() {  # FP8 vs bf16 KV cache, one after the other in one call: step tim
   # finish before the last one starts, so no decode step would run the whole batch
   local q8="--model qwen3-8b --load-format dummy --num-layers 8 --dtype bfloat16 --output-len 64 --synthetic-context --num-iters 2"
   local ds="--model deepseek-v3 --load-format dummy --num-layers 4 --dtype bfloat16 --output-len 64 --synthetic-context --num-iters 2"
+  # sparse attention: FP8 latent, bf16 indexer keys; 3 layers = the dense-FFN ones, as run_dsa
+  local dsa="--model deepseek-v3.2-exp --load-format dummy --num-layers 3 --dtype bfloat16 --output-len 64 --synthetic-context --num-iters 2"
   for kv in auto fp8_e4m3; do
     python3 -m dlengine.cli bench latency $q8 --batch-size 64 --input-len 8192 --max-model-len 8448 \
       --kv-cache-dtype $kv --no-progress --json "$OUT/fp8kv_qwen3_8b_b64x8k_$kv.json" 2>&1 \
@@ -141,6 +144,9 @@ run_fp8kv() {  # FP8 vs bf16 KV cache, one after the other in one call: step tim
     python3 -m dlengine.cli bench latency $ds --batch-size 64 --input-len 8192 --max-model-len 8448 \
       --kv-cache-dtype $kv --no-progress --json "$OUT/fp8kv_dsv3_b64x8k_$kv.json" 2>&1 \
       | tee "$OUT/fp8kv_dsv3_b64x8k_$kv.log" | tail -25
+    python3 -m dlengine.cli bench latency $dsa --batch-size 32 --input-len 32768 --max-model-len 33024 \
+      --kv-cache-dtype $kv --no-progress --json "$OUT/fp8kv_dsv32_b32x32k_$kv.json" 2>&1 \
+      | tee "$OUT/fp8kv_dsv32_b32x32k_$kv.log" | tail -25
   done
 }
 run_dsv3() {  # DeepSeek-V3 dims, first 4 layers (3 dense + 1 MoE of 256 experts), dummy bf16 weights

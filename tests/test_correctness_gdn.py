@@ -146,17 +146,18 @@ def test_prefix_cache_hits_resume_checkpoints(kind):
 
 
 def test_unsupported_settings_are_config_errors():
-    """Speculative decoding is not built yet for the state: asking for it is a ConfigError naming
-    the problem. CUDA graphs capture the Gated DeltaNet state (tests/test_gdn_cuda_graph.py), and
-    stay refused with a ConfigError for state kinds that are not capturable (a StateSpec declaring
-    graph_capturable False; DeepSeek-V4's rings are captured since its batched decode path);
-    checked at the assembly step, since a CPU build refuses cuda_graphs(True) earlier. Tensor
-    parallelism: tests/test_gdn_parallel.py."""
+    """Speculative decoding of a state kind that cannot roll drafts back is a ConfigError naming
+    the problem (the Gated DeltaNet state can: tests/test_spec_gdn.py). CUDA graphs capture the
+    Gated DeltaNet state (tests/test_gdn_cuda_graph.py), and stay refused with a ConfigError for
+    state kinds that are not capturable (a StateSpec declaring graph_capturable False;
+    DeepSeek-V4's rings are captured since its batched decode path); checked at the assembly
+    step, since a CPU build refuses cuda_graphs(True) earlier. Tensor parallelism:
+    tests/test_gdn_parallel.py."""
     from types import SimpleNamespace
 
     import torch
 
-    from dlengine.assemble import _use_cuda_graphs
+    from dlengine.assemble import _check_state_model_features, _use_cuda_graphs
     from dlengine.config import ModelConfig
     from dlengine.models.deepseek_v4 import DeepseekV4ForCausalLM
     from dlengine.models.qwen3_5 import Qwen3_5ForConditionalGeneration
@@ -175,14 +176,26 @@ def test_unsupported_settings_are_config_errors():
     with pytest.raises(ConfigError, match="whose layers CUDA graphs do not capture yet; use cuda_graphs\\(False\\)"):
         _use_cuda_graphs(SimpleNamespace(cuda_graphs=True, model=cfg), backend, one_rank, uncapturable)
     assert _use_cuda_graphs(SimpleNamespace(cuda_graphs=None, model=cfg), backend, one_rank, uncapturable) is False
-    with pytest.raises(ConfigError, match="speculative decoding cannot roll back"):
-        EngineBuilder(tiny_checkpoint("qwen3.5")).dtype("float32").speculative(_NoDrafts(), num_tokens=1).build()
+    # speculative decoding rolls the Gated DeltaNet state back from draft snapshots (tests/test_spec_gdn.py);
+    # a state kind whose layers keep none is refused, naming it
+    engine = EngineBuilder(tiny_checkpoint("qwen3.5")).dtype("float32").speculative(_NoDrafts(), num_tokens=1).build()
+    assert engine.core.state_rollback is not None
+    speculating = SimpleNamespace(model=cfg, components=SimpleNamespace(speculator=_NoDrafts()))
+    no_rollback = [*specs[:-1], _NoRollbackState(specs[-1].layers, tensors=specs[-1].tensors)]
+    with pytest.raises(ConfigError, match="cannot roll rejected drafts back"):
+        _check_state_model_features(speculating, no_rollback)
 
 
 class _UncapturableState(StateSpec):
     """A state kind whose decode layers a CUDA graph cannot capture (e.g. they sync with the host)."""
 
     graph_capturable = False
+
+
+class _NoRollbackState(StateSpec):
+    """A state kind whose layers keep no per-position snapshots (speculation cannot undo drafts)."""
+
+    speculative_rollback = False
 
 
 class _NoDrafts:

@@ -36,6 +36,16 @@ def _request(rid: str, tokens: list[int], computed: int, blocks: list[int], draf
     return r
 
 
+def _image_row_inputs():
+    """M-RoPE inputs of a 10-token prompt whose last token (the row `_scheduled` computes) is an
+    image token: its three axes differ, so no 1-D position expresses it."""
+    from dlengine.multimodal.inputs import MultimodalInputs
+
+    pos = np.tile(np.arange(10, dtype=np.int64), (3, 1))
+    pos[1, 9], pos[2, 9] = 8, 10
+    return MultimodalInputs(images=[], mrope_positions=pos, mrope_delta=0)
+
+
 def _scheduled(num_new: int = 1, drafts: int = 0, sample: bool = True, multimodal=None) -> ScheduledRequest:
     r = _request("r", list(range(2, 12)), 9, [0], [5] * drafts)
     r.multimodal = multimodal
@@ -62,7 +72,7 @@ def test_steps_with_drafts_replay_the_verify_graph_even_with_short_proposals():
     ([_scheduled(5, 4)], (1, 4)),  # more drafts than the graphs' k (a proposer ignoring num_tokens)
     ([_scheduled(), _scheduled(7)], (1, 4)),  # a prompt chunk
     ([_scheduled(1, sample=False)], (1, 4)),  # a request that samples nothing (scoring, chunked prompt)
-    ([_scheduled(multimodal=object())], (1, 4)),  # images: M-RoPE positions are not graph inputs
+    ([_scheduled(multimodal=_image_row_inputs())], (1, 4)),  # its row is an image token (M-RoPE axes differ)
     ([_scheduled()] * 9, (1, 4)),  # more requests than the largest graph
 ])
 def test_steps_a_graph_cannot_express_run_eagerly(step, query_lens):

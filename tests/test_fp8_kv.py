@@ -511,10 +511,10 @@ def test_fp8_kv_kernels_build_for_sm90():
     assert reports["mla_decode"]["ops"]["ttng.warp_group_dot "] > 0
 
 
-@pytest.mark.parametrize("model", ["tiny-deepseek-v32", "tiny-deepseek-v4"])
+@pytest.mark.parametrize("model", ["tiny-deepseek-v4"])  # DSA models take FP8: tests/test_fp8_kv_dsa.py
 def test_models_with_their_own_cache_kernels_refuse_fp8(model):
-    """DSA and DeepSeek-V4 read their caches with their own kernels, which are bf16 only: a clear
-    refusal, not a silently wrong cache."""
+    """DeepSeek-V4 reads its caches with its own kernels, which are bf16 only: a clear refusal,
+    not a silently wrong cache."""
     with pytest.raises(ConfigError, match="not supported for .* yet"):
         EngineBuilder(model).dtype("float32").device("cpu").cache(dtype="fp8_e4m3").max_model_len(256).build()
 

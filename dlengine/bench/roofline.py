@@ -100,6 +100,7 @@ class ModelCost:
             qk_dim = v_dim = cfg.head_dim
         kv_per_token = cfg.num_hidden_layers * cfg.kv_bytes_per_token_per_layer_elem * elem
         state_bytes = 0
+        specs = []
         declare = getattr(type(model), "cache_specs", None)
         if declare is not None:  # hybrids: KV only in the paged layers, a state per sequence in the others
             specs = declare(cfg, dtype=kv_dtype)
@@ -109,9 +110,13 @@ class ModelCost:
         sparse_topk = int(hf.get("index_topk") or 0)
         indexer_layers = sum(1 for kind in (hf.get("indexer_types") or ["full"] * cfg.num_hidden_layers)
                              [:cfg.num_hidden_layers] if kind == "full") if sparse_topk else 0
+        # the indexer keys' own dtype where the model declares it (bf16 under an FP8 latent cache)
+        key_specs = [s for s in specs if s.name == "indexer_k"]
+        index_key_bytes = (key_specs[0].bytes_per_token if key_specs
+                           else indexer_layers * int(hf.get("index_head_dim") or 0) * elem)
         return ModelCost(
             sparse_topk=sparse_topk,
-            index_key_bytes_per_token=indexer_layers * int(hf.get("index_head_dim") or 0) * elem,
+            index_key_bytes_per_token=index_key_bytes if sparse_topk else 0,
             param_bytes=param_bytes,
             decode_weight_bytes=param_bytes - untied_embed_bytes,
             num_params=num_params,

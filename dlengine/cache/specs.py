@@ -365,6 +365,10 @@ class StateSpec(CacheSpec):
     # the Gated DeltaNet decode kernels (kernels/gdn/) read the slots from the metadata's device
     # tensors and skip PAD_STATE_SLOT rows: a padded graph row touches no slot
     graph_capturable: ClassVar[bool] = True
+    # speculative decoding can undo rejected drafts in this state: its layers run a verify step
+    # position by position and keep a snapshot after each (kernels/context.py StatePositions, the
+    # Gated DeltaNet layers); the core copies the accepted one back (cache/state_rollback.py)
+    speculative_rollback: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

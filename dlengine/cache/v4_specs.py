@@ -102,6 +102,9 @@ class V4StateSpec(StateSpec):
     # no host sync; rows with PAD_STATE_SLOT write no ring row and no compressed entry and read
     # nothing. (Prompt steps loop over requests on the host; they always run eagerly.)
     graph_capturable: ClassVar[bool] = True
+    # V4's layers do not run verify steps position by position with state snapshots, so rejected
+    # drafts could not be undone: speculative decoding stays refused (assemble.py)
+    speculative_rollback: ClassVar[bool] = False
 
     @property
     def name(self) -> str:

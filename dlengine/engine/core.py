@@ -13,7 +13,8 @@ Variations plug in at declared seams, each called at a fixed point of `step`:
   told when a request finishes (a prefill engine then holds its blocks for a decode engine);
 - the speculator (`dlengine.engine.seams.Speculator`): proposes draft tokens for decoding
   requests before scheduling; the runner verifies them in the same forward as the step;
-  rejected drafts are rolled back here.
+  rejected drafts are rolled back here (the KV by moving num_computed_tokens past the accepted
+  ones only; a recurrent state through the state rollback, `dlengine.engine.seams.StateRollback`).
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ class EngineCore:
     front through `add` / `abort` / `step` / `has_unfinished`."""
 
     def __init__(self, config, model, kv_cache, block_manager, scheduler, runner, *, connector=None,
-                 speculator=None, memory_plan=None) -> None:
+                 speculator=None, memory_plan=None, state_rollback=None) -> None:
         self.config = config
         self.model = model
         self.kv_cache = kv_cache
@@ -119,6 +120,9 @@ class EngineCore:
         self.connector = connector
         self.speculator = speculator
         self.memory_plan = memory_plan
+        # a model with recurrent state that speculates: rejected drafts are undone in the state
+        # (engine/seams.py StateRollback; the runner laid the step out with the same object)
+        self.state_rollback = state_rollback
         self.stats = EngineStats(forced_acceptance=config.speculative_forced_acceptance)
         self.requests: dict[str, Request] = {}
         # async scheduling overlaps step N+1's scheduling with step N's device work; speculative
@@ -256,6 +260,8 @@ class EngineCore:
             # never draft past what the request may still produce: its last token is the one the
             # target adds after the accepted drafts
             room = min(req.params.max_tokens - req.num_output_tokens, max_len - req.num_tokens) - 1
+            if self.state_rollback is not None:  # a state keeps snapshots for this many drafts
+                room = min(room, self.state_rollback.max_drafts)
             req.spec_token_ids = [int(t) for t in draft[: max(0, room)]]
 
     # ------------------------------------------------------------------ applying tokens
@@ -310,6 +316,8 @@ class EngineCore:
         step's slots are overwritten later; their blocks past the computed positions go back to
         the pool once the step is applied (Scheduler.release_lookahead)."""
         accepted = len(tokens) - 1
+        if self.state_rollback is not None:  # the state saw every draft: back to the accepted ones
+            self.state_rollback.rollback(req, num_drafts, accepted)
         req.num_computed_tokens += 1 + accepted
         req.spec_token_ids = []
         self.stats.num_draft_tokens += num_drafts

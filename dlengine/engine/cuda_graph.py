@@ -26,8 +26,12 @@ kernels/context.py), so padding never touches a real sequence's state and no scr
 reserved. The GDN decode ops are the conv1d and recurrent-update kernels (Triton, or the torch
 references: both capturable); fla-core serves only prompt steps, which never run from a graph.
 DeepSeek-V4's batched decode step (layers/v4_attention.py) follows the same rule; its entry
-lists take their width from the static block tables. Such models capture decode graphs only: a
-state updated in place cannot roll back rejected drafts, so they never speculate (assemble.py).
+lists take their width from the static block tables. A speculating Gated DeltaNet model captures
+verify graphs too: their state layers run each request's 1 + k rows position by position through
+the one-token ops (kernels/context.py StatePositions), reading per-position slots from a static
+[q, batch] buffer (PAD_STATE_SLOT for padding drafts and requests) and copying the state after
+each position to the draft snapshot slot staged beside it (-1: none), so the core can roll the
+slot back after the replay (cache/state_rollback.py). DeepSeek-V4 never speculates (assemble.py).
 
 The attention backend must be capturable (no host syncs, launch sizes from static metadata): the
 Triton backend is, the torch reference is not. Verify graphs need multi-token queries captured
@@ -48,7 +52,8 @@ from __future__ import annotations
 import torch
 
 from dlengine.engine.graph_layout import GraphChoice, PaddedBatch, padded_size
-from dlengine.kernels.context import PAD_STATE_SLOT, AttentionMetadata, ForwardContext
+from dlengine.kernels.context import (PAD_STATE_SLOT, AttentionMetadata, ForwardContext, PositionGroup,
+                                      StatePositions)
 
 
 def default_batch_ladder(max_batch: int) -> list[int]:
@@ -69,7 +74,7 @@ class CUDAGraphRunner:
 
     def __init__(self, model, kv_cache, backend, max_batch: int, max_model_len: int, device: torch.device,
                  batch_sizes: list[int] | None = None, num_spec_tokens: int = 0,
-                 keep_hidden_states: bool = False) -> None:
+                 keep_hidden_states: bool = False, state_rollback=None) -> None:
         self.model, self.kv_cache, self.backend, self.device = model, kv_cache, backend, device
         self.block_size = kv_cache.block_size
         self.max_model_len = max_model_len
@@ -78,9 +83,10 @@ class CUDAGraphRunner:
         self.query_lens = (1,) if num_spec_tokens <= 0 else (1, 1 + num_spec_tokens)
         self.keep_hidden_states = keep_hidden_states
         self.has_state = kv_cache.num_state_slots > 0
-        if self.has_state and num_spec_tokens > 0:
-            raise ValueError("verify graphs for a model with recurrent state: its state layers take one token per "
-                             "request in a graph, and drafts cannot be rolled back out of the state")
+        if self.has_state and num_spec_tokens > 0 and state_rollback is None:
+            raise ValueError("verify graphs for a model with recurrent state need its state rollback "
+                             "(cache/state_rollback.py): the state layers snapshot each position for it")
+        self.state_rollback = state_rollback
         n, q_max = self.max_batch, self.query_lens[-1]
         rows = n * q_max
         # a request's context may reach q - 1 positions past max_model_len where padding drafts
@@ -99,6 +105,18 @@ class CUDAGraphRunner:
         if self.has_state:
             self.state_slots = torch.full((n,), PAD_STATE_SLOT, dtype=torch.int64, device=device)
             self.has_initial_state = torch.zeros(n, dtype=torch.bool, device=device)
+        # verify graphs of a model with state: per position j < q and request, the slot its row j
+        # reads and writes and the draft snapshot slot its state goes to (kernels/context.py
+        # StatePositions); the rows of position j are i * q + j
+        self.position_slots: torch.Tensor | None = None
+        self.snapshot_slots: torch.Tensor | None = None
+        if self.has_state and q_max > 1:
+            self.position_slots = torch.full((q_max, n), PAD_STATE_SLOT, dtype=torch.int64, device=device)
+            self.snapshot_slots = torch.full((q_max, n), -1, dtype=torch.int64, device=device)
+            self._resume_later = torch.ones(n, dtype=torch.bool, device=device)  # rows past the first resume
+            self._position_rows = {q: torch.arange(n, dtype=torch.int64, device=device)[None, :] * q
+                                   + torch.arange(q, dtype=torch.int64, device=device)[:, None]
+                                   for q in self.query_lens if q > 1}
         self.logits: torch.Tensor | None = None  # [rows, vocab] float32, allocated by the first forward
         self.hidden: torch.Tensor | None = None  # [rows, hidden size] when keep_hidden_states
         # host staging (pinned on CUDA) so one copy per buffer moves a step's inputs; rows: input
@@ -108,6 +126,8 @@ class CUDAGraphRunner:
         self._host_tables = torch.zeros(2, n, self.max_blocks, dtype=torch.int32, pin_memory=pin)
         self._host_state = torch.zeros(2, n, dtype=torch.int64, pin_memory=pin) if self.has_state else None
         self._host_flags = torch.zeros(2, n, dtype=torch.bool, pin_memory=pin) if self.has_state else None
+        self._host_positions = (torch.zeros(2, 2, q_max, n, dtype=torch.int64, pin_memory=pin)
+                                if self.position_slots is not None else None)
         self._flip = 0
         self.graphs: dict[GraphChoice, torch.cuda.CUDAGraph] = {}
         self.num_replays = {q: 0 for q in self.query_lens}  # replays per query length (tests check graphs ran)
@@ -139,7 +159,19 @@ class CUDAGraphRunner:
             state_slots=self.state_slots[:bs] if self.has_state else None,
             has_initial_state=self.has_initial_state[:bs] if self.has_state else None,
             uniform_query_len=q,
+            state_positions=self._state_positions(q, bs) if self.has_state and q > 1 else None,
         )
+
+    def _state_positions(self, q: int, bs: int) -> StatePositions:
+        """A verify graph's state rows, position by position, on the static buffers."""
+        groups = []
+        for j in range(q):
+            group = PositionGroup(rows=self._position_rows[q][j, :bs], slots=self.position_slots[j, :bs],
+                                  has_initial_state=self.has_initial_state[:bs] if j == 0 else self._resume_later[:bs])
+            if j < q - 1:  # the last position is never a snapshot: its state is the slot's own
+                group.snapshot_src, group.snapshot_dst = self.position_slots[j, :bs], self.snapshot_slots[j, :bs]
+            groups.append(group)
+        return StatePositions(groups)
 
     def forward(self, choice: GraphChoice) -> None:
         """The forward the graph of `choice` captures: its static inputs -> the static outputs'
@@ -169,6 +201,9 @@ class CUDAGraphRunner:
         if self.has_state:  # the warm-up forwards run for real: they must touch no state slot
             self.state_slots.fill_(PAD_STATE_SLOT)
             self.has_initial_state.fill_(False)
+            if self.position_slots is not None:
+                self.position_slots.fill_(PAD_STATE_SLOT)
+                self.snapshot_slots.fill_(-1)
         for q in reversed(self.query_lens):
             self.seq_lens.fill_(q)  # any context >= the query works for the warm-up runs
             for bs in reversed(self.batch_sizes):
@@ -232,6 +267,15 @@ class CUDAGraphRunner:
             flags_host.numpy()[:bs] = batch.has_initial_state
             self.state_slots[:bs].copy_(state_host[:bs], non_blocking=True)
             self.has_initial_state[:bs].copy_(flags_host[:bs], non_blocking=True)
+        if self.has_state and q > 1:
+            if batch.position_slots is None:
+                raise ValueError("a verify graph step of a model with recurrent state needs its per-position state "
+                                 "slots (padded_layout(..., state_rollback=...))")
+            pos_host = self._host_positions[self._flip]
+            pos_host.numpy()[0, :q, :bs] = batch.position_slots
+            pos_host.numpy()[1, :q, :bs] = batch.snapshot_slots
+            self.position_slots[:q, :bs].copy_(pos_host[0, :q, :bs], non_blocking=True)
+            self.snapshot_slots[:q, :bs].copy_(pos_host[1, :q, :bs], non_blocking=True)
         if placeholders is not None:
             dst, src = placeholders
             self.input_ids[dst] = last_tokens[src]

@@ -13,7 +13,11 @@ consecutive rows. A step with n requests replays the smallest captured batch siz
 
 A model with recurrent state (Gated DeltaNet, DeepSeek-V4's rings) also stages one state slot and
 has_initial_state per request (kernels/context.py); padding requests get PAD_STATE_SLOT, which
-every state kernel skips (no slot read or written), and no initial state.
+every state kernel skips (no slot read or written), and no initial state. In a verify graph its
+state layers run the q rows of each request position by position (kernels/context.py
+StatePositions): per position a slot (PAD_STATE_SLOT for padding drafts, so they leave the state
+as the last real row left it) and a draft snapshot slot (-1: none), laid out by the state rollback
+(cache/state_rollback.py).
 
 Short proposals are padded rather than run eagerly: n-gram proposals are often shorter than k or
 empty, so a step whose every request drafted exactly k tokens would be rare and verify graphs
@@ -110,17 +114,24 @@ class PaddedBatch:
     # models with recurrent state only (None otherwise): per request, PAD_STATE_SLOT / False for padding
     state_slots: np.ndarray | None = None  # [bs] int64
     has_initial_state: np.ndarray | None = None  # [bs] bool
+    # ... and in a verify graph (q > 1), per position j and request: the slot row j reads and writes
+    # (PAD_STATE_SLOT past the request's 1 + d real rows and for padding requests) and the draft
+    # snapshot slot its state is copied to (-1: none); kernels/context.py StatePositions
+    position_slots: np.ndarray | None = None  # [q, bs] int64
+    snapshot_slots: np.ndarray | None = None  # [q, bs] int64
 
 
 def padded_layout(requests: Sequence, num_drafts: Sequence[int], choice: GraphChoice, block_size: int,
-                  max_model_len: int, with_state: bool = False) -> PaddedBatch:
+                  max_model_len: int, with_state: bool = False, state_rollback=None) -> PaddedBatch:
     """Lay out n requests (each decoding its last token and verifying num_drafts[i] drafts, the
     first ones of `request.spec_token_ids`) as `choice.batch_size` requests of
     `choice.query_len` rows.
 
     Positions of padding drafts continue their request's, clamped below max_model_len (RoPE
     tables are indexed in range); their slots are -1. `with_state`: also lay out each request's
-    `state_slot` and whether it resumes it (num_computed_tokens > 0)."""
+    `state_slot` and whether it resumes it (num_computed_tokens > 0), and for a verify graph the
+    per-position slots and draft snapshot slots `state_rollback` (engine/seams.py StateRollback)
+    lays out."""
     q, bs = choice.query_len, choice.batch_size
     n = len(requests)
     drafts = np.asarray(num_drafts, dtype=np.int64).reshape(n)
@@ -156,4 +167,13 @@ def padded_layout(requests: Sequence, num_drafts: Sequence[int], choice: GraphCh
         batch.state_slots[:n] = [r.state_slot for r in requests]
         batch.has_initial_state = np.zeros(bs, dtype=np.bool_)
         batch.has_initial_state[:n] = starts > 0
+        if q > 1:
+            if state_rollback is None:
+                raise ValueError("a verify graph of a model with recurrent state needs the state rollback's layout "
+                                 "of its draft snapshots (padded_layout(..., state_rollback=...))")
+            batch.position_slots = np.full((q, bs), PAD_STATE_SLOT, dtype=np.int64)
+            batch.snapshot_slots = np.full((q, bs), -1, dtype=np.int64)
+            slots, snaps = state_rollback.layout(batch.state_slots[:n], drafts, q)
+            batch.position_slots[:, :n] = slots
+            batch.snapshot_slots[:, :n] = snaps
     return batch

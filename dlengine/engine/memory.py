@@ -9,7 +9,8 @@ What a block costs comes from the cache specs (cache/specs.py): the sum of every
 page bytes (all paged groups share block ids), so the KV dtype sets the capacity: an FP8 cache
 (1 byte an element, `cache(dtype="fp8_e4m3")`) holds twice the tokens of a bf16 one in the same
 memory. State specs cost a fixed slot per sequence;
-`max_num_seqs` slots are set aside first (a running sequence holds one).
+`max_num_seqs` slots are set aside first (a running sequence holds one), plus prefix-cache
+checkpoints and, when such a model speculates, k draft snapshots per sequence.
 """
 
 from __future__ import annotations
@@ -43,10 +44,17 @@ class MemoryPlan:
     # prefix-cache checkpoints of the state (hybrid models with prefix caching), each a state
     # slot after the running ones (cache/state_slots.py StateCheckpointPool)
     num_checkpoint_slots: int = 0
+    # speculative decoding of a state model: snapshots of the state after each draft, k per running
+    # sequence, after the checkpoints (cache/state_rollback.py StateSnapshots)
+    num_snapshot_slots: int = 0
 
     @property
     def num_cache_state_slots(self) -> int:
-        """State slots the cache holds: the running sequences' and the checkpoints'."""
+        """State slots the cache holds: the running sequences', the checkpoints' and the snapshots'."""
+        return self.num_state_slots + self.num_checkpoint_slots + self.num_snapshot_slots
+
+    @property
+    def first_snapshot_slot(self) -> int:
         return self.num_state_slots + self.num_checkpoint_slots
 
     @property
@@ -64,6 +72,8 @@ class MemoryPlan:
              f"{self.token_capacity(block_size)} tokens ({self.num_blocks * self.bytes_per_block / gib:.2f} GiB)")
         if self.num_state_slots:
             ckpt = f" + {self.num_checkpoint_slots} prefix-cache checkpoints" if self.num_checkpoint_slots else ""
+            if self.num_snapshot_slots:
+                ckpt += f" + {self.num_snapshot_slots} draft snapshots"
             s += f" + {self.num_state_slots} state slots{ckpt} ({self.state_bytes / gib:.2f} GiB)"
         if self.total_bytes:
             s += (f"; weights {self.weights_bytes / gib:.2f} GiB, peak activations "
@@ -134,9 +144,10 @@ def profile_step_peak(cfg: EngineConfig, model, backend, kv_dtype: torch.dtype,
 
 
 def plan_kv_cache(cfg: EngineConfig, model, backend, kv_dtype: torch.dtype, reserve_bytes: int = 0,
-                  specs: Sequence[CacheSpec] | None = None) -> MemoryPlan:
+                  specs: Sequence[CacheSpec] | None = None, draft_snapshots: int = 0) -> MemoryPlan:
     """How many blocks (and state slots) the cache of `specs` gets; `specs` default to the
-    model's single-rank ones (cache_specs_for(cfg.model, kv_dtype))."""
+    model's single-rank ones (cache_specs_for(cfg.model, kv_dtype)). `draft_snapshots`: state
+    snapshots per running sequence (k for a speculating state model; cache/state_rollback.py)."""
     cache, sched = cfg.cache, cfg.scheduler
     specs = list(specs) if specs is not None else cache_specs_for(cfg.model, kv_dtype)
     per_block = bytes_per_block(specs, cache.block_size)
@@ -145,7 +156,8 @@ def plan_kv_cache(cfg: EngineConfig, model, backend, kv_dtype: torch.dtype, rese
     plan = MemoryPlan(num_blocks=0, bytes_per_block=per_block, num_state_slots=sched.max_num_seqs if per_slot else 0,
                       bytes_per_state_slot=per_slot, kv_dtype=dtype_name(kv_dtype),
                       num_checkpoint_slots=(sched.max_num_seqs if per_slot and cache.prefix_caching
-                                            and state_checkpointable(specs) else 0))
+                                            and state_checkpointable(specs) else 0),
+                      num_snapshot_slots=sched.max_num_seqs * draft_snapshots if per_slot else 0)
     if per_block == 0:
         raise ConfigError("the cache specs hold no paged group: every model needs blocks for its token positions")
     if cache.num_blocks is not None:

@@ -19,9 +19,10 @@ from dlengine.engine.host_arrays import block_table
 from dlengine.engine.request import Request
 from dlengine.engine.sampler import Sampler, SamplerOutput, SamplingTensors
 from dlengine.engine.scheduler import SchedulerOutput
-from dlengine.engine.seams import AcceptancePolicy
+from dlengine.engine.seams import AcceptancePolicy, StateRollback
 from dlengine.kernels.attention.backend import AttentionBackend
-from dlengine.kernels.context import AttentionMetadata, ForwardContext, MultimodalSegment
+from dlengine.kernels.context import (AttentionMetadata, ForwardContext, MultimodalSegment, PositionGroup,
+                                      StatePositions)
 from dlengine.kernels.selection import Kernels
 from dlengine.speculative.acceptance import ExactMatchAcceptance
 
@@ -139,7 +140,8 @@ class ModelInputs:
 class ModelRunner:
     def __init__(self, model: nn.Module, kv_cache: KVCache, backend: AttentionBackend, sampler: Sampler,
                  vocab_size: int, device: torch.device, graph_runner=None, kernels: Kernels | None = None,
-                 keep_hidden_states: bool = False, acceptance: AcceptancePolicy | None = None) -> None:
+                 keep_hidden_states: bool = False, acceptance: AcceptancePolicy | None = None,
+                 state_rollback: StateRollback | None = None) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.backend = backend
@@ -158,6 +160,9 @@ class ModelRunner:
         # every cache view of every layer (recurrent layers find their state slots here)
         self.layer_caches = [kv_cache.caches_of_layer(i) for i in range(len(kv_cache.layers))]
         self.has_state = kv_cache.num_state_slots > 0
+        # a model with recurrent state that speculates: how steps with drafts lay out its state
+        # rows and snapshots (cache/state_rollback.py; the core rolls back with the same object)
+        self.state_rollback = state_rollback
 
     def _placeholder_sources(self, reqs: list[Request], token_index: np.ndarray):
         """(flat token indices, rows of the last step's tokens) for inputs that are placeholders."""
@@ -251,6 +256,9 @@ class ModelRunner:
             ckpt_slots, ckpt_offsets, saves_after = self._state_checkpoints(reqs, starts, query_lens)
             if any(s >= 0 for s in ckpt_slots):
                 meta.state_checkpoint_slots_cpu, meta.state_checkpoint_offsets_cpu = ckpt_slots, ckpt_offsets
+            if any(s.num_spec_tokens for s in sched):
+                meta.state_positions = self._state_positions(sched, starts, query_start_loc, ckpt_slots,
+                                                             ckpt_offsets)
         else:
             saves_after = []
         # requests with images: the model reads their image embeddings and M-RoPE positions
@@ -295,6 +303,60 @@ class ModelRunner:
             ckpt_offsets.append(offset)
         return ckpt_slots, ckpt_offsets, after
 
+    def _state_positions(self, sched, starts: list[int], query_start_loc: np.ndarray, ckpt_slots: list[int],
+                         ckpt_offsets: list[int]) -> StatePositions:
+        """A step with drafts, for the recurrent-state layers (kernels/context.py StatePositions):
+        the requests feeding one token and its drafts (plain decodes too) run position by position
+        with snapshots for the rollback; the others (prompt chunks) run the varlen ops on their rows."""
+        if self.state_rollback is None:
+            raise RuntimeError("a step verifies drafts of a model with recurrent state, but the runner has no "
+                               "state rollback (engine/seams.py StateRollback) to lay its rows out")
+        by_pos = [i for i, s in enumerate(sched) if s.num_new_tokens == 1 + s.num_spec_tokens]
+        varlen = [i for i, s in enumerate(sched) if s.num_new_tokens != 1 + s.num_spec_tokens]
+        drafts = np.array([sched[i].num_spec_tokens for i in by_pos], dtype=np.int64)
+        width = 1 + int(drafts.max())
+        slots, snaps = self.state_rollback.layout([sched[i].request.state_slot for i in by_pos], drafts, width)
+        first = query_start_loc[by_pos]
+        resume0 = np.array([starts[i] > 0 for i in by_pos], dtype=np.bool_)
+        # every index array of the step, then one host-to-device copy per dtype (sliced on the device)
+        ints: list[np.ndarray] = []
+        flags: list[np.ndarray] = []
+        layout = []
+        for j in range(width):
+            live = np.flatnonzero(drafts >= j)  # requests with a row at position j
+            kept = np.flatnonzero(drafts > j)  # ... whose state after it may be rolled back to
+            ints += [first[live] + j, slots[j, live]]
+            flags.append(resume0[live] if j == 0 else np.ones(len(live), dtype=np.bool_))
+            if len(kept):
+                ints += [slots[j, kept], snaps[j, kept]]
+            layout.append(bool(len(kept)))
+        if varlen:
+            ints.append(np.concatenate([np.arange(query_start_loc[i], query_start_loc[i + 1]) for i in varlen]))
+        int_views = iter(self._to_device_parts(ints, np.int64))
+        flag_views = iter(self._to_device_parts(flags, np.bool_))
+        groups = []
+        for has_snapshots in layout:
+            group = PositionGroup(rows=next(int_views), slots=next(int_views), has_initial_state=next(flag_views))
+            if has_snapshots:
+                group.snapshot_src, group.snapshot_dst = next(int_views), next(int_views)
+            groups.append(group)
+        plan = StatePositions(groups)
+        if varlen:
+            plan.varlen_rows = next(int_views)
+            plan.varlen_query_lens = [sched[i].num_new_tokens for i in varlen]
+            plan.varlen_state_slots = [sched[i].request.state_slot for i in varlen]
+            plan.varlen_has_initial_state = [starts[i] > 0 for i in varlen]
+            if any(ckpt_slots[i] >= 0 for i in varlen):
+                plan.varlen_checkpoint_slots = [ckpt_slots[i] for i in varlen]
+                plan.varlen_checkpoint_offsets = [ckpt_offsets[i] for i in varlen]
+        return plan
+
+    def _to_device_parts(self, parts: list[np.ndarray], dtype) -> list[torch.Tensor]:
+        """The arrays on the device, copied as one buffer and split into views."""
+        sizes = [len(p) for p in parts]
+        flat = np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype=dtype)
+        return list(self._to_device(np.ascontiguousarray(flat)).split(sizes))
+
     def _copy_state(self, src: int, dst: int) -> None:
         for g in self.kv_cache.state_groups:
             g.storage[dst].copy_(g.storage[src])
@@ -332,14 +394,15 @@ class ModelRunner:
             return None
         reqs = [s.request for s in out.scheduled]
         num_drafts = [s.num_spec_tokens for s in out.scheduled]
-        batch = padded_layout(reqs, num_drafts, choice, self.block_size, g.max_model_len, with_state=self.has_state)
+        batch = padded_layout(reqs, num_drafts, choice, self.block_size, g.max_model_len, with_state=self.has_state,
+                              state_rollback=self.state_rollback)
         saves_after = []
         if self.has_state:
-            # the restores of prefix-cache hits happen here, before the replay (stream order). Graphs
-            # of a model with state are decode graphs only (CUDAGraphRunner): a one-token step has
-            # no checkpoint inside it, only (rarely) one at its end
+            # the restores of prefix-cache hits happen here, before the replay (stream order). A
+            # graph step feeds one token per request (and drafts, which come after the prompt): no
+            # checkpoint falls inside it, only (rarely) one at the end of the one token
             _, _, saves_after = self._state_checkpoints(reqs, [r.num_computed_tokens for r in reqs],
-                                                        [choice.query_len] * len(reqs))
+                                                        [1 + d for d in num_drafts])
         placeholders = self._placeholder_sources(reqs, batch.first_rows)
         logits, hidden = g.run(batch, placeholders=placeholders, last_tokens=self._last_token_ids)
         for src, dst in saves_after:

@@ -129,6 +129,27 @@ class HiddenStateSpeculator(Speculator, Protocol):
     # names the graph it replayed in `step.graph` (the MTP proposer: speculative/mtp_graphs.py).
 
 
+class StateRollback(Protocol):
+    """Speculative decoding of a model with recurrent state (cache StateSpec groups): a state is
+    updated in place by every token a verify step feeds, drafts included, so rejected drafts must
+    be undone in it (their KV needs nothing: it is never read again). The shipped implementation
+    is dlengine/cache/state_rollback.py `StateSnapshots`; the engine builds it for a state model
+    with a speculator, and:
+    - the runner lays out every step with drafts through `layout` (which slot each row of a
+      drafting request uses, which snapshot slot keeps the state after it) for the state layers;
+    - the core proposes at most `max_drafts` drafts per request, and after each verification,
+      once it knows how many drafts a request kept, calls `rollback` (before the step's tokens are
+      appended: the request still holds its slot)."""
+
+    max_drafts: int
+
+    def layout(self, state_slots: Sequence[int], num_drafts: Sequence[int], width: int):
+        """(slots, snapshot slots), each [width, n]: see StateSnapshots.layout."""
+
+    def rollback(self, request: Request, num_drafts: int, num_accepted: int) -> None:
+        """Make the request's state slot hold the state after its last token and `num_accepted` drafts."""
+
+
 class AcceptancePolicy(Protocol):
     """The accept decision of verification: how many of one request's drafts it keeps. The
     runner asks it once per verifying request and step (`StepHandle.accepted_tokens`); the

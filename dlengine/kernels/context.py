@@ -15,6 +15,11 @@ tensors in `ForwardContext.layer_caches[i]`. A negative slot (`PAD_STATE_SLOT`) 
 row of a captured CUDA-graph batch (engine/cuda_graph.py): the state kernels read zeros for it,
 write no slot and give it a zero output, so padding never touches a real sequence's state.
 
+A speculative verify step of such a model feeds each request its last token and its drafts;
+the state layers then run those requests position by position through their one-token ops and
+copy the state after each draft-to-be-judged position to a snapshot slot (`StatePositions`), so
+the core can roll the slot back to the accepted length afterwards (cache/state_rollback.py).
+
 Requests with images (multimodal/inputs.py) are listed in `ForwardContext.multimodal`, one
 `MultimodalSegment` per such request in the batch: which rows of the flat batch are its tokens and
 its MultimodalInputs, from which a multimodal model takes image embeddings and M-RoPE positions.
@@ -61,6 +66,9 @@ class AttentionMetadata:
     # lengths; kernels that need per-token rows derive them on the device from query_start_loc and
     # seq_lens. A request with seq_lens 0 is padding: its rows attend nothing. None elsewhere.
     uniform_query_len: int | None = None
+    # verify steps of models with recurrent state: which rows run the state layers one position at
+    # a time, with snapshots of the state after each (None: every request as described above)
+    state_positions: "StatePositions | None" = None
 
     @property
     def num_seqs(self) -> int:
@@ -69,6 +77,46 @@ class AttentionMetadata:
     @property
     def is_decode_only(self) -> bool:
         return self.max_query_len == 1
+
+
+@dataclass
+class PositionGroup:
+    """Position j of every request in a state-positions step: one row each, run together through
+    the one-token state ops, then the state of some of them copied to snapshot slots."""
+
+    rows: torch.Tensor  # [m] int64: the rows of the batch at this position
+    slots: torch.Tensor  # [m] int64: each row's state slot (PAD_STATE_SLOT: no state read or written)
+    has_initial_state: torch.Tensor  # [m] bool: whether the row resumes its slot (False: zeros)
+    # the state after this position is copied from slot snapshot_src[i] to snapshot_dst[i] (a
+    # slot < 0 in snapshot_dst copies nothing); None: no copy at this position
+    snapshot_src: torch.Tensor | None = None
+    snapshot_dst: torch.Tensor | None = None
+
+
+@dataclass
+class StatePositions:
+    """How a step with speculative drafts runs a model's recurrent-state layers.
+
+    Request i of the step feeds its last token and d_i drafts (1 + d_i rows; plain decodes have
+    d_i = 0). Those rows run position by position: group j holds position j of every such request
+    (its row, its slot) and goes through the one-token conv and delta-rule updates, which read and
+    write the slot in place; then the state after position j < d_i is copied to the request's
+    snapshot slot for j. Once the core knows how many drafts a request kept (a), it copies
+    snapshot a back into the slot (a = d_i: the slot is already right). The one-token ops are the
+    decode ones, so the state evolves exactly as in plain decoding, and a group needs only device
+    tensors of fixed shapes (capturable: a CUDA-graph verify step lays out every request's 1 + k
+    rows with slot PAD_STATE_SLOT past its real ones).
+
+    Requests of the step that feed anything else (prompt chunks) run the varlen ops on
+    `varlen_rows`, with the host lists below (prefix-cache checkpoints included)."""
+
+    groups: list[PositionGroup]
+    varlen_rows: torch.Tensor | None = None  # [T'] int64: the other requests' rows, in request order
+    varlen_query_lens: list[int] | None = None
+    varlen_state_slots: list[int] | None = None
+    varlen_has_initial_state: list[bool] | None = None
+    varlen_checkpoint_slots: list[int] | None = None  # as AttentionMetadata's, for these requests only
+    varlen_checkpoint_offsets: list[int] | None = None
 
 
 @dataclass

@@ -1,10 +1,21 @@
 """Triton helpers of the FP8 KV cache (numerics: kv_quant.py), shared by the KV write kernels of
-attention/, mla/ and norm_rope/."""
+attention/, mla/ and norm_rope/, and the scale argument of the kernels that read one (dsa/)."""
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+from dlengine.kernels.kv_quant import is_fp8
+
+
+def scale_pointer(cache: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """The scale argument an FP8-aware kernel takes for `cache`: `scale` (a float32 scalar tensor,
+    1.0 when None) for an FP8 cache; for any other cache an unused placeholder (the cache itself)."""
+    if not is_fp8(cache.dtype):
+        return cache
+    return scale if scale is not None else torch.ones((), dtype=torch.float32, device=cache.device)
 
 
 @triton.jit

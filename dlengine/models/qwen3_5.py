@@ -99,7 +99,8 @@ class HybridVLTextModel(HybridModel):
 
 class _VisionLanguage:
     """Mixin: `model.visual` (the vision tower) and `model.language_model` (the M-RoPE hybrid
-    stack) as in the released checkpoints; the MTP tensors are skipped."""
+    stack) as in the released checkpoints; the MTP tensors are skipped (speculative("mtp") loads
+    them into a module of their own)."""
 
     text_model_class = HybridVLTextModel
 
@@ -109,7 +110,10 @@ class _VisionLanguage:
         self.model = Qwen3VLModel(cfg, self.model)
 
     def skip_checkpoint_tensor(self, name: str) -> bool:
-        return name.startswith("mtp.")
+        return name.startswith("mtp.")  # the MTP head's own module reads them (models/qwen3_next_mtp.py)
+
+    def text_embedding(self) -> nn.Module:
+        return self.model.language_model.embed_tokens
 
 
 class Qwen3_5ForConditionalGeneration(_VisionLanguage, Qwen3_5ForCausalLM):

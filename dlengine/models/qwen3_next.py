@@ -235,7 +235,13 @@ class Qwen3NextForCausalLM(nn.Module):
         return moe_block(cfg, renormalize=bool(hf.get("norm_topk_prob", True)))
 
     def skip_checkpoint_tensor(self, name: str) -> bool:
-        return name.startswith("mtp.")  # the multi-token-prediction head (no speculator uses it yet)
+        # the multi-token-prediction head: a module of its own when speculative("mtp") drafts with
+        # it (models/qwen3_next_mtp.py)
+        return name.startswith("mtp.")
+
+    def text_embedding(self) -> nn.Module:
+        """The token embedding (the MTP head shares it)."""
+        return self.model.embed_tokens
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """Hidden states [T, hidden] for the flattened batch."""

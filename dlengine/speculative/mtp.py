@@ -1,5 +1,7 @@
 """Multi-token-prediction (MTP) drafts: the checkpoint's own next-n layer proposes the tokens
-after the target's next one (DeepSeek-V3 / Kimi-K2; `EngineBuilder.speculative("mtp", num_tokens=k)`).
+after the target's next one (DeepSeek-V3 / Kimi-K2's next-n layer, models/deepseek_v3.py; the
+`mtp.*` head of Qwen3-Next / Qwen3.5, models/qwen3_next_mtp.py;
+`EngineBuilder.speculative("mtp", num_tokens=k)`).
 
 How it runs, step by step (the engine's hooks: engine/seams.py HiddenStateSpeculator):
 1. The target runs the step (prompt chunks, decodes, verification of drafts). Before the core
@@ -267,18 +269,29 @@ class MTPFactory:
 
     def __call__(self, cfg, target) -> MTPProposer:
         from dlengine.assemble import build_model
-        from dlengine.models.deepseek_v3 import DeepseekV3MTP
 
         check_mtp_supported(cfg.model)
         if cfg.load_num_layers is not None and cfg.load_format != "dummy":
             raise ConfigError("speculative('mtp') with hf_overrides(num_hidden_layers=...) and real weights: the "
                               "checkpoint's MTP layer follows its last layer, which is not loaded; use "
                               "load_format='dummy' or drop the override")
+        hybrid = cfg.model.architecture in HYBRID_MTP_ARCHITECTURES
         if cfg.load_format != "dummy":
-            _check_checkpoint_has_layer(cfg.model.path, cfg.model.num_hidden_layers)
-        # loaded like the target (FP8 preparation, dummy weights, post-load hooks), its own tensors only
-        mtp = build_model(cfg, target.state, target.kernels, model_cls=DeepseekV3MTP)
-        return MTPProposer(mtp, target.model.model.embed_tokens, self.num_tokens, cfg.cache.block_size, cfg.device)
+            prefix = "mtp.layers.0." if hybrid else f"model.layers.{cfg.model.num_hidden_layers}."
+            _check_checkpoint_has_layer(cfg.model.path, prefix)
+        if hybrid:
+            # Qwen3-Next / Qwen3.5: `mtp.*`, drafting through the target's embedding and LM head
+            from dlengine.models.qwen3_next_mtp import Qwen3NextMTP, SharedHeadMTP
+
+            layer = build_model(cfg, target.state, target.kernels, model_cls=Qwen3NextMTP)
+            mtp, embed = SharedHeadMTP(layer, target.model.lm_head), target.model.text_embedding()
+        else:
+            from dlengine.models.deepseek_v3 import DeepseekV3MTP
+
+            # loaded like the target (FP8 preparation, dummy weights, post-load hooks), its own tensors only
+            mtp = build_model(cfg, target.state, target.kernels, model_cls=DeepseekV3MTP)
+            embed = target.model.model.embed_tokens
+        return MTPProposer(mtp, embed, self.num_tokens, cfg.cache.block_size, cfg.device)
 
     def __repr__(self) -> str:
         return f"MTPFactory(num_tokens={self.num_tokens})"
@@ -286,30 +299,42 @@ class MTPFactory:
 
 def check_mtp_supported(model_config) -> None:
     """ConfigError unless the checkpoint carries next-n layers this engine can run."""
-    from dlengine.models.deepseek_v3 import num_nextn_layers
-
     arch = model_config.architecture
     if arch not in MTP_ARCHITECTURES:
         raise ConfigError(f"speculative('mtp'): an MTP proposer for {arch} checkpoints is not shipped yet (it runs "
                           f"the next-n layers of {', '.join(sorted(MTP_ARCHITECTURES))} checkpoints); use "
                           "speculative('ngram') or pass a proposer object")
+    if arch in HYBRID_MTP_ARCHITECTURES:
+        from dlengine.models.qwen3_next_mtp import num_mtp_layers
+
+        # a config that says nothing leaves it to the checkpoint's mtp.* tensors (checked at load)
+        if num_mtp_layers(model_config) == 0:
+            raise ConfigError(f"speculative('mtp'): {model_config.path} has no multi-token-prediction layers "
+                              "(config.json mtp_num_hidden_layers / num_nextn_predict_layers is 0); use "
+                              "speculative('ngram')")
+        return
+    from dlengine.models.deepseek_v3 import num_nextn_layers
+
     if num_nextn_layers(model_config) < 1:
         raise ConfigError(f"speculative('mtp'): {model_config.path} has no multi-token-prediction layers "
                           "(config.json num_nextn_predict_layers is 0 or missing); use speculative('ngram')")
 
 
-MTP_ARCHITECTURES = {"DeepseekV3ForCausalLM"}
+# Qwen3-Next and Qwen3.5 (dense, MoE; text-only and multimodal classes): `mtp.*` (models/qwen3_next_mtp.py)
+HYBRID_MTP_ARCHITECTURES = {"Qwen3NextForCausalLM", "Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM",
+                            "Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration"}
+MTP_ARCHITECTURES = {"DeepseekV3ForCausalLM"} | HYBRID_MTP_ARCHITECTURES
 
 
-def _check_checkpoint_has_layer(path: str, layer: int) -> None:
+def _check_checkpoint_has_layer(path: str, prefix: str) -> None:
     """config.json may declare next-n layers the weights do not carry (transformers writes
-    num_nextn_predict_layers=1 by default and drops the layer on save): say so plainly."""
+    num_nextn_predict_layers=1 by default and drops the layer on save; transformers' Qwen3.5
+    classes do not build the MTP head at all): say so plainly. `prefix`: the layer's tensor names."""
     import json
     import os
 
     from dlengine.models.loader import iter_safetensors_lazy
 
-    prefix = f"model.layers.{layer}."
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:
@@ -318,5 +343,4 @@ def _check_checkpoint_has_layer(path: str, layer: int) -> None:
         names = [name for name, _ in iter_safetensors_lazy(path)]
     if not any(n.startswith(prefix) for n in names):
         raise ConfigError(f"speculative('mtp'): {path} has no multi-token-prediction layer weights (no "
-                          f"{prefix}* tensors, although config.json declares num_nextn_predict_layers); use "
-                          "speculative('ngram')")
+                          f"{prefix}* tensors); use speculative('ngram')")

@@ -20,6 +20,7 @@ import tempfile
 
 from dlengine.testing.dsa import DSA_KINDS, build_dsa_model
 from dlengine.testing.hybrid import HYBRID_KINDS, build_hybrid_model, fuse_experts_on_disk, rerandomise_hybrid
+from dlengine.testing.hybrid_mtp import HYBRID_MTP_KINDS
 from dlengine.testing.vl import (QWEN3_5_VL_KINDS, VL_KINDS, build_vl_model, build_vl_tokenizer,
                                  transpose_experts_on_disk, write_preprocessor_config, write_video_preprocessor_config)
 
@@ -34,9 +35,10 @@ PRESETS = {"tiny-qwen3": "qwen3", "tiny-qwen3-yarn": "qwen3-yarn", "tiny-qwen3-u
            "tiny-qwen3.5-moe": "qwen3.5-moe", "tiny-qwen3-vl": "qwen3-vl", "tiny-qwen3-vl-moe": "qwen3-vl-moe",
            "tiny-qwen3.5-vl": "qwen3.5-vl", "tiny-qwen3.5-moe-vl": "qwen3.5-moe-vl",
            "tiny-deepseek-v32": "deepseek-v32", "tiny-glm-moe-dsa": "glm-moe-dsa", "tiny-deepseek-v3-mtp": "deepseek-v3-mtp",
-           "tiny-deepseek-v4": "deepseek-v4"}
+           "tiny-deepseek-v4": "deepseek-v4", "tiny-qwen3.5-moe-mtp": "qwen3.5-moe-mtp",
+           "tiny-qwen3-next-mtp": "qwen3-next-mtp"}
 # kinds derived from another kind's checkpoint by a post-processing step: kind -> source kind
-_DERIVED = {"deepseek-v3-fp8": "deepseek-v3", "deepseek-v3-mtp": "deepseek-v3"}
+_DERIVED = {"deepseek-v3-fp8": "deepseek-v3", "deepseek-v3-mtp": "deepseek-v3", **HYBRID_MTP_KINDS}
 FP8_BLOCK = (128, 128)
 ROUTER_GAIN = 2.0  # qwen3-moe: router weights are drawn this much larger, for decisive routing
 
@@ -228,6 +230,10 @@ def build_tiny_checkpoint(kind: str, path: str, seed: int = 0) -> str:
             from dlengine.testing.mtp import build_mtp_checkpoint
 
             build_mtp_checkpoint(tiny_checkpoint(_DERIVED[kind], seed), path, seed)
+        elif kind in HYBRID_MTP_KINDS:  # a trained mtp.* head added (testing/hybrid_mtp.py)
+            from dlengine.testing.hybrid_mtp import build_hybrid_mtp_checkpoint
+
+            build_hybrid_mtp_checkpoint(kind, tiny_checkpoint(_DERIVED[kind], seed), path, seed)
         else:
             build_fp8_checkpoint(tiny_checkpoint(_DERIVED[kind], seed), path)
         with open(os.path.join(path, "dlengine_recipe.json"), "w") as f:

@@ -17,6 +17,9 @@ k, scale, relu, then a matmul with the head weights) so the scores round the sam
 quantisation and no Hadamard rotation, as transformers does (both are precision optimisations of
 DeepSeek's own kernels; the rotation preserves dot products).
 
+An FP8 key cache (`cache(dtype="fp8_e4m3")`, docs/fp8_kv.md) holds k / key_scale rounded to
+e4m3 (the write) and is read dequantised to float32 (x key_scale); the scoring is unchanged.
+
 Selected tokens are returned as positions in the request's sequence, -1 padding the rows that
 select fewer than the output width (`topk_to_slots` turns them into flat cache slots).
 """
@@ -27,11 +30,14 @@ import torch
 
 from dlengine.kernels.attention.paged_attention_torch import gather_kv
 from dlengine.kernels.context import AttentionMetadata
+from dlengine.kernels.kv_quant import from_cache, index_copy_rows, is_fp8, to_cache
 
 
-def write_indexer_keys(k: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """This step's indexer keys [T, D] -> the paged key cache [N, block_size, 1, D] at their slots."""
-    cache.view(-1, cache.shape[-1]).index_copy_(0, slot_mapping, k.to(cache.dtype))
+def write_indexer_keys(k: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor,
+                       key_scale: torch.Tensor | None = None) -> None:
+    """This step's indexer keys [T, D] -> the paged key cache [N, block_size, 1, D] at their slots
+    (an FP8 cache stores k / key_scale, 1.0 when None)."""
+    index_copy_rows(cache.view(-1, cache.shape[-1]), slot_mapping, to_cache(k, cache.dtype, key_scale))
 
 
 def select_width(topk: int, max_context: int) -> int:
@@ -62,17 +68,20 @@ def indexer_scores_ref(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tenso
 
 
 def indexer_topk_ref(q: torch.Tensor, weights: torch.Tensor, key_cache: torch.Tensor, meta: AttentionMetadata,
-                     topk: int, softmax_scale: float) -> torch.Tensor:
+                     topk: int, softmax_scale: float, key_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Top-k token positions [T, width] int32 (-1 padded; width = select_width(topk,
     max_seq_len)) for the flattened queries q [T, H, D] with head weights [T, H] over each
     request's paged indexer keys [N, block_size, 1, D] (which already hold this step's keys).
-    Request i's queries are the last query_len positions of its seq_len-token context."""
+    Request i's queries are the last query_len positions of its seq_len-token context. An FP8
+    key cache is dequantised with key_scale (1.0 when None)."""
     width = select_width(topk, meta.max_seq_len)
     out = torch.full((q.shape[0], width), -1, dtype=torch.int32, device=q.device)
     start = 0
     for i, ql in enumerate(meta.query_lens_cpu):
         seq_len = meta.seq_lens_cpu[i]
         keys = gather_kv(key_cache, meta.block_tables[i], seq_len)[:, 0]  # [S, D]
+        if is_fp8(keys.dtype):
+            keys = from_cache(keys, key_scale)
         scores = indexer_scores_ref(q[start:start + ql], keys, weights[start:start + ql], softmax_scale)
         q_pos = torch.arange(ql, device=q.device)[:, None] + (seq_len - ql)
         k_pos = torch.arange(seq_len, device=q.device)[None, :]

@@ -7,6 +7,9 @@ outside its selection are masked before a float32 softmax. `sparse_mla_absorbed_
 reference of the Triton kernel (sparse_mla_triton.py), same signature: the absorbed form over
 gathered latent rows (kernels/mla/mla_triton.py explains absorption), one latent row per
 selected token, indexed by flat cache slot.
+
+An FP8 latent cache (docs/fp8_kv.md) is read dequantised to float32 (x kv_scale, c_kv and k_pe
+sharing the layer's one scale), as kernels/mla/mla_torch.py reads it for dense MLA.
 """
 
 from __future__ import annotations
@@ -16,14 +19,16 @@ import torch.nn.functional as F
 
 from dlengine.kernels.attention.paged_attention_torch import gather_kv
 from dlengine.kernels.context import AttentionMetadata
+from dlengine.kernels.kv_quant import from_cache, is_fp8
 from dlengine.kernels.mla.mla_torch import MLAWeights
 
 
 def sparse_mla_ref(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
-                   weights: MLAWeights, scale: float, topk_positions: torch.Tensor) -> torch.Tensor:
+                   weights: MLAWeights, scale: float, topk_positions: torch.Tensor,
+                   kv_scale: torch.Tensor | None = None) -> torch.Tensor:
     """q_nope [T, H, nope], q_pe [T, H, rope] (rotated) over the latent cache [N, page, 1, C + rope],
     each query token restricted to its selected positions topk_positions [T, K] (-1: none)
-    -> [T, H, v_head_dim]."""
+    -> [T, H, v_head_dim]. An FP8 cache is dequantised with kv_scale (1.0 when None)."""
     num_tokens, num_heads, _ = q_nope.shape
     kv_lora_rank = weights.kv_b.shape[-1]
     nope, v_dim = weights.qk_nope_head_dim, weights.v_head_dim
@@ -33,6 +38,8 @@ def sparse_mla_ref(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor
     for i, ql in enumerate(meta.query_lens_cpu):
         seq_len = meta.seq_lens_cpu[i]
         latent = gather_kv(cache, meta.block_tables[i], seq_len)[:, 0]  # [S, C + rope]
+        if is_fp8(latent.dtype):
+            latent = from_cache(latent, kv_scale)  # float32
         c_kv, k_pe = latent[:, :kv_lora_rank], latent[:, kv_lora_rank:]
         kv = F.linear(c_kv.to(weights.kv_b.dtype), weights.kv_b).view(seq_len, num_heads, nope + v_dim)
         k_nope, v = kv.split([nope, v_dim], dim=-1)
@@ -50,12 +57,12 @@ def sparse_mla_ref(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor
 
 
 def sparse_mla_absorbed_ref(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor,
-                            scale: float) -> torch.Tensor:
+                            scale: float, kv_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Absorbed sparse MLA: q_lat [T, H, C], q_pe [T, H, rope] over the latent rows at flat cache
     slots [T, K] (-1: none) of cache [N, page, 1, C + rope] -> out_lat [T, H, C] float32 (rows
-    that select nothing give zeros)."""
+    that select nothing give zeros). An FP8 cache is dequantised with kv_scale (1.0 when None)."""
     kv_lora_rank = q_lat.shape[-1]
-    rows = cache.reshape(-1, cache.shape[-1]).float()[slots.long().clamp(min=0)]  # [T, K, C + rope]
+    rows = from_cache(cache.reshape(-1, cache.shape[-1]), kv_scale)[slots.long().clamp(min=0)]  # [T, K, C + rope]
     c_kv, k_pe = rows[..., :kv_lora_rank], rows[..., kv_lora_rank:]
     scores = (torch.einsum("thc,tkc->thk", q_lat.float(), c_kv)
               + torch.einsum("thr,tkr->thk", q_pe.float(), k_pe)) * scale

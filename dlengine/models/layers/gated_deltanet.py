@@ -10,10 +10,13 @@ finally a per-head RMSNorm gated by silu(z) and the output projection.
 The layer keeps no state itself: its conv window and delta-rule state live in the cache's state
 group (cache spec `GatedDeltaNetSpec` below, one slot per running request), found in
 `ctx.layer_caches[layer_idx]["state"]` and indexed by the metadata's `state_slots`. A step of
-single tokens runs the batched recurrent update; any other step runs the varlen chunk form. The
-decode branch reads only device tensors of the metadata (no host lists, no data-dependent
-shapes), so it is captured in the engine's CUDA graphs; padded graph rows carry PAD_STATE_SLOT,
-which the conv and recurrent kernels skip.
+single tokens runs the batched recurrent update; any other step runs the varlen chunk form,
+except a speculative verify step, whose drafting requests run position by position through the
+one-token ops with a snapshot of the state after each position (kernels/gdn/by_position.py: the
+core rolls the slot back to the accepted length). The decode branch reads only device tensors
+of the metadata (no host lists, no data-dependent shapes), so it is captured in the engine's CUDA
+graphs, and so are verify steps; padded graph rows carry PAD_STATE_SLOT, which the conv and
+recurrent kernels skip.
 
 Checkpoint layouts: Qwen3.5 stores in_proj_qkv, in_proj_z, in_proj_b, in_proj_a (loaded into two
 stacked GEMMs by the model's stacked_params); Qwen3-Next stores in_proj_qkvz and in_proj_ba with
@@ -39,6 +42,7 @@ from torch import nn
 from dlengine.cache.specs import StateSpec, StateTensor
 from dlengine.config import ConfigError
 from dlengine.kernels.context import ForwardContext
+from dlengine.kernels.gdn.by_position import causal_conv1d_by_position, gated_delta_rule_by_position
 from dlengine.kernels.selection import current_kernels
 from dlengine.models.layers.linear import default_weight_loader
 from dlengine.models.layers.norm import GatedRMSNorm
@@ -202,11 +206,14 @@ class GatedDeltaNet(nn.Module):
         b, a = self.in_proj_ba(hidden).split([s.num_v_heads, s.num_v_heads], dim=-1)
         weight = self.conv1d.weight.squeeze(1)
         decode = meta.is_decode_only
+        by_position = meta.state_positions  # a verify step: drafts run position by position, snapshotted
         # prefix caching: states to save at block boundaries inside this step (runner._state_checkpoints)
         checkpoints = ({} if meta.state_checkpoint_slots_cpu is None else
                        dict(checkpoint_slots=meta.state_checkpoint_slots_cpu,
                             checkpoint_offsets=meta.state_checkpoint_offsets_cpu))
-        if decode:
+        if by_position is not None:
+            mixed = causal_conv1d_by_position(ops, mixed, weight, state["conv"], by_position)
+        elif decode:
             mixed = ops.causal_conv1d_update(mixed, weight, state["conv"], meta.state_slots, meta.has_initial_state)
         else:
             mixed = ops.causal_conv1d_varlen(mixed, weight, state["conv"], meta.query_lens_cpu, meta.state_slots_cpu,
@@ -217,7 +224,9 @@ class GatedDeltaNet(nn.Module):
         v = v.view(t, s.num_v_heads, s.head_v_dim)
         beta = b.sigmoid()
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)  # float32: exp(A_log) may overflow fp16
-        if decode:
+        if by_position is not None:
+            core = gated_delta_rule_by_position(ops, q, k, v, g, beta, state["ssm"], by_position)
+        elif decode:
             core = ops.gated_delta_rule_update(q, k, v, g, beta, state["ssm"], meta.state_slots, meta.has_initial_state)
         else:
             core = ops.gated_delta_rule_varlen(q, k, v, g, beta, state["ssm"], meta.query_lens_cpu,
