@@ -24,7 +24,7 @@ import json
 import os
 import shutil
 
-from dlengine.testing.mtp import NUM_SEQUENCES, PROMPT_LEN, SEQ_LEN, mtp_training_prompts
+from dlengine.testing.mtp import NUM_SEQUENCES, PROMPT_LEN, SEQ_LEN, mtp_training_prompts, one_torch_thread
 
 # derived kind -> the tiny hybrid it extends
 HYBRID_MTP_KINDS = {"qwen3.5-moe-mtp": "qwen3.5-moe", "qwen3-next-mtp": "qwen3-next"}
@@ -45,15 +45,9 @@ def _greedy_sequences(model, seed: int, vocab_size: int):
 
 def train_hybrid_mtp(src: str, seed: int = 0) -> tuple[dict, float]:
     """The trained head's tensors, named as in the released checkpoints (experts fused), and the
-    final loss. One thread: at these sizes more only contend (tests run in parallel)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    final loss (on one thread)."""
+    with one_torch_thread():
         return _train(src, seed)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train(src: str, seed: int) -> tuple[dict, float]:

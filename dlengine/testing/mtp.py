@@ -15,6 +15,8 @@ did not produce.
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import shutil
@@ -57,17 +59,25 @@ def _causal_mask(n: int, t: int):
     return mask.expand(n, 1, t, t)
 
 
-def train_mtp_layer(src: str, seed: int = 0) -> tuple[dict, float]:
-    """The trained next-n layer's tensors, named as in a DeepSeek-V3 checkpoint, and the final
-    loss. Runs on one thread: at these sizes more threads only contend (tests run in parallel)."""
+@contextlib.contextmanager
+def one_torch_thread():
+    """Run the block on one torch thread: training these tiny heads on more threads only
+    contends (tests run in parallel); the previous count comes back afterwards."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _train_mtp_layer(src, seed)
+        yield
     finally:
         torch.set_num_threads(threads)
+
+
+def train_mtp_layer(src: str, seed: int = 0) -> tuple[dict, float]:
+    """The trained next-n layer's tensors, named as in a DeepSeek-V3 checkpoint, and the final
+    loss (on one thread)."""
+    with one_torch_thread():
+        return _train_mtp_layer(src, seed)
 
 
 def _train_mtp_layer(src: str, seed: int) -> tuple[dict, float]:
