@@ -20,15 +20,11 @@ on those prompts is then well above zero, which is what the tests need.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-
-from dlengine.testing.mtp import NUM_SEQUENCES, PROMPT_LEN, SEQ_LEN, mtp_training_prompts, one_torch_thread
+from dlengine.testing.mtp import (NUM_SEQUENCES, PROMPT_LEN, SEQ_LEN, fit_mtp, mtp_training_prompts, one_torch_thread,
+                                  write_mtp_checkpoint)
 
 # derived kind -> the tiny hybrid it extends
 HYBRID_MTP_KINDS = {"qwen3.5-moe-mtp": "qwen3.5-moe", "qwen3-next-mtp": "qwen3-next"}
-TRAIN_STEPS = 200
 
 
 def _greedy_sequences(model, seed: int, vocab_size: int):
@@ -96,15 +92,7 @@ def _train(src: str, seed: int) -> tuple[dict, float]:
     def ce(y, target_labels):
         return nn.functional.cross_entropy(target.lm_head(y).reshape(-1, cfg.vocab_size), target_labels.reshape(-1))
 
-    opt = torch.optim.Adam(modules.parameters(), lr=3e-3)
-    for _ in range(TRAIN_STEPS):
-        y = mtp(h[:, :t], embeds)
-        # depth 2 (chained drafts): at position q the head gets its own output at q - 1 in place of h_q
-        y2 = mtp(torch.cat([torch.zeros_like(y[:, :1]), y[:, :-1]], dim=1), embeds)
-        loss = ce(y, labels) + 0.5 * ce(y2[:, 1:], labels[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    loss = fit_mtp(mtp, ce, h[:, :t], embeds, labels, modules.parameters())
 
     tensors = {f"mtp.layers.0.{k}": v for k, v in block.state_dict().items()}
     tensors.update({"mtp.fc.weight": fc.weight, "mtp.pre_fc_norm_embedding.weight": emb_norm.weight,
@@ -133,26 +121,14 @@ def _per_expert(tensors: dict) -> dict:
 
 def build_hybrid_mtp_checkpoint(kind: str, src: str, path: str, seed: int = 0) -> str:
     """`src` (the tiny hybrid HYBRID_MTP_KINDS[kind]) plus a trained MTP head, written to `path`."""
-    from safetensors.torch import load_file, save_file
-
-    os.makedirs(path, exist_ok=True)
     mtp_tensors, loss = train_hybrid_mtp(src, seed)
     if kind == "qwen3-next-mtp":
         mtp_tensors = _per_expert(mtp_tensors)
-    tensors = load_file(os.path.join(src, "model.safetensors"))
-    tensors.update(mtp_tensors)
-    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-    for f in os.listdir(src):
-        if f not in ("model.safetensors", "config.json", "dlengine_recipe.json"):
-            shutil.copy(os.path.join(src, f), os.path.join(path, f))
-    with open(os.path.join(src, "config.json")) as f:
-        cfg = json.load(f)
-    if "text_config" in cfg:  # Qwen3.5: the text model's fields, as released
-        cfg["text_config"].update(mtp_num_hidden_layers=1, mtp_use_dedicated_embeddings=False)
-    else:
-        cfg["num_nextn_predict_layers"] = 1
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    with open(os.path.join(path, "mtp_training.json"), "w") as f:
-        json.dump({"steps": TRAIN_STEPS, "sequences": NUM_SEQUENCES, "seq_len": SEQ_LEN, "final_loss": loss}, f)
-    return path
+
+    def declare_mtp(cfg: dict) -> None:
+        if "text_config" in cfg:  # Qwen3.5: the text model's fields, as released
+            cfg["text_config"].update(mtp_num_hidden_layers=1, mtp_use_dedicated_embeddings=False)
+        else:
+            cfg["num_nextn_predict_layers"] = 1
+
+    return write_mtp_checkpoint(src, path, mtp_tensors, loss, declare_mtp)

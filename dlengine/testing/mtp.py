@@ -73,6 +73,47 @@ def one_torch_thread():
         torch.set_num_threads(threads)
 
 
+def fit_mtp(mtp, ce, hidden, embeds, labels, params):
+    """TRAIN_STEPS of Adam on an MTP head (`mtp(hidden, embeds)` -> its outputs, `ce(outputs,
+    labels)` -> the loss of the target's next-next tokens); returns the final loss. Depth 2
+    (chained drafts) is trained too: at position q the head gets its own output at q - 1 in
+    place of h_q, beside the same embedding of t_{q+1}, and must still predict t_{q+2}."""
+    import torch
+
+    opt = torch.optim.Adam(params, lr=3e-3)
+    for _ in range(TRAIN_STEPS):
+        y = mtp(hidden, embeds)
+        y2 = mtp(torch.cat([torch.zeros_like(y[:, :1]), y[:, :-1]], dim=1), embeds)
+        loss = ce(y, labels) + 0.5 * ce(y2[:, 1:], labels[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return loss
+
+
+def write_mtp_checkpoint(src: str, path: str, mtp_tensors: dict, loss: float, edit_config) -> str:
+    """`src`'s checkpoint plus `mtp_tensors`, at `path`: tokenizer and other files copied,
+    config.json through `edit_config(cfg)` (which declares the MTP layer), and the training's
+    settings and final loss in mtp_training.json."""
+    from safetensors.torch import load_file, save_file
+
+    os.makedirs(path, exist_ok=True)
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    tensors.update(mtp_tensors)
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    for f in os.listdir(src):
+        if f not in ("model.safetensors", "config.json", "dlengine_recipe.json"):
+            shutil.copy(os.path.join(src, f), os.path.join(path, f))
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    edit_config(cfg)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    with open(os.path.join(path, "mtp_training.json"), "w") as f:
+        json.dump({"steps": TRAIN_STEPS, "sequences": NUM_SEQUENCES, "seq_len": SEQ_LEN, "final_loss": loss}, f)
+    return path
+
+
 def train_mtp_layer(src: str, seed: int = 0) -> tuple[dict, float]:
     """The trained next-n layer's tensors, named as in a DeepSeek-V3 checkpoint, and the final
     loss (on one thread)."""
@@ -131,16 +172,7 @@ def _train_mtp_layer(src: str, seed: int) -> tuple[dict, float]:
     def ce(y, target_labels):
         return nn.functional.cross_entropy(head(head_norm(y)).reshape(-1, cfg.vocab_size), target_labels.reshape(-1))
 
-    # depth 2 (chained drafts): at position q the layer gets its own output at q - 1 in place of
-    # h_q, beside the same embedding of t_{q+1}, and must still predict t_{q+2}
-    opt = torch.optim.Adam(modules.parameters(), lr=3e-3)
-    for _ in range(TRAIN_STEPS):
-        y = mtp(h[:, :t], embeds)
-        y2 = mtp(torch.cat([torch.zeros_like(y[:, :1]), y[:, :-1]], dim=1), embeds)
-        loss = ce(y, labels) + 0.5 * ce(y2[:, 1:], labels[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    loss = fit_mtp(mtp, ce, h[:, :t], embeds, labels, modules.parameters())
 
     prefix = f"model.layers.{n_layers}."
     with tempfile.TemporaryDirectory() as tmp:
@@ -161,21 +193,5 @@ def _train_mtp_layer(src: str, seed: int) -> tuple[dict, float]:
 
 def build_mtp_checkpoint(src: str, path: str, seed: int = 0) -> str:
     """`src` (a tiny DeepSeek-V3 checkpoint) plus a trained next-n layer, written to `path`."""
-    from safetensors.torch import load_file, save_file
-
-    os.makedirs(path, exist_ok=True)
     mtp_tensors, loss = train_mtp_layer(src, seed)
-    tensors = load_file(os.path.join(src, "model.safetensors"))
-    tensors.update(mtp_tensors)
-    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-    for f in os.listdir(src):
-        if f not in ("model.safetensors", "config.json", "dlengine_recipe.json"):
-            shutil.copy(os.path.join(src, f), os.path.join(path, f))
-    with open(os.path.join(src, "config.json")) as f:
-        cfg = json.load(f)
-    cfg["num_nextn_predict_layers"] = 1
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    with open(os.path.join(path, "mtp_training.json"), "w") as f:
-        json.dump({"steps": TRAIN_STEPS, "sequences": NUM_SEQUENCES, "seq_len": SEQ_LEN, "final_loss": loss}, f)
-    return path
+    return write_mtp_checkpoint(src, path, mtp_tensors, loss, lambda cfg: cfg.update(num_nextn_predict_layers=1))
