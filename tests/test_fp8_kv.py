@@ -291,12 +291,10 @@ def tiny_engine(path, cache_dtype, attention="torch"):
             .cache(block_size=16, dtype=cache_dtype).scheduler(max_model_len=256).build())
 
 
-@pytest.mark.parametrize("kind", ["qwen3", "deepseek-v3"])
-def test_tiny_model_logits_close_to_float32_cache(kind):
-    path = tiny_checkpoint(kind)
-    prompts = make_prompts(4, lengths=(5, 17, 40, 64))
-    ref_engine, fp8_engine = tiny_engine(path, "auto"), tiny_engine(path, "fp8_e4m3")
-    assert fp8_engine.kv_cache.dtype == FP8 and fp8_engine.describe()["kv_cache_dtype"] == "float8_e4m3fn"
+def compare_caches(label: str, ref_engine, fp8_engine, prompts, max_tokens: int = 16):
+    """An FP8-cache engine against the same model on a float32 cache: per-prompt logits error
+    (position_error), teacher-forced argmax agreement over every prompt position and free-running
+    greedy token agreement over `max_tokens` tokens (both fractions); printed for the record."""
     errors, agree, total = [], 0, 0
     for prompt in prompts:
         ref = ref_engine.prompt_logits(prompt)
@@ -304,15 +302,24 @@ def test_tiny_model_logits_close_to_float32_cache(kind):
         errors.append(position_error(got, ref))
         agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
         total += len(prompt)
-    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     free_ref = [o.token_ids for o in ref_engine.generate(prompts, params)]
     free_fp8 = [o.token_ids for o in fp8_engine.generate(prompts, params)]
-    same = sum(a == b for r, f in zip(free_ref, free_fp8) for a, b in zip(r, f))
-    print(f"\n{kind}: FP8 vs float32 KV cache: per-position logits error {[round(e, 4) for e in errors]}, "
-          f"teacher-forced argmax agreement {agree / total:.3f}, free-running greedy token agreement "
-          f"{same / (16 * len(prompts)):.3f}")
+    same = sum(a == b for r, f in zip(free_ref, free_fp8) for a, b in zip(r, f)) / (max_tokens * len(prompts))
+    print(f"\n{label}: FP8 vs float32 KV cache: per-position logits error {[round(e, 4) for e in errors]}, "
+          f"teacher-forced argmax agreement {agree / total:.3f}, free-running greedy token agreement {same:.3f}")
+    return errors, agree / total, same
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "deepseek-v3"])
+def test_tiny_model_logits_close_to_float32_cache(kind):
+    path = tiny_checkpoint(kind)
+    prompts = make_prompts(4, lengths=(5, 17, 40, 64))
+    ref_engine, fp8_engine = tiny_engine(path, "auto"), tiny_engine(path, "fp8_e4m3")
+    assert fp8_engine.kv_cache.dtype == FP8 and fp8_engine.describe()["kv_cache_dtype"] == "float8_e4m3fn"
+    errors, argmax_agreement, _ = compare_caches(kind, ref_engine, fp8_engine, prompts)
     assert max(errors) < POSITION_ERROR
-    assert agree / total >= MIN_ARGMAX_AGREEMENT
+    assert argmax_agreement >= MIN_ARGMAX_AGREEMENT
     ref_engine.close()
     fp8_engine.close()
 

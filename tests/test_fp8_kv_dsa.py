@@ -40,6 +40,7 @@ from dlengine.kernels.mla.mla_torch import absorb_query  # noqa: E402
 from dlengine.testing import tiny_checkpoint  # noqa: E402
 
 from conftest import make_prompts  # noqa: E402
+from test_fp8_kv import compare_caches  # noqa: E402
 from hf_reference import checkpoint_tensors, copy_checkpoint, relative_error  # noqa: E402
 
 smt, itr = dsa_tests.smt, dsa_tests.itr  # the interpreter builds on CPU
@@ -201,21 +202,9 @@ def test_tiny_dsa_logits_close_to_float32_cache(kind):
     ref_engine, fp8_engine = tiny_engine(kind, "auto"), tiny_engine(kind, "fp8_e4m3")
     assert fp8_engine.describe()["kv_cache_dtype"] == "float8_e4m3fn"
     assert [s.dtype for s in fp8_engine.kv_cache.specs] == [FP8, BF16]  # the latent FP8, the keys bf16
-    errors, agree, total = [], 0, 0
-    for prompt in prompts:
-        ref = ref_engine.prompt_logits(prompt)
-        got = fp8_engine.prompt_logits(prompt)
-        errors.append(position_error(got, ref))
-        agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
-        total += len(prompt)
-    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-    free_ref = [o.token_ids for o in ref_engine.generate(prompts, params)]
-    free_fp8 = [o.token_ids for o in fp8_engine.generate(prompts, params)]
-    same = sum(a == b for r, f in zip(free_ref, free_fp8) for a, b in zip(r, f)) / (16 * len(prompts))
-    print(f"\n{kind}: FP8 vs float32 KV cache: per-position logits error {[round(e, 4) for e in errors]}, "
-          f"teacher-forced argmax agreement {agree / total:.3f}, free-running greedy token agreement {same:.3f}")
+    errors, argmax_agreement, same = compare_caches(kind, ref_engine, fp8_engine, prompts)
     assert max(errors) < DSA_POSITION_ERROR
-    assert agree / total >= DSA_MIN_ARGMAX_AGREEMENT
+    assert argmax_agreement >= DSA_MIN_ARGMAX_AGREEMENT
     assert same >= DSA_MIN_GREEDY_AGREEMENT
     ref_engine.close()
     fp8_engine.close()
