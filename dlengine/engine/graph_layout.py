@@ -152,10 +152,15 @@ def padded_layout(requests: Sequence, num_drafts: Sequence[int], choice: GraphCh
         input_ids[first[i] + 1: first[i] + 1 + d] = requests[i].spec_token_ids[:d]
     offsets = np.arange(q, dtype=np.int64)
     pos = starts[:, None] + offsets[None, :]  # [n, q] token indices: KV slots and contexts
-    # rotary positions: the index, shifted by mrope_delta for requests with images (rope_offset)
-    # (choose_graph admitted only steps where it is defined)
-    shift = np.array([rope_offset(r, q) or 0 for r in requests], dtype=np.int64).reshape(n)
-    positions[: n * q] = np.clip(pos + shift[:, None], 0, max_model_len - 1).reshape(-1)
+    # rotary positions: the index, shifted by mrope_delta for requests with images (rope_offset;
+    # choose_graph admitted only steps where it is defined); text-only steps pay one scan
+    rope_pos = pos
+    with_media = [i for i, r in enumerate(requests) if getattr(r, "multimodal", None) is not None]
+    if with_media:
+        rope_pos = pos.copy()
+        for i in with_media:
+            rope_pos[i] += rope_offset(requests[i], q) or 0
+    positions[: n * q] = np.clip(rope_pos, 0, max_model_len - 1).reshape(-1)
     # real rows (j <= d): KV at the request's slot for position start + j; padding drafts: none
     req, j = np.nonzero(offsets[None, :] <= drafts[:, None])
     p = pos[req, j]
